@@ -1,0 +1,23 @@
+//! Tideway's numeric kernels.
+//!
+//! Everything computes in f32. Weights may arrive as bf16/f16 and are widened once, when
+//! they are loaded ([`Weight`]); f32 weights are used straight from the memory-mapped
+//! checkpoint without a copy.
+//!
+//! One module per kernel family:
+//! - [`tensor`]: the owned [`Tensor`] and the read-only [`Weight`] storage;
+//! - [`matmul`]: `y = x·Wᵀ + b` through the `gemm` crate (multi-threaded);
+//! - [`norm`]: RMSNorm;
+//! - [`activation`]: SiLU, softplus and a vectorisable `exp`;
+//! - [`conv`]: causal depthwise conv1d over a sequence or one step over a rolling window;
+//! - [`scan`]: the Mamba selective-scan recurrence over packed batches of sessions.
+
+pub mod activation;
+pub mod conv;
+pub mod matmul;
+pub mod norm;
+pub mod scan;
+mod simd;
+pub mod tensor;
+
+pub use tensor::{ShapeError, Tensor, Weight};

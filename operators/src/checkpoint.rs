@@ -1,0 +1,214 @@
+//! Safetensors checkpoints: `config.json` beside one or many `*.safetensors` files, or shards
+//! listed by `model.safetensors.index.json` (HF `save_pretrained` with `max_shard_size`).
+//!
+//! Files are memory-mapped; f32 tensors are used in place, bf16/f16 are widened to f32 once.
+
+use std::collections::HashMap;
+use std::fs::File;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use safetensors::tensor::{Dtype, TensorInfo};
+use tideway_kernels::Weight;
+use tideway_kernels::tensor::SharedBytes;
+
+use crate::error::LoadError;
+
+const INDEX_FILE: &str = "model.safetensors.index.json";
+
+struct Entry {
+    file: usize,
+    info: TensorInfo,
+}
+
+/// The tensors of a checkpoint directory, by name.
+pub struct Checkpoint {
+    dir: PathBuf,
+    files: Vec<(PathBuf, SharedBytes, usize)>,
+    tensors: HashMap<String, Entry>,
+}
+
+impl Checkpoint {
+    /// Maps every weight file of `dir`: the shards an index lists, or else every
+    /// `*.safetensors` file in it.
+    pub fn open(dir: &Path) -> Result<Self, LoadError> {
+        let paths = weight_files(dir)?;
+        let mut checkpoint = Checkpoint {
+            dir: dir.to_path_buf(),
+            files: Vec::new(),
+            tensors: HashMap::new(),
+        };
+        for path in paths {
+            let file = File::open(&path).map_err(|source| LoadError::Io {
+                path: path.clone(),
+                source,
+            })?;
+            // SAFETY: the map is read-only; like every mmap-based loader (candle, HF
+            // safetensors) we rely on checkpoint files not being truncated while in use.
+            let map = unsafe { memmap2::Mmap::map(&file) }.map_err(|source| LoadError::Io {
+                path: path.clone(),
+                source,
+            })?;
+            let (header_len, metadata) =
+                safetensors::SafeTensors::read_metadata(&map).map_err(|e| {
+                    LoadError::Safetensors {
+                        path: path.clone(),
+                        reason: e.to_string(),
+                    }
+                })?;
+            let data_start = 8 + header_len;
+            let index = checkpoint.files.len();
+            for (name, info) in metadata.tensors() {
+                checkpoint.tensors.insert(
+                    name,
+                    Entry {
+                        file: index,
+                        info: info.clone(),
+                    },
+                );
+            }
+            checkpoint
+                .files
+                .push((path, Arc::new(map) as SharedBytes, data_start));
+        }
+        Ok(checkpoint)
+    }
+
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    pub fn contains(&self, name: &str) -> bool {
+        self.tensors.contains_key(name)
+    }
+
+    pub fn shape(&self, name: &str) -> Option<&[usize]> {
+        self.tensors.get(name).map(|e| e.info.shape.as_slice())
+    }
+
+    pub fn names(&self) -> impl Iterator<Item = &str> {
+        self.tensors.keys().map(String::as_str)
+    }
+
+    /// The tensor `name` as f32, checked to have shape `expected`.
+    pub fn load(&self, name: &str, expected: &[usize]) -> Result<Weight, LoadError> {
+        let entry = self
+            .tensors
+            .get(name)
+            .ok_or_else(|| LoadError::MissingTensor {
+                name: name.to_string(),
+                dir: self.dir.clone(),
+            })?;
+        if entry.info.shape != expected {
+            return Err(LoadError::ShapeMismatch {
+                name: name.to_string(),
+                expected: expected.to_vec(),
+                found: entry.info.shape.clone(),
+            });
+        }
+        let (path, bytes, data_start) = &self.files[entry.file];
+        let (begin, end) = entry.info.data_offsets;
+        let offset = data_start + begin;
+        let raw = &(**bytes).as_ref()[offset..data_start + end];
+        let elements: usize = expected.iter().product();
+        let bad = |reason: String| LoadError::Safetensors {
+            path: path.clone(),
+            reason,
+        };
+        let width = match entry.info.dtype {
+            Dtype::F32 => 4,
+            Dtype::BF16 | Dtype::F16 => 2,
+            other => {
+                return Err(LoadError::UnsupportedDtype {
+                    name: name.to_string(),
+                    dtype: format!("{other:?}"),
+                });
+            }
+        };
+        if raw.len() != elements * width {
+            return Err(bad(format!(
+                "tensor {name:?} holds {} bytes, but shape {expected:?} in {:?} needs {}",
+                raw.len(),
+                entry.info.dtype,
+                elements * width
+            )));
+        }
+        let weight = match entry.info.dtype {
+            Dtype::F32 => Weight::from_f32_bytes(bytes.clone(), offset, expected),
+            Dtype::BF16 => Weight::from_bf16_bytes(raw, expected),
+            _ => Weight::from_f16_bytes(raw, expected),
+        };
+        weight.map_err(|e| bad(format!("tensor {name:?}: {e}")))
+    }
+
+    /// Like [`load`](Self::load) for a tensor that may be absent.
+    pub fn load_optional(
+        &self,
+        name: &str,
+        expected: &[usize],
+    ) -> Result<Option<Weight>, LoadError> {
+        if self.contains(name) {
+            self.load(name, expected).map(Some)
+        } else {
+            Ok(None)
+        }
+    }
+}
+
+fn weight_files(dir: &Path) -> Result<Vec<PathBuf>, LoadError> {
+    let index_path = dir.join(INDEX_FILE);
+    if index_path.exists() {
+        let text = std::fs::read_to_string(&index_path).map_err(|source| LoadError::Io {
+            path: index_path.clone(),
+            source,
+        })?;
+        let malformed = |reason: String| LoadError::Safetensors {
+            path: index_path.clone(),
+            reason,
+        };
+        let index: serde_json::Value =
+            serde_json::from_str(&text).map_err(|e| malformed(e.to_string()))?;
+        let map = index
+            .get("weight_map")
+            .and_then(|m| m.as_object())
+            .ok_or_else(|| malformed("no \"weight_map\" object".into()))?;
+        let mut files: Vec<String> = Vec::new();
+        for file in map.values() {
+            let file = file
+                .as_str()
+                .ok_or_else(|| malformed("weight_map values must be file names".into()))?;
+            if file.contains('/') || file.contains('\\') {
+                return Err(malformed(format!(
+                    "shard {file:?} is not a file name in the checkpoint directory"
+                )));
+            }
+            if !files.iter().any(|f| f == file) {
+                files.push(file.to_string());
+            }
+        }
+        files.sort();
+        return Ok(files.into_iter().map(|f| dir.join(f)).collect());
+    }
+    let entries = std::fs::read_dir(dir).map_err(|source| LoadError::Io {
+        path: dir.to_path_buf(),
+        source,
+    })?;
+    let mut files = Vec::new();
+    for entry in entries {
+        let entry = entry.map_err(|source| LoadError::Io {
+            path: dir.to_path_buf(),
+            source,
+        })?;
+        let path = entry.path();
+        if path.extension().is_some_and(|e| e == "safetensors") {
+            files.push(path);
+        }
+    }
+    if files.is_empty() {
+        return Err(LoadError::NoWeights {
+            dir: dir.to_path_buf(),
+        });
+    }
+    files.sort();
+    Ok(files)
+}

@@ -1,0 +1,53 @@
+//! Typed errors of the model stages. Each message says what was wrong and what is allowed.
+
+use std::path::PathBuf;
+
+/// A checkpoint directory that cannot be loaded.
+#[derive(Debug, thiserror::Error)]
+pub enum LoadError {
+    #[error("{path}: {source}")]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("no config.json in {dir} (a checkpoint directory holds config.json and *.safetensors)")]
+    MissingConfig { dir: PathBuf },
+    #[error("{path}: malformed config.json: {reason}")]
+    MalformedConfig { path: PathBuf, reason: String },
+    #[error(
+        "{path}: unknown model_type {model_type:?}; supported: \"mamba\" (or a state-spaces Mamba config with d_model and n_layer)"
+    )]
+    UnknownModelType { path: PathBuf, model_type: String },
+    #[error("{path}: {reason}")]
+    Unsupported { path: PathBuf, reason: String },
+    #[error("no *.safetensors files in {dir}")]
+    NoWeights { dir: PathBuf },
+    #[error("{path}: not a valid safetensors file: {reason}")]
+    Safetensors { path: PathBuf, reason: String },
+    #[error("tensor {name:?} is missing from the checkpoint in {dir}")]
+    MissingTensor { name: String, dir: PathBuf },
+    #[error("tensor {name:?} has shape {found:?}, expected {expected:?}")]
+    ShapeMismatch {
+        name: String,
+        expected: Vec<usize>,
+        found: Vec<usize>,
+    },
+    #[error("tensor {name:?} has dtype {dtype}; supported: F32, BF16, F16")]
+    UnsupportedDtype { name: String, dtype: String },
+}
+
+/// Input that a loaded model cannot run.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum InputError {
+    #[error("token id {token} at position {position} is out of range: the vocabulary has {vocab} ids (0..={max})", max = vocab - 1)]
+    TokenOutOfRange {
+        token: u64,
+        position: usize,
+        vocab: usize,
+    },
+    #[error("empty input: at least one token is needed")]
+    Empty,
+    #[error("{sessions} sessions but {tokens} tokens: a step takes one token per session")]
+    BatchMismatch { sessions: usize, tokens: usize },
+}

@@ -1,0 +1,257 @@
+//! The Mamba (v1) selective-SSM mixer (Gu & Dao 2023; `mamba_simple.py` in state-spaces/mamba,
+//! `MambaMixer` in HF transformers). Equations: `shared/SPEC-MODELS.md` §1.2–1.3.
+//!
+//! ```text
+//! [x | z] = in_proj(u)                       x, z ∈ R^E
+//! x'      = silu(causal_conv1d(x))
+//! [δ | B | C] = x_proj(x')                   δ ∈ R^R, B, C ∈ R^N
+//! Δ       = softplus(dt_proj(δ))
+//! y       = selective_scan(x', Δ, A = -exp(A_log), B, C, D) ⊙ silu(z)
+//! out     = out_proj(y)
+//! ```
+//!
+//! One `forward` serves both forms: a prefill chunk is one long segment of rows, a decode
+//! step is a batch of one-row segments (one per session). The conv uses its one-step kernel
+//! for one-row segments; the scan kernel handles both.
+
+use std::ops::Range;
+
+use tideway_kernels::Weight;
+use tideway_kernels::activation::{silu_inplace, softplus_inplace};
+use tideway_kernels::conv::{causal_conv1d_seq, causal_conv1d_step};
+use tideway_kernels::matmul::{MatRef, linear};
+use tideway_kernels::scan::{ScanInputs, ScanSegment, SsmParams, selective_scan};
+
+use crate::checkpoint::Checkpoint;
+use crate::error::LoadError;
+
+/// Shapes of one mixer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct MambaMixerConfig {
+    /// Model width `D`.
+    pub d_model: usize,
+    /// Channels `E = expand·D`.
+    pub d_inner: usize,
+    /// SSM state size `N`.
+    pub d_state: usize,
+    /// Conv kernel width `K`.
+    pub d_conv: usize,
+    /// Rank `R` of the Δ projection.
+    pub dt_rank: usize,
+    /// Biases on `in_proj` / `out_proj`.
+    pub bias: bool,
+    /// Bias on the conv.
+    pub conv_bias: bool,
+}
+
+/// One session's state in one layer: the conv window and the SSM state.
+#[derive(Debug, Clone, PartialEq)]
+pub struct MambaLayerState {
+    /// The last `K` pre-conv inputs per channel, `[E, K]`, oldest first.
+    pub conv: Vec<f32>,
+    /// `h`, `[E, N]`.
+    pub ssm: Vec<f32>,
+}
+
+/// The parameters of one mixer.
+pub struct MambaMixer {
+    pub config: MambaMixerConfig,
+    in_proj: Weight,
+    in_proj_bias: Option<Weight>,
+    conv_weight: Weight,
+    conv_bias: Option<Weight>,
+    x_proj: Weight,
+    dt_proj: Weight,
+    dt_proj_bias: Weight,
+    /// `A = -exp(A_log)`, computed once at load.
+    a: Weight,
+    d: Weight,
+    out_proj: Weight,
+    out_proj_bias: Option<Weight>,
+}
+
+impl MambaMixer {
+    /// Loads `{prefix}in_proj.weight` … `{prefix}out_proj.weight`.
+    pub fn load(
+        checkpoint: &Checkpoint,
+        prefix: &str,
+        config: MambaMixerConfig,
+    ) -> Result<Self, LoadError> {
+        let MambaMixerConfig {
+            d_model,
+            d_inner: e,
+            d_state: n,
+            d_conv: k,
+            dt_rank: r,
+            bias,
+            conv_bias,
+        } = config;
+        let name = |s: &str| format!("{prefix}{s}");
+        let maybe =
+            |s: &str, present: bool, shape: &[usize]| -> Result<Option<Weight>, LoadError> {
+                if present {
+                    checkpoint.load(&name(s), shape).map(Some)
+                } else {
+                    Ok(None)
+                }
+            };
+        let conv = checkpoint.load(&name("conv1d.weight"), &[e, 1, k])?;
+        let a_log = checkpoint.load(&name("A_log"), &[e, n])?;
+        let a: Vec<f32> = a_log.as_slice().iter().map(|v| -v.exp()).collect();
+        Ok(MambaMixer {
+            config,
+            in_proj: checkpoint.load(&name("in_proj.weight"), &[2 * e, d_model])?,
+            in_proj_bias: maybe("in_proj.bias", bias, &[2 * e])?,
+            conv_weight: conv,
+            conv_bias: maybe("conv1d.bias", conv_bias, &[e])?,
+            x_proj: checkpoint.load(&name("x_proj.weight"), &[r + 2 * n, e])?,
+            dt_proj: checkpoint.load(&name("dt_proj.weight"), &[e, r])?,
+            dt_proj_bias: checkpoint.load(&name("dt_proj.bias"), &[e])?,
+            a: Weight::from_vec(a, &[e, n]).expect("A has A_log's shape"),
+            d: checkpoint.load(&name("D"), &[e])?,
+            out_proj: checkpoint.load(&name("out_proj.weight"), &[d_model, e])?,
+            out_proj_bias: maybe("out_proj.bias", bias, &[d_model])?,
+        })
+    }
+
+    /// A fresh state: zeros, as the reference starts every sequence.
+    pub fn new_state(&self) -> MambaLayerState {
+        let c = &self.config;
+        MambaLayerState {
+            conv: vec![0.0; c.d_inner * c.d_conv],
+            ssm: vec![0.0; c.d_inner * c.d_state],
+        }
+    }
+
+    /// Bytes of one session's state in this layer.
+    pub fn state_bytes(&self) -> usize {
+        let c = &self.config;
+        4 * c.d_inner * (c.d_conv + c.d_state)
+    }
+
+    pub fn weight_bytes(&self) -> usize {
+        [
+            Some(&self.in_proj),
+            self.in_proj_bias.as_ref(),
+            Some(&self.conv_weight),
+            self.conv_bias.as_ref(),
+            Some(&self.x_proj),
+            Some(&self.dt_proj),
+            Some(&self.dt_proj_bias),
+            Some(&self.a),
+            Some(&self.d),
+            Some(&self.out_proj),
+            self.out_proj_bias.as_ref(),
+        ]
+        .into_iter()
+        .flatten()
+        .map(Weight::size_bytes)
+        .sum()
+    }
+
+    /// Runs the mixer over the packed rows `u` (`[M, D]`): session `i` owns rows
+    /// `segments[i]` (consecutive, in order) and continues from `states[i]`, which is updated.
+    /// Writes `out` (`[M, D]`).
+    pub fn forward(
+        &self,
+        u: &[f32],
+        segments: &[Range<usize>],
+        states: &mut [&mut MambaLayerState],
+        out: &mut [f32],
+    ) {
+        let MambaMixerConfig {
+            d_model,
+            d_inner: e,
+            d_state: n,
+            d_conv: k,
+            dt_rank: r,
+            ..
+        } = self.config;
+        assert_eq!(segments.len(), states.len());
+        let m = u.len() / d_model;
+        assert_eq!(u.len(), m * d_model);
+
+        // 1. [x | z] = in_proj(u): one GEMM over every session's rows.
+        let mut xz = vec![0.0f32; m * 2 * e];
+        linear(
+            MatRef::dense(u, m, d_model),
+            self.in_proj.as_slice(),
+            2 * e,
+            self.in_proj_bias.as_ref().map(Weight::as_slice),
+            &mut xz,
+        );
+
+        // 2. x' = silu(conv(x)), continuing each session's window.
+        let mut xc = vec![0.0f32; m * e];
+        let conv_w = self.conv_weight.as_slice();
+        let conv_b = self.conv_bias.as_ref().map(Weight::as_slice);
+        for (rows, state) in segments.iter().zip(states.iter_mut()) {
+            let dst = &mut xc[rows.start * e..rows.end * e];
+            if rows.len() == 1 {
+                let x = &xz[rows.start * 2 * e..][..e];
+                causal_conv1d_step(x, conv_w, k, conv_b, &mut state.conv, dst);
+            } else {
+                let x = MatRef::columns(&xz[rows.start * 2 * e..], rows.len(), 2 * e, 0, e);
+                causal_conv1d_seq(x, conv_w, k, conv_b, &mut state.conv, dst);
+            }
+        }
+        silu_inplace(&mut xc);
+
+        // 3. [δ | B | C] = x_proj(x'); Δ = softplus(dt_proj(δ) + dt_bias).
+        let w = r + 2 * n;
+        let mut dbc = vec![0.0f32; m * w];
+        linear(
+            MatRef::dense(&xc, m, e),
+            self.x_proj.as_slice(),
+            w,
+            None,
+            &mut dbc,
+        );
+        let mut delta = vec![0.0f32; m * e];
+        linear(
+            MatRef::columns(&dbc, m, w, 0, r),
+            self.dt_proj.as_slice(),
+            e,
+            Some(self.dt_proj_bias.as_slice()),
+            &mut delta,
+        );
+        softplus_inplace(&mut delta);
+
+        // 4. The selective scan, gated by silu(z), per session.
+        let mut y = vec![0.0f32; m * e];
+        let mut scan_segments: Vec<ScanSegment<'_>> = segments
+            .iter()
+            .zip(states.iter_mut())
+            .map(|(rows, state)| ScanSegment {
+                rows: rows.clone(),
+                state: &mut state.ssm,
+            })
+            .collect();
+        selective_scan(
+            SsmParams {
+                a: self.a.as_slice(),
+                d: self.d.as_slice(),
+                channels: e,
+                state_size: n,
+            },
+            ScanInputs {
+                x: &xc,
+                delta: &delta,
+                b: MatRef::columns(&dbc, m, w, r, n),
+                c: MatRef::columns(&dbc, m, w, r + n, n),
+                z: MatRef::columns(&xz, m, 2 * e, e, e),
+            },
+            &mut scan_segments,
+            &mut y,
+        );
+
+        // 5. out = out_proj(y).
+        linear(
+            MatRef::dense(&y, m, e),
+            self.out_proj.as_slice(),
+            d_model,
+            self.out_proj_bias.as_ref().map(Weight::as_slice),
+            out,
+        );
+    }
+}

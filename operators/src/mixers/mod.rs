@@ -1,0 +1,5 @@
+//! Sequence mixers, one module per family. Each has a config, weights with a loader, a
+//! per-session state, and a packed-batch `forward` that runs every session's new rows in one
+//! batched computation (one GEMM over all rows, then per-session recurrences).
+
+pub mod mamba;

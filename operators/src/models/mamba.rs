@@ -1,0 +1,391 @@
+//! The Mamba (v1) language model: embedding, `num_layers` pre-norm residual blocks around the
+//! selective-SSM mixer, a final RMSNorm and the LM head (`shared/SPEC-MODELS.md` §1.4;
+//! `MambaForCausalLM` in HF transformers, `MambaLMHeadModel` in state-spaces/mamba).
+//!
+//! ```text
+//! r = embed(ids)
+//! for each block:  r = r + mixer(rms_norm(r))
+//! logits = rms_norm_f(r) · lm_headᵀ
+//! ```
+//!
+//! Both checkpoint layouts load (§1.5): HF transformers (`backbone.embeddings`,
+//! `hidden_size`/`num_hidden_layers`/`state_size`… keys, pre-padded vocab) and the original
+//! state-spaces one (`backbone.embedding`, `d_model`/`n_layer`/`ssm_cfg`, vocab padded to
+//! `pad_vocab_size_multiple`). A tied head (`lm_head.weight` absent or tied) reuses the
+//! embedding.
+
+use std::ops::Range;
+
+use tideway_kernels::Tensor;
+use tideway_kernels::Weight;
+use tideway_kernels::matmul::{MatRef, linear};
+use tideway_kernels::norm::rms_norm;
+
+use crate::checkpoint::Checkpoint;
+use crate::error::{InputError, LoadError};
+use crate::mixers::mamba::{MambaLayerState, MambaMixer, MambaMixerConfig};
+use crate::models::config::ConfigJson;
+
+/// Rows per chunk when a long sequence is prefilled: bounds the activations of one pass
+/// (`chunk × 2E` floats per layer) while keeping the GEMMs large.
+pub const DEFAULT_PREFILL_CHUNK: usize = 256;
+
+/// Which public layout the checkpoint uses.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum MambaLayout {
+    /// HF transformers `MambaForCausalLM`.
+    HfTransformers,
+    /// state-spaces/mamba `MambaLMHeadModel`.
+    StateSpaces,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct MambaConfig {
+    pub layout: MambaLayout,
+    pub hidden_size: usize,
+    pub num_layers: usize,
+    /// Ids accepted as input: `0..vocab_size` (the config's `vocab_size`).
+    pub vocab_size: usize,
+    /// Rows of the embedding and of the logits (`vocab_size` padded in the original layout).
+    pub padded_vocab_size: usize,
+    pub norm_eps: f32,
+    pub tie_embeddings: bool,
+    pub mixer: MambaMixerConfig,
+    /// Name of the embedding tensor in this checkpoint.
+    pub embedding_name: String,
+}
+
+impl MambaConfig {
+    /// Reads either layout's `config.json`; the checkpoint answers what the config leaves open
+    /// (whether `in_proj` has a bias, which embedding name is used).
+    pub fn from_config(config: &ConfigJson, checkpoint: &Checkpoint) -> Result<Self, LoadError> {
+        let top = config.top();
+        let layout = if config.model_type()?.is_some() {
+            MambaLayout::HfTransformers
+        } else {
+            MambaLayout::StateSpaces
+        };
+        let embedding_name = ["backbone.embeddings.weight", "backbone.embedding.weight"]
+            .into_iter()
+            .find(|n| checkpoint.contains(n))
+            .unwrap_or(match layout {
+                MambaLayout::HfTransformers => "backbone.embeddings.weight",
+                MambaLayout::StateSpaces => "backbone.embedding.weight",
+            })
+            .to_string();
+        let has_in_proj_bias = checkpoint.contains("backbone.layers.0.mixer.in_proj.bias");
+        match layout {
+            MambaLayout::HfTransformers => {
+                if let Some(act) = top.str_opt("hidden_act")?
+                    && act != "silu"
+                {
+                    return Err(config.unsupported(format!(
+                        "hidden_act {act:?} is not supported; Mamba uses \"silu\""
+                    )));
+                }
+                let hidden = top.usize_req("hidden_size")?;
+                let expand = top.whole_opt("expand")?.unwrap_or(2);
+                let vocab = top.usize_req("vocab_size")?;
+                Ok(MambaConfig {
+                    layout,
+                    hidden_size: hidden,
+                    num_layers: top.usize_req("num_hidden_layers")?,
+                    vocab_size: vocab,
+                    padded_vocab_size: vocab,
+                    norm_eps: top.f64_opt("layer_norm_epsilon")?.unwrap_or(1e-5) as f32,
+                    tie_embeddings: top.bool_opt("tie_word_embeddings")?.unwrap_or(true),
+                    mixer: MambaMixerConfig {
+                        d_model: hidden,
+                        d_inner: top
+                            .usize_opt("intermediate_size")?
+                            .unwrap_or(expand * hidden),
+                        d_state: top.usize_opt("state_size")?.unwrap_or(16),
+                        d_conv: top.usize_opt("conv_kernel")?.unwrap_or(4),
+                        dt_rank: top
+                            .usize_or_auto("time_step_rank")?
+                            .unwrap_or(hidden.div_ceil(16)),
+                        // HF's default for a missing use_bias changed across versions: the
+                        // checkpoint itself says whether the bias is there.
+                        bias: top.bool_opt("use_bias")?.unwrap_or(has_in_proj_bias),
+                        conv_bias: top.bool_opt("use_conv_bias")?.unwrap_or(true),
+                    },
+                    embedding_name,
+                })
+            }
+            MambaLayout::StateSpaces => {
+                let ssm = config.section("ssm_cfg")?;
+                if let Some(layer) = ssm.str_opt("layer")?
+                    && layer != "Mamba1"
+                {
+                    return Err(config.unsupported(format!(
+                        "ssm_cfg.layer {layer:?} is not supported; this loader reads \"Mamba1\""
+                    )));
+                }
+                if top.bool_opt("rms_norm")? == Some(false) {
+                    return Err(config.unsupported(
+                        "rms_norm false (LayerNorm blocks) is not supported; Mamba checkpoints use RMSNorm",
+                    ));
+                }
+                if top.count_opt("d_intermediate")?.unwrap_or(0) != 0 {
+                    return Err(config.unsupported(
+                        "d_intermediate > 0 (an MLP in every block) is not supported; Mamba-1 LMs have none",
+                    ));
+                }
+                let hidden = top.usize_req("d_model")?;
+                let vocab = top.usize_req("vocab_size")?;
+                let multiple = top.usize_opt("pad_vocab_size_multiple")?.unwrap_or(8);
+                let expand = ssm.whole_opt("expand")?.unwrap_or(2);
+                Ok(MambaConfig {
+                    layout,
+                    hidden_size: hidden,
+                    num_layers: top.usize_req("n_layer")?,
+                    vocab_size: vocab,
+                    padded_vocab_size: vocab.div_ceil(multiple) * multiple,
+                    norm_eps: 1e-5,
+                    tie_embeddings: top.bool_opt("tie_embeddings")?.unwrap_or(true),
+                    mixer: MambaMixerConfig {
+                        d_model: hidden,
+                        d_inner: expand * hidden,
+                        d_state: ssm.usize_opt("d_state")?.unwrap_or(16),
+                        d_conv: ssm.usize_opt("d_conv")?.unwrap_or(4),
+                        dt_rank: ssm.usize_or_auto("dt_rank")?.unwrap_or(hidden.div_ceil(16)),
+                        bias: ssm.bool_opt("bias")?.unwrap_or(false),
+                        conv_bias: ssm.bool_opt("conv_bias")?.unwrap_or(true),
+                    },
+                    embedding_name,
+                })
+            }
+        }
+    }
+}
+
+/// One session's recurrent state: every layer's conv window and SSM state, and how many
+/// tokens it has consumed. Constant in size whatever the sequence length.
+#[derive(Debug, Clone, PartialEq)]
+pub struct MambaState {
+    pub layers: Vec<MambaLayerState>,
+    pub position: usize,
+}
+
+struct MambaBlock {
+    norm: Weight,
+    mixer: MambaMixer,
+}
+
+pub struct MambaLm {
+    pub config: MambaConfig,
+    embedding: Weight,
+    blocks: Vec<MambaBlock>,
+    norm_f: Weight,
+    lm_head: Weight,
+}
+
+impl MambaLm {
+    pub fn load(config: MambaConfig, checkpoint: &Checkpoint) -> Result<Self, LoadError> {
+        let (d, v) = (config.hidden_size, config.padded_vocab_size);
+        let embedding = checkpoint.load(&config.embedding_name, &[v, d])?;
+        let blocks = (0..config.num_layers)
+            .map(|i| {
+                let prefix = format!("backbone.layers.{i}.");
+                Ok(MambaBlock {
+                    norm: checkpoint.load(&format!("{prefix}norm.weight"), &[d])?,
+                    mixer: MambaMixer::load(checkpoint, &format!("{prefix}mixer."), config.mixer)?,
+                })
+            })
+            .collect::<Result<Vec<_>, LoadError>>()?;
+        let norm_f = checkpoint.load("backbone.norm_f.weight", &[d])?;
+        let lm_head = if config.tie_embeddings {
+            embedding.clone()
+        } else {
+            checkpoint.load("lm_head.weight", &[v, d])?
+        };
+        Ok(MambaLm {
+            config,
+            embedding,
+            blocks,
+            norm_f,
+            lm_head,
+        })
+    }
+
+    /// Columns of the logits (the padded vocabulary).
+    pub fn logits_width(&self) -> usize {
+        self.config.padded_vocab_size
+    }
+
+    pub fn new_state(&self) -> MambaState {
+        MambaState {
+            layers: self.blocks.iter().map(|b| b.mixer.new_state()).collect(),
+            position: 0,
+        }
+    }
+
+    /// Bytes of one session's state.
+    pub fn state_bytes(&self) -> usize {
+        self.blocks.iter().map(|b| b.mixer.state_bytes()).sum()
+    }
+
+    /// Bytes of the parameters (a tied head counted once).
+    pub fn weight_bytes(&self) -> usize {
+        let head = if self.config.tie_embeddings {
+            0
+        } else {
+            self.lm_head.size_bytes()
+        };
+        self.embedding.size_bytes()
+            + self.norm_f.size_bytes()
+            + head
+            + self
+                .blocks
+                .iter()
+                .map(|b| b.norm.size_bytes() + b.mixer.weight_bytes())
+                .sum::<usize>()
+    }
+
+    /// Checks ids against the vocabulary; `offset` is added to the reported position.
+    pub fn check_tokens(&self, tokens: &[u32], offset: usize) -> Result<(), InputError> {
+        match tokens
+            .iter()
+            .position(|&t| t as usize >= self.config.vocab_size)
+        {
+            Some(i) => Err(InputError::TokenOutOfRange {
+                token: tokens[i] as u64,
+                position: offset + i,
+                vocab: self.config.vocab_size,
+            }),
+            None => Ok(()),
+        }
+    }
+
+    /// The chunked (prefill) form over a whole sequence: logits `[T, vocab]`, continuing from
+    /// `state` and leaving it after the last token.
+    pub fn prefill(&self, tokens: &[u32], state: &mut MambaState) -> Result<Tensor, InputError> {
+        self.prefill_chunked(tokens, state, DEFAULT_PREFILL_CHUNK)
+    }
+
+    /// [`prefill`](Self::prefill) in chunks of `chunk_len` tokens; `on_chunk(done, total)` is
+    /// called after each chunk (progress for long jobs).
+    pub fn prefill_chunked_with_progress(
+        &self,
+        tokens: &[u32],
+        state: &mut MambaState,
+        chunk_len: usize,
+        mut on_chunk: impl FnMut(usize, usize),
+    ) -> Result<Tensor, InputError> {
+        if tokens.is_empty() {
+            return Err(InputError::Empty);
+        }
+        self.check_tokens(tokens, 0)?;
+        let width = self.logits_width();
+        let mut logits = Tensor::zeros(&[tokens.len(), width]);
+        let mut done = 0;
+        for chunk in tokens.chunks(chunk_len.max(1)) {
+            let part = self.forward_packed(chunk, &[chunk.len()], &mut [&mut *state])?;
+            logits.data_mut()[done * width..(done + chunk.len()) * width]
+                .copy_from_slice(part.data());
+            done += chunk.len();
+            on_chunk(done, tokens.len());
+        }
+        Ok(logits)
+    }
+
+    pub fn prefill_chunked(
+        &self,
+        tokens: &[u32],
+        state: &mut MambaState,
+        chunk_len: usize,
+    ) -> Result<Tensor, InputError> {
+        self.prefill_chunked_with_progress(tokens, state, chunk_len, |_, _| {})
+    }
+
+    /// The recurrent form: one token for each of a batch of sessions (each at its own
+    /// position). Returns logits `[B, vocab]`, row `i` for `states[i]`.
+    pub fn step(
+        &self,
+        tokens: &[u32],
+        states: &mut [&mut MambaState],
+    ) -> Result<Tensor, InputError> {
+        if tokens.len() != states.len() {
+            return Err(InputError::BatchMismatch {
+                sessions: states.len(),
+                tokens: tokens.len(),
+            });
+        }
+        let lens = vec![1; tokens.len()];
+        self.forward_packed(tokens, &lens, states)
+    }
+
+    /// The packed batch: session `i` contributes the next `lens[i]` of `tokens` (all sessions'
+    /// tokens back to back) and continues from `states[i]`. Every GEMM runs once over all
+    /// rows; only the conv and the scan run per session. Returns logits for every row.
+    pub fn forward_packed(
+        &self,
+        tokens: &[u32],
+        lens: &[usize],
+        states: &mut [&mut MambaState],
+    ) -> Result<Tensor, InputError> {
+        if lens.len() != states.len() || lens.iter().sum::<usize>() != tokens.len() {
+            return Err(InputError::BatchMismatch {
+                sessions: states.len(),
+                tokens: tokens.len(),
+            });
+        }
+        if tokens.is_empty() {
+            return Err(InputError::Empty);
+        }
+        self.check_tokens(tokens, 0)?;
+        let d = self.config.hidden_size;
+        let m = tokens.len();
+        let mut segments: Vec<Range<usize>> = Vec::with_capacity(lens.len());
+        let mut start = 0;
+        for &len in lens {
+            segments.push(start..start + len);
+            start += len;
+        }
+
+        // The residual stream, kept in f32 (residual_in_fp32).
+        let mut residual = vec![0.0f32; m * d];
+        for (row, &t) in residual.chunks_exact_mut(d).zip(tokens) {
+            row.copy_from_slice(self.embedding.row(t as usize));
+        }
+        let mut normed = vec![0.0f32; m * d];
+        let mut mixed = vec![0.0f32; m * d];
+        for (i, block) in self.blocks.iter().enumerate() {
+            rms_norm(
+                &residual,
+                d,
+                block.norm.as_slice(),
+                self.config.norm_eps,
+                &mut normed,
+            );
+            let mut layer_states: Vec<&mut MambaLayerState> =
+                states.iter_mut().map(|s| &mut s.layers[i]).collect();
+            block
+                .mixer
+                .forward(&normed, &segments, &mut layer_states, &mut mixed);
+            for (r, x) in residual.iter_mut().zip(&mixed) {
+                *r += x;
+            }
+        }
+        rms_norm(
+            &residual,
+            d,
+            self.norm_f.as_slice(),
+            self.config.norm_eps,
+            &mut normed,
+        );
+        let width = self.logits_width();
+        let mut logits = Tensor::zeros(&[m, width]);
+        linear(
+            MatRef::dense(&normed, m, d),
+            self.lm_head.as_slice(),
+            width,
+            None,
+            logits.data_mut(),
+        );
+        for (state, len) in states.iter_mut().zip(lens) {
+            state.position += len;
+        }
+        Ok(logits)
+    }
+}

@@ -1,0 +1,235 @@
+//! `tideway run` against HF transformers' logits on every committed Mamba fixture
+//! (tests/fixtures/mamba/*, written by tools/gen_mamba_fixtures.py), in both forms, and its
+//! errors on bad input.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+
+use common::*;
+
+fn mamba_fixtures() -> Vec<PathBuf> {
+    let mut dirs: Vec<PathBuf> = std::fs::read_dir(fixtures_dir().join("mamba"))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.join("expected.safetensors").exists())
+        .collect();
+    dirs.sort();
+    assert!(
+        dirs.len() >= 5,
+        "expected the committed Mamba fixtures, found {dirs:?}"
+    );
+    dirs
+}
+
+fn fixture_tokens(dir: &Path) -> String {
+    let ids = read_tensor(&dir.join("expected.safetensors"), "input_ids");
+    ids.values
+        .iter()
+        .map(|v| (*v as u64).to_string())
+        .collect::<Vec<_>>()
+        .join(",")
+}
+
+/// Runs `tideway run` and returns the logits it wrote.
+fn run_logits(model: &Path, tokens: &str, extra: &[&str]) -> Loaded {
+    let out = scratch_dir("run").join("out.safetensors");
+    let output = tideway()
+        .args(["run", "--model"])
+        .arg(model)
+        .args(["--tokens", tokens, "--out"])
+        .arg(&out)
+        .args(extra)
+        .output()
+        .unwrap();
+    assert!(
+        output.status.success(),
+        "tideway run {extra:?} on {} failed: {}",
+        model.display(),
+        stderr(&output)
+    );
+    read_tensor(&out, "logits")
+}
+
+#[test]
+fn run_matches_hf_transformers_on_every_fixture_in_both_modes() {
+    for dir in mamba_fixtures() {
+        let expected_path = dir.join("expected.safetensors");
+        let tokens = fixture_tokens(&dir);
+        let want = read_tensor(&expected_path, "logits");
+        let bf16 = dir.file_name().unwrap().to_string_lossy().contains("bf16");
+        for extra in [
+            &["--mode", "chunked"][..],
+            &["--mode", "recurrent"][..],
+            &["--mode", "chunked", "--chunk", "3"][..],
+        ] {
+            let got = run_logits(&dir, &tokens, extra);
+            assert_eq!(got.shape, want.shape, "{}: logits shape", dir.display());
+            let err = relative_error(&got.values, &want.values);
+            let limit = if bf16 { 1e-2 } else { 1e-4 };
+            eprintln!("{} {extra:?}: relative error {err:.2e}", dir.display());
+            assert!(
+                err <= limit,
+                "{} {extra:?}: relative error {err:.3e} > {limit:e}",
+                dir.display()
+            );
+            if bf16 {
+                // The same bf16 weights computed in f32 by HF: the strict bound applies.
+                let exact = read_tensor(&expected_path, "logits_f32_compute");
+                let err = relative_error(&got.values, &exact.values);
+                assert!(
+                    err <= 1e-4,
+                    "{} {extra:?}: vs f32 compute {err:.3e}",
+                    dir.display()
+                );
+            }
+        }
+    }
+}
+
+fn fixture(name: &str) -> PathBuf {
+    fixtures_dir().join("mamba").join(name)
+}
+
+/// Runs `tideway run` expecting failure; returns stderr.
+fn run_fails(model: &Path, tokens: &str) -> String {
+    let out = scratch_dir("fail").join("out.safetensors");
+    let output = tideway()
+        .args(["run", "--model"])
+        .arg(model)
+        .args(["--tokens", tokens, "--out"])
+        .arg(&out)
+        .output()
+        .unwrap();
+    assert!(!output.status.success(), "expected failure, got success");
+    assert!(!out.exists(), "no output may be written on failure");
+    stderr(&output)
+}
+
+fn assert_mentions(message: &str, parts: &[&str]) {
+    for part in parts {
+        assert!(message.contains(part), "message lacks {part:?}:\n{message}");
+    }
+}
+
+#[test]
+fn missing_config_is_reported() {
+    let dir = scratch_dir("noconfig");
+    copy_dir(&fixture("hf_odd_tied"), &dir);
+    std::fs::remove_file(dir.join("config.json")).unwrap();
+    assert_mentions(
+        &run_fails(&dir, "1,2"),
+        &["no config.json", &dir.display().to_string()],
+    );
+}
+
+#[test]
+fn malformed_config_is_reported() {
+    let dir = scratch_dir("badjson");
+    copy_dir(&fixture("hf_odd_tied"), &dir);
+    std::fs::write(
+        dir.join("config.json"),
+        "{\"model_type\": \"mamba\", \"hidden_size\": 37,",
+    )
+    .unwrap();
+    assert_mentions(
+        &run_fails(&dir, "1,2"),
+        &["malformed config.json", "config.json"],
+    );
+
+    std::fs::write(dir.join("config.json"), r#"{"model_type": "mamba", "hidden_size": "wide", "num_hidden_layers": 2, "vocab_size": 61}"#).unwrap();
+    assert_mentions(
+        &run_fails(&dir, "1,2"),
+        &["\"hidden_size\"", "positive integer", "\"wide\""],
+    );
+
+    std::fs::write(
+        dir.join("config.json"),
+        r#"{"model_type": "mamba", "num_hidden_layers": 2, "vocab_size": 61}"#,
+    )
+    .unwrap();
+    assert_mentions(&run_fails(&dir, "1,2"), &["missing key \"hidden_size\""]);
+}
+
+#[test]
+fn unknown_model_type_is_reported() {
+    let dir = scratch_dir("unknowntype");
+    copy_dir(&fixture("hf_odd_tied"), &dir);
+    let text = std::fs::read_to_string(dir.join("config.json")).unwrap();
+    std::fs::write(
+        dir.join("config.json"),
+        text.replace("\"mamba\"", "\"llama\""),
+    )
+    .unwrap();
+    assert_mentions(
+        &run_fails(&dir, "1,2"),
+        &["unknown model_type \"llama\"", "supported: \"mamba\""],
+    );
+}
+
+#[test]
+fn missing_tensor_is_named() {
+    let dir = scratch_dir("missingtensor");
+    copy_dir(&fixture("hf_odd_tied"), &dir);
+    let path = dir.join("model.safetensors");
+    let bytes = std::fs::read(&path).unwrap();
+    let file = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    let kept: Vec<_> = file
+        .tensors()
+        .into_iter()
+        .filter(|(name, _)| name != "backbone.layers.1.mixer.x_proj.weight")
+        .collect();
+    let out = safetensors::serialize(kept, None).unwrap();
+    drop(file);
+    std::fs::write(&path, out).unwrap();
+    assert_mentions(
+        &run_fails(&dir, "1,2"),
+        &["\"backbone.layers.1.mixer.x_proj.weight\"", "missing"],
+    );
+}
+
+#[test]
+fn shape_mismatch_names_tensor_and_shapes() {
+    let dir = scratch_dir("shape");
+    copy_dir(&fixture("hf_odd_tied"), &dir);
+    let text = std::fs::read_to_string(dir.join("config.json")).unwrap();
+    // The checkpoint's state size is 5; claim 6.
+    std::fs::write(
+        dir.join("config.json"),
+        text.replace("\"state_size\": 5", "\"state_size\": 6"),
+    )
+    .unwrap();
+    assert_mentions(
+        &run_fails(&dir, "1,2"),
+        &[
+            "\"backbone.layers.0.mixer.A_log\"",
+            "shape [74, 5]",
+            "expected [74, 6]",
+        ],
+    );
+}
+
+#[test]
+fn token_out_of_range_is_reported() {
+    // hf_odd_tied has 61 ids.
+    assert_mentions(
+        &run_fails(&fixture("hf_odd_tied"), "1,2,61"),
+        &["token id 61 at position 2", "61 ids", "0..=60"],
+    );
+    // The original layout pads 53 ids to 56 rows; ids 53..55 are padding, not input.
+    assert_mentions(
+        &run_fails(&fixture("ssm_original"), "53"),
+        &["token id 53", "53 ids"],
+    );
+    assert_mentions(
+        &run_fails(&fixture("hf_odd_tied"), "1,x"),
+        &["\"x\"", "not a token id"],
+    );
+    assert_mentions(&run_fails(&fixture("hf_odd_tied"), ""), &["empty input"]);
+}
+
+#[test]
+fn missing_model_dir_is_reported() {
+    let dir = scratch_dir("gone").join("nothing-here");
+    assert_mentions(&run_fails(&dir, "1"), &["nothing-here", "not a directory"]);
+}
