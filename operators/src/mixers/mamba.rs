@@ -19,7 +19,7 @@ use std::ops::Range;
 use tideway_kernels::Weight;
 use tideway_kernels::activation::{silu_inplace, softplus_inplace};
 use tideway_kernels::conv::{causal_conv1d_seq, causal_conv1d_step};
-use tideway_kernels::matmul::{MatRef, linear};
+use tideway_kernels::matmul::{Linear, MatRef};
 use tideway_kernels::scan::{ScanInputs, ScanSegment, SsmParams, selective_scan};
 
 use crate::checkpoint::Checkpoint;
@@ -56,18 +56,15 @@ pub struct MambaLayerState {
 /// The parameters of one mixer.
 pub struct MambaMixer {
     pub config: MambaMixerConfig,
-    in_proj: Weight,
-    in_proj_bias: Option<Weight>,
+    in_proj: Linear,
     conv_weight: Weight,
     conv_bias: Option<Weight>,
-    x_proj: Weight,
-    dt_proj: Weight,
-    dt_proj_bias: Weight,
+    x_proj: Linear,
+    dt_proj: Linear,
     /// `A = -exp(A_log)`, computed once at load.
     a: Weight,
     d: Weight,
-    out_proj: Weight,
-    out_proj_bias: Option<Weight>,
+    out_proj: Linear,
 }
 
 impl MambaMixer {
@@ -95,22 +92,38 @@ impl MambaMixer {
                     Ok(None)
                 }
             };
+        let linear =
+            |w: &str, b: Option<&str>, out: usize, inp: usize| -> Result<Linear, LoadError> {
+                let weight = checkpoint.load(&name(w), &[out, inp])?;
+                let bias = match b {
+                    Some(b) => Some(checkpoint.load(&name(b), &[out])?),
+                    None => None,
+                };
+                Ok(Linear::from_torch(&weight, bias).expect("shapes checked by the loader"))
+            };
         let conv = checkpoint.load(&name("conv1d.weight"), &[e, 1, k])?;
         let a_log = checkpoint.load(&name("A_log"), &[e, n])?;
         let a: Vec<f32> = a_log.as_slice().iter().map(|v| -v.exp()).collect();
         Ok(MambaMixer {
             config,
-            in_proj: checkpoint.load(&name("in_proj.weight"), &[2 * e, d_model])?,
-            in_proj_bias: maybe("in_proj.bias", bias, &[2 * e])?,
+            in_proj: linear(
+                "in_proj.weight",
+                bias.then_some("in_proj.bias"),
+                2 * e,
+                d_model,
+            )?,
             conv_weight: conv,
             conv_bias: maybe("conv1d.bias", conv_bias, &[e])?,
-            x_proj: checkpoint.load(&name("x_proj.weight"), &[r + 2 * n, e])?,
-            dt_proj: checkpoint.load(&name("dt_proj.weight"), &[e, r])?,
-            dt_proj_bias: checkpoint.load(&name("dt_proj.bias"), &[e])?,
+            x_proj: linear("x_proj.weight", None, r + 2 * n, e)?,
+            dt_proj: linear("dt_proj.weight", Some("dt_proj.bias"), e, r)?,
             a: Weight::from_vec(a, &[e, n]).expect("A has A_log's shape"),
             d: checkpoint.load(&name("D"), &[e])?,
-            out_proj: checkpoint.load(&name("out_proj.weight"), &[d_model, e])?,
-            out_proj_bias: maybe("out_proj.bias", bias, &[d_model])?,
+            out_proj: linear(
+                "out_proj.weight",
+                bias.then_some("out_proj.bias"),
+                d_model,
+                e,
+            )?,
         })
     }
 
@@ -130,23 +143,19 @@ impl MambaMixer {
     }
 
     pub fn weight_bytes(&self) -> usize {
-        [
-            Some(&self.in_proj),
-            self.in_proj_bias.as_ref(),
+        let linears = [&self.in_proj, &self.x_proj, &self.dt_proj, &self.out_proj];
+        let others = [
             Some(&self.conv_weight),
             self.conv_bias.as_ref(),
-            Some(&self.x_proj),
-            Some(&self.dt_proj),
-            Some(&self.dt_proj_bias),
             Some(&self.a),
             Some(&self.d),
-            Some(&self.out_proj),
-            self.out_proj_bias.as_ref(),
-        ]
-        .into_iter()
-        .flatten()
-        .map(Weight::size_bytes)
-        .sum()
+        ];
+        linears.iter().map(|l| l.size_bytes()).sum::<usize>()
+            + others
+                .into_iter()
+                .flatten()
+                .map(Weight::size_bytes)
+                .sum::<usize>()
     }
 
     /// Runs the mixer over the packed rows `u` (`[M, D]`): session `i` owns rows
@@ -173,13 +182,7 @@ impl MambaMixer {
 
         // 1. [x | z] = in_proj(u): one GEMM over every session's rows.
         let mut xz = vec![0.0f32; m * 2 * e];
-        linear(
-            MatRef::dense(u, m, d_model),
-            self.in_proj.as_slice(),
-            2 * e,
-            self.in_proj_bias.as_ref().map(Weight::as_slice),
-            &mut xz,
-        );
+        self.in_proj.forward(MatRef::dense(u, m, d_model), &mut xz);
 
         // 2. x' = silu(conv(x)), continuing each session's window.
         let mut xc = vec![0.0f32; m * e];
@@ -200,21 +203,10 @@ impl MambaMixer {
         // 3. [δ | B | C] = x_proj(x'); Δ = softplus(dt_proj(δ) + dt_bias).
         let w = r + 2 * n;
         let mut dbc = vec![0.0f32; m * w];
-        linear(
-            MatRef::dense(&xc, m, e),
-            self.x_proj.as_slice(),
-            w,
-            None,
-            &mut dbc,
-        );
+        self.x_proj.forward(MatRef::dense(&xc, m, e), &mut dbc);
         let mut delta = vec![0.0f32; m * e];
-        linear(
-            MatRef::columns(&dbc, m, w, 0, r),
-            self.dt_proj.as_slice(),
-            e,
-            Some(self.dt_proj_bias.as_slice()),
-            &mut delta,
-        );
+        self.dt_proj
+            .forward(MatRef::columns(&dbc, m, w, 0, r), &mut delta);
         softplus_inplace(&mut delta);
 
         // 4. The selective scan, gated by silu(z), per session.
@@ -246,12 +238,6 @@ impl MambaMixer {
         );
 
         // 5. out = out_proj(y).
-        linear(
-            MatRef::dense(&y, m, e),
-            self.out_proj.as_slice(),
-            d_model,
-            self.out_proj_bias.as_ref().map(Weight::as_slice),
-            out,
-        );
+        self.out_proj.forward(MatRef::dense(&y, m, e), out);
     }
 }

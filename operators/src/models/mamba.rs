@@ -18,7 +18,7 @@ use std::ops::Range;
 
 use tideway_kernels::Tensor;
 use tideway_kernels::Weight;
-use tideway_kernels::matmul::{MatRef, linear};
+use tideway_kernels::matmul::{Linear, MatRef};
 use tideway_kernels::norm::rms_norm;
 
 use crate::checkpoint::Checkpoint;
@@ -174,10 +174,12 @@ struct MambaBlock {
 
 pub struct MambaLm {
     pub config: MambaConfig,
-    embedding: Weight,
+    /// The input embedding when it is not tied to the head (a tied one is read from
+    /// `lm_head`'s weight, so it is held once).
+    untied_embedding: Option<Weight>,
     blocks: Vec<MambaBlock>,
     norm_f: Weight,
-    lm_head: Weight,
+    lm_head: Linear,
 }
 
 impl MambaLm {
@@ -194,17 +196,18 @@ impl MambaLm {
             })
             .collect::<Result<Vec<_>, LoadError>>()?;
         let norm_f = checkpoint.load("backbone.norm_f.weight", &[d])?;
-        let lm_head = if config.tie_embeddings {
-            embedding.clone()
+        let (lm_head, untied_embedding) = if config.tie_embeddings {
+            (Linear::from_torch(&embedding, None), None)
         } else {
-            checkpoint.load("lm_head.weight", &[v, d])?
+            let head = checkpoint.load("lm_head.weight", &[v, d])?;
+            (Linear::from_torch(&head, None), Some(embedding))
         };
         Ok(MambaLm {
             config,
-            embedding,
+            untied_embedding,
             blocks,
             norm_f,
-            lm_head,
+            lm_head: lm_head.expect("shape checked by the loader"),
         })
     }
 
@@ -227,14 +230,9 @@ impl MambaLm {
 
     /// Bytes of the parameters (a tied head counted once).
     pub fn weight_bytes(&self) -> usize {
-        let head = if self.config.tie_embeddings {
-            0
-        } else {
-            self.lm_head.size_bytes()
-        };
-        self.embedding.size_bytes()
+        self.untied_embedding.as_ref().map_or(0, Weight::size_bytes)
+            + self.lm_head.size_bytes()
             + self.norm_f.size_bytes()
-            + head
             + self
                 .blocks
                 .iter()
@@ -346,7 +344,10 @@ impl MambaLm {
         // The residual stream, kept in f32 (residual_in_fp32).
         let mut residual = vec![0.0f32; m * d];
         for (row, &t) in residual.chunks_exact_mut(d).zip(tokens) {
-            row.copy_from_slice(self.embedding.row(t as usize));
+            match &self.untied_embedding {
+                Some(embedding) => row.copy_from_slice(embedding.row(t as usize)),
+                None => self.lm_head.torch_weight_row(t as usize, row),
+            }
         }
         let mut normed = vec![0.0f32; m * d];
         let mut mixed = vec![0.0f32; m * d];
@@ -376,13 +377,8 @@ impl MambaLm {
         );
         let width = self.logits_width();
         let mut logits = Tensor::zeros(&[m, width]);
-        linear(
-            MatRef::dense(&normed, m, d),
-            self.lm_head.as_slice(),
-            width,
-            None,
-            logits.data_mut(),
-        );
+        self.lm_head
+            .forward(MatRef::dense(&normed, m, d), logits.data_mut());
         for (state, len) in states.iter_mut().zip(lens) {
             state.position += len;
         }

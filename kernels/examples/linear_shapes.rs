@@ -1,0 +1,37 @@
+//! Times `Linear::forward` at the shapes of a mamba-130m layer for a range of batch sizes:
+//! `cargo run --release -p tideway-kernels --example linear_shapes`.
+
+use std::time::Instant;
+
+use tideway_kernels::Weight;
+use tideway_kernels::matmul::{Linear, MatRef};
+
+fn main() {
+    let shapes = [
+        (768usize, 3072usize, "in_proj"),
+        (1536, 768, "out_proj"),
+        (1536, 80, "x_proj"),
+        (768, 50280, "lm_head"),
+    ];
+    for &(k, n, name) in &shapes {
+        let w: Vec<f32> = (0..k * n).map(|i| (i % 97) as f32 * 1e-3).collect();
+        let layer = Linear::from_torch(&Weight::from_vec(w, &[n, k]).unwrap(), None).unwrap();
+        for m in [1usize, 2, 4, 8, 16, 32, 64, 256] {
+            let x: Vec<f32> = (0..m * k).map(|i| (i % 89) as f32 * 1e-3).collect();
+            let mut out = vec![0.0f32; m * n];
+            layer.forward(MatRef::dense(&x, m, k), &mut out);
+            let reps = (2e9 / (m * k * n) as f64).clamp(3.0, 2000.0) as usize;
+            let t0 = Instant::now();
+            for _ in 0..reps {
+                layer.forward(MatRef::dense(&x, m, k), &mut out);
+            }
+            let secs = t0.elapsed().as_secs_f64() / reps as f64;
+            println!(
+                "{name:>8} m={m:>3} k={k:>5} n={n:>5}: {:>8.3} ms  {:>6.1} GFLOP/s  {:>5.1} GB/s of weights",
+                secs * 1e3,
+                2.0 * (m * k * n) as f64 / secs / 1e9,
+                (k * n * 4) as f64 / secs / 1e9
+            );
+        }
+    }
+}
