@@ -9,10 +9,35 @@
 //! reference's left zero padding.
 
 use crate::matmul::MatRef;
+use crate::simd::dispatch;
 
-/// Runs the conv over `x` (`T × C`) continuing from `window`, writes `out` (`[T, C]`) and
-/// leaves in `window` the last `K` inputs (zeros, then older window values, when `T < K`).
-pub fn causal_conv1d_seq(
+dispatch! {
+    /// Runs the conv over `x` (`T × C`) continuing from `window`, writes `out` (`[T, C]`) and
+    /// leaves in `window` the last `K` inputs (zeros, then older window values, when `T < K`).
+    pub fn causal_conv1d_seq(
+        x: MatRef<'_>,
+        weight: &[f32],
+        k: usize,
+        bias: Option<&[f32]>,
+        window: &mut [f32],
+        out: &mut [f32],
+    ) => conv_seq_body
+}
+
+dispatch! {
+    /// One step: shifts `x` (`[C]`) into `window` and writes the conv output for it into `out`.
+    pub fn causal_conv1d_step(
+        x: &[f32],
+        weight: &[f32],
+        k: usize,
+        bias: Option<&[f32]>,
+        window: &mut [f32],
+        out: &mut [f32],
+    ) => conv_step_body
+}
+
+#[inline(always)]
+fn conv_seq_body(
     x: MatRef<'_>,
     weight: &[f32],
     k: usize,
@@ -63,8 +88,8 @@ pub fn causal_conv1d_seq(
     }
 }
 
-/// One step: shifts `x` (`[C]`) into `window` and writes the conv output for it into `out`.
-pub fn causal_conv1d_step(
+#[inline(always)]
+fn conv_step_body(
     x: &[f32],
     weight: &[f32],
     k: usize,

@@ -12,6 +12,10 @@
 //! a segment of consecutive rows with its own state. A decode step is a batch of one-row
 //! segments; a prefill chunk is one long segment. Work is split over (segment, channel block)
 //! pairs, which are independent, and run on the rayon pool.
+//!
+//! Layout: the state and `A` are stored state-index-major, `[N, E]`, so that the inner loop
+//! runs over contiguous channels (one SIMD lane per channel, no horizontal sums); `B_t` and
+//! `C_t` are then scalars in that loop.
 
 use std::ops::Range;
 
@@ -24,8 +28,8 @@ use crate::simd::dispatch;
 /// Per-layer constants of the SSM.
 #[derive(Clone, Copy, Debug)]
 pub struct SsmParams<'a> {
-    /// `A = -exp(A_log)`, `[E, N]`.
-    pub a: &'a [f32],
+    /// `A = -exp(A_log)` transposed to `[N, E]`.
+    pub a_t: &'a [f32],
     /// Skip weights `D`, `[E]`.
     pub d: &'a [f32],
     /// Channels `E`.
@@ -49,7 +53,7 @@ pub struct ScanInputs<'a> {
     pub z: MatRef<'a>,
 }
 
-/// One session's rows in the packed batch and its SSM state (`[E, N]`, updated in place).
+/// One session's rows in the packed batch and its SSM state (`[N, E]`, updated in place).
 pub struct ScanSegment<'s> {
     pub rows: Range<usize>,
     pub state: &'s mut [f32],
@@ -63,7 +67,7 @@ pub fn selective_scan(
     y: &mut [f32],
 ) {
     let (e, n) = (params.channels, params.state_size);
-    assert_eq!(params.a.len(), e * n);
+    assert_eq!(params.a_t.len(), e * n);
     assert_eq!(params.d.len(), e);
     let m = segments.iter().map(|s| s.rows.end).max().unwrap_or(0);
     assert!(inputs.x.len() >= m * e && inputs.delta.len() >= m * e && y.len() >= m * e);
@@ -72,8 +76,7 @@ pub fn selective_scan(
     }
     assert!(inputs.z.rows >= m && inputs.z.cols == e);
 
-    // Enough (segment, channel block) jobs to keep every thread busy, in blocks of whole
-    // SIMD widths so that channel blocks do not split cache lines of `y` needlessly.
+    // Enough (segment, channel block) jobs to keep every thread busy, in whole SIMD widths.
     let threads = rayon::current_num_threads();
     let blocks_per_segment = (4 * threads).div_ceil(segments.len().max(1)).max(1);
     let block = e
@@ -85,90 +88,84 @@ pub fn selective_scan(
     let y_ptr = SendPtr(y.as_mut_ptr());
     let mut jobs = Vec::new();
     for seg in segments.iter_mut() {
-        assert_eq!(seg.state.len(), e * n, "SSM state is not [{e}, {n}]");
-        for (i, state) in seg.state.chunks_mut(block * n).enumerate() {
-            let c0 = i * block;
+        assert_eq!(seg.state.len(), e * n, "SSM state is not [{n}, {e}]");
+        let state = SendPtr(seg.state.as_mut_ptr());
+        for c0 in (0..e).step_by(block) {
             jobs.push(BlockJob {
                 rows: seg.rows.clone(),
-                channels: c0..c0 + state.len() / n,
+                channels: c0..(c0 + block).min(e),
                 state,
             });
         }
     }
-    let run = |job: &mut BlockJob<'_>| scan_block(&params, &inputs, job, y_ptr);
+    let run = |job: &BlockJob| scan_block(&params, &inputs, job, y_ptr);
     if jobs.len() == 1 || m * e * n < 1 << 14 {
-        jobs.iter_mut().for_each(run);
+        jobs.iter().for_each(run);
     } else {
-        jobs.par_iter_mut().for_each(run);
+        jobs.par_iter().for_each(run);
     }
 }
 
-struct BlockJob<'s> {
+/// One segment's rows over one block of channels. `state` points at the segment's `[N, E]`
+/// state; the job touches only its own channel columns of it.
+struct BlockJob {
     rows: Range<usize>,
     channels: Range<usize>,
-    state: &'s mut [f32],
+    state: SendPtr,
 }
 
-/// A raw pointer to `y` that jobs on other threads write through. Each job writes only the
-/// (rows, channels) cells of its own segment and channel block, and those never overlap.
+/// A raw pointer that jobs on other threads write through. Jobs write only the cells of their
+/// own (segment, channel block) — of `y` and of the segment's state — and those never overlap.
 #[derive(Clone, Copy)]
 struct SendPtr(*mut f32);
 // SAFETY: see the type's comment: writes through it are disjoint, and `selective_scan` holds
-// the unique borrow of `y` until every job has finished.
+// the unique borrows of `y` and of every state until all jobs have finished.
 unsafe impl Send for SendPtr {}
 unsafe impl Sync for SendPtr {}
 
 dispatch! {
-    fn scan_block(
-        params: &SsmParams<'_>,
-        inputs: &ScanInputs<'_>,
-        job: &mut BlockJob<'_>,
-        y: SendPtr,
-    ) => scan_block_body
+    fn scan_block(params: &SsmParams<'_>, inputs: &ScanInputs<'_>, job: &BlockJob, y: SendPtr)
+        => scan_block_body
 }
 
-const LANES: usize = 16;
+/// Channels handled together in registers.
+const CHANNELS: usize = 32;
 
 #[inline(always)]
-fn scan_block_body(
-    params: &SsmParams<'_>,
-    inputs: &ScanInputs<'_>,
-    job: &mut BlockJob<'_>,
-    y: SendPtr,
-) {
+fn scan_block_body(params: &SsmParams<'_>, inputs: &ScanInputs<'_>, job: &BlockJob, y: SendPtr) {
     let (e, n) = (params.channels, params.state_size);
-    let c0 = job.channels.start;
     for row in job.rows.clone() {
         let b_t = &inputs.b.data[row * inputs.b.row_stride..][..n];
         let c_t = &inputs.c.data[row * inputs.c.row_stride..][..n];
         let z_row = &inputs.z.data[row * inputs.z.row_stride..][..e];
-        for ch in job.channels.clone() {
-            let dt = inputs.delta[row * e + ch];
-            let xv = inputs.x[row * e + ch];
-            let dtx = dt * xv;
-            let a = &params.a[ch * n..][..n];
-            let h = &mut job.state[(ch - c0) * n..][..n];
-            let mut lanes = [0.0f32; LANES];
-            let whole = n - n % LANES;
-            for i0 in (0..whole).step_by(LANES) {
-                for l in 0..LANES {
-                    let i = i0 + l;
-                    let hv = exp_fast(dt * a[i]).mul_add(h[i], dtx * b_t[i]);
+        for c0 in job.channels.clone().step_by(CHANNELS) {
+            let len = CHANNELS.min(job.channels.end - c0);
+            let dt = &inputs.delta[row * e + c0..][..len];
+            let xv = &inputs.x[row * e + c0..][..len];
+            let mut dtx = [0.0f32; CHANNELS];
+            for i in 0..len {
+                dtx[i] = dt[i] * xv[i];
+            }
+            let mut acc = [0.0f32; CHANNELS];
+            for k in 0..n {
+                let a = &params.a_t[k * e + c0..][..len];
+                // SAFETY: cells (k, c0..c0+len) of this segment's [N, E] state belong to this
+                // job alone (see `SendPtr`), and are in bounds (asserted by the caller).
+                let h = unsafe { std::slice::from_raw_parts_mut(job.state.0.add(k * e + c0), len) };
+                let (bk, ck) = (b_t[k], c_t[k]);
+                for i in 0..len {
+                    let hv = exp_fast(dt[i] * a[i]).mul_add(h[i], dtx[i] * bk);
                     h[i] = hv;
-                    lanes[l] = hv.mul_add(c_t[i], lanes[l]);
+                    acc[i] = hv.mul_add(ck, acc[i]);
                 }
             }
-            let mut acc = 0.0f32;
-            for i in whole..n {
-                let hv = exp_fast(dt * a[i]).mul_add(h[i], dtx * b_t[i]);
-                h[i] = hv;
-                acc = hv.mul_add(c_t[i], acc);
+            for i in 0..len {
+                let ch = c0 + i;
+                let out = params.d[ch].mul_add(xv[i], acc[i]) * silu(z_row[ch]);
+                // SAFETY: (row, ch) is inside this job's segment rows and channel block, which
+                // no other job writes, and `row * e + ch < M·E <= y.len()`.
+                unsafe { *y.0.add(row * e + ch) = out };
             }
-            acc += lanes.iter().sum::<f32>();
-            let out = params.d[ch].mul_add(xv, acc) * silu(z_row[ch]);
-            // SAFETY: (row, ch) is inside this job's segment rows and channel block, which no
-            // other job writes, and `row * e + ch < M·E <= y.len()` (checked by the caller).
-            unsafe { *y.0.add(row * e + ch) = out };
         }
     }
 }
@@ -199,9 +196,10 @@ mod tests {
                 let xv = x[t * e + ch] as f64;
                 let mut acc = 0.0;
                 for i in 0..n {
-                    let hv = (dt * a[ch * n + i] as f64).exp() * h[ch * n + i]
+                    // `a` and `h` are [N, E], as the kernel keeps them.
+                    let hv = (dt * a[i * e + ch] as f64).exp() * h[i * e + ch]
                         + dt * b[t * n + i] as f64 * xv;
-                    h[ch * n + i] = hv;
+                    h[i * e + ch] = hv;
                     acc += hv * c[t * n + i] as f64;
                 }
                 let zv = z[t * e + ch] as f64;
@@ -225,7 +223,7 @@ mod tests {
 
     #[test]
     fn packed_segments_match_reference_run_alone() {
-        for &(e, n) in &[(5usize, 3usize), (40, 16), (70, 21)] {
+        for &(e, n) in &[(5usize, 3usize), (40, 16), (70, 21), (100, 16)] {
             let lens = [7usize, 1, 12, 1, 3];
             let m: usize = lens.iter().sum();
             let a: Vec<f32> = pseudo(e * n, 1, 0.1, 3.0).iter().map(|v| -v).collect();
@@ -255,7 +253,7 @@ mod tests {
             let mut y = vec![f32::NAN; m * e];
             selective_scan(
                 SsmParams {
-                    a: &a,
+                    a_t: &a,
                     d: &d,
                     channels: e,
                     state_size: n,

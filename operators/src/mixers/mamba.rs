@@ -49,7 +49,8 @@ pub struct MambaMixerConfig {
 pub struct MambaLayerState {
     /// The last `K` pre-conv inputs per channel, `[E, K]`, oldest first.
     pub conv: Vec<f32>,
-    /// `h`, `[E, N]`.
+    /// `h`, stored `[N, E]` (state-index-major, the scan kernel's layout; HF's cache is the
+    /// transpose, `[E, N]`).
     pub ssm: Vec<f32>,
 }
 
@@ -61,8 +62,8 @@ pub struct MambaMixer {
     conv_bias: Option<Weight>,
     x_proj: Linear,
     dt_proj: Linear,
-    /// `A = -exp(A_log)`, computed once at load.
-    a: Weight,
+    /// `A = -exp(A_log)`, computed once at load and stored transposed, `[N, E]`.
+    a_t: Weight,
     d: Weight,
     out_proj: Linear,
 }
@@ -103,7 +104,13 @@ impl MambaMixer {
             };
         let conv = checkpoint.load(&name("conv1d.weight"), &[e, 1, k])?;
         let a_log = checkpoint.load(&name("A_log"), &[e, n])?;
-        let a: Vec<f32> = a_log.as_slice().iter().map(|v| -v.exp()).collect();
+        let a_log = a_log.as_slice();
+        let mut a_t = vec![0.0f32; e * n];
+        for c in 0..e {
+            for s in 0..n {
+                a_t[s * e + c] = -a_log[c * n + s].exp();
+            }
+        }
         Ok(MambaMixer {
             config,
             in_proj: linear(
@@ -116,7 +123,7 @@ impl MambaMixer {
             conv_bias: maybe("conv1d.bias", conv_bias, &[e])?,
             x_proj: linear("x_proj.weight", None, r + 2 * n, e)?,
             dt_proj: linear("dt_proj.weight", Some("dt_proj.bias"), e, r)?,
-            a: Weight::from_vec(a, &[e, n]).expect("A has A_log's shape"),
+            a_t: Weight::from_vec(a_t, &[n, e]).expect("A has A_log's size"),
             d: checkpoint.load(&name("D"), &[e])?,
             out_proj: linear(
                 "out_proj.weight",
@@ -147,7 +154,7 @@ impl MambaMixer {
         let others = [
             Some(&self.conv_weight),
             self.conv_bias.as_ref(),
-            Some(&self.a),
+            Some(&self.a_t),
             Some(&self.d),
         ];
         linears.iter().map(|l| l.size_bytes()).sum::<usize>()
@@ -221,7 +228,7 @@ impl MambaMixer {
             .collect();
         selective_scan(
             SsmParams {
-                a: self.a.as_slice(),
+                a_t: self.a_t.as_slice(),
                 d: self.d.as_slice(),
                 channels: e,
                 state_size: n,
