@@ -8,8 +8,10 @@ use std::fs::File;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
+use memmap2::{Mmap, UncheckedAdvice};
 use safetensors::tensor::{Dtype, TensorInfo};
 use tideway_kernels::Weight;
+use tideway_kernels::matmul::Linear;
 use tideway_kernels::tensor::SharedBytes;
 
 use crate::error::LoadError;
@@ -25,6 +27,8 @@ struct Entry {
 pub struct Checkpoint {
     dir: PathBuf,
     files: Vec<(PathBuf, SharedBytes, usize)>,
+    /// The same maps as `files`, typed, for `release`.
+    maps: Vec<Arc<Mmap>>,
     tensors: HashMap<String, Entry>,
 }
 
@@ -36,6 +40,7 @@ impl Checkpoint {
         let mut checkpoint = Checkpoint {
             dir: dir.to_path_buf(),
             files: Vec::new(),
+            maps: Vec::new(),
             tensors: HashMap::new(),
         };
         for path in paths {
@@ -67,9 +72,11 @@ impl Checkpoint {
                     },
                 );
             }
+            let map = Arc::new(map);
+            checkpoint.maps.push(map.clone());
             checkpoint
                 .files
-                .push((path, Arc::new(map) as SharedBytes, data_start));
+                .push((path, map as SharedBytes, data_start));
         }
         Ok(checkpoint)
     }
@@ -139,6 +146,53 @@ impl Checkpoint {
             _ => Weight::from_f16_bytes(raw, expected),
         };
         weight.map_err(|e| bad(format!("tensor {name:?}: {e}")))
+    }
+
+    /// A PyTorch `nn.Linear`: `weight` `[out, in]` and optionally `bias` `[out]`, prepared for
+    /// products (transposed, see [`Linear`]). The weight's file pages are released afterwards:
+    /// the layer holds its own copy.
+    pub fn load_linear(
+        &self,
+        weight: &str,
+        bias: Option<&str>,
+        out_features: usize,
+        in_features: usize,
+    ) -> Result<Linear, LoadError> {
+        let w = self.load(weight, &[out_features, in_features])?;
+        let b = match bias {
+            Some(name) => Some(self.load(name, &[out_features])?),
+            None => None,
+        };
+        let layer = Linear::from_torch(&w, b).map_err(|e| LoadError::ShapeMismatch {
+            name: weight.to_string(),
+            expected: vec![out_features, in_features],
+            found: e.shape,
+        })?;
+        drop(w);
+        self.release(weight);
+        Ok(layer)
+    }
+
+    /// Drops a tensor's pages from this process's resident memory once it has been copied out
+    /// (they stay in the OS page cache), so that loading does not hold the checkpoint twice.
+    pub fn release(&self, name: &str) {
+        let Some(entry) = self.tensors.get(name) else {
+            return;
+        };
+        let (_, _, data_start) = &self.files[entry.file];
+        let (begin, end) = entry.info.data_offsets;
+        // SAFETY: the map is a private, read-only file mapping: MADV_DONTNEED only drops its
+        // pages, and any later read (a weight still mapped in place nearby) faults them back in
+        // from the unchanged file. The range is inside the map (the header said so).
+        // Failure is harmless (the pages stay resident), so the result is ignored.
+        #[cfg(unix)]
+        unsafe {
+            let _ = self.maps[entry.file].unchecked_advise_range(
+                UncheckedAdvice::DontNeed,
+                data_start + begin,
+                end - begin,
+            );
+        }
     }
 
     /// Like [`load`](Self::load) for a tensor that may be absent.

@@ -93,15 +93,9 @@ impl MambaMixer {
                     Ok(None)
                 }
             };
-        let linear =
-            |w: &str, b: Option<&str>, out: usize, inp: usize| -> Result<Linear, LoadError> {
-                let weight = checkpoint.load(&name(w), &[out, inp])?;
-                let bias = match b {
-                    Some(b) => Some(checkpoint.load(&name(b), &[out])?),
-                    None => None,
-                };
-                Ok(Linear::from_torch(&weight, bias).expect("shapes checked by the loader"))
-            };
+        let linear = |w: &str, b: Option<&str>, out: usize, inp: usize| {
+            checkpoint.load_linear(&name(w), b.map(name).as_deref(), out, inp)
+        };
         let conv = checkpoint.load(&name("conv1d.weight"), &[e, 1, k])?;
         let a_log = checkpoint.load(&name("A_log"), &[e, n])?;
         let a_log = a_log.as_slice();

@@ -197,17 +197,19 @@ impl MambaLm {
             .collect::<Result<Vec<_>, LoadError>>()?;
         let norm_f = checkpoint.load("backbone.norm_f.weight", &[d])?;
         let (lm_head, untied_embedding) = if config.tie_embeddings {
-            (Linear::from_torch(&embedding, None), None)
+            drop(embedding);
+            let head = checkpoint.load_linear(&config.embedding_name, None, v, d)?;
+            (head, None)
         } else {
-            let head = checkpoint.load("lm_head.weight", &[v, d])?;
-            (Linear::from_torch(&head, None), Some(embedding))
+            let head = checkpoint.load_linear("lm_head.weight", None, v, d)?;
+            (head, Some(embedding))
         };
         Ok(MambaLm {
             config,
             untied_embedding,
             blocks,
             norm_f,
-            lm_head: lm_head.expect("shape checked by the loader"),
+            lm_head,
         })
     }
 
