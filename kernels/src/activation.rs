@@ -57,7 +57,7 @@ pub fn ln_fast(x: f32) -> f32 {
     p = p.mul_add(m, -1.666_805_8e-1);
     p = p.mul_add(m, 2.000_071_4e-1);
     p = p.mul_add(m, -2.499_999_4e-1);
-    p = p.mul_add(m, 3.333_333_1e-1);
+    p = p.mul_add(m, 3.333_333e-1);
     let mut y = p * m * z;
     y = e.mul_add(-2.121_944_4e-4, y);
     y = z.mul_add(-0.5, y);

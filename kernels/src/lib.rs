@@ -1,19 +1,24 @@
 //! Tideway's numeric kernels.
 //!
 //! Everything computes in f32. Weights may arrive as bf16/f16 and are widened once, when
-//! they are loaded ([`Weight`]); f32 weights are used straight from the memory-mapped
-//! checkpoint without a copy.
+//! they are loaded ([`Weight`]). The weights of matrix products are kept transposed
+//! ([`matmul::Linear`]); other f32 weights are read in place from the memory-mapped checkpoint.
 //!
 //! One module per kernel family:
-//! - [`tensor`]: the owned [`Tensor`] and the read-only [`Weight`] storage;
-//! - [`matmul`]: `y = x·Wᵀ + b` through the `gemm` crate (multi-threaded);
-//! - [`norm`]: RMSNorm;
-//! - [`activation`]: SiLU, softplus and a vectorisable `exp`;
-//! - [`conv`]: causal depthwise conv1d over a sequence or one step over a rolling window;
-//! - [`scan`]: the Mamba selective-scan recurrence over packed batches of sessions.
+//! - [`tensor`] — the owned [`Tensor`] and the read-only [`Weight`] storage;
+//! - [`matmul`] — `y = x·Wᵀ + b` through the `gemm` crate (multi-threaded);
+//! - [`norm`] — RMSNorm;
+//! - [`activation`] — SiLU, softplus and a vectorisable `exp`;
+//! - [`conv`] — causal depthwise conv1d over a sequence or one step over a rolling window;
+//! - [`scan`] — the Mamba selective-scan recurrence over packed batches of sessions;
+//! - [`cpu`] — what the CPU offers the kernels (threads, SIMD level);
+//! - `cuda` (feature `cuda`): CUDA devices through cudarc.
 
 pub mod activation;
 pub mod conv;
+pub mod cpu;
+#[cfg(feature = "cuda")]
+pub mod cuda;
 pub mod matmul;
 pub mod norm;
 pub mod scan;

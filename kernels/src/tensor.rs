@@ -145,7 +145,7 @@ impl Weight {
         }
         let raw = &raw[..len * 4];
         let in_place = cfg!(target_endian = "little")
-            && (raw.as_ptr() as usize) % std::mem::align_of::<f32>() == 0;
+            && (raw.as_ptr() as usize).is_multiple_of(std::mem::align_of::<f32>());
         if in_place {
             Ok(Weight {
                 storage: Storage::Mapped { bytes, offset, len },

@@ -1,10 +1,10 @@
 //! Tideway's model stages.
 //!
-//! - [`checkpoint`]: safetensors checkpoints (one file, many files, or a sharded index),
+//! - [`checkpoint`] — safetensors checkpoints (one file, many files, or a sharded index),
 //!   memory-mapped, with typed errors naming the tensor and shapes at fault;
-//! - [`mixers`]: the sequence mixers, one module each (`mamba`), with a packed-batch forward
+//! - [`mixers`] — the sequence mixers, one module each (`mamba`), with a packed-batch forward
 //!   that serves both the chunked (prefill) and the recurrent (step) form;
-//! - [`models`]: whole models (embedding, blocks, head) and [`models::load_model`], which reads
+//! - [`models`] — whole models (embedding, blocks, head) and [`models::load_model`], which reads
 //!   `config.json` and picks the model.
 
 pub mod checkpoint;

@@ -1,9 +1,11 @@
 //! `tideway`: the Tideway node's command line.
 //!
 //! - `tideway run`: one sequence offline through a model, outputs to a safetensors file;
-//! - `tideway bench`: decode and prefill throughput and peak memory of a model.
+//! - `tideway bench`: decode and prefill throughput and peak memory of a model;
+//! - `tideway devices`: the CPU and CUDA devices this node can use.
 
 mod bench;
+mod devices;
 mod run;
 
 use std::process::ExitCode;
@@ -30,6 +32,8 @@ enum Command {
     Run(run::RunArgs),
     /// Measure decode and prefill throughput and peak memory of a model.
     Bench(bench::BenchArgs),
+    /// List the compute this node can use (CPU threads and SIMD level, CUDA devices).
+    Devices,
 }
 
 fn main() -> ExitCode {
@@ -47,6 +51,7 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::Run(args) => run::run(args),
         Command::Bench(args) => bench::bench(args, threads),
+        Command::Devices => devices::devices(threads),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
