@@ -231,5 +231,64 @@ fn token_out_of_range_is_reported() {
 #[test]
 fn missing_model_dir_is_reported() {
     let dir = scratch_dir("gone").join("nothing-here");
-    assert_mentions(&run_fails(&dir, "1"), &["nothing-here", "not a directory"]);
+    assert_mentions(&run_fails(&dir, "1"), &["nothing-here is not a directory"]);
+}
+
+#[test]
+fn unsupported_state_spaces_variants_are_refused_by_name() {
+    let dir = scratch_dir("mamba2");
+    copy_dir(&fixture("ssm_original"), &dir);
+    let text = std::fs::read_to_string(dir.join("config.json")).unwrap();
+    std::fs::write(
+        dir.join("config.json"),
+        text.replace("\"d_state\": 7", "\"d_state\": 7, \"layer\": \"Mamba2\""),
+    )
+    .unwrap();
+    assert_mentions(
+        &run_fails(&dir, "1"),
+        &["ssm_cfg.layer \"Mamba2\" is not supported"],
+    );
+    std::fs::write(
+        dir.join("config.json"),
+        text.replace("\"rms_norm\": true", "\"rms_norm\": false"),
+    )
+    .unwrap();
+    assert_mentions(&run_fails(&dir, "1"), &["rms_norm false", "not supported"]);
+}
+
+#[test]
+fn bench_json_reports_every_measurement() {
+    let output = tideway()
+        .args([
+            "--threads",
+            "2",
+            "bench",
+            "--json",
+            "--seconds",
+            "0.05",
+            "--prefill-tokens",
+            "64",
+            "--model",
+        ])
+        .arg(fixture("hf_k4_sharded"))
+        .output()
+        .unwrap();
+    assert!(output.status.success(), "{}", stderr(&output));
+    let report: serde_json::Value =
+        serde_json::from_slice(&output.stdout).expect("stdout is one JSON object");
+    let decode = report["decode"].as_array().unwrap();
+    let batches: Vec<u64> = decode
+        .iter()
+        .map(|d| d["batch"].as_u64().unwrap())
+        .collect();
+    assert_eq!(batches, [1, 8, 32]);
+    for d in decode {
+        assert!(d["tokens_per_s"].as_f64().unwrap() > 0.0 && d["steps"].as_u64().unwrap() >= 5);
+    }
+    assert_eq!(report["prefill"]["tokens"], 64);
+    assert!(report["prefill"]["tokens_per_s"].as_f64().unwrap() > 0.0);
+    assert!(report["peak_rss_bytes"].as_u64().unwrap() > 1 << 20);
+    assert_eq!(report["threads"], 2);
+    // Two layers of [E=96] × (K=4 + N=16) f32 values.
+    assert_eq!(report["state_bytes_per_session"], 2 * 96 * 20 * 4);
 }

@@ -44,15 +44,15 @@ impl Checkpoint {
             tensors: HashMap::new(),
         };
         for path in paths {
-            let file = File::open(&path).map_err(|source| LoadError::Io {
+            let file = File::open(&path).map_err(|cause| LoadError::Io {
                 path: path.clone(),
-                source,
+                cause,
             })?;
             // SAFETY: the map is read-only; like every mmap-based loader (candle, HF
             // safetensors) we rely on checkpoint files not being truncated while in use.
-            let map = unsafe { memmap2::Mmap::map(&file) }.map_err(|source| LoadError::Io {
+            let map = unsafe { memmap2::Mmap::map(&file) }.map_err(|cause| LoadError::Io {
                 path: path.clone(),
-                source,
+                cause,
             })?;
             let (header_len, metadata) =
                 safetensors::SafeTensors::read_metadata(&map).map_err(|e| {
@@ -212,9 +212,9 @@ impl Checkpoint {
 fn weight_files(dir: &Path) -> Result<Vec<PathBuf>, LoadError> {
     let index_path = dir.join(INDEX_FILE);
     if index_path.exists() {
-        let text = std::fs::read_to_string(&index_path).map_err(|source| LoadError::Io {
+        let text = std::fs::read_to_string(&index_path).map_err(|cause| LoadError::Io {
             path: index_path.clone(),
-            source,
+            cause,
         })?;
         let malformed = |reason: String| LoadError::Safetensors {
             path: index_path.clone(),
@@ -243,15 +243,15 @@ fn weight_files(dir: &Path) -> Result<Vec<PathBuf>, LoadError> {
         files.sort();
         return Ok(files.into_iter().map(|f| dir.join(f)).collect());
     }
-    let entries = std::fs::read_dir(dir).map_err(|source| LoadError::Io {
+    let entries = std::fs::read_dir(dir).map_err(|cause| LoadError::Io {
         path: dir.to_path_buf(),
-        source,
+        cause,
     })?;
     let mut files = Vec::new();
     for entry in entries {
-        let entry = entry.map_err(|source| LoadError::Io {
+        let entry = entry.map_err(|cause| LoadError::Io {
             path: dir.to_path_buf(),
-            source,
+            cause,
         })?;
         let path = entry.path();
         if path.extension().is_some_and(|e| e == "safetensors") {

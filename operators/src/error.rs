@@ -5,12 +5,17 @@ use std::path::PathBuf;
 /// A checkpoint directory that cannot be loaded.
 #[derive(Debug, thiserror::Error)]
 pub enum LoadError {
-    #[error("{path}: {source}")]
+    // The io::Error is part of the message rather than a `source`, so that printing the
+    // error chain does not repeat it.
+    #[error("{path}: {cause}")]
     Io {
         path: PathBuf,
-        #[source]
-        source: std::io::Error,
+        cause: std::io::Error,
     },
+    #[error(
+        "{path} is not a directory (a model is a directory holding config.json and *.safetensors)"
+    )]
+    NotADirectory { path: PathBuf },
     #[error("no config.json in {dir} (a checkpoint directory holds config.json and *.safetensors)")]
     MissingConfig { dir: PathBuf },
     #[error("{path}: malformed config.json: {reason}")]

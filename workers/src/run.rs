@@ -143,6 +143,7 @@ pub fn write_tensors(path: &Path, tensors: &[(&str, &Tensor)]) -> Result<()> {
             ))
         })
         .collect::<Result<Vec<_>>>()?;
-    safetensors::serialize_to_file(views, None, path)?;
+    // safetensors' error repeats its cause in its message: keep one copy.
+    safetensors::serialize_to_file(views, None, path).map_err(|e| anyhow::anyhow!("{e}"))?;
     Ok(())
 }

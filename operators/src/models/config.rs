@@ -16,12 +16,8 @@ impl ConfigJson {
     pub fn read(dir: &Path) -> Result<Self, LoadError> {
         let path = dir.join("config.json");
         if !dir.is_dir() {
-            return Err(LoadError::Io {
+            return Err(LoadError::NotADirectory {
                 path: dir.to_path_buf(),
-                source: std::io::Error::new(
-                    std::io::ErrorKind::NotFound,
-                    "not a directory (--model takes a checkpoint directory)",
-                ),
             });
         }
         if !path.exists() {
@@ -29,9 +25,9 @@ impl ConfigJson {
                 dir: dir.to_path_buf(),
             });
         }
-        let text = std::fs::read_to_string(&path).map_err(|source| LoadError::Io {
+        let text = std::fs::read_to_string(&path).map_err(|cause| LoadError::Io {
             path: path.clone(),
-            source,
+            cause,
         })?;
         Self::parse(path, &text)
     }
