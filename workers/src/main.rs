@@ -7,6 +7,7 @@
 mod bench;
 mod devices;
 mod run;
+mod serve;
 
 use std::process::ExitCode;
 
@@ -28,6 +29,8 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
+    /// Serve models over gRPC (tideway.v1, the KServe v2 / Triton protocol, health, reflection).
+    Serve(serve::ServeArgs),
     /// Run one sequence through a model and write its outputs to a safetensors file.
     Run(run::RunArgs),
     /// Measure decode and prefill throughput and peak memory of a model.
@@ -38,6 +41,13 @@ enum Command {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("TIDEWAY_LOG")
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+        )
+        .init();
     let threads = cli
         .threads
         .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
@@ -49,6 +59,7 @@ fn main() -> ExitCode {
         return ExitCode::FAILURE;
     }
     let result = match cli.command {
+        Command::Serve(args) => serve::serve(args),
         Command::Run(args) => run::run(args),
         Command::Bench(args) => bench::bench(args, threads),
         Command::Devices => devices::devices(threads),

@@ -1,0 +1,407 @@
+//! The serving runtime: a timely dataflow of model-stage operators on worker threads (one
+//! process, or one process of a cluster), fed from tokio through bounded per-worker queues.
+//!
+//! ```text
+//! gRPC handler --Request--> worker queue --input--> exchange(session) --> Sessions operator
+//!   --Response--> exchange(origin worker) --> egress sink --> the handler's oneshot
+//!               \--SessionEvent--> differential: live sessions by (worker, model) --> broadcast
+//!                                  --> StatsBoard (each process's view of the whole cluster)
+//! ```
+//!
+//! Each worker closes one epoch per tick (default 1 ms); the Sessions operator runs each
+//! closed epoch as one batched computation (`SessionTable::run_epoch`).
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use crossbeam_channel::{Receiver, Sender, TrySendError};
+use differential_dataflow::AsCollection;
+use timely::CommunicationConfig;
+use timely::dataflow::channels::pact::{Exchange, Pipeline};
+use timely::dataflow::operators::generic::Operator;
+use timely::dataflow::operators::vec::Broadcast;
+use timely::dataflow::operators::{Capability, Input, OkErr};
+use timely::dataflow::{InputHandleVec, StreamVec};
+use tokio::sync::oneshot;
+
+use super::messages::{Op, Request, Response, SessionEvent, SessionKey};
+use super::sessions::{ServedModel, SessionTable};
+use super::stats::{BoardKey, StatsBoard};
+
+/// How the runtime is laid out and paced.
+#[derive(Clone, Debug)]
+pub struct RuntimeConfig {
+    /// Worker threads in this process.
+    pub threads: usize,
+    /// This process's index and the cluster's addresses (empty: a single process).
+    pub process: usize,
+    pub hosts: Vec<String>,
+    /// Serialise exchanged records even within one process (tests of the wire types).
+    pub process_binary: bool,
+    /// Epoch length.
+    pub tick: Duration,
+    /// Sessions idle for longer are freed.
+    pub idle_limit: Duration,
+    /// Requests waiting for each worker before the edge answers RESOURCE_EXHAUSTED.
+    pub queue_capacity: usize,
+}
+
+enum WorkerMsg {
+    Request(Request),
+    Shutdown,
+}
+
+/// Why a request could not be handed to the dataflow.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SubmitError {
+    QueueFull { capacity: usize },
+    Draining,
+    Stopped,
+}
+
+/// The handle the gRPC services hold.
+pub struct Engine {
+    pub models: Arc<Vec<ServedModel>>,
+    pub config: RuntimeConfig,
+    pub board: Arc<StatsBoard>,
+    senders: Vec<Sender<WorkerMsg>>,
+    threads: Arc<Mutex<Vec<Option<std::thread::Thread>>>>,
+    pending: Arc<Mutex<HashMap<u64, oneshot::Sender<Response>>>>,
+    first_worker: u32,
+    next_id: AtomicU64,
+    next_worker: AtomicUsize,
+    draining: AtomicBool,
+    guards: Mutex<Option<timely::communication::initialize::WorkerGuards<()>>>,
+}
+
+impl Engine {
+    /// Starts the worker threads (and, in a cluster, connects to the peers).
+    pub fn start(models: Vec<ServedModel>, config: RuntimeConfig) -> Result<Arc<Engine>, String> {
+        let models = Arc::new(models);
+        let threads = config.threads.max(1);
+        let communication = if config.hosts.len() > 1 {
+            CommunicationConfig::Cluster {
+                threads,
+                process: config.process,
+                addresses: config.hosts.clone(),
+                report: false,
+                zerocopy: false,
+            }
+        } else if config.process_binary {
+            CommunicationConfig::ProcessBinary(threads)
+        } else if threads == 1 {
+            CommunicationConfig::Thread
+        } else {
+            CommunicationConfig::Process(threads)
+        };
+        let first_worker = (config.process * threads) as u32;
+        let board = Arc::new(StatsBoard::new(
+            config.hosts.len().max(1),
+            threads,
+            models.iter().map(|m| m.name.clone()).collect(),
+        ));
+        let (senders, receivers): (Vec<_>, Vec<_>) = (0..threads)
+            .map(|_| crossbeam_channel::bounded::<WorkerMsg>(config.queue_capacity))
+            .unzip();
+        let receivers = Arc::new(Mutex::new(
+            receivers.into_iter().map(Some).collect::<Vec<_>>(),
+        ));
+        let thread_slots = Arc::new(Mutex::new(vec![None; threads]));
+        let pending: Arc<Mutex<HashMap<u64, oneshot::Sender<Response>>>> = Arc::default();
+
+        let worker_models = models.clone();
+        let worker_slots = thread_slots.clone();
+        let worker_pending = pending.clone();
+        let worker_board = board.clone();
+        let worker_config = config.clone();
+        let guards = timely::execute(
+            timely::Config {
+                communication,
+                worker: timely::WorkerConfig::default(),
+            },
+            move |worker| {
+                let global = worker.index();
+                let local = global - first_worker as usize;
+                let rx = receivers.lock().unwrap()[local]
+                    .take()
+                    .expect("each worker takes its queue once");
+                worker_slots.lock().unwrap()[local] = Some(std::thread::current());
+                run_worker(
+                    worker,
+                    rx,
+                    worker_models.clone(),
+                    worker_pending.clone(),
+                    worker_board.clone(),
+                    &worker_config,
+                    local == 0,
+                );
+            },
+        )?;
+        Ok(Arc::new(Engine {
+            models,
+            config,
+            board,
+            senders,
+            threads: thread_slots,
+            pending,
+            first_worker,
+            next_id: AtomicU64::new(1),
+            next_worker: AtomicUsize::new(0),
+            draining: AtomicBool::new(false),
+            guards: Mutex::new(Some(guards)),
+        }))
+    }
+
+    pub fn model_index(&self, name: &str) -> Option<u32> {
+        self.models
+            .iter()
+            .position(|m| m.name == name)
+            .map(|i| i as u32)
+    }
+
+    /// Picks the worker that takes in one client stream's requests (round robin), so that a
+    /// stream's requests keep their order.
+    pub fn pick_worker(&self) -> usize {
+        self.next_worker.fetch_add(1, Ordering::Relaxed) % self.senders.len()
+    }
+
+    pub fn is_draining(&self) -> bool {
+        self.draining.load(Ordering::Relaxed)
+    }
+
+    pub fn drain(&self) {
+        self.draining.store(true, Ordering::Relaxed);
+    }
+
+    /// Hands one operation to the dataflow through local worker `worker`; the receiver
+    /// yields its response.
+    pub fn submit(
+        &self,
+        worker: usize,
+        session: SessionKey,
+        op: Op,
+        allow_when_draining: bool,
+    ) -> Result<oneshot::Receiver<Response>, SubmitError> {
+        if self.is_draining() && !allow_when_draining {
+            return Err(SubmitError::Draining);
+        }
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        let (tx, rx) = oneshot::channel();
+        self.pending.lock().unwrap().insert(id, tx);
+        let request = Request {
+            id,
+            origin: self.first_worker + worker as u32,
+            session,
+            op,
+        };
+        match self.senders[worker].try_send(WorkerMsg::Request(request)) {
+            Ok(()) => {
+                if let Some(t) = &self.threads.lock().unwrap()[worker] {
+                    t.unpark();
+                }
+                Ok(rx)
+            }
+            Err(e) => {
+                self.pending.lock().unwrap().remove(&id);
+                Err(match e {
+                    TrySendError::Full(_) => SubmitError::QueueFull {
+                        capacity: self.config.queue_capacity,
+                    },
+                    TrySendError::Disconnected(_) => SubmitError::Stopped,
+                })
+            }
+        }
+    }
+
+    /// Requests waiting in this process's worker queues.
+    pub fn queue_depth(&self) -> usize {
+        self.senders.iter().map(|s| s.len()).sum()
+    }
+
+    /// Stops the local workers and waits for them.
+    pub fn shutdown(&self) {
+        for s in &self.senders {
+            let _ = s.send(WorkerMsg::Shutdown);
+        }
+        for t in self.threads.lock().unwrap().iter().flatten() {
+            t.unpark();
+        }
+        if let Some(guards) = self.guards.lock().unwrap().take() {
+            drop(guards.join());
+        }
+    }
+}
+
+/// What the Sessions operator emits: answers, and changes to the live set.
+#[derive(Clone, Debug)]
+enum SessionsOut {
+    Response(Response),
+    Event(SessionEvent),
+}
+
+fn run_worker(
+    worker: &mut timely::worker::Worker,
+    rx: Receiver<WorkerMsg>,
+    models: Arc<Vec<ServedModel>>,
+    pending: Arc<Mutex<HashMap<u64, oneshot::Sender<Response>>>>,
+    board: Arc<StatsBoard>,
+    config: &RuntimeConfig,
+    reports_board: bool,
+) {
+    let index = worker.index() as u32;
+    let mut input = InputHandleVec::<u64, Request>::new();
+    let idle_limit = config.idle_limit;
+    let table_board = board.clone();
+    worker.dataflow::<u64, _, _>(|scope| {
+        let requests = scope.input_from(&mut input);
+        let out: StreamVec<'_, u64, SessionsOut> = requests.unary_frontier(
+            Exchange::new(|r: &Request| r.session),
+            "Sessions",
+            move |_capability, _info| {
+                let mut table = SessionTable::new(index, models, idle_limit);
+                let mut stash: BTreeMap<u64, (Capability<u64>, Vec<Request>)> = BTreeMap::new();
+                let mut last_sweep = Instant::now();
+                move |(input, frontier), output| {
+                    input.for_each_stamp(|cap, data| {
+                        // Records sent under no capability make no progress claim: none of
+                        // ours are, but such a message has no time to stash under.
+                        let (Some(&time), Some(retained)) = (cap.least(), cap.retain_least(0))
+                        else {
+                            return;
+                        };
+                        let entry = stash.entry(time).or_insert_with(|| (retained, Vec::new()));
+                        for batch in data {
+                            entry.1.append(batch);
+                        }
+                    });
+                    let ready: Vec<u64> = stash
+                        .keys()
+                        .copied()
+                        .filter(|t| !frontier.less_equal(t))
+                        .collect();
+                    for time in ready {
+                        let (cap, requests) = stash.remove(&time).expect("listed above");
+                        let started = Instant::now();
+                        let count = requests.len();
+                        let tokens_before = table.tokens_processed;
+                        let responses = table.run_epoch(requests);
+                        if last_sweep.elapsed() >= Duration::from_millis(250) {
+                            table.expire_idle(Instant::now());
+                            last_sweep = Instant::now();
+                        }
+                        table_board.record_epoch(
+                            count,
+                            started.elapsed(),
+                            table.tokens_processed - tokens_before,
+                        );
+                        let mut session = output.session(&cap);
+                        for r in responses {
+                            session.give(SessionsOut::Response(r));
+                        }
+                        for e in table.take_events() {
+                            session.give(SessionsOut::Event(e));
+                        }
+                    }
+                }
+            },
+        );
+        let (responses, events) = out.ok_err(|o| match o {
+            SessionsOut::Response(r) => Ok(r),
+            SessionsOut::Event(e) => Err(e),
+        });
+
+        // Answers go back to the worker that took the request in, which hands them to the
+        // waiting gRPC handler.
+        responses.sink(
+            Exchange::new(|r: &Response| r.origin as u64),
+            "Egress",
+            move |(input, _frontier)| {
+                input.for_each_stamp(|_cap, data| {
+                    let mut pending = pending.lock().unwrap();
+                    for batch in data {
+                        for response in batch.drain(..) {
+                            if let Some(tx) = pending.remove(&response.id) {
+                                // The client may have gone: nothing to do then.
+                                let _ = tx.send(response);
+                            }
+                        }
+                    }
+                });
+            },
+        );
+
+        // The control plane: live (and expired) sessions by worker and model, maintained
+        // incrementally by differential dataflow and broadcast so that every process sees
+        // the whole cluster.
+        let changes: StreamVec<'_, u64, (BoardKey, u64, isize)> =
+            events.unary(Pipeline, "SessionChanges", |_cap, _info| {
+                move |input, output| {
+                    input.for_each_stamp(
+                        |cap, data: std::slice::IterMut<'_, Vec<SessionEvent>>| {
+                            let Some(&time) = cap.least() else {
+                                return;
+                            };
+                            let mut session = output.session(&cap);
+                            for batch in data {
+                                for e in batch.drain(..) {
+                                    let key: BoardKey = (e.worker, e.model, e.state_bytes, 0);
+                                    session.give((key, time, e.delta as isize));
+                                    if e.expired {
+                                        session.give((
+                                            (e.worker, e.model, e.state_bytes, 1),
+                                            time,
+                                            1isize,
+                                        ));
+                                    }
+                                }
+                            }
+                        },
+                    );
+                }
+            });
+        changes.as_collection().count().inner.broadcast().sink(
+            Pipeline,
+            "StatsBoard",
+            move |(input, _frontier)| {
+                input.for_each_stamp(|_cap, data| {
+                    if !reports_board {
+                        return;
+                    }
+                    for batch in data {
+                        for ((key, count), _time, diff) in batch.drain(..) {
+                            board.apply(key, count, diff);
+                        }
+                    }
+                });
+            },
+        );
+    });
+
+    let tick = config.tick;
+    let mut epoch = 0u64;
+    let mut next_tick = Instant::now() + tick;
+    'serve: loop {
+        loop {
+            match rx.try_recv() {
+                Ok(WorkerMsg::Request(r)) => input.send(r),
+                Ok(WorkerMsg::Shutdown) | Err(crossbeam_channel::TryRecvError::Disconnected) => {
+                    break 'serve;
+                }
+                Err(crossbeam_channel::TryRecvError::Empty) => break,
+            }
+        }
+        let now = Instant::now();
+        if now >= next_tick {
+            epoch += 1;
+            input.advance_to(epoch);
+            next_tick = now + tick;
+        }
+        worker.step_or_park(Some(next_tick.saturating_duration_since(Instant::now())));
+    }
+    drop(input);
+    // Let the dataflow finish what is in flight (peers shut down alongside).
+    let deadline = Instant::now() + Duration::from_secs(2);
+    while worker.step_or_park(Some(Duration::from_millis(1))) && Instant::now() < deadline {}
+}

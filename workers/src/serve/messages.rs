@@ -1,0 +1,103 @@
+//! The records that flow through the dataflow. They cross process boundaries (bincode, via
+//! timely's cluster transport), so they are plain serde types: no prost messages, no
+//! `skip_serializing_if`, no untagged enums.
+
+use serde::{Deserialize, Serialize};
+
+/// A session's placement key: a well-mixed 64-bit hash of (model, session name).
+pub type SessionKey = u64;
+
+/// One request for one session, from the gRPC edge into the dataflow.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Request {
+    /// Unique within the origin process; the response carries it back.
+    pub id: u64,
+    /// Global index of the worker that took the request in; the response returns there.
+    pub origin: u32,
+    pub session: SessionKey,
+    pub op: Op,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub enum Op {
+    /// Runs `tokens` through the session. `start` creates the session (replacing a live one of
+    /// the same name); without it the session must be live. `end` frees it afterwards.
+    Step {
+        model: u32,
+        name: String,
+        tokens: Vec<u32>,
+        start: bool,
+        end: bool,
+    },
+    /// Reports whether the session lives, and where it is (for a resume).
+    Probe { model: u32, name: String },
+    /// Frees the session if it lives.
+    End { name: String },
+}
+
+/// The answer to one [`Request`].
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Response {
+    pub id: u64,
+    pub origin: u32,
+    pub result: Result<Reply, OpError>,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Reply {
+    /// Session position of the first output row.
+    pub position: u64,
+    pub rows: u32,
+    pub width: u32,
+    /// `[rows, width]` logits.
+    pub logits: Vec<f32>,
+    /// Session position after this request.
+    pub position_after: u64,
+    pub state_bytes: u64,
+    /// Global index of the worker that owns the session.
+    pub worker: u32,
+    /// The session no longer lives (ended by this request, or never did for a probe).
+    pub ended: bool,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub enum OpError {
+    /// No live session of that name, and the request did not start one.
+    UnknownSession { name: String },
+    /// The session was freed after being idle.
+    Expired {
+        name: String,
+        idle_limit_secs: f64,
+        expired_unix_secs: f64,
+    },
+    /// The session lives but belongs to another model.
+    WrongModel { name: String },
+    /// The model rejected the input (message from the model).
+    Input(String),
+}
+
+/// A change to the set of live sessions, for the control plane.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+pub struct SessionEvent {
+    pub worker: u32,
+    pub model: u32,
+    pub state_bytes: u64,
+    /// +1 when a session starts, -1 when it ends or expires.
+    pub delta: i64,
+    pub expired: bool,
+}
+
+/// The first 64 bits of a well-mixed hash (FNV-1a folded through a SplitMix64 finaliser):
+/// stable across processes and runs, as placement must be.
+pub fn session_key(model: u32, name: &str) -> SessionKey {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in model.to_le_bytes().iter().chain(name.as_bytes()) {
+        h ^= *b as u64;
+        h = h.wrapping_mul(0x0000_0100_0000_01b3);
+    }
+    h ^= h >> 30;
+    h = h.wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    h ^= h >> 27;
+    h = h.wrapping_mul(0x94d0_49bb_1331_11eb);
+    h ^ (h >> 31)
+}

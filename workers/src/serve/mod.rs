@@ -1,0 +1,218 @@
+//! `tideway serve`: the node. A timely-dataflow runtime ([`engine`]) behind gRPC: the native
+//! `tideway.v1` API ([`native`]), the KServe v2 / Triton inference protocol ([`inference`]),
+//! `grpc.health.v1` and server reflection.
+
+pub mod engine;
+pub mod inference;
+pub mod messages;
+pub mod native;
+pub mod sessions;
+pub mod stats;
+pub mod status;
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{Context, Result, bail};
+use clap::Args;
+use tokio_stream::wrappers::TcpListenerStream;
+use tonic::codec::CompressionEncoding;
+
+use tideway_operators::models::load_model;
+use tideway_proto::inference::grpc_inference_service_server::GrpcInferenceServiceServer;
+use tideway_proto::tideway::v1::admin_server::AdminServer;
+use tideway_proto::tideway::v1::models_server::ModelsServer;
+use tideway_proto::tideway::v1::streams_server::StreamsServer;
+
+use engine::{Engine, RuntimeConfig};
+use sessions::ServedModel;
+
+#[derive(Args)]
+pub struct ServeArgs {
+    /// A model to serve: `DIR` (named after the directory) or `NAME=DIR`. Repeatable.
+    #[arg(long = "model", value_name = "[NAME=]DIR")]
+    models: Vec<String>,
+    /// gRPC address. Port 0 picks a free port (the address is printed).
+    #[arg(long, default_value = "127.0.0.1:50051")]
+    listen: String,
+    /// Timely worker threads in this process (every process of a cluster uses the same).
+    #[arg(long, default_value_t = 1)]
+    workers: usize,
+    /// Cluster: a file with one `host:port` per line, one line per process.
+    #[arg(long, requires = "process")]
+    hosts: Option<PathBuf>,
+    /// Cluster: this process's line in --hosts (from 0).
+    #[arg(long, requires = "hosts")]
+    process: Option<usize>,
+    /// Epoch length in milliseconds: requests arriving within one epoch run as one batch.
+    #[arg(long, default_value_t = 1.0)]
+    tick_ms: f64,
+    /// Seconds a session may stay idle before its state is freed. Streaming feeds pause
+    /// (a silent microphone, a sensor that reports on change), so the default is generous.
+    #[arg(long, default_value_t = 300.0)]
+    idle_timeout_s: f64,
+    /// Requests waiting per worker before new ones are refused with RESOURCE_EXHAUSTED.
+    #[arg(long, default_value_t = 4096)]
+    queue_capacity: usize,
+    /// Largest gRPC message accepted or sent, in bytes.
+    #[arg(long, default_value_t = 256 << 20)]
+    max_message_bytes: usize,
+    /// Serialise records exchanged between workers of this process as a cluster would
+    /// (exercises the wire format on one machine).
+    #[arg(long, hide = true)]
+    process_binary: bool,
+}
+
+fn parse_model_arg(arg: &str) -> Result<(String, PathBuf)> {
+    let (name, dir) = match arg.split_once('=') {
+        Some((name, dir)) if !name.is_empty() => (name.to_string(), PathBuf::from(dir)),
+        _ => {
+            let dir = PathBuf::from(arg);
+            let name = dir
+                .canonicalize()
+                .ok()
+                .and_then(|p| p.file_name().map(|n| n.to_string_lossy().into_owned()))
+                .with_context(|| {
+                    format!("--model {arg}: cannot name the model after its directory")
+                })?;
+            (name, dir)
+        }
+    };
+    Ok((name, dir))
+}
+
+pub fn serve(args: ServeArgs) -> Result<()> {
+    if args.models.is_empty() {
+        bail!(
+            "no model to serve: pass --model DIR (or NAME=DIR), repeatable; the embedded default model is not part of this build yet"
+        );
+    }
+    let mut models = Vec::new();
+    for arg in &args.models {
+        let (name, dir) = parse_model_arg(arg)?;
+        if models.iter().any(|m: &ServedModel| m.name == name) {
+            bail!("two models are named {name:?}: name them with NAME=DIR");
+        }
+        let model = load_model(&dir)
+            .with_context(|| format!("cannot load model {name:?} from {}", dir.display()))?;
+        tracing::info!(model = %name, dir = %dir.display(), family = model.family(), "loaded");
+        models.push(ServedModel { name, model });
+    }
+    let (hosts, process) = match (&args.hosts, args.process) {
+        (Some(file), Some(process)) => {
+            let text = std::fs::read_to_string(file)
+                .with_context(|| format!("cannot read --hosts {}", file.display()))?;
+            let hosts: Vec<String> = text
+                .lines()
+                .map(str::trim)
+                .filter(|l| !l.is_empty() && !l.starts_with('#'))
+                .map(String::from)
+                .collect();
+            if process >= hosts.len() {
+                bail!(
+                    "--process {process} is out of range: {} lists {} processes (0..={})",
+                    file.display(),
+                    hosts.len(),
+                    hosts.len().saturating_sub(1)
+                );
+            }
+            (hosts, process)
+        }
+        _ => (Vec::new(), 0),
+    };
+    if !(args.tick_ms > 0.0) || !(args.idle_timeout_s > 0.0) {
+        bail!("--tick-ms and --idle-timeout-s must be positive");
+    }
+    let config = RuntimeConfig {
+        threads: args.workers.max(1),
+        process,
+        hosts,
+        process_binary: args.process_binary,
+        tick: Duration::from_secs_f64(args.tick_ms / 1e3),
+        idle_limit: Duration::from_secs_f64(args.idle_timeout_s),
+        queue_capacity: args.queue_capacity.max(1),
+    };
+
+    // A worker that panics would leave its peers hung (timely cannot lose a worker): exit.
+    let default_hook = std::panic::take_hook();
+    std::panic::set_hook(Box::new(move |info| {
+        default_hook(info);
+        std::process::exit(101);
+    }));
+
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("cannot start the async runtime")?;
+    let listener = runtime
+        .block_on(tokio::net::TcpListener::bind(&args.listen))
+        .with_context(|| format!("cannot listen on {}", args.listen))?;
+    let local: SocketAddr = listener.local_addr()?;
+    let engine = Engine::start(models, config)
+        .map_err(|e| anyhow::anyhow!("cannot start the workers: {e}"))?;
+    eprintln!("tideway listening on {local}");
+    let result = runtime.block_on(serve_grpc(engine.clone(), listener, args.max_message_bytes));
+    engine.shutdown();
+    result
+}
+
+async fn serve_grpc(
+    engine: Arc<Engine>,
+    listener: tokio::net::TcpListener,
+    max_message: usize,
+) -> Result<()> {
+    let (health_reporter, health_service) = tonic_health::server::health_reporter();
+    health_reporter
+        .set_serving::<GrpcInferenceServiceServer<inference::InferenceService>>()
+        .await;
+    health_reporter
+        .set_serving::<StreamsServer<native::StreamsService>>()
+        .await;
+    // The empty service name stands for the server as a whole.
+    health_reporter
+        .set_service_status("", tonic_health::ServingStatus::Serving)
+        .await;
+    let reflection = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(tideway_proto::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .build_v1()
+        .context("cannot build the reflection service")?;
+
+    macro_rules! limits {
+        ($server:expr) => {
+            $server
+                .max_decoding_message_size(max_message)
+                .max_encoding_message_size(max_message)
+                .accept_compressed(CompressionEncoding::Gzip)
+                .accept_compressed(CompressionEncoding::Deflate)
+        };
+    }
+    let inference = limits!(GrpcInferenceServiceServer::new(
+        inference::InferenceService::new(engine.clone())
+    ));
+    let streams = limits!(StreamsServer::new(native::StreamsService {
+        engine: engine.clone(),
+    }));
+    let models = ModelsServer::new(native::ModelsService {
+        engine: engine.clone(),
+    });
+    let admin = AdminServer::new(native::AdminService {
+        engine: engine.clone(),
+    });
+    let shutdown = async {
+        let _ = tokio::signal::ctrl_c().await;
+        eprintln!("tideway: shutting down");
+    };
+    tonic::transport::Server::builder()
+        .add_service(health_service)
+        .add_service(reflection)
+        .add_service(inference)
+        .add_service(streams)
+        .add_service(models)
+        .add_service(admin)
+        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown)
+        .await
+        .context("gRPC server failed")
+}

@@ -1,0 +1,372 @@
+//! The `tideway.v1` services: `Streams`, `Models`, `Admin`.
+
+use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use tokio::sync::{mpsc, oneshot};
+use tokio_stream::Stream;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::{Code, Request, Response, Status, Streaming};
+
+use pb::stream_request::Kind as InKind;
+use pb::stream_response::Kind as OutKind;
+use tideway_proto::tideway::v1 as pb;
+
+use super::engine::Engine;
+use super::messages::{self, Op, Reply, session_key};
+use super::status::{op_status, submit_status};
+
+/// Chunks of one stream that may be in the dataflow at once: the stream's credit. A client
+/// that sends faster waits (HTTP/2 flow control), and its slowness is its own.
+const STREAM_CREDIT: usize = 8;
+
+pub fn tensor_f32(name: &str, shape: &[i64], values: &[f32]) -> pb::Tensor {
+    pb::Tensor {
+        name: name.to_string(),
+        datatype: "FP32".into(),
+        shape: shape.to_vec(),
+        data: values.iter().flat_map(|v| v.to_le_bytes()).collect(),
+    }
+}
+
+/// Checks ids against a vocabulary at the edge, with the same message the model gives.
+pub fn check_ids(ids: &[i64], vocab: usize) -> Result<Vec<u32>, Status> {
+    ids.iter()
+        .enumerate()
+        .map(|(position, &id)| {
+            if id < 0 || id as u64 >= vocab as u64 {
+                Err(Status::invalid_argument(format!(
+                    "token id {id} at position {position} is out of range: the vocabulary has {vocab} ids (0..={})",
+                    vocab - 1
+                )))
+            } else {
+                Ok(id as u32)
+            }
+        })
+        .collect()
+}
+
+/// Awaits the dataflow's answer.
+pub async fn answer(
+    rx: oneshot::Receiver<messages::Response>,
+) -> Result<Result<Reply, messages::OpError>, Status> {
+    rx.await
+        .map(|r| r.result)
+        .map_err(|_| Status::unavailable("the worker owning this session stopped"))
+}
+
+fn new_session_name() -> String {
+    static COUNTER: AtomicU64 = AtomicU64::new(0);
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos() as u64);
+    let n = COUNTER.fetch_add(1, Ordering::Relaxed);
+    format!(
+        "{:016x}",
+        session_key(std::process::id(), &format!("{nanos}/{n}"))
+    )
+}
+
+pub struct StreamsService {
+    pub engine: Arc<Engine>,
+}
+
+type OutStream = Pin<Box<dyn Stream<Item = Result<pb::StreamResponse, Status>> + Send>>;
+
+fn out(kind: OutKind) -> Result<pb::StreamResponse, Status> {
+    Ok(pb::StreamResponse { kind: Some(kind) })
+}
+
+#[tonic::async_trait]
+impl pb::streams_server::Streams for StreamsService {
+    type OpenStream = OutStream;
+
+    async fn open(
+        &self,
+        request: Request<Streaming<pb::StreamRequest>>,
+    ) -> Result<Response<OutStream>, Status> {
+        let engine = self.engine.clone();
+        let mut inbound = request.into_inner();
+        let first = inbound.message().await?.ok_or_else(|| {
+            Status::invalid_argument("empty stream: the first message must be `start`")
+        })?;
+        let Some(InKind::Start(start)) = first.kind else {
+            return Err(Status::failed_precondition(
+                "a chunk without a start: the first message of a stream must be `start` (naming the model), then `chunk`s",
+            ));
+        };
+        let model = engine.model_index(&start.model).ok_or_else(|| {
+            Status::not_found(format!(
+                "unknown model {:?}; served models: {}",
+                start.model,
+                engine
+                    .models
+                    .iter()
+                    .map(|m| m.name.as_str())
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ))
+        })?;
+        let vocab = engine.models[model as usize].vocab_size();
+        let worker = engine.pick_worker();
+        let resumed = !start.resume_session_id.is_empty();
+        let name = if resumed {
+            start.resume_session_id.clone()
+        } else {
+            new_session_name()
+        };
+        let key = session_key(model, &name);
+        let op = if resumed {
+            Op::Probe {
+                model,
+                name: name.clone(),
+            }
+        } else {
+            Op::Step {
+                model,
+                name: name.clone(),
+                tokens: Vec::new(),
+                start: true,
+                end: false,
+            }
+        };
+        let opened = engine
+            .submit(worker, key, op, false)
+            .map_err(submit_status)?;
+        let opened = answer(opened)
+            .await?
+            .map_err(|e| op_status(&e, Code::NotFound))?;
+
+        let (tx, rx) = mpsc::channel(STREAM_CREDIT * 2);
+        let _ = tx
+            .send(out(OutKind::Opened(pb::StreamOpened {
+                session_id: name.clone(),
+                position: opened.position_after,
+                resumed,
+                state_bytes: opened.state_bytes,
+            })))
+            .await;
+        let keep = start.keep;
+        tokio::spawn(async move {
+            let (order_tx, mut order_rx) =
+                mpsc::channel::<oneshot::Receiver<messages::Response>>(STREAM_CREDIT);
+            // Answers go out in the order the chunks came in.
+            let writer_tx = tx.clone();
+            let writer = tokio::spawn(async move {
+                let mut last = None;
+                let mut tokens = 0u64;
+                while let Some(rx) = order_rx.recv().await {
+                    match answer(rx).await {
+                        Ok(Ok(reply)) => {
+                            tokens += reply.rows as u64;
+                            let shape = [reply.rows as i64, reply.width as i64];
+                            let output = pb::StreamOutput {
+                                position: reply.position,
+                                outputs: vec![tensor_f32("logits", &shape, &reply.logits)],
+                            };
+                            last = Some(reply);
+                            if writer_tx.send(out(OutKind::Output(output))).await.is_err() {
+                                return (last, tokens, false);
+                            }
+                        }
+                        Ok(Err(e)) => {
+                            let _ = writer_tx
+                                .send(Err(op_status(&e, Code::FailedPrecondition)))
+                                .await;
+                            return (last, tokens, false);
+                        }
+                        Err(status) => {
+                            let _ = writer_tx.send(Err(status)).await;
+                            return (last, tokens, false);
+                        }
+                    }
+                }
+                (last, tokens, true)
+            });
+
+            let mut ended = false;
+            let mut disconnected = false;
+            loop {
+                let message = match inbound.message().await {
+                    Ok(Some(m)) => m,
+                    Ok(None) => break,
+                    Err(_) => {
+                        disconnected = true;
+                        break;
+                    }
+                };
+                let chunk = match message.kind {
+                    Some(InKind::Chunk(chunk)) => chunk,
+                    _ => {
+                        let _ = tx
+                            .send(Err(Status::invalid_argument(
+                                "only the first message may be `start`; then send `chunk`s",
+                            )))
+                            .await;
+                        break;
+                    }
+                };
+                let tokens = match check_ids(&chunk.tokens, vocab) {
+                    Ok(t) => t,
+                    Err(status) => {
+                        let _ = tx.send(Err(status)).await;
+                        break;
+                    }
+                };
+                let end = chunk.end && !keep;
+                let op = Op::Step {
+                    model,
+                    name: name.clone(),
+                    tokens,
+                    start: false,
+                    end,
+                };
+                match engine.submit(worker, key, op, true) {
+                    Ok(rx) => {
+                        if order_tx.send(rx).await.is_err() {
+                            break;
+                        }
+                    }
+                    Err(e) => {
+                        let _ = tx.send(Err(submit_status(e))).await;
+                        break;
+                    }
+                }
+                if chunk.end {
+                    ended = end;
+                    break;
+                }
+            }
+            drop(order_tx);
+            let (last, tokens, clean) = writer.await.unwrap_or((None, 0, false));
+            if disconnected || tx.is_closed() {
+                engine.board.disconnects.fetch_add(1, Ordering::Relaxed);
+            }
+            // The session's state is freed when the stream ends, unless the client kept it.
+            let mut state_kept = keep;
+            if !ended
+                && !keep
+                && let Ok(rx) = engine.submit(worker, key, Op::End { name: name.clone() }, true)
+            {
+                let _ = answer(rx).await;
+                state_kept = false;
+            }
+            if clean && !disconnected {
+                let position = last.map_or(opened.position_after, |r| r.position_after);
+                let _ = tx
+                    .send(out(OutKind::Summary(pb::StreamSummary {
+                        session_id: name,
+                        tokens,
+                        position,
+                        state_kept,
+                    })))
+                    .await;
+            }
+        });
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+}
+
+pub fn model_info(engine: &Engine, index: usize) -> pb::ModelInfo {
+    let m = &engine.models[index];
+    pb::ModelInfo {
+        name: m.name.clone(),
+        family: m.model.family().into(),
+        inputs: vec![pb::TensorSpec {
+            name: "input_ids".into(),
+            datatype: "INT64".into(),
+            shape: vec![-1],
+        }],
+        outputs: vec![pb::TensorSpec {
+            name: "logits".into(),
+            datatype: "FP32".into(),
+            shape: vec![-1, m.width() as i64],
+        }],
+        state_bytes_per_session: m.state_bytes() as u64,
+        weight_bytes: m.weight_bytes() as u64,
+        vocab_size: m.vocab_size() as u64,
+    }
+}
+
+pub struct ModelsService {
+    pub engine: Arc<Engine>,
+}
+
+#[tonic::async_trait]
+impl pb::models_server::Models for ModelsService {
+    async fn list(
+        &self,
+        _request: Request<pb::ListModelsRequest>,
+    ) -> Result<Response<pb::ListModelsResponse>, Status> {
+        let models = (0..self.engine.models.len())
+            .map(|i| model_info(&self.engine, i))
+            .collect();
+        Ok(Response::new(pb::ListModelsResponse { models }))
+    }
+
+    async fn describe(
+        &self,
+        request: Request<pb::DescribeModelRequest>,
+    ) -> Result<Response<pb::ModelInfo>, Status> {
+        let name = request.into_inner().name;
+        let index = self
+            .engine
+            .model_index(&name)
+            .ok_or_else(|| Status::not_found(format!("unknown model {name:?}")))?;
+        Ok(Response::new(model_info(&self.engine, index as usize)))
+    }
+}
+
+pub struct AdminService {
+    pub engine: Arc<Engine>,
+}
+
+#[tonic::async_trait]
+impl pb::admin_server::Admin for AdminService {
+    async fn stats(
+        &self,
+        _request: Request<pb::StatsRequest>,
+    ) -> Result<Response<pb::StatsResponse>, Status> {
+        let board = &self.engine.board;
+        let snap = board.snapshot();
+        let threads = board.threads as u32;
+        Ok(Response::new(pb::StatsResponse {
+            processes: board.processes as u32,
+            workers: (board.processes * board.threads) as u32,
+            live_sessions: snap.live,
+            expired_sessions: snap.expired,
+            per_worker: snap
+                .per_worker
+                .iter()
+                .map(|&(worker, live, bytes)| pb::WorkerStats {
+                    worker,
+                    process: worker / threads,
+                    live_sessions: live,
+                    state_bytes: bytes,
+                })
+                .collect(),
+            per_model: snap
+                .per_model
+                .iter()
+                .enumerate()
+                .map(|(i, &live)| pb::ModelStats {
+                    name: board.model_names[i].clone(),
+                    live_sessions: live,
+                })
+                .collect(),
+            draining: self.engine.is_draining(),
+            tokens_processed: board.tokens.load(Ordering::Relaxed),
+        }))
+    }
+
+    async fn drain(
+        &self,
+        _request: Request<pb::DrainRequest>,
+    ) -> Result<Response<pb::DrainResponse>, Status> {
+        self.engine.drain();
+        Ok(Response::new(pb::DrainResponse {
+            live_sessions: self.engine.board.snapshot().live,
+        }))
+    }
+}

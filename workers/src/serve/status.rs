@@ -1,0 +1,50 @@
+//! Turning engine and dataflow errors into gRPC statuses (DESIGN.md, "gRPC status codes").
+
+use tonic::Status;
+
+use super::engine::SubmitError;
+use super::messages::OpError;
+
+pub fn submit_status(e: SubmitError) -> Status {
+    match e {
+        SubmitError::QueueFull { capacity } => Status::resource_exhausted(format!(
+            "the server's request queue is full ({capacity} waiting per worker); retry later or raise --queue-capacity"
+        )),
+        SubmitError::Draining => {
+            Status::unavailable("the server is draining: it accepts no new requests")
+        }
+        SubmitError::Stopped => Status::unavailable("the server is shutting down"),
+    }
+}
+
+/// `unknown_code` is what an unknown session maps to: FAILED_PRECONDITION on `tideway.v1`,
+/// INVALID_ARGUMENT on the inference protocol (as Triton answers).
+pub fn op_status(e: &OpError, unknown_code: tonic::Code) -> Status {
+    match e {
+        OpError::UnknownSession { name } => Status::new(
+            unknown_code,
+            format!(
+                "session {name:?} is not live: the first request of a session must start it (sequence_start / a stream's start)"
+            ),
+        ),
+        OpError::Expired {
+            name,
+            idle_limit_secs,
+            expired_unix_secs,
+        } => Status::new(
+            unknown_code,
+            format!(
+                "session {name:?} expired: it was idle for more than {idle_limit_secs} s and its state was freed at unix time {expired_unix_secs:.3}; start it again"
+            ),
+        ),
+        OpError::WrongModel { name } => {
+            Status::invalid_argument(format!("session {name:?} belongs to another model"))
+        }
+        OpError::Input(message) => Status::invalid_argument(message.clone()),
+    }
+}
+
+/// The message of a status, for `error_message` on inference streams.
+pub fn status_message(status: &Status) -> String {
+    format!("{:?}: {}", status.code(), status.message())
+}
