@@ -79,3 +79,102 @@ pub fn relative_error(got: &[f64], want: &[f64]) -> f64 {
 pub fn stderr(output: &Output) -> String {
     String::from_utf8_lossy(&output.stderr).into_owned()
 }
+
+/// A `tideway serve` process on a loopback port chosen at run time; killed when dropped.
+pub struct Server {
+    child: std::process::Child,
+    pub addr: String,
+    pub stderr_log: PathBuf,
+}
+
+impl Server {
+    pub fn start(args: &[&str]) -> Server {
+        Server::start_with(args, "127.0.0.1:0")
+    }
+
+    pub fn start_with(args: &[&str], listen: &str) -> Server {
+        let log = scratch_dir("serve").join("stderr.log");
+        let child = tideway()
+            .arg("serve")
+            .args(["--listen", listen])
+            .args(args)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::fs::File::create(&log).unwrap())
+            .spawn()
+            .unwrap();
+        let mut server = Server {
+            child,
+            addr: String::new(),
+            stderr_log: log,
+        };
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+        loop {
+            let text = std::fs::read_to_string(&server.stderr_log).unwrap_or_default();
+            if let Some(line) = text
+                .lines()
+                .find(|l| l.starts_with("tideway listening on "))
+            {
+                server.addr = line
+                    .trim_start_matches("tideway listening on ")
+                    .trim()
+                    .to_string();
+                return server;
+            }
+            if let Ok(Some(status)) = server.child.try_wait() {
+                panic!("tideway serve exited with {status}: {text}");
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "tideway serve did not start: {text}"
+            );
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+    }
+
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    pub fn stderr(&self) -> String {
+        std::fs::read_to_string(&self.stderr_log).unwrap_or_default()
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Deterministic pseudo-random values (xorshift), for token ids and chunk sizes.
+pub fn pseudo_random(count: usize, below: u64, seed: u64) -> Vec<u64> {
+    let mut s = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    (0..count)
+        .map(|_| {
+            s ^= s << 13;
+            s ^= s >> 7;
+            s ^= s << 17;
+            s % below
+        })
+        .collect()
+}
+
+/// `tideway run` logits for `tokens` on `model`.
+pub fn run_reference(model: &Path, tokens: &[u64]) -> Loaded {
+    let out = scratch_dir("reference").join("out.safetensors");
+    let list = tokens
+        .iter()
+        .map(u64::to_string)
+        .collect::<Vec<_>>()
+        .join(",");
+    let output = tideway()
+        .args(["run", "--model"])
+        .arg(model)
+        .args(["--tokens", &list, "--out"])
+        .arg(&out)
+        .output()
+        .unwrap();
+    assert!(output.status.success(), "{}", stderr(&output));
+    read_tensor(&out, "logits")
+}

@@ -259,8 +259,11 @@ fn run_worker(
         let out: StreamVec<'_, u64, SessionsOut> = requests.unary_frontier(
             Exchange::new(|r: &Request| r.session),
             "Sessions",
-            move |_capability, _info| {
+            move |capability, _info| {
                 let mut table = SessionTable::new(index, models, idle_limit);
+                // Held at the input frontier, so that expiry (which no request triggers) can
+                // still announce the sessions it frees.
+                let mut sweep_cap = Some(capability);
                 let mut stash: BTreeMap<u64, (Capability<u64>, Vec<Request>)> = BTreeMap::new();
                 let mut last_sweep = Instant::now();
                 move |(input, frontier), output| {
@@ -287,10 +290,6 @@ fn run_worker(
                         let count = requests.len();
                         let tokens_before = table.tokens_processed;
                         let responses = table.run_epoch(requests);
-                        if last_sweep.elapsed() >= Duration::from_millis(250) {
-                            table.expire_idle(Instant::now());
-                            last_sweep = Instant::now();
-                        }
                         table_board.record_epoch(
                             count,
                             started.elapsed(),
@@ -300,6 +299,24 @@ fn run_worker(
                         for r in responses {
                             session.give(SessionsOut::Response(r));
                         }
+                        for e in table.take_events() {
+                            session.give(SessionsOut::Event(e));
+                        }
+                    }
+                    match frontier.frontier().first() {
+                        Some(&now) => {
+                            if let Some(cap) = sweep_cap.as_mut() {
+                                cap.downgrade(&now);
+                            }
+                        }
+                        None => sweep_cap = None,
+                    }
+                    if last_sweep.elapsed() >= Duration::from_millis(250)
+                        && let Some(cap) = &sweep_cap
+                    {
+                        last_sweep = Instant::now();
+                        table.expire_idle(last_sweep);
+                        let mut session = output.session(cap);
                         for e in table.take_events() {
                             session.give(SessionsOut::Event(e));
                         }

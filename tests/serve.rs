@@ -1,0 +1,574 @@
+//! End-to-end tests of `tideway serve`: the real binary on loopback ports chosen at run time,
+//! driven through its gRPC APIs.
+
+mod common;
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use common::*;
+use tideway_proto::tideway::v1 as pb;
+use tokio::sync::mpsc;
+use tokio_stream::StreamExt;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::Code;
+
+fn model_dir() -> PathBuf {
+    fixtures_dir().join("mamba/hf_k4_sharded")
+}
+
+const MODEL: &str = "hf_k4_sharded";
+const VOCAB: u64 = 64;
+const WIDTH: usize = 64;
+
+fn start_msg(model: &str, resume: &str, keep: bool) -> pb::StreamRequest {
+    pb::StreamRequest {
+        kind: Some(pb::stream_request::Kind::Start(pb::StreamStart {
+            model: model.into(),
+            resume_session_id: resume.into(),
+            keep,
+        })),
+    }
+}
+
+fn chunk_msg(tokens: &[u64], end: bool) -> pb::StreamRequest {
+    pb::StreamRequest {
+        kind: Some(pb::stream_request::Kind::Chunk(pb::StreamChunk {
+            tokens: tokens.iter().map(|&t| t as i64).collect(),
+            end,
+        })),
+    }
+}
+
+fn f32s(bytes: &[u8]) -> Vec<f64> {
+    bytes
+        .chunks_exact(4)
+        .map(|b| f32::from_le_bytes(b.try_into().unwrap()) as f64)
+        .collect()
+}
+
+/// What one stream got back.
+struct StreamResult {
+    session_id: String,
+    logits: Vec<f64>,
+    positions: Vec<u64>,
+    summary: Option<pb::StreamSummary>,
+}
+
+/// Opens a stream, sends `chunks`, half-closes, and collects every response.
+async fn run_stream(url: &str, chunks: &[Vec<u64>]) -> Result<StreamResult, tonic::Status> {
+    let mut client = pb::streams_client::StreamsClient::connect(url.to_string())
+        .await
+        .unwrap();
+    let (tx, rx) = mpsc::channel(chunks.len() + 1);
+    tx.send(start_msg(MODEL, "", false)).await.unwrap();
+    for c in chunks {
+        tx.send(chunk_msg(c, false)).await.unwrap();
+    }
+    drop(tx);
+    let mut inbound = client.open(ReceiverStream::new(rx)).await?.into_inner();
+    let mut result = StreamResult {
+        session_id: String::new(),
+        logits: Vec::new(),
+        positions: Vec::new(),
+        summary: None,
+    };
+    while let Some(message) = inbound.next().await {
+        match message?.kind.unwrap() {
+            pb::stream_response::Kind::Opened(o) => result.session_id = o.session_id,
+            pb::stream_response::Kind::Output(o) => {
+                result.positions.push(o.position);
+                let t = &o.outputs[0];
+                assert_eq!(t.name, "logits");
+                assert_eq!(t.shape[1], WIDTH as i64);
+                result.logits.extend(f32s(&t.data));
+            }
+            pb::stream_response::Kind::Summary(s) => result.summary = Some(s),
+        }
+    }
+    Ok(result)
+}
+
+/// Splits `tokens` into chunks of 1..=max tokens.
+fn random_chunks(tokens: &[u64], max: u64, seed: u64) -> Vec<Vec<u64>> {
+    let sizes = pseudo_random(tokens.len(), max, seed);
+    let mut chunks = Vec::new();
+    let mut i = 0;
+    let mut k = 0;
+    while i < tokens.len() {
+        let n = (sizes[k] as usize + 1).min(tokens.len() - i);
+        chunks.push(tokens[i..i + n].to_vec());
+        i += n;
+        k += 1;
+    }
+    chunks
+}
+
+async fn stats(url: &str) -> pb::StatsResponse {
+    let mut admin = pb::admin_client::AdminClient::connect(url.to_string())
+        .await
+        .unwrap();
+    admin.stats(pb::StatsRequest {}).await.unwrap().into_inner()
+}
+
+/// Polls Admin.Stats until `check` holds (the control plane is eventually consistent: it
+/// updates when epochs close on every worker).
+async fn wait_for_stats(
+    url: &str,
+    what: &str,
+    check: impl Fn(&pb::StatsResponse) -> bool,
+) -> pb::StatsResponse {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let s = stats(url).await;
+        if check(&s) {
+            return s;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "{what}: stats stayed {s:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stream_in_random_chunks_gets_the_logits_of_run() {
+    let tokens = pseudo_random(300, VOCAB, 11);
+    let want = run_reference(&model_dir(), &tokens);
+    // One worker, and two workers exchanging records serialised as a cluster does.
+    for args in [vec![], vec!["--workers", "2", "--process-binary"]] {
+        let model = model_dir();
+        let mut all = vec!["--model", model.to_str().unwrap()];
+        all.extend(args.iter().copied());
+        let server = Server::start(&all);
+        let chunks = random_chunks(&tokens, 17, 5);
+        let got = run_stream(&server.url(), &chunks).await.unwrap();
+        let err = relative_error(&got.logits, &want.values);
+        assert!(err <= 1e-5, "{args:?}: relative error {err:.3e}");
+        let mut expect_pos = 0;
+        for (c, p) in chunks.iter().zip(&got.positions) {
+            assert_eq!(*p, expect_pos, "position of each chunk's first row");
+            expect_pos += c.len() as u64;
+        }
+        let summary = got.summary.expect("a summary ends the stream");
+        assert_eq!((summary.tokens, summary.position), (300, 300));
+        assert!(!summary.state_kept);
+        // The session was freed when the stream ended.
+        wait_for_stats(&server.url(), "session freed", |s| s.live_sessions == 0).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sixty_four_concurrent_streams_each_get_what_they_get_alone() {
+    let model = model_dir();
+    let server = Server::start(&["--model", model.to_str().unwrap(), "--workers", "2"]);
+    let url = server.url();
+    let inputs: Vec<Vec<u64>> = (0..64)
+        .map(|i| pseudo_random(20 + i % 13, VOCAB, 100 + i as u64))
+        .collect();
+    let mut alone = Vec::new();
+    for (i, tokens) in inputs.iter().take(8).enumerate() {
+        alone.push(
+            run_stream(&url, &random_chunks(tokens, 5, i as u64))
+                .await
+                .unwrap()
+                .logits,
+        );
+    }
+    let mut tasks = Vec::new();
+    for (i, tokens) in inputs.iter().enumerate() {
+        let url = url.clone();
+        let chunks = random_chunks(tokens, 4, 1000 + i as u64);
+        tasks.push(tokio::spawn(async move {
+            run_stream(&url, &chunks).await.unwrap()
+        }));
+    }
+    let mut results = Vec::new();
+    for t in tasks {
+        results.push(t.await.unwrap());
+    }
+    for (i, r) in results.iter().enumerate() {
+        assert_eq!(r.logits.len(), inputs[i].len() * WIDTH, "stream {i}");
+        if i < alone.len() {
+            let err = relative_error(&r.logits, &alone[i]);
+            assert!(err <= 1e-5, "stream {i}: {err:.3e}");
+        }
+    }
+    // The first streams alone versus `tideway run`: the interleaved ones equal them above.
+    let want = run_reference(&model_dir(), &inputs[3]);
+    assert!(relative_error(&alone[3], &want.values) <= 1e-5);
+    let ids: std::collections::HashSet<_> = results.iter().map(|r| r.session_id.clone()).collect();
+    assert_eq!(ids.len(), 64, "every stream is its own session");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn health_serves_and_reflection_lists_the_services() {
+    let model = model_dir();
+    let server = Server::start(&["--model", model.to_str().unwrap()]);
+    let channel = tonic::transport::Channel::from_shared(server.url())
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let mut health = tonic_health::pb::health_client::HealthClient::new(channel.clone());
+    for service in ["", "inference.GRPCInferenceService", "tideway.v1.Streams"] {
+        let status = health
+            .check(tonic_health::pb::HealthCheckRequest {
+                service: service.into(),
+            })
+            .await
+            .unwrap()
+            .into_inner()
+            .status;
+        assert_eq!(
+            status,
+            tonic_health::pb::health_check_response::ServingStatus::Serving as i32,
+            "{service:?}"
+        );
+    }
+    use tonic_reflection::pb::v1::{
+        ServerReflectionRequest, server_reflection_client::ServerReflectionClient,
+        server_reflection_request::MessageRequest, server_reflection_response::MessageResponse,
+    };
+    let mut reflection = ServerReflectionClient::new(channel);
+    let request = ServerReflectionRequest {
+        host: String::new(),
+        message_request: Some(MessageRequest::ListServices(String::new())),
+    };
+    let mut responses = reflection
+        .server_reflection_info(tokio_stream::iter(vec![request]))
+        .await
+        .unwrap()
+        .into_inner();
+    let response = responses.next().await.unwrap().unwrap();
+    let Some(MessageResponse::ListServicesResponse(list)) = response.message_response else {
+        panic!("unexpected reflection answer {response:?}");
+    };
+    let names: Vec<String> = list.service.into_iter().map(|s| s.name).collect();
+    for want in [
+        "inference.GRPCInferenceService",
+        "tideway.v1.Streams",
+        "tideway.v1.Models",
+        "tideway.v1.Admin",
+        "grpc.health.v1.Health",
+    ] {
+        assert!(
+            names.iter().any(|n| n == want),
+            "{want} missing from {names:?}"
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn errors_have_their_codes_and_say_what_is_allowed() {
+    let model = model_dir();
+    let server = Server::start(&["--model", model.to_str().unwrap()]);
+    let url = server.url();
+    let mut client = pb::streams_client::StreamsClient::connect(url.clone())
+        .await
+        .unwrap();
+    let open = |messages: Vec<pb::StreamRequest>| {
+        let mut client = client.clone();
+        async move {
+            let mut inbound = client
+                .open(tokio_stream::iter(messages))
+                .await?
+                .into_inner();
+            while let Some(m) = inbound.next().await {
+                m?;
+            }
+            Ok::<(), tonic::Status>(())
+        }
+    };
+    let e = open(vec![start_msg("nope", "", false)]).await.unwrap_err();
+    assert_eq!(e.code(), Code::NotFound);
+    assert!(
+        e.message().contains("unknown model \"nope\"") && e.message().contains(MODEL),
+        "{e:?}"
+    );
+
+    let e = open(vec![chunk_msg(&[1, 2], false)]).await.unwrap_err();
+    assert_eq!(e.code(), Code::FailedPrecondition, "{e:?}");
+    assert!(e.message().contains("must be `start`"), "{e:?}");
+
+    let e = open(vec![start_msg(MODEL, "no-such-session", false)])
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::NotFound, "{e:?}");
+    assert!(e.message().contains("no-such-session"), "{e:?}");
+
+    let e = open(vec![
+        start_msg(MODEL, "", false),
+        chunk_msg(&[1, VOCAB], false),
+    ])
+    .await
+    .unwrap_err();
+    assert_eq!(e.code(), Code::InvalidArgument, "{e:?}");
+    assert!(
+        e.message().contains("token id 64 at position 1") && e.message().contains("0..=63"),
+        "{e:?}"
+    );
+
+    // Draining: new streams are refused with UNAVAILABLE.
+    let mut admin = pb::admin_client::AdminClient::connect(url.clone())
+        .await
+        .unwrap();
+    admin.drain(pb::DrainRequest {}).await.unwrap();
+    let e = open(vec![start_msg(MODEL, "", false)]).await.unwrap_err();
+    assert_eq!(e.code(), Code::Unavailable, "{e:?}");
+    assert!(stats(&url).await.draining);
+    let _ = &mut client;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_queue_answers_resource_exhausted() {
+    let model = model_dir();
+    // One slot per worker and a slow tick: a burst overflows it.
+    let server = Server::start(&[
+        "--model",
+        model.to_str().unwrap(),
+        "--queue-capacity",
+        "1",
+        "--tick-ms",
+        "200",
+    ]);
+    let mut tasks = Vec::new();
+    for i in 0..16 {
+        let url = server.url();
+        tasks.push(tokio::spawn(async move {
+            run_stream(&url, &[vec![i % VOCAB]]).await
+        }));
+    }
+    let mut exhausted = 0;
+    for t in tasks {
+        match t.await.unwrap() {
+            Ok(r) => assert_eq!(r.logits.len(), WIDTH),
+            Err(e) => {
+                assert_eq!(e.code(), Code::ResourceExhausted, "{e:?}");
+                assert!(e.message().contains("queue is full"), "{e:?}");
+                exhausted += 1;
+            }
+        }
+    }
+    assert!(
+        exhausted > 0,
+        "16 streams at once into a queue of 1 must overflow"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kept_sessions_resume_and_disconnects_free_sessions() {
+    let model = model_dir();
+    let server = Server::start(&["--model", model.to_str().unwrap()]);
+    let url = server.url();
+    let tokens = pseudo_random(30, VOCAB, 77);
+    let want = run_reference(&model_dir(), &tokens);
+    let mut client = pb::streams_client::StreamsClient::connect(url.clone())
+        .await
+        .unwrap();
+
+    // Part one with keep, then resume by id for part two: the logits continue.
+    let first = vec![start_msg(MODEL, "", true), chunk_msg(&tokens[..12], false)];
+    let mut inbound = client
+        .open(tokio_stream::iter(first))
+        .await
+        .unwrap()
+        .into_inner();
+    let mut session = String::new();
+    let mut logits = Vec::new();
+    while let Some(m) = inbound.next().await {
+        match m.unwrap().kind.unwrap() {
+            pb::stream_response::Kind::Opened(o) => session = o.session_id,
+            pb::stream_response::Kind::Output(o) => logits.extend(f32s(&o.outputs[0].data)),
+            pb::stream_response::Kind::Summary(s) => assert!(s.state_kept),
+        }
+    }
+    wait_for_stats(&url, "kept session", |s| s.live_sessions == 1).await;
+    let second = vec![
+        start_msg(MODEL, &session, false),
+        chunk_msg(&tokens[12..], true),
+    ];
+    let mut inbound = client
+        .open(tokio_stream::iter(second))
+        .await
+        .unwrap()
+        .into_inner();
+    while let Some(m) = inbound.next().await {
+        match m.unwrap().kind.unwrap() {
+            pb::stream_response::Kind::Opened(o) => {
+                assert!(o.resumed);
+                assert_eq!(o.position, 12);
+            }
+            pb::stream_response::Kind::Output(o) => logits.extend(f32s(&o.outputs[0].data)),
+            pb::stream_response::Kind::Summary(s) => assert_eq!(s.position, 30),
+        }
+    }
+    assert!(relative_error(&logits, &want.values) <= 1e-5);
+    wait_for_stats(&url, "ended session", |s| s.live_sessions == 0).await;
+
+    // A client that goes away mid-stream: its session is freed.
+    let (tx, rx) = mpsc::channel(4);
+    tx.send(start_msg(MODEL, "", false)).await.unwrap();
+    tx.send(chunk_msg(&tokens[..5], false)).await.unwrap();
+    let mut inbound = client
+        .open(ReceiverStream::new(rx))
+        .await
+        .unwrap()
+        .into_inner();
+    inbound.next().await.unwrap().unwrap(); // opened
+    inbound.next().await.unwrap().unwrap(); // output
+    wait_for_stats(&url, "live stream", |s| s.live_sessions == 1).await;
+    drop(inbound);
+    drop(client);
+    drop(tx);
+    wait_for_stats(&url, "disconnect freed the session", |s| {
+        s.live_sessions == 0
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_sessions_expire_and_say_so() {
+    let model = model_dir();
+    let server = Server::start(&[
+        "--model",
+        model.to_str().unwrap(),
+        "--idle-timeout-s",
+        "0.3",
+    ]);
+    let url = server.url();
+    let mut client = pb::streams_client::StreamsClient::connect(url.clone())
+        .await
+        .unwrap();
+    let mut inbound = client
+        .open(tokio_stream::iter(vec![
+            start_msg(MODEL, "", true),
+            chunk_msg(&[1, 2, 3], false),
+        ]))
+        .await
+        .unwrap()
+        .into_inner();
+    let mut session = String::new();
+    while let Some(m) = inbound.next().await {
+        if let pb::stream_response::Kind::Opened(o) = m.unwrap().kind.unwrap() {
+            session = o.session_id;
+        }
+    }
+    let s = wait_for_stats(&url, "expiry", |s| s.expired_sessions == 1).await;
+    assert_eq!(s.live_sessions, 0);
+    let e = client
+        .open(tokio_stream::iter(vec![start_msg(MODEL, &session, false)]))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::NotFound);
+    assert!(
+        e.message().contains("expired") && e.message().contains("idle for more than 0.3 s"),
+        "{e:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_processes_form_one_cluster() {
+    // Two free loopback ports for timely's own transport.
+    let ports: Vec<u16> = (0..2)
+        .map(|_| {
+            std::net::TcpListener::bind("127.0.0.1:0")
+                .unwrap()
+                .local_addr()
+                .unwrap()
+                .port()
+        })
+        .collect();
+    let hosts = scratch_dir("cluster").join("hosts.txt");
+    std::fs::write(
+        &hosts,
+        format!("127.0.0.1:{}\n127.0.0.1:{}\n", ports[0], ports[1]),
+    )
+    .unwrap();
+    let model = model_dir();
+    let h = hosts.to_str().unwrap();
+    let m = model.to_str().unwrap();
+    // Process 1 first: process 0 dials it; each waits for the other before listening.
+    let p1 = std::thread::spawn({
+        let (h, m) = (h.to_string(), m.to_string());
+        move || {
+            Server::start(&[
+                "--model",
+                &m,
+                "--workers",
+                "2",
+                "--hosts",
+                &h,
+                "--process",
+                "1",
+            ])
+        }
+    });
+    let p0 = Server::start(&[
+        "--model",
+        m,
+        "--workers",
+        "2",
+        "--hosts",
+        h,
+        "--process",
+        "0",
+    ]);
+    let p1 = p1.join().unwrap();
+
+    let inputs: Vec<Vec<u64>> = (0..24)
+        .map(|i| pseudo_random(10 + i, VOCAB, 500 + i as u64))
+        .collect();
+    // Keep every session alive while looking at the stats: streams with keep.
+    let mut ids = Vec::new();
+    for (i, tokens) in inputs.iter().enumerate() {
+        let url = if i % 2 == 0 { p0.url() } else { p1.url() };
+        let mut client = pb::streams_client::StreamsClient::connect(url)
+            .await
+            .unwrap();
+        let mut inbound = client
+            .open(tokio_stream::iter(vec![
+                start_msg(MODEL, "", true),
+                chunk_msg(tokens, false),
+            ]))
+            .await
+            .unwrap()
+            .into_inner();
+        let mut logits = Vec::new();
+        while let Some(m) = inbound.next().await {
+            match m.unwrap().kind.unwrap() {
+                pb::stream_response::Kind::Opened(o) => ids.push(o.session_id),
+                pb::stream_response::Kind::Output(o) => logits.extend(f32s(&o.outputs[0].data)),
+                _ => {}
+            }
+        }
+        if i < 2 {
+            let want = run_reference(&model_dir(), tokens);
+            assert!(
+                relative_error(&logits, &want.values) <= 1e-5,
+                "stream {i} through process {}",
+                i % 2
+            );
+        } else {
+            assert_eq!(logits.len(), tokens.len() * WIDTH);
+        }
+    }
+    for url in [p0.url(), p1.url()] {
+        let s = wait_for_stats(&url, "cluster view", |s| s.live_sessions == 24).await;
+        assert_eq!((s.processes, s.workers), (2, 4));
+        let per_process: Vec<u64> = (0..2)
+            .map(|p| {
+                s.per_worker
+                    .iter()
+                    .filter(|w| w.process == p)
+                    .map(|w| w.live_sessions)
+                    .sum()
+            })
+            .collect();
+        assert!(
+            per_process.iter().all(|&n| n > 0),
+            "sessions land on both processes: {per_process:?}"
+        );
+    }
+}
