@@ -1,0 +1,35 @@
+#!/usr/bin/env bash
+# Runs every test: the Rust workspace (unit, fixture and end-to-end tests), then the Python
+# end-to-end tests with real clients (tritonclient[grpc]) against the built binary.
+# Installs what it needs: a Python venv under .venv-test (ignored by git).
+# Ends with one line: "all tests: N passed, M failed".
+set -euo pipefail
+cd "$(dirname "$0")/.."
+export CARGO_TERM_COLOR=never
+
+log="$(mktemp)"
+trap 'rm -f "$log"' EXIT
+
+# Python venv for the client tests.
+venv=.venv-test
+if [ ! -x "$venv/bin/python" ]; then
+    if ! python3 -m venv "$venv" 2>/dev/null; then
+        echo "python3 -m venv failed; installing python3-venv" >&2
+        apt-get update -qq && apt-get install -y -qq python3-venv python3-pip
+        python3 -m venv "$venv"
+    fi
+fi
+"$venv/bin/pip" install -q --disable-pip-version-check -r tests/python/requirements.txt
+
+status=0
+cargo test --workspace -j2 2>&1 | tee -a "$log" || status=$?
+if [ "$status" -eq 0 ]; then
+    TIDEWAY_BIN="$PWD/target/debug/tideway" "$venv/bin/python" -m pytest -q tests/python 2>&1 | tee -a "$log" || status=$?
+fi
+
+awk '
+  /^test result:/ { for (i = 1; i < NF; i++) { if ($(i+1) ~ /^passed/) p += $i; if ($(i+1) ~ /^failed/) f += $i } }
+  /^[0-9]+ (passed|failed)/ || / passed in | failed in / {
+      for (i = 1; i < NF; i++) { if ($(i+1) ~ /^passed/) p += $i; if ($(i+1) ~ /^failed/) f += $i } }
+  END { printf "all tests: %d passed, %d failed\n", p, f; if (p == 0) exit 1 }' "$log"
+exit "$status"
