@@ -48,6 +48,7 @@ fn f32s(bytes: &[u8]) -> Vec<f64> {
 }
 
 /// What one stream got back.
+#[derive(Debug)]
 struct StreamResult {
     session_id: String,
     logits: Vec<f64>,
@@ -571,4 +572,122 @@ async fn two_processes_form_one_cluster() {
             "sessions land on both processes: {per_process:?}"
         );
     }
+}
+
+async fn watch_job(url: &str, job_id: &str, cancel_after: Option<usize>) -> (Vec<pb::JobStatus>, Option<pb::JobResult>) {
+    let mut jobs = pb::jobs_client::JobsClient::connect(url.to_string()).await.unwrap();
+    let mut events = jobs
+        .watch(pb::JobRef { job_id: job_id.into() })
+        .await
+        .unwrap()
+        .into_inner();
+    let mut progress = Vec::new();
+    let mut result = None;
+    while let Some(event) = events.next().await {
+        match event.unwrap().kind.unwrap() {
+            pb::job_event::Kind::Progress(p) => {
+                progress.push(p);
+                if Some(progress.len()) == cancel_after {
+                    let s = jobs.cancel(pb::JobRef { job_id: job_id.into() }).await.unwrap().into_inner();
+                    assert_eq!(s.job_id, job_id);
+                }
+            }
+            pb::job_event::Kind::Result(r) => result = Some(r),
+        }
+    }
+    (progress, result)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn jobs_report_progress_end_with_the_result_of_run_and_cancel() {
+    let model = model_dir();
+    let server = Server::start(&["--model", model.to_str().unwrap()]);
+    let url = server.url();
+    let tokens = pseudo_random(300, VOCAB, 9);
+    let want = run_reference(&model_dir(), &tokens);
+    let mut jobs = pb::jobs_client::JobsClient::connect(url.clone()).await.unwrap();
+
+    // Inline submit.
+    let handle = jobs
+        .submit(pb::JobRequest {
+            model: MODEL.into(),
+            tokens: tokens.iter().map(|&t| t as i64).collect(),
+            chunk: 64,
+            outputs: pb::JobOutputs::All as i32,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(handle.total_tokens, 300);
+    let (progress, result) = watch_job(&url, &handle.job_id, None).await;
+    let done: Vec<u64> = progress.iter().map(|p| p.done_tokens).collect();
+    assert!(done.windows(2).all(|w| w[0] <= w[1]), "progress only grows: {done:?}");
+    let last = progress.last().unwrap();
+    assert_eq!((last.state, last.done_tokens), (pb::JobState::Succeeded as i32, 300));
+    let result = result.expect("a finished job ends with its result");
+    assert_eq!(result.logits.as_ref().unwrap().shape, vec![300, WIDTH as i64]);
+    let err = relative_error(&f32s(&result.logits.unwrap().data), &want.values);
+    assert!(err <= 1e-5, "job result vs run: {err:.3e}");
+
+    // Streamed upload, last row only.
+    let uploads = vec![
+        pb::JobUpload {
+            kind: Some(pb::job_upload::Kind::Header(pb::JobRequest {
+                model: MODEL.into(),
+                tokens: tokens[..100].iter().map(|&t| t as i64).collect(),
+                chunk: 0,
+                outputs: pb::JobOutputs::Last as i32,
+            })),
+        },
+        pb::JobUpload {
+            kind: Some(pb::job_upload::Kind::Tokens(pb::JobTokens {
+                tokens: tokens[100..].iter().map(|&t| t as i64).collect(),
+            })),
+        },
+    ];
+    let handle = jobs.submit_stream(tokio_stream::iter(uploads)).await.unwrap().into_inner();
+    let (_, result) = watch_job(&url, &handle.job_id, None).await;
+    let result = result.unwrap();
+    assert_eq!(result.first_position, 299);
+    let last_row = &want.values[299 * WIDTH..];
+    assert!(relative_error(&f32s(&result.logits.unwrap().data), last_row) <= 1e-5);
+
+    // A long job, cancelled after a few progress events.
+    let long = pseudo_random(40_000, VOCAB, 10);
+    let handle = jobs
+        .submit(pb::JobRequest {
+            model: MODEL.into(),
+            tokens: long.iter().map(|&t| t as i64).collect(),
+            chunk: 8,
+            outputs: pb::JobOutputs::Last as i32,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let (progress, result) = watch_job(&url, &handle.job_id, Some(3)).await;
+    assert!(result.is_none());
+    let last = progress.last().unwrap();
+    assert_eq!(last.state, pb::JobState::Cancelled as i32, "{last:?}");
+    assert!(last.done_tokens < 40_000);
+    let status = jobs.get(pb::JobRef { job_id: handle.job_id.clone() }).await.unwrap().into_inner();
+    assert_eq!(status.state, pb::JobState::Cancelled as i32);
+    wait_for_stats(&url, "cancelled job freed its state", |s| s.live_sessions == 0).await;
+
+    let e = jobs.get(pb::JobRef { job_id: "job-nope".into() }).await.unwrap_err();
+    assert_eq!(e.code(), Code::NotFound);
+    let e = jobs
+        .submit(pb::JobRequest { model: MODEL.into(), tokens: vec![], chunk: 0, outputs: 0 })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::InvalidArgument);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn messages_over_the_size_limit_are_refused() {
+    let model = model_dir();
+    let server = Server::start(&["--model", model.to_str().unwrap(), "--max-message-bytes", "4096"]);
+    let tokens: Vec<u64> = pseudo_random(6000, VOCAB, 4);
+    let e = run_stream(&server.url(), &[tokens]).await.unwrap_err();
+    assert_eq!(e.code(), Code::ResourceExhausted, "{e:?}");
+    assert!(e.message().contains("4096") && e.message().contains("--max-message-bytes"), "{e:?}");
 }

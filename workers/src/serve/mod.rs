@@ -4,6 +4,7 @@
 
 pub mod engine;
 pub mod inference;
+pub mod jobs;
 pub mod messages;
 pub mod native;
 pub mod sessions;
@@ -23,6 +24,7 @@ use tonic::codec::CompressionEncoding;
 use tideway_operators::models::load_model;
 use tideway_proto::inference::grpc_inference_service_server::GrpcInferenceServiceServer;
 use tideway_proto::tideway::v1::admin_server::AdminServer;
+use tideway_proto::tideway::v1::jobs_server::JobsServer;
 use tideway_proto::tideway::v1::models_server::ModelsServer;
 use tideway_proto::tideway::v1::streams_server::StreamsServer;
 
@@ -198,6 +200,7 @@ async fn serve_grpc(
     let models = ModelsServer::new(native::ModelsService {
         engine: engine.clone(),
     });
+    let jobs = limits!(JobsServer::new(jobs::JobsService::new(engine.clone())));
     let admin = AdminServer::new(native::AdminService {
         engine: engine.clone(),
     });
@@ -211,6 +214,7 @@ async fn serve_grpc(
         .add_service(inference)
         .add_service(streams)
         .add_service(models)
+        .add_service(jobs)
         .add_service(admin)
         .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown)
         .await

@@ -191,6 +191,15 @@ impl pb::streams_server::Streams for StreamsService {
                 let message = match inbound.message().await {
                     Ok(Some(m)) => m,
                     Ok(None) => break,
+                    Err(status) if status.code() == Code::OutOfRange => {
+                        // tonic's "message too large"; DESIGN.md answers limits with
+                        // RESOURCE_EXHAUSTED.
+                        let _ = tx.send(Err(Status::resource_exhausted(format!(
+                            "{} (raise the server's --max-message-bytes, or send smaller chunks)",
+                            status.message()
+                        )))).await;
+                        break;
+                    }
                     Err(_) => {
                         disconnected = true;
                         break;

@@ -1,0 +1,276 @@
+//! `tideway.v1.Jobs`: long sequences through the dataflow in the chunked form. A job is a
+//! session that the server drives itself: each chunk is one request (one epoch's batch, packed
+//! with whatever streams are running), and the answer to chunk i releases chunk i+1. Progress
+//! is published after every chunk; Cancel stops before the next one and frees the state.
+
+use std::collections::HashMap;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
+use tokio::sync::watch;
+use tokio_stream::Stream;
+use tonic::{Code, Request, Response, Status, Streaming};
+
+use tideway_proto::tideway::v1 as pb;
+
+use super::engine::Engine;
+use super::messages::{Op, session_key};
+use super::native::{answer, check_ids, tensor_f32};
+use super::status::{op_status, submit_status};
+
+const DEFAULT_CHUNK: usize = 256;
+/// Finished jobs kept for Get/Watch; the oldest go first.
+const FINISHED_KEPT: usize = 1024;
+
+struct Job {
+    status: watch::Receiver<pb::JobStatus>,
+    result: Arc<Mutex<Option<pb::JobResult>>>,
+    cancel: Arc<AtomicBool>,
+}
+
+pub struct JobsService {
+    engine: Arc<Engine>,
+    jobs: Arc<Mutex<HashMap<String, Job>>>,
+    order: Arc<Mutex<Vec<String>>>,
+}
+
+impl JobsService {
+    pub fn new(engine: Arc<Engine>) -> Self {
+        JobsService {
+            engine,
+            jobs: Arc::default(),
+            order: Arc::default(),
+        }
+    }
+
+    fn job<T>(&self, id: &str, f: impl FnOnce(&Job) -> T) -> Result<T, Status> {
+        let jobs = self.jobs.lock().unwrap();
+        let job = jobs
+            .get(id)
+            .ok_or_else(|| Status::not_found(format!("unknown job {id:?} (jobs live on the node that accepted them)")))?;
+        Ok(f(job))
+    }
+
+    fn start(&self, request: pb::JobRequest, tokens: Vec<i64>) -> Result<pb::JobHandle, Status> {
+        let engine = self.engine.clone();
+        if engine.is_draining() {
+            return Err(Status::unavailable("the server is draining: it accepts no new jobs"));
+        }
+        let model = engine.model_index(&request.model).ok_or_else(|| {
+            Status::not_found(format!("unknown model {:?}", request.model))
+        })?;
+        let tokens = check_ids(&tokens, engine.models[model as usize].vocab_size())?;
+        if tokens.is_empty() {
+            return Err(Status::invalid_argument("a job needs at least one token"));
+        }
+        static NEXT: AtomicU64 = AtomicU64::new(1);
+        let id = format!("job-{}-{}", std::process::id(), NEXT.fetch_add(1, Ordering::Relaxed));
+        let total = tokens.len() as u64;
+        let chunk = if request.chunk == 0 { DEFAULT_CHUNK } else { request.chunk as usize };
+        let last_only = request.outputs == pb::JobOutputs::Last as i32;
+        let initial = pb::JobStatus {
+            job_id: id.clone(),
+            state: pb::JobState::Running as i32,
+            done_tokens: 0,
+            total_tokens: total,
+            ..Default::default()
+        };
+        let (status_tx, status_rx) = watch::channel(initial.clone());
+        let result = Arc::new(Mutex::new(None));
+        let cancel = Arc::new(AtomicBool::new(false));
+        {
+            let mut jobs = self.jobs.lock().unwrap();
+            let mut order = self.order.lock().unwrap();
+            if order.len() >= FINISHED_KEPT {
+                let old = order.remove(0);
+                jobs.remove(&old);
+            }
+            order.push(id.clone());
+            jobs.insert(
+                id.clone(),
+                Job {
+                    status: status_rx,
+                    result: result.clone(),
+                    cancel: cancel.clone(),
+                },
+            );
+        }
+        let name = id.clone();
+        tokio::spawn(async move {
+            let key = session_key(model, &name);
+            let worker = engine.pick_worker();
+            let started = Instant::now();
+            let width = engine.models[model as usize].width();
+            let mut logits: Vec<f32> = Vec::new();
+            let mut first_position = 0u64;
+            let mut status = initial;
+            let chunks: Vec<&[u32]> = tokens.chunks(chunk).collect();
+            let count = chunks.len();
+            for (i, piece) in chunks.into_iter().enumerate() {
+                if cancel.load(Ordering::Relaxed) {
+                    if i > 0
+                        && let Ok(rx) = engine.submit(worker, key, Op::End { name: name.clone() }, true)
+                    {
+                        let _ = answer(rx).await;
+                    }
+                    status.state = pb::JobState::Cancelled as i32;
+                    break;
+                }
+                let op = Op::Step {
+                    model,
+                    name: name.clone(),
+                    tokens: piece.to_vec(),
+                    start: i == 0,
+                    end: i + 1 == count,
+                };
+                let reply = match engine.submit(worker, key, op, true) {
+                    Ok(rx) => answer(rx).await.and_then(|r| r.map_err(|e| op_status(&e, Code::FailedPrecondition))),
+                    Err(e) => Err(submit_status(e)),
+                };
+                match reply {
+                    Ok(reply) => {
+                        if last_only {
+                            let rows = reply.rows as usize;
+                            logits = reply.logits[(rows - 1) * width..].to_vec();
+                            first_position = reply.position_after - 1;
+                        } else {
+                            logits.extend_from_slice(&reply.logits);
+                        }
+                        status.done_tokens = reply.position_after;
+                    }
+                    Err(e) => {
+                        status.state = pb::JobState::Failed as i32;
+                        status.error = format!("{:?}: {}", e.code(), e.message());
+                        if i > 0
+                            && let Ok(rx) = engine.submit(worker, key, Op::End { name: name.clone() }, true)
+                        {
+                            let _ = answer(rx).await;
+                        }
+                        break;
+                    }
+                }
+                let secs = started.elapsed().as_secs_f64();
+                status.elapsed_s = secs;
+                status.tokens_per_s = status.done_tokens as f64 / secs.max(1e-9);
+                if status.done_tokens == status.total_tokens {
+                    status.state = pb::JobState::Succeeded as i32;
+                    let rows = logits.len() / width.max(1);
+                    *result.lock().unwrap() = Some(pb::JobResult {
+                        job_id: name.clone(),
+                        tokens: status.total_tokens,
+                        first_position,
+                        logits: Some(tensor_f32("logits", &[rows as i64, width as i64], &logits)),
+                    });
+                }
+                let _ = status_tx.send(status.clone());
+            }
+            status.elapsed_s = started.elapsed().as_secs_f64();
+            let _ = status_tx.send(status);
+        });
+        Ok(pb::JobHandle {
+            job_id: id,
+            total_tokens: total,
+        })
+    }
+}
+
+fn terminal(state: i32) -> bool {
+    state != pb::JobState::Running as i32 && state != pb::JobState::Unspecified as i32
+}
+
+type EventStream = Pin<Box<dyn Stream<Item = Result<pb::JobEvent, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl pb::jobs_server::Jobs for JobsService {
+    async fn submit(&self, request: Request<pb::JobRequest>) -> Result<Response<pb::JobHandle>, Status> {
+        let mut request = request.into_inner();
+        let tokens = std::mem::take(&mut request.tokens);
+        self.start(request, tokens).map(Response::new)
+    }
+
+    async fn submit_stream(
+        &self,
+        request: Request<Streaming<pb::JobUpload>>,
+    ) -> Result<Response<pb::JobHandle>, Status> {
+        let mut inbound = request.into_inner();
+        let mut header = None;
+        let mut tokens = Vec::new();
+        while let Some(upload) = inbound.message().await? {
+            match (upload.kind, &header) {
+                (Some(pb::job_upload::Kind::Header(mut h)), None) => {
+                    tokens.append(&mut h.tokens);
+                    header = Some(h);
+                }
+                (Some(pb::job_upload::Kind::Tokens(mut t)), Some(_)) => tokens.append(&mut t.tokens),
+                _ => {
+                    return Err(Status::invalid_argument(
+                        "a job upload is one `header` first, then `tokens` messages",
+                    ));
+                }
+            }
+        }
+        let header = header.ok_or_else(|| Status::invalid_argument("empty upload: send a `header` first"))?;
+        self.start(header, tokens).map(Response::new)
+    }
+
+    type WatchStream = EventStream;
+
+    async fn watch(&self, request: Request<pb::JobRef>) -> Result<Response<EventStream>, Status> {
+        let id = request.into_inner().job_id;
+        let (mut status, result) = self.job(&id, |j| (j.status.clone(), j.result.clone()))?;
+        let stream = async_stream(move |tx| async move {
+            loop {
+                let current = status.borrow_and_update().clone();
+                let done = terminal(current.state);
+                if tx.send(Ok(pb::JobEvent { kind: Some(pb::job_event::Kind::Progress(current.clone())) })).await.is_err() {
+                    return;
+                }
+                if done {
+                    let finished = result.lock().unwrap().clone();
+                    if current.state == pb::JobState::Succeeded as i32
+                        && let Some(r) = finished
+                    {
+                        let event = pb::JobEvent { kind: Some(pb::job_event::Kind::Result(r)) };
+                        let _ = tx.send(Ok(event)).await;
+                    }
+                    return;
+                }
+                if status.changed().await.is_err() {
+                    // The job task ended; its last status is in the channel.
+                    let last = status.borrow().clone();
+                    if !terminal(last.state) {
+                        return;
+                    }
+                }
+            }
+        });
+        Ok(Response::new(stream))
+    }
+
+    async fn cancel(&self, request: Request<pb::JobRef>) -> Result<Response<pb::JobStatus>, Status> {
+        let id = request.into_inner().job_id;
+        let status = self.job(&id, |j| {
+            j.cancel.store(true, Ordering::Relaxed);
+            j.status.borrow().clone()
+        })?;
+        Ok(Response::new(status))
+    }
+
+    async fn get(&self, request: Request<pb::JobRef>) -> Result<Response<pb::JobStatus>, Status> {
+        let id = request.into_inner().job_id;
+        self.job(&id, |j| j.status.borrow().clone()).map(Response::new)
+    }
+}
+
+/// A response stream fed by a task.
+fn async_stream<F, Fut>(body: F) -> EventStream
+where
+    F: FnOnce(tokio::sync::mpsc::Sender<Result<pb::JobEvent, Status>>) -> Fut,
+    Fut: std::future::Future<Output = ()> + Send + 'static,
+{
+    let (tx, rx) = tokio::sync::mpsc::channel(16);
+    tokio::spawn(body(tx));
+    Box::pin(tokio_stream::wrappers::ReceiverStream::new(rx))
+}
