@@ -574,10 +574,18 @@ async fn two_processes_form_one_cluster() {
     }
 }
 
-async fn watch_job(url: &str, job_id: &str, cancel_after: Option<usize>) -> (Vec<pb::JobStatus>, Option<pb::JobResult>) {
-    let mut jobs = pb::jobs_client::JobsClient::connect(url.to_string()).await.unwrap();
+async fn watch_job(
+    url: &str,
+    job_id: &str,
+    cancel_after: Option<usize>,
+) -> (Vec<pb::JobStatus>, Option<pb::JobResult>) {
+    let mut jobs = pb::jobs_client::JobsClient::connect(url.to_string())
+        .await
+        .unwrap();
     let mut events = jobs
-        .watch(pb::JobRef { job_id: job_id.into() })
+        .watch(pb::JobRef {
+            job_id: job_id.into(),
+        })
         .await
         .unwrap()
         .into_inner();
@@ -588,7 +596,13 @@ async fn watch_job(url: &str, job_id: &str, cancel_after: Option<usize>) -> (Vec
             pb::job_event::Kind::Progress(p) => {
                 progress.push(p);
                 if Some(progress.len()) == cancel_after {
-                    let s = jobs.cancel(pb::JobRef { job_id: job_id.into() }).await.unwrap().into_inner();
+                    let s = jobs
+                        .cancel(pb::JobRef {
+                            job_id: job_id.into(),
+                        })
+                        .await
+                        .unwrap()
+                        .into_inner();
                     assert_eq!(s.job_id, job_id);
                 }
             }
@@ -605,7 +619,9 @@ async fn jobs_report_progress_end_with_the_result_of_run_and_cancel() {
     let url = server.url();
     let tokens = pseudo_random(300, VOCAB, 9);
     let want = run_reference(&model_dir(), &tokens);
-    let mut jobs = pb::jobs_client::JobsClient::connect(url.clone()).await.unwrap();
+    let mut jobs = pb::jobs_client::JobsClient::connect(url.clone())
+        .await
+        .unwrap();
 
     // Inline submit.
     let handle = jobs
@@ -621,11 +637,20 @@ async fn jobs_report_progress_end_with_the_result_of_run_and_cancel() {
     assert_eq!(handle.total_tokens, 300);
     let (progress, result) = watch_job(&url, &handle.job_id, None).await;
     let done: Vec<u64> = progress.iter().map(|p| p.done_tokens).collect();
-    assert!(done.windows(2).all(|w| w[0] <= w[1]), "progress only grows: {done:?}");
+    assert!(
+        done.windows(2).all(|w| w[0] <= w[1]),
+        "progress only grows: {done:?}"
+    );
     let last = progress.last().unwrap();
-    assert_eq!((last.state, last.done_tokens), (pb::JobState::Succeeded as i32, 300));
+    assert_eq!(
+        (last.state, last.done_tokens),
+        (pb::JobState::Succeeded as i32, 300)
+    );
     let result = result.expect("a finished job ends with its result");
-    assert_eq!(result.logits.as_ref().unwrap().shape, vec![300, WIDTH as i64]);
+    assert_eq!(
+        result.logits.as_ref().unwrap().shape,
+        vec![300, WIDTH as i64]
+    );
     let err = relative_error(&f32s(&result.logits.unwrap().data), &want.values);
     assert!(err <= 1e-5, "job result vs run: {err:.3e}");
 
@@ -645,7 +670,11 @@ async fn jobs_report_progress_end_with_the_result_of_run_and_cancel() {
             })),
         },
     ];
-    let handle = jobs.submit_stream(tokio_stream::iter(uploads)).await.unwrap().into_inner();
+    let handle = jobs
+        .submit_stream(tokio_stream::iter(uploads))
+        .await
+        .unwrap()
+        .into_inner();
     let (_, result) = watch_job(&url, &handle.job_id, None).await;
     let result = result.unwrap();
     assert_eq!(result.first_position, 299);
@@ -669,14 +698,33 @@ async fn jobs_report_progress_end_with_the_result_of_run_and_cancel() {
     let last = progress.last().unwrap();
     assert_eq!(last.state, pb::JobState::Cancelled as i32, "{last:?}");
     assert!(last.done_tokens < 40_000);
-    let status = jobs.get(pb::JobRef { job_id: handle.job_id.clone() }).await.unwrap().into_inner();
+    let status = jobs
+        .get(pb::JobRef {
+            job_id: handle.job_id.clone(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
     assert_eq!(status.state, pb::JobState::Cancelled as i32);
-    wait_for_stats(&url, "cancelled job freed its state", |s| s.live_sessions == 0).await;
+    wait_for_stats(&url, "cancelled job freed its state", |s| {
+        s.live_sessions == 0
+    })
+    .await;
 
-    let e = jobs.get(pb::JobRef { job_id: "job-nope".into() }).await.unwrap_err();
+    let e = jobs
+        .get(pb::JobRef {
+            job_id: "job-nope".into(),
+        })
+        .await
+        .unwrap_err();
     assert_eq!(e.code(), Code::NotFound);
     let e = jobs
-        .submit(pb::JobRequest { model: MODEL.into(), tokens: vec![], chunk: 0, outputs: 0 })
+        .submit(pb::JobRequest {
+            model: MODEL.into(),
+            tokens: vec![],
+            chunk: 0,
+            outputs: 0,
+        })
         .await
         .unwrap_err();
     assert_eq!(e.code(), Code::InvalidArgument);
@@ -685,9 +733,138 @@ async fn jobs_report_progress_end_with_the_result_of_run_and_cancel() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn messages_over_the_size_limit_are_refused() {
     let model = model_dir();
-    let server = Server::start(&["--model", model.to_str().unwrap(), "--max-message-bytes", "4096"]);
+    let server = Server::start(&[
+        "--model",
+        model.to_str().unwrap(),
+        "--max-message-bytes",
+        "4096",
+    ]);
     let tokens: Vec<u64> = pseudo_random(6000, VOCAB, 4);
     let e = run_stream(&server.url(), &[tokens]).await.unwrap_err();
     assert_eq!(e.code(), Code::ResourceExhausted, "{e:?}");
-    assert!(e.message().contains("4096") && e.message().contains("--max-message-bytes"), "{e:?}");
+    assert!(
+        e.message().contains("4096") && e.message().contains("--max-message-bytes"),
+        "{e:?}"
+    );
+}
+
+/// GETs the Prometheus page.
+fn scrape(addr: &str) -> String {
+    use std::io::{Read, Write};
+    let mut conn = std::net::TcpStream::connect(addr).unwrap();
+    write!(conn, "GET /metrics HTTP/1.0\r\nHost: {addr}\r\n\r\n").unwrap();
+    let mut text = String::new();
+    conn.read_to_string(&mut text).unwrap();
+    assert!(
+        text.starts_with("HTTP/1.0 200") || text.starts_with("HTTP/1.1 200"),
+        "{text}"
+    );
+    text
+}
+
+fn metric(page: &str, line_start: &str) -> f64 {
+    page.lines()
+        .find(|l| l.starts_with(line_start))
+        .unwrap_or_else(|| panic!("no {line_start} in\n{page}"))
+        .rsplit(' ')
+        .next()
+        .unwrap()
+        .parse()
+        .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metrics_show_sessions_and_a_disconnect_freeing_one() {
+    let model = model_dir();
+    let server = Server::start(&[
+        "--model",
+        model.to_str().unwrap(),
+        "--metrics",
+        "127.0.0.1:0",
+    ]);
+    let metrics_addr = server
+        .stderr()
+        .lines()
+        .find_map(|l| {
+            l.strip_prefix("tideway metrics on http://")
+                .map(|a| a.trim_end_matches("/metrics").to_string())
+        })
+        .expect("the metrics address is printed");
+    let url = server.url();
+    // A connection whose socket the test can shut down under the client: a client that
+    // vanishes (crash, network loss) without ending its stream.
+    let tcp = std::net::TcpStream::connect(&server.addr).unwrap();
+    let cut = tcp.try_clone().unwrap();
+    tcp.set_nonblocking(true).unwrap();
+    let tcp = std::sync::Mutex::new(Some(tokio::net::TcpStream::from_std(tcp).unwrap()));
+    let channel = tonic::transport::Endpoint::from_shared(url.clone())
+        .unwrap()
+        .connect_with_connector(tower::service_fn(move |_: tonic::transport::Uri| {
+            let stream = tcp.lock().unwrap().take();
+            async move {
+                stream
+                    .map(hyper_util::rt::TokioIo::new)
+                    .ok_or_else(|| std::io::Error::other("one connection only"))
+            }
+        }))
+        .await
+        .unwrap();
+    let mut client = pb::streams_client::StreamsClient::new(channel);
+    let (tx, rx) = mpsc::channel(4);
+    tx.send(start_msg(MODEL, "", false)).await.unwrap();
+    tx.send(chunk_msg(&[1, 2, 3, 4], false)).await.unwrap();
+    let mut inbound = client
+        .open(ReceiverStream::new(rx))
+        .await
+        .unwrap()
+        .into_inner();
+    inbound.next().await.unwrap().unwrap();
+    inbound.next().await.unwrap().unwrap();
+    wait_for_stats(&url, "live", |s| s.live_sessions == 1).await;
+    let page = scrape(&metrics_addr);
+    assert_eq!(
+        metric(
+            &page,
+            &format!("tideway_live_sessions{{model=\"{MODEL}\"}}")
+        ),
+        1.0
+    );
+    assert_eq!(metric(&page, "tideway_state_bytes"), 15360.0);
+    assert!(metric(&page, "tideway_tokens_total") >= 4.0);
+    assert!(metric(&page, "tideway_step_latency_seconds_count") >= 1.0);
+    assert!(page.contains("# TYPE tideway_step_latency_seconds histogram"));
+
+    cut.shutdown(std::net::Shutdown::Both).unwrap();
+    wait_for_stats(&url, "freed", |s| s.live_sessions == 0).await;
+    let page = scrape(&metrics_addr);
+    assert_eq!(
+        metric(
+            &page,
+            &format!("tideway_live_sessions{{model=\"{MODEL}\"}}")
+        ),
+        0.0
+    );
+    assert_eq!(metric(&page, "tideway_disconnects_total"), 1.0);
+    drop((tx, inbound));
+
+    // Errors are counted by status code.
+    let mut client = pb::streams_client::StreamsClient::connect(url.clone())
+        .await
+        .unwrap();
+    let _ = client
+        .open(tokio_stream::iter(vec![chunk_msg(&[1], false)]))
+        .await;
+    let mut inference = tideway_proto::inference::grpc_inference_service_client::GrpcInferenceServiceClient::connect(url.clone()).await.unwrap();
+    let _ = inference
+        .model_infer(tideway_proto::inference::ModelInferRequest {
+            model_name: "nope".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    let page = scrape(&metrics_addr);
+    assert_eq!(
+        metric(&page, "tideway_errors_total{code=\"NotFound\"}"),
+        1.0
+    );
 }

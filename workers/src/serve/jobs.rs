@@ -47,28 +47,40 @@ impl JobsService {
 
     fn job<T>(&self, id: &str, f: impl FnOnce(&Job) -> T) -> Result<T, Status> {
         let jobs = self.jobs.lock().unwrap();
-        let job = jobs
-            .get(id)
-            .ok_or_else(|| Status::not_found(format!("unknown job {id:?} (jobs live on the node that accepted them)")))?;
+        let job = jobs.get(id).ok_or_else(|| {
+            Status::not_found(format!(
+                "unknown job {id:?} (jobs live on the node that accepted them)"
+            ))
+        })?;
         Ok(f(job))
     }
 
     fn start(&self, request: pb::JobRequest, tokens: Vec<i64>) -> Result<pb::JobHandle, Status> {
         let engine = self.engine.clone();
         if engine.is_draining() {
-            return Err(Status::unavailable("the server is draining: it accepts no new jobs"));
+            return Err(Status::unavailable(
+                "the server is draining: it accepts no new jobs",
+            ));
         }
-        let model = engine.model_index(&request.model).ok_or_else(|| {
-            Status::not_found(format!("unknown model {:?}", request.model))
-        })?;
+        let model = engine
+            .model_index(&request.model)
+            .ok_or_else(|| Status::not_found(format!("unknown model {:?}", request.model)))?;
         let tokens = check_ids(&tokens, engine.models[model as usize].vocab_size())?;
         if tokens.is_empty() {
             return Err(Status::invalid_argument("a job needs at least one token"));
         }
         static NEXT: AtomicU64 = AtomicU64::new(1);
-        let id = format!("job-{}-{}", std::process::id(), NEXT.fetch_add(1, Ordering::Relaxed));
+        let id = format!(
+            "job-{}-{}",
+            std::process::id(),
+            NEXT.fetch_add(1, Ordering::Relaxed)
+        );
         let total = tokens.len() as u64;
-        let chunk = if request.chunk == 0 { DEFAULT_CHUNK } else { request.chunk as usize };
+        let chunk = if request.chunk == 0 {
+            DEFAULT_CHUNK
+        } else {
+            request.chunk as usize
+        };
         let last_only = request.outputs == pb::JobOutputs::Last as i32;
         let initial = pb::JobStatus {
             job_id: id.clone(),
@@ -111,7 +123,8 @@ impl JobsService {
             for (i, piece) in chunks.into_iter().enumerate() {
                 if cancel.load(Ordering::Relaxed) {
                     if i > 0
-                        && let Ok(rx) = engine.submit(worker, key, Op::End { name: name.clone() }, true)
+                        && let Ok(rx) =
+                            engine.submit(worker, key, Op::End { name: name.clone() }, true)
                     {
                         let _ = answer(rx).await;
                     }
@@ -126,7 +139,9 @@ impl JobsService {
                     end: i + 1 == count,
                 };
                 let reply = match engine.submit(worker, key, op, true) {
-                    Ok(rx) => answer(rx).await.and_then(|r| r.map_err(|e| op_status(&e, Code::FailedPrecondition))),
+                    Ok(rx) => answer(rx)
+                        .await
+                        .and_then(|r| r.map_err(|e| op_status(&e, Code::FailedPrecondition))),
                     Err(e) => Err(submit_status(e)),
                 };
                 match reply {
@@ -144,7 +159,8 @@ impl JobsService {
                         status.state = pb::JobState::Failed as i32;
                         status.error = format!("{:?}: {}", e.code(), e.message());
                         if i > 0
-                            && let Ok(rx) = engine.submit(worker, key, Op::End { name: name.clone() }, true)
+                            && let Ok(rx) =
+                                engine.submit(worker, key, Op::End { name: name.clone() }, true)
                         {
                             let _ = answer(rx).await;
                         }
@@ -184,7 +200,10 @@ type EventStream = Pin<Box<dyn Stream<Item = Result<pb::JobEvent, Status>> + Sen
 
 #[tonic::async_trait]
 impl pb::jobs_server::Jobs for JobsService {
-    async fn submit(&self, request: Request<pb::JobRequest>) -> Result<Response<pb::JobHandle>, Status> {
+    async fn submit(
+        &self,
+        request: Request<pb::JobRequest>,
+    ) -> Result<Response<pb::JobHandle>, Status> {
         let mut request = request.into_inner();
         let tokens = std::mem::take(&mut request.tokens);
         self.start(request, tokens).map(Response::new)
@@ -203,7 +222,9 @@ impl pb::jobs_server::Jobs for JobsService {
                     tokens.append(&mut h.tokens);
                     header = Some(h);
                 }
-                (Some(pb::job_upload::Kind::Tokens(mut t)), Some(_)) => tokens.append(&mut t.tokens),
+                (Some(pb::job_upload::Kind::Tokens(mut t)), Some(_)) => {
+                    tokens.append(&mut t.tokens)
+                }
                 _ => {
                     return Err(Status::invalid_argument(
                         "a job upload is one `header` first, then `tokens` messages",
@@ -211,7 +232,8 @@ impl pb::jobs_server::Jobs for JobsService {
                 }
             }
         }
-        let header = header.ok_or_else(|| Status::invalid_argument("empty upload: send a `header` first"))?;
+        let header = header
+            .ok_or_else(|| Status::invalid_argument("empty upload: send a `header` first"))?;
         self.start(header, tokens).map(Response::new)
     }
 
@@ -224,7 +246,13 @@ impl pb::jobs_server::Jobs for JobsService {
             loop {
                 let current = status.borrow_and_update().clone();
                 let done = terminal(current.state);
-                if tx.send(Ok(pb::JobEvent { kind: Some(pb::job_event::Kind::Progress(current.clone())) })).await.is_err() {
+                if tx
+                    .send(Ok(pb::JobEvent {
+                        kind: Some(pb::job_event::Kind::Progress(current.clone())),
+                    }))
+                    .await
+                    .is_err()
+                {
                     return;
                 }
                 if done {
@@ -232,7 +260,9 @@ impl pb::jobs_server::Jobs for JobsService {
                     if current.state == pb::JobState::Succeeded as i32
                         && let Some(r) = finished
                     {
-                        let event = pb::JobEvent { kind: Some(pb::job_event::Kind::Result(r)) };
+                        let event = pb::JobEvent {
+                            kind: Some(pb::job_event::Kind::Result(r)),
+                        };
                         let _ = tx.send(Ok(event)).await;
                     }
                     return;
@@ -249,7 +279,10 @@ impl pb::jobs_server::Jobs for JobsService {
         Ok(Response::new(stream))
     }
 
-    async fn cancel(&self, request: Request<pb::JobRef>) -> Result<Response<pb::JobStatus>, Status> {
+    async fn cancel(
+        &self,
+        request: Request<pb::JobRef>,
+    ) -> Result<Response<pb::JobStatus>, Status> {
         let id = request.into_inner().job_id;
         let status = self.job(&id, |j| {
             j.cancel.store(true, Ordering::Relaxed);
@@ -260,7 +293,8 @@ impl pb::jobs_server::Jobs for JobsService {
 
     async fn get(&self, request: Request<pb::JobRef>) -> Result<Response<pb::JobStatus>, Status> {
         let id = request.into_inner().job_id;
-        self.job(&id, |j| j.status.borrow().clone()).map(Response::new)
+        self.job(&id, |j| j.status.borrow().clone())
+            .map(Response::new)
     }
 }
 

@@ -6,6 +6,7 @@ pub mod engine;
 pub mod inference;
 pub mod jobs;
 pub mod messages;
+pub mod metrics;
 pub mod native;
 pub mod sessions;
 pub mod stats;
@@ -58,6 +59,9 @@ pub struct ServeArgs {
     /// Requests waiting per worker before new ones are refused with RESOURCE_EXHAUSTED.
     #[arg(long, default_value_t = 4096)]
     queue_capacity: usize,
+    /// Serve Prometheus metrics on this address (path /metrics). Port 0 picks a free port.
+    #[arg(long)]
+    metrics: Option<String>,
     /// Largest gRPC message accepted or sent, in bytes.
     #[arg(long, default_value_t = 256 << 20)]
     max_message_bytes: usize,
@@ -124,7 +128,8 @@ pub fn serve(args: ServeArgs) -> Result<()> {
         }
         _ => (Vec::new(), 0),
     };
-    if !(args.tick_ms > 0.0) || !(args.idle_timeout_s > 0.0) {
+    let positive = |x: f64| x.is_finite() && x > 0.0;
+    if !positive(args.tick_ms) || !positive(args.idle_timeout_s) {
         bail!("--tick-ms and --idle-timeout-s must be positive");
     }
     let config = RuntimeConfig {
@@ -152,8 +157,23 @@ pub fn serve(args: ServeArgs) -> Result<()> {
         .block_on(tokio::net::TcpListener::bind(&args.listen))
         .with_context(|| format!("cannot listen on {}", args.listen))?;
     let local: SocketAddr = listener.local_addr()?;
+    let metrics_listener = match &args.metrics {
+        Some(addr) => Some(
+            runtime
+                .block_on(tokio::net::TcpListener::bind(addr))
+                .with_context(|| format!("cannot listen on --metrics {addr}"))?,
+        ),
+        None => None,
+    };
     let engine = Engine::start(models, config)
         .map_err(|e| anyhow::anyhow!("cannot start the workers: {e}"))?;
+    if let Some(listener) = metrics_listener {
+        eprintln!(
+            "tideway metrics on http://{}/metrics",
+            listener.local_addr()?
+        );
+        runtime.spawn(metrics::serve_metrics(engine.clone(), listener));
+    }
     eprintln!("tideway listening on {local}");
     let result = runtime.block_on(serve_grpc(engine.clone(), listener, args.max_message_bytes));
     engine.shutdown();

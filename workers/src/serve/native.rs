@@ -188,7 +188,16 @@ impl pb::streams_server::Streams for StreamsService {
             let mut ended = false;
             let mut disconnected = false;
             loop {
-                let message = match inbound.message().await {
+                // A client that goes away shows as a closed response channel (tonic drops it
+                // when the call is reset) or as an error on the inbound side.
+                let next = tokio::select! {
+                    next = inbound.message() => next,
+                    _ = tx.closed() => {
+                        disconnected = true;
+                        break;
+                    }
+                };
+                let message = match next {
                     Ok(Some(m)) => m,
                     Ok(None) => break,
                     Err(status) if status.code() == Code::OutOfRange => {
@@ -263,14 +272,15 @@ impl pb::streams_server::Streams for StreamsService {
             }
             if clean && !disconnected {
                 let position = last.map_or(opened.position_after, |r| r.position_after);
-                let _ = tx
-                    .send(out(OutKind::Summary(pb::StreamSummary {
-                        session_id: name,
-                        tokens,
-                        position,
-                        state_kept,
-                    })))
-                    .await;
+                let summary = out(OutKind::Summary(pb::StreamSummary {
+                    session_id: name,
+                    tokens,
+                    position,
+                    state_kept,
+                }));
+                if tx.send(summary).await.is_err() {
+                    engine.board.disconnects.fetch_add(1, Ordering::Relaxed);
+                }
             }
         });
         Ok(Response::new(Box::pin(ReceiverStream::new(rx))))

@@ -91,10 +91,6 @@ impl SessionTable {
         }
     }
 
-    pub fn live(&self) -> usize {
-        self.sessions.len()
-    }
-
     pub fn take_events(&mut self) -> Vec<SessionEvent> {
         std::mem::take(&mut self.events)
     }

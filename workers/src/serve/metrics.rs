@@ -1,0 +1,171 @@
+//! The Prometheus text endpoint (`--metrics ADDR`, path `/metrics`).
+//!
+//! Session counts are the control plane's cluster-wide view; queue depth, epochs, tokens,
+//! latency, errors and disconnects are this process's own.
+
+use std::fmt::Write;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+
+use axum::Router;
+use axum::routing::get;
+
+use super::engine::Engine;
+
+pub fn render(engine: &Engine) -> String {
+    let board = &engine.board;
+    let snap = board.snapshot();
+    let mut out = String::new();
+    let mut metric = |name: &str, kind: &str, help: &str| {
+        let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
+    };
+    metric(
+        "tideway_live_sessions",
+        "gauge",
+        "Sessions whose state lives, cluster-wide, by model.",
+    );
+    let mut text = String::new();
+    for (i, live) in snap.per_model.iter().enumerate() {
+        let _ = writeln!(
+            text,
+            "tideway_live_sessions{{model=\"{}\"}} {live}",
+            board.model_names[i]
+        );
+    }
+    out.push_str(&text);
+    let metric_out = |out: &mut String, name: &str, kind: &str, help: &str, lines: &[String]| {
+        let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
+        for l in lines {
+            let _ = writeln!(out, "{l}");
+        }
+    };
+    metric_out(
+        &mut out,
+        "tideway_worker_live_sessions",
+        "gauge",
+        "Live sessions by owning worker (global index) and process.",
+        &snap
+            .per_worker
+            .iter()
+            .map(|(w, live, _)| {
+                format!(
+                    "tideway_worker_live_sessions{{worker=\"{w}\",process=\"{}\"}} {live}",
+                    *w as usize / board.threads.max(1)
+                )
+            })
+            .collect::<Vec<_>>(),
+    );
+    metric_out(
+        &mut out,
+        "tideway_state_bytes",
+        "gauge",
+        "Bytes of recurrent state held for live sessions, cluster-wide.",
+        &[format!("tideway_state_bytes {}", snap.state_bytes)],
+    );
+    metric_out(
+        &mut out,
+        "tideway_expired_sessions_total",
+        "counter",
+        "Sessions freed after being idle longer than --idle-timeout-s, cluster-wide.",
+        &[format!("tideway_expired_sessions_total {}", snap.expired)],
+    );
+    metric_out(
+        &mut out,
+        "tideway_queue_depth",
+        "gauge",
+        "Requests waiting in this process's worker queues.",
+        &[format!("tideway_queue_depth {}", engine.queue_depth())],
+    );
+    metric_out(
+        &mut out,
+        "tideway_epochs_total",
+        "counter",
+        "Epochs that ran a batch on this process's workers.",
+        &[format!(
+            "tideway_epochs_total {}",
+            board.epochs.load(Ordering::Relaxed)
+        )],
+    );
+    metric_out(
+        &mut out,
+        "tideway_epoch_requests_total",
+        "counter",
+        "Requests run in those epochs (divided by tideway_epochs_total: the mean batch size).",
+        &[format!(
+            "tideway_epoch_requests_total {}",
+            board.epoch_requests.load(Ordering::Relaxed)
+        )],
+    );
+    metric_out(
+        &mut out,
+        "tideway_tokens_total",
+        "counter",
+        "Tokens run through the models on this process (rate(): tokens/s).",
+        &[format!(
+            "tideway_tokens_total {}",
+            board.tokens.load(Ordering::Relaxed)
+        )],
+    );
+    let (buckets, count, sum) = board.latency_histogram();
+    let mut lines: Vec<String> = buckets
+        .iter()
+        .map(|(le, c)| format!("tideway_step_latency_seconds_bucket{{le=\"{le}\"}} {c}"))
+        .collect();
+    lines.push(format!(
+        "tideway_step_latency_seconds_bucket{{le=\"+Inf\"}} {count}"
+    ));
+    lines.push(format!("tideway_step_latency_seconds_sum {sum}"));
+    lines.push(format!("tideway_step_latency_seconds_count {count}"));
+    metric_out(
+        &mut out,
+        "tideway_step_latency_seconds",
+        "histogram",
+        "Compute time of one epoch's batch on one worker.",
+        &lines,
+    );
+    let errors = board.errors.lock().unwrap().clone();
+    let mut error_lines: Vec<String> = errors
+        .iter()
+        .map(|(code, n)| format!("tideway_errors_total{{code=\"{code}\"}} {n}"))
+        .collect();
+    error_lines.sort();
+    metric_out(
+        &mut out,
+        "tideway_errors_total",
+        "counter",
+        "Requests answered with an error, by gRPC status code.",
+        &error_lines,
+    );
+    metric_out(
+        &mut out,
+        "tideway_disconnects_total",
+        "counter",
+        "Streams whose client went away before ending them (their sessions are freed).",
+        &[format!(
+            "tideway_disconnects_total {}",
+            board.disconnects.load(Ordering::Relaxed)
+        )],
+    );
+    metric_out(
+        &mut out,
+        "tideway_draining",
+        "gauge",
+        "1 while the server refuses new work.",
+        &[format!("tideway_draining {}", engine.is_draining() as u8)],
+    );
+    out
+}
+
+/// Serves `/metrics` until the process ends.
+pub async fn serve_metrics(engine: Arc<Engine>, listener: tokio::net::TcpListener) {
+    let app = Router::new().route(
+        "/metrics",
+        get(move || {
+            let engine = engine.clone();
+            async move { render(&engine) }
+        }),
+    );
+    if let Err(e) = axum::serve(listener, app).await {
+        tracing::error!("metrics endpoint failed: {e}");
+    }
+}
