@@ -10,10 +10,13 @@ use serde::Serialize;
 use tideway_operators::models::{MambaLm, MambaState, Model, load_model};
 
 #[derive(Args)]
+#[command(args_conflicts_with_subcommands = true)]
 pub struct BenchArgs {
+    #[command(subcommand)]
+    pub target: Option<BenchTarget>,
     /// Checkpoint directory (config.json + *.safetensors).
     #[arg(long)]
-    model: PathBuf,
+    model: Option<PathBuf>,
     /// Decode batch sizes (concurrent sessions), comma-separated.
     #[arg(long, value_delimiter = ',', default_value = "1,8,32")]
     batches: Vec<usize>,
@@ -73,7 +76,19 @@ fn token_ids(count: usize, vocab: usize, seed: u64) -> Vec<u32> {
         .collect()
 }
 
+#[derive(clap::Subcommand)]
+pub enum BenchTarget {
+    /// Load-test a running `tideway serve` through its gRPC API.
+    Serve(crate::bench_serve::ServeBenchArgs),
+}
+
 pub fn bench(args: BenchArgs, threads: usize) -> Result<()> {
+    if let Some(BenchTarget::Serve(serve_args)) = args.target {
+        return crate::bench_serve::bench_serve(serve_args);
+    }
+    let Some(model_dir) = args.model.clone() else {
+        bail!("--model DIR is required (or `tideway bench serve …` to load-test a server)");
+    };
     if args.batches.is_empty() || args.batches.contains(&0) {
         bail!("--batches takes positive batch sizes, e.g. 1,8,32");
     }
@@ -81,8 +96,8 @@ pub fn bench(args: BenchArgs, threads: usize) -> Result<()> {
         bail!("--prefill-tokens and --chunk must be at least 1");
     }
     let started = Instant::now();
-    let model = load_model(&args.model)
-        .with_context(|| format!("cannot load model from {}", args.model.display()))?;
+    let model = load_model(&model_dir)
+        .with_context(|| format!("cannot load model from {}", model_dir.display()))?;
     let load_s = started.elapsed().as_secs_f64();
     let Model::Mamba(lm) = &model;
     let min_time = Duration::from_secs_f64(args.seconds);
@@ -93,7 +108,7 @@ pub fn bench(args: BenchArgs, threads: usize) -> Result<()> {
     };
     say(format!(
         "model {} ({}), {threads} threads, weights {:.1} MiB, state {:.1} KiB/session, loaded in {load_s:.2}s",
-        args.model.display(),
+        model_dir.display(),
         model.family(),
         lm.weight_bytes() as f64 / (1 << 20) as f64,
         lm.state_bytes() as f64 / 1024.0
@@ -114,7 +129,7 @@ pub fn bench(args: BenchArgs, threads: usize) -> Result<()> {
         prefill.tokens, prefill.tokens_per_s, prefill.seconds, prefill.runs
     ));
     let report = BenchReport {
-        model: args.model.display().to_string(),
+        model: model_dir.display().to_string(),
         family: model.family(),
         threads,
         load_s,

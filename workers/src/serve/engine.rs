@@ -22,8 +22,8 @@ use timely::CommunicationConfig;
 use timely::dataflow::channels::pact::{Exchange, Pipeline};
 use timely::dataflow::operators::generic::Operator;
 use timely::dataflow::operators::vec::Broadcast;
-use timely::dataflow::operators::{Capability, Input, OkErr};
-use timely::dataflow::{InputHandleVec, StreamVec};
+use timely::dataflow::operators::{Capability, Input, OkErr, Probe};
+use timely::dataflow::{InputHandleVec, ProbeHandle, StreamVec};
 use tokio::sync::oneshot;
 
 use super::messages::{Op, Request, Response, SessionEvent, SessionKey};
@@ -48,10 +48,9 @@ pub struct RuntimeConfig {
     pub queue_capacity: usize,
 }
 
-enum WorkerMsg {
-    Request(Request),
-    Shutdown,
-}
+/// How far the model stage may lag behind a worker's input before admission pauses (also
+/// covers clock skew between the nodes of a cluster).
+const ADMISSION_SLACK: Duration = Duration::from_secs(2);
 
 /// Why a request could not be handed to the dataflow.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -66,7 +65,8 @@ pub struct Engine {
     pub models: Arc<Vec<ServedModel>>,
     pub config: RuntimeConfig,
     pub board: Arc<StatsBoard>,
-    senders: Vec<Sender<WorkerMsg>>,
+    senders: Vec<Sender<Request>>,
+    stop: Arc<AtomicBool>,
     threads: Arc<Mutex<Vec<Option<std::thread::Thread>>>>,
     pending: Arc<Mutex<HashMap<u64, oneshot::Sender<Response>>>>,
     first_worker: u32,
@@ -103,7 +103,7 @@ impl Engine {
             models.iter().map(|m| m.name.clone()).collect(),
         ));
         let (senders, receivers): (Vec<_>, Vec<_>) = (0..threads)
-            .map(|_| crossbeam_channel::bounded::<WorkerMsg>(config.queue_capacity))
+            .map(|_| crossbeam_channel::bounded::<Request>(config.queue_capacity))
             .unzip();
         let receivers = Arc::new(Mutex::new(
             receivers.into_iter().map(Some).collect::<Vec<_>>(),
@@ -116,6 +116,8 @@ impl Engine {
         let worker_pending = pending.clone();
         let worker_board = board.clone();
         let worker_config = config.clone();
+        let stop = Arc::new(AtomicBool::new(false));
+        let worker_stop = stop.clone();
         let guards = timely::execute(
             timely::Config {
                 communication,
@@ -136,6 +138,7 @@ impl Engine {
                     worker_board.clone(),
                     &worker_config,
                     local == 0,
+                    &worker_stop,
                 );
             },
         )?;
@@ -144,6 +147,7 @@ impl Engine {
             config,
             board,
             senders,
+            stop,
             threads: thread_slots,
             pending,
             first_worker,
@@ -196,7 +200,7 @@ impl Engine {
             session,
             op,
         };
-        match self.senders[worker].try_send(WorkerMsg::Request(request)) {
+        match self.senders[worker].try_send(request) {
             Ok(()) => {
                 if let Some(t) = &self.threads.lock().unwrap()[worker] {
                     t.unpark();
@@ -222,9 +226,7 @@ impl Engine {
 
     /// Stops the local workers and waits for them.
     pub fn shutdown(&self) {
-        for s in &self.senders {
-            let _ = s.send(WorkerMsg::Shutdown);
-        }
+        self.stop.store(true, Ordering::Relaxed);
         for t in self.threads.lock().unwrap().iter().flatten() {
             t.unpark();
         }
@@ -243,15 +245,17 @@ enum SessionsOut {
 
 fn run_worker(
     worker: &mut timely::worker::Worker,
-    rx: Receiver<WorkerMsg>,
+    rx: Receiver<Request>,
     models: Arc<Vec<ServedModel>>,
     pending: Arc<Mutex<HashMap<u64, oneshot::Sender<Response>>>>,
     board: Arc<StatsBoard>,
     config: &RuntimeConfig,
     reports_board: bool,
+    stop: &AtomicBool,
 ) {
     let index = worker.index() as u32;
     let mut input = InputHandleVec::<u64, Request>::new();
+    let probe = ProbeHandle::new();
     let idle_limit = config.idle_limit;
     let table_board = board.clone();
     worker.dataflow::<u64, _, _>(|scope| {
@@ -324,6 +328,7 @@ fn run_worker(
                 }
             },
         );
+        let out = out.probe_with(&probe);
         let (responses, events) = out.ok_err(|o| match o {
             SessionsOut::Response(r) => Ok(r),
             SessionsOut::Event(e) => Err(e),
@@ -396,22 +401,39 @@ fn run_worker(
         );
     });
 
+    // Epochs are wall-clock ticks, so that workers of every process (which start at
+    // different moments) keep their inputs at about the same time and the frontier moves
+    // with real time.
     let tick = config.tick;
-    let mut epoch = 0u64;
+    let tick_ns = tick.as_nanos().max(1);
+    let wall_epoch = || {
+        let ns = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos());
+        (ns / tick_ns) as u64
+    };
+    let slack = (ADMISSION_SLACK.as_nanos() / tick_ns).max(1) as u64;
+    let mut epoch = wall_epoch();
+    input.advance_to(epoch);
     let mut next_tick = Instant::now() + tick;
     'serve: loop {
-        loop {
+        // Flow control (timely has none): admit new requests only while the model stage is
+        // at most ADMISSION_SLACK behind this worker's input; otherwise they wait in the
+        // bounded queue, which refuses new ones when full.
+        let admit = !probe.less_than(&epoch.saturating_sub(slack));
+        while admit {
             match rx.try_recv() {
-                Ok(WorkerMsg::Request(r)) => input.send(r),
-                Ok(WorkerMsg::Shutdown) | Err(crossbeam_channel::TryRecvError::Disconnected) => {
-                    break 'serve;
-                }
+                Ok(r) => input.send(r),
+                Err(crossbeam_channel::TryRecvError::Disconnected) => break 'serve,
                 Err(crossbeam_channel::TryRecvError::Empty) => break,
             }
         }
+        if stop.load(Ordering::Relaxed) {
+            break 'serve;
+        }
         let now = Instant::now();
         if now >= next_tick {
-            epoch += 1;
+            epoch = wall_epoch().max(epoch + 1);
             input.advance_to(epoch);
             next_tick = now + tick;
         }

@@ -1,0 +1,250 @@
+//! `tideway bench serve`: a load generator for a running server. N concurrent streams each
+//! send a chunk of `--frame` tokens every 1/`--rate` seconds through `Streams.Open` (the real
+//! gRPC API), and every answer's latency (send → output) is recorded. Prints throughput and
+//! p50/p99 per-chunk latency for each N.
+
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+use clap::Args;
+use serde::Serialize;
+use tokio::sync::mpsc;
+use tokio_stream::StreamExt;
+use tokio_stream::wrappers::ReceiverStream;
+
+use tideway_proto::tideway::v1 as pb;
+
+#[derive(Args, Clone)]
+pub struct ServeBenchArgs {
+    /// The server's gRPC address.
+    #[arg(long, default_value = "127.0.0.1:50051")]
+    addr: String,
+    /// Model name on the server.
+    #[arg(long)]
+    model: String,
+    /// Concurrent stream counts to measure, comma-separated.
+    #[arg(long, value_delimiter = ',', default_value = "1,100,1000")]
+    streams: Vec<usize>,
+    /// Chunks per second per stream.
+    #[arg(long, default_value_t = 10.0)]
+    rate: f64,
+    /// Tokens per chunk.
+    #[arg(long, default_value_t = 1)]
+    frame: usize,
+    /// Seconds of load per stream count.
+    #[arg(long, default_value_t = 10.0)]
+    seconds: f64,
+    /// Streams per HTTP/2 connection.
+    #[arg(long, default_value_t = 100)]
+    streams_per_connection: usize,
+    /// Print one JSON object instead of a table.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Serialize, Default)]
+struct LoadResult {
+    streams: usize,
+    rate_per_stream: f64,
+    frame_tokens: usize,
+    seconds: f64,
+    chunks_sent: u64,
+    chunks_answered: u64,
+    errors: u64,
+    chunks_per_s: f64,
+    tokens_per_s: f64,
+    p50_ms: f64,
+    p99_ms: f64,
+    max_ms: f64,
+}
+
+pub fn bench_serve(args: ServeBenchArgs) -> Result<()> {
+    if args.streams.is_empty() || args.streams.contains(&0) || !(args.rate > 0.0) || args.frame == 0
+    {
+        bail!("--streams takes positive counts, --rate and --frame must be positive");
+    }
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("cannot start the async runtime")?;
+    runtime.block_on(async {
+        let url = format!("http://{}", args.addr);
+        let mut models = pb::models_client::ModelsClient::connect(url.clone())
+            .await
+            .with_context(|| format!("cannot connect to {}", args.addr))?;
+        let info = models
+            .describe(pb::DescribeModelRequest { name: args.model.clone() })
+            .await
+            .with_context(|| format!("model {:?} on {}", args.model, args.addr))?
+            .into_inner();
+        let mut results = Vec::new();
+        for &n in &args.streams {
+            let r = run_load(&url, &args, n, info.vocab_size.max(1)).await?;
+            if !args.json {
+                eprintln!(
+                    "{n:>5} streams: {:>9.1} chunks/s, {:>9.1} tokens/s, p50 {:>8.2} ms, p99 {:>8.2} ms, errors {}",
+                    r.chunks_per_s, r.tokens_per_s, r.p50_ms, r.p99_ms, r.errors
+                );
+            }
+            results.push(r);
+        }
+        if args.json {
+            println!("{}", serde_json::to_string_pretty(&results)?);
+        } else {
+            println!("| streams | rate/stream | tokens/chunk | chunks/s | tokens/s | p50 ms | p99 ms | max ms | errors |");
+            println!("|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
+            for r in &results {
+                println!(
+                    "| {} | {} | {} | {:.1} | {:.1} | {:.2} | {:.2} | {:.2} | {} |",
+                    r.streams, r.rate_per_stream, r.frame_tokens, r.chunks_per_s, r.tokens_per_s,
+                    r.p50_ms, r.p99_ms, r.max_ms, r.errors
+                );
+            }
+        }
+        Ok(())
+    })
+}
+
+async fn run_load(url: &str, args: &ServeBenchArgs, n: usize, vocab: u64) -> Result<LoadResult> {
+    let connections = n.div_ceil(args.streams_per_connection.max(1));
+    let mut channels = Vec::new();
+    for _ in 0..connections {
+        channels.push(
+            tonic::transport::Endpoint::from_shared(url.to_string())?
+                .connect()
+                .await
+                .with_context(|| format!("cannot connect to {url}"))?,
+        );
+    }
+    let duration = Duration::from_secs_f64(args.seconds);
+    let period = Duration::from_secs_f64(1.0 / args.rate);
+    let started = Instant::now();
+    let mut tasks = Vec::new();
+    for i in 0..n {
+        let channel = channels[i % connections].clone();
+        let model = args.model.clone();
+        let frame = args.frame;
+        // Streams start spread over one period, as independent feeds do.
+        let offset = period.mul_f64(i as f64 / n as f64);
+        tasks.push(tokio::spawn(async move {
+            run_stream(
+                channel, model, frame, vocab, period, offset, duration, i as u64,
+            )
+            .await
+        }));
+    }
+    let mut latencies = Vec::new();
+    let (mut sent, mut errors) = (0u64, 0u64);
+    for t in tasks {
+        let (lat, s, e) = t.await?;
+        latencies.extend(lat);
+        sent += s;
+        errors += e;
+    }
+    let elapsed = started.elapsed().as_secs_f64();
+    latencies.sort_by(f64::total_cmp);
+    let pick = |q: f64| {
+        if latencies.is_empty() {
+            f64::NAN
+        } else {
+            latencies[((latencies.len() - 1) as f64 * q).round() as usize] * 1e3
+        }
+    };
+    let answered = latencies.len() as u64;
+    Ok(LoadResult {
+        streams: n,
+        rate_per_stream: args.rate,
+        frame_tokens: args.frame,
+        seconds: elapsed,
+        chunks_sent: sent,
+        chunks_answered: answered,
+        errors,
+        chunks_per_s: answered as f64 / elapsed,
+        tokens_per_s: (answered * args.frame as u64) as f64 / elapsed,
+        p50_ms: pick(0.5),
+        p99_ms: pick(0.99),
+        max_ms: pick(1.0),
+    })
+}
+
+/// One stream: returns (latencies in seconds, chunks sent, errors).
+#[allow(clippy::too_many_arguments)]
+async fn run_stream(
+    channel: tonic::transport::Channel,
+    model: String,
+    frame: usize,
+    vocab: u64,
+    period: Duration,
+    offset: Duration,
+    duration: Duration,
+    seed: u64,
+) -> (Vec<f64>, u64, u64) {
+    let mut client = pb::streams_client::StreamsClient::new(channel);
+    let (tx, rx) = mpsc::channel(64);
+    let start = pb::StreamRequest {
+        kind: Some(pb::stream_request::Kind::Start(pb::StreamStart {
+            model,
+            resume_session_id: String::new(),
+            keep: false,
+        })),
+    };
+    if tx.send(start).await.is_err() {
+        return (Vec::new(), 0, 1);
+    }
+    let mut inbound = match client.open(ReceiverStream::new(rx)).await {
+        Ok(r) => r.into_inner(),
+        Err(_) => return (Vec::new(), 0, 1),
+    };
+    let (sent_tx, mut sent_rx) = mpsc::unbounded_channel::<Instant>();
+    let sender = tokio::spawn(async move {
+        tokio::time::sleep(offset).await;
+        let mut s = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+        let begin = Instant::now();
+        let mut ticker = tokio::time::interval(period);
+        ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut sent = 0u64;
+        while begin.elapsed() < duration {
+            ticker.tick().await;
+            let tokens = (0..frame)
+                .map(|_| {
+                    s ^= s << 13;
+                    s ^= s >> 7;
+                    s ^= s << 17;
+                    (s % vocab) as i64
+                })
+                .collect();
+            let chunk = pb::StreamRequest {
+                kind: Some(pb::stream_request::Kind::Chunk(pb::StreamChunk {
+                    tokens,
+                    end: false,
+                })),
+            };
+            let _ = sent_tx.send(Instant::now());
+            if tx.send(chunk).await.is_err() {
+                break;
+            }
+            sent += 1;
+        }
+        sent
+    });
+    let mut latencies = Vec::new();
+    let mut errors = 0;
+    while let Some(message) = inbound.next().await {
+        match message {
+            Ok(pb::StreamResponse {
+                kind: Some(pb::stream_response::Kind::Output(_)),
+            }) => {
+                if let Some(at) = sent_rx.recv().await {
+                    latencies.push(at.elapsed().as_secs_f64());
+                }
+            }
+            Ok(_) => {}
+            Err(_) => {
+                errors += 1;
+                break;
+            }
+        }
+    }
+    let sent = sender.await.unwrap_or(0);
+    (latencies, sent, errors)
+}
