@@ -59,7 +59,11 @@ struct LoadResult {
 }
 
 pub fn bench_serve(args: ServeBenchArgs) -> Result<()> {
-    if args.streams.is_empty() || args.streams.contains(&0) || !(args.rate > 0.0) || args.frame == 0
+    if args.streams.is_empty()
+        || args.streams.contains(&0)
+        || args.rate.is_nan()
+        || args.rate <= 0.0
+        || args.frame == 0
     {
         bail!("--streams takes positive counts, --rate and --frame must be positive");
     }

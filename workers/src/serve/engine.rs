@@ -133,12 +133,14 @@ impl Engine {
                 run_worker(
                     worker,
                     rx,
-                    worker_models.clone(),
-                    worker_pending.clone(),
-                    worker_board.clone(),
-                    &worker_config,
-                    local == 0,
-                    &worker_stop,
+                    WorkerContext {
+                        models: worker_models.clone(),
+                        pending: worker_pending.clone(),
+                        board: worker_board.clone(),
+                        config: worker_config.clone(),
+                        reports_board: local == 0,
+                        stop: worker_stop.clone(),
+                    },
                 );
             },
         )?;
@@ -243,16 +245,26 @@ enum SessionsOut {
     Event(SessionEvent),
 }
 
-fn run_worker(
-    worker: &mut timely::worker::Worker,
-    rx: Receiver<Request>,
+/// What one worker thread shares with the rest of its process.
+struct WorkerContext {
     models: Arc<Vec<ServedModel>>,
     pending: Arc<Mutex<HashMap<u64, oneshot::Sender<Response>>>>,
     board: Arc<StatsBoard>,
-    config: &RuntimeConfig,
+    config: RuntimeConfig,
+    /// The one worker per process that applies control-plane updates to the board.
     reports_board: bool,
-    stop: &AtomicBool,
-) {
+    stop: Arc<AtomicBool>,
+}
+
+fn run_worker(worker: &mut timely::worker::Worker, rx: Receiver<Request>, context: WorkerContext) {
+    let WorkerContext {
+        models,
+        pending,
+        board,
+        config,
+        reports_board,
+        stop,
+    } = context;
     let index = worker.index() as u32;
     let mut input = InputHandleVec::<u64, Request>::new();
     let probe = ProbeHandle::new();
@@ -420,12 +432,13 @@ fn run_worker(
         // Flow control (timely has none): admit new requests only while the model stage is
         // at most ADMISSION_SLACK behind this worker's input; otherwise they wait in the
         // bounded queue, which refuses new ones when full.
-        let admit = !probe.less_than(&epoch.saturating_sub(slack));
-        while admit {
-            match rx.try_recv() {
-                Ok(r) => input.send(r),
-                Err(crossbeam_channel::TryRecvError::Disconnected) => break 'serve,
-                Err(crossbeam_channel::TryRecvError::Empty) => break,
+        if !probe.less_than(&epoch.saturating_sub(slack)) {
+            loop {
+                match rx.try_recv() {
+                    Ok(r) => input.send(r),
+                    Err(crossbeam_channel::TryRecvError::Disconnected) => break 'serve,
+                    Err(crossbeam_channel::TryRecvError::Empty) => break,
+                }
             }
         }
         if stop.load(Ordering::Relaxed) {
