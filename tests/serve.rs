@@ -868,3 +868,70 @@ async fn metrics_show_sessions_and_a_disconnect_freeing_one() {
         1.0
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lost_peer_ends_streams_with_unavailable_not_a_hang() {
+    let ports: Vec<u16> = (0..2)
+        .map(|_| {
+            std::net::TcpListener::bind("127.0.0.1:0")
+                .unwrap()
+                .local_addr()
+                .unwrap()
+                .port()
+        })
+        .collect();
+    let hosts = scratch_dir("cluster-loss").join("hosts.txt");
+    std::fs::write(
+        &hosts,
+        format!("127.0.0.1:{}\n127.0.0.1:{}\n", ports[0], ports[1]),
+    )
+    .unwrap();
+    let model = model_dir();
+    let (h, m) = (
+        hosts.to_str().unwrap().to_string(),
+        model.to_str().unwrap().to_string(),
+    );
+    let p1 = std::thread::spawn({
+        let (h, m) = (h.clone(), m.clone());
+        move || Server::start(&["--model", &m, "--hosts", &h, "--process", "1"])
+    });
+    let p0 = Server::start(&["--model", &m, "--hosts", &h, "--process", "0"]);
+    let p1 = p1.join().unwrap();
+
+    let mut client = pb::streams_client::StreamsClient::connect(p0.url())
+        .await
+        .unwrap();
+    let (tx, rx) = mpsc::channel(4);
+    tx.send(start_msg(MODEL, "", false)).await.unwrap();
+    let mut inbound = client
+        .open(ReceiverStream::new(rx))
+        .await
+        .unwrap()
+        .into_inner();
+    inbound.next().await.unwrap().unwrap();
+    drop(p1); // kills process 1
+    let outcome = tokio::time::timeout(Duration::from_secs(20), async {
+        // Keep sending until the stream fails.
+        for i in 0..2000u64 {
+            if tx.send(chunk_msg(&[i % VOCAB], false)).await.is_err() {
+                break;
+            }
+            match tokio::time::timeout(Duration::from_millis(500), inbound.next()).await {
+                Ok(Some(Ok(_))) => {}
+                Ok(Some(Err(status))) => return Some(status),
+                Ok(None) => return None,
+                Err(_) => {}
+            }
+        }
+        None
+    })
+    .await
+    .expect("the stream must fail, not hang, when a peer is lost");
+    let status = outcome.expect("an error status");
+    assert_eq!(status.code(), Code::Unavailable, "{status:?}");
+    assert!(
+        status.message().contains("lost a peer") && status.message().contains("retry"),
+        "{status:?}"
+    );
+    drop(p0);
+}

@@ -60,6 +60,33 @@ pub enum SubmitError {
     Stopped,
 }
 
+type PendingMap = Arc<Mutex<HashMap<u64, oneshot::Sender<Response>>>>;
+
+/// This process's pending answers, for `fail_pending` (called from the panic hook).
+static PENDING: std::sync::OnceLock<
+    std::sync::Weak<Mutex<HashMap<u64, oneshot::Sender<Response>>>>,
+> = std::sync::OnceLock::new();
+static STOPPED: AtomicBool = AtomicBool::new(false);
+
+/// Answers every request still in flight with UNAVAILABLE and refuses new ones: the process
+/// is about to exit (a worker panicked, typically because a cluster peer was lost).
+pub fn fail_pending(reason: &str) {
+    STOPPED.store(true, Ordering::SeqCst);
+    let Some(pending) = PENDING.get().and_then(|w| w.upgrade()) else {
+        return;
+    };
+    // try_lock: the panic may have happened while this very lock was held.
+    if let Ok(mut pending) = pending.try_lock() {
+        for (id, tx) in pending.drain() {
+            let _ = tx.send(Response {
+                id,
+                origin: 0,
+                result: Err(super::messages::OpError::Unavailable(reason.to_string())),
+            });
+        }
+    }
+}
+
 /// The handle the gRPC services hold.
 pub struct Engine {
     pub models: Arc<Vec<ServedModel>>,
@@ -109,7 +136,8 @@ impl Engine {
             receivers.into_iter().map(Some).collect::<Vec<_>>(),
         ));
         let thread_slots = Arc::new(Mutex::new(vec![None; threads]));
-        let pending: Arc<Mutex<HashMap<u64, oneshot::Sender<Response>>>> = Arc::default();
+        let pending: PendingMap = Arc::default();
+        let _ = PENDING.set(Arc::downgrade(&pending));
 
         let worker_models = models.clone();
         let worker_slots = thread_slots.clone();
@@ -190,6 +218,9 @@ impl Engine {
         op: Op,
         allow_when_draining: bool,
     ) -> Result<oneshot::Receiver<Response>, SubmitError> {
+        if STOPPED.load(Ordering::Relaxed) {
+            return Err(SubmitError::Stopped);
+        }
         if self.is_draining() && !allow_when_draining {
             return Err(SubmitError::Draining);
         }

@@ -74,6 +74,8 @@ pub enum OpError {
     WrongModel { name: String },
     /// The model rejected the input (message from the model).
     Input(String),
+    /// The node cannot serve any more (a peer of the cluster was lost); retry elsewhere.
+    Unavailable(String),
 }
 
 /// A change to the set of live sessions, for the control plane.

@@ -142,10 +142,16 @@ pub fn serve(args: ServeArgs) -> Result<()> {
         queue_capacity: args.queue_capacity.max(1),
     };
 
-    // A worker that panics would leave its peers hung (timely cannot lose a worker): exit.
+    // A worker that panics would leave its peers hung (timely cannot lose a worker, and a
+    // lost peer makes the others panic): answer what is in flight with UNAVAILABLE, give the
+    // answers a moment to leave, and exit so that the cluster restarts as a whole.
     let default_hook = std::panic::take_hook();
     std::panic::set_hook(Box::new(move |info| {
         default_hook(info);
+        engine::fail_pending(
+            "this node lost a peer of its cluster (or a worker failed) and is restarting; retry",
+        );
+        std::thread::sleep(Duration::from_millis(300));
         std::process::exit(101);
     }));
 

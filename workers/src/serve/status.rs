@@ -13,7 +13,9 @@ pub fn submit_status(e: SubmitError) -> Status {
         SubmitError::Draining => {
             Status::unavailable("the server is draining: it accepts no new requests")
         }
-        SubmitError::Stopped => Status::unavailable("the server is shutting down"),
+        SubmitError::Stopped => Status::unavailable(
+            "this node is stopping (shut down, or it lost a peer of its cluster); retry",
+        ),
     }
 }
 
@@ -41,6 +43,7 @@ pub fn op_status(e: &OpError, unknown_code: tonic::Code) -> Status {
             Status::invalid_argument(format!("session {name:?} belongs to another model"))
         }
         OpError::Input(message) => Status::invalid_argument(message.clone()),
+        OpError::Unavailable(message) => Status::unavailable(message.clone()),
     }
 }
 
