@@ -60,12 +60,11 @@ pub enum SubmitError {
     Stopped,
 }
 
-type PendingMap = Arc<Mutex<HashMap<u64, oneshot::Sender<Response>>>>;
+type PendingInner = Mutex<HashMap<u64, oneshot::Sender<Response>>>;
+type PendingMap = Arc<PendingInner>;
 
 /// This process's pending answers, for `fail_pending` (called from the panic hook).
-static PENDING: std::sync::OnceLock<
-    std::sync::Weak<Mutex<HashMap<u64, oneshot::Sender<Response>>>>,
-> = std::sync::OnceLock::new();
+static PENDING: std::sync::OnceLock<std::sync::Weak<PendingInner>> = std::sync::OnceLock::new();
 static STOPPED: AtomicBool = AtomicBool::new(false);
 
 /// Answers every request still in flight with UNAVAILABLE and refuses new ones: the process
