@@ -137,8 +137,13 @@ async fn wait_for_stats(
 async fn a_stream_in_random_chunks_gets_the_logits_of_run() {
     let tokens = pseudo_random(300, VOCAB, 11);
     let want = run_reference(&model_dir(), &tokens);
-    // One worker, and two workers exchanging records serialised as a cluster does.
-    for args in [vec![], vec!["--workers", "2", "--process-binary"]] {
+    // One worker; two workers exchanging records serialised as a cluster does; a token budget
+    // that closes epochs early.
+    for args in [
+        vec![],
+        vec!["--workers", "2", "--process-binary"],
+        vec!["--epoch-tokens", "5", "--tick-ms", "50"],
+    ] {
         let model = model_dir();
         let mut all = vec!["--model", model.to_str().unwrap()];
         all.extend(args.iter().copied());
@@ -934,4 +939,100 @@ async fn a_lost_peer_ends_streams_with_unavailable_not_a_hang() {
         "{status:?}"
     );
     drop(p0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn inference_protocol_errors_say_what_is_allowed() {
+    use std::collections::HashMap;
+    use tideway_proto::inference as ipb;
+    let model = model_dir();
+    let server = Server::start(&["--model", model.to_str().unwrap()]);
+    let mut client =
+        ipb::grpc_inference_service_client::GrpcInferenceServiceClient::connect(server.url())
+            .await
+            .unwrap();
+    let request = |shape: Vec<i64>, datatype: &str, raw: Vec<u8>, outputs: Vec<&str>| {
+        ipb::ModelInferRequest {
+            model_name: MODEL.into(),
+            inputs: vec![ipb::model_infer_request::InferInputTensor {
+                name: "input_ids".into(),
+                datatype: datatype.into(),
+                shape,
+                parameters: HashMap::new(),
+                contents: None,
+            }],
+            outputs: outputs
+                .into_iter()
+                .map(|n| ipb::model_infer_request::InferRequestedOutputTensor {
+                    name: n.into(),
+                    parameters: HashMap::new(),
+                })
+                .collect(),
+            raw_input_contents: vec![raw],
+            ..Default::default()
+        }
+    };
+    let ids = |v: &[i64]| v.iter().flat_map(|x| x.to_le_bytes()).collect::<Vec<u8>>();
+    let cases = [
+        (
+            request(vec![2, 3], "INT64", ids(&[1; 6]), vec![]),
+            "allowed: [T] or [1, T]",
+        ),
+        (request(vec![3], "INT64", ids(&[1, 2]), vec![]), "needs 24"),
+        (
+            request(vec![2], "FP32", vec![0; 8], vec![]),
+            "allowed: \"INT64\", \"INT32\"",
+        ),
+        (
+            request(vec![2], "INT64", ids(&[1, 2]), vec!["probs"]),
+            "one output, \"logits\"",
+        ),
+        (
+            request(vec![2], "INT64", ids(&[1, -5]), vec![]),
+            "token id -5 at position 1",
+        ),
+    ];
+    for (req, needle) in cases {
+        let e = client.model_infer(req).await.unwrap_err();
+        assert_eq!(e.code(), Code::InvalidArgument, "{e:?}");
+        assert!(e.message().contains(needle), "{needle:?} not in {e:?}");
+    }
+    // Typed contents (not raw) are accepted too; the answer is raw.
+    let mut typed = request(vec![1, 3], "INT64", vec![], vec!["logits"]);
+    typed.raw_input_contents.clear();
+    typed.inputs[0].contents = Some(ipb::InferTensorContents {
+        int64_contents: vec![1, 2, 3],
+        ..Default::default()
+    });
+    typed.id = "typed-1".into();
+    let reply = client.model_infer(typed).await.unwrap().into_inner();
+    assert_eq!(reply.id, "typed-1");
+    assert_eq!(reply.outputs[0].shape, vec![3, WIDTH as i64]);
+    let want = run_reference(&model_dir(), &[1, 2, 3]);
+    assert!(relative_error(&f32s(&reply.raw_output_contents[0]), &want.values) <= 1e-5);
+    // A start on a live sequence replaces it.
+    let mut seq = |tokens: &[i64], start: bool| {
+        let mut r = request(vec![tokens.len() as i64], "INT64", ids(tokens), vec![]);
+        r.parameters.insert(
+            "sequence_id".into(),
+            ipb::InferParameter {
+                parameter_choice: Some(ipb::infer_parameter::ParameterChoice::Int64Param(9)),
+            },
+        );
+        r.parameters.insert(
+            "sequence_start".into(),
+            ipb::InferParameter {
+                parameter_choice: Some(ipb::infer_parameter::ParameterChoice::BoolParam(start)),
+            },
+        );
+        r
+    };
+    client.model_infer(seq(&[5, 6], true)).await.unwrap();
+    let again = client
+        .model_infer(seq(&[1, 2, 3], true))
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(relative_error(&f32s(&again.raw_output_contents[0]), &want.values) <= 1e-5);
+    let _ = &mut seq;
 }

@@ -42,6 +42,8 @@ pub struct RuntimeConfig {
     pub process_binary: bool,
     /// Epoch length.
     pub tick: Duration,
+    /// Close an epoch early once this many tokens entered it on a worker (0: no budget).
+    pub epoch_tokens: usize,
     /// Sessions idle for longer are freed.
     pub idle_limit: Duration,
     /// Requests waiting for each worker before the edge answers RESOURCE_EXHAUSTED.
@@ -396,10 +398,12 @@ fn run_worker(worker: &mut timely::worker::Worker, rx: Receiver<Request>, contex
             },
         );
 
-        // The control plane: live (and expired) sessions by worker and model, maintained
-        // incrementally by differential dataflow and broadcast so that every process sees
-        // the whole cluster.
-        let changes: StreamVec<'_, u64, (BoardKey, u64, isize)> =
+        // The control plane: the collection of live sessions (session, owner worker, model),
+        // maintained by differential dataflow from start / end / expiry events and counted by
+        // (worker, model) incrementally; expiries are a second, growing collection. The
+        // counts are broadcast so that every process sees the whole cluster.
+        type SessionRow = (u64, u32, u32, u64, u8);
+        let changes: StreamVec<'_, u64, (SessionRow, u64, isize)> =
             events.unary(Pipeline, "SessionChanges", |_cap, _info| {
                 move |input, output| {
                     input.for_each_stamp(
@@ -410,14 +414,12 @@ fn run_worker(worker: &mut timely::worker::Worker, rx: Receiver<Request>, contex
                             let mut session = output.session(&cap);
                             for batch in data {
                                 for e in batch.drain(..) {
-                                    let key: BoardKey = (e.worker, e.model, e.state_bytes, 0);
-                                    session.give((key, time, e.delta as isize));
+                                    let row = (e.session, e.worker, e.model, e.state_bytes, 0);
+                                    session.give((row, time, e.delta as isize));
                                     if e.expired {
-                                        session.give((
-                                            (e.worker, e.model, e.state_bytes, 1),
-                                            time,
-                                            1isize,
-                                        ));
+                                        let expired =
+                                            (e.session, e.worker, e.model, e.state_bytes, 1);
+                                        session.give((expired, time, 1isize));
                                     }
                                 }
                             }
@@ -425,7 +427,13 @@ fn run_worker(worker: &mut timely::worker::Worker, rx: Receiver<Request>, contex
                     );
                 }
             });
-        changes.as_collection().count().inner.broadcast().sink(
+        let by_worker_and_model =
+            changes
+                .as_collection()
+                .map(|(_session, worker, model, bytes, kind)| -> BoardKey {
+                    (worker, model, bytes, kind)
+                });
+        by_worker_and_model.count().inner.broadcast().sink(
             Pipeline,
             "StatsBoard",
             move |(input, _frontier)| {
@@ -458,6 +466,8 @@ fn run_worker(worker: &mut timely::worker::Worker, rx: Receiver<Request>, contex
     let mut epoch = wall_epoch();
     input.advance_to(epoch);
     let mut next_tick = Instant::now() + tick;
+    let budget = config.epoch_tokens;
+    let mut epoch_tokens = 0usize;
     'serve: loop {
         // Flow control (timely has none): admit new requests only while the model stage is
         // at most ADMISSION_SLACK behind this worker's input; otherwise they wait in the
@@ -465,7 +475,19 @@ fn run_worker(worker: &mut timely::worker::Worker, rx: Receiver<Request>, contex
         if !probe.less_than(&epoch.saturating_sub(slack)) {
             loop {
                 match rx.try_recv() {
-                    Ok(r) => input.send(r),
+                    Ok(r) => {
+                        if let Op::Step { tokens, .. } = &r.op {
+                            epoch_tokens += tokens.len();
+                        }
+                        input.send(r);
+                        if budget > 0 && epoch_tokens >= budget {
+                            // The token budget closes the epoch now.
+                            epoch = wall_epoch().max(epoch + 1);
+                            input.advance_to(epoch);
+                            next_tick = Instant::now() + tick;
+                            epoch_tokens = 0;
+                        }
+                    }
                     Err(crossbeam_channel::TryRecvError::Disconnected) => break 'serve,
                     Err(crossbeam_channel::TryRecvError::Empty) => break,
                 }
@@ -479,6 +501,7 @@ fn run_worker(worker: &mut timely::worker::Worker, rx: Receiver<Request>, contex
             epoch = wall_epoch().max(epoch + 1);
             input.advance_to(epoch);
             next_tick = now + tick;
+            epoch_tokens = 0;
         }
         worker.step_or_park(Some(next_tick.saturating_duration_since(Instant::now())));
     }

@@ -81,6 +81,7 @@ pub enum OpError {
 /// A change to the set of live sessions, for the control plane.
 #[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
 pub struct SessionEvent {
+    pub session: SessionKey,
     pub worker: u32,
     pub model: u32,
     pub state_bytes: u64,

@@ -52,6 +52,10 @@ pub struct ServeArgs {
     /// Epoch length in milliseconds: requests arriving within one epoch run as one batch.
     #[arg(long, default_value_t = 1.0)]
     tick_ms: f64,
+    /// Close an epoch early once this many tokens entered it on a worker (0: only the tick
+    /// closes epochs). Bounds the batch, and so the latency of one epoch, under bursts.
+    #[arg(long, default_value_t = 0)]
+    epoch_tokens: usize,
     /// Seconds a session may stay idle before its state is freed. Streaming feeds pause
     /// (a silent microphone, a sensor that reports on change), so the default is generous.
     #[arg(long, default_value_t = 300.0)]
@@ -138,6 +142,7 @@ pub fn serve(args: ServeArgs) -> Result<()> {
         hosts,
         process_binary: args.process_binary,
         tick: Duration::from_secs_f64(args.tick_ms / 1e3),
+        epoch_tokens: args.epoch_tokens,
         idle_limit: Duration::from_secs_f64(args.idle_timeout_s),
         queue_capacity: args.queue_capacity.max(1),
     };

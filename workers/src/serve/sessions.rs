@@ -95,9 +95,10 @@ impl SessionTable {
         std::mem::take(&mut self.events)
     }
 
-    fn event(&mut self, model: u32, delta: i64, expired: bool) {
+    fn event(&mut self, session: SessionKey, model: u32, delta: i64, expired: bool) {
         let state_bytes = self.models[model as usize].state_bytes() as u64;
         self.events.push(SessionEvent {
+            session,
             worker: self.worker,
             model,
             state_bytes,
@@ -108,7 +109,7 @@ impl SessionTable {
 
     fn remove(&mut self, key: SessionKey) -> Option<Session> {
         let session = self.sessions.remove(&key)?;
-        self.event(session.model, -1, false);
+        self.event(key, session.model, -1, false);
         Some(session)
     }
 
@@ -126,7 +127,7 @@ impl SessionTable {
             .map_or(0.0, |d| d.as_secs_f64());
         for key in stale {
             let session = self.sessions.remove(&key).expect("listed above");
-            self.event(session.model, -1, true);
+            self.event(key, session.model, -1, true);
             if self.expired_order.len() >= EXPIRED_MEMORY
                 && let Some(old) = self.expired_order.pop_front()
             {
@@ -215,7 +216,7 @@ impl SessionTable {
                         // A start on a live session ends the old one first.
                         self.remove(request.session);
                         self.expired.remove(&request.session);
-                        self.event(model, 1, false);
+                        self.event(request.session, model, 1, false);
                         Session {
                             name: name.clone(),
                             model,
@@ -316,7 +317,7 @@ impl SessionTable {
                 result,
             });
             if step.end {
-                self.event(step.session.model, -1, false);
+                self.event(step.key, step.session.model, -1, false);
             } else {
                 let session = Session {
                     last_used: now,
