@@ -27,6 +27,7 @@ fn start_msg(model: &str, resume: &str, keep: bool) -> pb::StreamRequest {
             model: model.into(),
             resume_session_id: resume.into(),
             keep,
+            outputs: Vec::new(),
         })),
     }
 }
@@ -36,6 +37,7 @@ fn chunk_msg(tokens: &[u64], end: bool) -> pb::StreamRequest {
         kind: Some(pb::stream_request::Kind::Chunk(pb::StreamChunk {
             tokens: tokens.iter().map(|&t| t as i64).collect(),
             end,
+            ..Default::default()
         })),
     }
 }
@@ -315,6 +317,30 @@ async fn errors_have_their_codes_and_say_what_is_allowed() {
         e.message().contains("token id 64 at position 1") && e.message().contains("0..=63"),
         "{e:?}"
     );
+
+    let mut bad_output = start_msg(MODEL, "", false);
+    if let Some(pb::stream_request::Kind::Start(s)) = bad_output.kind.as_mut() {
+        s.outputs = vec!["hidden".into()];
+    }
+    let e = open(vec![bad_output]).await.unwrap_err();
+    assert_eq!(e.code(), Code::InvalidArgument, "{e:?}");
+    assert!(
+        e.message().contains("unknown output \"hidden\"") && e.message().contains("\"logits\""),
+        "{e:?}"
+    );
+
+    let audio = pb::StreamRequest {
+        kind: Some(pb::stream_request::Kind::Chunk(pb::StreamChunk {
+            samples_f32: vec![0.0; 160],
+            sample_rate: 16000,
+            ..Default::default()
+        })),
+    };
+    let e = open(vec![start_msg(MODEL, "", false), audio])
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::InvalidArgument, "{e:?}");
+    assert!(e.message().contains("takes token ids"), "{e:?}");
 
     // Draining: new streams are refused with UNAVAILABLE.
     let mut admin = pb::admin_client::AdminClient::connect(url.clone())

@@ -190,6 +190,7 @@ async fn run_stream(
             model,
             resume_session_id: String::new(),
             keep: false,
+            outputs: Vec::new(),
         })),
     };
     if tx.send(start).await.is_err() {
@@ -220,7 +221,7 @@ async fn run_stream(
             let chunk = pb::StreamRequest {
                 kind: Some(pb::stream_request::Kind::Chunk(pb::StreamChunk {
                     tokens,
-                    end: false,
+                    ..Default::default()
                 })),
             };
             let _ = sent_tx.send(Instant::now());

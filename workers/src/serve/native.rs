@@ -109,6 +109,14 @@ impl pb::streams_server::Streams for StreamsService {
             ))
         })?;
         let vocab = engine.models[model as usize].vocab_size();
+        for wanted in &start.outputs {
+            if wanted != "logits" {
+                return Err(Status::invalid_argument(format!(
+                    "unknown output {wanted:?}; model {:?} has one output, \"logits\"",
+                    start.model
+                )));
+            }
+        }
         let worker = engine.pick_worker();
         let resumed = !start.resume_session_id.is_empty();
         let name = if resumed {
@@ -225,6 +233,18 @@ impl pb::streams_server::Streams for StreamsService {
                         break;
                     }
                 };
+                if !chunk.samples_f32.is_empty()
+                    || !chunk.samples_i16.is_empty()
+                    || !chunk.text.is_empty()
+                {
+                    let _ = tx
+                        .send(Err(Status::invalid_argument(format!(
+                            "model {:?} is a language model: it takes token ids (`tokens`), not audio samples or text",
+                            engine.models[model as usize].name
+                        ))))
+                        .await;
+                    break;
+                }
                 let tokens = match check_ids(&chunk.tokens, vocab) {
                     Ok(t) => t,
                     Err(status) => {
