@@ -85,6 +85,19 @@ pub fn softplus(x: f32) -> f32 {
     if x > 20.0 { x } else { ln_1p_fast(exp_fast(x)) }
 }
 
+/// `log σ(x) = -softplus(-x)`, stable for large |x| (PyTorch's `F.logsigmoid`).
+#[inline(always)]
+pub fn logsigmoid(x: f32) -> f32 {
+    // min(x, 0) - log1p(exp(-|x|))
+    x.min(0.0) - (-x.abs()).exp().ln_1p()
+}
+
+/// `σ(x)`.
+#[inline(always)]
+pub fn sigmoid(x: f32) -> f32 {
+    1.0 / (1.0 + (-x).exp())
+}
+
 /// Values per parallel task: below this a slice is done on the calling thread.
 const PARALLEL_CHUNK: usize = 16 * 1024;
 
@@ -140,6 +153,17 @@ mod tests {
         assert!(worst < 3e-7, "worst relative error {worst}");
         assert_eq!(exp_fast(0.0), 1.0);
         assert!(exp_fast(-1000.0) < 1e-37);
+    }
+
+    #[test]
+    fn logsigmoid_is_stable() {
+        for &x in &[-200.0f32, -30.0, -1.0, 0.0, 2.5, 40.0] {
+            let want = -((-(x as f64)).exp().ln_1p());
+            assert!(
+                (logsigmoid(x) as f64 - want).abs() <= 1e-6 * (1.0 + want.abs()),
+                "{x}"
+            );
+        }
     }
 
     #[test]

@@ -18,6 +18,23 @@ pub fn rms_norm(x: &[f32], d: usize, weight: &[f32], eps: f32, out: &mut [f32]) 
     }
 }
 
+/// fla's `FusedRMSNormGated` with the swish gate: `y = rms_norm(x)·w ⊙ g·σ(g)` per row of `d`
+/// (norm first, then gate; `fla/modules/fused_norm_gate.py`).
+pub fn rms_norm_gated(
+    x: &[f32],
+    gate: &[f32],
+    d: usize,
+    weight: &[f32],
+    eps: f32,
+    out: &mut [f32],
+) {
+    assert_eq!(x.len(), gate.len());
+    rms_norm(x, d, weight, eps, out);
+    for (o, &g) in out.iter_mut().zip(gate) {
+        *o *= g / (1.0 + (-g).exp());
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

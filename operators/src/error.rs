@@ -21,7 +21,7 @@ pub enum LoadError {
     #[error("{path}: malformed config.json: {reason}")]
     MalformedConfig { path: PathBuf, reason: String },
     #[error(
-        "{path}: unknown model_type {model_type:?}; supported: \"mamba\" (or a state-spaces Mamba config with d_model and n_layer)"
+        "{path}: unknown model_type {model_type:?}; supported: \"mamba\" (or a state-spaces Mamba config with d_model and n_layer), \"gla\""
     )]
     UnknownModelType { path: PathBuf, model_type: String },
     #[error("{path}: {reason}")]
@@ -53,6 +53,8 @@ pub enum InputError {
     },
     #[error("empty input: at least one token is needed")]
     Empty,
+    #[error("a session state of another model family was passed to this model")]
+    WrongState,
     #[error("{sessions} sessions but {tokens} tokens: a step takes one token per session")]
     BatchMismatch { sessions: usize, tokens: usize },
 }

@@ -9,6 +9,7 @@
 
 pub mod checkpoint;
 pub mod error;
+pub mod layers;
 pub mod mixers;
 pub mod models;
 

@@ -12,6 +12,7 @@ fn load(name: &str) -> MambaLm {
         .join(name);
     match load_model(&dir).unwrap_or_else(|e| panic!("{}: {e}", dir.display())) {
         Model::Mamba(lm) => lm,
+        _ => panic!("{} is not a Mamba checkpoint", dir.display()),
     }
 }
 

@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result, bail};
 use clap::Args;
 use serde::Serialize;
-use tideway_operators::models::{MambaLm, MambaState, Model, load_model};
+use tideway_operators::models::{Model, SessionState, load_model};
 
 #[derive(Args)]
 #[command(args_conflicts_with_subcommands = true)]
@@ -99,7 +99,7 @@ pub fn bench(args: BenchArgs, threads: usize) -> Result<()> {
     let model = load_model(&model_dir)
         .with_context(|| format!("cannot load model from {}", model_dir.display()))?;
     let load_s = started.elapsed().as_secs_f64();
-    let Model::Mamba(lm) = &model;
+    let lm = &model;
     let min_time = Duration::from_secs_f64(args.seconds);
     let say = |line: String| {
         if !args.json {
@@ -148,16 +148,16 @@ pub fn bench(args: BenchArgs, threads: usize) -> Result<()> {
 }
 
 /// `batch` sessions at different positions (prompts of 8..15 tokens), then timed steps.
-fn bench_decode(lm: &MambaLm, batch: usize, min_time: Duration) -> Result<DecodeResult> {
-    let vocab = lm.config.vocab_size;
-    let mut states: Vec<MambaState> = (0..batch).map(|_| lm.new_state()).collect();
+fn bench_decode(lm: &Model, batch: usize, min_time: Duration) -> Result<DecodeResult> {
+    let vocab = lm.vocab_size();
+    let mut states: Vec<SessionState> = (0..batch).map(|_| lm.new_state()).collect();
     let lens: Vec<usize> = (0..batch).map(|i| 8 + i % 8).collect();
     let prompt = token_ids(lens.iter().sum(), vocab, 1);
     {
-        let mut refs: Vec<&mut MambaState> = states.iter_mut().collect();
+        let mut refs: Vec<&mut SessionState> = states.iter_mut().collect();
         lm.forward_packed(&prompt, &lens, &mut refs)?;
     }
-    let mut refs: Vec<&mut MambaState> = states.iter_mut().collect();
+    let mut refs: Vec<&mut SessionState> = states.iter_mut().collect();
     let mut next = token_ids(batch, vocab, 2);
     for _ in 0..2 {
         lm.step(&next, &mut refs)?;
@@ -182,12 +182,12 @@ fn bench_decode(lm: &MambaLm, batch: usize, min_time: Duration) -> Result<Decode
 }
 
 fn bench_prefill(
-    lm: &MambaLm,
+    lm: &Model,
     tokens: usize,
     chunk: usize,
     min_time: Duration,
 ) -> Result<PrefillResult> {
-    let ids = token_ids(tokens, lm.config.vocab_size, 3);
+    let ids = token_ids(tokens, lm.vocab_size(), 3);
     lm.prefill_chunked(&ids[..tokens.min(32)], &mut lm.new_state(), chunk)?;
     let mut times = Vec::new();
     let start = Instant::now();

@@ -8,7 +8,7 @@ use clap::{Args, ValueEnum};
 use safetensors::tensor::{Dtype, TensorView};
 use tideway_kernels::Tensor;
 use tideway_operators::InputError;
-use tideway_operators::models::{MambaLm, Model, load_model};
+use tideway_operators::models::{Model, load_model};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
 pub enum Mode {
@@ -42,11 +42,10 @@ pub fn run(args: RunArgs) -> Result<()> {
     }
     let model = load_model(&args.model)
         .with_context(|| format!("cannot load model from {}", args.model.display()))?;
-    let Model::Mamba(lm) = &model;
-    let tokens = parse_tokens(&args.tokens, lm.config.vocab_size)?;
+    let tokens = parse_tokens(&args.tokens, model.vocab_size())?;
     let logits = match args.mode {
-        Mode::Chunked => run_chunked(lm, &tokens, args.chunk)?,
-        Mode::Recurrent => run_recurrent(lm, &tokens)?,
+        Mode::Chunked => run_chunked(&model, &tokens, args.chunk)?,
+        Mode::Recurrent => run_recurrent(&model, &tokens)?,
     };
     write_tensors(&args.out, &[("logits", &logits)])
         .with_context(|| format!("cannot write {}", args.out.display()))?;
@@ -109,16 +108,16 @@ impl Progress {
     }
 }
 
-fn run_chunked(lm: &MambaLm, tokens: &[u32], chunk: usize) -> Result<Tensor> {
+fn run_chunked(lm: &Model, tokens: &[u32], chunk: usize) -> Result<Tensor> {
     let mut state = lm.new_state();
     let mut progress = Progress::new(tokens.len());
     Ok(lm.prefill_chunked_with_progress(tokens, &mut state, chunk, |d, t| progress.update(d, t))?)
 }
 
-fn run_recurrent(lm: &MambaLm, tokens: &[u32]) -> Result<Tensor> {
+fn run_recurrent(lm: &Model, tokens: &[u32]) -> Result<Tensor> {
     let mut state = lm.new_state();
     let mut progress = Progress::new(tokens.len());
-    let mut logits = Tensor::zeros(&[0, lm.logits_width()]);
+    let mut logits = Tensor::zeros(&[0, lm.output_width()]);
     for (i, &token) in tokens.iter().enumerate() {
         let row = lm.step(&[token], &mut [&mut state])?;
         logits.append_rows(&row)?;

@@ -1,42 +1,197 @@
 //! Whole models, and [`load_model`], which reads a checkpoint directory's `config.json` and
-//! loads the model it describes.
+//! loads the model it describes. [`Model`] and [`SessionState`] give the serving and command
+//! layers one interface over every family.
 
 pub mod config;
+pub mod fla;
 pub mod mamba;
 
 use std::path::Path;
 
+use tideway_kernels::Tensor;
+
 use crate::checkpoint::Checkpoint;
-use crate::error::LoadError;
+use crate::error::{InputError, LoadError};
 use config::ConfigJson;
 
+pub use fla::{FlaConfig, FlaLm, FlaState};
 pub use mamba::{MambaConfig, MambaLm, MambaState};
+
+/// The fla model types Tideway loads.
+const FLA_TYPES: [&str; 1] = ["gla"];
 
 /// A loaded model of any supported family.
 pub enum Model {
     Mamba(MambaLm),
+    Fla(FlaLm),
+}
+
+/// One session's recurrent state, for the model family that made it.
+#[derive(Debug, Clone, PartialEq)]
+pub enum SessionState {
+    Mamba(MambaState),
+    Fla(FlaState),
+}
+
+impl SessionState {
+    /// Tokens consumed so far.
+    pub fn position(&self) -> usize {
+        match self {
+            SessionState::Mamba(s) => s.position,
+            SessionState::Fla(s) => s.position,
+        }
+    }
 }
 
 impl Model {
+    pub fn family(&self) -> &'static str {
+        match self {
+            Model::Mamba(_) => "mamba",
+            Model::Fla(m) => match m.config.model_type.as_str() {
+                "gla" => "gla",
+                _ => "fla",
+            },
+        }
+    }
+
+    /// Ids accepted as input: `0..vocab_size`.
+    pub fn vocab_size(&self) -> usize {
+        match self {
+            Model::Mamba(m) => m.config.vocab_size,
+            Model::Fla(m) => m.config.vocab_size,
+        }
+    }
+
     /// Width of the output rows (`logits` columns).
     pub fn output_width(&self) -> usize {
         match self {
             Model::Mamba(m) => m.logits_width(),
+            Model::Fla(m) => m.logits_width(),
         }
     }
 
-    pub fn family(&self) -> &'static str {
+    pub fn new_state(&self) -> SessionState {
         match self {
-            Model::Mamba(_) => "mamba",
+            Model::Mamba(m) => SessionState::Mamba(m.new_state()),
+            Model::Fla(m) => SessionState::Fla(m.new_state()),
         }
+    }
+
+    /// Bytes of one session's state.
+    pub fn state_bytes(&self) -> usize {
+        match self {
+            Model::Mamba(m) => m.state_bytes(),
+            Model::Fla(m) => m.state_bytes(),
+        }
+    }
+
+    pub fn weight_bytes(&self) -> usize {
+        match self {
+            Model::Mamba(m) => m.weight_bytes(),
+            Model::Fla(m) => m.weight_bytes(),
+        }
+    }
+
+    pub fn check_tokens(&self, tokens: &[u32], offset: usize) -> Result<(), InputError> {
+        match self {
+            Model::Mamba(m) => m.check_tokens(tokens, offset),
+            Model::Fla(m) => m.check_tokens(tokens, offset),
+        }
+    }
+
+    /// The packed batch: session `i` takes the next `lens[i]` tokens and continues from
+    /// `states[i]`; returns logits for every row.
+    pub fn forward_packed(
+        &self,
+        tokens: &[u32],
+        lens: &[usize],
+        states: &mut [&mut SessionState],
+    ) -> Result<Tensor, InputError> {
+        match self {
+            Model::Mamba(m) => {
+                let mut inner = states
+                    .iter_mut()
+                    .map(|s| match &mut **s {
+                        SessionState::Mamba(x) => Ok(x),
+                        _ => Err(InputError::WrongState),
+                    })
+                    .collect::<Result<Vec<_>, _>>()?;
+                m.forward_packed(tokens, lens, &mut inner)
+            }
+            Model::Fla(m) => {
+                let mut inner = states
+                    .iter_mut()
+                    .map(|s| match &mut **s {
+                        SessionState::Fla(x) => Ok(x),
+                        _ => Err(InputError::WrongState),
+                    })
+                    .collect::<Result<Vec<_>, _>>()?;
+                m.forward_packed(tokens, lens, &mut inner)
+            }
+        }
+    }
+
+    /// The recurrent form: one token for each session.
+    pub fn step(
+        &self,
+        tokens: &[u32],
+        states: &mut [&mut SessionState],
+    ) -> Result<Tensor, InputError> {
+        if tokens.len() != states.len() {
+            return Err(InputError::BatchMismatch {
+                sessions: states.len(),
+                tokens: tokens.len(),
+            });
+        }
+        self.forward_packed(tokens, &vec![1; tokens.len()], states)
+    }
+
+    /// The chunked (prefill) form over a whole sequence in chunks of `chunk_len`;
+    /// `on_chunk(done, total)` after each chunk.
+    pub fn prefill_chunked_with_progress(
+        &self,
+        tokens: &[u32],
+        state: &mut SessionState,
+        chunk_len: usize,
+        mut on_chunk: impl FnMut(usize, usize),
+    ) -> Result<Tensor, InputError> {
+        if tokens.is_empty() {
+            return Err(InputError::Empty);
+        }
+        self.check_tokens(tokens, 0)?;
+        let width = self.output_width();
+        let mut logits = Tensor::zeros(&[tokens.len(), width]);
+        let mut done = 0;
+        for chunk in tokens.chunks(chunk_len.max(1)) {
+            let part = self.forward_packed(chunk, &[chunk.len()], &mut [&mut *state])?;
+            logits.data_mut()[done * width..(done + chunk.len()) * width]
+                .copy_from_slice(part.data());
+            done += chunk.len();
+            on_chunk(done, tokens.len());
+        }
+        Ok(logits)
+    }
+
+    pub fn prefill_chunked(
+        &self,
+        tokens: &[u32],
+        state: &mut SessionState,
+        chunk_len: usize,
+    ) -> Result<Tensor, InputError> {
+        self.prefill_chunked_with_progress(tokens, state, chunk_len, |_, _| {})
     }
 }
 
 /// Loads the model in `dir` (`config.json` + `*.safetensors`).
 pub fn load_model(dir: &Path) -> Result<Model, LoadError> {
     let config = ConfigJson::read(dir)?;
-    let family = match config.model_type()? {
-        Some("mamba") => "mamba",
+    match config.model_type()? {
+        Some("mamba") => {}
+        Some(t) if FLA_TYPES.contains(&t) => {
+            let fla = FlaConfig::from_config(&config)?;
+            let checkpoint = Checkpoint::open(dir)?;
+            return Ok(Model::Fla(FlaLm::load(fla, &checkpoint)?));
+        }
         Some(other) => {
             return Err(LoadError::UnknownModelType {
                 path: config.path().to_path_buf(),
@@ -44,19 +199,14 @@ pub fn load_model(dir: &Path) -> Result<Model, LoadError> {
             });
         }
         // The original state-spaces checkpoints carry a minimal config without model_type.
-        None if config.has("d_model") && config.has("n_layer") => "mamba",
+        None if config.has("d_model") && config.has("n_layer") => {}
         None => {
             return Err(config.malformed(
                 "no \"model_type\" key (and not a state-spaces Mamba config with \"d_model\" and \"n_layer\")",
             ));
         }
-    };
-    let checkpoint = Checkpoint::open(dir)?;
-    match family {
-        "mamba" => {
-            let mamba_config = MambaConfig::from_config(&config, &checkpoint)?;
-            Ok(Model::Mamba(MambaLm::load(mamba_config, &checkpoint)?))
-        }
-        _ => unreachable!("every family above is matched"),
     }
+    let checkpoint = Checkpoint::open(dir)?;
+    let mamba_config = MambaConfig::from_config(&config, &checkpoint)?;
+    Ok(Model::Mamba(MambaLm::load(mamba_config, &checkpoint)?))
 }

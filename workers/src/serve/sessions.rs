@@ -10,7 +10,7 @@ use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use tideway_operators::models::{MambaState, Model};
+use tideway_operators::models::{Model, SessionState};
 
 use super::messages::{Op, OpError, Reply, Request, Response, SessionEvent, SessionKey};
 
@@ -22,9 +22,7 @@ pub struct ServedModel {
 
 impl ServedModel {
     pub fn vocab_size(&self) -> usize {
-        match &self.model {
-            Model::Mamba(lm) => lm.config.vocab_size,
-        }
+        self.model.vocab_size()
     }
 
     pub fn width(&self) -> usize {
@@ -32,15 +30,11 @@ impl ServedModel {
     }
 
     pub fn state_bytes(&self) -> usize {
-        match &self.model {
-            Model::Mamba(lm) => lm.state_bytes(),
-        }
+        self.model.state_bytes()
     }
 
     pub fn weight_bytes(&self) -> usize {
-        match &self.model {
-            Model::Mamba(lm) => lm.weight_bytes(),
-        }
+        self.model.weight_bytes()
     }
 }
 
@@ -58,7 +52,7 @@ struct PendingStep {
 struct Session {
     name: String,
     model: u32,
-    state: MambaState,
+    state: SessionState,
     last_used: Instant,
 }
 
@@ -185,7 +179,7 @@ impl SessionTable {
                 Op::Probe { model, ref name } => {
                     let result = match self.sessions.get(&request.session) {
                         Some(s) if s.model == model => {
-                            Ok(self.empty_reply(model, s.state.position as u64, false))
+                            Ok(self.empty_reply(model, s.state.position() as u64, false))
                         }
                         Some(_) => Err(OpError::WrongModel { name: name.clone() }),
                         None => Err(self.missing(request.session, name)),
@@ -194,7 +188,7 @@ impl SessionTable {
                 }
                 Op::End { ref name } => {
                     let result = match self.remove(request.session) {
-                        Some(s) => Ok(self.empty_reply(s.model, s.state.position as u64, true)),
+                        Some(s) => Ok(self.empty_reply(s.model, s.state.position() as u64, true)),
                         None => Err(self.missing(request.session, name)),
                     };
                     responses.push(answer(result));
@@ -207,7 +201,7 @@ impl SessionTable {
                     end,
                 } => {
                     let models = self.models.clone();
-                    let Model::Mamba(lm) = &models[model as usize].model;
+                    let lm = &models[model as usize].model;
                     if let Err(e) = lm.check_tokens(tokens, 0) {
                         responses.push(answer(Err(OpError::Input(e.to_string()))));
                         continue;
@@ -261,7 +255,7 @@ impl SessionTable {
             if batch.is_empty() {
                 continue;
             }
-            let Model::Mamba(lm) = &self.models[model as usize].model;
+            let lm = &self.models[model as usize].model;
             let tokens: Vec<u32> = batch
                 .iter()
                 .flat_map(|s| s.tokens.iter().copied())
@@ -269,14 +263,14 @@ impl SessionTable {
             let lens: Vec<usize> = batch.iter().map(|s| s.tokens.len()).collect();
             let starts: Vec<u64> = batch
                 .iter()
-                .map(|s| s.session.state.position as u64)
+                .map(|s| s.session.state.position() as u64)
                 .collect();
             let result = {
-                let mut states: Vec<&mut MambaState> =
+                let mut states: Vec<&mut SessionState> =
                     batch.iter_mut().map(|s| &mut s.session.state).collect();
                 lm.forward_packed(&tokens, &lens, &mut states)
             };
-            let width = lm.logits_width();
+            let width = lm.output_width();
             let state_bytes = lm.state_bytes() as u64;
             match result {
                 Ok(logits) => {
@@ -289,7 +283,7 @@ impl SessionTable {
                             rows: rows as u32,
                             width: width as u32,
                             logits: logits.data()[row * width..(row + rows) * width].to_vec(),
-                            position_after: step.session.state.position as u64,
+                            position_after: step.session.state.position() as u64,
                             state_bytes,
                             worker: self.worker,
                             ended: step.end,
@@ -307,7 +301,7 @@ impl SessionTable {
 
         // Answer every step (a bare start or end computed nothing) and put the sessions back.
         for step in steps {
-            let position = step.session.state.position as u64;
+            let position = step.session.state.position() as u64;
             let result = step
                 .reply
                 .unwrap_or_else(|| Ok(self.empty_reply(step.session.model, position, step.end)));

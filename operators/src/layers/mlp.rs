@@ -1,0 +1,79 @@
+//! fla's `GatedMLP` (`fla/modules/mlp.py`): `down(silu(gate(x)) ⊙ up(x))`, no biases
+//! (`shared/SPEC-MODELS.md` §3.0).
+
+use tideway_kernels::Weight;
+use tideway_kernels::activation::silu;
+use tideway_kernels::matmul::{Linear, MatRef};
+
+use crate::checkpoint::Checkpoint;
+use crate::error::LoadError;
+
+pub struct GatedMlp {
+    gate: Linear,
+    up: Linear,
+    down: Linear,
+    intermediate: usize,
+}
+
+impl GatedMlp {
+    /// Loads `{prefix}gate_proj`, `up_proj`, `down_proj`. Checkpoints written before fla
+    /// b48ca31d (2025-02) have no `up_proj` and a fused `gate_proj [2I, D]`: rows `[0, I)`
+    /// are the gate, `[I, 2I)` the up projection.
+    pub fn load(
+        checkpoint: &Checkpoint,
+        prefix: &str,
+        hidden: usize,
+        intermediate: usize,
+    ) -> Result<Self, LoadError> {
+        let name = |s: &str| format!("{prefix}{s}");
+        let (gate, up) = if checkpoint.contains(&name("up_proj.weight")) {
+            (
+                checkpoint.load_linear(&name("gate_proj.weight"), None, intermediate, hidden)?,
+                checkpoint.load_linear(&name("up_proj.weight"), None, intermediate, hidden)?,
+            )
+        } else {
+            let fused = checkpoint.load(&name("gate_proj.weight"), &[2 * intermediate, hidden])?;
+            let half = intermediate * hidden;
+            let split = |rows: &[f32]| {
+                let w = Weight::from_vec(rows.to_vec(), &[intermediate, hidden])
+                    .expect("half of the fused weight");
+                Linear::from_torch(&w, None).expect("2-D weight")
+            };
+            (
+                split(&fused.as_slice()[..half]),
+                split(&fused.as_slice()[half..]),
+            )
+        };
+        let down = checkpoint.load_linear(&name("down_proj.weight"), None, hidden, intermediate)?;
+        Ok(GatedMlp {
+            gate,
+            up,
+            down,
+            intermediate,
+        })
+    }
+
+    pub fn size_bytes(&self) -> usize {
+        self.gate.size_bytes() + self.up.size_bytes() + self.down.size_bytes()
+    }
+
+    /// `out[M, D] = down(silu(gate(x)) ⊙ up(x))`.
+    pub fn forward(&self, x: &[f32], m: usize, out: &mut [f32]) {
+        let d = self.gate.in_features();
+        let i = self.intermediate;
+        let mut g = vec![0.0f32; m * i];
+        let mut u = vec![0.0f32; m * i];
+        self.gate.forward(MatRef::dense(x, m, d), &mut g);
+        self.up.forward(MatRef::dense(x, m, d), &mut u);
+        for (a, b) in g.iter_mut().zip(&u) {
+            *a = silu(*a) * b;
+        }
+        self.down.forward(MatRef::dense(&g, m, i), out);
+    }
+}
+
+/// fla's default MLP width: `256·ceil(int(D·ratio·2/3) / 256)`.
+pub fn default_intermediate(hidden: usize, ratio: usize) -> usize {
+    let raw = hidden * ratio * 2 / 3;
+    raw.div_ceil(256) * 256
+}

@@ -1,0 +1,3 @@
+//! Pieces shared by several model families.
+
+pub mod mlp;

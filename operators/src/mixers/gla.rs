@@ -1,0 +1,345 @@
+//! Gated Linear Attention (Yang et al. 2024; `fla/layers/gla.py`), `shared/SPEC-MODELS.md`
+//! §3.1:
+//!
+//! ```text
+//! q, k, v = q_proj(x), k_proj(x), v_proj(x)     (optional short conv + silu each)
+//! gk      = logsigmoid(gk_proj(x)) / 16          (low-rank: D → 16 → key_dim, clamped below)
+//! S_t     = diag(exp(gk_t)) S_{t-1} + k_t ⊗ v_t,   o_t = S_tᵀ (dk^{-1/2}·q_t)     (per head)
+//! o       = o_proj(FusedRMSNormGated(o, g_proj(x)))  (per head; RMSNorm only without gate)
+//! ```
+//!
+//! One-row segments (decode steps) take the recurrent form; longer ones the chunkwise form
+//! (chunk 64), as fla switches between `fused_recurrent` and `chunk`.
+
+use std::ops::Range;
+
+use tideway_kernels::Weight;
+use tideway_kernels::activation::{logsigmoid, silu_inplace};
+use tideway_kernels::conv::{causal_conv1d_seq, causal_conv1d_step};
+use tideway_kernels::linear_attention::{HeadInputs, HeadRows, gated_chunked, gated_recurrent};
+use tideway_kernels::matmul::{Linear, MatRef};
+use tideway_kernels::norm::{rms_norm, rms_norm_gated};
+
+use crate::checkpoint::Checkpoint;
+use crate::error::LoadError;
+
+/// Rows per chunk of the chunkwise form (fla's default).
+pub const CHUNK: usize = 64;
+/// fla's `gate_logit_normalizer` and low-rank width of `gk_proj` (layer defaults).
+const GATE_LOGIT_NORMALIZER: f32 = 16.0;
+const GATE_LOW_RANK: usize = 16;
+
+/// Elementwise feature maps fla applies to q and k (`feature_map`, an ACT2FN name).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FeatureMap {
+    Silu,
+    Relu,
+    Sigmoid,
+}
+
+impl FeatureMap {
+    pub fn parse(name: &str) -> Option<Self> {
+        match name {
+            "swish" | "silu" => Some(FeatureMap::Silu),
+            "relu" => Some(FeatureMap::Relu),
+            "sigmoid" => Some(FeatureMap::Sigmoid),
+            _ => None,
+        }
+    }
+
+    fn apply(self, values: &mut [f32]) {
+        match self {
+            FeatureMap::Silu => silu_inplace(values),
+            FeatureMap::Relu => values.iter_mut().for_each(|v| *v = v.max(0.0)),
+            FeatureMap::Sigmoid => values
+                .iter_mut()
+                .for_each(|v| *v = 1.0 / (1.0 + (-*v).exp())),
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct GlaConfig {
+    pub d_model: usize,
+    pub num_heads: usize,
+    pub num_kv_heads: usize,
+    pub head_k_dim: usize,
+    pub head_v_dim: usize,
+    pub use_short_conv: bool,
+    pub conv_size: usize,
+    pub conv_bias: bool,
+    pub use_output_gate: bool,
+    pub feature_map: Option<FeatureMap>,
+    pub clamp_min: Option<f32>,
+    pub norm_eps: f32,
+}
+
+impl GlaConfig {
+    fn key_dim(&self) -> usize {
+        self.num_heads * self.head_k_dim
+    }
+    fn value_dim(&self) -> usize {
+        self.num_heads * self.head_v_dim
+    }
+    fn groups(&self) -> usize {
+        self.num_heads / self.num_kv_heads
+    }
+}
+
+/// One session's state in one GLA layer.
+#[derive(Debug, Clone, PartialEq)]
+pub struct GlaLayerState {
+    /// Conv windows `[C, K]` for q, k, v (empty without short convs).
+    pub conv: [Vec<f32>; 3],
+    /// `S`, `[H, dk, dv]`.
+    pub s: Vec<f32>,
+}
+
+struct ShortConv {
+    weight: Weight,
+    bias: Option<Weight>,
+    channels: usize,
+}
+
+pub struct GlaMixer {
+    pub config: GlaConfig,
+    q_proj: Linear,
+    k_proj: Linear,
+    v_proj: Linear,
+    g_proj: Option<Linear>,
+    gk_down: Linear,
+    gk_up: Linear,
+    convs: Option<[ShortConv; 3]>,
+    norm: Weight,
+    o_proj: Linear,
+}
+
+impl GlaMixer {
+    pub fn load(
+        checkpoint: &Checkpoint,
+        prefix: &str,
+        config: GlaConfig,
+    ) -> Result<Self, LoadError> {
+        let name = |s: &str| format!("{prefix}{s}");
+        let d = config.d_model;
+        let g = config.groups();
+        let (kd, vd) = (config.key_dim(), config.value_dim());
+        let linear = |w: &str, b: Option<&str>, out: usize, inp: usize| {
+            checkpoint.load_linear(&name(w), b.map(name).as_deref(), out, inp)
+        };
+        let conv = |which: &str, channels: usize| -> Result<ShortConv, LoadError> {
+            let k = config.conv_size;
+            Ok(ShortConv {
+                weight: checkpoint
+                    .load(&name(&format!("{which}_conv1d.weight")), &[channels, 1, k])?,
+                bias: if config.conv_bias {
+                    Some(checkpoint.load(&name(&format!("{which}_conv1d.bias")), &[channels])?)
+                } else {
+                    None
+                },
+                channels,
+            })
+        };
+        let convs = if config.use_short_conv {
+            Some([conv("q", kd)?, conv("k", kd / g)?, conv("v", vd / g)?])
+        } else {
+            None
+        };
+        let norm_name = if checkpoint.contains(&name("g_norm_swish_gate.weight")) {
+            "g_norm_swish_gate.weight"
+        } else {
+            "g_norm.weight"
+        };
+        Ok(GlaMixer {
+            q_proj: linear("q_proj.weight", None, kd, d)?,
+            k_proj: linear("k_proj.weight", None, kd / g, d)?,
+            v_proj: linear("v_proj.weight", None, vd / g, d)?,
+            g_proj: if config.use_output_gate {
+                Some(linear("g_proj.weight", None, vd, d)?)
+            } else {
+                None
+            },
+            gk_down: linear("gk_proj.0.weight", None, GATE_LOW_RANK, d)?,
+            gk_up: linear(
+                "gk_proj.1.weight",
+                Some("gk_proj.1.bias"),
+                kd / g,
+                GATE_LOW_RANK,
+            )?,
+            convs,
+            norm: checkpoint.load(&name(norm_name), &[config.head_v_dim])?,
+            o_proj: linear("o_proj.weight", None, d, vd)?,
+            config,
+        })
+    }
+
+    pub fn new_state(&self) -> GlaLayerState {
+        let c = &self.config;
+        let conv = |channels: usize| {
+            if c.use_short_conv {
+                vec![0.0; channels * c.conv_size]
+            } else {
+                Vec::new()
+            }
+        };
+        let g = c.groups();
+        GlaLayerState {
+            conv: [
+                conv(c.key_dim()),
+                conv(c.key_dim() / g),
+                conv(c.value_dim() / g),
+            ],
+            s: vec![0.0; c.num_heads * c.head_k_dim * c.head_v_dim],
+        }
+    }
+
+    pub fn state_bytes(&self) -> usize {
+        let s = self.new_state();
+        4 * (s.s.len() + s.conv.iter().map(Vec::len).sum::<usize>())
+    }
+
+    pub fn weight_bytes(&self) -> usize {
+        let mut total = self.q_proj.size_bytes()
+            + self.k_proj.size_bytes()
+            + self.v_proj.size_bytes()
+            + self.gk_down.size_bytes()
+            + self.gk_up.size_bytes()
+            + self.o_proj.size_bytes()
+            + self.norm.size_bytes();
+        if let Some(g) = &self.g_proj {
+            total += g.size_bytes();
+        }
+        if let Some(convs) = &self.convs {
+            for c in convs {
+                total += c.weight.size_bytes() + c.bias.as_ref().map_or(0, Weight::size_bytes);
+            }
+        }
+        total
+    }
+
+    /// Packed forward: session `i` owns rows `segments[i]` of `u` (`[M, D]`).
+    pub fn forward(
+        &self,
+        u: &[f32],
+        segments: &[Range<usize>],
+        states: &mut [&mut GlaLayerState],
+        out: &mut [f32],
+    ) {
+        let c = &self.config;
+        let d = c.d_model;
+        let m = u.len() / d;
+        let g = c.groups();
+        let (kd, vd) = (c.key_dim(), c.value_dim());
+        let (kkd, kvd) = (kd / g, vd / g);
+        let x = MatRef::dense(u, m, d);
+        let mut q = vec![0.0f32; m * kd];
+        let mut k = vec![0.0f32; m * kkd];
+        let mut v = vec![0.0f32; m * kvd];
+        self.q_proj.forward(x, &mut q);
+        self.k_proj.forward(x, &mut k);
+        self.v_proj.forward(x, &mut v);
+        if let Some(convs) = &self.convs {
+            for (which, (values, conv)) in
+                [&mut q, &mut k, &mut v].into_iter().zip(convs).enumerate()
+            {
+                let raw = values.clone();
+                for (rows, state) in segments.iter().zip(states.iter_mut()) {
+                    let ch = conv.channels;
+                    let dst = &mut values[rows.start * ch..rows.end * ch];
+                    let window = &mut state.conv[which];
+                    let bias = conv.bias.as_ref().map(Weight::as_slice);
+                    if rows.len() == 1 {
+                        causal_conv1d_step(
+                            &raw[rows.start * ch..][..ch],
+                            conv.weight.as_slice(),
+                            c.conv_size,
+                            bias,
+                            window,
+                            dst,
+                        );
+                    } else {
+                        let src =
+                            MatRef::dense(&raw[rows.start * ch..rows.end * ch], rows.len(), ch);
+                        causal_conv1d_seq(
+                            src,
+                            conv.weight.as_slice(),
+                            c.conv_size,
+                            bias,
+                            window,
+                            dst,
+                        );
+                    }
+                }
+                silu_inplace(values);
+            }
+        }
+        let mut low = vec![0.0f32; m * GATE_LOW_RANK];
+        self.gk_down.forward(x, &mut low);
+        let mut gk = vec![0.0f32; m * kkd];
+        self.gk_up
+            .forward(MatRef::dense(&low, m, GATE_LOW_RANK), &mut gk);
+        for v in gk.iter_mut() {
+            let mut l = logsigmoid(*v) / GATE_LOGIT_NORMALIZER;
+            if let Some(lo) = c.clamp_min {
+                l = l.max(lo);
+            }
+            *v = l;
+        }
+        if let Some(map) = c.feature_map {
+            map.apply(&mut q);
+            map.apply(&mut k);
+        }
+
+        // Per session and head: the recurrence (one row) or the chunkwise form.
+        let (dk, dv) = (c.head_k_dim, c.head_v_dim);
+        let scale = (dk as f32).powf(-0.5);
+        let mut o = vec![0.0f32; m * vd];
+        for (rows, state) in segments.iter().zip(states.iter_mut()) {
+            for h in 0..c.num_heads {
+                let kv = h / g;
+                let inputs = HeadInputs {
+                    q: head_rows(&q, rows, kd, h * dk, dk),
+                    k: head_rows(&k, rows, kkd, kv * dk, dk),
+                    v: head_rows(&v, rows, kvd, kv * dv, dv),
+                    g: Some(head_rows(&gk, rows, kkd, kv * dk, dk)),
+                    scale,
+                };
+                let s = &mut state.s[h * dk * dv..(h + 1) * dk * dv];
+                let dst = &mut o[rows.start * vd + h * dv..];
+                if rows.len() == 1 {
+                    gated_recurrent(inputs, 1, s, dst, vd);
+                } else {
+                    gated_chunked(inputs, rows.len(), CHUNK, s, dst, vd);
+                }
+            }
+        }
+
+        // Per-head norm (and swish gate), then o_proj.
+        let mut normed = vec![0.0f32; m * vd];
+        match &self.g_proj {
+            Some(g_proj) => {
+                let mut gate = vec![0.0f32; m * vd];
+                g_proj.forward(x, &mut gate);
+                rms_norm_gated(&o, &gate, dv, self.norm.as_slice(), c.norm_eps, &mut normed);
+            }
+            None => rms_norm(&o, dv, self.norm.as_slice(), c.norm_eps, &mut normed),
+        }
+        self.o_proj.forward(MatRef::dense(&normed, m, vd), out);
+    }
+}
+
+/// One head's columns of a segment's rows in a packed `[M, stride]` activation.
+fn head_rows<'a>(
+    data: &'a [f32],
+    rows: &Range<usize>,
+    stride: usize,
+    offset: usize,
+    width: usize,
+) -> HeadRows<'a> {
+    HeadRows {
+        data: &data[rows.start * stride..rows.end * stride],
+        stride,
+        offset,
+        width,
+    }
+}

@@ -1,0 +1,341 @@
+//! flash-linear-attention language models (`fla/models/*/modeling_*.py`), the wrapper shared
+//! by the linear-attention family (`shared/SPEC-MODELS.md` §3.0):
+//!
+//! ```text
+//! h = embed(ids)
+//! for each block:  h = h + attn(RMSNorm(h));  h = h + GatedMLP(RMSNorm(h))
+//! logits = lm_head(RMSNorm(h))
+//! ```
+//!
+//! Families: GLA (`model_type: gla`). Options Tideway does not implement are refused at load,
+//! by name, never ignored.
+
+use std::ops::Range;
+
+use tideway_kernels::Tensor;
+use tideway_kernels::Weight;
+use tideway_kernels::matmul::{Linear, MatRef};
+use tideway_kernels::norm::rms_norm;
+
+use crate::checkpoint::Checkpoint;
+use crate::error::{InputError, LoadError};
+use crate::layers::mlp::{GatedMlp, default_intermediate};
+use crate::mixers::gla::{FeatureMap, GlaConfig, GlaLayerState, GlaMixer};
+use crate::models::config::ConfigJson;
+
+#[derive(Debug, Clone, PartialEq)]
+pub enum FlaMixerConfig {
+    Gla(GlaConfig),
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct FlaConfig {
+    pub model_type: String,
+    pub hidden_size: usize,
+    pub num_layers: usize,
+    pub vocab_size: usize,
+    pub intermediate_size: usize,
+    pub norm_eps: f32,
+    pub tie_embeddings: bool,
+    pub mixer: FlaMixerConfig,
+}
+
+impl FlaConfig {
+    pub fn from_config(config: &ConfigJson) -> Result<Self, LoadError> {
+        let top = config.top();
+        let model_type = config.model_type()?.unwrap_or_default().to_string();
+        // Options that change the computation and that Tideway does not implement.
+        for key in ["attn", "attnres_block_size"] {
+            if top.has(key) {
+                return Err(config.unsupported(format!(
+                    "option {key:?} is set (hybrid softmax-attention layers / attention residuals); Tideway serves pure linear-attention stacks"
+                )));
+            }
+        }
+        if let Some(act) = top.str_opt("hidden_act")?
+            && act != "swish"
+            && act != "silu"
+        {
+            return Err(config.unsupported(format!(
+                "hidden_act {act:?}: the MLP and output gate support \"swish\""
+            )));
+        }
+        if top.bool_opt("elementwise_affine")? == Some(false) {
+            return Err(config
+                .unsupported("elementwise_affine false (norms without weights) is not supported"));
+        }
+        let hidden = top.usize_req("hidden_size")?;
+        let ratio = top.whole_opt("hidden_ratio")?.unwrap_or(4);
+        let norm_eps = match top.f64_opt("norm_eps")? {
+            Some(e) => e,
+            None => top.f64_opt("rms_norm_eps")?.unwrap_or(1e-6),
+        } as f32;
+        let mixer = match model_type.as_str() {
+            "gla" => {
+                if top.bool_opt("use_gk")? == Some(false) || top.bool_opt("use_gv")? == Some(true) {
+                    return Err(config.unsupported(
+                        "use_gk false / use_gv true: Tideway's GLA implements the key gate (use_gk) only",
+                    ));
+                }
+                let heads = top.usize_opt("num_heads")?.unwrap_or(4);
+                let kv_heads = top.usize_opt("num_kv_heads")?.unwrap_or(heads);
+                if !heads.is_multiple_of(kv_heads) {
+                    return Err(config.malformed(format!(
+                        "num_heads {heads} is not a multiple of num_kv_heads {kv_heads}"
+                    )));
+                }
+                let dim = |key: &str, default: f64| -> Result<usize, LoadError> {
+                    let expand = top.f64_opt(key)?.unwrap_or(default);
+                    let d = hidden as f64 * expand;
+                    if (d - d.round()).abs() > 1e-6 || !(d.round() as usize).is_multiple_of(heads) {
+                        return Err(config.malformed(format!(
+                            "hidden_size × {key} = {d} must be a whole multiple of num_heads {heads}"
+                        )));
+                    }
+                    Ok(d.round() as usize / heads)
+                };
+                let feature_map = match top.str_opt("feature_map")? {
+                    None => None,
+                    Some(name) => Some(FeatureMap::parse(name).ok_or_else(|| {
+                        config.unsupported(format!(
+                            "feature_map {name:?}; supported: swish, relu, sigmoid"
+                        ))
+                    })?),
+                };
+                FlaMixerConfig::Gla(GlaConfig {
+                    d_model: hidden,
+                    num_heads: heads,
+                    num_kv_heads: kv_heads,
+                    head_k_dim: dim("expand_k", 0.5)?,
+                    head_v_dim: dim("expand_v", 1.0)?,
+                    use_short_conv: top.bool_opt("use_short_conv")?.unwrap_or(false),
+                    conv_size: top.usize_opt("conv_size")?.unwrap_or(4),
+                    conv_bias: top.bool_opt("conv_bias")?.unwrap_or(false),
+                    use_output_gate: top.bool_opt("use_output_gate")?.unwrap_or(true),
+                    feature_map,
+                    clamp_min: top.f64_opt("clamp_min")?.map(|v| v as f32),
+                    norm_eps,
+                })
+            }
+            other => {
+                return Err(LoadError::UnknownModelType {
+                    path: config.path().to_path_buf(),
+                    model_type: other.to_string(),
+                });
+            }
+        };
+        Ok(FlaConfig {
+            model_type,
+            hidden_size: hidden,
+            num_layers: top.usize_req("num_hidden_layers")?,
+            vocab_size: top.usize_req("vocab_size")?,
+            intermediate_size: top
+                .usize_opt("intermediate_size")?
+                .unwrap_or_else(|| default_intermediate(hidden, ratio)),
+            norm_eps,
+            tie_embeddings: top.bool_opt("tie_word_embeddings")?.unwrap_or(false),
+            mixer,
+        })
+    }
+}
+
+enum FlaMixer {
+    Gla(GlaMixer),
+}
+
+/// One session's state in one layer.
+#[derive(Debug, Clone, PartialEq)]
+pub enum FlaLayerState {
+    Gla(GlaLayerState),
+}
+
+/// One session's recurrent state: every layer's matrix state and conv windows.
+#[derive(Debug, Clone, PartialEq)]
+pub struct FlaState {
+    pub layers: Vec<FlaLayerState>,
+    pub position: usize,
+}
+
+struct FlaBlock {
+    attn_norm: Weight,
+    attn: FlaMixer,
+    mlp_norm: Weight,
+    mlp: GatedMlp,
+}
+
+pub struct FlaLm {
+    pub config: FlaConfig,
+    embedding: Option<Weight>,
+    blocks: Vec<FlaBlock>,
+    norm: Weight,
+    lm_head: Linear,
+}
+
+impl FlaLm {
+    pub fn load(config: FlaConfig, checkpoint: &Checkpoint) -> Result<Self, LoadError> {
+        let (d, v) = (config.hidden_size, config.vocab_size);
+        let blocks = (0..config.num_layers)
+            .map(|i| {
+                let p = format!("model.layers.{i}.");
+                let attn = match &config.mixer {
+                    FlaMixerConfig::Gla(c) => {
+                        FlaMixer::Gla(GlaMixer::load(checkpoint, &format!("{p}attn."), c.clone())?)
+                    }
+                };
+                Ok(FlaBlock {
+                    attn_norm: checkpoint.load(&format!("{p}attn_norm.weight"), &[d])?,
+                    attn,
+                    mlp_norm: checkpoint.load(&format!("{p}mlp_norm.weight"), &[d])?,
+                    mlp: GatedMlp::load(
+                        checkpoint,
+                        &format!("{p}mlp."),
+                        d,
+                        config.intermediate_size,
+                    )?,
+                })
+            })
+            .collect::<Result<Vec<_>, LoadError>>()?;
+        let norm = checkpoint.load("model.norm.weight", &[d])?;
+        let (lm_head, embedding) =
+            if config.tie_embeddings || !checkpoint.contains("lm_head.weight") {
+                (
+                    checkpoint.load_linear("model.embeddings.weight", None, v, d)?,
+                    None,
+                )
+            } else {
+                (
+                    checkpoint.load_linear("lm_head.weight", None, v, d)?,
+                    Some(checkpoint.load("model.embeddings.weight", &[v, d])?),
+                )
+            };
+        Ok(FlaLm {
+            config,
+            embedding,
+            blocks,
+            norm,
+            lm_head,
+        })
+    }
+
+    pub fn logits_width(&self) -> usize {
+        self.config.vocab_size
+    }
+
+    pub fn new_state(&self) -> FlaState {
+        FlaState {
+            layers: self
+                .blocks
+                .iter()
+                .map(|b| match &b.attn {
+                    FlaMixer::Gla(m) => FlaLayerState::Gla(m.new_state()),
+                })
+                .collect(),
+            position: 0,
+        }
+    }
+
+    pub fn state_bytes(&self) -> usize {
+        self.blocks
+            .iter()
+            .map(|b| match &b.attn {
+                FlaMixer::Gla(m) => m.state_bytes(),
+            })
+            .sum()
+    }
+
+    pub fn weight_bytes(&self) -> usize {
+        self.embedding.as_ref().map_or(0, Weight::size_bytes)
+            + self.lm_head.size_bytes()
+            + self.norm.size_bytes()
+            + self
+                .blocks
+                .iter()
+                .map(|b| {
+                    b.attn_norm.size_bytes()
+                        + b.mlp_norm.size_bytes()
+                        + b.mlp.size_bytes()
+                        + match &b.attn {
+                            FlaMixer::Gla(m) => m.weight_bytes(),
+                        }
+                })
+                .sum::<usize>()
+    }
+
+    pub fn check_tokens(&self, tokens: &[u32], offset: usize) -> Result<(), InputError> {
+        match tokens
+            .iter()
+            .position(|&t| t as usize >= self.config.vocab_size)
+        {
+            Some(i) => Err(InputError::TokenOutOfRange {
+                token: tokens[i] as u64,
+                position: offset + i,
+                vocab: self.config.vocab_size,
+            }),
+            None => Ok(()),
+        }
+    }
+
+    /// The packed batch (see `MambaLm::forward_packed`): one-row segments run the recurrent
+    /// form, longer ones the chunkwise form.
+    pub fn forward_packed(
+        &self,
+        tokens: &[u32],
+        lens: &[usize],
+        states: &mut [&mut FlaState],
+    ) -> Result<Tensor, InputError> {
+        if lens.len() != states.len() || lens.iter().sum::<usize>() != tokens.len() {
+            return Err(InputError::BatchMismatch {
+                sessions: states.len(),
+                tokens: tokens.len(),
+            });
+        }
+        if tokens.is_empty() {
+            return Err(InputError::Empty);
+        }
+        self.check_tokens(tokens, 0)?;
+        let d = self.config.hidden_size;
+        let m = tokens.len();
+        let mut segments: Vec<Range<usize>> = Vec::with_capacity(lens.len());
+        let mut start = 0;
+        for &len in lens {
+            segments.push(start..start + len);
+            start += len;
+        }
+        let mut h = vec![0.0f32; m * d];
+        for (row, &t) in h.chunks_exact_mut(d).zip(tokens) {
+            match &self.embedding {
+                Some(e) => row.copy_from_slice(e.row(t as usize)),
+                None => self.lm_head.torch_weight_row(t as usize, row),
+            }
+        }
+        let eps = self.config.norm_eps;
+        let mut normed = vec![0.0f32; m * d];
+        let mut delta = vec![0.0f32; m * d];
+        for (i, block) in self.blocks.iter().enumerate() {
+            rms_norm(&h, d, block.attn_norm.as_slice(), eps, &mut normed);
+            match &block.attn {
+                FlaMixer::Gla(mixer) => {
+                    let mut layer: Vec<&mut GlaLayerState> = states
+                        .iter_mut()
+                        .map(|s| match &mut s.layers[i] {
+                            FlaLayerState::Gla(l) => l,
+                        })
+                        .collect();
+                    mixer.forward(&normed, &segments, &mut layer, &mut delta);
+                }
+            }
+            h.iter_mut().zip(&delta).for_each(|(a, b)| *a += b);
+            rms_norm(&h, d, block.mlp_norm.as_slice(), eps, &mut normed);
+            block.mlp.forward(&normed, m, &mut delta);
+            h.iter_mut().zip(&delta).for_each(|(a, b)| *a += b);
+        }
+        rms_norm(&h, d, self.norm.as_slice(), eps, &mut normed);
+        let mut logits = Tensor::zeros(&[m, self.logits_width()]);
+        self.lm_head
+            .forward(MatRef::dense(&normed, m, d), logits.data_mut());
+        for (state, len) in states.iter_mut().zip(lens) {
+            state.position += len;
+        }
+        Ok(logits)
+    }
+}
