@@ -24,7 +24,7 @@ autotuner.Autotuner._bench = lambda self, *args, **kwargs: [1.0, 1.0, 1.0]
 
 import torch  # noqa: E402
 from safetensors.torch import load_file, save_file  # noqa: E402
-from fla.models import GLAConfig, GLAForCausalLM  # noqa: E402
+from fla.models import DeltaNetConfig, DeltaNetForCausalLM, GLAConfig, GLAForCausalLM  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent / "tests" / "fixtures" / "fla"
 
@@ -41,10 +41,14 @@ def perturb(model, seed):
                 p.add_(0.5 * scale * noise)
 
 
-def make(name, cfg, seq_len, seed, fuse_mlp=False, legacy_eps=False):
+FAMILIES = {"gla": (GLAConfig, GLAForCausalLM), "delta_net": (DeltaNetConfig, DeltaNetForCausalLM)}
+
+
+def make(name, cfg, seq_len, seed, fuse_mlp=False, legacy_eps=False, family="gla"):
     torch.manual_seed(seed)
-    config = GLAConfig(fuse_cross_entropy=False, attn_mode="fused_recurrent", **cfg)
-    model = GLAForCausalLM(config).eval()
+    config_class, model_class = FAMILIES[family]
+    config = config_class(fuse_cross_entropy=False, attn_mode="fused_recurrent", **cfg)
+    model = model_class(config).eval()
     perturb(model, seed + 1)
     out = ROOT / name
     shutil.rmtree(out, ignore_errors=True)
@@ -85,6 +89,16 @@ def main():
     make("gla_legacy_fused_mlp", dict(hidden_size=32, num_heads=4, expand_k=0.5, expand_v=1, num_hidden_layers=3,
                                       vocab_size=45, hidden_ratio=2, tie_word_embeddings=True),
          seq_len=70, seed=400, fuse_mlp=True, legacy_eps=True)
+    make("delta_net_basic", dict(hidden_size=32, num_heads=2, expand_k=1, expand_v=1, num_hidden_layers=2,
+                                 vocab_size=50, hidden_ratio=2), seq_len=150, seed=500, family="delta_net")
+    make("delta_net_relu_sum_gate_negeig", dict(hidden_size=32, num_heads=4, expand_k=0.5, expand_v=2,
+                                                num_hidden_layers=2, vocab_size=48, qk_activation="relu",
+                                                qk_norm="sum", use_gate=True, allow_neg_eigval=True, conv_size=2,
+                                                hidden_ratio=2), seq_len=140, seed=600, family="delta_net")
+    make("delta_net_elu_noconv_nobeta", dict(hidden_size=24, num_heads=1, expand_k=1, expand_v=1,
+                                             num_hidden_layers=2, vocab_size=40, qk_activation="elu",
+                                             use_short_conv=False, use_beta=False, hidden_ratio=2),
+         seq_len=130, seed=700, family="delta_net")
 
 
 if __name__ == "__main__":

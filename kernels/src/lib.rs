@@ -19,6 +19,7 @@ pub mod conv;
 pub mod cpu;
 #[cfg(feature = "cuda")]
 pub mod cuda;
+pub mod delta_rule;
 pub mod linear_attention;
 pub mod matmul;
 pub mod norm;

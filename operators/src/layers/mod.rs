@@ -1,3 +1,4 @@
 //! Pieces shared by several model families.
 
 pub mod mlp;
+pub mod short_conv;

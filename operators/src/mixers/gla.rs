@@ -15,13 +15,13 @@ use std::ops::Range;
 
 use tideway_kernels::Weight;
 use tideway_kernels::activation::{logsigmoid, silu_inplace};
-use tideway_kernels::conv::{causal_conv1d_seq, causal_conv1d_step};
 use tideway_kernels::linear_attention::{HeadInputs, HeadRows, gated_chunked, gated_recurrent};
 use tideway_kernels::matmul::{Linear, MatRef};
 use tideway_kernels::norm::{rms_norm, rms_norm_gated};
 
 use crate::checkpoint::Checkpoint;
 use crate::error::LoadError;
+use crate::layers::short_conv::ShortConv;
 
 /// Rows per chunk of the chunkwise form (fla's default).
 pub const CHUNK: usize = 64;
@@ -95,12 +95,6 @@ pub struct GlaLayerState {
     pub s: Vec<f32>,
 }
 
-struct ShortConv {
-    weight: Weight,
-    bias: Option<Weight>,
-    channels: usize,
-}
-
 pub struct GlaMixer {
     pub config: GlaConfig,
     q_proj: Linear,
@@ -127,18 +121,16 @@ impl GlaMixer {
         let linear = |w: &str, b: Option<&str>, out: usize, inp: usize| {
             checkpoint.load_linear(&name(w), b.map(name).as_deref(), out, inp)
         };
-        let conv = |which: &str, channels: usize| -> Result<ShortConv, LoadError> {
-            let k = config.conv_size;
-            Ok(ShortConv {
-                weight: checkpoint
-                    .load(&name(&format!("{which}_conv1d.weight")), &[channels, 1, k])?,
-                bias: if config.conv_bias {
-                    Some(checkpoint.load(&name(&format!("{which}_conv1d.bias")), &[channels])?)
-                } else {
-                    None
-                },
+        let conv = |which: &str, channels: usize| {
+            let name = name(&format!("{which}_conv1d"));
+            ShortConv::load(
+                checkpoint,
+                &name,
                 channels,
-            })
+                config.conv_size,
+                config.conv_bias,
+                true,
+            )
         };
         let convs = if config.use_short_conv {
             Some([conv("q", kd)?, conv("k", kd / g)?, conv("v", vd / g)?])
@@ -210,9 +202,7 @@ impl GlaMixer {
             total += g.size_bytes();
         }
         if let Some(convs) = &self.convs {
-            for c in convs {
-                total += c.weight.size_bytes() + c.bias.as_ref().map_or(0, Weight::size_bytes);
-            }
+            total += convs.iter().map(ShortConv::size_bytes).sum::<usize>();
         }
         total
     }
@@ -242,35 +232,9 @@ impl GlaMixer {
             for (which, (values, conv)) in
                 [&mut q, &mut k, &mut v].into_iter().zip(convs).enumerate()
             {
-                let raw = values.clone();
-                for (rows, state) in segments.iter().zip(states.iter_mut()) {
-                    let ch = conv.channels;
-                    let dst = &mut values[rows.start * ch..rows.end * ch];
-                    let window = &mut state.conv[which];
-                    let bias = conv.bias.as_ref().map(Weight::as_slice);
-                    if rows.len() == 1 {
-                        causal_conv1d_step(
-                            &raw[rows.start * ch..][..ch],
-                            conv.weight.as_slice(),
-                            c.conv_size,
-                            bias,
-                            window,
-                            dst,
-                        );
-                    } else {
-                        let src =
-                            MatRef::dense(&raw[rows.start * ch..rows.end * ch], rows.len(), ch);
-                        causal_conv1d_seq(
-                            src,
-                            conv.weight.as_slice(),
-                            c.conv_size,
-                            bias,
-                            window,
-                            dst,
-                        );
-                    }
-                }
-                silu_inplace(values);
+                let mut windows: Vec<&mut Vec<f32>> =
+                    states.iter_mut().map(|s| &mut s.conv[which]).collect();
+                conv.forward(values, segments, &mut windows);
             }
         }
         let mut low = vec![0.0f32; m * GATE_LOW_RANK];

@@ -2,5 +2,6 @@
 //! per-session state, and a packed-batch `forward` that runs every session's new rows in one
 //! batched computation (one GEMM over all rows, then per-session recurrences).
 
+pub mod deltanet;
 pub mod gla;
 pub mod mamba;

@@ -7,7 +7,7 @@
 //! logits = lm_head(RMSNorm(h))
 //! ```
 //!
-//! Families: GLA (`model_type: gla`). Options Tideway does not implement are refused at load,
+//! Families: GLA (`model_type: gla`), DeltaNet (`delta_net`). Options Tideway does not implement are refused at load,
 //! by name, never ignored.
 
 use std::ops::Range;
@@ -20,12 +20,16 @@ use tideway_kernels::norm::rms_norm;
 use crate::checkpoint::Checkpoint;
 use crate::error::{InputError, LoadError};
 use crate::layers::mlp::{GatedMlp, default_intermediate};
+use crate::mixers::deltanet::{
+    DeltaNetConfig, DeltaNetLayerState, DeltaNetMixer, QkActivation, QkNorm,
+};
 use crate::mixers::gla::{FeatureMap, GlaConfig, GlaLayerState, GlaMixer};
 use crate::models::config::ConfigJson;
 
 #[derive(Debug, Clone, PartialEq)]
 pub enum FlaMixerConfig {
     Gla(GlaConfig),
+    DeltaNet(DeltaNetConfig),
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -117,6 +121,54 @@ impl FlaConfig {
                     norm_eps,
                 })
             }
+            "delta_net" => {
+                let heads = top.usize_opt("num_heads")?.unwrap_or(16);
+                let dim = |key: &str| -> Result<usize, LoadError> {
+                    let expand = top.f64_opt(key)?.unwrap_or(1.0);
+                    let d = hidden as f64 * expand;
+                    if (d - d.round()).abs() > 1e-6 || !(d.round() as usize).is_multiple_of(heads) {
+                        return Err(config.malformed(format!(
+                            "hidden_size × {key} = {d} must be a whole multiple of num_heads {heads}"
+                        )));
+                    }
+                    Ok(d.round() as usize / heads)
+                };
+                let qk_activation = match top.str_opt("qk_activation")?.unwrap_or("silu") {
+                    "silu" => QkActivation::Silu,
+                    "relu" => QkActivation::Relu,
+                    "elu" => QkActivation::EluPlusOne,
+                    "identity" => QkActivation::Identity,
+                    other => {
+                        return Err(config.unsupported(format!(
+                            "qk_activation {other:?}; supported: silu, relu, elu, identity"
+                        )));
+                    }
+                };
+                let qk_norm = match top.str_opt("qk_norm")?.unwrap_or("l2") {
+                    "l2" => QkNorm::L2,
+                    "sum" => QkNorm::Sum,
+                    other => {
+                        return Err(
+                            config.unsupported(format!("qk_norm {other:?}; supported: l2, sum"))
+                        );
+                    }
+                };
+                FlaMixerConfig::DeltaNet(DeltaNetConfig {
+                    d_model: hidden,
+                    num_heads: heads,
+                    head_k_dim: dim("expand_k")?,
+                    head_v_dim: dim("expand_v")?,
+                    use_short_conv: top.bool_opt("use_short_conv")?.unwrap_or(true),
+                    conv_size: top.usize_opt("conv_size")?.unwrap_or(4),
+                    conv_bias: top.bool_opt("conv_bias")?.unwrap_or(false),
+                    qk_activation,
+                    qk_norm,
+                    use_beta: top.bool_opt("use_beta")?.unwrap_or(true),
+                    allow_neg_eigval: top.bool_opt("allow_neg_eigval")?.unwrap_or(false),
+                    use_gate: top.bool_opt("use_gate")?.unwrap_or(false),
+                    norm_eps,
+                })
+            }
             other => {
                 return Err(LoadError::UnknownModelType {
                     path: config.path().to_path_buf(),
@@ -141,12 +193,14 @@ impl FlaConfig {
 
 enum FlaMixer {
     Gla(GlaMixer),
+    DeltaNet(DeltaNetMixer),
 }
 
 /// One session's state in one layer.
 #[derive(Debug, Clone, PartialEq)]
 pub enum FlaLayerState {
     Gla(GlaLayerState),
+    DeltaNet(DeltaNetLayerState),
 }
 
 /// One session's recurrent state: every layer's matrix state and conv windows.
@@ -181,6 +235,11 @@ impl FlaLm {
                     FlaMixerConfig::Gla(c) => {
                         FlaMixer::Gla(GlaMixer::load(checkpoint, &format!("{p}attn."), c.clone())?)
                     }
+                    FlaMixerConfig::DeltaNet(c) => FlaMixer::DeltaNet(DeltaNetMixer::load(
+                        checkpoint,
+                        &format!("{p}attn."),
+                        c.clone(),
+                    )?),
                 };
                 Ok(FlaBlock {
                     attn_norm: checkpoint.load(&format!("{p}attn_norm.weight"), &[d])?,
@@ -228,6 +287,7 @@ impl FlaLm {
                 .iter()
                 .map(|b| match &b.attn {
                     FlaMixer::Gla(m) => FlaLayerState::Gla(m.new_state()),
+                    FlaMixer::DeltaNet(m) => FlaLayerState::DeltaNet(m.new_state()),
                 })
                 .collect(),
             position: 0,
@@ -239,6 +299,7 @@ impl FlaLm {
             .iter()
             .map(|b| match &b.attn {
                 FlaMixer::Gla(m) => m.state_bytes(),
+                FlaMixer::DeltaNet(m) => m.state_bytes(),
             })
             .sum()
     }
@@ -256,6 +317,7 @@ impl FlaLm {
                         + b.mlp.size_bytes()
                         + match &b.attn {
                             FlaMixer::Gla(m) => m.weight_bytes(),
+                            FlaMixer::DeltaNet(m) => m.weight_bytes(),
                         }
                 })
                 .sum::<usize>()
@@ -318,9 +380,20 @@ impl FlaLm {
                     let mut layer: Vec<&mut GlaLayerState> = states
                         .iter_mut()
                         .map(|s| match &mut s.layers[i] {
-                            FlaLayerState::Gla(l) => l,
+                            FlaLayerState::Gla(l) => Ok(l),
+                            _ => Err(InputError::WrongState),
                         })
-                        .collect();
+                        .collect::<Result<_, _>>()?;
+                    mixer.forward(&normed, &segments, &mut layer, &mut delta);
+                }
+                FlaMixer::DeltaNet(mixer) => {
+                    let mut layer: Vec<&mut DeltaNetLayerState> = states
+                        .iter_mut()
+                        .map(|s| match &mut s.layers[i] {
+                            FlaLayerState::DeltaNet(l) => Ok(l),
+                            _ => Err(InputError::WrongState),
+                        })
+                        .collect::<Result<_, _>>()?;
                     mixer.forward(&normed, &segments, &mut layer, &mut delta);
                 }
             }

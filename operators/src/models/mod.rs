@@ -18,7 +18,7 @@ pub use fla::{FlaConfig, FlaLm, FlaState};
 pub use mamba::{MambaConfig, MambaLm, MambaState};
 
 /// The fla model types Tideway loads.
-const FLA_TYPES: [&str; 1] = ["gla"];
+const FLA_TYPES: [&str; 2] = ["gla", "delta_net"];
 
 /// A loaded model of any supported family.
 pub enum Model {
@@ -49,6 +49,7 @@ impl Model {
             Model::Mamba(_) => "mamba",
             Model::Fla(m) => match m.config.model_type.as_str() {
                 "gla" => "gla",
+                "delta_net" => "delta_net",
                 _ => "fla",
             },
         }

@@ -1,0 +1,84 @@
+//! fla's `ShortConvolution` (`fla/modules/conv/short_conv.py`): a causal depthwise conv with
+//! an optional SiLU, run per session over its rows with a rolling window kept in the session
+//! state (`shared/SPEC-MODELS.md` §3.0).
+
+use std::ops::Range;
+
+use tideway_kernels::Weight;
+use tideway_kernels::activation::silu_inplace;
+use tideway_kernels::conv::{causal_conv1d_seq, causal_conv1d_step};
+use tideway_kernels::matmul::MatRef;
+
+use crate::checkpoint::Checkpoint;
+use crate::error::LoadError;
+
+pub struct ShortConv {
+    weight: Weight,
+    bias: Option<Weight>,
+    pub channels: usize,
+    pub kernel: usize,
+    silu: bool,
+}
+
+impl ShortConv {
+    /// Loads `{name}.weight` (`[C, 1, K]`) and, with `bias`, `{name}.bias`.
+    pub fn load(
+        checkpoint: &Checkpoint,
+        name: &str,
+        channels: usize,
+        kernel: usize,
+        bias: bool,
+        silu: bool,
+    ) -> Result<Self, LoadError> {
+        Ok(ShortConv {
+            weight: checkpoint.load(&format!("{name}.weight"), &[channels, 1, kernel])?,
+            bias: if bias {
+                Some(checkpoint.load(&format!("{name}.bias"), &[channels])?)
+            } else {
+                None
+            },
+            channels,
+            kernel,
+            silu,
+        })
+    }
+
+    pub fn new_window(&self) -> Vec<f32> {
+        vec![0.0; self.channels * self.kernel]
+    }
+
+    pub fn size_bytes(&self) -> usize {
+        self.weight.size_bytes() + self.bias.as_ref().map_or(0, Weight::size_bytes)
+    }
+
+    /// Replaces `values` (`[M, C]`, packed sessions) by the conv output, per session.
+    pub fn forward(
+        &self,
+        values: &mut [f32],
+        segments: &[Range<usize>],
+        windows: &mut [&mut Vec<f32>],
+    ) {
+        let ch = self.channels;
+        let raw = values.to_vec();
+        let bias = self.bias.as_ref().map(Weight::as_slice);
+        for (rows, window) in segments.iter().zip(windows.iter_mut()) {
+            let dst = &mut values[rows.start * ch..rows.end * ch];
+            if rows.len() == 1 {
+                causal_conv1d_step(
+                    &raw[rows.start * ch..][..ch],
+                    self.weight.as_slice(),
+                    self.kernel,
+                    bias,
+                    window,
+                    dst,
+                );
+            } else {
+                let src = MatRef::dense(&raw[rows.start * ch..rows.end * ch], rows.len(), ch);
+                causal_conv1d_seq(src, self.weight.as_slice(), self.kernel, bias, window, dst);
+            }
+        }
+        if self.silu {
+            silu_inplace(values);
+        }
+    }
+}

@@ -1,0 +1,283 @@
+//! DeltaNet (Yang et al. 2024, "Parallelizing Linear Transformers with the Delta Rule";
+//! `fla/layers/delta_net.py`), `shared/SPEC-MODELS.md` §3.2:
+//!
+//! ```text
+//! q, k = ShortConv(q_proj x), ShortConv(k_proj x)   (silu in the conv iff qk_activation = silu,
+//!                                                    else relu / elu+1 / identity after it)
+//! v    = ShortConv_silu(v_proj x)
+//! q, k ← L2-normalised per head (qk_norm l2, eps 1e-6 inside the sqrt) or L1 (qk_norm sum)
+//! β    = σ(b_proj x) (×2 with allow_neg_eigval; 1 without use_beta)
+//! delta rule (kernels::delta_rule), o = o_norm(o) (·swish(g_proj x) with use_gate) → o_proj
+//! ```
+
+use std::ops::Range;
+
+use tideway_kernels::Weight;
+use tideway_kernels::activation::{sigmoid, silu_inplace};
+use tideway_kernels::delta_rule::{DeltaInputs, delta_chunked, delta_recurrent};
+use tideway_kernels::linear_attention::HeadRows;
+use tideway_kernels::matmul::{Linear, MatRef};
+use tideway_kernels::norm::{rms_norm, rms_norm_gated};
+
+use crate::checkpoint::Checkpoint;
+use crate::error::LoadError;
+use crate::layers::short_conv::ShortConv;
+
+pub const CHUNK: usize = 64;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum QkActivation {
+    Silu,
+    Relu,
+    EluPlusOne,
+    Identity,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum QkNorm {
+    L2,
+    Sum,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct DeltaNetConfig {
+    pub d_model: usize,
+    pub num_heads: usize,
+    pub head_k_dim: usize,
+    pub head_v_dim: usize,
+    pub use_short_conv: bool,
+    pub conv_size: usize,
+    pub conv_bias: bool,
+    pub qk_activation: QkActivation,
+    pub qk_norm: QkNorm,
+    pub use_beta: bool,
+    pub allow_neg_eigval: bool,
+    pub use_gate: bool,
+    pub norm_eps: f32,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct DeltaNetLayerState {
+    /// Conv windows for q, k, v (empty without short convs).
+    pub conv: [Vec<f32>; 3],
+    /// `S`, `[H, dk, dv]`.
+    pub s: Vec<f32>,
+}
+
+pub struct DeltaNetMixer {
+    pub config: DeltaNetConfig,
+    q_proj: Linear,
+    k_proj: Linear,
+    v_proj: Linear,
+    b_proj: Option<Linear>,
+    g_proj: Option<Linear>,
+    convs: Option<[ShortConv; 3]>,
+    norm: Weight,
+    o_proj: Linear,
+}
+
+impl DeltaNetMixer {
+    pub fn load(
+        checkpoint: &Checkpoint,
+        prefix: &str,
+        config: DeltaNetConfig,
+    ) -> Result<Self, LoadError> {
+        let name = |s: &str| format!("{prefix}{s}");
+        let c = &config;
+        let (d, kd, vd) = (
+            c.d_model,
+            c.num_heads * c.head_k_dim,
+            c.num_heads * c.head_v_dim,
+        );
+        let linear =
+            |w: &str, out: usize, inp: usize| checkpoint.load_linear(&name(w), None, out, inp);
+        let qk_silu = c.qk_activation == QkActivation::Silu;
+        let conv = |which: &str, channels: usize, silu: bool| {
+            ShortConv::load(
+                checkpoint,
+                &name(&format!("{which}_conv1d")),
+                channels,
+                c.conv_size,
+                c.conv_bias,
+                silu,
+            )
+        };
+        Ok(DeltaNetMixer {
+            q_proj: linear("q_proj.weight", kd, d)?,
+            k_proj: linear("k_proj.weight", kd, d)?,
+            v_proj: linear("v_proj.weight", vd, d)?,
+            b_proj: if c.use_beta {
+                Some(linear("b_proj.weight", c.num_heads, d)?)
+            } else {
+                None
+            },
+            g_proj: if c.use_gate {
+                Some(linear("g_proj.weight", vd, d)?)
+            } else {
+                None
+            },
+            convs: if c.use_short_conv {
+                Some([
+                    conv("q", kd, qk_silu)?,
+                    conv("k", kd, qk_silu)?,
+                    conv("v", vd, true)?,
+                ])
+            } else {
+                None
+            },
+            norm: checkpoint.load(&name("o_norm.weight"), &[c.head_v_dim])?,
+            o_proj: linear("o_proj.weight", d, vd)?,
+            config,
+        })
+    }
+
+    pub fn new_state(&self) -> DeltaNetLayerState {
+        let c = &self.config;
+        let window = |ch: usize| {
+            if c.use_short_conv {
+                vec![0.0; ch * c.conv_size]
+            } else {
+                Vec::new()
+            }
+        };
+        DeltaNetLayerState {
+            conv: [
+                window(c.num_heads * c.head_k_dim),
+                window(c.num_heads * c.head_k_dim),
+                window(c.num_heads * c.head_v_dim),
+            ],
+            s: vec![0.0; c.num_heads * c.head_k_dim * c.head_v_dim],
+        }
+    }
+
+    pub fn state_bytes(&self) -> usize {
+        let s = self.new_state();
+        4 * (s.s.len() + s.conv.iter().map(Vec::len).sum::<usize>())
+    }
+
+    pub fn weight_bytes(&self) -> usize {
+        [&self.q_proj, &self.k_proj, &self.v_proj, &self.o_proj]
+            .iter()
+            .map(|l| l.size_bytes())
+            .sum::<usize>()
+            + self.b_proj.as_ref().map_or(0, Linear::size_bytes)
+            + self.g_proj.as_ref().map_or(0, Linear::size_bytes)
+            + self
+                .convs
+                .as_ref()
+                .map_or(0, |c| c.iter().map(ShortConv::size_bytes).sum())
+            + self.norm.size_bytes()
+    }
+
+    pub fn forward(
+        &self,
+        u: &[f32],
+        segments: &[Range<usize>],
+        states: &mut [&mut DeltaNetLayerState],
+        out: &mut [f32],
+    ) {
+        let c = &self.config;
+        let d = c.d_model;
+        let m = u.len() / d;
+        let (h, dk, dv) = (c.num_heads, c.head_k_dim, c.head_v_dim);
+        let (kd, vd) = (h * dk, h * dv);
+        let x = MatRef::dense(u, m, d);
+        let mut q = vec![0.0f32; m * kd];
+        let mut k = vec![0.0f32; m * kd];
+        let mut v = vec![0.0f32; m * vd];
+        self.q_proj.forward(x, &mut q);
+        self.k_proj.forward(x, &mut k);
+        self.v_proj.forward(x, &mut v);
+        match &self.convs {
+            Some(convs) => {
+                for (which, (values, conv)) in
+                    [&mut q, &mut k, &mut v].into_iter().zip(convs).enumerate()
+                {
+                    let mut windows: Vec<&mut Vec<f32>> =
+                        states.iter_mut().map(|s| &mut s.conv[which]).collect();
+                    conv.forward(values, segments, &mut windows);
+                }
+            }
+            None => {
+                if c.qk_activation == QkActivation::Silu {
+                    silu_inplace(&mut q);
+                    silu_inplace(&mut k);
+                }
+                silu_inplace(&mut v);
+            }
+        }
+        for values in [&mut q, &mut k] {
+            match c.qk_activation {
+                QkActivation::Silu | QkActivation::Identity => {}
+                QkActivation::Relu => values.iter_mut().for_each(|v| *v = v.max(0.0)),
+                QkActivation::EluPlusOne => values
+                    .iter_mut()
+                    .for_each(|v| *v = if *v > 0.0 { *v + 1.0 } else { v.exp() }),
+            }
+            for row in values.chunks_mut(dk) {
+                let norm = match c.qk_norm {
+                    // fla l2norm: x / sqrt(Σx² + 1e-6).
+                    QkNorm::L2 => (row.iter().map(|v| v * v).sum::<f32>() + 1e-6).sqrt(),
+                    // F.normalize(p=1, eps=1e-6): x / max(Σ|x|, 1e-6).
+                    QkNorm::Sum => row.iter().map(|v| v.abs()).sum::<f32>().max(1e-6),
+                };
+                row.iter_mut().for_each(|v| *v /= norm);
+            }
+        }
+        let mut beta = vec![1.0f32; m * h];
+        if let Some(b_proj) = &self.b_proj {
+            b_proj.forward(x, &mut beta);
+            beta.iter_mut().for_each(|b| *b = sigmoid(*b));
+        }
+        if c.allow_neg_eigval {
+            beta.iter_mut().for_each(|b| *b *= 2.0);
+        }
+
+        let scale = (dk as f32).powf(-0.5);
+        let mut o = vec![0.0f32; m * vd];
+        for (rows, state) in segments.iter().zip(states.iter_mut()) {
+            for head in 0..h {
+                let inputs = DeltaInputs {
+                    q: head_rows(&q, rows, kd, head * dk, dk),
+                    k: head_rows(&k, rows, kd, head * dk, dk),
+                    v: head_rows(&v, rows, vd, head * dv, dv),
+                    beta: head_rows(&beta, rows, h, head, 1),
+                    scale,
+                };
+                let s = &mut state.s[head * dk * dv..(head + 1) * dk * dv];
+                let dst = &mut o[rows.start * vd + head * dv..];
+                if rows.len() == 1 {
+                    delta_recurrent(inputs, 1, s, dst, vd);
+                } else {
+                    delta_chunked(inputs, rows.len(), CHUNK, s, dst, vd);
+                }
+            }
+        }
+
+        let mut normed = vec![0.0f32; m * vd];
+        match &self.g_proj {
+            Some(g_proj) => {
+                let mut gate = vec![0.0f32; m * vd];
+                g_proj.forward(x, &mut gate);
+                rms_norm_gated(&o, &gate, dv, self.norm.as_slice(), c.norm_eps, &mut normed);
+            }
+            None => rms_norm(&o, dv, self.norm.as_slice(), c.norm_eps, &mut normed),
+        }
+        self.o_proj.forward(MatRef::dense(&normed, m, vd), out);
+    }
+}
+
+fn head_rows<'a>(
+    data: &'a [f32],
+    rows: &Range<usize>,
+    stride: usize,
+    offset: usize,
+    width: usize,
+) -> HeadRows<'a> {
+    HeadRows {
+        data: &data[rows.start * stride..rows.end * stride],
+        stride,
+        offset,
+        width,
+    }
+}
