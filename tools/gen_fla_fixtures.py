@@ -24,7 +24,9 @@ autotuner.Autotuner._bench = lambda self, *args, **kwargs: [1.0, 1.0, 1.0]
 
 import torch  # noqa: E402
 from safetensors.torch import load_file, save_file  # noqa: E402
-from fla.models import DeltaNetConfig, DeltaNetForCausalLM, GLAConfig, GLAForCausalLM  # noqa: E402
+from fla.models import (  # noqa: E402
+    DeltaNetConfig, DeltaNetForCausalLM, GatedDeltaNetConfig, GatedDeltaNetForCausalLM, GLAConfig, GLAForCausalLM,
+)
 
 ROOT = Path(__file__).resolve().parent.parent / "tests" / "fixtures" / "fla"
 
@@ -41,7 +43,11 @@ def perturb(model, seed):
                 p.add_(0.5 * scale * noise)
 
 
-FAMILIES = {"gla": (GLAConfig, GLAForCausalLM), "delta_net": (DeltaNetConfig, DeltaNetForCausalLM)}
+FAMILIES = {
+    "gla": (GLAConfig, GLAForCausalLM),
+    "delta_net": (DeltaNetConfig, DeltaNetForCausalLM),
+    "gated_deltanet": (GatedDeltaNetConfig, GatedDeltaNetForCausalLM),
+}
 
 
 def make(name, cfg, seq_len, seed, fuse_mlp=False, legacy_eps=False, family="gla"):
@@ -99,6 +105,12 @@ def main():
                                              num_hidden_layers=2, vocab_size=40, qk_activation="elu",
                                              use_short_conv=False, use_beta=False, hidden_ratio=2),
          seq_len=130, seed=700, family="delta_net")
+    make("gated_deltanet_basic", dict(hidden_size=32, num_heads=2, head_dim=8, expand_v=2, num_hidden_layers=2,
+                                      vocab_size=50, hidden_ratio=2), seq_len=150, seed=800, family="gated_deltanet")
+    make("gated_deltanet_gva_nogate_negeig", dict(hidden_size=24, num_heads=1, num_v_heads=3, head_dim=6,
+                                                  expand_v=1, num_hidden_layers=2, vocab_size=40, use_gate=False,
+                                                  allow_neg_eigval=True, conv_size=3, hidden_ratio=2),
+         seq_len=140, seed=900, family="gated_deltanet")
 
 
 if __name__ == "__main__":

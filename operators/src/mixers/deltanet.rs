@@ -242,6 +242,7 @@ impl DeltaNetMixer {
                     k: head_rows(&k, rows, kd, head * dk, dk),
                     v: head_rows(&v, rows, vd, head * dv, dv),
                     beta: head_rows(&beta, rows, h, head, 1),
+                    g: None,
                     scale,
                 };
                 let s = &mut state.s[head * dk * dv..(head + 1) * dk * dv];

@@ -3,5 +3,6 @@
 //! batched computation (one GEMM over all rows, then per-session recurrences).
 
 pub mod deltanet;
+pub mod gated_deltanet;
 pub mod gla;
 pub mod mamba;

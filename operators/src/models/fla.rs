@@ -7,7 +7,8 @@
 //! logits = lm_head(RMSNorm(h))
 //! ```
 //!
-//! Families: GLA (`model_type: gla`), DeltaNet (`delta_net`). Options Tideway does not implement are refused at load,
+//! Families: GLA (`model_type: gla`), DeltaNet (`delta_net`), Gated DeltaNet
+//! (`gated_deltanet`). Options Tideway does not implement are refused at load,
 //! by name, never ignored.
 
 use std::ops::Range;
@@ -23,6 +24,9 @@ use crate::layers::mlp::{GatedMlp, default_intermediate};
 use crate::mixers::deltanet::{
     DeltaNetConfig, DeltaNetLayerState, DeltaNetMixer, QkActivation, QkNorm,
 };
+use crate::mixers::gated_deltanet::{
+    GatedDeltaNetConfig, GatedDeltaNetLayerState, GatedDeltaNetMixer,
+};
 use crate::mixers::gla::{FeatureMap, GlaConfig, GlaLayerState, GlaMixer};
 use crate::models::config::ConfigJson;
 
@@ -30,6 +34,7 @@ use crate::models::config::ConfigJson;
 pub enum FlaMixerConfig {
     Gla(GlaConfig),
     DeltaNet(DeltaNetConfig),
+    GatedDeltaNet(GatedDeltaNetConfig),
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -169,6 +174,34 @@ impl FlaConfig {
                     norm_eps,
                 })
             }
+            "gated_deltanet" => {
+                let heads = top.usize_opt("num_heads")?.unwrap_or(6);
+                let v_heads = top.usize_opt("num_v_heads")?.unwrap_or(heads);
+                if v_heads < heads || !v_heads.is_multiple_of(heads) {
+                    return Err(config.malformed(format!(
+                        "num_v_heads {v_heads} must be a multiple of num_heads {heads}"
+                    )));
+                }
+                let head_dim = top.usize_opt("head_dim")?.unwrap_or(256);
+                let dv = head_dim as f64 * top.f64_opt("expand_v")?.unwrap_or(2.0);
+                if (dv - dv.round()).abs() > 1e-6 || dv < 1.0 {
+                    return Err(config
+                        .malformed(format!("head_dim × expand_v = {dv} must be a whole number")));
+                }
+                FlaMixerConfig::GatedDeltaNet(GatedDeltaNetConfig {
+                    d_model: hidden,
+                    num_heads: heads,
+                    num_v_heads: v_heads,
+                    head_k_dim: head_dim,
+                    head_v_dim: dv.round() as usize,
+                    use_short_conv: top.bool_opt("use_short_conv")?.unwrap_or(true),
+                    conv_size: top.usize_opt("conv_size")?.unwrap_or(4),
+                    conv_bias: top.bool_opt("conv_bias")?.unwrap_or(false),
+                    allow_neg_eigval: top.bool_opt("allow_neg_eigval")?.unwrap_or(false),
+                    use_gate: top.bool_opt("use_gate")?.unwrap_or(true),
+                    norm_eps,
+                })
+            }
             other => {
                 return Err(LoadError::UnknownModelType {
                     path: config.path().to_path_buf(),
@@ -194,6 +227,7 @@ impl FlaConfig {
 enum FlaMixer {
     Gla(GlaMixer),
     DeltaNet(DeltaNetMixer),
+    GatedDeltaNet(GatedDeltaNetMixer),
 }
 
 /// One session's state in one layer.
@@ -201,6 +235,7 @@ enum FlaMixer {
 pub enum FlaLayerState {
     Gla(GlaLayerState),
     DeltaNet(DeltaNetLayerState),
+    GatedDeltaNet(GatedDeltaNetLayerState),
 }
 
 /// One session's recurrent state: every layer's matrix state and conv windows.
@@ -240,6 +275,9 @@ impl FlaLm {
                         &format!("{p}attn."),
                         c.clone(),
                     )?),
+                    FlaMixerConfig::GatedDeltaNet(c) => FlaMixer::GatedDeltaNet(
+                        GatedDeltaNetMixer::load(checkpoint, &format!("{p}attn."), c.clone())?,
+                    ),
                 };
                 Ok(FlaBlock {
                     attn_norm: checkpoint.load(&format!("{p}attn_norm.weight"), &[d])?,
@@ -288,6 +326,7 @@ impl FlaLm {
                 .map(|b| match &b.attn {
                     FlaMixer::Gla(m) => FlaLayerState::Gla(m.new_state()),
                     FlaMixer::DeltaNet(m) => FlaLayerState::DeltaNet(m.new_state()),
+                    FlaMixer::GatedDeltaNet(m) => FlaLayerState::GatedDeltaNet(m.new_state()),
                 })
                 .collect(),
             position: 0,
@@ -300,6 +339,7 @@ impl FlaLm {
             .map(|b| match &b.attn {
                 FlaMixer::Gla(m) => m.state_bytes(),
                 FlaMixer::DeltaNet(m) => m.state_bytes(),
+                FlaMixer::GatedDeltaNet(m) => m.state_bytes(),
             })
             .sum()
     }
@@ -318,6 +358,7 @@ impl FlaLm {
                         + match &b.attn {
                             FlaMixer::Gla(m) => m.weight_bytes(),
                             FlaMixer::DeltaNet(m) => m.weight_bytes(),
+                            FlaMixer::GatedDeltaNet(m) => m.weight_bytes(),
                         }
                 })
                 .sum::<usize>()
@@ -391,6 +432,16 @@ impl FlaLm {
                         .iter_mut()
                         .map(|s| match &mut s.layers[i] {
                             FlaLayerState::DeltaNet(l) => Ok(l),
+                            _ => Err(InputError::WrongState),
+                        })
+                        .collect::<Result<_, _>>()?;
+                    mixer.forward(&normed, &segments, &mut layer, &mut delta);
+                }
+                FlaMixer::GatedDeltaNet(mixer) => {
+                    let mut layer: Vec<&mut GatedDeltaNetLayerState> = states
+                        .iter_mut()
+                        .map(|s| match &mut s.layers[i] {
+                            FlaLayerState::GatedDeltaNet(l) => Ok(l),
                             _ => Err(InputError::WrongState),
                         })
                         .collect::<Result<_, _>>()?;

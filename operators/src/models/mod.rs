@@ -18,7 +18,7 @@ pub use fla::{FlaConfig, FlaLm, FlaState};
 pub use mamba::{MambaConfig, MambaLm, MambaState};
 
 /// The fla model types Tideway loads.
-const FLA_TYPES: [&str; 2] = ["gla", "delta_net"];
+const FLA_TYPES: [&str; 3] = ["gla", "delta_net", "gated_deltanet"];
 
 /// A loaded model of any supported family.
 pub enum Model {
@@ -50,6 +50,7 @@ impl Model {
             Model::Fla(m) => match m.config.model_type.as_str() {
                 "gla" => "gla",
                 "delta_net" => "delta_net",
+                "gated_deltanet" => "gated_deltanet",
                 _ => "fla",
             },
         }
