@@ -26,6 +26,7 @@ import torch  # noqa: E402
 from safetensors.torch import load_file, save_file  # noqa: E402
 from fla.models import (  # noqa: E402
     DeltaNetConfig, DeltaNetForCausalLM, GatedDeltaNetConfig, GatedDeltaNetForCausalLM, GLAConfig, GLAForCausalLM,
+    RetNetConfig, RetNetForCausalLM,
 )
 
 ROOT = Path(__file__).resolve().parent.parent / "tests" / "fixtures" / "fla"
@@ -47,6 +48,7 @@ FAMILIES = {
     "gla": (GLAConfig, GLAForCausalLM),
     "delta_net": (DeltaNetConfig, DeltaNetForCausalLM),
     "gated_deltanet": (GatedDeltaNetConfig, GatedDeltaNetForCausalLM),
+    "retnet": (RetNetConfig, RetNetForCausalLM),
 }
 
 
@@ -111,6 +113,12 @@ def main():
                                                   expand_v=1, num_hidden_layers=2, vocab_size=40, use_gate=False,
                                                   allow_neg_eigval=True, conv_size=3, hidden_ratio=2),
          seq_len=140, seed=900, family="gated_deltanet")
+    make("retnet_basic", dict(hidden_size=32, num_heads=4, expand_k=1, expand_v=2, num_hidden_layers=2,
+                              vocab_size=50, hidden_ratio=2), seq_len=150, seed=1000, family="retnet")
+    # use_short_conv is in the config but fla's RetNet block never passes it to the layer.
+    make("retnet_kv_heads_conv_ignored", dict(hidden_size=24, num_heads=2, num_kv_heads=1, expand_k=1, expand_v=1,
+                                num_hidden_layers=2, vocab_size=40, use_short_conv=True, conv_size=3,
+                                hidden_ratio=2), seq_len=140, seed=1100, family="retnet")
 
 
 if __name__ == "__main__":

@@ -72,6 +72,18 @@ pub struct GlaConfig {
     pub feature_map: Option<FeatureMap>,
     pub clamp_min: Option<f32>,
     pub norm_eps: f32,
+    /// GLA's data-dependent key gate, or RetNet's fixed per-head decay with RoPE.
+    pub decay: DecayKind,
+}
+
+/// Where the log decay of the GLA family comes from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DecayKind {
+    /// `logsigmoid(gk_proj(x)) / 16` per key channel (GLA).
+    KeyGate,
+    /// `ln(1 − 2^{−5−h})` for head h, constant over time, with rotary q/k (RetNet,
+    /// `fla/layers/multiscale_retention.py`).
+    Retention,
 }
 
 impl GlaConfig {
@@ -101,8 +113,8 @@ pub struct GlaMixer {
     k_proj: Linear,
     v_proj: Linear,
     g_proj: Option<Linear>,
-    gk_down: Linear,
-    gk_up: Linear,
+    /// GLA's low-rank gate projection (`gk_proj.0`, `gk_proj.1`); None for RetNet.
+    key_gate: Option<(Linear, Linear)>,
     convs: Option<[ShortConv; 3]>,
     norm: Weight,
     o_proj: Linear,
@@ -151,13 +163,18 @@ impl GlaMixer {
             } else {
                 None
             },
-            gk_down: linear("gk_proj.0.weight", None, GATE_LOW_RANK, d)?,
-            gk_up: linear(
-                "gk_proj.1.weight",
-                Some("gk_proj.1.bias"),
-                kd / g,
-                GATE_LOW_RANK,
-            )?,
+            key_gate: match config.decay {
+                DecayKind::KeyGate => Some((
+                    linear("gk_proj.0.weight", None, GATE_LOW_RANK, d)?,
+                    linear(
+                        "gk_proj.1.weight",
+                        Some("gk_proj.1.bias"),
+                        kd / g,
+                        GATE_LOW_RANK,
+                    )?,
+                )),
+                DecayKind::Retention => None,
+            },
             convs,
             norm: checkpoint.load(&name(norm_name), &[config.head_v_dim])?,
             o_proj: linear("o_proj.weight", None, d, vd)?,
@@ -194,8 +211,10 @@ impl GlaMixer {
         let mut total = self.q_proj.size_bytes()
             + self.k_proj.size_bytes()
             + self.v_proj.size_bytes()
-            + self.gk_down.size_bytes()
-            + self.gk_up.size_bytes()
+            + self
+                .key_gate
+                .as_ref()
+                .map_or(0, |(a, b)| a.size_bytes() + b.size_bytes())
             + self.o_proj.size_bytes()
             + self.norm.size_bytes();
         if let Some(g) = &self.g_proj {
@@ -207,11 +226,13 @@ impl GlaMixer {
         total
     }
 
-    /// Packed forward: session `i` owns rows `segments[i]` of `u` (`[M, D]`).
+    /// Packed forward: session `i` owns rows `segments[i]` of `u` (`[M, D]`), the first of
+    /// them at position `starts[i]` in its sequence (for RoPE).
     pub fn forward(
         &self,
         u: &[f32],
         segments: &[Range<usize>],
+        starts: &[usize],
         states: &mut [&mut GlaLayerState],
         out: &mut [f32],
     ) {
@@ -237,25 +258,45 @@ impl GlaMixer {
                 conv.forward(values, segments, &mut windows);
             }
         }
-        let mut low = vec![0.0f32; m * GATE_LOW_RANK];
-        self.gk_down.forward(x, &mut low);
-        let mut gk = vec![0.0f32; m * kkd];
-        self.gk_up
-            .forward(MatRef::dense(&low, m, GATE_LOW_RANK), &mut gk);
-        for v in gk.iter_mut() {
-            let mut l = logsigmoid(*v) / GATE_LOGIT_NORMALIZER;
-            if let Some(lo) = c.clamp_min {
-                l = l.max(lo);
+        let (dk, dv) = (c.head_k_dim, c.head_v_dim);
+        // The log decay: per row and key channel (GLA) or one constant row per head (RetNet,
+        // read with stride 0).
+        let (gk, g_stride) = match &self.key_gate {
+            Some((down, up)) => {
+                let mut low = vec![0.0f32; m * GATE_LOW_RANK];
+                down.forward(x, &mut low);
+                let mut gk = vec![0.0f32; m * kkd];
+                up.forward(MatRef::dense(&low, m, GATE_LOW_RANK), &mut gk);
+                for v in gk.iter_mut() {
+                    let mut l = logsigmoid(*v) / GATE_LOGIT_NORMALIZER;
+                    if let Some(lo) = c.clamp_min {
+                        l = l.max(lo);
+                    }
+                    *v = l;
+                }
+                (gk, kkd)
             }
-            *v = l;
-        }
+            None => {
+                let mut gk = vec![0.0f32; c.num_heads * dk];
+                for (h, row) in gk.chunks_mut(dk).enumerate() {
+                    let gamma = 1.0 - 2f64.powi(-5 - h as i32);
+                    row.fill(gamma.ln() as f32);
+                }
+                (gk, 0)
+            }
+        };
         if let Some(map) = c.feature_map {
             map.apply(&mut q);
             map.apply(&mut k);
         }
+        if c.decay == DecayKind::Retention {
+            for (rows, &start) in segments.iter().zip(starts) {
+                rotary(&mut q[rows.start * kd..rows.end * kd], kd, dk, start);
+                rotary(&mut k[rows.start * kkd..rows.end * kkd], kkd, dk, start);
+            }
+        }
 
         // Per session and head: the recurrence (one row) or the chunkwise form.
-        let (dk, dv) = (c.head_k_dim, c.head_v_dim);
         let scale = (dk as f32).powf(-0.5);
         let mut o = vec![0.0f32; m * vd];
         for (rows, state) in segments.iter().zip(states.iter_mut()) {
@@ -265,7 +306,15 @@ impl GlaMixer {
                     q: head_rows(&q, rows, kd, h * dk, dk),
                     k: head_rows(&k, rows, kkd, kv * dk, dk),
                     v: head_rows(&v, rows, kvd, kv * dv, dv),
-                    g: Some(head_rows(&gk, rows, kkd, kv * dk, dk)),
+                    g: Some(match g_stride {
+                        0 => HeadRows {
+                            data: &gk,
+                            stride: 0,
+                            offset: h * dk,
+                            width: dk,
+                        },
+                        _ => head_rows(&gk, rows, kkd, kv * dk, dk),
+                    }),
                     scale,
                 };
                 let s = &mut state.s[h * dk * dv..(h + 1) * dk * dv];
@@ -305,5 +354,26 @@ fn head_rows<'a>(
         stride,
         offset,
         width,
+    }
+}
+
+/// Rotary position embedding, NeoX style (rotate-half, not interleaved), base 10000, on every
+/// `dk`-wide head of every `width`-wide row; row `t` sits at position `start + t`
+/// (`fla/modules/rotary`, `RotaryEmbedding(dim = head_k_dim)`; angles in f32 as fla's cache).
+pub(crate) fn rotary(values: &mut [f32], width: usize, dk: usize, start: usize) {
+    let half = dk / 2;
+    let inv_freq: Vec<f32> = (0..half)
+        .map(|i| 1.0 / 10000f32.powf((2 * i) as f32 / dk as f32))
+        .collect();
+    for (t, row) in values.chunks_mut(width).enumerate() {
+        let pos = (start + t) as f32;
+        for head in row.chunks_mut(dk) {
+            for i in 0..half {
+                let (sin, cos) = (pos * inv_freq[i]).sin_cos();
+                let (a, b) = (head[i], head[i + half]);
+                head[i] = a * cos - b * sin;
+                head[i + half] = b * cos + a * sin;
+            }
+        }
     }
 }

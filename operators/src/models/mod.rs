@@ -18,7 +18,7 @@ pub use fla::{FlaConfig, FlaLm, FlaState};
 pub use mamba::{MambaConfig, MambaLm, MambaState};
 
 /// The fla model types Tideway loads.
-const FLA_TYPES: [&str; 3] = ["gla", "delta_net", "gated_deltanet"];
+const FLA_TYPES: [&str; 4] = ["gla", "delta_net", "gated_deltanet", "retnet"];
 
 /// A loaded model of any supported family.
 pub enum Model {
@@ -51,6 +51,7 @@ impl Model {
                 "gla" => "gla",
                 "delta_net" => "delta_net",
                 "gated_deltanet" => "gated_deltanet",
+                "retnet" => "retnet",
                 _ => "fla",
             },
         }
