@@ -26,6 +26,23 @@ pub struct HeadRows<'a> {
 }
 
 impl<'a> HeadRows<'a> {
+    /// One head's columns (`offset..offset + width`) of rows `rows` of a packed
+    /// `[M, stride]` activation; row 0 of the view is `rows.start`.
+    pub fn segment(
+        data: &'a [f32],
+        rows: &std::ops::Range<usize>,
+        stride: usize,
+        offset: usize,
+        width: usize,
+    ) -> Self {
+        HeadRows {
+            data: &data[rows.start * stride..rows.end * stride],
+            stride,
+            offset,
+            width,
+        }
+    }
+
     #[inline]
     pub fn row(&self, t: usize) -> &'a [f32] {
         &self.data[t * self.stride + self.offset..][..self.width]

@@ -1,4 +1,5 @@
 //! Pieces shared by several model families.
 
+pub mod head_output;
 pub mod mlp;
 pub mod short_conv;

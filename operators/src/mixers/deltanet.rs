@@ -12,15 +12,14 @@
 
 use std::ops::Range;
 
-use tideway_kernels::Weight;
 use tideway_kernels::activation::{sigmoid, silu_inplace};
 use tideway_kernels::delta_rule::{DeltaInputs, delta_chunked, delta_recurrent};
 use tideway_kernels::linear_attention::HeadRows;
 use tideway_kernels::matmul::{Linear, MatRef};
-use tideway_kernels::norm::{rms_norm, rms_norm_gated};
 
 use crate::checkpoint::Checkpoint;
 use crate::error::LoadError;
+use crate::layers::head_output::{HeadOutput, HeadOutputShape};
 use crate::layers::short_conv::ShortConv;
 
 pub const CHUNK: usize = 64;
@@ -70,10 +69,8 @@ pub struct DeltaNetMixer {
     k_proj: Linear,
     v_proj: Linear,
     b_proj: Option<Linear>,
-    g_proj: Option<Linear>,
     convs: Option<[ShortConv; 3]>,
-    norm: Weight,
-    o_proj: Linear,
+    output: HeadOutput,
 }
 
 impl DeltaNetMixer {
@@ -111,11 +108,6 @@ impl DeltaNetMixer {
             } else {
                 None
             },
-            g_proj: if c.use_gate {
-                Some(linear("g_proj.weight", vd, d)?)
-            } else {
-                None
-            },
             convs: if c.use_short_conv {
                 Some([
                     conv("q", kd, qk_silu)?,
@@ -125,8 +117,18 @@ impl DeltaNetMixer {
             } else {
                 None
             },
-            norm: checkpoint.load(&name("o_norm.weight"), &[c.head_v_dim])?,
-            o_proj: linear("o_proj.weight", d, vd)?,
+            output: HeadOutput::load(
+                checkpoint,
+                prefix,
+                "o_norm.weight",
+                HeadOutputShape {
+                    gated: c.use_gate,
+                    d_model: d,
+                    value_dim: vd,
+                    head_dim: c.head_v_dim,
+                    eps: c.norm_eps,
+                },
+            )?,
             config,
         })
     }
@@ -156,17 +158,16 @@ impl DeltaNetMixer {
     }
 
     pub fn weight_bytes(&self) -> usize {
-        [&self.q_proj, &self.k_proj, &self.v_proj, &self.o_proj]
+        [&self.q_proj, &self.k_proj, &self.v_proj]
             .iter()
             .map(|l| l.size_bytes())
             .sum::<usize>()
             + self.b_proj.as_ref().map_or(0, Linear::size_bytes)
-            + self.g_proj.as_ref().map_or(0, Linear::size_bytes)
             + self
                 .convs
                 .as_ref()
                 .map_or(0, |c| c.iter().map(ShortConv::size_bytes).sum())
-            + self.norm.size_bytes()
+            + self.output.size_bytes()
     }
 
     pub fn forward(
@@ -238,10 +239,10 @@ impl DeltaNetMixer {
         for (rows, state) in segments.iter().zip(states.iter_mut()) {
             for head in 0..h {
                 let inputs = DeltaInputs {
-                    q: head_rows(&q, rows, kd, head * dk, dk),
-                    k: head_rows(&k, rows, kd, head * dk, dk),
-                    v: head_rows(&v, rows, vd, head * dv, dv),
-                    beta: head_rows(&beta, rows, h, head, 1),
+                    q: HeadRows::segment(&q, rows, kd, head * dk, dk),
+                    k: HeadRows::segment(&k, rows, kd, head * dk, dk),
+                    v: HeadRows::segment(&v, rows, vd, head * dv, dv),
+                    beta: HeadRows::segment(&beta, rows, h, head, 1),
                     g: None,
                     scale,
                 };
@@ -255,30 +256,6 @@ impl DeltaNetMixer {
             }
         }
 
-        let mut normed = vec![0.0f32; m * vd];
-        match &self.g_proj {
-            Some(g_proj) => {
-                let mut gate = vec![0.0f32; m * vd];
-                g_proj.forward(x, &mut gate);
-                rms_norm_gated(&o, &gate, dv, self.norm.as_slice(), c.norm_eps, &mut normed);
-            }
-            None => rms_norm(&o, dv, self.norm.as_slice(), c.norm_eps, &mut normed),
-        }
-        self.o_proj.forward(MatRef::dense(&normed, m, vd), out);
-    }
-}
-
-fn head_rows<'a>(
-    data: &'a [f32],
-    rows: &Range<usize>,
-    stride: usize,
-    offset: usize,
-    width: usize,
-) -> HeadRows<'a> {
-    HeadRows {
-        data: &data[rows.start * stride..rows.end * stride],
-        stride,
-        offset,
-        width,
+        self.output.forward(&o, x, out);
     }
 }

@@ -20,10 +20,10 @@ use tideway_kernels::activation::{sigmoid, silu_inplace, softplus};
 use tideway_kernels::delta_rule::{DeltaInputs, delta_chunked, delta_recurrent};
 use tideway_kernels::linear_attention::HeadRows;
 use tideway_kernels::matmul::{Linear, MatRef};
-use tideway_kernels::norm::{rms_norm, rms_norm_gated};
 
 use crate::checkpoint::Checkpoint;
 use crate::error::LoadError;
+use crate::layers::head_output::{HeadOutput, HeadOutputShape};
 use crate::layers::short_conv::ShortConv;
 
 pub const CHUNK: usize = 64;
@@ -61,10 +61,8 @@ pub struct GatedDeltaNetMixer {
     /// `−exp(A_log)`, per value head.
     neg_a: Vec<f32>,
     dt_bias: Weight,
-    g_proj: Option<Linear>,
     convs: Option<[ShortConv; 3]>,
-    norm: Weight,
-    o_proj: Linear,
+    output: HeadOutput,
 }
 
 impl GatedDeltaNetMixer {
@@ -102,18 +100,23 @@ impl GatedDeltaNetMixer {
             b_proj: linear("b_proj.weight", hv, d)?,
             neg_a: a_log.as_slice().iter().map(|a| -a.exp()).collect(),
             dt_bias: checkpoint.load(&name("dt_bias"), &[hv])?,
-            g_proj: if c.use_gate {
-                Some(linear("g_proj.weight", vd, d)?)
-            } else {
-                None
-            },
             convs: if c.use_short_conv {
                 Some([conv("q", kd)?, conv("k", kd)?, conv("v", vd)?])
             } else {
                 None
             },
-            norm: checkpoint.load(&name("o_norm.weight"), &[c.head_v_dim])?,
-            o_proj: linear("o_proj.weight", d, vd)?,
+            output: HeadOutput::load(
+                checkpoint,
+                prefix,
+                "o_norm.weight",
+                HeadOutputShape {
+                    gated: c.use_gate,
+                    d_model: d,
+                    value_dim: vd,
+                    head_dim: c.head_v_dim,
+                    eps: c.norm_eps,
+                },
+            )?,
             config,
         })
     }
@@ -146,17 +149,15 @@ impl GatedDeltaNetMixer {
             &self.v_proj,
             &self.a_proj,
             &self.b_proj,
-            &self.o_proj,
         ]
         .iter()
         .map(|l| l.size_bytes())
         .sum::<usize>()
-            + self.g_proj.as_ref().map_or(0, Linear::size_bytes)
             + self
                 .convs
                 .as_ref()
                 .map_or(0, |c| c.iter().map(ShortConv::size_bytes).sum())
-            + self.norm.size_bytes()
+            + self.output.size_bytes()
             + self.dt_bias.size_bytes()
             + 4 * self.neg_a.len()
     }
@@ -222,11 +223,11 @@ impl GatedDeltaNetMixer {
             for vh in 0..hv {
                 let qk_head = vh / groups;
                 let inputs = DeltaInputs {
-                    q: head_rows(&q, rows, kd, qk_head * dk, dk),
-                    k: head_rows(&k, rows, kd, qk_head * dk, dk),
-                    v: head_rows(&v, rows, vd, vh * dv, dv),
-                    beta: head_rows(&beta, rows, hv, vh, 1),
-                    g: Some(head_rows(&g, rows, hv, vh, 1)),
+                    q: HeadRows::segment(&q, rows, kd, qk_head * dk, dk),
+                    k: HeadRows::segment(&k, rows, kd, qk_head * dk, dk),
+                    v: HeadRows::segment(&v, rows, vd, vh * dv, dv),
+                    beta: HeadRows::segment(&beta, rows, hv, vh, 1),
+                    g: Some(HeadRows::segment(&g, rows, hv, vh, 1)),
                     scale,
                 };
                 let s = &mut state.s[vh * dk * dv..(vh + 1) * dk * dv];
@@ -239,30 +240,6 @@ impl GatedDeltaNetMixer {
             }
         }
 
-        let mut normed = vec![0.0f32; m * vd];
-        match &self.g_proj {
-            Some(g_proj) => {
-                let mut gate = vec![0.0f32; m * vd];
-                g_proj.forward(x, &mut gate);
-                rms_norm_gated(&o, &gate, dv, self.norm.as_slice(), c.norm_eps, &mut normed);
-            }
-            None => rms_norm(&o, dv, self.norm.as_slice(), c.norm_eps, &mut normed),
-        }
-        self.o_proj.forward(MatRef::dense(&normed, m, vd), out);
-    }
-}
-
-fn head_rows<'a>(
-    data: &'a [f32],
-    rows: &Range<usize>,
-    stride: usize,
-    offset: usize,
-    width: usize,
-) -> HeadRows<'a> {
-    HeadRows {
-        data: &data[rows.start * stride..rows.end * stride],
-        stride,
-        offset,
-        width,
+        self.output.forward(&o, x, out);
     }
 }

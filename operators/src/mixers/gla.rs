@@ -13,14 +13,13 @@
 
 use std::ops::Range;
 
-use tideway_kernels::Weight;
 use tideway_kernels::activation::{logsigmoid, silu_inplace};
 use tideway_kernels::linear_attention::{HeadInputs, HeadRows, gated_chunked, gated_recurrent};
 use tideway_kernels::matmul::{Linear, MatRef};
-use tideway_kernels::norm::{rms_norm, rms_norm_gated};
 
 use crate::checkpoint::Checkpoint;
 use crate::error::LoadError;
+use crate::layers::head_output::{HeadOutput, HeadOutputShape};
 use crate::layers::short_conv::ShortConv;
 
 /// Rows per chunk of the chunkwise form (fla's default).
@@ -112,12 +111,10 @@ pub struct GlaMixer {
     q_proj: Linear,
     k_proj: Linear,
     v_proj: Linear,
-    g_proj: Option<Linear>,
     /// GLA's low-rank gate projection (`gk_proj.0`, `gk_proj.1`); None for RetNet.
     key_gate: Option<(Linear, Linear)>,
     convs: Option<[ShortConv; 3]>,
-    norm: Weight,
-    o_proj: Linear,
+    output: HeadOutput,
 }
 
 impl GlaMixer {
@@ -158,11 +155,6 @@ impl GlaMixer {
             q_proj: linear("q_proj.weight", None, kd, d)?,
             k_proj: linear("k_proj.weight", None, kd / g, d)?,
             v_proj: linear("v_proj.weight", None, vd / g, d)?,
-            g_proj: if config.use_output_gate {
-                Some(linear("g_proj.weight", None, vd, d)?)
-            } else {
-                None
-            },
             key_gate: match config.decay {
                 DecayKind::KeyGate => Some((
                     linear("gk_proj.0.weight", None, GATE_LOW_RANK, d)?,
@@ -176,8 +168,18 @@ impl GlaMixer {
                 DecayKind::Retention => None,
             },
             convs,
-            norm: checkpoint.load(&name(norm_name), &[config.head_v_dim])?,
-            o_proj: linear("o_proj.weight", None, d, vd)?,
+            output: HeadOutput::load(
+                checkpoint,
+                prefix,
+                norm_name,
+                HeadOutputShape {
+                    gated: config.use_output_gate,
+                    d_model: d,
+                    value_dim: vd,
+                    head_dim: config.head_v_dim,
+                    eps: config.norm_eps,
+                },
+            )?,
             config,
         })
     }
@@ -215,11 +217,7 @@ impl GlaMixer {
                 .key_gate
                 .as_ref()
                 .map_or(0, |(a, b)| a.size_bytes() + b.size_bytes())
-            + self.o_proj.size_bytes()
-            + self.norm.size_bytes();
-        if let Some(g) = &self.g_proj {
-            total += g.size_bytes();
-        }
+            + self.output.size_bytes();
         if let Some(convs) = &self.convs {
             total += convs.iter().map(ShortConv::size_bytes).sum::<usize>();
         }
@@ -303,9 +301,9 @@ impl GlaMixer {
             for h in 0..c.num_heads {
                 let kv = h / g;
                 let inputs = HeadInputs {
-                    q: head_rows(&q, rows, kd, h * dk, dk),
-                    k: head_rows(&k, rows, kkd, kv * dk, dk),
-                    v: head_rows(&v, rows, kvd, kv * dv, dv),
+                    q: HeadRows::segment(&q, rows, kd, h * dk, dk),
+                    k: HeadRows::segment(&k, rows, kkd, kv * dk, dk),
+                    v: HeadRows::segment(&v, rows, kvd, kv * dv, dv),
                     g: Some(match g_stride {
                         0 => HeadRows {
                             data: &gk,
@@ -313,7 +311,7 @@ impl GlaMixer {
                             offset: h * dk,
                             width: dk,
                         },
-                        _ => head_rows(&gk, rows, kkd, kv * dk, dk),
+                        _ => HeadRows::segment(&gk, rows, kkd, kv * dk, dk),
                     }),
                     scale,
                 };
@@ -328,32 +326,7 @@ impl GlaMixer {
         }
 
         // Per-head norm (and swish gate), then o_proj.
-        let mut normed = vec![0.0f32; m * vd];
-        match &self.g_proj {
-            Some(g_proj) => {
-                let mut gate = vec![0.0f32; m * vd];
-                g_proj.forward(x, &mut gate);
-                rms_norm_gated(&o, &gate, dv, self.norm.as_slice(), c.norm_eps, &mut normed);
-            }
-            None => rms_norm(&o, dv, self.norm.as_slice(), c.norm_eps, &mut normed),
-        }
-        self.o_proj.forward(MatRef::dense(&normed, m, vd), out);
-    }
-}
-
-/// One head's columns of a segment's rows in a packed `[M, stride]` activation.
-fn head_rows<'a>(
-    data: &'a [f32],
-    rows: &Range<usize>,
-    stride: usize,
-    offset: usize,
-    width: usize,
-) -> HeadRows<'a> {
-    HeadRows {
-        data: &data[rows.start * stride..rows.end * stride],
-        stride,
-        offset,
-        width,
+        self.output.forward(&o, x, out);
     }
 }
 
