@@ -26,7 +26,7 @@ import torch  # noqa: E402
 from safetensors.torch import load_file, save_file  # noqa: E402
 from fla.models import (  # noqa: E402
     DeltaNetConfig, DeltaNetForCausalLM, GatedDeltaNetConfig, GatedDeltaNetForCausalLM, GLAConfig, GLAForCausalLM,
-    RetNetConfig, RetNetForCausalLM,
+    LinearAttentionConfig, LinearAttentionForCausalLM, RetNetConfig, RetNetForCausalLM,
 )
 
 ROOT = Path(__file__).resolve().parent.parent / "tests" / "fixtures" / "fla"
@@ -49,6 +49,7 @@ FAMILIES = {
     "delta_net": (DeltaNetConfig, DeltaNetForCausalLM),
     "gated_deltanet": (GatedDeltaNetConfig, GatedDeltaNetForCausalLM),
     "retnet": (RetNetConfig, RetNetForCausalLM),
+    "linear_attn": (LinearAttentionConfig, LinearAttentionForCausalLM),
 }
 
 
@@ -85,6 +86,7 @@ def make(name, cfg, seq_len, seed, fuse_mlp=False, legacy_eps=False, family="gla
 
 def main():
     torch.set_num_threads(1)
+    linear_attention_fixtures()
     ROOT.mkdir(parents=True, exist_ok=True)
     make("gla_basic", dict(hidden_size=32, num_heads=2, expand_k=0.5, expand_v=1, num_hidden_layers=2,
                            vocab_size=50, hidden_ratio=2), seq_len=150, seed=100)
@@ -119,6 +121,24 @@ def main():
     make("retnet_kv_heads_conv_ignored", dict(hidden_size=24, num_heads=2, num_kv_heads=1, expand_k=1, expand_v=1,
                                 num_hidden_layers=2, vocab_size=40, use_short_conv=True, conv_size=3,
                                 hidden_ratio=2), seq_len=140, seed=1100, family="retnet")
+
+
+def linear_attention_fixtures():
+    base = dict(num_hidden_layers=2, hidden_ratio=2)
+    make("linear_attn_hadamard", dict(hidden_size=32, num_heads=2, vocab_size=50, **base),
+         seq_len=150, seed=1200, family="linear_attn")
+    make("linear_attn_hedgehog_normalized", dict(hidden_size=32, num_heads=4, vocab_size=48,
+                                                      feature_map="hedgehog",
+                                                      norm_feature_map=True, **base),
+         seq_len=140, seed=1300, family="linear_attn")
+    make("linear_attn_dpfp_normqk_kv", dict(hidden_size=16, num_heads=2, num_kv_heads=1, vocab_size=40,
+                                            feature_map="dpfp", norm_q=True, norm_k=True, **base),
+         seq_len=130, seed=1400, family="linear_attn")
+    make("linear_attn_t2r", dict(hidden_size=24, num_heads=2, expand_v=2, vocab_size=40, feature_map="t2r", **base),
+         seq_len=130, seed=1500, family="linear_attn")
+    make("linear_attn_elu_normalized", dict(hidden_size=24, num_heads=3, vocab_size=40, feature_map="elu",
+                                            norm_feature_map=True, **base),
+         seq_len=130, seed=1600, family="linear_attn")
 
 
 if __name__ == "__main__":

@@ -21,7 +21,7 @@ pub enum LoadError {
     #[error("{path}: malformed config.json: {reason}")]
     MalformedConfig { path: PathBuf, reason: String },
     #[error(
-        "{path}: unknown model_type {model_type:?}; supported: \"mamba\" (or a state-spaces Mamba config with d_model and n_layer), \"gla\", \"delta_net\", \"gated_deltanet\", \"retnet\""
+        "{path}: unknown model_type {model_type:?}; supported: \"mamba\" (or a state-spaces Mamba config with d_model and n_layer), \"gla\", \"delta_net\", \"gated_deltanet\", \"retnet\", \"linear_attn\""
     )]
     UnknownModelType { path: PathBuf, model_type: String },
     #[error("{path}: {reason}")]

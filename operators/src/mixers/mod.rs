@@ -5,4 +5,5 @@
 pub mod deltanet;
 pub mod gated_deltanet;
 pub mod gla;
+pub mod linear_attn;
 pub mod mamba;

@@ -8,7 +8,7 @@
 //! ```
 //!
 //! Families: GLA (`model_type: gla`), DeltaNet (`delta_net`), Gated DeltaNet
-//! (`gated_deltanet`), RetNet (`retnet`, the GLA mixer with a fixed decay and RoPE). Options Tideway does not implement are refused at load,
+//! (`gated_deltanet`), linear attention (`linear_attn`), RetNet (`retnet`, the GLA mixer with a fixed decay and RoPE). Options Tideway does not implement are refused at load,
 //! by name, never ignored.
 
 use std::ops::Range;
@@ -28,6 +28,9 @@ use crate::mixers::gated_deltanet::{
     GatedDeltaNetConfig, GatedDeltaNetLayerState, GatedDeltaNetMixer,
 };
 use crate::mixers::gla::{DecayKind, FeatureMap, GlaConfig, GlaLayerState, GlaMixer};
+use crate::mixers::linear_attn::{
+    FeatureMapKind, LinearAttnConfig, LinearAttnLayerState, LinearAttnMixer,
+};
 use crate::models::config::ConfigJson;
 
 #[derive(Debug, Clone, PartialEq)]
@@ -35,6 +38,7 @@ pub enum FlaMixerConfig {
     Gla(GlaConfig),
     DeltaNet(DeltaNetConfig),
     GatedDeltaNet(GatedDeltaNetConfig),
+    LinearAttn(LinearAttnConfig),
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -219,6 +223,42 @@ impl FlaConfig {
                     decay: DecayKind::Retention,
                 })
             }
+            "linear_attn" => {
+                let heads = top.usize_opt("num_heads")?.unwrap_or(4);
+                let kv_heads = top.usize_opt("num_kv_heads")?.unwrap_or(heads);
+                if !heads.is_multiple_of(kv_heads) {
+                    return Err(config.malformed(format!(
+                        "num_heads {heads} is not a multiple of num_kv_heads {kv_heads}"
+                    )));
+                }
+                let dim = |key: &str| -> Result<usize, LoadError> {
+                    let d = hidden as f64 * top.f64_opt(key)?.unwrap_or(1.0);
+                    if (d - d.round()).abs() > 1e-6 || !(d.round() as usize).is_multiple_of(heads) {
+                        return Err(config.malformed(format!(
+                            "hidden_size × {key} = {d} must be a whole multiple of num_heads {heads}"
+                        )));
+                    }
+                    Ok(d.round() as usize / heads)
+                };
+                let map = top.str_opt("feature_map")?.unwrap_or("elementwise_product");
+                let feature_map = FeatureMapKind::parse(map).ok_or_else(|| {
+                    config.unsupported(format!(
+                        "feature_map {map:?}; supported: elementwise_product, hedgehog, t2r, dpfp, elu, relu, identity"
+                    ))
+                })?;
+                FlaMixerConfig::LinearAttn(LinearAttnConfig {
+                    d_model: hidden,
+                    num_heads: heads,
+                    num_kv_heads: kv_heads,
+                    head_k_dim: dim("expand_k")?,
+                    head_v_dim: dim("expand_v")?,
+                    feature_map,
+                    norm_q: top.bool_opt("norm_q")?.unwrap_or(false),
+                    norm_k: top.bool_opt("norm_k")?.unwrap_or(false),
+                    normalize: top.bool_opt("norm_feature_map")?.unwrap_or(false),
+                    norm_eps,
+                })
+            }
             "gated_deltanet" => {
                 let heads = top.usize_opt("num_heads")?.unwrap_or(6);
                 let v_heads = top.usize_opt("num_v_heads")?.unwrap_or(heads);
@@ -273,6 +313,7 @@ enum FlaMixer {
     Gla(GlaMixer),
     DeltaNet(DeltaNetMixer),
     GatedDeltaNet(GatedDeltaNetMixer),
+    LinearAttn(LinearAttnMixer),
 }
 
 /// One session's state in one layer.
@@ -281,6 +322,7 @@ pub enum FlaLayerState {
     Gla(GlaLayerState),
     DeltaNet(DeltaNetLayerState),
     GatedDeltaNet(GatedDeltaNetLayerState),
+    LinearAttn(LinearAttnLayerState),
 }
 
 /// One session's recurrent state: every layer's matrix state and conv windows.
@@ -323,6 +365,11 @@ impl FlaLm {
                     FlaMixerConfig::GatedDeltaNet(c) => FlaMixer::GatedDeltaNet(
                         GatedDeltaNetMixer::load(checkpoint, &format!("{p}attn."), c.clone())?,
                     ),
+                    FlaMixerConfig::LinearAttn(c) => FlaMixer::LinearAttn(LinearAttnMixer::load(
+                        checkpoint,
+                        &format!("{p}attn."),
+                        c.clone(),
+                    )?),
                 };
                 Ok(FlaBlock {
                     attn_norm: checkpoint.load(&format!("{p}attn_norm.weight"), &[d])?,
@@ -372,6 +419,7 @@ impl FlaLm {
                     FlaMixer::Gla(m) => FlaLayerState::Gla(m.new_state()),
                     FlaMixer::DeltaNet(m) => FlaLayerState::DeltaNet(m.new_state()),
                     FlaMixer::GatedDeltaNet(m) => FlaLayerState::GatedDeltaNet(m.new_state()),
+                    FlaMixer::LinearAttn(m) => FlaLayerState::LinearAttn(m.new_state()),
                 })
                 .collect(),
             position: 0,
@@ -385,6 +433,7 @@ impl FlaLm {
                 FlaMixer::Gla(m) => m.state_bytes(),
                 FlaMixer::DeltaNet(m) => m.state_bytes(),
                 FlaMixer::GatedDeltaNet(m) => m.state_bytes(),
+                FlaMixer::LinearAttn(m) => m.state_bytes(),
             })
             .sum()
     }
@@ -404,6 +453,7 @@ impl FlaLm {
                             FlaMixer::Gla(m) => m.weight_bytes(),
                             FlaMixer::DeltaNet(m) => m.weight_bytes(),
                             FlaMixer::GatedDeltaNet(m) => m.weight_bytes(),
+                            FlaMixer::LinearAttn(m) => m.weight_bytes(),
                         }
                 })
                 .sum::<usize>()
@@ -488,6 +538,16 @@ impl FlaLm {
                         .iter_mut()
                         .map(|s| match &mut s.layers[i] {
                             FlaLayerState::GatedDeltaNet(l) => Ok(l),
+                            _ => Err(InputError::WrongState),
+                        })
+                        .collect::<Result<_, _>>()?;
+                    mixer.forward(&normed, &segments, &mut layer, &mut delta);
+                }
+                FlaMixer::LinearAttn(mixer) => {
+                    let mut layer: Vec<&mut LinearAttnLayerState> = states
+                        .iter_mut()
+                        .map(|s| match &mut s.layers[i] {
+                            FlaLayerState::LinearAttn(l) => Ok(l),
                             _ => Err(InputError::WrongState),
                         })
                         .collect::<Result<_, _>>()?;

@@ -18,7 +18,13 @@ pub use fla::{FlaConfig, FlaLm, FlaState};
 pub use mamba::{MambaConfig, MambaLm, MambaState};
 
 /// The fla model types Tideway loads.
-const FLA_TYPES: [&str; 4] = ["gla", "delta_net", "gated_deltanet", "retnet"];
+const FLA_TYPES: [&str; 5] = [
+    "gla",
+    "delta_net",
+    "gated_deltanet",
+    "retnet",
+    "linear_attn",
+];
 
 /// A loaded model of any supported family.
 pub enum Model {
@@ -52,6 +58,7 @@ impl Model {
                 "delta_net" => "delta_net",
                 "gated_deltanet" => "gated_deltanet",
                 "retnet" => "retnet",
+                "linear_attn" => "linear_attn",
                 _ => "fla",
             },
         }
