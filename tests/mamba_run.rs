@@ -285,8 +285,8 @@ fn bench_json_reports_every_measurement() {
     for d in decode {
         assert!(d["tokens_per_s"].as_f64().unwrap() > 0.0 && d["steps"].as_u64().unwrap() >= 5);
     }
-    assert_eq!(report["prefill"]["tokens"], 64);
-    assert!(report["prefill"]["tokens_per_s"].as_f64().unwrap() > 0.0);
+    assert_eq!(report["prefill"][0]["tokens"], 64);
+    assert!(report["prefill"][0]["tokens_per_s"].as_f64().unwrap() > 0.0);
     assert!(report["peak_rss_bytes"].as_u64().unwrap() > 1 << 20);
     assert_eq!(report["threads"], 2);
     // Two layers of [E=96] × (K=4 + N=16) f32 values.

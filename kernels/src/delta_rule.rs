@@ -13,6 +13,7 @@
 //! `U' = U − W S`, `O = Q S + (Q Kᵀ ⊙ M_incl) U'`, `S ← S + Kᵀ U'` (`delta_rule_chunkwise`).
 
 use crate::linear_attention::HeadRows;
+use crate::simd::dispatch;
 
 /// One head's inputs: q, k (`dk` wide), v (`dv` wide), β and the optional log decay `g`
 /// (one value per row each).
@@ -26,8 +27,19 @@ pub struct DeltaInputs<'a> {
     pub scale: f32,
 }
 
-/// The recurrent form over rows `0..len`; updates `state` (`[dk, dv]`), writes `out` rows.
-pub fn delta_recurrent(
+dispatch! {
+    /// The recurrent form over rows `0..len`; updates `state` (`[dk, dv]`), writes `out` rows.
+    pub fn delta_recurrent(
+        x: DeltaInputs<'_>,
+        len: usize,
+        state: &mut [f32],
+        out: &mut [f32],
+        out_stride: usize,
+    ) => delta_recurrent_body
+}
+
+#[inline(always)]
+fn delta_recurrent_body(
     x: DeltaInputs<'_>,
     len: usize,
     state: &mut [f32],
@@ -66,9 +78,21 @@ pub fn delta_recurrent(
     }
 }
 
-/// The chunkwise (WY) form over rows `0..len` in chunks of `chunk`; same contract as
-/// [`delta_recurrent`].
-pub fn delta_chunked(
+dispatch! {
+    /// The chunkwise (WY) form over rows `0..len` in chunks of `chunk`; same contract as
+    /// [`delta_recurrent`].
+    pub fn delta_chunked(
+        x: DeltaInputs<'_>,
+        len: usize,
+        chunk: usize,
+        state: &mut [f32],
+        out: &mut [f32],
+        out_stride: usize,
+    ) => delta_chunked_body
+}
+
+#[inline(always)]
+fn delta_chunked_body(
     x: DeltaInputs<'_>,
     len: usize,
     chunk: usize,

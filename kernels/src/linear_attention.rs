@@ -15,6 +15,8 @@
 //! `S ← diag(e^{G_C}) S_prev + Σ_s (k_s ⊙ e^{G_C−G_s}) ⊗ v_s`. Every exponent is a difference
 //! `G_t − G_s` with s ≤ t, so it is ≤ 0 and never overflows (never `e^{G_t}·e^{−G_s}`).
 
+use crate::simd::dispatch;
+
 /// Rows of one head inside a packed `[rows, width]` activation: row `t` is
 /// `data[t·stride + offset ..][..width]`.
 #[derive(Clone, Copy, Debug)]
@@ -59,9 +61,20 @@ pub struct HeadInputs<'a> {
     pub scale: f32,
 }
 
-/// The recurrent form over rows `0..len`: updates `state` (`[dk, dv]`) and writes `out`
-/// rows (`out[t·out_stride ..][..dv]`).
-pub fn gated_recurrent(
+dispatch! {
+    /// The recurrent form over rows `0..len`: updates `state` (`[dk, dv]`) and writes `out`
+    /// rows (`out[t·out_stride ..][..dv]`).
+    pub fn gated_recurrent(
+        x: HeadInputs<'_>,
+        len: usize,
+        state: &mut [f32],
+        out: &mut [f32],
+        out_stride: usize,
+    ) => gated_recurrent_body
+}
+
+#[inline(always)]
+fn gated_recurrent_body(
     x: HeadInputs<'_>,
     len: usize,
     state: &mut [f32],
@@ -87,9 +100,21 @@ pub fn gated_recurrent(
     }
 }
 
-/// The chunkwise form over rows `0..len` in chunks of `chunk` rows; same contract as
-/// [`gated_recurrent`].
-pub fn gated_chunked(
+dispatch! {
+    /// The chunkwise form over rows `0..len` in chunks of `chunk` rows; same contract as
+    /// [`gated_recurrent`].
+    pub fn gated_chunked(
+        x: HeadInputs<'_>,
+        len: usize,
+        chunk: usize,
+        state: &mut [f32],
+        out: &mut [f32],
+        out_stride: usize,
+    ) => gated_chunked_body
+}
+
+#[inline(always)]
+fn gated_chunked_body(
     x: HeadInputs<'_>,
     len: usize,
     chunk: usize,

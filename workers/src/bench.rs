@@ -20,9 +20,9 @@ pub struct BenchArgs {
     /// Decode batch sizes (concurrent sessions), comma-separated.
     #[arg(long, value_delimiter = ',', default_value = "1,8,32")]
     batches: Vec<usize>,
-    /// Tokens in the prefill measurement.
-    #[arg(long, default_value_t = 512)]
-    prefill_tokens: usize,
+    /// Sequence lengths of the prefill measurements, comma-separated.
+    #[arg(long, value_delimiter = ',', default_value = "512")]
+    prefill_tokens: Vec<usize>,
     /// Prefill chunk length.
     #[arg(long, default_value_t = tideway_operators::models::mamba::DEFAULT_PREFILL_CHUNK)]
     chunk: usize,
@@ -59,7 +59,7 @@ struct BenchReport {
     weight_bytes: usize,
     state_bytes_per_session: usize,
     decode: Vec<DecodeResult>,
-    prefill: PrefillResult,
+    prefill: Vec<PrefillResult>,
     peak_rss_bytes: Option<u64>,
 }
 
@@ -92,7 +92,7 @@ pub fn bench(args: BenchArgs, threads: usize) -> Result<()> {
     if args.batches.is_empty() || args.batches.contains(&0) {
         bail!("--batches takes positive batch sizes, e.g. 1,8,32");
     }
-    if args.prefill_tokens == 0 || args.chunk == 0 {
+    if args.prefill_tokens.is_empty() || args.prefill_tokens.contains(&0) || args.chunk == 0 {
         bail!("--prefill-tokens and --chunk must be at least 1");
     }
     let started = Instant::now();
@@ -123,11 +123,15 @@ pub fn bench(args: BenchArgs, threads: usize) -> Result<()> {
         ));
         decode.push(result);
     }
-    let prefill = bench_prefill(lm, args.prefill_tokens, args.chunk, min_time)?;
-    say(format!(
-        "prefill {} tokens: {:.1} tokens/s ({:.3} s per run, {} runs)",
-        prefill.tokens, prefill.tokens_per_s, prefill.seconds, prefill.runs
-    ));
+    let mut prefill = Vec::new();
+    for &tokens in &args.prefill_tokens {
+        let result = bench_prefill(lm, tokens, args.chunk, min_time)?;
+        say(format!(
+            "prefill {} tokens: {:.1} tokens/s ({:.3} s per run, {} runs)",
+            result.tokens, result.tokens_per_s, result.seconds, result.runs
+        ));
+        prefill.push(result);
+    }
     let report = BenchReport {
         model: model_dir.display().to_string(),
         family: model.family(),
@@ -232,10 +236,12 @@ fn print_table(r: &BenchReport) {
             d.batch, d.tokens_per_s, d.step_ms
         );
     }
-    println!(
-        "| prefill, {} tokens | {:.1} | {:.3} s/run |",
-        r.prefill.tokens, r.prefill.tokens_per_s, r.prefill.seconds
-    );
+    for p in &r.prefill {
+        println!(
+            "| prefill, {} tokens | {:.1} | {:.3} s/run |",
+            p.tokens, p.tokens_per_s, p.seconds
+        );
+    }
     match r.peak_rss_bytes {
         Some(b) => println!(
             "| peak memory (RSS) | | {:.1} MiB |",
