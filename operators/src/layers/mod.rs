@@ -1,5 +1,6 @@
 //! Pieces shared by several model families.
 
 pub mod head_output;
+pub mod heads;
 pub mod mlp;
 pub mod short_conv;

@@ -20,6 +20,7 @@ use tideway_kernels::matmul::{Linear, MatRef};
 use crate::checkpoint::Checkpoint;
 use crate::error::LoadError;
 use crate::layers::head_output::{HeadOutput, HeadOutputShape};
+use crate::layers::heads::{head_jobs, run_heads};
 use crate::layers::short_conv::ShortConv;
 
 pub const CHUNK: usize = 64;
@@ -236,25 +237,32 @@ impl DeltaNetMixer {
 
         let scale = (dk as f32).powf(-0.5);
         let mut o = vec![0.0f32; m * vd];
-        for (rows, state) in segments.iter().zip(states.iter_mut()) {
-            for head in 0..h {
-                let inputs = DeltaInputs {
-                    q: HeadRows::segment(&q, rows, kd, head * dk, dk),
-                    k: HeadRows::segment(&k, rows, kd, head * dk, dk),
-                    v: HeadRows::segment(&v, rows, vd, head * dv, dv),
-                    beta: HeadRows::segment(&beta, rows, h, head, 1),
-                    g: None,
-                    scale,
-                };
-                let s = &mut state.s[head * dk * dv..(head + 1) * dk * dv];
-                let dst = &mut o[rows.start * vd + head * dv..];
-                if rows.len() == 1 {
-                    delta_recurrent(inputs, 1, s, dst, vd);
-                } else {
-                    delta_chunked(inputs, rows.len(), CHUNK, s, dst, vd);
-                }
+        let jobs = head_jobs(
+            segments,
+            states
+                .iter_mut()
+                .map(|s| (&mut s.s[..], <&mut [f32]>::default()))
+                .collect(),
+            h,
+            dk * dv,
+            0,
+        );
+        run_heads(jobs, h, dv, &mut o, dk * dv, |job, dst| {
+            let (rows, head) = (&job.rows, job.head);
+            let inputs = DeltaInputs {
+                q: HeadRows::segment(&q, rows, kd, head * dk, dk),
+                k: HeadRows::segment(&k, rows, kd, head * dk, dk),
+                v: HeadRows::segment(&v, rows, vd, head * dv, dv),
+                beta: HeadRows::segment(&beta, rows, h, head, 1),
+                g: None,
+                scale,
+            };
+            if rows.len() == 1 {
+                delta_recurrent(inputs, 1, job.state, dst, dv);
+            } else {
+                delta_chunked(inputs, rows.len(), CHUNK, job.state, dst, dv);
             }
-        }
+        });
 
         self.output.forward(&o, x, out);
     }

@@ -24,6 +24,7 @@ use tideway_kernels::matmul::{Linear, MatRef};
 use crate::checkpoint::Checkpoint;
 use crate::error::LoadError;
 use crate::layers::head_output::{HeadOutput, HeadOutputShape};
+use crate::layers::heads::{head_jobs, run_heads};
 use crate::layers::short_conv::ShortConv;
 
 pub const CHUNK: usize = 64;
@@ -219,26 +220,33 @@ impl GatedDeltaNetMixer {
         let scale = (dk as f32).powf(-0.5);
         let groups = hv / h;
         let mut o = vec![0.0f32; m * vd];
-        for (rows, state) in segments.iter().zip(states.iter_mut()) {
-            for vh in 0..hv {
-                let qk_head = vh / groups;
-                let inputs = DeltaInputs {
-                    q: HeadRows::segment(&q, rows, kd, qk_head * dk, dk),
-                    k: HeadRows::segment(&k, rows, kd, qk_head * dk, dk),
-                    v: HeadRows::segment(&v, rows, vd, vh * dv, dv),
-                    beta: HeadRows::segment(&beta, rows, hv, vh, 1),
-                    g: Some(HeadRows::segment(&g, rows, hv, vh, 1)),
-                    scale,
-                };
-                let s = &mut state.s[vh * dk * dv..(vh + 1) * dk * dv];
-                let dst = &mut o[rows.start * vd + vh * dv..];
-                if rows.len() == 1 {
-                    delta_recurrent(inputs, 1, s, dst, vd);
-                } else {
-                    delta_chunked(inputs, rows.len(), CHUNK, s, dst, vd);
-                }
+        let jobs = head_jobs(
+            segments,
+            states
+                .iter_mut()
+                .map(|s| (&mut s.s[..], <&mut [f32]>::default()))
+                .collect(),
+            hv,
+            dk * dv,
+            0,
+        );
+        run_heads(jobs, hv, dv, &mut o, dk * dv, |job, dst| {
+            let (rows, vh) = (&job.rows, job.head);
+            let qk_head = vh / groups;
+            let inputs = DeltaInputs {
+                q: HeadRows::segment(&q, rows, kd, qk_head * dk, dk),
+                k: HeadRows::segment(&k, rows, kd, qk_head * dk, dk),
+                v: HeadRows::segment(&v, rows, vd, vh * dv, dv),
+                beta: HeadRows::segment(&beta, rows, hv, vh, 1),
+                g: Some(HeadRows::segment(&g, rows, hv, vh, 1)),
+                scale,
+            };
+            if rows.len() == 1 {
+                delta_recurrent(inputs, 1, job.state, dst, dv);
+            } else {
+                delta_chunked(inputs, rows.len(), CHUNK, job.state, dst, dv);
             }
-        }
+        });
 
         self.output.forward(&o, x, out);
     }

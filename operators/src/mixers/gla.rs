@@ -20,6 +20,7 @@ use tideway_kernels::matmul::{Linear, MatRef};
 use crate::checkpoint::Checkpoint;
 use crate::error::LoadError;
 use crate::layers::head_output::{HeadOutput, HeadOutputShape};
+use crate::layers::heads::{head_jobs, run_heads};
 use crate::layers::short_conv::ShortConv;
 
 /// Rows per chunk of the chunkwise form (fla's default).
@@ -297,33 +298,40 @@ impl GlaMixer {
         // Per session and head: the recurrence (one row) or the chunkwise form.
         let scale = (dk as f32).powf(-0.5);
         let mut o = vec![0.0f32; m * vd];
-        for (rows, state) in segments.iter().zip(states.iter_mut()) {
-            for h in 0..c.num_heads {
-                let kv = h / g;
-                let inputs = HeadInputs {
-                    q: HeadRows::segment(&q, rows, kd, h * dk, dk),
-                    k: HeadRows::segment(&k, rows, kkd, kv * dk, dk),
-                    v: HeadRows::segment(&v, rows, kvd, kv * dv, dv),
-                    g: Some(match g_stride {
-                        0 => HeadRows {
-                            data: &gk,
-                            stride: 0,
-                            offset: h * dk,
-                            width: dk,
-                        },
-                        _ => HeadRows::segment(&gk, rows, kkd, kv * dk, dk),
-                    }),
-                    scale,
-                };
-                let s = &mut state.s[h * dk * dv..(h + 1) * dk * dv];
-                let dst = &mut o[rows.start * vd + h * dv..];
-                if rows.len() == 1 {
-                    gated_recurrent(inputs, 1, s, dst, vd);
-                } else {
-                    gated_chunked(inputs, rows.len(), CHUNK, s, dst, vd);
-                }
+        let jobs = head_jobs(
+            segments,
+            states
+                .iter_mut()
+                .map(|s| (&mut s.s[..], <&mut [f32]>::default()))
+                .collect(),
+            c.num_heads,
+            dk * dv,
+            0,
+        );
+        run_heads(jobs, c.num_heads, dv, &mut o, dk * dv, |job, dst| {
+            let (rows, h) = (&job.rows, job.head);
+            let kv = h / g;
+            let inputs = HeadInputs {
+                q: HeadRows::segment(&q, rows, kd, h * dk, dk),
+                k: HeadRows::segment(&k, rows, kkd, kv * dk, dk),
+                v: HeadRows::segment(&v, rows, kvd, kv * dv, dv),
+                g: Some(match g_stride {
+                    0 => HeadRows {
+                        data: &gk,
+                        stride: 0,
+                        offset: h * dk,
+                        width: dk,
+                    },
+                    _ => HeadRows::segment(&gk, rows, kkd, kv * dk, dk),
+                }),
+                scale,
+            };
+            if rows.len() == 1 {
+                gated_recurrent(inputs, 1, job.state, dst, dv);
+            } else {
+                gated_chunked(inputs, rows.len(), CHUNK, job.state, dst, dv);
             }
-        }
+        });
 
         // Per-head norm (and swish gate), then o_proj.
         self.output.forward(&o, x, out);

@@ -22,6 +22,7 @@ use tideway_kernels::matmul::{Linear, MatRef};
 use crate::checkpoint::Checkpoint;
 use crate::error::LoadError;
 use crate::layers::head_output::{HeadOutput, HeadOutputShape};
+use crate::layers::heads::{head_jobs, run_heads};
 
 pub const CHUNK: usize = 64;
 const DPFP_NU: usize = 4;
@@ -299,42 +300,47 @@ impl LinearAttnMixer {
         let (qw, kw, vw) = (h * f, h / g * f, vd / g);
         let scale = (f as f32).powf(-0.5);
         let mut o = vec![0.0f32; m * vd];
-        for (rows, state) in segments.iter().zip(states.iter_mut()) {
-            for head in 0..h {
-                let kv = head / g;
-                let inputs = HeadInputs {
-                    q: HeadRows::segment(&q, rows, qw, head * f, f),
-                    k: HeadRows::segment(&k, rows, kw, kv * f, f),
-                    v: HeadRows::segment(&v, rows, vw, kv * dv, dv),
-                    g: None,
-                    scale,
-                };
-                let s = &mut state.s[head * f * dv..(head + 1) * f * dv];
-                let dst = &mut o[rows.start * vd + head * dv..];
-                if rows.len() == 1 {
-                    gated_recurrent(inputs, 1, s, dst, vd);
-                } else {
-                    gated_chunked(inputs, rows.len(), CHUNK, s, dst, vd);
-                }
-                if c.normalize {
-                    // z_t = z_{t-1} + k_t; o_t /= scale·q_t·z_t + 1e-10.
-                    let z = &mut state.z[head * f..(head + 1) * f];
-                    for t in 0..rows.len() {
-                        let (qt, kt) = (inputs.q.row(t), inputs.k.row(t));
-                        z.iter_mut().zip(kt).for_each(|(a, b)| *a += b);
-                        let denom: f32 = qt
-                            .iter()
-                            .zip(z.iter())
-                            .map(|(a, b)| scale * a * b)
-                            .sum::<f32>()
-                            + 1e-10;
-                        o[(rows.start + t) * vd + head * dv..][..dv]
-                            .iter_mut()
-                            .for_each(|v| *v /= denom);
-                    }
+        let jobs = head_jobs(
+            segments,
+            states
+                .iter_mut()
+                .map(|s| (&mut s.s[..], &mut s.z[..]))
+                .collect(),
+            h,
+            f * dv,
+            f,
+        );
+        run_heads(jobs, h, dv, &mut o, f * dv, |job, dst| {
+            let (rows, head) = (&job.rows, job.head);
+            let kv = head / g;
+            let inputs = HeadInputs {
+                q: HeadRows::segment(&q, rows, qw, head * f, f),
+                k: HeadRows::segment(&k, rows, kw, kv * f, f),
+                v: HeadRows::segment(&v, rows, vw, kv * dv, dv),
+                g: None,
+                scale,
+            };
+            if rows.len() == 1 {
+                gated_recurrent(inputs, 1, job.state, dst, dv);
+            } else {
+                gated_chunked(inputs, rows.len(), CHUNK, job.state, dst, dv);
+            }
+            if c.normalize {
+                // z_t = z_{t-1} + k_t; o_t /= scale·q_t·z_t + 1e-10.
+                let z = &mut *job.extra;
+                for (t, out_row) in dst.chunks_exact_mut(dv).enumerate() {
+                    let (qt, kt) = (inputs.q.row(t), inputs.k.row(t));
+                    z.iter_mut().zip(kt).for_each(|(a, b)| *a += b);
+                    let denom: f32 = qt
+                        .iter()
+                        .zip(z.iter())
+                        .map(|(a, b)| scale * a * b)
+                        .sum::<f32>()
+                        + 1e-10;
+                    out_row.iter_mut().for_each(|v| *v /= denom);
                 }
             }
-        }
+        });
         self.output.forward(&o, x, out);
     }
 }
