@@ -115,7 +115,27 @@ fn softplus_body(values: &mut [f32]) {
     }
 }
 
+#[inline(always)]
+fn silu_mul_body(gate: &mut [f32], up: &[f32]) {
+    for (g, u) in gate.iter_mut().zip(up) {
+        *g = silu(*g) * u;
+    }
+}
+
 dispatch! { fn silu_simd(values: &mut [f32]) => silu_body }
+dispatch! { fn silu_mul_simd(gate: &mut [f32], up: &[f32]) => silu_mul_body }
+
+/// `gate ← silu(gate) ⊙ up` (the SwiGLU of gated MLPs).
+pub fn silu_mul_inplace(gate: &mut [f32], up: &[f32]) {
+    assert_eq!(gate.len(), up.len());
+    if gate.len() <= PARALLEL_CHUNK {
+        silu_mul_simd(gate, up);
+    } else {
+        gate.par_chunks_mut(PARALLEL_CHUNK)
+            .zip(up.par_chunks(PARALLEL_CHUNK))
+            .for_each(|(g, u)| silu_mul_simd(g, u));
+    }
+}
 dispatch! { fn softplus_simd(values: &mut [f32]) => softplus_body }
 
 pub fn silu_inplace(values: &mut [f32]) {

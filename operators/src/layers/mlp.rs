@@ -2,7 +2,7 @@
 //! (`shared/SPEC-MODELS.md` §3.0).
 
 use tideway_kernels::Weight;
-use tideway_kernels::activation::silu;
+use tideway_kernels::activation::silu_mul_inplace;
 use tideway_kernels::matmul::{Linear, MatRef};
 
 use crate::checkpoint::Checkpoint;
@@ -65,9 +65,7 @@ impl GatedMlp {
         let mut u = vec![0.0f32; m * i];
         self.gate.forward(MatRef::dense(x, m, d), &mut g);
         self.up.forward(MatRef::dense(x, m, d), &mut u);
-        for (a, b) in g.iter_mut().zip(&u) {
-            *a = silu(*a) * b;
-        }
+        silu_mul_inplace(&mut g, &u);
         self.down.forward(MatRef::dense(&g, m, i), out);
     }
 }
