@@ -92,6 +92,20 @@ pub fn logsigmoid(x: f32) -> f32 {
     x.min(0.0) - (-x.abs()).exp().ln_1p()
 }
 
+/// `logsigmoid` over a slice, vectorised (`min(x, 0) − ln(1 + e^{−|x|})`).
+pub fn logsigmoid_inplace(values: &mut [f32]) {
+    logsigmoid_simd(values);
+}
+
+#[inline(always)]
+fn logsigmoid_body(values: &mut [f32]) {
+    for v in values {
+        *v = v.min(0.0) - ln_1p_fast(exp_fast(-v.abs()));
+    }
+}
+
+dispatch! { fn logsigmoid_simd(values: &mut [f32]) => logsigmoid_body }
+
 /// `σ(x)`.
 #[inline(always)]
 pub fn sigmoid(x: f32) -> f32 {

@@ -15,6 +15,7 @@
 //! `S ← diag(e^{G_C}) S_prev + Σ_s (k_s ⊙ e^{G_C−G_s}) ⊗ v_s`. Every exponent is a difference
 //! `G_t − G_s` with s ≤ t, so it is ≤ 0 and never overflows (never `e^{G_t}·e^{−G_s}`).
 
+use crate::activation::exp_fast;
 use crate::simd::dispatch;
 
 /// Rows of one head inside a packed `[rows, width]` activation: row `t` is
@@ -89,7 +90,7 @@ fn gated_recurrent_body(
         o.fill(0.0);
         for i in 0..dk {
             let row = &mut state[i * dv..(i + 1) * dv];
-            let decay = x.g.map_or(1.0, |g| g.row(t)[i].exp());
+            let decay = x.g.map_or(1.0, |g| exp_fast(g.row(t)[i]));
             let (ki, qi) = (k[i], x.scale * q[i]);
             for j in 0..dv {
                 let s = decay.mul_add(row[j], ki * v[j]);
@@ -143,7 +144,7 @@ fn gated_chunked_body(
             let gt = &cum[t * dk..(t + 1) * dk];
             // Inter-chunk: scale·(q_t ⊙ e^{G_t})ᵀ S_prev.
             for i in 0..dk {
-                qg[i] = x.scale * q[i] * gt[i].exp();
+                qg[i] = x.scale * q[i] * exp_fast(gt[i]);
             }
             let o = &mut out[(c0 + t) * out_stride..][..dv];
             o.fill(0.0);
@@ -159,7 +160,7 @@ fn gated_chunked_body(
                 let gs = &cum[s * dk..(s + 1) * dk];
                 let mut acc = 0.0f32;
                 for i in 0..dk {
-                    acc = (q[i] * k[i]).mul_add((gt[i] - gs[i]).exp(), acc);
+                    acc = (q[i] * k[i]).mul_add(exp_fast(gt[i] - gs[i]), acc);
                 }
                 a[s] = x.scale * acc;
             }
@@ -173,7 +174,7 @@ fn gated_chunked_body(
         // State passing: S ← diag(e^{G_C}) S + Σ_s (k_s ⊙ e^{G_C − G_s}) ⊗ v_s.
         let last = &cum[(n - 1) * dk..n * dk];
         for i in 0..dk {
-            let decay = last[i].exp();
+            let decay = exp_fast(last[i]);
             let row = &mut next[i * dv..(i + 1) * dv];
             for (r, &s) in row.iter_mut().zip(&state[i * dv..(i + 1) * dv]) {
                 *r = decay * s;
@@ -183,7 +184,7 @@ fn gated_chunked_body(
             let (k, v) = (x.k.row(c0 + s), x.v.row(c0 + s));
             let gs = &cum[s * dk..(s + 1) * dk];
             for i in 0..dk {
-                let w = k[i] * (last[i] - gs[i]).exp();
+                let w = k[i] * exp_fast(last[i] - gs[i]);
                 let row = &mut next[i * dv..(i + 1) * dv];
                 for j in 0..dv {
                     row[j] = w.mul_add(v[j], row[j]);

@@ -13,7 +13,7 @@
 
 use std::ops::Range;
 
-use tideway_kernels::activation::{logsigmoid, silu_inplace};
+use tideway_kernels::activation::{logsigmoid_inplace, silu_inplace};
 use tideway_kernels::linear_attention::{HeadInputs, HeadRows, gated_chunked, gated_recurrent};
 use tideway_kernels::matmul::{Linear, MatRef};
 
@@ -266,8 +266,9 @@ impl GlaMixer {
                 down.forward(x, &mut low);
                 let mut gk = vec![0.0f32; m * kkd];
                 up.forward(MatRef::dense(&low, m, GATE_LOW_RANK), &mut gk);
+                logsigmoid_inplace(&mut gk);
                 for v in gk.iter_mut() {
-                    let mut l = logsigmoid(*v) / GATE_LOGIT_NORMALIZER;
+                    let mut l = *v / GATE_LOGIT_NORMALIZER;
                     if let Some(lo) = c.clamp_min {
                         l = l.max(lo);
                     }
