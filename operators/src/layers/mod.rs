@@ -3,4 +3,5 @@
 pub mod head_output;
 pub mod heads;
 pub mod mlp;
+pub mod qkv;
 pub mod short_conv;

@@ -12,7 +12,7 @@
 
 use std::ops::Range;
 
-use tideway_kernels::activation::{sigmoid, silu_inplace};
+use tideway_kernels::activation::sigmoid;
 use tideway_kernels::delta_rule::{DeltaInputs, delta_chunked, delta_recurrent};
 use tideway_kernels::linear_attention::HeadRows;
 use tideway_kernels::matmul::{Linear, MatRef};
@@ -21,7 +21,7 @@ use crate::checkpoint::Checkpoint;
 use crate::error::LoadError;
 use crate::layers::head_output::{HeadOutput, HeadOutputShape};
 use crate::layers::heads::{head_jobs, run_heads};
-use crate::layers::short_conv::ShortConv;
+use crate::layers::qkv::{Qkv, QkvShape};
 
 pub const CHUNK: usize = 64;
 
@@ -66,11 +66,8 @@ pub struct DeltaNetLayerState {
 
 pub struct DeltaNetMixer {
     pub config: DeltaNetConfig,
-    q_proj: Linear,
-    k_proj: Linear,
-    v_proj: Linear,
+    qkv: Qkv,
     b_proj: Option<Linear>,
-    convs: Option<[ShortConv; 3]>,
     output: HeadOutput,
 }
 
@@ -90,31 +87,23 @@ impl DeltaNetMixer {
         let linear =
             |w: &str, out: usize, inp: usize| checkpoint.load_linear(&name(w), None, out, inp);
         let qk_silu = c.qk_activation == QkActivation::Silu;
-        let conv = |which: &str, channels: usize, silu: bool| {
-            ShortConv::load(
-                checkpoint,
-                &name(&format!("{which}_conv1d")),
-                channels,
-                c.conv_size,
-                c.conv_bias,
-                silu,
-            )
-        };
         Ok(DeltaNetMixer {
-            q_proj: linear("q_proj.weight", kd, d)?,
-            k_proj: linear("k_proj.weight", kd, d)?,
-            v_proj: linear("v_proj.weight", vd, d)?,
+            // SiLU in the q/k convs iff qk_activation is silu; v always (with or without convs).
+            qkv: Qkv::load(
+                checkpoint,
+                prefix,
+                QkvShape {
+                    d_model: d,
+                    widths: [kd, kd, vd],
+                    short_conv: c.use_short_conv,
+                    conv_size: c.conv_size,
+                    conv_bias: c.conv_bias,
+                    conv_silu: [qk_silu, qk_silu, true],
+                    plain_silu: [qk_silu, qk_silu, true],
+                },
+            )?,
             b_proj: if c.use_beta {
                 Some(linear("b_proj.weight", c.num_heads, d)?)
-            } else {
-                None
-            },
-            convs: if c.use_short_conv {
-                Some([
-                    conv("q", kd, qk_silu)?,
-                    conv("k", kd, qk_silu)?,
-                    conv("v", vd, true)?,
-                ])
             } else {
                 None
             },
@@ -136,19 +125,8 @@ impl DeltaNetMixer {
 
     pub fn new_state(&self) -> DeltaNetLayerState {
         let c = &self.config;
-        let window = |ch: usize| {
-            if c.use_short_conv {
-                vec![0.0; ch * c.conv_size]
-            } else {
-                Vec::new()
-            }
-        };
         DeltaNetLayerState {
-            conv: [
-                window(c.num_heads * c.head_k_dim),
-                window(c.num_heads * c.head_k_dim),
-                window(c.num_heads * c.head_v_dim),
-            ],
+            conv: self.qkv.new_windows(),
             s: vec![0.0; c.num_heads * c.head_k_dim * c.head_v_dim],
         }
     }
@@ -159,15 +137,8 @@ impl DeltaNetMixer {
     }
 
     pub fn weight_bytes(&self) -> usize {
-        [&self.q_proj, &self.k_proj, &self.v_proj]
-            .iter()
-            .map(|l| l.size_bytes())
-            .sum::<usize>()
+        self.qkv.size_bytes()
             + self.b_proj.as_ref().map_or(0, Linear::size_bytes)
-            + self
-                .convs
-                .as_ref()
-                .map_or(0, |c| c.iter().map(ShortConv::size_bytes).sum())
             + self.output.size_bytes()
     }
 
@@ -184,30 +155,9 @@ impl DeltaNetMixer {
         let (h, dk, dv) = (c.num_heads, c.head_k_dim, c.head_v_dim);
         let (kd, vd) = (h * dk, h * dv);
         let x = MatRef::dense(u, m, d);
-        let mut q = vec![0.0f32; m * kd];
-        let mut k = vec![0.0f32; m * kd];
-        let mut v = vec![0.0f32; m * vd];
-        self.q_proj.forward(x, &mut q);
-        self.k_proj.forward(x, &mut k);
-        self.v_proj.forward(x, &mut v);
-        match &self.convs {
-            Some(convs) => {
-                for (which, (values, conv)) in
-                    [&mut q, &mut k, &mut v].into_iter().zip(convs).enumerate()
-                {
-                    let mut windows: Vec<&mut Vec<f32>> =
-                        states.iter_mut().map(|s| &mut s.conv[which]).collect();
-                    conv.forward(values, segments, &mut windows);
-                }
-            }
-            None => {
-                if c.qk_activation == QkActivation::Silu {
-                    silu_inplace(&mut q);
-                    silu_inplace(&mut k);
-                }
-                silu_inplace(&mut v);
-            }
-        }
+        let mut windows: Vec<&mut [Vec<f32>; 3]> = states.iter_mut().map(|s| &mut s.conv).collect();
+        let [mut q, mut k, v] = self.qkv.forward(x, segments, &mut windows);
+        drop(windows);
         for values in [&mut q, &mut k] {
             match c.qk_activation {
                 QkActivation::Silu | QkActivation::Identity => {}

@@ -16,7 +16,7 @@
 use std::ops::Range;
 
 use tideway_kernels::Weight;
-use tideway_kernels::activation::{sigmoid, silu_inplace, softplus};
+use tideway_kernels::activation::{sigmoid, softplus};
 use tideway_kernels::delta_rule::{DeltaInputs, delta_chunked, delta_recurrent};
 use tideway_kernels::linear_attention::HeadRows;
 use tideway_kernels::matmul::{Linear, MatRef};
@@ -25,7 +25,7 @@ use crate::checkpoint::Checkpoint;
 use crate::error::LoadError;
 use crate::layers::head_output::{HeadOutput, HeadOutputShape};
 use crate::layers::heads::{head_jobs, run_heads};
-use crate::layers::short_conv::ShortConv;
+use crate::layers::qkv::{Qkv, QkvShape};
 
 pub const CHUNK: usize = 64;
 
@@ -54,15 +54,12 @@ pub struct GatedDeltaNetLayerState {
 
 pub struct GatedDeltaNetMixer {
     pub config: GatedDeltaNetConfig,
-    q_proj: Linear,
-    k_proj: Linear,
-    v_proj: Linear,
+    qkv: Qkv,
     a_proj: Linear,
     b_proj: Linear,
     /// `−exp(A_log)`, per value head.
     neg_a: Vec<f32>,
     dt_bias: Weight,
-    convs: Option<[ShortConv; 3]>,
     output: HeadOutput,
 }
 
@@ -82,30 +79,26 @@ impl GatedDeltaNetMixer {
         );
         let linear =
             |w: &str, out: usize, inp: usize| checkpoint.load_linear(&name(w), None, out, inp);
-        let conv = |which: &str, channels: usize| {
-            ShortConv::load(
-                checkpoint,
-                &name(&format!("{which}_conv1d")),
-                channels,
-                c.conv_size,
-                c.conv_bias,
-                true,
-            )
-        };
         let a_log = checkpoint.load(&name("A_log"), &[hv])?;
         Ok(GatedDeltaNetMixer {
-            q_proj: linear("q_proj.weight", kd, d)?,
-            k_proj: linear("k_proj.weight", kd, d)?,
-            v_proj: linear("v_proj.weight", vd, d)?,
+            // SiLU on q, k and v, in the convs or on the projections.
+            qkv: Qkv::load(
+                checkpoint,
+                prefix,
+                QkvShape {
+                    d_model: d,
+                    widths: [kd, kd, vd],
+                    short_conv: c.use_short_conv,
+                    conv_size: c.conv_size,
+                    conv_bias: c.conv_bias,
+                    conv_silu: [true; 3],
+                    plain_silu: [true; 3],
+                },
+            )?,
             a_proj: linear("a_proj.weight", hv, d)?,
             b_proj: linear("b_proj.weight", hv, d)?,
             neg_a: a_log.as_slice().iter().map(|a| -a.exp()).collect(),
             dt_bias: checkpoint.load(&name("dt_bias"), &[hv])?,
-            convs: if c.use_short_conv {
-                Some([conv("q", kd)?, conv("k", kd)?, conv("v", vd)?])
-            } else {
-                None
-            },
             output: HeadOutput::load(
                 checkpoint,
                 prefix,
@@ -124,16 +117,8 @@ impl GatedDeltaNetMixer {
 
     pub fn new_state(&self) -> GatedDeltaNetLayerState {
         let c = &self.config;
-        let window = |ch: usize| {
-            if c.use_short_conv {
-                vec![0.0; ch * c.conv_size]
-            } else {
-                Vec::new()
-            }
-        };
-        let (kd, vd) = (c.num_heads * c.head_k_dim, c.num_v_heads * c.head_v_dim);
         GatedDeltaNetLayerState {
-            conv: [window(kd), window(kd), window(vd)],
+            conv: self.qkv.new_windows(),
             s: vec![0.0; c.num_v_heads * c.head_k_dim * c.head_v_dim],
         }
     }
@@ -144,20 +129,11 @@ impl GatedDeltaNetMixer {
     }
 
     pub fn weight_bytes(&self) -> usize {
-        [
-            &self.q_proj,
-            &self.k_proj,
-            &self.v_proj,
-            &self.a_proj,
-            &self.b_proj,
-        ]
-        .iter()
-        .map(|l| l.size_bytes())
-        .sum::<usize>()
-            + self
-                .convs
-                .as_ref()
-                .map_or(0, |c| c.iter().map(ShortConv::size_bytes).sum())
+        [&self.a_proj, &self.b_proj]
+            .iter()
+            .map(|l| l.size_bytes())
+            .sum::<usize>()
+            + self.qkv.size_bytes()
             + self.output.size_bytes()
             + self.dt_bias.size_bytes()
             + 4 * self.neg_a.len()
@@ -176,28 +152,9 @@ impl GatedDeltaNetMixer {
         let (h, hv, dk, dv) = (c.num_heads, c.num_v_heads, c.head_k_dim, c.head_v_dim);
         let (kd, vd) = (h * dk, hv * dv);
         let x = MatRef::dense(u, m, d);
-        let mut q = vec![0.0f32; m * kd];
-        let mut k = vec![0.0f32; m * kd];
-        let mut v = vec![0.0f32; m * vd];
-        self.q_proj.forward(x, &mut q);
-        self.k_proj.forward(x, &mut k);
-        self.v_proj.forward(x, &mut v);
-        match &self.convs {
-            Some(convs) => {
-                for (which, (values, conv)) in
-                    [&mut q, &mut k, &mut v].into_iter().zip(convs).enumerate()
-                {
-                    let mut windows: Vec<&mut Vec<f32>> =
-                        states.iter_mut().map(|s| &mut s.conv[which]).collect();
-                    conv.forward(values, segments, &mut windows);
-                }
-            }
-            None => {
-                for values in [&mut q, &mut k, &mut v] {
-                    silu_inplace(values);
-                }
-            }
-        }
+        let mut windows: Vec<&mut [Vec<f32>; 3]> = states.iter_mut().map(|s| &mut s.conv).collect();
+        let [mut q, mut k, v] = self.qkv.forward(x, segments, &mut windows);
+        drop(windows);
         for values in [&mut q, &mut k] {
             for row in values.chunks_mut(dk) {
                 let norm = (row.iter().map(|v| v * v).sum::<f32>() + 1e-6).sqrt();

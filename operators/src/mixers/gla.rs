@@ -21,7 +21,7 @@ use crate::checkpoint::Checkpoint;
 use crate::error::LoadError;
 use crate::layers::head_output::{HeadOutput, HeadOutputShape};
 use crate::layers::heads::{head_jobs, run_heads};
-use crate::layers::short_conv::ShortConv;
+use crate::layers::qkv::{Qkv, QkvShape};
 
 /// Rows per chunk of the chunkwise form (fla's default).
 pub const CHUNK: usize = 64;
@@ -109,12 +109,9 @@ pub struct GlaLayerState {
 
 pub struct GlaMixer {
     pub config: GlaConfig,
-    q_proj: Linear,
-    k_proj: Linear,
-    v_proj: Linear,
+    qkv: Qkv,
     /// GLA's low-rank gate projection (`gk_proj.0`, `gk_proj.1`); None for RetNet.
     key_gate: Option<(Linear, Linear)>,
-    convs: Option<[ShortConv; 3]>,
     output: HeadOutput,
 }
 
@@ -131,31 +128,26 @@ impl GlaMixer {
         let linear = |w: &str, b: Option<&str>, out: usize, inp: usize| {
             checkpoint.load_linear(&name(w), b.map(name).as_deref(), out, inp)
         };
-        let conv = |which: &str, channels: usize| {
-            let name = name(&format!("{which}_conv1d"));
-            ShortConv::load(
-                checkpoint,
-                &name,
-                channels,
-                config.conv_size,
-                config.conv_bias,
-                true,
-            )
-        };
-        let convs = if config.use_short_conv {
-            Some([conv("q", kd)?, conv("k", kd / g)?, conv("v", vd / g)?])
-        } else {
-            None
-        };
         let norm_name = if checkpoint.contains(&name("g_norm_swish_gate.weight")) {
             "g_norm_swish_gate.weight"
         } else {
             "g_norm.weight"
         };
         Ok(GlaMixer {
-            q_proj: linear("q_proj.weight", None, kd, d)?,
-            k_proj: linear("k_proj.weight", None, kd / g, d)?,
-            v_proj: linear("v_proj.weight", None, vd / g, d)?,
+            // GLA and RetNet: SiLU inside the short convs, none without them.
+            qkv: Qkv::load(
+                checkpoint,
+                prefix,
+                QkvShape {
+                    d_model: d,
+                    widths: [kd, kd / g, vd / g],
+                    short_conv: config.use_short_conv,
+                    conv_size: config.conv_size,
+                    conv_bias: config.conv_bias,
+                    conv_silu: [true; 3],
+                    plain_silu: [false; 3],
+                },
+            )?,
             key_gate: match config.decay {
                 DecayKind::KeyGate => Some((
                     linear("gk_proj.0.weight", None, GATE_LOW_RANK, d)?,
@@ -168,7 +160,6 @@ impl GlaMixer {
                 )),
                 DecayKind::Retention => None,
             },
-            convs,
             output: HeadOutput::load(
                 checkpoint,
                 prefix,
@@ -187,20 +178,8 @@ impl GlaMixer {
 
     pub fn new_state(&self) -> GlaLayerState {
         let c = &self.config;
-        let conv = |channels: usize| {
-            if c.use_short_conv {
-                vec![0.0; channels * c.conv_size]
-            } else {
-                Vec::new()
-            }
-        };
-        let g = c.groups();
         GlaLayerState {
-            conv: [
-                conv(c.key_dim()),
-                conv(c.key_dim() / g),
-                conv(c.value_dim() / g),
-            ],
+            conv: self.qkv.new_windows(),
             s: vec![0.0; c.num_heads * c.head_k_dim * c.head_v_dim],
         }
     }
@@ -211,18 +190,12 @@ impl GlaMixer {
     }
 
     pub fn weight_bytes(&self) -> usize {
-        let mut total = self.q_proj.size_bytes()
-            + self.k_proj.size_bytes()
-            + self.v_proj.size_bytes()
+        self.qkv.size_bytes()
             + self
                 .key_gate
                 .as_ref()
                 .map_or(0, |(a, b)| a.size_bytes() + b.size_bytes())
-            + self.output.size_bytes();
-        if let Some(convs) = &self.convs {
-            total += convs.iter().map(ShortConv::size_bytes).sum::<usize>();
-        }
-        total
+            + self.output.size_bytes()
     }
 
     /// Packed forward: session `i` owns rows `segments[i]` of `u` (`[M, D]`), the first of
@@ -242,21 +215,9 @@ impl GlaMixer {
         let (kd, vd) = (c.key_dim(), c.value_dim());
         let (kkd, kvd) = (kd / g, vd / g);
         let x = MatRef::dense(u, m, d);
-        let mut q = vec![0.0f32; m * kd];
-        let mut k = vec![0.0f32; m * kkd];
-        let mut v = vec![0.0f32; m * kvd];
-        self.q_proj.forward(x, &mut q);
-        self.k_proj.forward(x, &mut k);
-        self.v_proj.forward(x, &mut v);
-        if let Some(convs) = &self.convs {
-            for (which, (values, conv)) in
-                [&mut q, &mut k, &mut v].into_iter().zip(convs).enumerate()
-            {
-                let mut windows: Vec<&mut Vec<f32>> =
-                    states.iter_mut().map(|s| &mut s.conv[which]).collect();
-                conv.forward(values, segments, &mut windows);
-            }
-        }
+        let mut windows: Vec<&mut [Vec<f32>; 3]> = states.iter_mut().map(|s| &mut s.conv).collect();
+        let [mut q, mut k, v] = self.qkv.forward(x, segments, &mut windows);
+        drop(windows);
         let (dk, dv) = (c.head_k_dim, c.head_v_dim);
         // The log decay: per row and key channel (GLA) or one constant row per head (RetNet,
         // read with stride 0).

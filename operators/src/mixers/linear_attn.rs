@@ -23,6 +23,7 @@ use crate::checkpoint::Checkpoint;
 use crate::error::LoadError;
 use crate::layers::head_output::{HeadOutput, HeadOutputShape};
 use crate::layers::heads::{head_jobs, run_heads};
+use crate::layers::qkv::{Qkv, QkvShape};
 
 pub const CHUNK: usize = 64;
 const DPFP_NU: usize = 4;
@@ -93,9 +94,7 @@ enum FeatureLayers {
 
 pub struct LinearAttnMixer {
     pub config: LinearAttnConfig,
-    q_proj: Linear,
-    k_proj: Linear,
-    v_proj: Linear,
+    qkv: Qkv,
     map_q: FeatureLayers,
     map_k: FeatureLayers,
     output: HeadOutput,
@@ -116,8 +115,6 @@ impl LinearAttnMixer {
             c.num_heads * c.head_v_dim,
             c.head_k_dim,
         );
-        let linear =
-            |w: &str, out: usize, inp: usize| checkpoint.load_linear(&name(w), None, out, inp);
         // With tie_feature_map_qk the k map is the q map (saved once).
         let layers = |which: &str| -> Result<FeatureLayers, LoadError> {
             let which = if checkpoint.contains(&name(&format!("feature_map_{which}.layer1.weight")))
@@ -144,9 +141,19 @@ impl LinearAttnMixer {
             })
         };
         Ok(LinearAttnMixer {
-            q_proj: linear("q_proj.weight", kd, d)?,
-            k_proj: linear("k_proj.weight", kd / g, d)?,
-            v_proj: linear("v_proj.weight", vd / g, d)?,
+            qkv: Qkv::load(
+                checkpoint,
+                prefix,
+                QkvShape {
+                    d_model: d,
+                    widths: [kd, kd / g, vd / g],
+                    short_conv: false,
+                    conv_size: 0,
+                    conv_bias: false,
+                    conv_silu: [false; 3],
+                    plain_silu: [false; 3],
+                },
+            )?,
             map_q: layers("q")?,
             map_k: layers("k")?,
             output: HeadOutput::load(
@@ -193,12 +200,7 @@ impl LinearAttnMixer {
             FeatureLayers::One(a) => a.size_bytes(),
             FeatureLayers::Two(a, b) => a.size_bytes() + b.size_bytes(),
         };
-        self.q_proj.size_bytes()
-            + self.k_proj.size_bytes()
-            + self.v_proj.size_bytes()
-            + layers(&self.map_q)
-            + layers(&self.map_k)
-            + self.output.size_bytes()
+        self.qkv.size_bytes() + layers(&self.map_q) + layers(&self.map_k) + self.output.size_bytes()
     }
 
     /// φ over rows of `dk`-wide heads (`x`: `[rows, dk]`), giving `[rows, f]`.
@@ -277,15 +279,10 @@ impl LinearAttnMixer {
         let d = c.d_model;
         let m = u.len() / d;
         let g = c.num_heads / c.num_kv_heads;
-        let (h, dk, dv) = (c.num_heads, c.head_k_dim, c.head_v_dim);
-        let (kd, vd) = (h * dk, h * dv);
+        let (h, dv) = (c.num_heads, c.head_v_dim);
+        let vd = h * dv;
         let x = MatRef::dense(u, m, d);
-        let mut q = vec![0.0f32; m * kd];
-        let mut k = vec![0.0f32; m * kd / g];
-        let mut v = vec![0.0f32; m * vd / g];
-        self.q_proj.forward(x, &mut q);
-        self.k_proj.forward(x, &mut k);
-        self.v_proj.forward(x, &mut v);
+        let [q, k, v] = self.qkv.forward(x, segments, &mut []);
         let f = self.feature_width();
         let mut q = self.feature(&self.map_q, &q);
         let mut k = self.feature(&self.map_k, &k);

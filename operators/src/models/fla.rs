@@ -11,8 +11,6 @@
 //! (`gated_deltanet`), linear attention (`linear_attn`), RetNet (`retnet`, the GLA mixer with a fixed decay and RoPE). Options Tideway does not implement are refused at load,
 //! by name, never ignored.
 
-use std::ops::Range;
-
 use tideway_kernels::Tensor;
 use tideway_kernels::Weight;
 use tideway_kernels::matmul::{Linear, MatRef};
@@ -32,6 +30,7 @@ use crate::mixers::linear_attn::{
     FeatureMapKind, LinearAttnConfig, LinearAttnLayerState, LinearAttnMixer,
 };
 use crate::models::config::ConfigJson;
+use crate::models::{check_token_ids, packed_segments};
 
 #[derive(Debug, Clone, PartialEq)]
 pub enum FlaMixerConfig {
@@ -90,31 +89,11 @@ impl FlaConfig {
                         "use_gk false / use_gv true: Tideway's GLA implements the key gate (use_gk) only",
                     ));
                 }
-                let heads = top.usize_opt("num_heads")?.unwrap_or(4);
-                let kv_heads = top.usize_opt("num_kv_heads")?.unwrap_or(heads);
-                if !heads.is_multiple_of(kv_heads) {
-                    return Err(config.malformed(format!(
-                        "num_heads {heads} is not a multiple of num_kv_heads {kv_heads}"
-                    )));
-                }
-                let dim = |key: &str, default: f64| -> Result<usize, LoadError> {
-                    let expand = top.f64_opt(key)?.unwrap_or(default);
-                    let d = hidden as f64 * expand;
-                    if (d - d.round()).abs() > 1e-6 || !(d.round() as usize).is_multiple_of(heads) {
-                        return Err(config.malformed(format!(
-                            "hidden_size × {key} = {d} must be a whole multiple of num_heads {heads}"
-                        )));
-                    }
-                    Ok(d.round() as usize / heads)
+                let (heads, kv_heads) = head_counts(config, 4)?;
+                let dim = |key: &str, default: f64| {
+                    expanded_head_dim(config, hidden, heads, key, default)
                 };
-                let feature_map = match top.str_opt("feature_map")? {
-                    None => None,
-                    Some(name) => Some(FeatureMap::parse(name).ok_or_else(|| {
-                        config.unsupported(format!(
-                            "feature_map {name:?}; supported: swish, relu, sigmoid"
-                        ))
-                    })?),
-                };
+                let feature_map = gla_feature_map(config)?;
                 FlaMixerConfig::Gla(GlaConfig {
                     d_model: hidden,
                     num_heads: heads,
@@ -133,15 +112,8 @@ impl FlaConfig {
             }
             "delta_net" => {
                 let heads = top.usize_opt("num_heads")?.unwrap_or(16);
-                let dim = |key: &str| -> Result<usize, LoadError> {
-                    let expand = top.f64_opt(key)?.unwrap_or(1.0);
-                    let d = hidden as f64 * expand;
-                    if (d - d.round()).abs() > 1e-6 || !(d.round() as usize).is_multiple_of(heads) {
-                        return Err(config.malformed(format!(
-                            "hidden_size × {key} = {d} must be a whole multiple of num_heads {heads}"
-                        )));
-                    }
-                    Ok(d.round() as usize / heads)
+                let dim = |key: &str, default: f64| {
+                    expanded_head_dim(config, hidden, heads, key, default)
                 };
                 let qk_activation = match top.str_opt("qk_activation")?.unwrap_or("silu") {
                     "silu" => QkActivation::Silu,
@@ -166,8 +138,8 @@ impl FlaConfig {
                 FlaMixerConfig::DeltaNet(DeltaNetConfig {
                     d_model: hidden,
                     num_heads: heads,
-                    head_k_dim: dim("expand_k")?,
-                    head_v_dim: dim("expand_v")?,
+                    head_k_dim: dim("expand_k", 1.0)?,
+                    head_v_dim: dim("expand_v", 1.0)?,
                     use_short_conv: top.bool_opt("use_short_conv")?.unwrap_or(true),
                     conv_size: top.usize_opt("conv_size")?.unwrap_or(4),
                     conv_bias: top.bool_opt("conv_bias")?.unwrap_or(false),
@@ -180,30 +152,11 @@ impl FlaConfig {
                 })
             }
             "retnet" => {
-                let heads = top.usize_opt("num_heads")?.unwrap_or(8);
-                let kv_heads = top.usize_opt("num_kv_heads")?.unwrap_or(heads);
-                if !heads.is_multiple_of(kv_heads) {
-                    return Err(config.malformed(format!(
-                        "num_heads {heads} is not a multiple of num_kv_heads {kv_heads}"
-                    )));
-                }
-                let dim = |key: &str, default: f64| -> Result<usize, LoadError> {
-                    let d = hidden as f64 * top.f64_opt(key)?.unwrap_or(default);
-                    if (d - d.round()).abs() > 1e-6 || !(d.round() as usize).is_multiple_of(heads) {
-                        return Err(config.malformed(format!(
-                            "hidden_size × {key} = {d} must be a whole multiple of num_heads {heads}"
-                        )));
-                    }
-                    Ok(d.round() as usize / heads)
+                let (heads, kv_heads) = head_counts(config, 8)?;
+                let dim = |key: &str, default: f64| {
+                    expanded_head_dim(config, hidden, heads, key, default)
                 };
-                let feature_map = match top.str_opt("feature_map")? {
-                    None => None,
-                    Some(name) => Some(FeatureMap::parse(name).ok_or_else(|| {
-                        config.unsupported(format!(
-                            "feature_map {name:?}; supported: swish, relu, sigmoid"
-                        ))
-                    })?),
-                };
+                let feature_map = gla_feature_map(config)?;
                 FlaMixerConfig::Gla(GlaConfig {
                     d_model: hidden,
                     num_heads: heads,
@@ -224,21 +177,9 @@ impl FlaConfig {
                 })
             }
             "linear_attn" => {
-                let heads = top.usize_opt("num_heads")?.unwrap_or(4);
-                let kv_heads = top.usize_opt("num_kv_heads")?.unwrap_or(heads);
-                if !heads.is_multiple_of(kv_heads) {
-                    return Err(config.malformed(format!(
-                        "num_heads {heads} is not a multiple of num_kv_heads {kv_heads}"
-                    )));
-                }
-                let dim = |key: &str| -> Result<usize, LoadError> {
-                    let d = hidden as f64 * top.f64_opt(key)?.unwrap_or(1.0);
-                    if (d - d.round()).abs() > 1e-6 || !(d.round() as usize).is_multiple_of(heads) {
-                        return Err(config.malformed(format!(
-                            "hidden_size × {key} = {d} must be a whole multiple of num_heads {heads}"
-                        )));
-                    }
-                    Ok(d.round() as usize / heads)
+                let (heads, kv_heads) = head_counts(config, 4)?;
+                let dim = |key: &str, default: f64| {
+                    expanded_head_dim(config, hidden, heads, key, default)
                 };
                 let map = top.str_opt("feature_map")?.unwrap_or("elementwise_product");
                 let feature_map = FeatureMapKind::parse(map).ok_or_else(|| {
@@ -250,8 +191,8 @@ impl FlaConfig {
                     d_model: hidden,
                     num_heads: heads,
                     num_kv_heads: kv_heads,
-                    head_k_dim: dim("expand_k")?,
-                    head_v_dim: dim("expand_v")?,
+                    head_k_dim: dim("expand_k", 1.0)?,
+                    head_v_dim: dim("expand_v", 1.0)?,
                     feature_map,
                     norm_q: top.bool_opt("norm_q")?.unwrap_or(false),
                     norm_k: top.bool_opt("norm_k")?.unwrap_or(false),
@@ -460,17 +401,7 @@ impl FlaLm {
     }
 
     pub fn check_tokens(&self, tokens: &[u32], offset: usize) -> Result<(), InputError> {
-        match tokens
-            .iter()
-            .position(|&t| t as usize >= self.config.vocab_size)
-        {
-            Some(i) => Err(InputError::TokenOutOfRange {
-                token: tokens[i] as u64,
-                position: offset + i,
-                vocab: self.config.vocab_size,
-            }),
-            None => Ok(()),
-        }
+        check_token_ids(tokens, self.config.vocab_size, offset)
     }
 
     /// The packed batch (see `MambaLm::forward_packed`): one-row segments run the recurrent
@@ -481,25 +412,10 @@ impl FlaLm {
         lens: &[usize],
         states: &mut [&mut FlaState],
     ) -> Result<Tensor, InputError> {
-        if lens.len() != states.len() || lens.iter().sum::<usize>() != tokens.len() {
-            return Err(InputError::BatchMismatch {
-                sessions: states.len(),
-                tokens: tokens.len(),
-            });
-        }
-        if tokens.is_empty() {
-            return Err(InputError::Empty);
-        }
-        self.check_tokens(tokens, 0)?;
+        let segments = packed_segments(tokens, lens, states.len(), self.config.vocab_size)?;
         let d = self.config.hidden_size;
         let m = tokens.len();
         let starts: Vec<usize> = states.iter().map(|s| s.position).collect();
-        let mut segments: Vec<Range<usize>> = Vec::with_capacity(lens.len());
-        let mut start = 0;
-        for &len in lens {
-            segments.push(start..start + len);
-            start += len;
-        }
         let mut h = vec![0.0f32; m * d];
         for (row, &t) in h.chunks_exact_mut(d).zip(tokens) {
             match &self.embedding {
@@ -567,5 +483,49 @@ impl FlaLm {
             state.position += len;
         }
         Ok(logits)
+    }
+}
+
+/// `num_heads` (default `default_heads`) and `num_kv_heads` (default: `num_heads`), which must
+/// divide it.
+fn head_counts(config: &ConfigJson, default_heads: usize) -> Result<(usize, usize), LoadError> {
+    let top = config.top();
+    let heads = top.usize_opt("num_heads")?.unwrap_or(default_heads);
+    let kv_heads = top.usize_opt("num_kv_heads")?.unwrap_or(heads);
+    if !heads.is_multiple_of(kv_heads) {
+        return Err(config.malformed(format!(
+            "num_heads {heads} is not a multiple of num_kv_heads {kv_heads}"
+        )));
+    }
+    Ok((heads, kv_heads))
+}
+
+/// Per-head width `hidden_size × config[key] / heads` (fla's `expand_k` / `expand_v`), which
+/// must come out whole.
+fn expanded_head_dim(
+    config: &ConfigJson,
+    hidden: usize,
+    heads: usize,
+    key: &str,
+    default: f64,
+) -> Result<usize, LoadError> {
+    let d = hidden as f64 * config.top().f64_opt(key)?.unwrap_or(default);
+    if (d - d.round()).abs() > 1e-6 || !(d.round() as usize).is_multiple_of(heads) {
+        return Err(config.malformed(format!(
+            "hidden_size × {key} = {d} must be a whole multiple of num_heads {heads}"
+        )));
+    }
+    Ok(d.round() as usize / heads)
+}
+
+/// The optional elementwise `feature_map` of GLA and RetNet.
+fn gla_feature_map(config: &ConfigJson) -> Result<Option<FeatureMap>, LoadError> {
+    match config.top().str_opt("feature_map")? {
+        None => Ok(None),
+        Some(name) => FeatureMap::parse(name).map(Some).ok_or_else(|| {
+            config.unsupported(format!(
+                "feature_map {name:?}; supported: swish, relu, sigmoid"
+            ))
+        }),
     }
 }

@@ -14,8 +14,6 @@
 //! `pad_vocab_size_multiple`). A tied head (`lm_head.weight` absent or tied) reuses the
 //! embedding.
 
-use std::ops::Range;
-
 use tideway_kernels::Tensor;
 use tideway_kernels::Weight;
 use tideway_kernels::matmul::{Linear, MatRef};
@@ -25,6 +23,7 @@ use crate::checkpoint::Checkpoint;
 use crate::error::{InputError, LoadError};
 use crate::mixers::mamba::{MambaLayerState, MambaMixer, MambaMixerConfig};
 use crate::models::config::ConfigJson;
+use crate::models::{check_token_ids, packed_segments, prefill_in_chunks};
 
 /// Rows per chunk when a long sequence is prefilled: bounds the activations of one pass
 /// (`chunk × 2E` floats per layer) while keeping the GEMMs large.
@@ -244,17 +243,7 @@ impl MambaLm {
 
     /// Checks ids against the vocabulary; `offset` is added to the reported position.
     pub fn check_tokens(&self, tokens: &[u32], offset: usize) -> Result<(), InputError> {
-        match tokens
-            .iter()
-            .position(|&t| t as usize >= self.config.vocab_size)
-        {
-            Some(i) => Err(InputError::TokenOutOfRange {
-                token: tokens[i] as u64,
-                position: offset + i,
-                vocab: self.config.vocab_size,
-            }),
-            None => Ok(()),
-        }
+        check_token_ids(tokens, self.config.vocab_size, offset)
     }
 
     /// The chunked (prefill) form over a whole sequence: logits `[T, vocab]`, continuing from
@@ -270,23 +259,12 @@ impl MambaLm {
         tokens: &[u32],
         state: &mut MambaState,
         chunk_len: usize,
-        mut on_chunk: impl FnMut(usize, usize),
+        on_chunk: impl FnMut(usize, usize),
     ) -> Result<Tensor, InputError> {
-        if tokens.is_empty() {
-            return Err(InputError::Empty);
-        }
-        self.check_tokens(tokens, 0)?;
-        let width = self.logits_width();
-        let mut logits = Tensor::zeros(&[tokens.len(), width]);
-        let mut done = 0;
-        for chunk in tokens.chunks(chunk_len.max(1)) {
-            let part = self.forward_packed(chunk, &[chunk.len()], &mut [&mut *state])?;
-            logits.data_mut()[done * width..(done + chunk.len()) * width]
-                .copy_from_slice(part.data());
-            done += chunk.len();
-            on_chunk(done, tokens.len());
-        }
-        Ok(logits)
+        let (vocab, width) = (self.config.vocab_size, self.logits_width());
+        prefill_in_chunks(tokens, vocab, width, chunk_len, on_chunk, |chunk| {
+            self.forward_packed(chunk, &[chunk.len()], &mut [&mut *state])
+        })
     }
 
     pub fn prefill_chunked(
@@ -324,24 +302,9 @@ impl MambaLm {
         lens: &[usize],
         states: &mut [&mut MambaState],
     ) -> Result<Tensor, InputError> {
-        if lens.len() != states.len() || lens.iter().sum::<usize>() != tokens.len() {
-            return Err(InputError::BatchMismatch {
-                sessions: states.len(),
-                tokens: tokens.len(),
-            });
-        }
-        if tokens.is_empty() {
-            return Err(InputError::Empty);
-        }
-        self.check_tokens(tokens, 0)?;
+        let segments = packed_segments(tokens, lens, states.len(), self.config.vocab_size)?;
         let d = self.config.hidden_size;
         let m = tokens.len();
-        let mut segments: Vec<Range<usize>> = Vec::with_capacity(lens.len());
-        let mut start = 0;
-        for &len in lens {
-            segments.push(start..start + len);
-            start += len;
-        }
 
         // The residual stream, kept in f32 (residual_in_fp32).
         let mut residual = vec![0.0f32; m * d];

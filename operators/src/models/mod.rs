@@ -6,6 +6,7 @@ pub mod config;
 pub mod fla;
 pub mod mamba;
 
+use std::ops::Range;
 use std::path::Path;
 
 use tideway_kernels::Tensor;
@@ -103,10 +104,7 @@ impl Model {
     }
 
     pub fn check_tokens(&self, tokens: &[u32], offset: usize) -> Result<(), InputError> {
-        match self {
-            Model::Mamba(m) => m.check_tokens(tokens, offset),
-            Model::Fla(m) => m.check_tokens(tokens, offset),
-        }
+        check_token_ids(tokens, self.vocab_size(), offset)
     }
 
     /// The packed batch: session `i` takes the next `lens[i]` tokens and continues from
@@ -163,23 +161,12 @@ impl Model {
         tokens: &[u32],
         state: &mut SessionState,
         chunk_len: usize,
-        mut on_chunk: impl FnMut(usize, usize),
+        on_chunk: impl FnMut(usize, usize),
     ) -> Result<Tensor, InputError> {
-        if tokens.is_empty() {
-            return Err(InputError::Empty);
-        }
-        self.check_tokens(tokens, 0)?;
-        let width = self.output_width();
-        let mut logits = Tensor::zeros(&[tokens.len(), width]);
-        let mut done = 0;
-        for chunk in tokens.chunks(chunk_len.max(1)) {
-            let part = self.forward_packed(chunk, &[chunk.len()], &mut [&mut *state])?;
-            logits.data_mut()[done * width..(done + chunk.len()) * width]
-                .copy_from_slice(part.data());
-            done += chunk.len();
-            on_chunk(done, tokens.len());
-        }
-        Ok(logits)
+        let (vocab, width) = (self.vocab_size(), self.output_width());
+        prefill_in_chunks(tokens, vocab, width, chunk_len, on_chunk, |chunk| {
+            self.forward_packed(chunk, &[chunk.len()], &mut [&mut *state])
+        })
     }
 
     pub fn prefill_chunked(
@@ -190,6 +177,76 @@ impl Model {
     ) -> Result<Tensor, InputError> {
         self.prefill_chunked_with_progress(tokens, state, chunk_len, |_, _| {})
     }
+}
+
+/// Checks ids against a vocabulary of `vocab`; `offset` is added to the reported position.
+pub(crate) fn check_token_ids(
+    tokens: &[u32],
+    vocab: usize,
+    offset: usize,
+) -> Result<(), InputError> {
+    match tokens.iter().position(|&t| t as usize >= vocab) {
+        Some(i) => Err(InputError::TokenOutOfRange {
+            token: tokens[i] as u64,
+            position: offset + i,
+            vocab,
+        }),
+        None => Ok(()),
+    }
+}
+
+/// Validates a packed batch (`lens[i]` tokens for each of `sessions` sessions, ids below
+/// `vocab`) and returns each session's row range.
+pub(crate) fn packed_segments(
+    tokens: &[u32],
+    lens: &[usize],
+    sessions: usize,
+    vocab: usize,
+) -> Result<Vec<Range<usize>>, InputError> {
+    if lens.len() != sessions || lens.iter().sum::<usize>() != tokens.len() {
+        return Err(InputError::BatchMismatch {
+            sessions,
+            tokens: tokens.len(),
+        });
+    }
+    if tokens.is_empty() {
+        return Err(InputError::Empty);
+    }
+    check_token_ids(tokens, vocab, 0)?;
+    let mut start = 0;
+    Ok(lens
+        .iter()
+        .map(|&len| {
+            start += len;
+            start - len..start
+        })
+        .collect())
+}
+
+/// The chunked form shared by every family: `forward` runs one chunk of at most `chunk_len`
+/// tokens (continuing the session) and the rows are gathered into `[T, width]`;
+/// `on_chunk(done, total)` after each chunk.
+pub(crate) fn prefill_in_chunks(
+    tokens: &[u32],
+    vocab: usize,
+    width: usize,
+    chunk_len: usize,
+    mut on_chunk: impl FnMut(usize, usize),
+    mut forward: impl FnMut(&[u32]) -> Result<Tensor, InputError>,
+) -> Result<Tensor, InputError> {
+    if tokens.is_empty() {
+        return Err(InputError::Empty);
+    }
+    check_token_ids(tokens, vocab, 0)?;
+    let mut logits = Tensor::zeros(&[tokens.len(), width]);
+    let mut done = 0;
+    for chunk in tokens.chunks(chunk_len.max(1)) {
+        let part = forward(chunk)?;
+        logits.data_mut()[done * width..(done + chunk.len()) * width].copy_from_slice(part.data());
+        done += chunk.len();
+        on_chunk(done, tokens.len());
+    }
+    Ok(logits)
 }
 
 /// Loads the model in `dir` (`config.json` + `*.safetensors`).

@@ -1,0 +1,108 @@
+//! The q/k/v input end shared by fla's attention layers: three projections, each optionally
+//! followed by a `ShortConvolution`, and the SiLUs each family applies (in the conv, or on
+//! the projection when the layer has no convs).
+
+use std::ops::Range;
+
+use tideway_kernels::activation::silu_inplace;
+use tideway_kernels::matmul::{Linear, MatRef};
+
+use crate::checkpoint::Checkpoint;
+use crate::error::LoadError;
+use crate::layers::short_conv::ShortConv;
+
+#[derive(Debug, Clone, Copy)]
+pub struct QkvShape {
+    pub d_model: usize,
+    /// Output widths of q_proj, k_proj, v_proj.
+    pub widths: [usize; 3],
+    pub short_conv: bool,
+    pub conv_size: usize,
+    pub conv_bias: bool,
+    /// SiLU inside each conv (q, k, v), when the layer has convs.
+    pub conv_silu: [bool; 3],
+    /// SiLU on each projection, when the layer has no convs.
+    pub plain_silu: [bool; 3],
+}
+
+pub struct Qkv {
+    shape: QkvShape,
+    projections: [Linear; 3],
+    convs: Option<[ShortConv; 3]>,
+}
+
+impl Qkv {
+    /// Loads `{prefix}{q,k,v}_proj.weight` and, with short convs, `{prefix}{q,k,v}_conv1d.*`.
+    pub fn load(checkpoint: &Checkpoint, prefix: &str, shape: QkvShape) -> Result<Self, LoadError> {
+        let names = ["q", "k", "v"];
+        let load = |i: usize| {
+            let name = format!("{prefix}{}_proj.weight", names[i]);
+            checkpoint.load_linear(&name, None, shape.widths[i], shape.d_model)
+        };
+        let conv = |i: usize| {
+            let name = format!("{prefix}{}_conv1d", names[i]);
+            let (width, silu) = (shape.widths[i], shape.conv_silu[i]);
+            ShortConv::load(
+                checkpoint,
+                &name,
+                width,
+                shape.conv_size,
+                shape.conv_bias,
+                silu,
+            )
+        };
+        Ok(Qkv {
+            projections: [load(0)?, load(1)?, load(2)?],
+            convs: if shape.short_conv {
+                Some([conv(0)?, conv(1)?, conv(2)?])
+            } else {
+                None
+            },
+            shape,
+        })
+    }
+
+    /// Fresh conv windows for one session (empty without convs).
+    pub fn new_windows(&self) -> [Vec<f32>; 3] {
+        match &self.convs {
+            Some(convs) => convs.each_ref().map(ShortConv::new_window),
+            None => Default::default(),
+        }
+    }
+
+    pub fn size_bytes(&self) -> usize {
+        self.projections
+            .iter()
+            .map(Linear::size_bytes)
+            .sum::<usize>()
+            + self
+                .convs
+                .as_ref()
+                .map_or(0, |c| c.iter().map(ShortConv::size_bytes).sum())
+    }
+
+    /// q, k, v for the packed rows `x`; session `i` owns rows `segments[i]` and the conv
+    /// windows `windows[i]` (unused without convs).
+    pub fn forward(
+        &self,
+        x: MatRef<'_>,
+        segments: &[Range<usize>],
+        windows: &mut [&mut [Vec<f32>; 3]],
+    ) -> [Vec<f32>; 3] {
+        let m = x.rows;
+        let mut out: [Vec<f32>; 3] =
+            std::array::from_fn(|i| vec![0.0f32; m * self.shape.widths[i]]);
+        for (i, values) in out.iter_mut().enumerate() {
+            self.projections[i].forward(x, values);
+            match &self.convs {
+                Some(convs) => {
+                    let mut w: Vec<&mut Vec<f32>> = windows.iter_mut().map(|s| &mut s[i]).collect();
+                    convs[i].forward(values, segments, &mut w);
+                }
+                None if self.shape.plain_silu[i] => silu_inplace(values),
+                None => {}
+            }
+        }
+        out
+    }
+}
