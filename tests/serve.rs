@@ -500,8 +500,9 @@ async fn idle_sessions_expire_and_say_so() {
     );
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn two_processes_form_one_cluster() {
+/// Two `tideway serve` processes on loopback forming one timely cluster, each with `workers`
+/// worker threads.
+fn start_cluster(workers: &str) -> (Server, Server) {
     // Two free loopback ports for timely's own transport.
     let ports: Vec<u16> = (0..2)
         .map(|_| {
@@ -518,36 +519,35 @@ async fn two_processes_form_one_cluster() {
         format!("127.0.0.1:{}\n127.0.0.1:{}\n", ports[0], ports[1]),
     )
     .unwrap();
-    let model = model_dir();
-    let h = hosts.to_str().unwrap();
-    let m = model.to_str().unwrap();
-    // Process 1 first: process 0 dials it; each waits for the other before listening.
-    let p1 = std::thread::spawn({
-        let (h, m) = (h.to_string(), m.to_string());
+    let (h, m) = (
+        hosts.to_str().unwrap().to_string(),
+        model_dir().to_str().unwrap().to_string(),
+    );
+    // Both start at once: process 0 dials process 1 and each waits for the other before it
+    // listens for gRPC.
+    let args = |process: &'static str| {
+        let (h, m, w) = (h.clone(), m.clone(), workers.to_string());
         move || {
             Server::start(&[
                 "--model",
                 &m,
                 "--workers",
-                "2",
+                &w,
                 "--hosts",
                 &h,
                 "--process",
-                "1",
+                process,
             ])
         }
-    });
-    let p0 = Server::start(&[
-        "--model",
-        m,
-        "--workers",
-        "2",
-        "--hosts",
-        h,
-        "--process",
-        "0",
-    ]);
-    let p1 = p1.join().unwrap();
+    };
+    let p1 = std::thread::spawn(args("1"));
+    let p0 = args("0")();
+    (p0, p1.join().unwrap())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_processes_form_one_cluster() {
+    let (p0, p1) = start_cluster("2");
 
     let inputs: Vec<Vec<u64>> = (0..24)
         .map(|i| pseudo_random(10 + i, VOCAB, 500 + i as u64))
@@ -902,32 +902,7 @@ async fn metrics_show_sessions_and_a_disconnect_freeing_one() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_lost_peer_ends_streams_with_unavailable_not_a_hang() {
-    let ports: Vec<u16> = (0..2)
-        .map(|_| {
-            std::net::TcpListener::bind("127.0.0.1:0")
-                .unwrap()
-                .local_addr()
-                .unwrap()
-                .port()
-        })
-        .collect();
-    let hosts = scratch_dir("cluster-loss").join("hosts.txt");
-    std::fs::write(
-        &hosts,
-        format!("127.0.0.1:{}\n127.0.0.1:{}\n", ports[0], ports[1]),
-    )
-    .unwrap();
-    let model = model_dir();
-    let (h, m) = (
-        hosts.to_str().unwrap().to_string(),
-        model.to_str().unwrap().to_string(),
-    );
-    let p1 = std::thread::spawn({
-        let (h, m) = (h.clone(), m.clone());
-        move || Server::start(&["--model", &m, "--hosts", &h, "--process", "1"])
-    });
-    let p0 = Server::start(&["--model", &m, "--hosts", &h, "--process", "0"]);
-    let p1 = p1.join().unwrap();
+    let (p0, p1) = start_cluster("1");
 
     let mut client = pb::streams_client::StreamsClient::connect(p0.url())
         .await

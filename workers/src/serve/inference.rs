@@ -23,7 +23,7 @@ use tideway_proto::inference as pb;
 use super::engine::Engine;
 use super::messages::{self, Op, session_key};
 use super::native::{answer, check_ids};
-use super::status::{op_status, status_message, submit_status};
+use super::status::{inbound_error, op_status, status_message, submit_status};
 
 const STREAM_CREDIT: usize = 64;
 
@@ -462,7 +462,17 @@ impl pb::grpc_inference_service_server::GrpcInferenceService for InferenceServic
                     }
                 }
             });
-            while let Ok(Some(request)) = inbound.message().await {
+            loop {
+                let request = match inbound.message().await {
+                    Ok(Some(request)) => request,
+                    Ok(None) => break,
+                    Err(status) => {
+                        if let Some(answer) = inbound_error(&status) {
+                            let _ = tx.send(Err(answer)).await;
+                        }
+                        break;
+                    }
+                };
                 let id = request.id.clone();
                 let pending = match service.prepare(request) {
                     Ok(p) => match service.engine.submit(worker, p.key, p.op, false) {

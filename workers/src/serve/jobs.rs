@@ -18,7 +18,7 @@ use tideway_proto::tideway::v1 as pb;
 use super::engine::Engine;
 use super::messages::{Op, session_key};
 use super::native::{answer, check_ids, tensor_f32};
-use super::status::{op_status, submit_status};
+use super::status::{inbound_error, op_status, submit_status};
 
 const DEFAULT_CHUNK: usize = 256;
 /// Finished jobs kept for Get/Watch; the oldest go first.
@@ -216,7 +216,11 @@ impl pb::jobs_server::Jobs for JobsService {
         let mut inbound = request.into_inner();
         let mut header = None;
         let mut tokens = Vec::new();
-        while let Some(upload) = inbound.message().await? {
+        while let Some(upload) = inbound
+            .message()
+            .await
+            .map_err(|s| inbound_error(&s).unwrap_or(s))?
+        {
             match (upload.kind, &header) {
                 (Some(pb::job_upload::Kind::Header(mut h)), None) => {
                     tokens.append(&mut h.tokens);

@@ -15,7 +15,7 @@ use tideway_proto::tideway::v1 as pb;
 
 use super::engine::Engine;
 use super::messages::{self, Op, Reply, session_key};
-use super::status::{op_status, submit_status};
+use super::status::{inbound_error, op_status, submit_status};
 
 /// Chunks of one stream that may be in the dataflow at once: the stream's credit. A client
 /// that sends faster waits (HTTP/2 flow control), and its slowness is its own.
@@ -208,17 +208,13 @@ impl pb::streams_server::Streams for StreamsService {
                 let message = match next {
                     Ok(Some(m)) => m,
                     Ok(None) => break,
-                    Err(status) if status.code() == Code::OutOfRange => {
-                        // tonic's "message too large"; DESIGN.md answers limits with
-                        // RESOURCE_EXHAUSTED.
-                        let _ = tx.send(Err(Status::resource_exhausted(format!(
-                            "{} (raise the server's --max-message-bytes, or send smaller chunks)",
-                            status.message()
-                        )))).await;
-                        break;
-                    }
-                    Err(_) => {
-                        disconnected = true;
+                    Err(status) => {
+                        match inbound_error(&status) {
+                            Some(answer) => {
+                                let _ = tx.send(Err(answer)).await;
+                            }
+                            None => disconnected = true,
+                        }
                         break;
                     }
                 };

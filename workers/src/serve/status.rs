@@ -51,3 +51,17 @@ pub fn op_status(e: &OpError, unknown_code: tonic::Code) -> Status {
 pub fn status_message(status: &Status) -> String {
     format!("{:?}: {}", status.code(), status.message())
 }
+
+/// The status to answer when reading a client stream fails with `status`: tonic reports a
+/// message over the size limit as OUT_OF_RANGE; DESIGN.md answers limits with
+/// RESOURCE_EXHAUSTED. `None` when the client went away (nothing to answer).
+pub fn inbound_error(status: &Status) -> Option<Status> {
+    match status.code() {
+        tonic::Code::OutOfRange => Some(Status::resource_exhausted(format!(
+            "{} (raise the server's --max-message-bytes, or send smaller messages)",
+            status.message()
+        ))),
+        tonic::Code::Cancelled | tonic::Code::Unknown | tonic::Code::Unavailable => None,
+        _ => Some(status.clone()),
+    }
+}
