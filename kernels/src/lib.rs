@@ -27,4 +27,7 @@ pub mod scan;
 mod simd;
 pub mod tensor;
 
+#[cfg(test)]
+mod test_util;
+
 pub use tensor::{ShapeError, Tensor, Weight};

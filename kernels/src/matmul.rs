@@ -241,6 +241,10 @@ fn transpose(src: &[f32], rows: usize, cols: usize) -> Vec<f32> {
 mod tests {
     use super::*;
 
+    fn pseudo(n: usize, seed: u64) -> Vec<f32> {
+        crate::test_util::pseudo(n, seed, -1.0, 1.0)
+    }
+
     fn naive(x: &[f32], m: usize, k: usize, stride: usize, w: &[f32], n: usize) -> Vec<f32> {
         let mut y = vec![0.0f64; m * n];
         for i in 0..m {
@@ -251,18 +255,6 @@ mod tests {
             }
         }
         y.into_iter().map(|v| v as f32).collect()
-    }
-
-    fn pseudo(n: usize, seed: u32) -> Vec<f32> {
-        let mut s = seed.wrapping_mul(2654435761).max(1);
-        (0..n)
-            .map(|_| {
-                s ^= s << 13;
-                s ^= s >> 17;
-                s ^= s << 5;
-                (s as f32 / u32::MAX as f32) * 2.0 - 1.0
-            })
-            .collect()
     }
 
     #[test]

@@ -173,6 +173,7 @@ fn scan_block_body(params: &SsmParams<'_>, inputs: &ScanInputs<'_>, job: &BlockJ
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::test_util::pseudo;
 
     /// The recurrence written out in f64, one step at a time.
     #[allow(clippy::too_many_arguments)]
@@ -207,18 +208,6 @@ mod tests {
             }
         }
         y
-    }
-
-    fn pseudo(len: usize, seed: u64, lo: f32, hi: f32) -> Vec<f32> {
-        let mut s = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-        (0..len)
-            .map(|_| {
-                s ^= s << 13;
-                s ^= s >> 7;
-                s ^= s << 17;
-                lo + (hi - lo) * ((s >> 40) as f32 / (1u64 << 24) as f32)
-            })
-            .collect()
     }
 
     #[test]

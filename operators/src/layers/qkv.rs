@@ -93,14 +93,19 @@ impl Qkv {
         let mut out: [Vec<f32>; 3] =
             std::array::from_fn(|i| vec![0.0f32; m * self.shape.widths[i]]);
         for (i, values) in out.iter_mut().enumerate() {
-            self.projections[i].forward(x, values);
             match &self.convs {
                 Some(convs) => {
+                    let mut projected = vec![0.0f32; values.len()];
+                    self.projections[i].forward(x, &mut projected);
                     let mut w: Vec<&mut Vec<f32>> = windows.iter_mut().map(|s| &mut s[i]).collect();
-                    convs[i].forward(values, segments, &mut w);
+                    convs[i].forward(&projected, values, segments, &mut w);
                 }
-                None if self.shape.plain_silu[i] => silu_inplace(values),
-                None => {}
+                None => {
+                    self.projections[i].forward(x, values);
+                    if self.shape.plain_silu[i] {
+                        silu_inplace(values);
+                    }
+                }
             }
         }
         out

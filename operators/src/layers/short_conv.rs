@@ -51,34 +51,28 @@ impl ShortConv {
         self.weight.size_bytes() + self.bias.as_ref().map_or(0, Weight::size_bytes)
     }
 
-    /// Replaces `values` (`[M, C]`, packed sessions) by the conv output, per session.
+    /// Runs the conv over `input` (`[M, C]`, packed sessions) into `out`, per session.
     pub fn forward(
         &self,
-        values: &mut [f32],
+        input: &[f32],
+        out: &mut [f32],
         segments: &[Range<usize>],
         windows: &mut [&mut Vec<f32>],
     ) {
         let ch = self.channels;
-        let raw = values.to_vec();
         let bias = self.bias.as_ref().map(Weight::as_slice);
         for (rows, window) in segments.iter().zip(windows.iter_mut()) {
-            let dst = &mut values[rows.start * ch..rows.end * ch];
+            let dst = &mut out[rows.start * ch..rows.end * ch];
             if rows.len() == 1 {
-                causal_conv1d_step(
-                    &raw[rows.start * ch..][..ch],
-                    self.weight.as_slice(),
-                    self.kernel,
-                    bias,
-                    window,
-                    dst,
-                );
+                let x = &input[rows.start * ch..][..ch];
+                causal_conv1d_step(x, self.weight.as_slice(), self.kernel, bias, window, dst);
             } else {
-                let src = MatRef::dense(&raw[rows.start * ch..rows.end * ch], rows.len(), ch);
+                let src = MatRef::dense(&input[rows.start * ch..rows.end * ch], rows.len(), ch);
                 causal_conv1d_seq(src, self.weight.as_slice(), self.kernel, bias, window, dst);
             }
         }
         if self.silu {
-            silu_inplace(values);
+            silu_inplace(out);
         }
     }
 }
