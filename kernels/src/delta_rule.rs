@@ -12,7 +12,9 @@
 //! `T = (I + StrictLower(K_β Kᵀ))⁻¹` by forward substitution, `W = T K_β`, `U = T V_β`; then
 //! `U' = U − W S`, `O = Q S + (Q Kᵀ ⊙ M_incl) U'`, `S ← S + Kᵀ U'` (`delta_rule_chunkwise`).
 
+use crate::activation::exp_fast;
 use crate::linear_attention::HeadRows;
+use crate::matmul::{Strided, matmul_small};
 use crate::simd::dispatch;
 
 /// One head's inputs: q, k (`dk` wide), v (`dv` wide), β and the optional log decay `g`
@@ -103,98 +105,140 @@ fn delta_chunked_body(
     let (dk, dv) = (x.k.width, x.v.width);
     assert_eq!(state.len(), dk * dv);
     let c = chunk.max(1);
-    let mut t_mat = vec![0.0f32; c * c];
+    let mut lam = vec![0.0f32; c];
     let mut a = vec![0.0f32; c * c];
+    let mut t_mat = vec![0.0f32; c * c];
+    let mut k_scaled = vec![0.0f32; c * dk];
+    let mut v_scaled = vec![0.0f32; c * dv];
     let mut w = vec![0.0f32; c * dk];
     let mut u = vec![0.0f32; c * dv];
-    let mut lam = vec![0.0f32; c];
     for c0 in (0..len).step_by(c) {
         let n = c.min(len - c0);
-        let k = |t: usize| x.k.row(c0 + t);
+        let (k, q) = (x.k.matrix(c0, n), x.q.matrix(c0, n));
         let beta = |t: usize| x.beta.row(c0 + t)[0];
         // Λ: inclusive cumulative log decay in the chunk; Γ_ts = e^{Λ_t − Λ_s} (s ≤ t).
         for t in 0..n {
             let g = x.g.map_or(0.0, |g| g.row(c0 + t)[0]);
             lam[t] = if t == 0 { g } else { lam[t - 1] + g };
         }
-        // A = StrictLower((K_β Kᵀ) ⊙ Γ); T = (I + A)⁻¹ by forward substitution (unit lower).
+        // A = StrictLower(diag(β)(K Kᵀ) ⊙ Γ).
+        let a = &mut a[..n * n];
+        matmul_small(a, n, false, 1.0, k, k.t());
         for i in 0..n {
-            for j in 0..i {
-                let dot: f32 = k(i).iter().zip(k(j)).map(|(a, b)| a * b).sum();
-                a[i * c + j] = beta(i) * dot * (lam[i] - lam[j]).exp();
+            let row = &mut a[i * n..(i + 1) * n];
+            for (j, value) in row.iter_mut().enumerate() {
+                *value = if j < i {
+                    beta(i) * *value * exp_fast(lam[i] - lam[j])
+                } else {
+                    0.0
+                };
             }
         }
+        // T = (I + A)⁻¹ by forward substitution, a row at a time:
+        // T_i = e_i − Σ_{m<i} A_im T_m (rows of T are zero right of the diagonal).
+        let t_mat = &mut t_mat[..n * n];
+        t_mat.fill(0.0);
         for i in 0..n {
-            for j in 0..=i {
-                let mut v = if i == j { 1.0 } else { 0.0 };
-                for m in j..i {
-                    v -= a[i * c + m] * t_mat[m * c + j];
+            let (done, rest) = t_mat.split_at_mut(i * n);
+            let row = &mut rest[..n];
+            row[i] = 1.0;
+            for m in 0..i {
+                let coeff = a[i * n + m];
+                for (r, &tm) in row[..=m].iter_mut().zip(&done[m * n..=m * n + m]) {
+                    *r = (-coeff).mul_add(tm, *r);
                 }
-                t_mat[i * c + j] = v;
             }
         }
         // W = T (K_β ⊙ e^Λ), U = T V_β, then U' = U − W S.
-        for i in 0..n {
-            let wi = &mut w[i * dk..(i + 1) * dk];
-            wi.fill(0.0);
-            let ui = &mut u[i * dv..(i + 1) * dv];
-            ui.fill(0.0);
-            for j in 0..=i {
-                let tb = t_mat[i * c + j] * beta(j);
-                let tbw = tb * lam[j].exp();
-                for (wv, kv) in wi.iter_mut().zip(k(j)) {
-                    *wv = tbw.mul_add(*kv, *wv);
-                }
-                for (uv, vv) in ui.iter_mut().zip(x.v.row(c0 + j)) {
-                    *uv = tb.mul_add(*vv, *uv);
-                }
+        for t in 0..n {
+            let (b, decay) = (beta(t), exp_fast(lam[t]));
+            for (d, &kv) in k_scaled[t * dk..(t + 1) * dk]
+                .iter_mut()
+                .zip(x.k.row(c0 + t))
+            {
+                *d = b * decay * kv;
             }
-            for (p, &wp) in wi.iter().enumerate() {
-                let row = &state[p * dv..(p + 1) * dv];
-                for jj in 0..dv {
-                    ui[jj] = (-wp).mul_add(row[jj], ui[jj]);
-                }
+            for (d, &vv) in v_scaled[t * dv..(t + 1) * dv]
+                .iter_mut()
+                .zip(x.v.row(c0 + t))
+            {
+                *d = b * vv;
             }
         }
-        // O = (Q ⊙ e^Λ) S + (Q Kᵀ ⊙ Γ ⊙ M_incl) U'.
-        for i in 0..n {
-            let q = x.q.row(c0 + i);
-            let o = &mut out[(c0 + i) * out_stride..][..dv];
-            o.fill(0.0);
-            let qdecay = x.scale * lam[i].exp();
-            for p in 0..dk {
-                let qp = qdecay * q[p];
-                let row = &state[p * dv..(p + 1) * dv];
-                for jj in 0..dv {
-                    o[jj] = qp.mul_add(row[jj], o[jj]);
-                }
-            }
-            for j in 0..=i {
-                let qk: f32 = q.iter().zip(k(j)).map(|(a, b)| a * b).sum::<f32>()
-                    * x.scale
-                    * (lam[i] - lam[j]).exp();
-                let uj = &u[j * dv..(j + 1) * dv];
-                for jj in 0..dv {
-                    o[jj] = qk.mul_add(uj[jj], o[jj]);
-                }
+        let t_view = Strided::dense(t_mat, n, n);
+        matmul_small(
+            &mut w,
+            dk,
+            false,
+            1.0,
+            t_view,
+            Strided::dense(&k_scaled, n, dk),
+        );
+        matmul_small(
+            &mut u,
+            dv,
+            false,
+            1.0,
+            t_view,
+            Strided::dense(&v_scaled, n, dv),
+        );
+        let s_view = Strided::dense(state, dk, dv);
+        matmul_small(&mut u, dv, true, -1.0, Strided::dense(&w, n, dk), s_view);
+        // O = (scale·Q ⊙ e^Λ) S + (scale·Q Kᵀ ⊙ Γ ⊙ M_incl) U'.
+        for t in 0..n {
+            let decay = x.scale * exp_fast(lam[t]);
+            for (d, &qv) in k_scaled[t * dk..(t + 1) * dk]
+                .iter_mut()
+                .zip(x.q.row(c0 + t))
+            {
+                *d = decay * qv;
             }
         }
+        let o = &mut out[c0 * out_stride..];
+        matmul_small(
+            o,
+            out_stride,
+            false,
+            1.0,
+            Strided::dense(&k_scaled, n, dk),
+            s_view,
+        );
+        let scores = a;
+        matmul_small(scores, n, false, 1.0, q, k.t());
+        for i in 0..n {
+            let row = &mut scores[i * n..(i + 1) * n];
+            for (j, value) in row.iter_mut().enumerate() {
+                *value = if j <= i {
+                    x.scale * *value * exp_fast(lam[i] - lam[j])
+                } else {
+                    0.0
+                };
+            }
+        }
+        let u_view = Strided::dense(&u, n, dv);
+        matmul_small(
+            o,
+            out_stride,
+            true,
+            1.0,
+            Strided::dense(scores, n, n),
+            u_view,
+        );
         // S ← e^{Λ_C} S + (K ⊙ e^{Λ_C − Λ})ᵀ U'.
         let last = lam[n - 1];
-        let total = last.exp();
+        let total = exp_fast(last);
         state.iter_mut().for_each(|s| *s *= total);
-        for j in 0..n {
-            let kj = k(j);
-            let uj = &u[j * dv..(j + 1) * dv];
-            let wj = (last - lam[j]).exp();
-            for p in 0..dk {
-                let row = &mut state[p * dv..(p + 1) * dv];
-                let kp = wj * kj[p];
-                for jj in 0..dv {
-                    row[jj] = kp.mul_add(uj[jj], row[jj]);
-                }
+        for t in 0..n {
+            let decay = exp_fast(last - lam[t]);
+            for (d, &kv) in k_scaled[t * dk..(t + 1) * dk]
+                .iter_mut()
+                .zip(x.k.row(c0 + t))
+            {
+                *d = decay * kv;
             }
         }
+        let k_decayed = Strided::dense(&k_scaled, n, dk).t();
+        matmul_small(state, dv, true, 1.0, k_decayed, u_view);
     }
 }
 
@@ -222,7 +266,12 @@ mod tests {
 
     #[test]
     fn chunked_equals_recurrent_with_and_without_decay() {
-        let (len, dk, dv) = (70, 6, 5);
+        for (len, dk, dv) in [(70, 6, 5), (150, 20, 33)] {
+            chunked_equals_recurrent(len, dk, dv);
+        }
+    }
+
+    fn chunked_equals_recurrent(len: usize, dk: usize, dv: usize) {
         let q = l2_rows(pseudo(len * dk, 1, -1.0, 1.0), dk);
         let k = l2_rows(pseudo(len * dk, 2, -1.0, 1.0), dk);
         let v = pseudo(len * dv, 3, -1.0, 1.0);
