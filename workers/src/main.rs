@@ -40,7 +40,24 @@ enum Command {
     Devices,
 }
 
+/// Keeps freed activation buffers in the heap instead of returning them to the kernel.
+///
+/// glibc serves allocations over its (adaptive) mmap threshold with fresh mappings and unmaps
+/// them on free, so every layer's multi-megabyte activations were page-faulted and zeroed by
+/// the kernel again on each forward (~5% of prefill time in perf, and DeltaNet's batch-32
+/// decode 532 → 670 tok/s without it). Peak memory is unchanged in kind: the buffers were live
+/// at the same time anyway; the heap now keeps them for the next forward.
+fn keep_freed_activations_in_heap() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: mallopt only tunes glibc's allocator; it is called before any other thread starts.
+    unsafe {
+        libc::mallopt(libc::M_MMAP_THRESHOLD, 1 << 30);
+        libc::mallopt(libc::M_TRIM_THRESHOLD, i32::MAX);
+    }
+}
+
 fn main() -> ExitCode {
+    keep_freed_activations_in_heap();
     let cli = Cli::parse();
     tracing_subscriber::fmt()
         .with_writer(std::io::stderr)
