@@ -22,6 +22,7 @@ use crate::error::LoadError;
 use crate::layers::head_output::{HeadOutput, HeadOutputShape};
 use crate::layers::heads::{head_jobs, run_heads};
 use crate::layers::qkv::{Qkv, QkvShape};
+use crate::mixers::retnet::{retention_log_decay, rotary};
 
 /// Rows per chunk of the chunkwise form (fla's default).
 pub const CHUNK: usize = 64;
@@ -237,14 +238,7 @@ impl GlaMixer {
                 }
                 (gk, kkd)
             }
-            None => {
-                let mut gk = vec![0.0f32; c.num_heads * dk];
-                for (h, row) in gk.chunks_mut(dk).enumerate() {
-                    let gamma = 1.0 - 2f64.powi(-5 - h as i32);
-                    row.fill(gamma.ln() as f32);
-                }
-                (gk, 0)
-            }
+            None => (retention_log_decay(c.num_heads, dk), 0),
         };
         if let Some(map) = c.feature_map {
             map.apply(&mut q);
@@ -297,26 +291,5 @@ impl GlaMixer {
 
         // Per-head norm (and swish gate), then o_proj.
         self.output.forward(&o, x, out);
-    }
-}
-
-/// Rotary position embedding, NeoX style (rotate-half, not interleaved), base 10000, on every
-/// `dk`-wide head of every `width`-wide row; row `t` sits at position `start + t`
-/// (`fla/modules/rotary`, `RotaryEmbedding(dim = head_k_dim)`; angles in f32 as fla's cache).
-pub(crate) fn rotary(values: &mut [f32], width: usize, dk: usize, start: usize) {
-    let half = dk / 2;
-    let inv_freq: Vec<f32> = (0..half)
-        .map(|i| 1.0 / 10000f32.powf((2 * i) as f32 / dk as f32))
-        .collect();
-    for (t, row) in values.chunks_mut(width).enumerate() {
-        let pos = (start + t) as f32;
-        for head in row.chunks_mut(dk) {
-            for i in 0..half {
-                let (sin, cos) = (pos * inv_freq[i]).sin_cos();
-                let (a, b) = (head[i], head[i + half]);
-                head[i] = a * cos - b * sin;
-                head[i + half] = b * cos + a * sin;
-            }
-        }
     }
 }

@@ -7,3 +7,4 @@ pub mod gated_deltanet;
 pub mod gla;
 pub mod linear_attn;
 pub mod mamba;
+pub mod retnet;
