@@ -20,6 +20,7 @@ pub mod cpu;
 #[cfg(feature = "cuda")]
 pub mod cuda;
 pub mod delta_rule;
+pub mod expm;
 pub mod linear_attention;
 pub mod matmul;
 pub mod norm;
