@@ -21,7 +21,7 @@ pub enum LoadError {
     #[error("{path}: malformed config.json: {reason}")]
     MalformedConfig { path: PathBuf, reason: String },
     #[error(
-        "{path}: unknown model_type {model_type:?}; supported: \"mamba\" (or a state-spaces Mamba config with d_model and n_layer), \"gla\", \"delta_net\", \"gated_deltanet\", \"retnet\", \"linear_attn\""
+        "{path}: unknown model_type {model_type:?}; supported: \"mamba\" (or a state-spaces Mamba config with d_model and n_layer), \"gla\", \"delta_net\", \"gated_deltanet\", \"retnet\", \"linear_attn\", \"lmuformer\""
     )]
     UnknownModelType { path: PathBuf, model_type: String },
     #[error("{path}: {reason}")]
@@ -57,4 +57,10 @@ pub enum InputError {
     WrongState,
     #[error("{sessions} sessions but {tokens} tokens: a step takes one token per session")]
     BatchMismatch { sessions: usize, tokens: usize },
+    #[error("frames have {found} channels; the model takes {expected}")]
+    WrongWidth { expected: usize, found: usize },
+    #[error("frame {frame}, channel {channel} is NaN or infinite; features must be finite")]
+    NonFinite { frame: usize, channel: usize },
+    #[error("the stream has ended; start a new one to send more frames")]
+    Ended,
 }

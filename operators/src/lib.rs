@@ -12,5 +12,7 @@ pub mod error;
 pub mod layers;
 pub mod mixers;
 pub mod models;
+pub mod spiking;
+pub mod state_dict;
 
 pub use error::{InputError, LoadError};

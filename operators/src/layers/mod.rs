@@ -1,5 +1,7 @@
 //! Pieces shared by several model families.
 
+pub mod batch_norm;
+pub mod frames;
 pub mod head_output;
 pub mod heads;
 pub mod mlp;

@@ -6,5 +6,6 @@ pub mod deltanet;
 pub mod gated_deltanet;
 pub mod gla;
 pub mod linear_attn;
+pub mod lmu;
 pub mod mamba;
 pub mod retnet;

@@ -4,6 +4,7 @@
 
 pub mod config;
 pub mod fla;
+pub mod lmuformer;
 pub mod mamba;
 
 use std::ops::Range;
@@ -16,6 +17,7 @@ use crate::error::{InputError, LoadError};
 use config::ConfigJson;
 
 pub use fla::{FlaConfig, FlaLm, FlaState};
+pub use lmuformer::{LmuFormer, LmuFormerConfig, LmuFormerState};
 pub use mamba::{MambaConfig, MambaLm, MambaState};
 
 /// The fla model types Tideway loads.
@@ -254,6 +256,12 @@ pub fn load_model(dir: &Path) -> Result<Model, LoadError> {
     let config = ConfigJson::read(dir)?;
     match config.model_type()? {
         Some("mamba") => {}
+        Some("lmuformer") => {
+            return Err(LoadError::Unsupported {
+                path: config.path().to_path_buf(),
+                reason: "an LMUFormer takes feature frames, not tokens: run it with `tideway run --input FEATURES.safetensors` or `tideway bench`; serving feature models comes with the audio/sensor front end".into(),
+            });
+        }
         Some(t) if FLA_TYPES.contains(&t) => {
             let fla = FlaConfig::from_config(&config)?;
             let checkpoint = Checkpoint::open(dir)?;
@@ -276,4 +284,27 @@ pub fn load_model(dir: &Path) -> Result<Model, LoadError> {
     let checkpoint = Checkpoint::open(dir)?;
     let mamba_config = MambaConfig::from_config(&config, &checkpoint)?;
     Ok(Model::Mamba(MambaLm::load(mamba_config, &checkpoint)?))
+}
+
+/// Whether the checkpoint in `dir` is an LMUFormer (`model_type` `"lmuformer"`), a model of
+/// feature frames rather than tokens.
+pub fn is_lmuformer(dir: &Path) -> Result<bool, LoadError> {
+    Ok(ConfigJson::read(dir)?.model_type()? == Some("lmuformer"))
+}
+
+/// Loads an LMUFormer checkpoint: `config.json` (SPEC-MODELS.md §9) beside safetensors files
+/// or one `torch.save` file with the reference's names.
+pub fn load_lmuformer(dir: &Path) -> Result<LmuFormer, LoadError> {
+    let config = ConfigJson::read(dir)?;
+    match config.model_type()? {
+        Some("lmuformer") => {}
+        other => {
+            return Err(config.malformed(format!(
+                "model_type must be \"lmuformer\" for a feature model, found {other:?}"
+            )));
+        }
+    }
+    let lmu_config = LmuFormerConfig::from_config(&config)?;
+    let dict = crate::state_dict::StateDict::open(dir)?;
+    LmuFormer::load(lmu_config, &dict)
 }
