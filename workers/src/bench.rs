@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result, bail};
 use clap::Args;
 use serde::Serialize;
-use tideway_operators::models::{Model, SessionState, load_model};
+use tideway_operators::models::{Model, SessionState, is_lmuformer, load_model};
 
 #[derive(Args)]
 #[command(args_conflicts_with_subcommands = true)]
@@ -17,9 +17,10 @@ pub struct BenchArgs {
     /// Checkpoint directory (config.json + *.safetensors).
     #[arg(long)]
     model: Option<PathBuf>,
-    /// Decode batch sizes (concurrent sessions), comma-separated.
-    #[arg(long, value_delimiter = ',', default_value = "1,8,32")]
-    batches: Vec<usize>,
+    /// Decode batch sizes (concurrent sessions), comma-separated [default: 1,8,32 for a
+    /// language model, 1,64,1024 streams for a feature model].
+    #[arg(long, value_delimiter = ',')]
+    batches: Option<Vec<usize>>,
     /// Sequence lengths of the prefill measurements, comma-separated.
     #[arg(long, value_delimiter = ',', default_value = "512")]
     prefill_tokens: Vec<usize>,
@@ -89,9 +90,21 @@ pub fn bench(args: BenchArgs, threads: usize) -> Result<()> {
     let Some(model_dir) = args.model.clone() else {
         bail!("--model DIR is required (or `tideway bench serve …` to load-test a server)");
     };
-    if args.batches.is_empty() || args.batches.contains(&0) {
+    if let Some(b) = &args.batches
+        && (b.is_empty() || b.contains(&0))
+    {
         bail!("--batches takes positive batch sizes, e.g. 1,8,32");
     }
+    let feature_model = is_lmuformer(&model_dir)
+        .with_context(|| format!("cannot load model from {}", model_dir.display()))?;
+    if feature_model {
+        let batches = args.batches.clone().unwrap_or_else(|| vec![1, 64, 1024]);
+        let min_time = Duration::from_secs_f64(args.seconds);
+        return crate::bench_frames::bench_frames(
+            &model_dir, &batches, min_time, threads, args.json,
+        );
+    }
+    let batches = args.batches.clone().unwrap_or_else(|| vec![1, 8, 32]);
     if args.prefill_tokens.is_empty() || args.prefill_tokens.contains(&0) || args.chunk == 0 {
         bail!("--prefill-tokens and --chunk must be at least 1");
     }
@@ -115,7 +128,7 @@ pub fn bench(args: BenchArgs, threads: usize) -> Result<()> {
     ));
 
     let mut decode = Vec::new();
-    for &batch in &args.batches {
+    for &batch in &batches {
         let result = bench_decode(lm, batch, min_time)?;
         say(format!(
             "decode batch {batch:>3}: {:>9.1} tokens/s ({:.2} ms/step, {} steps)",
@@ -220,7 +233,7 @@ fn argmax(row: &[f32]) -> usize {
 }
 
 /// The process's peak resident set (VmHWM), where /proc has it.
-fn peak_rss_bytes() -> Option<u64> {
+pub fn peak_rss_bytes() -> Option<u64> {
     let status = std::fs::read_to_string("/proc/self/status").ok()?;
     let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
     let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;

@@ -5,6 +5,7 @@
 //! - `tideway devices`: the CPU and CUDA devices this node can use.
 
 mod bench;
+mod bench_frames;
 mod bench_serve;
 mod devices;
 mod run;

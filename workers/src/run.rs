@@ -8,7 +8,8 @@ use clap::{Args, ValueEnum};
 use safetensors::tensor::{Dtype, TensorView};
 use tideway_kernels::Tensor;
 use tideway_operators::InputError;
-use tideway_operators::models::{Model, load_model};
+use tideway_operators::layers::frames::Frames;
+use tideway_operators::models::{Model, is_lmuformer, load_lmuformer, load_model};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
 pub enum Mode {
@@ -23,12 +24,20 @@ pub struct RunArgs {
     /// Checkpoint directory (config.json + *.safetensors).
     #[arg(long)]
     model: PathBuf,
-    /// Input token ids, comma-separated (e.g. 1,2,3).
+    /// Input token ids, comma-separated (e.g. 1,2,3), for a language model.
+    #[arg(long, required_unless_present = "input", conflicts_with = "input")]
+    tokens: Option<String>,
+    /// Input feature frames for a feature model (LMUFormer): a safetensors file with tensor
+    /// `input`, f32, [frames, in_channels].
     #[arg(long)]
-    tokens: String,
-    /// Output safetensors file (tensor `logits`, f32, [T, vocab]).
+    input: Option<PathBuf>,
+    /// Output safetensors file: `logits` (f32, [T, vocab]) for a language model; `output`
+    /// (f32, [frames, classes]) and `pooled` ([classes]) for a feature model.
     #[arg(long)]
     out: PathBuf,
+    /// Also write every spiking neuron's spike train (`spikes.<neuron>`, [frames, channels]).
+    #[arg(long)]
+    record_spikes: bool,
     #[arg(long, value_enum, default_value = "chunked")]
     mode: Mode,
     /// Tokens per chunk in chunked mode.
@@ -40,9 +49,20 @@ pub fn run(args: RunArgs) -> Result<()> {
     if args.chunk == 0 {
         bail!("--chunk must be at least 1");
     }
+    let feature_model = is_lmuformer(&args.model)
+        .with_context(|| format!("cannot load model from {}", args.model.display()))?;
+    if feature_model {
+        return run_features(&args);
+    }
+    let Some(tokens) = &args.tokens else {
+        bail!(
+            "{} is a language model: give its input with --tokens (--input is for feature models)",
+            args.model.display()
+        );
+    };
     let model = load_model(&args.model)
         .with_context(|| format!("cannot load model from {}", args.model.display()))?;
-    let tokens = parse_tokens(&args.tokens, model.vocab_size())?;
+    let tokens = parse_tokens(tokens, model.vocab_size())?;
     let logits = match args.mode {
         Mode::Chunked => run_chunked(&model, &tokens, args.chunk)?,
         Mode::Recurrent => run_recurrent(&model, &tokens)?,
@@ -124,6 +144,99 @@ fn run_recurrent(lm: &Model, tokens: &[u32]) -> Result<Tensor> {
         progress.update(i + 1, tokens.len());
     }
     Ok(logits)
+}
+
+/// An LMUFormer over the feature frames of `--input`.
+fn run_features(args: &RunArgs) -> Result<()> {
+    let Some(input_path) = &args.input else {
+        bail!(
+            "{} is a feature model (LMUFormer): give its frames with --input FEATURES.safetensors (tensor `input`, [frames, channels])",
+            args.model.display()
+        );
+    };
+    let model = load_lmuformer(&args.model)
+        .with_context(|| format!("cannot load model from {}", args.model.display()))?;
+    let (frames, shape) = read_f32_tensor(input_path, "input")?;
+    let channels = model.in_channels();
+    let &[rows, width] = shape.as_slice() else {
+        bail!(
+            "{}: tensor `input` has shape {shape:?}; expected [frames, {channels}]",
+            input_path.display()
+        );
+    };
+    if width != channels || rows == 0 {
+        bail!(
+            "{}: tensor `input` has shape {shape:?}; the model takes [frames ≥ 1, {channels}]",
+            input_path.display()
+        );
+    }
+    let mut state = model.new_state();
+    if args.record_spikes {
+        state.record_spikes();
+    }
+    let output = match args.mode {
+        Mode::Chunked => model.run_clip(&mut state, &frames)?.0,
+        Mode::Recurrent => {
+            let mut output = Vec::new();
+            for (t, frame) in frames.chunks_exact(channels).enumerate() {
+                let input = Frames {
+                    data: frame.to_vec(),
+                    width: channels,
+                    counts: vec![1],
+                };
+                let last = t + 1 == rows;
+                output.extend(model.forward(&mut [&mut state], &input, &[false])?.data);
+                if last {
+                    let end = Frames {
+                        data: Vec::new(),
+                        width: channels,
+                        counts: vec![0],
+                    };
+                    output.extend(model.forward(&mut [&mut state], &end, &[true])?.data);
+                }
+            }
+            output
+        }
+    };
+    let classes = model.num_classes();
+    let output = Tensor::from_vec(output, &[rows, classes])?;
+    let pooled = Tensor::from_vec(state.pooled(), &[classes])?;
+    let mut tensors: Vec<(String, Tensor)> =
+        vec![("output".into(), output), ("pooled".into(), pooled)];
+    if let Some(spikes) = state.spikes() {
+        for (name, values) in spikes {
+            let width = values.len() / rows;
+            tensors.push((
+                format!("spikes.{name}"),
+                Tensor::from_vec(values.clone(), &[rows, width])?,
+            ));
+        }
+    }
+    let refs: Vec<(&str, &Tensor)> = tensors.iter().map(|(n, t)| (n.as_str(), t)).collect();
+    write_tensors(&args.out, &refs).with_context(|| format!("cannot write {}", args.out.display()))
+}
+
+/// Reads the f32 tensor `name` of a safetensors file.
+pub fn read_f32_tensor(path: &Path, name: &str) -> Result<(Vec<f32>, Vec<usize>)> {
+    let bytes = std::fs::read(path).with_context(|| format!("cannot read {}", path.display()))?;
+    let file = safetensors::SafeTensors::deserialize(&bytes)
+        .map_err(|e| anyhow::anyhow!("{}: not a safetensors file: {e}", path.display()))?;
+    let view = file
+        .tensor(name)
+        .map_err(|_| anyhow::anyhow!("{}: no tensor `{name}`", path.display()))?;
+    if view.dtype() != Dtype::F32 {
+        bail!(
+            "{}: tensor `{name}` has dtype {:?}; expected F32",
+            path.display(),
+            view.dtype()
+        );
+    }
+    let values = view
+        .data()
+        .chunks_exact(4)
+        .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+        .collect();
+    Ok((values, view.shape().to_vec()))
 }
 
 /// Writes f32 tensors to a safetensors file.
