@@ -233,3 +233,91 @@ fn malformed_lmuformer_checkpoints_are_refused_by_name() {
         stderr(&output)
     );
 }
+
+#[test]
+fn run_audio_goes_from_a_wav_file_to_the_reference_outputs() {
+    // An LMUFormer whose config.json has the audio front end, on a 16 kHz recording: the
+    // features must equal torchaudio's (tools/gen_audio_fixtures.py) and the outputs the
+    // reference model's on them.
+    let dir = fixtures_dir().join("lmu/lmu_d16_c128_frontend");
+    let wav = fixtures_dir().join("audio/chirp_16k_s16.wav");
+    let want_features = fixtures_dir().join("audio/chirp_16k_s16.features.safetensors");
+    let expected = dir.join("expected.safetensors");
+    for mode in ["chunked", "recurrent"] {
+        let out = scratch_dir("lmu-audio").join("out.safetensors");
+        let output = tideway()
+            .args(["run", "--model"])
+            .arg(dir.join("checkpoint"))
+            .arg("--audio")
+            .arg(&wav)
+            .arg("--out")
+            .arg(&out)
+            .args(["--mode", mode])
+            .output()
+            .unwrap();
+        assert!(output.status.success(), "{}", stderr(&output));
+        let features = read_tensor(&out, "features");
+        assert_eq!(features.shape, vec![128, 128]);
+        let err = relative_error(
+            &features.values,
+            &read_tensor(&want_features, "normalised").values,
+        );
+        eprintln!("{mode}: features vs torchaudio: relative error {err:.2e}");
+        assert!(err <= 1e-4, "features: {err:.3e}");
+        for name in ["output", "pooled"] {
+            let err = relative_error(
+                &read_tensor(&out, name).values,
+                &read_tensor(&expected, name).values,
+            );
+            eprintln!("{mode}: {name}: relative error {err:.2e}");
+            assert!(err <= 1e-4, "{name}: {err:.3e}");
+        }
+    }
+    // Refusals: an encoding that is not PCM/float, a model without a front end, a front end
+    // whose mel bins do not match the model.
+    let (_, output) = run_audio(
+        &dir.join("checkpoint"),
+        &fixtures_dir().join("audio/alaw_8k.wav"),
+    );
+    assert!(
+        stderr(&output).contains("unsupported WAV encoding"),
+        "{}",
+        stderr(&output)
+    );
+    let (_, output) = run_audio(&fixtures_dir().join("lmu/lmu_d32_c16/checkpoint"), &wav);
+    assert!(
+        stderr(&output).contains("has no audio front end"),
+        "{}",
+        stderr(&output)
+    );
+    let broken = scratch_dir("lmu-frontend-bins");
+    copy_dir(&dir.join("checkpoint"), &broken);
+    let config = std::fs::read_to_string(broken.join("config.json")).unwrap();
+    std::fs::write(
+        broken.join("config.json"),
+        config.replace("\"num_mel_bins\": 128", "\"num_mel_bins\": 80"),
+    )
+    .unwrap();
+    let (_, output) = run_audio(&broken, &wav);
+    assert!(
+        stderr(&output)
+            .contains("frontend num_mel_bins is 80 but the model takes 128 input channels"),
+        "{}",
+        stderr(&output)
+    );
+}
+
+fn run_audio(model: &Path, wav: &Path) -> (PathBuf, std::process::Output) {
+    let out = scratch_dir("lmu-audio-bad").join("out.safetensors");
+    let output = tideway()
+        .args(["run", "--model"])
+        .arg(model)
+        .arg("--audio")
+        .arg(wav)
+        .arg("--out")
+        .arg(&out)
+        .output()
+        .unwrap();
+    assert!(!output.status.success());
+    (out, output)
+}

@@ -262,13 +262,14 @@ def run(model, features):
     return y[0], pooled[0], spikes, margin
 
 
-def make(name, cfg, seed, prefix="", drop=(), pth=False):
+def make(name, cfg, seed, prefix="", drop=(), pth=False, features=None, frontend=None):
     spiking = cfg["variant"] == "slmu_rnn_ms_conv1d"
     for attempt in range(50):
         torch.manual_seed(seed + 1000 * attempt)
         model = LmuFormer(cfg).eval()
         perturb(model, seed + 1000 * attempt, spiking)
-        features = 0.7 * torch.randn(FRAMES, cfg["in_channels"])
+        if features is None:
+            features = 0.7 * torch.randn(FRAMES, cfg["in_channels"])
         y, pooled, spikes, margin = run(model, features)
         if not spiking or margin > MARGIN:
             break
@@ -279,6 +280,8 @@ def make(name, cfg, seed, prefix="", drop=(), pth=False):
     (out / "checkpoint").mkdir(parents=True)
     config = {"model_type": "lmuformer", "theta": THETA, "seq_len": FRAMES, "lif_tau": 2.0,
               "lif_threshold": 1.0, **cfg}
+    if frontend is not None:
+        config["frontend"] = frontend
     (out / "checkpoint" / "config.json").write_text(json.dumps(config, indent=2) + "\n")
     state = {prefix + k: v.contiguous() for k, v in model.state_dict().items()
              if not any(k.endswith(d) for d in drop)}
@@ -312,6 +315,19 @@ def main():
                               "num_classes": 5, "depths": 1}, seed=5, prefix="module.", pth=True)
     make("lmu_d32_c16_pth", {**base, "variant": "lmu_rnn_conv1d", "dim": 32, "in_channels": 16,
                              "num_classes": 5, "depths": 1}, seed=6, prefix="module.", pth=True)
+
+
+    # An LMUFormer with the audio front end of SPEC-MODELS.md section 9, on the features that
+    # torchaudio computes for tests/fixtures/audio/chirp_16k_s16.wav (tools/gen_audio_fixtures.py;
+    # 128 frames, the reference's clip length).
+    from safetensors.torch import load_file
+    audio = ROOT.parent / "audio" / "chirp_16k_s16.features.safetensors"
+    features = load_file(audio)["normalised"]
+    frontend = {"kind": "kaldi_fbank", "sample_rate": 16000, "num_mel_bins": 128, "frame_length_ms": 25.0,
+                "frame_shift_ms": 10.0, "window": "hanning", "htk_compat": True, "use_energy": False,
+                "dither": 0.0, "remove_mean": True, "norm_mean": -6.845978, "norm_std": 5.5654526}
+    make("lmu_d16_c128_frontend", {**base, "variant": "lmu_rnn_conv1d", "dim": 16, "in_channels": 128,
+                                   "num_classes": 4, "depths": 1}, seed=7, features=features, frontend=frontend)
 
 
 if __name__ == "__main__":

@@ -14,5 +14,6 @@ pub mod mixers;
 pub mod models;
 pub mod spiking;
 pub mod state_dict;
+pub mod tokenizers;
 
 pub use error::{InputError, LoadError};

@@ -10,6 +10,7 @@ use tideway_kernels::Tensor;
 use tideway_operators::InputError;
 use tideway_operators::layers::frames::Frames;
 use tideway_operators::models::{Model, is_lmuformer, load_lmuformer, load_model};
+use tideway_operators::tokenizers::audio::read_wav;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
 pub enum Mode {
@@ -25,12 +26,17 @@ pub struct RunArgs {
     #[arg(long)]
     model: PathBuf,
     /// Input token ids, comma-separated (e.g. 1,2,3), for a language model.
-    #[arg(long, required_unless_present = "input", conflicts_with = "input")]
+    #[arg(long, required_unless_present_any = ["input", "audio"], conflicts_with_all = ["input", "audio"])]
     tokens: Option<String>,
     /// Input feature frames for a feature model (LMUFormer): a safetensors file with tensor
     /// `input`, f32, [frames, in_channels].
-    #[arg(long)]
+    #[arg(long, conflicts_with = "audio")]
     input: Option<PathBuf>,
+    /// A WAV recording for a model with an audio front end (`frontend` in its config.json):
+    /// PCM or float, any channel count (mixed down) and sample rate (resampled). The front
+    /// end's normalised features are written too (`features`, [frames, mel]).
+    #[arg(long)]
+    audio: Option<PathBuf>,
     /// Output safetensors file: `logits` (f32, [T, vocab]) for a language model; `output`
     /// (f32, [frames, classes]) and `pooled` ([classes]) for a feature model.
     #[arg(long)]
@@ -148,28 +154,59 @@ fn run_recurrent(lm: &Model, tokens: &[u32]) -> Result<Tensor> {
 
 /// An LMUFormer over the feature frames of `--input`.
 fn run_features(args: &RunArgs) -> Result<()> {
-    let Some(input_path) = &args.input else {
+    if args.input.is_none() && args.audio.is_none() {
         bail!(
-            "{} is a feature model (LMUFormer): give its frames with --input FEATURES.safetensors (tensor `input`, [frames, channels])",
+            "{} is a feature model (LMUFormer): give its frames with --input FEATURES.safetensors (tensor `input`, [frames, channels]) or a recording with --audio FILE.wav",
             args.model.display()
         );
-    };
+    }
     let model = load_lmuformer(&args.model)
         .with_context(|| format!("cannot load model from {}", args.model.display()))?;
-    let (frames, shape) = read_f32_tensor(input_path, "input")?;
     let channels = model.in_channels();
-    let &[rows, width] = shape.as_slice() else {
-        bail!(
-            "{}: tensor `input` has shape {shape:?}; expected [frames, {channels}]",
-            input_path.display()
-        );
+    let mut extra: Vec<(String, Tensor)> = Vec::new();
+    let frames = if let Some(wav) = &args.audio {
+        let Some(frontend) = model.frontend() else {
+            bail!(
+                "{} has no audio front end (no \"frontend\" in its config.json); give its features with --input",
+                args.model.display()
+            );
+        };
+        let audio = read_wav(wav)?;
+        let features = frontend
+            .features(&audio)
+            .with_context(|| format!("{}", wav.display()))?;
+        let rows = features.len() / channels;
+        if rows == 0 {
+            bail!(
+                "{}: {} samples at {} Hz are shorter than one 25 ms frame",
+                wav.display(),
+                audio.samples.len(),
+                audio.sample_rate
+            );
+        }
+        extra.push((
+            "features".into(),
+            Tensor::from_vec(features.clone(), &[rows, channels])?,
+        ));
+        features
+    } else {
+        let input_path = args.input.as_ref().expect("checked above");
+        let (frames, shape) = read_f32_tensor(input_path, "input")?;
+        let &[rows, width] = shape.as_slice() else {
+            bail!(
+                "{}: tensor `input` has shape {shape:?}; expected [frames, {channels}]",
+                input_path.display()
+            );
+        };
+        if width != channels || rows == 0 {
+            bail!(
+                "{}: tensor `input` has shape {shape:?}; the model takes [frames ≥ 1, {channels}]",
+                input_path.display()
+            );
+        }
+        frames
     };
-    if width != channels || rows == 0 {
-        bail!(
-            "{}: tensor `input` has shape {shape:?}; the model takes [frames ≥ 1, {channels}]",
-            input_path.display()
-        );
-    }
+    let rows = frames.len() / channels;
     let mut state = model.new_state();
     if args.record_spikes {
         state.record_spikes();
@@ -203,6 +240,7 @@ fn run_features(args: &RunArgs) -> Result<()> {
     let pooled = Tensor::from_vec(state.pooled(), &[classes])?;
     let mut tensors: Vec<(String, Tensor)> =
         vec![("output".into(), output), ("pooled".into(), pooled)];
+    tensors.extend(extra);
     if let Some(spikes) = state.spikes() {
         for (name, values) in spikes {
             let width = values.len() / rows;

@@ -31,6 +31,7 @@ use crate::mixers::lmu::{LmuCell, LmuCellShape};
 use crate::models::config::ConfigJson;
 use crate::spiking::{Lif, LifLayer, LifRegistry, Membranes};
 use crate::state_dict::StateDict;
+use crate::tokenizers::audio::AudioFrontend;
 
 /// The two reference variants.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -446,9 +447,19 @@ pub struct LmuFormer {
     head_gate: Option<(BatchNorm, LifLayer)>,
     head: Linear,
     neurons: LifRegistry,
+    frontend: Option<AudioFrontend>,
 }
 
 impl LmuFormer {
+    /// The audio front end of the checkpoint's `config.json` (`frontend`), if it has one.
+    pub fn frontend(&self) -> Option<&AudioFrontend> {
+        self.frontend.as_ref()
+    }
+
+    pub fn set_frontend(&mut self, frontend: Option<AudioFrontend>) {
+        self.frontend = frontend;
+    }
+
     pub fn load(config: LmuFormerConfig, dict: &StateDict) -> Result<Self, LoadError> {
         let mut neurons = LifRegistry::default();
         let embed = PatchEmbed::load(dict, &config, &mut neurons)?;
@@ -472,6 +483,7 @@ impl LmuFormer {
             head_gate,
             head,
             neurons,
+            frontend: None,
         })
     }
 

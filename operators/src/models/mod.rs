@@ -305,6 +305,18 @@ pub fn load_lmuformer(dir: &Path) -> Result<LmuFormer, LoadError> {
         }
     }
     let lmu_config = LmuFormerConfig::from_config(&config)?;
+    let frontend = crate::tokenizers::audio::AudioFrontend::load(&config)?;
+    if let Some(f) = &frontend
+        && f.num_mel_bins() != lmu_config.in_channels
+    {
+        return Err(config.malformed(format!(
+            "frontend num_mel_bins is {} but the model takes {} input channels",
+            f.num_mel_bins(),
+            lmu_config.in_channels
+        )));
+    }
     let dict = crate::state_dict::StateDict::open(dir)?;
-    LmuFormer::load(lmu_config, &dict)
+    let mut model = LmuFormer::load(lmu_config, &dict)?;
+    model.set_frontend(frontend);
+    Ok(model)
 }
