@@ -321,3 +321,65 @@ fn run_audio(model: &Path, wav: &Path) -> (PathBuf, std::process::Output) {
     assert!(!output.status.success());
     (out, output)
 }
+
+fn write_input(path: &Path, shape: &[usize], values: &[f32]) {
+    let bytes: Vec<u8> = values.iter().flat_map(|v| v.to_le_bytes()).collect();
+    let view = safetensors::tensor::TensorView::new(
+        safetensors::tensor::Dtype::F32,
+        shape.to_vec(),
+        &bytes,
+    )
+    .unwrap();
+    safetensors::serialize_to_file([("input", view)], None, path).unwrap();
+}
+
+#[test]
+fn a_sensor_front_end_standardises_and_patches_raw_frames() {
+    // lmu_d32_c16 takes 16 features: a front end of 4 channels in patches of 4 frames every
+    // 2 frames. Its output on raw frames must equal the plain model's on the patches built
+    // here by definition.
+    let src = fixtures_dir().join("lmu/lmu_d32_c16/checkpoint");
+    let dir = scratch_dir("lmu-sensor");
+    copy_dir(&src, &dir);
+    let config = std::fs::read_to_string(dir.join("config.json")).unwrap();
+    let (mean, std) = ([0.5f32, -1.0, 0.0, 2.0], [2.0f32, 0.5, 1.0, 4.0]);
+    let frontend = format!(
+        r#"{{"kind": "sensor", "channels": 4, "patch_len": 4, "stride": 2, "mean": {mean:?}, "std": {std:?}}}"#
+    );
+    let config = config.replacen('{', &format!("{{\n  \"frontend\": {frontend},"), 1);
+    std::fs::write(dir.join("config.json"), config).unwrap();
+    let frames = 51;
+    let raw: Vec<f32> = (0..frames * 4).map(|i| ((i * 7919 % 113) as f32 - 56.0) / 20.0).collect();
+    let mut patches = Vec::new();
+    let mut start = 0;
+    while start + 4 <= frames {
+        for t in start..start + 4 {
+            for c in 0..4 {
+                patches.push((raw[t * 4 + c] - mean[c]) / std[c]);
+            }
+        }
+        start += 2;
+    }
+    let scratch = scratch_dir("lmu-sensor-io");
+    let (raw_path, patch_path) = (scratch.join("raw.safetensors"), scratch.join("patches.safetensors"));
+    write_input(&raw_path, &[frames, 4], &raw);
+    write_input(&patch_path, &[patches.len() / 16, 16], &patches);
+    let (got, output) = run(&dir, &raw_path, &["--mode", "recurrent"]);
+    assert!(output.status.success(), "{}", stderr(&output));
+    let (want, output) = run(&src, &patch_path, &[]);
+    assert!(output.status.success(), "{}", stderr(&output));
+    let features = read_tensor(&got, "features");
+    assert_eq!(features.shape, vec![24, 16]);
+    let patches64: Vec<f64> = patches.iter().map(|&v| v as f64).collect();
+    assert!(relative_error(&features.values, &patches64) <= 1e-6);
+    let err = relative_error(&read_tensor(&got, "output").values, &read_tensor(&want, "output").values);
+    assert!(err <= 1e-5, "output: {err:.3e}");
+    // Frames with the wrong channel count are refused.
+    write_input(&raw_path, &[frames, 3], &raw[..frames * 3]);
+    let (_, output) = run(&dir, &raw_path, &[]);
+    assert!(
+        stderr(&output).contains("sensor frames have 3 channels; the model takes 4"),
+        "{}",
+        stderr(&output)
+    );
+}

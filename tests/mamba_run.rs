@@ -292,3 +292,43 @@ fn bench_json_reports_every_measurement() {
     // Two layers of [E=96] × (K=4 + N=16) f32 values.
     assert_eq!(report["state_bytes_per_session"], 2 * 96 * 20 * 4);
 }
+
+#[test]
+fn run_text_tokenizes_with_the_checkpoint_tokenizer() {
+    // A Mamba over a byte-level BPE vocabulary with its tokenizer.json (tests/fixtures/text,
+    // tools/gen_text_fixtures.py): `--text` must give HF's logits for the ids the Python
+    // tokenizer makes of the text.
+    let dir = fixtures_dir().join("text");
+    let text = std::fs::read_to_string(dir.join("mamba_bpe.text.txt")).unwrap();
+    let expected = dir.join("mamba_bpe.expected.safetensors");
+    let out = scratch_dir("run-text").join("out.safetensors");
+    let output = tideway()
+        .args(["run", "--model"])
+        .arg(dir.join("mamba_bpe"))
+        .args(["--text", &text, "--out"])
+        .arg(&out)
+        .output()
+        .unwrap();
+    assert!(output.status.success(), "{}", stderr(&output));
+    let (got, want) = (
+        read_tensor(&out, "logits"),
+        read_tensor(&expected, "logits"),
+    );
+    assert_eq!(got.shape, want.shape);
+    let err = relative_error(&got.values, &want.values);
+    eprintln!("--text: relative error {err:.2e}");
+    assert!(err <= 1e-4, "relative error {err:.3e}");
+    // A checkpoint without a tokenizer.json.
+    let output = tideway()
+        .args(["run", "--model"])
+        .arg(fixtures_dir().join("mamba/hf_odd_tied"))
+        .args(["--text", "hello", "--out"])
+        .arg(&out)
+        .output()
+        .unwrap();
+    assert!(
+        stderr(&output).contains("has no tokenizer.json: give token ids with --tokens"),
+        "{}",
+        stderr(&output)
+    );
+}

@@ -10,7 +10,10 @@ use tideway_kernels::Tensor;
 use tideway_operators::InputError;
 use tideway_operators::layers::frames::Frames;
 use tideway_operators::models::{Model, is_lmuformer, load_lmuformer, load_model};
+use tideway_operators::tokenizers::Frontend;
 use tideway_operators::tokenizers::audio::read_wav;
+use tideway_operators::tokenizers::sensor::SensorStream;
+use tideway_operators::tokenizers::text::TextTokenizer;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
 pub enum Mode {
@@ -26,10 +29,16 @@ pub struct RunArgs {
     #[arg(long)]
     model: PathBuf,
     /// Input token ids, comma-separated (e.g. 1,2,3), for a language model.
-    #[arg(long, required_unless_present_any = ["input", "audio"], conflicts_with_all = ["input", "audio"])]
+    #[arg(long, required_unless_present_any = ["input", "audio", "text"], conflicts_with_all = ["input", "audio", "text"])]
     tokens: Option<String>,
+    /// Input text for a language model with a tokenizer.json beside its checkpoint (encoded
+    /// without special tokens).
+    #[arg(long, conflicts_with_all = ["input", "audio"])]
+    text: Option<String>,
     /// Input feature frames for a feature model (LMUFormer): a safetensors file with tensor
-    /// `input`, f32, [frames, in_channels].
+    /// `input`, f32, [frames, in_channels]; for a model with a sensor front end, its raw
+    /// frames [frames, channels] (standardised and patched by the front end, whose
+    /// `features` are written too).
     #[arg(long, conflicts_with = "audio")]
     input: Option<PathBuf>,
     /// A WAV recording for a model with an audio front end (`frontend` in its config.json):
@@ -60,15 +69,32 @@ pub fn run(args: RunArgs) -> Result<()> {
     if feature_model {
         return run_features(&args);
     }
-    let Some(tokens) = &args.tokens else {
+    if args.tokens.is_none() && args.text.is_none() {
         bail!(
-            "{} is a language model: give its input with --tokens (--input is for feature models)",
+            "{} is a language model: give its input with --tokens or --text (--input and --audio are for feature models)",
             args.model.display()
         );
-    };
+    }
     let model = load_model(&args.model)
         .with_context(|| format!("cannot load model from {}", args.model.display()))?;
-    let tokens = parse_tokens(tokens, model.vocab_size())?;
+    let tokens = match (&args.tokens, &args.text) {
+        (Some(tokens), _) => parse_tokens(tokens, model.vocab_size())?,
+        (None, Some(text)) => {
+            let Some(tokenizer) = TextTokenizer::find(&args.model)? else {
+                bail!(
+                    "{} has no tokenizer.json: give token ids with --tokens",
+                    args.model.display()
+                );
+            };
+            let ids = tokenizer.encode(text).context("--text")?;
+            if ids.is_empty() {
+                return Err(InputError::Empty).context("--text");
+            }
+            // Ids beyond the model's vocabulary are refused by the model like --tokens.
+            ids
+        }
+        (None, None) => unreachable!("checked above"),
+    };
     let logits = match args.mode {
         Mode::Chunked => run_chunked(&model, &tokens, args.chunk)?,
         Mode::Recurrent => run_recurrent(&model, &tokens)?,
@@ -165,9 +191,9 @@ fn run_features(args: &RunArgs) -> Result<()> {
     let channels = model.in_channels();
     let mut extra: Vec<(String, Tensor)> = Vec::new();
     let frames = if let Some(wav) = &args.audio {
-        let Some(frontend) = model.frontend() else {
+        let Some(frontend) = model.audio_frontend() else {
             bail!(
-                "{} has no audio front end (no \"frontend\" in its config.json); give its features with --input",
+                "{} has no audio front end (no \"frontend\" of kind \"kaldi_fbank\" in its config.json); give its features with --input",
                 args.model.display()
             );
         };
@@ -192,19 +218,47 @@ fn run_features(args: &RunArgs) -> Result<()> {
     } else {
         let input_path = args.input.as_ref().expect("checked above");
         let (frames, shape) = read_f32_tensor(input_path, "input")?;
-        let &[rows, width] = shape.as_slice() else {
-            bail!(
-                "{}: tensor `input` has shape {shape:?}; expected [frames, {channels}]",
-                input_path.display()
-            );
-        };
-        if width != channels || rows == 0 {
-            bail!(
-                "{}: tensor `input` has shape {shape:?}; the model takes [frames ≥ 1, {channels}]",
-                input_path.display()
-            );
+        if let Some(Frontend::Sensor(sensor)) = model.frontend() {
+            // Raw sensor frames through the model's front end (standardised, patched).
+            let &[_, width] = shape.as_slice() else {
+                bail!(
+                    "{}: tensor `input` has shape {shape:?}; expected [frames, {}] sensor frames",
+                    input_path.display(),
+                    sensor.channels()
+                );
+            };
+            let features = sensor
+                .push(&mut SensorStream::default(), &frames, width, true)
+                .with_context(|| format!("{}", input_path.display()))?;
+            let rows = features.len() / channels;
+            if rows == 0 {
+                bail!(
+                    "{}: {} frames make no whole patch of the model's sensor front end",
+                    input_path.display(),
+                    shape[0]
+                );
+            }
+            extra.push((
+                "features".into(),
+                Tensor::from_vec(features.clone(), &[rows, channels])?,
+            ));
+            features
+        } else {
+            let frames = frames;
+            let &[rows, width] = shape.as_slice() else {
+                bail!(
+                    "{}: tensor `input` has shape {shape:?}; expected [frames, {channels}]",
+                    input_path.display()
+                );
+            };
+            if width != channels || rows == 0 {
+                bail!(
+                    "{}: tensor `input` has shape {shape:?}; the model takes [frames ≥ 1, {channels}]",
+                    input_path.display()
+                );
+            }
+            frames
         }
-        frames
     };
     let rows = frames.len() / channels;
     let mut state = model.new_state();

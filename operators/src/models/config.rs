@@ -172,6 +172,20 @@ impl Section<'_> {
         }
     }
 
+    /// A list of finite numbers.
+    pub fn f64_list_opt(&self, key: &str) -> Result<Option<Vec<f64>>, LoadError> {
+        match self.get(key) {
+            None => Ok(None),
+            Some(Value::Array(items)) => items
+                .iter()
+                .map(|v| v.as_f64().filter(|x| x.is_finite()))
+                .collect::<Option<Vec<f64>>>()
+                .map(Some)
+                .ok_or_else(|| self.wrong(key, "a list of finite numbers", self.get(key).unwrap())),
+            Some(v) => Err(self.wrong(key, "a list of finite numbers", v)),
+        }
+    }
+
     pub fn bool_opt(&self, key: &str) -> Result<Option<bool>, LoadError> {
         match self.get(key) {
             None => Ok(None),

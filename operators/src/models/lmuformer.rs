@@ -31,6 +31,7 @@ use crate::mixers::lmu::{LmuCell, LmuCellShape};
 use crate::models::config::ConfigJson;
 use crate::spiking::{Lif, LifLayer, LifRegistry, Membranes};
 use crate::state_dict::StateDict;
+use crate::tokenizers::Frontend;
 use crate::tokenizers::audio::AudioFrontend;
 
 /// The two reference variants.
@@ -447,16 +448,24 @@ pub struct LmuFormer {
     head_gate: Option<(BatchNorm, LifLayer)>,
     head: Linear,
     neurons: LifRegistry,
-    frontend: Option<AudioFrontend>,
+    frontend: Option<Frontend>,
 }
 
 impl LmuFormer {
-    /// The audio front end of the checkpoint's `config.json` (`frontend`), if it has one.
-    pub fn frontend(&self) -> Option<&AudioFrontend> {
+    /// The front end of the checkpoint's `config.json` (`frontend`), if it has one.
+    pub fn frontend(&self) -> Option<&Frontend> {
         self.frontend.as_ref()
     }
 
-    pub fn set_frontend(&mut self, frontend: Option<AudioFrontend>) {
+    /// The audio front end, if the model has one.
+    pub fn audio_frontend(&self) -> Option<&AudioFrontend> {
+        match &self.frontend {
+            Some(Frontend::Audio(a)) => Some(a),
+            _ => None,
+        }
+    }
+
+    pub fn set_frontend(&mut self, frontend: Option<Frontend>) {
         self.frontend = frontend;
     }
 

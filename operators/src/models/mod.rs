@@ -305,13 +305,17 @@ pub fn load_lmuformer(dir: &Path) -> Result<LmuFormer, LoadError> {
         }
     }
     let lmu_config = LmuFormerConfig::from_config(&config)?;
-    let frontend = crate::tokenizers::audio::AudioFrontend::load(&config)?;
+    let frontend = crate::tokenizers::Frontend::load(&config)?;
     if let Some(f) = &frontend
-        && f.num_mel_bins() != lmu_config.in_channels
+        && f.feature_width() != lmu_config.in_channels
     {
+        let what = match f {
+            crate::tokenizers::Frontend::Audio(_) => "num_mel_bins is",
+            crate::tokenizers::Frontend::Sensor(_) => "feature rows (patch_len × channels) have",
+        };
         return Err(config.malformed(format!(
-            "frontend num_mel_bins is {} but the model takes {} input channels",
-            f.num_mel_bins(),
+            "frontend {what} {} but the model takes {} input channels",
+            f.feature_width(),
             lmu_config.in_channels
         )));
     }
