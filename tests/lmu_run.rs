@@ -349,7 +349,9 @@ fn a_sensor_front_end_standardises_and_patches_raw_frames() {
     let config = config.replacen('{', &format!("{{\n  \"frontend\": {frontend},"), 1);
     std::fs::write(dir.join("config.json"), config).unwrap();
     let frames = 51;
-    let raw: Vec<f32> = (0..frames * 4).map(|i| ((i * 7919 % 113) as f32 - 56.0) / 20.0).collect();
+    let raw: Vec<f32> = (0..frames * 4)
+        .map(|i| ((i * 7919 % 113) as f32 - 56.0) / 20.0)
+        .collect();
     let mut patches = Vec::new();
     let mut start = 0;
     while start + 4 <= frames {
@@ -361,7 +363,10 @@ fn a_sensor_front_end_standardises_and_patches_raw_frames() {
         start += 2;
     }
     let scratch = scratch_dir("lmu-sensor-io");
-    let (raw_path, patch_path) = (scratch.join("raw.safetensors"), scratch.join("patches.safetensors"));
+    let (raw_path, patch_path) = (
+        scratch.join("raw.safetensors"),
+        scratch.join("patches.safetensors"),
+    );
     write_input(&raw_path, &[frames, 4], &raw);
     write_input(&patch_path, &[patches.len() / 16, 16], &patches);
     let (got, output) = run(&dir, &raw_path, &["--mode", "recurrent"]);
@@ -372,7 +377,10 @@ fn a_sensor_front_end_standardises_and_patches_raw_frames() {
     assert_eq!(features.shape, vec![24, 16]);
     let patches64: Vec<f64> = patches.iter().map(|&v| v as f64).collect();
     assert!(relative_error(&features.values, &patches64) <= 1e-6);
-    let err = relative_error(&read_tensor(&got, "output").values, &read_tensor(&want, "output").values);
+    let err = relative_error(
+        &read_tensor(&got, "output").values,
+        &read_tensor(&want, "output").values,
+    );
     assert!(err <= 1e-5, "output: {err:.3e}");
     // Frames with the wrong channel count are refused.
     write_input(&raw_path, &[frames, 3], &raw[..frames * 3]);

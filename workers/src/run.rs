@@ -244,7 +244,6 @@ fn run_features(args: &RunArgs) -> Result<()> {
             ));
             features
         } else {
-            let frames = frames;
             let &[rows, width] = shape.as_slice() else {
                 bail!(
                     "{}: tensor `input` has shape {shape:?}; expected [frames, {channels}]",

@@ -126,7 +126,7 @@ impl SensorFrontend {
                 found: width,
             });
         }
-        if frames.len() % c != 0 {
+        if !frames.len().is_multiple_of(c) {
             return Err(SensorError::Ragged {
                 values: frames.len(),
                 channels: c,
