@@ -476,8 +476,8 @@ fn run_worker(worker: &mut timely::worker::Worker, rx: Receiver<Request>, contex
             loop {
                 match rx.try_recv() {
                     Ok(r) => {
-                        if let Op::Step { tokens, .. } = &r.op {
-                            epoch_tokens += tokens.len();
+                        if let Op::Step { input, .. } = &r.op {
+                            epoch_tokens += input.weight();
                         }
                         input.send(r);
                         if budget > 0 && epoch_tokens >= budget {

@@ -21,7 +21,7 @@ use pb::model_infer_request::InferInputTensor;
 use tideway_proto::inference as pb;
 
 use super::engine::Engine;
-use super::messages::{self, Op, session_key};
+use super::messages::{self, Op, StepInput, session_key};
 use super::native::{answer, check_ids};
 use super::status::{inbound_error, op_status, status_message, submit_status};
 
@@ -182,6 +182,12 @@ impl InferenceService {
     fn prepare(&self, request: pb::ModelInferRequest) -> Result<Prepared, Status> {
         let model = self.model(&request.model_name, &request.model_version)?;
         let served = &self.engine.models[model as usize];
+        if !served.is_language() {
+            return Err(Status::invalid_argument(format!(
+                "model {:?} is a feature model (LMUFormer); on this protocol Tideway serves language models (input_ids): stream its audio samples or frames with tideway.v1 Streams.Open",
+                served.name
+            )));
+        }
         for out in &request.outputs {
             if out.name != "logits" {
                 return Err(Status::invalid_argument(format!(
@@ -233,7 +239,7 @@ impl InferenceService {
             op: Op::Step {
                 model,
                 name,
-                tokens,
+                input: StepInput::Tokens(tokens),
                 start,
                 end,
             },
@@ -352,7 +358,7 @@ impl pb::grpc_inference_service_server::GrpcInferenceService for InferenceServic
         Ok(Response::new(pb::ModelMetadataResponse {
             name: m.name.clone(),
             versions: vec!["1".into()],
-            platform: format!("tideway_{}", m.model.family()),
+            platform: format!("tideway_{}", m.family()),
             inputs: vec![TensorMetadata {
                 name: "input_ids".into(),
                 datatype: "INT64".into(),
@@ -502,7 +508,7 @@ impl pb::grpc_inference_service_server::GrpcInferenceService for InferenceServic
         Ok(Response::new(pb::ModelConfigResponse {
             config: Some(pb::ModelConfig {
                 name: m.name.clone(),
-                platform: format!("tideway_{}", m.model.family()),
+                platform: format!("tideway_{}", m.family()),
                 backend: "tideway".into(),
                 max_batch_size: 0,
                 input: vec![pb::ModelInput {

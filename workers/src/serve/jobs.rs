@@ -16,7 +16,7 @@ use tonic::{Code, Request, Response, Status, Streaming};
 use tideway_proto::tideway::v1 as pb;
 
 use super::engine::Engine;
-use super::messages::{Op, session_key};
+use super::messages::{Op, StepInput, session_key};
 use super::native::{answer, check_ids, tensor_f32};
 use super::status::{inbound_error, op_status, submit_status};
 
@@ -65,7 +65,14 @@ impl JobsService {
         let model = engine
             .model_index(&request.model)
             .ok_or_else(|| Status::not_found(format!("unknown model {:?}", request.model)))?;
-        let tokens = check_ids(&tokens, engine.models[model as usize].vocab_size())?;
+        let served = &engine.models[model as usize];
+        if !served.is_language() {
+            return Err(Status::invalid_argument(format!(
+                "model {:?} is a feature model: jobs run token sequences; stream its audio samples or frames with Streams.Open",
+                served.name
+            )));
+        }
+        let tokens = check_ids(&tokens, served.vocab_size())?;
         if tokens.is_empty() {
             return Err(Status::invalid_argument("a job needs at least one token"));
         }
@@ -134,7 +141,7 @@ impl JobsService {
                 let op = Op::Step {
                     model,
                     name: name.clone(),
-                    tokens: piece.to_vec(),
+                    input: StepInput::Tokens(piece.to_vec()),
                     start: i == 0,
                     end: i + 1 == count,
                 };

@@ -18,14 +18,41 @@ pub struct Request {
     pub op: Op,
 }
 
+/// What a step feeds a session: raw input for the model's front end (tokenizer stage), which
+/// runs at the session's owner, where its carry-over lives.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub enum StepInput {
+    /// Token ids (language models). Empty: no new input (a start, or an end).
+    Tokens(Vec<u32>),
+    /// UTF-8 bytes of text, possibly ending inside a character (models with a tokenizer).
+    Text(Vec<u8>),
+    /// Audio samples in [-1, 1] at `rate` Hz (models with an audio front end).
+    Audio { samples: Vec<f32>, rate: u32 },
+    /// Rows of `width` values: feature frames, or sensor frames for a sensor front end.
+    Frames { values: Vec<f32>, width: u32 },
+}
+
+impl StepInput {
+    /// A size for the epoch budget (tokens, bytes, samples / 160 or frames).
+    pub fn weight(&self) -> usize {
+        match self {
+            StepInput::Tokens(t) => t.len(),
+            StepInput::Text(b) => b.len() / 4,
+            StepInput::Audio { samples, .. } => samples.len() / 160,
+            StepInput::Frames { values, width } => values.len() / (*width).max(1) as usize,
+        }
+    }
+}
+
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub enum Op {
-    /// Runs `tokens` through the session. `start` creates the session (replacing a live one of
-    /// the same name); without it the session must be live. `end` frees it afterwards.
+    /// Runs `input` through the session. `start` creates the session (replacing a live one of
+    /// the same name); without it the session must be live. `end` frees it afterwards (and
+    /// flushes front ends and lookahead: the rest of the outputs come with it).
     Step {
         model: u32,
         name: String,
-        tokens: Vec<u32>,
+        input: StepInput,
         start: bool,
         end: bool,
     },
@@ -49,7 +76,7 @@ pub struct Reply {
     pub position: u64,
     pub rows: u32,
     pub width: u32,
-    /// `[rows, width]` logits.
+    /// `[rows, width]` outputs (`logits` of a language model, `output` of a feature model).
     pub logits: Vec<f32>,
     /// Session position after this request.
     pub position_after: u64,

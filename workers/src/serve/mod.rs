@@ -30,7 +30,9 @@ use tideway_proto::tideway::v1::models_server::ModelsServer;
 use tideway_proto::tideway::v1::streams_server::StreamsServer;
 
 use engine::{Engine, RuntimeConfig};
-use sessions::ServedModel;
+use sessions::{ServedKind, ServedModel};
+use tideway_operators::models::{is_lmuformer, load_lmuformer};
+use tideway_operators::tokenizers::text::TextTokenizer;
 
 #[derive(Args)]
 pub struct ServeArgs {
@@ -105,10 +107,20 @@ pub fn serve(args: ServeArgs) -> Result<()> {
         if models.iter().any(|m: &ServedModel| m.name == name) {
             bail!("two models are named {name:?}: name them with NAME=DIR");
         }
-        let model = load_model(&dir)
-            .with_context(|| format!("cannot load model {name:?} from {}", dir.display()))?;
-        tracing::info!(model = %name, dir = %dir.display(), family = model.family(), "loaded");
-        models.push(ServedModel { name, model });
+        let context = || format!("cannot load model {name:?} from {}", dir.display());
+        let kind = if is_lmuformer(&dir).with_context(context)? {
+            ServedKind::Features(Box::new(load_lmuformer(&dir).with_context(context)?))
+        } else {
+            ServedKind::Language {
+                model: Box::new(load_model(&dir).with_context(context)?),
+                tokenizer: TextTokenizer::find(&dir)
+                    .with_context(context)?
+                    .map(Box::new),
+            }
+        };
+        let served = ServedModel { name, kind };
+        tracing::info!(model = %served.name, dir = %dir.display(), family = served.family(), "loaded");
+        models.push(served);
     }
     let (hosts, process) = match (&args.hosts, args.process) {
         (Some(file), Some(process)) => {

@@ -14,8 +14,10 @@ use pb::stream_response::Kind as OutKind;
 use tideway_proto::tideway::v1 as pb;
 
 use super::engine::Engine;
-use super::messages::{self, Op, Reply, session_key};
+use super::messages::{self, Op, Reply, StepInput, session_key};
+use super::sessions::ServedKind;
 use super::status::{inbound_error, op_status, submit_status};
+use tideway_operators::tokenizers::Frontend;
 
 /// Chunks of one stream that may be in the dataflow at once: the stream's credit. A client
 /// that sends faster waits (HTTP/2 flow control), and its slowness is its own.
@@ -108,11 +110,12 @@ impl pb::streams_server::Streams for StreamsService {
                     .join(", ")
             ))
         })?;
-        let vocab = engine.models[model as usize].vocab_size();
+        let served = &engine.models[model as usize];
+        let output_name = served.output_name();
         for wanted in &start.outputs {
-            if wanted != "logits" {
+            if wanted != output_name {
                 return Err(Status::invalid_argument(format!(
-                    "unknown output {wanted:?}; model {:?} has one output, \"logits\"",
+                    "unknown output {wanted:?}; model {:?} has one output, {output_name:?}",
                     start.model
                 )));
             }
@@ -134,7 +137,7 @@ impl pb::streams_server::Streams for StreamsService {
             Op::Step {
                 model,
                 name: name.clone(),
-                tokens: Vec::new(),
+                input: StepInput::Tokens(Vec::new()),
                 start: true,
                 end: false,
             }
@@ -171,7 +174,7 @@ impl pb::streams_server::Streams for StreamsService {
                             let shape = [reply.rows as i64, reply.width as i64];
                             let output = pb::StreamOutput {
                                 position: reply.position,
-                                outputs: vec![tensor_f32("logits", &shape, &reply.logits)],
+                                outputs: vec![tensor_f32(output_name, &shape, &reply.logits)],
                             };
                             last = Some(reply);
                             if writer_tx.send(out(OutKind::Output(output))).await.is_err() {
@@ -229,20 +232,8 @@ impl pb::streams_server::Streams for StreamsService {
                         break;
                     }
                 };
-                if !chunk.samples_f32.is_empty()
-                    || !chunk.samples_i16.is_empty()
-                    || !chunk.text.is_empty()
-                {
-                    let _ = tx
-                        .send(Err(Status::invalid_argument(format!(
-                            "model {:?} is a language model: it takes token ids (`tokens`), not audio samples or text",
-                            engine.models[model as usize].name
-                        ))))
-                        .await;
-                    break;
-                }
-                let tokens = match check_ids(&chunk.tokens, vocab) {
-                    Ok(t) => t,
+                let input = match chunk_input(&engine, model, &chunk) {
+                    Ok(input) => input,
                     Err(status) => {
                         let _ = tx.send(Err(status)).await;
                         break;
@@ -252,7 +243,7 @@ impl pb::streams_server::Streams for StreamsService {
                 let op = Op::Step {
                     model,
                     name: name.clone(),
-                    tokens,
+                    input,
                     start: false,
                     end,
                 };
@@ -303,21 +294,104 @@ impl pb::streams_server::Streams for StreamsService {
     }
 }
 
+/// A chunk's input: at most one kind of it (token ids, text, audio samples or frames),
+/// checked at the edge where it does not need the session (ids against the vocabulary, int16
+/// range, a sample rate with audio). The model's front end does the rest at the session.
+fn chunk_input(engine: &Engine, model: u32, chunk: &pb::StreamChunk) -> Result<StepInput, Status> {
+    let served = &engine.models[model as usize];
+    let kinds = [
+        !chunk.tokens.is_empty(),
+        !chunk.text.is_empty(),
+        !chunk.samples_f32.is_empty(),
+        !chunk.samples_i16.is_empty(),
+        !chunk.frames.is_empty(),
+    ];
+    if kinds.iter().filter(|&&k| k).count() > 1 {
+        return Err(Status::invalid_argument(
+            "a chunk carries one kind of input: tokens, text, samples_f32, samples_i16 or frames",
+        ));
+    }
+    if !chunk.text.is_empty() {
+        return Ok(StepInput::Text(chunk.text.as_bytes().to_vec()));
+    }
+    if !chunk.samples_f32.is_empty() || !chunk.samples_i16.is_empty() {
+        if chunk.sample_rate == 0 {
+            return Err(Status::invalid_argument(
+                "audio samples need their `sample_rate` (Hz)",
+            ));
+        }
+        let samples = if chunk.samples_f32.is_empty() {
+            chunk
+                .samples_i16
+                .iter()
+                .enumerate()
+                .map(|(i, &v)| {
+                    i16::try_from(v).map(|v| v as f32 / 32768.0).map_err(|_| {
+                        Status::invalid_argument(format!(
+                            "samples_i16[{i}] = {v} is outside the int16 range -32768..=32767"
+                        ))
+                    })
+                })
+                .collect::<Result<Vec<f32>, Status>>()?
+        } else {
+            chunk.samples_f32.clone()
+        };
+        return Ok(StepInput::Audio {
+            samples,
+            rate: chunk.sample_rate,
+        });
+    }
+    if !chunk.frames.is_empty() {
+        if chunk.channels == 0 || !chunk.frames.len().is_multiple_of(chunk.channels as usize) {
+            return Err(Status::invalid_argument(format!(
+                "{} frame values are not whole frames of `channels` = {} values",
+                chunk.frames.len(),
+                chunk.channels
+            )));
+        }
+        return Ok(StepInput::Frames {
+            values: chunk.frames.clone(),
+            width: chunk.channels,
+        });
+    }
+    if served.is_language() {
+        Ok(StepInput::Tokens(check_ids(
+            &chunk.tokens,
+            served.vocab_size(),
+        )?))
+    } else if chunk.tokens.is_empty() {
+        Ok(StepInput::Tokens(Vec::new()))
+    } else {
+        Err(Status::invalid_argument(format!(
+            "model {:?} is a feature model: it takes audio samples or frames, not tokens",
+            served.name
+        )))
+    }
+}
+
 pub fn model_info(engine: &Engine, index: usize) -> pb::ModelInfo {
     let m = &engine.models[index];
+    let spec = |name: &str, datatype: &str, shape: Vec<i64>| pb::TensorSpec {
+        name: name.into(),
+        datatype: datatype.into(),
+        shape,
+    };
+    let inputs = match &m.kind {
+        ServedKind::Language { .. } => vec![spec("input_ids", "INT64", vec![-1])],
+        ServedKind::Features(f) => match f.frontend() {
+            Some(Frontend::Audio(_)) => vec![
+                spec("audio", "FP32", vec![-1]),
+                spec("input", "FP32", vec![-1, f.in_channels() as i64]),
+            ],
+            Some(Frontend::Sensor(s)) => vec![spec("input", "FP32", vec![-1, s.channels() as i64])],
+            None => vec![spec("input", "FP32", vec![-1, f.in_channels() as i64])],
+        },
+    };
     pb::ModelInfo {
         name: m.name.clone(),
-        family: m.model.family().into(),
-        inputs: vec![pb::TensorSpec {
-            name: "input_ids".into(),
-            datatype: "INT64".into(),
-            shape: vec![-1],
-        }],
-        outputs: vec![pb::TensorSpec {
-            name: "logits".into(),
-            datatype: "FP32".into(),
-            shape: vec![-1, m.width() as i64],
-        }],
+        family: m.family().into(),
+        inputs,
+        outputs: vec![spec(m.output_name(), "FP32", vec![-1, m.width() as i64])],
         state_bytes_per_session: m.state_bytes() as u64,
         weight_bytes: m.weight_bytes() as u64,
         vocab_size: m.vocab_size() as u64,

@@ -4,37 +4,212 @@
 //! [`SessionTable::run_epoch`], which answers each one. Requests of one session run in arrival
 //! order; across sessions, requests are gathered in rounds (every session's first request,
 //! then every session's second …) and each round runs one packed forward per model: one GEMM
-//! over all sessions' tokens, per-session recurrences.
+//! over all sessions' tokens (or feature frames), per-session recurrences.
+//!
+//! Raw input (text, audio samples, sensor frames) goes through the model's front end here, at
+//! the session's owner: the tokenizer's carry-over (an unfinished word or character, samples
+//! of an unfinished window, frames of an unfinished patch) lives in the session's state.
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use tideway_operators::models::{Model, SessionState};
+use tideway_operators::layers::frames::Frames;
+use tideway_operators::models::{LmuFormer, LmuFormerState, Model, SessionState};
+use tideway_operators::tokenizers::Frontend;
+use tideway_operators::tokenizers::audio::AudioStream;
+use tideway_operators::tokenizers::sensor::SensorStream;
+use tideway_operators::tokenizers::text::{TextStream, TextTokenizer};
 
-use super::messages::{Op, OpError, Reply, Request, Response, SessionEvent, SessionKey};
+use super::messages::{Op, OpError, Reply, Request, Response, SessionEvent, SessionKey, StepInput};
+
+/// What a served model is: a language model (token ids in, logits out; text too with a
+/// tokenizer), or a feature model (feature, audio or sensor frames in, per-frame outputs).
+pub enum ServedKind {
+    Language {
+        model: Box<Model>,
+        tokenizer: Option<Box<TextTokenizer>>,
+    },
+    Features(Box<LmuFormer>),
+}
 
 /// A model being served.
 pub struct ServedModel {
     pub name: String,
-    pub model: Model,
+    pub kind: ServedKind,
 }
 
 impl ServedModel {
+    /// The vocabulary of a language model; 0 for a feature model.
     pub fn vocab_size(&self) -> usize {
-        self.model.vocab_size()
+        match &self.kind {
+            ServedKind::Language { model, .. } => model.vocab_size(),
+            ServedKind::Features(_) => 0,
+        }
     }
 
     pub fn width(&self) -> usize {
-        self.model.output_width()
+        match &self.kind {
+            ServedKind::Language { model, .. } => model.output_width(),
+            ServedKind::Features(m) => m.num_classes(),
+        }
     }
 
     pub fn state_bytes(&self) -> usize {
-        self.model.state_bytes()
+        match &self.kind {
+            ServedKind::Language { model, .. } => model.state_bytes(),
+            ServedKind::Features(m) => m.state_bytes(),
+        }
     }
 
     pub fn weight_bytes(&self) -> usize {
-        self.model.weight_bytes()
+        match &self.kind {
+            ServedKind::Language { model, .. } => model.weight_bytes(),
+            ServedKind::Features(m) => m.weight_bytes(),
+        }
+    }
+
+    pub fn family(&self) -> &'static str {
+        match &self.kind {
+            ServedKind::Language { model, .. } => model.family(),
+            ServedKind::Features(m) => match m.config().variant {
+                tideway_operators::models::lmuformer::Variant::Plain => "lmuformer",
+                tideway_operators::models::lmuformer::Variant::Spiking => "spiking_lmuformer",
+            },
+        }
+    }
+
+    /// The output tensor's name: `logits` or `output`.
+    pub fn output_name(&self) -> &'static str {
+        match &self.kind {
+            ServedKind::Language { .. } => "logits",
+            ServedKind::Features(_) => "output",
+        }
+    }
+
+    pub fn is_language(&self) -> bool {
+        matches!(self.kind, ServedKind::Language { .. })
+    }
+
+    fn new_state(&self) -> SessionData {
+        match &self.kind {
+            ServedKind::Language { model, .. } => SessionData::Language {
+                state: model.new_state(),
+                text: TextStream::default(),
+            },
+            ServedKind::Features(m) => SessionData::Features {
+                state: Box::new(m.new_state()),
+                audio: m.audio_frontend().map(|a| Box::new(a.new_stream())),
+                sensor: SensorStream::default(),
+            },
+        }
+    }
+
+    /// The front-end stage: raw input → what the model consumes, with the session's
+    /// carry-over. `Tokens` for a language model, feature rows for a feature model.
+    fn tokenize(
+        &self,
+        data: &mut SessionData,
+        input: &StepInput,
+        end: bool,
+    ) -> Result<Work, String> {
+        let name = &self.name;
+        match (&self.kind, data) {
+            (ServedKind::Language { model, tokenizer }, SessionData::Language { text, .. }) => {
+                match input {
+                    StepInput::Tokens(tokens) => {
+                        model.check_tokens(tokens, 0).map_err(|e| e.to_string())?;
+                        Ok(Work::Tokens(tokens.clone()))
+                    }
+                    StepInput::Text(bytes) => {
+                        let Some(tokenizer) = tokenizer else {
+                            return Err(format!(
+                                "model {name:?} has no tokenizer (no tokenizer.json beside its checkpoint): send token ids"
+                            ));
+                        };
+                        let ids = tokenizer
+                            .push(text, bytes, end)
+                            .map_err(|e| e.to_string())?;
+                        model.check_tokens(&ids, 0).map_err(|e| e.to_string())?;
+                        Ok(Work::Tokens(ids))
+                    }
+                    StepInput::Audio { .. } | StepInput::Frames { .. } => Err(format!(
+                        "model {name:?} is a language model: it takes token ids (`tokens`) or text, not audio samples or frames"
+                    )),
+                }
+            }
+            (ServedKind::Features(m), SessionData::Features { audio, sensor, .. }) => {
+                let c = m.in_channels();
+                match (input, m.frontend()) {
+                    (StepInput::Tokens(t), _) if t.is_empty() => Ok(Work::Features(Vec::new())),
+                    (StepInput::Tokens(_) | StepInput::Text(_), _) => Err(format!(
+                        "model {name:?} is a feature model: it takes audio samples or frames, not tokens or text"
+                    )),
+                    (StepInput::Audio { samples, rate }, Some(Frontend::Audio(front))) => {
+                        let stream = audio.as_mut().expect("audio models have an audio stream");
+                        front
+                            .push(stream, samples, *rate, end)
+                            .map(Work::Features)
+                            .map_err(|e| e.to_string())
+                    }
+                    (StepInput::Audio { .. }, _) => Err(format!(
+                        "model {name:?} has no audio front end (no \"frontend\" of kind \"kaldi_fbank\" in its config.json): send feature frames"
+                    )),
+                    (StepInput::Frames { values, width }, Some(Frontend::Sensor(front))) => front
+                        .push(sensor, values, *width as usize, end)
+                        .map(Work::Features)
+                        .map_err(|e| e.to_string()),
+                    (StepInput::Frames { values, width }, _) => {
+                        if *width as usize != c || values.len() % c != 0 {
+                            return Err(format!(
+                                "frames of {width} values; model {name:?} takes feature frames of {c} values"
+                            ));
+                        }
+                        Ok(Work::Features(values.clone()))
+                    }
+                }
+            }
+            _ => Err(format!("the session does not belong to model {name:?}")),
+        }
+    }
+}
+
+/// One session's state: the model's recurrent state and its front end's carry-over.
+enum SessionData {
+    Language {
+        state: SessionState,
+        text: TextStream,
+    },
+    Features {
+        state: Box<LmuFormerState>,
+        audio: Option<Box<AudioStream>>,
+        sensor: SensorStream,
+    },
+}
+
+impl SessionData {
+    /// Tokens consumed (language models) or output frames emitted (feature models).
+    fn position(&self) -> usize {
+        match self {
+            SessionData::Language { state, .. } => state.position(),
+            SessionData::Features { state, .. } => state.frames_out(),
+        }
+    }
+}
+
+/// A step's input after the front end.
+enum Work {
+    Tokens(Vec<u32>),
+    /// Feature rows (`[rows, in_channels]`).
+    Features(Vec<f32>),
+}
+
+impl Work {
+    fn is_empty(&self) -> bool {
+        match self {
+            Work::Tokens(t) => t.is_empty(),
+            Work::Features(f) => f.is_empty(),
+        }
     }
 }
 
@@ -43,7 +218,7 @@ struct PendingStep {
     id: u64,
     origin: u32,
     key: SessionKey,
-    tokens: Vec<u32>,
+    work: Work,
     session: Session,
     end: bool,
     reply: Option<Result<Reply, OpError>>,
@@ -52,7 +227,7 @@ struct PendingStep {
 struct Session {
     name: String,
     model: u32,
-    state: SessionState,
+    state: SessionData,
     last_used: Instant,
 }
 
@@ -196,17 +371,13 @@ impl SessionTable {
                 Op::Step {
                     model,
                     ref name,
-                    ref tokens,
+                    ref input,
                     start,
                     end,
                 } => {
                     let models = self.models.clone();
-                    let lm = &models[model as usize].model;
-                    if let Err(e) = lm.check_tokens(tokens, 0) {
-                        responses.push(answer(Err(OpError::Input(e.to_string()))));
-                        continue;
-                    }
-                    let session = if start {
+                    let served = &models[model as usize];
+                    let mut session = if start {
                         // A start on a live session ends the old one first.
                         self.remove(request.session);
                         self.expired.remove(&request.session);
@@ -214,7 +385,7 @@ impl SessionTable {
                         Session {
                             name: name.clone(),
                             model,
-                            state: lm.new_state(),
+                            state: served.new_state(),
                             last_used: now,
                         }
                     } else {
@@ -233,11 +404,19 @@ impl SessionTable {
                             }
                         }
                     };
+                    let work = match served.tokenize(&mut session.state, input, end) {
+                        Ok(work) => work,
+                        Err(message) => {
+                            self.sessions.insert(request.session, session);
+                            responses.push(answer(Err(OpError::Input(message))));
+                            continue;
+                        }
+                    };
                     steps.push(PendingStep {
                         id: request.id,
                         origin: request.origin,
                         key: request.session,
-                        tokens: tokens.clone(),
+                        work,
                         session,
                         end,
                         reply: None,
@@ -246,43 +425,92 @@ impl SessionTable {
             }
         }
 
-        // One packed forward per model over every session that has tokens.
+        // One packed forward per model over every session that has input (feature models:
+        // and every session that ends, whose lookahead is flushed).
         for model in 0..self.models.len() as u32 {
+            let models = self.models.clone();
+            let served = &models[model as usize];
+            let feature = !served.is_language();
             let mut batch: Vec<&mut PendingStep> = steps
                 .iter_mut()
-                .filter(|s| s.session.model == model && !s.tokens.is_empty())
+                .filter(|s| s.session.model == model && (!s.work.is_empty() || (feature && s.end)))
                 .collect();
             if batch.is_empty() {
                 continue;
             }
-            let lm = &self.models[model as usize].model;
-            let tokens: Vec<u32> = batch
-                .iter()
-                .flat_map(|s| s.tokens.iter().copied())
-                .collect();
-            let lens: Vec<usize> = batch.iter().map(|s| s.tokens.len()).collect();
             let starts: Vec<u64> = batch
                 .iter()
                 .map(|s| s.session.state.position() as u64)
                 .collect();
-            let result = {
-                let mut states: Vec<&mut SessionState> =
-                    batch.iter_mut().map(|s| &mut s.session.state).collect();
-                lm.forward_packed(&tokens, &lens, &mut states)
-            };
-            let width = lm.output_width();
-            let state_bytes = lm.state_bytes() as u64;
-            match result {
-                Ok(logits) => {
+            let width = served.width();
+            let result: Result<(Vec<f32>, Vec<usize>), String> = match &served.kind {
+                ServedKind::Language { model: lm, .. } => {
+                    let tokens: Vec<u32> = batch
+                        .iter()
+                        .flat_map(|s| match &s.work {
+                            Work::Tokens(t) => t.clone(),
+                            Work::Features(_) => Vec::new(),
+                        })
+                        .collect();
+                    let lens: Vec<usize> = batch
+                        .iter()
+                        .map(|s| match &s.work {
+                            Work::Tokens(t) => t.len(),
+                            Work::Features(_) => 0,
+                        })
+                        .collect();
+                    let mut states: Vec<&mut SessionState> = batch
+                        .iter_mut()
+                        .filter_map(|s| match &mut s.session.state {
+                            SessionData::Language { state, .. } => Some(state),
+                            SessionData::Features { .. } => None,
+                        })
+                        .collect();
                     self.tokens_processed += tokens.len() as u64;
+                    lm.forward_packed(&tokens, &lens, &mut states)
+                        .map(|logits| (logits.into_vec(), lens))
+                        .map_err(|e| e.to_string())
+                }
+                ServedKind::Features(m) => {
+                    let c = m.in_channels();
+                    let mut data = Vec::new();
+                    let mut counts = Vec::new();
+                    for s in &batch {
+                        if let Work::Features(f) = &s.work {
+                            data.extend_from_slice(f);
+                            counts.push(f.len() / c);
+                        }
+                    }
+                    let ends: Vec<bool> = batch.iter().map(|s| s.end).collect();
+                    let input = Frames {
+                        data,
+                        width: c,
+                        counts,
+                    };
+                    let mut states: Vec<&mut LmuFormerState> = batch
+                        .iter_mut()
+                        .filter_map(|s| match &mut s.session.state {
+                            SessionData::Features { state, .. } => Some(&mut **state),
+                            SessionData::Language { .. } => None,
+                        })
+                        .collect();
+                    self.tokens_processed += input.rows() as u64;
+                    m.forward(&mut states, &input, &ends)
+                        .map(|out| (out.data, out.counts))
+                        .map_err(|e| e.to_string())
+                }
+            };
+            let state_bytes = served.state_bytes() as u64;
+            match result {
+                Ok((outputs, counts)) => {
                     let mut row = 0;
                     for (i, step) in batch.into_iter().enumerate() {
-                        let rows = lens[i];
+                        let rows = counts[i];
                         step.reply = Some(Ok(Reply {
                             position: starts[i],
                             rows: rows as u32,
                             width: width as u32,
-                            logits: logits.data()[row * width..(row + rows) * width].to_vec(),
+                            logits: outputs[row * width..(row + rows) * width].to_vec(),
                             position_after: step.session.state.position() as u64,
                             state_bytes,
                             worker: self.worker,
@@ -293,7 +521,7 @@ impl SessionTable {
                 }
                 Err(e) => {
                     for step in batch {
-                        step.reply = Some(Err(OpError::Input(e.to_string())));
+                        step.reply = Some(Err(OpError::Input(e.clone())));
                     }
                 }
             }

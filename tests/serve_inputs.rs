@@ -1,0 +1,234 @@
+//! `tideway serve` with raw inputs on `tideway.v1` streams: audio samples (f32 and int16) into
+//! an LMUFormer with an audio front end, text into a language model with a tokenizer, frames
+//! into a feature model; each streamed in random chunks and equal to the references.
+
+mod common;
+
+use common::*;
+use tideway_proto::tideway::v1 as pb;
+use tokio::sync::mpsc;
+use tokio_stream::StreamExt;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::Code;
+
+fn start(model: &str) -> pb::StreamRequest {
+    pb::StreamRequest {
+        kind: Some(pb::stream_request::Kind::Start(pb::StreamStart {
+            model: model.into(),
+            ..Default::default()
+        })),
+    }
+}
+
+fn chunk(c: pb::StreamChunk) -> pb::StreamRequest {
+    pb::StreamRequest {
+        kind: Some(pb::stream_request::Kind::Chunk(c)),
+    }
+}
+
+/// Sends the messages, half-closes, and returns the concatenated output rows and their name.
+async fn stream(
+    url: &str,
+    messages: Vec<pb::StreamRequest>,
+) -> Result<(String, Vec<f64>), tonic::Status> {
+    let mut client = pb::streams_client::StreamsClient::connect(url.to_string())
+        .await
+        .unwrap();
+    let (tx, rx) = mpsc::channel(messages.len() + 1);
+    for m in messages {
+        tx.send(m).await.unwrap();
+    }
+    drop(tx);
+    let mut inbound = client.open(ReceiverStream::new(rx)).await?.into_inner();
+    let (mut name, mut values) = (String::new(), Vec::new());
+    while let Some(message) = inbound.next().await {
+        if let pb::stream_response::Kind::Output(out) = message?.kind.unwrap() {
+            for t in out.outputs {
+                name = t.name.clone();
+                values.extend(
+                    t.data
+                        .chunks_exact(4)
+                        .map(|b| f32::from_le_bytes(b.try_into().unwrap()) as f64),
+                );
+            }
+        }
+    }
+    Ok((name, values))
+}
+
+/// Cut points in 1..=max from a seed.
+fn cuts(total: usize, max: usize, seed: u64) -> Vec<std::ops::Range<usize>> {
+    let (mut at, mut x, mut out) = (0, seed, Vec::new());
+    while at < total {
+        x = x
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
+        let n = (1 + (x >> 33) as usize % max).min(total - at);
+        out.push(at..at + n);
+        at += n;
+    }
+    out
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn raw_audio_text_and_frames_stream_to_the_reference_outputs() {
+    let lmu = fixtures_dir().join("lmu/lmu_d16_c128_frontend");
+    let server = Server::start(&[
+        "--model",
+        &format!("kws={}", lmu.join("checkpoint").display()),
+        "--model",
+        &format!("bpe={}", fixtures_dir().join("text/mamba_bpe").display()),
+        "--model",
+        &format!(
+            "plain={}",
+            fixtures_dir().join("lmu/lmu_d32_c16/checkpoint").display()
+        ),
+        "--workers",
+        "2",
+    ]);
+    let url = server.url();
+
+    // Audio: the chirp's samples in random chunks of up to 3000, as f32 and as int16.
+    let samples = read_tensor(
+        &fixtures_dir().join("audio/chirp_16k_s16.features.safetensors"),
+        "samples",
+    )
+    .values;
+    let want = read_tensor(&lmu.join("expected.safetensors"), "output").values;
+    for (seed, int16) in [(1u64, false), (2, true)] {
+        let ranges = cuts(samples.len(), 3000, seed);
+        let last = ranges.len() - 1;
+        let mut messages = vec![start("kws")];
+        for (i, r) in ranges.into_iter().enumerate() {
+            let piece = &samples[r];
+            let mut c = pb::StreamChunk {
+                sample_rate: 16000,
+                end: i == last,
+                ..Default::default()
+            };
+            if int16 {
+                c.samples_i16 = piece
+                    .iter()
+                    .map(|&v| (v * 32768.0).round() as i32)
+                    .collect();
+            } else {
+                c.samples_f32 = piece.iter().map(|&v| v as f32).collect();
+            }
+            messages.push(chunk(c));
+        }
+        let (name, got) = stream(&url, messages).await.unwrap();
+        assert_eq!(name, "output");
+        let err = relative_error(&got, &want);
+        eprintln!("audio (int16: {int16}): relative error {err:.2e}");
+        assert!(err <= 1e-4, "audio (int16: {int16}): {err:.3e}");
+    }
+
+    // Text: cut at random character boundaries (inside words).
+    let text = std::fs::read_to_string(fixtures_dir().join("text/mamba_bpe.text.txt")).unwrap();
+    let want = read_tensor(
+        &fixtures_dir().join("text/mamba_bpe.expected.safetensors"),
+        "logits",
+    )
+    .values;
+    let chars: Vec<char> = text.chars().collect();
+    let ranges = cuts(chars.len(), 5, 3);
+    let last = ranges.len() - 1;
+    let mut messages = vec![start("bpe")];
+    for (i, r) in ranges.into_iter().enumerate() {
+        messages.push(chunk(pb::StreamChunk {
+            text: chars[r].iter().collect(),
+            end: i == last,
+            ..Default::default()
+        }));
+    }
+    let (name, got) = stream(&url, messages).await.unwrap();
+    assert_eq!(name, "logits");
+    let err = relative_error(&got, &want);
+    eprintln!("text: relative error {err:.2e}");
+    assert!(err <= 1e-4, "text: {err:.3e}");
+
+    // Feature frames straight into a model without a front end.
+    let dir = fixtures_dir().join("lmu/lmu_d32_c16");
+    let input = read_tensor(&dir.join("input.safetensors"), "input").values;
+    let want = read_tensor(&dir.join("expected.safetensors"), "output").values;
+    let ranges = cuts(input.len() / 16, 9, 4);
+    let last = ranges.len() - 1;
+    let mut messages = vec![start("plain")];
+    for (i, r) in ranges.into_iter().enumerate() {
+        messages.push(chunk(pb::StreamChunk {
+            frames: input[r.start * 16..r.end * 16]
+                .iter()
+                .map(|&v| v as f32)
+                .collect(),
+            channels: 16,
+            end: i == last,
+            ..Default::default()
+        }));
+    }
+    let (_, got) = stream(&url, messages).await.unwrap();
+    let err = relative_error(&got, &want);
+    eprintln!("frames: relative error {err:.2e}");
+    assert!(err <= 1e-4, "frames: {err:.3e}");
+
+    // Wrong kinds of input say what the model takes.
+    for (model, c, needle) in [
+        (
+            "kws",
+            pb::StreamChunk {
+                tokens: vec![1, 2],
+                ..Default::default()
+            },
+            "is a feature model: it takes audio samples or frames",
+        ),
+        (
+            "kws",
+            pb::StreamChunk {
+                samples_f32: vec![0.0; 10],
+                ..Default::default()
+            },
+            "audio samples need their `sample_rate`",
+        ),
+        (
+            "plain",
+            pb::StreamChunk {
+                samples_f32: vec![0.0; 10],
+                sample_rate: 16000,
+                ..Default::default()
+            },
+            "has no audio front end",
+        ),
+        (
+            "plain",
+            pb::StreamChunk {
+                frames: vec![0.0; 30],
+                channels: 15,
+                ..Default::default()
+            },
+            "takes feature frames of 16 values",
+        ),
+        (
+            "kws",
+            pb::StreamChunk {
+                samples_f32: vec![f32::NAN; 10],
+                sample_rate: 16000,
+                ..Default::default()
+            },
+            "is NaN or infinite",
+        ),
+        (
+            "kws",
+            pb::StreamChunk {
+                samples_i16: vec![40000],
+                sample_rate: 16000,
+                ..Default::default()
+            },
+            "outside the int16 range",
+        ),
+    ] {
+        let e = stream(&url, vec![start(model), chunk(c)])
+            .await
+            .unwrap_err();
+        assert_eq!(e.code(), Code::InvalidArgument, "{e:?}");
+        assert!(e.message().contains(needle), "want {needle:?}: {e:?}");
+    }
+}
