@@ -19,30 +19,46 @@ def tideway_binary() -> str:
     return path
 
 
-@pytest.fixture(scope="module")
-def server():
-    model = ROOT / "tests" / "fixtures" / "mamba" / "hf_k4_sharded"
+def start_server(models):
+    """Starts `tideway serve` with `models` (NAME=DIR or DIR strings); returns (process,
+    address, log path)."""
     log = tempfile.NamedTemporaryFile(prefix="tideway-serve-", suffix=".log", delete=False)
-    proc = subprocess.Popen(
-        [tideway_binary(), "serve", "--listen", "127.0.0.1:0", "--model", str(model), "--workers", "2"],
-        stdout=subprocess.DEVNULL,
-        stderr=log,
-    )
+    args = [tideway_binary(), "serve", "--listen", "127.0.0.1:0", "--workers", "2"]
+    for m in models:
+        args += ["--model", str(m)]
+    proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=log)
     deadline = time.time() + 60
-    address = None
-    while address is None:
+    while True:
         text = Path(log.name).read_text()
         match = re.search(r"tideway listening on (\S+)", text)
         if match:
-            address = match.group(1)
-        elif proc.poll() is not None:
+            return proc, match.group(1), log.name
+        if proc.poll() is not None:
             pytest.fail(f"tideway serve exited: {text}")
-        elif time.time() > deadline:
+        if time.time() > deadline:
             proc.kill()
             pytest.fail(f"tideway serve did not start: {text}")
-        else:
-            time.sleep(0.05)
-    yield {"address": address, "model": model.name, "dir": model}
+        time.sleep(0.05)
+
+
+def stop_server(proc, log):
     proc.kill()
     proc.wait()
-    os.unlink(log.name)
+    os.unlink(log)
+
+
+@pytest.fixture(scope="module")
+def server():
+    model = ROOT / "tests" / "fixtures" / "mamba" / "hf_k4_sharded"
+    proc, address, log = start_server([model])
+    yield {"address": address, "model": model.name, "dir": model}
+    stop_server(proc, log)
+
+
+@pytest.fixture(scope="module")
+def audio_server():
+    """An LMUFormer keyword-spotter fixture with the audio front end in its config.json."""
+    fixture = ROOT / "tests" / "fixtures" / "lmu" / "lmu_d16_c128_frontend"
+    proc, address, log = start_server([f"kws={fixture / 'checkpoint'}"])
+    yield {"address": address, "model": "kws", "fixture": fixture}
+    stop_server(proc, log)

@@ -42,6 +42,140 @@ pub struct InferenceService {
     counters: Arc<Vec<Counters>>,
 }
 
+/// The raw bytes of input `i`, if the request sends its inputs raw.
+fn raw_input(request: &pb::ModelInferRequest, i: usize) -> Result<Option<&Vec<u8>>, Status> {
+    if request.raw_input_contents.is_empty() {
+        return Ok(None);
+    }
+    request.raw_input_contents.get(i).map(Some).ok_or_else(|| {
+        Status::invalid_argument(format!(
+            "{} inputs but {} raw_input_contents",
+            request.inputs.len(),
+            request.raw_input_contents.len()
+        ))
+    })
+}
+
+/// The values of an FP32 (or, for audio, INT16) input, from raw bytes or typed contents.
+fn float_values(
+    input: &InferInputTensor,
+    raw: Option<&Vec<u8>>,
+    count: usize,
+) -> Result<Vec<f32>, Status> {
+    let name = &input.name;
+    let values: Vec<f32> = match (input.datatype.as_str(), raw) {
+        ("FP32", Some(bytes)) if bytes.len() == count * 4 => bytes
+            .chunks_exact(4)
+            .map(|b| f32::from_le_bytes(b.try_into().expect("4 bytes")))
+            .collect(),
+        ("INT16", Some(bytes)) if name == "audio" && bytes.len() == count * 2 => bytes
+            .chunks_exact(2)
+            .map(|b| i16::from_le_bytes(b.try_into().expect("2 bytes")) as f32 / 32768.0)
+            .collect(),
+        ("FP32", None) => input
+            .contents
+            .as_ref()
+            .map_or(Vec::new(), |c| c.fp32_contents.clone()),
+        ("INT16", None) if name == "audio" => {
+            input.contents.as_ref().map_or(Ok(Vec::new()), |c| {
+                c.int_contents
+                    .iter()
+                    .map(|&v| {
+                        i16::try_from(v).map(|v| v as f32 / 32768.0).map_err(|_| {
+                            Status::invalid_argument(format!(
+                                "input \"audio\": {v} is outside the int16 range"
+                            ))
+                        })
+                    })
+                    .collect()
+            })?
+        }
+        (dt @ ("FP32" | "INT16"), Some(bytes)) => {
+            return Err(Status::invalid_argument(format!(
+                "input {name:?}: {} raw bytes for {count} values of {dt}",
+                bytes.len()
+            )));
+        }
+        (other, _) => {
+            let allowed = if name == "audio" {
+                "\"FP32\", \"INT16\""
+            } else {
+                "\"FP32\""
+            };
+            return Err(Status::invalid_argument(format!(
+                "input {name:?} has datatype {other:?}; allowed: {allowed}"
+            )));
+        }
+    };
+    if values.len() != count {
+        return Err(Status::invalid_argument(format!(
+            "input {name:?} holds {} values but its shape {:?} says {count}",
+            values.len(),
+            input.shape
+        )));
+    }
+    Ok(values)
+}
+
+/// A feature model's request: `input` (FP32, [T, C] or [1, T, C]) or `audio` (FP32 or INT16,
+/// [S] or [1, S], with the request parameter `sample_rate`).
+fn feature_input(
+    request: &pb::ModelInferRequest,
+    served: &super::sessions::ServedModel,
+) -> Result<StepInput, Status> {
+    let allowed = "\"input\" (FP32, [T, C]) or \"audio\" (FP32 or INT16 samples, [S], with a \"sample_rate\" parameter)";
+    let [input] = request.inputs.as_slice() else {
+        return Err(Status::invalid_argument(format!(
+            "model {:?} takes one input: {allowed}",
+            served.name
+        )));
+    };
+    let raw = raw_input(request, 0)?;
+    match input.name.as_str() {
+        "input" => {
+            let (t, c) = match input.shape.as_slice() {
+                [t, c] | [1, t, c] if *t >= 0 && *c > 0 => (*t as usize, *c as usize),
+                other => {
+                    return Err(Status::invalid_argument(format!(
+                        "input \"input\" has shape {other:?}; allowed: [T, C] or [1, T, C]"
+                    )));
+                }
+            };
+            Ok(StepInput::Frames {
+                values: float_values(input, raw, t * c)?,
+                width: c as u32,
+            })
+        }
+        "audio" => {
+            let s = match input.shape.as_slice() {
+                [s] | [1, s] if *s >= 0 => *s as usize,
+                other => {
+                    return Err(Status::invalid_argument(format!(
+                        "input \"audio\" has shape {other:?}; allowed: [S] or [1, S]"
+                    )));
+                }
+            };
+            let rate = match param(&request.parameters, "sample_rate") {
+                Some(ParameterChoice::Int64Param(r)) if *r > 0 => *r as u32,
+                Some(ParameterChoice::Uint64Param(r)) if *r > 0 => *r as u32,
+                _ => {
+                    return Err(Status::invalid_argument(
+                        "input \"audio\" needs the request parameter \"sample_rate\" (a positive integer, Hz)",
+                    ));
+                }
+            };
+            Ok(StepInput::Audio {
+                samples: float_values(input, raw, s)?,
+                rate,
+            })
+        }
+        other => Err(Status::invalid_argument(format!(
+            "unknown input {other:?}; model {:?} takes {allowed}",
+            served.name
+        ))),
+    }
+}
+
 impl InferenceService {
     pub fn new(engine: Arc<Engine>) -> Self {
         let counters = Arc::new(
@@ -182,44 +316,20 @@ impl InferenceService {
     fn prepare(&self, request: pb::ModelInferRequest) -> Result<Prepared, Status> {
         let model = self.model(&request.model_name, &request.model_version)?;
         let served = &self.engine.models[model as usize];
-        if !served.is_language() {
-            return Err(Status::invalid_argument(format!(
-                "model {:?} is a feature model (LMUFormer); on this protocol Tideway serves language models (input_ids): stream its audio samples or frames with tideway.v1 Streams.Open",
-                served.name
-            )));
-        }
+        let output_name = served.output_name();
         for out in &request.outputs {
-            if out.name != "logits" {
+            if out.name != output_name {
                 return Err(Status::invalid_argument(format!(
-                    "unknown output {:?}; model {:?} has one output, \"logits\"",
+                    "unknown output {:?}; model {:?} has one output, {output_name:?}",
                     out.name, served.name
                 )));
             }
         }
-        let mut tokens = None;
-        for (i, input) in request.inputs.iter().enumerate() {
-            if input.name != "input_ids" {
-                return Err(Status::invalid_argument(format!(
-                    "unknown input {:?}; model {:?} takes \"input_ids\" (INT64 or INT32, [T] or [1, T])",
-                    input.name, served.name
-                )));
-            }
-            let raw = if request.raw_input_contents.is_empty() {
-                None
-            } else {
-                Some(request.raw_input_contents.get(i).ok_or_else(|| {
-                    Status::invalid_argument(format!(
-                        "{} inputs but {} raw_input_contents",
-                        request.inputs.len(),
-                        request.raw_input_contents.len()
-                    ))
-                })?)
-            };
-            tokens = Some(check_ids(&input_ids(input, raw)?, served.vocab_size())?);
-        }
-        let tokens = tokens.ok_or_else(|| {
-            Status::invalid_argument("missing input \"input_ids\" (INT64 or INT32, [T] or [1, T])")
-        })?;
+        let input = if served.is_language() {
+            StepInput::Tokens(self.token_input(&request, served)?)
+        } else {
+            feature_input(&request, served)?
+        };
         let sequence = sequence_id(&request.parameters)?;
         let (name, start, end) = if sequence.is_empty() {
             // Not a sequence: a session of one request.
@@ -239,7 +349,7 @@ impl InferenceService {
             op: Op::Step {
                 model,
                 name,
-                input: StepInput::Tokens(tokens),
+                input,
                 start,
                 end,
             },
@@ -248,9 +358,34 @@ impl InferenceService {
         })
     }
 
+    /// `input_ids` of a language model's request.
+    fn token_input(
+        &self,
+        request: &pb::ModelInferRequest,
+        served: &super::sessions::ServedModel,
+    ) -> Result<Vec<u32>, Status> {
+        let mut tokens = None;
+        for (i, input) in request.inputs.iter().enumerate() {
+            if input.name != "input_ids" {
+                return Err(Status::invalid_argument(format!(
+                    "unknown input {:?}; model {:?} takes \"input_ids\" (INT64 or INT32, [T] or [1, T])",
+                    input.name, served.name
+                )));
+            }
+            tokens = Some(check_ids(
+                &input_ids(input, raw_input(request, i)?)?,
+                served.vocab_size(),
+            )?);
+        }
+        tokens.ok_or_else(|| {
+            Status::invalid_argument("missing input \"input_ids\" (INT64 or INT32, [T] or [1, T])")
+        })
+    }
+
     fn respond(
         prepared_id: String,
         model_name: String,
+        output_name: &str,
         reply: &messages::Reply,
     ) -> pb::ModelInferResponse {
         pb::ModelInferResponse {
@@ -259,7 +394,7 @@ impl InferenceService {
             id: prepared_id,
             parameters: HashMap::new(),
             outputs: vec![pb::model_infer_response::InferOutputTensor {
-                name: "logits".into(),
+                name: output_name.into(),
                 datatype: "FP32".into(),
                 shape: vec![reply.rows as i64, reply.width as i64],
                 parameters: HashMap::new(),
@@ -354,21 +489,30 @@ impl pb::grpc_inference_service_server::GrpcInferenceService for InferenceServic
         let r = r.into_inner();
         let index = self.model(&r.name, &r.version)?;
         let m = &self.engine.models[index as usize];
+        let info = super::native::model_info(&self.engine, index as usize);
         use pb::model_metadata_response::TensorMetadata;
         Ok(Response::new(pb::ModelMetadataResponse {
             name: m.name.clone(),
             versions: vec!["1".into()],
             platform: format!("tideway_{}", m.family()),
-            inputs: vec![TensorMetadata {
-                name: "input_ids".into(),
-                datatype: "INT64".into(),
-                shape: vec![-1],
-            }],
-            outputs: vec![TensorMetadata {
-                name: "logits".into(),
-                datatype: "FP32".into(),
-                shape: vec![-1, m.width() as i64],
-            }],
+            inputs: info
+                .inputs
+                .into_iter()
+                .map(|t| TensorMetadata {
+                    name: t.name,
+                    datatype: t.datatype,
+                    shape: t.shape,
+                })
+                .collect(),
+            outputs: info
+                .outputs
+                .into_iter()
+                .map(|t| TensorMetadata {
+                    name: t.name,
+                    datatype: t.datatype,
+                    shape: t.shape,
+                })
+                .collect(),
         }))
     }
 
@@ -388,9 +532,11 @@ impl pb::grpc_inference_service_server::GrpcInferenceService for InferenceServic
         let result = finish(rx).await;
         self.count(prepared.model, started, result.is_ok());
         let reply = result.map_err(|s| self.error(s))?;
+        let output = self.engine.models[prepared.model as usize].output_name();
         Ok(Response::new(Self::respond(
             prepared.id,
             prepared.model_name,
+            output,
             &reply,
         )))
     }
@@ -436,9 +582,11 @@ impl pb::grpc_inference_service_server::GrpcInferenceService for InferenceServic
                         Ok((id, model_name, model, started, rx)) => {
                             let result = finish(rx).await;
                             counters_service.count(model, started, result.is_ok());
+                            let output =
+                                counters_service.engine.models[model as usize].output_name();
                             (
                                 id.clone(),
-                                result.map(|reply| Self::respond(id, model_name, &reply)),
+                                result.map(|reply| Self::respond(id, model_name, output, &reply)),
                             )
                         }
                         Err((id, status)) => (id, Err(status)),
