@@ -43,21 +43,31 @@ fn main() {
         let mut frames = 0;
         let chunks: Vec<&[f32]> = samples.chunks(chunk).collect();
         for (i, c) in chunks.iter().enumerate() {
-            frames += front.push(&mut stream, c, rate, i + 1 == chunks.len()).unwrap().len() / 128;
+            frames += front
+                .push(&mut stream, c, rate, i + 1 == chunks.len())
+                .unwrap()
+                .len()
+                / 128;
         }
         let secs = t0.elapsed().as_secs_f64();
         println!(
             "audio front end, {rate} Hz input{}: {seconds:.0} s of audio in {:.3} s = {:.0}x real time ({frames} frames, {:.1} µs/frame)",
-            if rate != 16000 { " (resampled to 16 kHz)" } else { "" },
+            if rate != 16000 {
+                " (resampled to 16 kHz)"
+            } else {
+                ""
+            },
             secs,
             seconds / secs,
             1e6 * secs / frames as f64
         );
     }
 
-    let tok_path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/text/bpe.tokenizer.json");
+    let tok_path =
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/text/bpe.tokenizer.json");
     let tok = TextTokenizer::from_file(&tok_path).unwrap();
-    let base = "Streams of sensor data arrive every ten milliseconds; Grüße aus Zürich! 🚀 don't stop. ";
+    let base =
+        "Streams of sensor data arrive every ten milliseconds; Grüße aus Zürich! 🚀 don't stop. ";
     let text: String = base.repeat(1_000_000 / base.len());
     let t0 = Instant::now();
     let ids = tok.encode(&text).unwrap();
@@ -75,7 +85,10 @@ fn main() {
     let mut streamed = 0;
     let chunks: Vec<&[u8]> = text.as_bytes().chunks(64).collect();
     for (i, c) in chunks.iter().enumerate() {
-        streamed += tok.push(&mut stream, c, i + 1 == chunks.len()).unwrap().len();
+        streamed += tok
+            .push(&mut stream, c, i + 1 == chunks.len())
+            .unwrap()
+            .len();
     }
     let secs = t0.elapsed().as_secs_f64();
     assert_eq!(streamed, ids.len());

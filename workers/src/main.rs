@@ -2,11 +2,15 @@
 //!
 //! - `tideway run`: one sequence offline through a model, outputs to a safetensors file;
 //! - `tideway bench`: decode and prefill throughput and peak memory of a model;
-//! - `tideway devices`: the CPU and CUDA devices this node can use.
+//! - `tideway devices`: the CPU and CUDA devices this node can use;
+//! - `tideway demo` / `tideway stream`: keyword spotting on a live audio stream over gRPC.
 
 mod bench;
 mod bench_frames;
 mod bench_serve;
+mod default_model;
+mod demo;
+mod detect;
 mod devices;
 mod run;
 mod serve;
@@ -39,6 +43,11 @@ enum Command {
     Bench(bench::BenchArgs),
     /// List the compute this node can use (CPU threads and SIMD level, CUDA devices).
     Devices,
+    /// Keyword spotting on a live audio stream: a server in this process with the embedded
+    /// default model, the bundled clip streamed to it over gRPC, detections as they happen.
+    Demo(demo::DemoArgs),
+    /// Stream a WAV file to a running server (`tideway serve`) and print what it detects.
+    Stream(demo::StreamArgs),
 }
 
 /// Keeps freed activation buffers in the heap instead of returning them to the kernel.
@@ -82,6 +91,8 @@ fn main() -> ExitCode {
         Command::Run(args) => run::run(args),
         Command::Bench(args) => bench::bench(args, threads),
         Command::Devices => devices::devices(threads),
+        Command::Demo(args) => demo::demo(args),
+        Command::Stream(args) => demo::stream(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

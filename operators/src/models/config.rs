@@ -194,6 +194,20 @@ impl Section<'_> {
         }
     }
 
+    /// A list of strings.
+    pub fn str_list_opt(&self, key: &str) -> Result<Option<Vec<String>>, LoadError> {
+        match self.get(key) {
+            None => Ok(None),
+            Some(Value::Array(items)) => items
+                .iter()
+                .map(|v| v.as_str().map(String::from))
+                .collect::<Option<Vec<String>>>()
+                .map(Some)
+                .ok_or_else(|| self.wrong(key, "a list of strings", self.get(key).unwrap())),
+            Some(v) => Err(self.wrong(key, "a list of strings", v)),
+        }
+    }
+
     pub fn str_opt(&self, key: &str) -> Result<Option<&str>, LoadError> {
         match self.get(key) {
             None => Ok(None),

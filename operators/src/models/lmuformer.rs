@@ -55,6 +55,8 @@ pub struct LmuFormerConfig {
     pub theta: f64,
     pub seq_len: usize,
     pub lif: Lif,
+    /// Class names of the output columns (`labels`), if the config names them.
+    pub labels: Option<Vec<String>>,
 }
 
 impl LmuFormerConfig {
@@ -83,11 +85,22 @@ impl LmuFormerConfig {
         if tau <= 0.0 {
             return Err(config.malformed("key \"lif_tau\" must be positive"));
         }
+        let num_classes = top.usize_req("num_classes")?;
+        let labels = top.str_list_opt("labels")?;
+        if let Some(l) = &labels
+            && l.len() != num_classes
+        {
+            return Err(config.malformed(format!(
+                "\"labels\" names {} classes but num_classes is {num_classes}",
+                l.len()
+            )));
+        }
         Ok(LmuFormerConfig {
             variant,
             dim,
+            labels,
             in_channels: top.usize_req("in_channels")?,
-            num_classes: top.usize_req("num_classes")?,
+            num_classes,
             depths: top.usize_req("depths")?,
             // int(dim * mlp_ratio), as the reference's Block.
             mlp_hidden: (dim as f64 * mlp_ratio) as usize,

@@ -96,31 +96,18 @@ fn parse_model_arg(arg: &str) -> Result<(String, PathBuf)> {
 }
 
 pub fn serve(args: ServeArgs) -> Result<()> {
-    if args.models.is_empty() {
-        bail!(
-            "no model to serve: pass --model DIR (or NAME=DIR), repeatable; the embedded default model is not part of this build yet"
-        );
-    }
     let mut models = Vec::new();
+    if args.models.is_empty() {
+        // No --model: the embedded default (the keyword spotter of `tideway demo`).
+        let dir = crate::default_model::materialize()?;
+        models.push(load_served(crate::default_model::NAME.to_string(), &dir)?);
+    }
     for arg in &args.models {
         let (name, dir) = parse_model_arg(arg)?;
         if models.iter().any(|m: &ServedModel| m.name == name) {
             bail!("two models are named {name:?}: name them with NAME=DIR");
         }
-        let context = || format!("cannot load model {name:?} from {}", dir.display());
-        let kind = if is_lmuformer(&dir).with_context(context)? {
-            ServedKind::Features(Box::new(load_lmuformer(&dir).with_context(context)?))
-        } else {
-            ServedKind::Language {
-                model: Box::new(load_model(&dir).with_context(context)?),
-                tokenizer: TextTokenizer::find(&dir)
-                    .with_context(context)?
-                    .map(Box::new),
-            }
-        };
-        let served = ServedModel { name, kind };
-        tracing::info!(model = %served.name, dir = %dir.display(), family = served.family(), "loaded");
-        models.push(served);
+        models.push(load_served(name, &dir)?);
     }
     let (hosts, process) = match (&args.hosts, args.process) {
         (Some(file), Some(process)) => {
@@ -201,6 +188,72 @@ pub fn serve(args: ServeArgs) -> Result<()> {
     let result = runtime.block_on(serve_grpc(engine.clone(), listener, args.max_message_bytes));
     engine.shutdown();
     result
+}
+
+/// Loads one model to serve: a feature model (LMUFormer) or a language model with the
+/// `tokenizer.json` beside it, if any.
+fn load_served(name: String, dir: &std::path::Path) -> Result<ServedModel> {
+    let context = || format!("cannot load model {name:?} from {}", dir.display());
+    let kind = if is_lmuformer(dir).with_context(context)? {
+        ServedKind::Features(Box::new(load_lmuformer(dir).with_context(context)?))
+    } else {
+        ServedKind::Language {
+            model: Box::new(load_model(dir).with_context(context)?),
+            tokenizer: TextTokenizer::find(dir)
+                .with_context(context)?
+                .map(Box::new),
+        }
+    };
+    let served = ServedModel { name, kind };
+    tracing::info!(model = %served.name, dir = %dir.display(), family = served.family(), "loaded");
+    Ok(served)
+}
+
+/// Starts a server inside this process on a free loopback port (for `tideway demo`): the
+/// same engine and gRPC services as `tideway serve`, one process, `workers` timely workers.
+/// Returns the address; the server runs until the process exits.
+pub fn start_in_process(models: Vec<(String, PathBuf)>, workers: usize) -> Result<SocketAddr> {
+    let served = models
+        .into_iter()
+        .map(|(name, dir)| load_served(name, &dir))
+        .collect::<Result<Vec<_>>>()?;
+    let config = RuntimeConfig {
+        threads: workers.max(1),
+        process: 0,
+        hosts: Vec::new(),
+        process_binary: false,
+        tick: Duration::from_millis(1),
+        epoch_tokens: 0,
+        idle_limit: Duration::from_secs(300),
+        queue_capacity: 4096,
+    };
+    let engine = Engine::start(served, config)
+        .map_err(|e| anyhow::anyhow!("cannot start the workers: {e}"))?;
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let runtime = match tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+        {
+            Ok(r) => r,
+            Err(e) => {
+                let _ = tx.send(Err(anyhow::anyhow!("cannot start the async runtime: {e}")));
+                return;
+            }
+        };
+        let listener = match runtime.block_on(tokio::net::TcpListener::bind("127.0.0.1:0")) {
+            Ok(l) => l,
+            Err(e) => {
+                let _ = tx.send(Err(anyhow::anyhow!("cannot listen on 127.0.0.1: {e}")));
+                return;
+            }
+        };
+        let _ = tx.send(listener.local_addr().map_err(anyhow::Error::from));
+        let _ = runtime.block_on(serve_grpc(engine, listener, 256 << 20));
+    });
+    rx.recv()
+        .map_err(|_| anyhow::anyhow!("the in-process server stopped before it listened"))?
 }
 
 async fn serve_grpc(

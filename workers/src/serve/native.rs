@@ -395,6 +395,10 @@ pub fn model_info(engine: &Engine, index: usize) -> pb::ModelInfo {
         state_bytes_per_session: m.state_bytes() as u64,
         weight_bytes: m.weight_bytes() as u64,
         vocab_size: m.vocab_size() as u64,
+        labels: match &m.kind {
+            ServedKind::Features(f) => f.config().labels.clone().unwrap_or_default(),
+            ServedKind::Language { .. } => Vec::new(),
+        },
     }
 }
 
