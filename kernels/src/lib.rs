@@ -15,6 +15,7 @@
 //! - `cuda` (feature `cuda`): CUDA devices through cudarc.
 
 pub mod activation;
+pub mod collective;
 pub mod conv;
 pub mod cpu;
 #[cfg(feature = "cuda")]
