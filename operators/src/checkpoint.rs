@@ -148,6 +148,66 @@ impl Checkpoint {
         weight.map_err(|e| bad(format!("tensor {name:?}: {e}")))
     }
 
+    /// A block of a 2-D tensor `[rows, cols]` (checked to have shape `full`): rows `rows`,
+    /// columns `cols`, read straight from the mapped file (a tensor-parallel rank reads only
+    /// its shard; pages it does not touch are never read).
+    pub fn load_block(
+        &self,
+        name: &str,
+        full: [usize; 2],
+        rows: std::ops::Range<usize>,
+        cols: std::ops::Range<usize>,
+    ) -> Result<Weight, LoadError> {
+        let entry = self
+            .tensors
+            .get(name)
+            .ok_or_else(|| LoadError::MissingTensor {
+                name: name.to_string(),
+                dir: self.dir.clone(),
+            })?;
+        if entry.info.shape != full {
+            return Err(LoadError::ShapeMismatch {
+                name: name.to_string(),
+                expected: full.to_vec(),
+                found: entry.info.shape.clone(),
+            });
+        }
+        assert!(
+            rows.end <= full[0] && cols.end <= full[1],
+            "block outside the tensor"
+        );
+        let width = match entry.info.dtype {
+            Dtype::F32 => 4,
+            Dtype::BF16 | Dtype::F16 => 2,
+            other => {
+                return Err(LoadError::UnsupportedDtype {
+                    name: name.to_string(),
+                    dtype: format!("{other:?}"),
+                });
+            }
+        };
+        let (_, bytes, data_start) = &self.files[entry.file];
+        let base = data_start + entry.info.data_offsets.0;
+        let all = (**bytes).as_ref();
+        let mut raw = Vec::with_capacity(rows.len() * cols.len() * width);
+        for r in rows.clone() {
+            let start = base + (r * full[1] + cols.start) * width;
+            raw.extend_from_slice(&all[start..start + cols.len() * width]);
+        }
+        let shape = [rows.len(), cols.len()];
+        let weight = match entry.info.dtype {
+            Dtype::F32 => Weight::from_vec(
+                raw.chunks_exact(4)
+                    .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+                    .collect(),
+                &shape,
+            ),
+            Dtype::BF16 => Weight::from_bf16_bytes(&raw, &shape),
+            _ => Weight::from_f16_bytes(&raw, &shape),
+        };
+        Ok(weight.expect("block sized above"))
+    }
+
     /// A PyTorch `nn.Linear`: `weight` `[out, in]` and optionally `bias` `[out]`, prepared for
     /// products (transposed, see [`Linear`]). The weight's file pages are released afterwards:
     /// the layer holds its own copy.

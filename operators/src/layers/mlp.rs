@@ -53,6 +53,79 @@ impl GatedMlp {
         })
     }
 
+    /// Rank `rank` of `tp` tensor-parallel shards (Megatron-style): the gate and up
+    /// projections column-parallel (rows `[rank·I/tp, (rank+1)·I/tp)` of their `[I, D]`
+    /// weights), the down projection row-parallel (the same columns of its `[D, I]` weight).
+    /// A shard's `forward` gives a partial output; the sum over the group (an all-reduce) is
+    /// the full MLP's. Only the shard's blocks are read from the checkpoint.
+    pub fn load_shard(
+        checkpoint: &Checkpoint,
+        prefix: &str,
+        hidden: usize,
+        intermediate: usize,
+        rank: usize,
+        tp: usize,
+    ) -> Result<Self, LoadError> {
+        if tp == 0 || rank >= tp || !intermediate.is_multiple_of(tp) {
+            return Err(LoadError::Unsupported {
+                path: checkpoint.dir().to_path_buf(),
+                reason: format!(
+                    "the MLP width {intermediate} does not split into {tp} tensor-parallel shards (rank {rank})"
+                ),
+            });
+        }
+        let name = |s: &str| format!("{prefix}{s}");
+        let part = intermediate / tp;
+        let mine = rank * part..(rank + 1) * part;
+        let linear = |w: Weight| Linear::from_torch(&w, None).expect("2-D weight");
+        let (gate, up) = if checkpoint.contains(&name("up_proj.weight")) {
+            let full = [intermediate, hidden];
+            (
+                linear(checkpoint.load_block(
+                    &name("gate_proj.weight"),
+                    full,
+                    mine.clone(),
+                    0..hidden,
+                )?),
+                linear(checkpoint.load_block(
+                    &name("up_proj.weight"),
+                    full,
+                    mine.clone(),
+                    0..hidden,
+                )?),
+            )
+        } else {
+            let full = [2 * intermediate, hidden];
+            let up_rows = intermediate + mine.start..intermediate + mine.end;
+            (
+                linear(checkpoint.load_block(
+                    &name("gate_proj.weight"),
+                    full,
+                    mine.clone(),
+                    0..hidden,
+                )?),
+                linear(checkpoint.load_block(
+                    &name("gate_proj.weight"),
+                    full,
+                    up_rows,
+                    0..hidden,
+                )?),
+            )
+        };
+        let down = linear(checkpoint.load_block(
+            &name("down_proj.weight"),
+            [hidden, intermediate],
+            0..hidden,
+            mine,
+        )?);
+        Ok(GatedMlp {
+            gate,
+            up,
+            down,
+            intermediate: part,
+        })
+    }
+
     pub fn size_bytes(&self) -> usize {
         self.gate.size_bytes() + self.up.size_bytes() + self.down.size_bytes()
     }
