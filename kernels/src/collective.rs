@@ -9,9 +9,18 @@
 
 use std::sync::{Arc, Condvar, Mutex};
 
+/// A collective that could not complete: a peer went away or the transport failed. The
+/// group is unusable afterwards (its ranks disagree on how far they got).
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+#[error("all-reduce across the tensor-parallel group failed at rank {rank}: {reason}")]
+pub struct CollectiveError {
+    pub rank: usize,
+    pub reason: String,
+}
+
 /// An all-reduce that has been started: `wait` returns the summed buffer.
 pub trait PendingReduce: Send {
-    fn wait(self: Box<Self>) -> Vec<f32>;
+    fn wait(self: Box<Self>) -> Result<Vec<f32>, CollectiveError>;
 }
 
 /// A tensor-parallel group member's view of its collectives.
@@ -111,7 +120,7 @@ impl Collective for ThreadRank {
 }
 
 impl PendingReduce for ThreadPending {
-    fn wait(self: Box<Self>) -> Vec<f32> {
+    fn wait(self: Box<Self>) -> Result<Vec<f32>, CollectiveError> {
         let size = self.shared.size;
         let mut round = self.shared.round.lock().expect("collective lock");
         while round.posted.iter().any(Option::is_none) {
@@ -158,7 +167,173 @@ impl PendingReduce for ThreadPending {
                 self.shared.changed.notify_all();
             }
         }
-        result
+        Ok(result)
+    }
+}
+
+/// A rank of a group whose members are processes (or threads) connected by TCP in a ring:
+/// each rank listens for its predecessor and connects to its successor. `all_reduce_sum` is
+/// the ring algorithm (reduce-scatter, then all-gather, n−1 steps each, every link busy in
+/// both directions), run on a helper thread so that the caller computes meanwhile.
+pub struct TcpRank {
+    rank: usize,
+    size: usize,
+    links: Option<std::sync::Arc<Mutex<(std::net::TcpStream, std::net::TcpStream)>>>,
+}
+
+impl TcpRank {
+    /// Joins the group: `listener` is this rank's (bound at `peers[rank]`); `peers` lists every
+    /// rank's address. Blocks until both neighbours are connected.
+    pub fn connect(
+        rank: usize,
+        listener: std::net::TcpListener,
+        peers: &[std::net::SocketAddr],
+    ) -> std::io::Result<Self> {
+        let size = peers.len();
+        assert!(rank < size);
+        if size == 1 {
+            return Ok(TcpRank {
+                rank,
+                size,
+                links: None,
+            });
+        }
+        let next_addr = peers[(rank + 1) % size];
+        let connector = std::thread::spawn(move || {
+            let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+            loop {
+                match std::net::TcpStream::connect(next_addr) {
+                    Ok(s) => return Ok(s),
+                    Err(e) if std::time::Instant::now() > deadline => return Err(e),
+                    Err(_) => std::thread::sleep(std::time::Duration::from_millis(20)),
+                }
+            }
+        });
+        let (prev, _) = listener.accept()?;
+        let next = connector.join().expect("connector thread")?;
+        for s in [&prev, &next] {
+            s.set_nodelay(true)?;
+        }
+        // A peer that is alive but stuck must not hang the group forever either.
+        prev.set_read_timeout(Some(std::time::Duration::from_secs(60)))?;
+        Ok(TcpRank {
+            rank,
+            size,
+            links: Some(std::sync::Arc::new(Mutex::new((next, prev)))),
+        })
+    }
+}
+
+fn write_f32s(stream: &mut std::net::TcpStream, values: &[f32]) -> std::io::Result<()> {
+    use std::io::Write;
+    let bytes: Vec<u8> = values.iter().flat_map(|v| v.to_le_bytes()).collect();
+    stream.write_all(&bytes)
+}
+
+fn read_f32s(stream: &mut std::net::TcpStream, count: usize) -> std::io::Result<Vec<f32>> {
+    use std::io::Read;
+    let mut bytes = vec![0u8; count * 4];
+    stream.read_exact(&mut bytes)?;
+    Ok(bytes
+        .chunks_exact(4)
+        .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+        .collect())
+}
+
+/// The ring all-reduce over one rank's links (`next` to send, `prev` to receive).
+fn ring_all_reduce(
+    rank: usize,
+    size: usize,
+    next: &mut std::net::TcpStream,
+    prev: &mut std::net::TcpStream,
+    mut data: Vec<f32>,
+) -> std::io::Result<Vec<f32>> {
+    let len = data.len();
+    let chunk = |c: usize| (c * len / size)..((c + 1) * len / size);
+    let step = |data: &mut Vec<f32>,
+                next: &mut std::net::TcpStream,
+                prev: &mut std::net::TcpStream,
+                send: usize,
+                recv: usize,
+                add: bool|
+     -> std::io::Result<()> {
+        let outgoing = data[chunk(send)].to_vec();
+        let incoming = std::thread::scope(|scope| {
+            let sender = scope.spawn(|| write_f32s(next, &outgoing));
+            let received = read_f32s(prev, chunk(recv).len());
+            sender.join().expect("sender thread")?;
+            received
+        })?;
+        for (d, v) in data[chunk(recv)].iter_mut().zip(incoming) {
+            *d = if add { *d + v } else { v };
+        }
+        Ok(())
+    };
+    for s in 0..size - 1 {
+        let send = (rank + size - s) % size;
+        let recv = (rank + size - s - 1) % size;
+        step(&mut data, next, prev, send, recv, true)?;
+    }
+    for s in 0..size - 1 {
+        let send = (rank + 1 + size - s) % size;
+        let recv = (rank + size - s) % size;
+        step(&mut data, next, prev, send, recv, false)?;
+    }
+    Ok(data)
+}
+
+struct TcpPending {
+    rank: usize,
+    job: Option<std::thread::JoinHandle<std::io::Result<Vec<f32>>>>,
+    ready: Option<Vec<f32>>,
+}
+
+impl Collective for TcpRank {
+    fn rank(&self) -> usize {
+        self.rank
+    }
+
+    fn size(&self) -> usize {
+        self.size
+    }
+
+    fn all_reduce_sum(&mut self, data: Vec<f32>) -> Box<dyn PendingReduce> {
+        let Some(links) = self.links.clone() else {
+            return Box::new(TcpPending {
+                rank: self.rank,
+                job: None,
+                ready: Some(data),
+            });
+        };
+        let (rank, size) = (self.rank, self.size);
+        let job = std::thread::spawn(move || {
+            let mut links = links.lock().expect("links");
+            let (next, prev) = &mut *links;
+            ring_all_reduce(rank, size, next, prev, data)
+        });
+        Box::new(TcpPending {
+            rank,
+            job: Some(job),
+            ready: None,
+        })
+    }
+}
+
+impl PendingReduce for TcpPending {
+    fn wait(self: Box<Self>) -> Result<Vec<f32>, CollectiveError> {
+        if let Some(data) = self.ready {
+            return Ok(data);
+        }
+        let job = self.job.expect("a job or a result");
+        job.join()
+            .map_err(|_| CollectiveError {
+                rank: self.rank,
+                reason: "the reduction thread panicked".into(),
+            })?
+            .map_err(|e| CollectiveError {
+                rank: self.rank,
+                reason: format!("transport error: {e}"),
+            })
     }
 }
 
@@ -184,7 +359,7 @@ mod tests {
                             let pending = member.all_reduce_sum(data);
                             let busy: f32 = (0..100).map(|i| i as f32).sum();
                             assert!(busy > 0.0);
-                            results.push(pending.wait());
+                            results.push(pending.wait().unwrap());
                         }
                         results
                     })
@@ -201,6 +376,74 @@ mod tests {
                     }
                 }
             }
+        }
+    }
+
+    fn tcp_group(size: usize) -> Vec<std::thread::JoinHandle<TcpRank>> {
+        let listeners: Vec<std::net::TcpListener> = (0..size)
+            .map(|_| std::net::TcpListener::bind("127.0.0.1:0").unwrap())
+            .collect();
+        let peers: Vec<std::net::SocketAddr> =
+            listeners.iter().map(|l| l.local_addr().unwrap()).collect();
+        listeners
+            .into_iter()
+            .enumerate()
+            .map(|(rank, listener)| {
+                let peers = peers.clone();
+                std::thread::spawn(move || TcpRank::connect(rank, listener, &peers).unwrap())
+            })
+            .collect()
+    }
+
+    #[test]
+    fn tcp_ring_sums_like_the_thread_group() {
+        for size in [1usize, 2, 3, 4] {
+            let ranks: Vec<TcpRank> = tcp_group(size)
+                .into_iter()
+                .map(|h| h.join().unwrap())
+                .collect();
+            let handles: Vec<_> = ranks
+                .into_iter()
+                .map(|mut member| {
+                    std::thread::spawn(move || {
+                        let mut out = Vec::new();
+                        // Lengths below, at and above the group size, and a large one.
+                        for len in [1usize, 3, 5, 100_003] {
+                            let r = member.rank();
+                            let data: Vec<f32> =
+                                (0..len).map(|i| ((r + 1) * (i % 97)) as f32).collect();
+                            out.push(member.all_reduce_sum(data).wait().unwrap());
+                        }
+                        out
+                    })
+                })
+                .collect();
+            let total: usize = (1..=size).sum();
+            for h in handles {
+                for (got, len) in h.join().unwrap().iter().zip([1usize, 3, 5, 100_003]) {
+                    assert_eq!(got.len(), len);
+                    for (i, v) in got.iter().enumerate() {
+                        assert_eq!(
+                            *v,
+                            (total * (i % 97)) as f32,
+                            "size {size} len {len} at {i}"
+                        );
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn a_rank_that_goes_away_fails_the_reduction_instead_of_hanging() {
+        let mut ranks: Vec<TcpRank> = tcp_group(3)
+            .into_iter()
+            .map(|h| h.join().unwrap())
+            .collect();
+        drop(ranks.pop());
+        for mut member in ranks {
+            let err = member.all_reduce_sum(vec![1.0; 1000]).wait().unwrap_err();
+            assert!(err.to_string().contains("transport error"), "{err}");
         }
     }
 }

@@ -1,10 +1,10 @@
 //! Tensor parallelism: GatedMLP shards (gate/up column-parallel, down row-parallel) on
-//! threads, summed with the in-process all-reduce, equal the unsharded MLP; each rank holds
-//! 1/tp of its weights.
+//! threads, summed with the in-process all-reduce or the TCP ring, equal the unsharded MLP;
+//! each rank holds 1/tp of its weights.
 
 use std::path::PathBuf;
 
-use tideway_kernels::collective::{Collective, ThreadGroup};
+use tideway_kernels::collective::{Collective, TcpRank, ThreadGroup};
 use tideway_operators::checkpoint::Checkpoint;
 use tideway_operators::layers::mlp::{GatedMlp, default_intermediate};
 
@@ -25,11 +25,21 @@ fn mlp_shards_summed_across_threads_equal_the_whole_mlp() {
             .collect();
         let mut want = vec![0.0f32; m * hidden];
         whole.forward(&x, m, &mut want);
-        for tp in [2usize, 4] {
-            let group = ThreadGroup::new(tp);
-            let outputs: Vec<Vec<f32>> = std::thread::scope(|scope| {
-                let handles: Vec<_> = group
+        for (tp, tcp) in [(2usize, false), (4, false), (2, true), (4, true)] {
+            if !intermediate.is_multiple_of(tp) {
+                continue;
+            }
+            let members: Vec<Box<dyn Collective>> = if tcp {
+                tcp_members(tp)
+            } else {
+                ThreadGroup::new(tp)
                     .members()
+                    .into_iter()
+                    .map(|m| Box::new(m) as Box<dyn Collective>)
+                    .collect()
+            };
+            let outputs: Vec<Vec<f32>> = std::thread::scope(|scope| {
+                let handles: Vec<_> = members
                     .into_iter()
                     .map(|mut member| {
                         let (checkpoint, x) = (&checkpoint, &x);
@@ -46,7 +56,7 @@ fn mlp_shards_summed_across_threads_equal_the_whole_mlp() {
                             assert_eq!(shard.size_bytes() * tp, whole_size(hidden, intermediate));
                             let mut partial = vec![0.0f32; m * hidden];
                             shard.forward(x, m, &mut partial);
-                            member.all_reduce_sum(partial).wait()
+                            member.all_reduce_sum(partial).wait().unwrap()
                         })
                     })
                     .collect();
@@ -64,6 +74,27 @@ fn mlp_shards_summed_across_threads_equal_the_whole_mlp() {
             }
         }
     }
+}
+
+/// A TCP ring on loopback, one rank per member.
+fn tcp_members(size: usize) -> Vec<Box<dyn Collective>> {
+    let listeners: Vec<std::net::TcpListener> = (0..size)
+        .map(|_| std::net::TcpListener::bind("127.0.0.1:0").unwrap())
+        .collect();
+    let peers: Vec<std::net::SocketAddr> =
+        listeners.iter().map(|l| l.local_addr().unwrap()).collect();
+    let handles: Vec<_> = listeners
+        .into_iter()
+        .enumerate()
+        .map(|(rank, l)| {
+            let peers = peers.clone();
+            std::thread::spawn(move || TcpRank::connect(rank, l, &peers).unwrap())
+        })
+        .collect();
+    handles
+        .into_iter()
+        .map(|h| Box::new(h.join().unwrap()) as Box<dyn Collective>)
+        .collect()
 }
 
 /// Bytes of the whole MLP's three f32 weights.
