@@ -3,9 +3,11 @@
 //! `shared/SPEC-MODELS.md` §5).
 //!
 //! [`ThreadGroup`]: the ranks are threads of one process sharing memory. `all_reduce_sum`
-//! is a reduce-scatter then an all-gather over the ranks' posted buffers: rank r sums slice r
-//! of every buffer, then every rank copies every slice back, so each value is read once per
-//! rank and no rank does the whole sum.
+//! is a reduce-scatter then an all-gather over the ranks' posted (read-only) buffers: rank r
+//! sums slice r of every buffer and posts it, then every rank concatenates the summed slices,
+//! so no rank does the whole sum and no data sits behind a lock.
+//!
+//! [`TcpRank`]: ranks connected by TCP in a ring (processes on one machine or several).
 
 use std::sync::{Arc, Condvar, Mutex};
 
@@ -34,10 +36,10 @@ pub trait Collective: Send {
 }
 
 struct Round {
-    /// Posted buffers by rank, for the round in progress.
-    posted: Vec<Option<Arc<Mutex<Vec<f32>>>>>,
-    /// Ranks that have reduced their slice this round.
-    reduced: usize,
+    /// Posted buffers by rank, for the round in progress (read-only once posted).
+    posted: Vec<Option<Arc<Vec<f32>>>>,
+    /// Each rank's summed slice, once it has reduced it.
+    reduced: Vec<Option<Arc<Vec<f32>>>>,
     /// Ranks that have copied the result out this round.
     gathered: usize,
     generation: u64,
@@ -62,7 +64,7 @@ impl ThreadGroup {
                 size,
                 round: Mutex::new(Round {
                     posted: vec![None; size],
-                    reduced: 0,
+                    reduced: vec![None; size],
                     gathered: 0,
                     generation: 0,
                 }),
@@ -90,7 +92,7 @@ pub struct ThreadRank {
 struct ThreadPending {
     rank: usize,
     shared: Arc<Shared>,
-    buffer: Arc<Mutex<Vec<f32>>>,
+    len: usize,
 }
 
 impl Collective for ThreadRank {
@@ -103,69 +105,77 @@ impl Collective for ThreadRank {
     }
 
     fn all_reduce_sum(&mut self, data: Vec<f32>) -> Box<dyn PendingReduce> {
-        let buffer = Arc::new(Mutex::new(data));
+        let len = data.len();
         let mut round = self.shared.round.lock().expect("collective lock");
         // A rank may start the next reduction while others still gather the previous one.
         while round.posted[self.rank].is_some() {
             round = self.shared.changed.wait(round).expect("collective lock");
         }
-        round.posted[self.rank] = Some(buffer.clone());
+        round.posted[self.rank] = Some(Arc::new(data));
         self.shared.changed.notify_all();
         Box::new(ThreadPending {
             rank: self.rank,
             shared: self.shared.clone(),
-            buffer,
+            len,
         })
     }
 }
 
 impl PendingReduce for ThreadPending {
     fn wait(self: Box<Self>) -> Result<Vec<f32>, CollectiveError> {
-        let size = self.shared.size;
+        let (size, len) = (self.shared.size, self.len);
+        let slice = |r: usize| (r * len / size)..((r + 1) * len / size);
         let mut round = self.shared.round.lock().expect("collective lock");
         while round.posted.iter().any(Option::is_none) {
             round = self.shared.changed.wait(round).expect("collective lock");
         }
         let generation = round.generation;
-        let buffers: Vec<Arc<Mutex<Vec<f32>>>> = round
+        let buffers: Vec<Arc<Vec<f32>>> = round
             .posted
             .iter()
             .map(|b| b.clone().expect("all posted"))
             .collect();
         drop(round);
-        // Reduce-scatter: this rank sums its slice of every buffer into its own buffer.
-        let len = self.buffer.lock().expect("buffer").len();
-        let slice = |r: usize| (r * len / size)..((r + 1) * len / size);
+        // Reduce-scatter: this rank sums its slice of every (read-only) buffer.
         let mine = slice(self.rank);
         let mut sum = vec![0.0f32; mine.len()];
         for b in &buffers {
-            let b = b.lock().expect("buffer");
-            assert_eq!(b.len(), len, "ranks reduced buffers of different lengths");
+            if b.len() != len {
+                return Err(CollectiveError {
+                    rank: self.rank,
+                    reason: format!("ranks reduced buffers of {} and {len} values", b.len()),
+                });
+            }
             for (s, v) in sum.iter_mut().zip(&b[mine.clone()]) {
                 *s += v;
             }
         }
-        // Write the summed slice into every rank's buffer (the all-gather, pushed).
-        for b in &buffers {
-            b.lock().expect("buffer")[mine.clone()].copy_from_slice(&sum);
-        }
+        drop(buffers);
         let mut round = self.shared.round.lock().expect("collective lock");
-        round.reduced += 1;
+        round.reduced[self.rank] = Some(Arc::new(sum));
         self.shared.changed.notify_all();
-        while round.generation == generation && round.reduced < size {
+        while round.generation == generation && round.reduced.iter().any(Option::is_none) {
             round = self.shared.changed.wait(round).expect("collective lock");
         }
-        let result = self.buffer.lock().expect("buffer").clone();
-        if round.generation == generation {
-            round.gathered += 1;
-            if round.gathered == size {
-                // Everyone has its result: open the next round.
-                round.posted.iter_mut().for_each(|p| *p = None);
-                round.reduced = 0;
-                round.gathered = 0;
-                round.generation += 1;
-                self.shared.changed.notify_all();
-            }
+        let slices: Vec<Arc<Vec<f32>>> = round
+            .reduced
+            .iter()
+            .map(|s| s.clone().expect("all reduced"))
+            .collect();
+        round.gathered += 1;
+        if round.gathered == size {
+            // Everyone has the slices: open the next round.
+            round.posted.iter_mut().for_each(|p| *p = None);
+            round.reduced.iter_mut().for_each(|p| *p = None);
+            round.gathered = 0;
+            round.generation += 1;
+            self.shared.changed.notify_all();
+        }
+        drop(round);
+        // All-gather: the summed slices, concatenated.
+        let mut result = Vec::with_capacity(len);
+        for s in &slices {
+            result.extend_from_slice(s);
         }
         Ok(result)
     }
