@@ -97,8 +97,8 @@ impl Checkpoint {
         self.tensors.keys().map(String::as_str)
     }
 
-    /// The tensor `name` as f32, checked to have shape `expected`.
-    pub fn load(&self, name: &str, expected: &[usize]) -> Result<Weight, LoadError> {
+    /// The index entry of `name`, checked to have shape `expected`.
+    fn entry(&self, name: &str, expected: &[usize]) -> Result<&Entry, LoadError> {
         let entry = self
             .tensors
             .get(name)
@@ -113,6 +113,12 @@ impl Checkpoint {
                 found: entry.info.shape.clone(),
             });
         }
+        Ok(entry)
+    }
+
+    /// The tensor `name` as f32, checked to have shape `expected`.
+    pub fn load(&self, name: &str, expected: &[usize]) -> Result<Weight, LoadError> {
+        let entry = self.entry(name, expected)?;
         let (path, bytes, data_start) = &self.files[entry.file];
         let (begin, end) = entry.info.data_offsets;
         let offset = data_start + begin;
@@ -158,20 +164,7 @@ impl Checkpoint {
         rows: std::ops::Range<usize>,
         cols: std::ops::Range<usize>,
     ) -> Result<Weight, LoadError> {
-        let entry = self
-            .tensors
-            .get(name)
-            .ok_or_else(|| LoadError::MissingTensor {
-                name: name.to_string(),
-                dir: self.dir.clone(),
-            })?;
-        if entry.info.shape != full {
-            return Err(LoadError::ShapeMismatch {
-                name: name.to_string(),
-                expected: full.to_vec(),
-                found: entry.info.shape.clone(),
-            });
-        }
+        let entry = self.entry(name, &full)?;
         assert!(
             rows.end <= full[0] && cols.end <= full[1],
             "block outside the tensor"
