@@ -24,12 +24,22 @@ fn lmu_fixtures() -> Vec<PathBuf> {
 }
 
 fn run(model: &Path, input: &Path, extra: &[&str]) -> (PathBuf, std::process::Output) {
+    run_with(model, "--input", input, extra)
+}
+
+/// `tideway run --model MODEL FLAG FILE --out OUT EXTRA…` (FLAG: `--input` or `--audio`).
+fn run_with(
+    model: &Path,
+    flag: &str,
+    file: &Path,
+    extra: &[&str],
+) -> (PathBuf, std::process::Output) {
     let out = scratch_dir("lmu-run").join("out.safetensors");
     let output = tideway()
         .args(["run", "--model"])
         .arg(model)
-        .arg("--input")
-        .arg(input)
+        .arg(flag)
+        .arg(file)
         .arg("--out")
         .arg(&out)
         .args(extra)
@@ -244,17 +254,7 @@ fn run_audio_goes_from_a_wav_file_to_the_reference_outputs() {
     let want_features = fixtures_dir().join("audio/chirp_16k_s16.features.safetensors");
     let expected = dir.join("expected.safetensors");
     for mode in ["chunked", "recurrent"] {
-        let out = scratch_dir("lmu-audio").join("out.safetensors");
-        let output = tideway()
-            .args(["run", "--model"])
-            .arg(dir.join("checkpoint"))
-            .arg("--audio")
-            .arg(&wav)
-            .arg("--out")
-            .arg(&out)
-            .args(["--mode", mode])
-            .output()
-            .unwrap();
+        let (out, output) = run_with(&dir.join("checkpoint"), "--audio", &wav, &["--mode", mode]);
         assert!(output.status.success(), "{}", stderr(&output));
         let features = read_tensor(&out, "features");
         assert_eq!(features.shape, vec![128, 128]);
@@ -308,16 +308,7 @@ fn run_audio_goes_from_a_wav_file_to_the_reference_outputs() {
 }
 
 fn run_audio(model: &Path, wav: &Path) -> (PathBuf, std::process::Output) {
-    let out = scratch_dir("lmu-audio-bad").join("out.safetensors");
-    let output = tideway()
-        .args(["run", "--model"])
-        .arg(model)
-        .arg("--audio")
-        .arg(wav)
-        .arg("--out")
-        .arg(&out)
-        .output()
-        .unwrap();
+    let (out, output) = run_with(model, "--audio", wav, &[]);
     assert!(!output.status.success());
     (out, output)
 }

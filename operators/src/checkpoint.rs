@@ -116,18 +116,13 @@ impl Checkpoint {
         Ok(entry)
     }
 
-    /// The tensor `name` as f32, checked to have shape `expected`.
-    pub fn load(&self, name: &str, expected: &[usize]) -> Result<Weight, LoadError> {
+    /// The tensor `name`'s raw bytes and their element width, checked against its shape
+    /// `expected` and its dtype (F32, BF16, F16).
+    fn raw(&self, name: &str, expected: &[usize]) -> Result<(&Entry, &[u8], usize), LoadError> {
         let entry = self.entry(name, expected)?;
         let (path, bytes, data_start) = &self.files[entry.file];
         let (begin, end) = entry.info.data_offsets;
-        let offset = data_start + begin;
-        let raw = &(**bytes).as_ref()[offset..data_start + end];
-        let elements: usize = expected.iter().product();
-        let bad = |reason: String| LoadError::Safetensors {
-            path: path.clone(),
-            reason,
-        };
+        let raw = &(**bytes).as_ref()[data_start + begin..data_start + end];
         let width = match entry.info.dtype {
             Dtype::F32 => 4,
             Dtype::BF16 | Dtype::F16 => 2,
@@ -138,14 +133,30 @@ impl Checkpoint {
                 });
             }
         };
+        let elements: usize = expected.iter().product();
         if raw.len() != elements * width {
-            return Err(bad(format!(
-                "tensor {name:?} holds {} bytes, but shape {expected:?} in {:?} needs {}",
-                raw.len(),
-                entry.info.dtype,
-                elements * width
-            )));
+            return Err(LoadError::Safetensors {
+                path: path.clone(),
+                reason: format!(
+                    "tensor {name:?} holds {} bytes, but shape {expected:?} in {:?} needs {}",
+                    raw.len(),
+                    entry.info.dtype,
+                    elements * width
+                ),
+            });
         }
+        Ok((entry, raw, width))
+    }
+
+    /// The tensor `name` as f32, checked to have shape `expected`.
+    pub fn load(&self, name: &str, expected: &[usize]) -> Result<Weight, LoadError> {
+        let (entry, raw, _) = self.raw(name, expected)?;
+        let (path, bytes, data_start) = &self.files[entry.file];
+        let offset = data_start + entry.info.data_offsets.0;
+        let bad = |reason: String| LoadError::Safetensors {
+            path: path.clone(),
+            reason,
+        };
         let weight = match entry.info.dtype {
             Dtype::F32 => Weight::from_f32_bytes(bytes.clone(), offset, expected),
             Dtype::BF16 => Weight::from_bf16_bytes(raw, expected),
@@ -164,27 +175,14 @@ impl Checkpoint {
         rows: std::ops::Range<usize>,
         cols: std::ops::Range<usize>,
     ) -> Result<Weight, LoadError> {
-        let entry = self.entry(name, &full)?;
+        let (entry, all, width) = self.raw(name, &full)?;
         assert!(
             rows.end <= full[0] && cols.end <= full[1],
             "block outside the tensor"
         );
-        let width = match entry.info.dtype {
-            Dtype::F32 => 4,
-            Dtype::BF16 | Dtype::F16 => 2,
-            other => {
-                return Err(LoadError::UnsupportedDtype {
-                    name: name.to_string(),
-                    dtype: format!("{other:?}"),
-                });
-            }
-        };
-        let (_, bytes, data_start) = &self.files[entry.file];
-        let base = data_start + entry.info.data_offsets.0;
-        let all = (**bytes).as_ref();
         let mut raw = Vec::with_capacity(rows.len() * cols.len() * width);
         for r in rows.clone() {
-            let start = base + (r * full[1] + cols.start) * width;
+            let start = (r * full[1] + cols.start) * width;
             raw.extend_from_slice(&all[start..start + cols.len() * width]);
         }
         let shape = [rows.len(), cols.len()];

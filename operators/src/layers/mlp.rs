@@ -18,39 +18,14 @@ pub struct GatedMlp {
 impl GatedMlp {
     /// Loads `{prefix}gate_proj`, `up_proj`, `down_proj`. Checkpoints written before fla
     /// b48ca31d (2025-02) have no `up_proj` and a fused `gate_proj [2I, D]`: rows `[0, I)`
-    /// are the gate, `[I, 2I)` the up projection.
+    /// are the gate, `[I, 2I)` the up projection. (The whole MLP is its one shard.)
     pub fn load(
         checkpoint: &Checkpoint,
         prefix: &str,
         hidden: usize,
         intermediate: usize,
     ) -> Result<Self, LoadError> {
-        let name = |s: &str| format!("{prefix}{s}");
-        let (gate, up) = if checkpoint.contains(&name("up_proj.weight")) {
-            (
-                checkpoint.load_linear(&name("gate_proj.weight"), None, intermediate, hidden)?,
-                checkpoint.load_linear(&name("up_proj.weight"), None, intermediate, hidden)?,
-            )
-        } else {
-            let fused = checkpoint.load(&name("gate_proj.weight"), &[2 * intermediate, hidden])?;
-            let half = intermediate * hidden;
-            let split = |rows: &[f32]| {
-                let w = Weight::from_vec(rows.to_vec(), &[intermediate, hidden])
-                    .expect("half of the fused weight");
-                Linear::from_torch(&w, None).expect("2-D weight")
-            };
-            (
-                split(&fused.as_slice()[..half]),
-                split(&fused.as_slice()[half..]),
-            )
-        };
-        let down = checkpoint.load_linear(&name("down_proj.weight"), None, hidden, intermediate)?;
-        Ok(GatedMlp {
-            gate,
-            up,
-            down,
-            intermediate,
-        })
+        Self::load_shard(checkpoint, prefix, hidden, intermediate, 0, 1)
     }
 
     /// Rank `rank` of `tp` tensor-parallel shards (Megatron-style): the gate and up
@@ -118,6 +93,10 @@ impl GatedMlp {
             0..hidden,
             mine,
         )?);
+        // The layers hold their own copies: drop the file pages from resident memory.
+        for w in ["gate_proj.weight", "up_proj.weight", "down_proj.weight"] {
+            checkpoint.release(&name(w));
+        }
         Ok(GatedMlp {
             gate,
             up,

@@ -214,15 +214,19 @@ impl PatchEmbed {
                 false => {}
             }
         }
-        let mut branch = x.clone();
-        if !self.lifs.is_empty() {
+        // The rpe branch reads x itself (Tokenizer) or LIF(BN(x)) (Conv1d4EBMs).
+        let spiking_branch = (!self.lifs.is_empty()).then(|| {
+            let mut branch = x.clone();
             self.norms[3].apply(&mut branch.data);
             let mut m: Vec<&mut Membranes> = states.iter_mut().map(|s| &mut s.membranes).collect();
             self.lifs[3].fire(&mut m, &mut branch);
-        }
+            branch
+        });
         let mut windows: Vec<&mut ConvWindow> =
             states.iter_mut().map(|s| &mut s.windows[4]).collect();
-        let mut out = self.rpe.forward(&mut windows, &branch, ends);
+        let mut out = self
+            .rpe
+            .forward(&mut windows, spiking_branch.as_ref().unwrap_or(&x), ends);
         let mut held: Vec<&mut Option<Vec<f32>>> =
             states.iter_mut().map(|s| &mut s.residual).collect();
         let residual = delay_one_frame(&mut held, &x, ends);
@@ -344,12 +348,16 @@ impl Block {
         }
         // x += LMU(x)
         let mixer = &self.mixer;
-        let mut input = x.clone();
-        if let Some((bn, lif)) = &mixer.prev {
+        // SLMUMs feeds the cell LIF(BN(x)); LMU feeds it x itself.
+        let spikes = mixer.prev.as_ref().map(|(bn, lif)| {
+            let mut input = x.clone();
             bn.apply(&mut input.data);
             lif.fire(&mut membranes, &mut input);
-        }
-        let h = mixer.cell.forward(&input, &mut memories, &mut membranes);
+            input
+        });
+        let h = mixer
+            .cell
+            .forward(spikes.as_ref().unwrap_or(x), &mut memories, &mut membranes);
         let mut y = h.linear(&mixer.proj);
         mixer.proj_bn.apply(&mut y.data);
         add_into(x, &y);

@@ -107,14 +107,19 @@ fn float_values(
             )));
         }
     };
-    if values.len() != count {
+    check_count(input, values.len(), count)?;
+    Ok(values)
+}
+
+/// An input's values must be as many as its shape says.
+fn check_count(input: &InferInputTensor, found: usize, count: usize) -> Result<(), Status> {
+    if found != count {
         return Err(Status::invalid_argument(format!(
-            "input {name:?} holds {} values but its shape {:?} says {count}",
-            values.len(),
-            input.shape
+            "input {:?} holds {found} values but its shape {:?} says {count}",
+            input.name, input.shape
         )));
     }
-    Ok(values)
+    Ok(())
 }
 
 /// A feature model's request: `input` (FP32, [T, C] or [1, T, C]) or `audio` (FP32 or INT16,
@@ -282,13 +287,7 @@ fn input_ids(input: &InferInputTensor, raw: Option<&Vec<u8>>) -> Result<Vec<i64>
             )));
         }
     };
-    if ids.len() != count {
-        return Err(Status::invalid_argument(format!(
-            "input \"input_ids\" holds {} values but its shape {:?} says {count}",
-            ids.len(),
-            input.shape
-        )));
-    }
+    check_count(input, ids.len(), count)?;
     Ok(ids)
 }
 
