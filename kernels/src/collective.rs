@@ -9,6 +9,8 @@
 //!
 //! [`TcpRank`]: ranks connected by TCP in a ring (processes on one machine or several).
 
+use std::collections::HashMap;
+use std::sync::mpsc;
 use std::sync::{Arc, Condvar, Mutex};
 
 /// A collective that could not complete: a peer went away or the transport failed. The
@@ -29,25 +31,52 @@ pub trait PendingReduce: Send {
 pub trait Collective: Send {
     fn rank(&self) -> usize;
     fn size(&self) -> usize;
-    /// Starts summing `data` across the group; every rank must start the same sequence of
-    /// reductions with buffers of equal length, and wait for one before starting the next
-    /// (one reduction in flight per rank, as the ladder schedule needs).
+    /// Starts summing `data` across the group. Every rank must start the same sequence of
+    /// reductions with buffers of equal length; several may be in flight at once (the ladder
+    /// schedule keeps a block's output reducing while the next block reduces its own small
+    /// intermediate) and they may be waited in any order.
     fn all_reduce_sum(&mut self, data: Vec<f32>) -> Box<dyn PendingReduce>;
 }
 
+/// A group of one: every reduction is the buffer itself. The single-worker forward runs the
+/// same code as a tensor-parallel rank with this.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct Solo;
+
+struct Ready(Vec<f32>);
+
+impl PendingReduce for Ready {
+    fn wait(self: Box<Self>) -> Result<Vec<f32>, CollectiveError> {
+        Ok(self.0)
+    }
+}
+
+impl Collective for Solo {
+    fn rank(&self) -> usize {
+        0
+    }
+    fn size(&self) -> usize {
+        1
+    }
+    fn all_reduce_sum(&mut self, data: Vec<f32>) -> Box<dyn PendingReduce> {
+        Box::new(Ready(data))
+    }
+}
+
+/// One reduction of a [`ThreadGroup`], shared by its ranks until all have gathered it.
 struct Round {
-    /// Posted buffers by rank, for the round in progress (read-only once posted).
+    /// Posted buffers by rank (read-only once posted).
     posted: Vec<Option<Arc<Vec<f32>>>>,
     /// Each rank's summed slice, once it has reduced it.
     reduced: Vec<Option<Arc<Vec<f32>>>>,
-    /// Ranks that have copied the result out this round.
+    /// Ranks that have copied the result out.
     gathered: usize,
-    generation: u64,
 }
 
 struct Shared {
     size: usize,
-    round: Mutex<Round>,
+    /// Reductions in flight, by sequence number (each rank counts its own starts).
+    rounds: Mutex<HashMap<u64, Round>>,
     changed: Condvar,
 }
 
@@ -62,12 +91,7 @@ impl ThreadGroup {
         ThreadGroup {
             shared: Arc::new(Shared {
                 size,
-                round: Mutex::new(Round {
-                    posted: vec![None; size],
-                    reduced: vec![None; size],
-                    gathered: 0,
-                    generation: 0,
-                }),
+                rounds: Mutex::new(HashMap::new()),
                 changed: Condvar::new(),
             }),
         }
@@ -78,6 +102,7 @@ impl ThreadGroup {
             .map(|rank| ThreadRank {
                 rank,
                 shared: self.shared.clone(),
+                next_seq: 0,
             })
             .collect()
     }
@@ -87,10 +112,12 @@ impl ThreadGroup {
 pub struct ThreadRank {
     rank: usize,
     shared: Arc<Shared>,
+    next_seq: u64,
 }
 
 struct ThreadPending {
     rank: usize,
+    seq: u64,
     shared: Arc<Shared>,
     len: usize,
 }
@@ -105,16 +132,19 @@ impl Collective for ThreadRank {
     }
 
     fn all_reduce_sum(&mut self, data: Vec<f32>) -> Box<dyn PendingReduce> {
-        let len = data.len();
-        let mut round = self.shared.round.lock().expect("collective lock");
-        // A rank may start the next reduction while others still gather the previous one.
-        while round.posted[self.rank].is_some() {
-            round = self.shared.changed.wait(round).expect("collective lock");
-        }
+        let (len, seq, size) = (data.len(), self.next_seq, self.shared.size);
+        self.next_seq += 1;
+        let mut rounds = self.shared.rounds.lock().expect("collective lock");
+        let round = rounds.entry(seq).or_insert_with(|| Round {
+            posted: vec![None; size],
+            reduced: vec![None; size],
+            gathered: 0,
+        });
         round.posted[self.rank] = Some(Arc::new(data));
         self.shared.changed.notify_all();
         Box::new(ThreadPending {
             rank: self.rank,
+            seq,
             shared: self.shared.clone(),
             len,
         })
@@ -123,40 +153,41 @@ impl Collective for ThreadRank {
 
 impl PendingReduce for ThreadPending {
     fn wait(self: Box<Self>) -> Result<Vec<f32>, CollectiveError> {
-        let (size, len) = (self.shared.size, self.len);
+        let (size, len, seq) = (self.shared.size, self.len, self.seq);
         let slice = |r: usize| (r * len / size)..((r + 1) * len / size);
-        let mut round = self.shared.round.lock().expect("collective lock");
-        while round.posted.iter().any(Option::is_none) {
-            round = self.shared.changed.wait(round).expect("collective lock");
+        let all_posted =
+            |rounds: &HashMap<u64, Round>| rounds[&seq].posted.iter().all(Option::is_some);
+        let mut rounds = self.shared.rounds.lock().expect("collective lock");
+        while !all_posted(&rounds) {
+            rounds = self.shared.changed.wait(rounds).expect("collective lock");
         }
-        let generation = round.generation;
-        let buffers: Vec<Arc<Vec<f32>>> = round
+        let buffers: Vec<Arc<Vec<f32>>> = rounds[&seq]
             .posted
             .iter()
             .map(|b| b.clone().expect("all posted"))
             .collect();
-        drop(round);
+        drop(rounds);
         // Reduce-scatter: this rank sums its slice of every (read-only) buffer.
         let mine = slice(self.rank);
         let mut sum = vec![0.0f32; mine.len()];
+        let mut mismatch = None;
         for b in &buffers {
             if b.len() != len {
-                return Err(CollectiveError {
-                    rank: self.rank,
-                    reason: format!("ranks reduced buffers of {} and {len} values", b.len()),
-                });
+                mismatch = Some(b.len());
+                break;
             }
             for (s, v) in sum.iter_mut().zip(&b[mine.clone()]) {
                 *s += v;
             }
         }
         drop(buffers);
-        let mut round = self.shared.round.lock().expect("collective lock");
-        round.reduced[self.rank] = Some(Arc::new(sum));
+        let mut rounds = self.shared.rounds.lock().expect("collective lock");
+        rounds.get_mut(&seq).expect("round in flight").reduced[self.rank] = Some(Arc::new(sum));
         self.shared.changed.notify_all();
-        while round.generation == generation && round.reduced.iter().any(Option::is_none) {
-            round = self.shared.changed.wait(round).expect("collective lock");
+        while rounds[&seq].reduced.iter().any(Option::is_none) {
+            rounds = self.shared.changed.wait(rounds).expect("collective lock");
         }
+        let round = rounds.get_mut(&seq).expect("round in flight");
         let slices: Vec<Arc<Vec<f32>>> = round
             .reduced
             .iter()
@@ -164,14 +195,15 @@ impl PendingReduce for ThreadPending {
             .collect();
         round.gathered += 1;
         if round.gathered == size {
-            // Everyone has the slices: open the next round.
-            round.posted.iter_mut().for_each(|p| *p = None);
-            round.reduced.iter_mut().for_each(|p| *p = None);
-            round.gathered = 0;
-            round.generation += 1;
-            self.shared.changed.notify_all();
+            rounds.remove(&seq);
         }
-        drop(round);
+        drop(rounds);
+        if let Some(other) = mismatch {
+            return Err(CollectiveError {
+                rank: self.rank,
+                reason: format!("ranks reduced buffers of {other} and {len} values"),
+            });
+        }
         // All-gather: the summed slices, concatenated.
         let mut result = Vec::with_capacity(len);
         for s in &slices {
@@ -188,7 +220,15 @@ impl PendingReduce for ThreadPending {
 pub struct TcpRank {
     rank: usize,
     size: usize,
-    links: Option<std::sync::Arc<Mutex<(std::net::TcpStream, std::net::TcpStream)>>>,
+    /// Reductions for the helper thread, in start order (every rank starts them in the same
+    /// order, so the ring carries them in the same order); None for a group of one.
+    jobs: Option<mpsc::Sender<TcpJob>>,
+}
+
+/// One reduction queued for the helper thread, and where its result goes.
+struct TcpJob {
+    data: Vec<f32>,
+    reply: mpsc::Sender<Result<Vec<f32>, String>>,
 }
 
 impl TcpRank {
@@ -205,7 +245,7 @@ impl TcpRank {
             return Ok(TcpRank {
                 rank,
                 size,
-                links: None,
+                jobs: None,
             });
         }
         let next_addr = peers[(rank + 1) % size];
@@ -226,10 +266,33 @@ impl TcpRank {
         }
         // A peer that is alive but stuck must not hang the group forever either.
         prev.set_read_timeout(Some(std::time::Duration::from_secs(60)))?;
+        let (jobs, queue) = mpsc::channel::<TcpJob>();
+        std::thread::Builder::new()
+            .name(format!("tp-ring-{rank}"))
+            .spawn(move || {
+                let (mut next, mut prev) = (next, prev);
+                // After a transport error the ring is broken: every later reduction fails too.
+                let mut broken: Option<String> = None;
+                for job in queue {
+                    let result = match &broken {
+                        Some(reason) => Err(reason.clone()),
+                        None => ring_all_reduce(rank, size, &mut next, &mut prev, job.data)
+                            .map_err(|e| {
+                                let reason = format!("transport error: {e}");
+                                broken = Some(reason.clone());
+                                // Wake the neighbours instead of letting them time out.
+                                let _ = next.shutdown(std::net::Shutdown::Both);
+                                let _ = prev.shutdown(std::net::Shutdown::Both);
+                                reason
+                            }),
+                    };
+                    let _ = job.reply.send(result);
+                }
+            })?;
         Ok(TcpRank {
             rank,
             size,
-            links: Some(std::sync::Arc::new(Mutex::new((next, prev)))),
+            jobs: Some(jobs),
         })
     }
 }
@@ -294,8 +357,7 @@ fn ring_all_reduce(
 
 struct TcpPending {
     rank: usize,
-    job: Option<std::thread::JoinHandle<std::io::Result<Vec<f32>>>>,
-    ready: Option<Vec<f32>>,
+    reply: mpsc::Receiver<Result<Vec<f32>, String>>,
 }
 
 impl Collective for TcpRank {
@@ -308,42 +370,29 @@ impl Collective for TcpRank {
     }
 
     fn all_reduce_sum(&mut self, data: Vec<f32>) -> Box<dyn PendingReduce> {
-        let Some(links) = self.links.clone() else {
-            return Box::new(TcpPending {
-                rank: self.rank,
-                job: None,
-                ready: Some(data),
-            });
+        let Some(jobs) = &self.jobs else {
+            return Box::new(Ready(data));
         };
-        let (rank, size) = (self.rank, self.size);
-        let job = std::thread::spawn(move || {
-            let mut links = links.lock().expect("links");
-            let (next, prev) = &mut *links;
-            ring_all_reduce(rank, size, next, prev, data)
-        });
+        let (reply, result) = mpsc::channel();
+        // A send fails only if the helper thread is gone; the wait then reports it.
+        let _ = jobs.send(TcpJob { data, reply });
         Box::new(TcpPending {
-            rank,
-            job: Some(job),
-            ready: None,
+            rank: self.rank,
+            reply: result,
         })
     }
 }
 
 impl PendingReduce for TcpPending {
     fn wait(self: Box<Self>) -> Result<Vec<f32>, CollectiveError> {
-        if let Some(data) = self.ready {
-            return Ok(data);
+        let rank = self.rank;
+        match self.reply.recv() {
+            Ok(result) => result.map_err(|reason| CollectiveError { rank, reason }),
+            Err(_) => Err(CollectiveError {
+                rank,
+                reason: "the reduction thread has stopped".into(),
+            }),
         }
-        let job = self.job.expect("a job or a result");
-        job.join()
-            .map_err(|_| CollectiveError {
-                rank: self.rank,
-                reason: "the reduction thread panicked".into(),
-            })?
-            .map_err(|e| CollectiveError {
-                rank: self.rank,
-                reason: format!("transport error: {e}"),
-            })
     }
 }
 
@@ -440,6 +489,56 @@ mod tests {
                         );
                     }
                 }
+            }
+        }
+    }
+
+    /// The ladder pattern: a block's reduction stays in flight while the next one starts and
+    /// finishes a reduction of its own; results come back to the right handles.
+    #[test]
+    fn reductions_in_flight_together_resolve_to_their_own_sums() {
+        for tcp in [false, true] {
+            let size = 3;
+            let members: Vec<Box<dyn Collective>> = if tcp {
+                tcp_group(size)
+                    .into_iter()
+                    .map(|h| Box::new(h.join().unwrap()) as Box<dyn Collective>)
+                    .collect()
+            } else {
+                ThreadGroup::new(size)
+                    .members()
+                    .into_iter()
+                    .map(|m| Box::new(m) as Box<dyn Collective>)
+                    .collect()
+            };
+            let handles: Vec<_> = members
+                .into_iter()
+                .map(|mut member| {
+                    std::thread::spawn(move || {
+                        let r = member.rank() as f32;
+                        let mut outer = member.all_reduce_sum(vec![r; 10]);
+                        let mut got = Vec::new();
+                        for round in 0..4 {
+                            let inner = member.all_reduce_sum(vec![r * 10.0 + round as f32; 3]);
+                            got.push(inner.wait().unwrap());
+                            got.push(outer.wait().unwrap());
+                            outer = member.all_reduce_sum(vec![r + round as f32; 10]);
+                        }
+                        got.push(outer.wait().unwrap());
+                        got
+                    })
+                })
+                .collect();
+            for h in handles {
+                let got = h.join().unwrap();
+                // Sums over ranks 0, 1, 2.
+                assert_eq!(got[0], vec![30.0 + 0.0; 3], "tcp {tcp}");
+                assert_eq!(got[1], vec![3.0; 10]);
+                for round in 1..4 {
+                    assert_eq!(got[2 * round], vec![30.0 + 3.0 * round as f32; 3]);
+                    assert_eq!(got[2 * round + 1], vec![3.0 + 3.0 * (round - 1) as f32; 10]);
+                }
+                assert_eq!(got[8], vec![3.0 + 9.0; 10]);
             }
         }
     }

@@ -30,6 +30,32 @@ pub struct Checkpoint {
     /// The same maps as `files`, typed, for `release`.
     maps: Vec<Arc<Mmap>>,
     tensors: HashMap<String, Entry>,
+    /// Set for a tensor-parallel rank: `load` then returns the rank's slice of each split
+    /// tensor (see [`TensorShard`]).
+    shard: Option<TensorShard>,
+}
+
+/// How a tensor is divided among tensor-parallel ranks (Megatron-style).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Split {
+    /// Along the first dimension, in `segments` equal parts that are each divided among the
+    /// ranks: a column-parallel weight `[out, in]` (and its bias), or per-channel / per-head
+    /// parameters. `segments` > 1 for fused tensors (Mamba's `in_proj` holds x then z).
+    Rows { segments: usize },
+    /// Along the last dimension of a 2-D weight: a row-parallel `[out, in]` weight, whose
+    /// products are partial sums to be all-reduced.
+    Columns,
+    /// A row-parallel layer's bias: added once, so rank 0 holds it and the others zeros.
+    FirstRank,
+}
+
+/// Rank `rank` of `size`, and which tensors are split how (`None`: every rank holds the
+/// whole tensor).
+#[derive(Debug, Clone, Copy)]
+pub struct TensorShard {
+    pub rank: usize,
+    pub size: usize,
+    pub split: fn(&Checkpoint, &str) -> Option<Split>,
 }
 
 impl Checkpoint {
@@ -42,6 +68,7 @@ impl Checkpoint {
             files: Vec::new(),
             maps: Vec::new(),
             tensors: HashMap::new(),
+            shard: None,
         };
         for path in paths {
             let file = File::open(&path).map_err(|cause| LoadError::Io {
@@ -148,8 +175,25 @@ impl Checkpoint {
         Ok((entry, raw, width))
     }
 
-    /// The tensor `name` as f32, checked to have shape `expected`.
+    /// Makes `load` return rank `shard.rank`'s slices (pass None for whole tensors again).
+    pub fn set_shard(&mut self, shard: Option<TensorShard>) {
+        self.shard = shard;
+    }
+
+    pub fn shard(&self) -> Option<TensorShard> {
+        self.shard
+    }
+
+    /// The tensor `name` as f32, checked to have shape `expected`. On a tensor-parallel rank
+    /// (see [`set_shard`](Self::set_shard)) `expected` is the shape of the rank's slice, and
+    /// only that slice is read.
     pub fn load(&self, name: &str, expected: &[usize]) -> Result<Weight, LoadError> {
+        if let Some(shard) = self.shard
+            && shard.size > 1
+            && let Some(split) = (shard.split)(self, name)
+        {
+            return self.load_slice(name, expected, split, shard);
+        }
         let (entry, raw, _) = self.raw(name, expected)?;
         let (path, bytes, data_start) = &self.files[entry.file];
         let offset = data_start + entry.info.data_offsets.0;
@@ -165,38 +209,70 @@ impl Checkpoint {
         weight.map_err(|e| bad(format!("tensor {name:?}: {e}")))
     }
 
-    /// A block of a 2-D tensor `[rows, cols]` (checked to have shape `full`): rows `rows`,
-    /// columns `cols`, read straight from the mapped file (a tensor-parallel rank reads only
-    /// its shard; pages it does not touch are never read).
-    pub fn load_block(
+    /// Rank `shard.rank`'s slice (shape `expected`) of the tensor `name`, split as `split`,
+    /// read straight from the mapped file: pages of other ranks' slices are never touched.
+    fn load_slice(
         &self,
         name: &str,
-        full: [usize; 2],
-        rows: std::ops::Range<usize>,
-        cols: std::ops::Range<usize>,
+        expected: &[usize],
+        split: Split,
+        shard: TensorShard,
     ) -> Result<Weight, LoadError> {
-        let (entry, all, width) = self.raw(name, &full)?;
-        assert!(
-            rows.end <= full[0] && cols.end <= full[1],
-            "block outside the tensor"
-        );
-        let mut raw = Vec::with_capacity(rows.len() * cols.len() * width);
-        for r in rows.clone() {
-            let start = (r * full[1] + cols.start) * width;
-            raw.extend_from_slice(&all[start..start + cols.len() * width]);
+        let mut full = expected.to_vec();
+        match split {
+            Split::Rows { segments } if !full.is_empty() && full[0].is_multiple_of(segments) => {
+                full[0] *= shard.size
+            }
+            Split::Columns if full.len() == 2 => full[1] *= shard.size,
+            Split::FirstRank => {}
+            _ => {
+                return Err(LoadError::ShapeMismatch {
+                    name: name.to_string(),
+                    expected: expected.to_vec(),
+                    found: self.shape(name).map(<[usize]>::to_vec).unwrap_or_default(),
+                });
+            }
         }
-        let shape = [rows.len(), cols.len()];
+        let (entry, all, width) = self.raw(name, &full)?;
+        let elements: usize = expected.iter().product();
+        // Byte ranges of the slice, in order.
+        let mut ranges: Vec<std::ops::Range<usize>> = Vec::new();
+        match split {
+            Split::Rows { segments } => {
+                let row = full[1..].iter().product::<usize>() * width;
+                let (segment, part) = (full[0] / segments, expected[0] / segments);
+                for s in 0..segments {
+                    let first = s * segment + shard.rank * part;
+                    ranges.push(first * row..(first + part) * row);
+                }
+            }
+            Split::Columns => {
+                let (rows, cols) = (full[0], expected[1]);
+                for r in 0..rows {
+                    let start = (r * full[1] + shard.rank * cols) * width;
+                    ranges.push(start..start + cols * width);
+                }
+            }
+            Split::FirstRank if shard.rank == 0 => ranges.push(0..all.len()),
+            Split::FirstRank => {
+                return Ok(Weight::from_vec(vec![0.0; elements], expected).expect("sized"));
+            }
+        }
+        let mut raw = Vec::with_capacity(elements * width);
+        for range in ranges {
+            raw.extend_from_slice(&all[range]);
+        }
         let weight = match entry.info.dtype {
             Dtype::F32 => Weight::from_vec(
                 raw.chunks_exact(4)
                     .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
                     .collect(),
-                &shape,
+                expected,
             ),
-            Dtype::BF16 => Weight::from_bf16_bytes(&raw, &shape),
-            _ => Weight::from_f16_bytes(&raw, &shape),
+            Dtype::BF16 => Weight::from_bf16_bytes(&raw, expected),
+            _ => Weight::from_f16_bytes(&raw, expected),
         };
-        Ok(weight.expect("block sized above"))
+        Ok(weight.expect("slice sized above"))
     }
 
     /// A PyTorch `nn.Linear`: `weight` `[out, in]` and optionally `bias` `[out]`, prepared for

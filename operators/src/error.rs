@@ -64,3 +64,13 @@ pub enum InputError {
     #[error("the stream has ended; start a new one to send more frames")]
     Ended,
 }
+
+/// A forward pass that failed: bad input, or (on a tensor-parallel rank) a collective that
+/// could not complete because a peer or the transport failed.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum ForwardError {
+    #[error(transparent)]
+    Input(#[from] InputError),
+    #[error(transparent)]
+    Group(#[from] tideway_kernels::collective::CollectiveError),
+}

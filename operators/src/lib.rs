@@ -5,7 +5,8 @@
 //! - [`mixers`] — the sequence mixers, one module each (`mamba`), with a packed-batch forward
 //!   that serves both the chunked (prefill) and the recurrent (step) form;
 //! - [`models`] — whole models (embedding, blocks, head) and [`models::load_model`], which reads
-//!   `config.json` and picks the model.
+//!   `config.json` and picks the model;
+//! - [`tensor_parallel`] — tensor-parallel ranks and the Ladder Residual wiring.
 
 pub mod checkpoint;
 pub mod error;
@@ -14,6 +15,7 @@ pub mod mixers;
 pub mod models;
 pub mod spiking;
 pub mod state_dict;
+pub mod tensor_parallel;
 pub mod tokenizers;
 
-pub use error::{InputError, LoadError};
+pub use error::{ForwardError, InputError, LoadError};

@@ -5,7 +5,7 @@ use tideway_kernels::Weight;
 use tideway_kernels::activation::silu_mul_inplace;
 use tideway_kernels::matmul::{Linear, MatRef};
 
-use crate::checkpoint::Checkpoint;
+use crate::checkpoint::{Checkpoint, Split};
 use crate::error::LoadError;
 
 pub struct GatedMlp {
@@ -18,90 +18,43 @@ pub struct GatedMlp {
 impl GatedMlp {
     /// Loads `{prefix}gate_proj`, `up_proj`, `down_proj`. Checkpoints written before fla
     /// b48ca31d (2025-02) have no `up_proj` and a fused `gate_proj [2I, D]`: rows `[0, I)`
-    /// are the gate, `[I, 2I)` the up projection. (The whole MLP is its one shard.)
+    /// are the gate, `[I, 2I)` the up projection.
+    ///
+    /// On a tensor-parallel rank `intermediate` is the rank's share `I/tp`: gate and up are
+    /// column-parallel, down row-parallel ([`mlp_split`]), so `forward` gives a partial output
+    /// whose sum over the group is the whole MLP's.
     pub fn load(
         checkpoint: &Checkpoint,
         prefix: &str,
         hidden: usize,
         intermediate: usize,
     ) -> Result<Self, LoadError> {
-        Self::load_shard(checkpoint, prefix, hidden, intermediate, 0, 1)
-    }
-
-    /// Rank `rank` of `tp` tensor-parallel shards (Megatron-style): the gate and up
-    /// projections column-parallel (rows `[rank·I/tp, (rank+1)·I/tp)` of their `[I, D]`
-    /// weights), the down projection row-parallel (the same columns of its `[D, I]` weight).
-    /// A shard's `forward` gives a partial output; the sum over the group (an all-reduce) is
-    /// the full MLP's. Only the shard's blocks are read from the checkpoint.
-    pub fn load_shard(
-        checkpoint: &Checkpoint,
-        prefix: &str,
-        hidden: usize,
-        intermediate: usize,
-        rank: usize,
-        tp: usize,
-    ) -> Result<Self, LoadError> {
-        if tp == 0 || rank >= tp || !intermediate.is_multiple_of(tp) {
-            return Err(LoadError::Unsupported {
-                path: checkpoint.dir().to_path_buf(),
-                reason: format!(
-                    "the MLP width {intermediate} does not split into {tp} tensor-parallel shards (rank {rank})"
-                ),
-            });
-        }
         let name = |s: &str| format!("{prefix}{s}");
-        let part = intermediate / tp;
-        let mine = rank * part..(rank + 1) * part;
-        let linear = |w: Weight| Linear::from_torch(&w, None).expect("2-D weight");
         let (gate, up) = if checkpoint.contains(&name("up_proj.weight")) {
-            let full = [intermediate, hidden];
             (
-                linear(checkpoint.load_block(
-                    &name("gate_proj.weight"),
-                    full,
-                    mine.clone(),
-                    0..hidden,
-                )?),
-                linear(checkpoint.load_block(
-                    &name("up_proj.weight"),
-                    full,
-                    mine.clone(),
-                    0..hidden,
-                )?),
+                checkpoint.load_linear(&name("gate_proj.weight"), None, intermediate, hidden)?,
+                checkpoint.load_linear(&name("up_proj.weight"), None, intermediate, hidden)?,
             )
         } else {
-            let full = [2 * intermediate, hidden];
-            let up_rows = intermediate + mine.start..intermediate + mine.end;
-            (
-                linear(checkpoint.load_block(
-                    &name("gate_proj.weight"),
-                    full,
-                    mine.clone(),
-                    0..hidden,
-                )?),
-                linear(checkpoint.load_block(
-                    &name("gate_proj.weight"),
-                    full,
-                    up_rows,
-                    0..hidden,
-                )?),
-            )
+            let fused = checkpoint.load(&name("gate_proj.weight"), &[2 * intermediate, hidden])?;
+            let half = |rows: std::ops::Range<usize>| {
+                let w = Weight::from_vec(
+                    fused.as_slice()[rows.start * hidden..rows.end * hidden].to_vec(),
+                    &[rows.len(), hidden],
+                )
+                .expect("half of the fused weight");
+                Linear::from_torch(&w, None).expect("2-D weight")
+            };
+            let pair = (half(0..intermediate), half(intermediate..2 * intermediate));
+            drop(fused);
+            checkpoint.release(&name("gate_proj.weight"));
+            pair
         };
-        let down = linear(checkpoint.load_block(
-            &name("down_proj.weight"),
-            [hidden, intermediate],
-            0..hidden,
-            mine,
-        )?);
-        // The layers hold their own copies: drop the file pages from resident memory.
-        for w in ["gate_proj.weight", "up_proj.weight", "down_proj.weight"] {
-            checkpoint.release(&name(w));
-        }
         Ok(GatedMlp {
             gate,
             up,
-            down,
-            intermediate: part,
+            down: checkpoint.load_linear(&name("down_proj.weight"), None, hidden, intermediate)?,
+            intermediate,
         })
     }
 
@@ -119,6 +72,20 @@ impl GatedMlp {
         self.up.forward(MatRef::dense(x, m, d), &mut u);
         silu_mul_inplace(&mut g, &u);
         self.down.forward(MatRef::dense(&g, m, i), out);
+    }
+}
+
+/// How a tensor-parallel rank holds an MLP's weights (`name` relative to the MLP).
+pub fn mlp_split(checkpoint: &Checkpoint, prefix: &str, name: &str) -> Option<Split> {
+    match name {
+        "up_proj.weight" => Some(Split::Rows { segments: 1 }),
+        // The fused [gate; up] of older checkpoints: each rank takes its rows of both halves.
+        "gate_proj.weight" if checkpoint.contains(&format!("{prefix}up_proj.weight")) => {
+            Some(Split::Rows { segments: 1 })
+        }
+        "gate_proj.weight" => Some(Split::Rows { segments: 2 }),
+        "down_proj.weight" => Some(Split::Columns),
+        _ => None,
     }
 }
 

@@ -75,6 +75,9 @@ pub struct GlaConfig {
     pub norm_eps: f32,
     /// GLA's data-dependent key gate, or RetNet's fixed per-head decay with RoPE.
     pub decay: DecayKind,
+    /// The model's index of this mixer's first head (0; on a tensor-parallel rank, where its
+    /// heads start): RetNet's decay depends on it.
+    pub first_head: usize,
 }
 
 /// Where the log decay of the GLA family comes from.
@@ -238,7 +241,7 @@ impl GlaMixer {
                 }
                 (gk, kkd)
             }
-            None => (retention_log_decay(c.num_heads, dk), 0),
+            None => (retention_log_decay(c.first_head, c.num_heads, dk), 0),
         };
         if let Some(map) = c.feature_map {
             map.apply(&mut q);

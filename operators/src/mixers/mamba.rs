@@ -10,6 +10,11 @@
 //! out     = out_proj(y)
 //! ```
 //!
+//! On a tensor-parallel rank (`d_inner` is the rank's share of the channels, see
+//! [`mamba_split`]) `in_proj`, the conv, `dt_proj`, `A` and `D` hold the rank's channels;
+//! `x_proj` and `out_proj` are row-parallel: `[δ | B | C]` is all-reduced inside the mixer
+//! (it is small: `R + 2N` per row) and the output is a partial sum for the caller to reduce.
+//!
 //! One `forward` serves both forms: a prefill chunk is one long segment of rows, a decode
 //! step is a batch of one-row segments (one per session). The conv uses its one-step kernel
 //! for one-row segments; the scan kernel handles both.
@@ -22,8 +27,25 @@ use tideway_kernels::conv::{causal_conv1d_seq, causal_conv1d_step};
 use tideway_kernels::matmul::{Linear, MatRef};
 use tideway_kernels::scan::{ScanInputs, ScanSegment, SsmParams, selective_scan};
 
-use crate::checkpoint::Checkpoint;
+use tideway_kernels::collective::CollectiveError;
+
+use crate::checkpoint::{Checkpoint, Split};
 use crate::error::LoadError;
+use crate::tensor_parallel::Group;
+
+/// How a tensor-parallel rank holds a mixer's tensors (`name` relative to the mixer).
+pub fn mamba_split(name: &str) -> Option<Split> {
+    match name {
+        // [x | z]: each rank takes its channels of both halves.
+        "in_proj.weight" | "in_proj.bias" => Some(Split::Rows { segments: 2 }),
+        "conv1d.weight" | "conv1d.bias" | "dt_proj.weight" | "dt_proj.bias" | "A_log" | "D" => {
+            Some(Split::Rows { segments: 1 })
+        }
+        "x_proj.weight" | "out_proj.weight" => Some(Split::Columns),
+        "out_proj.bias" => Some(Split::FirstRank),
+        _ => None,
+    }
+}
 
 /// Shapes of one mixer.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -161,14 +183,15 @@ impl MambaMixer {
 
     /// Runs the mixer over the packed rows `u` (`[M, D]`): session `i` owns rows
     /// `segments[i]` (consecutive, in order) and continues from `states[i]`, which is updated.
-    /// Writes `out` (`[M, D]`).
+    /// Writes `out` (`[M, D]`; on a tensor-parallel rank, the rank's partial sum).
     pub fn forward(
         &self,
         u: &[f32],
         segments: &[Range<usize>],
         states: &mut [&mut MambaLayerState],
+        group: &mut Group<'_>,
         out: &mut [f32],
-    ) {
+    ) -> Result<(), CollectiveError> {
         let MambaMixerConfig {
             d_model,
             d_inner: e,
@@ -205,6 +228,7 @@ impl MambaMixer {
         let w = r + 2 * n;
         let mut dbc = vec![0.0f32; m * w];
         self.x_proj.forward(MatRef::dense(&xc, m, e), &mut dbc);
+        let dbc = group.all_reduce_sum(dbc)?;
         let mut delta = vec![0.0f32; m * e];
         self.dt_proj
             .forward(MatRef::columns(&dbc, m, w, 0, r), &mut delta);
@@ -240,5 +264,6 @@ impl MambaMixer {
 
         // 5. out = out_proj(y).
         self.out_proj.forward(MatRef::dense(&y, m, e), out);
+        Ok(())
     }
 }

@@ -3,13 +3,14 @@
 //! fixed per-head decay instead of the data-dependent key gate, and rotary q/k. This module
 //! holds the two pieces that are RetNet's own.
 
-/// The per-head log decay, `ln(1 − 2^{−5−h})` for head `h`, repeated over the `dk` key
-/// channels of each head (`[num_heads·dk]`; computed in f64 as fla's `torch.log(1 - 2**(...))`
-/// on a Python float, then rounded).
-pub fn retention_log_decay(num_heads: usize, dk: usize) -> Vec<f32> {
+/// The per-head log decay, `ln(1 − 2^{−5−h})` for heads `h = first_head ..` (a
+/// tensor-parallel rank holds heads from `first_head`), repeated over the `dk` key channels of
+/// each head (`[num_heads·dk]`; computed in f64 as fla's `torch.log(1 - 2**(...))` on a
+/// Python float, then rounded).
+pub fn retention_log_decay(first_head: usize, num_heads: usize, dk: usize) -> Vec<f32> {
     let mut gk = vec![0.0f32; num_heads * dk];
     for (h, row) in gk.chunks_mut(dk).enumerate() {
-        let gamma = 1.0 - 2f64.powi(-5 - h as i32);
+        let gamma = 1.0 - 2f64.powi(-5 - (first_head + h) as i32);
         row.fill(gamma.ln() as f32);
     }
     gk

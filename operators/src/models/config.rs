@@ -68,6 +68,11 @@ impl ConfigJson {
         self.root.get(key).is_some_and(|v| !v.is_null())
     }
 
+    /// The top-level value of `key`, unparsed (None when absent).
+    pub fn raw(&self, key: &str) -> Option<&Value> {
+        self.root.get(key)
+    }
+
     pub fn model_type(&self) -> Result<Option<&str>, LoadError> {
         match self.root.get("model_type") {
             None | Some(Value::Null) => Ok(None),

@@ -16,9 +16,9 @@ use tideway_kernels::Weight;
 use tideway_kernels::matmul::{Linear, MatRef};
 use tideway_kernels::norm::rms_norm;
 
-use crate::checkpoint::Checkpoint;
-use crate::error::{InputError, LoadError};
-use crate::layers::mlp::{GatedMlp, default_intermediate};
+use crate::checkpoint::{Checkpoint, Split};
+use crate::error::{ForwardError, InputError, LoadError};
+use crate::layers::mlp::{GatedMlp, default_intermediate, mlp_split};
 use crate::mixers::deltanet::{
     DeltaNetConfig, DeltaNetLayerState, DeltaNetMixer, QkActivation, QkNorm,
 };
@@ -31,6 +31,7 @@ use crate::mixers::linear_attn::{
 };
 use crate::models::config::ConfigJson;
 use crate::models::{check_token_ids, packed_segments};
+use crate::tensor_parallel::{Group, ResidualStream, ladder_layers, single, split_count};
 
 #[derive(Debug, Clone, PartialEq)]
 pub enum FlaMixerConfig {
@@ -50,6 +51,8 @@ pub struct FlaConfig {
     pub norm_eps: f32,
     pub tie_embeddings: bool,
     pub mixer: FlaMixerConfig,
+    /// Ladder-wired layers (`ladder_layers`, `shared/SPEC-MODELS.md` §5), one flag per layer.
+    pub ladder: Vec<bool>,
 }
 
 impl FlaConfig {
@@ -108,6 +111,7 @@ impl FlaConfig {
                     clamp_min: top.f64_opt("clamp_min")?.map(|v| v as f32),
                     norm_eps,
                     decay: DecayKind::KeyGate,
+                    first_head: 0,
                 })
             }
             "delta_net" => {
@@ -174,6 +178,7 @@ impl FlaConfig {
                     clamp_min: None,
                     norm_eps,
                     decay: DecayKind::Retention,
+                    first_head: 0,
                 })
             }
             "linear_attn" => {
@@ -235,10 +240,12 @@ impl FlaConfig {
                 });
             }
         };
+        let num_layers = top.usize_req("num_hidden_layers")?;
         Ok(FlaConfig {
             model_type,
             hidden_size: hidden,
-            num_layers: top.usize_req("num_hidden_layers")?,
+            num_layers,
+            ladder: ladder_layers(config, num_layers)?,
             vocab_size: top.usize_req("vocab_size")?,
             intermediate_size: top
                 .usize_opt("intermediate_size")?
@@ -247,6 +254,64 @@ impl FlaConfig {
             tie_embeddings: top.bool_opt("tie_word_embeddings")?.unwrap_or(false),
             mixer,
         })
+    }
+}
+
+impl FlaConfig {
+    /// The configuration of rank `rank` of `size` tensor-parallel ranks: each holds
+    /// `1/size` of the heads (and of the key/value heads) and of the MLP's width.
+    pub fn for_rank(
+        &self,
+        config: &ConfigJson,
+        rank: usize,
+        size: usize,
+    ) -> Result<Self, LoadError> {
+        let split = |what: &str, n: usize| split_count(config, what, n, size);
+        let mut c = self.clone();
+        c.intermediate_size = split("the MLP width (intermediate_size)", self.intermediate_size)?;
+        match &mut c.mixer {
+            FlaMixerConfig::Gla(m) => {
+                m.num_heads = split("num_heads", m.num_heads)?;
+                m.num_kv_heads = split("num_kv_heads", m.num_kv_heads)?;
+                m.first_head = rank * m.num_heads;
+            }
+            FlaMixerConfig::DeltaNet(m) => m.num_heads = split("num_heads", m.num_heads)?,
+            FlaMixerConfig::GatedDeltaNet(m) => {
+                m.num_heads = split("num_heads", m.num_heads)?;
+                m.num_v_heads = split("num_v_heads", m.num_v_heads)?;
+            }
+            FlaMixerConfig::LinearAttn(m) => {
+                m.num_heads = split("num_heads", m.num_heads)?;
+                m.num_kv_heads = split("num_kv_heads", m.num_kv_heads)?;
+            }
+        }
+        Ok(c)
+    }
+}
+
+/// How a tensor-parallel rank holds the model's tensors: heads split (their projections
+/// column-parallel, `o_proj` row-parallel), the MLP split, the rest whole.
+pub fn fla_lm_split(checkpoint: &Checkpoint, name: &str) -> Option<Split> {
+    let rest = name.strip_prefix("model.layers.")?.split_once('.')?.1;
+    if let Some(mlp) = rest.strip_prefix("mlp.") {
+        let prefix = &name[..name.len() - mlp.len()];
+        return mlp_split(checkpoint, prefix, mlp);
+    }
+    let attn = rest.strip_prefix("attn.")?;
+    let rows = Some(Split::Rows { segments: 1 });
+    match attn {
+        "o_proj.weight" => Some(Split::Columns),
+        "q_proj.weight" | "k_proj.weight" | "v_proj.weight" | "g_proj.weight" | "b_proj.weight"
+        | "a_proj.weight" | "A_log" | "dt_bias" | "gk_proj.1.weight" | "gk_proj.1.bias" => rows,
+        _ if ["q_conv1d.", "k_conv1d.", "v_conv1d."]
+            .iter()
+            .any(|c| attn.starts_with(c)) =>
+        {
+            rows
+        }
+        // Per-head-dim norms, the gate's low-rank input half, feature-map layers: shared by
+        // every head, so whole on every rank.
+        _ => None,
     }
 }
 
@@ -412,6 +477,21 @@ impl FlaLm {
         lens: &[usize],
         states: &mut [&mut FlaState],
     ) -> Result<Tensor, InputError> {
+        single(|group| self.forward_in_group(tokens, lens, states, group, true))
+            .map(|logits| logits.expect("logits were asked for"))
+    }
+
+    /// [`forward_packed`](Self::forward_packed) on one rank of a tensor-parallel group (see
+    /// `MambaLm::forward_in_group`): the attention and MLP outputs are partial sums,
+    /// all-reduced as the wiring says.
+    pub fn forward_in_group(
+        &self,
+        tokens: &[u32],
+        lens: &[usize],
+        states: &mut [&mut FlaState],
+        group: &mut Group<'_>,
+        logits: bool,
+    ) -> Result<Option<Tensor>, ForwardError> {
         let segments = packed_segments(tokens, lens, states.len(), self.config.vocab_size)?;
         let d = self.config.hidden_size;
         let m = tokens.len();
@@ -424,65 +504,82 @@ impl FlaLm {
             }
         }
         let eps = self.config.norm_eps;
+        let mut stream = ResidualStream::new(h);
         let mut normed = vec![0.0f32; m * d];
-        let mut delta = vec![0.0f32; m * d];
         for (i, block) in self.blocks.iter().enumerate() {
-            rms_norm(&h, d, block.attn_norm.as_slice(), eps, &mut normed);
+            let ladder = self.config.ladder[i];
+            rms_norm(
+                stream.read(ladder, group)?,
+                d,
+                block.attn_norm.as_slice(),
+                eps,
+                &mut normed,
+            );
+            let mut delta = vec![0.0f32; m * d];
+            fn layer_states<'s, T>(
+                states: &'s mut [&mut FlaState],
+                i: usize,
+                pick: fn(&mut FlaLayerState) -> Option<&mut T>,
+            ) -> Result<Vec<&'s mut T>, InputError> {
+                states
+                    .iter_mut()
+                    .map(|s| pick(&mut s.layers[i]).ok_or(InputError::WrongState))
+                    .collect()
+            }
             match &block.attn {
                 FlaMixer::Gla(mixer) => {
-                    let mut layer: Vec<&mut GlaLayerState> = states
-                        .iter_mut()
-                        .map(|s| match &mut s.layers[i] {
-                            FlaLayerState::Gla(l) => Ok(l),
-                            _ => Err(InputError::WrongState),
-                        })
-                        .collect::<Result<_, _>>()?;
+                    let mut layer = layer_states(states, i, |l| match l {
+                        FlaLayerState::Gla(l) => Some(l),
+                        _ => None,
+                    })?;
                     mixer.forward(&normed, &segments, &starts, &mut layer, &mut delta);
                 }
                 FlaMixer::DeltaNet(mixer) => {
-                    let mut layer: Vec<&mut DeltaNetLayerState> = states
-                        .iter_mut()
-                        .map(|s| match &mut s.layers[i] {
-                            FlaLayerState::DeltaNet(l) => Ok(l),
-                            _ => Err(InputError::WrongState),
-                        })
-                        .collect::<Result<_, _>>()?;
+                    let mut layer = layer_states(states, i, |l| match l {
+                        FlaLayerState::DeltaNet(l) => Some(l),
+                        _ => None,
+                    })?;
                     mixer.forward(&normed, &segments, &mut layer, &mut delta);
                 }
                 FlaMixer::GatedDeltaNet(mixer) => {
-                    let mut layer: Vec<&mut GatedDeltaNetLayerState> = states
-                        .iter_mut()
-                        .map(|s| match &mut s.layers[i] {
-                            FlaLayerState::GatedDeltaNet(l) => Ok(l),
-                            _ => Err(InputError::WrongState),
-                        })
-                        .collect::<Result<_, _>>()?;
+                    let mut layer = layer_states(states, i, |l| match l {
+                        FlaLayerState::GatedDeltaNet(l) => Some(l),
+                        _ => None,
+                    })?;
                     mixer.forward(&normed, &segments, &mut layer, &mut delta);
                 }
                 FlaMixer::LinearAttn(mixer) => {
-                    let mut layer: Vec<&mut LinearAttnLayerState> = states
-                        .iter_mut()
-                        .map(|s| match &mut s.layers[i] {
-                            FlaLayerState::LinearAttn(l) => Ok(l),
-                            _ => Err(InputError::WrongState),
-                        })
-                        .collect::<Result<_, _>>()?;
+                    let mut layer = layer_states(states, i, |l| match l {
+                        FlaLayerState::LinearAttn(l) => Some(l),
+                        _ => None,
+                    })?;
                     mixer.forward(&normed, &segments, &mut layer, &mut delta);
                 }
             }
-            h.iter_mut().zip(&delta).for_each(|(a, b)| *a += b);
-            rms_norm(&h, d, block.mlp_norm.as_slice(), eps, &mut normed);
+            stream.push(delta, ladder, group)?;
+            rms_norm(
+                stream.read(ladder, group)?,
+                d,
+                block.mlp_norm.as_slice(),
+                eps,
+                &mut normed,
+            );
+            let mut delta = vec![0.0f32; m * d];
             block.mlp.forward(&normed, m, &mut delta);
-            h.iter_mut().zip(&delta).for_each(|(a, b)| *a += b);
+            stream.push(delta, ladder, group)?;
+        }
+        let h = stream.finish(group)?;
+        for (state, len) in states.iter_mut().zip(lens) {
+            state.position += len;
+        }
+        if !logits {
+            return Ok(None);
         }
         rms_norm(&h, d, self.norm.as_slice(), eps, &mut normed);
         let mut logits = Tensor::zeros(&[m, self.logits_width()]);
         self.lm_head
             .forward(MatRef::dense(&normed, m, d), logits.data_mut());
-        for (state, len) in states.iter_mut().zip(lens) {
-            state.position += len;
-        }
-        Ok(logits)
+        Ok(Some(logits))
     }
 }
 

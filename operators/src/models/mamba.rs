@@ -19,11 +19,12 @@ use tideway_kernels::Weight;
 use tideway_kernels::matmul::{Linear, MatRef};
 use tideway_kernels::norm::rms_norm;
 
-use crate::checkpoint::Checkpoint;
-use crate::error::{InputError, LoadError};
-use crate::mixers::mamba::{MambaLayerState, MambaMixer, MambaMixerConfig};
+use crate::checkpoint::{Checkpoint, Split};
+use crate::error::{ForwardError, InputError, LoadError};
+use crate::mixers::mamba::{MambaLayerState, MambaMixer, MambaMixerConfig, mamba_split};
 use crate::models::config::ConfigJson;
 use crate::models::{check_token_ids, packed_segments, prefill_in_chunks};
+use crate::tensor_parallel::{Group, ResidualStream, ladder_layers, single, split_count};
 
 /// Rows per chunk when a long sequence is prefilled: bounds the activations of one pass
 /// (`chunk × 2E` floats per layer) while keeping the GEMMs large.
@@ -52,6 +53,8 @@ pub struct MambaConfig {
     pub mixer: MambaMixerConfig,
     /// Name of the embedding tensor in this checkpoint.
     pub embedding_name: String,
+    /// Ladder-wired layers (`ladder_layers`, `shared/SPEC-MODELS.md` §5), one flag per layer.
+    pub ladder: Vec<bool>,
 }
 
 impl MambaConfig {
@@ -85,10 +88,12 @@ impl MambaConfig {
                 let hidden = top.usize_req("hidden_size")?;
                 let expand = top.whole_opt("expand")?.unwrap_or(2);
                 let vocab = top.usize_req("vocab_size")?;
+                let num_layers = top.usize_req("num_hidden_layers")?;
                 Ok(MambaConfig {
                     layout,
                     hidden_size: hidden,
-                    num_layers: top.usize_req("num_hidden_layers")?,
+                    num_layers,
+                    ladder: ladder_layers(config, num_layers)?,
                     vocab_size: vocab,
                     padded_vocab_size: vocab,
                     norm_eps: top.f64_opt("layer_norm_epsilon")?.unwrap_or(1e-5) as f32,
@@ -134,10 +139,12 @@ impl MambaConfig {
                 let vocab = top.usize_req("vocab_size")?;
                 let multiple = top.usize_opt("pad_vocab_size_multiple")?.unwrap_or(8);
                 let expand = ssm.whole_opt("expand")?.unwrap_or(2);
+                let num_layers = top.usize_req("n_layer")?;
                 Ok(MambaConfig {
                     layout,
                     hidden_size: hidden,
-                    num_layers: top.usize_req("n_layer")?,
+                    num_layers,
+                    ladder: ladder_layers(config, num_layers)?,
                     vocab_size: vocab,
                     padded_vocab_size: vocab.div_ceil(multiple) * multiple,
                     norm_eps: 1e-5,
@@ -156,6 +163,27 @@ impl MambaConfig {
             }
         }
     }
+}
+
+impl MambaConfig {
+    /// The configuration of one of `size` tensor-parallel ranks: each holds `d_inner / size`
+    /// channels of every mixer.
+    pub fn for_rank(&self, config: &ConfigJson, size: usize) -> Result<Self, LoadError> {
+        let mut rank = self.clone();
+        rank.mixer.d_inner = split_count(
+            config,
+            "the mixer's channels (d_inner)",
+            self.mixer.d_inner,
+            size,
+        )?;
+        Ok(rank)
+    }
+}
+
+/// How a tensor-parallel rank holds the model's tensors: mixers sharded, the rest whole.
+pub fn mamba_lm_split(_: &Checkpoint, name: &str) -> Option<Split> {
+    let rest = name.strip_prefix("backbone.layers.")?.split_once('.')?.1;
+    mamba_split(rest.strip_prefix("mixer.")?)
 }
 
 /// One session's recurrent state: every layer's conv window and SSM state, and how many
@@ -302,6 +330,22 @@ impl MambaLm {
         lens: &[usize],
         states: &mut [&mut MambaState],
     ) -> Result<Tensor, InputError> {
+        single(|group| self.forward_in_group(tokens, lens, states, group, true))
+            .map(|logits| logits.expect("logits were asked for"))
+    }
+
+    /// [`forward_packed`](Self::forward_packed) on one rank of a tensor-parallel group (the
+    /// model loaded as that rank's shard): each mixer's partial output is all-reduced as the
+    /// wiring says. Every rank must run the same batches in the same order. Only ranks that
+    /// ask for `logits` run the head.
+    pub fn forward_in_group(
+        &self,
+        tokens: &[u32],
+        lens: &[usize],
+        states: &mut [&mut MambaState],
+        group: &mut Group<'_>,
+        logits: bool,
+    ) -> Result<Option<Tensor>, ForwardError> {
         let segments = packed_segments(tokens, lens, states.len(), self.config.vocab_size)?;
         let d = self.config.hidden_size;
         let m = tokens.len();
@@ -314,24 +358,32 @@ impl MambaLm {
                 None => self.lm_head.torch_weight_row(t as usize, row),
             }
         }
+        let mut stream = ResidualStream::new(residual);
         let mut normed = vec![0.0f32; m * d];
-        let mut mixed = vec![0.0f32; m * d];
         for (i, block) in self.blocks.iter().enumerate() {
+            let ladder = self.config.ladder[i];
+            let eps = self.config.norm_eps;
             rms_norm(
-                &residual,
+                stream.read(ladder, group)?,
                 d,
                 block.norm.as_slice(),
-                self.config.norm_eps,
+                eps,
                 &mut normed,
             );
             let mut layer_states: Vec<&mut MambaLayerState> =
                 states.iter_mut().map(|s| &mut s.layers[i]).collect();
+            let mut mixed = vec![0.0f32; m * d];
             block
                 .mixer
-                .forward(&normed, &segments, &mut layer_states, &mut mixed);
-            for (r, x) in residual.iter_mut().zip(&mixed) {
-                *r += x;
-            }
+                .forward(&normed, &segments, &mut layer_states, group, &mut mixed)?;
+            stream.push(mixed, ladder, group)?;
+        }
+        let residual = stream.finish(group)?;
+        for (state, len) in states.iter_mut().zip(lens) {
+            state.position += len;
+        }
+        if !logits {
+            return Ok(None);
         }
         rms_norm(
             &residual,
@@ -344,9 +396,6 @@ impl MambaLm {
         let mut logits = Tensor::zeros(&[m, width]);
         self.lm_head
             .forward(MatRef::dense(&normed, m, d), logits.data_mut());
-        for (state, len) in states.iter_mut().zip(lens) {
-            state.position += len;
-        }
-        Ok(logits)
+        Ok(Some(logits))
     }
 }

@@ -12,8 +12,9 @@ use std::path::Path;
 
 use tideway_kernels::Tensor;
 
-use crate::checkpoint::Checkpoint;
-use crate::error::{InputError, LoadError};
+use crate::checkpoint::{Checkpoint, TensorShard};
+use crate::error::{ForwardError, InputError, LoadError};
+use crate::tensor_parallel::Group;
 use config::ConfigJson;
 
 pub use fla::{FlaConfig, FlaLm, FlaState};
@@ -117,6 +118,22 @@ impl Model {
         lens: &[usize],
         states: &mut [&mut SessionState],
     ) -> Result<Tensor, InputError> {
+        crate::tensor_parallel::single(|group| {
+            self.forward_in_group(tokens, lens, states, group, true)
+        })
+        .map(|logits| logits.expect("logits were asked for"))
+    }
+
+    /// [`forward_packed`](Self::forward_packed) on one rank of a tensor-parallel group (the
+    /// model loaded by [`load_model_rank`]); only ranks that ask for `logits` get them.
+    pub fn forward_in_group(
+        &self,
+        tokens: &[u32],
+        lens: &[usize],
+        states: &mut [&mut SessionState],
+        group: &mut Group<'_>,
+        logits: bool,
+    ) -> Result<Option<Tensor>, ForwardError> {
         match self {
             Model::Mamba(m) => {
                 let mut inner = states
@@ -126,7 +143,7 @@ impl Model {
                         _ => Err(InputError::WrongState),
                     })
                     .collect::<Result<Vec<_>, _>>()?;
-                m.forward_packed(tokens, lens, &mut inner)
+                m.forward_in_group(tokens, lens, &mut inner, group, logits)
             }
             Model::Fla(m) => {
                 let mut inner = states
@@ -136,8 +153,16 @@ impl Model {
                         _ => Err(InputError::WrongState),
                     })
                     .collect::<Result<Vec<_>, _>>()?;
-                m.forward_packed(tokens, lens, &mut inner)
+                m.forward_in_group(tokens, lens, &mut inner, group, logits)
             }
+        }
+    }
+
+    /// Which layers are ladder-wired.
+    pub fn ladder_layers(&self) -> &[bool] {
+        match self {
+            Model::Mamba(m) => &m.config.ladder,
+            Model::Fla(m) => &m.config.ladder,
         }
     }
 
@@ -253,6 +278,13 @@ pub(crate) fn prefill_in_chunks(
 
 /// Loads the model in `dir` (`config.json` + `*.safetensors`).
 pub fn load_model(dir: &Path) -> Result<Model, LoadError> {
+    load_model_rank(dir, 0, 1)
+}
+
+/// Loads rank `rank`'s shard of the model in `dir` for a tensor-parallel group of `size`
+/// (`size` 1: the whole model). Only the rank's slices of split tensors are read.
+pub fn load_model_rank(dir: &Path, rank: usize, size: usize) -> Result<Model, LoadError> {
+    assert!(rank < size, "rank {rank} of a group of {size}");
     let config = ConfigJson::read(dir)?;
     match config.model_type()? {
         Some("mamba") => {}
@@ -263,8 +295,13 @@ pub fn load_model(dir: &Path) -> Result<Model, LoadError> {
             });
         }
         Some(t) if FLA_TYPES.contains(&t) => {
-            let fla = FlaConfig::from_config(&config)?;
-            let checkpoint = Checkpoint::open(dir)?;
+            let fla = FlaConfig::from_config(&config)?.for_rank(&config, rank, size)?;
+            let mut checkpoint = Checkpoint::open(dir)?;
+            checkpoint.set_shard(Some(TensorShard {
+                rank,
+                size,
+                split: fla::fla_lm_split,
+            }));
             return Ok(Model::Fla(FlaLm::load(fla, &checkpoint)?));
         }
         Some(other) => {
@@ -281,8 +318,13 @@ pub fn load_model(dir: &Path) -> Result<Model, LoadError> {
             ));
         }
     }
-    let checkpoint = Checkpoint::open(dir)?;
-    let mamba_config = MambaConfig::from_config(&config, &checkpoint)?;
+    let mut checkpoint = Checkpoint::open(dir)?;
+    let mamba_config = MambaConfig::from_config(&config, &checkpoint)?.for_rank(&config, size)?;
+    checkpoint.set_shard(Some(TensorShard {
+        rank,
+        size,
+        split: mamba::mamba_lm_split,
+    }));
     Ok(Model::Mamba(MambaLm::load(mamba_config, &checkpoint)?))
 }
 
