@@ -75,9 +75,16 @@ struct Round {
 
 struct Shared {
     size: usize,
-    /// Reductions in flight, by sequence number (each rank counts its own starts).
-    rounds: Mutex<HashMap<u64, Round>>,
+    rounds: Mutex<Rounds>,
     changed: Condvar,
+}
+
+struct Rounds {
+    /// Reductions in flight, by sequence number (each rank counts its own starts).
+    by_seq: HashMap<u64, Round>,
+    /// A rank whose handle was dropped (its thread ended or panicked): reductions that still
+    /// need it fail instead of waiting forever.
+    departed: Option<usize>,
 }
 
 /// A group of `size` ranks in one process; `members` hands out one handle per rank.
@@ -91,7 +98,10 @@ impl ThreadGroup {
         ThreadGroup {
             shared: Arc::new(Shared {
                 size,
-                rounds: Mutex::new(HashMap::new()),
+                rounds: Mutex::new(Rounds {
+                    by_seq: HashMap::new(),
+                    departed: None,
+                }),
                 changed: Condvar::new(),
             }),
         }
@@ -122,6 +132,16 @@ struct ThreadPending {
     len: usize,
 }
 
+impl Drop for ThreadRank {
+    fn drop(&mut self) {
+        // Poisoned only if another rank panicked inside the lock; nothing to tell then.
+        if let Ok(mut rounds) = self.shared.rounds.lock() {
+            rounds.departed.get_or_insert(self.rank);
+            self.shared.changed.notify_all();
+        }
+    }
+}
+
 impl Collective for ThreadRank {
     fn rank(&self) -> usize {
         self.rank
@@ -135,7 +155,7 @@ impl Collective for ThreadRank {
         let (len, seq, size) = (data.len(), self.next_seq, self.shared.size);
         self.next_seq += 1;
         let mut rounds = self.shared.rounds.lock().expect("collective lock");
-        let round = rounds.entry(seq).or_insert_with(|| Round {
+        let round = rounds.by_seq.entry(seq).or_insert_with(|| Round {
             posted: vec![None; size],
             reduced: vec![None; size],
             gathered: 0,
@@ -155,13 +175,20 @@ impl PendingReduce for ThreadPending {
     fn wait(self: Box<Self>) -> Result<Vec<f32>, CollectiveError> {
         let (size, len, seq) = (self.shared.size, self.len, self.seq);
         let slice = |r: usize| (r * len / size)..((r + 1) * len / size);
-        let all_posted =
-            |rounds: &HashMap<u64, Round>| rounds[&seq].posted.iter().all(Option::is_some);
+        let departed = |rounds: &Rounds| {
+            rounds.departed.map(|r| CollectiveError {
+                rank: self.rank,
+                reason: format!("rank {r} of the group has stopped"),
+            })
+        };
         let mut rounds = self.shared.rounds.lock().expect("collective lock");
-        while !all_posted(&rounds) {
+        while rounds.by_seq[&seq].posted.iter().any(Option::is_none) {
+            if let Some(e) = departed(&rounds) {
+                return Err(e);
+            }
             rounds = self.shared.changed.wait(rounds).expect("collective lock");
         }
-        let buffers: Vec<Arc<Vec<f32>>> = rounds[&seq]
+        let buffers: Vec<Arc<Vec<f32>>> = rounds.by_seq[&seq]
             .posted
             .iter()
             .map(|b| b.clone().expect("all posted"))
@@ -182,12 +209,19 @@ impl PendingReduce for ThreadPending {
         }
         drop(buffers);
         let mut rounds = self.shared.rounds.lock().expect("collective lock");
-        rounds.get_mut(&seq).expect("round in flight").reduced[self.rank] = Some(Arc::new(sum));
+        rounds
+            .by_seq
+            .get_mut(&seq)
+            .expect("round in flight")
+            .reduced[self.rank] = Some(Arc::new(sum));
         self.shared.changed.notify_all();
-        while rounds[&seq].reduced.iter().any(Option::is_none) {
+        while rounds.by_seq[&seq].reduced.iter().any(Option::is_none) {
+            if let Some(e) = departed(&rounds) {
+                return Err(e);
+            }
             rounds = self.shared.changed.wait(rounds).expect("collective lock");
         }
-        let round = rounds.get_mut(&seq).expect("round in flight");
+        let round = rounds.by_seq.get_mut(&seq).expect("round in flight");
         let slices: Vec<Arc<Vec<f32>>> = round
             .reduced
             .iter()
@@ -195,7 +229,7 @@ impl PendingReduce for ThreadPending {
             .collect();
         round.gathered += 1;
         if round.gathered == size {
-            rounds.remove(&seq);
+            rounds.by_seq.remove(&seq);
         }
         drop(rounds);
         if let Some(other) = mismatch {
@@ -278,7 +312,14 @@ impl TcpRank {
                         Some(reason) => Err(reason.clone()),
                         None => ring_all_reduce(rank, size, &mut next, &mut prev, job.data)
                             .map_err(|e| {
-                                let reason = format!("transport error: {e}");
+                                let reason = match e.kind() {
+                                    std::io::ErrorKind::UnexpectedEof
+                                    | std::io::ErrorKind::ConnectionReset
+                                    | std::io::ErrorKind::BrokenPipe => format!(
+                                        "transport error: a neighbouring rank closed its connection (it stopped or was killed): {e}"
+                                    ),
+                                    _ => format!("transport error: {e}"),
+                                };
                                 broken = Some(reason.clone());
                                 // Wake the neighbours instead of letting them time out.
                                 let _ = next.shutdown(std::net::Shutdown::Both);
@@ -540,6 +581,20 @@ mod tests {
                 }
                 assert_eq!(got[8], vec![3.0 + 9.0; 10]);
             }
+        }
+    }
+
+    #[test]
+    fn a_thread_rank_that_stops_fails_the_reduction_instead_of_hanging() {
+        let mut members = ThreadGroup::new(3).members();
+        let gone = members.pop().unwrap();
+        std::thread::spawn(move || drop(gone)).join().unwrap();
+        for mut member in members {
+            let err = member.all_reduce_sum(vec![1.0; 10]).wait().unwrap_err();
+            assert!(
+                err.to_string().contains("rank 2 of the group has stopped"),
+                "{err}"
+            );
         }
     }
 

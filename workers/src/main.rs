@@ -14,6 +14,7 @@ mod detect;
 mod devices;
 mod run;
 mod serve;
+mod tensor_parallel;
 
 use std::process::ExitCode;
 
@@ -48,6 +49,10 @@ enum Command {
     Demo(demo::DemoArgs),
     /// Stream a WAV file to a running server (`tideway serve`) and print what it detects.
     Stream(demo::StreamArgs),
+    /// One follower rank of a tensor-parallel group whose leader (`--tensor-parallel N
+    /// --tp-transport processes`) is another process; started by the leader on one machine,
+    /// or by hand on another host.
+    TpRank(tensor_parallel::RankArgs),
 }
 
 /// Keeps freed activation buffers in the heap instead of returning them to the kernel.
@@ -76,9 +81,16 @@ fn main() -> ExitCode {
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
         )
         .init();
-    let threads = cli
-        .threads
-        .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
+    // Tensor-parallel ranks started as processes share this machine's cores.
+    let processes = match &cli.command {
+        Command::Run(a) => a.parallel.local_processes(),
+        Command::Bench(a) => a.parallel.local_processes(),
+        Command::Serve(a) => a.parallel.local_processes(),
+        _ => 1,
+    };
+    let threads = cli.threads.unwrap_or_else(|| {
+        (std::thread::available_parallelism().map_or(1, |n| n.get()) / processes).max(1)
+    });
     if let Err(e) = rayon::ThreadPoolBuilder::new()
         .num_threads(threads)
         .build_global()
@@ -93,6 +105,7 @@ fn main() -> ExitCode {
         Command::Devices => devices::devices(threads),
         Command::Demo(args) => demo::demo(args),
         Command::Stream(args) => demo::stream(args),
+        Command::TpRank(args) => tensor_parallel::run_rank(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

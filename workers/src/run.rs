@@ -9,11 +9,13 @@ use safetensors::tensor::{Dtype, TensorView};
 use tideway_kernels::Tensor;
 use tideway_operators::InputError;
 use tideway_operators::layers::frames::Frames;
-use tideway_operators::models::{Model, is_lmuformer, load_lmuformer, load_model};
+use tideway_operators::models::{is_lmuformer, load_lmuformer};
 use tideway_operators::tokenizers::Frontend;
 use tideway_operators::tokenizers::audio::read_wav;
 use tideway_operators::tokenizers::sensor::SensorStream;
 use tideway_operators::tokenizers::text::TextTokenizer;
+
+use crate::tensor_parallel::{LanguageModel, ParallelArgs};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
 pub enum Mode {
@@ -58,6 +60,8 @@ pub struct RunArgs {
     /// Tokens per chunk in chunked mode.
     #[arg(long, default_value_t = tideway_operators::models::mamba::DEFAULT_PREFILL_CHUNK)]
     chunk: usize,
+    #[command(flatten)]
+    pub parallel: ParallelArgs,
 }
 
 pub fn run(args: RunArgs) -> Result<()> {
@@ -67,6 +71,12 @@ pub fn run(args: RunArgs) -> Result<()> {
     let feature_model = is_lmuformer(&args.model)
         .with_context(|| format!("cannot load model from {}", args.model.display()))?;
     if feature_model {
+        if args.parallel.tensor_parallel > 1 {
+            bail!(
+                "{} is a feature model (LMUFormer), which runs whole: --tensor-parallel splits language models",
+                args.model.display()
+            );
+        }
         return run_features(&args);
     }
     if args.tokens.is_none() && args.text.is_none() {
@@ -75,8 +85,7 @@ pub fn run(args: RunArgs) -> Result<()> {
             args.model.display()
         );
     }
-    let model = load_model(&args.model)
-        .with_context(|| format!("cannot load model from {}", args.model.display()))?;
+    let model = LanguageModel::load(&args.model, &args.parallel)?;
     let tokens = match (&args.tokens, &args.text) {
         (Some(tokens), _) => parse_tokens(tokens, model.vocab_size())?,
         (None, Some(text)) => {
@@ -160,13 +169,13 @@ impl Progress {
     }
 }
 
-fn run_chunked(lm: &Model, tokens: &[u32], chunk: usize) -> Result<Tensor> {
+fn run_chunked(lm: &LanguageModel, tokens: &[u32], chunk: usize) -> Result<Tensor> {
     let mut state = lm.new_state();
     let mut progress = Progress::new(tokens.len());
     Ok(lm.prefill_chunked_with_progress(tokens, &mut state, chunk, |d, t| progress.update(d, t))?)
 }
 
-fn run_recurrent(lm: &Model, tokens: &[u32]) -> Result<Tensor> {
+fn run_recurrent(lm: &LanguageModel, tokens: &[u32]) -> Result<Tensor> {
     let mut state = lm.new_state();
     let mut progress = Progress::new(tokens.len());
     let mut logits = Tensor::zeros(&[0, lm.output_width()]);

@@ -166,6 +166,17 @@ impl Model {
         }
     }
 
+    /// Rewires the model: `ladder[i]` for layer `i` (the same weights with a different
+    /// residual wiring, a different function; for measuring the wiring's speed).
+    pub fn set_ladder_layers(&mut self, ladder: Vec<bool>) {
+        let (config_ladder, layers) = match self {
+            Model::Mamba(m) => (&mut m.config.ladder, m.config.num_layers),
+            Model::Fla(m) => (&mut m.config.ladder, m.config.num_layers),
+        };
+        assert_eq!(ladder.len(), layers, "one flag per layer");
+        *config_ladder = ladder;
+    }
+
     /// The recurrent form: one token for each session.
     pub fn step(
         &self,

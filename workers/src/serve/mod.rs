@@ -22,13 +22,13 @@ use clap::Args;
 use tokio_stream::wrappers::TcpListenerStream;
 use tonic::codec::CompressionEncoding;
 
-use tideway_operators::models::load_model;
 use tideway_proto::inference::grpc_inference_service_server::GrpcInferenceServiceServer;
 use tideway_proto::tideway::v1::admin_server::AdminServer;
 use tideway_proto::tideway::v1::jobs_server::JobsServer;
 use tideway_proto::tideway::v1::models_server::ModelsServer;
 use tideway_proto::tideway::v1::streams_server::StreamsServer;
 
+use crate::tensor_parallel::{LanguageModel, ParallelArgs};
 use engine::{Engine, RuntimeConfig};
 use sessions::{ServedKind, ServedModel};
 use tideway_operators::models::{is_lmuformer, load_lmuformer};
@@ -71,6 +71,8 @@ pub struct ServeArgs {
     /// Largest gRPC message accepted or sent, in bytes.
     #[arg(long, default_value_t = 256 << 20)]
     max_message_bytes: usize,
+    #[command(flatten)]
+    pub parallel: ParallelArgs,
     /// Serialise records exchanged between workers of this process as a cluster would
     /// (exercises the wire format on one machine).
     #[arg(long, hide = true)]
@@ -100,14 +102,18 @@ pub fn serve(args: ServeArgs) -> Result<()> {
     if args.models.is_empty() {
         // No --model: the embedded default (the keyword spotter of `tideway demo`).
         let dir = crate::default_model::materialize()?;
-        models.push(load_served(crate::default_model::NAME.to_string(), &dir)?);
+        models.push(load_served(
+            crate::default_model::NAME.to_string(),
+            &dir,
+            &args.parallel,
+        )?);
     }
     for arg in &args.models {
         let (name, dir) = parse_model_arg(arg)?;
         if models.iter().any(|m: &ServedModel| m.name == name) {
             bail!("two models are named {name:?}: name them with NAME=DIR");
         }
-        models.push(load_served(name, &dir)?);
+        models.push(load_served(name, &dir, &args.parallel)?);
     }
     let (hosts, process) = match (&args.hosts, args.process) {
         (Some(file), Some(process)) => {
@@ -190,22 +196,31 @@ pub fn serve(args: ServeArgs) -> Result<()> {
     result
 }
 
-/// Loads one model to serve: a feature model (LMUFormer) or a language model with the
-/// `tokenizer.json` beside it, if any.
-fn load_served(name: String, dir: &std::path::Path) -> Result<ServedModel> {
+/// Loads one model to serve: a feature model (LMUFormer) or a language model (split over a
+/// tensor-parallel group with `--tensor-parallel`) with the `tokenizer.json` beside it, if any.
+fn load_served(
+    name: String,
+    dir: &std::path::Path,
+    parallel: &ParallelArgs,
+) -> Result<ServedModel> {
     let context = || format!("cannot load model {name:?} from {}", dir.display());
     let kind = if is_lmuformer(dir).with_context(context)? {
+        // Feature models are small and run whole on every worker.
         ServedKind::Features(Box::new(load_lmuformer(dir).with_context(context)?))
     } else {
         ServedKind::Language {
-            model: Box::new(load_model(dir).with_context(context)?),
+            model: Box::new(LanguageModel::load(dir, parallel).with_context(context)?),
             tokenizer: TextTokenizer::find(dir)
                 .with_context(context)?
                 .map(Box::new),
         }
     };
     let served = ServedModel { name, kind };
-    tracing::info!(model = %served.name, dir = %dir.display(), family = served.family(), "loaded");
+    let ranks = match &served.kind {
+        ServedKind::Language { model, .. } => model.ranks(),
+        ServedKind::Features(_) => 1,
+    };
+    tracing::info!(model = %served.name, dir = %dir.display(), family = served.family(), tensor_parallel = ranks, "loaded");
     Ok(served)
 }
 
@@ -215,7 +230,7 @@ fn load_served(name: String, dir: &std::path::Path) -> Result<ServedModel> {
 pub fn start_in_process(models: Vec<(String, PathBuf)>, workers: usize) -> Result<SocketAddr> {
     let served = models
         .into_iter()
-        .map(|(name, dir)| load_served(name, &dir))
+        .map(|(name, dir)| load_served(name, &dir, &ParallelArgs::default()))
         .collect::<Result<Vec<_>>>()?;
     let config = RuntimeConfig {
         threads: workers.max(1),

@@ -14,20 +14,22 @@ use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
+use tideway_operators::ForwardError;
 use tideway_operators::layers::frames::Frames;
-use tideway_operators::models::{LmuFormer, LmuFormerState, Model, SessionState};
+use tideway_operators::models::{LmuFormer, LmuFormerState};
 use tideway_operators::tokenizers::Frontend;
 use tideway_operators::tokenizers::audio::AudioStream;
 use tideway_operators::tokenizers::sensor::SensorStream;
 use tideway_operators::tokenizers::text::{TextStream, TextTokenizer};
 
 use super::messages::{Op, OpError, Reply, Request, Response, SessionEvent, SessionKey, StepInput};
+use crate::tensor_parallel::{LanguageModel, LmState};
 
 /// What a served model is: a language model (token ids in, logits out; text too with a
 /// tokenizer), or a feature model (feature, audio or sensor frames in, per-frame outputs).
 pub enum ServedKind {
     Language {
-        model: Box<Model>,
+        model: Box<LanguageModel>,
         tokenizer: Option<Box<TextTokenizer>>,
     },
     Features(Box<LmuFormer>),
@@ -177,7 +179,7 @@ impl ServedModel {
 /// One session's state: the model's recurrent state and its front end's carry-over.
 enum SessionData {
     Language {
-        state: SessionState,
+        state: LmState,
         text: TextStream,
     },
     Features {
@@ -443,7 +445,7 @@ impl SessionTable {
                 .map(|s| s.session.state.position() as u64)
                 .collect();
             let width = served.width();
-            let result: Result<(Vec<f32>, Vec<usize>), String> = match &served.kind {
+            let result: Result<(Vec<f32>, Vec<usize>), OpError> = match &served.kind {
                 ServedKind::Language { model: lm, .. } => {
                     let tokens: Vec<u32> = batch
                         .iter()
@@ -459,7 +461,7 @@ impl SessionTable {
                             Work::Features(_) => 0,
                         })
                         .collect();
-                    let mut states: Vec<&mut SessionState> = batch
+                    let mut states: Vec<&mut LmState> = batch
                         .iter_mut()
                         .filter_map(|s| match &mut s.session.state {
                             SessionData::Language { state, .. } => Some(state),
@@ -469,7 +471,11 @@ impl SessionTable {
                     self.tokens_processed += tokens.len() as u64;
                     lm.forward_packed(&tokens, &lens, &mut states)
                         .map(|logits| (logits.into_vec(), lens))
-                        .map_err(|e| e.to_string())
+                        .map_err(|e| match e {
+                            ForwardError::Input(e) => OpError::Input(e.to_string()),
+                            // A tensor-parallel rank or its transport failed.
+                            ForwardError::Group(e) => OpError::Unavailable(e.to_string()),
+                        })
                 }
                 ServedKind::Features(m) => {
                     let c = m.in_channels();
@@ -497,7 +503,7 @@ impl SessionTable {
                     self.tokens_processed += input.rows() as u64;
                     m.forward(&mut states, &input, &ends)
                         .map(|out| (out.data, out.counts))
-                        .map_err(|e| e.to_string())
+                        .map_err(|e| OpError::Input(e.to_string()))
                 }
             };
             let state_bytes = served.state_bytes() as u64;
@@ -521,7 +527,7 @@ impl SessionTable {
                 }
                 Err(e) => {
                     for step in batch {
-                        step.reply = Some(Err(OpError::Input(e.clone())));
+                        step.reply = Some(Err(e.clone()));
                     }
                 }
             }
