@@ -246,3 +246,58 @@ mod serving {
         drop(server);
     }
 }
+
+/// A group whose rank 1 is started by hand (as on another host): `--tp-transport external`.
+#[test]
+fn ranks_started_by_hand_join_the_leader_at_its_control_address() {
+    let dir = fixtures_dir().join("fla/gla_legacy_fused_mlp");
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let control = format!("127.0.0.1:{port}");
+    let expected = dir.join("expected.safetensors");
+    let ids = read_tensor(&expected, "input_ids").values;
+    let tokens = ids
+        .iter()
+        .map(|v| (*v as u64).to_string())
+        .collect::<Vec<_>>()
+        .join(",");
+    let out = scratch_dir("tp-external").join("out.safetensors");
+    // The rank first: it waits for its leader.
+    let mut rank = tideway()
+        .args([
+            "tp-rank", "--leader", &control, "--rank", "1", "--size", "2", "--model",
+        ])
+        .arg(&dir)
+        .spawn()
+        .unwrap();
+    let leader = tideway()
+        .args(["run", "--model"])
+        .arg(&dir)
+        .args(["--tokens", &tokens, "--out"])
+        .arg(&out)
+        .args([
+            "--tensor-parallel",
+            "2",
+            "--tp-transport",
+            "external",
+            "--tp-control",
+            &control,
+        ])
+        .output()
+        .unwrap();
+    assert!(leader.status.success(), "{}", stderr(&leader));
+    assert!(
+        stderr(&leader).contains("waiting for ranks 1..2"),
+        "{}",
+        stderr(&leader)
+    );
+    // The leader's end shuts the rank down.
+    assert!(rank.wait().unwrap().success());
+    let got = read_tensor(&out, "logits");
+    let want = read_tensor(&expected, "logits");
+    let rel = relative_error(&got.values, &want.values);
+    assert!(rel <= 1e-4, "relative error {rel:.3e}");
+}

@@ -12,7 +12,8 @@
 //! - [`conv`] — causal depthwise conv1d over a sequence or one step over a rolling window;
 //! - [`scan`] — the Mamba selective-scan recurrence over packed batches of sessions;
 //! - [`cpu`] — what the CPU offers the kernels (threads, SIMD level);
-//! - `cuda` (feature `cuda`): CUDA devices through cudarc.
+//! - [`collective`] — all-reduce across a tensor-parallel group (threads, TCP ring);
+//! - `cuda` (feature `cuda`): CUDA devices through cudarc; `nccl`: the all-reduce over NCCL.
 
 pub mod activation;
 pub mod collective;
@@ -24,6 +25,8 @@ pub mod delta_rule;
 pub mod expm;
 pub mod linear_attention;
 pub mod matmul;
+#[cfg(feature = "cuda")]
+pub mod nccl;
 pub mod norm;
 pub mod scan;
 mod simd;

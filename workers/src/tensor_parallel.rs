@@ -35,6 +35,9 @@ pub enum Transport {
     Threads,
     /// `tideway tp-rank` processes on this machine, all-reducing over a TCP ring on loopback.
     Processes,
+    /// Ranks started by hand (`tideway tp-rank --leader ADDR`, on this or other hosts) that
+    /// join this process at `--tp-control`; a TCP ring between the hosts.
+    External,
 }
 
 /// The residual wiring a model runs with.
@@ -84,6 +87,10 @@ pub struct ParallelArgs {
     /// Where the ranks run.
     #[arg(long, value_enum, default_value = "threads")]
     pub tp_transport: Transport,
+    /// With `--tp-transport external`: the address ranks 1.. join at (port 0: any free port,
+    /// printed).
+    #[arg(long, default_value = "0.0.0.0:0")]
+    pub tp_control: SocketAddr,
 }
 
 impl ParallelArgs {
@@ -92,7 +99,7 @@ impl ParallelArgs {
     pub fn local_processes(&self) -> usize {
         match self.tp_transport {
             Transport::Processes => self.tensor_parallel.max(1),
-            Transport::Threads => 1,
+            Transport::Threads | Transport::External => 1,
         }
     }
 }
@@ -102,6 +109,7 @@ impl Default for ParallelArgs {
         ParallelArgs {
             tensor_parallel: 1,
             tp_transport: Transport::Threads,
+            tp_control: SocketAddr::from(([0, 0, 0, 0], 0)),
         }
     }
 }
@@ -172,8 +180,7 @@ impl LanguageModel {
                 load_rank(dir, 0, 1, wiring).with_context(context)?,
             ))),
             size => Ok(LanguageModel::Parallel(Box::new(
-                ParallelModel::start(dir, size, parallel.tp_transport, wiring)
-                    .with_context(context)?,
+                ParallelModel::start(dir, size, parallel, wiring).with_context(context)?,
             ))),
         }
     }
@@ -445,12 +452,28 @@ pub struct ParallelModel {
 }
 
 impl ParallelModel {
-    pub fn start(dir: &Path, size: usize, transport: Transport, wiring: Wiring) -> Result<Self> {
+    pub fn start(dir: &Path, size: usize, parallel: &ParallelArgs, wiring: Wiring) -> Result<Self> {
         // Check the split before starting anything (clear errors from rank 0's loader).
         let leader = load_rank(dir, 0, size, wiring)?;
-        let (collective, followers) = match transport {
+        let (collective, followers) = match parallel.tp_transport {
             Transport::Threads => start_threads(dir, size, wiring)?,
             Transport::Processes => spawn_processes(dir, size, wiring)?,
+            Transport::External => {
+                let control = TcpListener::bind(parallel.tp_control).with_context(|| {
+                    format!(
+                        "cannot listen for tensor-parallel ranks on {}",
+                        parallel.tp_control
+                    )
+                })?;
+                eprintln!(
+                    "tideway tensor-parallel leader waiting for ranks 1..{size} at {}: start `tideway tp-rank --leader HOST:{} --rank R --size {size} --model {} --wiring {}` for each",
+                    control.local_addr()?,
+                    control.local_addr()?.port(),
+                    dir.display(),
+                    wiring.name()
+                );
+                lead_group(control, size, &mut [])?
+            }
         };
         Ok(ParallelModel {
             leader,
@@ -690,6 +713,8 @@ fn spawn_processes(
             .arg(size.to_string())
             .arg("--wiring")
             .arg(wiring.name())
+            .arg("--bind")
+            .arg("127.0.0.1:0")
             .stdin(std::process::Stdio::null())
             .spawn()
             .with_context(|| format!("cannot start tensor-parallel rank {rank}"))?;
@@ -721,7 +746,14 @@ fn lead_group(
 ) -> Result<(Box<dyn Collective>, Vec<Follower>)> {
     let ring = TcpListener::bind(SocketAddr::new(control.local_addr()?.ip(), 0))?;
     let mut peers: Vec<Option<SocketAddr>> = vec![None; size];
-    peers[0] = Some(ring.local_addr()?);
+    // Bound to every interface: peers reach it at the address they reached the control port.
+    let advertised = |ring: &TcpListener, via: &TcpStream| -> std::io::Result<SocketAddr> {
+        let mut addr = ring.local_addr()?;
+        if addr.ip().is_unspecified() {
+            addr.set_ip(via.local_addr()?.ip());
+        }
+        Ok(addr)
+    };
     let mut links: Vec<Option<TcpStream>> = (0..size).map(|_| None).collect();
     control.set_nonblocking(true)?;
     let deadline = Instant::now() + Duration::from_secs(300);
@@ -740,6 +772,9 @@ fn lead_group(
                     );
                 }
                 peers[rank] = Some(addr);
+                if peers[0].is_none() {
+                    peers[0] = Some(advertised(&ring, &stream)?);
+                }
                 links[rank] = Some(stream);
             }
             Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
@@ -792,8 +827,9 @@ pub struct RankArgs {
     rank: usize,
     #[arg(long)]
     size: usize,
-    /// Address to accept the ring connection on (its port 0: any free port).
-    #[arg(long, default_value = "127.0.0.1:0")]
+    /// Address to accept the ring connection on (port 0: any free port; an unspecified
+    /// address is advertised as the one that reaches the leader).
+    #[arg(long, default_value = "0.0.0.0:0")]
     bind: SocketAddr,
     /// The residual wiring (the leader's).
     #[arg(long, value_enum, default_value = "config")]
@@ -810,12 +846,26 @@ pub fn run_rank(args: RankArgs) -> Result<()> {
     let model = load_rank(&args.model, args.rank, args.size, args.wiring)
         .with_context(|| format!("cannot load model from {}", args.model.display()))?;
     let ring = TcpListener::bind(args.bind).context("cannot open the ring port")?;
-    let mut control = TcpStream::connect(args.leader)
-        .with_context(|| format!("cannot reach the leader at {}", args.leader))?;
+    // The leader may not listen yet (ranks started before it): retry for a minute.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let mut control = loop {
+        match TcpStream::connect(args.leader) {
+            Ok(stream) => break stream,
+            Err(e) if Instant::now() > deadline => {
+                return Err(e)
+                    .with_context(|| format!("cannot reach the leader at {}", args.leader));
+            }
+            Err(_) => std::thread::sleep(Duration::from_millis(100)),
+        }
+    };
     control.set_nodelay(true)?;
+    let mut ring_addr = ring.local_addr()?;
+    if ring_addr.ip().is_unspecified() {
+        ring_addr.set_ip(control.local_addr()?.ip());
+    }
     let mut hello = Vec::new();
     hello.extend_from_slice(&(args.rank as u32).to_le_bytes());
-    put_str(&mut hello, &ring.local_addr()?.to_string());
+    put_str(&mut hello, &ring_addr.to_string());
     control.write_all(&hello)?;
     let n = get_len(&mut control)?;
     let peers: Vec<SocketAddr> = (0..n)
