@@ -13,7 +13,9 @@
 //! - [`scan`] — the Mamba selective-scan recurrence over packed batches of sessions;
 //! - [`cpu`] — what the CPU offers the kernels (threads, SIMD level);
 //! - [`collective`] — all-reduce across a tensor-parallel group (threads, TCP ring);
-//! - `cuda` (feature `cuda`): CUDA devices through cudarc; `nccl`: the all-reduce over NCCL.
+//! - `cuda` (feature `cuda`): CUDA devices through cudarc; `gpu`: the GPU path (NVRTC-compiled
+//!   kernels from `kernels/cuda/`, cuBLAS products, f32/bf16 weights); `nccl`: the all-reduce
+//!   over NCCL.
 
 pub mod activation;
 pub mod collective;
@@ -23,6 +25,8 @@ pub mod cpu;
 pub mod cuda;
 pub mod delta_rule;
 pub mod expm;
+#[cfg(feature = "cuda")]
+pub mod gpu;
 pub mod linear_attention;
 pub mod matmul;
 #[cfg(feature = "cuda")]

@@ -10,6 +10,8 @@
 
 pub mod checkpoint;
 pub mod error;
+#[cfg(feature = "cuda")]
+pub mod gpu;
 pub mod layers;
 pub mod mixers;
 pub mod models;

@@ -11,7 +11,10 @@ mod bench_serve;
 mod default_model;
 mod demo;
 mod detect;
+mod device;
 mod devices;
+#[cfg(feature = "cuda")]
+mod gpu;
 mod run;
 mod serve;
 mod tensor_parallel;
@@ -53,6 +56,11 @@ enum Command {
     /// --tp-transport processes`) is another process; started by the leader on one machine,
     /// or by hand on another host.
     TpRank(tensor_parallel::RankArgs),
+    /// Check the GPU path: every Mamba fixture on the GPU against the CPU path (f32 and bf16
+    /// weights, both forms), NCCL, and decode / prefill throughput against the device's
+    /// floors (a build with --features cuda).
+    #[cfg(feature = "cuda")]
+    GpuCheck(gpu::GpuCheckArgs),
 }
 
 /// Keeps freed activation buffers in the heap instead of returning them to the kernel.
@@ -106,6 +114,8 @@ fn main() -> ExitCode {
         Command::Demo(args) => demo::demo(args),
         Command::Stream(args) => demo::stream(args),
         Command::TpRank(args) => tensor_parallel::run_rank(args),
+        #[cfg(feature = "cuda")]
+        Command::GpuCheck(args) => gpu::gpu_check(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

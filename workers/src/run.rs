@@ -15,6 +15,7 @@ use tideway_operators::tokenizers::audio::read_wav;
 use tideway_operators::tokenizers::sensor::SensorStream;
 use tideway_operators::tokenizers::text::TextTokenizer;
 
+use crate::device::Device;
 use crate::tensor_parallel::{LanguageModel, ParallelArgs};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
@@ -62,6 +63,19 @@ pub struct RunArgs {
     chunk: usize,
     #[command(flatten)]
     pub parallel: ParallelArgs,
+    /// Where the model runs: cpu, or cuda:N (a build with --features cuda; Mamba so far).
+    #[arg(long, default_value = "cpu")]
+    device: Device,
+    /// Weight storage on a GPU (f32, or bf16 with f32 accumulation); the CPU keeps f32.
+    #[arg(long, value_enum, default_value = "f32")]
+    dtype: WeightStorage,
+}
+
+/// `--dtype`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum WeightStorage {
+    F32,
+    Bf16,
 }
 
 pub fn run(args: RunArgs) -> Result<()> {
@@ -84,6 +98,12 @@ pub fn run(args: RunArgs) -> Result<()> {
             "{} is a language model: give its input with --tokens or --text (--input and --audio are for feature models)",
             args.model.display()
         );
+    }
+    if let Device::Cuda(ordinal) = args.device {
+        return run_on_gpu(&args, ordinal);
+    }
+    if args.dtype != WeightStorage::F32 {
+        bail!("--dtype bf16 is for --device cuda:N; the CPU path keeps f32 weights");
     }
     let model = LanguageModel::load(&args.model, &args.parallel)?;
     let tokens = match (&args.tokens, &args.text) {
@@ -111,6 +131,44 @@ pub fn run(args: RunArgs) -> Result<()> {
     write_tensors(&args.out, &[("logits", &logits)])
         .with_context(|| format!("cannot write {}", args.out.display()))?;
     Ok(())
+}
+
+/// A language model on a GPU (`--device cuda:N`).
+#[cfg(feature = "cuda")]
+fn run_on_gpu(args: &RunArgs, ordinal: usize) -> Result<()> {
+    if args.parallel.tensor_parallel > 1 {
+        bail!("--tensor-parallel runs on the CPU so far; leave out --device");
+    }
+    let Some(tokens) = &args.tokens else {
+        bail!("--device cuda:N takes --tokens so far");
+    };
+    let dtype = match args.dtype {
+        WeightStorage::F32 => crate::gpu::Dtype::F32,
+        WeightStorage::Bf16 => crate::gpu::Dtype::Bf16,
+    };
+    let config = tideway_operators::models::config::ConfigJson::read(&args.model)?;
+    let vocab = config
+        .top()
+        .usize_opt("vocab_size")?
+        .context("config.json has no vocab_size")?;
+    let tokens = parse_tokens(tokens, vocab)?;
+    let logits = crate::gpu::run_tokens(
+        &args.model,
+        ordinal,
+        dtype,
+        &tokens,
+        args.mode == Mode::Recurrent,
+        args.chunk,
+    )?;
+    write_tensors(&args.out, &[("logits", &logits)])
+        .with_context(|| format!("cannot write {}", args.out.display()))
+}
+
+#[cfg(not(feature = "cuda"))]
+fn run_on_gpu(_: &RunArgs, ordinal: usize) -> Result<()> {
+    bail!(
+        "--device cuda:{ordinal}: this tideway was built without CUDA support; build it with `cargo build --release --features cuda`"
+    )
 }
 
 /// Parses `1,2,3` into ids below `vocab`.

@@ -1,0 +1,433 @@
+//! The Mamba (v1) language model on a GPU (`shared/SPEC-MODELS.md` §1; the CPU model in
+//! `models/mamba.rs` is the reference). Products through cuBLAS, the conv and the selective
+//! scan through `kernels/cuda/mamba.cu`; every session's conv window and SSM state live in a
+//! device-resident pool of slots, so a batched step reads and writes them in place.
+
+use tideway_kernels::Tensor;
+use tideway_kernels::gpu::{
+    Arg, CudaSlice, DevMat, DeviceLinear, DeviceMatrix, Gpu, GpuError, MAX_CONV, MAX_STATE,
+    Scratch, WeightDtype,
+};
+
+use crate::checkpoint::Checkpoint;
+use crate::error::{InputError, LoadError};
+use crate::models::mamba::MambaConfig;
+use crate::models::{check_token_ids, packed_segments};
+
+/// Why a GPU model could not load or run.
+#[derive(Debug, thiserror::Error)]
+pub enum GpuModelError {
+    #[error(transparent)]
+    Load(#[from] LoadError),
+    #[error(transparent)]
+    Gpu(#[from] GpuError),
+    #[error(transparent)]
+    Input(#[from] InputError),
+    #[error(
+        "all {slots} session slots on the GPU are in use; end a session first (the pool was sized from free device memory)"
+    )]
+    PoolFull { slots: usize },
+}
+
+struct GpuMixer {
+    in_proj: DeviceLinear,
+    conv_weight: CudaSlice<f32>,
+    conv_bias: CudaSlice<f32>,
+    x_proj: DeviceLinear,
+    /// dt_proj without its bias: the scan kernel adds `dt_bias` before the softplus.
+    dt_proj: DeviceLinear,
+    dt_bias: CudaSlice<f32>,
+    /// `A = -exp(A_log)`, `[E, N]`.
+    a: CudaSlice<f32>,
+    d: CudaSlice<f32>,
+    out_proj: DeviceLinear,
+}
+
+struct GpuBlock {
+    norm: CudaSlice<f32>,
+    mixer: GpuMixer,
+}
+
+/// One layer's state pool: `[slots, E, K]` conv windows and `[slots, E, N]` SSM states.
+struct LayerPool {
+    conv: CudaSlice<f32>,
+    ssm: CudaSlice<f32>,
+}
+
+/// A session's place in the state pool, and how many tokens it has consumed.
+#[derive(Debug)]
+pub struct GpuSession {
+    slot: usize,
+    pub position: usize,
+}
+
+pub struct GpuMambaLm {
+    pub config: MambaConfig,
+    pub dtype: WeightDtype,
+    gpu: Gpu,
+    /// The input embedding (`[V, D]`); a tied head reads the same matrix.
+    embedding: DeviceMatrix,
+    blocks: Vec<GpuBlock>,
+    norm_f: CudaSlice<f32>,
+    /// The LM head when untied.
+    lm_head: Option<DeviceLinear>,
+    pools: Vec<LayerPool>,
+    free_slots: Vec<usize>,
+    slots: usize,
+    scratch: Scratch,
+}
+
+impl GpuMambaLm {
+    /// Loads the checkpoint onto `gpu` in `dtype`, with a state pool of up to `max_sessions`
+    /// slots (fewer if free device memory, after the weights, holds fewer).
+    pub fn load(
+        config: MambaConfig,
+        checkpoint: &Checkpoint,
+        gpu: Gpu,
+        dtype: WeightDtype,
+        max_sessions: usize,
+    ) -> Result<Self, GpuModelError> {
+        let c = config.mixer;
+        let (d, e, n, k, r) = (c.d_model, c.d_inner, c.d_state, c.d_conv, c.dt_rank);
+        if k > MAX_CONV || n > MAX_STATE {
+            return Err(GpuError::Unsupported(format!(
+                "the GPU kernels hold conv kernels up to {MAX_CONV} and states up to {MAX_STATE} wide; this model has {k} and {n}"
+            ))
+            .into());
+        }
+        let v = config.padded_vocab_size;
+        let up = |values: &[f32]| gpu.upload(values);
+        let linear = |name: &str, bias: Option<&str>, out: usize, inp: usize| {
+            let w = checkpoint.load(name, &[out, inp])?;
+            let b = bias.map(|b| checkpoint.load(b, &[out])).transpose()?;
+            let layer = DeviceLinear::upload(
+                &gpu,
+                w.as_slice(),
+                b.as_ref().map(|b| b.as_slice()),
+                out,
+                inp,
+                dtype,
+            )?;
+            checkpoint.release(name);
+            Ok::<_, GpuModelError>(layer)
+        };
+        let mut blocks = Vec::new();
+        for i in 0..config.num_layers {
+            let p = format!("backbone.layers.{i}.");
+            let m = format!("{p}mixer.");
+            let conv = checkpoint.load(&format!("{m}conv1d.weight"), &[e, 1, k])?;
+            let conv_bias = match c.conv_bias {
+                true => checkpoint
+                    .load(&format!("{m}conv1d.bias"), &[e])?
+                    .as_slice()
+                    .to_vec(),
+                false => vec![0.0; e],
+            };
+            let a_log = checkpoint.load(&format!("{m}A_log"), &[e, n])?;
+            let a: Vec<f32> = a_log.as_slice().iter().map(|x| -x.exp()).collect();
+            let bias = |s: &str| c.bias.then(|| format!("{m}{s}"));
+            blocks.push(GpuBlock {
+                norm: up(checkpoint
+                    .load(&format!("{p}norm.weight"), &[d])?
+                    .as_slice())?,
+                mixer: GpuMixer {
+                    in_proj: linear(
+                        &format!("{m}in_proj.weight"),
+                        bias("in_proj.bias").as_deref(),
+                        2 * e,
+                        d,
+                    )?,
+                    conv_weight: up(conv.as_slice())?,
+                    conv_bias: up(&conv_bias)?,
+                    x_proj: linear(&format!("{m}x_proj.weight"), None, r + 2 * n, e)?,
+                    dt_proj: linear(&format!("{m}dt_proj.weight"), None, e, r)?,
+                    dt_bias: up(checkpoint
+                        .load(&format!("{m}dt_proj.bias"), &[e])?
+                        .as_slice())?,
+                    a: up(&a)?,
+                    d: up(checkpoint.load(&format!("{m}D"), &[e])?.as_slice())?,
+                    out_proj: linear(
+                        &format!("{m}out_proj.weight"),
+                        bias("out_proj.bias").as_deref(),
+                        d,
+                        e,
+                    )?,
+                },
+            });
+        }
+        let embedding = DeviceMatrix::upload(
+            &gpu,
+            checkpoint.load(&config.embedding_name, &[v, d])?.as_slice(),
+            dtype,
+        )?;
+        let lm_head = match config.tie_embeddings {
+            true => None,
+            false => Some(linear("lm_head.weight", None, v, d)?),
+        };
+        let norm_f = up(checkpoint.load("backbone.norm_f.weight", &[d])?.as_slice())?;
+        // The state pool: what free memory holds after the weights, keeping a tenth (and
+        // room for a 1024-token chunk's activations) for the forward's temporaries.
+        let per_session = 4 * config.num_layers * e * (k + n);
+        let (free, _) = gpu.memory()?;
+        let activations = 4 * 1024 * (4 * e + 2 * d + r + 2 * n + v);
+        let budget = (free as f64 * 0.9) as usize;
+        let fit = budget.saturating_sub(activations) / per_session.max(1);
+        let slots = max_sessions.min(fit);
+        if slots == 0 {
+            return Err(GpuError::Unsupported(format!(
+                "the GPU has {:.1} GiB free: not enough for one session's state ({per_session} bytes) beside the weights",
+                free as f64 / (1u64 << 30) as f64
+            ))
+            .into());
+        }
+        let pools = (0..config.num_layers)
+            .map(|_| {
+                Ok(LayerPool {
+                    conv: gpu.zeros(slots * e * k)?,
+                    ssm: gpu.zeros(slots * e * n)?,
+                })
+            })
+            .collect::<Result<Vec<_>, GpuError>>()?;
+        Ok(GpuMambaLm {
+            config,
+            dtype,
+            gpu,
+            embedding,
+            blocks,
+            norm_f,
+            lm_head,
+            pools,
+            free_slots: (0..slots).rev().collect(),
+            slots,
+            scratch: Scratch::default(),
+        })
+    }
+
+    pub fn gpu(&self) -> &Gpu {
+        &self.gpu
+    }
+
+    /// Sessions the state pool holds.
+    pub fn session_capacity(&self) -> usize {
+        self.slots
+    }
+
+    /// Bytes of one session's state (on the device).
+    pub fn state_bytes(&self) -> usize {
+        let c = &self.config.mixer;
+        4 * self.config.num_layers * c.d_inner * (c.d_conv + c.d_state)
+    }
+
+    pub fn weight_bytes(&self) -> usize {
+        self.embedding.size_bytes()
+            + self.lm_head.as_ref().map_or(0, DeviceLinear::size_bytes)
+            + self
+                .blocks
+                .iter()
+                .map(|b| {
+                    let m = &b.mixer;
+                    m.in_proj.size_bytes()
+                        + m.x_proj.size_bytes()
+                        + m.dt_proj.size_bytes()
+                        + m.out_proj.size_bytes()
+                        + 4 * (b.norm.len() + m.conv_weight.len() + m.conv_bias.len())
+                        + 4 * (m.dt_bias.len() + m.a.len() + m.d.len())
+                })
+                .sum::<usize>()
+    }
+
+    pub fn logits_width(&self) -> usize {
+        self.config.padded_vocab_size
+    }
+
+    /// A fresh session: a free slot, its state zeroed.
+    pub fn new_session(&mut self) -> Result<GpuSession, GpuModelError> {
+        let slot = self
+            .free_slots
+            .pop()
+            .ok_or(GpuModelError::PoolFull { slots: self.slots })?;
+        let c = self.config.mixer;
+        let (e, k, n) = (c.d_inner, c.d_conv, c.d_state);
+        let stream = self.gpu.stream.clone();
+        for pool in &mut self.pools {
+            let mut conv = pool.conv.slice_mut(slot * e * k..(slot + 1) * e * k);
+            stream
+                .memset_zeros(&mut conv)
+                .map_err(|e| GpuError::Driver(e.to_string()))?;
+            let mut ssm = pool.ssm.slice_mut(slot * e * n..(slot + 1) * e * n);
+            stream
+                .memset_zeros(&mut ssm)
+                .map_err(|e| GpuError::Driver(e.to_string()))?;
+        }
+        Ok(GpuSession { slot, position: 0 })
+    }
+
+    /// Returns a session's slot to the pool.
+    pub fn end_session(&mut self, session: GpuSession) {
+        self.free_slots.push(session.slot);
+    }
+
+    /// The packed batch (see `MambaLm::forward_packed`): session `i` takes the next `lens[i]`
+    /// tokens; logits for every row, on the host.
+    pub fn forward_packed(
+        &mut self,
+        tokens: &[u32],
+        lens: &[usize],
+        sessions: &mut [&mut GpuSession],
+    ) -> Result<Tensor, GpuModelError> {
+        let segments = packed_segments(tokens, lens, sessions.len(), self.config.vocab_size)?;
+        let c = self.config.mixer;
+        let (d, e, n, k, r) = (c.d_model, c.d_inner, c.d_state, c.d_conv, c.dt_rank);
+        let (m, v, eps) = (tokens.len(), self.logits_width(), self.config.norm_eps);
+        let gpu = &self.gpu;
+        let ids = gpu.upload(tokens)?;
+        let seg_start: Vec<i32> = segments.iter().map(|s| s.start as i32).collect();
+        let seg_len: Vec<i32> = segments.iter().map(|s| s.len() as i32).collect();
+        let seg_slot: Vec<i32> = sessions.iter().map(|s| s.slot as i32).collect();
+        let (starts, lens_dev, slots) = (
+            gpu.upload(&seg_start)?,
+            gpu.upload(&seg_len)?,
+            gpu.upload(&seg_slot)?,
+        );
+        let (starts, lens_dev, slots) = (gpu.ptr(&starts), gpu.ptr(&lens_dev), gpu.ptr(&slots));
+        let segment_count = segments.len() as i32;
+
+        let residual = gpu.zeros(m * d)?;
+        let normed = gpu.zeros(m * d)?;
+        let mixed = gpu.zeros(m * d)?;
+        let xz = gpu.zeros(m * 2 * e)?;
+        let xc = gpu.zeros(m * e)?;
+        let dbc = gpu.zeros(m * (r + 2 * n))?;
+        let dt = gpu.zeros(m * e)?;
+        let y = gpu.zeros(m * e)?;
+        let p = |b: &CudaSlice<f32>| gpu.ptr(b);
+        gpu.embed_rows(&self.embedding, gpu.ptr(&ids), m, d, p(&residual))?;
+        let (e_i, k_i, n_i, r_i) = (e as i32, k as i32, n as i32, r as i32);
+        for (block, pool) in self.blocks.iter().zip(&self.pools) {
+            let mx = &block.mixer;
+            gpu.rms_norm(p(&residual), p(&block.norm), m, d, eps, p(&normed))?;
+            let s = &mut self.scratch;
+            mx.in_proj
+                .forward(gpu, DevMat::dense(gpu, &normed, m, d), p(&xz), s)?;
+            let (xz_p, w_p, b_p, win_p, xc_p) = (
+                p(&xz),
+                p(&mx.conv_weight),
+                p(&mx.conv_bias),
+                p(&pool.conv),
+                p(&xc),
+            );
+            gpu.launch_per_channel(
+                "mamba_conv_silu",
+                e,
+                segments.len(),
+                &[
+                    Arg::Ptr(xz_p),
+                    Arg::I32(e_i),
+                    Arg::I32(k_i),
+                    Arg::Ptr(w_p),
+                    Arg::Ptr(b_p),
+                    Arg::Ptr(win_p),
+                    Arg::Ptr(starts),
+                    Arg::Ptr(lens_dev),
+                    Arg::Ptr(slots),
+                    Arg::I32(segment_count),
+                    Arg::Ptr(xc_p),
+                ],
+            )?;
+            mx.x_proj
+                .forward(gpu, DevMat::dense(gpu, &xc, m, e), p(&dbc), s)?;
+            mx.dt_proj.forward(
+                gpu,
+                DevMat::columns(gpu, &dbc, m, r + 2 * n, 0, r),
+                p(&dt),
+                s,
+            )?;
+            let (dt_p, dtb_p, a_p, dbc_p, d_p, ssm_p, y_p) = (
+                p(&dt),
+                p(&mx.dt_bias),
+                p(&mx.a),
+                p(&dbc),
+                p(&mx.d),
+                p(&pool.ssm),
+                p(&y),
+            );
+            gpu.launch_per_channel(
+                "mamba_scan",
+                e,
+                segments.len(),
+                &[
+                    Arg::Ptr(xc_p),
+                    Arg::Ptr(dt_p),
+                    Arg::Ptr(dtb_p),
+                    Arg::Ptr(a_p),
+                    Arg::Ptr(dbc_p),
+                    Arg::I32(r_i),
+                    Arg::I32(n_i),
+                    Arg::Ptr(d_p),
+                    Arg::Ptr(xz_p),
+                    Arg::I32(e_i),
+                    Arg::Ptr(ssm_p),
+                    Arg::Ptr(starts),
+                    Arg::Ptr(lens_dev),
+                    Arg::Ptr(slots),
+                    Arg::I32(segment_count),
+                    Arg::Ptr(y_p),
+                ],
+            )?;
+            mx.out_proj
+                .forward(gpu, DevMat::dense(gpu, &y, m, e), p(&mixed), s)?;
+            gpu.add_inplace(p(&residual), p(&mixed), m * d)?;
+        }
+        gpu.rms_norm(p(&residual), p(&self.norm_f), m, d, eps, p(&normed))?;
+        let logits = gpu.zeros(m * v)?;
+        let x = DevMat::dense(gpu, &normed, m, d);
+        match &self.lm_head {
+            Some(head) => head.forward(gpu, x, p(&logits), &mut self.scratch)?,
+            // Tied: the head is the embedding matrix.
+            None => gpu.gemm(x, &self.embedding, v, p(&logits), &mut self.scratch)?,
+        }
+        let host = gpu.download(&logits, m * v)?;
+        for (session, len) in sessions.iter_mut().zip(lens) {
+            session.position += len;
+        }
+        Ok(Tensor::from_vec(host, &[m, v]).expect("logits sized [m, v]"))
+    }
+
+    /// Checks ids against the vocabulary.
+    pub fn check_tokens(&self, tokens: &[u32], offset: usize) -> Result<(), InputError> {
+        check_token_ids(tokens, self.config.vocab_size, offset)
+    }
+}
+
+/// Loads the checkpoint in `dir` onto `gpu`: a Mamba model (the family the GPU path runs so
+/// far), or an error naming the family that must stay on the CPU.
+pub fn load_gpu_model(
+    dir: &std::path::Path,
+    gpu: Gpu,
+    dtype: WeightDtype,
+    max_sessions: usize,
+) -> Result<GpuMambaLm, GpuModelError> {
+    let config = crate::models::config::ConfigJson::read(dir)?;
+    match config.model_type()? {
+        Some("mamba") => {}
+        None if config.has("d_model") && config.has("n_layer") => {}
+        other => {
+            return Err(GpuError::Unsupported(format!(
+                "{}: the GPU path runs Mamba models so far; model_type {} runs on the CPU (leave out --device)",
+                dir.display(),
+                other.map_or("(none)".to_string(), |t| format!("{t:?}"))
+            ))
+            .into());
+        }
+    }
+    let checkpoint = Checkpoint::open(dir)?;
+    let mamba = MambaConfig::from_config(&config, &checkpoint)?;
+    if mamba.ladder.iter().any(|&l| l) {
+        return Err(GpuError::Unsupported(format!(
+            "{}: ladder_layers is set; the GPU path runs the standard wiring so far",
+            dir.display()
+        ))
+        .into());
+    }
+    GpuMambaLm::load(mamba, &checkpoint, gpu, dtype, max_sessions)
+}

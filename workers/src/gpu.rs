@@ -1,0 +1,343 @@
+//! The GPU path of the command line (feature `cuda`): `tideway run --device cuda:N` and
+//! `tideway gpu-check`, the one prepared run that compares the GPU with the CPU path on the
+//! committed fixtures and measures throughput against the H200's floors.
+
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use anyhow::{Context, Result, bail};
+use clap::{Args, ValueEnum};
+use tideway_kernels::Tensor;
+use tideway_kernels::collective::Collective;
+use tideway_kernels::gpu::{Gpu, WeightDtype};
+use tideway_kernels::nccl::NcclRank;
+use tideway_operators::gpu::{GpuMambaLm, load_gpu_model};
+use tideway_operators::models::load_model;
+
+/// Weight storage on the GPU.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum Dtype {
+    F32,
+    Bf16,
+}
+
+impl From<Dtype> for WeightDtype {
+    fn from(d: Dtype) -> Self {
+        match d {
+            Dtype::F32 => WeightDtype::F32,
+            Dtype::Bf16 => WeightDtype::Bf16,
+        }
+    }
+}
+
+fn open(dir: &Path, ordinal: usize, dtype: Dtype, sessions: usize) -> Result<GpuMambaLm> {
+    let gpu = Gpu::open(ordinal).with_context(|| format!("cannot use cuda:{ordinal}"))?;
+    load_gpu_model(dir, gpu, dtype.into(), sessions).with_context(|| {
+        format!(
+            "cannot load model from {} onto cuda:{ordinal}",
+            dir.display()
+        )
+    })
+}
+
+/// One sequence through a model on the GPU: chunks of `chunk` tokens, or one token per step.
+pub fn run_tokens(
+    dir: &Path,
+    ordinal: usize,
+    dtype: Dtype,
+    tokens: &[u32],
+    recurrent: bool,
+    chunk: usize,
+) -> Result<Tensor> {
+    let mut model = open(dir, ordinal, dtype, 1)?;
+    model.check_tokens(tokens, 0)?;
+    sequence_logits(&mut model, tokens, if recurrent { 1 } else { chunk })
+}
+
+fn sequence_logits(model: &mut GpuMambaLm, tokens: &[u32], chunk: usize) -> Result<Tensor> {
+    let mut session = model.new_session()?;
+    let mut logits = Tensor::zeros(&[0, model.logits_width()]);
+    let result = (|| {
+        for part in tokens.chunks(chunk.max(1)) {
+            let rows = model.forward_packed(part, &[part.len()], &mut [&mut session])?;
+            logits.append_rows(&rows)?;
+        }
+        Ok(())
+    })();
+    model.end_session(session);
+    result.map(|()| logits)
+}
+
+fn relative_error(got: &[f32], want: &[f32]) -> f64 {
+    let diff: f64 = got
+        .iter()
+        .zip(want)
+        .map(|(a, b)| ((a - b) as f64).powi(2))
+        .sum();
+    let norm: f64 = want.iter().map(|b| (*b as f64).powi(2)).sum();
+    (diff / norm.max(1e-30)).sqrt()
+}
+
+#[derive(Args)]
+pub struct GpuCheckArgs {
+    #[arg(long, default_value = "cuda:0")]
+    device: crate::device::Device,
+    /// The committed oracle fixtures.
+    #[arg(long, default_value = "tests/fixtures")]
+    fixtures: PathBuf,
+    /// Where the 130M-shaped benchmark checkpoint is written.
+    #[arg(long, default_value = "/tmp/tideway-gpu-check")]
+    scratch: PathBuf,
+    /// Seconds per throughput measurement.
+    #[arg(long, default_value_t = 2.0)]
+    seconds: f64,
+}
+
+/// H200 floors (the figures): HBM bandwidth and dense bf16 throughput.
+const HBM_BYTES_PER_S: f64 = 4.3e12;
+const BF16_FLOPS: f64 = 790e12;
+
+pub fn gpu_check(args: GpuCheckArgs) -> Result<()> {
+    let crate::device::Device::Cuda(ordinal) = args.device else {
+        bail!("gpu-check runs on a CUDA device: --device cuda:N");
+    };
+    let gpu = Gpu::open(ordinal).with_context(|| format!("cannot use cuda:{ordinal}"))?;
+    let (free, total) = gpu.memory()?;
+    println!(
+        "# gpu-check on cuda:{ordinal}: {} ({:.1} GiB, {:.1} GiB free)",
+        gpu.name,
+        total as f64 / (1u64 << 30) as f64,
+        free as f64 / (1u64 << 30) as f64
+    );
+    drop(gpu);
+    let mut failures = Vec::new();
+
+    // 1. Every Mamba fixture: GPU (f32 and bf16 weights) against the CPU path, both forms and
+    //    a batch of sessions at different positions.
+    println!("| fixture | weights | form | relative error vs CPU | limit |");
+    println!("|---|---|---|---:|---:|");
+    let mut dirs: Vec<PathBuf> = std::fs::read_dir(args.fixtures.join("mamba"))
+        .with_context(|| format!("cannot read {}", args.fixtures.join("mamba").display()))?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.join("config.json").exists())
+        .collect();
+    dirs.sort();
+    for dir in &dirs {
+        let cpu = load_model(dir)?;
+        let vocab = cpu.vocab_size() as u32;
+        let tokens: Vec<u32> = (0..70u32).map(|i| (i * 7 + 3) % vocab).collect();
+        let mut state = cpu.new_state();
+        let want = cpu.prefill_chunked(&tokens, &mut state, 256)?;
+        for dtype in [Dtype::F32, Dtype::Bf16] {
+            let limit = match dtype {
+                Dtype::F32 => 1e-5,
+                Dtype::Bf16 => 1e-3,
+            };
+            let mut model = open(dir, ordinal, dtype, 8)?;
+            for (form, chunk) in [("chunked", 256), ("chunks of 16", 16), ("recurrent", 1)] {
+                let got = sequence_logits(&mut model, &tokens, chunk)?;
+                let rel = relative_error(got.data(), want.data());
+                let name = dir.file_name().unwrap_or_default().to_string_lossy();
+                println!("| {name} | {dtype:?} | {form} | {rel:.2e} | {limit:.0e} |");
+                if rel.is_nan() || rel > limit {
+                    failures.push(format!("{name} {dtype:?} {form}: {rel:.2e} > {limit:.0e}"));
+                }
+            }
+        }
+    }
+
+    // 2. NCCL: a one-rank communicator (the multi-rank path is the CPU collectives' interface).
+    let data: Vec<f32> = (0..4096).map(|i| i as f32 * 0.25).collect();
+    match NcclRank::new_id().and_then(|id| NcclRank::join(ordinal, 0, 1, id)) {
+        Ok(mut rank) => {
+            let got = rank.all_reduce_sum(data.clone()).wait()?;
+            let ok = got == data;
+            println!(
+                "NCCL single-rank all-reduce of 4096 floats: {}",
+                if ok { "ok" } else { "WRONG" }
+            );
+            if !ok {
+                failures.push("NCCL all-reduce returned other values".into());
+            }
+        }
+        Err(e) => {
+            println!("NCCL: {e}");
+            failures.push(format!("NCCL: {e}"));
+        }
+    }
+
+    // 3. Throughput on a 130M-shaped Mamba checkpoint against the floors.
+    let dir = write_mamba_130m(&args.scratch)?;
+    println!("| weights | measurement | measured | floor | of floor |");
+    println!("|---|---|---:|---:|---:|");
+    for dtype in [Dtype::Bf16, Dtype::F32] {
+        let mut model = open(&dir, ordinal, dtype, 64)?;
+        let bytes = model.weight_bytes() as f64;
+        for batch in [1usize, 64] {
+            let step = decode_step_seconds(&mut model, batch, args.seconds)?;
+            let floor = bytes / HBM_BYTES_PER_S;
+            println!(
+                "| {dtype:?} | decode batch {batch} | {:.3} ms/step ({:.0} tok/s) | {:.3} ms (weights / 4.3 TB/s) | {:.0}% |",
+                1e3 * step,
+                batch as f64 / step,
+                1e3 * floor,
+                100.0 * floor / step
+            );
+        }
+        let tokens = 4096;
+        let secs = prefill_seconds(&mut model, tokens, 1024, args.seconds)?;
+        let params = bytes / if dtype == Dtype::Bf16 { 2.0 } else { 4.0 };
+        let floor = 2.0 * params * tokens as f64 / BF16_FLOPS;
+        println!(
+            "| {dtype:?} | prefill {tokens} tokens | {:.0} tok/s | {:.0} tok/s (2·params·tokens / 790 TFLOP/s) | {:.1}% |",
+            tokens as f64 / secs,
+            tokens as f64 / floor,
+            100.0 * floor / secs
+        );
+    }
+
+    if failures.is_empty() {
+        println!("gpu-check: passed");
+        Ok(())
+    } else {
+        bail!("gpu-check failed:\n  {}", failures.join("\n  "))
+    }
+}
+
+fn decode_step_seconds(model: &mut GpuMambaLm, batch: usize, seconds: f64) -> Result<f64> {
+    let mut sessions = Vec::new();
+    for _ in 0..batch {
+        sessions.push(model.new_session()?);
+    }
+    let vocab = model.config.vocab_size as u32;
+    let result = (|| {
+        let mut refs: Vec<&mut _> = sessions.iter_mut().collect();
+        let tokens: Vec<u32> = (0..batch as u32).map(|i| (i * 13 + 1) % vocab).collect();
+        let lens = vec![1; batch];
+        for _ in 0..3 {
+            model.forward_packed(&tokens, &lens, &mut refs)?;
+        }
+        let start = Instant::now();
+        let mut steps = 0;
+        while steps < 10 || start.elapsed().as_secs_f64() < seconds {
+            model.forward_packed(&tokens, &lens, &mut refs)?;
+            steps += 1;
+        }
+        Ok(start.elapsed().as_secs_f64() / steps as f64)
+    })();
+    for s in sessions {
+        model.end_session(s);
+    }
+    result
+}
+
+fn prefill_seconds(
+    model: &mut GpuMambaLm,
+    tokens: usize,
+    chunk: usize,
+    seconds: f64,
+) -> Result<f64> {
+    let vocab = model.config.vocab_size;
+    let ids: Vec<u32> = (0..tokens).map(|i| ((i * 7919) % vocab) as u32).collect();
+    sequence_logits(model, &ids[..chunk.min(tokens)], chunk)?;
+    let start = Instant::now();
+    let mut runs = 0;
+    while runs < 2 || start.elapsed().as_secs_f64() < seconds {
+        sequence_logits(model, &ids, chunk)?;
+        runs += 1;
+    }
+    Ok(start.elapsed().as_secs_f64() / runs as f64)
+}
+
+/// A random checkpoint shaped like state-spaces/mamba-130m (HF layout, f32), written once.
+fn write_mamba_130m(scratch: &Path) -> Result<PathBuf> {
+    let dir = scratch.join("mamba-130m-random");
+    if dir.join("model.safetensors").exists() {
+        return Ok(dir);
+    }
+    std::fs::create_dir_all(&dir)?;
+    let (d, layers, vocab, n, k, r) = (768usize, 24usize, 50280usize, 16usize, 4usize, 48usize);
+    let e = 2 * d;
+    let config = serde_json::json!({
+        "model_type": "mamba", "hidden_size": d, "num_hidden_layers": layers,
+        "vocab_size": vocab, "state_size": n, "conv_kernel": k, "expand": 2,
+        "time_step_rank": r, "intermediate_size": e, "use_bias": false,
+        "use_conv_bias": true, "tie_word_embeddings": true, "layer_norm_epsilon": 1e-5
+    });
+    std::fs::write(
+        dir.join("config.json"),
+        serde_json::to_string_pretty(&config)?,
+    )?;
+    let mut seed = 0x9E37_79B9_7F4A_7C15u64;
+    let mut random = |len: usize, scale: f32, offset: f32| -> Vec<u8> {
+        (0..len)
+            .flat_map(|_| {
+                seed ^= seed << 13;
+                seed ^= seed >> 7;
+                seed ^= seed << 17;
+                let u = (seed >> 40) as f32 / (1u64 << 24) as f32 - 0.5;
+                (offset + scale * u).to_le_bytes()
+            })
+            .collect()
+    };
+    let mut tensors: Vec<(String, Vec<usize>, Vec<u8>)> = vec![(
+        "backbone.embeddings.weight".into(),
+        vec![vocab, d],
+        random(vocab * d, 0.1, 0.0),
+    )];
+    for i in 0..layers {
+        let p = format!("backbone.layers.{i}.");
+        let m = format!("{p}mixer.");
+        let a_log: Vec<u8> = (0..e)
+            .flat_map(|_| (1..=n).flat_map(|s| (s as f32).ln().to_le_bytes()))
+            .collect();
+        tensors.extend([
+            (format!("{p}norm.weight"), vec![d], random(d, 0.1, 1.0)),
+            (
+                format!("{m}in_proj.weight"),
+                vec![2 * e, d],
+                random(2 * e * d, 0.07, 0.0),
+            ),
+            (
+                format!("{m}conv1d.weight"),
+                vec![e, 1, k],
+                random(e * k, 0.5, 0.0),
+            ),
+            (format!("{m}conv1d.bias"), vec![e], random(e, 0.1, 0.0)),
+            (
+                format!("{m}x_proj.weight"),
+                vec![r + 2 * n, e],
+                random((r + 2 * n) * e, 0.05, 0.0),
+            ),
+            (
+                format!("{m}dt_proj.weight"),
+                vec![e, r],
+                random(e * r, 0.2, 0.0),
+            ),
+            (format!("{m}dt_proj.bias"), vec![e], random(e, 1.0, -4.0)),
+            (format!("{m}A_log"), vec![e, n], a_log),
+            (format!("{m}D"), vec![e], random(e, 0.1, 1.0)),
+            (
+                format!("{m}out_proj.weight"),
+                vec![d, e],
+                random(d * e, 0.05, 0.0),
+            ),
+        ]);
+    }
+    tensors.push((
+        "backbone.norm_f.weight".into(),
+        vec![d],
+        random(d, 0.1, 1.0),
+    ));
+    let views: Vec<(String, safetensors::tensor::TensorView<'_>)> = tensors
+        .iter()
+        .map(|(name, shape, bytes)| {
+            let view =
+                safetensors::tensor::TensorView::new(safetensors::Dtype::F32, shape.clone(), bytes)
+                    .expect("sized above");
+            (name.clone(), view)
+        })
+        .collect();
+    safetensors::serialize_to_file(views, None, &dir.join("model.safetensors"))?;
+    Ok(dir)
+}
