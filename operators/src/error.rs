@@ -73,4 +73,7 @@ pub enum ForwardError {
     Input(#[from] InputError),
     #[error(transparent)]
     Group(#[from] tideway_kernels::collective::CollectiveError),
+    /// The device (a GPU) failed; the message says how.
+    #[error("{0}")]
+    Device(String),
 }

@@ -179,6 +179,7 @@ pub fn single<T>(
         Ok(value) => Ok(value),
         Err(ForwardError::Input(e)) => Err(e),
         Err(ForwardError::Group(e)) => unreachable!("a group of one has no peers to lose: {e}"),
+        Err(ForwardError::Device(e)) => unreachable!("the CPU models have no device to fail: {e}"),
     }
 }
 

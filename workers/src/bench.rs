@@ -14,7 +14,8 @@ use clap::Args;
 use serde::Serialize;
 use tideway_operators::models::is_lmuformer;
 
-use crate::tensor_parallel::{CommStats, LanguageModel, LmState, ParallelArgs, Transport, Wiring};
+use crate::language_model::{LanguageModel, LmState};
+use crate::tensor_parallel::{CommStats, ParallelArgs, Transport, Wiring};
 
 #[derive(Args)]
 #[command(args_conflicts_with_subcommands = true)]
@@ -238,7 +239,10 @@ fn bench_decode(
     min_time: Duration,
 ) -> Result<DecodeResult> {
     let vocab = lm.vocab_size();
-    let mut states: Vec<LmState> = (0..batch).map(|_| lm.new_state()).collect();
+    let mut states: Vec<LmState> = (0..batch)
+        .map(|_| lm.new_state())
+        .collect::<Result<_, _>>()
+        .map_err(anyhow::Error::msg)?;
     let lens: Vec<usize> = (0..batch).map(|i| 8 + i % 8).collect();
     let prompt = token_ids(lens.iter().sum(), vocab, 1);
     {
@@ -284,7 +288,7 @@ fn bench_prefill(
     let ids = token_ids(tokens, lm.vocab_size(), 3);
     lm.prefill_chunked_with_progress(
         &ids[..tokens.min(32)],
-        &mut lm.new_state(),
+        &mut lm.new_state().map_err(anyhow::Error::msg)?,
         chunk,
         |_, _| {},
     )?;
@@ -294,7 +298,8 @@ fn bench_prefill(
     while times.len() < 3 || (start.elapsed() < min_time && times.len() < 20) {
         let before = lm.comm_stats();
         let t0 = Instant::now();
-        lm.prefill_chunked_with_progress(&ids, &mut lm.new_state(), chunk, |_, _| {})?;
+        let mut state = lm.new_state().map_err(anyhow::Error::msg)?;
+        lm.prefill_chunked_with_progress(&ids, &mut state, chunk, |_, _| {})?;
         times.push(t0.elapsed().as_secs_f64());
         waits.push(comm_between(before, lm.comm_stats()).waited.as_secs_f64());
     }

@@ -57,15 +57,11 @@ pub fn run_tokens(
 fn sequence_logits(model: &mut GpuMambaLm, tokens: &[u32], chunk: usize) -> Result<Tensor> {
     let mut session = model.new_session()?;
     let mut logits = Tensor::zeros(&[0, model.logits_width()]);
-    let result = (|| {
-        for part in tokens.chunks(chunk.max(1)) {
-            let rows = model.forward_packed(part, &[part.len()], &mut [&mut session])?;
-            logits.append_rows(&rows)?;
-        }
-        Ok(())
-    })();
-    model.end_session(session);
-    result.map(|()| logits)
+    for part in tokens.chunks(chunk.max(1)) {
+        let rows = model.forward_packed(part, &[part.len()], &mut [&mut session])?;
+        logits.append_rows(&rows)?;
+    }
+    Ok(logits)
 }
 
 fn relative_error(got: &[f32], want: &[f32]) -> f64 {
@@ -210,25 +206,19 @@ fn decode_step_seconds(model: &mut GpuMambaLm, batch: usize, seconds: f64) -> Re
         sessions.push(model.new_session()?);
     }
     let vocab = model.config.vocab_size as u32;
-    let result = (|| {
-        let mut refs: Vec<&mut _> = sessions.iter_mut().collect();
-        let tokens: Vec<u32> = (0..batch as u32).map(|i| (i * 13 + 1) % vocab).collect();
-        let lens = vec![1; batch];
-        for _ in 0..3 {
-            model.forward_packed(&tokens, &lens, &mut refs)?;
-        }
-        let start = Instant::now();
-        let mut steps = 0;
-        while steps < 10 || start.elapsed().as_secs_f64() < seconds {
-            model.forward_packed(&tokens, &lens, &mut refs)?;
-            steps += 1;
-        }
-        Ok(start.elapsed().as_secs_f64() / steps as f64)
-    })();
-    for s in sessions {
-        model.end_session(s);
+    let mut refs: Vec<&mut _> = sessions.iter_mut().collect();
+    let tokens: Vec<u32> = (0..batch as u32).map(|i| (i * 13 + 1) % vocab).collect();
+    let lens = vec![1; batch];
+    for _ in 0..3 {
+        model.forward_packed(&tokens, &lens, &mut refs)?;
     }
-    result
+    let start = Instant::now();
+    let mut steps = 0;
+    while steps < 10 || start.elapsed().as_secs_f64() < seconds {
+        model.forward_packed(&tokens, &lens, &mut refs)?;
+        steps += 1;
+    }
+    Ok(start.elapsed().as_secs_f64() / steps as f64)
 }
 
 fn prefill_seconds(

@@ -15,6 +15,7 @@ mod device;
 mod devices;
 #[cfg(feature = "cuda")]
 mod gpu;
+mod language_model;
 mod run;
 mod serve;
 mod tensor_parallel;

@@ -16,7 +16,8 @@ use tideway_operators::tokenizers::sensor::SensorStream;
 use tideway_operators::tokenizers::text::TextTokenizer;
 
 use crate::device::Device;
-use crate::tensor_parallel::{LanguageModel, ParallelArgs};
+use crate::language_model::LanguageModel;
+use crate::tensor_parallel::ParallelArgs;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
 pub enum Mode {
@@ -228,13 +229,13 @@ impl Progress {
 }
 
 fn run_chunked(lm: &LanguageModel, tokens: &[u32], chunk: usize) -> Result<Tensor> {
-    let mut state = lm.new_state();
+    let mut state = lm.new_state().map_err(anyhow::Error::msg)?;
     let mut progress = Progress::new(tokens.len());
     Ok(lm.prefill_chunked_with_progress(tokens, &mut state, chunk, |d, t| progress.update(d, t))?)
 }
 
 fn run_recurrent(lm: &LanguageModel, tokens: &[u32]) -> Result<Tensor> {
-    let mut state = lm.new_state();
+    let mut state = lm.new_state().map_err(anyhow::Error::msg)?;
     let mut progress = Progress::new(tokens.len());
     let mut logits = Tensor::zeros(&[0, lm.output_width()]);
     for (i, &token) in tokens.iter().enumerate() {

@@ -27,6 +27,8 @@ use tideway_operators::models::{Model, SessionState, load_model_rank};
 use tideway_operators::tensor_parallel::Group;
 use tideway_operators::{ForwardError, InputError, LoadError};
 
+use crate::language_model::LmState;
+
 /// How the ranks of a tensor-parallel group run.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum, serde::Serialize)]
 #[serde(rename_all = "lowercase")]
@@ -71,7 +73,12 @@ impl Wiring {
 }
 
 /// Loads rank `rank` of `size` with `wiring`.
-fn load_rank(dir: &Path, rank: usize, size: usize, wiring: Wiring) -> Result<Model, LoadError> {
+pub(crate) fn load_rank(
+    dir: &Path,
+    rank: usize,
+    size: usize,
+    wiring: Wiring,
+) -> Result<Model, LoadError> {
     let mut model = load_model_rank(dir, rank, size)?;
     wiring.apply(&mut model);
     Ok(model)
@@ -114,47 +121,6 @@ impl Default for ParallelArgs {
     }
 }
 
-/// A language model: whole, or split over a tensor-parallel group.
-pub enum LanguageModel {
-    Whole(Box<Model>),
-    Parallel(Box<ParallelModel>),
-}
-
-/// One session's state for a [`LanguageModel`].
-pub enum LmState {
-    Whole(SessionState),
-    /// Rank 0's slices here; the other ranks hold theirs under `key`.
-    Parallel {
-        state: SessionState,
-        key: u64,
-        released: Arc<Mutex<Vec<u64>>>,
-    },
-}
-
-impl Drop for LmState {
-    fn drop(&mut self) {
-        if let LmState::Parallel { key, released, .. } = self
-            && let Ok(mut keys) = released.lock()
-        {
-            keys.push(*key);
-        }
-    }
-}
-
-impl LmState {
-    pub fn position(&self) -> usize {
-        match self {
-            LmState::Whole(s) | LmState::Parallel { state: s, .. } => s.position(),
-        }
-    }
-
-    fn local(&mut self) -> &mut SessionState {
-        match self {
-            LmState::Whole(s) | LmState::Parallel { state: s, .. } => s,
-        }
-    }
-}
-
 /// Communication of a group's forwards so far (what `tideway bench` reports).
 #[derive(Debug, Default, Clone, Copy)]
 pub struct CommStats {
@@ -163,143 +129,6 @@ pub struct CommStats {
     pub waited: Duration,
     pub reductions: u64,
     pub reduced_floats: u64,
-}
-
-impl LanguageModel {
-    /// Loads `dir` whole (`parallel.tensor_parallel` 1) or as a tensor-parallel group.
-    pub fn load(dir: &Path, parallel: &ParallelArgs) -> Result<Self> {
-        Self::load_wired(dir, parallel, Wiring::Config)
-    }
-
-    /// [`load`](Self::load) with the residual wiring overridden.
-    pub fn load_wired(dir: &Path, parallel: &ParallelArgs, wiring: Wiring) -> Result<Self> {
-        let context = || format!("cannot load model from {}", dir.display());
-        match parallel.tensor_parallel {
-            0 => bail!("--tensor-parallel must be at least 1"),
-            1 => Ok(LanguageModel::Whole(Box::new(
-                load_rank(dir, 0, 1, wiring).with_context(context)?,
-            ))),
-            size => Ok(LanguageModel::Parallel(Box::new(
-                ParallelModel::start(dir, size, parallel, wiring).with_context(context)?,
-            ))),
-        }
-    }
-
-    /// The leader's model (the whole model, or rank 0's shard).
-    pub fn model(&self) -> &Model {
-        match self {
-            LanguageModel::Whole(m) => m,
-            LanguageModel::Parallel(p) => &p.leader,
-        }
-    }
-
-    /// Ranks in the group (1 for a whole model).
-    pub fn ranks(&self) -> usize {
-        match self {
-            LanguageModel::Whole(_) => 1,
-            LanguageModel::Parallel(p) => p.size,
-        }
-    }
-
-    pub fn vocab_size(&self) -> usize {
-        self.model().vocab_size()
-    }
-
-    pub fn output_width(&self) -> usize {
-        self.model().output_width()
-    }
-
-    pub fn family(&self) -> &'static str {
-        self.model().family()
-    }
-
-    /// Bytes of one session's state, over all ranks.
-    pub fn state_bytes(&self) -> usize {
-        self.model().state_bytes() * self.ranks()
-    }
-
-    /// Bytes of the parameters one rank holds.
-    pub fn weight_bytes(&self) -> usize {
-        self.model().weight_bytes()
-    }
-
-    pub fn check_tokens(&self, tokens: &[u32], offset: usize) -> Result<(), InputError> {
-        self.model().check_tokens(tokens, offset)
-    }
-
-    pub fn new_state(&self) -> LmState {
-        match self {
-            LanguageModel::Whole(m) => LmState::Whole(m.new_state()),
-            LanguageModel::Parallel(p) => p.new_state(),
-        }
-    }
-
-    /// The packed batch (see `Model::forward_packed`); on a group, run by every rank.
-    pub fn forward_packed(
-        &self,
-        tokens: &[u32],
-        lens: &[usize],
-        states: &mut [&mut LmState],
-    ) -> Result<Tensor, ForwardError> {
-        match self {
-            LanguageModel::Whole(m) => {
-                let mut inner: Vec<&mut SessionState> =
-                    states.iter_mut().map(|s| s.local()).collect();
-                Ok(m.forward_packed(tokens, lens, &mut inner)?)
-            }
-            LanguageModel::Parallel(p) => p.forward_packed(tokens, lens, states),
-        }
-    }
-
-    /// The chunked form over a whole sequence in chunks of `chunk_len`, `on_chunk(done,
-    /// total)` after each.
-    pub fn prefill_chunked_with_progress(
-        &self,
-        tokens: &[u32],
-        state: &mut LmState,
-        chunk_len: usize,
-        mut on_chunk: impl FnMut(usize, usize),
-    ) -> Result<Tensor, ForwardError> {
-        if tokens.is_empty() {
-            return Err(InputError::Empty.into());
-        }
-        self.check_tokens(tokens, 0)?;
-        let width = self.output_width();
-        let mut logits = Tensor::zeros(&[tokens.len(), width]);
-        let mut done = 0;
-        for chunk in tokens.chunks(chunk_len.max(1)) {
-            let part = self.forward_packed(chunk, &[chunk.len()], &mut [&mut *state])?;
-            logits.data_mut()[done * width..(done + chunk.len()) * width]
-                .copy_from_slice(part.data());
-            done += chunk.len();
-            on_chunk(done, tokens.len());
-        }
-        Ok(logits)
-    }
-
-    /// One token for each session.
-    pub fn step(
-        &self,
-        tokens: &[u32],
-        states: &mut [&mut LmState],
-    ) -> Result<Tensor, ForwardError> {
-        if tokens.len() != states.len() {
-            return Err(InputError::BatchMismatch {
-                sessions: states.len(),
-                tokens: tokens.len(),
-            }
-            .into());
-        }
-        self.forward_packed(tokens, &vec![1; tokens.len()], states)
-    }
-
-    /// Communication so far (zeros for a whole model).
-    pub fn comm_stats(&self) -> CommStats {
-        match self {
-            LanguageModel::Whole(_) => CommStats::default(),
-            LanguageModel::Parallel(p) => p.inner.lock().map(|i| i.stats).unwrap_or_default(),
-        }
-    }
 }
 
 /// A batch for the followers.
@@ -489,7 +318,19 @@ impl ParallelModel {
         })
     }
 
-    fn new_state(&self) -> LmState {
+    pub fn leader(&self) -> &Model {
+        &self.leader
+    }
+
+    pub fn size(&self) -> usize {
+        self.size
+    }
+
+    pub fn comm_stats(&self) -> CommStats {
+        self.inner.lock().map(|i| i.stats).unwrap_or_default()
+    }
+
+    pub(crate) fn new_state(&self) -> LmState {
         LmState::Parallel {
             state: self.leader.new_state(),
             key: self
@@ -499,7 +340,7 @@ impl ParallelModel {
         }
     }
 
-    fn forward_packed(
+    pub(crate) fn forward_packed(
         &self,
         tokens: &[u32],
         lens: &[usize],
@@ -519,7 +360,7 @@ impl ParallelModel {
         for s in states.iter() {
             match s {
                 LmState::Parallel { key, .. } => keys.push(*key),
-                LmState::Whole(_) => return Err(InputError::WrongState.into()),
+                _ => return Err(InputError::WrongState.into()),
             }
         }
         let released = std::mem::take(&mut *self.released.lock().expect("released keys"));
@@ -535,7 +376,10 @@ impl ParallelModel {
                 return Err(unavailable(reason));
             }
         }
-        let mut local: Vec<&mut SessionState> = states.iter_mut().map(|s| s.local()).collect();
+        let mut local: Vec<&mut SessionState> = states
+            .iter_mut()
+            .map(|s| s.local().expect("checked: tensor-parallel states"))
+            .collect();
         let Inner {
             collective, stats, ..
         } = &mut *inner;
@@ -634,6 +478,7 @@ fn follow(
                     Ok(_) | Err(ForwardError::Input(_)) => {}
                     // The leader sees the same failure; this rank has nothing left to do.
                     Err(ForwardError::Group(e)) => return Err(e.to_string()),
+                    Err(ForwardError::Device(e)) => return Err(e),
                 }
             }
         }

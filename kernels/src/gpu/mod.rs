@@ -114,6 +114,7 @@ pub struct Gpu {
     blas: CudaBlas,
     functions: HashMap<&'static str, CudaFunction>,
     pub name: String,
+    ordinal: usize,
 }
 
 /// A row-major `[rows, cols]` f32 matrix on the device, possibly a column block of a wider one
@@ -177,11 +178,16 @@ impl Gpu {
         let blas = CudaBlas::new(stream.clone()).map_err(|e| GpuError::Blas(e.to_string()))?;
         Ok(Gpu {
             name: ctx.name().map_err(driver)?,
+            ordinal,
             ctx,
             stream,
             blas,
             functions,
         })
+    }
+
+    pub fn ordinal(&self) -> usize {
+        self.ordinal
     }
 
     /// Free and total device memory, in bytes.

@@ -3,6 +3,8 @@
 //! scan through `kernels/cuda/mamba.cu`; every session's conv window and SSM state live in a
 //! device-resident pool of slots, so a batched step reads and writes them in place.
 
+use std::sync::{Arc, Mutex};
+
 use tideway_kernels::Tensor;
 use tideway_kernels::gpu::{
     Arg, CudaSlice, DevMat, DeviceLinear, DeviceMatrix, Gpu, GpuError, MAX_CONV, MAX_STATE,
@@ -54,11 +56,21 @@ struct LayerPool {
     ssm: CudaSlice<f32>,
 }
 
-/// A session's place in the state pool, and how many tokens it has consumed.
+/// A session's place in the state pool, and how many tokens it has consumed. Dropping it
+/// returns the slot to the pool.
 #[derive(Debug)]
 pub struct GpuSession {
     slot: usize,
     pub position: usize,
+    free_slots: Arc<Mutex<Vec<usize>>>,
+}
+
+impl Drop for GpuSession {
+    fn drop(&mut self) {
+        if let Ok(mut free) = self.free_slots.lock() {
+            free.push(self.slot);
+        }
+    }
 }
 
 pub struct GpuMambaLm {
@@ -72,7 +84,7 @@ pub struct GpuMambaLm {
     /// The LM head when untied.
     lm_head: Option<DeviceLinear>,
     pools: Vec<LayerPool>,
-    free_slots: Vec<usize>,
+    free_slots: Arc<Mutex<Vec<usize>>>,
     slots: usize,
     scratch: Scratch,
 }
@@ -197,7 +209,7 @@ impl GpuMambaLm {
             norm_f,
             lm_head,
             pools,
-            free_slots: (0..slots).rev().collect(),
+            free_slots: Arc::new(Mutex::new((0..slots).rev().collect())),
             slots,
             scratch: Scratch::default(),
         })
@@ -244,8 +256,15 @@ impl GpuMambaLm {
     pub fn new_session(&mut self) -> Result<GpuSession, GpuModelError> {
         let slot = self
             .free_slots
+            .lock()
+            .expect("slot list")
             .pop()
             .ok_or(GpuModelError::PoolFull { slots: self.slots })?;
+        let session = GpuSession {
+            slot,
+            position: 0,
+            free_slots: self.free_slots.clone(),
+        };
         let c = self.config.mixer;
         let (e, k, n) = (c.d_inner, c.d_conv, c.d_state);
         let stream = self.gpu.stream.clone();
@@ -259,12 +278,7 @@ impl GpuMambaLm {
                 .memset_zeros(&mut ssm)
                 .map_err(|e| GpuError::Driver(e.to_string()))?;
         }
-        Ok(GpuSession { slot, position: 0 })
-    }
-
-    /// Returns a session's slot to the pool.
-    pub fn end_session(&mut self, session: GpuSession) {
-        self.free_slots.push(session.slot);
+        Ok(session)
     }
 
     /// The packed batch (see `MambaLm::forward_packed`): session `i` takes the next `lens[i]`

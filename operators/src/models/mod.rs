@@ -218,11 +218,7 @@ impl Model {
 }
 
 /// Checks ids against a vocabulary of `vocab`; `offset` is added to the reported position.
-pub(crate) fn check_token_ids(
-    tokens: &[u32],
-    vocab: usize,
-    offset: usize,
-) -> Result<(), InputError> {
+pub fn check_token_ids(tokens: &[u32], vocab: usize, offset: usize) -> Result<(), InputError> {
     match tokens.iter().position(|&t| t as usize >= vocab) {
         Some(i) => Err(InputError::TokenOutOfRange {
             token: tokens[i] as u64,

@@ -103,6 +103,8 @@ pub enum OpError {
     Input(String),
     /// The node cannot serve any more (a peer of the cluster was lost); retry elsewhere.
     Unavailable(String),
+    /// No room for another session (a GPU's state pool is full).
+    Capacity(String),
 }
 
 /// A change to the set of live sessions, for the control plane.

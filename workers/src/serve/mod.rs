@@ -28,7 +28,9 @@ use tideway_proto::tideway::v1::jobs_server::JobsServer;
 use tideway_proto::tideway::v1::models_server::ModelsServer;
 use tideway_proto::tideway::v1::streams_server::StreamsServer;
 
-use crate::tensor_parallel::{LanguageModel, ParallelArgs};
+use crate::device::Device;
+use crate::language_model::LanguageModel;
+use crate::tensor_parallel::ParallelArgs;
 use engine::{Engine, RuntimeConfig};
 use sessions::{ServedKind, ServedModel};
 use tideway_operators::models::{is_lmuformer, load_lmuformer};
@@ -73,6 +75,17 @@ pub struct ServeArgs {
     max_message_bytes: usize,
     #[command(flatten)]
     pub parallel: ParallelArgs,
+    /// Where language models run: cpu, or cuda:N (a build with --features cuda; Mamba so
+    /// far). Feature models (LMUFormer) run on the CPU.
+    #[arg(long, default_value = "cpu")]
+    device: Device,
+    /// Weight storage on a GPU: f32, or bf16 with f32 accumulation.
+    #[arg(long, value_enum, default_value = "f32")]
+    dtype: crate::run::WeightStorage,
+    /// Most sessions a GPU's device-resident state pool holds (fewer if its free memory
+    /// holds fewer; ModelInfo reports the number).
+    #[arg(long, default_value_t = 4096)]
+    gpu_sessions: usize,
     /// Serialise records exchanged between workers of this process as a cluster would
     /// (exercises the wire format on one machine).
     #[arg(long, hide = true)]
@@ -105,7 +118,7 @@ pub fn serve(args: ServeArgs) -> Result<()> {
         models.push(load_served(
             crate::default_model::NAME.to_string(),
             &dir,
-            &args.parallel,
+            &Placement::of(&args)?,
         )?);
     }
     for arg in &args.models {
@@ -113,7 +126,7 @@ pub fn serve(args: ServeArgs) -> Result<()> {
         if models.iter().any(|m: &ServedModel| m.name == name) {
             bail!("two models are named {name:?}: name them with NAME=DIR");
         }
-        models.push(load_served(name, &dir, &args.parallel)?);
+        models.push(load_served(name, &dir, &Placement::of(&args)?)?);
     }
     let (hosts, process) = match (&args.hosts, args.process) {
         (Some(file), Some(process)) => {
@@ -196,31 +209,96 @@ pub fn serve(args: ServeArgs) -> Result<()> {
     result
 }
 
+/// Where a language model runs: split over a tensor-parallel group, or on a device.
+pub struct Placement {
+    parallel: ParallelArgs,
+    device: Device,
+    #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
+    dtype: crate::run::WeightStorage,
+    #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
+    gpu_sessions: usize,
+}
+
+impl Placement {
+    fn of(args: &ServeArgs) -> Result<Self> {
+        if args.device != Device::Cpu && args.parallel.tensor_parallel > 1 {
+            bail!(
+                "--tensor-parallel runs on the CPU so far: leave out --device, or --tensor-parallel"
+            );
+        }
+        if args.device == Device::Cpu && args.dtype != crate::run::WeightStorage::F32 {
+            bail!("--dtype bf16 is for --device cuda:N; the CPU path keeps f32 weights");
+        }
+        Ok(Placement {
+            parallel: args.parallel.clone(),
+            device: args.device,
+            dtype: args.dtype,
+            gpu_sessions: args.gpu_sessions,
+        })
+    }
+
+    fn cpu() -> Self {
+        Placement {
+            parallel: ParallelArgs::default(),
+            device: Device::Cpu,
+            dtype: crate::run::WeightStorage::F32,
+            gpu_sessions: 0,
+        }
+    }
+
+    fn load(&self, dir: &std::path::Path) -> Result<LanguageModel> {
+        match self.device {
+            Device::Cpu => LanguageModel::load(dir, &self.parallel),
+            #[cfg(feature = "cuda")]
+            Device::Cuda(ordinal) => {
+                let dtype = match self.dtype {
+                    crate::run::WeightStorage::F32 => tideway_kernels::gpu::WeightDtype::F32,
+                    crate::run::WeightStorage::Bf16 => tideway_kernels::gpu::WeightDtype::Bf16,
+                };
+                LanguageModel::load_gpu(dir, ordinal, dtype, self.gpu_sessions.max(1))
+            }
+            #[cfg(not(feature = "cuda"))]
+            Device::Cuda(ordinal) => bail!(
+                "--device cuda:{ordinal}: this tideway was built without CUDA support; build it with `cargo build --release --features cuda`"
+            ),
+        }
+    }
+}
+
 /// Loads one model to serve: a feature model (LMUFormer) or a language model (split over a
-/// tensor-parallel group with `--tensor-parallel`) with the `tokenizer.json` beside it, if any.
-fn load_served(
-    name: String,
-    dir: &std::path::Path,
-    parallel: &ParallelArgs,
-) -> Result<ServedModel> {
+/// tensor-parallel group with `--tensor-parallel`, or on a GPU with `--device`) with the
+/// `tokenizer.json` beside it, if any.
+fn load_served(name: String, dir: &std::path::Path, placement: &Placement) -> Result<ServedModel> {
     let context = || format!("cannot load model {name:?} from {}", dir.display());
     let kind = if is_lmuformer(dir).with_context(context)? {
-        // Feature models are small and run whole on every worker.
+        // Feature models are small and run whole on every worker, on the CPU.
+        if placement.device != Device::Cpu {
+            tracing::info!(model = %name, "feature models run on the CPU; --device applies to language models");
+        }
         ServedKind::Features(Box::new(load_lmuformer(dir).with_context(context)?))
     } else {
         ServedKind::Language {
-            model: Box::new(LanguageModel::load(dir, parallel).with_context(context)?),
+            model: Box::new(placement.load(dir).with_context(context)?),
             tokenizer: TextTokenizer::find(dir)
                 .with_context(context)?
                 .map(Box::new),
         }
     };
     let served = ServedModel { name, kind };
-    let ranks = match &served.kind {
-        ServedKind::Language { model, .. } => model.ranks(),
-        ServedKind::Features(_) => 1,
-    };
-    tracing::info!(model = %served.name, dir = %dir.display(), family = served.family(), tensor_parallel = ranks, "loaded");
+    match &served.kind {
+        ServedKind::Language { model, .. } => tracing::info!(
+            model = %served.name,
+            dir = %dir.display(),
+            family = served.family(),
+            tensor_parallel = model.ranks(),
+            device = %model.device(),
+            session_capacity = model.session_capacity().map_or("host memory".to_string(), |n| n.to_string()),
+            "loaded"
+        ),
+        ServedKind::Features(_) => {
+            tracing::info!(model = %served.name, dir = %dir.display(), family = served.family(), "loaded")
+        }
+    }
     Ok(served)
 }
 
@@ -230,7 +308,7 @@ fn load_served(
 pub fn start_in_process(models: Vec<(String, PathBuf)>, workers: usize) -> Result<SocketAddr> {
     let served = models
         .into_iter()
-        .map(|(name, dir)| load_served(name, &dir, &ParallelArgs::default()))
+        .map(|(name, dir)| load_served(name, &dir, &Placement::cpu()))
         .collect::<Result<Vec<_>>>()?;
     let config = RuntimeConfig {
         threads: workers.max(1),

@@ -399,6 +399,14 @@ pub fn model_info(engine: &Engine, index: usize) -> pb::ModelInfo {
             ServedKind::Features(f) => f.config().labels.clone().unwrap_or_default(),
             ServedKind::Language { .. } => Vec::new(),
         },
+        session_capacity: match &m.kind {
+            ServedKind::Language { model, .. } => model.session_capacity().unwrap_or(0) as u64,
+            ServedKind::Features(_) => 0,
+        },
+        device: match &m.kind {
+            ServedKind::Language { model, .. } => model.device().to_string(),
+            ServedKind::Features(_) => "cpu".into(),
+        },
     }
 }
 

@@ -23,7 +23,7 @@ use tideway_operators::tokenizers::sensor::SensorStream;
 use tideway_operators::tokenizers::text::{TextStream, TextTokenizer};
 
 use super::messages::{Op, OpError, Reply, Request, Response, SessionEvent, SessionKey, StepInput};
-use crate::tensor_parallel::{LanguageModel, LmState};
+use crate::language_model::{LanguageModel, LmState};
 
 /// What a served model is: a language model (token ids in, logits out; text too with a
 /// tokenizer), or a feature model (feature, audio or sensor frames in, per-frame outputs).
@@ -93,10 +93,11 @@ impl ServedModel {
         matches!(self.kind, ServedKind::Language { .. })
     }
 
-    fn new_state(&self) -> SessionData {
-        match &self.kind {
+    /// A fresh session's state, or why none can start (a GPU's state pool is full).
+    fn new_state(&self) -> Result<SessionData, OpError> {
+        Ok(match &self.kind {
             ServedKind::Language { model, .. } => SessionData::Language {
-                state: model.new_state(),
+                state: model.new_state().map_err(OpError::Capacity)?,
                 text: TextStream::default(),
             },
             ServedKind::Features(m) => SessionData::Features {
@@ -104,7 +105,7 @@ impl ServedModel {
                 audio: m.audio_frontend().map(|a| Box::new(a.new_stream())),
                 sensor: SensorStream::default(),
             },
-        }
+        })
     }
 
     /// The front-end stage: raw input → what the model consumes, with the session's
@@ -383,11 +384,18 @@ impl SessionTable {
                         // A start on a live session ends the old one first.
                         self.remove(request.session);
                         self.expired.remove(&request.session);
+                        let state = match served.new_state() {
+                            Ok(state) => state,
+                            Err(err) => {
+                                responses.push(answer(Err(err)));
+                                continue;
+                            }
+                        };
                         self.event(request.session, model, 1, false);
                         Session {
                             name: name.clone(),
                             model,
-                            state: served.new_state(),
+                            state,
                             last_used: now,
                         }
                     } else {
@@ -473,8 +481,9 @@ impl SessionTable {
                         .map(|logits| (logits.into_vec(), lens))
                         .map_err(|e| match e {
                             ForwardError::Input(e) => OpError::Input(e.to_string()),
-                            // A tensor-parallel rank or its transport failed.
+                            // A tensor-parallel rank or its transport failed, or the GPU.
                             ForwardError::Group(e) => OpError::Unavailable(e.to_string()),
+                            ForwardError::Device(e) => OpError::Unavailable(e),
                         })
                 }
                 ServedKind::Features(m) => {

@@ -44,6 +44,7 @@ pub fn op_status(e: &OpError, unknown_code: tonic::Code) -> Status {
         }
         OpError::Input(message) => Status::invalid_argument(message.clone()),
         OpError::Unavailable(message) => Status::unavailable(message.clone()),
+        OpError::Capacity(message) => Status::resource_exhausted(message.clone()),
     }
 }
 

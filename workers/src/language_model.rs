@@ -1,0 +1,315 @@
+//! The language model a command or the server runs: whole on the CPU, split over a
+//! tensor-parallel group ([`crate::tensor_parallel`]), or on a GPU (feature `cuda`), behind
+//! one interface with one session-state type.
+
+use std::path::Path;
+use std::sync::{Arc, Mutex};
+
+use anyhow::{Context, Result, bail};
+use tideway_kernels::Tensor;
+use tideway_operators::models::{Model, SessionState};
+use tideway_operators::{ForwardError, InputError};
+
+use crate::tensor_parallel::{CommStats, ParallelArgs, ParallelModel, Wiring, load_rank};
+
+/// A language model: whole, split over a tensor-parallel group, or on a GPU.
+pub enum LanguageModel {
+    Whole(Box<Model>),
+    Parallel(Box<ParallelModel>),
+    /// On a GPU (feature `cuda`), with its sessions' state in the device's slot pool.
+    #[cfg(feature = "cuda")]
+    Gpu(Box<std::sync::Mutex<tideway_operators::gpu::GpuMambaLm>>),
+}
+
+/// One session's state for a [`LanguageModel`].
+pub enum LmState {
+    Whole(SessionState),
+    /// A slot of the GPU's state pool (freed when dropped).
+    #[cfg(feature = "cuda")]
+    Gpu(tideway_operators::gpu::GpuSession),
+    /// Rank 0's slices here; the other ranks hold theirs under `key`.
+    Parallel {
+        state: SessionState,
+        key: u64,
+        released: Arc<Mutex<Vec<u64>>>,
+    },
+}
+
+impl Drop for LmState {
+    fn drop(&mut self) {
+        if let LmState::Parallel { key, released, .. } = self
+            && let Ok(mut keys) = released.lock()
+        {
+            keys.push(*key);
+        }
+    }
+}
+
+impl LmState {
+    pub fn position(&self) -> usize {
+        match self {
+            LmState::Whole(s) | LmState::Parallel { state: s, .. } => s.position(),
+            #[cfg(feature = "cuda")]
+            LmState::Gpu(s) => s.position,
+        }
+    }
+
+    /// The state on this host (the whole model's, or rank 0's slices).
+    pub(crate) fn local(&mut self) -> Option<&mut SessionState> {
+        match self {
+            LmState::Whole(s) | LmState::Parallel { state: s, .. } => Some(s),
+            #[cfg(feature = "cuda")]
+            LmState::Gpu(_) => None,
+        }
+    }
+}
+
+impl LanguageModel {
+    /// Loads `dir` whole (`parallel.tensor_parallel` 1) or as a tensor-parallel group.
+    pub fn load(dir: &Path, parallel: &ParallelArgs) -> Result<Self> {
+        Self::load_wired(dir, parallel, Wiring::Config)
+    }
+
+    /// [`load`](Self::load) with the residual wiring overridden.
+    pub fn load_wired(dir: &Path, parallel: &ParallelArgs, wiring: Wiring) -> Result<Self> {
+        let context = || format!("cannot load model from {}", dir.display());
+        match parallel.tensor_parallel {
+            0 => bail!("--tensor-parallel must be at least 1"),
+            1 => Ok(LanguageModel::Whole(Box::new(
+                load_rank(dir, 0, 1, wiring).with_context(context)?,
+            ))),
+            size => Ok(LanguageModel::Parallel(Box::new(
+                ParallelModel::start(dir, size, parallel, wiring).with_context(context)?,
+            ))),
+        }
+    }
+
+    /// Loads `dir` onto GPU `ordinal` with a state pool of up to `max_sessions` slots.
+    #[cfg(feature = "cuda")]
+    pub fn load_gpu(
+        dir: &Path,
+        ordinal: usize,
+        dtype: tideway_kernels::gpu::WeightDtype,
+        max_sessions: usize,
+    ) -> Result<Self> {
+        let gpu = tideway_kernels::gpu::Gpu::open(ordinal)
+            .with_context(|| format!("cannot use cuda:{ordinal}"))?;
+        let model = tideway_operators::gpu::load_gpu_model(dir, gpu, dtype, max_sessions)
+            .with_context(|| {
+                format!(
+                    "cannot load model from {} onto cuda:{ordinal}",
+                    dir.display()
+                )
+            })?;
+        Ok(LanguageModel::Gpu(Box::new(std::sync::Mutex::new(model))))
+    }
+
+    /// The model on this host's CPU (the whole model, or rank 0's shard); None on a GPU.
+    fn cpu(&self) -> Option<&Model> {
+        match self {
+            LanguageModel::Whole(m) => Some(m),
+            LanguageModel::Parallel(p) => Some(p.leader()),
+            #[cfg(feature = "cuda")]
+            LanguageModel::Gpu(_) => None,
+        }
+    }
+
+    /// Reads the GPU model (only called on the `Gpu` variant).
+    #[cfg(feature = "cuda")]
+    fn on_gpu<T>(&self, f: impl FnOnce(&tideway_operators::gpu::GpuMambaLm) -> T) -> Option<T> {
+        match self {
+            LanguageModel::Gpu(m) => m.lock().ok().map(|m| f(&m)),
+            _ => None,
+        }
+    }
+
+    /// A property of the model, wherever it runs.
+    fn info<T>(
+        &self,
+        cpu: impl FnOnce(&Model) -> T,
+        #[cfg_attr(not(feature = "cuda"), allow(unused_variables))] gpu: impl FnOnce(&GpuModelInfo) -> T,
+    ) -> T {
+        if let Some(m) = self.cpu() {
+            return cpu(m);
+        }
+        #[cfg(feature = "cuda")]
+        if let Some(info) = self.on_gpu(GpuModelInfo::of) {
+            return gpu(&info);
+        }
+        unreachable!("a language model runs on the CPU or a GPU")
+    }
+
+    /// Ranks in the group (1 for a whole model).
+    pub fn ranks(&self) -> usize {
+        match self {
+            LanguageModel::Parallel(p) => p.size(),
+            _ => 1,
+        }
+    }
+
+    pub fn vocab_size(&self) -> usize {
+        self.info(Model::vocab_size, |g| g.vocab_size)
+    }
+
+    pub fn output_width(&self) -> usize {
+        self.info(Model::output_width, |g| g.output_width)
+    }
+
+    pub fn family(&self) -> &'static str {
+        self.info(Model::family, |_| "mamba")
+    }
+
+    /// Bytes of one session's state, over all ranks.
+    pub fn state_bytes(&self) -> usize {
+        self.info(|m| m.state_bytes() * self.ranks(), |g| g.state_bytes)
+    }
+
+    /// Bytes of the parameters one rank (or the GPU) holds.
+    pub fn weight_bytes(&self) -> usize {
+        self.info(Model::weight_bytes, |g| g.weight_bytes)
+    }
+
+    /// Where the model runs.
+    pub fn device(&self) -> crate::device::Device {
+        #[cfg(feature = "cuda")]
+        if let Some(ordinal) = self.on_gpu(|m| m.gpu().ordinal()) {
+            return crate::device::Device::Cuda(ordinal);
+        }
+        crate::device::Device::Cpu
+    }
+
+    /// Sessions that fit (the GPU's state pool); None where only host memory limits them.
+    pub fn session_capacity(&self) -> Option<usize> {
+        self.info(|_| None, |g| Some(g.capacity))
+    }
+
+    pub fn check_tokens(&self, tokens: &[u32], offset: usize) -> Result<(), InputError> {
+        tideway_operators::models::check_token_ids(tokens, self.vocab_size(), offset)
+    }
+
+    /// A fresh session, or why none can start (the GPU's state pool is full).
+    pub fn new_state(&self) -> Result<LmState, String> {
+        match self {
+            LanguageModel::Whole(m) => Ok(LmState::Whole(m.new_state())),
+            LanguageModel::Parallel(p) => Ok(p.new_state()),
+            #[cfg(feature = "cuda")]
+            LanguageModel::Gpu(m) => {
+                let mut m = m
+                    .lock()
+                    .map_err(|_| "the GPU model's lock is poisoned".to_string())?;
+                m.new_session().map(LmState::Gpu).map_err(|e| e.to_string())
+            }
+        }
+    }
+
+    /// The packed batch (see `Model::forward_packed`); on a group, run by every rank.
+    pub fn forward_packed(
+        &self,
+        tokens: &[u32],
+        lens: &[usize],
+        states: &mut [&mut LmState],
+    ) -> Result<Tensor, ForwardError> {
+        match self {
+            LanguageModel::Whole(m) => {
+                let mut inner = states
+                    .iter_mut()
+                    .map(|s| s.local().ok_or(InputError::WrongState))
+                    .collect::<Result<Vec<_>, _>>()?;
+                Ok(m.forward_packed(tokens, lens, &mut inner)?)
+            }
+            LanguageModel::Parallel(p) => p.forward_packed(tokens, lens, states),
+            #[cfg(feature = "cuda")]
+            LanguageModel::Gpu(m) => {
+                use tideway_operators::gpu::GpuModelError;
+                let mut sessions = states
+                    .iter_mut()
+                    .map(|s| match &mut **s {
+                        LmState::Gpu(g) => Ok(g),
+                        _ => Err(InputError::WrongState),
+                    })
+                    .collect::<Result<Vec<_>, _>>()?;
+                let mut m = m
+                    .lock()
+                    .map_err(|_| ForwardError::Device("the GPU model's lock is poisoned".into()))?;
+                m.forward_packed(tokens, lens, &mut sessions)
+                    .map_err(|e| match e {
+                        GpuModelError::Input(e) => ForwardError::Input(e),
+                        other => ForwardError::Device(other.to_string()),
+                    })
+            }
+        }
+    }
+
+    /// The chunked form over a whole sequence in chunks of `chunk_len`, `on_chunk(done,
+    /// total)` after each.
+    pub fn prefill_chunked_with_progress(
+        &self,
+        tokens: &[u32],
+        state: &mut LmState,
+        chunk_len: usize,
+        mut on_chunk: impl FnMut(usize, usize),
+    ) -> Result<Tensor, ForwardError> {
+        if tokens.is_empty() {
+            return Err(InputError::Empty.into());
+        }
+        self.check_tokens(tokens, 0)?;
+        let width = self.output_width();
+        let mut logits = Tensor::zeros(&[tokens.len(), width]);
+        let mut done = 0;
+        for chunk in tokens.chunks(chunk_len.max(1)) {
+            let part = self.forward_packed(chunk, &[chunk.len()], &mut [&mut *state])?;
+            logits.data_mut()[done * width..(done + chunk.len()) * width]
+                .copy_from_slice(part.data());
+            done += chunk.len();
+            on_chunk(done, tokens.len());
+        }
+        Ok(logits)
+    }
+
+    /// One token for each session.
+    pub fn step(
+        &self,
+        tokens: &[u32],
+        states: &mut [&mut LmState],
+    ) -> Result<Tensor, ForwardError> {
+        if tokens.len() != states.len() {
+            return Err(InputError::BatchMismatch {
+                sessions: states.len(),
+                tokens: tokens.len(),
+            }
+            .into());
+        }
+        self.forward_packed(tokens, &vec![1; tokens.len()], states)
+    }
+
+    /// Communication so far (zeros without tensor parallelism).
+    pub fn comm_stats(&self) -> CommStats {
+        match self {
+            LanguageModel::Parallel(p) => p.comm_stats(),
+            _ => CommStats::default(),
+        }
+    }
+}
+
+/// What the command line and the server read of a GPU model.
+#[cfg_attr(not(feature = "cuda"), allow(dead_code))]
+struct GpuModelInfo {
+    vocab_size: usize,
+    output_width: usize,
+    state_bytes: usize,
+    weight_bytes: usize,
+    capacity: usize,
+}
+
+#[cfg(feature = "cuda")]
+impl GpuModelInfo {
+    fn of(m: &tideway_operators::gpu::GpuMambaLm) -> Self {
+        GpuModelInfo {
+            vocab_size: m.config.vocab_size,
+            output_width: m.logits_width(),
+            state_bytes: m.state_bytes(),
+            weight_bytes: m.weight_bytes(),
+            capacity: m.session_capacity(),
+        }
+    }
+}
