@@ -18,7 +18,7 @@ pub enum LanguageModel {
     Parallel(Box<ParallelModel>),
     /// On a GPU (feature `cuda`), with its sessions' state in the device's slot pool.
     #[cfg(feature = "cuda")]
-    Gpu(Box<std::sync::Mutex<tideway_operators::gpu::GpuMambaLm>>),
+    Gpu(Box<std::sync::Mutex<tideway_operators::gpu::GpuModel>>),
 }
 
 /// One session's state for a [`LanguageModel`].
@@ -116,7 +116,7 @@ impl LanguageModel {
 
     /// Reads the GPU model (only called on the `Gpu` variant).
     #[cfg(feature = "cuda")]
-    fn on_gpu<T>(&self, f: impl FnOnce(&tideway_operators::gpu::GpuMambaLm) -> T) -> Option<T> {
+    fn on_gpu<T>(&self, f: impl FnOnce(&tideway_operators::gpu::GpuModel) -> T) -> Option<T> {
         match self {
             LanguageModel::Gpu(m) => m.lock().ok().map(|m| f(&m)),
             _ => None,
@@ -156,7 +156,7 @@ impl LanguageModel {
     }
 
     pub fn family(&self) -> &'static str {
-        self.info(Model::family, |_| "mamba")
+        self.info(Model::family, |g| g.family)
     }
 
     /// Bytes of one session's state, over all ranks.
@@ -294,6 +294,7 @@ impl LanguageModel {
 /// What the command line and the server read of a GPU model.
 #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
 struct GpuModelInfo {
+    family: &'static str,
     vocab_size: usize,
     output_width: usize,
     state_bytes: usize,
@@ -303,9 +304,10 @@ struct GpuModelInfo {
 
 #[cfg(feature = "cuda")]
 impl GpuModelInfo {
-    fn of(m: &tideway_operators::gpu::GpuMambaLm) -> Self {
+    fn of(m: &tideway_operators::gpu::GpuModel) -> Self {
         GpuModelInfo {
-            vocab_size: m.config.vocab_size,
+            family: m.family(),
+            vocab_size: m.vocab_size(),
             output_width: m.logits_width(),
             state_bytes: m.state_bytes(),
             weight_bytes: m.weight_bytes(),

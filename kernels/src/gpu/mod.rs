@@ -21,13 +21,14 @@ use cudarc::driver::{
 
 /// The CUDA C sources, in the order they are concatenated into one NVRTC program (later files
 /// use the helpers of `common.cu`).
-pub const KERNEL_SOURCES: [(&str, &str); 2] = [
+pub const KERNEL_SOURCES: [(&str, &str); 3] = [
     ("common.cu", include_str!("../../cuda/common.cu")),
     ("mamba.cu", include_str!("../../cuda/mamba.cu")),
+    ("fla.cu", include_str!("../../cuda/fla.cu")),
 ];
 
 /// Every `extern "C"` kernel of [`KERNEL_SOURCES`].
-pub const KERNELS: [&str; 8] = [
+pub const KERNELS: [&str; 18] = [
     "embed_rows_f32",
     "embed_rows_bf16",
     "rms_norm",
@@ -36,12 +37,26 @@ pub const KERNELS: [&str; 8] = [
     "add_bias",
     "mamba_conv_silu",
     "mamba_scan",
+    "short_conv",
+    "activate",
+    "gla_gate",
+    "sigmoid_scale",
+    "gdn_log_decay",
+    "head_normalize",
+    "rotary",
+    "silu_mul",
+    "gla_recurrent",
+    "delta_recurrent",
 ];
 
 /// Longest conv kernel and largest SSM state the Mamba kernels hold in registers
 /// (`MAX_CONV`, `MAX_STATE` in mamba.cu).
 pub const MAX_CONV: usize = 8;
 pub const MAX_STATE: usize = 64;
+/// Widest key head the linear-attention recurrences hold (`MAX_DK` in fla.cu), and the
+/// widest value head (one thread per value column).
+pub const MAX_DK: usize = 256;
+pub const MAX_DV: usize = 1024;
 
 #[derive(Debug, thiserror::Error)]
 pub enum GpuError {
@@ -333,6 +348,32 @@ impl Gpu {
             Arg::I32(cols as i32),
         ];
         self.launch("add_bias", Self::grid_1d(rows * cols), &args)
+    }
+
+    /// Launches kernel `name` on a `grid` of blocks of `block` threads.
+    pub fn launch_grid(
+        &self,
+        name: &'static str,
+        grid: (u32, u32),
+        block: u32,
+        args: &[Arg],
+    ) -> Result<(), GpuError> {
+        let config = LaunchConfig {
+            grid_dim: (grid.0.max(1), grid.1.max(1), 1),
+            block_dim: (block, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        self.launch(name, config, args)
+    }
+
+    /// Launches an elementwise kernel over `n` items (one thread each).
+    pub fn launch_elementwise(
+        &self,
+        name: &'static str,
+        n: usize,
+        args: &[Arg],
+    ) -> Result<(), GpuError> {
+        self.launch(name, Self::grid_1d(n), args)
     }
 
     /// A kernel over (channels, segments): `mamba_conv_silu` and `mamba_scan`.

@@ -3,8 +3,6 @@
 //! scan through `kernels/cuda/mamba.cu`; every session's conv window and SSM state live in a
 //! device-resident pool of slots, so a batched step reads and writes them in place.
 
-use std::sync::{Arc, Mutex};
-
 use tideway_kernels::Tensor;
 use tideway_kernels::gpu::{
     Arg, CudaSlice, DevMat, DeviceLinear, DeviceMatrix, Gpu, GpuError, MAX_CONV, MAX_STATE,
@@ -12,24 +10,10 @@ use tideway_kernels::gpu::{
 };
 
 use crate::checkpoint::Checkpoint;
-use crate::error::{InputError, LoadError};
+use crate::error::InputError;
+use crate::gpu::{DeviceBatch, GpuModelError, GpuSession, Head, SlotPool, zero_slot};
 use crate::models::mamba::MambaConfig;
 use crate::models::{check_token_ids, packed_segments};
-
-/// Why a GPU model could not load or run.
-#[derive(Debug, thiserror::Error)]
-pub enum GpuModelError {
-    #[error(transparent)]
-    Load(#[from] LoadError),
-    #[error(transparent)]
-    Gpu(#[from] GpuError),
-    #[error(transparent)]
-    Input(#[from] InputError),
-    #[error(
-        "all {slots} session slots on the GPU are in use; end a session first (the pool was sized from free device memory)"
-    )]
-    PoolFull { slots: usize },
-}
 
 struct GpuMixer {
     in_proj: DeviceLinear,
@@ -56,23 +40,6 @@ struct LayerPool {
     ssm: CudaSlice<f32>,
 }
 
-/// A session's place in the state pool, and how many tokens it has consumed. Dropping it
-/// returns the slot to the pool.
-#[derive(Debug)]
-pub struct GpuSession {
-    slot: usize,
-    pub position: usize,
-    free_slots: Arc<Mutex<Vec<usize>>>,
-}
-
-impl Drop for GpuSession {
-    fn drop(&mut self) {
-        if let Ok(mut free) = self.free_slots.lock() {
-            free.push(self.slot);
-        }
-    }
-}
-
 pub struct GpuMambaLm {
     pub config: MambaConfig,
     pub dtype: WeightDtype,
@@ -84,8 +51,7 @@ pub struct GpuMambaLm {
     /// The LM head when untied.
     lm_head: Option<DeviceLinear>,
     pools: Vec<LayerPool>,
-    free_slots: Arc<Mutex<Vec<usize>>>,
-    slots: usize,
+    slots: SlotPool,
     scratch: Scratch,
 }
 
@@ -177,21 +143,12 @@ impl GpuMambaLm {
             false => Some(linear("lm_head.weight", None, v, d)?),
         };
         let norm_f = up(checkpoint.load("backbone.norm_f.weight", &[d])?.as_slice())?;
-        // The state pool: what free memory holds after the weights, keeping a tenth (and
-        // room for a 1024-token chunk's activations) for the forward's temporaries.
+        // The state pool: what free memory holds after the weights, with room for a
+        // 1024-token chunk's activations.
         let per_session = 4 * config.num_layers * e * (k + n);
-        let (free, _) = gpu.memory()?;
         let activations = 4 * 1024 * (4 * e + 2 * d + r + 2 * n + v);
-        let budget = (free as f64 * 0.9) as usize;
-        let fit = budget.saturating_sub(activations) / per_session.max(1);
-        let slots = max_sessions.min(fit);
-        if slots == 0 {
-            return Err(GpuError::Unsupported(format!(
-                "the GPU has {:.1} GiB free: not enough for one session's state ({per_session} bytes) beside the weights",
-                free as f64 / (1u64 << 30) as f64
-            ))
-            .into());
-        }
+        let pool = SlotPool::sized(&gpu, max_sessions, per_session, activations)?;
+        let slots = pool.slots;
         let pools = (0..config.num_layers)
             .map(|_| {
                 Ok(LayerPool {
@@ -209,8 +166,7 @@ impl GpuMambaLm {
             norm_f,
             lm_head,
             pools,
-            free_slots: Arc::new(Mutex::new((0..slots).rev().collect())),
-            slots,
+            slots: pool,
             scratch: Scratch::default(),
         })
     }
@@ -221,7 +177,7 @@ impl GpuMambaLm {
 
     /// Sessions the state pool holds.
     pub fn session_capacity(&self) -> usize {
-        self.slots
+        self.slots.slots
     }
 
     /// Bytes of one session's state (on the device).
@@ -254,29 +210,12 @@ impl GpuMambaLm {
 
     /// A fresh session: a free slot, its state zeroed.
     pub fn new_session(&mut self) -> Result<GpuSession, GpuModelError> {
-        let slot = self
-            .free_slots
-            .lock()
-            .expect("slot list")
-            .pop()
-            .ok_or(GpuModelError::PoolFull { slots: self.slots })?;
-        let session = GpuSession {
-            slot,
-            position: 0,
-            free_slots: self.free_slots.clone(),
-        };
+        let session = self.slots.take()?;
         let c = self.config.mixer;
         let (e, k, n) = (c.d_inner, c.d_conv, c.d_state);
-        let stream = self.gpu.stream.clone();
         for pool in &mut self.pools {
-            let mut conv = pool.conv.slice_mut(slot * e * k..(slot + 1) * e * k);
-            stream
-                .memset_zeros(&mut conv)
-                .map_err(|e| GpuError::Driver(e.to_string()))?;
-            let mut ssm = pool.ssm.slice_mut(slot * e * n..(slot + 1) * e * n);
-            stream
-                .memset_zeros(&mut ssm)
-                .map_err(|e| GpuError::Driver(e.to_string()))?;
+            zero_slot(&self.gpu, &mut pool.conv, session.slot, e * k)?;
+            zero_slot(&self.gpu, &mut pool.ssm, session.slot, e * n)?;
         }
         Ok(session)
     }
@@ -295,15 +234,8 @@ impl GpuMambaLm {
         let (m, v, eps) = (tokens.len(), self.logits_width(), self.config.norm_eps);
         let gpu = &self.gpu;
         let ids = gpu.upload(tokens)?;
-        let seg_start: Vec<i32> = segments.iter().map(|s| s.start as i32).collect();
-        let seg_len: Vec<i32> = segments.iter().map(|s| s.len() as i32).collect();
-        let seg_slot: Vec<i32> = sessions.iter().map(|s| s.slot as i32).collect();
-        let (starts, lens_dev, slots) = (
-            gpu.upload(&seg_start)?,
-            gpu.upload(&seg_len)?,
-            gpu.upload(&seg_slot)?,
-        );
-        let (starts, lens_dev, slots) = (gpu.ptr(&starts), gpu.ptr(&lens_dev), gpu.ptr(&slots));
+        let batch = DeviceBatch::upload(gpu, &segments, sessions)?;
+        let (starts, lens_dev, slots) = (batch.starts, batch.lens, batch.slots);
         let segment_count = segments.len() as i32;
 
         let residual = gpu.zeros(m * d)?;
@@ -393,55 +325,20 @@ impl GpuMambaLm {
             gpu.add_inplace(p(&residual), p(&mixed), m * d)?;
         }
         gpu.rms_norm(p(&residual), p(&self.norm_f), m, d, eps, p(&normed))?;
-        let logits = gpu.zeros(m * v)?;
-        let x = DevMat::dense(gpu, &normed, m, d);
-        match &self.lm_head {
-            Some(head) => head.forward(gpu, x, p(&logits), &mut self.scratch)?,
-            // Tied: the head is the embedding matrix.
-            None => gpu.gemm(x, &self.embedding, v, p(&logits), &mut self.scratch)?,
-        }
-        let host = gpu.download(&logits, m * v)?;
+        let head = Head {
+            lm_head: self.lm_head.as_ref(),
+            embedding: &self.embedding,
+            width: v,
+        };
+        let logits = head.logits(gpu, DevMat::dense(gpu, &normed, m, d), &mut self.scratch)?;
         for (session, len) in sessions.iter_mut().zip(lens) {
             session.position += len;
         }
-        Ok(Tensor::from_vec(host, &[m, v]).expect("logits sized [m, v]"))
+        Ok(logits)
     }
 
     /// Checks ids against the vocabulary.
     pub fn check_tokens(&self, tokens: &[u32], offset: usize) -> Result<(), InputError> {
         check_token_ids(tokens, self.config.vocab_size, offset)
     }
-}
-
-/// Loads the checkpoint in `dir` onto `gpu`: a Mamba model (the family the GPU path runs so
-/// far), or an error naming the family that must stay on the CPU.
-pub fn load_gpu_model(
-    dir: &std::path::Path,
-    gpu: Gpu,
-    dtype: WeightDtype,
-    max_sessions: usize,
-) -> Result<GpuMambaLm, GpuModelError> {
-    let config = crate::models::config::ConfigJson::read(dir)?;
-    match config.model_type()? {
-        Some("mamba") => {}
-        None if config.has("d_model") && config.has("n_layer") => {}
-        other => {
-            return Err(GpuError::Unsupported(format!(
-                "{}: the GPU path runs Mamba models so far; model_type {} runs on the CPU (leave out --device)",
-                dir.display(),
-                other.map_or("(none)".to_string(), |t| format!("{t:?}"))
-            ))
-            .into());
-        }
-    }
-    let checkpoint = Checkpoint::open(dir)?;
-    let mamba = MambaConfig::from_config(&config, &checkpoint)?;
-    if mamba.ladder.iter().any(|&l| l) {
-        return Err(GpuError::Unsupported(format!(
-            "{}: ladder_layers is set; the GPU path runs the standard wiring so far",
-            dir.display()
-        ))
-        .into());
-    }
-    GpuMambaLm::load(mamba, &checkpoint, gpu, dtype, max_sessions)
 }

@@ -2,8 +2,318 @@
 //! weights (f32 or bf16) and every session's recurrent state resident on the device.
 //!
 //! The CPU models are the reference: `tideway gpu-check` compares the two on the committed
-//! fixtures. So far the Mamba family runs here; the others stay on the CPU.
+//! fixtures. Mamba and the linear-attention family (GLA, RetNet, DeltaNet, Gated DeltaNet)
+//! run here; linear attention with feature maps and the LMUFormers stay on the CPU.
 
+pub mod fla;
 pub mod mamba;
 
-pub use mamba::{GpuMambaLm, GpuModelError, GpuSession, load_gpu_model};
+use std::ops::Range;
+use std::path::Path;
+use std::sync::{Arc, Mutex};
+
+use tideway_kernels::Tensor;
+use tideway_kernels::gpu::{
+    CudaSlice, DevMat, DeviceLinear, DeviceMatrix, Gpu, GpuError, Scratch, WeightDtype,
+};
+
+use crate::checkpoint::Checkpoint;
+use crate::error::{InputError, LoadError};
+use crate::models::config::ConfigJson;
+
+pub use fla::GpuFlaLm;
+pub use mamba::GpuMambaLm;
+
+/// Why a GPU model could not load or run.
+#[derive(Debug, thiserror::Error)]
+pub enum GpuModelError {
+    #[error(transparent)]
+    Load(#[from] LoadError),
+    #[error(transparent)]
+    Gpu(#[from] GpuError),
+    #[error(transparent)]
+    Input(#[from] InputError),
+    #[error(
+        "all {slots} session slots on the GPU are in use; end a session first (the pool was sized from free device memory)"
+    )]
+    PoolFull { slots: usize },
+}
+
+/// A session's place in a model's state pool, and how many tokens it has consumed. Dropping
+/// it returns the slot to the pool.
+#[derive(Debug)]
+pub struct GpuSession {
+    slot: usize,
+    pub position: usize,
+    free_slots: Arc<Mutex<Vec<usize>>>,
+}
+
+impl Drop for GpuSession {
+    fn drop(&mut self) {
+        if let Ok(mut free) = self.free_slots.lock() {
+            free.push(self.slot);
+        }
+    }
+}
+
+/// The free slots of a device-resident state pool.
+pub(crate) struct SlotPool {
+    free: Arc<Mutex<Vec<usize>>>,
+    pub slots: usize,
+}
+
+impl SlotPool {
+    /// Sizes the pool: `wanted` slots, or fewer if free device memory (less a tenth, and room
+    /// for `activations` bytes of temporaries) holds fewer sessions of `per_session` bytes.
+    pub fn sized(
+        gpu: &Gpu,
+        wanted: usize,
+        per_session: usize,
+        activations: usize,
+    ) -> Result<Self, GpuError> {
+        let (free, _) = gpu.memory()?;
+        let budget = (free as f64 * 0.9) as usize;
+        let fit = budget.saturating_sub(activations) / per_session.max(1);
+        let slots = wanted.min(fit);
+        if slots == 0 {
+            return Err(GpuError::Unsupported(format!(
+                "the GPU has {:.1} GiB free: not enough for one session's state ({per_session} bytes) beside the weights",
+                free as f64 / (1u64 << 30) as f64
+            )));
+        }
+        Ok(SlotPool {
+            free: Arc::new(Mutex::new((0..slots).rev().collect())),
+            slots,
+        })
+    }
+
+    /// Takes a slot (its state must be zeroed by the caller).
+    pub fn take(&self) -> Result<GpuSession, GpuModelError> {
+        let slot = self
+            .free
+            .lock()
+            .expect("slot list")
+            .pop()
+            .ok_or(GpuModelError::PoolFull { slots: self.slots })?;
+        Ok(GpuSession {
+            slot,
+            position: 0,
+            free_slots: self.free.clone(),
+        })
+    }
+}
+
+/// Zeroes slot `slot` of a pool buffer holding `per_slot` floats per slot.
+pub(crate) fn zero_slot(
+    gpu: &Gpu,
+    pool: &mut CudaSlice<f32>,
+    slot: usize,
+    per_slot: usize,
+) -> Result<(), GpuError> {
+    let mut view = pool.slice_mut(slot * per_slot..(slot + 1) * per_slot);
+    gpu.stream
+        .memset_zeros(&mut view)
+        .map_err(|e| GpuError::Driver(e.to_string()))
+}
+
+/// A packed batch's layout on the device: each session's first row, row count and slot, and
+/// every row's position in its sequence (for RoPE).
+pub(crate) struct DeviceBatch {
+    pub segments: usize,
+    pub starts: u64,
+    pub lens: u64,
+    pub slots: u64,
+    pub positions: u64,
+    // The buffers the addresses point into.
+    _buffers: [CudaSlice<i32>; 4],
+}
+
+impl DeviceBatch {
+    pub fn upload(
+        gpu: &Gpu,
+        segments: &[Range<usize>],
+        sessions: &[&mut GpuSession],
+    ) -> Result<Self, GpuError> {
+        let starts: Vec<i32> = segments.iter().map(|s| s.start as i32).collect();
+        let lens: Vec<i32> = segments.iter().map(|s| s.len() as i32).collect();
+        let slots: Vec<i32> = sessions.iter().map(|s| s.slot as i32).collect();
+        let positions: Vec<i32> = segments
+            .iter()
+            .zip(sessions)
+            .flat_map(|(rows, s)| (0..rows.len()).map(move |t| (s.position + t) as i32))
+            .collect();
+        let buffers = [
+            gpu.upload(&starts)?,
+            gpu.upload(&lens)?,
+            gpu.upload(&slots)?,
+            gpu.upload(&positions)?,
+        ];
+        Ok(DeviceBatch {
+            segments: segments.len(),
+            starts: gpu.ptr(&buffers[0]),
+            lens: gpu.ptr(&buffers[1]),
+            slots: gpu.ptr(&buffers[2]),
+            positions: gpu.ptr(&buffers[3]),
+            _buffers: buffers,
+        })
+    }
+}
+
+/// The LM head: its own weight, or the embedding (tied).
+pub(crate) struct Head<'a> {
+    pub lm_head: Option<&'a DeviceLinear>,
+    pub embedding: &'a DeviceMatrix,
+    pub width: usize,
+}
+
+impl Head<'_> {
+    /// Logits of the final-normed rows `x`, on the host.
+    pub fn logits(&self, gpu: &Gpu, x: DevMat, scratch: &mut Scratch) -> Result<Tensor, GpuError> {
+        let (m, v) = (x.rows, self.width);
+        let logits = gpu.zeros(m * v)?;
+        match self.lm_head {
+            Some(head) => head.forward(gpu, x, gpu.ptr(&logits), scratch)?,
+            None => gpu.gemm(x, self.embedding, v, gpu.ptr(&logits), scratch)?,
+        }
+        let host = gpu.download(&logits, m * v)?;
+        Ok(Tensor::from_vec(host, &[m, v]).expect("logits sized [m, v]"))
+    }
+}
+
+/// A GPU language model of any family the GPU path runs.
+pub enum GpuModel {
+    Mamba(Box<GpuMambaLm>),
+    Fla(Box<GpuFlaLm>),
+}
+
+impl GpuModel {
+    pub fn gpu(&self) -> &Gpu {
+        match self {
+            GpuModel::Mamba(m) => m.gpu(),
+            GpuModel::Fla(m) => m.gpu(),
+        }
+    }
+
+    pub fn family(&self) -> &'static str {
+        match self {
+            GpuModel::Mamba(_) => "mamba",
+            GpuModel::Fla(m) => m.family(),
+        }
+    }
+
+    pub fn vocab_size(&self) -> usize {
+        match self {
+            GpuModel::Mamba(m) => m.config.vocab_size,
+            GpuModel::Fla(m) => m.config.vocab_size,
+        }
+    }
+
+    pub fn logits_width(&self) -> usize {
+        match self {
+            GpuModel::Mamba(m) => m.logits_width(),
+            GpuModel::Fla(m) => m.config.vocab_size,
+        }
+    }
+
+    pub fn state_bytes(&self) -> usize {
+        match self {
+            GpuModel::Mamba(m) => m.state_bytes(),
+            GpuModel::Fla(m) => m.state_bytes(),
+        }
+    }
+
+    pub fn weight_bytes(&self) -> usize {
+        match self {
+            GpuModel::Mamba(m) => m.weight_bytes(),
+            GpuModel::Fla(m) => m.weight_bytes(),
+        }
+    }
+
+    pub fn session_capacity(&self) -> usize {
+        match self {
+            GpuModel::Mamba(m) => m.session_capacity(),
+            GpuModel::Fla(m) => m.session_capacity(),
+        }
+    }
+
+    pub fn check_tokens(&self, tokens: &[u32], offset: usize) -> Result<(), InputError> {
+        crate::models::check_token_ids(tokens, self.vocab_size(), offset)
+    }
+
+    pub fn new_session(&mut self) -> Result<GpuSession, GpuModelError> {
+        match self {
+            GpuModel::Mamba(m) => m.new_session(),
+            GpuModel::Fla(m) => m.new_session(),
+        }
+    }
+
+    pub fn forward_packed(
+        &mut self,
+        tokens: &[u32],
+        lens: &[usize],
+        sessions: &mut [&mut GpuSession],
+    ) -> Result<Tensor, GpuModelError> {
+        match self {
+            GpuModel::Mamba(m) => m.forward_packed(tokens, lens, sessions),
+            GpuModel::Fla(m) => m.forward_packed(tokens, lens, sessions),
+        }
+    }
+}
+
+/// Loads the checkpoint in `dir` onto `gpu`: Mamba or the linear-attention family, or an
+/// error naming what must stay on the CPU.
+pub fn load_gpu_model(
+    dir: &Path,
+    gpu: Gpu,
+    dtype: WeightDtype,
+    max_sessions: usize,
+) -> Result<GpuModel, GpuModelError> {
+    let config = ConfigJson::read(dir)?;
+    let unsupported = |what: String| -> GpuModelError {
+        GpuError::Unsupported(format!(
+            "{}: {what}; it runs on the CPU (leave out --device)",
+            dir.display()
+        ))
+        .into()
+    };
+    match config.model_type()? {
+        Some("mamba") => {}
+        None if config.has("d_model") && config.has("n_layer") => {}
+        Some("gla" | "retnet" | "delta_net" | "gated_deltanet") => {
+            let fla = crate::models::FlaConfig::from_config(&config)?;
+            if fla.ladder.iter().any(|&l| l) {
+                return Err(unsupported(
+                    "ladder_layers is set, and the GPU path runs the standard wiring so far".into(),
+                ));
+            }
+            let checkpoint = Checkpoint::open(dir)?;
+            return Ok(GpuModel::Fla(Box::new(GpuFlaLm::load(
+                fla,
+                &checkpoint,
+                gpu,
+                dtype,
+                max_sessions,
+            )?)));
+        }
+        other => {
+            return Err(unsupported(format!(
+                "the GPU path runs Mamba, GLA, RetNet, DeltaNet and Gated DeltaNet so far, not model_type {}",
+                other.map_or("(none)".to_string(), |t| format!("{t:?}"))
+            )));
+        }
+    }
+    let checkpoint = Checkpoint::open(dir)?;
+    let mamba = crate::models::MambaConfig::from_config(&config, &checkpoint)?;
+    if mamba.ladder.iter().any(|&l| l) {
+        return Err(unsupported(
+            "ladder_layers is set, and the GPU path runs the standard wiring so far".into(),
+        ));
+    }
+    Ok(GpuModel::Mamba(Box::new(GpuMambaLm::load(
+        mamba,
+        &checkpoint,
+        gpu,
+        dtype,
+        max_sessions,
+    )?)))
+}

@@ -1,0 +1,206 @@
+// The linear-attention family's kernels (flash-linear-attention semantics, SPEC-MODELS.md §3):
+// short convs, feature maps and gates, per-head norms, RoPE, and the recurrences of gated
+// linear attention (GLA, RetNet) and the delta rule (DeltaNet, Gated DeltaNet) over a packed
+// batch: session s owns rows [seg_start[s], seg_start[s] + seg_len[s]) and state slot
+// seg_slot[s] of the device-resident pool. The recurrences walk each session's rows in order
+// (one block per (head, session), one thread per value column holding its column of the
+// state), so decode steps and prefill chunks are the same kernel.
+
+#define MAX_DK 256
+#define FLA_MAX_CONV 8
+
+// fla's ShortConvolution over columns [0, c) of x (rows `ld` floats apart), continuing each
+// session's window ([slots, c, k], oldest first); out: [M, c] dense.
+extern "C" __global__ void short_conv(const float* x, int ld, int c, int k, const float* w,
+                                      const float* bias, int has_bias, float* window,
+                                      const int* seg_start, const int* seg_len,
+                                      const int* seg_slot, int segments, int silu_on,
+                                      float* out) {
+    int ch = blockIdx.x * blockDim.x + threadIdx.x;
+    int s = blockIdx.y;
+    if (ch >= c || s >= segments) return;
+    float taps[FLA_MAX_CONV], win[FLA_MAX_CONV];
+    for (int j = 0; j < k; ++j) taps[j] = w[(long)ch * k + j];
+    float* state = window + ((long)seg_slot[s] * c + ch) * k;
+    for (int j = 0; j < k; ++j) win[j] = state[j];
+    float b = has_bias ? bias[ch] : 0.0f;
+    for (int t = 0; t < seg_len[s]; ++t) {
+        long row = seg_start[s] + t;
+        for (int j = 0; j + 1 < k; ++j) win[j] = win[j + 1];
+        win[k - 1] = x[row * ld + ch];
+        float acc = b;
+        for (int j = 0; j < k; ++j) acc += taps[j] * win[j];
+        out[row * c + ch] = silu_on ? silu(acc) : acc;
+    }
+    for (int j = 0; j < k; ++j) state[j] = win[j];
+}
+
+// Elementwise maps: 0 silu, 1 relu, 2 sigmoid, 3 elu + 1, 4 identity.
+extern "C" __global__ void activate(float* x, long n, int kind) {
+    long i = (long)blockIdx.x * blockDim.x + threadIdx.x;
+    if (i >= n) return;
+    float v = x[i];
+    switch (kind) {
+        case 0: v = silu(v); break;
+        case 1: v = fmaxf(v, 0.0f); break;
+        case 2: v = 1.0f / (1.0f + expf(-v)); break;
+        case 3: v = v > 0.0f ? v + 1.0f : expf(v); break;
+        default: break;
+    }
+    x[i] = v;
+}
+
+// GLA's key gate: logsigmoid(x) / normalizer, clamped below by clamp_min when has_clamp.
+extern "C" __global__ void gla_gate(float* x, long n, float normalizer, int has_clamp,
+                                    float clamp_min) {
+    long i = (long)blockIdx.x * blockDim.x + threadIdx.x;
+    if (i >= n) return;
+    float v = x[i];
+    float ls = fminf(v, 0.0f) - log1pf(expf(-fabsf(v)));
+    float l = ls / normalizer;
+    if (has_clamp) l = fmaxf(l, clamp_min);
+    x[i] = l;
+}
+
+// x = scale · sigmoid(x) (DeltaNet's β; scale 2 with negative eigenvalues allowed).
+extern "C" __global__ void sigmoid_scale(float* x, long n, float scale) {
+    long i = (long)blockIdx.x * blockDim.x + threadIdx.x;
+    if (i < n) x[i] = scale / (1.0f + expf(-x[i]));
+}
+
+// Gated DeltaNet's log decay: g[r, j] = -exp(A_log[j]) · softplus(g[r, j] + dt_bias[j]).
+extern "C" __global__ void gdn_log_decay(float* g, int rows, int hv, const float* neg_a,
+                                         const float* dt_bias) {
+    long i = (long)blockIdx.x * blockDim.x + threadIdx.x;
+    if (i >= (long)rows * hv) return;
+    int j = i % hv;
+    g[i] = neg_a[j] * softplus(g[i] + dt_bias[j]);
+}
+
+// Per-head normalisation of rows of width dh: 0 = fla's l2norm (x / sqrt(Σx² + 1e-6)),
+// 1 = F.normalize(p=1, eps=1e-6).
+extern "C" __global__ void head_normalize(float* x, long rows, int dh, int mode) {
+    long r = (long)blockIdx.x * blockDim.x + threadIdx.x;
+    if (r >= rows) return;
+    float* v = x + r * dh;
+    float acc = 0.0f;
+    for (int i = 0; i < dh; ++i) acc += mode == 0 ? v[i] * v[i] : fabsf(v[i]);
+    float norm = mode == 0 ? sqrtf(acc + 1e-6f) : fmaxf(acc, 1e-6f);
+    for (int i = 0; i < dh; ++i) v[i] /= norm;
+}
+
+// RoPE, NeoX style (rotate half), base 10000, on every dk-wide head of [rows, width] rows;
+// row r sits at position row_pos[r] (fla/modules/rotary; RetNet).
+extern "C" __global__ void rotary(float* x, int rows, int width, int dk, const int* row_pos) {
+    int half = dk / 2;
+    long i = (long)blockIdx.x * blockDim.x + threadIdx.x;
+    long per_row = (long)(width / dk) * half;
+    if (i >= rows * per_row) return;
+    int r = i / per_row, rest = i % per_row;
+    int head = rest / half, f = rest % half;
+    float inv_freq = 1.0f / powf(10000.0f, (float)(2 * f) / (float)dk);
+    float angle = (float)row_pos[r] * inv_freq;
+    float sn, cs;
+    sincosf(angle, &sn, &cs);
+    float* h = x + (long)r * width + head * dk;
+    float a = h[f], b = h[f + half];
+    h[f] = a * cs - b * sn;
+    h[f + half] = b * cs + a * sn;
+}
+
+// a = silu(a) · b (GatedMLP), or with `gate_only` a = a · silu(b) (the swish output gate).
+extern "C" __global__ void silu_mul(float* a, const float* b, long n, int gate_only) {
+    long i = (long)blockIdx.x * blockDim.x + threadIdx.x;
+    if (i >= n) return;
+    a[i] = gate_only ? a[i] * silu(b[i]) : silu(a[i]) * b[i];
+}
+
+// Gated linear attention, recurrent form (fla fused_recurrent_gla; SPEC §3.1, §3.4):
+//   S_t = diag(exp(g_t)) S_{t-1} + k_t ⊗ v_t,   o_t = S_tᵀ (scale · q_t)
+// per q-head h (its k/v head h / groups). q: [M, q_ld] (head h at column h·dk), k and v
+// likewise at the kv head; g: per row and key channel at the kv head (g_ld > 0), one constant
+// row per q head (g_ld == 0, RetNet), or none (g_ld < 0: no decay). state: [slots, H, dk, dv];
+// o: [M, H·dv]. Launch: grid (H, segments), block a multiple of 32 ≥ dv.
+extern "C" __global__ void gla_recurrent(const float* q, int q_ld, const float* k, int k_ld,
+                                         const float* v, int v_ld, const float* g, int g_ld,
+                                         int dk, int dv, int heads, int groups, float scale,
+                                         float* state, const int* seg_start, const int* seg_len,
+                                         const int* seg_slot, float* o) {
+    __shared__ float qs[MAX_DK], ks[MAX_DK], decay[MAX_DK];
+    int h = blockIdx.x, s = blockIdx.y, j = threadIdx.x;
+    int kv = h / groups;
+    float col[MAX_DK];
+    float* st = state + (((long)seg_slot[s] * heads + h) * dk) * dv;
+    if (j < dv)
+        for (int i = 0; i < dk; ++i) col[i] = st[(long)i * dv + j];
+    for (int t = 0; t < seg_len[s]; ++t) {
+        long row = seg_start[s] + t;
+        for (int i = threadIdx.x; i < dk; i += blockDim.x) {
+            qs[i] = scale * q[row * q_ld + h * dk + i];
+            ks[i] = k[row * k_ld + kv * dk + i];
+            decay[i] = g_ld < 0 ? 1.0f
+                       : g_ld == 0 ? expf(g[h * dk + i])
+                                   : expf(g[row * g_ld + kv * dk + i]);
+        }
+        __syncthreads();
+        if (j < dv) {
+            float vj = v[row * v_ld + kv * dv + j];
+            float acc = 0.0f;
+            for (int i = 0; i < dk; ++i) {
+                col[i] = decay[i] * col[i] + ks[i] * vj;
+                acc += qs[i] * col[i];
+            }
+            o[row * (long)heads * dv + h * dv + j] = acc;
+        }
+        __syncthreads();
+    }
+    if (j < dv)
+        for (int i = 0; i < dk; ++i) st[(long)i * dv + j] = col[i];
+}
+
+// The delta rule, recurrent form (fla fused_recurrent_delta_rule / gated_delta_rule; SPEC
+// §3.2-3.3), per value head vh (q/k head vh / groups):
+//   S ← exp(g_t)·S (with g);  u = β_t (v_t − Sᵀk_t);  S ← S + k_t uᵀ;  o_t = Sᵀ(scale·q_t)
+// q, k: [M, q_ld] at column (vh / groups)·dk; v: [M, v_ld] at vh·dv; beta, g: [M, vheads]
+// (g null: no decay); state: [slots, vheads, dk, dv]; o: [M, vheads·dv].
+extern "C" __global__ void delta_recurrent(const float* q, const float* k, int qk_ld,
+                                           const float* v, int v_ld, const float* beta,
+                                           const float* g, int has_g, int dk, int dv,
+                                           int vheads, int groups, float scale, float* state,
+                                           const int* seg_start, const int* seg_len,
+                                           const int* seg_slot, float* o) {
+    __shared__ float qs[MAX_DK], ks[MAX_DK];
+    int vh = blockIdx.x, s = blockIdx.y, j = threadIdx.x;
+    int qk = vh / groups;
+    float col[MAX_DK];
+    float* st = state + (((long)seg_slot[s] * vheads + vh) * dk) * dv;
+    if (j < dv)
+        for (int i = 0; i < dk; ++i) col[i] = st[(long)i * dv + j];
+    for (int t = 0; t < seg_len[s]; ++t) {
+        long row = seg_start[s] + t;
+        for (int i = threadIdx.x; i < dk; i += blockDim.x) {
+            qs[i] = scale * q[row * qk_ld + qk * dk + i];
+            ks[i] = k[row * qk_ld + qk * dk + i];
+        }
+        __syncthreads();
+        if (j < dv) {
+            float b = beta[row * vheads + vh];
+            float d = has_g ? expf(g[row * vheads + vh]) : 1.0f;
+            float proj = 0.0f;
+            for (int i = 0; i < dk; ++i) {
+                col[i] *= d;
+                proj += ks[i] * col[i];
+            }
+            float u = b * (v[row * v_ld + vh * dv + j] - proj);
+            float acc = 0.0f;
+            for (int i = 0; i < dk; ++i) {
+                col[i] += ks[i] * u;
+                acc += qs[i] * col[i];
+            }
+            o[row * (long)vheads * dv + vh * dv + j] = acc;
+        }
+        __syncthreads();
+    }
+    if (j < dv)
+        for (int i = 0; i < dk; ++i) st[(long)i * dv + j] = col[i];
+}
