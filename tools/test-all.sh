@@ -24,13 +24,15 @@ fi
 status=0
 cargo test --workspace -j2 2>&1 | tee -a "$log" || status=$?
 if [ "$status" -eq 0 ]; then
-    # The GPU path (feature cuda) builds on every run without a GPU, and NVRTC (pip's
-    # nvidia-cuda-nvrtc-cu12) compiles its CUDA kernels here; running them needs a GPU
-    # (tools/gpu_check.sh).
+    # The GPU path (feature cuda) builds on every run without a GPU: NVRTC (pip's
+    # nvidia-cuda-nvrtc-cu12) compiles its CUDA kernels, and the GPU models run their whole
+    # code path on the kernels' host emulator against the CPU models; the device itself is
+    # tools/gpu_check.sh's.
     "$venv/bin/pip" install -q --disable-pip-version-check nvidia-cuda-nvrtc-cu12
     nvrtc_lib="$("$venv/bin/python" -c 'import os, nvidia.cuda_nvrtc as m; print(os.path.join(list(m.__path__)[0], "lib"))')"
     { cargo build --workspace --features cuda -j2 &&
-      LD_LIBRARY_PATH="$nvrtc_lib" TIDEWAY_REQUIRE_NVRTC=1 cargo test -p tideway-kernels -p tideway-workers --features cuda --lib --bins -j2; } 2>&1 | tee -a "$log" || status=$?
+      LD_LIBRARY_PATH="$nvrtc_lib" TIDEWAY_REQUIRE_NVRTC=1 cargo test -p tideway-kernels -p tideway-workers --features cuda --lib --bins -j2 &&
+      cargo test -p tideway-operators --features cuda --test gpu_emulated -j2; } 2>&1 | tee -a "$log" || status=$?
 fi
 if [ "$status" -eq 0 ]; then
     TIDEWAY_BIN="$PWD/target/debug/tideway" "$venv/bin/python" -m pytest -q tests/python 2>&1 | tee -a "$log" || status=$?

@@ -41,27 +41,22 @@ extern "C" __global__ void embed_rows_bf16(const bf16_t* table, const unsigned* 
         out[(long)i * d + j] = bf16_to_float(src[j]);
 }
 
-// RMSNorm over rows of width d: out = x / sqrt(mean(x^2) + eps) * w. One block (a multiple of
-// 32 threads, at most 1024) per row; the sum is accumulated in f32 like the CPU kernel.
+// RMSNorm over rows of width d: out = x / sqrt(mean(x^2) + eps) * w. One block (a power of
+// two of threads, 32..1024) per row; the sum is a shared-memory tree in f32.
 extern "C" __global__ void rms_norm(const float* x, const float* w, int rows, int d, float eps,
                                     float* out) {
-    __shared__ float partial[32];
+    __shared__ float partial[1024];
     int row = blockIdx.x;
     if (row >= rows) return;
     const float* xr = x + (long)row * d;
     float sum = 0.0f;
     for (int j = threadIdx.x; j < d; j += blockDim.x) sum += xr[j] * xr[j];
-    for (int off = 16; off > 0; off >>= 1) sum += __shfl_down_sync(0xffffffffu, sum, off);
-    int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-    if (lane == 0) partial[warp] = sum;
+    partial[threadIdx.x] = sum;
     __syncthreads();
-    if (warp == 0) {
-        int warps = (blockDim.x + 31) >> 5;
-        sum = lane < warps ? partial[lane] : 0.0f;
-        for (int off = 16; off > 0; off >>= 1) sum += __shfl_down_sync(0xffffffffu, sum, off);
-        if (lane == 0) partial[0] = sum;
+    for (int half = blockDim.x / 2; half > 0; half >>= 1) {
+        if ((int)threadIdx.x < half) partial[threadIdx.x] += partial[threadIdx.x + half];
+        __syncthreads();
     }
-    __syncthreads();
     float scale = rsqrtf(partial[0] / (float)d + eps);
     for (int j = threadIdx.x; j < d; j += blockDim.x)
         out[(long)row * d + j] = xr[j] * scale * w[j];
@@ -73,13 +68,25 @@ extern "C" __global__ void add_inplace(float* r, const float* x, long n) {
     if (i < n) r[i] += x[i];
 }
 
-// y = bf16(x) for a [rows, cols] block of a matrix with rows `ld` floats apart (y dense):
-// the activations fed to bf16 GEMMs.
-extern "C" __global__ void f32_to_bf16(const float* x, long ld, bf16_t* y, int rows, int cols) {
+// The activations of a bf16 product as two bf16 matrices whose sum is x to ~16 bits:
+// y[r] = bf16(x[r]) (rows 0..rows) and y[rows + r] = bf16(x[r] - y[r]), for a [rows, cols]
+// block of a matrix with rows `ld` floats apart. One product over both halves reads the bf16
+// weights once; adding the halves of its result keeps f32-like activations (SPLIT in gemm).
+extern "C" __global__ void f32_to_bf16_split(const float* x, long ld, bf16_t* y, int rows,
+                                             int cols) {
     long i = (long)blockIdx.x * blockDim.x + threadIdx.x;
     if (i >= (long)rows * cols) return;
     long r = i / cols, c = i % cols;
-    y[i] = float_to_bf16(x[r * ld + c]);
+    float v = x[r * ld + c];
+    bf16_t hi = float_to_bf16(v);
+    y[i] = hi;
+    y[(long)rows * cols + i] = float_to_bf16(v - bf16_to_float(hi));
+}
+
+// out[i] = halves[i] + halves[n + i]
+extern "C" __global__ void add_halves(const float* halves, long n, float* out) {
+    long i = (long)blockIdx.x * blockDim.x + threadIdx.x;
+    if (i < n) out[i] = halves[i] + halves[n + i];
 }
 
 // out[i, j] += bias[j] for a [rows, cols] matrix (the bias of a Linear after its GEMM).

@@ -14,7 +14,7 @@ use std::sync::Arc;
 
 use cudarc::cublas::sys::{cublasComputeType_t, cublasGemmAlgo_t, cublasOperation_t, cudaDataType};
 use cudarc::cublas::{CudaBlas, result as blas};
-pub use cudarc::driver::CudaSlice;
+use cudarc::driver::CudaSlice;
 use cudarc::driver::{
     CudaContext, CudaFunction, CudaStream, DevicePtr, LaunchConfig, PushKernelArg,
 };
@@ -28,12 +28,13 @@ pub const KERNEL_SOURCES: [(&str, &str); 3] = [
 ];
 
 /// Every `extern "C"` kernel of [`KERNEL_SOURCES`].
-pub const KERNELS: [&str; 18] = [
+pub const KERNELS: [&str; 19] = [
     "embed_rows_f32",
     "embed_rows_bf16",
     "rms_norm",
     "add_inplace",
-    "f32_to_bf16",
+    "f32_to_bf16_split",
+    "add_halves",
     "add_bias",
     "mamba_conv_silu",
     "mamba_scan",
@@ -122,14 +123,61 @@ fn arch_name(major: i32, minor: i32) -> Option<&'static str> {
 }
 
 /// One GPU: its context, the stream every launch goes to, cuBLAS on that stream, and the
-/// compiled kernels.
+/// compiled kernels; or the host emulator of the same kernels (tests without a GPU).
 pub struct Gpu {
-    pub ctx: Arc<CudaContext>,
-    pub stream: Arc<CudaStream>,
-    blas: CudaBlas,
-    functions: HashMap<&'static str, CudaFunction>,
+    backend: Backend,
     pub name: String,
     ordinal: usize,
+}
+
+enum Backend {
+    Cuda {
+        /// Kept alive for the stream, cuBLAS and the module.
+        _ctx: Arc<CudaContext>,
+        stream: Arc<CudaStream>,
+        blas: CudaBlas,
+        functions: HashMap<&'static str, CudaFunction>,
+    },
+    /// `kernels/emu/emu.cpp`: the CUDA sources run on the host, buffers in host memory.
+    Emulated,
+}
+
+/// Device memory: a CUDA allocation, or host memory standing in for it on the emulator.
+pub struct DeviceBuffer<T> {
+    inner: BufferInner<T>,
+}
+
+enum BufferInner<T> {
+    Cuda(CudaSlice<T>),
+    Host(Vec<T>),
+}
+
+impl<T> DeviceBuffer<T> {
+    pub fn len(&self) -> usize {
+        match &self.inner {
+            BufferInner::Cuda(b) => b.len(),
+            BufferInner::Host(v) => v.len(),
+        }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+unsafe extern "C" {
+    fn tideway_emu_launch(
+        name: *const std::ffi::c_char,
+        gx: u32,
+        gy: u32,
+        gz: u32,
+        bx: u32,
+        by: u32,
+        bz: u32,
+        params: *const *const std::ffi::c_void,
+        sizes: *const u32,
+        count: u32,
+    ) -> i32;
 }
 
 /// A row-major `[rows, cols]` f32 matrix on the device, possibly a column block of a wider one
@@ -143,7 +191,7 @@ pub struct DevMat {
 }
 
 impl DevMat {
-    pub fn dense(gpu: &Gpu, buf: &CudaSlice<f32>, rows: usize, cols: usize) -> Self {
+    pub fn dense(gpu: &Gpu, buf: &DeviceBuffer<f32>, rows: usize, cols: usize) -> Self {
         DevMat {
             ptr: gpu.ptr(buf),
             rows,
@@ -155,7 +203,7 @@ impl DevMat {
     /// Columns `start..start + cols` of a `[rows, width]` buffer.
     pub fn columns(
         gpu: &Gpu,
-        buf: &CudaSlice<f32>,
+        buf: &DeviceBuffer<f32>,
         rows: usize,
         width: usize,
         start: usize,
@@ -194,47 +242,128 @@ impl Gpu {
         Ok(Gpu {
             name: ctx.name().map_err(driver)?,
             ordinal,
-            ctx,
-            stream,
-            blas,
-            functions,
+            backend: Backend::Cuda {
+                _ctx: ctx,
+                stream,
+                blas,
+                functions,
+            },
         })
+    }
+
+    /// The host emulator of the kernels (`kernels/emu/emu.cpp`): the GPU models' whole code
+    /// path on machines without a GPU, for tests. Products are computed on the host with the
+    /// same operand layout and precision as the cuBLAS calls.
+    pub fn emulated() -> Self {
+        Gpu {
+            backend: Backend::Emulated,
+            name: "host emulator".into(),
+            ordinal: 0,
+        }
+    }
+
+    pub fn is_emulated(&self) -> bool {
+        matches!(self.backend, Backend::Emulated)
     }
 
     pub fn ordinal(&self) -> usize {
         self.ordinal
     }
 
-    /// Free and total device memory, in bytes.
+    /// Free and total device memory, in bytes (the emulator claims 8 GiB).
     pub fn memory(&self) -> Result<(usize, usize), GpuError> {
-        cudarc::driver::result::mem_get_info().map_err(driver)
+        match &self.backend {
+            Backend::Cuda { .. } => cudarc::driver::result::mem_get_info().map_err(driver),
+            Backend::Emulated => Ok((8 << 30, 8 << 30)),
+        }
     }
 
-    pub fn upload<T: cudarc::driver::DeviceRepr>(
+    pub fn upload<T: cudarc::driver::DeviceRepr + Clone>(
         &self,
         data: &[T],
-    ) -> Result<CudaSlice<T>, GpuError> {
-        self.stream.clone_htod(data).map_err(driver)
+    ) -> Result<DeviceBuffer<T>, GpuError> {
+        let inner = match &self.backend {
+            Backend::Cuda { stream, .. } => {
+                BufferInner::Cuda(stream.clone_htod(data).map_err(driver)?)
+            }
+            Backend::Emulated => BufferInner::Host(data.to_vec()),
+        };
+        Ok(DeviceBuffer { inner })
     }
 
-    pub fn zeros(&self, len: usize) -> Result<CudaSlice<f32>, GpuError> {
-        self.stream.alloc_zeros::<f32>(len.max(1)).map_err(driver)
+    /// `len` zeros (at least one element, so that every buffer has an address).
+    pub fn zeros_of<T>(&self, len: usize) -> Result<DeviceBuffer<T>, GpuError>
+    where
+        T: cudarc::driver::DeviceRepr + cudarc::driver::ValidAsZeroBits + Default + Clone,
+    {
+        let len = len.max(1);
+        let inner = match &self.backend {
+            Backend::Cuda { stream, .. } => {
+                BufferInner::Cuda(stream.alloc_zeros::<T>(len).map_err(driver)?)
+            }
+            Backend::Emulated => BufferInner::Host(vec![T::default(); len]),
+        };
+        Ok(DeviceBuffer { inner })
     }
 
-    pub fn download(&self, buf: &CudaSlice<f32>, len: usize) -> Result<Vec<f32>, GpuError> {
-        let mut all = self.stream.clone_dtoh(buf).map_err(driver)?;
+    pub fn zeros(&self, len: usize) -> Result<DeviceBuffer<f32>, GpuError> {
+        self.zeros_of::<f32>(len)
+    }
+
+    /// Sets elements `range` of `buf` to zero.
+    pub fn zero_range(
+        &self,
+        buf: &mut DeviceBuffer<f32>,
+        range: std::ops::Range<usize>,
+    ) -> Result<(), GpuError> {
+        match (&self.backend, &mut buf.inner) {
+            (Backend::Cuda { stream, .. }, BufferInner::Cuda(b)) => {
+                let mut view = b.slice_mut(range);
+                stream.memset_zeros(&mut view).map_err(driver)
+            }
+            (_, BufferInner::Host(v)) => {
+                v[range].fill(0.0);
+                Ok(())
+            }
+            (Backend::Emulated, BufferInner::Cuda(_)) => {
+                unreachable!("a CUDA buffer on the emulator")
+            }
+        }
+    }
+
+    pub fn download(&self, buf: &DeviceBuffer<f32>, len: usize) -> Result<Vec<f32>, GpuError> {
+        let mut all = match (&self.backend, &buf.inner) {
+            (Backend::Cuda { stream, .. }, BufferInner::Cuda(b)) => {
+                stream.clone_dtoh(b).map_err(driver)?
+            }
+            (_, BufferInner::Host(v)) => v.clone(),
+            (Backend::Emulated, BufferInner::Cuda(_)) => {
+                unreachable!("a CUDA buffer on the emulator")
+            }
+        };
         all.truncate(len);
         Ok(all)
     }
 
     pub fn synchronize(&self) -> Result<(), GpuError> {
-        self.stream.synchronize().map_err(driver)
+        match &self.backend {
+            Backend::Cuda { stream, .. } => stream.synchronize().map_err(driver),
+            Backend::Emulated => Ok(()),
+        }
     }
 
     /// The raw device address of a buffer (valid while the buffer lives; see the module docs).
-    pub fn ptr<T>(&self, buf: &CudaSlice<T>) -> u64 {
-        let (ptr, _sync) = buf.device_ptr(&self.stream);
-        ptr
+    pub fn ptr<T>(&self, buf: &DeviceBuffer<T>) -> u64 {
+        match (&self.backend, &buf.inner) {
+            (Backend::Cuda { stream, .. }, BufferInner::Cuda(b)) => {
+                let (ptr, _sync) = b.device_ptr(stream);
+                ptr
+            }
+            (_, BufferInner::Host(v)) => v.as_ptr() as u64,
+            (Backend::Emulated, BufferInner::Cuda(_)) => {
+                unreachable!("a CUDA buffer on the emulator")
+            }
+        }
     }
 
     fn launch(
@@ -243,8 +372,14 @@ impl Gpu {
         config: LaunchConfig,
         args: &[Arg],
     ) -> Result<(), GpuError> {
-        let function = &self.functions[name];
-        let mut builder = self.stream.launch_builder(function);
+        let (stream, functions) = match &self.backend {
+            Backend::Cuda {
+                stream, functions, ..
+            } => (stream, functions),
+            Backend::Emulated => return emulated_launch(name, config, args),
+        };
+        let function = &functions[name];
+        let mut builder = stream.launch_builder(function);
         for arg in args {
             match arg {
                 Arg::Ptr(v) => builder.arg(v),
@@ -328,18 +463,6 @@ impl Gpu {
         self.launch("add_inplace", Self::grid_1d(n), &args)
     }
 
-    /// `y = bf16(x)` for the `[rows, cols]` matrix `x` (y dense).
-    fn to_bf16(&self, x: DevMat, y: u64) -> Result<(), GpuError> {
-        let args = [
-            Arg::Ptr(x.ptr),
-            Arg::I64(x.ld as i64),
-            Arg::Ptr(y),
-            Arg::I32(x.rows as i32),
-            Arg::I32(x.cols as i32),
-        ];
-        self.launch("f32_to_bf16", Self::grid_1d(x.rows * x.cols), &args)
-    }
-
     fn add_bias(&self, out: u64, bias: u64, rows: usize, cols: usize) -> Result<(), GpuError> {
         let args = [
             Arg::Ptr(out),
@@ -393,7 +516,10 @@ impl Gpu {
     }
 
     /// `C[m, n] (row-major, ld n) = A[m, k] · Bᵀ` where `B` is a torch `[n, k]` weight, in f32
-    /// or bf16 (then `A` is rounded to bf16 into `scratch` first); f32 accumulation.
+    /// or bf16; f32 accumulation. With bf16 weights the activations are split into two bf16
+    /// matrices (high and low halves, `f32_to_bf16_split`) stacked into one product that reads
+    /// the weights once, and its two halves are summed: the result keeps the f32 activations
+    /// to ~16 bits (rounding them to bf16 alone cost 2e-3 relative error on the logits).
     pub fn gemm(
         &self,
         a: DevMat,
@@ -403,27 +529,52 @@ impl Gpu {
         scratch: &mut Scratch,
     ) -> Result<(), GpuError> {
         let (m, k) = (a.rows, a.cols);
-        let (alpha, beta) = (1.0f32, 0.0f32);
-        let (a_ptr, a_type, lda, w_ptr, w_type) = match weight {
-            DeviceMatrix::F32(w) => (
-                a.ptr,
-                cudaDataType::CUDA_R_32F,
-                a.ld,
-                self.ptr(w),
-                cudaDataType::CUDA_R_32F,
-            ),
+        match weight {
+            DeviceMatrix::F32(w) => self.gemm_raw(a.ptr, a.ld, false, m, self.ptr(w), n, k, c),
             DeviceMatrix::Bf16(w) => {
-                // Round the activations to bf16 (dense, ld = k), as a bf16 model computes.
-                let buf = scratch.bf16(self, m * k)?;
-                let dst = self.ptr(buf);
-                self.to_bf16(a, dst)?;
-                (
-                    dst,
-                    cudaDataType::CUDA_R_16BF,
-                    k,
-                    self.ptr(w),
-                    cudaDataType::CUDA_R_16BF,
-                )
+                let (split, halves) = scratch.bf16_split(self, m * k, m * n)?;
+                let (split, halves) = (self.ptr(split), self.ptr(halves));
+                let args = [
+                    Arg::Ptr(a.ptr),
+                    Arg::I64(a.ld as i64),
+                    Arg::Ptr(split),
+                    Arg::I32(m as i32),
+                    Arg::I32(k as i32),
+                ];
+                self.launch("f32_to_bf16_split", Self::grid_1d(m * k), &args)?;
+                self.gemm_raw(split, k, true, 2 * m, self.ptr(w), n, k, halves)?;
+                let args = [Arg::Ptr(halves), Arg::I64((m * n) as i64), Arg::Ptr(c)];
+                self.launch("add_halves", Self::grid_1d(m * n), &args)
+            }
+        }
+    }
+
+    /// `C[m, n] = A[m, k] · W[n, k]ᵀ` on device addresses: A's rows `lda` elements apart, A and
+    /// W both bf16 words (`bf16`) or both f32; C f32, dense.
+    #[allow(clippy::too_many_arguments)]
+    fn gemm_raw(
+        &self,
+        a_ptr: u64,
+        lda: usize,
+        bf16: bool,
+        m: usize,
+        w_ptr: u64,
+        n: usize,
+        k: usize,
+        c: u64,
+    ) -> Result<(), GpuError> {
+        let (alpha, beta) = (1.0f32, 0.0f32);
+        let dtype = match bf16 {
+            true => cudaDataType::CUDA_R_16BF,
+            false => cudaDataType::CUDA_R_32F,
+        };
+        let (a_type, w_type) = (dtype, dtype);
+        let blas_handle = match &self.backend {
+            Backend::Cuda { blas, .. } => *blas.handle(),
+            Backend::Emulated => {
+                // SAFETY: host buffers of the sizes the shapes say (see emulated_gemm).
+                unsafe { emulated_gemm(a_ptr, lda, w_ptr, bf16, c, m, n, k) };
+                return Ok(());
             }
         };
         // Row-major C = A·Wᵀ is column-major Cᵀ = W·Aᵀ: W (col-major [k, n], ld k) transposed,
@@ -431,7 +582,7 @@ impl Gpu {
         // SAFETY: the pointers are live device buffers of the sizes the shapes say.
         unsafe {
             blas::gemm_ex(
-                *self.blas.handle(),
+                blas_handle,
                 cublasOperation_t::CUBLAS_OP_T,
                 cublasOperation_t::CUBLAS_OP_N,
                 n as i32,
@@ -456,6 +607,99 @@ impl Gpu {
     }
 }
 
+/// The emulator's product, with the operands cuBLAS gets: `C[m, n] = A[m, k] · W[n, k]ᵀ`, A's
+/// rows `lda` elements apart (bf16 words when `bf16`, as W then is), f32 accumulation.
+///
+/// # Safety
+/// The pointers are host buffers holding the elements the shapes say.
+#[allow(clippy::too_many_arguments)]
+unsafe fn emulated_gemm(
+    a: u64,
+    lda: usize,
+    w: u64,
+    bf16: bool,
+    c: u64,
+    m: usize,
+    n: usize,
+    k: usize,
+) {
+    let widen = |bits: u16| half::bf16::from_bits(bits).to_f32();
+    // SAFETY: the caller's contract.
+    let c = unsafe { std::slice::from_raw_parts_mut(c as *mut f32, m * n) };
+    for r in 0..m {
+        for j in 0..n {
+            let mut acc = 0.0f32;
+            for t in 0..k {
+                // SAFETY: the caller's contract.
+                let (x, y) = unsafe {
+                    if bf16 {
+                        (
+                            widen(*(a as *const u16).add(r * lda + t)),
+                            widen(*(w as *const u16).add(j * k + t)),
+                        )
+                    } else {
+                        (
+                            *(a as *const f32).add(r * lda + t),
+                            *(w as *const f32).add(j * k + t),
+                        )
+                    }
+                };
+                acc += x * y;
+            }
+            c[r * n + j] = acc;
+        }
+    }
+}
+
+/// A launch on the host emulator: the arguments as CUDA's kernelParams, with their sizes.
+fn emulated_launch(name: &'static str, config: LaunchConfig, args: &[Arg]) -> Result<(), GpuError> {
+    let values: Vec<[u8; 8]> = args
+        .iter()
+        .map(|a| {
+            let mut bytes = [0u8; 8];
+            match a {
+                Arg::Ptr(v) => bytes.copy_from_slice(&v.to_ne_bytes()),
+                Arg::I64(v) => bytes.copy_from_slice(&v.to_ne_bytes()),
+                Arg::I32(v) => bytes[..4].copy_from_slice(&v.to_ne_bytes()),
+                Arg::F32(v) => bytes[..4].copy_from_slice(&v.to_ne_bytes()),
+            }
+            bytes
+        })
+        .collect();
+    let params: Vec<*const std::ffi::c_void> = values.iter().map(|v| v.as_ptr().cast()).collect();
+    let sizes: Vec<u32> = args
+        .iter()
+        .map(|a| match a {
+            Arg::Ptr(_) | Arg::I64(_) => 8,
+            Arg::I32(_) | Arg::F32(_) => 4,
+        })
+        .collect();
+    let c_name = std::ffi::CString::new(name).expect("kernel names have no NUL");
+    let (g, b) = (config.grid_dim, config.block_dim);
+    // SAFETY: params point at `args.len()` live values of the sizes given; the emulator checks
+    // them against the kernel's signature before calling it.
+    let status = unsafe {
+        tideway_emu_launch(
+            c_name.as_ptr(),
+            g.0,
+            g.1,
+            g.2,
+            b.0,
+            b.1,
+            b.2,
+            params.as_ptr(),
+            sizes.as_ptr(),
+            args.len() as u32,
+        )
+    };
+    match status {
+        0 => Ok(()),
+        _ => Err(GpuError::Driver(format!(
+            "emulated launch of {name} failed (status {status}; see stderr)"
+        ))),
+    }
+}
+
 /// A kernel argument: a device address or a scalar.
 #[derive(Debug, Clone, Copy)]
 pub enum Arg {
@@ -465,26 +709,43 @@ pub enum Arg {
     F32(f32),
 }
 
-/// Reusable device scratch space (bf16 copies of activations).
+/// Reusable device scratch space for bf16 products: the split activations and the product's
+/// two halves.
 #[derive(Default)]
 pub struct Scratch {
-    bf16: Option<(CudaSlice<u16>, usize)>,
+    bf16: Option<(DeviceBuffer<u16>, usize)>,
+    halves: Option<(DeviceBuffer<f32>, usize)>,
 }
 
 impl Scratch {
-    fn bf16(&mut self, gpu: &Gpu, len: usize) -> Result<&CudaSlice<u16>, GpuError> {
-        if self.bf16.as_ref().is_none_or(|(_, cap)| *cap < len) {
-            let buf = gpu.stream.alloc_zeros::<u16>(len.max(1)).map_err(driver)?;
-            self.bf16 = Some((buf, len));
+    /// Room for `2·split` bf16 words and `2·product` floats.
+    fn bf16_split(
+        &mut self,
+        gpu: &Gpu,
+        split: usize,
+        product: usize,
+    ) -> Result<(&DeviceBuffer<u16>, &DeviceBuffer<f32>), GpuError> {
+        if self.bf16.as_ref().is_none_or(|(_, cap)| *cap < 2 * split) {
+            self.bf16 = Some((gpu.zeros_of::<u16>(2 * split)?, 2 * split));
         }
-        Ok(&self.bf16.as_ref().expect("allocated").0)
+        if self
+            .halves
+            .as_ref()
+            .is_none_or(|(_, cap)| *cap < 2 * product)
+        {
+            self.halves = Some((gpu.zeros(2 * product)?, 2 * product));
+        }
+        Ok((
+            &self.bf16.as_ref().expect("allocated").0,
+            &self.halves.as_ref().expect("allocated").0,
+        ))
     }
 }
 
 /// A weight matrix on the device, in f32 or bf16 (raw bf16 words).
 pub enum DeviceMatrix {
-    F32(CudaSlice<f32>),
-    Bf16(CudaSlice<u16>),
+    F32(DeviceBuffer<f32>),
+    Bf16(DeviceBuffer<u16>),
 }
 
 /// Storage precision of the weights on the device.
@@ -520,7 +781,7 @@ impl DeviceMatrix {
 /// A PyTorch `nn.Linear` on the device: the torch-layout weight `[out, in]` and an f32 bias.
 pub struct DeviceLinear {
     weight: DeviceMatrix,
-    bias: Option<CudaSlice<f32>>,
+    bias: Option<DeviceBuffer<f32>>,
     pub out_features: usize,
     pub in_features: usize,
 }

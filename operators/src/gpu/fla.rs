@@ -10,7 +10,7 @@
 
 use tideway_kernels::Tensor;
 use tideway_kernels::gpu::{
-    Arg, CudaSlice, DevMat, DeviceLinear, DeviceMatrix, Gpu, GpuError, MAX_CONV, MAX_DK, MAX_DV,
+    Arg, DevMat, DeviceBuffer, DeviceLinear, DeviceMatrix, Gpu, GpuError, MAX_CONV, MAX_DK, MAX_DV,
     Scratch, WeightDtype,
 };
 
@@ -33,7 +33,7 @@ const RELU: i32 = 1;
 const SIGMOID: i32 = 2;
 const ELU_PLUS_ONE: i32 = 3;
 
-fn up(gpu: &Gpu, values: &[f32]) -> Result<CudaSlice<f32>, GpuError> {
+fn up(gpu: &Gpu, values: &[f32]) -> Result<DeviceBuffer<f32>, GpuError> {
     gpu.upload(values)
 }
 
@@ -45,7 +45,7 @@ struct Loader<'a> {
 }
 
 impl Loader<'_> {
-    fn vector(&self, name: &str, len: usize) -> Result<CudaSlice<f32>, GpuModelError> {
+    fn vector(&self, name: &str, len: usize) -> Result<DeviceBuffer<f32>, GpuModelError> {
         Ok(up(
             self.gpu,
             self.checkpoint.load(name, &[len])?.as_slice(),
@@ -76,8 +76,8 @@ impl Loader<'_> {
 
 /// fla's ShortConvolution weights.
 struct Conv {
-    weight: CudaSlice<f32>,
-    bias: Option<CudaSlice<f32>>,
+    weight: DeviceBuffer<f32>,
+    bias: Option<DeviceBuffer<f32>>,
 }
 
 /// The q/k/v input end (`layers/qkv.rs`).
@@ -168,11 +168,11 @@ impl Qkv {
         gpu: &Gpu,
         x: DevMat,
         batch: &DeviceBatch,
-        windows: &[CudaSlice<f32>],
+        windows: &[DeviceBuffer<f32>],
         scratch: &mut Scratch,
-    ) -> Result<[CudaSlice<f32>; 3], GpuError> {
+    ) -> Result<[DeviceBuffer<f32>; 3], GpuError> {
         let m = x.rows;
-        let mut out = Vec::with_capacity(3);
+        let mut out: [Option<DeviceBuffer<f32>>; 3] = [None, None, None];
         for i in 0..3 {
             let width = self.widths[i];
             let values = gpu.zeros(m * width)?;
@@ -211,14 +211,13 @@ impl Qkv {
                     }
                 }
             }
-            out.push(values);
+            out[i] = Some(values);
         }
-        let [q, k, v]: [CudaSlice<f32>; 3] = out.try_into().expect("three tensors");
-        Ok([q, k, v])
+        Ok(out.map(|b| b.expect("each of q, k, v computed")))
     }
 }
 
-fn activate(gpu: &Gpu, x: &CudaSlice<f32>, n: usize, kind: i32) -> Result<(), GpuError> {
+fn activate(gpu: &Gpu, x: &DeviceBuffer<f32>, n: usize, kind: i32) -> Result<(), GpuError> {
     gpu.launch_elementwise(
         "activate",
         n,
@@ -229,7 +228,7 @@ fn activate(gpu: &Gpu, x: &CudaSlice<f32>, n: usize, kind: i32) -> Result<(), Gp
 /// Per-head normalisation of `[rows, dh]` rows (0: l2, 1: sum).
 fn head_normalize(
     gpu: &Gpu,
-    x: &CudaSlice<f32>,
+    x: &DeviceBuffer<f32>,
     rows: usize,
     dh: usize,
     mode: i32,
@@ -249,7 +248,7 @@ fn head_normalize(
 /// The output end (`layers/head_output.rs`): per-head RMSNorm (with the swish gate), o_proj.
 struct HeadOutput {
     gate: Option<DeviceLinear>,
-    norm: CudaSlice<f32>,
+    norm: DeviceBuffer<f32>,
     eps: f32,
     head_dim: usize,
     o_proj: DeviceLinear,
@@ -289,7 +288,7 @@ impl HeadOutput {
     fn forward(
         &self,
         gpu: &Gpu,
-        o: &CudaSlice<f32>,
+        o: &DeviceBuffer<f32>,
         x: DevMat,
         out: u64,
         scratch: &mut Scratch,
@@ -397,7 +396,7 @@ enum Mixer {
         /// GLA's low-rank key gate; None for RetNet.
         key_gate: Option<(DeviceLinear, DeviceLinear)>,
         /// RetNet's per-head log decay `[H·dk]`.
-        retention: Option<CudaSlice<f32>>,
+        retention: Option<DeviceBuffer<f32>>,
         output: HeadOutput,
     },
     Delta {
@@ -411,8 +410,8 @@ enum Mixer {
         qkv: Qkv,
         a_proj: DeviceLinear,
         b_proj: DeviceLinear,
-        neg_a: CudaSlice<f32>,
-        dt_bias: CudaSlice<f32>,
+        neg_a: DeviceBuffer<f32>,
+        dt_bias: DeviceBuffer<f32>,
         output: HeadOutput,
     },
 }
@@ -647,8 +646,9 @@ impl Mixer {
             } => {
                 let g = c.num_heads / c.num_kv_heads;
                 let (kd, kkd, kvd) = (c.num_heads * dk, c.num_heads * dk / g, c.num_heads * dv / g);
-                let (gk, g_ld) = match (key_gate, retention) {
-                    (Some((down, up_proj)), _) => {
+                // The key gate's buffer must outlive the launch that reads its address.
+                let key_gate_values = match key_gate {
+                    Some((down, up_proj)) => {
                         let low = gpu.zeros(m * GATE_LOW_RANK)?;
                         down.forward(gpu, x, gpu.ptr(&low), scratch)?;
                         let gk = gpu.zeros(m * kkd)?;
@@ -669,8 +669,12 @@ impl Mixer {
                                 Arg::F32(c.clamp_min.unwrap_or(0.0)),
                             ],
                         )?;
-                        (gpu.ptr(&gk), kkd as i32)
+                        Some(gk)
                     }
+                    None => None,
+                };
+                let (gk, g_ld) = match (&key_gate_values, retention) {
+                    (Some(gk), _) => (gpu.ptr(gk), kkd as i32),
                     (None, Some(decay)) => (gpu.ptr(decay), 0),
                     (None, None) => (0, -1),
                 };
@@ -799,7 +803,7 @@ impl Mixer {
     }
 }
 
-fn sigmoid_scale(gpu: &Gpu, x: &CudaSlice<f32>, n: usize, scale: f32) -> Result<(), GpuError> {
+fn sigmoid_scale(gpu: &Gpu, x: &DeviceBuffer<f32>, n: usize, scale: f32) -> Result<(), GpuError> {
     gpu.launch_elementwise(
         "sigmoid_scale",
         n,
@@ -811,13 +815,13 @@ fn sigmoid_scale(gpu: &Gpu, x: &CudaSlice<f32>, n: usize, scale: f32) -> Result<
 #[allow(clippy::too_many_arguments)]
 fn delta(
     gpu: &Gpu,
-    [q, k, v]: [&CudaSlice<f32>; 3],
-    beta: &CudaSlice<f32>,
-    g: Option<&CudaSlice<f32>>,
+    [q, k, v]: [&DeviceBuffer<f32>; 3],
+    beta: &DeviceBuffer<f32>,
+    g: Option<&DeviceBuffer<f32>>,
     (vheads, dk, dv, groups): (usize, usize, usize, usize),
     batch: &DeviceBatch,
     pool: &LayerPool,
-    o: &CudaSlice<f32>,
+    o: &DeviceBuffer<f32>,
 ) -> Result<(), GpuError> {
     let qk_ld = vheads / groups * dk;
     gpu.launch_grid(
@@ -848,17 +852,17 @@ fn delta(
 }
 
 struct Block {
-    attn_norm: CudaSlice<f32>,
+    attn_norm: DeviceBuffer<f32>,
     attn: Mixer,
-    mlp_norm: CudaSlice<f32>,
+    mlp_norm: DeviceBuffer<f32>,
     mlp: Mlp,
 }
 
 /// One layer's state pool: conv windows for q, k, v (`[slots, C, K]`, empty buffers without
 /// convs) and the matrix states `[slots, heads, dk, dv]`.
 struct LayerPool {
-    conv: Vec<CudaSlice<f32>>,
-    s: CudaSlice<f32>,
+    conv: Vec<DeviceBuffer<f32>>,
+    s: DeviceBuffer<f32>,
     /// Floats per slot of each conv pool, and of the matrix state.
     conv_per_slot: [usize; 3],
     s_per_slot: usize,
@@ -871,7 +875,7 @@ pub struct GpuFlaLm {
     embedding: DeviceMatrix,
     lm_head: Option<DeviceLinear>,
     blocks: Vec<Block>,
-    norm: CudaSlice<f32>,
+    norm: DeviceBuffer<f32>,
     pools: Vec<LayerPool>,
     slots: SlotPool,
     scratch: Scratch,
@@ -1024,7 +1028,7 @@ impl GpuFlaLm {
         let h = gpu.zeros(m * d)?;
         let normed = gpu.zeros(m * d)?;
         let delta = gpu.zeros(m * d)?;
-        let p = |b: &CudaSlice<f32>| gpu.ptr(b);
+        let p = |b: &DeviceBuffer<f32>| gpu.ptr(b);
         gpu.embed_rows(&self.embedding, gpu.ptr(&ids), m, d, p(&h))?;
         for (block, pool) in self.blocks.iter().zip(&self.pools) {
             let s = &mut self.scratch;

@@ -5,7 +5,7 @@
 
 use tideway_kernels::Tensor;
 use tideway_kernels::gpu::{
-    Arg, CudaSlice, DevMat, DeviceLinear, DeviceMatrix, Gpu, GpuError, MAX_CONV, MAX_STATE,
+    Arg, DevMat, DeviceBuffer, DeviceLinear, DeviceMatrix, Gpu, GpuError, MAX_CONV, MAX_STATE,
     Scratch, WeightDtype,
 };
 
@@ -17,27 +17,27 @@ use crate::models::{check_token_ids, packed_segments};
 
 struct GpuMixer {
     in_proj: DeviceLinear,
-    conv_weight: CudaSlice<f32>,
-    conv_bias: CudaSlice<f32>,
+    conv_weight: DeviceBuffer<f32>,
+    conv_bias: DeviceBuffer<f32>,
     x_proj: DeviceLinear,
     /// dt_proj without its bias: the scan kernel adds `dt_bias` before the softplus.
     dt_proj: DeviceLinear,
-    dt_bias: CudaSlice<f32>,
+    dt_bias: DeviceBuffer<f32>,
     /// `A = -exp(A_log)`, `[E, N]`.
-    a: CudaSlice<f32>,
-    d: CudaSlice<f32>,
+    a: DeviceBuffer<f32>,
+    d: DeviceBuffer<f32>,
     out_proj: DeviceLinear,
 }
 
 struct GpuBlock {
-    norm: CudaSlice<f32>,
+    norm: DeviceBuffer<f32>,
     mixer: GpuMixer,
 }
 
 /// One layer's state pool: `[slots, E, K]` conv windows and `[slots, E, N]` SSM states.
 struct LayerPool {
-    conv: CudaSlice<f32>,
-    ssm: CudaSlice<f32>,
+    conv: DeviceBuffer<f32>,
+    ssm: DeviceBuffer<f32>,
 }
 
 pub struct GpuMambaLm {
@@ -47,7 +47,7 @@ pub struct GpuMambaLm {
     /// The input embedding (`[V, D]`); a tied head reads the same matrix.
     embedding: DeviceMatrix,
     blocks: Vec<GpuBlock>,
-    norm_f: CudaSlice<f32>,
+    norm_f: DeviceBuffer<f32>,
     /// The LM head when untied.
     lm_head: Option<DeviceLinear>,
     pools: Vec<LayerPool>,
@@ -246,7 +246,7 @@ impl GpuMambaLm {
         let dbc = gpu.zeros(m * (r + 2 * n))?;
         let dt = gpu.zeros(m * e)?;
         let y = gpu.zeros(m * e)?;
-        let p = |b: &CudaSlice<f32>| gpu.ptr(b);
+        let p = |b: &DeviceBuffer<f32>| gpu.ptr(b);
         gpu.embed_rows(&self.embedding, gpu.ptr(&ids), m, d, p(&residual))?;
         let (e_i, k_i, n_i, r_i) = (e as i32, k as i32, n as i32, r as i32);
         for (block, pool) in self.blocks.iter().zip(&self.pools) {

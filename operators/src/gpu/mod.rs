@@ -14,7 +14,7 @@ use std::sync::{Arc, Mutex};
 
 use tideway_kernels::Tensor;
 use tideway_kernels::gpu::{
-    CudaSlice, DevMat, DeviceLinear, DeviceMatrix, Gpu, GpuError, Scratch, WeightDtype,
+    DevMat, DeviceBuffer, DeviceLinear, DeviceMatrix, Gpu, GpuError, Scratch, WeightDtype,
 };
 
 use crate::checkpoint::Checkpoint;
@@ -106,14 +106,11 @@ impl SlotPool {
 /// Zeroes slot `slot` of a pool buffer holding `per_slot` floats per slot.
 pub(crate) fn zero_slot(
     gpu: &Gpu,
-    pool: &mut CudaSlice<f32>,
+    pool: &mut DeviceBuffer<f32>,
     slot: usize,
     per_slot: usize,
 ) -> Result<(), GpuError> {
-    let mut view = pool.slice_mut(slot * per_slot..(slot + 1) * per_slot);
-    gpu.stream
-        .memset_zeros(&mut view)
-        .map_err(|e| GpuError::Driver(e.to_string()))
+    gpu.zero_range(pool, slot * per_slot..(slot + 1) * per_slot)
 }
 
 /// A packed batch's layout on the device: each session's first row, row count and slot, and
@@ -125,7 +122,7 @@ pub(crate) struct DeviceBatch {
     pub slots: u64,
     pub positions: u64,
     // The buffers the addresses point into.
-    _buffers: [CudaSlice<i32>; 4],
+    _buffers: [DeviceBuffer<i32>; 4],
 }
 
 impl DeviceBatch {

@@ -1,0 +1,124 @@
+//! The GPU models' whole code path (weights, state pool, batch layout, every kernel launch with
+//! its argument list, the products' operand layout) on the host emulator of the CUDA kernels
+//! (`kernels/emu/emu.cpp`), against the CPU models on the committed fixtures: the chunked form,
+//! 16-row chunks, the recurrent form, and three packed sessions at different positions.
+//! What this cannot show — cuBLAS and the driver themselves, device timing — is
+//! `tools/gpu_check.sh`'s, on a GPU.
+#![cfg(feature = "cuda")]
+
+use std::path::PathBuf;
+
+use tideway_kernels::gpu::{Gpu, GpuError, WeightDtype};
+use tideway_operators::gpu::{GpuModel, GpuModelError, load_gpu_model};
+use tideway_operators::models::{Model, load_model};
+
+fn fixtures(family: &str) -> Vec<PathBuf> {
+    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("../tests/fixtures")
+        .join(family);
+    let mut dirs: Vec<PathBuf> = std::fs::read_dir(root)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.join("config.json").exists())
+        .collect();
+    dirs.sort();
+    dirs
+}
+
+fn relative_error(got: &[f32], want: &[f32]) -> f64 {
+    assert_eq!(got.len(), want.len());
+    let diff: f64 = got
+        .iter()
+        .zip(want)
+        .map(|(a, b)| ((a - b) as f64).powi(2))
+        .sum();
+    let norm: f64 = want.iter().map(|b| (*b as f64).powi(2)).sum();
+    (diff / norm).sqrt()
+}
+
+/// Every form's relative error against the CPU model.
+fn compare(cpu: &Model, gpu: &mut GpuModel) -> Vec<(String, f64)> {
+    let vocab = cpu.vocab_size() as u32;
+    let tokens: Vec<u32> = (0..70u32).map(|i| (i * 7 + 3) % vocab).collect();
+    let want = cpu
+        .prefill_chunked(&tokens, &mut cpu.new_state(), 256)
+        .unwrap();
+    let mut out = Vec::new();
+    for (form, chunk) in [("chunked", 70), ("chunks of 16", 16), ("recurrent", 1)] {
+        let mut session = gpu.new_session().unwrap();
+        let mut got = Vec::new();
+        for part in tokens.chunks(chunk) {
+            let rows = gpu
+                .forward_packed(part, &[part.len()], &mut [&mut session])
+                .unwrap();
+            got.extend_from_slice(rows.data());
+        }
+        out.push((form.to_string(), relative_error(&got, want.data())));
+    }
+    let mut cpu_states: Vec<_> = (0..3).map(|_| cpu.new_state()).collect();
+    let mut sessions: Vec<_> = (0..3).map(|_| gpu.new_session().unwrap()).collect();
+    for lens in [[20usize, 7, 1], [1, 1, 1], [3, 9, 2]] {
+        let ids = &tokens[..lens.iter().sum::<usize>()];
+        let mut refs: Vec<_> = cpu_states.iter_mut().collect();
+        let want = cpu.forward_packed(ids, &lens, &mut refs).unwrap();
+        let mut gpu_refs: Vec<_> = sessions.iter_mut().collect();
+        let got = gpu.forward_packed(ids, &lens, &mut gpu_refs).unwrap();
+        out.push((
+            format!("packed {lens:?}"),
+            relative_error(got.data(), want.data()),
+        ));
+    }
+    out
+}
+
+#[test]
+fn gpu_models_on_the_emulator_match_the_cpu_models() {
+    let mut checked = 0;
+    for dir in fixtures("mamba").into_iter().chain(fixtures("fla")) {
+        let name = dir.file_name().unwrap().to_string_lossy().to_string();
+        let mut gpu = match load_gpu_model(&dir, Gpu::emulated(), WeightDtype::F32, 4) {
+            Ok(m) => m,
+            Err(GpuModelError::Gpu(GpuError::Unsupported(why))) => {
+                eprintln!("{name}: not on the GPU path: {why}");
+                continue;
+            }
+            Err(e) => panic!("{name}: {e}"),
+        };
+        let cpu = load_model(&dir).unwrap();
+        for (form, rel) in compare(&cpu, &mut gpu) {
+            eprintln!("{name} {form}: {rel:.2e}");
+            assert!(rel <= 1e-5, "{name} {form}: relative error {rel:.3e}");
+        }
+        checked += 1;
+    }
+    assert!(checked >= 10, "only {checked} fixtures ran on the GPU path");
+}
+
+/// bf16 storage of bf16 weights is exact, so a bf16 checkpoint measures what the bf16 path
+/// adds: the activations split into two bf16 halves for each product.
+#[test]
+fn bf16_weights_on_the_emulator_stay_within_the_bf16_limit() {
+    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/mamba/hf_bf16");
+    let mut gpu = load_gpu_model(&dir, Gpu::emulated(), WeightDtype::Bf16, 4).unwrap();
+    let cpu = load_model(&dir).unwrap();
+    for (form, rel) in compare(&cpu, &mut gpu) {
+        eprintln!("hf_bf16 bf16 {form}: {rel:.2e}");
+        assert!(rel <= 1e-3, "bf16 {form}: relative error {rel:.3e}");
+    }
+}
+
+#[test]
+fn a_full_state_pool_is_refused_and_a_dropped_session_frees_its_slot() {
+    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/fla/gla_basic");
+    let mut gpu = load_gpu_model(&dir, Gpu::emulated(), WeightDtype::F32, 2).unwrap();
+    assert_eq!(gpu.session_capacity(), 2);
+    let a = gpu.new_session().unwrap();
+    let _b = gpu.new_session().unwrap();
+    let err = gpu.new_session().unwrap_err().to_string();
+    assert!(
+        err.contains("all 2 session slots on the GPU are in use"),
+        "{err}"
+    );
+    drop(a);
+    gpu.new_session().unwrap();
+}
