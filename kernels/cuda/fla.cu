@@ -204,3 +204,79 @@ extern "C" __global__ void delta_recurrent(const float* q, const float* k, int q
     if (j < dv)
         for (int i = 0; i < dk; ++i) st[(long)i * dv + j] = col[i];
 }
+
+// a *= b
+extern "C" __global__ void mul_inplace(float* a, const float* b, long n) {
+    long i = (long)blockIdx.x * blockDim.x + threadIdx.x;
+    if (i < n) a[i] *= b[i];
+}
+
+// Hedgehog's feature map on rows of width dk: softmax([2y, -2y]) over 2dk (fla's
+// HedgehogFeatureMap; the sum in double, as the CPU path). out: [rows, 2dk].
+extern "C" __global__ void hedgehog(const float* y, long rows, int dk, float* out) {
+    long r = (long)blockIdx.x * blockDim.x + threadIdx.x;
+    if (r >= rows) return;
+    const float* src = y + r * dk;
+    float* dst = out + r * 2 * dk;
+    float mx = 0.0f;
+    for (int i = 0; i < dk; ++i) mx = fmaxf(mx, fabsf(2.0f * src[i]));
+    double sum = 0.0;
+    for (int i = 0; i < dk; ++i) {
+        float a = expf(2.0f * src[i] - mx), b = expf(-2.0f * src[i] - mx);
+        dst[i] = a;
+        dst[i + dk] = b;
+        sum += (double)a + (double)b;
+    }
+    for (int i = 0; i < 2 * dk; ++i) dst[i] = (float)((double)dst[i] / sum);
+}
+
+// DPFP's feature map (Schlag et al. 2021; fla DPFPFeatureMap): r = [relu(x), relu(-x)] and
+// out = cat_{j=1..nu} r ⊙ roll(r, j), roll(r, j)[i] = r[(i - j) mod 2dk]. out: [rows, 2dk·nu].
+extern "C" __global__ void dpfp(const float* x, long rows, int dk, int nu, float* out) {
+    long r = (long)blockIdx.x * blockDim.x + threadIdx.x;
+    if (r >= rows) return;
+    const float* src = x + r * dk;
+    int w = 2 * dk;
+    float* dst = out + r * (long)w * nu;
+    for (int j = 1; j <= nu; ++j)
+        for (int i = 0; i < w; ++i) {
+            int k = (i + w - j) % w;
+            float ri = i < dk ? fmaxf(src[i], 0.0f) : fmaxf(-src[i - dk], 0.0f);
+            float rk = k < dk ? fmaxf(src[k], 0.0f) : fmaxf(-src[k - dk], 0.0f);
+            dst[(j - 1) * w + i] = ri * rk;
+        }
+}
+
+// x / (Σx + 1e-4) over rows of width f (linear attention's norm_q / norm_k).
+extern "C" __global__ void sum_normalize(float* x, long rows, int f) {
+    long r = (long)blockIdx.x * blockDim.x + threadIdx.x;
+    if (r >= rows) return;
+    float* v = x + r * f;
+    float sum = 1e-4f;
+    for (int i = 0; i < f; ++i) sum += v[i];
+    for (int i = 0; i < f; ++i) v[i] /= sum;
+}
+
+// Linear attention's normaliser (norm_feature_map): z_t = z_{t-1} + k_t and
+// o_t /= scale·⟨q_t, z_t⟩ + 1e-10, per q head h (its k head h / groups), continuing each
+// session's z ([slots, heads, f]). One thread per (head, session): grid (heads, sessions).
+extern "C" __global__ void linear_attn_normalize(float* o, const float* q, int q_ld,
+                                                 const float* k, int k_ld, float* z_pool, int f,
+                                                 int dv, int heads, int groups, float scale,
+                                                 const int* seg_start, const int* seg_len,
+                                                 const int* seg_slot) {
+    int h = blockIdx.x, s = blockIdx.y;
+    if (threadIdx.x != 0) return;
+    int kv = h / groups;
+    float* z = z_pool + ((long)seg_slot[s] * heads + h) * f;
+    for (int t = 0; t < seg_len[s]; ++t) {
+        long row = seg_start[s] + t;
+        float denom = 0.0f;
+        for (int i = 0; i < f; ++i) {
+            z[i] += k[row * k_ld + kv * f + i];
+            denom += scale * q[row * q_ld + h * f + i] * z[i];
+        }
+        denom += 1e-10f;
+        for (int j = 0; j < dv; ++j) o[row * (long)heads * dv + h * dv + j] /= denom;
+    }
+}

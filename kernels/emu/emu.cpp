@@ -173,6 +173,11 @@ const std::unordered_map<std::string, Launcher>& table() {
         {"silu_mul", make(silu_mul, false)},
         {"gla_recurrent", make(gla_recurrent, true)},
         {"delta_recurrent", make(delta_recurrent, true)},
+        {"mul_inplace", make(mul_inplace, false)},
+        {"hedgehog", make(hedgehog, false)},
+        {"dpfp", make(dpfp, false)},
+        {"sum_normalize", make(sum_normalize, false)},
+        {"linear_attn_normalize", make(linear_attn_normalize, false)},
     };
     return kernels;
 }

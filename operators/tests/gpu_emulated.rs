@@ -91,7 +91,10 @@ fn gpu_models_on_the_emulator_match_the_cpu_models() {
         }
         checked += 1;
     }
-    assert!(checked >= 10, "only {checked} fixtures ran on the GPU path");
+    assert_eq!(
+        checked, 21,
+        "every Mamba and fla fixture runs on the GPU path"
+    );
 }
 
 /// bf16 storage of bf16 weights is exact, so a bf16 checkpoint measures what the bf16 path

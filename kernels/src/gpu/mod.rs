@@ -28,7 +28,7 @@ pub const KERNEL_SOURCES: [(&str, &str); 3] = [
 ];
 
 /// Every `extern "C"` kernel of [`KERNEL_SOURCES`].
-pub const KERNELS: [&str; 19] = [
+pub const KERNELS: [&str; 24] = [
     "embed_rows_f32",
     "embed_rows_bf16",
     "rms_norm",
@@ -48,6 +48,11 @@ pub const KERNELS: [&str; 19] = [
     "silu_mul",
     "gla_recurrent",
     "delta_recurrent",
+    "mul_inplace",
+    "hedgehog",
+    "dpfp",
+    "sum_normalize",
+    "linear_attn_normalize",
 ];
 
 /// Longest conv kernel and largest SSM state the Mamba kernels hold in registers

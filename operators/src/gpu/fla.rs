@@ -1,4 +1,5 @@
-//! flash-linear-attention language models on a GPU: GLA, RetNet, DeltaNet and Gated DeltaNet
+//! flash-linear-attention language models on a GPU: GLA, RetNet, DeltaNet, Gated DeltaNet and
+//! linear attention with its feature maps
 //! (`shared/SPEC-MODELS.md` §3; the CPU model in `models/fla.rs` and its mixers are the
 //! reference). Products through cuBLAS; short convs, gates, norms, RoPE and the recurrences
 //! through `kernels/cuda/fla.cu`; every session's matrix states and conv windows live in a
@@ -19,6 +20,7 @@ use crate::gpu::{DeviceBatch, GpuModelError, GpuSession, Head, SlotPool, zero_sl
 use crate::mixers::deltanet::{DeltaNetConfig, QkActivation, QkNorm};
 use crate::mixers::gated_deltanet::GatedDeltaNetConfig;
 use crate::mixers::gla::{DecayKind, FeatureMap, GlaConfig};
+use crate::mixers::linear_attn::{DPFP_NU, FeatureMapKind, LinearAttnConfig};
 use crate::mixers::retnet::retention_log_decay;
 use crate::models::fla::{FlaConfig, FlaMixerConfig};
 use crate::models::packed_segments;
@@ -405,6 +407,13 @@ enum Mixer {
         b_proj: Option<DeviceLinear>,
         output: HeadOutput,
     },
+    LinearAttn {
+        config: LinearAttnConfig,
+        qkv: Qkv,
+        map_q: FeatureLayers,
+        map_k: FeatureLayers,
+        output: HeadOutput,
+    },
     GatedDelta {
         config: GatedDeltaNetConfig,
         qkv: Qkv,
@@ -563,20 +572,46 @@ impl Mixer {
                     config: c.clone(),
                 }
             }
-            FlaMixerConfig::LinearAttn(_) => {
-                return Err(GpuError::Unsupported(
-                    "linear attention (feature-map variants) runs on the CPU so far".into(),
-                )
-                .into());
+            FlaMixerConfig::LinearAttn(c) => {
+                let f = c.feature_map.width(c.head_k_dim);
+                check_heads(f, c.head_v_dim)?;
+                let g = c.num_heads / c.num_kv_heads;
+                let (kd, vd) = (c.num_heads * c.head_k_dim, c.num_heads * c.head_v_dim);
+                Mixer::LinearAttn {
+                    qkv: Qkv::load(
+                        l,
+                        prefix,
+                        c.d_model,
+                        [kd, kd / g, vd / g],
+                        false,
+                        0,
+                        false,
+                        [false; 3],
+                    )?,
+                    map_q: FeatureLayers::load(l, prefix, "q", c)?,
+                    map_k: FeatureLayers::load(l, prefix, "k", c)?,
+                    output: HeadOutput::load(
+                        l,
+                        prefix,
+                        "norm.weight",
+                        false,
+                        c.d_model,
+                        vd,
+                        c.head_v_dim,
+                        c.norm_eps,
+                    )?,
+                    config: c.clone(),
+                }
             }
         })
     }
 
     fn qkv(&self) -> &Qkv {
         match self {
-            Mixer::Gla { qkv, .. } | Mixer::Delta { qkv, .. } | Mixer::GatedDelta { qkv, .. } => {
-                qkv
-            }
+            Mixer::Gla { qkv, .. }
+            | Mixer::Delta { qkv, .. }
+            | Mixer::LinearAttn { qkv, .. }
+            | Mixer::GatedDelta { qkv, .. } => qkv,
         }
     }
 
@@ -584,6 +619,7 @@ impl Mixer {
         match self {
             Mixer::Gla { output, .. }
             | Mixer::Delta { output, .. }
+            | Mixer::LinearAttn { output, .. }
             | Mixer::GatedDelta { output, .. } => output,
         }
     }
@@ -594,6 +630,19 @@ impl Mixer {
             Mixer::Gla { config: c, .. } => (c.num_heads, c.head_k_dim, c.head_v_dim),
             Mixer::Delta { config: c, .. } => (c.num_heads, c.head_k_dim, c.head_v_dim),
             Mixer::GatedDelta { config: c, .. } => (c.num_v_heads, c.head_k_dim, c.head_v_dim),
+            Mixer::LinearAttn { config: c, .. } => {
+                (c.num_heads, c.feature_map.width(c.head_k_dim), c.head_v_dim)
+            }
+        }
+    }
+
+    /// Floats of one session's extra state in this layer: linear attention's normaliser z.
+    fn extra_state(&self) -> usize {
+        match self {
+            Mixer::LinearAttn { config: c, .. } if c.normalize => {
+                c.num_heads * c.feature_map.width(c.head_k_dim)
+            }
+            _ => 0,
         }
     }
 
@@ -612,6 +661,7 @@ impl Mixer {
                         + retention.as_ref().map_or(0, |r| 4 * r.len())
                 }
                 Mixer::Delta { b_proj, .. } => b_proj.as_ref().map_or(0, DeviceLinear::size_bytes),
+                Mixer::LinearAttn { map_q, map_k, .. } => map_q.size_bytes() + map_k.size_bytes(),
                 Mixer::GatedDelta {
                     a_proj,
                     b_proj,
@@ -765,6 +815,83 @@ impl Mixer {
                     &o,
                 )?;
             }
+            Mixer::LinearAttn {
+                config: c,
+                map_q,
+                map_k,
+                ..
+            } => {
+                let g = c.num_heads / c.num_kv_heads;
+                let f = dk;
+                let dkh = c.head_k_dim;
+                let qf = map_q.apply(gpu, q, m * heads, dkh, c.feature_map, scratch)?;
+                let kf = map_k.apply(gpu, k, m * heads / g, dkh, c.feature_map, scratch)?;
+                for (values, rows, on) in
+                    [(&qf, m * heads, c.norm_q), (&kf, m * heads / g, c.norm_k)]
+                {
+                    if on {
+                        gpu.launch_elementwise(
+                            "sum_normalize",
+                            rows,
+                            &[
+                                Arg::Ptr(gpu.ptr(values)),
+                                Arg::I64(rows as i64),
+                                Arg::I32(f as i32),
+                            ],
+                        )?;
+                    }
+                }
+                let (q_ld, k_ld, v_ld) = (heads * f, heads / g * f, heads * dv / g);
+                let scale = (f as f32).powf(-0.5);
+                gpu.launch_grid(
+                    "gla_recurrent",
+                    (heads as u32, batch.segments as u32),
+                    block,
+                    &[
+                        Arg::Ptr(gpu.ptr(&qf)),
+                        Arg::I32(q_ld as i32),
+                        Arg::Ptr(gpu.ptr(&kf)),
+                        Arg::I32(k_ld as i32),
+                        Arg::Ptr(gpu.ptr(&v)),
+                        Arg::I32(v_ld as i32),
+                        Arg::Ptr(0),
+                        Arg::I32(-1),
+                        Arg::I32(f as i32),
+                        Arg::I32(dv as i32),
+                        Arg::I32(heads as i32),
+                        Arg::I32(g as i32),
+                        Arg::F32(scale),
+                        Arg::Ptr(gpu.ptr(&pool.s)),
+                        Arg::Ptr(batch.starts),
+                        Arg::Ptr(batch.lens),
+                        Arg::Ptr(batch.slots),
+                        Arg::Ptr(gpu.ptr(&o)),
+                    ],
+                )?;
+                if c.normalize {
+                    gpu.launch_grid(
+                        "linear_attn_normalize",
+                        (heads as u32, batch.segments as u32),
+                        1,
+                        &[
+                            Arg::Ptr(gpu.ptr(&o)),
+                            Arg::Ptr(gpu.ptr(&qf)),
+                            Arg::I32(q_ld as i32),
+                            Arg::Ptr(gpu.ptr(&kf)),
+                            Arg::I32(k_ld as i32),
+                            Arg::Ptr(gpu.ptr(&pool.extra)),
+                            Arg::I32(f as i32),
+                            Arg::I32(dv as i32),
+                            Arg::I32(heads as i32),
+                            Arg::I32(g as i32),
+                            Arg::F32(scale),
+                            Arg::Ptr(batch.starts),
+                            Arg::Ptr(batch.lens),
+                            Arg::Ptr(batch.slots),
+                        ],
+                    )?;
+                }
+            }
             Mixer::GatedDelta {
                 config: c,
                 a_proj,
@@ -851,6 +978,133 @@ fn delta(
     )
 }
 
+/// The learned part of linear attention's feature map, shared by every head.
+enum FeatureLayers {
+    None,
+    One(DeviceLinear),
+    Two(DeviceLinear, DeviceLinear),
+}
+
+impl FeatureLayers {
+    /// `feature_map_{which}.*` (`k` reads the `q` layers when they are tied and saved once).
+    fn load(
+        l: &Loader<'_>,
+        prefix: &str,
+        which: &str,
+        c: &LinearAttnConfig,
+    ) -> Result<Self, GpuModelError> {
+        let has = |w: &str, layer: &str| {
+            l.checkpoint
+                .contains(&format!("{prefix}feature_map_{w}.{layer}.weight"))
+        };
+        let which = if has(which, "layer1") || has(which, "layer") {
+            which
+        } else {
+            "q"
+        };
+        let dk = c.head_k_dim;
+        let layer = |name: &str| {
+            let w = format!("{prefix}feature_map_{which}.{name}.weight");
+            let b = format!("{prefix}feature_map_{which}.{name}.bias");
+            let bias = l.checkpoint.contains(&b).then_some(b);
+            l.linear(&w, bias.as_deref(), dk, dk)
+        };
+        Ok(match c.feature_map {
+            FeatureMapKind::ElementwiseProduct => {
+                FeatureLayers::Two(layer("layer1")?, layer("layer2")?)
+            }
+            FeatureMapKind::Hedgehog | FeatureMapKind::T2r => FeatureLayers::One(layer("layer")?),
+            _ => FeatureLayers::None,
+        })
+    }
+
+    fn size_bytes(&self) -> usize {
+        match self {
+            FeatureLayers::None => 0,
+            FeatureLayers::One(a) => a.size_bytes(),
+            FeatureLayers::Two(a, b) => a.size_bytes() + b.size_bytes(),
+        }
+    }
+
+    /// φ over `rows` rows of `dk`-wide heads of `x` (consumed), giving `[rows, f]`.
+    fn apply(
+        &self,
+        gpu: &Gpu,
+        x: DeviceBuffer<f32>,
+        rows: usize,
+        dk: usize,
+        kind: FeatureMapKind,
+        scratch: &mut Scratch,
+    ) -> Result<DeviceBuffer<f32>, GpuError> {
+        let project = |l: &DeviceLinear, scratch: &mut Scratch| -> Result<_, GpuError> {
+            let y = gpu.zeros(rows * dk)?;
+            l.forward(gpu, DevMat::dense(gpu, &x, rows, dk), gpu.ptr(&y), scratch)?;
+            Ok(y)
+        };
+        let rows_arg = Arg::I64(rows as i64);
+        Ok(match (kind, self) {
+            (FeatureMapKind::ElementwiseProduct, FeatureLayers::Two(a, b)) => {
+                let (y, z) = (project(a, scratch)?, project(b, scratch)?);
+                let n = rows * dk;
+                gpu.launch_elementwise(
+                    "mul_inplace",
+                    n,
+                    &[
+                        Arg::Ptr(gpu.ptr(&y)),
+                        Arg::Ptr(gpu.ptr(&z)),
+                        Arg::I64(n as i64),
+                    ],
+                )?;
+                y
+            }
+            (FeatureMapKind::Hedgehog, FeatureLayers::One(l)) => {
+                let y = project(l, scratch)?;
+                let out = gpu.zeros(rows * 2 * dk)?;
+                gpu.launch_elementwise(
+                    "hedgehog",
+                    rows,
+                    &[
+                        Arg::Ptr(gpu.ptr(&y)),
+                        rows_arg,
+                        Arg::I32(dk as i32),
+                        Arg::Ptr(gpu.ptr(&out)),
+                    ],
+                )?;
+                out
+            }
+            (FeatureMapKind::T2r, FeatureLayers::One(l)) => {
+                let y = project(l, scratch)?;
+                activate(gpu, &y, rows * dk, RELU)?;
+                y
+            }
+            (FeatureMapKind::Dpfp, _) => {
+                let out = gpu.zeros(rows * 2 * dk * DPFP_NU)?;
+                gpu.launch_elementwise(
+                    "dpfp",
+                    rows,
+                    &[
+                        Arg::Ptr(gpu.ptr(&x)),
+                        rows_arg,
+                        Arg::I32(dk as i32),
+                        Arg::I32(DPFP_NU as i32),
+                        Arg::Ptr(gpu.ptr(&out)),
+                    ],
+                )?;
+                out
+            }
+            (FeatureMapKind::Elu, _) => {
+                activate(gpu, &x, rows * dk, ELU_PLUS_ONE)?;
+                x
+            }
+            (FeatureMapKind::Relu, _) => {
+                activate(gpu, &x, rows * dk, RELU)?;
+                x
+            }
+            _ => x,
+        })
+    }
+}
+
 struct Block {
     attn_norm: DeviceBuffer<f32>,
     attn: Mixer,
@@ -863,9 +1117,12 @@ struct Block {
 struct LayerPool {
     conv: Vec<DeviceBuffer<f32>>,
     s: DeviceBuffer<f32>,
-    /// Floats per slot of each conv pool, and of the matrix state.
+    /// Linear attention's normaliser z, `[slots, heads, f]` (one float without it).
+    extra: DeviceBuffer<f32>,
+    /// Floats per slot of each conv pool, of the matrix state and of `extra`.
     conv_per_slot: [usize; 3],
     s_per_slot: usize,
+    extra_per_slot: usize,
 }
 
 pub struct GpuFlaLm {
@@ -923,8 +1180,10 @@ impl GpuFlaLm {
             .map_or([0; 3], |b| b.attn.qkv().window_sizes());
         let (heads, dk, dv) = blocks.first().map_or((0, 0, 0), |b| b.attn.state_shape());
         let s_per_slot = heads * dk * dv;
-        let per_session =
-            4 * config.num_layers * (s_per_slot + conv_per_slot.iter().sum::<usize>());
+        let extra_per_slot = blocks.first().map_or(0, |b| b.attn.extra_state());
+        let per_session = 4
+            * config.num_layers
+            * (s_per_slot + extra_per_slot + conv_per_slot.iter().sum::<usize>());
         let activations = 4 * 1024 * (8 * d + 4 * config.intermediate_size + v);
         let pool = SlotPool::sized(&gpu, max_sessions, per_session, activations)?;
         let pools = (0..config.num_layers)
@@ -935,8 +1194,10 @@ impl GpuFlaLm {
                         .map(|&c| gpu.zeros(pool.slots * c))
                         .collect::<Result<_, GpuError>>()?,
                     s: gpu.zeros(pool.slots * s_per_slot)?,
+                    extra: gpu.zeros(pool.slots * extra_per_slot)?,
                     conv_per_slot,
                     s_per_slot,
+                    extra_per_slot,
                 })
             })
             .collect::<Result<Vec<_>, GpuError>>()?;
@@ -975,7 +1236,7 @@ impl GpuFlaLm {
     pub fn state_bytes(&self) -> usize {
         self.pools
             .iter()
-            .map(|p| 4 * (p.s_per_slot + p.conv_per_slot.iter().sum::<usize>()))
+            .map(|p| 4 * (p.s_per_slot + p.extra_per_slot + p.conv_per_slot.iter().sum::<usize>()))
             .sum()
     }
 
@@ -1004,6 +1265,14 @@ impl GpuFlaLm {
                 }
             }
             zero_slot(&self.gpu, &mut pool.s, session.slot, pool.s_per_slot)?;
+            if pool.extra_per_slot > 0 {
+                zero_slot(
+                    &self.gpu,
+                    &mut pool.extra,
+                    session.slot,
+                    pool.extra_per_slot,
+                )?;
+            }
         }
         Ok(session)
     }

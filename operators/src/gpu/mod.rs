@@ -2,8 +2,7 @@
 //! weights (f32 or bf16) and every session's recurrent state resident on the device.
 //!
 //! The CPU models are the reference: `tideway gpu-check` compares the two on the committed
-//! fixtures. Mamba and the linear-attention family (GLA, RetNet, DeltaNet, Gated DeltaNet)
-//! run here; linear attention with feature maps and the LMUFormers stay on the CPU.
+//! fixtures. Mamba and the linear-attention family run here; the LMUFormers stay on the CPU.
 
 pub mod fla;
 pub mod mamba;
@@ -276,7 +275,7 @@ pub fn load_gpu_model(
     match config.model_type()? {
         Some("mamba") => {}
         None if config.has("d_model") && config.has("n_layer") => {}
-        Some("gla" | "retnet" | "delta_net" | "gated_deltanet") => {
+        Some("gla" | "retnet" | "delta_net" | "gated_deltanet" | "linear_attn") => {
             let fla = crate::models::FlaConfig::from_config(&config)?;
             if fla.ladder.iter().any(|&l| l) {
                 return Err(unsupported(
@@ -294,7 +293,7 @@ pub fn load_gpu_model(
         }
         other => {
             return Err(unsupported(format!(
-                "the GPU path runs Mamba, GLA, RetNet, DeltaNet and Gated DeltaNet so far, not model_type {}",
+                "the GPU path runs Mamba and the linear-attention family (GLA, RetNet, DeltaNet, Gated DeltaNet, linear attention) so far, not model_type {}",
                 other.map_or("(none)".to_string(), |t| format!("{t:?}"))
             )));
         }

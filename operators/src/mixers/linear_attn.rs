@@ -26,7 +26,8 @@ use crate::layers::heads::{head_jobs, run_heads};
 use crate::layers::qkv::{Qkv, QkvShape};
 
 pub const CHUNK: usize = 64;
-const DPFP_NU: usize = 4;
+/// DPFP's ν: the products of `r` with its rolls by 1..=ν.
+pub const DPFP_NU: usize = 4;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum FeatureMapKind {
