@@ -6,7 +6,6 @@
 // (one block per (head, session), one thread per value column holding its column of the
 // state), so decode steps and prefill chunks are the same kernel.
 
-#define MAX_DK 256
 #define FLA_MAX_CONV 8
 
 // fla's ShortConvolution over columns [0, c) of x (rows `ld` floats apart), continuing each
@@ -117,92 +116,98 @@ extern "C" __global__ void silu_mul(float* a, const float* b, long n, int gate_o
 
 // Gated linear attention, recurrent form (fla fused_recurrent_gla; SPEC §3.1, §3.4):
 //   S_t = diag(exp(g_t)) S_{t-1} + k_t ⊗ v_t,   o_t = S_tᵀ (scale · q_t)
-// per q-head h (its k/v head h / groups). q: [M, q_ld] (head h at column h·dk), k and v
-// likewise at the kv head; g: per row and key channel at the kv head (g_ld > 0), one constant
-// row per q head (g_ld == 0, RetNet), or none (g_ld < 0: no decay). state: [slots, H, dk, dv];
-// o: [M, H·dv]. Launch: grid (H, segments), block a multiple of 32 ≥ dv.
+// per q-head h (its k/v head h / groups). One thread per state element (i, j): a block holds
+// `tile` value columns of dk threads each (blockDim.x = tile · dk), so one long sequence still
+// spreads over H·dk·dv threads; o's column sums go through shared memory.
+// q: [M, q_ld] (head h at column h·dk), k and v likewise at the kv head; g: per row and key
+// channel at the kv head (g_ld > 0), one constant row per q head (g_ld == 0, RetNet), or none
+// (g_ld < 0: no decay). state: [slots, H, dk, dv]; o: [M, H·dv].
+// Launch: grid (H · ceil(dv / tile), segments).
 extern "C" __global__ void gla_recurrent(const float* q, int q_ld, const float* k, int k_ld,
                                          const float* v, int v_ld, const float* g, int g_ld,
                                          int dk, int dv, int heads, int groups, float scale,
                                          float* state, const int* seg_start, const int* seg_len,
                                          const int* seg_slot, float* o) {
-    __shared__ float qs[MAX_DK], ks[MAX_DK], decay[MAX_DK];
-    int h = blockIdx.x, s = blockIdx.y, j = threadIdx.x;
+    __shared__ float terms[1024];
+    int tile = blockDim.x / dk;
+    int tiles = (dv + tile - 1) / tile;
+    int h = blockIdx.x / tiles, s = blockIdx.y;
+    int i = threadIdx.x % dk, j = (blockIdx.x % tiles) * tile + threadIdx.x / dk;
+    bool active = j < dv;
     int kv = h / groups;
-    float col[MAX_DK];
-    float* st = state + (((long)seg_slot[s] * heads + h) * dk) * dv;
-    if (j < dv)
-        for (int i = 0; i < dk; ++i) col[i] = st[(long)i * dv + j];
+    float* st = state + (((long)seg_slot[s] * heads + h) * dk + i) * dv + j;
+    float sij = active ? *st : 0.0f;
     for (int t = 0; t < seg_len[s]; ++t) {
         long row = seg_start[s] + t;
-        for (int i = threadIdx.x; i < dk; i += blockDim.x) {
-            qs[i] = scale * q[row * q_ld + h * dk + i];
-            ks[i] = k[row * k_ld + kv * dk + i];
-            decay[i] = g_ld < 0 ? 1.0f
-                       : g_ld == 0 ? expf(g[h * dk + i])
-                                   : expf(g[row * g_ld + kv * dk + i]);
+        if (active) {
+            float decay = g_ld < 0 ? 1.0f
+                          : g_ld == 0 ? expf(g[h * dk + i])
+                                      : expf(g[row * g_ld + kv * dk + i]);
+            sij = decay * sij + k[row * k_ld + kv * dk + i] * v[row * v_ld + kv * dv + j];
+            terms[threadIdx.x] = scale * q[row * q_ld + h * dk + i] * sij;
         }
         __syncthreads();
-        if (j < dv) {
-            float vj = v[row * v_ld + kv * dv + j];
+        if (active && i == 0) {
             float acc = 0.0f;
-            for (int i = 0; i < dk; ++i) {
-                col[i] = decay[i] * col[i] + ks[i] * vj;
-                acc += qs[i] * col[i];
-            }
+            for (int p = 0; p < dk; ++p) acc += terms[threadIdx.x + p];
             o[row * (long)heads * dv + h * dv + j] = acc;
         }
         __syncthreads();
     }
-    if (j < dv)
-        for (int i = 0; i < dk; ++i) st[(long)i * dv + j] = col[i];
+    if (active) *st = sij;
 }
 
 // The delta rule, recurrent form (fla fused_recurrent_delta_rule / gated_delta_rule; SPEC
 // §3.2-3.3), per value head vh (q/k head vh / groups):
 //   S ← exp(g_t)·S (with g);  u = β_t (v_t − Sᵀk_t);  S ← S + k_t uᵀ;  o_t = Sᵀ(scale·q_t)
-// q, k: [M, q_ld] at column (vh / groups)·dk; v: [M, v_ld] at vh·dv; beta, g: [M, vheads]
-// (g null: no decay); state: [slots, vheads, dk, dv]; o: [M, vheads·dv].
+// One thread per state element, blocks as gla_recurrent's. q, k: [M, qk_ld] at column
+// (vh / groups)·dk; v: [M, v_ld] at vh·dv; beta, g: [M, vheads] (no g: has_g 0);
+// state: [slots, vheads, dk, dv]; o: [M, vheads·dv].
 extern "C" __global__ void delta_recurrent(const float* q, const float* k, int qk_ld,
                                            const float* v, int v_ld, const float* beta,
                                            const float* g, int has_g, int dk, int dv,
                                            int vheads, int groups, float scale, float* state,
                                            const int* seg_start, const int* seg_len,
                                            const int* seg_slot, float* o) {
-    __shared__ float qs[MAX_DK], ks[MAX_DK];
-    int vh = blockIdx.x, s = blockIdx.y, j = threadIdx.x;
+    __shared__ float terms[1024];
+    __shared__ float u[1024];
+    int tile = blockDim.x / dk;
+    int tiles = (dv + tile - 1) / tile;
+    int vh = blockIdx.x / tiles, s = blockIdx.y;
+    int jl = threadIdx.x / dk;
+    int i = threadIdx.x % dk, j = (blockIdx.x % tiles) * tile + jl;
+    bool active = j < dv;
     int qk = vh / groups;
-    float col[MAX_DK];
-    float* st = state + (((long)seg_slot[s] * vheads + vh) * dk) * dv;
-    if (j < dv)
-        for (int i = 0; i < dk; ++i) col[i] = st[(long)i * dv + j];
+    float* st = state + (((long)seg_slot[s] * vheads + vh) * dk + i) * dv + j;
+    float sij = active ? *st : 0.0f;
     for (int t = 0; t < seg_len[s]; ++t) {
         long row = seg_start[s] + t;
-        for (int i = threadIdx.x; i < dk; i += blockDim.x) {
-            qs[i] = scale * q[row * qk_ld + qk * dk + i];
-            ks[i] = k[row * qk_ld + qk * dk + i];
+        float ki = 0.0f;
+        if (active) {
+            ki = k[row * qk_ld + qk * dk + i];
+            if (has_g) sij *= expf(g[row * vheads + vh]);
+            terms[threadIdx.x] = ki * sij;
         }
         __syncthreads();
-        if (j < dv) {
-            float b = beta[row * vheads + vh];
-            float d = has_g ? expf(g[row * vheads + vh]) : 1.0f;
+        if (active && i == 0) {
             float proj = 0.0f;
-            for (int i = 0; i < dk; ++i) {
-                col[i] *= d;
-                proj += ks[i] * col[i];
-            }
-            float u = b * (v[row * v_ld + vh * dv + j] - proj);
+            for (int p = 0; p < dk; ++p) proj += terms[threadIdx.x + p];
+            u[jl] = beta[row * vheads + vh] * (v[row * v_ld + vh * dv + j] - proj);
+        }
+        __syncthreads();
+        if (active) {
+            sij += ki * u[jl];
+            terms[threadIdx.x] = scale * q[row * qk_ld + qk * dk + i] * sij;
+        }
+        __syncthreads();
+        if (active && i == 0) {
             float acc = 0.0f;
-            for (int i = 0; i < dk; ++i) {
-                col[i] += ks[i] * u;
-                acc += qs[i] * col[i];
-            }
+            for (int p = 0; p < dk; ++p) acc += terms[threadIdx.x + p];
             o[row * (long)vheads * dv + vh * dv + j] = acc;
         }
         __syncthreads();
     }
-    if (j < dv)
-        for (int i = 0; i < dk; ++i) st[(long)i * dv + j] = col[i];
+    if (active) *st = sij;
 }
 
 // a *= b

@@ -4,7 +4,6 @@
 // rows in order, so a one-row decode step and a long prefill chunk are the same kernel.
 
 #define MAX_CONV 8
-#define MAX_STATE 64
 
 // x' = silu(causal_conv1d(x)) continuing the session's window.
 // xz: [M, 2E] (x in columns 0..E); w: [E, K]; bias: [E] or null; window: [slots, E, K]
@@ -36,6 +35,10 @@ extern "C" __global__ void mamba_conv_silu(const float* xz, int e, int k, const 
 // The selective scan with its gate (SPEC §1.2): per channel c and row t,
 //   Δ = softplus(dt[t, c] + dt_bias[c]);  h = exp(Δ·A[c, :]) ⊙ h + Δ·B_t·x[t, c]
 //   y[t, c] = (⟨h, C_t⟩ + D[c]·x[t, c]) · silu(z[t, c])
+// One thread per (channel, state index): a block holds `channels_per_block` channels of n
+// threads each (blockDim.x = channels_per_block · n), so a single long sequence still spreads
+// over E·N threads; ⟨h, C_t⟩ is a shared-memory sum per row. Launch: grid
+// (ceil(E / channels_per_block), segments).
 // x: [M, E]; dt: [M, E] (dt_proj without its bias); a: [E, N] (A = -exp(A_log));
 // dbc: [M, R + 2N] (B at column R, C at R + N); xz: [M, 2E] (z at column E);
 // state: [slots, E, N]; y: [M, E].
@@ -44,31 +47,41 @@ extern "C" __global__ void mamba_scan(const float* x, const float* dt, const flo
                                       const float* d_skip, const float* xz, int e, float* state,
                                       const int* seg_start, const int* seg_len,
                                       const int* seg_slot, int segments, float* y) {
-    int c = blockIdx.x * blockDim.x + threadIdx.x;
+    __shared__ float terms[1024];
+    int per_block = blockDim.x / n;
+    int local = threadIdx.x / n, j = threadIdx.x % n;
+    int c = blockIdx.x * per_block + local;
     int s = blockIdx.y;
-    if (c >= e || s >= segments) return;
-    float h[MAX_STATE], ac[MAX_STATE];
-    float* hs = state + ((long)seg_slot[s] * e + c) * n;
-    for (int j = 0; j < n; ++j) {
-        h[j] = hs[j];
-        ac[j] = a[(long)c * n + j];
+    bool active = local < per_block && c < e && s < segments;
+    float h = 0.0f, ac = 0.0f, bias = 0.0f, dc = 0.0f;
+    float* hs = 0;
+    if (active) {
+        hs = state + ((long)seg_slot[s] * e + c) * n + j;
+        h = *hs;
+        ac = a[(long)c * n + j];
+        bias = dt_bias[c];
+        dc = d_skip[c];
     }
     int w = r + 2 * n;
-    float bias = dt_bias[c], dc = d_skip[c];
-    int start = seg_start[s], len = seg_len[s];
+    int len = s < segments ? seg_len[s] : 0;
     for (int t = 0; t < len; ++t) {
-        long row = start + t;
-        float xv = x[row * e + c];
-        float delta = softplus(dt[row * e + c] + bias);
-        const float* b = dbc + row * w + r;
-        const float* cc = b + n;
-        float acc = 0.0f;
-        for (int j = 0; j < n; ++j) {
-            h[j] = expf(delta * ac[j]) * h[j] + delta * b[j] * xv;
-            acc += h[j] * cc[j];
+        long row = seg_start[s] + t;
+        float xv = 0.0f;
+        if (active) {
+            xv = x[row * e + c];
+            float delta = softplus(dt[row * e + c] + bias);
+            const float* b = dbc + row * w + r;
+            h = expf(delta * ac) * h + delta * b[j] * xv;
+            terms[threadIdx.x] = h * b[n + j];
         }
-        float z = xz[row * 2 * e + e + c];
-        y[row * e + c] = (acc + dc * xv) * silu(z);
+        __syncthreads();
+        if (active && j == 0) {
+            float acc = 0.0f;
+            for (int q = 0; q < n; ++q) acc += terms[threadIdx.x + q];
+            float z = xz[row * 2 * e + e + c];
+            y[row * e + c] = (acc + dc * xv) * silu(z);
+        }
+        __syncthreads();
     }
-    for (int j = 0; j < n; ++j) hs[j] = h[j];
+    if (active) *hs = h;
 }

@@ -162,7 +162,7 @@ const std::unordered_map<std::string, Launcher>& table() {
         {"f32_to_bf16_split", make(f32_to_bf16_split, false)},
         {"add_halves", make(add_halves, false)},
         {"mamba_conv_silu", make(mamba_conv_silu, false)},
-        {"mamba_scan", make(mamba_scan, false)},
+        {"mamba_scan", make(mamba_scan, true)},
         {"short_conv", make(short_conv, false)},
         {"activate", make(activate, false)},
         {"gla_gate", make(gla_gate, false)},

@@ -55,14 +55,14 @@ pub const KERNELS: [&str; 24] = [
     "linear_attn_normalize",
 ];
 
-/// Longest conv kernel and largest SSM state the Mamba kernels hold in registers
-/// (`MAX_CONV`, `MAX_STATE` in mamba.cu).
+/// Longest conv kernel the conv kernels hold in registers (`MAX_CONV` in mamba.cu), and the
+/// largest SSM state the scan's blocks hold (one thread per state index, up to 1024).
 pub const MAX_CONV: usize = 8;
-pub const MAX_STATE: usize = 64;
-/// Widest key head the linear-attention recurrences hold (`MAX_DK` in fla.cu), and the
-/// widest value head (one thread per value column).
-pub const MAX_DK: usize = 256;
-pub const MAX_DV: usize = 1024;
+pub const MAX_STATE: usize = 1024;
+/// Widest key head the linear-attention recurrences hold (one thread per key channel and
+/// value column, a block holding at least one column), and the widest value head.
+pub const MAX_DK: usize = 1024;
+pub const MAX_DV: usize = 1 << 16;
 
 #[derive(Debug, thiserror::Error)]
 pub enum GpuError {
@@ -504,7 +504,7 @@ impl Gpu {
         self.launch(name, Self::grid_1d(n), args)
     }
 
-    /// A kernel over (channels, segments): `mamba_conv_silu` and `mamba_scan`.
+    /// A kernel over (channels, segments): `mamba_conv_silu`.
     pub fn launch_per_channel(
         &self,
         name: &'static str,

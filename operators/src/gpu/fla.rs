@@ -686,7 +686,9 @@ impl Mixer {
         let [q, k, v] = self.qkv().forward(gpu, x, batch, &pool.conv, scratch)?;
         let (heads, dk, dv) = self.state_shape();
         let o = gpu.zeros(m * heads * dv)?;
-        let block = (dv.div_ceil(32) * 32) as u32;
+        // One thread per state element: blocks of `tile` value columns × dk key channels.
+        let tile = (256 / dk).clamp(1, dv);
+        let (block, grid_x) = ((tile * dk) as u32, (heads * dv.div_ceil(tile)) as u32);
         match self {
             Mixer::Gla {
                 config: c,
@@ -754,7 +756,7 @@ impl Mixer {
                 }
                 gpu.launch_grid(
                     "gla_recurrent",
-                    (heads as u32, batch.segments as u32),
+                    (grid_x, batch.segments as u32),
                     block,
                     &[
                         Arg::Ptr(gpu.ptr(&q)),
@@ -845,7 +847,7 @@ impl Mixer {
                 let scale = (f as f32).powf(-0.5);
                 gpu.launch_grid(
                     "gla_recurrent",
-                    (heads as u32, batch.segments as u32),
+                    (grid_x, batch.segments as u32),
                     block,
                     &[
                         Arg::Ptr(gpu.ptr(&qf)),
@@ -951,10 +953,11 @@ fn delta(
     o: &DeviceBuffer<f32>,
 ) -> Result<(), GpuError> {
     let qk_ld = vheads / groups * dk;
+    let tile = (256 / dk).clamp(1, dv);
     gpu.launch_grid(
         "delta_recurrent",
-        (vheads as u32, batch.segments as u32),
-        (dv.div_ceil(32) * 32) as u32,
+        ((vheads * dv.div_ceil(tile)) as u32, batch.segments as u32),
+        (tile * dk) as u32,
         &[
             Arg::Ptr(gpu.ptr(q)),
             Arg::Ptr(gpu.ptr(k)),

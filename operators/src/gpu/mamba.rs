@@ -297,10 +297,12 @@ impl GpuMambaLm {
                 p(&pool.ssm),
                 p(&y),
             );
-            gpu.launch_per_channel(
+            // One thread per (channel, state index), 128-thread blocks where N allows.
+            let per_block = (128 / n).max(1);
+            gpu.launch_grid(
                 "mamba_scan",
-                e,
-                segments.len(),
+                (e.div_ceil(per_block) as u32, segments.len() as u32),
+                (per_block * n) as u32,
                 &[
                     Arg::Ptr(xc_p),
                     Arg::Ptr(dt_p),
