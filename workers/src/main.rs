@@ -57,9 +57,9 @@ enum Command {
     /// --tp-transport processes`) is another process; started by the leader on one machine,
     /// or by hand on another host.
     TpRank(tensor_parallel::RankArgs),
-    /// Check the GPU path: every Mamba fixture on the GPU against the CPU path (f32 and bf16
-    /// weights, both forms), NCCL, and decode / prefill throughput against the device's
-    /// floors (a build with --features cuda).
+    /// Check the GPU path: every language-model fixture on the GPU against the CPU path (f32
+    /// and bf16 weights, both forms, packed sessions), NCCL, and decode / prefill throughput
+    /// against the device's floors (a build with --features cuda).
     #[cfg(feature = "cuda")]
     GpuCheck(gpu::GpuCheckArgs),
 }

@@ -114,6 +114,21 @@ pub fn compile_ptx(arch: Option<&'static str>) -> Result<cudarc::nvrtc::Ptx, Gpu
         .map_err(|e| GpuError::Compile(format!("{e:?}")))
 }
 
+/// [`compile_ptx`], once per architecture in a process (every model opens its own [`Gpu`]).
+fn cached_ptx(arch: Option<&'static str>) -> Result<cudarc::nvrtc::Ptx, GpuError> {
+    static CACHE: std::sync::Mutex<Vec<(Option<&'static str>, String)>> =
+        std::sync::Mutex::new(Vec::new());
+    let mut cache = CACHE
+        .lock()
+        .map_err(|_| GpuError::Compile("PTX cache poisoned".into()))?;
+    if let Some((_, text)) = cache.iter().find(|(a, _)| *a == arch) {
+        return Ok(cudarc::nvrtc::Ptx::from_src(text.clone()));
+    }
+    let text = compile_ptx(arch)?.to_src();
+    cache.push((arch, text.clone()));
+    Ok(cudarc::nvrtc::Ptx::from_src(text))
+}
+
 /// The architecture name NVRTC takes for a compute capability.
 fn arch_name(major: i32, minor: i32) -> Option<&'static str> {
     Some(match (major, minor) {
@@ -236,7 +251,7 @@ impl Gpu {
         }
         let ctx = CudaContext::new(ordinal).map_err(driver)?;
         let (major, minor) = ctx.compute_capability().map_err(driver)?;
-        let ptx = compile_ptx(arch_name(major, minor))?;
+        let ptx = cached_ptx(arch_name(major, minor))?;
         let module = ctx.load_module(ptx).map_err(driver)?;
         let mut functions = HashMap::new();
         for name in KERNELS {
