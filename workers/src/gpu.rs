@@ -14,6 +14,8 @@ use tideway_kernels::nccl::NcclRank;
 use tideway_operators::gpu::{GpuModel, GpuModelError, load_gpu_model};
 use tideway_operators::models::load_model;
 
+use crate::device::Device;
+
 /// Weight storage on the GPU.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
 pub enum Dtype {
@@ -30,26 +32,37 @@ impl From<Dtype> for WeightDtype {
     }
 }
 
+/// The GPU behind `device` (a CUDA device, or the host emulator of the kernels).
+pub fn open_device(device: Device) -> Result<Gpu> {
+    match device {
+        Device::Cuda(ordinal) => {
+            Gpu::open(ordinal).with_context(|| format!("cannot use cuda:{ordinal}"))
+        }
+        Device::CudaEmulator => Ok(Gpu::emulated()),
+        Device::Cpu => bail!("the CPU is not a GPU device"),
+    }
+}
+
 fn open(dir: &Path, ordinal: usize, dtype: Dtype, sessions: usize) -> Result<GpuModel> {
-    let gpu = Gpu::open(ordinal).with_context(|| format!("cannot use cuda:{ordinal}"))?;
-    load_gpu_model(dir, gpu, dtype.into(), sessions).with_context(|| {
-        format!(
-            "cannot load model from {} onto cuda:{ordinal}",
-            dir.display()
-        )
-    })
+    open_on(dir, Device::Cuda(ordinal), dtype, sessions)
+}
+
+fn open_on(dir: &Path, device: Device, dtype: Dtype, sessions: usize) -> Result<GpuModel> {
+    let gpu = open_device(device)?;
+    load_gpu_model(dir, gpu, dtype.into(), sessions)
+        .with_context(|| format!("cannot load model from {} onto {device}", dir.display()))
 }
 
 /// One sequence through a model on the GPU: chunks of `chunk` tokens, or one token per step.
 pub fn run_tokens(
     dir: &Path,
-    ordinal: usize,
+    device: Device,
     dtype: Dtype,
     tokens: &[u32],
     recurrent: bool,
     chunk: usize,
 ) -> Result<Tensor> {
-    let mut model = open(dir, ordinal, dtype, 1)?;
+    let mut model = open_on(dir, device, dtype, 1)?;
     model.check_tokens(tokens, 0)?;
     sequence_logits(&mut model, tokens, if recurrent { 1 } else { chunk })
 }
@@ -77,7 +90,7 @@ fn relative_error(got: &[f32], want: &[f32]) -> f64 {
 #[derive(Args)]
 pub struct GpuCheckArgs {
     #[arg(long, default_value = "cuda:0")]
-    device: crate::device::Device,
+    device: Device,
     /// The committed oracle fixtures.
     #[arg(long, default_value = "tests/fixtures")]
     fixtures: PathBuf,
@@ -94,7 +107,7 @@ const HBM_BYTES_PER_S: f64 = 4.3e12;
 const BF16_FLOPS: f64 = 790e12;
 
 pub fn gpu_check(args: GpuCheckArgs) -> Result<()> {
-    let crate::device::Device::Cuda(ordinal) = args.device else {
+    let Device::Cuda(ordinal) = args.device else {
         bail!("gpu-check runs on a CUDA device: --device cuda:N");
     };
     let gpu = Gpu::open(ordinal).with_context(|| format!("cannot use cuda:{ordinal}"))?;

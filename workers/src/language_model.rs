@@ -84,23 +84,17 @@ impl LanguageModel {
         }
     }
 
-    /// Loads `dir` onto GPU `ordinal` with a state pool of up to `max_sessions` slots.
+    /// Loads `dir` onto a GPU `device` with a state pool of up to `max_sessions` slots.
     #[cfg(feature = "cuda")]
     pub fn load_gpu(
         dir: &Path,
-        ordinal: usize,
+        device: crate::device::Device,
         dtype: tideway_kernels::gpu::WeightDtype,
         max_sessions: usize,
     ) -> Result<Self> {
-        let gpu = tideway_kernels::gpu::Gpu::open(ordinal)
-            .with_context(|| format!("cannot use cuda:{ordinal}"))?;
+        let gpu = crate::gpu::open_device(device)?;
         let model = tideway_operators::gpu::load_gpu_model(dir, gpu, dtype, max_sessions)
-            .with_context(|| {
-                format!(
-                    "cannot load model from {} onto cuda:{ordinal}",
-                    dir.display()
-                )
-            })?;
+            .with_context(|| format!("cannot load model from {} onto {device}", dir.display()))?;
         Ok(LanguageModel::Gpu(Box::new(std::sync::Mutex::new(model))))
     }
 
@@ -172,8 +166,13 @@ impl LanguageModel {
     /// Where the model runs.
     pub fn device(&self) -> crate::device::Device {
         #[cfg(feature = "cuda")]
-        if let Some(ordinal) = self.on_gpu(|m| m.gpu().ordinal()) {
-            return crate::device::Device::Cuda(ordinal);
+        if let Some((emulated, ordinal)) =
+            self.on_gpu(|m| (m.gpu().is_emulated(), m.gpu().ordinal()))
+        {
+            return match emulated {
+                true => crate::device::Device::CudaEmulator,
+                false => crate::device::Device::Cuda(ordinal),
+            };
         }
         crate::device::Device::Cpu
     }

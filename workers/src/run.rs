@@ -100,8 +100,8 @@ pub fn run(args: RunArgs) -> Result<()> {
             args.model.display()
         );
     }
-    if let Device::Cuda(ordinal) = args.device {
-        return run_on_gpu(&args, ordinal);
+    if args.device != Device::Cpu {
+        return run_on_gpu(&args, args.device);
     }
     if args.dtype != WeightStorage::F32 {
         bail!("--dtype bf16 is for --device cuda:N; the CPU path keeps f32 weights");
@@ -136,7 +136,7 @@ pub fn run(args: RunArgs) -> Result<()> {
 
 /// A language model on a GPU (`--device cuda:N`).
 #[cfg(feature = "cuda")]
-fn run_on_gpu(args: &RunArgs, ordinal: usize) -> Result<()> {
+fn run_on_gpu(args: &RunArgs, device: Device) -> Result<()> {
     if args.parallel.tensor_parallel > 1 {
         bail!("--tensor-parallel runs on the CPU so far; leave out --device");
     }
@@ -155,7 +155,7 @@ fn run_on_gpu(args: &RunArgs, ordinal: usize) -> Result<()> {
     let tokens = parse_tokens(tokens, vocab)?;
     let logits = crate::gpu::run_tokens(
         &args.model,
-        ordinal,
+        device,
         dtype,
         &tokens,
         args.mode == Mode::Recurrent,
@@ -166,9 +166,9 @@ fn run_on_gpu(args: &RunArgs, ordinal: usize) -> Result<()> {
 }
 
 #[cfg(not(feature = "cuda"))]
-fn run_on_gpu(_: &RunArgs, ordinal: usize) -> Result<()> {
+fn run_on_gpu(_: &RunArgs, device: Device) -> Result<()> {
     bail!(
-        "--device cuda:{ordinal}: this tideway was built without CUDA support; build it with `cargo build --release --features cuda`"
+        "--device {device}: this tideway was built without CUDA support; build it with `cargo build --release --features cuda`"
     )
 }
 

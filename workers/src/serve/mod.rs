@@ -250,16 +250,16 @@ impl Placement {
         match self.device {
             Device::Cpu => LanguageModel::load(dir, &self.parallel),
             #[cfg(feature = "cuda")]
-            Device::Cuda(ordinal) => {
+            device => {
                 let dtype = match self.dtype {
                     crate::run::WeightStorage::F32 => tideway_kernels::gpu::WeightDtype::F32,
                     crate::run::WeightStorage::Bf16 => tideway_kernels::gpu::WeightDtype::Bf16,
                 };
-                LanguageModel::load_gpu(dir, ordinal, dtype, self.gpu_sessions.max(1))
+                LanguageModel::load_gpu(dir, device, dtype, self.gpu_sessions.max(1))
             }
             #[cfg(not(feature = "cuda"))]
-            Device::Cuda(ordinal) => bail!(
-                "--device cuda:{ordinal}: this tideway was built without CUDA support; build it with `cargo build --release --features cuda`"
+            device => bail!(
+                "--device {device}: this tideway was built without CUDA support; build it with `cargo build --release --features cuda`"
             ),
         }
     }

@@ -1,0 +1,197 @@
+//! The GPU path through the real binary (a build with `--features cuda`), on the host
+//! emulator of the CUDA kernels (`--device cuda-emulator`): `tideway run` gives the reference
+//! logits with f32 and bf16 weights, and `tideway serve` keeps every session's state in the
+//! device pool it reports, answers like `run`, refuses a session beyond the pool with
+//! RESOURCE_EXHAUSTED and frees the slot of an ended session.
+#![cfg(feature = "cuda")]
+
+mod common;
+
+use common::*;
+use tideway_proto::tideway::v1 as pb;
+use tokio_stream::StreamExt;
+use tonic::Code;
+
+const MODEL: &str = "gla_legacy_fused_mlp";
+
+fn model_dir() -> std::path::PathBuf {
+    fixtures_dir().join("fla").join(MODEL)
+}
+
+#[test]
+fn run_on_the_emulated_gpu_gives_the_reference_logits() {
+    let dir = model_dir();
+    let expected = dir.join("expected.safetensors");
+    let tokens = read_tensor(&expected, "input_ids")
+        .values
+        .iter()
+        .map(|v| (*v as u64).to_string())
+        .collect::<Vec<_>>()
+        .join(",");
+    let want = read_tensor(&expected, "logits");
+    for (dtype, mode, limit) in [
+        ("f32", "chunked", 1e-4),
+        ("f32", "recurrent", 1e-4),
+        ("bf16", "chunked", 2e-2),
+    ] {
+        let out = scratch_dir("gpu-run").join("out.safetensors");
+        let output = tideway()
+            .args([
+                "run",
+                "--device",
+                "cuda-emulator",
+                "--dtype",
+                dtype,
+                "--mode",
+                mode,
+            ])
+            .arg("--model")
+            .arg(&dir)
+            .args(["--tokens", &tokens, "--out"])
+            .arg(&out)
+            .output()
+            .unwrap();
+        assert!(output.status.success(), "{}", stderr(&output));
+        let got = read_tensor(&out, "logits");
+        let rel = relative_error(&got.values, &want.values);
+        eprintln!("{dtype} {mode}: {rel:.2e} vs fla");
+        assert!(rel <= limit, "{dtype} {mode}: relative error {rel:.3e}");
+    }
+}
+
+fn start(keep: bool) -> pb::StreamRequest {
+    pb::StreamRequest {
+        kind: Some(pb::stream_request::Kind::Start(pb::StreamStart {
+            model: MODEL.into(),
+            keep,
+            ..Default::default()
+        })),
+    }
+}
+
+fn chunk(tokens: &[u64], end: bool) -> pb::StreamRequest {
+    pb::StreamRequest {
+        kind: Some(pb::stream_request::Kind::Chunk(pb::StreamChunk {
+            tokens: tokens.iter().map(|&t| t as i64).collect(),
+            end,
+            ..Default::default()
+        })),
+    }
+}
+
+/// One stream: its logits, or the status it ended with.
+async fn stream(url: &str, messages: Vec<pb::StreamRequest>) -> Result<Vec<f64>, tonic::Status> {
+    let mut client = pb::streams_client::StreamsClient::connect(url.to_string())
+        .await
+        .unwrap();
+    let mut inbound = client
+        .open(tokio_stream::iter(messages))
+        .await?
+        .into_inner();
+    let mut logits = Vec::new();
+    while let Some(message) = inbound.next().await {
+        if let pb::stream_response::Kind::Output(o) = message?.kind.unwrap() {
+            logits.extend(
+                o.outputs[0]
+                    .data
+                    .chunks_exact(4)
+                    .map(|b| f32::from_le_bytes(b.try_into().unwrap()) as f64),
+            );
+        }
+    }
+    Ok(logits)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn serving_on_the_emulated_gpu_reports_its_pool_and_answers_like_run() {
+    let dir = model_dir();
+    let server = Server::start(&[
+        "--model",
+        dir.to_str().unwrap(),
+        "--device",
+        "cuda-emulator",
+        "--gpu-sessions",
+        "2",
+    ]);
+    let url = server.url();
+    let mut models = pb::models_client::ModelsClient::connect(url.clone())
+        .await
+        .unwrap();
+    let info = models
+        .list(pb::ListModelsRequest {})
+        .await
+        .unwrap()
+        .into_inner()
+        .models
+        .remove(0);
+    assert_eq!(info.device, "cuda-emulator");
+    assert_eq!(info.session_capacity, 2);
+
+    let tokens = pseudo_random(24, 45, 5);
+    let want = run_reference(&dir, &tokens);
+    let got = stream(
+        &url,
+        vec![
+            start(false),
+            chunk(&tokens[..10], false),
+            chunk(&tokens[10..], true),
+        ],
+    )
+    .await
+    .unwrap();
+    assert!(relative_error(&got, &want.values) <= 1e-5);
+
+    // Two kept sessions fill the pool; a third is refused; ending one frees its slot.
+    let mut kept = Vec::new();
+    for _ in 0..2 {
+        let mut client = pb::streams_client::StreamsClient::connect(url.clone())
+            .await
+            .unwrap();
+        let mut inbound = client
+            .open(tokio_stream::iter(vec![
+                start(true),
+                chunk(&tokens[..3], false),
+            ]))
+            .await
+            .unwrap()
+            .into_inner();
+        while let Some(m) = inbound.next().await {
+            if let pb::stream_response::Kind::Opened(o) = m.unwrap().kind.unwrap() {
+                kept.push(o.session_id);
+            }
+        }
+    }
+    assert_eq!(kept.len(), 2);
+    let refused = stream(&url, vec![start(false), chunk(&tokens[..3], true)])
+        .await
+        .unwrap_err();
+    assert_eq!(refused.code(), Code::ResourceExhausted, "{refused:?}");
+    assert!(
+        refused
+            .message()
+            .contains("all 2 session slots on the GPU are in use"),
+        "{refused:?}"
+    );
+    // End the first kept session, then a new one fits.
+    let resume = pb::StreamRequest {
+        kind: Some(pb::stream_request::Kind::Start(pb::StreamStart {
+            model: MODEL.into(),
+            resume_session_id: kept[0].clone(),
+            ..Default::default()
+        })),
+    };
+    stream(&url, vec![resume, chunk(&tokens[3..4], true)])
+        .await
+        .unwrap();
+    let got = stream(
+        &url,
+        vec![
+            start(false),
+            chunk(&tokens[..10], false),
+            chunk(&tokens[10..], true),
+        ],
+    )
+    .await
+    .unwrap();
+    assert!(relative_error(&got, &want.values) <= 1e-5);
+}
