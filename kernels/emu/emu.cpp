@@ -122,6 +122,7 @@ static inline float rsqrtf(float x) { return 1.0f / std::sqrt(x); }
 #include "../cuda/common.cu"
 #include "../cuda/mamba.cu"
 #include "../cuda/fla.cu"
+#include "../cuda/lmu.cu"
 
 // --- the launch table ---------------------------------------------------------------------------
 namespace {
@@ -178,6 +179,13 @@ const std::unordered_map<std::string, Launcher>& table() {
         {"dpfp", make(dpfp, false)},
         {"sum_normalize", make(sum_normalize, false)},
         {"linear_attn_normalize", make(linear_attn_normalize, false)},
+        {"frame_unroll", make(frame_unroll, false)},
+        {"delay_frame", make(delay_frame, false)},
+        {"affine_channels", make(affine_channels, false)},
+        {"gelu", make(gelu, false)},
+        {"lif_fire", make(lif_fire, false)},
+        {"lmu_memory", make(lmu_memory, true)},
+        {"concat_rows", make(concat_rows, false)},
     };
     return kernels;
 }

@@ -109,6 +109,17 @@ impl Linear {
         self.weight_t.size_bytes() + self.bias.as_ref().map_or(0, Weight::size_bytes)
     }
 
+    /// PyTorch's layout again: `W` `[out, in]` row-major, and the bias (for uploading the
+    /// layer to a device).
+    pub fn to_torch(&self) -> (Vec<f32>, Option<Vec<f32>>) {
+        let w = transpose(
+            self.weight_t.as_slice(),
+            self.in_features,
+            self.out_features,
+        );
+        (w, self.bias.as_ref().map(|b| b.as_slice().to_vec()))
+    }
+
     /// Copies row `j` of PyTorch's `W` (`[in]` values) into `dst`: a tied embedding reads its
     /// rows from the LM head this way instead of keeping a second copy.
     pub fn torch_weight_row(&self, j: usize, dst: &mut [f32]) {

@@ -65,6 +65,11 @@ impl LifRegistry {
         }
     }
 
+    /// Channels of each registered population, by slot.
+    pub fn channels(&self) -> &[usize] {
+        &self.channels
+    }
+
     /// Fresh (resting, zero) membranes for one session.
     pub fn new_membranes(&self) -> Membranes {
         Membranes {

@@ -125,3 +125,89 @@ fn a_full_state_pool_is_refused_and_a_dropped_session_frees_its_slot() {
     drop(a);
     gpu.new_session().unwrap();
 }
+
+/// The LMUFormers (plain and spiking) on the emulated GPU against the CPU model: the whole clip
+/// at once, frame-chunked streams (the frame convs' lookahead and the residual delay across
+/// calls), and two streams packed in one call; outputs and clip means. Spiking fixtures keep
+/// every membrane 2e-5 away from its threshold, so equal spikes are expected.
+#[test]
+fn lmuformers_on_the_emulator_match_the_cpu_models() {
+    use tideway_operators::layers::frames::Frames;
+    use tideway_operators::models::load_lmuformer;
+    let mut checked = 0;
+    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/lmu");
+    let mut dirs: Vec<PathBuf> = std::fs::read_dir(root)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.join("input.safetensors").exists())
+        .collect();
+    dirs.sort();
+    for dir in dirs {
+        let name = dir.file_name().unwrap().to_string_lossy().to_string();
+        let checkpoint = dir.join("checkpoint");
+        let cpu = load_lmuformer(&checkpoint).unwrap();
+        let c = cpu.in_channels();
+        let input = std::fs::read(dir.join("input.safetensors")).unwrap();
+        let input = safetensors::SafeTensors::deserialize(&input).unwrap();
+        let frames: Vec<f32> = input
+            .tensor("input")
+            .unwrap()
+            .data()
+            .chunks_exact(4)
+            .map(|b| f32::from_le_bytes(b.try_into().unwrap()))
+            .collect();
+        let n = frames.len() / c;
+        let model = load_lmuformer(&checkpoint).unwrap();
+        let mut gpu =
+            tideway_operators::gpu::GpuLmuFormer::upload(&model, Gpu::emulated(), 4).unwrap();
+        for chunk in [n, 7, 1] {
+            let mut cpu_state = cpu.new_state();
+            let mut session = gpu.new_session().unwrap();
+            let (mut want, mut got) = (Vec::new(), Vec::new());
+            let parts: Vec<&[f32]> = frames.chunks(chunk * c).collect();
+            for (i, part) in parts.iter().enumerate() {
+                let end = i + 1 == parts.len();
+                let x = Frames {
+                    data: part.to_vec(),
+                    width: c,
+                    counts: vec![part.len() / c],
+                };
+                want.extend(cpu.forward(&mut [&mut cpu_state], &x, &[end]).unwrap().data);
+                got.extend(gpu.forward(&mut [&mut session], &x, &[end]).unwrap().data);
+            }
+            let rel = relative_error(&got, &want);
+            let pooled = relative_error(&session.pooled(), &cpu_state.pooled());
+            eprintln!("{name} chunks of {chunk}: outputs {rel:.2e}, clip mean {pooled:.2e}");
+            assert!(
+                rel <= 1e-5 && pooled <= 1e-5,
+                "{name} chunks of {chunk}: {rel:.3e} {pooled:.3e}"
+            );
+        }
+        // Two streams in one call: 40 and 25 frames, then the rest of each, ending both.
+        let mut cpu_states = [cpu.new_state(), cpu.new_state()];
+        let mut sessions = [gpu.new_session().unwrap(), gpu.new_session().unwrap()];
+        for (counts, offsets, end) in [
+            ([40usize, 25], [0usize, 3], false),
+            ([n - 40, n - 28], [40, 28], true),
+        ] {
+            let mut data = Vec::new();
+            for (k, o) in counts.iter().zip(offsets) {
+                data.extend_from_slice(&frames[o * c..(o + k) * c]);
+            }
+            let x = Frames {
+                data,
+                width: c,
+                counts: counts.to_vec(),
+            };
+            let [a, b] = &mut cpu_states;
+            let want = cpu.forward(&mut [a, b], &x, &[end, end]).unwrap();
+            let [s, t] = &mut sessions;
+            let got = gpu.forward(&mut [s, t], &x, &[end, end]).unwrap();
+            assert_eq!(got.counts, want.counts, "{name}");
+            let rel = relative_error(&got.data, &want.data);
+            assert!(rel <= 1e-5, "{name} packed: {rel:.3e}");
+        }
+        checked += 1;
+    }
+    assert_eq!(checked, 7, "every LMUFormer fixture");
+}

@@ -21,14 +21,15 @@ use cudarc::driver::{
 
 /// The CUDA C sources, in the order they are concatenated into one NVRTC program (later files
 /// use the helpers of `common.cu`).
-pub const KERNEL_SOURCES: [(&str, &str); 3] = [
+pub const KERNEL_SOURCES: [(&str, &str); 4] = [
     ("common.cu", include_str!("../../cuda/common.cu")),
     ("mamba.cu", include_str!("../../cuda/mamba.cu")),
     ("fla.cu", include_str!("../../cuda/fla.cu")),
+    ("lmu.cu", include_str!("../../cuda/lmu.cu")),
 ];
 
 /// Every `extern "C"` kernel of [`KERNEL_SOURCES`].
-pub const KERNELS: [&str; 24] = [
+pub const KERNELS: [&str; 31] = [
     "embed_rows_f32",
     "embed_rows_bf16",
     "rms_norm",
@@ -53,6 +54,13 @@ pub const KERNELS: [&str; 24] = [
     "dpfp",
     "sum_normalize",
     "linear_attn_normalize",
+    "frame_unroll",
+    "delay_frame",
+    "affine_channels",
+    "gelu",
+    "lif_fire",
+    "lmu_memory",
+    "concat_rows",
 ];
 
 /// Longest conv kernel the conv kernels hold in registers (`MAX_CONV` in mamba.cu), and the

@@ -2,9 +2,10 @@
 //! weights (f32 or bf16) and every session's recurrent state resident on the device.
 //!
 //! The CPU models are the reference: `tideway gpu-check` compares the two on the committed
-//! fixtures. Mamba and the linear-attention family run here; the LMUFormers stay on the CPU.
+//! fixtures. Every family runs here: Mamba, the linear-attention family and the LMUFormers.
 
 pub mod fla;
+pub mod lmuformer;
 pub mod mamba;
 
 use std::ops::Range;
@@ -21,6 +22,7 @@ use crate::error::{InputError, LoadError};
 use crate::models::config::ConfigJson;
 
 pub use fla::GpuFlaLm;
+pub use lmuformer::{GpuLmuFormer, GpuLmuSession};
 pub use mamba::GpuMambaLm;
 
 /// Why a GPU model could not load or run.

@@ -30,6 +30,11 @@ impl BatchNorm {
         Ok(BatchNorm { scale, shift })
     }
 
+    /// The folded per-channel `(α, β')`.
+    pub fn folded(&self) -> (&[f32], &[f32]) {
+        (&self.scale, &self.shift)
+    }
+
     pub fn channels(&self) -> usize {
         self.scale.len()
     }

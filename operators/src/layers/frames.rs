@@ -88,8 +88,8 @@ impl ConvWindow {
 #[derive(Debug, Clone)]
 pub struct FrameConv {
     /// The kernel as a linear layer on `[x_{t−1}, x_t, x_{t+1}]` (3·c_in inputs).
-    taps: Linear,
-    c_in: usize,
+    pub(crate) taps: Linear,
+    pub(crate) c_in: usize,
 }
 
 impl FrameConv {

@@ -129,6 +129,11 @@ impl LmuMemory {
         self.size
     }
 
+    /// `(Ā, B̄)`: Ā `[d, d]` row-major (`m_t = Ā m_{t−1} + B̄ u_t`), B̄ `[d]`.
+    pub fn matrices(&self) -> (Vec<f32>, Vec<f32>) {
+        (self.transition.to_torch().0, self.b.clone())
+    }
+
     pub fn size_bytes(&self) -> usize {
         self.transition.size_bytes()
             + 4 * (self.b.len()
@@ -199,23 +204,23 @@ impl LmuMemory {
 
 /// The spiking cell's BatchNorm → LIF gates (absent in the non-spiking cell, which uses ReLU).
 #[derive(Debug, Clone)]
-struct SpikingGates {
-    bn_u: BatchNorm,
-    lif_u: LifLayer,
-    bn_m: BatchNorm,
-    lif_m: LifLayer,
-    bn_h: BatchNorm,
-    lif_h: LifLayer,
+pub(crate) struct SpikingGates {
+    pub(crate) bn_u: BatchNorm,
+    pub(crate) lif_u: LifLayer,
+    pub(crate) bn_m: BatchNorm,
+    pub(crate) lif_m: LifLayer,
+    pub(crate) bn_h: BatchNorm,
+    pub(crate) lif_h: LifLayer,
 }
 
 /// `LMUFFTCell` / `SpikingLMUFFTCell`.
 #[derive(Debug, Clone)]
 pub struct LmuCell {
-    w_u: Linear,
-    w_h: Linear,
-    memory: LmuMemory,
-    gates: Option<SpikingGates>,
-    input: usize,
+    pub(crate) w_u: Linear,
+    pub(crate) w_h: Linear,
+    pub(crate) memory: LmuMemory,
+    pub(crate) gates: Option<SpikingGates>,
+    pub(crate) input: usize,
 }
 
 /// The shape of one cell.

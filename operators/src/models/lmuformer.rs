@@ -141,14 +141,14 @@ fn gelu(x: &mut [f32]) {
 
 /// The convolutional patch embedding (`Tokenizer` / `Conv1d4EBMs`).
 #[derive(Debug, Clone)]
-struct PatchEmbed {
+pub(crate) struct PatchEmbed {
     /// The four k = 3 convolutions of the main path.
-    convs: Vec<FrameConv>,
+    pub(crate) convs: Vec<FrameConv>,
     /// Their BatchNorms (`conv_layers.i.3` / `proj_bn{i}`).
-    norms: Vec<BatchNorm>,
+    pub(crate) norms: Vec<BatchNorm>,
     /// Spiking: the LIF after each BatchNorm.
-    lifs: Vec<LifLayer>,
-    rpe: FrameConv,
+    pub(crate) lifs: Vec<LifLayer>,
+    pub(crate) rpe: FrameConv,
 }
 
 impl PatchEmbed {
@@ -244,16 +244,16 @@ impl PatchEmbed {
 
 /// `LMU` / `SLMUMs`: [BN → LIF(0.5) →] cell → 1×1 conv → BN.
 #[derive(Debug, Clone)]
-struct LmuMixer {
-    prev: Option<(BatchNorm, LifLayer)>,
-    cell: LmuCell,
-    proj: Linear,
-    proj_bn: BatchNorm,
+pub(crate) struct LmuMixer {
+    pub(crate) prev: Option<(BatchNorm, LifLayer)>,
+    pub(crate) cell: LmuCell,
+    pub(crate) proj: Linear,
+    pub(crate) proj_bn: BatchNorm,
 }
 
 /// `ConvFFN` / `ConvFFNMs`.
 #[derive(Debug, Clone)]
-enum ChannelMixer {
+pub(crate) enum ChannelMixer {
     Plain {
         fc1: Linear,
         fc1_bn: BatchNorm,
@@ -271,9 +271,9 @@ enum ChannelMixer {
 }
 
 #[derive(Debug, Clone)]
-struct Block {
-    mixer: LmuMixer,
-    ffn: ChannelMixer,
+pub(crate) struct Block {
+    pub(crate) mixer: LmuMixer,
+    pub(crate) ffn: ChannelMixer,
 }
 
 impl Block {
@@ -463,13 +463,13 @@ impl LmuFormerState {
 /// A loaded LMUFormer.
 #[derive(Debug, Clone)]
 pub struct LmuFormer {
-    config: LmuFormerConfig,
-    embed: PatchEmbed,
-    blocks: Vec<Block>,
-    head_gate: Option<(BatchNorm, LifLayer)>,
-    head: Linear,
-    neurons: LifRegistry,
-    frontend: Option<Frontend>,
+    pub(crate) config: LmuFormerConfig,
+    pub(crate) embed: PatchEmbed,
+    pub(crate) blocks: Vec<Block>,
+    pub(crate) head_gate: Option<(BatchNorm, LifLayer)>,
+    pub(crate) head: Linear,
+    pub(crate) neurons: LifRegistry,
+    pub(crate) frontend: Option<Frontend>,
 }
 
 impl LmuFormer {
