@@ -59,6 +59,42 @@ fn run_on_the_emulated_gpu_gives_the_reference_logits() {
     }
 }
 
+/// The spiking and plain LMUFormers through `run --device cuda-emulator` give the reference
+/// outputs (spikingjelly / the LMUFormer reference modules) in both forms.
+#[test]
+fn lmuformers_run_on_the_emulated_gpu_give_the_reference_outputs() {
+    for name in ["lmu_d32_c16", "slmu_d40_c24_depth2_prefixed"] {
+        let dir = fixtures_dir().join("lmu").join(name);
+        let expected = dir.join("expected.safetensors");
+        for mode in ["chunked", "recurrent"] {
+            let out = scratch_dir("gpu-lmu").join("out.safetensors");
+            let output = tideway()
+                .args([
+                    "run",
+                    "--device",
+                    "cuda-emulator",
+                    "--mode",
+                    mode,
+                    "--model",
+                ])
+                .arg(dir.join("checkpoint"))
+                .arg("--input")
+                .arg(dir.join("input.safetensors"))
+                .arg("--out")
+                .arg(&out)
+                .output()
+                .unwrap();
+            assert!(output.status.success(), "{}", stderr(&output));
+            for tensor in ["output", "pooled"] {
+                let (got, want) = (read_tensor(&out, tensor), read_tensor(&expected, tensor));
+                let rel = relative_error(&got.values, &want.values);
+                eprintln!("{name} {mode} {tensor}: {rel:.2e} vs the reference");
+                assert!(rel <= 1e-4, "{name} {mode} {tensor}: {rel:.3e}");
+            }
+        }
+    }
+}
+
 fn start(keep: bool) -> pb::StreamRequest {
     pb::StreamRequest {
         kind: Some(pb::stream_request::Kind::Start(pb::StreamStart {

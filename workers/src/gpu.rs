@@ -11,7 +11,9 @@ use tideway_kernels::Tensor;
 use tideway_kernels::collective::Collective;
 use tideway_kernels::gpu::{Gpu, GpuError, WeightDtype};
 use tideway_kernels::nccl::NcclRank;
-use tideway_operators::gpu::{GpuModel, GpuModelError, load_gpu_model};
+use tideway_operators::gpu::{GpuLmuFormer, GpuModel, GpuModelError, load_gpu_model};
+use tideway_operators::layers::frames::Frames;
+use tideway_operators::models::LmuFormer;
 use tideway_operators::models::load_model;
 
 use crate::device::Device;
@@ -65,6 +67,44 @@ pub fn run_tokens(
     let mut model = open_on(dir, device, dtype, 1)?;
     model.check_tokens(tokens, 0)?;
     sequence_logits(&mut model, tokens, if recurrent { 1 } else { chunk })
+}
+
+/// A clip of feature frames through an LMUFormer on the GPU: the whole clip at once, or one
+/// frame per call (`recurrent`); the per-frame outputs and their mean.
+pub fn run_feature_frames(
+    model: &LmuFormer,
+    device: Device,
+    frames: &[f32],
+    recurrent: bool,
+) -> Result<(Vec<f32>, Vec<f32>)> {
+    let gpu = open_device(device)?;
+    let mut gpu_model = GpuLmuFormer::upload(model, gpu, 1)
+        .with_context(|| format!("cannot load the model onto {device}"))?;
+    let mut session = gpu_model.new_session()?;
+    let c = model.in_channels();
+    let chunk = if recurrent { c } else { frames.len().max(c) };
+    let mut output = Vec::new();
+    for part in frames.chunks(chunk) {
+        let input = Frames {
+            data: part.to_vec(),
+            width: c,
+            counts: vec![part.len() / c],
+        };
+        output.extend(
+            gpu_model
+                .forward(&mut [&mut session], &input, &[!recurrent])?
+                .data,
+        );
+    }
+    if recurrent {
+        let end = Frames {
+            data: Vec::new(),
+            width: c,
+            counts: vec![0],
+        };
+        output.extend(gpu_model.forward(&mut [&mut session], &end, &[true])?.data);
+    }
+    Ok((output, session.pooled()))
 }
 
 fn sequence_logits(model: &mut GpuModel, tokens: &[u32], chunk: usize) -> Result<Tensor> {
@@ -194,6 +234,34 @@ pub fn gpu_check(args: GpuCheckArgs) -> Result<()> {
                     &format!("packed sessions {lens:?}"),
                     relative_error(got.data(), want.data()),
                 );
+            }
+        }
+    }
+
+    // The LMUFormers (f32): whole clips and frame-by-frame streams against the CPU model.
+    let root = args.fixtures.join("lmu");
+    let mut lmu_dirs: Vec<PathBuf> = std::fs::read_dir(&root)
+        .with_context(|| format!("cannot read {}", root.display()))?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.join("input.safetensors").exists())
+        .collect();
+    lmu_dirs.sort();
+    for dir in &lmu_dirs {
+        let name = dir
+            .file_name()
+            .unwrap_or_default()
+            .to_string_lossy()
+            .to_string();
+        let model = tideway_operators::models::load_lmuformer(&dir.join("checkpoint"))?;
+        let (frames, _) = crate::run::read_f32_tensor(&dir.join("input.safetensors"), "input")?;
+        let mut state = model.new_state();
+        let (want, _) = model.run_clip(&mut state, &frames)?;
+        for (form, recurrent) in [("whole clip", false), ("frame by frame", true)] {
+            let (got, _) = run_feature_frames(&model, args.device, &frames, recurrent)?;
+            let rel = relative_error(&got, &want);
+            println!("| {name} | F32 | {form} | {rel:.2e} | 1e-5 |");
+            if rel.is_nan() || rel > 1e-5 {
+                failures.push(format!("{name} {form}: {rel:.2e} > 1e-5"));
             }
         }
     }

@@ -92,6 +92,9 @@ pub fn run(args: RunArgs) -> Result<()> {
                 args.model.display()
             );
         }
+        if args.dtype != WeightStorage::F32 {
+            bail!("--dtype bf16 is for language models; LMUFormers keep f32 weights");
+        }
         return run_features(&args);
     }
     if args.tokens.is_none() && args.text.is_none() {
@@ -167,6 +170,28 @@ fn run_on_gpu(args: &RunArgs, device: Device) -> Result<()> {
 
 #[cfg(not(feature = "cuda"))]
 fn run_on_gpu(_: &RunArgs, device: Device) -> Result<()> {
+    bail!(
+        "--device {device}: this tideway was built without CUDA support; build it with `cargo build --release --features cuda`"
+    )
+}
+
+#[cfg(feature = "cuda")]
+fn run_features_on_gpu(
+    model: &tideway_operators::models::LmuFormer,
+    device: Device,
+    frames: &[f32],
+    mode: Mode,
+) -> Result<(Vec<f32>, Vec<f32>)> {
+    crate::gpu::run_feature_frames(model, device, frames, mode == Mode::Recurrent)
+}
+
+#[cfg(not(feature = "cuda"))]
+fn run_features_on_gpu(
+    _: &tideway_operators::models::LmuFormer,
+    device: Device,
+    _: &[f32],
+    _: Mode,
+) -> Result<(Vec<f32>, Vec<f32>)> {
     bail!(
         "--device {device}: this tideway was built without CUDA support; build it with `cargo build --release --features cuda`"
     )
@@ -328,6 +353,21 @@ fn run_features(args: &RunArgs) -> Result<()> {
         }
     };
     let rows = frames.len() / channels;
+    if args.device != Device::Cpu {
+        if args.record_spikes {
+            bail!("--record-spikes runs on the CPU: leave out --device");
+        }
+        let (output, pooled) = run_features_on_gpu(&model, args.device, &frames, args.mode)?;
+        let classes = model.num_classes();
+        let output = Tensor::from_vec(output, &[rows, classes])?;
+        let pooled = Tensor::from_vec(pooled, &[classes])?;
+        let mut tensors: Vec<(String, Tensor)> =
+            vec![("output".into(), output), ("pooled".into(), pooled)];
+        tensors.extend(extra);
+        let refs: Vec<(&str, &Tensor)> = tensors.iter().map(|(n, t)| (n.as_str(), t)).collect();
+        return write_tensors(&args.out, &refs)
+            .with_context(|| format!("cannot write {}", args.out.display()));
+    }
     let mut state = model.new_state();
     if args.record_spikes {
         state.record_spikes();
