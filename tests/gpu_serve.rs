@@ -231,3 +231,67 @@ async fn serving_on_the_emulated_gpu_reports_its_pool_and_answers_like_run() {
     .unwrap();
     assert!(relative_error(&got, &want.values) <= 1e-5);
 }
+
+/// A spiking LMUFormer served on the emulated GPU: frames streamed in uneven chunks give the
+/// reference outputs, and the pool reports itself.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_feature_model_served_on_the_emulated_gpu_gives_the_reference_outputs() {
+    let dir = fixtures_dir().join("lmu/slmu_d32_c16");
+    let checkpoint = dir.join("checkpoint");
+    let server = Server::start(&[
+        "--model",
+        &format!("spiking={}", checkpoint.display()),
+        "--device",
+        "cuda-emulator",
+        "--gpu-sessions",
+        "3",
+    ]);
+    let url = server.url();
+    let mut models = pb::models_client::ModelsClient::connect(url.clone())
+        .await
+        .unwrap();
+    let info = models
+        .list(pb::ListModelsRequest {})
+        .await
+        .unwrap()
+        .into_inner()
+        .models
+        .remove(0);
+    assert_eq!(
+        (info.device.as_str(), info.session_capacity),
+        ("cuda-emulator", 3)
+    );
+    let input = read_tensor(&dir.join("input.safetensors"), "input").values;
+    let want = read_tensor(&dir.join("expected.safetensors"), "output").values;
+    let c = 16;
+    let rows = input.len() / c;
+    let mut messages = vec![pb::StreamRequest {
+        kind: Some(pb::stream_request::Kind::Start(pb::StreamStart {
+            model: "spiking".into(),
+            ..Default::default()
+        })),
+    }];
+    let mut at = 0;
+    for (i, n) in [1usize, 9, 3, 40].iter().cycle().enumerate() {
+        let n = (*n).min(rows - at);
+        messages.push(pb::StreamRequest {
+            kind: Some(pb::stream_request::Kind::Chunk(pb::StreamChunk {
+                frames: input[at * c..(at + n) * c]
+                    .iter()
+                    .map(|&v| v as f32)
+                    .collect(),
+                channels: c as u32,
+                end: at + n == rows,
+                ..Default::default()
+            })),
+        });
+        at += n;
+        if at == rows || i > 1000 {
+            break;
+        }
+    }
+    let got = stream(&url, messages).await.unwrap();
+    let err = relative_error(&got, &want);
+    eprintln!("spiking LMUFormer on the emulated GPU: {err:.2e}");
+    assert!(err <= 1e-4, "{err:.3e}");
+}

@@ -13,6 +13,7 @@ mod demo;
 mod detect;
 mod device;
 mod devices;
+mod feature_model;
 #[cfg(feature = "cuda")]
 mod gpu;
 mod language_model;

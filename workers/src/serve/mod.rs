@@ -29,6 +29,7 @@ use tideway_proto::tideway::v1::models_server::ModelsServer;
 use tideway_proto::tideway::v1::streams_server::StreamsServer;
 
 use crate::device::Device;
+use crate::feature_model::FeatureModel;
 use crate::language_model::LanguageModel;
 use crate::tensor_parallel::ParallelArgs;
 use engine::{Engine, RuntimeConfig};
@@ -75,8 +76,7 @@ pub struct ServeArgs {
     max_message_bytes: usize,
     #[command(flatten)]
     pub parallel: ParallelArgs,
-    /// Where language models run: cpu, or cuda:N (a build with --features cuda; Mamba so
-    /// far). Feature models (LMUFormer) run on the CPU.
+    /// Where models run: cpu, or cuda:N (a build with --features cuda), or cuda-emulator.
     #[arg(long, default_value = "cpu")]
     device: Device,
     /// Weight storage on a GPU: f32, or bf16 with f32 accumulation.
@@ -215,7 +215,6 @@ pub struct Placement {
     device: Device,
     #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
     dtype: crate::run::WeightStorage,
-    #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
     gpu_sessions: usize,
 }
 
@@ -271,11 +270,12 @@ impl Placement {
 fn load_served(name: String, dir: &std::path::Path, placement: &Placement) -> Result<ServedModel> {
     let context = || format!("cannot load model {name:?} from {}", dir.display());
     let kind = if is_lmuformer(dir).with_context(context)? {
-        // Feature models are small and run whole on every worker, on the CPU.
-        if placement.device != Device::Cpu {
-            tracing::info!(model = %name, "feature models run on the CPU; --device applies to language models");
-        }
-        ServedKind::Features(Box::new(load_lmuformer(dir).with_context(context)?))
+        // Feature models run whole (no tensor parallelism), on the CPU or the --device GPU.
+        let model = load_lmuformer(dir).with_context(context)?;
+        ServedKind::Features(Box::new(
+            FeatureModel::place(model, placement.device, placement.gpu_sessions.max(1))
+                .with_context(context)?,
+        ))
     } else {
         ServedKind::Language {
             model: Box::new(placement.load(dir).with_context(context)?),
@@ -295,9 +295,14 @@ fn load_served(name: String, dir: &std::path::Path, placement: &Placement) -> Re
             session_capacity = model.session_capacity().map_or("host memory".to_string(), |n| n.to_string()),
             "loaded"
         ),
-        ServedKind::Features(_) => {
-            tracing::info!(model = %served.name, dir = %dir.display(), family = served.family(), "loaded")
-        }
+        ServedKind::Features(model) => tracing::info!(
+            model = %served.name,
+            dir = %dir.display(),
+            family = served.family(),
+            device = %model.device(),
+            session_capacity = model.session_capacity().map_or("host memory".to_string(), |n| n.to_string()),
+            "loaded"
+        ),
     }
     Ok(served)
 }

@@ -401,11 +401,11 @@ pub fn model_info(engine: &Engine, index: usize) -> pb::ModelInfo {
         },
         session_capacity: match &m.kind {
             ServedKind::Language { model, .. } => model.session_capacity().unwrap_or(0) as u64,
-            ServedKind::Features(_) => 0,
+            ServedKind::Features(model) => model.session_capacity().unwrap_or(0) as u64,
         },
         device: match &m.kind {
             ServedKind::Language { model, .. } => model.device().to_string(),
-            ServedKind::Features(_) => "cpu".into(),
+            ServedKind::Features(model) => model.device().to_string(),
         },
     }
 }

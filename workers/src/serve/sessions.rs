@@ -16,13 +16,14 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use tideway_operators::ForwardError;
 use tideway_operators::layers::frames::Frames;
-use tideway_operators::models::{LmuFormer, LmuFormerState};
+
 use tideway_operators::tokenizers::Frontend;
 use tideway_operators::tokenizers::audio::AudioStream;
 use tideway_operators::tokenizers::sensor::SensorStream;
 use tideway_operators::tokenizers::text::{TextStream, TextTokenizer};
 
 use super::messages::{Op, OpError, Reply, Request, Response, SessionEvent, SessionKey, StepInput};
+use crate::feature_model::{FeatureError, FeatureModel, FeatureState};
 use crate::language_model::{LanguageModel, LmState};
 
 /// What a served model is: a language model (token ids in, logits out; text too with a
@@ -32,7 +33,7 @@ pub enum ServedKind {
         model: Box<LanguageModel>,
         tokenizer: Option<Box<TextTokenizer>>,
     },
-    Features(Box<LmuFormer>),
+    Features(Box<FeatureModel>),
 }
 
 /// A model being served.
@@ -101,7 +102,7 @@ impl ServedModel {
                 text: TextStream::default(),
             },
             ServedKind::Features(m) => SessionData::Features {
-                state: Box::new(m.new_state()),
+                state: Box::new(m.new_stream().map_err(OpError::Capacity)?),
                 audio: m.audio_frontend().map(|a| Box::new(a.new_stream())),
                 sensor: SensorStream::default(),
             },
@@ -184,7 +185,7 @@ enum SessionData {
         text: TextStream,
     },
     Features {
-        state: Box<LmuFormerState>,
+        state: Box<FeatureState>,
         audio: Option<Box<AudioStream>>,
         sensor: SensorStream,
     },
@@ -502,7 +503,7 @@ impl SessionTable {
                         width: c,
                         counts,
                     };
-                    let mut states: Vec<&mut LmuFormerState> = batch
+                    let mut states: Vec<&mut FeatureState> = batch
                         .iter_mut()
                         .filter_map(|s| match &mut s.session.state {
                             SessionData::Features { state, .. } => Some(&mut **state),
@@ -512,7 +513,10 @@ impl SessionTable {
                     self.tokens_processed += input.rows() as u64;
                     m.forward(&mut states, &input, &ends)
                         .map(|out| (out.data, out.counts))
-                        .map_err(|e| OpError::Input(e.to_string()))
+                        .map_err(|e| match e {
+                            FeatureError::Input(e) => OpError::Input(e.to_string()),
+                            FeatureError::Device(e) => OpError::Unavailable(e),
+                        })
                 }
             };
             let state_bytes = served.state_bytes() as u64;
