@@ -157,6 +157,33 @@ extern "C" __global__ void gla_recurrent(const float* q, int q_ld, const float* 
     if (active) *st = sij;
 }
 
+// Pass A of gla_recurrent in time chunks (one long sequence; see mamba_chunk_ends): every
+// chunk from a zero state at once, keeping its final state and decay product per state
+// element; pass B is mamba_chunk_carry over H·dk·dv elements, pass C gla_recurrent with each
+// chunk a segment starting from its carried state. One thread per (element, chunk).
+extern "C" __global__ void gla_chunk_ends(const float* k, int k_ld, const float* v, int v_ld,
+                                          const float* g, int g_ld, int dk, int dv, int heads,
+                                          int groups, int row0, int total, int len,
+                                          float* s_end, float* p_end) {
+    long id = (long)blockIdx.x * blockDim.x + threadIdx.x;
+    int chunk = blockIdx.y;
+    long count = (long)heads * dk * dv;
+    if (id >= count) return;
+    int h = id / ((long)dk * dv), i = (id / dv) % dk, j = id % dv;
+    int kv = h / groups;
+    float sij = 0.0f, p = 1.0f;
+    int start = row0 + chunk * len, stop = min(start + len, row0 + total);
+    for (long row = start; row < stop; ++row) {
+        float decay = g_ld < 0 ? 1.0f
+                      : g_ld == 0 ? expf(g[h * dk + i])
+                                  : expf(g[row * g_ld + kv * dk + i]);
+        sij = decay * sij + k[row * k_ld + kv * dk + i] * v[row * v_ld + kv * dv + j];
+        p *= decay;
+    }
+    s_end[(long)chunk * count + id] = sij;
+    p_end[(long)chunk * count + id] = p;
+}
+
 // The delta rule, recurrent form (fla fused_recurrent_delta_rule / gated_delta_rule; SPEC
 // §3.2-3.3), per value head vh (q/k head vh / groups):
 //   S ← exp(g_t)·S (with g);  u = β_t (v_t − Sᵀk_t);  S ← S + k_t uᵀ;  o_t = Sᵀ(scale·q_t)

@@ -85,3 +85,48 @@ extern "C" __global__ void mamba_scan(const float* x, const float* dt, const flo
     }
     if (active) *hs = h;
 }
+
+// The selective scan in time chunks, for one long sequence (prefill): pass A walks every chunk
+// from a zero state at once, keeping the chunk's final state h_end and its decay product
+// p = Π exp(Δ·A); pass B carries the state across chunks (h_in[c+1] = p[c]·h_in[c] +
+// h_end[c]); pass C is mamba_scan itself, each chunk a segment starting from its carried
+// state. The recurrence is linear in h, so the result is the sequential scan's.
+// Pass A: one thread per (channel·n + j, chunk); chunk c covers rows
+// [row0 + c·len, min(.., row0 + total)).
+extern "C" __global__ void mamba_chunk_ends(const float* x, const float* dt, const float* dt_bias,
+                                            const float* a, const float* dbc, int r, int n, int e,
+                                            int row0, int total, int len, float* h_end,
+                                            float* p_end) {
+    long id = (long)blockIdx.x * blockDim.x + threadIdx.x;
+    int chunk = blockIdx.y;
+    if (id >= (long)e * n) return;
+    int c = id / n, j = id % n;
+    float ac = a[(long)c * n + j], bias = dt_bias[c];
+    int w = r + 2 * n;
+    float h = 0.0f, p = 1.0f;
+    int start = row0 + chunk * len, stop = min(start + len, row0 + total);
+    for (long row = start; row < stop; ++row) {
+        float delta = softplus(dt[row * e + c] + bias);
+        float decay = expf(delta * ac);
+        h = decay * h + delta * dbc[row * w + r + j] * x[row * e + c];
+        p *= decay;
+    }
+    h_end[(long)chunk * e * n + id] = h;
+    p_end[(long)chunk * e * n + id] = p;
+}
+
+// Pass B: one thread per (channel·n + j): carried[c] = the state entering chunk c (from the
+// session's pooled state), and the pooled state becomes the state after the last chunk.
+extern "C" __global__ void mamba_chunk_carry(const float* h_end, const float* p_end, int chunks,
+                                             int e, int n, float* state, int slot,
+                                             float* carried) {
+    long id = (long)blockIdx.x * blockDim.x + threadIdx.x;
+    if (id >= (long)e * n) return;
+    float* pooled = state + (long)slot * e * n + id;
+    float h = *pooled;
+    for (int k = 0; k < chunks; ++k) {
+        carried[(long)k * e * n + id] = h;
+        h = p_end[(long)k * e * n + id] * h + h_end[(long)k * e * n + id];
+    }
+    *pooled = h;
+}

@@ -9,6 +9,7 @@
 
 #include <ucontext.h>
 
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <cstdio>
@@ -118,6 +119,8 @@ static inline unsigned __float_as_uint(float f) {
     return u;
 }
 static inline float rsqrtf(float x) { return 1.0f / std::sqrt(x); }
+using std::max;
+using std::min;
 
 #include "../cuda/common.cu"
 #include "../cuda/mamba.cu"
@@ -164,6 +167,8 @@ const std::unordered_map<std::string, Launcher>& table() {
         {"add_halves", make(add_halves, false)},
         {"mamba_conv_silu", make(mamba_conv_silu, false)},
         {"mamba_scan", make(mamba_scan, true)},
+        {"mamba_chunk_ends", make(mamba_chunk_ends, false)},
+        {"mamba_chunk_carry", make(mamba_chunk_carry, false)},
         {"short_conv", make(short_conv, false)},
         {"activate", make(activate, false)},
         {"gla_gate", make(gla_gate, false)},
@@ -173,6 +178,7 @@ const std::unordered_map<std::string, Launcher>& table() {
         {"rotary", make(rotary, false)},
         {"silu_mul", make(silu_mul, false)},
         {"gla_recurrent", make(gla_recurrent, true)},
+        {"gla_chunk_ends", make(gla_chunk_ends, false)},
         {"delta_recurrent", make(delta_recurrent, true)},
         {"mul_inplace", make(mul_inplace, false)},
         {"hedgehog", make(hedgehog, false)},

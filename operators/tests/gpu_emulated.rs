@@ -97,6 +97,30 @@ fn gpu_models_on_the_emulator_match_the_cpu_models() {
     );
 }
 
+/// One long sequence takes the time-chunked recurrences (the selective scan; GLA, RetNet and
+/// linear attention), chunk 8 here: a 70-row prefill is 9 chunks carried across by pass B. They
+/// equal the CPU models like the sequential forms.
+#[test]
+fn the_time_chunked_recurrences_match_the_cpu_models() {
+    let families = ["gla", "retnet", "linear_attn"];
+    let dirs = fixtures("mamba")
+        .into_iter()
+        .chain(fixtures("fla").into_iter().filter(|d| {
+            let name = d.file_name().unwrap().to_string_lossy().to_string();
+            families.iter().any(|f| name.starts_with(f))
+        }));
+    for dir in dirs {
+        let name = dir.file_name().unwrap().to_string_lossy().to_string();
+        let mut gpu = load_gpu_model(&dir, Gpu::emulated(), WeightDtype::F32, 4).unwrap();
+        gpu.set_scan_chunk(8);
+        let cpu = load_model(&dir).unwrap();
+        for (form, rel) in compare(&cpu, &mut gpu) {
+            eprintln!("{name} chunked scan, {form}: {rel:.2e}");
+            assert!(rel <= 1e-5, "{name} {form}: relative error {rel:.3e}");
+        }
+    }
+}
+
 /// bf16 storage of bf16 weights is exact, so a bf16 checkpoint measures what the bf16 path
 /// adds: the activations split into two bf16 halves for each product.
 #[test]

@@ -29,7 +29,7 @@ pub const KERNEL_SOURCES: [(&str, &str); 4] = [
 ];
 
 /// Every `extern "C"` kernel of [`KERNEL_SOURCES`].
-pub const KERNELS: [&str; 31] = [
+pub const KERNELS: [&str; 34] = [
     "embed_rows_f32",
     "embed_rows_bf16",
     "rms_norm",
@@ -39,6 +39,8 @@ pub const KERNELS: [&str; 31] = [
     "add_bias",
     "mamba_conv_silu",
     "mamba_scan",
+    "mamba_chunk_ends",
+    "mamba_chunk_carry",
     "short_conv",
     "activate",
     "gla_gate",
@@ -48,6 +50,7 @@ pub const KERNELS: [&str; 31] = [
     "rotary",
     "silu_mul",
     "gla_recurrent",
+    "gla_chunk_ends",
     "delta_recurrent",
     "mul_inplace",
     "hedgehog",

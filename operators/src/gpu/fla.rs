@@ -16,7 +16,7 @@ use tideway_kernels::gpu::{
 };
 
 use crate::checkpoint::Checkpoint;
-use crate::gpu::{DeviceBatch, GpuModelError, GpuSession, Head, SlotPool, zero_slot};
+use crate::gpu::{ChunkedScan, DeviceBatch, GpuModelError, GpuSession, Head, SlotPool, zero_slot};
 use crate::mixers::deltanet::{DeltaNetConfig, QkActivation, QkNorm};
 use crate::mixers::gated_deltanet::GatedDeltaNetConfig;
 use crate::mixers::gla::{DecayKind, FeatureMap, GlaConfig};
@@ -686,9 +686,6 @@ impl Mixer {
         let [q, k, v] = self.qkv().forward(gpu, x, batch, &pool.conv, scratch)?;
         let (heads, dk, dv) = self.state_shape();
         let o = gpu.zeros(m * heads * dv)?;
-        // One thread per state element: blocks of `tile` value columns × dk key channels.
-        let tile = (256 / dk).clamp(1, dv);
-        let (block, grid_x) = ((tile * dk) as u32, (heads * dv.div_ceil(tile)) as u32);
         match self {
             Mixer::Gla {
                 config: c,
@@ -754,30 +751,26 @@ impl Mixer {
                         )?;
                     }
                 }
-                gpu.launch_grid(
-                    "gla_recurrent",
-                    (grid_x, batch.segments as u32),
-                    block,
-                    &[
-                        Arg::Ptr(gpu.ptr(&q)),
-                        Arg::I32(kd as i32),
-                        Arg::Ptr(gpu.ptr(&k)),
-                        Arg::I32(kkd as i32),
-                        Arg::Ptr(gpu.ptr(&v)),
-                        Arg::I32(kvd as i32),
-                        Arg::Ptr(gk),
-                        Arg::I32(g_ld),
-                        Arg::I32(dk as i32),
-                        Arg::I32(dv as i32),
-                        Arg::I32(heads as i32),
-                        Arg::I32(g as i32),
-                        Arg::F32((dk as f32).powf(-0.5)),
-                        Arg::Ptr(gpu.ptr(&pool.s)),
-                        Arg::Ptr(batch.starts),
-                        Arg::Ptr(batch.lens),
-                        Arg::Ptr(batch.slots),
-                        Arg::Ptr(gpu.ptr(&o)),
-                    ],
+                gla_scan(
+                    gpu,
+                    &GlaScan {
+                        q: gpu.ptr(&q),
+                        q_ld: kd,
+                        k: gpu.ptr(&k),
+                        k_ld: kkd,
+                        v: gpu.ptr(&v),
+                        v_ld: kvd,
+                        g: gk,
+                        g_ld,
+                        dk,
+                        dv,
+                        heads,
+                        groups: g,
+                        scale: (dk as f32).powf(-0.5),
+                        o: gpu.ptr(&o),
+                    },
+                    batch,
+                    pool,
                 )?;
             }
             Mixer::Delta {
@@ -845,30 +838,26 @@ impl Mixer {
                 }
                 let (q_ld, k_ld, v_ld) = (heads * f, heads / g * f, heads * dv / g);
                 let scale = (f as f32).powf(-0.5);
-                gpu.launch_grid(
-                    "gla_recurrent",
-                    (grid_x, batch.segments as u32),
-                    block,
-                    &[
-                        Arg::Ptr(gpu.ptr(&qf)),
-                        Arg::I32(q_ld as i32),
-                        Arg::Ptr(gpu.ptr(&kf)),
-                        Arg::I32(k_ld as i32),
-                        Arg::Ptr(gpu.ptr(&v)),
-                        Arg::I32(v_ld as i32),
-                        Arg::Ptr(0),
-                        Arg::I32(-1),
-                        Arg::I32(f as i32),
-                        Arg::I32(dv as i32),
-                        Arg::I32(heads as i32),
-                        Arg::I32(g as i32),
-                        Arg::F32(scale),
-                        Arg::Ptr(gpu.ptr(&pool.s)),
-                        Arg::Ptr(batch.starts),
-                        Arg::Ptr(batch.lens),
-                        Arg::Ptr(batch.slots),
-                        Arg::Ptr(gpu.ptr(&o)),
-                    ],
+                gla_scan(
+                    gpu,
+                    &GlaScan {
+                        q: gpu.ptr(&qf),
+                        q_ld,
+                        k: gpu.ptr(&kf),
+                        k_ld,
+                        v: gpu.ptr(&v),
+                        v_ld,
+                        g: 0,
+                        g_ld: -1,
+                        dk: f,
+                        dv,
+                        heads,
+                        groups: g,
+                        scale,
+                        o: gpu.ptr(&o),
+                    },
+                    batch,
+                    pool,
                 )?;
                 if c.normalize {
                     gpu.launch_grid(
@@ -930,6 +919,110 @@ impl Mixer {
         }
         self.output().forward(gpu, &o, x, out, scratch)
     }
+}
+
+/// The operands of a gated-linear-attention recurrence (see `gla_recurrent` in fla.cu).
+struct GlaScan {
+    q: u64,
+    q_ld: usize,
+    k: u64,
+    k_ld: usize,
+    v: u64,
+    v_ld: usize,
+    /// Log decay: per row (`g_ld` > 0), one row (0), or none (< 0).
+    g: u64,
+    g_ld: i32,
+    dk: usize,
+    dv: usize,
+    heads: usize,
+    groups: usize,
+    scale: f32,
+    o: u64,
+}
+
+/// The GLA recurrence over the batch: for one long sequence in time chunks (pass A
+/// `gla_chunk_ends`, pass B the carry, pass C the recurrence per chunk from its carried state),
+/// else every session's rows in order.
+fn gla_scan(gpu: &Gpu, x: &GlaScan, batch: &DeviceBatch, pool: &LayerPool) -> Result<(), GpuError> {
+    let elements = x.heads * x.dk * x.dv;
+    let chunked = match (&batch.rows[..], &batch.slot_of[..]) {
+        ([rows], [slot]) if rows.len() >= 2 * batch.scan_chunk => {
+            let len = batch.scan_chunk;
+            let chunks = rows.len().div_ceil(len);
+            let s_end = gpu.zeros(chunks * elements)?;
+            let p_end = gpu.zeros(chunks * elements)?;
+            gpu.launch_grid(
+                "gla_chunk_ends",
+                (elements.div_ceil(128) as u32, chunks as u32),
+                128,
+                &[
+                    Arg::Ptr(x.k),
+                    Arg::I32(x.k_ld as i32),
+                    Arg::Ptr(x.v),
+                    Arg::I32(x.v_ld as i32),
+                    Arg::Ptr(x.g),
+                    Arg::I32(x.g_ld),
+                    Arg::I32(x.dk as i32),
+                    Arg::I32(x.dv as i32),
+                    Arg::I32(x.heads as i32),
+                    Arg::I32(x.groups as i32),
+                    Arg::I32(rows.start as i32),
+                    Arg::I32(rows.len() as i32),
+                    Arg::I32(len as i32),
+                    Arg::Ptr(gpu.ptr(&s_end)),
+                    Arg::Ptr(gpu.ptr(&p_end)),
+                ],
+            )?;
+            let state = gpu.ptr(&pool.s);
+            Some(ChunkedScan::carry(
+                gpu,
+                (&s_end, &p_end),
+                elements,
+                state,
+                *slot,
+                rows,
+                len,
+            )?)
+        }
+        _ => None,
+    };
+    let (state, starts, lens, slots, count) = match &chunked {
+        Some(c) => (gpu.ptr(&c.carried), c.starts, c.lens, c.slots, c.count),
+        None => (
+            gpu.ptr(&pool.s),
+            batch.starts,
+            batch.lens,
+            batch.slots,
+            batch.segments,
+        ),
+    };
+    // One thread per state element: blocks of `tile` value columns × dk key channels.
+    let tile = (256 / x.dk).clamp(1, x.dv);
+    gpu.launch_grid(
+        "gla_recurrent",
+        ((x.heads * x.dv.div_ceil(tile)) as u32, count as u32),
+        (tile * x.dk) as u32,
+        &[
+            Arg::Ptr(x.q),
+            Arg::I32(x.q_ld as i32),
+            Arg::Ptr(x.k),
+            Arg::I32(x.k_ld as i32),
+            Arg::Ptr(x.v),
+            Arg::I32(x.v_ld as i32),
+            Arg::Ptr(x.g),
+            Arg::I32(x.g_ld),
+            Arg::I32(x.dk as i32),
+            Arg::I32(x.dv as i32),
+            Arg::I32(x.heads as i32),
+            Arg::I32(x.groups as i32),
+            Arg::F32(x.scale),
+            Arg::Ptr(state),
+            Arg::Ptr(starts),
+            Arg::Ptr(lens),
+            Arg::Ptr(slots),
+            Arg::Ptr(x.o),
+        ],
+    )
 }
 
 fn sigmoid_scale(gpu: &Gpu, x: &DeviceBuffer<f32>, n: usize, scale: f32) -> Result<(), GpuError> {
@@ -1139,6 +1232,8 @@ pub struct GpuFlaLm {
     pools: Vec<LayerPool>,
     slots: SlotPool,
     scratch: Scratch,
+    /// Rows per time chunk of the GLA recurrence for one long sequence.
+    scan_chunk: usize,
 }
 
 impl GpuFlaLm {
@@ -1215,11 +1310,17 @@ impl GpuFlaLm {
             pools,
             slots: pool,
             scratch: Scratch::default(),
+            scan_chunk: 64,
         })
     }
 
     pub fn gpu(&self) -> &Gpu {
         &self.gpu
+    }
+
+    /// Rows per time chunk when one long sequence runs the GLA recurrence in chunks.
+    pub fn set_scan_chunk(&mut self, rows: usize) {
+        self.scan_chunk = rows.max(1);
     }
 
     pub fn family(&self) -> &'static str {
@@ -1295,7 +1396,8 @@ impl GpuFlaLm {
         );
         let m = tokens.len();
         let gpu = &self.gpu;
-        let batch = DeviceBatch::upload(gpu, &segments, sessions)?;
+        let mut batch = DeviceBatch::upload(gpu, &segments, sessions)?;
+        batch.scan_chunk = self.scan_chunk;
         let ids = gpu.upload(tokens)?;
         let h = gpu.zeros(m * d)?;
         let normed = gpu.zeros(m * d)?;

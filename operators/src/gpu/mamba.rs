@@ -11,7 +11,7 @@ use tideway_kernels::gpu::{
 
 use crate::checkpoint::Checkpoint;
 use crate::error::InputError;
-use crate::gpu::{DeviceBatch, GpuModelError, GpuSession, Head, SlotPool, zero_slot};
+use crate::gpu::{ChunkedScan, DeviceBatch, GpuModelError, GpuSession, Head, SlotPool, zero_slot};
 use crate::models::mamba::MambaConfig;
 use crate::models::{check_token_ids, packed_segments};
 
@@ -53,6 +53,57 @@ pub struct GpuMambaLm {
     pools: Vec<LayerPool>,
     slots: SlotPool,
     scratch: Scratch,
+    /// Rows per time chunk of the scan for one long sequence.
+    scan_chunk: usize,
+}
+
+/// Addresses the chunked scan reads.
+struct ScanInputs {
+    xc: u64,
+    dt: u64,
+    dt_bias: u64,
+    a: u64,
+    dbc: u64,
+    r: usize,
+    state: u64,
+}
+
+/// Passes A and B of the chunked scan for the one session's rows `rows` (slot `slot`).
+fn chunk_starts(
+    gpu: &Gpu,
+    rows: &std::ops::Range<usize>,
+    slot: usize,
+    len: usize,
+    (e, n): (usize, usize),
+    x: &ScanInputs,
+) -> Result<ChunkedScan, GpuError> {
+    let total = rows.len();
+    let chunks = total.div_ceil(len);
+    let h_end = gpu.zeros(chunks * e * n)?;
+    let p_end = gpu.zeros(chunks * e * n)?;
+    let threads = (e * n).div_ceil(128) as u32;
+    gpu.launch_grid(
+        "mamba_chunk_ends",
+        (threads, chunks as u32),
+        128,
+        &[
+            Arg::Ptr(x.xc),
+            Arg::Ptr(x.dt),
+            Arg::Ptr(x.dt_bias),
+            Arg::Ptr(x.a),
+            Arg::Ptr(x.dbc),
+            Arg::I32(x.r as i32),
+            Arg::I32(n as i32),
+            Arg::I32(e as i32),
+            Arg::I32(rows.start as i32),
+            Arg::I32(total as i32),
+            Arg::I32(len as i32),
+            Arg::Ptr(gpu.ptr(&h_end)),
+            Arg::Ptr(gpu.ptr(&p_end)),
+        ],
+    )?;
+    // h_end and p_end are freed after the carry is enqueued: frees are ordered on the stream.
+    ChunkedScan::carry(gpu, (&h_end, &p_end), e * n, x.state, slot, rows, len)
 }
 
 impl GpuMambaLm {
@@ -168,11 +219,17 @@ impl GpuMambaLm {
             pools,
             slots: pool,
             scratch: Scratch::default(),
+            scan_chunk: 64,
         })
     }
 
     pub fn gpu(&self) -> &Gpu {
         &self.gpu
+    }
+
+    /// Rows per time chunk when one long sequence is scanned in chunks (default 64).
+    pub fn set_scan_chunk(&mut self, rows: usize) {
+        self.scan_chunk = rows.max(1);
     }
 
     /// Sessions the state pool holds.
@@ -297,11 +354,42 @@ impl GpuMambaLm {
                 p(&pool.ssm),
                 p(&y),
             );
+            // One long sequence: the scan in time chunks (see mamba_chunk_ends), each chunk a
+            // segment of the scan starting from its carried state.
+            let chunked = match (&segments[..], &*sessions) {
+                ([rows], [session]) if rows.len() >= 2 * self.scan_chunk => Some(chunk_starts(
+                    gpu,
+                    rows,
+                    session.slot,
+                    self.scan_chunk,
+                    (e, n),
+                    &ScanInputs {
+                        xc: xc_p,
+                        dt: dt_p,
+                        dt_bias: dtb_p,
+                        a: a_p,
+                        dbc: dbc_p,
+                        r,
+                        state: ssm_p,
+                    },
+                )?),
+                _ => None,
+            };
+            let (state_p, starts_p, lens_p, slots_p, count) = match &chunked {
+                Some(c) => (
+                    gpu.ptr(&c.carried),
+                    c.starts,
+                    c.lens,
+                    c.slots,
+                    c.count as i32,
+                ),
+                None => (ssm_p, starts, lens_dev, slots, segment_count),
+            };
             // One thread per (channel, state index), 128-thread blocks where N allows.
             let per_block = (128 / n).max(1);
             gpu.launch_grid(
                 "mamba_scan",
-                (e.div_ceil(per_block) as u32, segments.len() as u32),
+                (e.div_ceil(per_block) as u32, count as u32),
                 (per_block * n) as u32,
                 &[
                     Arg::Ptr(xc_p),
@@ -314,14 +402,15 @@ impl GpuMambaLm {
                     Arg::Ptr(d_p),
                     Arg::Ptr(xz_p),
                     Arg::I32(e_i),
-                    Arg::Ptr(ssm_p),
-                    Arg::Ptr(starts),
-                    Arg::Ptr(lens_dev),
-                    Arg::Ptr(slots),
-                    Arg::I32(segment_count),
+                    Arg::Ptr(state_p),
+                    Arg::Ptr(starts_p),
+                    Arg::Ptr(lens_p),
+                    Arg::Ptr(slots_p),
+                    Arg::I32(count),
                     Arg::Ptr(y_p),
                 ],
             )?;
+            drop(chunked);
             mx.out_proj
                 .forward(gpu, DevMat::dense(gpu, &y, m, e), p(&mixed), s)?;
             gpu.add_inplace(p(&residual), p(&mixed), m * d)?;

@@ -14,7 +14,7 @@ use std::sync::{Arc, Mutex};
 
 use tideway_kernels::Tensor;
 use tideway_kernels::gpu::{
-    DevMat, DeviceBuffer, DeviceLinear, DeviceMatrix, Gpu, GpuError, Scratch, WeightDtype,
+    Arg, DevMat, DeviceBuffer, DeviceLinear, DeviceMatrix, Gpu, GpuError, Scratch, WeightDtype,
 };
 
 use crate::checkpoint::Checkpoint;
@@ -122,6 +122,11 @@ pub(crate) struct DeviceBatch {
     pub lens: u64,
     pub slots: u64,
     pub positions: u64,
+    /// The same layout on the host: each session's rows and slot.
+    pub rows: Vec<Range<usize>>,
+    pub slot_of: Vec<usize>,
+    /// Rows per time chunk of the recurrences' chunked form (one long sequence).
+    pub scan_chunk: usize,
     // The buffers the addresses point into.
     _buffers: [DeviceBuffer<i32>; 4],
 }
@@ -147,6 +152,9 @@ impl DeviceBatch {
             gpu.upload(&positions)?,
         ];
         Ok(DeviceBatch {
+            rows: segments.to_vec(),
+            slot_of: sessions.iter().map(|s| s.slot).collect(),
+            scan_chunk: 64,
             segments: segments.len(),
             starts: gpu.ptr(&buffers[0]),
             lens: gpu.ptr(&buffers[1]),
@@ -175,6 +183,67 @@ impl Head<'_> {
         }
         let host = gpu.download(&logits, m * v)?;
         Ok(Tensor::from_vec(host, &[m, v]).expect("logits sized [m, v]"))
+    }
+}
+
+/// The carried states of a recurrence run in time chunks, and the chunks as segments of it.
+pub(crate) struct ChunkedScan {
+    pub carried: DeviceBuffer<f32>,
+    pub starts: u64,
+    pub lens: u64,
+    pub slots: u64,
+    pub count: usize,
+    _segments: [DeviceBuffer<i32>; 3],
+}
+
+impl ChunkedScan {
+    /// Pass B over `elements` state values per slot (`mamba_chunk_carry`: the session's pooled
+    /// state `state` at `slot` enters chunk 0; afterwards it holds the state after the last),
+    /// given pass A's per-chunk ends and decay products; and the chunks of `rows` as segments.
+    pub fn carry(
+        gpu: &Gpu,
+        ends: (&DeviceBuffer<f32>, &DeviceBuffer<f32>),
+        elements: usize,
+        state: u64,
+        slot: usize,
+        rows: &Range<usize>,
+        len: usize,
+    ) -> Result<Self, GpuError> {
+        let chunks = rows.len().div_ceil(len);
+        let carried = gpu.zeros(chunks * elements)?;
+        gpu.launch_grid(
+            "mamba_chunk_carry",
+            (elements.div_ceil(128) as u32, 1),
+            128,
+            &[
+                Arg::Ptr(gpu.ptr(ends.0)),
+                Arg::Ptr(gpu.ptr(ends.1)),
+                Arg::I32(chunks as i32),
+                Arg::I32(elements as i32),
+                Arg::I32(1),
+                Arg::Ptr(state),
+                Arg::I32(slot as i32),
+                Arg::Ptr(gpu.ptr(&carried)),
+            ],
+        )?;
+        let starts: Vec<i32> = (0..chunks).map(|k| (rows.start + k * len) as i32).collect();
+        let lens: Vec<i32> = (0..chunks)
+            .map(|k| len.min(rows.len() - k * len) as i32)
+            .collect();
+        let slots: Vec<i32> = (0..chunks as i32).collect();
+        let segments = [
+            gpu.upload(&starts)?,
+            gpu.upload(&lens)?,
+            gpu.upload(&slots)?,
+        ];
+        Ok(ChunkedScan {
+            starts: gpu.ptr(&segments[0]),
+            lens: gpu.ptr(&segments[1]),
+            slots: gpu.ptr(&segments[2]),
+            count: chunks,
+            carried,
+            _segments: segments,
+        })
     }
 }
 
@@ -236,6 +305,14 @@ impl GpuModel {
 
     pub fn check_tokens(&self, tokens: &[u32], offset: usize) -> Result<(), InputError> {
         crate::models::check_token_ids(tokens, self.vocab_size(), offset)
+    }
+
+    /// Rows per time chunk of the recurrences' chunked form for one long sequence.
+    pub fn set_scan_chunk(&mut self, rows: usize) {
+        match self {
+            GpuModel::Mamba(m) => m.set_scan_chunk(rows),
+            GpuModel::Fla(m) => m.set_scan_chunk(rows),
+        }
     }
 
     pub fn new_session(&mut self) -> Result<GpuSession, GpuModelError> {
