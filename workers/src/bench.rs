@@ -43,6 +43,13 @@ pub struct BenchArgs {
     json: bool,
     #[command(flatten)]
     pub parallel: ParallelArgs,
+    /// Where the language model runs: cpu, cuda:N (a build with --features cuda), or
+    /// cuda-emulator (correctness only: its timings mean nothing).
+    #[arg(long, default_value = "cpu")]
+    device: crate::device::Device,
+    /// Weight storage on a GPU: f32, or bf16 with f32 accumulation.
+    #[arg(long, value_enum, default_value = "f32")]
+    dtype: crate::run::WeightStorage,
     /// Residual wirings to measure, comma-separated: config (as config.json says), standard,
     /// ladder (every layer). The same weights, so the same work, wired differently.
     #[arg(long, value_enum, value_delimiter = ',', default_value = "config")]
@@ -85,6 +92,48 @@ struct BenchReport {
     decode: Vec<DecodeResult>,
     prefill: Vec<PrefillResult>,
     peak_rss_bytes: Option<u64>,
+}
+
+/// The model as `--device` and `--tensor-parallel` place it.
+fn load(
+    args: &BenchArgs,
+    dir: &std::path::Path,
+    wiring: Wiring,
+    batches: &[usize],
+) -> Result<LanguageModel> {
+    if args.device == crate::device::Device::Cpu {
+        if args.dtype != crate::run::WeightStorage::F32 {
+            bail!("--dtype bf16 is for --device cuda:N; the CPU path keeps f32 weights");
+        }
+        return LanguageModel::load_wired(dir, &args.parallel, wiring);
+    }
+    if args.parallel.tensor_parallel > 1 || wiring != Wiring::Config {
+        bail!("--tensor-parallel and --wirings run on the CPU so far; leave out --device");
+    }
+    load_on_gpu(args, dir, batches)
+}
+
+#[cfg(feature = "cuda")]
+fn load_on_gpu(
+    args: &BenchArgs,
+    dir: &std::path::Path,
+    batches: &[usize],
+) -> Result<LanguageModel> {
+    let dtype = match args.dtype {
+        crate::run::WeightStorage::F32 => tideway_kernels::gpu::WeightDtype::F32,
+        crate::run::WeightStorage::Bf16 => tideway_kernels::gpu::WeightDtype::Bf16,
+    };
+    // Room for the largest decode batch and the prefill sessions.
+    let sessions = batches.iter().copied().max().unwrap_or(1) + 2;
+    LanguageModel::load_gpu(dir, args.device, dtype, sessions)
+}
+
+#[cfg(not(feature = "cuda"))]
+fn load_on_gpu(args: &BenchArgs, _: &std::path::Path, _: &[usize]) -> Result<LanguageModel> {
+    bail!(
+        "--device {}: this tideway was built without CUDA support; build it with `cargo build --release --features cuda`",
+        args.device
+    )
 }
 
 /// Deterministic pseudo-random ids (xorshift64), so runs are comparable.
@@ -146,7 +195,7 @@ pub fn bench(args: BenchArgs, threads: usize) -> Result<()> {
     let mut loaded = None;
     for &wiring in &args.wirings {
         let started = Instant::now();
-        let lm = LanguageModel::load_wired(&model_dir, &args.parallel, wiring)?;
+        let lm = load(&args, &model_dir, wiring, &batches)?;
         let load_s = started.elapsed().as_secs_f64();
         say(format!(
             "model {} ({}), {threads} threads{}, {} wiring, weights {:.1} MiB{}, state {:.1} KiB/session, loaded in {load_s:.2}s",
