@@ -112,7 +112,8 @@ impl LanguageModel {
     #[cfg(feature = "cuda")]
     fn on_gpu<T>(&self, f: impl FnOnce(&tideway_operators::gpu::GpuModel) -> T) -> Option<T> {
         match self {
-            LanguageModel::Gpu(m) => m.lock().ok().map(|m| f(&m)),
+            // Reading a property is safe even after a forward panicked inside the lock.
+            LanguageModel::Gpu(m) => Some(f(&m.lock().unwrap_or_else(|p| p.into_inner()))),
             _ => None,
         }
     }
