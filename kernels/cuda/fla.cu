@@ -312,3 +312,77 @@ extern "C" __global__ void linear_attn_normalize(float* o, const float* q, int q
         for (int j = 0; j < dv; ++j) o[row * (long)heads * dv + h * dv + j] /= denom;
     }
 }
+
+// The delta rule in time chunks (one long sequence). Each step is affine in the state:
+// S_t = A_t S_{t-1} + B_t with A_t = d_t (I - β_t k_t k_tᵀ) and B_t = β_t k_t v_tᵀ, so a chunk
+// maps its entering state S to P S + L (P the product of its A_t, L its state from zero).
+// Pass A computes [L | P] for every chunk at once by running the step on the augmented
+// [dk, dv + dk] matrix from [0 | I] (P's columns take a zero value row); pass B carries S
+// across the chunks column by column; pass C is delta_recurrent per chunk from its carried
+// state. Pass A: one thread per element of the augmented matrix (blocks of `tile` columns ×
+// dk rows, as delta_recurrent), grid (vheads · column tiles, chunks); ends: [chunks,
+// vheads, dk, dv + dk].
+extern "C" __global__ void delta_chunk_ends(const float* k, int qk_ld, const float* v, int v_ld,
+                                            const float* beta, const float* g, int has_g, int dk,
+                                            int dv, int vheads, int groups, int row0, int total,
+                                            int len, float* ends) {
+    __shared__ float terms[1024];
+    __shared__ float u[1024];
+    int w = dv + dk;
+    int tile = blockDim.x / dk;
+    int tiles = (w + tile - 1) / tile;
+    int vh = blockIdx.x / tiles, chunk = blockIdx.y;
+    int jl = threadIdx.x / dk;
+    int i = threadIdx.x % dk, j = (blockIdx.x % tiles) * tile + jl;
+    bool active = j < w;
+    int qk = vh / groups;
+    float x = (j >= dv && j - dv == i) ? 1.0f : 0.0f;
+    int start = row0 + chunk * len, stop = min(start + len, row0 + total);
+    for (long row = start; row < stop; ++row) {
+        float ki = 0.0f;
+        if (active) {
+            ki = k[row * qk_ld + qk * dk + i];
+            if (has_g) x *= expf(g[row * vheads + vh]);
+            terms[threadIdx.x] = ki * x;
+        }
+        __syncthreads();
+        if (active && i == 0) {
+            float proj = 0.0f;
+            for (int p = 0; p < dk; ++p) proj += terms[threadIdx.x + p];
+            float value = j < dv ? v[row * v_ld + vh * dv + j] : 0.0f;
+            u[jl] = beta[row * vheads + vh] * (value - proj);
+        }
+        __syncthreads();
+        if (active) x += ki * u[jl];
+        __syncthreads();
+    }
+    if (active) ends[(((long)chunk * vheads + vh) * dk + i) * w + j] = x;
+}
+
+// Pass B: per (value head, value column): the column entering chunk c is carried[c]; the
+// next is P_c·column + L_c's column. The pooled state ends as the state after the last chunk.
+// One block per (vh, j), one thread per key row (dk <= 1024), the column in shared memory.
+extern "C" __global__ void delta_chunk_carry(const float* ends, int chunks, int dk, int dv,
+                                             int vheads, float* state, int slot,
+                                             float* carried) {
+    __shared__ float col[1024];
+    int vh = blockIdx.x / dv, j = blockIdx.x % dv, i = threadIdx.x;
+    int w = dv + dk;
+    long head = (long)vh * dk * dv;
+    float* pooled = state + (long)slot * vheads * dk * dv + head;
+    if (i < dk) col[i] = pooled[(long)i * dv + j];
+    __syncthreads();
+    for (int c = 0; c < chunks; ++c) {
+        if (i < dk) carried[(long)c * vheads * dk * dv + head + (long)i * dv + j] = col[i];
+        const float* e = ends + ((long)c * vheads + vh) * dk * w;
+        float next = 0.0f;
+        if (i < dk) {
+            next = e[(long)i * w + j];
+            for (int m = 0; m < dk; ++m) next += e[(long)i * w + dv + m] * col[m];
+        }
+        __syncthreads();
+        if (i < dk) col[i] = next;
+        __syncthreads();
+    }
+    if (i < dk) pooled[(long)i * dv + j] = col[i];
+}

@@ -180,6 +180,8 @@ const std::unordered_map<std::string, Launcher>& table() {
         {"gla_recurrent", make(gla_recurrent, true)},
         {"gla_chunk_ends", make(gla_chunk_ends, false)},
         {"delta_recurrent", make(delta_recurrent, true)},
+        {"delta_chunk_ends", make(delta_chunk_ends, true)},
+        {"delta_chunk_carry", make(delta_chunk_carry, true)},
         {"mul_inplace", make(mul_inplace, false)},
         {"hedgehog", make(hedgehog, false)},
         {"dpfp", make(dpfp, false)},

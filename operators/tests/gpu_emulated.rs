@@ -97,12 +97,18 @@ fn gpu_models_on_the_emulator_match_the_cpu_models() {
     );
 }
 
-/// One long sequence takes the time-chunked recurrences (the selective scan; GLA, RetNet and
-/// linear attention), chunk 8 here: a 70-row prefill is 9 chunks carried across by pass B. They
+/// One long sequence takes the time-chunked recurrences (the selective scan; GLA, RetNet,
+/// linear attention; the delta rule through its chunk maps S ↦ P·S + L), chunk 8 here: a 70-row prefill is 9 chunks carried across by pass B. They
 /// equal the CPU models like the sequential forms.
 #[test]
 fn the_time_chunked_recurrences_match_the_cpu_models() {
-    let families = ["gla", "retnet", "linear_attn"];
+    let families = [
+        "gla",
+        "retnet",
+        "linear_attn",
+        "delta_net",
+        "gated_deltanet",
+    ];
     let dirs = fixtures("mamba")
         .into_iter()
         .chain(fixtures("fla").into_iter().filter(|d| {

@@ -29,7 +29,7 @@ pub const KERNEL_SOURCES: [(&str, &str); 4] = [
 ];
 
 /// Every `extern "C"` kernel of [`KERNEL_SOURCES`].
-pub const KERNELS: [&str; 34] = [
+pub const KERNELS: [&str; 36] = [
     "embed_rows_f32",
     "embed_rows_bf16",
     "rms_norm",
@@ -52,6 +52,8 @@ pub const KERNELS: [&str; 34] = [
     "gla_recurrent",
     "gla_chunk_ends",
     "delta_recurrent",
+    "delta_chunk_ends",
+    "delta_chunk_carry",
     "mul_inplace",
     "hedgehog",
     "dpfp",

@@ -1046,29 +1046,91 @@ fn delta(
     o: &DeviceBuffer<f32>,
 ) -> Result<(), GpuError> {
     let qk_ld = vheads / groups * dk;
+    let v_ld = vheads * dv;
+    let g_ptr = g.map_or(0, |g| gpu.ptr(g));
+    // One long sequence: the delta rule in time chunks (see delta_chunk_ends).
+    let chunked = match (&batch.rows[..], &batch.slot_of[..]) {
+        ([rows], [slot]) if rows.len() >= 2 * batch.scan_chunk => {
+            let len = batch.scan_chunk;
+            let chunks = rows.len().div_ceil(len);
+            let w = dv + dk;
+            let ends = gpu.zeros(chunks * vheads * dk * w)?;
+            let tile = (256 / dk).clamp(1, w);
+            gpu.launch_grid(
+                "delta_chunk_ends",
+                ((vheads * w.div_ceil(tile)) as u32, chunks as u32),
+                (tile * dk) as u32,
+                &[
+                    Arg::Ptr(gpu.ptr(k)),
+                    Arg::I32(qk_ld as i32),
+                    Arg::Ptr(gpu.ptr(v)),
+                    Arg::I32(v_ld as i32),
+                    Arg::Ptr(gpu.ptr(beta)),
+                    Arg::Ptr(g_ptr),
+                    Arg::I32(g.is_some() as i32),
+                    Arg::I32(dk as i32),
+                    Arg::I32(dv as i32),
+                    Arg::I32(vheads as i32),
+                    Arg::I32(groups as i32),
+                    Arg::I32(rows.start as i32),
+                    Arg::I32(rows.len() as i32),
+                    Arg::I32(len as i32),
+                    Arg::Ptr(gpu.ptr(&ends)),
+                ],
+            )?;
+            let carried = gpu.zeros(chunks * vheads * dk * dv)?;
+            gpu.launch_grid(
+                "delta_chunk_carry",
+                ((vheads * dv) as u32, 1),
+                (dk.div_ceil(32) * 32) as u32,
+                &[
+                    Arg::Ptr(gpu.ptr(&ends)),
+                    Arg::I32(chunks as i32),
+                    Arg::I32(dk as i32),
+                    Arg::I32(dv as i32),
+                    Arg::I32(vheads as i32),
+                    Arg::Ptr(gpu.ptr(&pool.s)),
+                    Arg::I32(*slot as i32),
+                    Arg::Ptr(gpu.ptr(&carried)),
+                ],
+            )?;
+            Some(ChunkedScan::segments(gpu, carried, rows, len)?)
+        }
+        _ => None,
+    };
+    let (state, starts, lens, slots, count) = match &chunked {
+        Some(c) => (gpu.ptr(&c.carried), c.starts, c.lens, c.slots, c.count),
+        None => (
+            gpu.ptr(&pool.s),
+            batch.starts,
+            batch.lens,
+            batch.slots,
+            batch.segments,
+        ),
+    };
     let tile = (256 / dk).clamp(1, dv);
     gpu.launch_grid(
         "delta_recurrent",
-        ((vheads * dv.div_ceil(tile)) as u32, batch.segments as u32),
+        ((vheads * dv.div_ceil(tile)) as u32, count as u32),
         (tile * dk) as u32,
         &[
             Arg::Ptr(gpu.ptr(q)),
             Arg::Ptr(gpu.ptr(k)),
             Arg::I32(qk_ld as i32),
             Arg::Ptr(gpu.ptr(v)),
-            Arg::I32((vheads * dv) as i32),
+            Arg::I32(v_ld as i32),
             Arg::Ptr(gpu.ptr(beta)),
-            Arg::Ptr(g.map_or(0, |g| gpu.ptr(g))),
+            Arg::Ptr(g_ptr),
             Arg::I32(g.is_some() as i32),
             Arg::I32(dk as i32),
             Arg::I32(dv as i32),
             Arg::I32(vheads as i32),
             Arg::I32(groups as i32),
             Arg::F32((dk as f32).powf(-0.5)),
-            Arg::Ptr(gpu.ptr(&pool.s)),
-            Arg::Ptr(batch.starts),
-            Arg::Ptr(batch.lens),
-            Arg::Ptr(batch.slots),
+            Arg::Ptr(state),
+            Arg::Ptr(starts),
+            Arg::Ptr(lens),
+            Arg::Ptr(slots),
             Arg::Ptr(gpu.ptr(o)),
         ],
     )

@@ -226,6 +226,17 @@ impl ChunkedScan {
                 Arg::Ptr(gpu.ptr(&carried)),
             ],
         )?;
+        Self::segments(gpu, carried, rows, len)
+    }
+
+    /// The chunks of `rows` (`len` rows each) as segments over `carried`'s slots.
+    pub fn segments(
+        gpu: &Gpu,
+        carried: DeviceBuffer<f32>,
+        rows: &Range<usize>,
+        len: usize,
+    ) -> Result<Self, GpuError> {
+        let chunks = rows.len().div_ceil(len);
         let starts: Vec<i32> = (0..chunks).map(|k| (rows.start + k * len) as i32).collect();
         let lens: Vec<i32> = (0..chunks)
             .map(|k| len.min(rows.len() - k * len) as i32)
