@@ -7,7 +7,7 @@ use std::sync::{Arc, Mutex};
 
 use anyhow::{Context, Result, bail};
 use tideway_kernels::Tensor;
-use tideway_operators::models::{Model, SessionState};
+use tideway_operators::models::{Model, SessionState, prefill_in_chunks};
 use tideway_operators::{ForwardError, InputError};
 
 use crate::tensor_parallel::{CommStats, ParallelArgs, ParallelModel, Wiring, load_rank};
@@ -247,23 +247,12 @@ impl LanguageModel {
         tokens: &[u32],
         state: &mut LmState,
         chunk_len: usize,
-        mut on_chunk: impl FnMut(usize, usize),
+        on_chunk: impl FnMut(usize, usize),
     ) -> Result<Tensor, ForwardError> {
-        if tokens.is_empty() {
-            return Err(InputError::Empty.into());
-        }
-        self.check_tokens(tokens, 0)?;
-        let width = self.output_width();
-        let mut logits = Tensor::zeros(&[tokens.len(), width]);
-        let mut done = 0;
-        for chunk in tokens.chunks(chunk_len.max(1)) {
-            let part = self.forward_packed(chunk, &[chunk.len()], &mut [&mut *state])?;
-            logits.data_mut()[done * width..(done + chunk.len()) * width]
-                .copy_from_slice(part.data());
-            done += chunk.len();
-            on_chunk(done, tokens.len());
-        }
-        Ok(logits)
+        let (vocab, width) = (self.vocab_size(), self.output_width());
+        prefill_in_chunks(tokens, vocab, width, chunk_len, on_chunk, |chunk| {
+            self.forward_packed(chunk, &[chunk.len()], &mut [&mut *state])
+        })
     }
 
     /// One token for each session.

@@ -16,7 +16,9 @@ use tideway_kernels::gpu::{
 };
 
 use crate::checkpoint::Checkpoint;
-use crate::gpu::{ChunkedScan, DeviceBatch, GpuModelError, GpuSession, Head, SlotPool, zero_slot};
+use crate::gpu::{
+    ChunkedScan, DeviceBatch, GpuModelError, GpuSession, Head, ScanLayout, SlotPool, zero_slot,
+};
 use crate::mixers::deltanet::{DeltaNetConfig, QkActivation, QkNorm};
 use crate::mixers::gated_deltanet::GatedDeltaNetConfig;
 use crate::mixers::gla::{DecayKind, FeatureMap, GlaConfig};
@@ -945,8 +947,8 @@ struct GlaScan {
 /// else every session's rows in order.
 fn gla_scan(gpu: &Gpu, x: &GlaScan, batch: &DeviceBatch, pool: &LayerPool) -> Result<(), GpuError> {
     let elements = x.heads * x.dk * x.dv;
-    let chunked = match (&batch.rows[..], &batch.slot_of[..]) {
-        ([rows], [slot]) if rows.len() >= 2 * batch.scan_chunk => {
+    let chunked = match batch.long_sequence() {
+        Some((rows, slot)) => {
             let len = batch.scan_chunk;
             let chunks = rows.len().div_ceil(len);
             let s_end = gpu.zeros(chunks * elements)?;
@@ -979,23 +981,20 @@ fn gla_scan(gpu: &Gpu, x: &GlaScan, batch: &DeviceBatch, pool: &LayerPool) -> Re
                 (&s_end, &p_end),
                 elements,
                 state,
-                *slot,
+                slot,
                 rows,
                 len,
             )?)
         }
         _ => None,
     };
-    let (state, starts, lens, slots, count) = match &chunked {
-        Some(c) => (gpu.ptr(&c.carried), c.starts, c.lens, c.slots, c.count),
-        None => (
-            gpu.ptr(&pool.s),
-            batch.starts,
-            batch.lens,
-            batch.slots,
-            batch.segments,
-        ),
-    };
+    let ScanLayout {
+        state,
+        starts,
+        lens,
+        slots,
+        count,
+    } = batch.scan_layout(gpu, chunked.as_ref(), gpu.ptr(&pool.s));
     // One thread per state element: blocks of `tile` value columns × dk key channels.
     let tile = (256 / x.dk).clamp(1, x.dv);
     gpu.launch_grid(
@@ -1049,8 +1048,8 @@ fn delta(
     let v_ld = vheads * dv;
     let g_ptr = g.map_or(0, |g| gpu.ptr(g));
     // One long sequence: the delta rule in time chunks (see delta_chunk_ends).
-    let chunked = match (&batch.rows[..], &batch.slot_of[..]) {
-        ([rows], [slot]) if rows.len() >= 2 * batch.scan_chunk => {
+    let chunked = match batch.long_sequence() {
+        Some((rows, slot)) => {
             let len = batch.scan_chunk;
             let chunks = rows.len().div_ceil(len);
             let w = dv + dk;
@@ -1090,7 +1089,7 @@ fn delta(
                     Arg::I32(dv as i32),
                     Arg::I32(vheads as i32),
                     Arg::Ptr(gpu.ptr(&pool.s)),
-                    Arg::I32(*slot as i32),
+                    Arg::I32(slot as i32),
                     Arg::Ptr(gpu.ptr(&carried)),
                 ],
             )?;
@@ -1098,16 +1097,13 @@ fn delta(
         }
         _ => None,
     };
-    let (state, starts, lens, slots, count) = match &chunked {
-        Some(c) => (gpu.ptr(&c.carried), c.starts, c.lens, c.slots, c.count),
-        None => (
-            gpu.ptr(&pool.s),
-            batch.starts,
-            batch.lens,
-            batch.slots,
-            batch.segments,
-        ),
-    };
+    let ScanLayout {
+        state,
+        starts,
+        lens,
+        slots,
+        count,
+    } = batch.scan_layout(gpu, chunked.as_ref(), gpu.ptr(&pool.s));
     let tile = (256 / dk).clamp(1, dv);
     gpu.launch_grid(
         "delta_recurrent",

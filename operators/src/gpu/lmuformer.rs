@@ -10,11 +10,10 @@ use tideway_kernels::gpu::{
 };
 use tideway_kernels::matmul::Linear;
 
-use crate::error::InputError;
 use crate::gpu::{GpuModelError, GpuSession, SlotPool, zero_slot};
 use crate::layers::batch_norm::BatchNorm;
 use crate::layers::frames::Frames;
-use crate::models::lmuformer::{ChannelMixer, LmuFormer, LmuFormerConfig};
+use crate::models::lmuformer::{ChannelMixer, LmuFormer, LmuFormerConfig, check_frames};
 use crate::spiking::LifLayer;
 
 /// Frames of several sessions on the device: session `i` owns the next `counts[i]` rows.
@@ -165,6 +164,8 @@ pub struct GpuLmuFormer {
     neuron_channels: Vec<usize>,
     slots: SlotPool,
     scratch: Scratch,
+    /// The last stream layout's segment arrays (see `segments`).
+    segment_cache: std::cell::RefCell<Option<(Vec<usize>, Ints, Ints)>>,
 }
 
 /// Per-session `i32` arrays uploaded for one launch.
@@ -312,6 +313,7 @@ impl GpuLmuFormer {
             head,
             slots,
             scratch: Scratch::default(),
+            segment_cache: std::cell::RefCell::new(None),
         })
     }
 
@@ -355,35 +357,9 @@ impl GpuLmuFormer {
         input: &Frames,
         ends: &[bool],
     ) -> Result<Frames, GpuModelError> {
+        let ended: Vec<bool> = sessions.iter().map(|s| s.ended).collect();
+        check_frames(&self.config, &ended, input, ends)?;
         let c = &self.config;
-        if input.width != c.in_channels {
-            return Err(InputError::WrongWidth {
-                expected: c.in_channels,
-                found: input.width,
-            }
-            .into());
-        }
-        if sessions.len() != input.counts.len() || sessions.len() != ends.len() {
-            return Err(InputError::BatchMismatch {
-                sessions: sessions.len(),
-                tokens: input.counts.len(),
-            }
-            .into());
-        }
-        if let Some(i) = input.data.iter().position(|v| !v.is_finite()) {
-            return Err(InputError::NonFinite {
-                frame: i / c.in_channels,
-                channel: i % c.in_channels,
-            }
-            .into());
-        }
-        if sessions
-            .iter()
-            .zip(&input.counts)
-            .any(|(s, &n)| s.ended && n > 0)
-        {
-            return Err(InputError::Ended.into());
-        }
         let k = c.num_classes;
         if sessions.is_empty() {
             return Ok(Frames {
@@ -686,8 +662,7 @@ impl GpuLmuFormer {
             width: d,
             counts: x.counts.clone(),
         };
-        let lens: Vec<i32> = x.counts.iter().map(|&n| n as i32).collect();
-        let (seg_start, seg_len) = (ints(gpu, &starts(&x.counts))?, ints(gpu, &lens)?);
+        let (seg_start, seg_len) = self.segments(&x.counts)?;
         gpu.launch_grid(
             "lmu_memory",
             (x.counts.len() as u32, 1),
@@ -698,8 +673,8 @@ impl GpuLmuFormer {
                 Arg::Ptr(gpu.ptr(&u.buf)),
                 Arg::I32(d as i32),
                 Arg::Ptr(gpu.ptr(&self.memories[j])),
-                Arg::Ptr(seg_start.ptr),
-                Arg::Ptr(seg_len.ptr),
+                Arg::Ptr(seg_start),
+                Arg::Ptr(seg_len),
                 Arg::Ptr(slots.ptr),
                 Arg::Ptr(gpu.ptr(&m.buf)),
             ],
@@ -736,6 +711,22 @@ impl GpuLmuFormer {
         Ok(h)
     }
 
+    /// Device addresses of each stream's first row and row count for `counts`, uploaded once
+    /// per distinct layout (every LIF and LMU memory of the blocks shares one per forward).
+    fn segments(&self, counts: &[usize]) -> Result<(u64, u64), GpuError> {
+        let mut cache = self.segment_cache.borrow_mut();
+        if let Some((known, starts, lens)) = &*cache
+            && known == counts
+        {
+            return Ok((starts.ptr, lens.ptr));
+        }
+        let lens: Vec<i32> = counts.iter().map(|&n| n as i32).collect();
+        let (starts, lens) = (ints(&self.gpu, &starts(counts))?, ints(&self.gpu, &lens)?);
+        let ptrs = (starts.ptr, lens.ptr);
+        *cache = Some((counts.to_vec(), starts, lens));
+        Ok(ptrs)
+    }
+
     /// A per-row linear layer (a 1×1 conv).
     fn linear(&self, layer: &DeviceLinear, x: &DevFrames) -> Result<DevFrames, GpuError> {
         let rows = x.rows();
@@ -759,8 +750,7 @@ impl GpuLmuFormer {
     /// Fires a LIF population over every stream's rows of `x` (overwritten with spikes).
     fn fire(&self, lif: &Lif, x: &DevFrames, slots: &Ints) -> Result<(), GpuError> {
         let gpu = &self.gpu;
-        let lens: Vec<i32> = x.counts.iter().map(|&n| n as i32).collect();
-        let (seg_start, seg_len) = (ints(gpu, &starts(&x.counts))?, ints(gpu, &lens)?);
+        let (seg_start, seg_len) = self.segments(&x.counts)?;
         gpu.launch_grid(
             "lif_fire",
             (x.width.div_ceil(128) as u32, x.counts.len() as u32),
@@ -769,8 +759,8 @@ impl GpuLmuFormer {
                 Arg::Ptr(gpu.ptr(&x.buf)),
                 Arg::I32(x.width as i32),
                 Arg::Ptr(gpu.ptr(&self.membranes[lif.slot])),
-                Arg::Ptr(seg_start.ptr),
-                Arg::Ptr(seg_len.ptr),
+                Arg::Ptr(seg_start),
+                Arg::Ptr(seg_len),
                 Arg::Ptr(slots.ptr),
                 Arg::I32(x.counts.len() as i32),
                 Arg::F32(lif.tau),

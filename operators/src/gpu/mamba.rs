@@ -291,7 +291,8 @@ impl GpuMambaLm {
         let (m, v, eps) = (tokens.len(), self.logits_width(), self.config.norm_eps);
         let gpu = &self.gpu;
         let ids = gpu.upload(tokens)?;
-        let batch = DeviceBatch::upload(gpu, &segments, sessions)?;
+        let mut batch = DeviceBatch::upload(gpu, &segments, sessions)?;
+        batch.scan_chunk = self.scan_chunk;
         let (starts, lens_dev, slots) = (batch.starts, batch.lens, batch.slots);
         let segment_count = segments.len() as i32;
 
@@ -356,11 +357,11 @@ impl GpuMambaLm {
             );
             // One long sequence: the scan in time chunks (see mamba_chunk_ends), each chunk a
             // segment of the scan starting from its carried state.
-            let chunked = match (&segments[..], &*sessions) {
-                ([rows], [session]) if rows.len() >= 2 * self.scan_chunk => Some(chunk_starts(
+            let chunked = match batch.long_sequence() {
+                Some((rows, slot)) => Some(chunk_starts(
                     gpu,
                     rows,
-                    session.slot,
+                    slot,
                     self.scan_chunk,
                     (e, n),
                     &ScanInputs {
@@ -375,21 +376,12 @@ impl GpuMambaLm {
                 )?),
                 _ => None,
             };
-            let (state_p, starts_p, lens_p, slots_p, count) = match &chunked {
-                Some(c) => (
-                    gpu.ptr(&c.carried),
-                    c.starts,
-                    c.lens,
-                    c.slots,
-                    c.count as i32,
-                ),
-                None => (ssm_p, starts, lens_dev, slots, segment_count),
-            };
+            let layout = batch.scan_layout(gpu, chunked.as_ref(), ssm_p);
             // One thread per (channel, state index), 128-thread blocks where N allows.
             let per_block = (128 / n).max(1);
             gpu.launch_grid(
                 "mamba_scan",
-                (e.div_ceil(per_block) as u32, count as u32),
+                (e.div_ceil(per_block) as u32, layout.count as u32),
                 (per_block * n) as u32,
                 &[
                     Arg::Ptr(xc_p),
@@ -402,11 +394,11 @@ impl GpuMambaLm {
                     Arg::Ptr(d_p),
                     Arg::Ptr(xz_p),
                     Arg::I32(e_i),
-                    Arg::Ptr(state_p),
-                    Arg::Ptr(starts_p),
-                    Arg::Ptr(lens_p),
-                    Arg::Ptr(slots_p),
-                    Arg::I32(count),
+                    Arg::Ptr(layout.state),
+                    Arg::Ptr(layout.starts),
+                    Arg::Ptr(layout.lens),
+                    Arg::Ptr(layout.slots),
+                    Arg::I32(layout.count as i32),
                     Arg::Ptr(y_p),
                 ],
             )?;

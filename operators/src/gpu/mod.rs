@@ -186,6 +186,47 @@ impl Head<'_> {
     }
 }
 
+impl DeviceBatch {
+    /// The one session's rows and slot when the batch is a single sequence long enough for
+    /// the recurrences' chunked form (two chunks or more).
+    pub fn long_sequence(&self) -> Option<(&Range<usize>, usize)> {
+        match (&self.rows[..], &self.slot_of[..]) {
+            ([rows], [slot]) if rows.len() >= 2 * self.scan_chunk => Some((rows, *slot)),
+            _ => None,
+        }
+    }
+
+    /// Where a recurrence runs: the chunks of a chunked form over their carried states, or
+    /// the batch's sessions over the pool `state`.
+    pub fn scan_layout(&self, gpu: &Gpu, chunked: Option<&ChunkedScan>, state: u64) -> ScanLayout {
+        match chunked {
+            Some(c) => ScanLayout {
+                state: gpu.ptr(&c.carried),
+                starts: c.starts,
+                lens: c.lens,
+                slots: c.slots,
+                count: c.count,
+            },
+            None => ScanLayout {
+                state,
+                starts: self.starts,
+                lens: self.lens,
+                slots: self.slots,
+                count: self.segments,
+            },
+        }
+    }
+}
+
+/// The state and segments a recurrence kernel walks.
+pub(crate) struct ScanLayout {
+    pub state: u64,
+    pub starts: u64,
+    pub lens: u64,
+    pub slots: u64,
+    pub count: usize,
+}
+
 /// The carried states of a recurrence run in time chunks, and the chunks as segments of it.
 pub(crate) struct ChunkedScan {
     pub carried: DeviceBuffer<f32>,

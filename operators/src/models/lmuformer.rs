@@ -414,6 +414,38 @@ fn add_into(x: &mut Frames, y: &Frames) {
     }
 }
 
+/// Checks a batch of new frames for streams that have `ended` so far: the width, one count
+/// and end flag per stream, finite values, no frames for an ended stream.
+pub fn check_frames(
+    c: &LmuFormerConfig,
+    ended: &[bool],
+    input: &Frames,
+    ends: &[bool],
+) -> Result<(), InputError> {
+    if input.width != c.in_channels {
+        return Err(InputError::WrongWidth {
+            expected: c.in_channels,
+            found: input.width,
+        });
+    }
+    if ended.len() != input.counts.len() || ended.len() != ends.len() {
+        return Err(InputError::BatchMismatch {
+            sessions: ended.len(),
+            tokens: input.counts.len(),
+        });
+    }
+    if let Some(i) = input.data.iter().position(|v| !v.is_finite()) {
+        return Err(InputError::NonFinite {
+            frame: i / c.in_channels,
+            channel: i % c.in_channels,
+        });
+    }
+    if ended.iter().zip(&input.counts).any(|(&e, &n)| e && n > 0) {
+        return Err(InputError::Ended);
+    }
+    Ok(())
+}
+
 /// One stream's state: the patch embedding's convolution windows and residual frame, each
 /// block's LMU memory, every LIF membrane, and the running sum for the clip mean. Its size
 /// does not depend on the stream's length.
@@ -573,32 +605,9 @@ impl LmuFormer {
         input: &Frames,
         ends: &[bool],
     ) -> Result<Frames, InputError> {
+        let ended: Vec<bool> = states.iter().map(|s| s.ended).collect();
+        check_frames(&self.config, &ended, input, ends)?;
         let c = &self.config;
-        if input.width != c.in_channels {
-            return Err(InputError::WrongWidth {
-                expected: c.in_channels,
-                found: input.width,
-            });
-        }
-        if states.len() != input.counts.len() || states.len() != ends.len() {
-            return Err(InputError::BatchMismatch {
-                sessions: states.len(),
-                tokens: input.counts.len(),
-            });
-        }
-        if let Some(i) = input.data.iter().position(|v| !v.is_finite()) {
-            return Err(InputError::NonFinite {
-                frame: i / c.in_channels,
-                channel: i % c.in_channels,
-            });
-        }
-        if states
-            .iter()
-            .zip(&input.counts)
-            .any(|(s, &n)| s.ended && n > 0)
-        {
-            return Err(InputError::Ended);
-        }
         let mut x = self.embed.forward(input.clone(), states, ends);
         for (j, block) in self.blocks.iter().enumerate() {
             block.forward(j, &mut x, states);

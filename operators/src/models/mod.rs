@@ -259,17 +259,18 @@ pub(crate) fn packed_segments(
 
 /// The chunked form shared by every family: `forward` runs one chunk of at most `chunk_len`
 /// tokens (continuing the session) and the rows are gathered into `[T, width]`;
-/// `on_chunk(done, total)` after each chunk.
-pub(crate) fn prefill_in_chunks(
+/// `on_chunk(done, total)` after each chunk. (Also the serving layer's, whose forwards can
+/// fail in other ways than the input: any error that an input error converts into.)
+pub fn prefill_in_chunks<E: From<InputError>>(
     tokens: &[u32],
     vocab: usize,
     width: usize,
     chunk_len: usize,
     mut on_chunk: impl FnMut(usize, usize),
-    mut forward: impl FnMut(&[u32]) -> Result<Tensor, InputError>,
-) -> Result<Tensor, InputError> {
+    mut forward: impl FnMut(&[u32]) -> Result<Tensor, E>,
+) -> Result<Tensor, E> {
     if tokens.is_empty() {
-        return Err(InputError::Empty);
+        return Err(InputError::Empty.into());
     }
     check_token_ids(tokens, vocab, 0)?;
     let mut logits = Tensor::zeros(&[tokens.len(), width]);
