@@ -1,11 +1,12 @@
 //! The tensor-parallel all-reduce over NCCL (cudarc's `nccl` feature; libnccl is loaded at
 //! run time like libcuda, so this builds on machines without either).
 //!
-//! [`NcclRank`] implements [`Collective`] for host buffers: `all_reduce_sum` enqueues the
-//! copy to the device, the NCCL all-reduce and nothing else on the rank's own stream, and
-//! returns at once; `wait` copies the sum back (synchronising that stream). The stream is
-//! separate from the compute stream, so a ladder-wired model overlaps the reduction with its
-//! next block. Device-resident buffers (no host round trip) come with the GPU model path.
+//! [`NcclRank`] reduces on its own stream, apart from the compute stream, so a ladder-wired
+//! model overlaps the reduction with its next sub-block. It implements
+//! [`DeviceCollective`] for the GPU models (device buffers in place, ordered against the
+//! compute stream by events, see [`crate::gpu::collective`]) and [`Collective`] for host
+//! buffers (`all_reduce_sum` enqueues the copy to the device and the all-reduce and returns at
+//! once; `wait` copies the sum back).
 
 use std::sync::Arc;
 
@@ -13,6 +14,8 @@ use cudarc::driver::{CudaContext, CudaSlice, CudaStream};
 use cudarc::nccl::safe::{Comm, Id, ReduceOp};
 
 use crate::collective::{Collective, CollectiveError, PendingReduce};
+use crate::gpu::collective::{DeviceCollective, DeviceReduce};
+use crate::gpu::{DeviceBuffer, Gpu};
 
 /// The bytes of an NCCL unique id: rank 0 makes one ([`NcclRank::new_id`]) and hands it to the
 /// other ranks over the group's control channel.
@@ -22,6 +25,7 @@ pub type NcclId = [std::ffi::c_char; 128];
 pub struct NcclRank {
     comm: SendComm,
     stream: Arc<CudaStream>,
+    ordinal: usize,
     rank: usize,
     size: usize,
 }
@@ -77,6 +81,7 @@ impl NcclRank {
         Ok(NcclRank {
             comm: SendComm(comm),
             stream,
+            ordinal,
             rank,
             size,
         })
@@ -147,6 +152,55 @@ impl Collective for NcclRank {
     }
 }
 
+impl DeviceCollective for NcclRank {
+    fn rank(&self) -> usize {
+        self.rank
+    }
+
+    fn size(&self) -> usize {
+        self.size
+    }
+
+    /// In place on the rank's stream, after the compute stream's work so far (a group of one
+    /// runs it too: that is how one GPU exercises NCCL).
+    fn all_reduce_sum(
+        &mut self,
+        gpu: &Gpu,
+        mut data: DeviceBuffer<f32>,
+    ) -> Result<DeviceReduce, CollectiveError> {
+        let rank = self.rank;
+        let compute = gpu.cuda_stream().ok_or_else(|| CollectiveError {
+            rank,
+            reason: "NCCL reduces CUDA buffers, and this GPU is the emulator".into(),
+        })?;
+        if gpu.ordinal() != self.ordinal {
+            return Err(CollectiveError {
+                rank,
+                reason: format!(
+                    "the communicator is on GPU {} and the buffer on GPU {}",
+                    self.ordinal,
+                    gpu.ordinal()
+                ),
+            });
+        }
+        self.stream
+            .join(compute)
+            .map_err(|e| failed(rank, "ordering after the compute stream", e))?;
+        let slice = data
+            .cuda_slice_mut()
+            .expect("a CUDA GPU's buffers are CUDA allocations");
+        self.comm
+            .0
+            .all_reduce_in_place(slice, &ReduceOp::Sum)
+            .map_err(|e| failed(rank, "ncclAllReduce", e))?;
+        let done = self
+            .stream
+            .record_event(None)
+            .map_err(|e| failed(rank, "recording the reduction's end", e))?;
+        Ok(DeviceReduce::on_stream(rank, data, done))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -158,8 +212,21 @@ mod tests {
         match NcclRank::new_id().and_then(|id| NcclRank::join(0, 0, 1, id)) {
             Ok(mut rank) => {
                 let data: Vec<f32> = (0..1000).map(|i| i as f32 * 0.5).collect();
-                let got = rank.all_reduce_sum(data.clone()).wait().unwrap();
+                let got = Collective::all_reduce_sum(&mut rank, data.clone())
+                    .wait()
+                    .unwrap();
                 assert_eq!(got, data);
+                // The device path: in place on the rank's stream, waited by the compute stream.
+                if let Ok(gpu) = Gpu::open(0) {
+                    let reduce = DeviceCollective::all_reduce_sum(
+                        &mut rank,
+                        &gpu,
+                        gpu.upload(&data).unwrap(),
+                    )
+                    .unwrap();
+                    let summed = reduce.wait(&gpu).unwrap();
+                    assert_eq!(gpu.download(&summed, data.len()).unwrap(), data);
+                }
             }
             Err(e) => assert!(!e.reason.is_empty(), "{e}"),
         }

@@ -9,6 +9,8 @@
 //! Every launch goes to the one stream of the [`Gpu`], so kernels run in issue order and the
 //! raw device pointers handed to kernels stay valid: buffers are only freed by their owner.
 
+pub mod collective;
+
 use std::collections::HashMap;
 use std::sync::Arc;
 
@@ -186,6 +188,14 @@ enum BufferInner<T> {
 }
 
 impl<T> DeviceBuffer<T> {
+    /// The CUDA allocation (None on the emulator).
+    pub(crate) fn cuda_slice_mut(&mut self) -> Option<&mut CudaSlice<T>> {
+        match &mut self.inner {
+            BufferInner::Cuda(b) => Some(b),
+            BufferInner::Host(_) => None,
+        }
+    }
+
     pub fn len(&self) -> usize {
         match &self.inner {
             BufferInner::Cuda(b) => b.len(),
@@ -292,6 +302,14 @@ impl Gpu {
             backend: Backend::Emulated,
             name: "host emulator".into(),
             ordinal: 0,
+        }
+    }
+
+    /// The compute stream every launch goes to (None on the emulator).
+    pub(crate) fn cuda_stream(&self) -> Option<&Arc<CudaStream>> {
+        match &self.backend {
+            Backend::Cuda { stream, .. } => Some(stream),
+            Backend::Emulated => None,
         }
     }
 

@@ -16,6 +16,7 @@ use tideway_kernels::gpu::{
 };
 
 use crate::checkpoint::Checkpoint;
+use crate::gpu::tensor_parallel::{DeviceGroup, DeviceResidualStream, single_gpu};
 use crate::gpu::{
     ChunkedScan, DeviceBatch, GpuModelError, GpuSession, Head, ScanLayout, SlotPool, zero_slot,
 };
@@ -1446,6 +1447,21 @@ impl GpuFlaLm {
         lens: &[usize],
         sessions: &mut [&mut GpuSession],
     ) -> Result<Tensor, GpuModelError> {
+        single_gpu(|group| self.forward_in_group(tokens, lens, sessions, group, true))
+            .map(|logits| logits.expect("logits were asked for"))
+    }
+
+    /// [`forward_packed`](Self::forward_packed) on one rank of a tensor-parallel group (see
+    /// `FlaLm::forward_in_group`): the attention and MLP outputs are partial sums the group
+    /// all-reduces, overlapped with the next sub-block where the layer is ladder-wired.
+    pub fn forward_in_group(
+        &mut self,
+        tokens: &[u32],
+        lens: &[usize],
+        sessions: &mut [&mut GpuSession],
+        group: &mut DeviceGroup<'_>,
+        logits: bool,
+    ) -> Result<Option<Tensor>, GpuModelError> {
         let segments = packed_segments(tokens, lens, sessions.len(), self.config.vocab_size)?;
         let (d, v, eps) = (
             self.config.hidden_size,
@@ -1459,18 +1475,30 @@ impl GpuFlaLm {
         let ids = gpu.upload(tokens)?;
         let h = gpu.zeros(m * d)?;
         let normed = gpu.zeros(m * d)?;
-        let delta = gpu.zeros(m * d)?;
         let p = |b: &DeviceBuffer<f32>| gpu.ptr(b);
         gpu.embed_rows(&self.embedding, gpu.ptr(&ids), m, d, p(&h))?;
-        for (block, pool) in self.blocks.iter().zip(&self.pools) {
+        let mut stream = DeviceResidualStream::new(h);
+        for (i, (block, pool)) in self.blocks.iter().zip(&self.pools).enumerate() {
+            let ladder = self.config.ladder[i];
             let s = &mut self.scratch;
-            gpu.rms_norm(p(&h), p(&block.attn_norm), m, d, eps, p(&normed))?;
+            let read = p(stream.read(ladder, gpu, group)?);
+            gpu.rms_norm(read, p(&block.attn_norm), m, d, eps, p(&normed))?;
             let x = DevMat::dense(gpu, &normed, m, d);
+            let delta = gpu.zeros(m * d)?;
             block.attn.forward(gpu, x, &batch, pool, p(&delta), s)?;
-            gpu.add_inplace(p(&h), p(&delta), m * d)?;
-            gpu.rms_norm(p(&h), p(&block.mlp_norm), m, d, eps, p(&normed))?;
+            stream.push(delta, ladder, gpu, group)?;
+            let read = p(stream.read(ladder, gpu, group)?);
+            gpu.rms_norm(read, p(&block.mlp_norm), m, d, eps, p(&normed))?;
+            let delta = gpu.zeros(m * d)?;
             block.mlp.forward(gpu, x, p(&delta), s)?;
-            gpu.add_inplace(p(&h), p(&delta), m * d)?;
+            stream.push(delta, ladder, gpu, group)?;
+        }
+        let h = stream.finish(gpu, group)?;
+        for (session, len) in sessions.iter_mut().zip(lens) {
+            session.position += len;
+        }
+        if !logits {
+            return Ok(None);
         }
         gpu.rms_norm(p(&h), p(&self.norm), m, d, eps, p(&normed))?;
         let head = Head {
@@ -1479,9 +1507,6 @@ impl GpuFlaLm {
             width: v,
         };
         let logits = head.logits(gpu, DevMat::dense(gpu, &normed, m, d), &mut self.scratch)?;
-        for (session, len) in sessions.iter_mut().zip(lens) {
-            session.position += len;
-        }
-        Ok(logits)
+        Ok(Some(logits))
     }
 }

@@ -11,6 +11,7 @@ use tideway_kernels::gpu::{
 
 use crate::checkpoint::Checkpoint;
 use crate::error::InputError;
+use crate::gpu::tensor_parallel::{DeviceGroup, DeviceResidualStream, single_gpu};
 use crate::gpu::{ChunkedScan, DeviceBatch, GpuModelError, GpuSession, Head, SlotPool, zero_slot};
 use crate::models::mamba::MambaConfig;
 use crate::models::{check_token_ids, packed_segments};
@@ -285,6 +286,22 @@ impl GpuMambaLm {
         lens: &[usize],
         sessions: &mut [&mut GpuSession],
     ) -> Result<Tensor, GpuModelError> {
+        single_gpu(|group| self.forward_in_group(tokens, lens, sessions, group, true))
+            .map(|logits| logits.expect("logits were asked for"))
+    }
+
+    /// [`forward_packed`](Self::forward_packed) on one rank of a tensor-parallel group (see
+    /// `MambaLm::forward_in_group`): `x_proj`'s `[δ|B|C]` and each mixer's output are partial
+    /// sums the group all-reduces; ladder-wired layers queue their mixer before the previous
+    /// output's reduction is waited. Logits only when `logits` (the leader).
+    pub fn forward_in_group(
+        &mut self,
+        tokens: &[u32],
+        lens: &[usize],
+        sessions: &mut [&mut GpuSession],
+        group: &mut DeviceGroup<'_>,
+        logits: bool,
+    ) -> Result<Option<Tensor>, GpuModelError> {
         let segments = packed_segments(tokens, lens, sessions.len(), self.config.vocab_size)?;
         let c = self.config.mixer;
         let (d, e, n, k, r) = (c.d_model, c.d_inner, c.d_state, c.d_conv, c.dt_rank);
@@ -298,18 +315,19 @@ impl GpuMambaLm {
 
         let residual = gpu.zeros(m * d)?;
         let normed = gpu.zeros(m * d)?;
-        let mixed = gpu.zeros(m * d)?;
         let xz = gpu.zeros(m * 2 * e)?;
         let xc = gpu.zeros(m * e)?;
-        let dbc = gpu.zeros(m * (r + 2 * n))?;
         let dt = gpu.zeros(m * e)?;
         let y = gpu.zeros(m * e)?;
         let p = |b: &DeviceBuffer<f32>| gpu.ptr(b);
         gpu.embed_rows(&self.embedding, gpu.ptr(&ids), m, d, p(&residual))?;
+        let mut stream = DeviceResidualStream::new(residual);
         let (e_i, k_i, n_i, r_i) = (e as i32, k as i32, n as i32, r as i32);
-        for (block, pool) in self.blocks.iter().zip(&self.pools) {
+        for (i, (block, pool)) in self.blocks.iter().zip(&self.pools).enumerate() {
             let mx = &block.mixer;
-            gpu.rms_norm(p(&residual), p(&block.norm), m, d, eps, p(&normed))?;
+            let ladder = self.config.ladder[i];
+            let read = p(stream.read(ladder, gpu, group)?);
+            gpu.rms_norm(read, p(&block.norm), m, d, eps, p(&normed))?;
             let s = &mut self.scratch;
             mx.in_proj
                 .forward(gpu, DevMat::dense(gpu, &normed, m, d), p(&xz), s)?;
@@ -338,8 +356,11 @@ impl GpuMambaLm {
                     Arg::Ptr(xc_p),
                 ],
             )?;
+            let dbc = gpu.zeros(m * (r + 2 * n))?;
             mx.x_proj
                 .forward(gpu, DevMat::dense(gpu, &xc, m, e), p(&dbc), s)?;
+            // Row-parallel x_proj: each rank holds part of [δ|B|C].
+            let dbc = group.all_reduce_sum(gpu, dbc)?;
             mx.dt_proj.forward(
                 gpu,
                 DevMat::columns(gpu, &dbc, m, r + 2 * n, 0, r),
@@ -403,9 +424,17 @@ impl GpuMambaLm {
                 ],
             )?;
             drop(chunked);
+            let mixed = gpu.zeros(m * d)?;
             mx.out_proj
                 .forward(gpu, DevMat::dense(gpu, &y, m, e), p(&mixed), s)?;
-            gpu.add_inplace(p(&residual), p(&mixed), m * d)?;
+            stream.push(mixed, ladder, gpu, group)?;
+        }
+        let residual = stream.finish(gpu, group)?;
+        for (session, len) in sessions.iter_mut().zip(lens) {
+            session.position += len;
+        }
+        if !logits {
+            return Ok(None);
         }
         gpu.rms_norm(p(&residual), p(&self.norm_f), m, d, eps, p(&normed))?;
         let head = Head {
@@ -414,10 +443,7 @@ impl GpuMambaLm {
             width: v,
         };
         let logits = head.logits(gpu, DevMat::dense(gpu, &normed, m, d), &mut self.scratch)?;
-        for (session, len) in sessions.iter_mut().zip(lens) {
-            session.position += len;
-        }
-        Ok(logits)
+        Ok(Some(logits))
     }
 
     /// Checks ids against the vocabulary.

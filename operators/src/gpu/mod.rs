@@ -7,6 +7,7 @@
 pub mod fla;
 pub mod lmuformer;
 pub mod mamba;
+pub mod tensor_parallel;
 
 use std::ops::Range;
 use std::path::Path;
@@ -17,9 +18,10 @@ use tideway_kernels::gpu::{
     Arg, DevMat, DeviceBuffer, DeviceLinear, DeviceMatrix, Gpu, GpuError, Scratch, WeightDtype,
 };
 
-use crate::checkpoint::Checkpoint;
+use tideway_kernels::collective::CollectiveError;
+
 use crate::error::{InputError, LoadError};
-use crate::models::config::ConfigJson;
+use crate::models::{RankCheckpoint, open_rank};
 
 pub use fla::GpuFlaLm;
 pub use lmuformer::{GpuLmuFormer, GpuLmuSession};
@@ -34,6 +36,8 @@ pub enum GpuModelError {
     Gpu(#[from] GpuError),
     #[error(transparent)]
     Input(#[from] InputError),
+    #[error(transparent)]
+    Group(#[from] CollectiveError),
     #[error(
         "all {slots} session slots on the GPU are in use; end a session first (the pool was sized from free device memory)"
     )]
@@ -385,6 +389,38 @@ impl GpuModel {
             GpuModel::Fla(m) => m.forward_packed(tokens, lens, sessions),
         }
     }
+
+    /// One rank's forward in a tensor-parallel group (logits only when `logits`).
+    pub fn forward_in_group(
+        &mut self,
+        tokens: &[u32],
+        lens: &[usize],
+        sessions: &mut [&mut GpuSession],
+        group: &mut tensor_parallel::DeviceGroup<'_>,
+        logits: bool,
+    ) -> Result<Option<Tensor>, GpuModelError> {
+        match self {
+            GpuModel::Mamba(m) => m.forward_in_group(tokens, lens, sessions, group, logits),
+            GpuModel::Fla(m) => m.forward_in_group(tokens, lens, sessions, group, logits),
+        }
+    }
+
+    pub fn ladder_layers(&self) -> &[bool] {
+        match self {
+            GpuModel::Mamba(m) => &m.config.ladder,
+            GpuModel::Fla(m) => &m.config.ladder,
+        }
+    }
+
+    /// Rewires the model (see `Model::set_ladder_layers`).
+    pub fn set_ladder_layers(&mut self, ladder: Vec<bool>) {
+        let config_ladder = match self {
+            GpuModel::Mamba(m) => &mut m.config.ladder,
+            GpuModel::Fla(m) => &mut m.config.ladder,
+        };
+        assert_eq!(ladder.len(), config_ladder.len(), "one flag per layer");
+        *config_ladder = ladder;
+    }
 }
 
 /// Loads the checkpoint in `dir` onto `gpu`: Mamba or the linear-attention family, or an
@@ -395,52 +431,33 @@ pub fn load_gpu_model(
     dtype: WeightDtype,
     max_sessions: usize,
 ) -> Result<GpuModel, GpuModelError> {
-    let config = ConfigJson::read(dir)?;
-    let unsupported = |what: String| -> GpuModelError {
-        GpuError::Unsupported(format!(
-            "{}: {what}; it runs on the CPU (leave out --device)",
-            dir.display()
-        ))
-        .into()
-    };
-    match config.model_type()? {
-        Some("mamba") => {}
-        None if config.has("d_model") && config.has("n_layer") => {}
-        Some("gla" | "retnet" | "delta_net" | "gated_deltanet" | "linear_attn") => {
-            let fla = crate::models::FlaConfig::from_config(&config)?;
-            if fla.ladder.iter().any(|&l| l) {
-                return Err(unsupported(
-                    "ladder_layers is set, and the GPU path runs the standard wiring so far".into(),
-                ));
-            }
-            let checkpoint = Checkpoint::open(dir)?;
-            return Ok(GpuModel::Fla(Box::new(GpuFlaLm::load(
-                fla,
-                &checkpoint,
-                gpu,
-                dtype,
-                max_sessions,
-            )?)));
-        }
-        other => {
-            return Err(unsupported(format!(
-                "the GPU path runs Mamba and the linear-attention family (GLA, RetNet, DeltaNet, Gated DeltaNet, linear attention) so far, not model_type {}",
-                other.map_or("(none)".to_string(), |t| format!("{t:?}"))
-            )));
-        }
-    }
-    let checkpoint = Checkpoint::open(dir)?;
-    let mamba = crate::models::MambaConfig::from_config(&config, &checkpoint)?;
-    if mamba.ladder.iter().any(|&l| l) {
-        return Err(unsupported(
-            "ladder_layers is set, and the GPU path runs the standard wiring so far".into(),
-        ));
-    }
-    Ok(GpuModel::Mamba(Box::new(GpuMambaLm::load(
-        mamba,
-        &checkpoint,
-        gpu,
-        dtype,
-        max_sessions,
-    )?)))
+    load_gpu_model_rank(dir, gpu, dtype, max_sessions, 0, 1)
+}
+
+/// Loads rank `rank`'s shard of the model in `dir` (a tensor-parallel group of `size`) onto
+/// `gpu`: the same slices as the CPU ranks (`models::open_rank`).
+pub fn load_gpu_model_rank(
+    dir: &Path,
+    gpu: Gpu,
+    dtype: WeightDtype,
+    max_sessions: usize,
+    rank: usize,
+    size: usize,
+) -> Result<GpuModel, GpuModelError> {
+    Ok(match open_rank(dir, rank, size)? {
+        RankCheckpoint::Mamba(config, checkpoint) => GpuModel::Mamba(Box::new(GpuMambaLm::load(
+            config,
+            &checkpoint,
+            gpu,
+            dtype,
+            max_sessions,
+        )?)),
+        RankCheckpoint::Fla(config, checkpoint) => GpuModel::Fla(Box::new(GpuFlaLm::load(
+            config,
+            &checkpoint,
+            gpu,
+            dtype,
+            max_sessions,
+        )?)),
+    })
 }

@@ -292,6 +292,24 @@ pub fn load_model(dir: &Path) -> Result<Model, LoadError> {
 /// Loads rank `rank`'s shard of the model in `dir` for a tensor-parallel group of `size`
 /// (`size` 1: the whole model). Only the rank's slices of split tensors are read.
 pub fn load_model_rank(dir: &Path, rank: usize, size: usize) -> Result<Model, LoadError> {
+    Ok(match open_rank(dir, rank, size)? {
+        RankCheckpoint::Mamba(config, checkpoint) => {
+            Model::Mamba(MambaLm::load(config, &checkpoint)?)
+        }
+        RankCheckpoint::Fla(config, checkpoint) => Model::Fla(FlaLm::load(config, &checkpoint)?),
+    })
+}
+
+/// A language model's configuration for one tensor-parallel rank, and its checkpoint set to
+/// read that rank's slices: what the CPU and GPU loaders both start from.
+pub enum RankCheckpoint {
+    Mamba(MambaConfig, Checkpoint),
+    Fla(FlaConfig, Checkpoint),
+}
+
+/// Reads `dir`'s configuration for rank `rank` of `size` (head and channel counts divided,
+/// refused by name where they do not divide) and opens its checkpoint sharded accordingly.
+pub fn open_rank(dir: &Path, rank: usize, size: usize) -> Result<RankCheckpoint, LoadError> {
     assert!(rank < size, "rank {rank} of a group of {size}");
     let config = ConfigJson::read(dir)?;
     match config.model_type()? {
@@ -310,7 +328,7 @@ pub fn load_model_rank(dir: &Path, rank: usize, size: usize) -> Result<Model, Lo
                 size,
                 split: fla::fla_lm_split,
             }));
-            return Ok(Model::Fla(FlaLm::load(fla, &checkpoint)?));
+            return Ok(RankCheckpoint::Fla(fla, checkpoint));
         }
         Some(other) => {
             return Err(LoadError::UnknownModelType {
@@ -333,7 +351,7 @@ pub fn load_model_rank(dir: &Path, rank: usize, size: usize) -> Result<Model, Lo
         size,
         split: mamba::mamba_lm_split,
     }));
-    Ok(Model::Mamba(MambaLm::load(mamba_config, &checkpoint)?))
+    Ok(RankCheckpoint::Mamba(mamba_config, checkpoint))
 }
 
 /// Whether the checkpoint in `dir` is an LMUFormer (`model_type` `"lmuformer"`), a model of
