@@ -2,7 +2,8 @@
 //! emulator of the CUDA kernels (`--device cuda-emulator`): `tideway run` gives the reference
 //! logits with f32 and bf16 weights, and `tideway serve` keeps every session's state in the
 //! device pool it reports, answers like `run`, refuses a session beyond the pool with
-//! RESOURCE_EXHAUSTED and frees the slot of an ended session.
+//! RESOURCE_EXHAUSTED and frees the slot of an ended session; split over GPU ranks
+//! (`--tensor-parallel`), both commands give the same answers.
 #![cfg(feature = "cuda")]
 
 mod common;
@@ -57,6 +58,62 @@ fn run_on_the_emulated_gpu_gives_the_reference_logits() {
         eprintln!("{dtype} {mode}: {rel:.2e} vs fla");
         assert!(rel <= limit, "{dtype} {mode}: relative error {rel:.3e}");
     }
+}
+
+/// `run --device cuda-emulator --tensor-parallel N`: the model split over GPU ranks gives the
+/// reference logits in both forms, ladder-wired models too; other transports are refused.
+#[test]
+fn run_split_over_emulated_gpu_ranks_gives_the_reference_logits() {
+    for (family, name, sizes) in [
+        ("fla", MODEL, &["2", "4"][..]),
+        ("ladder", "mamba_ladder_all", &["2"][..]),
+        ("ladder", "gla_ladder_last2", &["2"][..]),
+    ] {
+        let dir = fixtures_dir().join(family).join(name);
+        let expected = dir.join("expected.safetensors");
+        let tokens = read_tensor(&expected, "input_ids")
+            .values
+            .iter()
+            .map(|v| (*v as u64).to_string())
+            .collect::<Vec<_>>()
+            .join(",");
+        let want = read_tensor(&expected, "logits");
+        for size in sizes {
+            for mode in ["chunked", "recurrent"] {
+                let out = scratch_dir("gpu-tp-run").join("out.safetensors");
+                let output = tideway()
+                    .args(["run", "--device", "cuda-emulator", "--mode", mode])
+                    .args(["--tensor-parallel", size, "--model"])
+                    .arg(&dir)
+                    .args(["--tokens", &tokens, "--out"])
+                    .arg(&out)
+                    .output()
+                    .unwrap();
+                assert!(output.status.success(), "{}", stderr(&output));
+                let got = read_tensor(&out, "logits");
+                let rel = relative_error(&got.values, &want.values);
+                eprintln!("{name} on {size} GPU ranks, {mode}: {rel:.2e} vs the reference");
+                assert!(
+                    rel <= 1e-4,
+                    "{name} tp {size} {mode}: relative error {rel:.3e}"
+                );
+            }
+        }
+    }
+    let output = tideway()
+        .args(["run", "--device", "cuda-emulator", "--tensor-parallel", "2"])
+        .args(["--tp-transport", "processes", "--model"])
+        .arg(model_dir())
+        .args(["--tokens", "1,2,3", "--out"])
+        .arg(scratch_dir("gpu-tp-refused").join("out.safetensors"))
+        .output()
+        .unwrap();
+    assert!(!output.status.success());
+    assert!(
+        stderr(&output).contains("on a GPU the tensor-parallel ranks are threads of this process"),
+        "{}",
+        stderr(&output)
+    );
 }
 
 /// The spiking and plain LMUFormers through `run --device cuda-emulator` give the reference
@@ -140,15 +197,28 @@ async fn stream(url: &str, messages: Vec<pb::StreamRequest>) -> Result<Vec<f64>,
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn serving_on_the_emulated_gpu_reports_its_pool_and_answers_like_run() {
+    serve_and_check(&[]).await;
+}
+
+/// The same over two GPU ranks (threads, host-staged reductions on one device): the group's
+/// pool is its ranks' pool, and the answers are the single worker's.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn serving_split_over_emulated_gpu_ranks_answers_like_run() {
+    serve_and_check(&["--tensor-parallel", "2"]).await;
+}
+
+async fn serve_and_check(extra: &[&str]) {
     let dir = model_dir();
-    let server = Server::start(&[
+    let mut args = vec![
         "--model",
         dir.to_str().unwrap(),
         "--device",
         "cuda-emulator",
         "--gpu-sessions",
         "2",
-    ]);
+    ];
+    args.extend_from_slice(extra);
+    let server = Server::start(&args);
     let url = server.url();
     let mut models = pb::models_client::ModelsClient::connect(url.clone())
         .await

@@ -32,7 +32,7 @@ if [ "$status" -eq 0 ]; then
     nvrtc_lib="$("$venv/bin/python" -c 'import os, nvidia.cuda_nvrtc as m; print(os.path.join(list(m.__path__)[0], "lib"))')"
     { cargo build --workspace --features cuda -j2 &&
       LD_LIBRARY_PATH="$nvrtc_lib" TIDEWAY_REQUIRE_NVRTC=1 cargo test -p tideway-kernels -p tideway-workers --features cuda --lib --bins -j2 &&
-      cargo test -p tideway-operators --features cuda --test gpu_emulated -j2 &&
+      cargo test -p tideway-operators --features cuda --test gpu_emulated --test gpu_tensor_parallel -j2 &&
       cargo test -p tideway-workers --features cuda --test gpu_serve -j2; } 2>&1 | tee -a "$log" || status=$?
 fi
 if [ "$status" -eq 0 ]; then

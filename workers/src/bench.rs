@@ -107,16 +107,14 @@ fn load(
         }
         return LanguageModel::load_wired(dir, &args.parallel, wiring);
     }
-    if args.parallel.tensor_parallel > 1 || wiring != Wiring::Config {
-        bail!("--tensor-parallel and --wirings run on the CPU so far; leave out --device");
-    }
-    load_on_gpu(args, dir, batches)
+    load_on_gpu(args, dir, wiring, batches)
 }
 
 #[cfg(feature = "cuda")]
 fn load_on_gpu(
     args: &BenchArgs,
     dir: &std::path::Path,
+    wiring: Wiring,
     batches: &[usize],
 ) -> Result<LanguageModel> {
     let dtype = match args.dtype {
@@ -125,11 +123,16 @@ fn load_on_gpu(
     };
     // Room for the largest decode batch and the prefill sessions.
     let sessions = batches.iter().copied().max().unwrap_or(1) + 2;
-    LanguageModel::load_gpu(dir, args.device, dtype, sessions)
+    LanguageModel::load_gpu(dir, args.device, dtype, sessions, &args.parallel, wiring)
 }
 
 #[cfg(not(feature = "cuda"))]
-fn load_on_gpu(args: &BenchArgs, _: &std::path::Path, _: &[usize]) -> Result<LanguageModel> {
+fn load_on_gpu(
+    args: &BenchArgs,
+    _: &std::path::Path,
+    _: Wiring,
+    _: &[usize],
+) -> Result<LanguageModel> {
     bail!(
         "--device {}: this tideway was built without CUDA support; build it with `cargo build --release --features cuda`",
         args.device

@@ -51,20 +51,6 @@ fn open_on(dir: &Path, device: Device, dtype: Dtype, sessions: usize) -> Result<
         .with_context(|| format!("cannot load model from {} onto {device}", dir.display()))
 }
 
-/// One sequence through a model on the GPU: chunks of `chunk` tokens, or one token per step.
-pub fn run_tokens(
-    dir: &Path,
-    device: Device,
-    dtype: Dtype,
-    tokens: &[u32],
-    recurrent: bool,
-    chunk: usize,
-) -> Result<Tensor> {
-    let mut model = open_on(dir, device, dtype, 1)?;
-    model.check_tokens(tokens, 0)?;
-    sequence_logits(&mut model, tokens, if recurrent { 1 } else { chunk })
-}
-
 /// A clip of feature frames through an LMUFormer on the GPU: the whole clip at once, or one
 /// frame per call (`recurrent`); the per-frame outputs and their mean.
 pub fn run_feature_frames(

@@ -19,6 +19,9 @@ pub enum LanguageModel {
     /// On a GPU (feature `cuda`), with its sessions' state in the device's slot pool.
     #[cfg(feature = "cuda")]
     Gpu(Box<std::sync::Mutex<tideway_operators::gpu::GpuModel>>),
+    /// Split over GPU ranks (`--device` with `--tensor-parallel`).
+    #[cfg(feature = "cuda")]
+    GpuParallel(Box<crate::gpu_tensor_parallel::GpuParallelModel>),
 }
 
 /// One session's state for a [`LanguageModel`].
@@ -33,14 +36,37 @@ pub enum LmState {
         key: u64,
         released: Arc<Mutex<Vec<u64>>>,
     },
+    /// Every GPU rank holds its slots under `key`; `live` counts the group's sessions.
+    #[cfg(feature = "cuda")]
+    GpuParallel {
+        key: u64,
+        position: usize,
+        released: Arc<Mutex<Vec<u64>>>,
+        live: Arc<std::sync::atomic::AtomicUsize>,
+    },
 }
 
 impl Drop for LmState {
     fn drop(&mut self) {
-        if let LmState::Parallel { key, released, .. } = self
-            && let Ok(mut keys) = released.lock()
-        {
-            keys.push(*key);
+        match self {
+            LmState::Parallel { key, released, .. } => {
+                if let Ok(mut keys) = released.lock() {
+                    keys.push(*key);
+                }
+            }
+            #[cfg(feature = "cuda")]
+            LmState::GpuParallel {
+                key,
+                released,
+                live,
+                ..
+            } => {
+                if let Ok(mut keys) = released.lock() {
+                    keys.push(*key);
+                }
+                live.fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
+            }
+            _ => {}
         }
     }
 }
@@ -51,6 +77,8 @@ impl LmState {
             LmState::Whole(s) | LmState::Parallel { state: s, .. } => s.position(),
             #[cfg(feature = "cuda")]
             LmState::Gpu(s) => s.position,
+            #[cfg(feature = "cuda")]
+            LmState::GpuParallel { position, .. } => *position,
         }
     }
 
@@ -59,7 +87,7 @@ impl LmState {
         match self {
             LmState::Whole(s) | LmState::Parallel { state: s, .. } => Some(s),
             #[cfg(feature = "cuda")]
-            LmState::Gpu(_) => None,
+            LmState::Gpu(_) | LmState::GpuParallel { .. } => None,
         }
     }
 }
@@ -84,18 +112,53 @@ impl LanguageModel {
         }
     }
 
-    /// Loads `dir` onto a GPU `device` with a state pool of up to `max_sessions` slots.
+    /// Loads `dir` onto a GPU `device` with a state pool of up to `max_sessions` slots; with
+    /// `--tensor-parallel`, split over GPU ranks (see [`crate::gpu_tensor_parallel`]).
     #[cfg(feature = "cuda")]
     pub fn load_gpu(
         dir: &Path,
         device: crate::device::Device,
         dtype: tideway_kernels::gpu::WeightDtype,
         max_sessions: usize,
+        parallel: &ParallelArgs,
+        wiring: Wiring,
     ) -> Result<Self> {
-        let gpu = crate::gpu::open_device(device)?;
-        let model = tideway_operators::gpu::load_gpu_model(dir, gpu, dtype, max_sessions)
-            .with_context(|| format!("cannot load model from {} onto {device}", dir.display()))?;
-        Ok(LanguageModel::Gpu(Box::new(std::sync::Mutex::new(model))))
+        let context = || format!("cannot load model from {} onto {device}", dir.display());
+        match parallel.tensor_parallel {
+            0 => bail!("--tensor-parallel must be at least 1"),
+            1 => {
+                let gpu = crate::gpu::open_device(device)?;
+                let mut model =
+                    tideway_operators::gpu::load_gpu_model(dir, gpu, dtype, max_sessions)
+                        .with_context(context)?;
+                if let Some(ladder) = wiring.ladder_for(model.ladder_layers()) {
+                    model.set_ladder_layers(ladder);
+                }
+                Ok(LanguageModel::Gpu(Box::new(std::sync::Mutex::new(model))))
+            }
+            size => {
+                if parallel.tp_transport != crate::tensor_parallel::Transport::Threads {
+                    bail!(
+                        "on a GPU the tensor-parallel ranks are threads of this process, one GPU each (NCCL between them): leave out --tp-transport"
+                    );
+                }
+                let group = crate::gpu_tensor_parallel::GpuParallelModel::start(
+                    dir,
+                    device,
+                    dtype,
+                    max_sessions,
+                    size,
+                    wiring,
+                )
+                .with_context(context)?;
+                tracing::info!(
+                    ranks = size,
+                    transport = ?group.transport,
+                    "GPU tensor-parallel group started"
+                );
+                Ok(LanguageModel::GpuParallel(Box::new(group)))
+            }
+        }
     }
 
     /// The model on this host's CPU (the whole model, or rank 0's shard); None on a GPU.
@@ -104,16 +167,19 @@ impl LanguageModel {
             LanguageModel::Whole(m) => Some(m),
             LanguageModel::Parallel(p) => Some(p.leader()),
             #[cfg(feature = "cuda")]
-            LanguageModel::Gpu(_) => None,
+            LanguageModel::Gpu(_) | LanguageModel::GpuParallel(_) => None,
         }
     }
 
-    /// Reads the GPU model (only called on the `Gpu` variant).
+    /// What is read of a GPU model (or of rank 0 of a GPU group); None on the CPU.
     #[cfg(feature = "cuda")]
-    fn on_gpu<T>(&self, f: impl FnOnce(&tideway_operators::gpu::GpuModel) -> T) -> Option<T> {
+    fn gpu_info(&self) -> Option<GpuModelInfo> {
         match self {
             // Reading a property is safe even after a forward panicked inside the lock.
-            LanguageModel::Gpu(m) => Some(f(&m.lock().unwrap_or_else(|p| p.into_inner()))),
+            LanguageModel::Gpu(m) => Some(GpuModelInfo::of(
+                &m.lock().unwrap_or_else(|p| p.into_inner()),
+            )),
+            LanguageModel::GpuParallel(g) => Some(g.info.clone()),
             _ => None,
         }
     }
@@ -128,7 +194,7 @@ impl LanguageModel {
             return cpu(m);
         }
         #[cfg(feature = "cuda")]
-        if let Some(info) = self.on_gpu(GpuModelInfo::of) {
+        if let Some(info) = self.gpu_info() {
             return gpu(&info);
         }
         unreachable!("a language model runs on the CPU or a GPU")
@@ -138,6 +204,8 @@ impl LanguageModel {
     pub fn ranks(&self) -> usize {
         match self {
             LanguageModel::Parallel(p) => p.size(),
+            #[cfg(feature = "cuda")]
+            LanguageModel::GpuParallel(g) => g.size(),
             _ => 1,
         }
     }
@@ -156,7 +224,10 @@ impl LanguageModel {
 
     /// Bytes of one session's state, over all ranks.
     pub fn state_bytes(&self) -> usize {
-        self.info(|m| m.state_bytes() * self.ranks(), |g| g.state_bytes)
+        self.info(
+            |m| m.state_bytes() * self.ranks(),
+            |g| g.state_bytes * self.ranks(),
+        )
     }
 
     /// Bytes of the parameters one rank (or the GPU) holds.
@@ -167,19 +238,18 @@ impl LanguageModel {
     /// Where the model runs.
     pub fn device(&self) -> crate::device::Device {
         #[cfg(feature = "cuda")]
-        if let Some((emulated, ordinal)) =
-            self.on_gpu(|m| (m.gpu().is_emulated(), m.gpu().ordinal()))
-        {
-            return match emulated {
-                true => crate::device::Device::CudaEmulator,
-                false => crate::device::Device::Cuda(ordinal),
-            };
+        if let Some(info) = self.gpu_info() {
+            return info.device;
         }
         crate::device::Device::Cpu
     }
 
     /// Sessions that fit (the GPU's state pool); None where only host memory limits them.
     pub fn session_capacity(&self) -> Option<usize> {
+        #[cfg(feature = "cuda")]
+        if let LanguageModel::GpuParallel(g) = self {
+            return Some(g.session_capacity());
+        }
         self.info(|_| None, |g| Some(g.capacity))
     }
 
@@ -199,6 +269,8 @@ impl LanguageModel {
                     .map_err(|_| "the GPU model's lock is poisoned".to_string())?;
                 m.new_session().map(LmState::Gpu).map_err(|e| e.to_string())
             }
+            #[cfg(feature = "cuda")]
+            LanguageModel::GpuParallel(g) => g.new_state(),
         }
     }
 
@@ -237,6 +309,8 @@ impl LanguageModel {
                         other => ForwardError::Device(other.to_string()),
                     })
             }
+            #[cfg(feature = "cuda")]
+            LanguageModel::GpuParallel(g) => g.forward_packed(tokens, lens, states),
         }
     }
 
@@ -275,25 +349,44 @@ impl LanguageModel {
     pub fn comm_stats(&self) -> CommStats {
         match self {
             LanguageModel::Parallel(p) => p.comm_stats(),
+            #[cfg(feature = "cuda")]
+            LanguageModel::GpuParallel(g) => g.comm_stats(),
             _ => CommStats::default(),
         }
     }
 }
 
-/// What the command line and the server read of a GPU model.
+/// What the command line and the server read of a GPU model (of one rank, in a group).
 #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
-struct GpuModelInfo {
-    family: &'static str,
-    vocab_size: usize,
-    output_width: usize,
-    state_bytes: usize,
-    weight_bytes: usize,
-    capacity: usize,
+#[derive(Debug, Clone)]
+pub(crate) struct GpuModelInfo {
+    pub family: &'static str,
+    pub vocab_size: usize,
+    pub output_width: usize,
+    pub state_bytes: usize,
+    pub weight_bytes: usize,
+    pub capacity: usize,
+    pub device: crate::device::Device,
+}
+
+impl Default for GpuModelInfo {
+    fn default() -> Self {
+        GpuModelInfo {
+            family: "",
+            vocab_size: 0,
+            output_width: 0,
+            state_bytes: 0,
+            weight_bytes: 0,
+            capacity: 0,
+            device: crate::device::Device::Cpu,
+        }
+    }
 }
 
 #[cfg(feature = "cuda")]
 impl GpuModelInfo {
-    fn of(m: &tideway_operators::gpu::GpuModel) -> Self {
+    pub fn of(m: &tideway_operators::gpu::GpuModel) -> Self {
+        let gpu = m.gpu();
         GpuModelInfo {
             family: m.family(),
             vocab_size: m.vocab_size(),
@@ -301,6 +394,10 @@ impl GpuModelInfo {
             state_bytes: m.state_bytes(),
             weight_bytes: m.weight_bytes(),
             capacity: m.session_capacity(),
+            device: match gpu.is_emulated() {
+                true => crate::device::Device::CudaEmulator,
+                false => crate::device::Device::Cuda(gpu.ordinal()),
+            },
         }
     }
 }

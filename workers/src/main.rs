@@ -16,6 +16,8 @@ mod devices;
 mod feature_model;
 #[cfg(feature = "cuda")]
 mod gpu;
+#[cfg(feature = "cuda")]
+mod gpu_tensor_parallel;
 mod language_model;
 mod run;
 mod serve;

@@ -103,13 +103,7 @@ pub fn run(args: RunArgs) -> Result<()> {
             args.model.display()
         );
     }
-    if args.device != Device::Cpu {
-        return run_on_gpu(&args, args.device);
-    }
-    if args.dtype != WeightStorage::F32 {
-        bail!("--dtype bf16 is for --device cuda:N; the CPU path keeps f32 weights");
-    }
-    let model = LanguageModel::load(&args.model, &args.parallel)?;
+    let model = load_language_model(&args)?;
     let tokens = match (&args.tokens, &args.text) {
         (Some(tokens), _) => parse_tokens(tokens, model.vocab_size())?,
         (None, Some(text)) => {
@@ -137,41 +131,40 @@ pub fn run(args: RunArgs) -> Result<()> {
     Ok(())
 }
 
-/// A language model on a GPU (`--device cuda:N`).
-#[cfg(feature = "cuda")]
-fn run_on_gpu(args: &RunArgs, device: Device) -> Result<()> {
-    if args.parallel.tensor_parallel > 1 {
-        bail!("--tensor-parallel runs on the CPU so far; leave out --device");
+/// The language model of `--model`: on the CPU (whole or split), or on `--device`.
+fn load_language_model(args: &RunArgs) -> Result<LanguageModel> {
+    if args.device == Device::Cpu {
+        if args.dtype != WeightStorage::F32 {
+            bail!("--dtype bf16 is for --device cuda:N; the CPU path keeps f32 weights");
+        }
+        return LanguageModel::load(&args.model, &args.parallel);
     }
-    let Some(tokens) = &args.tokens else {
-        bail!("--device cuda:N takes --tokens so far");
-    };
+    load_on_gpu(args)
+}
+
+/// A language model on a GPU (`--device cuda:N`, split over GPU ranks with
+/// `--tensor-parallel`).
+#[cfg(feature = "cuda")]
+fn load_on_gpu(args: &RunArgs) -> Result<LanguageModel> {
     let dtype = match args.dtype {
-        WeightStorage::F32 => crate::gpu::Dtype::F32,
-        WeightStorage::Bf16 => crate::gpu::Dtype::Bf16,
+        WeightStorage::F32 => tideway_kernels::gpu::WeightDtype::F32,
+        WeightStorage::Bf16 => tideway_kernels::gpu::WeightDtype::Bf16,
     };
-    let config = tideway_operators::models::config::ConfigJson::read(&args.model)?;
-    let vocab = config
-        .top()
-        .usize_opt("vocab_size")?
-        .context("config.json has no vocab_size")?;
-    let tokens = parse_tokens(tokens, vocab)?;
-    let logits = crate::gpu::run_tokens(
+    LanguageModel::load_gpu(
         &args.model,
-        device,
+        args.device,
         dtype,
-        &tokens,
-        args.mode == Mode::Recurrent,
-        args.chunk,
-    )?;
-    write_tensors(&args.out, &[("logits", &logits)])
-        .with_context(|| format!("cannot write {}", args.out.display()))
+        1,
+        &args.parallel,
+        crate::tensor_parallel::Wiring::Config,
+    )
 }
 
 #[cfg(not(feature = "cuda"))]
-fn run_on_gpu(_: &RunArgs, device: Device) -> Result<()> {
+fn load_on_gpu(args: &RunArgs) -> Result<LanguageModel> {
     bail!(
-        "--device {device}: this tideway was built without CUDA support; build it with `cargo build --release --features cuda`"
+        "--device {}: this tideway was built without CUDA support; build it with `cargo build --release --features cuda`",
+        args.device
     )
 }
 

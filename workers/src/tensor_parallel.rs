@@ -54,12 +54,18 @@ pub enum Wiring {
 }
 
 impl Wiring {
-    fn apply(self, model: &mut Model) {
-        let layers = model.ladder_layers().len();
+    /// The ladder flags to set in place of a model's `current` ones (None: keep them).
+    pub(crate) fn ladder_for(self, current: &[bool]) -> Option<Vec<bool>> {
         match self {
-            Wiring::Config => {}
-            Wiring::Standard => model.set_ladder_layers(vec![false; layers]),
-            Wiring::Ladder => model.set_ladder_layers(vec![true; layers]),
+            Wiring::Config => None,
+            Wiring::Standard => Some(vec![false; current.len()]),
+            Wiring::Ladder => Some(vec![true; current.len()]),
+        }
+    }
+
+    fn apply(self, model: &mut Model) {
+        if let Some(ladder) = self.ladder_for(model.ladder_layers()) {
+            model.set_ladder_layers(ladder);
         }
     }
 

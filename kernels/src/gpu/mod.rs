@@ -262,6 +262,15 @@ impl DevMat {
 }
 
 impl Gpu {
+    /// How many CUDA devices this machine has.
+    pub fn device_count() -> Result<usize, GpuError> {
+        // SAFETY: only probes whether the shared library can be loaded.
+        if !unsafe { cudarc::driver::sys::is_culib_present() } {
+            return Err(GpuError::NoDriver);
+        }
+        Ok(CudaContext::device_count().map_err(driver)?.max(0) as usize)
+    }
+
     /// Opens device `ordinal` and compiles the kernels for it.
     pub fn open(ordinal: usize) -> Result<Self, GpuError> {
         // SAFETY: only probes whether the shared library can be loaded.

@@ -220,11 +220,6 @@ pub struct Placement {
 
 impl Placement {
     fn of(args: &ServeArgs) -> Result<Self> {
-        if args.device != Device::Cpu && args.parallel.tensor_parallel > 1 {
-            bail!(
-                "--tensor-parallel runs on the CPU so far: leave out --device, or --tensor-parallel"
-            );
-        }
         if args.device == Device::Cpu && args.dtype != crate::run::WeightStorage::F32 {
             bail!("--dtype bf16 is for --device cuda:N; the CPU path keeps f32 weights");
         }
@@ -254,7 +249,14 @@ impl Placement {
                     crate::run::WeightStorage::F32 => tideway_kernels::gpu::WeightDtype::F32,
                     crate::run::WeightStorage::Bf16 => tideway_kernels::gpu::WeightDtype::Bf16,
                 };
-                LanguageModel::load_gpu(dir, device, dtype, self.gpu_sessions.max(1))
+                LanguageModel::load_gpu(
+                    dir,
+                    device,
+                    dtype,
+                    self.gpu_sessions.max(1),
+                    &self.parallel,
+                    crate::tensor_parallel::Wiring::Config,
+                )
             }
             #[cfg(not(feature = "cuda"))]
             device => bail!(
