@@ -9,7 +9,8 @@ use anyhow::{Context, Result, bail};
 use clap::{Args, ValueEnum};
 use tideway_kernels::Tensor;
 use tideway_kernels::collective::Collective;
-use tideway_kernels::gpu::{Gpu, GpuError, WeightDtype};
+use tideway_kernels::gpu::collective::DeviceCollective;
+use tideway_kernels::gpu::{Gpu, GpuError, GpuWork, WeightDtype};
 use tideway_kernels::nccl::NcclRank;
 use tideway_operators::gpu::{GpuLmuFormer, GpuModel, GpuModelError, load_gpu_model};
 use tideway_operators::layers::frames::Frames;
@@ -252,6 +253,53 @@ pub fn gpu_check(args: GpuCheckArgs) -> Result<()> {
         }
     }
 
+    // Tensor parallelism and the ladder wiring on the GPU: models split over 2 GPU ranks
+    //    (NCCL where the machine has two devices, host-staged on one), and the ladder
+    //    fixtures, against the CPU single worker.
+    println!("| fixture | ranks | form | relative error vs CPU | limit |");
+    println!("|---|---|---|---:|---:|");
+    for (name, sizes) in [
+        ("mamba/hf_bias_untied_k2", &[2usize][..]),
+        ("fla/gla_legacy_fused_mlp", &[2][..]),
+        ("fla/retnet_basic", &[2][..]),
+        ("fla/delta_net_relu_sum_gate_negeig", &[2][..]),
+        ("fla/gated_deltanet_basic", &[2][..]),
+        ("ladder/gla_ladder_last2", &[1, 2][..]),
+        ("ladder/mamba_ladder_all", &[1, 2][..]),
+    ] {
+        let dir = args.fixtures.join(name);
+        let cpu = load_model(&dir)?;
+        let vocab = cpu.vocab_size() as u32;
+        let tokens: Vec<u32> = (0..70u32).map(|i| (i * 7 + 3) % vocab).collect();
+        let want = cpu.prefill_chunked(&tokens, &mut cpu.new_state(), 256)?;
+        for &size in sizes {
+            let parallel = crate::tensor_parallel::ParallelArgs {
+                tensor_parallel: size,
+                ..Default::default()
+            };
+            let lm = crate::language_model::LanguageModel::load_gpu(
+                &dir,
+                device,
+                WeightDtype::F32,
+                2,
+                &parallel,
+                crate::tensor_parallel::Wiring::Config,
+            )?;
+            for (form, chunk) in [("chunked", 256), ("recurrent", 1)] {
+                let mut state = lm.new_state().map_err(anyhow::Error::msg)?;
+                let got =
+                    lm.prefill_chunked_with_progress(&tokens, &mut state, chunk, |_, _| {})?;
+                let rel = relative_error(got.data(), want.data());
+                println!("| {name} | {size} | {form} | {rel:.2e} | 1e-5 |");
+                if rel.is_nan() || rel > 1e-5 {
+                    failures.push(format!(
+                        "{name} on {size} GPU ranks {form}: {rel:.2e} > 1e-5"
+                    ));
+                }
+            }
+        }
+    }
+
     if emulated {
         // The emulator has no NCCL and its timings mean nothing.
         return match failures.is_empty() {
@@ -272,14 +320,26 @@ pub fn gpu_check(args: GpuCheckArgs) -> Result<()> {
     let data: Vec<f32> = (0..4096).map(|i| i as f32 * 0.25).collect();
     match NcclRank::new_id().and_then(|id| NcclRank::join(ordinal, 0, 1, id)) {
         Ok(mut rank) => {
-            let got = rank.all_reduce_sum(data.clone()).wait()?;
+            let got = Collective::all_reduce_sum(&mut rank, data.clone()).wait()?;
             let ok = got == data;
             println!(
-                "NCCL single-rank all-reduce of 4096 floats: {}",
+                "NCCL single-rank all-reduce of 4096 host floats: {}",
                 if ok { "ok" } else { "WRONG" }
             );
             if !ok {
                 failures.push("NCCL all-reduce returned other values".into());
+            }
+            // The GPU models' path: in place on NCCL's stream, ordered by events.
+            let gpu = open_device(device)?;
+            let reduce = DeviceCollective::all_reduce_sum(&mut rank, &gpu, gpu.upload(&data)?)?;
+            let got = gpu.download(&reduce.wait(&gpu)?, data.len())?;
+            let ok = got == data;
+            println!(
+                "NCCL single-rank all-reduce of 4096 device floats on its own stream: {}",
+                if ok { "ok" } else { "WRONG" }
+            );
+            if !ok {
+                failures.push("NCCL device all-reduce returned other values".into());
             }
         }
         Err(e) => {
@@ -292,20 +352,26 @@ pub fn gpu_check(args: GpuCheckArgs) -> Result<()> {
     //    is the weights read once per step; the prefill floor counts 2 FLOPs per parameter
     //    per token at the bf16 rate.
     let dir = write_mamba_130m(&args.scratch)?;
-    println!("| weights | measurement | measured | floor | of floor |");
-    println!("|---|---|---:|---:|---:|");
+    println!("| weights | measurement | measured | floor | of floor | issued per step |");
+    println!("|---|---|---:|---:|---:|---|");
     for dtype in [Dtype::Bf16, Dtype::F32] {
         let mut model = open_on(&dir, Device::Cuda(ordinal), dtype, 64)?;
         let bytes = model.weight_bytes() as f64;
         for batch in [1usize, 64] {
-            let step = decode_step_seconds(&mut model, batch, args.seconds)?;
+            let (step, work) = decode_step_seconds(&mut model, batch, args.seconds)?;
             let floor = bytes / HBM_BYTES_PER_S;
+            // Each item is a driver call (an allocation two): at batch 1 their latency, not
+            // the weights' bandwidth, is what a step waits on.
             println!(
-                "| {dtype:?} | decode batch {batch} | {:.3} ms/step ({:.0} tok/s) | {:.3} ms (weights / 4.3 TB/s) | {:.0}% |",
+                "| {dtype:?} | decode batch {batch} | {:.3} ms/step ({:.0} tok/s) | {:.3} ms (weights / 4.3 TB/s) | {:.0}% | {} kernels, {} GEMMs, {} allocations, {} copies |",
                 1e3 * step,
                 batch as f64 / step,
                 1e3 * floor,
-                100.0 * floor / step
+                100.0 * floor / step,
+                work.kernels,
+                work.gemms,
+                work.allocations,
+                work.copies
             );
         }
         let tokens = 4096;
@@ -313,7 +379,7 @@ pub fn gpu_check(args: GpuCheckArgs) -> Result<()> {
         let params = bytes / if dtype == Dtype::Bf16 { 2.0 } else { 4.0 };
         let floor = 2.0 * params * tokens as f64 / BF16_FLOPS;
         println!(
-            "| {dtype:?} | prefill {tokens} tokens | {:.0} tok/s | {:.0} tok/s (2·params·tokens / 790 TFLOP/s) | {:.1}% |",
+            "| {dtype:?} | prefill {tokens} tokens | {:.0} tok/s | {:.0} tok/s (2·params·tokens / 790 TFLOP/s) | {:.1}% | |",
             tokens as f64 / secs,
             tokens as f64 / floor,
             100.0 * floor / secs
@@ -382,7 +448,8 @@ fn bf16_copy(dir: &Path, root: &Path) -> Result<PathBuf> {
     Ok(out)
 }
 
-fn decode_step_seconds(model: &mut GpuModel, batch: usize, seconds: f64) -> Result<f64> {
+/// Seconds per decode step of `batch` sessions, and the work one step issues.
+fn decode_step_seconds(model: &mut GpuModel, batch: usize, seconds: f64) -> Result<(f64, GpuWork)> {
     let mut sessions = Vec::new();
     for _ in 0..batch {
         sessions.push(model.new_session()?);
@@ -394,13 +461,16 @@ fn decode_step_seconds(model: &mut GpuModel, batch: usize, seconds: f64) -> Resu
     for _ in 0..3 {
         model.forward_packed(&tokens, &lens, &mut refs)?;
     }
+    let before = model.gpu().work();
+    model.forward_packed(&tokens, &lens, &mut refs)?;
+    let work = model.gpu().work() - before;
     let start = Instant::now();
     let mut steps = 0;
     while steps < 10 || start.elapsed().as_secs_f64() < seconds {
         model.forward_packed(&tokens, &lens, &mut refs)?;
         steps += 1;
     }
-    Ok(start.elapsed().as_secs_f64() / steps as f64)
+    Ok((start.elapsed().as_secs_f64() / steps as f64, work))
 }
 
 fn prefill_seconds(model: &mut GpuModel, tokens: usize, chunk: usize, seconds: f64) -> Result<f64> {
@@ -543,6 +613,26 @@ mod tests {
         assert!(rel < 1e-5, "{rel}");
         assert!(want.data().iter().all(|v| v.is_finite()));
         std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    /// The host-side work of a decode step (what bounds batch-1 decode on a GPU) does not
+    /// grow with the batch: sessions share every launch.
+    #[test]
+    fn a_decode_step_issues_the_same_work_at_any_batch() {
+        let fixtures = Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures");
+        for name in ["mamba/hf_k4_sharded", "fla/gla_legacy_fused_mlp"] {
+            let dir = fixtures.join(name);
+            let layers = load_model(&dir).unwrap().ladder_layers().len() as u64;
+            let mut model = open_on(&dir, Device::CudaEmulator, Dtype::F32, 8).unwrap();
+            let (_, one) = decode_step_seconds(&mut model, 1, 0.0).unwrap();
+            let (_, eight) = decode_step_seconds(&mut model, 8, 0.0).unwrap();
+            assert_eq!(one, eight, "{name}");
+            assert!(
+                one.kernels >= 2 * layers && one.gemms >= 2 * layers,
+                "{name}: {one:?}"
+            );
+            eprintln!("{name} ({layers} layers): one decode step issues {one:?}");
+        }
     }
 
     /// The 130M benchmark checkpoint gives finite logits on the CPU (run by hand: 520 MB).

@@ -13,6 +13,7 @@ pub mod collective;
 
 use std::collections::HashMap;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use cudarc::cublas::sys::{cublasComputeType_t, cublasGemmAlgo_t, cublasOperation_t, cudaDataType};
 use cudarc::cublas::{CudaBlas, result as blas};
@@ -163,6 +164,45 @@ pub struct Gpu {
     backend: Backend,
     pub name: String,
     ordinal: usize,
+    work: WorkCounters,
+}
+
+/// What a [`Gpu`] has been asked to do so far: the host-side work behind each forward (every
+/// item is at least one driver call; at batch 1 their latency, not the device, bounds decode).
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct GpuWork {
+    /// Tideway's kernels launched.
+    pub kernels: u64,
+    /// cuBLAS products.
+    pub gemms: u64,
+    /// Device allocations (each freed later: a second call).
+    pub allocations: u64,
+    /// Copies between host and device.
+    pub copies: u64,
+}
+
+impl std::ops::Sub for GpuWork {
+    type Output = GpuWork;
+    fn sub(self, before: GpuWork) -> GpuWork {
+        GpuWork {
+            kernels: self.kernels - before.kernels,
+            gemms: self.gemms - before.gemms,
+            allocations: self.allocations - before.allocations,
+            copies: self.copies - before.copies,
+        }
+    }
+}
+
+#[derive(Default)]
+struct WorkCounters {
+    kernels: AtomicU64,
+    gemms: AtomicU64,
+    allocations: AtomicU64,
+    copies: AtomicU64,
+}
+
+fn count(counter: &AtomicU64) {
+    counter.fetch_add(1, Ordering::Relaxed);
 }
 
 enum Backend {
@@ -294,6 +334,7 @@ impl Gpu {
         Ok(Gpu {
             name: ctx.name().map_err(driver)?,
             ordinal,
+            work: WorkCounters::default(),
             backend: Backend::Cuda {
                 _ctx: ctx,
                 stream,
@@ -311,6 +352,7 @@ impl Gpu {
             backend: Backend::Emulated,
             name: "host emulator".into(),
             ordinal: 0,
+            work: WorkCounters::default(),
         }
     }
 
@@ -319,6 +361,17 @@ impl Gpu {
         match &self.backend {
             Backend::Cuda { stream, .. } => Some(stream),
             Backend::Emulated => None,
+        }
+    }
+
+    /// The work issued so far (subtract two readings for one forward's).
+    pub fn work(&self) -> GpuWork {
+        let w = &self.work;
+        GpuWork {
+            kernels: w.kernels.load(Ordering::Relaxed),
+            gemms: w.gemms.load(Ordering::Relaxed),
+            allocations: w.allocations.load(Ordering::Relaxed),
+            copies: w.copies.load(Ordering::Relaxed),
         }
     }
 
@@ -342,6 +395,8 @@ impl Gpu {
         &self,
         data: &[T],
     ) -> Result<DeviceBuffer<T>, GpuError> {
+        count(&self.work.allocations);
+        count(&self.work.copies);
         let inner = match &self.backend {
             Backend::Cuda { stream, .. } => {
                 BufferInner::Cuda(stream.clone_htod(data).map_err(driver)?)
@@ -357,6 +412,7 @@ impl Gpu {
         T: cudarc::driver::DeviceRepr + cudarc::driver::ValidAsZeroBits + Default + Clone,
     {
         let len = len.max(1);
+        count(&self.work.allocations);
         let inner = match &self.backend {
             Backend::Cuda { stream, .. } => {
                 BufferInner::Cuda(stream.alloc_zeros::<T>(len).map_err(driver)?)
@@ -392,6 +448,7 @@ impl Gpu {
     }
 
     pub fn download(&self, buf: &DeviceBuffer<f32>, len: usize) -> Result<Vec<f32>, GpuError> {
+        count(&self.work.copies);
         let mut all = match (&self.backend, &buf.inner) {
             (Backend::Cuda { stream, .. }, BufferInner::Cuda(b)) => {
                 stream.clone_dtoh(b).map_err(driver)?
@@ -432,6 +489,7 @@ impl Gpu {
         config: LaunchConfig,
         args: &[Arg],
     ) -> Result<(), GpuError> {
+        count(&self.work.kernels);
         let (stream, functions) = match &self.backend {
             Backend::Cuda {
                 stream, functions, ..
@@ -629,6 +687,7 @@ impl Gpu {
             false => cudaDataType::CUDA_R_32F,
         };
         let (a_type, w_type) = (dtype, dtype);
+        count(&self.work.gemms);
         let blas_handle = match &self.backend {
             Backend::Cuda { blas, .. } => *blas.handle(),
             Backend::Emulated => {
