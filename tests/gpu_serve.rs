@@ -19,9 +19,8 @@ fn model_dir() -> std::path::PathBuf {
     fixtures_dir().join("fla").join(MODEL)
 }
 
-#[test]
-fn run_on_the_emulated_gpu_gives_the_reference_logits() {
-    let dir = model_dir();
+/// A fixture's reference input as `--tokens` takes it, and its reference logits.
+fn reference_input(dir: &std::path::Path) -> (String, Loaded) {
     let expected = dir.join("expected.safetensors");
     let tokens = read_tensor(&expected, "input_ids")
         .values
@@ -29,7 +28,13 @@ fn run_on_the_emulated_gpu_gives_the_reference_logits() {
         .map(|v| (*v as u64).to_string())
         .collect::<Vec<_>>()
         .join(",");
-    let want = read_tensor(&expected, "logits");
+    (tokens, read_tensor(&expected, "logits"))
+}
+
+#[test]
+fn run_on_the_emulated_gpu_gives_the_reference_logits() {
+    let dir = model_dir();
+    let (tokens, want) = reference_input(&dir);
     for (dtype, mode, limit) in [
         ("f32", "chunked", 1e-4),
         ("f32", "recurrent", 1e-4),
@@ -70,14 +75,7 @@ fn run_split_over_emulated_gpu_ranks_gives_the_reference_logits() {
         ("ladder", "gla_ladder_last2", &["2"][..]),
     ] {
         let dir = fixtures_dir().join(family).join(name);
-        let expected = dir.join("expected.safetensors");
-        let tokens = read_tensor(&expected, "input_ids")
-            .values
-            .iter()
-            .map(|v| (*v as u64).to_string())
-            .collect::<Vec<_>>()
-            .join(",");
-        let want = read_tensor(&expected, "logits");
+        let (tokens, want) = reference_input(&dir);
         for size in sizes {
             for mode in ["chunked", "recurrent"] {
                 let out = scratch_dir("gpu-tp-run").join("out.safetensors");

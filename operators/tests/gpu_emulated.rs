@@ -6,16 +6,18 @@
 //! `tools/gpu_check.sh`'s, on a GPU.
 #![cfg(feature = "cuda")]
 
+mod common;
+
 use std::path::PathBuf;
+
+use common::{fixture, relative_error};
 
 use tideway_kernels::gpu::{Gpu, GpuError, WeightDtype};
 use tideway_operators::gpu::{GpuModel, GpuModelError, load_gpu_model};
 use tideway_operators::models::{Model, load_model};
 
 fn fixtures(family: &str) -> Vec<PathBuf> {
-    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join("../tests/fixtures")
-        .join(family);
+    let root = fixture(family);
     let mut dirs: Vec<PathBuf> = std::fs::read_dir(root)
         .unwrap()
         .map(|e| e.unwrap().path())
@@ -23,17 +25,6 @@ fn fixtures(family: &str) -> Vec<PathBuf> {
         .collect();
     dirs.sort();
     dirs
-}
-
-fn relative_error(got: &[f32], want: &[f32]) -> f64 {
-    assert_eq!(got.len(), want.len());
-    let diff: f64 = got
-        .iter()
-        .zip(want)
-        .map(|(a, b)| ((a - b) as f64).powi(2))
-        .sum();
-    let norm: f64 = want.iter().map(|b| (*b as f64).powi(2)).sum();
-    (diff / norm).sqrt()
 }
 
 /// Every form's relative error against the CPU model.
@@ -131,7 +122,7 @@ fn the_time_chunked_recurrences_match_the_cpu_models() {
 /// adds: the activations split into two bf16 halves for each product.
 #[test]
 fn bf16_weights_on_the_emulator_stay_within_the_bf16_limit() {
-    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/mamba/hf_bf16");
+    let dir = fixture("mamba/hf_bf16");
     let mut gpu = load_gpu_model(&dir, Gpu::emulated(), WeightDtype::Bf16, 4).unwrap();
     let cpu = load_model(&dir).unwrap();
     for (form, rel) in compare(&cpu, &mut gpu) {
@@ -142,7 +133,7 @@ fn bf16_weights_on_the_emulator_stay_within_the_bf16_limit() {
 
 #[test]
 fn a_full_state_pool_is_refused_and_a_dropped_session_frees_its_slot() {
-    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/fla/gla_basic");
+    let dir = fixture("fla/gla_basic");
     let mut gpu = load_gpu_model(&dir, Gpu::emulated(), WeightDtype::F32, 2).unwrap();
     assert_eq!(gpu.session_capacity(), 2);
     let a = gpu.new_session().unwrap();
@@ -165,7 +156,7 @@ fn lmuformers_on_the_emulator_match_the_cpu_models() {
     use tideway_operators::layers::frames::Frames;
     use tideway_operators::models::load_lmuformer;
     let mut checked = 0;
-    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/lmu");
+    let root = fixture("lmu");
     let mut dirs: Vec<PathBuf> = std::fs::read_dir(root)
         .unwrap()
         .map(|e| e.unwrap().path())

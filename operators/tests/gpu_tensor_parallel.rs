@@ -5,7 +5,11 @@
 //! reference fixtures, likewise. NCCL's device path needs a GPU: `tools/gpu_check.sh`.
 #![cfg(feature = "cuda")]
 
-use std::path::{Path, PathBuf};
+mod common;
+
+use std::path::Path;
+
+use common::{fixture, laddered, reference_logits, relative_error};
 
 use tideway_kernels::collective::{Collective, ThreadGroup};
 use tideway_kernels::gpu::collective::HostStaged;
@@ -13,12 +17,6 @@ use tideway_kernels::gpu::{Gpu, WeightDtype};
 use tideway_operators::gpu::tensor_parallel::DeviceGroup;
 use tideway_operators::gpu::{GpuModel, load_gpu_model, load_gpu_model_rank};
 use tideway_operators::models::load_model;
-
-fn fixture(path: &str) -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join("../tests/fixtures")
-        .join(path)
-}
 
 /// (fixture, tensor-parallel sizes its heads / channels divide into)
 const MODELS: [(&str, &[usize]); 7] = [
@@ -103,17 +101,6 @@ fn gpu_group_run(dir: &Path, size: usize) -> Vec<Vec<Vec<f32>>> {
     })
 }
 
-fn relative_error(got: &[f32], want: &[f32]) -> f64 {
-    assert_eq!(got.len(), want.len());
-    let diff: f64 = got
-        .iter()
-        .zip(want)
-        .map(|(a, b)| ((a - b) as f64).powi(2))
-        .sum();
-    let norm: f64 = want.iter().map(|b| (*b as f64).powi(2)).sum();
-    (diff / norm).sqrt()
-}
-
 fn check_group_against(want: &[Vec<f32>], dir: &Path, sizes: &[usize], what: &str) {
     for &size in sizes {
         let ranks = gpu_group_run(dir, size);
@@ -138,28 +125,6 @@ fn gpu_models_split_over_ranks_equal_the_cpu_single_worker() {
         let dir = fixture(name);
         check_group_against(&cpu_single(&dir), &dir, sizes, name);
     }
-}
-
-/// A copy of a fixture with `ladder_layers` set in its config.
-fn laddered(dir: &Path, ladder_layers: serde_json::Value, into: &Path) -> PathBuf {
-    let out = into.join(dir.file_name().unwrap());
-    std::fs::create_dir_all(&out).unwrap();
-    for entry in std::fs::read_dir(dir).unwrap() {
-        let path = entry.unwrap().path();
-        let name = path.file_name().unwrap();
-        if name == "config.json" {
-            let mut config: serde_json::Value =
-                serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
-            config["ladder_layers"] = ladder_layers.clone();
-            std::fs::write(out.join(name), config.to_string()).unwrap();
-        } else if path
-            .extension()
-            .is_some_and(|e| e == "safetensors" || e == "json")
-        {
-            std::fs::copy(&path, out.join(name)).unwrap();
-        }
-    }
-    out
 }
 
 /// Ladder-wired GPU models (alone and split) give the CPU ladder model's logits; the wiring
@@ -189,22 +154,7 @@ fn ladder_wired_gpu_models_equal_the_cpu_ladder_models() {
 fn ladder_fixtures_match_the_reference_on_gpu_ranks() {
     for name in ["ladder/gla_ladder_last2", "ladder/mamba_ladder_all"] {
         let dir = fixture(name);
-        let expected = std::fs::read(dir.join("expected.safetensors")).unwrap();
-        let expected = safetensors::SafeTensors::deserialize(&expected).unwrap();
-        let ids: Vec<u32> = expected
-            .tensor("input_ids")
-            .unwrap()
-            .data()
-            .chunks_exact(8)
-            .map(|b| i64::from_le_bytes(b.try_into().unwrap()) as u32)
-            .collect();
-        let want: Vec<f32> = expected
-            .tensor("logits")
-            .unwrap()
-            .data()
-            .chunks_exact(4)
-            .map(|b| f32::from_le_bytes(b.try_into().unwrap()))
-            .collect();
+        let (ids, want) = reference_logits(&dir);
         for size in [1, 2] {
             let ids = &ids;
             let outputs: Vec<Vec<f32>> = std::thread::scope(|scope| {

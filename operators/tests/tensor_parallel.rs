@@ -4,7 +4,11 @@
 //! recurrent form (decode steps after it), with standard and ladder wiring. Each rank reads
 //! only its slices: its split weights are 1/tp of the whole.
 
-use std::path::{Path, PathBuf};
+mod common;
+
+use std::path::Path;
+
+use common::{fixture, laddered, reference_logits, relative_error};
 
 use tideway_kernels::collective::{Collective, TcpRank, ThreadGroup};
 use tideway_operators::checkpoint::{Checkpoint, TensorShard};
@@ -12,12 +16,6 @@ use tideway_operators::layers::mlp::{GatedMlp, default_intermediate};
 use tideway_operators::models::fla::fla_lm_split;
 use tideway_operators::models::{Model, load_model, load_model_rank};
 use tideway_operators::tensor_parallel::Group;
-
-fn fixture(path: &str) -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join("../tests/fixtures")
-        .join(path)
-}
 
 /// (fixture, tensor-parallel sizes its heads / channels divide into)
 const MODELS: [(&str, &[usize]); 9] = [
@@ -87,17 +85,6 @@ fn group_run(dir: &Path, members: Vec<Box<dyn Collective>>) -> Vec<Vec<Vec<f32>>
     })
 }
 
-fn relative_error(got: &[f32], want: &[f32]) -> f64 {
-    assert_eq!(got.len(), want.len());
-    let diff: f64 = got
-        .iter()
-        .zip(want)
-        .map(|(a, b)| ((a - b) as f64).powi(2))
-        .sum();
-    let norm: f64 = want.iter().map(|b| (*b as f64).powi(2)).sum();
-    (diff / norm).sqrt()
-}
-
 fn threads(size: usize) -> Vec<Box<dyn Collective>> {
     ThreadGroup::new(size)
         .members()
@@ -125,28 +112,6 @@ fn tcp(size: usize) -> Vec<Box<dyn Collective>> {
         .into_iter()
         .map(|h| Box::new(h.join().unwrap()) as Box<dyn Collective>)
         .collect()
-}
-
-/// A copy of a fixture's checkpoint with `ladder_layers` set in its config.
-fn laddered(dir: &Path, ladder_layers: serde_json::Value, into: &Path) -> PathBuf {
-    let out = into.join(dir.file_name().unwrap());
-    std::fs::create_dir_all(&out).unwrap();
-    for entry in std::fs::read_dir(dir).unwrap() {
-        let path = entry.unwrap().path();
-        let name = path.file_name().unwrap();
-        if name == "config.json" {
-            let mut config: serde_json::Value =
-                serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
-            config["ladder_layers"] = ladder_layers.clone();
-            std::fs::write(out.join(name), config.to_string()).unwrap();
-        } else if path
-            .extension()
-            .is_some_and(|e| e == "safetensors" || e == "json")
-        {
-            std::fs::copy(&path, out.join(name)).unwrap();
-        }
-    }
-    out
 }
 
 fn check_against_single(dir: &Path, sizes: &[usize], what: &str) {
@@ -198,22 +163,7 @@ fn ladder_wired_models_split_over_ranks_equal_their_single_worker_forward() {
 fn ladder_fixtures_match_the_reference_ladder_forward_in_both_forms() {
     for name in ["ladder/gla_ladder_last2", "ladder/mamba_ladder_all"] {
         let dir = fixture(name);
-        let expected = std::fs::read(dir.join("expected.safetensors")).unwrap();
-        let expected = safetensors::SafeTensors::deserialize(&expected).unwrap();
-        let ids: Vec<u32> = expected
-            .tensor("input_ids")
-            .unwrap()
-            .data()
-            .chunks_exact(8)
-            .map(|b| i64::from_le_bytes(b.try_into().unwrap()) as u32)
-            .collect();
-        let want: Vec<f32> = expected
-            .tensor("logits")
-            .unwrap()
-            .data()
-            .chunks_exact(4)
-            .map(|b| f32::from_le_bytes(b.try_into().unwrap()))
-            .collect();
+        let (ids, want) = reference_logits(&dir);
         let model = load_model(&dir).unwrap();
         assert!(model.ladder_layers().iter().any(|&l| l), "{name}");
         let mut state = model.new_state();
