@@ -16,7 +16,7 @@ use tideway_kernels::gpu::{
 };
 
 use crate::checkpoint::Checkpoint;
-use crate::gpu::tensor_parallel::{DeviceGroup, DeviceResidualStream, single_gpu};
+use crate::gpu::tensor_parallel::{DeviceGroup, DeviceResidualStream};
 use crate::gpu::{
     ChunkedScan, DeviceBatch, GpuModelError, GpuSession, Head, ScanLayout, SlotPool, zero_slot,
 };
@@ -1440,19 +1440,8 @@ impl GpuFlaLm {
         Ok(session)
     }
 
-    /// The packed batch (see `FlaLm::forward_packed`): logits for every row, on the host.
-    pub fn forward_packed(
-        &mut self,
-        tokens: &[u32],
-        lens: &[usize],
-        sessions: &mut [&mut GpuSession],
-    ) -> Result<Tensor, GpuModelError> {
-        single_gpu(|group| self.forward_in_group(tokens, lens, sessions, group, true))
-            .map(|logits| logits.expect("logits were asked for"))
-    }
-
-    /// [`forward_packed`](Self::forward_packed) on one rank of a tensor-parallel group (see
-    /// `FlaLm::forward_in_group`): the attention and MLP outputs are partial sums the group
+    /// The packed batch (see `FlaLm::forward_packed`) on one rank of a tensor-parallel group
+    /// (a group of one: the whole model; see `FlaLm::forward_in_group`): the attention and MLP outputs are partial sums the group
     /// all-reduces, overlapped with the next sub-block where the layer is ladder-wired.
     pub fn forward_in_group(
         &mut self,

@@ -11,7 +11,7 @@ use tideway_kernels::gpu::{
 
 use crate::checkpoint::Checkpoint;
 use crate::error::InputError;
-use crate::gpu::tensor_parallel::{DeviceGroup, DeviceResidualStream, single_gpu};
+use crate::gpu::tensor_parallel::{DeviceGroup, DeviceResidualStream};
 use crate::gpu::{ChunkedScan, DeviceBatch, GpuModelError, GpuSession, Head, SlotPool, zero_slot};
 use crate::models::mamba::MambaConfig;
 use crate::models::{check_token_ids, packed_segments};
@@ -278,19 +278,8 @@ impl GpuMambaLm {
         Ok(session)
     }
 
-    /// The packed batch (see `MambaLm::forward_packed`): session `i` takes the next `lens[i]`
-    /// tokens; logits for every row, on the host.
-    pub fn forward_packed(
-        &mut self,
-        tokens: &[u32],
-        lens: &[usize],
-        sessions: &mut [&mut GpuSession],
-    ) -> Result<Tensor, GpuModelError> {
-        single_gpu(|group| self.forward_in_group(tokens, lens, sessions, group, true))
-            .map(|logits| logits.expect("logits were asked for"))
-    }
-
-    /// [`forward_packed`](Self::forward_packed) on one rank of a tensor-parallel group (see
+    /// The packed batch (see `MambaLm::forward_packed`: session `i` takes the next `lens[i]`
+    /// tokens) on one rank of a tensor-parallel group (a group of one: the whole model; see
     /// `MambaLm::forward_in_group`): `x_proj`'s `[δ|B|C]` and each mixer's output are partial
     /// sums the group all-reduces; ladder-wired layers queue their mixer before the previous
     /// output's reduction is waited. Logits only when `logits` (the leader).

@@ -378,16 +378,18 @@ impl GpuModel {
         }
     }
 
+    /// The packed batch (see `Model::forward_packed`): session `i` takes the next `lens[i]`
+    /// tokens; logits for every row, on the host.
     pub fn forward_packed(
         &mut self,
         tokens: &[u32],
         lens: &[usize],
         sessions: &mut [&mut GpuSession],
     ) -> Result<Tensor, GpuModelError> {
-        match self {
-            GpuModel::Mamba(m) => m.forward_packed(tokens, lens, sessions),
-            GpuModel::Fla(m) => m.forward_packed(tokens, lens, sessions),
-        }
+        tensor_parallel::single_gpu(|group| {
+            self.forward_in_group(tokens, lens, sessions, group, true)
+        })
+        .map(|logits| logits.expect("logits were asked for"))
     }
 
     /// One rank's forward in a tensor-parallel group (logits only when `logits`).
