@@ -1,8 +1,11 @@
 #!/usr/bin/env bash
-# The GPU check (issue 9), for a machine with an NVIDIA GPU: every Mamba fixture on the GPU
-# against the CPU path (f32 and bf16 weights, both forms), NCCL's all-reduce on a one-rank
-# communicator, and decode / prefill throughput of a 130M-shaped checkpoint against the
-# device's floors. Prints a markdown report (also written to $OUT/gpu-check.md when $OUT is set).
+# The GPU check (issue 9), for a machine with an NVIDIA GPU: every language-model fixture on
+# the GPU against the CPU path (f32 and bf16 weights, chunked, 16-row, recurrent and packed),
+# the LMUFormers, models split over 2 GPU ranks and the ladder fixtures, NCCL's all-reduce on a
+# one-rank communicator (host buffers, and device buffers on its own stream), and decode /
+# prefill throughput of a 130M-shaped checkpoint against the device's floors with the work a
+# decode step issues. Prints a markdown report (also written to $OUT/gpu-check.md when $OUT is
+# set).
 #
 #   tools/gpu_check.sh [TIDEWAY_BINARY]
 #
