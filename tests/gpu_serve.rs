@@ -98,6 +98,27 @@ fn run_split_over_emulated_gpu_ranks_gives_the_reference_logits() {
             }
         }
     }
+    // A split the heads do not divide fails every rank at load, and the group says why.
+    let output = tideway()
+        .args([
+            "run",
+            "--device",
+            "cuda-emulator",
+            "--tensor-parallel",
+            "3",
+            "--model",
+        ])
+        .arg(model_dir())
+        .args(["--tokens", "1,2,3", "--out"])
+        .arg(scratch_dir("gpu-tp-refused").join("out.safetensors"))
+        .output()
+        .unwrap();
+    assert!(!output.status.success());
+    assert!(
+        stderr(&output).contains("does not divide into 3 tensor-parallel shards"),
+        "{}",
+        stderr(&output)
+    );
     let output = tideway()
         .args(["run", "--device", "cuda-emulator", "--tensor-parallel", "2"])
         .args(["--tp-transport", "processes", "--model"])

@@ -44,8 +44,18 @@ struct Batch {
 }
 
 enum RankCommand {
+    /// Every rank has loaded: join the collective (NCCL's init waits for all ranks, so it
+    /// starts only when none failed to load).
+    Connect,
     Forward(Arc<Batch>),
     Shutdown,
+}
+
+/// What a rank reports while the group starts: its model loaded (with what is read of it),
+/// then its collective joined.
+enum Startup {
+    Loaded(Result<GpuModelInfo, String>),
+    Connected(Result<(), String>),
 }
 
 /// A rank's answer to one batch: rank 0's carries the logits.
@@ -128,7 +138,7 @@ impl GpuParallelModel {
         };
         let members = ThreadGroup::new(size).members();
         let (reply_tx, replies) = mpsc::channel::<Reply>();
-        let (ready_tx, ready_rx) = mpsc::channel::<(usize, Result<GpuModelInfo, String>)>();
+        let (ready_tx, ready_rx) = mpsc::channel::<(usize, Startup)>();
         let mut ranks = Vec::new();
         for (rank, member) in members.into_iter().enumerate() {
             let (commands, queue) = mpsc::channel::<RankCommand>();
@@ -137,7 +147,7 @@ impl GpuParallelModel {
             let handle = std::thread::Builder::new()
                 .name(format!("gpu-tp-rank-{rank}"))
                 .spawn(move || {
-                    let loaded = (|| -> Result<(GpuModel, Box<dyn DeviceCollective>)> {
+                    let loaded = (|| -> Result<GpuModel> {
                         let gpu = crate::gpu::open_device(rank_device)?;
                         let mut model =
                             load_gpu_model_rank(&dir, gpu, dtype, max_sessions, rank, size)
@@ -147,24 +157,39 @@ impl GpuParallelModel {
                         if let Some(ladder) = wiring.ladder_for(model.ladder_layers()) {
                             model.set_ladder_layers(ladder);
                         }
-                        let collective: Box<dyn DeviceCollective> = match (nccl_id, rank_device) {
-                            (Some(id), Device::Cuda(ordinal)) => {
-                                Box::new(NcclRank::join(ordinal, rank, size, id)?)
-                            }
-                            _ => Box::new(HostStaged(Box::new(member) as Box<dyn Collective>)),
-                        };
-                        Ok((model, collective))
+                        Ok(model)
                     })();
-                    match loaded {
-                        Ok((mut model, mut collective)) => {
-                            let _ = ready.send((rank, Ok(GpuModelInfo::of(&model))));
-                            drop(ready);
-                            serve_rank(rank, &mut model, collective.as_mut(), queue, replies);
+                    let mut model = match loaded {
+                        Ok(model) => {
+                            let info = GpuModelInfo::of(&model);
+                            let _ = ready.send((rank, Startup::Loaded(Ok(info))));
+                            model
                         }
                         Err(e) => {
-                            let _ = ready.send((rank, Err(format!("{e:#}"))));
+                            let _ = ready.send((rank, Startup::Loaded(Err(format!("{e:#}")))));
+                            return;
                         }
+                    };
+                    // The group is dropped instead (Shutdown) when another rank failed.
+                    if !matches!(queue.recv(), Ok(RankCommand::Connect)) {
+                        return;
                     }
+                    let mut collective: Box<dyn DeviceCollective> = match (nccl_id, rank_device) {
+                        (Some(id), Device::Cuda(ordinal)) => {
+                            match NcclRank::join(ordinal, rank, size, id) {
+                                Ok(nccl) => Box::new(nccl),
+                                Err(e) => {
+                                    let _ =
+                                        ready.send((rank, Startup::Connected(Err(e.to_string()))));
+                                    return;
+                                }
+                            }
+                        }
+                        _ => Box::new(HostStaged(Box::new(member) as Box<dyn Collective>)),
+                    };
+                    let _ = ready.send((rank, Startup::Connected(Ok(()))));
+                    drop(ready);
+                    serve_rank(rank, &mut model, collective.as_mut(), queue, replies);
                 })
                 .context("cannot start a GPU tensor-parallel rank thread")?;
             ranks.push(RankThread {
@@ -173,14 +198,6 @@ impl GpuParallelModel {
             });
         }
         drop(ready_tx);
-        let mut infos: Vec<Option<GpuModelInfo>> = (0..size).map(|_| None).collect();
-        let mut failures = Vec::new();
-        for (rank, loaded) in ready_rx.iter() {
-            match loaded {
-                Ok(info) => infos[rank] = Some(info),
-                Err(e) => failures.push(format!("tensor-parallel rank {rank}: {e}")),
-            }
-        }
         let mut group = GpuParallelModel {
             size,
             ranks,
@@ -196,13 +213,57 @@ impl GpuParallelModel {
             live: Arc::new(AtomicUsize::new(0)),
             capacity: 0,
         };
+        // Phase 1: every rank loads its shard. Any failure drops the group, whose Drop
+        // stops the ranks that did load.
+        let mut infos: Vec<Option<GpuModelInfo>> = (0..size).map(|_| None).collect();
+        let mut failures = Vec::new();
+        for _ in 0..size {
+            match ready_rx.recv() {
+                Ok((rank, Startup::Loaded(Ok(info)))) => infos[rank] = Some(info),
+                Ok((rank, Startup::Loaded(Err(e)))) => {
+                    failures.push(format!("tensor-parallel rank {rank}: {e}"))
+                }
+                Ok((rank, Startup::Connected(_))) => {
+                    unreachable!("rank {rank} connected before it was told to")
+                }
+                Err(_) => {
+                    failures.push("a tensor-parallel rank thread stopped while loading".into())
+                }
+            }
+        }
         if !failures.is_empty() {
-            // Dropping the group stops the ranks that did load.
+            bail!("{}", failures.join("; "));
+        }
+        // Phase 2: every rank joins the collective. NCCL's init waits for every rank, and one
+        // that failed before joining leaves the others waiting: bounded here.
+        for thread in &group.ranks {
+            let _ = thread.commands.send(RankCommand::Connect);
+        }
+        for _ in 0..size {
+            match ready_rx.recv_timeout(JOIN_TIMEOUT) {
+                Ok((_, Startup::Connected(Ok(())))) => {}
+                Ok((rank, Startup::Connected(Err(e)))) => failures.push(format!(
+                    "tensor-parallel rank {rank} cannot join the group: {e}"
+                )),
+                Ok((rank, Startup::Loaded(_))) => unreachable!("rank {rank} loaded twice"),
+                Err(mpsc::RecvTimeoutError::Timeout) => {
+                    failures.push(format!(
+                        "the tensor-parallel ranks did not all join within {} s",
+                        JOIN_TIMEOUT.as_secs()
+                    ));
+                    break;
+                }
+                Err(mpsc::RecvTimeoutError::Disconnected) => {
+                    failures.push("a tensor-parallel rank thread stopped while joining".into())
+                }
+            }
+        }
+        if !failures.is_empty() {
             bail!("{}", failures.join("; "));
         }
         let infos: Vec<GpuModelInfo> = infos
             .into_iter()
-            .map(|i| i.expect("every rank replied"))
+            .map(|i| i.expect("every rank loaded"))
             .collect();
         group.capacity = infos.iter().map(|i| i.capacity).min().unwrap_or(0);
         group.info = infos.into_iter().next().expect("rank 0");
@@ -337,14 +398,25 @@ impl GpuParallelModel {
     }
 }
 
+/// How long the ranks may take to join their collective.
+const JOIN_TIMEOUT: Duration = Duration::from_secs(120);
+
 impl Drop for GpuParallelModel {
     fn drop(&mut self) {
         for rank in &self.ranks {
             let _ = rank.commands.send(RankCommand::Shutdown);
         }
+        // A rank stuck inside NCCL (a peer failed mid-reduction or while joining) never
+        // returns: it is left behind after a grace period rather than hanging the process.
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
         for rank in &mut self.ranks {
             if let Some(handle) = rank.handle.take() {
-                let _ = handle.join();
+                while !handle.is_finished() && std::time::Instant::now() < deadline {
+                    std::thread::sleep(Duration::from_millis(5));
+                }
+                if handle.is_finished() {
+                    let _ = handle.join();
+                }
             }
         }
     }
