@@ -181,37 +181,16 @@ fn start(keep: bool) -> pb::StreamRequest {
     }
 }
 
-fn chunk(tokens: &[u64], end: bool) -> pb::StreamRequest {
-    pb::StreamRequest {
-        kind: Some(pb::stream_request::Kind::Chunk(pb::StreamChunk {
-            tokens: tokens.iter().map(|&t| t as i64).collect(),
-            end,
-            ..Default::default()
-        })),
-    }
-}
-
 /// One stream: its logits, or the status it ended with.
 async fn stream(url: &str, messages: Vec<pb::StreamRequest>) -> Result<Vec<f64>, tonic::Status> {
     let mut client = pb::streams_client::StreamsClient::connect(url.to_string())
         .await
         .unwrap();
-    let mut inbound = client
+    let inbound = client
         .open(tokio_stream::iter(messages))
         .await?
         .into_inner();
-    let mut logits = Vec::new();
-    while let Some(message) = inbound.next().await {
-        if let pb::stream_response::Kind::Output(o) = message?.kind.unwrap() {
-            logits.extend(
-                o.outputs[0]
-                    .data
-                    .chunks_exact(4)
-                    .map(|b| f32::from_le_bytes(b.try_into().unwrap()) as f64),
-            );
-        }
-    }
-    Ok(logits)
+    output_rows(inbound).await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -239,16 +218,7 @@ async fn serve_and_check(extra: &[&str]) {
     args.extend_from_slice(extra);
     let server = Server::start(&args);
     let url = server.url();
-    let mut models = pb::models_client::ModelsClient::connect(url.clone())
-        .await
-        .unwrap();
-    let info = models
-        .list(pb::ListModelsRequest {})
-        .await
-        .unwrap()
-        .into_inner()
-        .models
-        .remove(0);
+    let info = first_model(&url).await;
     assert_eq!(info.device, "cuda-emulator");
     assert_eq!(info.session_capacity, 2);
 
@@ -258,8 +228,8 @@ async fn serve_and_check(extra: &[&str]) {
         &url,
         vec![
             start(false),
-            chunk(&tokens[..10], false),
-            chunk(&tokens[10..], true),
+            token_chunk(&tokens[..10], false),
+            token_chunk(&tokens[10..], true),
         ],
     )
     .await
@@ -275,7 +245,7 @@ async fn serve_and_check(extra: &[&str]) {
         let mut inbound = client
             .open(tokio_stream::iter(vec![
                 start(true),
-                chunk(&tokens[..3], false),
+                token_chunk(&tokens[..3], false),
             ]))
             .await
             .unwrap()
@@ -287,7 +257,7 @@ async fn serve_and_check(extra: &[&str]) {
         }
     }
     assert_eq!(kept.len(), 2);
-    let refused = stream(&url, vec![start(false), chunk(&tokens[..3], true)])
+    let refused = stream(&url, vec![start(false), token_chunk(&tokens[..3], true)])
         .await
         .unwrap_err();
     assert_eq!(refused.code(), Code::ResourceExhausted, "{refused:?}");
@@ -305,15 +275,15 @@ async fn serve_and_check(extra: &[&str]) {
             ..Default::default()
         })),
     };
-    stream(&url, vec![resume, chunk(&tokens[3..4], true)])
+    stream(&url, vec![resume, token_chunk(&tokens[3..4], true)])
         .await
         .unwrap();
     let got = stream(
         &url,
         vec![
             start(false),
-            chunk(&tokens[..10], false),
-            chunk(&tokens[10..], true),
+            token_chunk(&tokens[..10], false),
+            token_chunk(&tokens[10..], true),
         ],
     )
     .await
@@ -336,16 +306,7 @@ async fn a_feature_model_served_on_the_emulated_gpu_gives_the_reference_outputs(
         "3",
     ]);
     let url = server.url();
-    let mut models = pb::models_client::ModelsClient::connect(url.clone())
-        .await
-        .unwrap();
-    let info = models
-        .list(pb::ListModelsRequest {})
-        .await
-        .unwrap()
-        .into_inner()
-        .models
-        .remove(0);
+    let info = first_model(&url).await;
     assert_eq!(
         (info.device.as_str(), info.session_capacity),
         ("cuda-emulator", 3)

@@ -32,23 +32,6 @@ fn start_msg(model: &str, resume: &str, keep: bool) -> pb::StreamRequest {
     }
 }
 
-fn chunk_msg(tokens: &[u64], end: bool) -> pb::StreamRequest {
-    pb::StreamRequest {
-        kind: Some(pb::stream_request::Kind::Chunk(pb::StreamChunk {
-            tokens: tokens.iter().map(|&t| t as i64).collect(),
-            end,
-            ..Default::default()
-        })),
-    }
-}
-
-fn f32s(bytes: &[u8]) -> Vec<f64> {
-    bytes
-        .chunks_exact(4)
-        .map(|b| f32::from_le_bytes(b.try_into().unwrap()) as f64)
-        .collect()
-}
-
 /// What one stream got back.
 #[derive(Debug)]
 struct StreamResult {
@@ -66,7 +49,7 @@ async fn run_stream(url: &str, chunks: &[Vec<u64>]) -> Result<StreamResult, toni
     let (tx, rx) = mpsc::channel(chunks.len() + 1);
     tx.send(start_msg(MODEL, "", false)).await.unwrap();
     for c in chunks {
-        tx.send(chunk_msg(c, false)).await.unwrap();
+        tx.send(token_chunk(c, false)).await.unwrap();
     }
     drop(tx);
     let mut inbound = client.open(ReceiverStream::new(rx)).await?.into_inner();
@@ -296,7 +279,7 @@ async fn errors_have_their_codes_and_say_what_is_allowed() {
         "{e:?}"
     );
 
-    let e = open(vec![chunk_msg(&[1, 2], false)]).await.unwrap_err();
+    let e = open(vec![token_chunk(&[1, 2], false)]).await.unwrap_err();
     assert_eq!(e.code(), Code::FailedPrecondition, "{e:?}");
     assert!(e.message().contains("must be `start`"), "{e:?}");
 
@@ -308,7 +291,7 @@ async fn errors_have_their_codes_and_say_what_is_allowed() {
 
     let e = open(vec![
         start_msg(MODEL, "", false),
-        chunk_msg(&[1, VOCAB], false),
+        token_chunk(&[1, VOCAB], false),
     ])
     .await
     .unwrap_err();
@@ -401,7 +384,10 @@ async fn kept_sessions_resume_and_disconnects_free_sessions() {
         .unwrap();
 
     // Part one with keep, then resume by id for part two: the logits continue.
-    let first = vec![start_msg(MODEL, "", true), chunk_msg(&tokens[..12], false)];
+    let first = vec![
+        start_msg(MODEL, "", true),
+        token_chunk(&tokens[..12], false),
+    ];
     let mut inbound = client
         .open(tokio_stream::iter(first))
         .await
@@ -419,7 +405,7 @@ async fn kept_sessions_resume_and_disconnects_free_sessions() {
     wait_for_stats(&url, "kept session", |s| s.live_sessions == 1).await;
     let second = vec![
         start_msg(MODEL, &session, false),
-        chunk_msg(&tokens[12..], true),
+        token_chunk(&tokens[12..], true),
     ];
     let mut inbound = client
         .open(tokio_stream::iter(second))
@@ -442,7 +428,7 @@ async fn kept_sessions_resume_and_disconnects_free_sessions() {
     // A client that goes away mid-stream: its session is freed.
     let (tx, rx) = mpsc::channel(4);
     tx.send(start_msg(MODEL, "", false)).await.unwrap();
-    tx.send(chunk_msg(&tokens[..5], false)).await.unwrap();
+    tx.send(token_chunk(&tokens[..5], false)).await.unwrap();
     let mut inbound = client
         .open(ReceiverStream::new(rx))
         .await
@@ -476,7 +462,7 @@ async fn idle_sessions_expire_and_say_so() {
     let mut inbound = client
         .open(tokio_stream::iter(vec![
             start_msg(MODEL, "", true),
-            chunk_msg(&[1, 2, 3], false),
+            token_chunk(&[1, 2, 3], false),
         ]))
         .await
         .unwrap()
@@ -562,7 +548,7 @@ async fn two_processes_form_one_cluster() {
         let mut inbound = client
             .open(tokio_stream::iter(vec![
                 start_msg(MODEL, "", true),
-                chunk_msg(tokens, false),
+                token_chunk(tokens, false),
             ]))
             .await
             .unwrap()
@@ -843,7 +829,7 @@ async fn metrics_show_sessions_and_a_disconnect_freeing_one() {
     let mut client = pb::streams_client::StreamsClient::new(channel);
     let (tx, rx) = mpsc::channel(4);
     tx.send(start_msg(MODEL, "", false)).await.unwrap();
-    tx.send(chunk_msg(&[1, 2, 3, 4], false)).await.unwrap();
+    tx.send(token_chunk(&[1, 2, 3, 4], false)).await.unwrap();
     let mut inbound = client
         .open(ReceiverStream::new(rx))
         .await
@@ -883,7 +869,7 @@ async fn metrics_show_sessions_and_a_disconnect_freeing_one() {
         .await
         .unwrap();
     let _ = client
-        .open(tokio_stream::iter(vec![chunk_msg(&[1], false)]))
+        .open(tokio_stream::iter(vec![token_chunk(&[1], false)]))
         .await;
     let mut inference = tideway_proto::inference::grpc_inference_service_client::GrpcInferenceServiceClient::connect(url.clone()).await.unwrap();
     let _ = inference
@@ -919,7 +905,7 @@ async fn a_lost_peer_ends_streams_with_unavailable_not_a_hang() {
     let outcome = tokio::time::timeout(Duration::from_secs(20), async {
         // Keep sending until the stream fails.
         for i in 0..2000u64 {
-            if tx.send(chunk_msg(&[i % VOCAB], false)).await.is_err() {
+            if tx.send(token_chunk(&[i % VOCAB], false)).await.is_err() {
                 break;
             }
             match tokio::time::timeout(Duration::from_millis(500), inbound.next()).await {

@@ -110,7 +110,6 @@ mod serving {
     use std::time::Duration;
     use tideway_proto::tideway::v1 as pb;
     use tokio::sync::mpsc;
-    use tokio_stream::StreamExt;
     use tokio_stream::wrappers::ReceiverStream;
 
     const MODEL: &str = "gla_legacy_fused_mlp";
@@ -124,16 +123,6 @@ mod serving {
         }
     }
 
-    fn chunk(tokens: &[u64], end: bool) -> pb::StreamRequest {
-        pb::StreamRequest {
-            kind: Some(pb::stream_request::Kind::Chunk(pb::StreamChunk {
-                tokens: tokens.iter().map(|&t| t as i64).collect(),
-                end,
-                ..Default::default()
-            })),
-        }
-    }
-
     /// One stream with `chunks`: every logit row, or the status it ended with.
     async fn stream(url: &str, chunks: &[Vec<u64>]) -> Result<Vec<f64>, tonic::Status> {
         let mut client = pb::streams_client::StreamsClient::connect(url.to_string())
@@ -142,22 +131,13 @@ mod serving {
         let (tx, rx) = mpsc::channel(chunks.len() + 1);
         tx.send(start()).await.unwrap();
         for (i, c) in chunks.iter().enumerate() {
-            tx.send(chunk(c, i + 1 == chunks.len())).await.unwrap();
+            tx.send(token_chunk(c, i + 1 == chunks.len()))
+                .await
+                .unwrap();
         }
         drop(tx);
-        let mut inbound = client.open(ReceiverStream::new(rx)).await?.into_inner();
-        let mut logits = Vec::new();
-        while let Some(message) = inbound.next().await {
-            if let pb::stream_response::Kind::Output(o) = message?.kind.unwrap() {
-                logits.extend(
-                    o.outputs[0]
-                        .data
-                        .chunks_exact(4)
-                        .map(|b| f32::from_le_bytes(b.try_into().unwrap()) as f64),
-                );
-            }
-        }
-        Ok(logits)
+        let inbound = client.open(ReceiverStream::new(rx)).await?.into_inner();
+        output_rows(inbound).await
     }
 
     /// The `tideway tp-rank` processes the server started.

@@ -9,6 +9,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 
 use safetensors::SafeTensors;
 use safetensors::tensor::Dtype;
+use tideway_proto::tideway::v1 as pb;
 
 pub fn tideway() -> Command {
     Command::new(env!("CARGO_BIN_EXE_tideway"))
@@ -181,4 +182,51 @@ pub fn run_reference(model: &Path, tokens: &[u64]) -> Loaded {
         .unwrap();
     assert!(output.status.success(), "{}", stderr(&output));
     read_tensor(&out, "logits")
+}
+
+/// Little-endian f32 bytes (an output tensor's `data`) as f64.
+pub fn f32s(bytes: &[u8]) -> Vec<f64> {
+    bytes
+        .chunks_exact(4)
+        .map(|b| f32::from_le_bytes(b.try_into().unwrap()) as f64)
+        .collect()
+}
+
+/// A `StreamChunk` of token ids.
+pub fn token_chunk(tokens: &[u64], end: bool) -> pb::StreamRequest {
+    pb::StreamRequest {
+        kind: Some(pb::stream_request::Kind::Chunk(pb::StreamChunk {
+            tokens: tokens.iter().map(|&t| t as i64).collect(),
+            end,
+            ..Default::default()
+        })),
+    }
+}
+
+/// Every output row of a stream's first output tensor, or the status the stream ended with.
+pub async fn output_rows(
+    mut inbound: tonic::Streaming<pb::StreamResponse>,
+) -> Result<Vec<f64>, tonic::Status> {
+    use tokio_stream::StreamExt;
+    let mut rows = Vec::new();
+    while let Some(message) = inbound.next().await {
+        if let pb::stream_response::Kind::Output(o) = message?.kind.unwrap() {
+            rows.extend(f32s(&o.outputs[0].data));
+        }
+    }
+    Ok(rows)
+}
+
+/// The first model a server at `url` lists.
+pub async fn first_model(url: &str) -> pb::ModelInfo {
+    let mut models = pb::models_client::ModelsClient::connect(url.to_string())
+        .await
+        .unwrap();
+    models
+        .list(pb::ListModelsRequest {})
+        .await
+        .unwrap()
+        .into_inner()
+        .models
+        .remove(0)
 }

@@ -22,7 +22,7 @@ use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
 use tideway_kernels::Tensor;
-use tideway_kernels::collective::{Collective, CollectiveError, ThreadGroup};
+use tideway_kernels::collective::{Collective, ThreadGroup};
 use tideway_kernels::gpu::collective::{DeviceCollective, HostStaged};
 use tideway_kernels::gpu::{Gpu, WeightDtype};
 use tideway_kernels::nccl::NcclRank;
@@ -32,7 +32,7 @@ use tideway_operators::{ForwardError, InputError};
 
 use crate::device::Device;
 use crate::language_model::{GpuModelInfo, LmState};
-use crate::tensor_parallel::{CommStats, Wiring};
+use crate::tensor_parallel::{CommStats, Wiring, broken_group, unavailable};
 
 /// A batch for every rank (shared, not copied per rank).
 struct Batch {
@@ -309,7 +309,6 @@ impl GpuParallelModel {
         lens: &[usize],
         states: &mut [&mut LmState],
     ) -> Result<Tensor, ForwardError> {
-        let unavailable = |reason: String| ForwardError::Group(CollectiveError { rank: 0, reason });
         let mut inner = self
             .inner
             .lock()
@@ -363,25 +362,17 @@ impl GpuParallelModel {
                 }
             }
             if reply.rank == 0 {
-                let stats = &mut inner.stats;
-                stats.forwards += 1;
-                stats.waited += reply.waited;
-                stats.reductions += reply.reductions as u64;
-                stats.reduced_floats += reply.reduced_floats as u64;
+                (inner.stats).record(reply.waited, reply.reductions, reply.reduced_floats);
             }
         }
         match (failure, logits) {
             (Some(ForwardError::Input(e)), _) => Err(ForwardError::Input(e)),
             (Some(e), _) => {
-                let reason = format!(
-                    "{}; the GPU group of {} ranks cannot compute again: restart the server",
-                    match e {
-                        ForwardError::Group(g) => g.to_string(),
-                        ForwardError::Device(d) => d,
-                        ForwardError::Input(i) => i.to_string(),
-                    },
-                    self.size
-                );
+                let cause = match e {
+                    ForwardError::Group(g) => g.reason,
+                    other => other.to_string(),
+                };
+                let reason = broken_group(&cause, self.size);
                 inner.broken = Some(reason.clone());
                 Err(unavailable(reason))
             }

@@ -137,6 +137,26 @@ pub struct CommStats {
     pub reduced_floats: u64,
 }
 
+impl CommStats {
+    /// Adds rank 0's share of one forward.
+    pub(crate) fn record(&mut self, waited: Duration, reductions: usize, reduced_floats: usize) {
+        self.forwards += 1;
+        self.waited += waited;
+        self.reductions += reductions as u64;
+        self.reduced_floats += reduced_floats as u64;
+    }
+}
+
+/// A forward refused because its group cannot compute (the server answers UNAVAILABLE).
+pub(crate) fn unavailable(reason: String) -> ForwardError {
+    ForwardError::Group(tideway_kernels::collective::CollectiveError { rank: 0, reason })
+}
+
+/// What every later forward of a group of `size` ranks is told once `cause` broke it.
+pub(crate) fn broken_group(cause: &str, size: usize) -> String {
+    format!("{cause}; the group of {size} ranks cannot compute again: restart the server")
+}
+
 /// A batch for the followers.
 #[derive(Debug, Clone, PartialEq)]
 enum Command {
@@ -352,9 +372,6 @@ impl ParallelModel {
         lens: &[usize],
         states: &mut [&mut LmState],
     ) -> Result<Tensor, ForwardError> {
-        let unavailable = |reason: String| {
-            ForwardError::Group(tideway_kernels::collective::CollectiveError { rank: 0, reason })
-        };
         let mut inner = self
             .inner
             .lock()
@@ -393,17 +410,11 @@ impl ParallelModel {
         let result = self
             .leader
             .forward_in_group(tokens, lens, &mut local, &mut group, true);
-        stats.forwards += 1;
-        stats.waited += group.waited;
-        stats.reductions += group.reductions as u64;
-        stats.reduced_floats += group.reduced_floats as u64;
+        stats.record(group.waited, group.reductions, group.reduced_floats);
         match result {
             Ok(logits) => Ok(logits.expect("rank 0 asks for logits")),
             Err(ForwardError::Group(e)) => {
-                let reason = format!(
-                    "{}; the group of {} ranks cannot compute again: restart the server",
-                    e.reason, self.size
-                );
+                let reason = broken_group(&e.reason, self.size);
                 inner.broken = Some(reason.clone());
                 Err(unavailable(reason))
             }

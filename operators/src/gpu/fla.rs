@@ -18,7 +18,8 @@ use tideway_kernels::gpu::{
 use crate::checkpoint::Checkpoint;
 use crate::gpu::tensor_parallel::{DeviceGroup, DeviceResidualStream};
 use crate::gpu::{
-    ChunkedScan, DeviceBatch, GpuModelError, GpuSession, Head, ScanLayout, SlotPool, zero_slot,
+    ChunkedScan, DeviceBatch, FinalLayers, GpuModelError, GpuSession, ScanLayout, SlotPool,
+    zero_slot,
 };
 use crate::mixers::deltanet::{DeltaNetConfig, QkActivation, QkNorm};
 use crate::mixers::gated_deltanet::GatedDeltaNetConfig;
@@ -1047,7 +1048,21 @@ fn delta(
 ) -> Result<(), GpuError> {
     let qk_ld = vheads / groups * dk;
     let v_ld = vheads * dv;
-    let g_ptr = g.map_or(0, |g| gpu.ptr(g));
+    // The rule's inputs both kernels read after the keys and values: β, the optional decay,
+    // and the head shapes.
+    let rule = [
+        Arg::Ptr(gpu.ptr(beta)),
+        Arg::Ptr(g.map_or(0, |g| gpu.ptr(g))),
+        Arg::I32(g.is_some() as i32),
+        Arg::I32(dk as i32),
+        Arg::I32(dv as i32),
+        Arg::I32(vheads as i32),
+        Arg::I32(groups as i32),
+    ];
+    let (k_v, v_v) = (
+        [Arg::Ptr(gpu.ptr(k)), Arg::I32(qk_ld as i32)],
+        [Arg::Ptr(gpu.ptr(v)), Arg::I32(v_ld as i32)],
+    );
     // One long sequence: the delta rule in time chunks (see delta_chunk_ends).
     let chunked = match batch.long_sequence() {
         Some((rows, slot)) => {
@@ -1061,22 +1076,17 @@ fn delta(
                 ((vheads * w.div_ceil(tile)) as u32, chunks as u32),
                 (tile * dk) as u32,
                 &[
-                    Arg::Ptr(gpu.ptr(k)),
-                    Arg::I32(qk_ld as i32),
-                    Arg::Ptr(gpu.ptr(v)),
-                    Arg::I32(v_ld as i32),
-                    Arg::Ptr(gpu.ptr(beta)),
-                    Arg::Ptr(g_ptr),
-                    Arg::I32(g.is_some() as i32),
-                    Arg::I32(dk as i32),
-                    Arg::I32(dv as i32),
-                    Arg::I32(vheads as i32),
-                    Arg::I32(groups as i32),
-                    Arg::I32(rows.start as i32),
-                    Arg::I32(rows.len() as i32),
-                    Arg::I32(len as i32),
-                    Arg::Ptr(gpu.ptr(&ends)),
-                ],
+                    &k_v[..],
+                    &v_v,
+                    &rule,
+                    &[
+                        Arg::I32(rows.start as i32),
+                        Arg::I32(rows.len() as i32),
+                        Arg::I32(len as i32),
+                        Arg::Ptr(gpu.ptr(&ends)),
+                    ],
+                ]
+                .concat(),
             )?;
             let carried = gpu.zeros(chunks * vheads * dk * dv)?;
             gpu.launch_grid(
@@ -1111,25 +1121,20 @@ fn delta(
         ((vheads * dv.div_ceil(tile)) as u32, count as u32),
         (tile * dk) as u32,
         &[
-            Arg::Ptr(gpu.ptr(q)),
-            Arg::Ptr(gpu.ptr(k)),
-            Arg::I32(qk_ld as i32),
-            Arg::Ptr(gpu.ptr(v)),
-            Arg::I32(v_ld as i32),
-            Arg::Ptr(gpu.ptr(beta)),
-            Arg::Ptr(g_ptr),
-            Arg::I32(g.is_some() as i32),
-            Arg::I32(dk as i32),
-            Arg::I32(dv as i32),
-            Arg::I32(vheads as i32),
-            Arg::I32(groups as i32),
-            Arg::F32((dk as f32).powf(-0.5)),
-            Arg::Ptr(state),
-            Arg::Ptr(starts),
-            Arg::Ptr(lens),
-            Arg::Ptr(slots),
-            Arg::Ptr(gpu.ptr(o)),
-        ],
+            &[Arg::Ptr(gpu.ptr(q))][..],
+            &k_v,
+            &v_v,
+            &rule,
+            &[
+                Arg::F32((dk as f32).powf(-0.5)),
+                Arg::Ptr(state),
+                Arg::Ptr(starts),
+                Arg::Ptr(lens),
+                Arg::Ptr(slots),
+                Arg::Ptr(gpu.ptr(o)),
+            ],
+        ]
+        .concat(),
     )
 }
 
@@ -1473,29 +1478,24 @@ impl GpuFlaLm {
             let read = p(stream.read(ladder, gpu, group)?);
             gpu.rms_norm(read, p(&block.attn_norm), m, d, eps, p(&normed))?;
             let x = DevMat::dense(gpu, &normed, m, d);
-            let delta = gpu.zeros(m * d)?;
+            let delta = stream.output(gpu)?;
             block.attn.forward(gpu, x, &batch, pool, p(&delta), s)?;
             stream.push(delta, ladder, gpu, group)?;
             let read = p(stream.read(ladder, gpu, group)?);
             gpu.rms_norm(read, p(&block.mlp_norm), m, d, eps, p(&normed))?;
-            let delta = gpu.zeros(m * d)?;
+            let delta = stream.output(gpu)?;
             block.mlp.forward(gpu, x, p(&delta), s)?;
             stream.push(delta, ladder, gpu, group)?;
         }
-        let h = stream.finish(gpu, group)?;
-        for (session, len) in sessions.iter_mut().zip(lens) {
-            session.position += len;
-        }
-        if !logits {
-            return Ok(None);
-        }
-        gpu.rms_norm(p(&h), p(&self.norm), m, d, eps, p(&normed))?;
-        let head = Head {
+        FinalLayers {
+            norm: &self.norm,
+            eps,
             lm_head: self.lm_head.as_ref(),
             embedding: &self.embedding,
             width: v,
-        };
-        let logits = head.logits(gpu, DevMat::dense(gpu, &normed, m, d), &mut self.scratch)?;
-        Ok(Some(logits))
+            normed: &normed,
+            scratch: &mut self.scratch,
+        }
+        .finish(gpu, stream, group, sessions, lens, logits)
     }
 }

@@ -194,6 +194,59 @@ fn starts(counts: &[usize]) -> Vec<i32> {
         .collect()
 }
 
+/// A per-session frame-window kernel (`frame_unroll`, `delay_frame`): both read each
+/// session's input frames and held window (`state`, with a per-session `flags` word) and write
+/// `out_counts[i]` rows of `out_width` floats.
+struct FrameWindow<'a> {
+    kernel: &'static str,
+    state: u64,
+    flags: &'a [i32],
+    out_counts: &'a [usize],
+    out_width: usize,
+}
+
+impl FrameWindow<'_> {
+    /// Launches the kernel over `x` (one block row per session) and returns its output.
+    fn run(
+        &self,
+        gpu: &Gpu,
+        x: &DevFrames,
+        slots: &Ints,
+        ends: &Ints,
+    ) -> Result<DeviceBuffer<f32>, GpuError> {
+        let c = x.width;
+        let in_counts: Vec<i32> = x.counts.iter().map(|&n| n as i32).collect();
+        let (in_start, in_count, out_start, flags) = (
+            ints(gpu, &starts(&x.counts))?,
+            ints(gpu, &in_counts)?,
+            ints(gpu, &starts(self.out_counts))?,
+            ints(gpu, self.flags)?,
+        );
+        let rows: usize = self.out_counts.iter().sum();
+        let out = gpu.zeros(rows * self.out_width)?;
+        let sessions = x.counts.len();
+        gpu.launch_grid(
+            self.kernel,
+            (c.div_ceil(128) as u32, sessions as u32),
+            128,
+            &[
+                Arg::Ptr(gpu.ptr(&x.buf)),
+                Arg::I32(c as i32),
+                Arg::Ptr(self.state),
+                Arg::Ptr(in_start.ptr),
+                Arg::Ptr(in_count.ptr),
+                Arg::Ptr(out_start.ptr),
+                Arg::Ptr(flags.ptr),
+                Arg::Ptr(ends.ptr),
+                Arg::Ptr(slots.ptr),
+                Arg::I32(sessions as i32),
+                Arg::Ptr(gpu.ptr(&out)),
+            ],
+        )?;
+        Ok(out)
+    }
+}
+
 impl GpuLmuFormer {
     /// The CPU model's parameters on `gpu`, with a pool of up to `max_sessions` streams.
     pub fn upload(model: &LmuFormer, gpu: Gpu, max_sessions: usize) -> Result<Self, GpuModelError> {
@@ -480,32 +533,14 @@ impl GpuLmuFormer {
             counts.push(emitted);
         }
         let m: usize = counts.iter().sum();
-        let in_counts: Vec<i32> = x.counts.iter().map(|&n| n as i32).collect();
-        let (in_start, in_count, out_start, filled) = (
-            ints(gpu, &starts(&x.counts))?,
-            ints(gpu, &in_counts)?,
-            ints(gpu, &starts(&counts))?,
-            ints(gpu, &filled)?,
-        );
-        let unrolled = gpu.zeros(m * 3 * c)?;
-        gpu.launch_grid(
-            "frame_unroll",
-            (c.div_ceil(128) as u32, sessions.len() as u32),
-            128,
-            &[
-                Arg::Ptr(gpu.ptr(&x.buf)),
-                Arg::I32(c as i32),
-                Arg::Ptr(gpu.ptr(&self.windows[i])),
-                Arg::Ptr(in_start.ptr),
-                Arg::Ptr(in_count.ptr),
-                Arg::Ptr(out_start.ptr),
-                Arg::Ptr(filled.ptr),
-                Arg::Ptr(ends_dev.ptr),
-                Arg::Ptr(slots.ptr),
-                Arg::I32(sessions.len() as i32),
-                Arg::Ptr(gpu.ptr(&unrolled)),
-            ],
-        )?;
+        let unrolled = FrameWindow {
+            kernel: "frame_unroll",
+            state: gpu.ptr(&self.windows[i]),
+            flags: &filled,
+            out_counts: &counts,
+            out_width: 3 * c,
+        }
+        .run(gpu, x, slots, ends_dev)?;
         let taps = &self.convs[i].0;
         let out = gpu.zeros(m * taps.out_features)?;
         if m > 0 {
@@ -550,33 +585,14 @@ impl GpuLmuFormer {
             session.held = after && !end;
             counts.push(emitted);
         }
-        let m: usize = counts.iter().sum();
-        let in_counts: Vec<i32> = x.counts.iter().map(|&n| n as i32).collect();
-        let (in_start, in_count, out_start, held) = (
-            ints(gpu, &starts(&x.counts))?,
-            ints(gpu, &in_counts)?,
-            ints(gpu, &starts(&counts))?,
-            ints(gpu, &held)?,
-        );
-        let out = gpu.zeros(m * c)?;
-        gpu.launch_grid(
-            "delay_frame",
-            (c.div_ceil(128) as u32, sessions.len() as u32),
-            128,
-            &[
-                Arg::Ptr(gpu.ptr(&x.buf)),
-                Arg::I32(c as i32),
-                Arg::Ptr(gpu.ptr(&self.residual)),
-                Arg::Ptr(in_start.ptr),
-                Arg::Ptr(in_count.ptr),
-                Arg::Ptr(out_start.ptr),
-                Arg::Ptr(held.ptr),
-                Arg::Ptr(ends_dev.ptr),
-                Arg::Ptr(slots.ptr),
-                Arg::I32(sessions.len() as i32),
-                Arg::Ptr(gpu.ptr(&out)),
-            ],
-        )?;
+        let out = FrameWindow {
+            kernel: "delay_frame",
+            state: gpu.ptr(&self.residual),
+            flags: &held,
+            out_counts: &counts,
+            out_width: c,
+        }
+        .run(gpu, x, slots, ends_dev)?;
         Ok(DevFrames {
             buf: out,
             width: c,

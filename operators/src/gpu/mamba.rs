@@ -12,7 +12,9 @@ use tideway_kernels::gpu::{
 use crate::checkpoint::Checkpoint;
 use crate::error::InputError;
 use crate::gpu::tensor_parallel::{DeviceGroup, DeviceResidualStream};
-use crate::gpu::{ChunkedScan, DeviceBatch, GpuModelError, GpuSession, Head, SlotPool, zero_slot};
+use crate::gpu::{
+    ChunkedScan, DeviceBatch, FinalLayers, GpuModelError, GpuSession, SlotPool, zero_slot,
+};
 use crate::models::mamba::MambaConfig;
 use crate::models::{check_token_ids, packed_segments};
 
@@ -308,6 +310,7 @@ impl GpuMambaLm {
         let xc = gpu.zeros(m * e)?;
         let dt = gpu.zeros(m * e)?;
         let y = gpu.zeros(m * e)?;
+        let mut dbc = gpu.zeros(m * (r + 2 * n))?;
         let p = |b: &DeviceBuffer<f32>| gpu.ptr(b);
         gpu.embed_rows(&self.embedding, gpu.ptr(&ids), m, d, p(&residual))?;
         let mut stream = DeviceResidualStream::new(residual);
@@ -345,11 +348,11 @@ impl GpuMambaLm {
                     Arg::Ptr(xc_p),
                 ],
             )?;
-            let dbc = gpu.zeros(m * (r + 2 * n))?;
             mx.x_proj
                 .forward(gpu, DevMat::dense(gpu, &xc, m, e), p(&dbc), s)?;
-            // Row-parallel x_proj: each rank holds part of [δ|B|C].
-            let dbc = group.all_reduce_sum(gpu, dbc)?;
+            // Row-parallel x_proj: each rank holds part of [δ|B|C] (the buffer comes back
+            // summed, for the next layer to overwrite).
+            dbc = group.all_reduce_sum(gpu, dbc)?;
             mx.dt_proj.forward(
                 gpu,
                 DevMat::columns(gpu, &dbc, m, r + 2 * n, 0, r),
@@ -413,26 +416,21 @@ impl GpuMambaLm {
                 ],
             )?;
             drop(chunked);
-            let mixed = gpu.zeros(m * d)?;
+            let mixed = stream.output(gpu)?;
             mx.out_proj
                 .forward(gpu, DevMat::dense(gpu, &y, m, e), p(&mixed), s)?;
             stream.push(mixed, ladder, gpu, group)?;
         }
-        let residual = stream.finish(gpu, group)?;
-        for (session, len) in sessions.iter_mut().zip(lens) {
-            session.position += len;
-        }
-        if !logits {
-            return Ok(None);
-        }
-        gpu.rms_norm(p(&residual), p(&self.norm_f), m, d, eps, p(&normed))?;
-        let head = Head {
+        FinalLayers {
+            norm: &self.norm_f,
+            eps,
             lm_head: self.lm_head.as_ref(),
             embedding: &self.embedding,
             width: v,
-        };
-        let logits = head.logits(gpu, DevMat::dense(gpu, &normed, m, d), &mut self.scratch)?;
-        Ok(Some(logits))
+            normed: &normed,
+            scratch: &mut self.scratch,
+        }
+        .finish(gpu, stream, group, sessions, lens, logits)
     }
 
     /// Checks ids against the vocabulary.

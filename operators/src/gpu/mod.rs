@@ -22,6 +22,7 @@ use tideway_kernels::collective::CollectiveError;
 
 use crate::error::{InputError, LoadError};
 use crate::models::{RankCheckpoint, open_rank};
+use tensor_parallel::{DeviceGroup, DeviceResidualStream};
 
 pub use fla::GpuFlaLm;
 pub use lmuformer::{GpuLmuFormer, GpuLmuSession};
@@ -169,24 +170,52 @@ impl DeviceBatch {
     }
 }
 
-/// The LM head: its own weight, or the embedding (tied).
-pub(crate) struct Head<'a> {
+/// The end of a language model's forward: the final norm and the LM head (its own weight, or
+/// the embedding when tied).
+pub(crate) struct FinalLayers<'a> {
+    pub norm: &'a DeviceBuffer<f32>,
+    pub eps: f32,
     pub lm_head: Option<&'a DeviceLinear>,
     pub embedding: &'a DeviceMatrix,
     pub width: usize,
+    /// The forward's `[m, d]` buffer the final norm writes.
+    pub normed: &'a DeviceBuffer<f32>,
+    pub scratch: &'a mut Scratch,
 }
 
-impl Head<'_> {
-    /// Logits of the final-normed rows `x`, on the host.
-    pub fn logits(&self, gpu: &Gpu, x: DevMat, scratch: &mut Scratch) -> Result<Tensor, GpuError> {
-        let (m, v) = (x.rows, self.width);
-        let logits = gpu.zeros(m * v)?;
-        match self.lm_head {
-            Some(head) => head.forward(gpu, x, gpu.ptr(&logits), scratch)?,
-            None => gpu.gemm(x, self.embedding, v, gpu.ptr(&logits), scratch)?,
+impl FinalLayers<'_> {
+    /// Finishes a forward on a rank: every sub-block output added to the stream, the sessions
+    /// advanced by their rows, then (where `logits`: the leader) the final norm and the
+    /// head's logits on the host.
+    pub fn finish(
+        self,
+        gpu: &Gpu,
+        stream: DeviceResidualStream,
+        group: &mut DeviceGroup<'_>,
+        sessions: &mut [&mut GpuSession],
+        lens: &[usize],
+        logits: bool,
+    ) -> Result<Option<Tensor>, GpuModelError> {
+        let residual = stream.finish(gpu, group)?;
+        for (session, len) in sessions.iter_mut().zip(lens) {
+            session.position += len;
         }
-        let host = gpu.download(&logits, m * v)?;
-        Ok(Tensor::from_vec(host, &[m, v]).expect("logits sized [m, v]"))
+        if !logits {
+            return Ok(None);
+        }
+        let (m, d, v) = (lens.iter().sum::<usize>(), self.norm.len(), self.width);
+        let (p, normed) = (|b: &DeviceBuffer<f32>| gpu.ptr(b), self.normed);
+        gpu.rms_norm(p(&residual), p(self.norm), m, d, self.eps, p(normed))?;
+        let x = DevMat::dense(gpu, normed, m, d);
+        let out = gpu.zeros(m * v)?;
+        match self.lm_head {
+            Some(head) => head.forward(gpu, x, gpu.ptr(&out), self.scratch)?,
+            None => gpu.gemm(x, self.embedding, v, gpu.ptr(&out), self.scratch)?,
+        }
+        let host = gpu.download(&out, m * v)?;
+        Ok(Some(
+            Tensor::from_vec(host, &[m, v]).expect("logits sized [m, v]"),
+        ))
     }
 }
 

@@ -85,6 +85,9 @@ pub fn single_gpu<T>(
 pub struct DeviceResidualStream {
     values: DeviceBuffer<f32>,
     pending: Option<DeviceReduce>,
+    /// A settled output's buffer, handed out again by [`output`](Self::output): a forward
+    /// allocates its sub-block outputs once, not once per sub-block.
+    spare: Option<DeviceBuffer<f32>>,
 }
 
 impl DeviceResidualStream {
@@ -92,6 +95,15 @@ impl DeviceResidualStream {
         DeviceResidualStream {
             values,
             pending: None,
+            spare: None,
+        }
+    }
+
+    /// A buffer the stream's size for the next sub-block's output, which overwrites it.
+    pub fn output(&mut self, gpu: &Gpu) -> Result<DeviceBuffer<f32>, GpuModelError> {
+        match self.spare.take() {
+            Some(buffer) => Ok(buffer),
+            None => Ok(gpu.zeros(self.values.len())?),
         }
     }
 
@@ -140,6 +152,7 @@ impl DeviceResidualStream {
         if let Some(pending) = self.pending.take() {
             let summed = group.wait(gpu, pending)?;
             gpu.add_inplace(gpu.ptr(&self.values), gpu.ptr(&summed), self.values.len())?;
+            self.spare = Some(summed);
         }
         Ok(())
     }
