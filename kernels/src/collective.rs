@@ -43,7 +43,8 @@ pub trait Collective: Send {
 #[derive(Debug, Default, Clone, Copy)]
 pub struct Solo;
 
-struct Ready(Vec<f32>);
+/// A reduction that is already complete (a group of one, or a sum carried from elsewhere).
+pub struct Ready(pub Vec<f32>);
 
 impl PendingReduce for Ready {
     fn wait(self: Box<Self>) -> Result<Vec<f32>, CollectiveError> {

@@ -63,6 +63,9 @@ pub enum InputError {
     NonFinite { frame: usize, channel: usize },
     #[error("the stream has ended; start a new one to send more frames")]
     Ended,
+    /// A pipeline stage was asked for a piece of the model that another stage holds.
+    #[error("this placement does not hold the model's {piece}; another pipeline stage runs it")]
+    NotHeld { piece: &'static str },
 }
 
 /// A forward pass that failed: bad input, or (on a tensor-parallel rank) a collective that

@@ -20,7 +20,7 @@
 
 use std::time::{Duration, Instant};
 
-use tideway_kernels::collective::{Collective, CollectiveError, PendingReduce, Solo};
+use tideway_kernels::collective::{Collective, CollectiveError, PendingReduce, Ready, Solo};
 
 use crate::error::{ForwardError, InputError, LoadError};
 use crate::models::config::ConfigJson;
@@ -111,6 +111,15 @@ impl<'a> Group<'a> {
     }
 }
 
+/// A residual stream between two pieces of a model (pipeline stages): its values, and the last
+/// sub-block's output not yet added to them (a ladder sub-block adds its predecessor's output
+/// only after it computes, so the next stage must receive that output apart).
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct Residual {
+    pub values: Vec<f32>,
+    pub pending: Option<Vec<f32>>,
+}
+
 /// The residual stream of one forward, with the sub-block output whose all-reduce is still in
 /// flight (see the module docs for when it is added).
 pub struct ResidualStream {
@@ -124,6 +133,29 @@ impl ResidualStream {
             values,
             pending: None,
         }
+    }
+
+    /// Continues a stream that an earlier piece of the model handed over.
+    pub fn resume(residual: Residual) -> Self {
+        ResidualStream {
+            values: residual.values,
+            pending: residual
+                .pending
+                .map(|p| Box::new(Ready(p)) as Box<dyn PendingReduce>),
+        }
+    }
+
+    /// Hands the stream to the next piece of the model as it stands: the pending output's
+    /// reduction is waited for but not added (the next sub-block decides when, by its wiring).
+    pub fn suspend(mut self, group: &mut Group<'_>) -> Result<Residual, CollectiveError> {
+        let pending = match self.pending.take() {
+            Some(p) => Some(group.wait(p)?),
+            None => None,
+        };
+        Ok(Residual {
+            values: self.values,
+            pending,
+        })
     }
 
     /// The stream as the next sub-block reads it: a standard sub-block first adds the previous

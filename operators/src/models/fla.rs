@@ -11,6 +11,8 @@
 //! (`gated_deltanet`), linear attention (`linear_attn`), RetNet (`retnet`, the GLA mixer with a fixed decay and RoPE). Options Tideway does not implement are refused at load,
 //! by name, never ignored.
 
+use std::ops::Range;
+
 use tideway_kernels::Tensor;
 use tideway_kernels::Weight;
 use tideway_kernels::matmul::{Linear, MatRef};
@@ -30,7 +32,7 @@ use crate::mixers::linear_attn::{
     FeatureMapKind, LinearAttnConfig, LinearAttnLayerState, LinearAttnMixer,
 };
 use crate::models::config::ConfigJson;
-use crate::models::{check_token_ids, packed_segments};
+use crate::models::{ModelPart, check_token_ids, segments};
 use crate::tensor_parallel::{Group, ResidualStream, ladder_layers, single, split_count};
 
 #[derive(Debug, Clone, PartialEq)]
@@ -347,16 +349,34 @@ struct FlaBlock {
 
 pub struct FlaLm {
     pub config: FlaConfig,
+    /// The layers, embedding and head this placement holds.
+    part: ModelPart,
+    /// The input embedding when it is not tied to the head.
     embedding: Option<Weight>,
+    /// Blocks `part.layers`, in order.
     blocks: Vec<FlaBlock>,
-    norm: Weight,
-    lm_head: Linear,
+    norm: Option<Weight>,
+    /// The head; with a tied embedding also the embedding (held by the first and last pieces).
+    lm_head: Option<Linear>,
 }
 
 impl FlaLm {
+    /// Loads the whole model.
     pub fn load(config: FlaConfig, checkpoint: &Checkpoint) -> Result<Self, LoadError> {
+        let part = ModelPart::whole(config.num_layers);
+        Self::load_part(config, checkpoint, part)
+    }
+
+    /// Loads only `part`: its blocks, and the embedding or the head where it holds them.
+    pub fn load_part(
+        config: FlaConfig,
+        checkpoint: &Checkpoint,
+        part: ModelPart,
+    ) -> Result<Self, LoadError> {
         let (d, v) = (config.hidden_size, config.vocab_size);
-        let blocks = (0..config.num_layers)
+        let blocks = part
+            .layers
+            .clone()
             .map(|i| {
                 let p = format!("model.layers.{i}.");
                 let attn = match &config.mixer {
@@ -390,21 +410,31 @@ impl FlaLm {
                 })
             })
             .collect::<Result<Vec<_>, LoadError>>()?;
-        let norm = checkpoint.load("model.norm.weight", &[d])?;
+        let norm = match part.head {
+            true => Some(checkpoint.load("model.norm.weight", &[d])?),
+            false => None,
+        };
         let (lm_head, embedding) =
             if config.tie_embeddings || !checkpoint.contains("lm_head.weight") {
-                (
-                    checkpoint.load_linear("model.embeddings.weight", None, v, d)?,
-                    None,
-                )
+                let head = match part.embed || part.head {
+                    true => Some(checkpoint.load_linear("model.embeddings.weight", None, v, d)?),
+                    false => None,
+                };
+                (head, None)
             } else {
-                (
-                    checkpoint.load_linear("lm_head.weight", None, v, d)?,
-                    Some(checkpoint.load("model.embeddings.weight", &[v, d])?),
-                )
+                let head = match part.head {
+                    true => Some(checkpoint.load_linear("lm_head.weight", None, v, d)?),
+                    false => None,
+                };
+                let embedding = match part.embed {
+                    true => Some(checkpoint.load("model.embeddings.weight", &[v, d])?),
+                    false => None,
+                };
+                (head, embedding)
             };
         Ok(FlaLm {
             config,
+            part,
             embedding,
             blocks,
             norm,
@@ -414,6 +444,11 @@ impl FlaLm {
 
     pub fn logits_width(&self) -> usize {
         self.config.vocab_size
+    }
+
+    /// The layers, embedding and head this model holds.
+    pub fn part(&self) -> &ModelPart {
+        &self.part
     }
 
     pub fn new_state(&self) -> FlaState {
@@ -446,8 +481,8 @@ impl FlaLm {
 
     pub fn weight_bytes(&self) -> usize {
         self.embedding.as_ref().map_or(0, Weight::size_bytes)
-            + self.lm_head.size_bytes()
-            + self.norm.size_bytes()
+            + self.lm_head.as_ref().map_or(0, Linear::size_bytes)
+            + self.norm.as_ref().map_or(0, Weight::size_bytes)
             + self
                 .blocks
                 .iter()
@@ -492,22 +527,47 @@ impl FlaLm {
         group: &mut Group<'_>,
         logits: bool,
     ) -> Result<Option<Tensor>, ForwardError> {
-        let segments = packed_segments(tokens, lens, states.len(), self.config.vocab_size)?;
+        let segments = segments(lens, states.len(), tokens.len())?;
+        let mut stream = ResidualStream::new(self.embed(tokens)?);
+        self.forward_layers(&mut stream, &segments, states, group)?;
+        let h = stream.finish(group)?;
+        if !logits {
+            return Ok(None);
+        }
+        Ok(Some(self.head(&h)?))
+    }
+
+    /// The first piece: the embedding rows of `tokens` (`[T, hidden]`).
+    pub fn embed(&self, tokens: &[u32]) -> Result<Vec<f32>, InputError> {
         let d = self.config.hidden_size;
-        let m = tokens.len();
-        let starts: Vec<usize> = states.iter().map(|s| s.position).collect();
-        let mut h = vec![0.0f32; m * d];
+        check_token_ids(tokens, self.config.vocab_size, 0)?;
+        let mut h = vec![0.0f32; tokens.len() * d];
         for (row, &t) in h.chunks_exact_mut(d).zip(tokens) {
-            match &self.embedding {
-                Some(e) => row.copy_from_slice(e.row(t as usize)),
-                None => self.lm_head.torch_weight_row(t as usize, row),
+            match (&self.embedding, &self.lm_head) {
+                (Some(e), _) => row.copy_from_slice(e.row(t as usize)),
+                (None, Some(tied)) => tied.torch_weight_row(t as usize, row),
+                (None, None) => return Err(InputError::NotHeld { piece: "embedding" }),
             }
         }
+        Ok(h)
+    }
+
+    /// This part's layers over the packed batch (`segments`: each session's rows of the
+    /// stream); `states` hold these layers, and advance by their rows.
+    pub fn forward_layers(
+        &self,
+        stream: &mut ResidualStream,
+        segments: &[Range<usize>],
+        states: &mut [&mut FlaState],
+        group: &mut Group<'_>,
+    ) -> Result<(), ForwardError> {
+        let d = self.config.hidden_size;
+        let m = segments.last().map_or(0, |s| s.end);
+        let starts: Vec<usize> = states.iter().map(|s| s.position).collect();
         let eps = self.config.norm_eps;
-        let mut stream = ResidualStream::new(h);
         let mut normed = vec![0.0f32; m * d];
         for (i, block) in self.blocks.iter().enumerate() {
-            let ladder = self.config.ladder[i];
+            let ladder = self.config.ladder[self.part.layers.start + i];
             rms_norm(
                 stream.read(ladder, group)?,
                 d,
@@ -532,28 +592,28 @@ impl FlaLm {
                         FlaLayerState::Gla(l) => Some(l),
                         _ => None,
                     })?;
-                    mixer.forward(&normed, &segments, &starts, &mut layer, &mut delta);
+                    mixer.forward(&normed, segments, &starts, &mut layer, &mut delta);
                 }
                 FlaMixer::DeltaNet(mixer) => {
                     let mut layer = layer_states(states, i, |l| match l {
                         FlaLayerState::DeltaNet(l) => Some(l),
                         _ => None,
                     })?;
-                    mixer.forward(&normed, &segments, &mut layer, &mut delta);
+                    mixer.forward(&normed, segments, &mut layer, &mut delta);
                 }
                 FlaMixer::GatedDeltaNet(mixer) => {
                     let mut layer = layer_states(states, i, |l| match l {
                         FlaLayerState::GatedDeltaNet(l) => Some(l),
                         _ => None,
                     })?;
-                    mixer.forward(&normed, &segments, &mut layer, &mut delta);
+                    mixer.forward(&normed, segments, &mut layer, &mut delta);
                 }
                 FlaMixer::LinearAttn(mixer) => {
                     let mut layer = layer_states(states, i, |l| match l {
                         FlaLayerState::LinearAttn(l) => Some(l),
                         _ => None,
                     })?;
-                    mixer.forward(&normed, &segments, &mut layer, &mut delta);
+                    mixer.forward(&normed, segments, &mut layer, &mut delta);
                 }
             }
             stream.push(delta, ladder, group)?;
@@ -568,23 +628,27 @@ impl FlaLm {
             block.mlp.forward(&normed, m, &mut delta);
             stream.push(delta, ladder, group)?;
         }
-        let h = stream.finish(group)?;
-        for (state, len) in states.iter_mut().zip(lens) {
-            state.position += len;
+        for (state, segment) in states.iter_mut().zip(segments) {
+            state.position += segment.len();
         }
-        if !logits {
-            return Ok(None);
-        }
-        rms_norm(&h, d, self.norm.as_slice(), eps, &mut normed);
+        Ok(())
+    }
+
+    /// The last piece: the final norm and the head over the settled stream (`[T, hidden]`).
+    pub fn head(&self, h: &[f32]) -> Result<Tensor, InputError> {
+        let (Some(norm), Some(lm_head)) = (&self.norm, &self.lm_head) else {
+            return Err(InputError::NotHeld { piece: "head" });
+        };
+        let d = self.config.hidden_size;
+        let m = h.len() / d;
+        let mut normed = vec![0.0f32; m * d];
+        rms_norm(h, d, norm.as_slice(), self.config.norm_eps, &mut normed);
         let mut logits = Tensor::zeros(&[m, self.logits_width()]);
-        self.lm_head
-            .forward(MatRef::dense(&normed, m, d), logits.data_mut());
-        Ok(Some(logits))
+        lm_head.forward(MatRef::dense(&normed, m, d), logits.data_mut());
+        Ok(logits)
     }
 }
 
-/// `num_heads` (default `default_heads`) and `num_kv_heads` (default: `num_heads`), which must
-/// divide it.
 fn head_counts(config: &ConfigJson, default_heads: usize) -> Result<(usize, usize), LoadError> {
     let top = config.top();
     let heads = top.usize_opt("num_heads")?.unwrap_or(default_heads);

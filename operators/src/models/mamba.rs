@@ -14,6 +14,8 @@
 //! `pad_vocab_size_multiple`). A tied head (`lm_head.weight` absent or tied) reuses the
 //! embedding.
 
+use std::ops::Range;
+
 use tideway_kernels::Tensor;
 use tideway_kernels::Weight;
 use tideway_kernels::matmul::{Linear, MatRef};
@@ -23,7 +25,7 @@ use crate::checkpoint::{Checkpoint, Split};
 use crate::error::{ForwardError, InputError, LoadError};
 use crate::mixers::mamba::{MambaLayerState, MambaMixer, MambaMixerConfig, mamba_split};
 use crate::models::config::ConfigJson;
-use crate::models::{check_token_ids, packed_segments, prefill_in_chunks};
+use crate::models::{ModelPart, check_token_ids, prefill_in_chunks, segments};
 use crate::tensor_parallel::{Group, ResidualStream, ladder_layers, single, split_count};
 
 /// Rows per chunk when a long sequence is prefilled: bounds the activations of one pass
@@ -201,19 +203,35 @@ struct MambaBlock {
 
 pub struct MambaLm {
     pub config: MambaConfig,
+    /// The layers, embedding and head this placement holds.
+    part: ModelPart,
     /// The input embedding when it is not tied to the head (a tied one is read from
     /// `lm_head`'s weight, so it is held once).
     untied_embedding: Option<Weight>,
+    /// Blocks `part.layers`, in order.
     blocks: Vec<MambaBlock>,
-    norm_f: Weight,
-    lm_head: Linear,
+    norm_f: Option<Weight>,
+    /// The head; with a tied embedding also the embedding (held by the first and last pieces).
+    lm_head: Option<Linear>,
 }
 
 impl MambaLm {
+    /// Loads the whole model.
     pub fn load(config: MambaConfig, checkpoint: &Checkpoint) -> Result<Self, LoadError> {
+        let part = ModelPart::whole(config.num_layers);
+        Self::load_part(config, checkpoint, part)
+    }
+
+    /// Loads only `part`: its blocks, and the embedding or the head where it holds them.
+    pub fn load_part(
+        config: MambaConfig,
+        checkpoint: &Checkpoint,
+        part: ModelPart,
+    ) -> Result<Self, LoadError> {
         let (d, v) = (config.hidden_size, config.padded_vocab_size);
-        let embedding = checkpoint.load(&config.embedding_name, &[v, d])?;
-        let blocks = (0..config.num_layers)
+        let blocks = part
+            .layers
+            .clone()
             .map(|i| {
                 let prefix = format!("backbone.layers.{i}.");
                 Ok(MambaBlock {
@@ -222,22 +240,40 @@ impl MambaLm {
                 })
             })
             .collect::<Result<Vec<_>, LoadError>>()?;
-        let norm_f = checkpoint.load("backbone.norm_f.weight", &[d])?;
+        let norm_f = match part.head {
+            true => Some(checkpoint.load("backbone.norm_f.weight", &[d])?),
+            false => None,
+        };
         let (lm_head, untied_embedding) = if config.tie_embeddings {
-            drop(embedding);
-            let head = checkpoint.load_linear(&config.embedding_name, None, v, d)?;
+            let head = match part.embed || part.head {
+                true => Some(checkpoint.load_linear(&config.embedding_name, None, v, d)?),
+                false => None,
+            };
             (head, None)
         } else {
-            let head = checkpoint.load_linear("lm_head.weight", None, v, d)?;
-            (head, Some(embedding))
+            let head = match part.head {
+                true => Some(checkpoint.load_linear("lm_head.weight", None, v, d)?),
+                false => None,
+            };
+            let embedding = match part.embed {
+                true => Some(checkpoint.load(&config.embedding_name, &[v, d])?),
+                false => None,
+            };
+            (head, embedding)
         };
         Ok(MambaLm {
             config,
+            part,
             untied_embedding,
             blocks,
             norm_f,
             lm_head,
         })
+    }
+
+    /// The layers, embedding and head this model holds.
+    pub fn part(&self) -> &ModelPart {
+        &self.part
     }
 
     /// Columns of the logits (the padded vocabulary).
@@ -260,8 +296,8 @@ impl MambaLm {
     /// Bytes of the parameters (a tied head counted once).
     pub fn weight_bytes(&self) -> usize {
         self.untied_embedding.as_ref().map_or(0, Weight::size_bytes)
-            + self.lm_head.size_bytes()
-            + self.norm_f.size_bytes()
+            + self.lm_head.as_ref().map_or(0, Linear::size_bytes)
+            + self.norm_f.as_ref().map_or(0, Weight::size_bytes)
             + self
                 .blocks
                 .iter()
@@ -346,22 +382,46 @@ impl MambaLm {
         group: &mut Group<'_>,
         logits: bool,
     ) -> Result<Option<Tensor>, ForwardError> {
-        let segments = packed_segments(tokens, lens, states.len(), self.config.vocab_size)?;
-        let d = self.config.hidden_size;
-        let m = tokens.len();
+        let segments = segments(lens, states.len(), tokens.len())?;
+        let mut stream = ResidualStream::new(self.embed(tokens)?);
+        self.forward_layers(&mut stream, &segments, states, group)?;
+        let residual = stream.finish(group)?;
+        if !logits {
+            return Ok(None);
+        }
+        Ok(Some(self.head(&residual)?))
+    }
 
-        // The residual stream, kept in f32 (residual_in_fp32).
-        let mut residual = vec![0.0f32; m * d];
+    /// The first piece: the embedding rows of `tokens` (`[T, hidden]`), the residual stream's
+    /// start.
+    pub fn embed(&self, tokens: &[u32]) -> Result<Vec<f32>, InputError> {
+        let d = self.config.hidden_size;
+        check_token_ids(tokens, self.config.vocab_size, 0)?;
+        let mut residual = vec![0.0f32; tokens.len() * d];
         for (row, &t) in residual.chunks_exact_mut(d).zip(tokens) {
-            match &self.untied_embedding {
-                Some(embedding) => row.copy_from_slice(embedding.row(t as usize)),
-                None => self.lm_head.torch_weight_row(t as usize, row),
+            match (&self.untied_embedding, &self.lm_head) {
+                (Some(embedding), _) => row.copy_from_slice(embedding.row(t as usize)),
+                (None, Some(tied)) => tied.torch_weight_row(t as usize, row),
+                (None, None) => return Err(InputError::NotHeld { piece: "embedding" }),
             }
         }
-        let mut stream = ResidualStream::new(residual);
+        Ok(residual)
+    }
+
+    /// This part's layers over the packed batch (`segments`: each session's rows of the
+    /// stream); `states` hold these layers, and advance by their rows.
+    pub fn forward_layers(
+        &self,
+        stream: &mut ResidualStream,
+        segments: &[Range<usize>],
+        states: &mut [&mut MambaState],
+        group: &mut Group<'_>,
+    ) -> Result<(), ForwardError> {
+        let d = self.config.hidden_size;
+        let m = segments.last().map_or(0, |s| s.end);
         let mut normed = vec![0.0f32; m * d];
         for (i, block) in self.blocks.iter().enumerate() {
-            let ladder = self.config.ladder[i];
+            let ladder = self.config.ladder[self.part.layers.start + i];
             let eps = self.config.norm_eps;
             rms_norm(
                 stream.read(ladder, group)?,
@@ -375,27 +435,32 @@ impl MambaLm {
             let mut mixed = vec![0.0f32; m * d];
             block
                 .mixer
-                .forward(&normed, &segments, &mut layer_states, group, &mut mixed)?;
+                .forward(&normed, segments, &mut layer_states, group, &mut mixed)?;
             stream.push(mixed, ladder, group)?;
         }
-        let residual = stream.finish(group)?;
-        for (state, len) in states.iter_mut().zip(lens) {
-            state.position += len;
+        for (state, segment) in states.iter_mut().zip(segments) {
+            state.position += segment.len();
         }
-        if !logits {
-            return Ok(None);
-        }
+        Ok(())
+    }
+
+    /// The last piece: the final norm and the head over the settled stream (`[T, hidden]`).
+    pub fn head(&self, residual: &[f32]) -> Result<Tensor, InputError> {
+        let (Some(norm_f), Some(lm_head)) = (&self.norm_f, &self.lm_head) else {
+            return Err(InputError::NotHeld { piece: "head" });
+        };
+        let d = self.config.hidden_size;
+        let m = residual.len() / d;
+        let mut normed = vec![0.0f32; m * d];
         rms_norm(
-            &residual,
+            residual,
             d,
-            self.norm_f.as_slice(),
+            norm_f.as_slice(),
             self.config.norm_eps,
             &mut normed,
         );
-        let width = self.logits_width();
-        let mut logits = Tensor::zeros(&[m, width]);
-        self.lm_head
-            .forward(MatRef::dense(&normed, m, d), logits.data_mut());
-        Ok(Some(logits))
+        let mut logits = Tensor::zeros(&[m, self.logits_width()]);
+        lm_head.forward(MatRef::dense(&normed, m, d), logits.data_mut());
+        Ok(logits)
     }
 }

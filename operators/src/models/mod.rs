@@ -14,7 +14,7 @@ use tideway_kernels::Tensor;
 
 use crate::checkpoint::{Checkpoint, TensorShard};
 use crate::error::{ForwardError, InputError, LoadError};
-use crate::tensor_parallel::Group;
+use crate::tensor_parallel::{Group, Residual, ResidualStream, single};
 use config::ConfigJson;
 
 pub use fla::{FlaConfig, FlaLm, FlaState};
@@ -29,6 +29,55 @@ const FLA_TYPES: [&str; 5] = [
     "retnet",
     "linear_attn",
 ];
+
+/// Which part of a model one placement holds: a contiguous range of layers, and whether the
+/// embedding (the first piece) and the final norm and head (the last piece) are there. A
+/// pipeline stage holds one part; a whole model is the part of every layer with both ends.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ModelPart {
+    pub layers: Range<usize>,
+    pub embed: bool,
+    pub head: bool,
+}
+
+impl ModelPart {
+    pub fn whole(num_layers: usize) -> Self {
+        ModelPart {
+            layers: 0..num_layers,
+            embed: true,
+            head: true,
+        }
+    }
+
+    /// Stage `stage` of `stages` contiguous stages over `num_layers` layers (the first
+    /// `num_layers % stages` stages take one layer more; with fewer layers than stages the
+    /// last stages hold none and pass the stream on, the last one with the head); None for a
+    /// stage out of range.
+    pub fn stage(stage: usize, stages: usize, num_layers: usize) -> Option<Self> {
+        if stages == 0 || stage >= stages {
+            return None;
+        }
+        let (base, extra) = (num_layers / stages, num_layers % stages);
+        let start = stage * base + stage.min(extra);
+        let len = base + usize::from(stage < extra);
+        Some(ModelPart {
+            layers: start..start + len,
+            embed: stage == 0,
+            head: stage + 1 == stages,
+        })
+    }
+}
+
+/// Runs `$body` with `$m` bound to the family's model: the one place the CPU language-model
+/// families are told apart.
+macro_rules! each_family {
+    ($model:expr, $m:ident => $body:expr) => {
+        match $model {
+            Model::Mamba($m) => $body,
+            Model::Fla($m) => $body,
+        }
+    };
+}
 
 /// A loaded model of any supported family.
 pub enum Model {
@@ -70,18 +119,12 @@ impl Model {
 
     /// Ids accepted as input: `0..vocab_size`.
     pub fn vocab_size(&self) -> usize {
-        match self {
-            Model::Mamba(m) => m.config.vocab_size,
-            Model::Fla(m) => m.config.vocab_size,
-        }
+        each_family!(self, m => m.config.vocab_size)
     }
 
     /// Width of the output rows (`logits` columns).
     pub fn output_width(&self) -> usize {
-        match self {
-            Model::Mamba(m) => m.logits_width(),
-            Model::Fla(m) => m.logits_width(),
-        }
+        each_family!(self, m => m.logits_width())
     }
 
     pub fn new_state(&self) -> SessionState {
@@ -93,17 +136,11 @@ impl Model {
 
     /// Bytes of one session's state.
     pub fn state_bytes(&self) -> usize {
-        match self {
-            Model::Mamba(m) => m.state_bytes(),
-            Model::Fla(m) => m.state_bytes(),
-        }
+        each_family!(self, m => m.state_bytes())
     }
 
     pub fn weight_bytes(&self) -> usize {
-        match self {
-            Model::Mamba(m) => m.weight_bytes(),
-            Model::Fla(m) => m.weight_bytes(),
-        }
+        each_family!(self, m => m.weight_bytes())
     }
 
     pub fn check_tokens(&self, tokens: &[u32], offset: usize) -> Result<(), InputError> {
@@ -136,34 +173,94 @@ impl Model {
     ) -> Result<Option<Tensor>, ForwardError> {
         match self {
             Model::Mamba(m) => {
-                let mut inner = states
-                    .iter_mut()
-                    .map(|s| match &mut **s {
-                        SessionState::Mamba(x) => Ok(x),
-                        _ => Err(InputError::WrongState),
-                    })
-                    .collect::<Result<Vec<_>, _>>()?;
+                let mut inner = family_states(states, |s| match s {
+                    SessionState::Mamba(x) => Some(x),
+                    _ => None,
+                })?;
                 m.forward_in_group(tokens, lens, &mut inner, group, logits)
             }
             Model::Fla(m) => {
-                let mut inner = states
-                    .iter_mut()
-                    .map(|s| match &mut **s {
-                        SessionState::Fla(x) => Ok(x),
-                        _ => Err(InputError::WrongState),
-                    })
-                    .collect::<Result<Vec<_>, _>>()?;
+                let mut inner = family_states(states, |s| match s {
+                    SessionState::Fla(x) => Some(x),
+                    _ => None,
+                })?;
                 m.forward_in_group(tokens, lens, &mut inner, group, logits)
             }
         }
     }
 
+    /// The layers, embedding and head this model holds.
+    pub fn part(&self) -> &ModelPart {
+        each_family!(self, m => m.part())
+    }
+
+    /// Layers of the whole model (a part may hold fewer).
+    pub fn num_layers(&self) -> usize {
+        each_family!(self, m => m.config.num_layers)
+    }
+
+    /// Width of the residual stream.
+    pub fn hidden_size(&self) -> usize {
+        each_family!(self, m => m.config.hidden_size)
+    }
+
+    /// The first piece: the residual stream's start for `tokens` (`[T, hidden]`).
+    pub fn embed(&self, tokens: &[u32]) -> Result<Residual, InputError> {
+        let values = each_family!(self, m => m.embed(tokens))?;
+        Ok(Residual {
+            values,
+            pending: None,
+        })
+    }
+
+    /// This part's layers over a packed batch's residual stream: session `i` owns the next
+    /// `lens[i]` rows and continues from `states[i]` (which holds these layers' state).
+    pub fn forward_layers(
+        &self,
+        residual: Residual,
+        lens: &[usize],
+        states: &mut [&mut SessionState],
+    ) -> Result<Residual, InputError> {
+        let d = self.hidden_size();
+        let rows = residual.values.len() / d.max(1);
+        let segments = segments(lens, states.len(), rows)?;
+        single(|group| {
+            let mut stream = ResidualStream::resume(residual);
+            match self {
+                Model::Mamba(m) => {
+                    let mut inner = family_states(states, |s| match s {
+                        SessionState::Mamba(x) => Some(x),
+                        _ => None,
+                    })?;
+                    m.forward_layers(&mut stream, &segments, &mut inner, group)?;
+                }
+                Model::Fla(m) => {
+                    let mut inner = family_states(states, |s| match s {
+                        SessionState::Fla(x) => Some(x),
+                        _ => None,
+                    })?;
+                    m.forward_layers(&mut stream, &segments, &mut inner, group)?;
+                }
+            }
+            Ok(stream.suspend(group)?)
+        })
+    }
+
+    /// The last piece: every output added to the stream, then the final norm and the head.
+    pub fn head(&self, residual: Residual) -> Result<Tensor, InputError> {
+        let Residual {
+            mut values,
+            pending,
+        } = residual;
+        if let Some(pending) = pending {
+            values.iter_mut().zip(&pending).for_each(|(r, x)| *r += x);
+        }
+        each_family!(self, m => m.head(&values))
+    }
+
     /// Which layers are ladder-wired.
     pub fn ladder_layers(&self) -> &[bool] {
-        match self {
-            Model::Mamba(m) => &m.config.ladder,
-            Model::Fla(m) => &m.config.ladder,
-        }
+        each_family!(self, m => &m.config.ladder)
     }
 
     /// Rewires the model: `ladder[i]` for layer `i` (the same weights with a different
@@ -217,6 +314,17 @@ impl Model {
     }
 }
 
+/// Each session's state as its family's type, or [`InputError::WrongState`].
+fn family_states<'s, T>(
+    states: &'s mut [&mut SessionState],
+    pick: fn(&mut SessionState) -> Option<&mut T>,
+) -> Result<Vec<&'s mut T>, InputError> {
+    states
+        .iter_mut()
+        .map(|s| pick(s).ok_or(InputError::WrongState))
+        .collect()
+}
+
 /// Checks ids against a vocabulary of `vocab`; `offset` is added to the reported position.
 pub fn check_token_ids(tokens: &[u32], vocab: usize, offset: usize) -> Result<(), InputError> {
     match tokens.iter().position(|&t| t as usize >= vocab) {
@@ -231,22 +339,34 @@ pub fn check_token_ids(tokens: &[u32], vocab: usize, offset: usize) -> Result<()
 
 /// Validates a packed batch (`lens[i]` tokens for each of `sessions` sessions, ids below
 /// `vocab`) and returns each session's row range.
+#[cfg_attr(not(feature = "cuda"), allow(dead_code))] // the GPU models' check
 pub(crate) fn packed_segments(
     tokens: &[u32],
     lens: &[usize],
     sessions: usize,
     vocab: usize,
 ) -> Result<Vec<Range<usize>>, InputError> {
-    if lens.len() != sessions || lens.iter().sum::<usize>() != tokens.len() {
+    let rows = segments(lens, sessions, tokens.len())?;
+    check_token_ids(tokens, vocab, 0)?;
+    Ok(rows)
+}
+
+/// Each session's row range in a packed batch of `rows` rows (`lens[i]` rows for each of
+/// `sessions` sessions), or why the batch is malformed.
+pub fn segments(
+    lens: &[usize],
+    sessions: usize,
+    rows: usize,
+) -> Result<Vec<Range<usize>>, InputError> {
+    if lens.len() != sessions || lens.iter().sum::<usize>() != rows {
         return Err(InputError::BatchMismatch {
             sessions,
-            tokens: tokens.len(),
+            tokens: rows,
         });
     }
-    if tokens.is_empty() {
+    if rows == 0 {
         return Err(InputError::Empty);
     }
-    check_token_ids(tokens, vocab, 0)?;
     let mut start = 0;
     Ok(lens
         .iter()
@@ -297,6 +417,42 @@ pub fn load_model_rank(dir: &Path, rank: usize, size: usize) -> Result<Model, Lo
             Model::Mamba(MambaLm::load(config, &checkpoint)?)
         }
         RankCheckpoint::Fla(config, checkpoint) => Model::Fla(FlaLm::load(config, &checkpoint)?),
+    })
+}
+
+/// Loads only `part` of the model in `dir` (a pipeline stage): its layers' tensors, and the
+/// embedding or the head where the part holds them; nothing else is read.
+pub fn load_model_part(dir: &Path, part: ModelPart) -> Result<Model, LoadError> {
+    let check = |num_layers: usize, path: &Path| {
+        if part.layers.end > num_layers {
+            return Err(LoadError::Unsupported {
+                path: path.to_path_buf(),
+                reason: format!(
+                    "layers {:?} are not a part of a model of {num_layers} layers",
+                    part.layers
+                ),
+            });
+        }
+        Ok(())
+    };
+    let path = dir.join("config.json");
+    Ok(match open_rank(dir, 0, 1)? {
+        RankCheckpoint::Mamba(config, checkpoint) => {
+            check(config.num_layers, &path)?;
+            Model::Mamba(MambaLm::load_part(config, &checkpoint, part)?)
+        }
+        RankCheckpoint::Fla(config, checkpoint) => {
+            check(config.num_layers, &path)?;
+            Model::Fla(FlaLm::load_part(config, &checkpoint, part)?)
+        }
+    })
+}
+
+/// Layers of the language model in `dir`.
+pub fn model_layers(dir: &Path) -> Result<usize, LoadError> {
+    Ok(match open_rank(dir, 0, 1)? {
+        RankCheckpoint::Mamba(config, _) => config.num_layers,
+        RankCheckpoint::Fla(config, _) => config.num_layers,
     })
 }
 
