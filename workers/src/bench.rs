@@ -101,41 +101,15 @@ fn load(
     wiring: Wiring,
     batches: &[usize],
 ) -> Result<LanguageModel> {
-    if args.device == crate::device::Device::Cpu {
-        if args.dtype != crate::run::WeightStorage::F32 {
-            bail!("--dtype bf16 is for --device cuda:N; the CPU path keeps f32 weights");
-        }
-        return LanguageModel::load_wired(dir, &args.parallel, wiring);
-    }
-    load_on_gpu(args, dir, wiring, batches)
-}
-
-#[cfg(feature = "cuda")]
-fn load_on_gpu(
-    args: &BenchArgs,
-    dir: &std::path::Path,
-    wiring: Wiring,
-    batches: &[usize],
-) -> Result<LanguageModel> {
-    let dtype = match args.dtype {
-        crate::run::WeightStorage::F32 => tideway_kernels::gpu::WeightDtype::F32,
-        crate::run::WeightStorage::Bf16 => tideway_kernels::gpu::WeightDtype::Bf16,
-    };
-    // Room for the largest decode batch and the prefill sessions.
+    // A GPU's pool: room for the largest decode batch and the prefill sessions.
     let sessions = batches.iter().copied().max().unwrap_or(1) + 2;
-    LanguageModel::load_gpu(dir, args.device, dtype, sessions, &args.parallel, wiring)
-}
-
-#[cfg(not(feature = "cuda"))]
-fn load_on_gpu(
-    args: &BenchArgs,
-    _: &std::path::Path,
-    _: Wiring,
-    _: &[usize],
-) -> Result<LanguageModel> {
-    bail!(
-        "--device {}: this tideway was built without CUDA support; build it with `cargo build --release --features cuda`",
-        args.device
+    LanguageModel::load_placed(
+        dir,
+        args.device,
+        args.dtype,
+        sessions,
+        &args.parallel,
+        wiring,
     )
 }
 

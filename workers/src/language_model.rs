@@ -93,12 +93,8 @@ impl LmState {
 }
 
 impl LanguageModel {
-    /// Loads `dir` whole (`parallel.tensor_parallel` 1) or as a tensor-parallel group.
-    pub fn load(dir: &Path, parallel: &ParallelArgs) -> Result<Self> {
-        Self::load_wired(dir, parallel, Wiring::Config)
-    }
-
-    /// [`load`](Self::load) with the residual wiring overridden.
+    /// Loads `dir` on the CPU whole (`parallel.tensor_parallel` 1) or as a tensor-parallel
+    /// group, with the residual wiring `wiring`.
     pub fn load_wired(dir: &Path, parallel: &ParallelArgs, wiring: Wiring) -> Result<Self> {
         let context = || format!("cannot load model from {}", dir.display());
         match parallel.tensor_parallel {
@@ -109,6 +105,44 @@ impl LanguageModel {
             size => Ok(LanguageModel::Parallel(Box::new(
                 ParallelModel::start(dir, size, parallel, wiring).with_context(context)?,
             ))),
+        }
+    }
+
+    /// Loads `dir` where `device` says, with `dtype` weights (bf16 on a GPU only), whole or
+    /// split over `parallel`'s tensor-parallel group: the one place that decides device,
+    /// dtype and split for `run`, `bench` and `serve`. A GPU's state pool holds up to
+    /// `gpu_sessions` sessions.
+    pub fn load_placed(
+        dir: &Path,
+        device: crate::device::Device,
+        dtype: crate::run::WeightStorage,
+        gpu_sessions: usize,
+        parallel: &ParallelArgs,
+        wiring: Wiring,
+    ) -> Result<Self> {
+        match device {
+            crate::device::Device::Cpu => {
+                if dtype != crate::run::WeightStorage::F32 {
+                    bail!("--dtype bf16 is for --device cuda:N; the CPU path keeps f32 weights");
+                }
+                Self::load_wired(dir, parallel, wiring)
+            }
+            #[cfg(feature = "cuda")]
+            device => Self::load_gpu(
+                dir,
+                device,
+                dtype.gpu(),
+                gpu_sessions.max(1),
+                parallel,
+                wiring,
+            ),
+            #[cfg(not(feature = "cuda"))]
+            device => {
+                let _ = gpu_sessions;
+                bail!(
+                    "--device {device}: this tideway was built without CUDA support; build it with `cargo build --release --features cuda`"
+                )
+            }
         }
     }
 
@@ -251,10 +285,6 @@ impl LanguageModel {
             return Some(g.session_capacity());
         }
         self.info(|_| None, |g| Some(g.capacity))
-    }
-
-    pub fn check_tokens(&self, tokens: &[u32], offset: usize) -> Result<(), InputError> {
-        tideway_operators::models::check_token_ids(tokens, self.vocab_size(), offset)
     }
 
     /// A fresh session, or why none can start (the GPU's state pool is full).

@@ -79,6 +79,17 @@ pub enum WeightStorage {
     Bf16,
 }
 
+#[cfg(feature = "cuda")]
+impl WeightStorage {
+    /// The GPU's storage for these weights.
+    pub fn gpu(self) -> tideway_kernels::gpu::WeightDtype {
+        match self {
+            WeightStorage::F32 => tideway_kernels::gpu::WeightDtype::F32,
+            WeightStorage::Bf16 => tideway_kernels::gpu::WeightDtype::Bf16,
+        }
+    }
+}
+
 pub fn run(args: RunArgs) -> Result<()> {
     if args.chunk == 0 {
         bail!("--chunk must be at least 1");
@@ -133,38 +144,13 @@ pub fn run(args: RunArgs) -> Result<()> {
 
 /// The language model of `--model`: on the CPU (whole or split), or on `--device`.
 fn load_language_model(args: &RunArgs) -> Result<LanguageModel> {
-    if args.device == Device::Cpu {
-        if args.dtype != WeightStorage::F32 {
-            bail!("--dtype bf16 is for --device cuda:N; the CPU path keeps f32 weights");
-        }
-        return LanguageModel::load(&args.model, &args.parallel);
-    }
-    load_on_gpu(args)
-}
-
-/// A language model on a GPU (`--device cuda:N`, split over GPU ranks with
-/// `--tensor-parallel`).
-#[cfg(feature = "cuda")]
-fn load_on_gpu(args: &RunArgs) -> Result<LanguageModel> {
-    let dtype = match args.dtype {
-        WeightStorage::F32 => tideway_kernels::gpu::WeightDtype::F32,
-        WeightStorage::Bf16 => tideway_kernels::gpu::WeightDtype::Bf16,
-    };
-    LanguageModel::load_gpu(
+    LanguageModel::load_placed(
         &args.model,
         args.device,
-        dtype,
+        args.dtype,
         1,
         &args.parallel,
         crate::tensor_parallel::Wiring::Config,
-    )
-}
-
-#[cfg(not(feature = "cuda"))]
-fn load_on_gpu(args: &RunArgs) -> Result<LanguageModel> {
-    bail!(
-        "--device {}: this tideway was built without CUDA support; build it with `cargo build --release --features cuda`",
-        args.device
     )
 }
 

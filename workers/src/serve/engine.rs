@@ -2,16 +2,21 @@
 //! process, or one process of a cluster), fed from tokio through bounded per-worker queues.
 //!
 //! ```text
-//! gRPC handler --Request--> worker queue --input--> exchange(session) --> Sessions operator
-//!   --Response--> exchange(origin worker) --> egress sink --> the handler's oneshot
-//!               \--SessionEvent--> differential: live sessions by (worker, model) --> broadcast
-//!                                  --> StatsBoard (each process's view of the whole cluster)
+//! gRPC handler --Request--> worker queue --input--> exchange(owner)
+//!   --> frontend (lifecycle, tokenizer / audio / sensor carry-over)
+//!   --> prune --> exchange(stage 0) --> layers(0) --> exchange(stage 1) --> layers(1) ...
+//!   --> layers(K-1) --> head --> exchange(origin worker) --> egress --> the handler's oneshot
+//!
+//! frontend --SessionEvent--> differential: live sessions by (worker, model) --> broadcast
+//!   --> StatsBoard (each process's view of the whole cluster)
 //! ```
 //!
-//! Each worker closes one epoch per tick (default 1 ms); the Sessions operator runs each
-//! closed epoch as one batched computation (`SessionTable::run_epoch`).
+//! Each worker closes one epoch per tick (default 1 ms); every stage runs each closed epoch
+//! as one batched computation (`stages::epoch_stage`). Placement is one [`Plan`]: `data`
+//! (K = 1: every stage of a session on its owner worker) or a pipeline of K stages of each
+//! model's layers, each on its own workers, successive epochs overlapping across stages.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -19,15 +24,22 @@ use std::time::{Duration, Instant};
 use crossbeam_channel::{Receiver, Sender, TrySendError};
 use differential_dataflow::AsCollection;
 use timely::CommunicationConfig;
-use timely::dataflow::channels::pact::{Exchange, Pipeline};
+use timely::dataflow::channels::pact::Pipeline;
 use timely::dataflow::operators::generic::Operator;
 use timely::dataflow::operators::vec::Broadcast;
-use timely::dataflow::operators::{Capability, Input, OkErr, Probe};
+use timely::dataflow::operators::{Input, Probe};
 use timely::dataflow::{InputHandleVec, ProbeHandle, StreamVec};
 use tokio::sync::oneshot;
 
 use super::messages::{Op, Request, Response, SessionEvent, SessionKey};
-use super::sessions::{ServedModel, SessionTable};
+use super::served::ServedModel;
+use super::stages::Plan;
+use super::stages::egress::Egress;
+use super::stages::frontend::Frontend;
+use super::stages::head::Head;
+use super::stages::layers::Layers;
+use super::stages::lifecycle::Lifecycle;
+use super::stages::prune::Prune;
 use super::stats::{BoardKey, StatsBoard};
 
 /// How the runtime is laid out and paced.
@@ -48,6 +60,8 @@ pub struct RuntimeConfig {
     pub idle_limit: Duration,
     /// Requests waiting for each worker before the edge answers RESOURCE_EXHAUSTED.
     pub queue_capacity: usize,
+    /// Where each stage runs (the same on every process).
+    pub plan: Plan,
 }
 
 /// How far the model stage may lag behind a worker's input before admission pauses (also
@@ -270,17 +284,10 @@ impl Engine {
     }
 }
 
-/// What the Sessions operator emits: answers, and changes to the live set.
-#[derive(Clone, Debug)]
-enum SessionsOut {
-    Response(Response),
-    Event(SessionEvent),
-}
-
 /// What one worker thread shares with the rest of its process.
 struct WorkerContext {
     models: Arc<Vec<ServedModel>>,
-    pending: Arc<Mutex<HashMap<u64, oneshot::Sender<Response>>>>,
+    pending: PendingMap,
     board: Arc<StatsBoard>,
     config: RuntimeConfig,
     /// The one worker per process that applies control-plane updates to the board.
@@ -300,103 +307,20 @@ fn run_worker(worker: &mut timely::worker::Worker, rx: Receiver<Request>, contex
     let index = worker.index() as u32;
     let mut input = InputHandleVec::<u64, Request>::new();
     let probe = ProbeHandle::new();
-    let idle_limit = config.idle_limit;
-    let table_board = board.clone();
+    let plan = config.plan;
     worker.dataflow::<u64, _, _>(|scope| {
         let requests = scope.input_from(&mut input);
-        let out: StreamVec<'_, u64, SessionsOut> = requests.unary_frontier(
-            Exchange::new(|r: &Request| r.session),
-            "Sessions",
-            move |capability, _info| {
-                let mut table = SessionTable::new(index, models, idle_limit);
-                // Held at the input frontier, so that expiry (which no request triggers) can
-                // still announce the sessions it frees.
-                let mut sweep_cap = Some(capability);
-                let mut stash: BTreeMap<u64, (Capability<u64>, Vec<Request>)> = BTreeMap::new();
-                let mut last_sweep = Instant::now();
-                move |(input, frontier), output| {
-                    input.for_each_stamp(|cap, data| {
-                        // Records sent under no capability make no progress claim: none of
-                        // ours are, but such a message has no time to stash under.
-                        let (Some(&time), Some(retained)) = (cap.least(), cap.retain_least(0))
-                        else {
-                            return;
-                        };
-                        let entry = stash.entry(time).or_insert_with(|| (retained, Vec::new()));
-                        for batch in data {
-                            entry.1.append(batch);
-                        }
-                    });
-                    let ready: Vec<u64> = stash
-                        .keys()
-                        .copied()
-                        .filter(|t| !frontier.less_equal(t))
-                        .collect();
-                    for time in ready {
-                        let (cap, requests) = stash.remove(&time).expect("listed above");
-                        let started = Instant::now();
-                        let count = requests.len();
-                        let tokens_before = table.tokens_processed;
-                        let responses = table.run_epoch(requests);
-                        table_board.record_epoch(
-                            count,
-                            started.elapsed(),
-                            table.tokens_processed - tokens_before,
-                        );
-                        let mut session = output.session(&cap);
-                        for r in responses {
-                            session.give(SessionsOut::Response(r));
-                        }
-                        for e in table.take_events() {
-                            session.give(SessionsOut::Event(e));
-                        }
-                    }
-                    match frontier.frontier().first() {
-                        Some(&now) => {
-                            if let Some(cap) = sweep_cap.as_mut() {
-                                cap.downgrade(&now);
-                            }
-                        }
-                        None => sweep_cap = None,
-                    }
-                    if last_sweep.elapsed() >= Duration::from_millis(250)
-                        && let Some(cap) = &sweep_cap
-                    {
-                        last_sweep = Instant::now();
-                        table.expire_idle(last_sweep);
-                        let mut session = output.session(cap);
-                        for e in table.take_events() {
-                            session.give(SessionsOut::Event(e));
-                        }
-                    }
-                }
-            },
-        );
-        let out = out.probe_with(&probe);
-        let (responses, events) = out.ok_err(|o| match o {
-            SessionsOut::Response(r) => Ok(r),
-            SessionsOut::Event(e) => Err(e),
-        });
-
-        // Answers go back to the worker that took the request in, which hands them to the
-        // waiting gRPC handler.
-        responses.sink(
-            Exchange::new(|r: &Response| r.origin as u64),
-            "Egress",
-            move |(input, _frontier)| {
-                input.for_each_stamp(|_cap, data| {
-                    let mut pending = pending.lock().unwrap();
-                    for batch in data {
-                        for response in batch.drain(..) {
-                            if let Some(tx) = pending.remove(&response.id) {
-                                // The client may have gone: nothing to do then.
-                                let _ = tx.send(response);
-                            }
-                        }
-                    }
-                });
-            },
-        );
+        let lifecycle = Lifecycle::new(index, models.clone(), config.idle_limit);
+        let (envelopes, events) = requests.frontend(plan, lifecycle);
+        let mut staged = envelopes.prune();
+        for stage in 0..plan.stages {
+            let board = (stage == 0).then(|| board.clone());
+            staged = staged.layers(stage, plan, models.clone(), board);
+        }
+        staged
+            .head(models.clone())
+            .probe_with(&probe)
+            .egress(models.clone(), pending);
 
         // The control plane: the collection of live sessions (session, owner worker, model),
         // maintained by differential dataflow from start / end / expiry events and counted by

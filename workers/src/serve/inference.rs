@@ -126,7 +126,7 @@ fn check_count(input: &InferInputTensor, found: usize, count: usize) -> Result<(
 /// [S] or [1, S], with the request parameter `sample_rate`).
 fn feature_input(
     request: &pb::ModelInferRequest,
-    served: &super::sessions::ServedModel,
+    served: &super::served::ServedModel,
 ) -> Result<StepInput, Status> {
     let allowed = "\"input\" (FP32, [T, C]) or \"audio\" (FP32 or INT16 samples, [S], with a \"sample_rate\" parameter)";
     let [input] = request.inputs.as_slice() else {
@@ -361,7 +361,7 @@ impl InferenceService {
     fn token_input(
         &self,
         request: &pb::ModelInferRequest,
-        served: &super::sessions::ServedModel,
+        served: &super::served::ServedModel,
     ) -> Result<Vec<u32>, Status> {
         let mut tokens = None;
         for (i, input) in request.inputs.iter().enumerate() {
@@ -652,23 +652,40 @@ impl pb::grpc_inference_service_server::GrpcInferenceService for InferenceServic
         let index = self.model(&r.name, &r.version)?;
         let m = &self.engine.models[index as usize];
         let idle_us = self.engine.config.idle_limit.as_micros() as u64;
+        // The same tensors ModelMetadata lists (a feature model takes `input` or `audio`).
+        let info = super::native::model_info(&self.engine, index as usize);
+        let data_type = |name: &str| match name {
+            "INT64" => pb::DataType::TypeInt64,
+            "INT32" => pb::DataType::TypeInt32,
+            "INT16" => pb::DataType::TypeInt16,
+            _ => pb::DataType::TypeFp32,
+        } as i32;
+        let alternatives = info.inputs.len() > 1;
         Ok(Response::new(pb::ModelConfigResponse {
             config: Some(pb::ModelConfig {
                 name: m.name.clone(),
                 platform: format!("tideway_{}", m.family()),
                 backend: "tideway".into(),
                 max_batch_size: 0,
-                input: vec![pb::ModelInput {
-                    name: "input_ids".into(),
-                    data_type: pb::DataType::TypeInt64 as i32,
-                    dims: vec![-1],
-                    optional: false,
-                }],
-                output: vec![pb::ModelOutput {
-                    name: "logits".into(),
-                    data_type: pb::DataType::TypeFp32 as i32,
-                    dims: vec![-1, m.width() as i64],
-                }],
+                input: info
+                    .inputs
+                    .iter()
+                    .map(|t| pb::ModelInput {
+                        name: t.name.clone(),
+                        data_type: data_type(&t.datatype),
+                        dims: t.shape.clone(),
+                        optional: alternatives,
+                    })
+                    .collect(),
+                output: info
+                    .outputs
+                    .iter()
+                    .map(|t| pb::ModelOutput {
+                        name: t.name.clone(),
+                        data_type: data_type(&t.datatype),
+                        dims: t.shape.clone(),
+                    })
+                    .collect(),
                 scheduling_choice: Some(pb::model_config::SchedulingChoice::SequenceBatching(
                     pb::ModelSequenceBatching {
                         max_sequence_idle_microseconds: idle_us,

@@ -8,7 +8,8 @@ pub mod jobs;
 pub mod messages;
 pub mod metrics;
 pub mod native;
-pub mod sessions;
+pub mod served;
+pub mod stages;
 pub mod stats;
 pub mod status;
 
@@ -29,13 +30,10 @@ use tideway_proto::tideway::v1::models_server::ModelsServer;
 use tideway_proto::tideway::v1::streams_server::StreamsServer;
 
 use crate::device::Device;
-use crate::feature_model::FeatureModel;
-use crate::language_model::LanguageModel;
 use crate::tensor_parallel::ParallelArgs;
 use engine::{Engine, RuntimeConfig};
-use sessions::{ServedKind, ServedModel};
-use tideway_operators::models::{is_lmuformer, load_lmuformer};
-use tideway_operators::tokenizers::text::TextTokenizer;
+use served::{Placement, ServedModel};
+use stages::Plan;
 
 #[derive(Args)]
 pub struct ServeArgs {
@@ -48,6 +46,11 @@ pub struct ServeArgs {
     /// Timely worker threads in this process (every process of a cluster uses the same).
     #[arg(long, default_value_t = 1)]
     workers: usize,
+    /// Placement: 1 runs every stage of a session on its owner worker (data placement); K > 1
+    /// splits each model's layers into K contiguous pipeline stages, each on its own workers
+    /// (of all processes: K must divide them), activations exchanged between them.
+    #[arg(long, default_value_t = 1)]
+    pipeline: usize,
     /// Cluster: a file with one `host:port` per line, one line per process.
     #[arg(long, requires = "process")]
     hosts: Option<PathBuf>,
@@ -111,23 +114,6 @@ fn parse_model_arg(arg: &str) -> Result<(String, PathBuf)> {
 }
 
 pub fn serve(args: ServeArgs) -> Result<()> {
-    let mut models = Vec::new();
-    if args.models.is_empty() {
-        // No --model: the embedded default (the keyword spotter of `tideway demo`).
-        let dir = crate::default_model::materialize()?;
-        models.push(load_served(
-            crate::default_model::NAME.to_string(),
-            &dir,
-            &Placement::of(&args)?,
-        )?);
-    }
-    for arg in &args.models {
-        let (name, dir) = parse_model_arg(arg)?;
-        if models.iter().any(|m: &ServedModel| m.name == name) {
-            bail!("two models are named {name:?}: name them with NAME=DIR");
-        }
-        models.push(load_served(name, &dir, &Placement::of(&args)?)?);
-    }
     let (hosts, process) = match (&args.hosts, args.process) {
         (Some(file), Some(process)) => {
             let text = std::fs::read_to_string(file)
@@ -150,12 +136,27 @@ pub fn serve(args: ServeArgs) -> Result<()> {
         }
         _ => (Vec::new(), 0),
     };
+    let threads = args.workers.max(1);
+    let placement = placement(&args, threads, hosts.len().max(1), process)?;
+    let mut models = Vec::new();
+    if args.models.is_empty() {
+        // No --model: the embedded default (the keyword spotter of `tideway demo`).
+        let dir = crate::default_model::materialize()?;
+        models.push(placement.load(crate::default_model::NAME.to_string(), &dir)?);
+    }
+    for arg in &args.models {
+        let (name, dir) = parse_model_arg(arg)?;
+        if models.iter().any(|m: &ServedModel| m.name == name) {
+            bail!("two models are named {name:?}: name them with NAME=DIR");
+        }
+        models.push(placement.load(name, &dir)?);
+    }
     let positive = |x: f64| x.is_finite() && x > 0.0;
     if !positive(args.tick_ms) || !positive(args.idle_timeout_s) {
         bail!("--tick-ms and --idle-timeout-s must be positive");
     }
     let config = RuntimeConfig {
-        threads: args.workers.max(1),
+        threads,
         process,
         hosts,
         process_binary: args.process_binary,
@@ -163,6 +164,7 @@ pub fn serve(args: ServeArgs) -> Result<()> {
         epoch_tokens: args.epoch_tokens,
         idle_limit: Duration::from_secs_f64(args.idle_timeout_s),
         queue_capacity: args.queue_capacity.max(1),
+        plan: placement.plan,
     };
 
     // A worker that panics would leave its peers hung (timely cannot lose a worker, and a
@@ -209,113 +211,38 @@ pub fn serve(args: ServeArgs) -> Result<()> {
     result
 }
 
-/// Where a language model runs: split over a tensor-parallel group, or on a device.
-pub struct Placement {
-    parallel: ParallelArgs,
-    device: Device,
-    #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
-    dtype: crate::run::WeightStorage,
-    gpu_sessions: usize,
-}
-
-impl Placement {
-    fn of(args: &ServeArgs) -> Result<Self> {
-        if args.device == Device::Cpu && args.dtype != crate::run::WeightStorage::F32 {
-            bail!("--dtype bf16 is for --device cuda:N; the CPU path keeps f32 weights");
-        }
-        Ok(Placement {
-            parallel: args.parallel.clone(),
-            device: args.device,
-            dtype: args.dtype,
-            gpu_sessions: args.gpu_sessions,
-        })
+/// The one plan of where every model's stages run, from the command line: the pipeline over
+/// the workers of all `processes`, and the stages this `process` runs.
+fn placement(
+    args: &ServeArgs,
+    threads: usize,
+    processes: usize,
+    process: usize,
+) -> Result<Placement> {
+    if args.device == Device::Cpu && args.dtype != crate::run::WeightStorage::F32 {
+        bail!("--dtype bf16 is for --device cuda:N; the CPU path keeps f32 weights");
     }
-
-    fn cpu() -> Self {
-        Placement {
-            parallel: ParallelArgs::default(),
-            device: Device::Cpu,
-            dtype: crate::run::WeightStorage::F32,
-            gpu_sessions: 0,
-        }
-    }
-
-    fn load(&self, dir: &std::path::Path) -> Result<LanguageModel> {
-        match self.device {
-            Device::Cpu => LanguageModel::load(dir, &self.parallel),
-            #[cfg(feature = "cuda")]
-            device => {
-                let dtype = match self.dtype {
-                    crate::run::WeightStorage::F32 => tideway_kernels::gpu::WeightDtype::F32,
-                    crate::run::WeightStorage::Bf16 => tideway_kernels::gpu::WeightDtype::Bf16,
-                };
-                LanguageModel::load_gpu(
-                    dir,
-                    device,
-                    dtype,
-                    self.gpu_sessions.max(1),
-                    &self.parallel,
-                    crate::tensor_parallel::Wiring::Config,
-                )
-            }
-            #[cfg(not(feature = "cuda"))]
-            device => bail!(
-                "--device {device}: this tideway was built without CUDA support; build it with `cargo build --release --features cuda`"
-            ),
-        }
-    }
-}
-
-/// Loads one model to serve: a feature model (LMUFormer) or a language model (split over a
-/// tensor-parallel group with `--tensor-parallel`, or on a GPU with `--device`) with the
-/// `tokenizer.json` beside it, if any.
-fn load_served(name: String, dir: &std::path::Path, placement: &Placement) -> Result<ServedModel> {
-    let context = || format!("cannot load model {name:?} from {}", dir.display());
-    let kind = if is_lmuformer(dir).with_context(context)? {
-        // Feature models run whole (no tensor parallelism), on the CPU or the --device GPU.
-        let model = load_lmuformer(dir).with_context(context)?;
-        ServedKind::Features(Box::new(
-            FeatureModel::place(model, placement.device, placement.gpu_sessions.max(1))
-                .with_context(context)?,
-        ))
-    } else {
-        ServedKind::Language {
-            model: Box::new(placement.load(dir).with_context(context)?),
-            tokenizer: TextTokenizer::find(dir)
-                .with_context(context)?
-                .map(Box::new),
-        }
-    };
-    let served = ServedModel { name, kind };
-    match &served.kind {
-        ServedKind::Language { model, .. } => tracing::info!(
-            model = %served.name,
-            dir = %dir.display(),
-            family = served.family(),
-            tensor_parallel = model.ranks(),
-            device = %model.device(),
-            session_capacity = model.session_capacity().map_or("host memory".to_string(), |n| n.to_string()),
-            "loaded"
-        ),
-        ServedKind::Features(model) => tracing::info!(
-            model = %served.name,
-            dir = %dir.display(),
-            family = served.family(),
-            device = %model.device(),
-            session_capacity = model.session_capacity().map_or("host memory".to_string(), |n| n.to_string()),
-            "loaded"
-        ),
-    }
-    Ok(served)
+    let plan = Plan::new(threads * processes, args.pipeline).map_err(anyhow::Error::msg)?;
+    let first = plan.stage_of(process * threads);
+    let last = plan.stage_of(process * threads + threads - 1);
+    Ok(Placement {
+        parallel: args.parallel.clone(),
+        device: args.device,
+        dtype: args.dtype,
+        gpu_sessions: args.gpu_sessions,
+        plan,
+        local_stages: first..last + 1,
+    })
 }
 
 /// Starts a server inside this process on a free loopback port (for `tideway demo`): the
 /// same engine and gRPC services as `tideway serve`, one process, `workers` timely workers.
 /// Returns the address; the server runs until the process exits.
 pub fn start_in_process(models: Vec<(String, PathBuf)>, workers: usize) -> Result<SocketAddr> {
+    let placement = Placement::cpu(workers);
     let served = models
         .into_iter()
-        .map(|(name, dir)| load_served(name, &dir, &Placement::cpu()))
+        .map(|(name, dir)| placement.load(name, &dir))
         .collect::<Result<Vec<_>>>()?;
     let config = RuntimeConfig {
         threads: workers.max(1),
@@ -326,6 +253,7 @@ pub fn start_in_process(models: Vec<(String, PathBuf)>, workers: usize) -> Resul
         epoch_tokens: 0,
         idle_limit: Duration::from_secs(300),
         queue_capacity: 4096,
+        plan: placement.plan,
     };
     let engine = Engine::start(served, config)
         .map_err(|e| anyhow::anyhow!("cannot start the workers: {e}"))?;

@@ -15,7 +15,7 @@ use tideway_proto::tideway::v1 as pb;
 
 use super::engine::Engine;
 use super::messages::{self, Op, Reply, StepInput, session_key};
-use super::sessions::ServedKind;
+use super::served::ServedKind;
 use super::status::{inbound_error, op_status, submit_status};
 use tideway_operators::tokenizers::Frontend;
 
@@ -399,14 +399,8 @@ pub fn model_info(engine: &Engine, index: usize) -> pb::ModelInfo {
             ServedKind::Features(f) => f.config().labels.clone().unwrap_or_default(),
             ServedKind::Language { .. } => Vec::new(),
         },
-        session_capacity: match &m.kind {
-            ServedKind::Language { model, .. } => model.session_capacity().unwrap_or(0) as u64,
-            ServedKind::Features(model) => model.session_capacity().unwrap_or(0) as u64,
-        },
-        device: match &m.kind {
-            ServedKind::Language { model, .. } => model.device().to_string(),
-            ServedKind::Features(model) => model.device().to_string(),
-        },
+        session_capacity: m.session_capacity().unwrap_or(0) as u64,
+        device: m.device().to_string(),
     }
 }
 

@@ -1,0 +1,279 @@
+//! The models a node serves: what every process knows of each (name, kind, widths, front end,
+//! for the gRPC edge and the front-end stage) and the pieces of it that this process runs, by
+//! pipeline stage ([`StageModel`]), loaded for the placement that one plan decides.
+
+use std::path::Path;
+use std::sync::Arc;
+
+use anyhow::{Context, Result, bail};
+use tideway_operators::models::{
+    Model, ModelPart, is_lmuformer, load_lmuformer, load_model_part, model_layers,
+};
+use tideway_operators::tokenizers::text::TextTokenizer;
+
+use super::stages::Plan;
+use crate::device::Device;
+use crate::feature_model::FeatureModel;
+use crate::language_model::LanguageModel;
+use crate::tensor_parallel::ParallelArgs;
+
+/// What the edge and the front end read of a language model, wherever its pieces run.
+#[derive(Debug, Clone)]
+pub struct LmInfo {
+    pub family: &'static str,
+    pub vocab_size: usize,
+    pub output_width: usize,
+    /// Bytes of one session's state over all its layers (and ranks).
+    pub state_bytes: usize,
+    /// Bytes of the parameters this process holds.
+    pub weight_bytes: usize,
+    pub device: Device,
+    /// Sessions that fit (a GPU's state pool); None where host memory is the limit.
+    pub session_capacity: Option<usize>,
+}
+
+/// What a served model is: a language model (token ids in, logits out; text too with a
+/// tokenizer), or a feature model (feature, audio or sensor frames in, per-frame outputs).
+pub enum ServedKind {
+    Language {
+        info: LmInfo,
+        tokenizer: Option<Box<TextTokenizer>>,
+    },
+    Features(Arc<FeatureModel>),
+}
+
+/// What one pipeline stage of a model runs in this process.
+pub enum StageModel {
+    /// A CPU language model's layers `part.layers`, with the embedding (first stage) and the
+    /// final norm and head (last stage) where the part holds them.
+    Part(Box<Model>),
+    /// A language model that runs as one piece in the first stage: on a GPU, or split over a
+    /// tensor-parallel group.
+    Whole(Box<LanguageModel>),
+    /// A feature model (LMUFormer), whole in the first stage.
+    Features(Arc<FeatureModel>),
+}
+
+/// A model being served.
+pub struct ServedModel {
+    pub name: String,
+    pub kind: ServedKind,
+    /// By pipeline stage: what this process runs of the model there (None: another process
+    /// runs that stage, or the model runs whole in an earlier one).
+    pub stages: Vec<Option<StageModel>>,
+}
+
+impl ServedModel {
+    /// The vocabulary of a language model; 0 for a feature model.
+    pub fn vocab_size(&self) -> usize {
+        match &self.kind {
+            ServedKind::Language { info, .. } => info.vocab_size,
+            ServedKind::Features(_) => 0,
+        }
+    }
+
+    pub fn width(&self) -> usize {
+        match &self.kind {
+            ServedKind::Language { info, .. } => info.output_width,
+            ServedKind::Features(m) => m.num_classes(),
+        }
+    }
+
+    pub fn state_bytes(&self) -> usize {
+        match &self.kind {
+            ServedKind::Language { info, .. } => info.state_bytes,
+            ServedKind::Features(m) => m.state_bytes(),
+        }
+    }
+
+    pub fn weight_bytes(&self) -> usize {
+        match &self.kind {
+            ServedKind::Language { info, .. } => info.weight_bytes,
+            ServedKind::Features(m) => m.weight_bytes(),
+        }
+    }
+
+    pub fn family(&self) -> &'static str {
+        match &self.kind {
+            ServedKind::Language { info, .. } => info.family,
+            ServedKind::Features(m) => match m.config().variant {
+                tideway_operators::models::lmuformer::Variant::Plain => "lmuformer",
+                tideway_operators::models::lmuformer::Variant::Spiking => "spiking_lmuformer",
+            },
+        }
+    }
+
+    pub fn device(&self) -> Device {
+        match &self.kind {
+            ServedKind::Language { info, .. } => info.device,
+            ServedKind::Features(m) => m.device(),
+        }
+    }
+
+    pub fn session_capacity(&self) -> Option<usize> {
+        match &self.kind {
+            ServedKind::Language { info, .. } => info.session_capacity,
+            ServedKind::Features(m) => m.session_capacity(),
+        }
+    }
+
+    /// The output tensor's name: `logits` or `output`.
+    pub fn output_name(&self) -> &'static str {
+        match &self.kind {
+            ServedKind::Language { .. } => "logits",
+            ServedKind::Features(_) => "output",
+        }
+    }
+
+    pub fn is_language(&self) -> bool {
+        matches!(self.kind, ServedKind::Language { .. })
+    }
+
+    /// Feature rows' width (feature models), for counting rows.
+    pub fn in_channels(&self) -> usize {
+        match &self.kind {
+            ServedKind::Language { .. } => 1,
+            ServedKind::Features(m) => m.in_channels(),
+        }
+    }
+}
+
+/// Where models run: one plan for every model of the node, from the command line.
+pub struct Placement {
+    pub parallel: ParallelArgs,
+    pub device: Device,
+    pub dtype: crate::run::WeightStorage,
+    pub gpu_sessions: usize,
+    pub plan: Plan,
+    /// The pipeline stages this process's workers run.
+    pub local_stages: std::ops::Range<usize>,
+}
+
+impl Placement {
+    /// One process on the CPU, data placement (`tideway demo`).
+    pub fn cpu(workers: usize) -> Self {
+        Placement {
+            parallel: ParallelArgs::default(),
+            device: Device::Cpu,
+            dtype: crate::run::WeightStorage::F32,
+            gpu_sessions: 0,
+            plan: Plan::new(workers.max(1), 1).expect("one stage divides any count"),
+            local_stages: 0..1,
+        }
+    }
+
+    /// Whether a language model runs as one piece (GPU, tensor-parallel group) rather than
+    /// as CPU parts that the pipeline can split.
+    fn whole_language_models(&self) -> bool {
+        self.device != Device::Cpu || self.parallel.tensor_parallel != 1
+    }
+
+    /// Loads what this process runs of the model in `dir`, named `name`.
+    pub fn load(&self, name: String, dir: &Path) -> Result<ServedModel> {
+        let context = || format!("cannot load model {name:?} from {}", dir.display());
+        let stages = self.plan.stages;
+        let mut pieces: Vec<Option<StageModel>> = (0..stages).map(|_| None).collect();
+        let kind = if is_lmuformer(dir).with_context(context)? {
+            // Feature models are small and run whole in the first stage; every process
+            // holds one, since its front end and metadata answer at every node.
+            let model = load_lmuformer(dir).with_context(context)?;
+            let model = Arc::new(
+                FeatureModel::place(model, self.device, self.gpu_sessions.max(1))
+                    .with_context(context)?,
+            );
+            if self.local_stages.contains(&0) {
+                pieces[0] = Some(StageModel::Features(model.clone()));
+            }
+            ServedKind::Features(model)
+        } else {
+            let tokenizer = TextTokenizer::find(dir)
+                .with_context(context)?
+                .map(Box::new);
+            let info = if self.whole_language_models() {
+                if stages > 1 {
+                    bail!(
+                        "--pipeline splits models on the CPU without tensor parallelism; a model on a GPU or over a tensor-parallel group runs whole (leave out --pipeline)"
+                    );
+                }
+                let model = LanguageModel::load_placed(
+                    dir,
+                    self.device,
+                    self.dtype,
+                    self.gpu_sessions,
+                    &self.parallel,
+                    crate::tensor_parallel::Wiring::Config,
+                )
+                .with_context(context)?;
+                let info = LmInfo {
+                    family: model.family(),
+                    vocab_size: model.vocab_size(),
+                    output_width: model.output_width(),
+                    state_bytes: model.state_bytes(),
+                    weight_bytes: model.weight_bytes(),
+                    device: model.device(),
+                    session_capacity: model.session_capacity(),
+                };
+                pieces[0] = Some(StageModel::Whole(Box::new(model)));
+                info
+            } else {
+                let mut info = None;
+                let mut weight_bytes = 0;
+                let num_layers = model_layers(dir).with_context(context)?;
+                for stage in self.local_stages.clone() {
+                    let part = ModelPart::stage(stage, stages, num_layers).with_context(|| {
+                        format!(
+                            "cannot split model {name:?} ({num_layers} layers) into {stages} pipeline stages"
+                        )
+                    })?;
+                    let model = load_model_part(dir, part).with_context(context)?;
+                    weight_bytes += model.weight_bytes();
+                    if info.is_none() {
+                        info = Some(LmInfo {
+                            family: model.family(),
+                            vocab_size: model.vocab_size(),
+                            output_width: model.output_width(),
+                            state_bytes: session_state_bytes(dir, num_layers)
+                                .with_context(context)?,
+                            weight_bytes: 0,
+                            device: Device::Cpu,
+                            session_capacity: None,
+                        });
+                    }
+                    pieces[stage] = Some(StageModel::Part(Box::new(model)));
+                }
+                let mut info = info.context("this process runs no stage of the model")?;
+                info.weight_bytes = weight_bytes;
+                info
+            };
+            ServedKind::Language { info, tokenizer }
+        };
+        let served = ServedModel {
+            name,
+            kind,
+            stages: pieces,
+        };
+        tracing::info!(
+            model = %served.name,
+            dir = %dir.display(),
+            family = served.family(),
+            device = %served.device(),
+            stages = ?self.local_stages,
+            weight_bytes = served.weight_bytes(),
+            session_capacity = served.session_capacity().map_or("host memory".to_string(), |n| n.to_string()),
+            "loaded"
+        );
+        Ok(served)
+    }
+}
+
+/// Bytes of one session's state over the model's `num_layers` layers, wherever they run:
+/// every layer of a family holds the same state, so one layer (read from the mapped
+/// checkpoint, then dropped) gives it.
+fn session_state_bytes(dir: &Path, num_layers: usize) -> Result<usize> {
+    let one = ModelPart {
+        layers: 0..1,
+        embed: false,
+        head: false,
+    };
+    Ok(load_model_part(dir, one)?.state_bytes() * num_layers)
+}

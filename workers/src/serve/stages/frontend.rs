@@ -1,0 +1,203 @@
+//! The `frontend` stage: at each session's owner, the session lifecycle and the model's front
+//! end — text to token ids, audio samples to normalised fbank frames, sensor frames to
+//! patches — with each session's carry-over (an unfinished word or character, samples of an
+//! unfinished window, frames of an unfinished patch).
+//!
+//! ```ignore
+//! let (envelopes, events) = requests.frontend(plan, lifecycle);
+//! ```
+
+use std::time::{Duration, Instant};
+
+use timely::dataflow::StreamVec;
+use timely::dataflow::channels::pact::Exchange;
+use timely::dataflow::operators::OkErr;
+
+use tideway_operators::tokenizers::Frontend as FrontendKind;
+use tideway_operators::tokenizers::audio::AudioStream;
+use tideway_operators::tokenizers::sensor::SensorStream;
+use tideway_operators::tokenizers::text::TextStream;
+
+use super::super::messages::{Request, SessionEvent, StepInput};
+use super::super::served::{ServedKind, ServedModel};
+use super::lifecycle::Lifecycle;
+use super::{Body, Envelope, EpochLogic, Plan, epoch_stage};
+
+/// A session's front-end carry-over.
+pub enum Carry {
+    Text(TextStream),
+    Features {
+        audio: Option<Box<AudioStream>>,
+        sensor: SensorStream,
+    },
+}
+
+/// Why a front end refused a chunk (the message says what the model takes).
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct FrontendError(String);
+
+impl Carry {
+    pub fn new(served: &ServedModel) -> Self {
+        match &served.kind {
+            ServedKind::Language { .. } => Carry::Text(TextStream::default()),
+            ServedKind::Features(m) => Carry::Features {
+                audio: m.audio_frontend().map(|a| Box::new(a.new_stream())),
+                sensor: SensorStream::default(),
+            },
+        }
+    }
+
+    /// Raw input → what the model consumes: [`Body::Tokens`] for a language model, feature
+    /// rows for a feature model. Token ids were checked against the vocabulary at the edge.
+    pub fn push(
+        &mut self,
+        served: &ServedModel,
+        input: &StepInput,
+        end: bool,
+    ) -> Result<Body, FrontendError> {
+        let name = &served.name;
+        let refuse = |message: String| Err(FrontendError(message));
+        match (&served.kind, self) {
+            (ServedKind::Language { tokenizer, info }, Carry::Text(text)) => match input {
+                StepInput::Tokens(tokens) => Ok(Body::Tokens(tokens.clone())),
+                StepInput::Text(bytes) => {
+                    let Some(tokenizer) = tokenizer else {
+                        return refuse(format!(
+                            "model {name:?} has no tokenizer (no tokenizer.json beside its checkpoint): send token ids"
+                        ));
+                    };
+                    let ids = tokenizer
+                        .push(text, bytes, end)
+                        .map_err(|e| FrontendError(e.to_string()))?;
+                    tideway_operators::models::check_token_ids(&ids, info.vocab_size, 0)
+                        .map_err(|e| FrontendError(e.to_string()))?;
+                    Ok(Body::Tokens(ids))
+                }
+                StepInput::Audio { .. } | StepInput::Frames { .. } => refuse(format!(
+                    "model {name:?} is a language model: it takes token ids (`tokens`) or text, not audio samples or frames"
+                )),
+            },
+            (ServedKind::Features(m), Carry::Features { audio, sensor }) => {
+                let c = m.in_channels();
+                match (input, m.frontend()) {
+                    (StepInput::Tokens(t), _) if t.is_empty() => Ok(Body::Features(Vec::new())),
+                    (StepInput::Tokens(_) | StepInput::Text(_), _) => refuse(format!(
+                        "model {name:?} is a feature model: it takes audio samples or frames, not tokens or text"
+                    )),
+                    (StepInput::Audio { samples, rate }, Some(FrontendKind::Audio(front))) => {
+                        let stream = audio.as_mut().expect("audio models have an audio stream");
+                        front
+                            .push(stream, samples, *rate, end)
+                            .map(Body::Features)
+                            .map_err(|e| FrontendError(e.to_string()))
+                    }
+                    (StepInput::Audio { .. }, _) => refuse(format!(
+                        "model {name:?} has no audio front end (no \"frontend\" of kind \"kaldi_fbank\" in its config.json): send feature frames"
+                    )),
+                    (StepInput::Frames { values, width }, Some(FrontendKind::Sensor(front))) => {
+                        front
+                            .push(sensor, values, *width as usize, end)
+                            .map(Body::Features)
+                            .map_err(|e| FrontendError(e.to_string()))
+                    }
+                    (StepInput::Frames { values, width }, _) => {
+                        if *width as usize != c || values.len() % c != 0 {
+                            return refuse(format!(
+                                "frames of {width} values; model {name:?} takes feature frames of {c} values"
+                            ));
+                        }
+                        Ok(Body::Features(values.clone()))
+                    }
+                }
+            }
+            _ => refuse(format!("the session does not belong to model {name:?}")),
+        }
+    }
+}
+
+/// What the front end emits: envelopes for the stages, and changes to the live set for the
+/// control plane.
+#[derive(Clone, Debug)]
+enum FrontendOut {
+    Envelope(Envelope),
+    Event(SessionEvent),
+}
+
+/// How often idle sessions are looked for.
+const SWEEP_EVERY: Duration = Duration::from_millis(250);
+
+struct FrontendLogic {
+    lifecycle: Lifecycle,
+    last_sweep: Instant,
+}
+
+impl EpochLogic<Request, FrontendOut> for FrontendLogic {
+    fn epoch(&mut self, requests: Vec<Request>, out: &mut Vec<FrontendOut>) {
+        let now = Instant::now();
+        for request in requests {
+            out.push(FrontendOut::Envelope(self.lifecycle.admit(request, now)));
+        }
+        out.extend(
+            self.lifecycle
+                .take_events()
+                .into_iter()
+                .map(FrontendOut::Event),
+        );
+    }
+
+    fn idle(&mut self, out: &mut Vec<FrontendOut>) {
+        if self.last_sweep.elapsed() < SWEEP_EVERY {
+            return;
+        }
+        self.last_sweep = Instant::now();
+        let forgets = self.lifecycle.expire_idle(self.last_sweep);
+        out.extend(forgets.into_iter().map(FrontendOut::Envelope));
+        out.extend(
+            self.lifecycle
+                .take_events()
+                .into_iter()
+                .map(FrontendOut::Event),
+        );
+    }
+}
+
+/// The front-end stage on a stream of requests.
+pub trait Frontend<'s> {
+    /// Routes each request to its session's owner, runs the lifecycle and the front end
+    /// there; returns the envelopes for the next stage and the live-set changes.
+    fn frontend(
+        self,
+        plan: Plan,
+        lifecycle: Lifecycle,
+    ) -> (
+        StreamVec<'s, u64, Envelope>,
+        StreamVec<'s, u64, SessionEvent>,
+    );
+}
+
+impl<'s> Frontend<'s> for StreamVec<'s, u64, Request> {
+    fn frontend(
+        self,
+        plan: Plan,
+        lifecycle: Lifecycle,
+    ) -> (
+        StreamVec<'s, u64, Envelope>,
+        StreamVec<'s, u64, SessionEvent>,
+    ) {
+        let logic = FrontendLogic {
+            lifecycle,
+            last_sweep: Instant::now(),
+        };
+        let out = epoch_stage(
+            self,
+            Exchange::new(move |r: &Request| plan.owner(r.session)),
+            "Frontend",
+            logic,
+        );
+        out.ok_err(|o| match o {
+            FrontendOut::Envelope(e) => Ok(e),
+            FrontendOut::Event(e) => Err(e),
+        })
+    }
+}

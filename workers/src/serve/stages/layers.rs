@@ -1,0 +1,391 @@
+//! The `layers(k)` stage: pipeline stage `k` of every model's layers, on the workers the plan
+//! gives it. It keeps each session's recurrent state for its layers (keyed by session) and
+//! runs each round of an epoch as one packed batch per model: one GEMM over every session's
+//! rows, per-session recurrences. The first stage embeds token ids; a model that runs as one
+//! piece (GPU, tensor-parallel group, LMUFormer) runs whole in the first stage and its outputs
+//! pass the later ones untouched.
+//!
+//! ```ignore
+//! let hidden = envelopes.layers(0, plan, models.clone(), Some(board.clone()));
+//! let hidden = hidden.layers(1, plan, models.clone(), None);
+//! ```
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Instant;
+
+use timely::dataflow::StreamVec;
+use timely::dataflow::channels::pact::Exchange;
+
+use tideway_operators::ForwardError;
+use tideway_operators::layers::frames::Frames;
+use tideway_operators::models::SessionState;
+use tideway_operators::tensor_parallel::Residual;
+
+use super::super::messages::{OpError, SessionKey};
+use super::super::served::{ServedModel, StageModel};
+use super::super::stats::StatsBoard;
+use super::{Body, Envelope, EpochLogic, Plan, epoch_stage, rounds};
+use crate::feature_model::{FeatureError, FeatureState};
+use crate::language_model::LmState;
+
+/// One session's state in one stage.
+enum StageState {
+    Part(SessionState),
+    Whole(LmState),
+    Features(Box<FeatureState>),
+}
+
+impl StageState {
+    fn new(piece: &StageModel) -> Result<Self, OpError> {
+        Ok(match piece {
+            StageModel::Part(m) => StageState::Part(m.new_state()),
+            StageModel::Whole(m) => StageState::Whole(m.new_state().map_err(OpError::Capacity)?),
+            StageModel::Features(m) => {
+                StageState::Features(Box::new(m.new_stream().map_err(OpError::Capacity)?))
+            }
+        })
+    }
+
+    /// Tokens consumed (language models) or output frames emitted (feature models).
+    fn position(&self) -> u64 {
+        (match self {
+            StageState::Part(s) => s.position(),
+            StageState::Whole(s) => s.position(),
+            StageState::Features(s) => s.frames_out(),
+        }) as u64
+    }
+}
+
+/// An envelope of the round with, while it is being computed, its session's state.
+struct Slot {
+    envelope: Envelope,
+    state: Option<StageState>,
+    compute: bool,
+}
+
+struct LayersLogic {
+    stage: usize,
+    models: Arc<Vec<ServedModel>>,
+    states: HashMap<SessionKey, StageState>,
+    /// The first stage reports each epoch to the board.
+    board: Option<Arc<StatsBoard>>,
+}
+
+impl EpochLogic<Envelope, Envelope> for LayersLogic {
+    fn epoch(&mut self, envelopes: Vec<Envelope>, out: &mut Vec<Envelope>) {
+        let started = Instant::now();
+        let count = envelopes.len();
+        let mut rows = 0;
+        for round in rounds(envelopes) {
+            rows += self.run_round(round, out);
+        }
+        if let Some(board) = &self.board {
+            board.record_epoch(count, started.elapsed(), rows as u64);
+        }
+    }
+}
+
+impl LayersLogic {
+    /// Runs one round (at most one envelope per session); returns the rows computed.
+    fn run_round(&mut self, round: Vec<Envelope>, out: &mut Vec<Envelope>) -> usize {
+        let models = self.models.clone();
+        let first = self.stage == 0;
+        let mut slots: Vec<Slot> = Vec::with_capacity(round.len());
+        for mut envelope in round {
+            let served = &models[envelope.model as usize];
+            let Some(piece) = served.stages.get(self.stage).and_then(Option::as_ref) else {
+                // Another stage runs this model (or it ran whole in an earlier one).
+                slots.push(Slot {
+                    envelope,
+                    state: None,
+                    compute: false,
+                });
+                continue;
+            };
+            let key = envelope.session;
+            if matches!(envelope.body, Body::Forget) {
+                self.states.remove(&key);
+            }
+            if matches!(envelope.body, Body::Failed(_) | Body::Forget) {
+                slots.push(Slot {
+                    envelope,
+                    state: None,
+                    compute: false,
+                });
+                continue;
+            }
+            if envelope.start {
+                self.states.remove(&key);
+                match StageState::new(piece) {
+                    Ok(state) => {
+                        self.states.insert(key, state);
+                    }
+                    Err(e) => envelope.body = Body::Failed(e),
+                }
+            }
+            let state = match self.states.remove(&key) {
+                Some(state) => Some(state),
+                None if matches!(envelope.body, Body::Failed(_)) => None,
+                None => {
+                    envelope.body = Body::Failed(OpError::UnknownSession {
+                        name: envelope.name.clone(),
+                    });
+                    None
+                }
+            };
+            if first && let Some(state) = &state {
+                envelope.position = state.position();
+                envelope.position_after = envelope.position;
+            }
+            let compute = state.is_some()
+                && match &envelope.body {
+                    Body::Tokens(t) => !t.is_empty(),
+                    Body::Hidden { .. } => true,
+                    // A feature stream's end flushes its lookahead.
+                    Body::Features(f) => !f.is_empty() || envelope.end,
+                    _ => false,
+                };
+            slots.push(Slot {
+                envelope,
+                state,
+                compute,
+            });
+        }
+
+        let mut computed = 0;
+        for (model, served) in models.iter().enumerate() {
+            let Some(piece) = served.stages.get(self.stage).and_then(Option::as_ref) else {
+                continue;
+            };
+            let mut batch: Vec<&mut Slot> = slots
+                .iter_mut()
+                .filter(|s| s.compute && s.envelope.model == model as u32)
+                .collect();
+            if batch.is_empty() {
+                continue;
+            }
+            // Tokens or frames in (the first stage's input).
+            computed += batch
+                .iter()
+                .map(|s| match &s.envelope.body {
+                    Body::Tokens(t) => t.len(),
+                    Body::Features(f) => f.len() / served.in_channels().max(1),
+                    _ => 0,
+                })
+                .sum::<usize>();
+            run_batch(piece, served.in_channels(), &mut batch);
+        }
+
+        for mut slot in slots {
+            if let Some(state) = slot.state.take() {
+                if first {
+                    slot.envelope.position_after = state.position();
+                }
+                if !slot.envelope.end {
+                    self.states.insert(slot.envelope.session, state);
+                }
+            }
+            out.push(slot.envelope);
+        }
+        computed
+    }
+}
+
+/// Runs one model's packed batch through this stage's piece; every slot's body becomes the
+/// piece's output (or the batch's error).
+fn run_batch(piece: &StageModel, in_channels: usize, batch: &mut [&mut Slot]) {
+    let result = match piece {
+        StageModel::Part(model) => run_part(model, batch),
+        StageModel::Whole(model) => {
+            let mut tokens = Vec::new();
+            let mut lens = Vec::new();
+            for slot in batch.iter() {
+                if let Body::Tokens(t) = &slot.envelope.body {
+                    tokens.extend_from_slice(t);
+                    lens.push(t.len());
+                }
+            }
+            let mut states: Vec<&mut LmState> = batch
+                .iter_mut()
+                .filter_map(|s| match &mut s.state {
+                    Some(StageState::Whole(state)) => Some(state),
+                    _ => None,
+                })
+                .collect();
+            model
+                .forward_packed(&tokens, &lens, &mut states)
+                .map_err(forward_error)
+                .map(|logits| outputs(logits.into_vec(), &lens, model.output_width()))
+        }
+        StageModel::Features(model) => {
+            let mut data = Vec::new();
+            let mut counts = Vec::new();
+            let mut ends = Vec::new();
+            for slot in batch.iter() {
+                if let Body::Features(f) = &slot.envelope.body {
+                    data.extend_from_slice(f);
+                    counts.push(f.len() / in_channels);
+                    ends.push(slot.envelope.end);
+                }
+            }
+            let input = Frames {
+                data,
+                width: in_channels,
+                counts,
+            };
+            let mut states: Vec<&mut FeatureState> = batch
+                .iter_mut()
+                .filter_map(|s| match &mut s.state {
+                    Some(StageState::Features(state)) => Some(&mut **state),
+                    _ => None,
+                })
+                .collect();
+            model
+                .forward(&mut states, &input, &ends)
+                .map(|out| outputs(out.data, &out.counts, model.num_classes()))
+                .map_err(|e| match e {
+                    FeatureError::Input(e) => OpError::Input(e.to_string()),
+                    FeatureError::Device(e) => OpError::Unavailable(e),
+                })
+        }
+    };
+    match result {
+        Ok(bodies) => {
+            for (slot, body) in batch.iter_mut().zip(bodies) {
+                slot.envelope.body = body;
+            }
+        }
+        Err(e) => {
+            for slot in batch.iter_mut() {
+                slot.envelope.body = Body::Failed(e.clone());
+            }
+        }
+    }
+}
+
+/// A CPU language model's part over the batch: the embedding where the part starts the
+/// model, then its layers; the residual stream goes on, split by session.
+fn run_part(
+    model: &tideway_operators::models::Model,
+    batch: &mut [&mut Slot],
+) -> Result<Vec<Body>, OpError> {
+    let d = model.hidden_size();
+    let mut lens = Vec::with_capacity(batch.len());
+    let residual = if model.part().embed {
+        let mut tokens = Vec::new();
+        for slot in batch.iter() {
+            if let Body::Tokens(t) = &slot.envelope.body {
+                tokens.extend_from_slice(t);
+                lens.push(t.len());
+            }
+        }
+        model
+            .embed(&tokens)
+            .map_err(|e| OpError::Input(e.to_string()))?
+    } else {
+        let mut residual = Residual::default();
+        let mut pending = Vec::new();
+        for slot in batch.iter_mut() {
+            if let Body::Hidden { values, pending: p } = &mut slot.envelope.body {
+                lens.push(values.len() / d);
+                residual.values.append(values);
+                if let Some(p) = p {
+                    pending.append(p);
+                }
+            }
+        }
+        // Every session's stream stopped after the same sub-block: all or none pending.
+        if !pending.is_empty() {
+            residual.pending = Some(pending);
+        }
+        residual
+    };
+    if lens.len() != batch.len() {
+        return Err(OpError::Input(format!(
+            "layers {:?} got input of another kind than the stage before hands on",
+            model.part().layers
+        )));
+    }
+    let mut states: Vec<&mut SessionState> = batch
+        .iter_mut()
+        .filter_map(|s| match &mut s.state {
+            Some(StageState::Part(state)) => Some(state),
+            _ => None,
+        })
+        .collect();
+    let residual = model
+        .forward_layers(residual, &lens, &mut states)
+        .map_err(|e| OpError::Input(e.to_string()))?;
+    let mut values = residual.values.into_iter();
+    let mut pending = residual.pending.map(Vec::into_iter);
+    Ok(lens
+        .iter()
+        .map(|&len| Body::Hidden {
+            values: values.by_ref().take(len * d).collect(),
+            pending: pending.as_mut().map(|p| p.by_ref().take(len * d).collect()),
+        })
+        .collect())
+}
+
+/// Splits `[rows, width]` outputs by session (`counts[i]` rows each).
+fn outputs(values: Vec<f32>, counts: &[usize], width: usize) -> Vec<Body> {
+    let mut rest = values.as_slice();
+    counts
+        .iter()
+        .map(|&rows| {
+            let (mine, tail) = rest.split_at(rows * width);
+            rest = tail;
+            Body::Output {
+                rows: rows as u32,
+                values: mine.to_vec(),
+            }
+        })
+        .collect()
+}
+
+/// A model's failure as the client sees it: its input, or the group or device it runs on.
+pub fn forward_error(e: ForwardError) -> OpError {
+    match e {
+        ForwardError::Input(e) => OpError::Input(e.to_string()),
+        // A tensor-parallel rank or its transport failed, or the GPU.
+        ForwardError::Group(e) => OpError::Unavailable(e.to_string()),
+        ForwardError::Device(e) => OpError::Unavailable(e),
+    }
+}
+
+/// The layers stage on a stream of envelopes.
+pub trait Layers<'s> {
+    /// Runs pipeline stage `stage` of every model on the workers `plan` gives it; the first
+    /// stage reports each epoch to `board`.
+    fn layers(
+        self,
+        stage: usize,
+        plan: Plan,
+        models: Arc<Vec<ServedModel>>,
+        board: Option<Arc<StatsBoard>>,
+    ) -> StreamVec<'s, u64, Envelope>;
+}
+
+impl<'s> Layers<'s> for StreamVec<'s, u64, Envelope> {
+    fn layers(
+        self,
+        stage: usize,
+        plan: Plan,
+        models: Arc<Vec<ServedModel>>,
+        board: Option<Arc<StatsBoard>>,
+    ) -> StreamVec<'s, u64, Envelope> {
+        let logic = LayersLogic {
+            stage,
+            models,
+            states: HashMap::new(),
+            board,
+        };
+        epoch_stage(
+            self,
+            Exchange::new(move |e: &Envelope| plan.stage_worker(stage, e.session)),
+            &format!("Layers{stage}"),
+            logic,
+        )
+    }
+}

@@ -1,0 +1,253 @@
+//! The model stages of the serving dataflow, one timely operator per file, and the records
+//! that flow between them.
+//!
+//! ```text
+//! requests --exchange(owner)--> frontend --> prune --exchange(stage 0)--> layers(0)
+//!   --exchange(stage 1)--> layers(1) ... layers(K-1) --> head --exchange(origin)--> egress
+//! ```
+//!
+//! Every request becomes one [`Envelope`] that passes every stage in order, so that each
+//! stage sees the session start, its inputs and its end, and keeps only its own part of the
+//! session's state (the front end's carry-over, a stage's layers' recurrent state), keyed by
+//! session. A stage transforms the envelope's [`Body`] (raw input → tokens → residual stream
+//! → outputs) or hands it on untouched (an error, a probe, a stage that is not its model's).
+//! The [`Plan`] says which worker runs each stage of a session.
+
+pub mod egress;
+pub mod frontend;
+pub mod head;
+pub mod layers;
+pub mod lifecycle;
+pub mod prune;
+
+use std::collections::{BTreeMap, HashMap};
+
+use serde::{Deserialize, Serialize};
+use timely::container::CapacityContainerBuilder;
+use timely::dataflow::StreamVec;
+use timely::dataflow::channels::pact::ParallelizationContract;
+use timely::dataflow::operators::Capability;
+use timely::dataflow::operators::generic::Operator;
+
+use super::messages::{OpError, SessionKey};
+
+/// One request on its way through the stages.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Envelope {
+    /// The request's id at its origin; 0 for a record no one waits for (an expiry).
+    pub id: u64,
+    /// Global index of the worker that took the request in (egress answers there).
+    pub origin: u32,
+    pub session: SessionKey,
+    pub model: u32,
+    pub name: String,
+    /// Global index of the worker whose front end owns the session.
+    pub owner: u32,
+    /// The session starts here (every stage makes fresh state for it).
+    pub start: bool,
+    /// The session ends after this request (every stage frees its state after it).
+    pub end: bool,
+    /// Session position before and after this request (set by the first layers stage).
+    pub position: u64,
+    pub position_after: u64,
+    pub body: Body,
+}
+
+/// What an envelope carries at this point of the graph.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub enum Body {
+    /// Token ids (a language model's input after the front end).
+    Tokens(Vec<u32>),
+    /// Feature rows `[rows, in_channels]` (a feature model's input after the front end).
+    Features(Vec<f32>),
+    /// The residual stream between layer stages (`[rows, hidden]`) and the last sub-block's
+    /// output not yet added to it (ladder wiring).
+    Hidden {
+        values: Vec<f32>,
+        pending: Option<Vec<f32>>,
+    },
+    /// The model's outputs (`[rows, width]`: logits or per-frame outputs).
+    Output { rows: u32, values: Vec<f32> },
+    /// Asks where the session is (a resume).
+    Probe,
+    /// The session was freed without a request (idle expiry): stages drop their state.
+    Forget,
+    /// Answered with an error; later stages hand it on to egress.
+    Failed(OpError),
+}
+
+/// Where each stage of a session runs: `data` placement (one stage: everything on the
+/// session's owner) or a pipeline of `stages` stages, each on its own `workers / stages`
+/// workers (a stage's lane is picked by session).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Plan {
+    /// Workers of the whole cluster.
+    pub workers: usize,
+    /// Pipeline stages of every model's layers (1: data placement).
+    pub stages: usize,
+}
+
+impl Plan {
+    /// A plan, or why the workers do not split into that many stages.
+    pub fn new(workers: usize, stages: usize) -> Result<Self, String> {
+        if stages == 0 || workers == 0 || !workers.is_multiple_of(stages) {
+            return Err(format!(
+                "--pipeline {stages} needs a number of workers (all processes together) that it divides; there are {workers}"
+            ));
+        }
+        Ok(Plan { workers, stages })
+    }
+
+    /// The worker whose front end owns `session`.
+    pub fn owner(&self, session: SessionKey) -> u64 {
+        session % self.workers as u64
+    }
+
+    /// The worker that runs pipeline stage `stage` (its layers) for `session`.
+    pub fn stage_worker(&self, stage: usize, session: SessionKey) -> u64 {
+        if self.stages == 1 {
+            return self.owner(session);
+        }
+        let lanes = (self.workers / self.stages) as u64;
+        stage as u64 * lanes + session % lanes
+    }
+
+    /// The stage a worker runs (data placement: every worker runs the one stage).
+    pub fn stage_of(&self, worker: usize) -> usize {
+        worker / (self.workers / self.stages)
+    }
+}
+
+/// The envelopes of one epoch in rounds: round `r` holds the `r`-th envelope of every session
+/// (in arrival order), so that one session's requests run in order while each round batches
+/// every session.
+pub fn rounds(envelopes: Vec<Envelope>) -> Vec<Vec<Envelope>> {
+    let mut seen: HashMap<SessionKey, usize> = HashMap::new();
+    let mut rounds: Vec<Vec<Envelope>> = Vec::new();
+    for envelope in envelopes {
+        let r = seen.entry(envelope.session).or_insert(0);
+        if rounds.len() <= *r {
+            rounds.push(Vec::new());
+        }
+        rounds[*r].push(envelope);
+        *r += 1;
+    }
+    rounds
+}
+
+/// What a stage does with each closed epoch's records, and between epochs.
+pub trait EpochLogic<I, O> {
+    /// All records of one epoch, once no more can arrive; outputs go to `out`.
+    fn epoch(&mut self, records: Vec<I>, out: &mut Vec<O>);
+
+    /// Called on every activation (about once per tick) with no records: time-driven work
+    /// such as expiry. Outputs go out at the input frontier.
+    fn idle(&mut self, _out: &mut Vec<O>) {}
+}
+
+/// The operator every stage is built on: gathers each epoch's records (routed by `pact`),
+/// runs the epoch once the input frontier has passed it (timely 0.32 has no notificator;
+/// see shared/RUNTIME-NOTES.md), and emits the outputs at that epoch.
+pub fn epoch_stage<'s, I, O, P, L>(
+    stream: StreamVec<'s, u64, I>,
+    pact: P,
+    name: &str,
+    mut logic: L,
+) -> StreamVec<'s, u64, O>
+where
+    I: Clone + 'static,
+    O: Clone + 'static,
+    P: ParallelizationContract<u64, Vec<I>>,
+    L: EpochLogic<I, O> + 'static,
+{
+    stream.unary_frontier::<CapacityContainerBuilder<Vec<O>>, _, _, _>(
+        pact,
+        name,
+        move |capability, _info| {
+            // Held at the input frontier so that `idle` can emit.
+            let mut idle_cap = Some(capability);
+            let mut stash: BTreeMap<u64, (Capability<u64>, Vec<I>)> = BTreeMap::new();
+            let mut out = Vec::new();
+            move |(input, frontier), output| {
+                input.for_each_stamp(|cap, data| {
+                    let (Some(&time), Some(retained)) = (cap.least(), cap.retain_least(0)) else {
+                        return;
+                    };
+                    let entry = stash.entry(time).or_insert_with(|| (retained, Vec::new()));
+                    for batch in data {
+                        entry.1.append(batch);
+                    }
+                });
+                while let Some(entry) = stash.first_entry() {
+                    if frontier.less_equal(entry.key()) {
+                        break;
+                    }
+                    let (cap, records) = entry.remove();
+                    logic.epoch(records, &mut out);
+                    if !out.is_empty() {
+                        output.session(&cap).give_iterator(out.drain(..));
+                    }
+                }
+                match frontier.frontier().first() {
+                    Some(&now) => {
+                        if let Some(cap) = idle_cap.as_mut() {
+                            cap.downgrade(&now);
+                        }
+                    }
+                    None => idle_cap = None,
+                }
+                if let Some(cap) = &idle_cap {
+                    logic.idle(&mut out);
+                    if !out.is_empty() {
+                        output.session(cap).give_iterator(out.drain(..));
+                    }
+                }
+            }
+        },
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_pipeline_gives_every_stage_its_own_workers() {
+        let plan = Plan::new(4, 2).unwrap();
+        for session in 0..64u64 {
+            let first = plan.stage_worker(0, session);
+            let second = plan.stage_worker(1, session);
+            assert!(first < 2 && (2..4).contains(&second));
+            assert_eq!(plan.stage_of(first as usize), 0);
+            assert_eq!(plan.stage_of(second as usize), 1);
+        }
+        let data = Plan::new(3, 1).unwrap();
+        assert_eq!(data.stage_worker(0, 7), data.owner(7));
+        assert!(Plan::new(3, 2).unwrap_err().contains("divides"));
+    }
+
+    #[test]
+    fn rounds_keep_each_sessions_order() {
+        let envelope = |session, id| Envelope {
+            id,
+            origin: 0,
+            session,
+            model: 0,
+            name: String::new(),
+            owner: 0,
+            start: false,
+            end: false,
+            position: 0,
+            position_after: 0,
+            body: Body::Probe,
+        };
+        let r = rounds(vec![
+            envelope(1, 1),
+            envelope(2, 2),
+            envelope(1, 3),
+            envelope(1, 4),
+        ]);
+        let ids: Vec<Vec<u64>> = r.iter().map(|r| r.iter().map(|e| e.id).collect()).collect();
+        assert_eq!(ids, vec![vec![1, 2], vec![3], vec![4]]);
+    }
+}
