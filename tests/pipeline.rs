@@ -85,6 +85,85 @@ async fn check_every_model(url: &str, fixtures: &[(String, PathBuf)], label: &st
     }
 }
 
+/// Every LMUFormer fixture, as (name, checkpoint dir); its frames are `input.safetensors`
+/// beside the checkpoint.
+fn feature_fixtures() -> Vec<(String, PathBuf)> {
+    let mut found: Vec<(String, PathBuf)> = std::fs::read_dir(fixtures_dir().join("lmu"))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|d| d.join("input.safetensors").exists())
+        .map(|d| {
+            let name = d.file_name().unwrap().to_string_lossy().into_owned();
+            (name, d.join("checkpoint"))
+        })
+        .collect();
+    found.sort();
+    found
+}
+
+/// Streams a feature fixture's frames to `model` in chunks of 1..=7 frames, the last one
+/// ending the stream (which flushes the lookahead); every output row.
+async fn stream_frames(url: &str, model: &str, checkpoint: &std::path::Path) -> Vec<f64> {
+    let input = read_tensor(
+        &checkpoint.parent().unwrap().join("input.safetensors"),
+        "input",
+    );
+    let channels = *input.shape.last().unwrap();
+    let frames = input.values.len() / channels;
+    let mut client = pb::streams_client::StreamsClient::connect(url.to_string())
+        .await
+        .unwrap();
+    let mut requests = vec![pb::StreamRequest {
+        kind: Some(pb::stream_request::Kind::Start(pb::StreamStart {
+            model: model.into(),
+            ..Default::default()
+        })),
+    }];
+    let sizes = pseudo_random(frames, 7, 5);
+    let mut i = 0;
+    for size in sizes {
+        if i >= frames {
+            break;
+        }
+        let n = (size as usize + 1).min(frames - i);
+        requests.push(pb::StreamRequest {
+            kind: Some(pb::stream_request::Kind::Chunk(pb::StreamChunk {
+                frames: input.values[i * channels..(i + n) * channels]
+                    .iter()
+                    .map(|&v| v as f32)
+                    .collect(),
+                channels: channels as u32,
+                end: i + n == frames,
+                ..Default::default()
+            })),
+        });
+        i += n;
+    }
+    let inbound = client
+        .open(tokio_stream::iter(requests))
+        .await
+        .unwrap()
+        .into_inner();
+    output_rows(inbound).await.unwrap()
+}
+
+/// Every feature fixture streamed through `url` and through the single worker at `single`.
+async fn check_feature_models(
+    url: &str,
+    single: &str,
+    fixtures: &[(String, PathBuf)],
+    label: &str,
+) {
+    for (name, checkpoint) in fixtures {
+        let want = stream_frames(single, name, checkpoint).await;
+        let got = stream_frames(url, name, checkpoint).await;
+        assert!(!want.is_empty());
+        let err = relative_error(&got, &want);
+        println!("{label}: {name}: {err:.2e} vs the single worker");
+        assert!(err <= 1e-5, "{label}: {name}: relative error {err:.3e}");
+    }
+}
+
 fn model_args(fixtures: &[(String, PathBuf)]) -> Vec<String> {
     fixtures
         .iter()
@@ -96,12 +175,24 @@ fn model_args(fixtures: &[(String, PathBuf)]) -> Vec<String> {
 async fn two_stages_on_two_workers_answer_like_run() {
     let fixtures = language_fixtures(1);
     assert!(fixtures.len() >= 20, "{fixtures:?}");
+    let features = feature_fixtures();
+    assert!(features.len() >= 7, "{features:?}");
     let mut args = model_args(&fixtures);
+    args.extend(model_args(&features));
+    let single_args = args.clone();
     // Records between the stages serialised as between processes.
     args.extend(["--workers", "2", "--pipeline", "2", "--process-binary"].map(String::from));
     let args: Vec<&str> = args.iter().map(String::as_str).collect();
     let server = Server::start(&args);
     check_every_model(&server.url(), &fixtures, "pipeline 2, 2 workers").await;
+    let single = Server::start(&single_args.iter().map(String::as_str).collect::<Vec<_>>());
+    check_feature_models(
+        &server.url(),
+        &single.url(),
+        &features,
+        "pipeline 2, 2 workers",
+    )
+    .await;
     // Concurrent streams of one model share each stage's batches.
     let (name, dir) = &fixtures[0];
     let url = server.url();
@@ -208,10 +299,13 @@ async fn pipeline_processes_hold_only_their_stages_and_answer_like_run() {
         "hf_odd_tied".to_string(),
         fixtures_dir().join("mamba/hf_odd_tied"),
     ));
-    let single_args = model_args(&fixtures);
+    let features = feature_fixtures();
+    let mut served = fixtures.clone();
+    served.extend(features.iter().cloned());
+    let single_args = model_args(&served);
     let single = Server::start(&single_args.iter().map(String::as_str).collect::<Vec<_>>());
     for (processes, stages) in [(2, 2), (4, 4)] {
-        let cluster = start_pipeline_cluster(processes, stages, &fixtures);
+        let cluster = start_pipeline_cluster(processes, stages, &served);
         for (p, server) in cluster.iter().enumerate() {
             check_every_model(
                 &server.url(),
@@ -220,7 +314,9 @@ async fn pipeline_processes_hold_only_their_stages_and_answer_like_run() {
             )
             .await;
         }
-        check_every_model(&cluster[0].url(), &fixtures, "every model").await;
+        let label = format!("pipeline {stages} over {processes} processes");
+        check_every_model(&cluster[0].url(), &fixtures, &label).await;
+        check_feature_models(&cluster[1].url(), &single.url(), &features, &label).await;
         // Each process holds its stages' layers (and the embedding or head at the ends),
         // never the whole model.
         for (name, _) in &fixtures {
