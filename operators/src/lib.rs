@@ -2,10 +2,12 @@
 //!
 //! - [`checkpoint`] — safetensors checkpoints (one file, many files, or a sharded index),
 //!   memory-mapped, with typed errors naming the tensor and shapes at fault;
-//! - [`mixers`] — the sequence mixers, one module each (`mamba`), with a packed-batch forward
-//!   that serves both the chunked (prefill) and the recurrent (step) form;
-//! - [`models`] — whole models (embedding, blocks, head) and [`models::load_model`], which reads
-//!   `config.json` and picks the model;
+//! - [`models`] — one folder per family (`mamba/`, `fla/`, `lmuformer/`): its config, CPU model,
+//!   mixers (each with a packed-batch forward serving both the chunked and the recurrent
+//!   form) and GPU model side by side; [`models::load_model`] reads `config.json` and picks
+//!   the family;
+//! - [`layers`], [`spiking`] — layers the families share;
+//! - [`gpu`] — what the GPU models share (slot pools, batch layouts, the GPU model enum);
 //! - [`tensor_parallel`] — tensor-parallel ranks and the Ladder Residual wiring.
 
 pub mod checkpoint;
@@ -13,7 +15,6 @@ pub mod error;
 #[cfg(feature = "cuda")]
 pub mod gpu;
 pub mod layers;
-pub mod mixers;
 pub mod models;
 pub mod spiking;
 pub mod state_dict;

@@ -4,16 +4,19 @@
 
 use std::path::PathBuf;
 
-use tideway_operators::models::{MambaLm, MambaState, Model, load_model};
+use tideway_operators::models::mamba::DEFAULT_PREFILL_CHUNK;
+use tideway_operators::models::{MambaState, Model, SessionState, load_model};
 
-fn load(name: &str) -> MambaLm {
+fn load(name: &str) -> Model {
     let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
         .join("../tests/fixtures/mamba")
         .join(name);
-    match load_model(&dir).unwrap_or_else(|e| panic!("{}: {e}", dir.display())) {
-        Model::Mamba(lm) => lm,
-        _ => panic!("{} is not a Mamba checkpoint", dir.display()),
-    }
+    load_model(&dir).unwrap_or_else(|e| panic!("{}: {e}", dir.display()))
+}
+
+/// A session's state as Mamba's own.
+fn mamba(state: &SessionState) -> &MambaState {
+    state.downcast_ref().expect("a Mamba session")
 }
 
 fn ids(count: usize, vocab: usize, seed: u32) -> Vec<u32> {
@@ -37,25 +40,26 @@ fn assert_close(got: &[f32], want: &[f32], what: &str) {
 fn batched_steps_at_different_positions_match_each_session_alone() {
     for name in ["hf_k4_sharded", "hf_odd_tied", "hf_bias_untied_k2"] {
         let lm = load(name);
-        let vocab = lm.config.vocab_size;
+        let vocab = lm.vocab_size();
         // Five sessions with prompts of different lengths (one empty: position 0).
         let prompts: Vec<Vec<u32>> = [0usize, 1, 3, 7, 12]
             .iter()
             .enumerate()
             .map(|(i, &len)| ids(len, vocab, i as u32 + 1))
             .collect();
-        let mut batched: Vec<MambaState> = Vec::new();
+        let mut batched: Vec<SessionState> = Vec::new();
         for p in &prompts {
             let mut s = lm.new_state();
             if !p.is_empty() {
-                lm.prefill(p, &mut s).unwrap();
+                lm.prefill_chunked(p, &mut s, DEFAULT_PREFILL_CHUNK)
+                    .unwrap();
             }
             batched.push(s);
         }
         let mut alone = batched.clone();
         for step in 0..6 {
             let tokens = ids(batched.len(), vocab, 100 + step);
-            let mut refs: Vec<&mut MambaState> = batched.iter_mut().collect();
+            let mut refs: Vec<&mut SessionState> = batched.iter_mut().collect();
             let together = lm.step(&tokens, &mut refs).unwrap();
             for (i, state) in alone.iter_mut().enumerate() {
                 let single = lm.step(&tokens[i..i + 1], &mut [state]).unwrap();
@@ -67,7 +71,8 @@ fn batched_steps_at_different_positions_match_each_session_alone() {
             }
         }
         for (b, a) in batched.iter().zip(&alone) {
-            assert_eq!(b.position, a.position);
+            assert_eq!(b.position(), a.position());
+            let (b, a) = (mamba(b), mamba(a));
             for (lb, la) in b.layers.iter().zip(&a.layers) {
                 assert_close(&lb.ssm, &la.ssm, &format!("{name} final ssm state"));
                 assert_close(&lb.conv, &la.conv, &format!("{name} final conv window"));
@@ -79,7 +84,7 @@ fn batched_steps_at_different_positions_match_each_session_alone() {
 #[test]
 fn packed_segments_of_different_lengths_match_each_alone() {
     let lm = load("hf_k4_sharded");
-    let vocab = lm.config.vocab_size;
+    let vocab = lm.vocab_size();
     let lens = [5usize, 1, 17, 2];
     let seqs: Vec<Vec<u32>> = lens
         .iter()
@@ -87,17 +92,19 @@ fn packed_segments_of_different_lengths_match_each_alone() {
         .map(|(i, &l)| ids(l, vocab, 7 + i as u32))
         .collect();
     let packed: Vec<u32> = seqs.concat();
-    let mut states: Vec<MambaState> = (0..lens.len()).map(|_| lm.new_state()).collect();
-    let mut refs: Vec<&mut MambaState> = states.iter_mut().collect();
+    let mut states: Vec<SessionState> = (0..lens.len()).map(|_| lm.new_state()).collect();
+    let mut refs: Vec<&mut SessionState> = states.iter_mut().collect();
     let out = lm.forward_packed(&packed, &lens, &mut refs).unwrap();
-    let width = lm.logits_width();
+    let width = lm.output_width();
     let mut row = 0;
     for (i, seq) in seqs.iter().enumerate() {
         let mut s = lm.new_state();
-        let alone = lm.prefill(seq, &mut s).unwrap();
+        let alone = lm
+            .prefill_chunked(seq, &mut s, DEFAULT_PREFILL_CHUNK)
+            .unwrap();
         let got = &out.data()[row * width..(row + seq.len()) * width];
         assert_close(got, alone.data(), &format!("segment {i}"));
-        assert_eq!(states[i].position, seq.len());
+        assert_eq!(states[i].position(), seq.len());
         row += seq.len();
     }
 }
@@ -105,7 +112,7 @@ fn packed_segments_of_different_lengths_match_each_alone() {
 #[test]
 fn chunked_and_recurrent_forms_leave_the_same_state() {
     let lm = load("hf_odd_tied");
-    let tokens = ids(29, lm.config.vocab_size, 3);
+    let tokens = ids(29, lm.vocab_size(), 3);
     let mut chunked = lm.new_state();
     let logits_chunked = lm.prefill_chunked(&tokens, &mut chunked, 4).unwrap();
     let mut recurrent = lm.new_state();
@@ -113,8 +120,8 @@ fn chunked_and_recurrent_forms_leave_the_same_state() {
         let row = lm.step(&[tok], &mut [&mut recurrent]).unwrap();
         assert_close(row.row(0), logits_chunked.row(t), &format!("token {t}"));
     }
-    assert_eq!(chunked.position, 29);
-    for (a, b) in chunked.layers.iter().zip(&recurrent.layers) {
+    assert_eq!(chunked.position(), 29);
+    for (a, b) in mamba(&chunked).layers.iter().zip(&mamba(&recurrent).layers) {
         assert_close(&a.ssm, &b.ssm, "ssm state");
         assert_close(&a.conv, &b.conv, "conv window");
     }
@@ -138,5 +145,5 @@ fn step_rejects_mismatched_batches_and_bad_ids() {
         "{err}"
     );
     // A refused step leaves the states untouched.
-    assert_eq!(a, lm.new_state());
+    assert_eq!(mamba(&a), mamba(&lm.new_state()));
 }

@@ -4,9 +4,6 @@
 //! The CPU models are the reference: `tideway gpu-check` compares the two on the committed
 //! fixtures. Every family runs here: Mamba, the linear-attention family and the LMUFormers.
 
-pub mod fla;
-pub mod lmuformer;
-pub mod mamba;
 pub mod tensor_parallel;
 
 use std::ops::Range;
@@ -21,12 +18,12 @@ use tideway_kernels::gpu::{
 use tideway_kernels::collective::CollectiveError;
 
 use crate::error::{InputError, LoadError};
-use crate::models::{RankCheckpoint, open_rank};
+use crate::models::config::ConfigJson;
 use tensor_parallel::{DeviceGroup, DeviceResidualStream};
 
-pub use fla::GpuFlaLm;
-pub use lmuformer::{GpuLmuFormer, GpuLmuSession};
-pub use mamba::GpuMambaLm;
+pub use crate::models::fla::gpu::GpuFlaLm;
+pub use crate::models::lmuformer::gpu::{GpuLmuFormer, GpuLmuSession};
+pub use crate::models::mamba::gpu::GpuMambaLm;
 
 /// Why a GPU model could not load or run.
 #[derive(Debug, thiserror::Error)]
@@ -49,7 +46,7 @@ pub enum GpuModelError {
 /// it returns the slot to the pool.
 #[derive(Debug)]
 pub struct GpuSession {
-    slot: usize,
+    pub(crate) slot: usize,
     pub position: usize,
     free_slots: Arc<Mutex<Vec<usize>>>,
 }
@@ -332,60 +329,81 @@ impl ChunkedScan {
     }
 }
 
-/// A GPU language model of any family the GPU path runs.
-pub enum GpuModel {
-    Mamba(Box<GpuMambaLm>),
-    Fla(Box<GpuFlaLm>),
+/// A language model of one family on a GPU: what every family's GPU model implements once
+/// (the device side of [`crate::models::LanguageFamily`]), its sessions' state in a
+/// device-resident pool.
+pub trait GpuLanguageFamily: Send {
+    fn gpu(&self) -> &Gpu;
+    fn family(&self) -> &'static str;
+    fn vocab_size(&self) -> usize;
+    fn logits_width(&self) -> usize;
+    /// Bytes of one session's state (on the device).
+    fn state_bytes(&self) -> usize;
+    fn weight_bytes(&self) -> usize;
+    /// Sessions the state pool holds.
+    fn session_capacity(&self) -> usize;
+    /// Rows per time chunk of the recurrences' chunked form for one long sequence.
+    fn set_scan_chunk(&mut self, rows: usize);
+    /// A fresh session: a free slot, its state zeroed.
+    fn new_session(&mut self) -> Result<GpuSession, GpuModelError>;
+    /// One rank's forward of a packed batch in a tensor-parallel group (logits only when
+    /// `logits`).
+    fn forward_in_group(
+        &mut self,
+        tokens: &[u32],
+        lens: &[usize],
+        sessions: &mut [&mut GpuSession],
+        group: &mut tensor_parallel::DeviceGroup<'_>,
+        logits: bool,
+    ) -> Result<Option<Tensor>, GpuModelError>;
+    fn ladder(&self) -> &[bool];
+    fn ladder_mut(&mut self) -> &mut Vec<bool>;
 }
 
+/// Where a GPU model loads: the device, its weights' storage, the state pool's size, and the
+/// tensor-parallel rank's shard.
+pub struct GpuPlacement {
+    pub gpu: Gpu,
+    pub dtype: WeightDtype,
+    pub max_sessions: usize,
+    pub rank: usize,
+    pub size: usize,
+}
+
+/// A GPU language model of any family the GPU path runs.
+pub struct GpuModel(Box<dyn GpuLanguageFamily>);
+
 impl GpuModel {
+    pub fn new(family: Box<dyn GpuLanguageFamily>) -> Self {
+        GpuModel(family)
+    }
+
     pub fn gpu(&self) -> &Gpu {
-        match self {
-            GpuModel::Mamba(m) => m.gpu(),
-            GpuModel::Fla(m) => m.gpu(),
-        }
+        self.0.gpu()
     }
 
     pub fn family(&self) -> &'static str {
-        match self {
-            GpuModel::Mamba(_) => "mamba",
-            GpuModel::Fla(m) => m.family(),
-        }
+        self.0.family()
     }
 
     pub fn vocab_size(&self) -> usize {
-        match self {
-            GpuModel::Mamba(m) => m.config.vocab_size,
-            GpuModel::Fla(m) => m.config.vocab_size,
-        }
+        self.0.vocab_size()
     }
 
     pub fn logits_width(&self) -> usize {
-        match self {
-            GpuModel::Mamba(m) => m.logits_width(),
-            GpuModel::Fla(m) => m.config.vocab_size,
-        }
+        self.0.logits_width()
     }
 
     pub fn state_bytes(&self) -> usize {
-        match self {
-            GpuModel::Mamba(m) => m.state_bytes(),
-            GpuModel::Fla(m) => m.state_bytes(),
-        }
+        self.0.state_bytes()
     }
 
     pub fn weight_bytes(&self) -> usize {
-        match self {
-            GpuModel::Mamba(m) => m.weight_bytes(),
-            GpuModel::Fla(m) => m.weight_bytes(),
-        }
+        self.0.weight_bytes()
     }
 
     pub fn session_capacity(&self) -> usize {
-        match self {
-            GpuModel::Mamba(m) => m.session_capacity(),
-            GpuModel::Fla(m) => m.session_capacity(),
-        }
+        self.0.session_capacity()
     }
 
     pub fn check_tokens(&self, tokens: &[u32], offset: usize) -> Result<(), InputError> {
@@ -394,17 +412,11 @@ impl GpuModel {
 
     /// Rows per time chunk of the recurrences' chunked form for one long sequence.
     pub fn set_scan_chunk(&mut self, rows: usize) {
-        match self {
-            GpuModel::Mamba(m) => m.set_scan_chunk(rows),
-            GpuModel::Fla(m) => m.set_scan_chunk(rows),
-        }
+        self.0.set_scan_chunk(rows)
     }
 
     pub fn new_session(&mut self) -> Result<GpuSession, GpuModelError> {
-        match self {
-            GpuModel::Mamba(m) => m.new_session(),
-            GpuModel::Fla(m) => m.new_session(),
-        }
+        self.0.new_session()
     }
 
     /// The packed batch (see `Model::forward_packed`): session `i` takes the next `lens[i]`
@@ -430,25 +442,17 @@ impl GpuModel {
         group: &mut tensor_parallel::DeviceGroup<'_>,
         logits: bool,
     ) -> Result<Option<Tensor>, GpuModelError> {
-        match self {
-            GpuModel::Mamba(m) => m.forward_in_group(tokens, lens, sessions, group, logits),
-            GpuModel::Fla(m) => m.forward_in_group(tokens, lens, sessions, group, logits),
-        }
+        self.0
+            .forward_in_group(tokens, lens, sessions, group, logits)
     }
 
     pub fn ladder_layers(&self) -> &[bool] {
-        match self {
-            GpuModel::Mamba(m) => &m.config.ladder,
-            GpuModel::Fla(m) => &m.config.ladder,
-        }
+        self.0.ladder()
     }
 
     /// Rewires the model (see `Model::set_ladder_layers`).
     pub fn set_ladder_layers(&mut self, ladder: Vec<bool>) {
-        let config_ladder = match self {
-            GpuModel::Mamba(m) => &mut m.config.ladder,
-            GpuModel::Fla(m) => &mut m.config.ladder,
-        };
+        let config_ladder = self.0.ladder_mut();
         assert_eq!(ladder.len(), config_ladder.len(), "one flag per layer");
         *config_ladder = ladder;
     }
@@ -466,7 +470,8 @@ pub fn load_gpu_model(
 }
 
 /// Loads rank `rank`'s shard of the model in `dir` (a tensor-parallel group of `size`) onto
-/// `gpu`: the same slices as the CPU ranks (`models::open_rank`).
+/// `gpu` through its family's GPU loader: the same slices as the CPU ranks (each family's
+/// `open`).
 pub fn load_gpu_model_rank(
     dir: &Path,
     gpu: Gpu,
@@ -475,20 +480,22 @@ pub fn load_gpu_model_rank(
     rank: usize,
     size: usize,
 ) -> Result<GpuModel, GpuModelError> {
-    Ok(match open_rank(dir, rank, size)? {
-        RankCheckpoint::Mamba(config, checkpoint) => GpuModel::Mamba(Box::new(GpuMambaLm::load(
-            config,
-            &checkpoint,
+    let config = ConfigJson::read(dir)?;
+    let Some(load) = crate::models::family::family_of(&config)?.load_gpu else {
+        return Err(GpuModelError::Load(LoadError::Unsupported {
+            path: config.path().to_path_buf(),
+            reason: "this model's family has no GPU model here; leave out --device".into(),
+        }));
+    };
+    load(
+        &config,
+        dir,
+        GpuPlacement {
             gpu,
             dtype,
             max_sessions,
-        )?)),
-        RankCheckpoint::Fla(config, checkpoint) => GpuModel::Fla(Box::new(GpuFlaLm::load(
-            config,
-            &checkpoint,
-            gpu,
-            dtype,
-            max_sessions,
-        )?)),
-    })
+            rank,
+            size,
+        },
+    )
 }

@@ -1,8 +1,10 @@
-//! Whole models, and [`load_model`], which reads a checkpoint directory's `config.json` and
-//! loads the model it describes. [`Model`] and [`SessionState`] give the serving and command
-//! layers one interface over every family.
+//! Whole models, one folder per family, and [`load_model`], which reads a checkpoint
+//! directory's `config.json` and loads the model it describes through the family registry
+//! ([`family::FAMILIES`]). [`Model`] and [`SessionState`] give the serving and command layers
+//! one interface over every language-model family ([`LanguageFamily`]).
 
 pub mod config;
+pub mod family;
 pub mod fla;
 pub mod lmuformer;
 pub mod mamba;
@@ -12,23 +14,14 @@ use std::path::Path;
 
 use tideway_kernels::Tensor;
 
-use crate::checkpoint::{Checkpoint, TensorShard};
 use crate::error::{ForwardError, InputError, LoadError};
 use crate::tensor_parallel::{Group, Residual, ResidualStream, single};
 use config::ConfigJson;
 
+pub use family::{FamilyState, LanguageFamily, SessionState, Shard};
 pub use fla::{FlaConfig, FlaLm, FlaState};
 pub use lmuformer::{LmuFormer, LmuFormerConfig, LmuFormerState};
 pub use mamba::{MambaConfig, MambaLm, MambaState};
-
-/// The fla model types Tideway loads.
-const FLA_TYPES: [&str; 5] = [
-    "gla",
-    "delta_net",
-    "gated_deltanet",
-    "retnet",
-    "linear_attn",
-];
 
 /// Which part of a model one placement holds: a contiguous range of layers, and whether the
 /// embedding (the first piece) and the final norm and head (the last piece) are there. A
@@ -68,79 +61,45 @@ impl ModelPart {
     }
 }
 
-/// Runs `$body` with `$m` bound to the family's model: the one place the CPU language-model
-/// families are told apart.
-macro_rules! each_family {
-    ($model:expr, $m:ident => $body:expr) => {
-        match $model {
-            Model::Mamba($m) => $body,
-            Model::Fla($m) => $body,
-        }
-    };
-}
-
-/// A loaded model of any supported family.
-pub enum Model {
-    Mamba(MambaLm),
-    Fla(FlaLm),
-}
-
-/// One session's recurrent state, for the model family that made it.
-#[derive(Debug, Clone, PartialEq)]
-pub enum SessionState {
-    Mamba(MambaState),
-    Fla(FlaState),
-}
-
-impl SessionState {
-    /// Tokens consumed so far.
-    pub fn position(&self) -> usize {
-        match self {
-            SessionState::Mamba(s) => s.position,
-            SessionState::Fla(s) => s.position,
-        }
-    }
-}
+/// A loaded language model of any family.
+pub struct Model(Box<dyn LanguageFamily>);
 
 impl Model {
+    pub fn new(family: Box<dyn LanguageFamily>) -> Self {
+        Model(family)
+    }
+
+    /// The family's own model type, when it is `T`.
+    pub fn as_family<T: LanguageFamily>(&self) -> Option<&T> {
+        let any: &dyn std::any::Any = &*self.0;
+        any.downcast_ref::<T>()
+    }
+
     pub fn family(&self) -> &'static str {
-        match self {
-            Model::Mamba(_) => "mamba",
-            Model::Fla(m) => match m.config.model_type.as_str() {
-                "gla" => "gla",
-                "delta_net" => "delta_net",
-                "gated_deltanet" => "gated_deltanet",
-                "retnet" => "retnet",
-                "linear_attn" => "linear_attn",
-                _ => "fla",
-            },
-        }
+        self.0.family()
     }
 
     /// Ids accepted as input: `0..vocab_size`.
     pub fn vocab_size(&self) -> usize {
-        each_family!(self, m => m.config.vocab_size)
+        self.0.vocab_size()
     }
 
     /// Width of the output rows (`logits` columns).
     pub fn output_width(&self) -> usize {
-        each_family!(self, m => m.logits_width())
+        self.0.logits_width()
     }
 
     pub fn new_state(&self) -> SessionState {
-        match self {
-            Model::Mamba(m) => SessionState::Mamba(m.new_state()),
-            Model::Fla(m) => SessionState::Fla(m.new_state()),
-        }
+        self.0.new_state()
     }
 
-    /// Bytes of one session's state.
+    /// Bytes of one session's state (of the layers this model holds).
     pub fn state_bytes(&self) -> usize {
-        each_family!(self, m => m.state_bytes())
+        self.0.state_bytes()
     }
 
     pub fn weight_bytes(&self) -> usize {
-        each_family!(self, m => m.weight_bytes())
+        self.0.weight_bytes()
     }
 
     pub fn check_tokens(&self, tokens: &[u32], offset: usize) -> Result<(), InputError> {
@@ -155,14 +114,14 @@ impl Model {
         lens: &[usize],
         states: &mut [&mut SessionState],
     ) -> Result<Tensor, InputError> {
-        crate::tensor_parallel::single(|group| {
-            self.forward_in_group(tokens, lens, states, group, true)
-        })
-        .map(|logits| logits.expect("logits were asked for"))
+        single(|group| self.forward_in_group(tokens, lens, states, group, true))
+            .map(|logits| logits.expect("logits were asked for"))
     }
 
     /// [`forward_packed`](Self::forward_packed) on one rank of a tensor-parallel group (the
-    /// model loaded by [`load_model_rank`]); only ranks that ask for `logits` get them.
+    /// model loaded by [`load_model_rank`]): each sub-block's partial output is all-reduced as
+    /// the wiring says. Every rank must run the same batches in the same order; only ranks
+    /// that ask for `logits` run the head.
     pub fn forward_in_group(
         &self,
         tokens: &[u32],
@@ -171,44 +130,36 @@ impl Model {
         group: &mut Group<'_>,
         logits: bool,
     ) -> Result<Option<Tensor>, ForwardError> {
-        match self {
-            Model::Mamba(m) => {
-                let mut inner = family_states(states, |s| match s {
-                    SessionState::Mamba(x) => Some(x),
-                    _ => None,
-                })?;
-                m.forward_in_group(tokens, lens, &mut inner, group, logits)
-            }
-            Model::Fla(m) => {
-                let mut inner = family_states(states, |s| match s {
-                    SessionState::Fla(x) => Some(x),
-                    _ => None,
-                })?;
-                m.forward_in_group(tokens, lens, &mut inner, group, logits)
-            }
+        let segments = segments(lens, states.len(), tokens.len())?;
+        let mut stream = ResidualStream::new(self.0.embed(tokens)?);
+        self.0
+            .forward_layers(&mut stream, &segments, states, group)?;
+        let residual = stream.finish(group)?;
+        if !logits {
+            return Ok(None);
         }
+        Ok(Some(self.0.head(&residual)?))
     }
 
     /// The layers, embedding and head this model holds.
     pub fn part(&self) -> &ModelPart {
-        each_family!(self, m => m.part())
+        self.0.part()
     }
 
     /// Layers of the whole model (a part may hold fewer).
     pub fn num_layers(&self) -> usize {
-        each_family!(self, m => m.config.num_layers)
+        self.0.num_layers()
     }
 
     /// Width of the residual stream.
     pub fn hidden_size(&self) -> usize {
-        each_family!(self, m => m.config.hidden_size)
+        self.0.hidden_size()
     }
 
     /// The first piece: the residual stream's start for `tokens` (`[T, hidden]`).
     pub fn embed(&self, tokens: &[u32]) -> Result<Residual, InputError> {
-        let values = each_family!(self, m => m.embed(tokens))?;
         Ok(Residual {
-            values,
+            values: self.0.embed(tokens)?,
             pending: None,
         })
     }
@@ -221,27 +172,12 @@ impl Model {
         lens: &[usize],
         states: &mut [&mut SessionState],
     ) -> Result<Residual, InputError> {
-        let d = self.hidden_size();
-        let rows = residual.values.len() / d.max(1);
+        let rows = residual.values.len() / self.hidden_size().max(1);
         let segments = segments(lens, states.len(), rows)?;
         single(|group| {
             let mut stream = ResidualStream::resume(residual);
-            match self {
-                Model::Mamba(m) => {
-                    let mut inner = family_states(states, |s| match s {
-                        SessionState::Mamba(x) => Some(x),
-                        _ => None,
-                    })?;
-                    m.forward_layers(&mut stream, &segments, &mut inner, group)?;
-                }
-                Model::Fla(m) => {
-                    let mut inner = family_states(states, |s| match s {
-                        SessionState::Fla(x) => Some(x),
-                        _ => None,
-                    })?;
-                    m.forward_layers(&mut stream, &segments, &mut inner, group)?;
-                }
-            }
+            self.0
+                .forward_layers(&mut stream, &segments, states, group)?;
             Ok(stream.suspend(group)?)
         })
     }
@@ -255,23 +191,19 @@ impl Model {
         if let Some(pending) = pending {
             values.iter_mut().zip(&pending).for_each(|(r, x)| *r += x);
         }
-        each_family!(self, m => m.head(&values))
+        self.0.head(&values)
     }
 
     /// Which layers are ladder-wired.
     pub fn ladder_layers(&self) -> &[bool] {
-        each_family!(self, m => &m.config.ladder)
+        self.0.ladder()
     }
 
     /// Rewires the model: `ladder[i]` for layer `i` (the same weights with a different
     /// residual wiring, a different function; for measuring the wiring's speed).
     pub fn set_ladder_layers(&mut self, ladder: Vec<bool>) {
-        let (config_ladder, layers) = match self {
-            Model::Mamba(m) => (&mut m.config.ladder, m.config.num_layers),
-            Model::Fla(m) => (&mut m.config.ladder, m.config.num_layers),
-        };
-        assert_eq!(ladder.len(), layers, "one flag per layer");
-        *config_ladder = ladder;
+        assert_eq!(ladder.len(), self.num_layers(), "one flag per layer");
+        self.0.set_ladder(ladder);
     }
 
     /// The recurrent form: one token for each session.
@@ -312,17 +244,6 @@ impl Model {
     ) -> Result<Tensor, InputError> {
         self.prefill_chunked_with_progress(tokens, state, chunk_len, |_, _| {})
     }
-}
-
-/// Each session's state as its family's type, or [`InputError::WrongState`].
-fn family_states<'s, T>(
-    states: &'s mut [&mut SessionState],
-    pick: fn(&mut SessionState) -> Option<&mut T>,
-) -> Result<Vec<&'s mut T>, InputError> {
-    states
-        .iter_mut()
-        .map(|s| pick(s).ok_or(InputError::WrongState))
-        .collect()
 }
 
 /// Checks ids against a vocabulary of `vocab`; `offset` is added to the reported position.
@@ -406,108 +327,83 @@ pub fn prefill_in_chunks<E: From<InputError>>(
 
 /// Loads the model in `dir` (`config.json` + `*.safetensors`).
 pub fn load_model(dir: &Path) -> Result<Model, LoadError> {
-    load_model_rank(dir, 0, 1)
+    load_shard(
+        dir,
+        Shard {
+            rank: 0,
+            size: 1,
+            part: None,
+        },
+    )
 }
 
 /// Loads rank `rank`'s shard of the model in `dir` for a tensor-parallel group of `size`
 /// (`size` 1: the whole model). Only the rank's slices of split tensors are read.
 pub fn load_model_rank(dir: &Path, rank: usize, size: usize) -> Result<Model, LoadError> {
-    Ok(match open_rank(dir, rank, size)? {
-        RankCheckpoint::Mamba(config, checkpoint) => {
-            Model::Mamba(MambaLm::load(config, &checkpoint)?)
-        }
-        RankCheckpoint::Fla(config, checkpoint) => Model::Fla(FlaLm::load(config, &checkpoint)?),
-    })
+    load_shard(
+        dir,
+        Shard {
+            rank,
+            size,
+            part: None,
+        },
+    )
 }
 
 /// Loads only `part` of the model in `dir` (a pipeline stage): its layers' tensors, and the
 /// embedding or the head where the part holds them; nothing else is read.
 pub fn load_model_part(dir: &Path, part: ModelPart) -> Result<Model, LoadError> {
-    let check = |num_layers: usize, path: &Path| {
-        if part.layers.end > num_layers {
-            return Err(LoadError::Unsupported {
-                path: path.to_path_buf(),
-                reason: format!(
-                    "layers {:?} are not a part of a model of {num_layers} layers",
-                    part.layers
-                ),
-            });
-        }
-        Ok(())
-    };
-    let path = dir.join("config.json");
-    Ok(match open_rank(dir, 0, 1)? {
-        RankCheckpoint::Mamba(config, checkpoint) => {
-            check(config.num_layers, &path)?;
-            Model::Mamba(MambaLm::load_part(config, &checkpoint, part)?)
-        }
-        RankCheckpoint::Fla(config, checkpoint) => {
-            check(config.num_layers, &path)?;
-            Model::Fla(FlaLm::load_part(config, &checkpoint, part)?)
-        }
-    })
+    load_shard(
+        dir,
+        Shard {
+            rank: 0,
+            size: 1,
+            part: Some(part),
+        },
+    )
 }
 
-/// Layers of the language model in `dir`.
-pub fn model_layers(dir: &Path) -> Result<usize, LoadError> {
-    Ok(match open_rank(dir, 0, 1)? {
-        RankCheckpoint::Mamba(config, _) => config.num_layers,
-        RankCheckpoint::Fla(config, _) => config.num_layers,
-    })
-}
-
-/// A language model's configuration for one tensor-parallel rank, and its checkpoint set to
-/// read that rank's slices: what the CPU and GPU loaders both start from.
-pub enum RankCheckpoint {
-    Mamba(MambaConfig, Checkpoint),
-    Fla(FlaConfig, Checkpoint),
-}
-
-/// Reads `dir`'s configuration for rank `rank` of `size` (head and channel counts divided,
-/// refused by name where they do not divide) and opens its checkpoint sharded accordingly.
-pub fn open_rank(dir: &Path, rank: usize, size: usize) -> Result<RankCheckpoint, LoadError> {
-    assert!(rank < size, "rank {rank} of a group of {size}");
+/// Loads `shard` of the language model in `dir` through its family's loader.
+pub fn load_shard(dir: &Path, shard: Shard) -> Result<Model, LoadError> {
+    assert!(
+        shard.rank < shard.size,
+        "rank {} of a group of {}",
+        shard.rank,
+        shard.size
+    );
     let config = ConfigJson::read(dir)?;
-    match config.model_type()? {
-        Some("mamba") => {}
-        Some("lmuformer") => {
-            return Err(LoadError::Unsupported {
-                path: config.path().to_path_buf(),
-                reason: "an LMUFormer takes feature frames, not tokens: run it with `tideway run --input FEATURES.safetensors` or `tideway bench`; serving feature models comes with the audio/sensor front end".into(),
-            });
-        }
-        Some(t) if FLA_TYPES.contains(&t) => {
-            let fla = FlaConfig::from_config(&config)?.for_rank(&config, rank, size)?;
-            let mut checkpoint = Checkpoint::open(dir)?;
-            checkpoint.set_shard(Some(TensorShard {
-                rank,
-                size,
-                split: fla::fla_lm_split,
-            }));
-            return Ok(RankCheckpoint::Fla(fla, checkpoint));
-        }
-        Some(other) => {
-            return Err(LoadError::UnknownModelType {
-                path: config.path().to_path_buf(),
-                model_type: other.to_string(),
-            });
-        }
-        // The original state-spaces checkpoints carry a minimal config without model_type.
-        None if config.has("d_model") && config.has("n_layer") => {}
-        None => {
-            return Err(config.malformed(
-                "no \"model_type\" key (and not a state-spaces Mamba config with \"d_model\" and \"n_layer\")",
-            ));
-        }
+    match family::family_of(&config)?.load {
+        family::Loader::Language(load) => Ok(Model::new(load(&config, dir, shard)?)),
+        family::Loader::Features => Err(LoadError::Unsupported {
+            path: config.path().to_path_buf(),
+            reason: "an LMUFormer takes feature frames, not tokens: run it with `tideway run --input FEATURES.safetensors`, `tideway bench` or `tideway serve`".into(),
+        }),
     }
-    let mut checkpoint = Checkpoint::open(dir)?;
-    let mamba_config = MambaConfig::from_config(&config, &checkpoint)?.for_rank(&config, size)?;
-    checkpoint.set_shard(Some(TensorShard {
-        rank,
-        size,
-        split: mamba::mamba_lm_split,
-    }));
-    Ok(RankCheckpoint::Mamba(mamba_config, checkpoint))
+}
+
+/// Layers of the language model in `dir` (from its configuration alone).
+pub fn model_layers(dir: &Path) -> Result<usize, LoadError> {
+    let config = ConfigJson::read(dir)?;
+    let top = config.top();
+    match top.usize_opt("num_hidden_layers")? {
+        Some(n) => Ok(n),
+        None => top.usize_req("n_layer"),
+    }
+}
+
+/// Refuses a part that is not one of a model of `num_layers` layers.
+pub(crate) fn check_part(
+    config: &ConfigJson,
+    part: &ModelPart,
+    num_layers: usize,
+) -> Result<(), LoadError> {
+    if part.layers.end > num_layers {
+        return Err(config.unsupported(format!(
+            "layers {:?} are not a part of a model of {num_layers} layers",
+            part.layers
+        )));
+    }
+    Ok(())
 }
 
 /// Whether the checkpoint in `dir` is an LMUFormer (`model_type` `"lmuformer"`), a model of

@@ -10,13 +10,13 @@ use tideway_kernels::gpu::{
 };
 
 use crate::checkpoint::Checkpoint;
-use crate::error::InputError;
 use crate::gpu::tensor_parallel::{DeviceGroup, DeviceResidualStream};
 use crate::gpu::{
-    ChunkedScan, DeviceBatch, FinalLayers, GpuModelError, GpuSession, SlotPool, zero_slot,
+    ChunkedScan, DeviceBatch, FinalLayers, GpuLanguageFamily, GpuModel, GpuModelError,
+    GpuPlacement, GpuSession, SlotPool, zero_slot,
 };
 use crate::models::mamba::MambaConfig;
-use crate::models::{check_token_ids, packed_segments};
+use crate::models::packed_segments;
 
 struct GpuMixer {
     in_proj: DeviceLinear,
@@ -225,28 +225,46 @@ impl GpuMambaLm {
             scan_chunk: 64,
         })
     }
+}
 
-    pub fn gpu(&self) -> &Gpu {
+impl GpuLanguageFamily for GpuMambaLm {
+    fn family(&self) -> &'static str {
+        "mamba"
+    }
+
+    fn vocab_size(&self) -> usize {
+        self.config.vocab_size
+    }
+
+    fn ladder(&self) -> &[bool] {
+        &self.config.ladder
+    }
+
+    fn ladder_mut(&mut self) -> &mut Vec<bool> {
+        &mut self.config.ladder
+    }
+
+    fn gpu(&self) -> &Gpu {
         &self.gpu
     }
 
     /// Rows per time chunk when one long sequence is scanned in chunks (default 64).
-    pub fn set_scan_chunk(&mut self, rows: usize) {
+    fn set_scan_chunk(&mut self, rows: usize) {
         self.scan_chunk = rows.max(1);
     }
 
     /// Sessions the state pool holds.
-    pub fn session_capacity(&self) -> usize {
+    fn session_capacity(&self) -> usize {
         self.slots.slots
     }
 
     /// Bytes of one session's state (on the device).
-    pub fn state_bytes(&self) -> usize {
+    fn state_bytes(&self) -> usize {
         let c = &self.config.mixer;
         4 * self.config.num_layers * c.d_inner * (c.d_conv + c.d_state)
     }
 
-    pub fn weight_bytes(&self) -> usize {
+    fn weight_bytes(&self) -> usize {
         self.embedding.size_bytes()
             + self.lm_head.as_ref().map_or(0, DeviceLinear::size_bytes)
             + self
@@ -264,12 +282,12 @@ impl GpuMambaLm {
                 .sum::<usize>()
     }
 
-    pub fn logits_width(&self) -> usize {
+    fn logits_width(&self) -> usize {
         self.config.padded_vocab_size
     }
 
     /// A fresh session: a free slot, its state zeroed.
-    pub fn new_session(&mut self) -> Result<GpuSession, GpuModelError> {
+    fn new_session(&mut self) -> Result<GpuSession, GpuModelError> {
         let session = self.slots.take()?;
         let c = self.config.mixer;
         let (e, k, n) = (c.d_inner, c.d_conv, c.d_state);
@@ -285,7 +303,7 @@ impl GpuMambaLm {
     /// `MambaLm::forward_in_group`): `x_proj`'s `[δ|B|C]` and each mixer's output are partial
     /// sums the group all-reduces; ladder-wired layers queue their mixer before the previous
     /// output's reduction is waited. Logits only when `logits` (the leader).
-    pub fn forward_in_group(
+    fn forward_in_group(
         &mut self,
         tokens: &[u32],
         lens: &[usize],
@@ -432,9 +450,21 @@ impl GpuMambaLm {
         }
         .finish(gpu, stream, group, sessions, lens, logits)
     }
+}
 
-    /// Checks ids against the vocabulary.
-    pub fn check_tokens(&self, tokens: &[u32], offset: usize) -> Result<(), InputError> {
-        check_token_ids(tokens, self.config.vocab_size, offset)
-    }
+/// The registry's GPU loader: the placement's shard of the Mamba checkpoint in `dir`.
+pub fn load(
+    config: &crate::models::config::ConfigJson,
+    dir: &std::path::Path,
+    placement: GpuPlacement,
+) -> Result<GpuModel, GpuModelError> {
+    let (config, checkpoint) = super::open(config, dir, placement.rank, placement.size)?;
+    let model = GpuMambaLm::load(
+        config,
+        &checkpoint,
+        placement.gpu,
+        placement.dtype,
+        placement.max_sessions,
+    )?;
+    Ok(GpuModel::new(Box::new(model)))
 }

@@ -1,6 +1,6 @@
 //! flash-linear-attention language models on a GPU: GLA, RetNet, DeltaNet, Gated DeltaNet and
 //! linear attention with its feature maps
-//! (`shared/SPEC-MODELS.md` §3; the CPU model in `models/fla.rs` and its mixers are the
+//! (`shared/SPEC-MODELS.md` §3; the CPU model in `models/fla/mod.rs` and its mixers beside it are the
 //! reference). Products through cuBLAS; short convs, gates, norms, RoPE and the recurrences
 //! through `kernels/cuda/fla.cu`; every session's matrix states and conv windows live in a
 //! device-resident pool of slots.
@@ -18,14 +18,14 @@ use tideway_kernels::gpu::{
 use crate::checkpoint::Checkpoint;
 use crate::gpu::tensor_parallel::{DeviceGroup, DeviceResidualStream};
 use crate::gpu::{
-    ChunkedScan, DeviceBatch, FinalLayers, GpuModelError, GpuSession, ScanLayout, SlotPool,
-    zero_slot,
+    ChunkedScan, DeviceBatch, FinalLayers, GpuLanguageFamily, GpuModel, GpuModelError,
+    GpuPlacement, GpuSession, ScanLayout, SlotPool, zero_slot,
 };
-use crate::mixers::deltanet::{DeltaNetConfig, QkActivation, QkNorm};
-use crate::mixers::gated_deltanet::GatedDeltaNetConfig;
-use crate::mixers::gla::{DecayKind, FeatureMap, GlaConfig};
-use crate::mixers::linear_attn::{DPFP_NU, FeatureMapKind, LinearAttnConfig};
-use crate::mixers::retnet::retention_log_decay;
+use crate::models::fla::deltanet::{DeltaNetConfig, QkActivation, QkNorm};
+use crate::models::fla::gated_deltanet::GatedDeltaNetConfig;
+use crate::models::fla::gla::{DecayKind, FeatureMap, GlaConfig};
+use crate::models::fla::linear_attn::{DPFP_NU, FeatureMapKind, LinearAttnConfig};
+use crate::models::fla::retnet::retention_log_decay;
 use crate::models::fla::{FlaConfig, FlaMixerConfig};
 use crate::models::packed_segments;
 
@@ -1377,17 +1377,35 @@ impl GpuFlaLm {
             scan_chunk: 64,
         })
     }
+}
 
-    pub fn gpu(&self) -> &Gpu {
+impl GpuLanguageFamily for GpuFlaLm {
+    fn vocab_size(&self) -> usize {
+        self.config.vocab_size
+    }
+
+    fn logits_width(&self) -> usize {
+        self.config.vocab_size
+    }
+
+    fn ladder(&self) -> &[bool] {
+        &self.config.ladder
+    }
+
+    fn ladder_mut(&mut self) -> &mut Vec<bool> {
+        &mut self.config.ladder
+    }
+
+    fn gpu(&self) -> &Gpu {
         &self.gpu
     }
 
     /// Rows per time chunk when one long sequence runs the GLA recurrence in chunks.
-    pub fn set_scan_chunk(&mut self, rows: usize) {
+    fn set_scan_chunk(&mut self, rows: usize) {
         self.scan_chunk = rows.max(1);
     }
 
-    pub fn family(&self) -> &'static str {
+    fn family(&self) -> &'static str {
         match self.config.model_type.as_str() {
             "gla" => "gla",
             "retnet" => "retnet",
@@ -1397,18 +1415,18 @@ impl GpuFlaLm {
         }
     }
 
-    pub fn session_capacity(&self) -> usize {
+    fn session_capacity(&self) -> usize {
         self.slots.slots
     }
 
-    pub fn state_bytes(&self) -> usize {
+    fn state_bytes(&self) -> usize {
         self.pools
             .iter()
             .map(|p| 4 * (p.s_per_slot + p.extra_per_slot + p.conv_per_slot.iter().sum::<usize>()))
             .sum()
     }
 
-    pub fn weight_bytes(&self) -> usize {
+    fn weight_bytes(&self) -> usize {
         self.embedding.size_bytes()
             + self.lm_head.as_ref().map_or(0, DeviceLinear::size_bytes)
             + 4 * self.norm.len()
@@ -1424,7 +1442,7 @@ impl GpuFlaLm {
     }
 
     /// A fresh session: a free slot, its state zeroed.
-    pub fn new_session(&mut self) -> Result<GpuSession, GpuModelError> {
+    fn new_session(&mut self) -> Result<GpuSession, GpuModelError> {
         let session = self.slots.take()?;
         for pool in &mut self.pools {
             for (buf, &per) in pool.conv.iter_mut().zip(&pool.conv_per_slot) {
@@ -1448,7 +1466,7 @@ impl GpuFlaLm {
     /// The packed batch (see `FlaLm::forward_packed`) on one rank of a tensor-parallel group
     /// (a group of one: the whole model; see `FlaLm::forward_in_group`): the attention and MLP outputs are partial sums the group
     /// all-reduces, overlapped with the next sub-block where the layer is ladder-wired.
-    pub fn forward_in_group(
+    fn forward_in_group(
         &mut self,
         tokens: &[u32],
         lens: &[usize],
@@ -1498,4 +1516,21 @@ impl GpuFlaLm {
         }
         .finish(gpu, stream, group, sessions, lens, logits)
     }
+}
+
+/// The registry's GPU loader: the placement's shard of the fla checkpoint in `dir`.
+pub fn load(
+    config: &crate::models::config::ConfigJson,
+    dir: &std::path::Path,
+    placement: GpuPlacement,
+) -> Result<GpuModel, GpuModelError> {
+    let (config, checkpoint) = super::open(config, dir, placement.rank, placement.size)?;
+    let model = GpuFlaLm::load(
+        config,
+        &checkpoint,
+        placement.gpu,
+        placement.dtype,
+        placement.max_sessions,
+    )?;
+    Ok(GpuModel::new(Box::new(model)))
 }

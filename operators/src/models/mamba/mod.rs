@@ -14,6 +14,10 @@
 //! `pad_vocab_size_multiple`). A tied head (`lm_head.weight` absent or tied) reuses the
 //! embedding.
 
+#[cfg(feature = "cuda")]
+pub mod gpu;
+pub mod mixer;
+
 use std::ops::Range;
 
 use tideway_kernels::Tensor;
@@ -21,12 +25,13 @@ use tideway_kernels::Weight;
 use tideway_kernels::matmul::{Linear, MatRef};
 use tideway_kernels::norm::rms_norm;
 
-use crate::checkpoint::{Checkpoint, Split};
+use crate::checkpoint::{Checkpoint, Split, TensorShard};
 use crate::error::{ForwardError, InputError, LoadError};
-use crate::mixers::mamba::{MambaLayerState, MambaMixer, MambaMixerConfig, mamba_split};
 use crate::models::config::ConfigJson;
-use crate::models::{ModelPart, check_token_ids, prefill_in_chunks, segments};
-use crate::tensor_parallel::{Group, ResidualStream, ladder_layers, single, split_count};
+use crate::models::family::{FamilyState, LanguageFamily, SessionState, Shard};
+use crate::models::mamba::mixer::{MambaLayerState, MambaMixer, MambaMixerConfig, mamba_split};
+use crate::models::{ModelPart, check_part, check_token_ids};
+use crate::tensor_parallel::{Group, ResidualStream, ladder_layers, split_count};
 
 /// Rows per chunk when a long sequence is prefilled: bounds the activations of one pass
 /// (`chunk × 2E` floats per layer) while keeping the GEMMs large.
@@ -182,6 +187,38 @@ impl MambaConfig {
     }
 }
 
+/// Opens rank `rank` of `size` of the Mamba checkpoint in `dir`: the rank's configuration,
+/// and the checkpoint set to read only the rank's slices (the CPU and GPU loaders start here).
+pub fn open(
+    config: &ConfigJson,
+    dir: &std::path::Path,
+    rank: usize,
+    size: usize,
+) -> Result<(MambaConfig, Checkpoint), LoadError> {
+    let mut checkpoint = Checkpoint::open(dir)?;
+    let mamba = MambaConfig::from_config(config, &checkpoint)?.for_rank(config, size)?;
+    checkpoint.set_shard(Some(TensorShard {
+        rank,
+        size,
+        split: mamba_lm_split,
+    }));
+    Ok((mamba, checkpoint))
+}
+
+/// The registry's loader: `shard` of the Mamba checkpoint in `dir`.
+pub fn load(
+    config: &ConfigJson,
+    dir: &std::path::Path,
+    shard: Shard,
+) -> Result<Box<dyn LanguageFamily>, LoadError> {
+    let (mamba, checkpoint) = open(config, dir, shard.rank, shard.size)?;
+    let part = shard
+        .part
+        .unwrap_or_else(|| ModelPart::whole(mamba.num_layers));
+    check_part(config, &part, mamba.num_layers)?;
+    Ok(Box::new(MambaLm::load_part(mamba, &checkpoint, part)?))
+}
+
 /// How a tensor-parallel rank holds the model's tensors: mixers sharded, the rest whole.
 pub fn mamba_lm_split(_: &Checkpoint, name: &str) -> Option<Split> {
     let rest = name.strip_prefix("backbone.layers.")?.split_once('.')?.1;
@@ -305,93 +342,6 @@ impl MambaLm {
                 .sum::<usize>()
     }
 
-    /// Checks ids against the vocabulary; `offset` is added to the reported position.
-    pub fn check_tokens(&self, tokens: &[u32], offset: usize) -> Result<(), InputError> {
-        check_token_ids(tokens, self.config.vocab_size, offset)
-    }
-
-    /// The chunked (prefill) form over a whole sequence: logits `[T, vocab]`, continuing from
-    /// `state` and leaving it after the last token.
-    pub fn prefill(&self, tokens: &[u32], state: &mut MambaState) -> Result<Tensor, InputError> {
-        self.prefill_chunked(tokens, state, DEFAULT_PREFILL_CHUNK)
-    }
-
-    /// [`prefill`](Self::prefill) in chunks of `chunk_len` tokens; `on_chunk(done, total)` is
-    /// called after each chunk (progress for long jobs).
-    pub fn prefill_chunked_with_progress(
-        &self,
-        tokens: &[u32],
-        state: &mut MambaState,
-        chunk_len: usize,
-        on_chunk: impl FnMut(usize, usize),
-    ) -> Result<Tensor, InputError> {
-        let (vocab, width) = (self.config.vocab_size, self.logits_width());
-        prefill_in_chunks(tokens, vocab, width, chunk_len, on_chunk, |chunk| {
-            self.forward_packed(chunk, &[chunk.len()], &mut [&mut *state])
-        })
-    }
-
-    pub fn prefill_chunked(
-        &self,
-        tokens: &[u32],
-        state: &mut MambaState,
-        chunk_len: usize,
-    ) -> Result<Tensor, InputError> {
-        self.prefill_chunked_with_progress(tokens, state, chunk_len, |_, _| {})
-    }
-
-    /// The recurrent form: one token for each of a batch of sessions (each at its own
-    /// position). Returns logits `[B, vocab]`, row `i` for `states[i]`.
-    pub fn step(
-        &self,
-        tokens: &[u32],
-        states: &mut [&mut MambaState],
-    ) -> Result<Tensor, InputError> {
-        if tokens.len() != states.len() {
-            return Err(InputError::BatchMismatch {
-                sessions: states.len(),
-                tokens: tokens.len(),
-            });
-        }
-        let lens = vec![1; tokens.len()];
-        self.forward_packed(tokens, &lens, states)
-    }
-
-    /// The packed batch: session `i` contributes the next `lens[i]` of `tokens` (all sessions'
-    /// tokens back to back) and continues from `states[i]`. Every GEMM runs once over all
-    /// rows; only the conv and the scan run per session. Returns logits for every row.
-    pub fn forward_packed(
-        &self,
-        tokens: &[u32],
-        lens: &[usize],
-        states: &mut [&mut MambaState],
-    ) -> Result<Tensor, InputError> {
-        single(|group| self.forward_in_group(tokens, lens, states, group, true))
-            .map(|logits| logits.expect("logits were asked for"))
-    }
-
-    /// [`forward_packed`](Self::forward_packed) on one rank of a tensor-parallel group (the
-    /// model loaded as that rank's shard): each mixer's partial output is all-reduced as the
-    /// wiring says. Every rank must run the same batches in the same order. Only ranks that
-    /// ask for `logits` run the head.
-    pub fn forward_in_group(
-        &self,
-        tokens: &[u32],
-        lens: &[usize],
-        states: &mut [&mut MambaState],
-        group: &mut Group<'_>,
-        logits: bool,
-    ) -> Result<Option<Tensor>, ForwardError> {
-        let segments = segments(lens, states.len(), tokens.len())?;
-        let mut stream = ResidualStream::new(self.embed(tokens)?);
-        self.forward_layers(&mut stream, &segments, states, group)?;
-        let residual = stream.finish(group)?;
-        if !logits {
-            return Ok(None);
-        }
-        Ok(Some(self.head(&residual)?))
-    }
-
     /// The first piece: the embedding rows of `tokens` (`[T, hidden]`), the residual stream's
     /// start.
     pub fn embed(&self, tokens: &[u32]) -> Result<Vec<f32>, InputError> {
@@ -462,5 +412,76 @@ impl MambaLm {
         let mut logits = Tensor::zeros(&[m, self.logits_width()]);
         lm_head.forward(MatRef::dense(&normed, m, d), logits.data_mut());
         Ok(logits)
+    }
+}
+
+impl FamilyState for MambaState {
+    fn position(&self) -> usize {
+        self.position
+    }
+}
+
+impl LanguageFamily for MambaLm {
+    fn family(&self) -> &'static str {
+        "mamba"
+    }
+
+    fn vocab_size(&self) -> usize {
+        self.config.vocab_size
+    }
+
+    fn logits_width(&self) -> usize {
+        MambaLm::logits_width(self)
+    }
+
+    fn hidden_size(&self) -> usize {
+        self.config.hidden_size
+    }
+
+    fn num_layers(&self) -> usize {
+        self.config.num_layers
+    }
+
+    fn part(&self) -> &ModelPart {
+        MambaLm::part(self)
+    }
+
+    fn ladder(&self) -> &[bool] {
+        &self.config.ladder
+    }
+
+    fn set_ladder(&mut self, ladder: Vec<bool>) {
+        self.config.ladder = ladder;
+    }
+
+    fn new_state(&self) -> SessionState {
+        SessionState::new(MambaLm::new_state(self))
+    }
+
+    fn state_bytes(&self) -> usize {
+        MambaLm::state_bytes(self)
+    }
+
+    fn weight_bytes(&self) -> usize {
+        MambaLm::weight_bytes(self)
+    }
+
+    fn embed(&self, tokens: &[u32]) -> Result<Vec<f32>, InputError> {
+        MambaLm::embed(self, tokens)
+    }
+
+    fn forward_layers(
+        &self,
+        stream: &mut ResidualStream,
+        segments: &[Range<usize>],
+        states: &mut [&mut SessionState],
+        group: &mut Group<'_>,
+    ) -> Result<(), ForwardError> {
+        let mut states = SessionState::downcast_all::<MambaState>(states)?;
+        MambaLm::forward_layers(self, stream, segments, &mut states, group)
+    }
+
+    fn head(&self, residual: &[f32]) -> Result<Tensor, InputError> {
+        MambaLm::head(self, residual)
     }
 }

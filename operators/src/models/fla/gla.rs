@@ -22,7 +22,7 @@ use crate::error::LoadError;
 use crate::layers::head_output::{HeadOutput, HeadOutputShape};
 use crate::layers::heads::{head_jobs, run_heads};
 use crate::layers::qkv::{Qkv, QkvShape};
-use crate::mixers::retnet::{retention_log_decay, rotary};
+use crate::models::fla::retnet::{retention_log_decay, rotary};
 
 /// Rows per chunk of the chunkwise form (fla's default).
 pub const CHUNK: usize = 64;

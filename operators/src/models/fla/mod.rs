@@ -11,6 +11,14 @@
 //! (`gated_deltanet`), linear attention (`linear_attn`), RetNet (`retnet`, the GLA mixer with a fixed decay and RoPE). Options Tideway does not implement are refused at load,
 //! by name, never ignored.
 
+pub mod deltanet;
+pub mod gated_deltanet;
+pub mod gla;
+#[cfg(feature = "cuda")]
+pub mod gpu;
+pub mod linear_attn;
+pub mod retnet;
+
 use std::ops::Range;
 
 use tideway_kernels::Tensor;
@@ -18,22 +26,23 @@ use tideway_kernels::Weight;
 use tideway_kernels::matmul::{Linear, MatRef};
 use tideway_kernels::norm::rms_norm;
 
-use crate::checkpoint::{Checkpoint, Split};
+use crate::checkpoint::{Checkpoint, Split, TensorShard};
 use crate::error::{ForwardError, InputError, LoadError};
 use crate::layers::mlp::{GatedMlp, default_intermediate, mlp_split};
-use crate::mixers::deltanet::{
+use crate::models::config::ConfigJson;
+use crate::models::family::{FamilyState, LanguageFamily, SessionState, Shard};
+use crate::models::fla::deltanet::{
     DeltaNetConfig, DeltaNetLayerState, DeltaNetMixer, QkActivation, QkNorm,
 };
-use crate::mixers::gated_deltanet::{
+use crate::models::fla::gated_deltanet::{
     GatedDeltaNetConfig, GatedDeltaNetLayerState, GatedDeltaNetMixer,
 };
-use crate::mixers::gla::{DecayKind, FeatureMap, GlaConfig, GlaLayerState, GlaMixer};
-use crate::mixers::linear_attn::{
+use crate::models::fla::gla::{DecayKind, FeatureMap, GlaConfig, GlaLayerState, GlaMixer};
+use crate::models::fla::linear_attn::{
     FeatureMapKind, LinearAttnConfig, LinearAttnLayerState, LinearAttnMixer,
 };
-use crate::models::config::ConfigJson;
-use crate::models::{ModelPart, check_token_ids, segments};
-use crate::tensor_parallel::{Group, ResidualStream, ladder_layers, single, split_count};
+use crate::models::{ModelPart, check_part, check_token_ids};
+use crate::tensor_parallel::{Group, ResidualStream, ladder_layers, split_count};
 
 #[derive(Debug, Clone, PartialEq)]
 pub enum FlaMixerConfig {
@@ -291,6 +300,48 @@ impl FlaConfig {
     }
 }
 
+/// The model types of fla's families that Tideway loads.
+pub const MODEL_TYPES: &[&str] = &[
+    "gla",
+    "delta_net",
+    "gated_deltanet",
+    "retnet",
+    "linear_attn",
+];
+
+/// Opens rank `rank` of `size` of the fla checkpoint in `dir`: the rank's configuration
+/// (heads divided), and the checkpoint set to read only the rank's slices (the CPU and GPU
+/// loaders start here).
+pub fn open(
+    config: &ConfigJson,
+    dir: &std::path::Path,
+    rank: usize,
+    size: usize,
+) -> Result<(FlaConfig, Checkpoint), LoadError> {
+    let fla = FlaConfig::from_config(config)?.for_rank(config, rank, size)?;
+    let mut checkpoint = Checkpoint::open(dir)?;
+    checkpoint.set_shard(Some(TensorShard {
+        rank,
+        size,
+        split: fla_lm_split,
+    }));
+    Ok((fla, checkpoint))
+}
+
+/// The registry's loader: `shard` of the fla checkpoint in `dir`.
+pub fn load(
+    config: &ConfigJson,
+    dir: &std::path::Path,
+    shard: Shard,
+) -> Result<Box<dyn LanguageFamily>, LoadError> {
+    let (fla, checkpoint) = open(config, dir, shard.rank, shard.size)?;
+    let part = shard
+        .part
+        .unwrap_or_else(|| ModelPart::whole(fla.num_layers));
+    check_part(config, &part, fla.num_layers)?;
+    Ok(Box::new(FlaLm::load_part(fla, &checkpoint, part)?))
+}
+
 /// How a tensor-parallel rank holds the model's tensors: heads split (their projections
 /// column-parallel, `o_proj` row-parallel), the MLP split, the rest whole.
 pub fn fla_lm_split(checkpoint: &Checkpoint, name: &str) -> Option<Split> {
@@ -500,43 +551,6 @@ impl FlaLm {
                 .sum::<usize>()
     }
 
-    pub fn check_tokens(&self, tokens: &[u32], offset: usize) -> Result<(), InputError> {
-        check_token_ids(tokens, self.config.vocab_size, offset)
-    }
-
-    /// The packed batch (see `MambaLm::forward_packed`): one-row segments run the recurrent
-    /// form, longer ones the chunkwise form.
-    pub fn forward_packed(
-        &self,
-        tokens: &[u32],
-        lens: &[usize],
-        states: &mut [&mut FlaState],
-    ) -> Result<Tensor, InputError> {
-        single(|group| self.forward_in_group(tokens, lens, states, group, true))
-            .map(|logits| logits.expect("logits were asked for"))
-    }
-
-    /// [`forward_packed`](Self::forward_packed) on one rank of a tensor-parallel group (see
-    /// `MambaLm::forward_in_group`): the attention and MLP outputs are partial sums,
-    /// all-reduced as the wiring says.
-    pub fn forward_in_group(
-        &self,
-        tokens: &[u32],
-        lens: &[usize],
-        states: &mut [&mut FlaState],
-        group: &mut Group<'_>,
-        logits: bool,
-    ) -> Result<Option<Tensor>, ForwardError> {
-        let segments = segments(lens, states.len(), tokens.len())?;
-        let mut stream = ResidualStream::new(self.embed(tokens)?);
-        self.forward_layers(&mut stream, &segments, states, group)?;
-        let h = stream.finish(group)?;
-        if !logits {
-            return Ok(None);
-        }
-        Ok(Some(self.head(&h)?))
-    }
-
     /// The first piece: the embedding rows of `tokens` (`[T, hidden]`).
     pub fn embed(&self, tokens: &[u32]) -> Result<Vec<f32>, InputError> {
         let d = self.config.hidden_size;
@@ -688,5 +702,80 @@ fn gla_feature_map(config: &ConfigJson) -> Result<Option<FeatureMap>, LoadError>
                 "feature_map {name:?}; supported: swish, relu, sigmoid"
             ))
         }),
+    }
+}
+
+impl FamilyState for FlaState {
+    fn position(&self) -> usize {
+        self.position
+    }
+}
+
+impl LanguageFamily for FlaLm {
+    fn family(&self) -> &'static str {
+        MODEL_TYPES
+            .iter()
+            .find(|t| **t == self.config.model_type)
+            .copied()
+            .unwrap_or("fla")
+    }
+
+    fn vocab_size(&self) -> usize {
+        self.config.vocab_size
+    }
+
+    fn logits_width(&self) -> usize {
+        FlaLm::logits_width(self)
+    }
+
+    fn hidden_size(&self) -> usize {
+        self.config.hidden_size
+    }
+
+    fn num_layers(&self) -> usize {
+        self.config.num_layers
+    }
+
+    fn part(&self) -> &ModelPart {
+        FlaLm::part(self)
+    }
+
+    fn ladder(&self) -> &[bool] {
+        &self.config.ladder
+    }
+
+    fn set_ladder(&mut self, ladder: Vec<bool>) {
+        self.config.ladder = ladder;
+    }
+
+    fn new_state(&self) -> SessionState {
+        SessionState::new(FlaLm::new_state(self))
+    }
+
+    fn state_bytes(&self) -> usize {
+        FlaLm::state_bytes(self)
+    }
+
+    fn weight_bytes(&self) -> usize {
+        FlaLm::weight_bytes(self)
+    }
+
+    fn embed(&self, tokens: &[u32]) -> Result<Vec<f32>, InputError> {
+        FlaLm::embed(self, tokens)
+    }
+
+    fn forward_layers(
+        &self,
+        stream: &mut ResidualStream,
+        segments: &[Range<usize>],
+        states: &mut [&mut SessionState],
+        group: &mut Group<'_>,
+    ) -> Result<(), ForwardError> {
+        let mut states = SessionState::downcast_all::<FlaState>(states)?;
+        FlaLm::forward_layers(self, stream, segments, &mut states, group)
+    }
+
+    fn head(&self, residual: &[f32]) -> Result<Tensor, InputError> {
+        FlaLm::head(self, residual)
     }
 }

@@ -19,6 +19,10 @@
 //! stream flushes them with the zero padding of the whole-clip convolution
 //! (`layers::frames`). Everything after it is causal.
 
+#[cfg(feature = "cuda")]
+pub mod gpu;
+pub mod lmu;
+
 use std::collections::BTreeMap;
 
 use tideway_kernels::Weight;
@@ -27,8 +31,8 @@ use tideway_kernels::matmul::Linear;
 use crate::error::{InputError, LoadError};
 use crate::layers::batch_norm::BatchNorm;
 use crate::layers::frames::{ConvWindow, FrameConv, Frames, delay_one_frame};
-use crate::mixers::lmu::{LmuCell, LmuCellShape};
 use crate::models::config::ConfigJson;
+use crate::models::lmuformer::lmu::{LmuCell, LmuCellShape};
 use crate::spiking::{Lif, LifLayer, LifRegistry, Membranes};
 use crate::state_dict::StateDict;
 use crate::tokenizers::Frontend;

@@ -1,0 +1,201 @@
+//! The model trait every CPU language-model family implements once, its per-session state,
+//! and the registry that maps config.json's `model_type` to the family that loads it.
+//!
+//! A model is run in pieces so that a pipeline can cut it anywhere between layers: `embed`
+//! (the first piece) starts the residual stream, `forward_layers` runs the layers the loaded
+//! part holds over a packed batch, `head` (the last piece) gives the logits. A family is one
+//! folder under `models/` (config, CPU model, mixers, GPU model) plus one line in
+//! [`FAMILIES`].
+
+use std::any::Any;
+use std::fmt::Debug;
+use std::ops::Range;
+use std::path::Path;
+
+use tideway_kernels::Tensor;
+
+use crate::error::{ForwardError, InputError, LoadError};
+use crate::models::config::ConfigJson;
+use crate::models::{ModelPart, fla, mamba};
+use crate::tensor_parallel::{Group, ResidualStream};
+
+/// A language model of one family, loaded for one placement (a tensor-parallel rank's shard
+/// of a part of its layers).
+pub trait LanguageFamily: Any + Send + Sync {
+    /// The family's name as `ModelInfo` reports it (config.json's `model_type`).
+    fn family(&self) -> &'static str;
+    /// Ids accepted as input: `0..vocab_size`.
+    fn vocab_size(&self) -> usize;
+    /// Columns of the logits (a padded vocabulary may be wider).
+    fn logits_width(&self) -> usize;
+    /// Width of the residual stream.
+    fn hidden_size(&self) -> usize;
+    /// Layers of the whole model (the part may hold fewer).
+    fn num_layers(&self) -> usize;
+    /// The layers, embedding and head this placement holds.
+    fn part(&self) -> &ModelPart;
+    /// Which layers of the whole model are ladder-wired.
+    fn ladder(&self) -> &[bool];
+    fn set_ladder(&mut self, ladder: Vec<bool>);
+    /// A fresh session's state for the part's layers.
+    fn new_state(&self) -> SessionState;
+    /// Bytes of one session's state for the part's layers.
+    fn state_bytes(&self) -> usize;
+    /// Bytes of the parameters this placement holds.
+    fn weight_bytes(&self) -> usize;
+    /// The first piece: the embedding rows of `tokens` (`[T, hidden]`).
+    fn embed(&self, tokens: &[u32]) -> Result<Vec<f32>, InputError>;
+    /// The part's layers over a packed batch (`segments`: each session's rows of the stream);
+    /// `states` advance by their rows.
+    fn forward_layers(
+        &self,
+        stream: &mut ResidualStream,
+        segments: &[Range<usize>],
+        states: &mut [&mut SessionState],
+        group: &mut Group<'_>,
+    ) -> Result<(), ForwardError>;
+    /// The last piece: the final norm and the head over the settled stream (`[T, hidden]`).
+    fn head(&self, residual: &[f32]) -> Result<Tensor, InputError>;
+}
+
+/// A family's state of one session, as the serving layers hold it without knowing the family.
+pub trait FamilyState: Any + Send + Debug + CloneState {
+    /// Tokens consumed so far.
+    fn position(&self) -> usize;
+}
+
+/// Copies a state behind the trait object (a family's state is `Clone`).
+pub trait CloneState {
+    fn clone_state(&self) -> Box<dyn FamilyState>;
+}
+
+impl<T: FamilyState + Clone> CloneState for T {
+    fn clone_state(&self) -> Box<dyn FamilyState> {
+        Box::new(self.clone())
+    }
+}
+
+/// One session's recurrent state for the family (and part) that made it.
+#[derive(Debug)]
+pub struct SessionState(Box<dyn FamilyState>);
+
+impl Clone for SessionState {
+    fn clone(&self) -> Self {
+        SessionState(self.0.clone_state())
+    }
+}
+
+impl SessionState {
+    pub fn new(state: impl FamilyState) -> Self {
+        SessionState(Box::new(state))
+    }
+
+    /// Tokens consumed so far.
+    pub fn position(&self) -> usize {
+        self.0.position()
+    }
+
+    /// The state as the family's own type `S`, if that is its family's.
+    pub fn downcast_ref<S: FamilyState>(&self) -> Option<&S> {
+        let any: &dyn Any = &*self.0;
+        any.downcast_ref::<S>()
+    }
+
+    /// Every state as the family's own type `S`, or [`InputError::WrongState`] if one was made
+    /// by another family.
+    pub fn downcast_all<'s, S: FamilyState>(
+        states: &'s mut [&mut SessionState],
+    ) -> Result<Vec<&'s mut S>, InputError> {
+        states
+            .iter_mut()
+            .map(|s| {
+                let any: &mut dyn Any = &mut *s.0;
+                any.downcast_mut::<S>().ok_or(InputError::WrongState)
+            })
+            .collect()
+    }
+}
+
+/// How a family loads: the `model_type` values it answers to, its loader, and its GPU
+/// model's loader (feature `cuda`; None where the family's GPU model is not a language model
+/// behind this registry).
+pub struct Family {
+    pub model_types: &'static [&'static str],
+    pub load: Loader,
+    #[cfg(feature = "cuda")]
+    pub load_gpu: Option<GpuLoader>,
+}
+
+/// A family's GPU loader.
+#[cfg(feature = "cuda")]
+pub type GpuLoader = fn(
+    config: &ConfigJson,
+    dir: &Path,
+    placement: crate::gpu::GpuPlacement,
+) -> Result<crate::gpu::GpuModel, crate::gpu::GpuModelError>;
+
+/// A family's loader: a language model (a rank's shard of a part), or a feature model, which
+/// has its own loader (`load_lmuformer`) and front end.
+pub enum Loader {
+    Language(
+        fn(
+            config: &ConfigJson,
+            dir: &Path,
+            shard: Shard,
+        ) -> Result<Box<dyn LanguageFamily>, LoadError>,
+    ),
+    Features,
+}
+
+/// Which slice of a model a placement loads: rank `rank` of a tensor-parallel group of
+/// `size`, holding `part`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Shard {
+    pub rank: usize,
+    pub size: usize,
+    pub part: Option<ModelPart>,
+}
+
+/// The families Tideway loads. A new family is one folder plus one line here.
+pub const FAMILIES: &[Family] = &[
+    Family {
+        model_types: &["mamba"],
+        load: Loader::Language(mamba::load),
+        #[cfg(feature = "cuda")]
+        load_gpu: Some(mamba::gpu::load),
+    },
+    Family {
+        model_types: fla::MODEL_TYPES,
+        load: Loader::Language(fla::load),
+        #[cfg(feature = "cuda")]
+        load_gpu: Some(fla::gpu::load),
+    },
+    // The LMUFormer's GPU model takes the CPU model's parameters (`GpuLmuFormer::upload`).
+    Family {
+        model_types: &["lmuformer"],
+        load: Loader::Features,
+        #[cfg(feature = "cuda")]
+        load_gpu: None,
+    },
+];
+
+/// The family that loads the checkpoint whose configuration is `config`.
+pub fn family_of(config: &ConfigJson) -> Result<&'static Family, LoadError> {
+    let model_type = match config.model_type()? {
+        Some(t) => t,
+        // The original state-spaces Mamba checkpoints carry a minimal config without it.
+        None if config.has("d_model") && config.has("n_layer") => "mamba",
+        None => {
+            return Err(config.malformed(
+                "no \"model_type\" key (and not a state-spaces Mamba config with \"d_model\" and \"n_layer\")",
+            ));
+        }
+    };
+    FAMILIES
+        .iter()
+        .find(|f| f.model_types.contains(&model_type))
+        .ok_or_else(|| LoadError::UnknownModelType {
+            path: config.path().to_path_buf(),
+            model_type: model_type.to_string(),
+        })
+}
