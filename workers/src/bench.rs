@@ -49,7 +49,7 @@ pub struct BenchArgs {
     device: crate::device::Device,
     /// Weight storage on a GPU: f32, or bf16 with f32 accumulation.
     #[arg(long, value_enum, default_value = "f32")]
-    dtype: crate::run::WeightStorage,
+    dtype: crate::device::WeightStorage,
     /// Residual wirings to measure, comma-separated: config (as config.json says), standard,
     /// ladder (every layer). The same weights, so the same work, wired differently.
     #[arg(long, value_enum, value_delimiter = ',', default_value = "config")]

@@ -2,6 +2,8 @@
 
 use std::str::FromStr;
 
+use clap::ValueEnum;
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Device {
     Cpu,
@@ -55,6 +57,70 @@ mod tests {
                 err.contains("use cpu, cuda or cuda:N (N from 0), or cuda-emulator"),
                 "{err}"
             );
+        }
+    }
+}
+
+/// `--dtype`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum WeightStorage {
+    F32,
+    Bf16,
+}
+
+#[cfg(feature = "cuda")]
+impl WeightStorage {
+    /// The GPU's storage for these weights.
+    pub fn gpu(self) -> tideway_kernels::gpu::WeightDtype {
+        match self {
+            WeightStorage::F32 => tideway_kernels::gpu::WeightDtype::F32,
+            WeightStorage::Bf16 => tideway_kernels::gpu::WeightDtype::Bf16,
+        }
+    }
+}
+
+/// What the command line and the server read of a GPU model (of one rank, in a group).
+#[cfg_attr(not(feature = "cuda"), allow(dead_code))]
+#[derive(Debug, Clone)]
+pub(crate) struct GpuModelInfo {
+    pub family: &'static str,
+    pub vocab_size: usize,
+    pub output_width: usize,
+    pub state_bytes: usize,
+    pub weight_bytes: usize,
+    pub capacity: usize,
+    pub device: Device,
+}
+
+impl Default for GpuModelInfo {
+    fn default() -> Self {
+        GpuModelInfo {
+            family: "",
+            vocab_size: 0,
+            output_width: 0,
+            state_bytes: 0,
+            weight_bytes: 0,
+            capacity: 0,
+            device: Device::Cpu,
+        }
+    }
+}
+
+#[cfg(feature = "cuda")]
+impl GpuModelInfo {
+    pub fn of(m: &tideway_operators::gpu::GpuModel) -> Self {
+        let gpu = m.gpu();
+        GpuModelInfo {
+            family: m.family(),
+            vocab_size: m.vocab_size(),
+            output_width: m.logits_width(),
+            state_bytes: m.state_bytes(),
+            weight_bytes: m.weight_bytes(),
+            capacity: m.session_capacity(),
+            device: match gpu.is_emulated() {
+                true => Device::CudaEmulator,
+                false => Device::Cuda(gpu.ordinal()),
+            },
         }
     }
 }

@@ -26,12 +26,11 @@ use tideway_kernels::collective::{Collective, ThreadGroup};
 use tideway_kernels::gpu::collective::{DeviceCollective, HostStaged};
 use tideway_kernels::gpu::{Gpu, WeightDtype};
 use tideway_kernels::nccl::NcclRank;
+use tideway_operators::ForwardError;
 use tideway_operators::gpu::tensor_parallel::DeviceGroup;
 use tideway_operators::gpu::{GpuModel, GpuModelError, GpuSession, load_gpu_model_rank};
-use tideway_operators::{ForwardError, InputError};
 
-use crate::device::Device;
-use crate::language_model::{GpuModelInfo, LmState};
+use crate::device::{Device, GpuModelInfo};
 use crate::tensor_parallel::{CommStats, Wiring, broken_group, unavailable};
 
 /// A batch for every rank (shared, not copied per rank).
@@ -285,7 +284,7 @@ impl GpuParallelModel {
 
     /// A fresh session (its slots are taken on every rank with its first batch), or why none
     /// can start.
-    pub(crate) fn new_state(&self) -> Result<LmState, String> {
+    pub(crate) fn new_state(&self) -> Result<GpuParallelSession, String> {
         let live = self.live.fetch_add(1, Ordering::SeqCst);
         if live >= self.capacity {
             self.live.fetch_sub(1, Ordering::SeqCst);
@@ -294,7 +293,7 @@ impl GpuParallelModel {
             }
             .to_string());
         }
-        Ok(LmState::GpuParallel {
+        Ok(GpuParallelSession {
             key: self.next_key.fetch_add(1, Ordering::Relaxed),
             position: 0,
             released: self.released.clone(),
@@ -307,7 +306,7 @@ impl GpuParallelModel {
         &self,
         tokens: &[u32],
         lens: &[usize],
-        states: &mut [&mut LmState],
+        states: &mut [&mut GpuParallelSession],
     ) -> Result<Tensor, ForwardError> {
         let mut inner = self
             .inner
@@ -316,13 +315,7 @@ impl GpuParallelModel {
         if let Some(reason) = &inner.broken {
             return Err(unavailable(reason.clone()));
         }
-        let keys = states
-            .iter()
-            .map(|s| match s {
-                LmState::GpuParallel { key, .. } => Ok(*key),
-                _ => Err(InputError::WrongState),
-            })
-            .collect::<Result<Vec<u64>, _>>()?;
+        let keys: Vec<u64> = states.iter().map(|s| s.key).collect();
         let batch = Arc::new(Batch {
             tokens: tokens.to_vec(),
             lens: lens.to_vec(),
@@ -378,14 +371,30 @@ impl GpuParallelModel {
             }
             (None, Some(rows)) => {
                 for (state, len) in states.iter_mut().zip(lens) {
-                    if let LmState::GpuParallel { position, .. } = &mut **state {
-                        *position += len;
-                    }
+                    state.position += len;
                 }
                 Ok(rows)
             }
             (None, None) => unreachable!("rank 0 answers every batch with logits or an error"),
         }
+    }
+}
+
+/// A session of a GPU tensor-parallel group: every rank holds its slots under `key`, freed
+/// with the next batch after this is dropped; `live` counts the group's sessions.
+pub struct GpuParallelSession {
+    key: u64,
+    pub(crate) position: usize,
+    released: Arc<std::sync::Mutex<Vec<u64>>>,
+    live: Arc<std::sync::atomic::AtomicUsize>,
+}
+
+impl Drop for GpuParallelSession {
+    fn drop(&mut self) {
+        if let Ok(mut keys) = self.released.lock() {
+            keys.push(self.key);
+        }
+        self.live.fetch_sub(1, Ordering::SeqCst);
     }
 }
 

@@ -3,14 +3,16 @@
 //! one interface with one session-state type.
 
 use std::path::Path;
-use std::sync::{Arc, Mutex};
 
 use anyhow::{Context, Result, bail};
 use tideway_kernels::Tensor;
 use tideway_operators::models::{Model, SessionState, prefill_in_chunks};
 use tideway_operators::{ForwardError, InputError};
 
-use crate::tensor_parallel::{CommStats, ParallelArgs, ParallelModel, Wiring, load_rank};
+use crate::device::GpuModelInfo;
+use crate::tensor_parallel::{
+    CommStats, ParallelArgs, ParallelModel, ParallelSession, Wiring, load_rank,
+};
 
 /// A language model: whole, split over a tensor-parallel group, or on a GPU.
 pub enum LanguageModel {
@@ -30,66 +32,35 @@ pub enum LmState {
     /// A slot of the GPU's state pool (freed when dropped).
     #[cfg(feature = "cuda")]
     Gpu(tideway_operators::gpu::GpuSession),
-    /// Rank 0's slices here; the other ranks hold theirs under `key`.
-    Parallel {
-        state: SessionState,
-        key: u64,
-        released: Arc<Mutex<Vec<u64>>>,
-    },
-    /// Every GPU rank holds its slots under `key`; `live` counts the group's sessions.
+    /// Rank 0's slices here; the other ranks hold theirs under its key.
+    Parallel(ParallelSession),
+    /// Every GPU rank holds its slots under its key.
     #[cfg(feature = "cuda")]
-    GpuParallel {
-        key: u64,
-        position: usize,
-        released: Arc<Mutex<Vec<u64>>>,
-        live: Arc<std::sync::atomic::AtomicUsize>,
-    },
-}
-
-impl Drop for LmState {
-    fn drop(&mut self) {
-        match self {
-            LmState::Parallel { key, released, .. } => {
-                if let Ok(mut keys) = released.lock() {
-                    keys.push(*key);
-                }
-            }
-            #[cfg(feature = "cuda")]
-            LmState::GpuParallel {
-                key,
-                released,
-                live,
-                ..
-            } => {
-                if let Ok(mut keys) = released.lock() {
-                    keys.push(*key);
-                }
-                live.fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
-            }
-            _ => {}
-        }
-    }
+    GpuParallel(crate::gpu_tensor_parallel::GpuParallelSession),
 }
 
 impl LmState {
     pub fn position(&self) -> usize {
         match self {
-            LmState::Whole(s) | LmState::Parallel { state: s, .. } => s.position(),
+            LmState::Whole(s) => s.position(),
+            LmState::Parallel(p) => p.state.position(),
             #[cfg(feature = "cuda")]
             LmState::Gpu(s) => s.position,
             #[cfg(feature = "cuda")]
-            LmState::GpuParallel { position, .. } => *position,
+            LmState::GpuParallel(s) => s.position,
         }
     }
+}
 
-    /// The state on this host (the whole model's, or rank 0's slices).
-    pub(crate) fn local(&mut self) -> Option<&mut SessionState> {
-        match self {
-            LmState::Whole(s) | LmState::Parallel { state: s, .. } => Some(s),
-            #[cfg(feature = "cuda")]
-            LmState::Gpu(_) | LmState::GpuParallel { .. } => None,
-        }
-    }
+/// Each state as the variant `pick` takes, or [`InputError::WrongState`].
+fn states_as<'s, T>(
+    states: &'s mut [&mut LmState],
+    pick: fn(&mut LmState) -> Option<&mut T>,
+) -> Result<Vec<&'s mut T>, InputError> {
+    states
+        .iter_mut()
+        .map(|s| pick(s).ok_or(InputError::WrongState))
+        .collect()
 }
 
 impl LanguageModel {
@@ -115,14 +86,14 @@ impl LanguageModel {
     pub fn load_placed(
         dir: &Path,
         device: crate::device::Device,
-        dtype: crate::run::WeightStorage,
+        dtype: crate::device::WeightStorage,
         gpu_sessions: usize,
         parallel: &ParallelArgs,
         wiring: Wiring,
     ) -> Result<Self> {
         match device {
             crate::device::Device::Cpu => {
-                if dtype != crate::run::WeightStorage::F32 {
+                if dtype != crate::device::WeightStorage::F32 {
                     bail!("--dtype bf16 is for --device cuda:N; the CPU path keeps f32 weights");
                 }
                 Self::load_wired(dir, parallel, wiring)
@@ -291,7 +262,7 @@ impl LanguageModel {
     pub fn new_state(&self) -> Result<LmState, String> {
         match self {
             LanguageModel::Whole(m) => Ok(LmState::Whole(m.new_state())),
-            LanguageModel::Parallel(p) => Ok(p.new_state()),
+            LanguageModel::Parallel(p) => Ok(LmState::Parallel(p.new_state())),
             #[cfg(feature = "cuda")]
             LanguageModel::Gpu(m) => {
                 let mut m = m
@@ -300,7 +271,7 @@ impl LanguageModel {
                 m.new_session().map(LmState::Gpu).map_err(|e| e.to_string())
             }
             #[cfg(feature = "cuda")]
-            LanguageModel::GpuParallel(g) => g.new_state(),
+            LanguageModel::GpuParallel(g) => g.new_state().map(LmState::GpuParallel),
         }
     }
 
@@ -313,23 +284,26 @@ impl LanguageModel {
     ) -> Result<Tensor, ForwardError> {
         match self {
             LanguageModel::Whole(m) => {
-                let mut inner = states
-                    .iter_mut()
-                    .map(|s| s.local().ok_or(InputError::WrongState))
-                    .collect::<Result<Vec<_>, _>>()?;
+                let mut inner = states_as(states, |s| match s {
+                    LmState::Whole(s) => Some(s),
+                    _ => None,
+                })?;
                 Ok(m.forward_packed(tokens, lens, &mut inner)?)
             }
-            LanguageModel::Parallel(p) => p.forward_packed(tokens, lens, states),
+            LanguageModel::Parallel(p) => {
+                let mut inner = states_as(states, |s| match s {
+                    LmState::Parallel(s) => Some(s),
+                    _ => None,
+                })?;
+                p.forward_packed(tokens, lens, &mut inner)
+            }
             #[cfg(feature = "cuda")]
             LanguageModel::Gpu(m) => {
                 use tideway_operators::gpu::GpuModelError;
-                let mut sessions = states
-                    .iter_mut()
-                    .map(|s| match &mut **s {
-                        LmState::Gpu(g) => Ok(g),
-                        _ => Err(InputError::WrongState),
-                    })
-                    .collect::<Result<Vec<_>, _>>()?;
+                let mut sessions = states_as(states, |s| match s {
+                    LmState::Gpu(g) => Some(g),
+                    _ => None,
+                })?;
                 let mut m = m
                     .lock()
                     .map_err(|_| ForwardError::Device("the GPU model's lock is poisoned".into()))?;
@@ -340,7 +314,13 @@ impl LanguageModel {
                     })
             }
             #[cfg(feature = "cuda")]
-            LanguageModel::GpuParallel(g) => g.forward_packed(tokens, lens, states),
+            LanguageModel::GpuParallel(g) => {
+                let mut inner = states_as(states, |s| match s {
+                    LmState::GpuParallel(s) => Some(s),
+                    _ => None,
+                })?;
+                g.forward_packed(tokens, lens, &mut inner)
+            }
         }
     }
 
@@ -382,52 +362,6 @@ impl LanguageModel {
             #[cfg(feature = "cuda")]
             LanguageModel::GpuParallel(g) => g.comm_stats(),
             _ => CommStats::default(),
-        }
-    }
-}
-
-/// What the command line and the server read of a GPU model (of one rank, in a group).
-#[cfg_attr(not(feature = "cuda"), allow(dead_code))]
-#[derive(Debug, Clone)]
-pub(crate) struct GpuModelInfo {
-    pub family: &'static str,
-    pub vocab_size: usize,
-    pub output_width: usize,
-    pub state_bytes: usize,
-    pub weight_bytes: usize,
-    pub capacity: usize,
-    pub device: crate::device::Device,
-}
-
-impl Default for GpuModelInfo {
-    fn default() -> Self {
-        GpuModelInfo {
-            family: "",
-            vocab_size: 0,
-            output_width: 0,
-            state_bytes: 0,
-            weight_bytes: 0,
-            capacity: 0,
-            device: crate::device::Device::Cpu,
-        }
-    }
-}
-
-#[cfg(feature = "cuda")]
-impl GpuModelInfo {
-    pub fn of(m: &tideway_operators::gpu::GpuModel) -> Self {
-        let gpu = m.gpu();
-        GpuModelInfo {
-            family: m.family(),
-            vocab_size: m.vocab_size(),
-            output_width: m.logits_width(),
-            state_bytes: m.state_bytes(),
-            weight_bytes: m.weight_bytes(),
-            capacity: m.session_capacity(),
-            device: match gpu.is_emulated() {
-                true => crate::device::Device::CudaEmulator,
-                false => crate::device::Device::Cuda(gpu.ordinal()),
-            },
         }
     }
 }

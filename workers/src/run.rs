@@ -15,7 +15,7 @@ use tideway_operators::tokenizers::audio::read_wav;
 use tideway_operators::tokenizers::sensor::SensorStream;
 use tideway_operators::tokenizers::text::TextTokenizer;
 
-use crate::device::Device;
+use crate::device::{Device, WeightStorage};
 use crate::language_model::LanguageModel;
 use crate::tensor_parallel::ParallelArgs;
 
@@ -70,24 +70,6 @@ pub struct RunArgs {
     /// Weight storage on a GPU (f32, or bf16 with f32 accumulation); the CPU keeps f32.
     #[arg(long, value_enum, default_value = "f32")]
     dtype: WeightStorage,
-}
-
-/// `--dtype`.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
-pub enum WeightStorage {
-    F32,
-    Bf16,
-}
-
-#[cfg(feature = "cuda")]
-impl WeightStorage {
-    /// The GPU's storage for these weights.
-    pub fn gpu(self) -> tideway_kernels::gpu::WeightDtype {
-        match self {
-            WeightStorage::F32 => tideway_kernels::gpu::WeightDtype::F32,
-            WeightStorage::Bf16 => tideway_kernels::gpu::WeightDtype::Bf16,
-        }
-    }
 }
 
 pub fn run(args: RunArgs) -> Result<()> {

@@ -4,7 +4,7 @@
 //! ranks (followers), then all ranks run the same forward on their shards, joined by
 //! all-reduces (`shared/SPEC-MODELS.md` §5; ladder-wired models overlap them). Followers keep
 //! their slices of every session's state, keyed by a number the leader hands out; a dropped
-//! [`LmState`] is forgotten by the followers with the next batch.
+//! [`ParallelSession`] is forgotten by the followers with the next batch.
 //!
 //! Ranks are threads of this process (`threads`: the in-process all-reduce over shared
 //! memory) or processes (`processes`: `tideway tp-rank` children on loopback, or ranks
@@ -25,9 +25,7 @@ use tideway_kernels::Tensor;
 use tideway_kernels::collective::{Collective, TcpRank, ThreadGroup};
 use tideway_operators::models::{Model, SessionState, load_model_rank};
 use tideway_operators::tensor_parallel::Group;
-use tideway_operators::{ForwardError, InputError, LoadError};
-
-use crate::language_model::LmState;
+use tideway_operators::{ForwardError, LoadError};
 
 /// How the ranks of a tensor-parallel group run.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum, serde::Serialize)]
@@ -356,8 +354,8 @@ impl ParallelModel {
         self.inner.lock().map(|i| i.stats).unwrap_or_default()
     }
 
-    pub(crate) fn new_state(&self) -> LmState {
-        LmState::Parallel {
+    pub(crate) fn new_state(&self) -> ParallelSession {
+        ParallelSession {
             state: self.leader.new_state(),
             key: self
                 .next_key
@@ -370,7 +368,7 @@ impl ParallelModel {
         &self,
         tokens: &[u32],
         lens: &[usize],
-        states: &mut [&mut LmState],
+        states: &mut [&mut ParallelSession],
     ) -> Result<Tensor, ForwardError> {
         let mut inner = self
             .inner
@@ -379,13 +377,7 @@ impl ParallelModel {
         if let Some(reason) = &inner.broken {
             return Err(unavailable(reason.clone()));
         }
-        let mut keys = Vec::with_capacity(states.len());
-        for s in states.iter() {
-            match s {
-                LmState::Parallel { key, .. } => keys.push(*key),
-                _ => return Err(InputError::WrongState.into()),
-            }
-        }
+        let keys: Vec<u64> = states.iter().map(|s| s.key).collect();
         let released = std::mem::take(&mut *self.released.lock().expect("released keys"));
         let command = Command::Forward {
             tokens: tokens.to_vec(),
@@ -399,10 +391,7 @@ impl ParallelModel {
                 return Err(unavailable(reason));
             }
         }
-        let mut local: Vec<&mut SessionState> = states
-            .iter_mut()
-            .map(|s| s.local().expect("checked: tensor-parallel states"))
-            .collect();
+        let mut local: Vec<&mut SessionState> = states.iter_mut().map(|s| &mut s.state).collect();
         let Inner {
             collective, stats, ..
         } = &mut *inner;
@@ -419,6 +408,22 @@ impl ParallelModel {
                 Err(unavailable(reason))
             }
             Err(e) => Err(e),
+        }
+    }
+}
+
+/// A session of a tensor-parallel group: rank 0's slices of its state here; the other
+/// ranks hold theirs under `key`, and forget them with the next batch after this is dropped.
+pub struct ParallelSession {
+    pub(crate) state: SessionState,
+    key: u64,
+    released: Arc<Mutex<Vec<u64>>>,
+}
+
+impl Drop for ParallelSession {
+    fn drop(&mut self) {
+        if let Ok(mut keys) = self.released.lock() {
+            keys.push(self.key);
         }
     }
 }

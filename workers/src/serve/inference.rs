@@ -22,7 +22,7 @@ use tideway_proto::inference as pb;
 
 use super::engine::Engine;
 use super::messages::{self, Op, StepInput, session_key};
-use super::native::{answer, check_ids};
+use super::requests::{answer, check_ids, tensor_specs};
 use super::status::{inbound_error, op_status, status_message, submit_status};
 
 const STREAM_CREDIT: usize = 64;
@@ -488,27 +488,25 @@ impl pb::grpc_inference_service_server::GrpcInferenceService for InferenceServic
         let r = r.into_inner();
         let index = self.model(&r.name, &r.version)?;
         let m = &self.engine.models[index as usize];
-        let info = super::native::model_info(&self.engine, index as usize);
+        let (inputs, outputs) = tensor_specs(m);
         use pb::model_metadata_response::TensorMetadata;
         Ok(Response::new(pb::ModelMetadataResponse {
             name: m.name.clone(),
             versions: vec!["1".into()],
             platform: format!("tideway_{}", m.family()),
-            inputs: info
-                .inputs
+            inputs: inputs
                 .into_iter()
                 .map(|t| TensorMetadata {
-                    name: t.name,
-                    datatype: t.datatype,
+                    name: t.name.into(),
+                    datatype: t.datatype.into(),
                     shape: t.shape,
                 })
                 .collect(),
-            outputs: info
-                .outputs
+            outputs: outputs
                 .into_iter()
                 .map(|t| TensorMetadata {
-                    name: t.name,
-                    datatype: t.datatype,
+                    name: t.name.into(),
+                    datatype: t.datatype.into(),
                     shape: t.shape,
                 })
                 .collect(),
@@ -653,36 +651,34 @@ impl pb::grpc_inference_service_server::GrpcInferenceService for InferenceServic
         let m = &self.engine.models[index as usize];
         let idle_us = self.engine.config.idle_limit.as_micros() as u64;
         // The same tensors ModelMetadata lists (a feature model takes `input` or `audio`).
-        let info = super::native::model_info(&self.engine, index as usize);
+        let (inputs, outputs) = tensor_specs(m);
         let data_type = |name: &str| match name {
             "INT64" => pb::DataType::TypeInt64,
             "INT32" => pb::DataType::TypeInt32,
             "INT16" => pb::DataType::TypeInt16,
             _ => pb::DataType::TypeFp32,
         } as i32;
-        let alternatives = info.inputs.len() > 1;
+        let alternatives = inputs.len() > 1;
         Ok(Response::new(pb::ModelConfigResponse {
             config: Some(pb::ModelConfig {
                 name: m.name.clone(),
                 platform: format!("tideway_{}", m.family()),
                 backend: "tideway".into(),
                 max_batch_size: 0,
-                input: info
-                    .inputs
+                input: inputs
                     .iter()
                     .map(|t| pb::ModelInput {
-                        name: t.name.clone(),
-                        data_type: data_type(&t.datatype),
+                        name: t.name.into(),
+                        data_type: data_type(t.datatype),
                         dims: t.shape.clone(),
                         optional: alternatives,
                     })
                     .collect(),
-                output: info
-                    .outputs
+                output: outputs
                     .iter()
                     .map(|t| pb::ModelOutput {
-                        name: t.name.clone(),
-                        data_type: data_type(&t.datatype),
+                        name: t.name.into(),
+                        data_type: data_type(t.datatype),
                         dims: t.shape.clone(),
                     })
                     .collect(),

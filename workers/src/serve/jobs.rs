@@ -17,7 +17,8 @@ use tideway_proto::tideway::v1 as pb;
 
 use super::engine::Engine;
 use super::messages::{Op, StepInput, session_key};
-use super::native::{answer, check_ids, tensor_f32};
+use super::native::tensor_f32;
+use super::requests::{answer, check_ids};
 use super::status::{inbound_error, op_status, submit_status};
 
 const DEFAULT_CHUNK: usize = 256;

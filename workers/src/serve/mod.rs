@@ -8,6 +8,7 @@ pub mod jobs;
 pub mod messages;
 pub mod metrics;
 pub mod native;
+pub mod requests;
 pub mod served;
 pub mod stages;
 pub mod stats;
@@ -84,7 +85,7 @@ pub struct ServeArgs {
     device: Device,
     /// Weight storage on a GPU: f32, or bf16 with f32 accumulation.
     #[arg(long, value_enum, default_value = "f32")]
-    dtype: crate::run::WeightStorage,
+    dtype: crate::device::WeightStorage,
     /// Most sessions a GPU's device-resident state pool holds (fewer if its free memory
     /// holds fewer; ModelInfo reports the number).
     #[arg(long, default_value_t = 4096)]
@@ -219,7 +220,7 @@ fn placement(
     processes: usize,
     process: usize,
 ) -> Result<Placement> {
-    if args.device == Device::Cpu && args.dtype != crate::run::WeightStorage::F32 {
+    if args.device == Device::Cpu && args.dtype != crate::device::WeightStorage::F32 {
         bail!("--dtype bf16 is for --device cuda:N; the CPU path keeps f32 weights");
     }
     let plan = Plan::new(threads * processes, args.pipeline).map_err(anyhow::Error::msg)?;

@@ -14,10 +14,10 @@ use pb::stream_response::Kind as OutKind;
 use tideway_proto::tideway::v1 as pb;
 
 use super::engine::Engine;
-use super::messages::{self, Op, Reply, StepInput, session_key};
+use super::messages::{self, Op, StepInput, session_key};
+use super::requests::{TensorSpec, answer, check_ids, tensor_specs};
 use super::served::ServedKind;
 use super::status::{inbound_error, op_status, submit_status};
-use tideway_operators::tokenizers::Frontend;
 
 /// Chunks of one stream that may be in the dataflow at once: the stream's credit. A client
 /// that sends faster waits (HTTP/2 flow control), and its slowness is its own.
@@ -30,32 +30,6 @@ pub fn tensor_f32(name: &str, shape: &[i64], values: &[f32]) -> pb::Tensor {
         shape: shape.to_vec(),
         data: values.iter().flat_map(|v| v.to_le_bytes()).collect(),
     }
-}
-
-/// Checks ids against a vocabulary at the edge, with the same message the model gives.
-pub fn check_ids(ids: &[i64], vocab: usize) -> Result<Vec<u32>, Status> {
-    ids.iter()
-        .enumerate()
-        .map(|(position, &id)| {
-            if id < 0 || id as u64 >= vocab as u64 {
-                Err(Status::invalid_argument(format!(
-                    "token id {id} at position {position} is out of range: the vocabulary has {vocab} ids (0..={})",
-                    vocab - 1
-                )))
-            } else {
-                Ok(id as u32)
-            }
-        })
-        .collect()
-}
-
-/// Awaits the dataflow's answer.
-pub async fn answer(
-    rx: oneshot::Receiver<messages::Response>,
-) -> Result<Result<Reply, messages::OpError>, Status> {
-    rx.await
-        .map(|r| r.result)
-        .map_err(|_| Status::unavailable("the worker owning this session stopped"))
 }
 
 fn new_session_name() -> String {
@@ -371,27 +345,17 @@ fn chunk_input(engine: &Engine, model: u32, chunk: &pb::StreamChunk) -> Result<S
 
 pub fn model_info(engine: &Engine, index: usize) -> pb::ModelInfo {
     let m = &engine.models[index];
-    let spec = |name: &str, datatype: &str, shape: Vec<i64>| pb::TensorSpec {
-        name: name.into(),
-        datatype: datatype.into(),
-        shape,
-    };
-    let inputs = match &m.kind {
-        ServedKind::Language { .. } => vec![spec("input_ids", "INT64", vec![-1])],
-        ServedKind::Features(f) => match f.frontend() {
-            Some(Frontend::Audio(_)) => vec![
-                spec("audio", "FP32", vec![-1]),
-                spec("input", "FP32", vec![-1, f.in_channels() as i64]),
-            ],
-            Some(Frontend::Sensor(s)) => vec![spec("input", "FP32", vec![-1, s.channels() as i64])],
-            None => vec![spec("input", "FP32", vec![-1, f.in_channels() as i64])],
-        },
+    let (inputs, outputs) = tensor_specs(m);
+    let spec = |t: TensorSpec| pb::TensorSpec {
+        name: t.name.into(),
+        datatype: t.datatype.into(),
+        shape: t.shape,
     };
     pb::ModelInfo {
         name: m.name.clone(),
         family: m.family().into(),
-        inputs,
-        outputs: vec![spec(m.output_name(), "FP32", vec![-1, m.width() as i64])],
+        inputs: inputs.into_iter().map(spec).collect(),
+        outputs: outputs.into_iter().map(spec).collect(),
         state_bytes_per_session: m.state_bytes() as u64,
         weight_bytes: m.weight_bytes() as u64,
         vocab_size: m.vocab_size() as u64,

@@ -142,7 +142,7 @@ impl ServedModel {
 pub struct Placement {
     pub parallel: ParallelArgs,
     pub device: Device,
-    pub dtype: crate::run::WeightStorage,
+    pub dtype: crate::device::WeightStorage,
     pub gpu_sessions: usize,
     pub plan: Plan,
     /// The pipeline stages this process's workers run.
@@ -155,7 +155,7 @@ impl Placement {
         Placement {
             parallel: ParallelArgs::default(),
             device: Device::Cpu,
-            dtype: crate::run::WeightStorage::F32,
+            dtype: crate::device::WeightStorage::F32,
             gpu_sessions: 0,
             plan: Plan::new(workers.max(1), 1).expect("one stage divides any count"),
             local_stages: 0..1,
