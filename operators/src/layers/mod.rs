@@ -4,6 +4,7 @@ pub mod batch_norm;
 pub mod frames;
 pub mod head_output;
 pub mod heads;
+pub mod lm_ends;
 pub mod mlp;
 pub mod qkv;
 pub mod short_conv;

@@ -23,11 +23,11 @@ use std::ops::Range;
 
 use tideway_kernels::Tensor;
 use tideway_kernels::Weight;
-use tideway_kernels::matmul::{Linear, MatRef};
 use tideway_kernels::norm::rms_norm;
 
 use crate::checkpoint::{Checkpoint, Split, TensorShard};
 use crate::error::{ForwardError, InputError, LoadError};
+use crate::layers::lm_ends::{EndsLayout, LmEnds};
 use crate::layers::mlp::{GatedMlp, default_intermediate, mlp_split};
 use crate::models::config::ConfigJson;
 use crate::models::family::{FamilyState, LanguageFamily, SessionState, Shard};
@@ -41,7 +41,7 @@ use crate::models::fla::gla::{DecayKind, FeatureMap, GlaConfig, GlaLayerState, G
 use crate::models::fla::linear_attn::{
     FeatureMapKind, LinearAttnConfig, LinearAttnLayerState, LinearAttnMixer,
 };
-use crate::models::{ModelPart, check_part, check_token_ids};
+use crate::models::{ModelPart, check_part};
 use crate::tensor_parallel::{Group, ResidualStream, ladder_layers, split_count};
 
 #[derive(Debug, Clone, PartialEq)]
@@ -402,13 +402,10 @@ pub struct FlaLm {
     pub config: FlaConfig,
     /// The layers, embedding and head this placement holds.
     part: ModelPart,
-    /// The input embedding when it is not tied to the head.
-    embedding: Option<Weight>,
     /// Blocks `part.layers`, in order.
     blocks: Vec<FlaBlock>,
-    norm: Option<Weight>,
-    /// The head; with a tied embedding also the embedding (held by the first and last pieces).
-    lm_head: Option<Linear>,
+    /// The embedding and the final norm and head, where the part holds them.
+    ends: LmEnds,
 }
 
 impl FlaLm {
@@ -461,49 +458,121 @@ impl FlaLm {
                 })
             })
             .collect::<Result<Vec<_>, LoadError>>()?;
-        let norm = match part.head {
-            true => Some(checkpoint.load("model.norm.weight", &[d])?),
-            false => None,
+        let layout = EndsLayout {
+            embedding: "model.embeddings.weight",
+            norm: "model.norm.weight",
+            head: "lm_head.weight",
+            tied: config.tie_embeddings || !checkpoint.contains("lm_head.weight"),
+            hidden: d,
+            vocab: v,
+            rows: v,
+            norm_eps: config.norm_eps,
         };
-        let (lm_head, embedding) =
-            if config.tie_embeddings || !checkpoint.contains("lm_head.weight") {
-                let head = match part.embed || part.head {
-                    true => Some(checkpoint.load_linear("model.embeddings.weight", None, v, d)?),
-                    false => None,
-                };
-                (head, None)
-            } else {
-                let head = match part.head {
-                    true => Some(checkpoint.load_linear("lm_head.weight", None, v, d)?),
-                    false => None,
-                };
-                let embedding = match part.embed {
-                    true => Some(checkpoint.load("model.embeddings.weight", &[v, d])?),
-                    false => None,
-                };
-                (head, embedding)
-            };
+        let ends = LmEnds::load(checkpoint, layout, &part)?;
         Ok(FlaLm {
             config,
             part,
-            embedding,
             blocks,
-            norm,
-            lm_head,
+            ends,
         })
     }
+}
 
-    pub fn logits_width(&self) -> usize {
+fn head_counts(config: &ConfigJson, default_heads: usize) -> Result<(usize, usize), LoadError> {
+    let top = config.top();
+    let heads = top.usize_opt("num_heads")?.unwrap_or(default_heads);
+    let kv_heads = top.usize_opt("num_kv_heads")?.unwrap_or(heads);
+    if !heads.is_multiple_of(kv_heads) {
+        return Err(config.malformed(format!(
+            "num_heads {heads} is not a multiple of num_kv_heads {kv_heads}"
+        )));
+    }
+    Ok((heads, kv_heads))
+}
+
+/// Per-head width `hidden_size × config[key] / heads` (fla's `expand_k` / `expand_v`), which
+/// must come out whole.
+fn expanded_head_dim(
+    config: &ConfigJson,
+    hidden: usize,
+    heads: usize,
+    key: &str,
+    default: f64,
+) -> Result<usize, LoadError> {
+    let d = hidden as f64 * config.top().f64_opt(key)?.unwrap_or(default);
+    if (d - d.round()).abs() > 1e-6 || !(d.round() as usize).is_multiple_of(heads) {
+        return Err(config.malformed(format!(
+            "hidden_size × {key} = {d} must be a whole multiple of num_heads {heads}"
+        )));
+    }
+    Ok(d.round() as usize / heads)
+}
+
+/// The optional elementwise `feature_map` of GLA and RetNet.
+fn gla_feature_map(config: &ConfigJson) -> Result<Option<FeatureMap>, LoadError> {
+    match config.top().str_opt("feature_map")? {
+        None => Ok(None),
+        Some(name) => FeatureMap::parse(name).map(Some).ok_or_else(|| {
+            config.unsupported(format!(
+                "feature_map {name:?}; supported: swish, relu, sigmoid"
+            ))
+        }),
+    }
+}
+
+impl FamilyState for FlaState {
+    fn position(&self) -> usize {
+        self.position
+    }
+}
+
+impl LanguageFamily for FlaLm {
+    fn family(&self) -> &'static str {
+        MODEL_TYPES
+            .iter()
+            .find(|t| **t == self.config.model_type)
+            .copied()
+            .unwrap_or("fla")
+    }
+
+    fn vocab_size(&self) -> usize {
         self.config.vocab_size
     }
 
-    /// The layers, embedding and head this model holds.
-    pub fn part(&self) -> &ModelPart {
+    fn logits_width(&self) -> usize {
+        self.ends.logits_width()
+    }
+
+    fn hidden_size(&self) -> usize {
+        self.config.hidden_size
+    }
+
+    fn num_layers(&self) -> usize {
+        self.config.num_layers
+    }
+
+    fn part(&self) -> &ModelPart {
         &self.part
     }
 
-    pub fn new_state(&self) -> FlaState {
-        FlaState {
+    fn ladder(&self) -> &[bool] {
+        &self.config.ladder
+    }
+
+    fn set_ladder(&mut self, ladder: Vec<bool>) {
+        self.config.ladder = ladder;
+    }
+
+    fn embed(&self, tokens: &[u32]) -> Result<Vec<f32>, InputError> {
+        self.ends.embed(tokens)
+    }
+
+    fn head(&self, residual: &[f32]) -> Result<Tensor, InputError> {
+        self.ends.head(residual)
+    }
+
+    fn new_state(&self) -> SessionState {
+        SessionState::new(FlaState {
             layers: self
                 .blocks
                 .iter()
@@ -515,10 +584,10 @@ impl FlaLm {
                 })
                 .collect(),
             position: 0,
-        }
+        })
     }
 
-    pub fn state_bytes(&self) -> usize {
+    fn state_bytes(&self) -> usize {
         self.blocks
             .iter()
             .map(|b| match &b.attn {
@@ -530,10 +599,8 @@ impl FlaLm {
             .sum()
     }
 
-    pub fn weight_bytes(&self) -> usize {
-        self.embedding.as_ref().map_or(0, Weight::size_bytes)
-            + self.lm_head.as_ref().map_or(0, Linear::size_bytes)
-            + self.norm.as_ref().map_or(0, Weight::size_bytes)
+    fn weight_bytes(&self) -> usize {
+        self.ends.weight_bytes()
             + self
                 .blocks
                 .iter()
@@ -551,30 +618,16 @@ impl FlaLm {
                 .sum::<usize>()
     }
 
-    /// The first piece: the embedding rows of `tokens` (`[T, hidden]`).
-    pub fn embed(&self, tokens: &[u32]) -> Result<Vec<f32>, InputError> {
-        let d = self.config.hidden_size;
-        check_token_ids(tokens, self.config.vocab_size, 0)?;
-        let mut h = vec![0.0f32; tokens.len() * d];
-        for (row, &t) in h.chunks_exact_mut(d).zip(tokens) {
-            match (&self.embedding, &self.lm_head) {
-                (Some(e), _) => row.copy_from_slice(e.row(t as usize)),
-                (None, Some(tied)) => tied.torch_weight_row(t as usize, row),
-                (None, None) => return Err(InputError::NotHeld { piece: "embedding" }),
-            }
-        }
-        Ok(h)
-    }
-
     /// This part's layers over the packed batch (`segments`: each session's rows of the
     /// stream); `states` hold these layers, and advance by their rows.
-    pub fn forward_layers(
+    fn forward_layers(
         &self,
         stream: &mut ResidualStream,
         segments: &[Range<usize>],
-        states: &mut [&mut FlaState],
+        states: &mut [&mut SessionState],
         group: &mut Group<'_>,
     ) -> Result<(), ForwardError> {
+        let states = &mut SessionState::downcast_all::<FlaState>(states)?[..];
         let d = self.config.hidden_size;
         let m = segments.last().map_or(0, |s| s.end);
         let starts: Vec<usize> = states.iter().map(|s| s.position).collect();
@@ -646,136 +699,5 @@ impl FlaLm {
             state.position += segment.len();
         }
         Ok(())
-    }
-
-    /// The last piece: the final norm and the head over the settled stream (`[T, hidden]`).
-    pub fn head(&self, h: &[f32]) -> Result<Tensor, InputError> {
-        let (Some(norm), Some(lm_head)) = (&self.norm, &self.lm_head) else {
-            return Err(InputError::NotHeld { piece: "head" });
-        };
-        let d = self.config.hidden_size;
-        let m = h.len() / d;
-        let mut normed = vec![0.0f32; m * d];
-        rms_norm(h, d, norm.as_slice(), self.config.norm_eps, &mut normed);
-        let mut logits = Tensor::zeros(&[m, self.logits_width()]);
-        lm_head.forward(MatRef::dense(&normed, m, d), logits.data_mut());
-        Ok(logits)
-    }
-}
-
-fn head_counts(config: &ConfigJson, default_heads: usize) -> Result<(usize, usize), LoadError> {
-    let top = config.top();
-    let heads = top.usize_opt("num_heads")?.unwrap_or(default_heads);
-    let kv_heads = top.usize_opt("num_kv_heads")?.unwrap_or(heads);
-    if !heads.is_multiple_of(kv_heads) {
-        return Err(config.malformed(format!(
-            "num_heads {heads} is not a multiple of num_kv_heads {kv_heads}"
-        )));
-    }
-    Ok((heads, kv_heads))
-}
-
-/// Per-head width `hidden_size × config[key] / heads` (fla's `expand_k` / `expand_v`), which
-/// must come out whole.
-fn expanded_head_dim(
-    config: &ConfigJson,
-    hidden: usize,
-    heads: usize,
-    key: &str,
-    default: f64,
-) -> Result<usize, LoadError> {
-    let d = hidden as f64 * config.top().f64_opt(key)?.unwrap_or(default);
-    if (d - d.round()).abs() > 1e-6 || !(d.round() as usize).is_multiple_of(heads) {
-        return Err(config.malformed(format!(
-            "hidden_size × {key} = {d} must be a whole multiple of num_heads {heads}"
-        )));
-    }
-    Ok(d.round() as usize / heads)
-}
-
-/// The optional elementwise `feature_map` of GLA and RetNet.
-fn gla_feature_map(config: &ConfigJson) -> Result<Option<FeatureMap>, LoadError> {
-    match config.top().str_opt("feature_map")? {
-        None => Ok(None),
-        Some(name) => FeatureMap::parse(name).map(Some).ok_or_else(|| {
-            config.unsupported(format!(
-                "feature_map {name:?}; supported: swish, relu, sigmoid"
-            ))
-        }),
-    }
-}
-
-impl FamilyState for FlaState {
-    fn position(&self) -> usize {
-        self.position
-    }
-}
-
-impl LanguageFamily for FlaLm {
-    fn family(&self) -> &'static str {
-        MODEL_TYPES
-            .iter()
-            .find(|t| **t == self.config.model_type)
-            .copied()
-            .unwrap_or("fla")
-    }
-
-    fn vocab_size(&self) -> usize {
-        self.config.vocab_size
-    }
-
-    fn logits_width(&self) -> usize {
-        FlaLm::logits_width(self)
-    }
-
-    fn hidden_size(&self) -> usize {
-        self.config.hidden_size
-    }
-
-    fn num_layers(&self) -> usize {
-        self.config.num_layers
-    }
-
-    fn part(&self) -> &ModelPart {
-        FlaLm::part(self)
-    }
-
-    fn ladder(&self) -> &[bool] {
-        &self.config.ladder
-    }
-
-    fn set_ladder(&mut self, ladder: Vec<bool>) {
-        self.config.ladder = ladder;
-    }
-
-    fn new_state(&self) -> SessionState {
-        SessionState::new(FlaLm::new_state(self))
-    }
-
-    fn state_bytes(&self) -> usize {
-        FlaLm::state_bytes(self)
-    }
-
-    fn weight_bytes(&self) -> usize {
-        FlaLm::weight_bytes(self)
-    }
-
-    fn embed(&self, tokens: &[u32]) -> Result<Vec<f32>, InputError> {
-        FlaLm::embed(self, tokens)
-    }
-
-    fn forward_layers(
-        &self,
-        stream: &mut ResidualStream,
-        segments: &[Range<usize>],
-        states: &mut [&mut SessionState],
-        group: &mut Group<'_>,
-    ) -> Result<(), ForwardError> {
-        let mut states = SessionState::downcast_all::<FlaState>(states)?;
-        FlaLm::forward_layers(self, stream, segments, &mut states, group)
-    }
-
-    fn head(&self, residual: &[f32]) -> Result<Tensor, InputError> {
-        FlaLm::head(self, residual)
     }
 }

@@ -22,15 +22,15 @@ use std::ops::Range;
 
 use tideway_kernels::Tensor;
 use tideway_kernels::Weight;
-use tideway_kernels::matmul::{Linear, MatRef};
 use tideway_kernels::norm::rms_norm;
 
 use crate::checkpoint::{Checkpoint, Split, TensorShard};
 use crate::error::{ForwardError, InputError, LoadError};
+use crate::layers::lm_ends::{EndsLayout, LmEnds};
 use crate::models::config::ConfigJson;
 use crate::models::family::{FamilyState, LanguageFamily, SessionState, Shard};
 use crate::models::mamba::mixer::{MambaLayerState, MambaMixer, MambaMixerConfig, mamba_split};
-use crate::models::{ModelPart, check_part, check_token_ids};
+use crate::models::{ModelPart, check_part};
 use crate::tensor_parallel::{Group, ResidualStream, ladder_layers, split_count};
 
 /// Rows per chunk when a long sequence is prefilled: bounds the activations of one pass
@@ -242,14 +242,10 @@ pub struct MambaLm {
     pub config: MambaConfig,
     /// The layers, embedding and head this placement holds.
     part: ModelPart,
-    /// The input embedding when it is not tied to the head (a tied one is read from
-    /// `lm_head`'s weight, so it is held once).
-    untied_embedding: Option<Weight>,
     /// Blocks `part.layers`, in order.
     blocks: Vec<MambaBlock>,
-    norm_f: Option<Weight>,
-    /// The head; with a tied embedding also the embedding (held by the first and last pieces).
-    lm_head: Option<Linear>,
+    /// The embedding and the final norm and head, where the part holds them.
+    ends: LmEnds,
 }
 
 impl MambaLm {
@@ -265,7 +261,7 @@ impl MambaLm {
         checkpoint: &Checkpoint,
         part: ModelPart,
     ) -> Result<Self, LoadError> {
-        let (d, v) = (config.hidden_size, config.padded_vocab_size);
+        let d = config.hidden_size;
         let blocks = part
             .layers
             .clone()
@@ -277,64 +273,79 @@ impl MambaLm {
                 })
             })
             .collect::<Result<Vec<_>, LoadError>>()?;
-        let norm_f = match part.head {
-            true => Some(checkpoint.load("backbone.norm_f.weight", &[d])?),
-            false => None,
+        let layout = EndsLayout {
+            embedding: &config.embedding_name,
+            norm: "backbone.norm_f.weight",
+            head: "lm_head.weight",
+            tied: config.tie_embeddings,
+            hidden: d,
+            vocab: config.vocab_size,
+            rows: config.padded_vocab_size,
+            norm_eps: config.norm_eps,
         };
-        let (lm_head, untied_embedding) = if config.tie_embeddings {
-            let head = match part.embed || part.head {
-                true => Some(checkpoint.load_linear(&config.embedding_name, None, v, d)?),
-                false => None,
-            };
-            (head, None)
-        } else {
-            let head = match part.head {
-                true => Some(checkpoint.load_linear("lm_head.weight", None, v, d)?),
-                false => None,
-            };
-            let embedding = match part.embed {
-                true => Some(checkpoint.load(&config.embedding_name, &[v, d])?),
-                false => None,
-            };
-            (head, embedding)
-        };
+        let ends = LmEnds::load(checkpoint, layout, &part)?;
         Ok(MambaLm {
             config,
             part,
-            untied_embedding,
             blocks,
-            norm_f,
-            lm_head,
+            ends,
         })
     }
+}
 
-    /// The layers, embedding and head this model holds.
-    pub fn part(&self) -> &ModelPart {
+impl FamilyState for MambaState {
+    fn position(&self) -> usize {
+        self.position
+    }
+}
+
+impl LanguageFamily for MambaLm {
+    fn family(&self) -> &'static str {
+        "mamba"
+    }
+
+    fn vocab_size(&self) -> usize {
+        self.config.vocab_size
+    }
+
+    /// The padded vocabulary.
+    fn logits_width(&self) -> usize {
+        self.ends.logits_width()
+    }
+
+    fn hidden_size(&self) -> usize {
+        self.config.hidden_size
+    }
+
+    fn num_layers(&self) -> usize {
+        self.config.num_layers
+    }
+
+    fn part(&self) -> &ModelPart {
         &self.part
     }
 
-    /// Columns of the logits (the padded vocabulary).
-    pub fn logits_width(&self) -> usize {
-        self.config.padded_vocab_size
+    fn ladder(&self) -> &[bool] {
+        &self.config.ladder
     }
 
-    pub fn new_state(&self) -> MambaState {
-        MambaState {
+    fn set_ladder(&mut self, ladder: Vec<bool>) {
+        self.config.ladder = ladder;
+    }
+
+    fn new_state(&self) -> SessionState {
+        SessionState::new(MambaState {
             layers: self.blocks.iter().map(|b| b.mixer.new_state()).collect(),
             position: 0,
-        }
+        })
     }
 
-    /// Bytes of one session's state.
-    pub fn state_bytes(&self) -> usize {
+    fn state_bytes(&self) -> usize {
         self.blocks.iter().map(|b| b.mixer.state_bytes()).sum()
     }
 
-    /// Bytes of the parameters (a tied head counted once).
-    pub fn weight_bytes(&self) -> usize {
-        self.untied_embedding.as_ref().map_or(0, Weight::size_bytes)
-            + self.lm_head.as_ref().map_or(0, Linear::size_bytes)
-            + self.norm_f.as_ref().map_or(0, Weight::size_bytes)
+    fn weight_bytes(&self) -> usize {
+        self.ends.weight_bytes()
             + self
                 .blocks
                 .iter()
@@ -342,31 +353,18 @@ impl MambaLm {
                 .sum::<usize>()
     }
 
-    /// The first piece: the embedding rows of `tokens` (`[T, hidden]`), the residual stream's
-    /// start.
-    pub fn embed(&self, tokens: &[u32]) -> Result<Vec<f32>, InputError> {
-        let d = self.config.hidden_size;
-        check_token_ids(tokens, self.config.vocab_size, 0)?;
-        let mut residual = vec![0.0f32; tokens.len() * d];
-        for (row, &t) in residual.chunks_exact_mut(d).zip(tokens) {
-            match (&self.untied_embedding, &self.lm_head) {
-                (Some(embedding), _) => row.copy_from_slice(embedding.row(t as usize)),
-                (None, Some(tied)) => tied.torch_weight_row(t as usize, row),
-                (None, None) => return Err(InputError::NotHeld { piece: "embedding" }),
-            }
-        }
-        Ok(residual)
+    fn embed(&self, tokens: &[u32]) -> Result<Vec<f32>, InputError> {
+        self.ends.embed(tokens)
     }
 
-    /// This part's layers over the packed batch (`segments`: each session's rows of the
-    /// stream); `states` hold these layers, and advance by their rows.
-    pub fn forward_layers(
+    fn forward_layers(
         &self,
         stream: &mut ResidualStream,
         segments: &[Range<usize>],
-        states: &mut [&mut MambaState],
+        states: &mut [&mut SessionState],
         group: &mut Group<'_>,
     ) -> Result<(), ForwardError> {
+        let mut states = SessionState::downcast_all::<MambaState>(states)?;
         let d = self.config.hidden_size;
         let m = segments.last().map_or(0, |s| s.end);
         let mut normed = vec![0.0f32; m * d];
@@ -394,94 +392,7 @@ impl MambaLm {
         Ok(())
     }
 
-    /// The last piece: the final norm and the head over the settled stream (`[T, hidden]`).
-    pub fn head(&self, residual: &[f32]) -> Result<Tensor, InputError> {
-        let (Some(norm_f), Some(lm_head)) = (&self.norm_f, &self.lm_head) else {
-            return Err(InputError::NotHeld { piece: "head" });
-        };
-        let d = self.config.hidden_size;
-        let m = residual.len() / d;
-        let mut normed = vec![0.0f32; m * d];
-        rms_norm(
-            residual,
-            d,
-            norm_f.as_slice(),
-            self.config.norm_eps,
-            &mut normed,
-        );
-        let mut logits = Tensor::zeros(&[m, self.logits_width()]);
-        lm_head.forward(MatRef::dense(&normed, m, d), logits.data_mut());
-        Ok(logits)
-    }
-}
-
-impl FamilyState for MambaState {
-    fn position(&self) -> usize {
-        self.position
-    }
-}
-
-impl LanguageFamily for MambaLm {
-    fn family(&self) -> &'static str {
-        "mamba"
-    }
-
-    fn vocab_size(&self) -> usize {
-        self.config.vocab_size
-    }
-
-    fn logits_width(&self) -> usize {
-        MambaLm::logits_width(self)
-    }
-
-    fn hidden_size(&self) -> usize {
-        self.config.hidden_size
-    }
-
-    fn num_layers(&self) -> usize {
-        self.config.num_layers
-    }
-
-    fn part(&self) -> &ModelPart {
-        MambaLm::part(self)
-    }
-
-    fn ladder(&self) -> &[bool] {
-        &self.config.ladder
-    }
-
-    fn set_ladder(&mut self, ladder: Vec<bool>) {
-        self.config.ladder = ladder;
-    }
-
-    fn new_state(&self) -> SessionState {
-        SessionState::new(MambaLm::new_state(self))
-    }
-
-    fn state_bytes(&self) -> usize {
-        MambaLm::state_bytes(self)
-    }
-
-    fn weight_bytes(&self) -> usize {
-        MambaLm::weight_bytes(self)
-    }
-
-    fn embed(&self, tokens: &[u32]) -> Result<Vec<f32>, InputError> {
-        MambaLm::embed(self, tokens)
-    }
-
-    fn forward_layers(
-        &self,
-        stream: &mut ResidualStream,
-        segments: &[Range<usize>],
-        states: &mut [&mut SessionState],
-        group: &mut Group<'_>,
-    ) -> Result<(), ForwardError> {
-        let mut states = SessionState::downcast_all::<MambaState>(states)?;
-        MambaLm::forward_layers(self, stream, segments, &mut states, group)
-    }
-
     fn head(&self, residual: &[f32]) -> Result<Tensor, InputError> {
-        MambaLm::head(self, residual)
+        self.ends.head(residual)
     }
 }
