@@ -14,6 +14,7 @@ use std::path::Path;
 
 use tideway_kernels::Tensor;
 
+use crate::checkpoint::Checkpoint;
 use crate::error::{ForwardError, InputError, LoadError};
 use crate::tensor_parallel::{Group, Residual, ResidualStream, single};
 use config::ConfigJson;
@@ -391,19 +392,36 @@ pub fn model_layers(dir: &Path) -> Result<usize, LoadError> {
     }
 }
 
-/// Refuses a part that is not one of a model of `num_layers` layers.
-pub(crate) fn check_part(
+/// The part `shard` asks for (the whole model when it names none), refused when it is not a
+/// part of a model of `num_layers` layers.
+pub(crate) fn part_of(
     config: &ConfigJson,
-    part: &ModelPart,
+    shard: &Shard,
     num_layers: usize,
-) -> Result<(), LoadError> {
+) -> Result<ModelPart, LoadError> {
+    let part = shard
+        .part
+        .clone()
+        .unwrap_or_else(|| ModelPart::whole(num_layers));
     if part.layers.end > num_layers {
         return Err(config.unsupported(format!(
             "layers {:?} are not a part of a model of {num_layers} layers",
             part.layers
         )));
     }
-    Ok(())
+    Ok(part)
+}
+
+/// The checkpoint in `dir`, set to read only rank `rank` of `size`'s slices as `split` says.
+pub(crate) fn open_sharded(
+    dir: &Path,
+    rank: usize,
+    size: usize,
+    split: fn(&Checkpoint, &str) -> Option<crate::checkpoint::Split>,
+) -> Result<Checkpoint, LoadError> {
+    let mut checkpoint = Checkpoint::open(dir)?;
+    checkpoint.set_shard(Some(crate::checkpoint::TensorShard { rank, size, split }));
+    Ok(checkpoint)
 }
 
 /// Whether the checkpoint in `dir` is an LMUFormer (`model_type` `"lmuformer"`), a model of

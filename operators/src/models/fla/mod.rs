@@ -25,7 +25,7 @@ use tideway_kernels::Tensor;
 use tideway_kernels::Weight;
 use tideway_kernels::norm::rms_norm;
 
-use crate::checkpoint::{Checkpoint, Split, TensorShard};
+use crate::checkpoint::{Checkpoint, Split};
 use crate::error::{ForwardError, InputError, LoadError};
 use crate::layers::lm_ends::{EndsLayout, LmEnds};
 use crate::layers::mlp::{GatedMlp, default_intermediate, mlp_split};
@@ -41,7 +41,7 @@ use crate::models::fla::gla::{DecayKind, FeatureMap, GlaConfig, GlaLayerState, G
 use crate::models::fla::linear_attn::{
     FeatureMapKind, LinearAttnConfig, LinearAttnLayerState, LinearAttnMixer,
 };
-use crate::models::{ModelPart, check_part};
+use crate::models::{ModelPart, open_sharded, part_of};
 use crate::tensor_parallel::{Group, ResidualStream, ladder_layers, split_count};
 
 #[derive(Debug, Clone, PartialEq)]
@@ -319,13 +319,7 @@ pub fn open(
     size: usize,
 ) -> Result<(FlaConfig, Checkpoint), LoadError> {
     let fla = FlaConfig::from_config(config)?.for_rank(config, rank, size)?;
-    let mut checkpoint = Checkpoint::open(dir)?;
-    checkpoint.set_shard(Some(TensorShard {
-        rank,
-        size,
-        split: fla_lm_split,
-    }));
-    Ok((fla, checkpoint))
+    Ok((fla, open_sharded(dir, rank, size, fla_lm_split)?))
 }
 
 /// The registry's loader: `shard` of the fla checkpoint in `dir`.
@@ -335,10 +329,7 @@ pub fn load(
     shard: Shard,
 ) -> Result<Box<dyn LanguageFamily>, LoadError> {
     let (fla, checkpoint) = open(config, dir, shard.rank, shard.size)?;
-    let part = shard
-        .part
-        .unwrap_or_else(|| ModelPart::whole(fla.num_layers));
-    check_part(config, &part, fla.num_layers)?;
+    let part = part_of(config, &shard, fla.num_layers)?;
     Ok(Box::new(FlaLm::load_part(fla, &checkpoint, part)?))
 }
 

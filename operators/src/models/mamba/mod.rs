@@ -24,13 +24,13 @@ use tideway_kernels::Tensor;
 use tideway_kernels::Weight;
 use tideway_kernels::norm::rms_norm;
 
-use crate::checkpoint::{Checkpoint, Split, TensorShard};
+use crate::checkpoint::{Checkpoint, Split};
 use crate::error::{ForwardError, InputError, LoadError};
 use crate::layers::lm_ends::{EndsLayout, LmEnds};
 use crate::models::config::ConfigJson;
 use crate::models::family::{FamilyState, LanguageFamily, SessionState, Shard};
 use crate::models::mamba::mixer::{MambaLayerState, MambaMixer, MambaMixerConfig, mamba_split};
-use crate::models::{ModelPart, check_part};
+use crate::models::{ModelPart, open_sharded, part_of};
 use crate::tensor_parallel::{Group, ResidualStream, ladder_layers, split_count};
 
 /// Rows per chunk when a long sequence is prefilled: bounds the activations of one pass
@@ -195,13 +195,8 @@ pub fn open(
     rank: usize,
     size: usize,
 ) -> Result<(MambaConfig, Checkpoint), LoadError> {
-    let mut checkpoint = Checkpoint::open(dir)?;
+    let checkpoint = open_sharded(dir, rank, size, mamba_lm_split)?;
     let mamba = MambaConfig::from_config(config, &checkpoint)?.for_rank(config, size)?;
-    checkpoint.set_shard(Some(TensorShard {
-        rank,
-        size,
-        split: mamba_lm_split,
-    }));
     Ok((mamba, checkpoint))
 }
 
@@ -212,10 +207,7 @@ pub fn load(
     shard: Shard,
 ) -> Result<Box<dyn LanguageFamily>, LoadError> {
     let (mamba, checkpoint) = open(config, dir, shard.rank, shard.size)?;
-    let part = shard
-        .part
-        .unwrap_or_else(|| ModelPart::whole(mamba.num_layers));
-    check_part(config, &part, mamba.num_layers)?;
+    let part = part_of(config, &shard, mamba.num_layers)?;
     Ok(Box::new(MambaLm::load_part(mamba, &checkpoint, part)?))
 }
 

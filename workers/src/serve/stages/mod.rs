@@ -137,7 +137,8 @@ pub fn rounds(envelopes: Vec<Envelope>) -> Vec<Vec<Envelope>> {
 
 /// What a stage does with each closed epoch's records, and between epochs.
 pub trait EpochLogic<I, O> {
-    /// All records of one epoch, once no more can arrive; outputs go to `out`.
+    /// All records of the epochs that closed since the last call (in time order, so one
+    /// session's records keep their order); outputs go to `out`.
     fn epoch(&mut self, records: Vec<I>, out: &mut Vec<O>);
 
     /// Called on every activation (about once per tick) with no records: time-driven work
@@ -146,8 +147,9 @@ pub trait EpochLogic<I, O> {
 }
 
 /// The operator every stage is built on: gathers each epoch's records (routed by `pact`),
-/// runs the epoch once the input frontier has passed it (timely 0.32 has no notificator;
-/// see shared/RUNTIME-NOTES.md), and emits the outputs at that epoch.
+/// runs them once the input frontier has passed their epoch (timely 0.32 has no notificator;
+/// see shared/RUNTIME-NOTES.md) — every epoch closed by then as one batch, in time order — and
+/// emits the outputs at the latest of those epochs.
 pub fn epoch_stage<'s, I, O, P, L>(
     stream: StreamVec<'s, u64, I>,
     pact: P,
@@ -178,12 +180,21 @@ where
                         entry.1.append(batch);
                     }
                 });
+                // Every closed epoch runs as one batch, its outputs at the latest of them: a
+                // stage that fell behind (a long forward upstream) catches up in one packed
+                // forward instead of one per epoch, as one operator for the whole graph would.
+                let mut ready: Vec<I> = Vec::new();
+                let mut latest = None;
                 while let Some(entry) = stash.first_entry() {
                     if frontier.less_equal(entry.key()) {
                         break;
                     }
-                    let (cap, records) = entry.remove();
-                    logic.epoch(records, &mut out);
+                    let (cap, mut records) = entry.remove();
+                    ready.append(&mut records);
+                    latest = Some(cap);
+                }
+                if let Some(cap) = latest {
+                    logic.epoch(ready, &mut out);
                     if !out.is_empty() {
                         output.session(&cap).give_iterator(out.drain(..));
                     }
