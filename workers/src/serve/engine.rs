@@ -11,10 +11,11 @@
 //!   --> StatsBoard (each process's view of the whole cluster)
 //! ```
 //!
-//! Each worker closes one epoch per tick (default 1 ms); every stage runs each closed epoch
-//! as one batched computation (`stages::epoch_stage`). Placement is one [`Plan`]: `data`
-//! (K = 1: every stage of a session on its owner worker) or a pipeline of K stages of each
-//! model's layers, each on its own workers, successive epochs overlapping across stages.
+//! Each worker closes one epoch per tick (default 1 ms): the requests that entered in it go
+//! into the graph together, and every stage runs what has reached it as one batched
+//! computation (`stages::stage_operator`). Placement is one [`Plan`]: `data` (K = 1: every
+//! stage of a session on its owner worker) or a pipeline of K stages of each model's layers,
+//! each on its own workers, successive batches overlapping across stages.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};

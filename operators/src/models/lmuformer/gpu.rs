@@ -1,5 +1,5 @@
 //! The LMUFormer and the spiking LMUFormer on a GPU (`shared/SPEC-MODELS.md` §4; the CPU model
-//! in `models/lmuformer.rs` is the reference and the source of the parameters). Streams of
+//! in `mod.rs` beside it is the reference and the source of the parameters). Streams of
 //! feature frames as on the CPU: the host keeps each stream's bookkeeping (how full each conv
 //! window is, whether a residual frame is held, the clip sums); frames, conv windows, LMU
 //! memories and LIF membranes stay on the device, in a pool of session slots. The LMU memory

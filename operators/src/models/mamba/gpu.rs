@@ -1,5 +1,5 @@
 //! The Mamba (v1) language model on a GPU (`shared/SPEC-MODELS.md` §1; the CPU model in
-//! `models/mamba.rs` is the reference). Products through cuBLAS, the conv and the selective
+//! `mod.rs` beside it is the reference). Products through cuBLAS, the conv and the selective
 //! scan through `kernels/cuda/mamba.cu`; every session's conv window and SSM state live in a
 //! device-resident pool of slots, so a batched step reads and writes them in place.
 

@@ -21,7 +21,7 @@ use tideway_operators::tokenizers::text::TextStream;
 use super::super::messages::{Request, SessionEvent, StepInput};
 use super::super::served::{ServedKind, ServedModel};
 use super::lifecycle::Lifecycle;
-use super::{Body, Envelope, EpochLogic, Plan, epoch_stage};
+use super::{Body, Envelope, Plan, StageLogic, stage_operator};
 
 /// A session's front-end carry-over.
 pub enum Carry {
@@ -132,8 +132,8 @@ struct FrontendLogic {
     last_sweep: Instant,
 }
 
-impl EpochLogic<Request, FrontendOut> for FrontendLogic {
-    fn epoch(&mut self, requests: Vec<Request>, out: &mut Vec<FrontendOut>) {
+impl StageLogic<Request, FrontendOut> for FrontendLogic {
+    fn batch(&mut self, requests: Vec<Request>, out: &mut Vec<FrontendOut>) {
         let now = Instant::now();
         for request in requests {
             out.push(FrontendOut::Envelope(self.lifecycle.admit(request, now)));
@@ -189,7 +189,7 @@ impl<'s> Frontend<'s> for StreamVec<'s, u64, Request> {
             lifecycle,
             last_sweep: Instant::now(),
         };
-        let out = epoch_stage(
+        let out = stage_operator(
             self,
             Exchange::new(move |r: &Request| plan.owner(r.session)),
             "Frontend",

@@ -15,14 +15,14 @@ use tideway_operators::tensor_parallel::Residual;
 
 use super::super::messages::OpError;
 use super::super::served::{ServedModel, StageModel};
-use super::{Body, Envelope, EpochLogic, epoch_stage};
+use super::{Body, Envelope, StageLogic, stage_operator};
 
 struct HeadLogic {
     models: Arc<Vec<ServedModel>>,
 }
 
-impl EpochLogic<Envelope, Envelope> for HeadLogic {
-    fn epoch(&mut self, mut envelopes: Vec<Envelope>, out: &mut Vec<Envelope>) {
+impl StageLogic<Envelope, Envelope> for HeadLogic {
+    fn batch(&mut self, mut envelopes: Vec<Envelope>, out: &mut Vec<Envelope>) {
         for (index, served) in self.models.iter().enumerate() {
             let Some(Some(StageModel::Part(model))) = served.stages.last() else {
                 continue;
@@ -83,6 +83,6 @@ pub trait Head<'s> {
 
 impl<'s> Head<'s> for StreamVec<'s, u64, Envelope> {
     fn head(self, models: Arc<Vec<ServedModel>>) -> StreamVec<'s, u64, Envelope> {
-        epoch_stage(self, Pipeline, "Head", HeadLogic { models })
+        stage_operator(self, Pipeline, "Head", HeadLogic { models })
     }
 }

@@ -1,6 +1,6 @@
 //! The `layers(k)` stage: pipeline stage `k` of every model's layers, on the workers the plan
 //! gives it. It keeps each session's recurrent state for its layers (keyed by session) and
-//! runs each round of an epoch as one packed batch per model: one GEMM over every session's
+//! runs each round of a batch as one packed batch per model: one GEMM over every session's
 //! rows, per-session recurrences. The first stage embeds token ids; a model that runs as one
 //! piece (GPU, tensor-parallel group, LMUFormer) runs whole in the first stage and its outputs
 //! pass the later ones untouched.
@@ -25,7 +25,7 @@ use tideway_operators::tensor_parallel::Residual;
 use super::super::messages::{OpError, SessionKey};
 use super::super::served::{ServedModel, StageModel};
 use super::super::stats::StatsBoard;
-use super::{Body, Envelope, EpochLogic, Plan, epoch_stage, rounds};
+use super::{Body, Envelope, Plan, StageLogic, rounds, stage_operator};
 use crate::feature_model::{FeatureError, FeatureState};
 use crate::language_model::LmState;
 
@@ -68,12 +68,12 @@ struct LayersLogic {
     stage: usize,
     models: Arc<Vec<ServedModel>>,
     states: HashMap<SessionKey, StageState>,
-    /// The first stage reports each epoch to the board.
+    /// The first stage reports each batch to the board (as an epoch).
     board: Option<Arc<StatsBoard>>,
 }
 
-impl EpochLogic<Envelope, Envelope> for LayersLogic {
-    fn epoch(&mut self, envelopes: Vec<Envelope>, out: &mut Vec<Envelope>) {
+impl StageLogic<Envelope, Envelope> for LayersLogic {
+    fn batch(&mut self, envelopes: Vec<Envelope>, out: &mut Vec<Envelope>) {
         let started = Instant::now();
         let count = envelopes.len();
         let mut rows = 0;
@@ -357,7 +357,7 @@ pub fn forward_error(e: ForwardError) -> OpError {
 /// The layers stage on a stream of envelopes.
 pub trait Layers<'s> {
     /// Runs pipeline stage `stage` of every model on the workers `plan` gives it; the first
-    /// stage reports each epoch to `board`.
+    /// stage reports each batch to `board`.
     fn layers(
         self,
         stage: usize,
@@ -381,7 +381,7 @@ impl<'s> Layers<'s> for StreamVec<'s, u64, Envelope> {
             states: HashMap::new(),
             board,
         };
-        epoch_stage(
+        stage_operator(
             self,
             Exchange::new(move |e: &Envelope| plan.stage_worker(stage, e.session)),
             &format!("Layers{stage}"),

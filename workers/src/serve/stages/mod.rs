@@ -20,7 +20,7 @@ pub mod layers;
 pub mod lifecycle;
 pub mod prune;
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::HashMap;
 
 use serde::{Deserialize, Serialize};
 use timely::container::CapacityContainerBuilder;
@@ -118,7 +118,7 @@ impl Plan {
     }
 }
 
-/// The envelopes of one epoch in rounds: round `r` holds the `r`-th envelope of every session
+/// A batch's envelopes in rounds: round `r` holds the `r`-th envelope of every session
 /// (in arrival order), so that one session's requests run in order while each round batches
 /// every session.
 pub fn rounds(envelopes: Vec<Envelope>) -> Vec<Vec<Envelope>> {
@@ -135,22 +135,29 @@ pub fn rounds(envelopes: Vec<Envelope>) -> Vec<Vec<Envelope>> {
     rounds
 }
 
-/// What a stage does with each closed epoch's records, and between epochs.
-pub trait EpochLogic<I, O> {
-    /// All records of the epochs that closed since the last call (in time order, so one
-    /// session's records keep their order); outputs go to `out`.
-    fn epoch(&mut self, records: Vec<I>, out: &mut Vec<O>);
+/// What a stage does with each batch of records, and between batches.
+pub trait StageLogic<I, O> {
+    /// Every record that arrived since the last call, in arrival order (so one session's
+    /// records keep their order); outputs go to `out`.
+    fn batch(&mut self, records: Vec<I>, out: &mut Vec<O>);
 
-    /// Called on every activation (about once per tick) with no records: time-driven work
-    /// such as expiry. Outputs go out at the input frontier.
+    /// Called on every activation (about once per tick): time-driven work such as expiry.
+    /// Outputs go out at the input frontier.
     fn idle(&mut self, _out: &mut Vec<O>) {}
 }
 
-/// The operator every stage is built on: gathers each epoch's records (routed by `pact`),
-/// runs them once the input frontier has passed their epoch (timely 0.32 has no notificator;
-/// see shared/RUNTIME-NOTES.md) — every epoch closed by then as one batch, in time order — and
-/// emits the outputs at the latest of those epochs.
-pub fn epoch_stage<'s, I, O, P, L>(
+/// The operator every stage is built on: on each activation it runs every record that has
+/// arrived (routed by `pact`) as one batch and emits the outputs at the latest time among
+/// them.
+///
+/// Why not wait for each epoch to close (the frontier) before running it: on one worker the
+/// stages run one after another in a step, and a frontier only moves between steps, so every
+/// stage that waited would add a whole step — a forward of the layers — to each request's
+/// latency (measured: 3× the single-operator engine's p50 at 100 streams). Records arrive in
+/// batches anyway: an epoch's requests enter together at each tick, and a stage hands on a
+/// batch's outputs at once, so the batch that the first stage gathers stays whole downstream,
+/// and under load whatever queued during a forward runs as the next batch.
+pub fn stage_operator<'s, I, O, P, L>(
     stream: StreamVec<'s, u64, I>,
     pact: P,
     name: &str,
@@ -160,41 +167,42 @@ where
     I: Clone + 'static,
     O: Clone + 'static,
     P: ParallelizationContract<u64, Vec<I>>,
-    L: EpochLogic<I, O> + 'static,
+    L: StageLogic<I, O> + 'static,
 {
+    let stage = name.to_string();
     stream.unary_frontier::<CapacityContainerBuilder<Vec<O>>, _, _, _>(
         pact,
         name,
         move |capability, _info| {
             // Held at the input frontier so that `idle` can emit.
             let mut idle_cap = Some(capability);
-            let mut stash: BTreeMap<u64, (Capability<u64>, Vec<I>)> = BTreeMap::new();
             let mut out = Vec::new();
             move |(input, frontier), output| {
+                let mut ready: Vec<I> = Vec::new();
+                let mut latest: Option<Capability<u64>> = None;
                 input.for_each_stamp(|cap, data| {
-                    let (Some(&time), Some(retained)) = (cap.least(), cap.retain_least(0)) else {
+                    // Records sent under no capability make no progress claim: none of
+                    // ours are, but such a message has no time to answer at.
+                    let Some(retained) = cap.retain_least(0) else {
                         return;
                     };
-                    let entry = stash.entry(time).or_insert_with(|| (retained, Vec::new()));
+                    if latest.as_ref().is_none_or(|l| l.time() < retained.time()) {
+                        latest = Some(retained);
+                    }
                     for batch in data {
-                        entry.1.append(batch);
+                        ready.append(batch);
                     }
                 });
-                // Every closed epoch runs as one batch, its outputs at the latest of them: a
-                // stage that fell behind (a long forward upstream) catches up in one packed
-                // forward instead of one per epoch, as one operator for the whole graph would.
-                let mut ready: Vec<I> = Vec::new();
-                let mut latest = None;
-                while let Some(entry) = stash.first_entry() {
-                    if frontier.less_equal(entry.key()) {
-                        break;
-                    }
-                    let (cap, mut records) = entry.remove();
-                    ready.append(&mut records);
-                    latest = Some(cap);
-                }
                 if let Some(cap) = latest {
-                    logic.epoch(ready, &mut out);
+                    let (count, started) = (ready.len(), std::time::Instant::now());
+                    logic.batch(ready, &mut out);
+                    tracing::trace!(
+                        stage = %stage,
+                        records = count,
+                        time = *cap.time(),
+                        elapsed_us = started.elapsed().as_micros() as u64,
+                        "batch ran"
+                    );
                     if !out.is_empty() {
                         output.session(&cap).give_iterator(out.drain(..));
                     }
