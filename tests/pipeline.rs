@@ -248,17 +248,14 @@ fn start_pipeline_cluster(
     let lines: String = ports.iter().map(|p| format!("127.0.0.1:{p}\n")).collect();
     std::fs::write(&hosts, lines).unwrap();
     let mut base = model_args(fixtures);
-    base.extend(
-        [
-            "--workers".to_string(),
-            "1".to_string(),
-            "--pipeline".to_string(),
-            stages.to_string(),
-            "--hosts".to_string(),
-            hosts.display().to_string(),
-        ]
-        .into_iter(),
-    );
+    base.extend([
+        "--workers".to_string(),
+        "1".to_string(),
+        "--pipeline".to_string(),
+        stages.to_string(),
+        "--hosts".to_string(),
+        hosts.display().to_string(),
+    ]);
     // All start at once: each waits for its peers before it listens for gRPC.
     let handles: Vec<_> = (0..processes)
         .map(|p| {

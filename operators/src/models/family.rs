@@ -137,15 +137,14 @@ pub type GpuLoader = fn(
 /// A family's loader: a language model (a rank's shard of a part), or a feature model, which
 /// has its own loader (`load_lmuformer`) and front end.
 pub enum Loader {
-    Language(
-        fn(
-            config: &ConfigJson,
-            dir: &Path,
-            shard: Shard,
-        ) -> Result<Box<dyn LanguageFamily>, LoadError>,
-    ),
+    Language(LanguageLoader),
     Features,
 }
+
+/// A language-model family's loader: `shard` of the checkpoint in `dir` whose configuration
+/// is `config`.
+pub type LanguageLoader =
+    fn(config: &ConfigJson, dir: &Path, shard: Shard) -> Result<Box<dyn LanguageFamily>, LoadError>;
 
 /// Which slice of a model a placement loads: rank `rank` of a tensor-parallel group of
 /// `size`, holding `part`.
