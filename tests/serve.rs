@@ -1,5 +1,8 @@
 //! End-to-end tests of `tideway serve`: the real binary on loopback ports chosen at run time,
 //! driven through its gRPC APIs.
+//!
+//! Length: one file of end-to-end scenarios against one server binary (each test starts its
+//! own `tideway serve`); the helpers they share are in `tests/common`.
 
 mod common;
 

@@ -8,6 +8,10 @@
 //! so no rank does the whole sum and no data sits behind a lock.
 //!
 //! [`TcpRank`]: ranks connected by TCP in a ring (processes on one machine or several).
+//!
+//! Length: ~440 lines of code (the one `Collective` seam and its three implementations: one
+//! rank, threads sharing memory, the TCP ring) and ~170 of tests that run each implementation
+//! against the same reductions; they stay together so the seam and its contract read as one.
 
 use std::collections::HashMap;
 use std::sync::mpsc;

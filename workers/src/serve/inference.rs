@@ -4,6 +4,10 @@
 //! always raw; every request gets exactly one answer; on streams an error is an
 //! `error_message` and the stream stays open (unless the client asked for
 //! `triton_grpc_error: true`).
+//!
+//! Length: ~750 lines: the whole KServe v2 service (metadata, config, statistics, infer, the
+//! decoupled stream with sequences) in one place, each RPC mapping onto the request layer in
+//! `requests.rs`.
 
 use std::collections::HashMap;
 use std::pin::Pin;

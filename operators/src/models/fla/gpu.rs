@@ -8,6 +8,10 @@
 //! The recurrences run the recurrent form for every row (a prefill chunk walks its rows in
 //! order), which is exact but leaves most of the GPU idle on one long sequence; the chunkwise
 //! forms are the next step for long jobs.
+//!
+//! Length: ~1500 lines because all five fla mixers' GPU forwards (GLA, RetNet, DeltaNet, Gated
+//! DeltaNet, linear attention) and their shared pieces sit here; it should split one file per
+//! mixer like the CPU mixers beside it (not done yet).
 
 use tideway_kernels::Tensor;
 use tideway_kernels::gpu::{

@@ -4,6 +4,10 @@
 //! window is, whether a residual frame is held, the clip sums); frames, conv windows, LMU
 //! memories and LIF membranes stay on the device, in a pool of session slots. The LMU memory
 //! runs its recurrent form for every frame.
+//!
+//! Length: ~800 lines: the patch embedding, LMU, LIF and head on the device with each stream's
+//! host bookkeeping, mirroring the CPU model in `mod.rs` piece for piece so the two can be
+//! compared side by side.
 
 use tideway_kernels::gpu::{
     Arg, DevMat, DeviceBuffer, DeviceLinear, Gpu, GpuError, Scratch, WeightDtype,

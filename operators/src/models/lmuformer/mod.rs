@@ -18,6 +18,9 @@
 //! on the longest path): a stream's outputs trail its input by five frames, and the end of the
 //! stream flushes them with the zero padding of the whole-clip convolution
 //! (`layers::frames`). Everything after it is causal.
+//!
+//! Length: ~650 lines: config, both variants' blocks, the streaming and whole-clip forms and the
+//! reference's two checkpoint layouts, which share every layer; the LMU cell is in `lmu.rs`.
 
 #[cfg(feature = "cuda")]
 pub mod gpu;
