@@ -43,7 +43,7 @@ pub enum LoadError {
 }
 
 /// Input that a loaded model cannot run.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error, serde::Serialize, serde::Deserialize)]
 pub enum InputError {
     #[error("token id {token} at position {position} is out of range: the vocabulary has {vocab} ids (0..={max})", max = vocab - 1)]
     TokenOutOfRange {
@@ -65,7 +65,26 @@ pub enum InputError {
     Ended,
     /// A pipeline stage was asked for a piece of the model that another stage holds.
     #[error("this placement does not hold the model's {piece}; another pipeline stage runs it")]
-    NotHeld { piece: &'static str },
+    NotHeld { piece: ModelPiece },
+    /// A pipeline stage got the output of a stage that does not come before it.
+    #[error("layers {layers:?} got input of another kind than the stage before hands on")]
+    StageMismatch { layers: std::ops::Range<usize> },
+}
+
+/// A piece of a model that a pipeline stage may or may not hold.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub enum ModelPiece {
+    Embedding,
+    Head,
+}
+
+impl std::fmt::Display for ModelPiece {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            ModelPiece::Embedding => "embedding",
+            ModelPiece::Head => "head",
+        })
+    }
 }
 
 /// A forward pass that failed: bad input, or (on a tensor-parallel rank) a collective that

@@ -21,4 +21,4 @@ pub mod state_dict;
 pub mod tensor_parallel;
 pub mod tokenizers;
 
-pub use error::{ForwardError, InputError, LoadError};
+pub use error::{ForwardError, InputError, LoadError, ModelPiece};

@@ -124,3 +124,36 @@ impl GpuModelInfo {
         }
     }
 }
+
+/// Why a session could not start on a model's device.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum SessionStartError {
+    /// The device's state pool (sized from free device memory) is full.
+    #[error(
+        "all {slots} session slots on the GPU are in use; end a session first (the pool was sized from free device memory)"
+    )]
+    PoolFull { slots: usize },
+    /// The device failed; the driver's own words.
+    #[error("{0}")]
+    #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
+    Device(String),
+}
+
+#[cfg(feature = "cuda")]
+impl From<tideway_operators::gpu::GpuModelError> for SessionStartError {
+    fn from(e: tideway_operators::gpu::GpuModelError) -> Self {
+        match e {
+            tideway_operators::gpu::GpuModelError::PoolFull { slots } => {
+                SessionStartError::PoolFull { slots }
+            }
+            other => SessionStartError::Device(other.to_string()),
+        }
+    }
+}
+
+#[cfg(feature = "cuda")]
+impl<T> From<std::sync::PoisonError<T>> for SessionStartError {
+    fn from(_: std::sync::PoisonError<T>) -> Self {
+        SessionStartError::Device("the GPU model's lock is poisoned".into())
+    }
+}

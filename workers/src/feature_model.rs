@@ -6,7 +6,7 @@ use tideway_operators::InputError;
 use tideway_operators::layers::frames::Frames;
 use tideway_operators::models::{LmuFormer, LmuFormerState};
 
-use crate::device::Device;
+use crate::device::{Device, SessionStartError};
 
 pub struct FeatureModel {
     model: LmuFormer,
@@ -100,16 +100,10 @@ impl FeatureModel {
     }
 
     /// A fresh stream, or why none can start (a GPU's pool is full).
-    pub fn new_stream(&self) -> Result<FeatureState, String> {
+    pub fn new_stream(&self) -> Result<FeatureState, SessionStartError> {
         #[cfg(feature = "cuda")]
         if let Some(gpu) = &self.gpu {
-            let mut g = gpu
-                .lock()
-                .map_err(|_| "the GPU model's lock is poisoned".to_string())?;
-            return g
-                .new_session()
-                .map(FeatureState::Gpu)
-                .map_err(|e| e.to_string());
+            return Ok(FeatureState::Gpu(gpu.lock()?.new_session()?));
         }
         Ok(FeatureState::Cpu(self.model.new_state()))
     }

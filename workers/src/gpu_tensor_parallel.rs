@@ -30,7 +30,7 @@ use tideway_operators::ForwardError;
 use tideway_operators::gpu::tensor_parallel::DeviceGroup;
 use tideway_operators::gpu::{GpuModel, GpuModelError, GpuSession, load_gpu_model_rank};
 
-use crate::device::{Device, GpuModelInfo};
+use crate::device::{Device, GpuModelInfo, SessionStartError};
 use crate::tensor_parallel::{CommStats, Wiring, broken_group, unavailable};
 
 /// A batch for every rank (shared, not copied per rank).
@@ -284,14 +284,13 @@ impl GpuParallelModel {
 
     /// A fresh session (its slots are taken on every rank with its first batch), or why none
     /// can start.
-    pub(crate) fn new_state(&self) -> Result<GpuParallelSession, String> {
+    pub(crate) fn new_state(&self) -> Result<GpuParallelSession, SessionStartError> {
         let live = self.live.fetch_add(1, Ordering::SeqCst);
         if live >= self.capacity {
             self.live.fetch_sub(1, Ordering::SeqCst);
-            return Err(GpuModelError::PoolFull {
+            return Err(SessionStartError::PoolFull {
                 slots: self.capacity,
-            }
-            .to_string());
+            });
         }
         Ok(GpuParallelSession {
             key: self.next_key.fetch_add(1, Ordering::Relaxed),

@@ -9,7 +9,7 @@ use tideway_kernels::Tensor;
 use tideway_operators::models::{Model, SessionState, prefill_in_chunks};
 use tideway_operators::{ForwardError, InputError};
 
-use crate::device::GpuModelInfo;
+use crate::device::{GpuModelInfo, SessionStartError};
 use crate::tensor_parallel::{
     CommStats, ParallelArgs, ParallelModel, ParallelSession, Wiring, load_rank,
 };
@@ -259,17 +259,12 @@ impl LanguageModel {
     }
 
     /// A fresh session, or why none can start (the GPU's state pool is full).
-    pub fn new_state(&self) -> Result<LmState, String> {
+    pub fn new_state(&self) -> Result<LmState, SessionStartError> {
         match self {
             LanguageModel::Whole(m) => Ok(LmState::Whole(m.new_state())),
             LanguageModel::Parallel(p) => Ok(LmState::Parallel(p.new_state())),
             #[cfg(feature = "cuda")]
-            LanguageModel::Gpu(m) => {
-                let mut m = m
-                    .lock()
-                    .map_err(|_| "the GPU model's lock is poisoned".to_string())?;
-                m.new_session().map(LmState::Gpu).map_err(|e| e.to_string())
-            }
+            LanguageModel::Gpu(m) => Ok(LmState::Gpu(m.lock()?.new_session()?)),
             #[cfg(feature = "cuda")]
             LanguageModel::GpuParallel(g) => g.new_state().map(LmState::GpuParallel),
         }

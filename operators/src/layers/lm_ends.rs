@@ -8,7 +8,7 @@ use tideway_kernels::norm::rms_norm;
 use tideway_kernels::{Tensor, Weight};
 
 use crate::checkpoint::Checkpoint;
-use crate::error::{InputError, LoadError};
+use crate::error::{InputError, LoadError, ModelPiece};
 use crate::models::{ModelPart, check_token_ids};
 
 /// Where a family keeps its ends in the checkpoint, and their sizes.
@@ -100,7 +100,11 @@ impl LmEnds {
             match (&self.untied_embedding, &self.head) {
                 (Some(embedding), _) => row.copy_from_slice(embedding.row(t as usize)),
                 (None, Some(tied)) => tied.torch_weight_row(t as usize, row),
-                (None, None) => return Err(InputError::NotHeld { piece: "embedding" }),
+                (None, None) => {
+                    return Err(InputError::NotHeld {
+                        piece: ModelPiece::Embedding,
+                    });
+                }
             }
         }
         Ok(residual)
@@ -109,7 +113,9 @@ impl LmEnds {
     /// The last piece: the final norm and the head over the settled stream (`[T, hidden]`).
     pub fn head(&self, residual: &[f32]) -> Result<Tensor, InputError> {
         let (Some(norm), Some(head)) = (&self.norm, &self.head) else {
-            return Err(InputError::NotHeld { piece: "head" });
+            return Err(InputError::NotHeld {
+                piece: ModelPiece::Head,
+            });
         };
         let d = self.hidden;
         let m = residual.len() / d;

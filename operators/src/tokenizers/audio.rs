@@ -21,7 +21,7 @@ use crate::models::config::ConfigJson;
 use crate::tokenizers::fbank::{Fbank, FbankOptions, FbankOptionsError, FbankStream};
 
 /// Audio that cannot be turned into features.
-#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+#[derive(Debug, Clone, PartialEq, thiserror::Error, serde::Serialize, serde::Deserialize)]
 pub enum AudioError {
     #[error("{path}: {reason}")]
     Wav { path: String, reason: String },

@@ -9,7 +9,7 @@ use crate::error::LoadError;
 use crate::models::config::ConfigJson;
 
 /// Sensor frames that cannot be used.
-#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+#[derive(Debug, Clone, PartialEq, thiserror::Error, serde::Serialize, serde::Deserialize)]
 pub enum SensorError {
     #[error("sensor frames have {found} channels; the model takes {expected}")]
     Channels { expected: usize, found: usize },

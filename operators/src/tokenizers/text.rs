@@ -19,7 +19,7 @@ use tokenizers::{
 use crate::error::LoadError;
 
 /// Text that cannot be tokenized.
-#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+#[derive(Debug, Clone, PartialEq, thiserror::Error, serde::Serialize, serde::Deserialize)]
 pub enum TextError {
     #[error("invalid UTF-8 at byte {offset} of the text stream")]
     InvalidUtf8 { offset: usize },

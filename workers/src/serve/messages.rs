@@ -3,6 +3,10 @@
 //! `skip_serializing_if`, no untagged enums.
 
 use serde::{Deserialize, Serialize};
+use tideway_operators::{ForwardError, InputError};
+
+use super::stages::frontend::FrontendError;
+use crate::device::SessionStartError;
 
 /// A session's placement key: a well-mixed 64-bit hash of (model, session name).
 pub type SessionKey = u64;
@@ -99,12 +103,42 @@ pub enum OpError {
     },
     /// The session lives but belongs to another model.
     WrongModel { name: String },
-    /// The model rejected the input (message from the model).
-    Input(String),
-    /// The node cannot serve any more (a peer of the cluster was lost); retry elsewhere.
+    /// The model refused the input.
+    Input(InputError),
+    /// The model's front end (tokenizer, audio or sensor front end) refused the input.
+    Frontend(FrontendError),
+    /// The node cannot serve any more (a peer of the cluster or tensor-parallel group was
+    /// lost, or the device failed: the transport's or the driver's own words); retry
+    /// elsewhere.
     Unavailable(String),
-    /// No room for another session (a GPU's state pool is full).
-    Capacity(String),
+    /// No room for another session: the device's state pool holds `slots`.
+    Capacity { slots: usize },
+}
+
+impl From<InputError> for OpError {
+    fn from(e: InputError) -> Self {
+        OpError::Input(e)
+    }
+}
+
+impl From<ForwardError> for OpError {
+    /// A model's failure as the client sees it: its input, or the group or device it runs on.
+    fn from(e: ForwardError) -> Self {
+        match e {
+            ForwardError::Input(e) => OpError::Input(e),
+            ForwardError::Group(e) => OpError::Unavailable(e.to_string()),
+            ForwardError::Device(e) => OpError::Unavailable(e),
+        }
+    }
+}
+
+impl From<SessionStartError> for OpError {
+    fn from(e: SessionStartError) -> Self {
+        match e {
+            SessionStartError::PoolFull { slots } => OpError::Capacity { slots },
+            SessionStartError::Device(e) => OpError::Unavailable(e),
+        }
+    }
 }
 
 /// A change to the set of live sessions, for the control plane.

@@ -4,6 +4,7 @@ use tonic::Status;
 
 use super::engine::SubmitError;
 use super::messages::OpError;
+use crate::device::SessionStartError;
 
 pub fn submit_status(e: SubmitError) -> Status {
     match e {
@@ -42,9 +43,12 @@ pub fn op_status(e: &OpError, unknown_code: tonic::Code) -> Status {
         OpError::WrongModel { name } => {
             Status::invalid_argument(format!("session {name:?} belongs to another model"))
         }
-        OpError::Input(message) => Status::invalid_argument(message.clone()),
+        OpError::Input(e) => Status::invalid_argument(e.to_string()),
+        OpError::Frontend(e) => Status::invalid_argument(e.to_string()),
         OpError::Unavailable(message) => Status::unavailable(message.clone()),
-        OpError::Capacity(message) => Status::resource_exhausted(message.clone()),
+        OpError::Capacity { slots } => {
+            Status::resource_exhausted(SessionStartError::PoolFull { slots: *slots }.to_string())
+        }
     }
 }
 

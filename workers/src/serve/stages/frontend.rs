@@ -9,14 +9,16 @@
 
 use std::time::{Duration, Instant};
 
+use serde::{Deserialize, Serialize};
 use timely::dataflow::StreamVec;
 use timely::dataflow::channels::pact::Exchange;
 use timely::dataflow::operators::OkErr;
 
+use tideway_operators::InputError;
 use tideway_operators::tokenizers::Frontend as FrontendKind;
-use tideway_operators::tokenizers::audio::AudioStream;
-use tideway_operators::tokenizers::sensor::SensorStream;
-use tideway_operators::tokenizers::text::TextStream;
+use tideway_operators::tokenizers::audio::{AudioError, AudioStream};
+use tideway_operators::tokenizers::sensor::{SensorError, SensorStream};
+use tideway_operators::tokenizers::text::{TextError, TextStream};
 
 use super::super::messages::{Request, SessionEvent, StepInput};
 use super::super::served::{ServedKind, ServedModel};
@@ -32,10 +34,43 @@ pub enum Carry {
     },
 }
 
-/// Why a front end refused a chunk (the message says what the model takes).
-#[derive(Debug, thiserror::Error)]
-#[error("{0}")]
-pub struct FrontendError(String);
+/// Why a front end refused a chunk: the input does not fit the model, or its tokenizer or
+/// audio / sensor front end refused it. Each message says what the model takes.
+#[derive(Debug, Clone, PartialEq, thiserror::Error, Serialize, Deserialize)]
+pub enum FrontendError {
+    #[error(
+        "model {model:?} has no tokenizer (no tokenizer.json beside its checkpoint): send token ids"
+    )]
+    NoTokenizer { model: String },
+    #[error(
+        "model {model:?} is a language model: it takes token ids (`tokens`) or text, not audio samples or frames"
+    )]
+    NotLanguageInput { model: String },
+    #[error(
+        "model {model:?} is a feature model: it takes audio samples or frames, not tokens or text"
+    )]
+    NotFeatureInput { model: String },
+    #[error(
+        "model {model:?} has no audio front end (no \"frontend\" of kind \"kaldi_fbank\" in its config.json): send feature frames"
+    )]
+    NoAudioFrontend { model: String },
+    #[error("frames of {width} values; model {model:?} takes feature frames of {expected} values")]
+    FrameWidth {
+        model: String,
+        width: u32,
+        expected: usize,
+    },
+    #[error("the session does not belong to model {model:?}")]
+    OtherModel { model: String },
+    #[error(transparent)]
+    Text(#[from] TextError),
+    #[error(transparent)]
+    Tokens(#[from] InputError),
+    #[error(transparent)]
+    Audio(#[from] AudioError),
+    #[error(transparent)]
+    Sensor(#[from] SensorError),
+}
 
 impl Carry {
     pub fn new(served: &ServedModel) -> Self {
@@ -56,62 +91,52 @@ impl Carry {
         input: &StepInput,
         end: bool,
     ) -> Result<Body, FrontendError> {
-        let name = &served.name;
-        let refuse = |message: String| Err(FrontendError(message));
+        let model = || served.name.clone();
         match (&served.kind, self) {
             (ServedKind::Language { tokenizer, info }, Carry::Text(text)) => match input {
                 StepInput::Tokens(tokens) => Ok(Body::Tokens(tokens.clone())),
                 StepInput::Text(bytes) => {
                     let Some(tokenizer) = tokenizer else {
-                        return refuse(format!(
-                            "model {name:?} has no tokenizer (no tokenizer.json beside its checkpoint): send token ids"
-                        ));
+                        return Err(FrontendError::NoTokenizer { model: model() });
                     };
-                    let ids = tokenizer
-                        .push(text, bytes, end)
-                        .map_err(|e| FrontendError(e.to_string()))?;
-                    tideway_operators::models::check_token_ids(&ids, info.vocab_size, 0)
-                        .map_err(|e| FrontendError(e.to_string()))?;
+                    let ids = tokenizer.push(text, bytes, end)?;
+                    tideway_operators::models::check_token_ids(&ids, info.vocab_size, 0)?;
                     Ok(Body::Tokens(ids))
                 }
-                StepInput::Audio { .. } | StepInput::Frames { .. } => refuse(format!(
-                    "model {name:?} is a language model: it takes token ids (`tokens`) or text, not audio samples or frames"
-                )),
+                StepInput::Audio { .. } | StepInput::Frames { .. } => {
+                    Err(FrontendError::NotLanguageInput { model: model() })
+                }
             },
             (ServedKind::Features(m), Carry::Features { audio, sensor }) => {
                 let c = m.in_channels();
                 match (input, m.frontend()) {
                     (StepInput::Tokens(t), _) if t.is_empty() => Ok(Body::Features(Vec::new())),
-                    (StepInput::Tokens(_) | StepInput::Text(_), _) => refuse(format!(
-                        "model {name:?} is a feature model: it takes audio samples or frames, not tokens or text"
-                    )),
+                    (StepInput::Tokens(_) | StepInput::Text(_), _) => {
+                        Err(FrontendError::NotFeatureInput { model: model() })
+                    }
                     (StepInput::Audio { samples, rate }, Some(FrontendKind::Audio(front))) => {
                         let stream = audio.as_mut().expect("audio models have an audio stream");
-                        front
-                            .push(stream, samples, *rate, end)
-                            .map(Body::Features)
-                            .map_err(|e| FrontendError(e.to_string()))
+                        Ok(Body::Features(front.push(stream, samples, *rate, end)?))
                     }
-                    (StepInput::Audio { .. }, _) => refuse(format!(
-                        "model {name:?} has no audio front end (no \"frontend\" of kind \"kaldi_fbank\" in its config.json): send feature frames"
-                    )),
-                    (StepInput::Frames { values, width }, Some(FrontendKind::Sensor(front))) => {
-                        front
-                            .push(sensor, values, *width as usize, end)
-                            .map(Body::Features)
-                            .map_err(|e| FrontendError(e.to_string()))
+                    (StepInput::Audio { .. }, _) => {
+                        Err(FrontendError::NoAudioFrontend { model: model() })
                     }
+                    (StepInput::Frames { values, width }, Some(FrontendKind::Sensor(front))) => Ok(
+                        Body::Features(front.push(sensor, values, *width as usize, end)?),
+                    ),
                     (StepInput::Frames { values, width }, _) => {
                         if *width as usize != c || values.len() % c != 0 {
-                            return refuse(format!(
-                                "frames of {width} values; model {name:?} takes feature frames of {c} values"
-                            ));
+                            return Err(FrontendError::FrameWidth {
+                                model: model(),
+                                width: *width,
+                                expected: c,
+                            });
                         }
                         Ok(Body::Features(values.clone()))
                     }
                 }
             }
-            _ => refuse(format!("the session does not belong to model {name:?}")),
+            _ => Err(FrontendError::OtherModel { model: model() }),
         }
     }
 }

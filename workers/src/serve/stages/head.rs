@@ -67,7 +67,7 @@ impl StageLogic<Envelope, Envelope> for HeadLogic {
                 }
                 Err(e) => {
                     for &i in &mine {
-                        envelopes[i].body = Body::Failed(OpError::Input(e.to_string()));
+                        envelopes[i].body = Body::Failed(OpError::Input(e.clone()));
                     }
                 }
             }

@@ -17,7 +17,7 @@ use std::time::Instant;
 use timely::dataflow::StreamVec;
 use timely::dataflow::channels::pact::Exchange;
 
-use tideway_operators::ForwardError;
+use tideway_operators::InputError;
 use tideway_operators::layers::frames::Frames;
 use tideway_operators::models::SessionState;
 use tideway_operators::tensor_parallel::Residual;
@@ -40,10 +40,8 @@ impl StageState {
     fn new(piece: &StageModel) -> Result<Self, OpError> {
         Ok(match piece {
             StageModel::Part(m) => StageState::Part(m.new_state()),
-            StageModel::Whole(m) => StageState::Whole(m.new_state().map_err(OpError::Capacity)?),
-            StageModel::Features(m) => {
-                StageState::Features(Box::new(m.new_stream().map_err(OpError::Capacity)?))
-            }
+            StageModel::Whole(m) => StageState::Whole(m.new_state()?),
+            StageModel::Features(m) => StageState::Features(Box::new(m.new_stream()?)),
         })
     }
 
@@ -215,7 +213,7 @@ fn run_batch(piece: &StageModel, in_channels: usize, batch: &mut [&mut Slot]) {
                 .collect();
             model
                 .forward_packed(&tokens, &lens, &mut states)
-                .map_err(forward_error)
+                .map_err(OpError::from)
                 .map(|logits| outputs(logits.into_vec(), &lens, model.output_width()))
         }
         StageModel::Features(model) => {
@@ -245,7 +243,7 @@ fn run_batch(piece: &StageModel, in_channels: usize, batch: &mut [&mut Slot]) {
                 .forward(&mut states, &input, &ends)
                 .map(|out| outputs(out.data, &out.counts, model.num_classes()))
                 .map_err(|e| match e {
-                    FeatureError::Input(e) => OpError::Input(e.to_string()),
+                    FeatureError::Input(e) => OpError::Input(e),
                     FeatureError::Device(e) => OpError::Unavailable(e),
                 })
         }
@@ -280,9 +278,7 @@ fn run_part(
                 lens.push(t.len());
             }
         }
-        model
-            .embed(&tokens)
-            .map_err(|e| OpError::Input(e.to_string()))?
+        model.embed(&tokens)?
     } else {
         let mut residual = Residual::default();
         let mut pending = Vec::new();
@@ -302,10 +298,9 @@ fn run_part(
         residual
     };
     if lens.len() != batch.len() {
-        return Err(OpError::Input(format!(
-            "layers {:?} got input of another kind than the stage before hands on",
-            model.part().layers
-        )));
+        return Err(OpError::Input(InputError::StageMismatch {
+            layers: model.part().layers.clone(),
+        }));
     }
     let mut states: Vec<&mut SessionState> = batch
         .iter_mut()
@@ -314,9 +309,7 @@ fn run_part(
             _ => None,
         })
         .collect();
-    let residual = model
-        .forward_layers(residual, &lens, &mut states)
-        .map_err(|e| OpError::Input(e.to_string()))?;
+    let residual = model.forward_layers(residual, &lens, &mut states)?;
     let mut values = residual.values.into_iter();
     let mut pending = residual.pending.map(Vec::into_iter);
     Ok(lens
@@ -342,16 +335,6 @@ fn outputs(values: Vec<f32>, counts: &[usize], width: usize) -> Vec<Body> {
             }
         })
         .collect()
-}
-
-/// A model's failure as the client sees it: its input, or the group or device it runs on.
-pub fn forward_error(e: ForwardError) -> OpError {
-    match e {
-        ForwardError::Input(e) => OpError::Input(e.to_string()),
-        // A tensor-parallel rank or its transport failed, or the GPU.
-        ForwardError::Group(e) => OpError::Unavailable(e.to_string()),
-        ForwardError::Device(e) => OpError::Unavailable(e),
-    }
 }
 
 /// The layers stage on a stream of envelopes.

@@ -159,7 +159,7 @@ impl Lifecycle {
                 envelope.body = match session.carry.push(served, &input, end) {
                     Ok(body) => body,
                     // The session stays as it was (a start stays started).
-                    Err(e) => Body::Failed(OpError::Input(e.to_string())),
+                    Err(e) => Body::Failed(OpError::Frontend(e)),
                 };
                 if end && !matches!(envelope.body, Body::Failed(_)) {
                     envelope.end = true;
