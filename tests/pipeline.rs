@@ -1,7 +1,7 @@
 //! End-to-end tests of pipeline placement (`serve --pipeline K`): each model's layers split
 //! into K stages on different workers (threads of one process, or processes of a cluster on
 //! loopback), activations exchanged by timely. Every language-model fixture must answer as
-//! `tideway run` does, and each process must hold only its stages' weights.
+//! `tideway run` does, and each process must hold only its stages' weights and state.
 
 mod common;
 
@@ -255,6 +255,8 @@ fn start_pipeline_cluster(
         stages.to_string(),
         "--hosts".to_string(),
         hosts.display().to_string(),
+        "--metrics".to_string(),
+        "127.0.0.1:0".to_string(),
     ]);
     // All start at once: each waits for its peers before it listens for gRPC.
     let handles: Vec<_> = (0..processes)
@@ -270,7 +272,7 @@ fn start_pipeline_cluster(
     handles.into_iter().map(|h| h.join().unwrap()).collect()
 }
 
-async fn weight_bytes(url: &str, model: &str) -> u64 {
+async fn model_info(url: &str, model: &str) -> pb::ModelInfo {
     let mut models = pb::models_client::ModelsClient::connect(url.to_string())
         .await
         .unwrap();
@@ -279,11 +281,68 @@ async fn weight_bytes(url: &str, model: &str) -> u64 {
         .await
         .unwrap()
         .into_inner();
-    list.models
-        .into_iter()
-        .find(|m| m.name == model)
+    list.models.into_iter().find(|m| m.name == model).unwrap()
+}
+
+async fn weight_bytes(url: &str, model: &str) -> u64 {
+    model_info(url, model).await.weight_bytes
+}
+
+/// Starts a session of `model` and keeps its stream open (while the sender lives).
+async fn open_session(
+    url: &str,
+    model: &str,
+) -> (
+    tokio::sync::mpsc::Sender<pb::StreamRequest>,
+    tonic::Streaming<pb::StreamResponse>,
+) {
+    let mut client = pb::streams_client::StreamsClient::connect(url.to_string())
+        .await
+        .unwrap();
+    let (tx, rx) = tokio::sync::mpsc::channel(4);
+    tx.send(pb::StreamRequest {
+        kind: Some(pb::stream_request::Kind::Start(pb::StreamStart {
+            model: model.into(),
+            ..Default::default()
+        })),
+    })
+    .await
+    .unwrap();
+    let mut inbound = client
+        .open(tokio_stream::wrappers::ReceiverStream::new(rx))
+        .await
         .unwrap()
-        .weight_bytes
+        .into_inner();
+    // Opened comes back once the start has passed every stage: each holds its state then.
+    let first = inbound.next().await.unwrap().unwrap();
+    assert!(matches!(
+        first.kind,
+        Some(pb::stream_response::Kind::Opened(_))
+    ));
+    (tx, inbound)
+}
+
+/// `tideway_stage_state_bytes` of `model` on the process whose stderr is `server`'s, summed
+/// over its stages.
+fn held_state_bytes(server: &Server, model: &str) -> u64 {
+    use std::io::{Read, Write};
+    let addr = server
+        .stderr()
+        .lines()
+        .find_map(|l| {
+            l.strip_prefix("tideway metrics on http://")
+                .map(|a| a.trim_end_matches("/metrics").to_string())
+        })
+        .expect("the metrics address is printed");
+    let mut conn = std::net::TcpStream::connect(&addr).unwrap();
+    write!(conn, "GET /metrics HTTP/1.0\r\nHost: {addr}\r\n\r\n").unwrap();
+    let mut page = String::new();
+    conn.read_to_string(&mut page).unwrap();
+    let prefix = format!("tideway_stage_state_bytes{{model=\"{model}\",");
+    page.lines()
+        .filter(|l| l.starts_with(&prefix))
+        .map(|l| l.rsplit(' ').next().unwrap().parse::<u64>().unwrap())
+        .sum()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -332,6 +391,42 @@ async fn pipeline_processes_hold_only_their_stages_and_answer_like_run() {
                 held.iter().sum::<u64>() >= whole,
                 "{name}: {held:?} of {whole}"
             );
+        }
+        // So do feature models: each process its blocks (the first the patch embedding, the
+        // last the head), none twice.
+        for (name, _) in &features {
+            let whole = weight_bytes(&single.url(), name).await;
+            let mut held = Vec::new();
+            for server in &cluster {
+                held.push(weight_bytes(&server.url(), name).await);
+            }
+            println!("{name}: whole {whole} bytes, per process {held:?}");
+            assert!(held.iter().all(|&b| b < whole), "{name}: {held:?}");
+            assert_eq!(held.iter().sum::<u64>(), whole, "{name}: {held:?}");
+        }
+        // Session state: with three sessions open of a language model and of a feature model,
+        // each process holds its stages' share of every session's state, and together they
+        // hold each session's whole state once.
+        for name in [&fixtures[0].0, &features[0].0] {
+            let per_session = model_info(&single.url(), name)
+                .await
+                .state_bytes_per_session;
+            let mut open = Vec::new();
+            for _ in 0..3 {
+                open.push(open_session(&cluster[0].url(), name).await);
+            }
+            let held: Vec<u64> = cluster.iter().map(|s| held_state_bytes(s, name)).collect();
+            println!("{label}: {name}: 3 sessions of {per_session} bytes, per process {held:?}");
+            assert_eq!(
+                held.iter().sum::<u64>(),
+                3 * per_session,
+                "{name}: {held:?}"
+            );
+            assert!(
+                held.iter().all(|&b| b < 3 * per_session),
+                "{name}: {held:?}"
+            );
+            drop(open);
         }
     }
 }

@@ -1,11 +1,15 @@
 //! LMUFormer streams: a clip fed in chunks of random sizes (1..17 frames) gives the per-frame
 //! outputs of the whole clip; sessions batched together at different positions equal each
-//! alone; the per-session state has a constant, reported size.
+//! alone; the per-session state has a constant, reported size; the model split into pipeline
+//! parts (patch embedding with the first blocks, later blocks, the head with the last) streams
+//! the same outputs, each part holding only its own weights and state.
 
 use std::path::PathBuf;
 
 use tideway_operators::layers::frames::Frames;
-use tideway_operators::models::{LmuFormer, LmuFormerState, load_lmuformer};
+use tideway_operators::models::{
+    LmuFormer, LmuFormerState, ModelPart, load_lmuformer, load_lmuformer_part,
+};
 
 const FIXTURES: [&str; 4] = [
     "lmu_d32_c16",
@@ -14,11 +18,15 @@ const FIXTURES: [&str; 4] = [
     "slmu_d40_c24_depth2_prefixed",
 ];
 
-fn load(name: &str) -> LmuFormer {
-    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+fn checkpoint(name: &str) -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
         .join("../tests/fixtures/lmu")
         .join(name)
-        .join("checkpoint");
+        .join("checkpoint")
+}
+
+fn load(name: &str) -> LmuFormer {
+    let dir = checkpoint(name);
     load_lmuformer(&dir).unwrap_or_else(|e| panic!("{}: {e}", dir.display()))
 }
 
@@ -192,6 +200,70 @@ fn batched_sessions_at_different_positions_equal_each_alone() {
         }
         for i in 0..lengths.len() {
             assert_close(&outputs[i], &alone[i], &format!("{name} session {i}"));
+        }
+    }
+}
+
+#[test]
+fn pipeline_parts_stream_the_whole_models_outputs() {
+    for name in FIXTURES {
+        let model = load(name);
+        let depths = model.config().depths;
+        let c = model.in_channels();
+        let total = 150;
+        let clip = features(total, c, 11);
+        let mut whole_state = model.new_state();
+        let (whole, pooled) = model.run_clip(&mut whole_state, &clip).unwrap();
+        // Up to one stage more than there are blocks: the last stage then holds only the head.
+        for stages in 2..=depths + 1 {
+            let parts: Vec<LmuFormer> = (0..stages)
+                .map(|k| {
+                    let part = ModelPart::stage(k, stages, depths).unwrap();
+                    load_lmuformer_part(&checkpoint(name), part).unwrap()
+                })
+                .collect();
+            let what = format!("{name} in {stages} stages");
+            assert_eq!(
+                parts.iter().map(LmuFormer::weight_bytes).sum::<usize>(),
+                model.weight_bytes(),
+                "{what}: weights"
+            );
+            assert_eq!(
+                parts.iter().map(LmuFormer::state_bytes).sum::<usize>(),
+                model.state_bytes(),
+                "{what}: state"
+            );
+            assert!(
+                parts[1..]
+                    .iter()
+                    .all(|p| p.input_width() == model.config().dim)
+            );
+            let mut states: Vec<LmuFormerState> = parts.iter().map(LmuFormer::new_state).collect();
+            let mut streamed = Vec::new();
+            let mut at = 0;
+            let sizes = chunking(total, 5);
+            for (i, &n) in sizes.iter().enumerate() {
+                let end = [i + 1 == sizes.len()];
+                let mut x = one_session(&clip[at * c..(at + n) * c], c, n);
+                for (part, state) in parts.iter().zip(&mut states) {
+                    x = part.forward(&mut [state], &x, &end).unwrap();
+                }
+                streamed.extend(x.data);
+                at += n;
+            }
+            assert_close(&streamed, &whole, &what);
+            let last = states.last().unwrap();
+            assert_close(&last.pooled(), &pooled, &format!("{what}: pooled"));
+            // Every part counts the frames that left it: the same for all.
+            assert!(states.iter().all(|s| s.frames_out() == total), "{what}");
+        }
+        // A later part refuses feature frames (it takes the stream of `dim` channels).
+        let later = load_lmuformer_part(&checkpoint(name), ModelPart::stage(1, 2, depths).unwrap())
+            .unwrap();
+        if c != model.config().dim {
+            let mut state = later.new_state();
+            let input = one_session(&clip[..c], c, 1);
+            assert!(later.forward(&mut [&mut state], &input, &[false]).is_err());
         }
     }
 }

@@ -382,10 +382,13 @@ pub fn load_shard(dir: &Path, shard: Shard) -> Result<Model, LoadError> {
     }
 }
 
-/// Layers of the language model in `dir` (from its configuration alone).
+/// Layers (blocks) of the model in `dir`, from its configuration alone.
 pub fn model_layers(dir: &Path) -> Result<usize, LoadError> {
     let config = ConfigJson::read(dir)?;
     let top = config.top();
+    if config.model_type()? == Some("lmuformer") {
+        return top.usize_req("depths");
+    }
     match top.usize_opt("num_hidden_layers")? {
         Some(n) => Ok(n),
         None => top.usize_req("n_layer"),
@@ -433,6 +436,16 @@ pub fn is_lmuformer(dir: &Path) -> Result<bool, LoadError> {
 /// Loads an LMUFormer checkpoint: `config.json` (SPEC-MODELS.md §9) beside safetensors files
 /// or one `torch.save` file with the reference's names.
 pub fn load_lmuformer(dir: &Path) -> Result<LmuFormer, LoadError> {
+    load_lmuformer_piece(dir, None)
+}
+
+/// Loads the part of an LMUFormer checkpoint that one pipeline stage runs (blocks
+/// `part.layers`, the patch embedding and head where it holds them).
+pub fn load_lmuformer_part(dir: &Path, part: ModelPart) -> Result<LmuFormer, LoadError> {
+    load_lmuformer_piece(dir, Some(part))
+}
+
+fn load_lmuformer_piece(dir: &Path, part: Option<ModelPart>) -> Result<LmuFormer, LoadError> {
     let config = ConfigJson::read(dir)?;
     match config.model_type()? {
         Some("lmuformer") => {}
@@ -457,8 +470,17 @@ pub fn load_lmuformer(dir: &Path) -> Result<LmuFormer, LoadError> {
             lmu_config.in_channels
         )));
     }
+    if let Some(part) = &part
+        && part.layers.end > lmu_config.depths
+    {
+        return Err(config.malformed(format!(
+            "blocks {:?} asked for, but the model has {} (\"depths\")",
+            part.layers, lmu_config.depths
+        )));
+    }
+    let part = part.unwrap_or_else(|| ModelPart::whole(lmu_config.depths));
     let dict = crate::state_dict::StateDict::open(dir)?;
-    let mut model = LmuFormer::load(lmu_config, &dict)?;
+    let mut model = LmuFormer::load_part(lmu_config, &dict, part)?;
     model.set_frontend(frontend);
     Ok(model)
 }

@@ -315,8 +315,7 @@ fn run_worker(worker: &mut timely::worker::Worker, rx: Receiver<Request>, contex
         let (envelopes, events) = requests.frontend(plan, lifecycle);
         let mut staged = envelopes.prune();
         for stage in 0..plan.stages {
-            let board = (stage == 0).then(|| board.clone());
-            staged = staged.layers(stage, plan, models.clone(), board);
+            staged = staged.layers(stage, plan, models.clone(), board.clone());
         }
         staged
             .head(models.clone())

@@ -64,6 +64,22 @@ pub fn render(engine: &Engine) -> String {
     );
     metric_out(
         &mut out,
+        "tideway_stage_state_bytes",
+        "gauge",
+        "Bytes of session state held by this process's layers stages, by model and pipeline stage.",
+        &board
+            .stage_state()
+            .into_iter()
+            .map(|((model, stage), bytes)| {
+                format!(
+                    "tideway_stage_state_bytes{{model=\"{}\",stage=\"{stage}\"}} {bytes}",
+                    board.model_names[model as usize]
+                )
+            })
+            .collect::<Vec<_>>(),
+    );
+    metric_out(
+        &mut out,
         "tideway_expired_sessions_total",
         "counter",
         "Sessions freed after being idle longer than --idle-timeout-s, cluster-wide.",

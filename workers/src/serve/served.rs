@@ -6,9 +6,14 @@ use std::path::Path;
 use std::sync::Arc;
 
 use anyhow::{Context, Result, bail};
+use tideway_operators::models::config::ConfigJson;
+use tideway_operators::models::lmuformer::LmuFormerConfig;
 use tideway_operators::models::{
-    Model, ModelPart, is_lmuformer, load_lmuformer, load_model_part, model_layers,
+    Model, ModelPart, is_lmuformer, load_lmuformer, load_lmuformer_part, load_model_part,
+    model_layers,
 };
+use tideway_operators::tokenizers::Frontend;
+use tideway_operators::tokenizers::audio::AudioFrontend;
 use tideway_operators::tokenizers::text::TextTokenizer;
 
 use super::stages::Plan;
@@ -32,6 +37,43 @@ pub struct LmInfo {
     pub session_capacity: Option<usize>,
 }
 
+/// What the edge and the front end read of a feature model (LMUFormer), wherever its pieces
+/// run: its configuration and front end come from `config.json` alone.
+#[derive(Debug, Clone)]
+pub struct FeatureInfo {
+    pub config: LmuFormerConfig,
+    pub frontend: Option<Frontend>,
+    /// Bytes of one stream's state over all its parts.
+    pub state_bytes: usize,
+    /// Bytes of the parameters this process holds.
+    pub weight_bytes: usize,
+    pub device: Device,
+    /// Streams that fit (a GPU's state pool); None where host memory is the limit.
+    pub session_capacity: Option<usize>,
+}
+
+impl FeatureInfo {
+    pub fn config(&self) -> &LmuFormerConfig {
+        &self.config
+    }
+
+    pub fn frontend(&self) -> Option<&Frontend> {
+        self.frontend.as_ref()
+    }
+
+    pub fn audio_frontend(&self) -> Option<&AudioFrontend> {
+        match &self.frontend {
+            Some(Frontend::Audio(a)) => Some(a),
+            _ => None,
+        }
+    }
+
+    /// Feature rows' width.
+    pub fn in_channels(&self) -> usize {
+        self.config.in_channels
+    }
+}
+
 /// What a served model is: a language model (token ids in, logits out; text too with a
 /// tokenizer), or a feature model (feature, audio or sensor frames in, per-frame outputs).
 pub enum ServedKind {
@@ -39,7 +81,7 @@ pub enum ServedKind {
         info: LmInfo,
         tokenizer: Option<Box<TextTokenizer>>,
     },
-    Features(Arc<FeatureModel>),
+    Features(FeatureInfo),
 }
 
 /// What one pipeline stage of a model runs in this process.
@@ -50,7 +92,10 @@ pub enum StageModel {
     /// A language model that runs as one piece in the first stage: on a GPU, or split over a
     /// tensor-parallel group.
     Whole(Box<LanguageModel>),
-    /// A feature model (LMUFormer), whole in the first stage.
+    /// A feature model's (LMUFormer's) blocks `part().layers`, with the patch embedding
+    /// (first stage) and the per-frame head (last stage: it keeps per-stream state, the
+    /// spiking head's membranes and the clip sum, so it runs here rather than in `head`). On
+    /// a GPU the model runs whole in the first stage.
     Features(Arc<FeatureModel>),
 }
 
@@ -75,28 +120,28 @@ impl ServedModel {
     pub fn width(&self) -> usize {
         match &self.kind {
             ServedKind::Language { info, .. } => info.output_width,
-            ServedKind::Features(m) => m.num_classes(),
+            ServedKind::Features(m) => m.config.num_classes,
         }
     }
 
     pub fn state_bytes(&self) -> usize {
         match &self.kind {
             ServedKind::Language { info, .. } => info.state_bytes,
-            ServedKind::Features(m) => m.state_bytes(),
+            ServedKind::Features(m) => m.state_bytes,
         }
     }
 
     pub fn weight_bytes(&self) -> usize {
         match &self.kind {
             ServedKind::Language { info, .. } => info.weight_bytes,
-            ServedKind::Features(m) => m.weight_bytes(),
+            ServedKind::Features(m) => m.weight_bytes,
         }
     }
 
     pub fn family(&self) -> &'static str {
         match &self.kind {
             ServedKind::Language { info, .. } => info.family,
-            ServedKind::Features(m) => match m.config().variant {
+            ServedKind::Features(m) => match m.config.variant {
                 tideway_operators::models::lmuformer::Variant::Plain => "lmuformer",
                 tideway_operators::models::lmuformer::Variant::Spiking => "spiking_lmuformer",
             },
@@ -106,14 +151,14 @@ impl ServedModel {
     pub fn device(&self) -> Device {
         match &self.kind {
             ServedKind::Language { info, .. } => info.device,
-            ServedKind::Features(m) => m.device(),
+            ServedKind::Features(m) => m.device,
         }
     }
 
     pub fn session_capacity(&self) -> Option<usize> {
         match &self.kind {
             ServedKind::Language { info, .. } => info.session_capacity,
-            ServedKind::Features(m) => m.session_capacity(),
+            ServedKind::Features(m) => m.session_capacity,
         }
     }
 
@@ -174,17 +219,7 @@ impl Placement {
         let stages = self.plan.stages;
         let mut pieces: Vec<Option<StageModel>> = (0..stages).map(|_| None).collect();
         let kind = if is_lmuformer(dir).with_context(context)? {
-            // Feature models are small and run whole in the first stage; every process
-            // holds one, since its front end and metadata answer at every node.
-            let model = load_lmuformer(dir).with_context(context)?;
-            let model = Arc::new(
-                FeatureModel::place(model, self.device, self.gpu_sessions.max(1))
-                    .with_context(context)?,
-            );
-            if self.local_stages.contains(&0) {
-                pieces[0] = Some(StageModel::Features(model.clone()));
-            }
-            ServedKind::Features(model)
+            ServedKind::Features(self.load_features(dir, &mut pieces).with_context(context)?)
         } else {
             let tokenizer = TextTokenizer::find(dir)
                 .with_context(context)?
@@ -263,6 +298,56 @@ impl Placement {
             "loaded"
         );
         Ok(served)
+    }
+}
+
+impl Placement {
+    /// Loads this process's pieces of the feature model in `dir` into `pieces`: on the CPU
+    /// each local stage's part of the blocks, on a GPU the whole model in the first stage.
+    fn load_features(&self, dir: &Path, pieces: &mut [Option<StageModel>]) -> Result<FeatureInfo> {
+        let stages = self.plan.stages;
+        let config = ConfigJson::read(dir)?;
+        let mut info = FeatureInfo {
+            config: LmuFormerConfig::from_config(&config)?,
+            frontend: Frontend::load(&config)?,
+            state_bytes: 0,
+            weight_bytes: 0,
+            device: self.device,
+            session_capacity: None,
+        };
+        let depths = info.config.depths;
+        if self.device != Device::Cpu {
+            if stages > 1 {
+                bail!(
+                    "--pipeline splits models on the CPU; a model on a GPU runs whole (leave out --pipeline)"
+                );
+            }
+            let model =
+                FeatureModel::place(load_lmuformer(dir)?, self.device, self.gpu_sessions.max(1))?;
+            info.state_bytes = model.state_bytes();
+            info.weight_bytes = model.weight_bytes();
+            info.device = model.device();
+            info.session_capacity = model.session_capacity();
+            pieces[0] = Some(StageModel::Features(Arc::new(model)));
+            return Ok(info);
+        }
+        for (stage, piece) in pieces.iter_mut().enumerate() {
+            let part = ModelPart::stage(stage, stages, depths)
+                .with_context(|| format!("cannot split {depths} blocks into {stages} stages"))?;
+            let model = load_lmuformer_part(dir, part)?;
+            // A stream's state over every part; the parts other processes run are loaded to
+            // measure theirs, then dropped (feature models are small).
+            info.state_bytes += model.state_bytes();
+            if self.local_stages.contains(&stage) {
+                info.weight_bytes += model.weight_bytes();
+                *piece = Some(StageModel::Features(Arc::new(FeatureModel::place(
+                    model,
+                    Device::Cpu,
+                    1,
+                )?)));
+            }
+        }
+        Ok(info)
     }
 }
 

@@ -2,7 +2,7 @@
 //! the control plane (differential dataflow, see `engine`) maintains, and this process's own
 //! counters.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
@@ -28,6 +28,8 @@ pub struct StatsBoard {
     latency_sum_ns: AtomicU64,
     pub errors: Mutex<HashMap<String, u64>>,
     pub disconnects: AtomicU64,
+    /// Bytes of session state this process's layers stages hold, by (model, stage).
+    stage_state: Mutex<BTreeMap<(u32, u32), i64>>,
 }
 
 /// A consistent reading of the board.
@@ -56,6 +58,7 @@ impl StatsBoard {
             latency_sum_ns: AtomicU64::new(0),
             errors: Mutex::default(),
             disconnects: AtomicU64::new(0),
+            stage_state: Mutex::default(),
         }
     }
 
@@ -115,6 +118,22 @@ impl StatsBoard {
         self.latency_buckets[bucket].fetch_add(1, Ordering::Relaxed);
         self.latency_sum_ns
             .fetch_add(elapsed.as_nanos() as u64, Ordering::Relaxed);
+    }
+
+    /// A layers stage of this process took (`delta` > 0) or freed session state of `model`.
+    pub fn add_stage_state(&self, model: u32, stage: u32, delta: i64) {
+        *self
+            .stage_state
+            .lock()
+            .unwrap()
+            .entry((model, stage))
+            .or_insert(0) += delta;
+    }
+
+    /// Bytes of session state held by this process, by (model, stage).
+    pub fn stage_state(&self) -> Vec<((u32, u32), i64)> {
+        let held = self.stage_state.lock().unwrap();
+        held.iter().map(|(&k, &v)| (k, v)).collect()
     }
 
     pub fn count_error(&self, code: &str) {

@@ -255,7 +255,13 @@ impl GpuLmuFormer {
     /// The CPU model's parameters on `gpu`, with a pool of up to `max_sessions` streams.
     pub fn upload(model: &LmuFormer, gpu: Gpu, max_sessions: usize) -> Result<Self, GpuModelError> {
         let c = model.config.clone();
-        let embed = &model.embed;
+        let (Some(embed), Some(model_head)) = (&model.embed, &model.head) else {
+            return Err(GpuError::Unsupported(format!(
+                "the GPU runs an LMUFormer whole; this is the part with blocks {:?}",
+                model.part.layers
+            ))
+            .into());
+        };
         let mut convs = Vec::new();
         for conv in embed.convs.iter().chain([&embed.rpe]) {
             convs.push((linear(&gpu, &conv.taps)?, conv.c_in));
@@ -330,11 +336,11 @@ impl GpuLmuFormer {
                 ffn,
             });
         }
-        let head_gate = match &model.head_gate {
+        let head_gate = match &model_head.gate {
             Some((bn, lif)) => Some((Bn::upload(&gpu, bn)?, Lif::of(lif))),
             None => None,
         };
-        let head = linear(&gpu, &model.head)?;
+        let head = linear(&gpu, &model_head.linear)?;
         let neuron_channels = model.neurons.channels().to_vec();
         let window_widths: Vec<usize> = convs.iter().map(|(_, c_in)| 2 * c_in).collect();
         let per_session = 4

@@ -34,6 +34,7 @@ use tideway_kernels::matmul::Linear;
 use crate::error::{InputError, LoadError};
 use crate::layers::batch_norm::BatchNorm;
 use crate::layers::frames::{ConvWindow, FrameConv, Frames, delay_one_frame};
+use crate::models::ModelPart;
 use crate::models::config::ConfigJson;
 use crate::models::lmuformer::lmu::{LmuCell, LmuCellShape};
 use crate::spiking::{Lif, LifLayer, LifRegistry, Membranes};
@@ -453,9 +454,10 @@ pub fn check_frames(
     Ok(())
 }
 
-/// One stream's state: the patch embedding's convolution windows and residual frame, each
-/// block's LMU memory, every LIF membrane, and the running sum for the clip mean. Its size
-/// does not depend on the stream's length.
+/// One stream's state in one part of the model: the patch embedding's convolution windows and
+/// residual frame (the part that embeds), each of its blocks' LMU memory, its LIF membranes,
+/// and the running sum for the clip mean (the part with the head). Its size does not depend
+/// on the stream's length.
 #[derive(Debug, Clone, PartialEq)]
 pub struct LmuFormerState {
     windows: Vec<ConvWindow>,
@@ -488,6 +490,8 @@ impl LmuFormerState {
             + 8 * self.output_sum.len()
     }
 
+    /// Frames that have left this part (the embedding's lookahead is the only delay, so
+    /// every part of a stream counts the same).
     pub fn frames_out(&self) -> usize {
         self.frames_out
     }
@@ -499,14 +503,24 @@ impl LmuFormerState {
     }
 }
 
-/// A loaded LMUFormer.
+/// The per-frame head: [BN → LIF →] Linear.
+#[derive(Debug, Clone)]
+pub(crate) struct Head {
+    pub(crate) gate: Option<(BatchNorm, LifLayer)>,
+    pub(crate) linear: Linear,
+}
+
+/// A loaded LMUFormer, or the part of it one pipeline stage runs: blocks `part.layers`, with
+/// the patch embedding and the head where the part holds them.
 #[derive(Debug, Clone)]
 pub struct LmuFormer {
     pub(crate) config: LmuFormerConfig,
-    pub(crate) embed: PatchEmbed,
+    pub(crate) part: ModelPart,
+    pub(crate) embed: Option<PatchEmbed>,
+    /// Blocks `part.layers`, in order.
     pub(crate) blocks: Vec<Block>,
-    pub(crate) head_gate: Option<(BatchNorm, LifLayer)>,
-    pub(crate) head: Linear,
+    pub(crate) head: Option<Head>,
+    /// The LIF populations of this part's layers (each session's membranes, by slot).
     pub(crate) neurons: LifRegistry,
     pub(crate) frontend: Option<Frontend>,
 }
@@ -529,31 +543,58 @@ impl LmuFormer {
         self.frontend = frontend;
     }
 
+    /// Loads the whole model.
     pub fn load(config: LmuFormerConfig, dict: &StateDict) -> Result<Self, LoadError> {
+        let part = ModelPart::whole(config.depths);
+        Self::load_part(config, dict, part)
+    }
+
+    /// Loads only `part`: its blocks, and the patch embedding or the head where it holds them.
+    pub fn load_part(
+        config: LmuFormerConfig,
+        dict: &StateDict,
+        part: ModelPart,
+    ) -> Result<Self, LoadError> {
         let mut neurons = LifRegistry::default();
-        let embed = PatchEmbed::load(dict, &config, &mut neurons)?;
-        let blocks = (0..config.depths)
+        let embed = match part.embed {
+            true => Some(PatchEmbed::load(dict, &config, &mut neurons)?),
+            false => None,
+        };
+        let blocks = part
+            .layers
+            .clone()
             .map(|j| Block::load(dict, &config, j, &mut neurons))
             .collect::<Result<Vec<_>, _>>()?;
-        let head_gate = match config.variant {
-            Variant::Spiking => Some((
-                BatchNorm::load(dict, "head_bn", config.dim)?,
-                neurons.add("head_lif", config.lif, config.dim),
-            )),
-            Variant::Plain => None,
+        let head = match part.head {
+            true => {
+                let gate = match config.variant {
+                    Variant::Spiking => Some((
+                        BatchNorm::load(dict, "head_bn", config.dim)?,
+                        neurons.add("head_lif", config.lif, config.dim),
+                    )),
+                    Variant::Plain => None,
+                };
+                let w = dict.load("head.weight", &[config.num_classes, config.dim])?;
+                let b = dict.load("head.bias", &[config.num_classes])?;
+                let linear = Linear::from_torch(&w, Some(b)).expect("shapes checked");
+                Some(Head { gate, linear })
+            }
+            false => None,
         };
-        let w = dict.load("head.weight", &[config.num_classes, config.dim])?;
-        let b = dict.load("head.bias", &[config.num_classes])?;
-        let head = Linear::from_torch(&w, Some(b)).expect("shapes checked");
         Ok(LmuFormer {
             config,
+            part,
             embed,
             blocks,
-            head_gate,
             head,
             neurons,
             frontend: None,
         })
+    }
+
+    /// The blocks, embedding and head this model holds.
+    pub fn part(&self) -> &ModelPart {
+        &self.part
     }
 
     pub fn config(&self) -> &LmuFormerConfig {
@@ -573,16 +614,26 @@ impl LmuFormer {
         PatchEmbed::CONVS
     }
 
+    /// Bytes of the parameters this part holds.
     pub fn weight_bytes(&self) -> usize {
-        self.embed.size_bytes()
+        self.embed.as_ref().map_or(0, PatchEmbed::size_bytes)
             + self.blocks.iter().map(Block::size_bytes).sum::<usize>()
-            + self.head.size_bytes()
+            + self.head.as_ref().map_or(0, |h| h.linear.size_bytes())
     }
 
+    /// A fresh stream's state for this part.
     pub fn new_state(&self) -> LmuFormerState {
         let c = &self.config;
-        let mut windows = vec![ConvWindow::new(c.in_channels)];
-        windows.extend((0..4).map(|_| ConvWindow::new(c.dim)));
+        let mut windows = Vec::new();
+        if self.embed.is_some() {
+            windows.push(ConvWindow::new(c.in_channels));
+            windows.extend((0..4).map(|_| ConvWindow::new(c.dim)));
+        }
+        let classes = if self.head.is_some() {
+            c.num_classes
+        } else {
+            0
+        };
         LmuFormerState {
             windows,
             residual: None,
@@ -592,50 +643,84 @@ impl LmuFormer {
                 .map(|b| vec![0.0; b.mixer.cell.memory_size()])
                 .collect(),
             membranes: self.neurons.new_membranes(),
-            output_sum: vec![0.0; c.num_classes],
+            output_sum: vec![0.0; classes],
             frames_out: 0,
             ended: false,
         }
     }
 
-    /// Bytes of one session's state (constant in the stream's length).
+    /// Bytes of one session's state in this part (constant in the stream's length).
     pub fn state_bytes(&self) -> usize {
         self.new_state().size_bytes()
     }
 
-    /// Feeds every session its new frames (`input`, `[rows, in_channels]` packed by session;
-    /// any count, zero included) and, where `ends[i]`, ends its stream. Returns each session's
-    /// newly complete per-frame outputs (`[rows', num_classes]` packed by session).
+    /// The width of the frames this part takes: the input features where it embeds, the
+    /// model's `dim` otherwise.
+    pub fn input_width(&self) -> usize {
+        match self.embed {
+            Some(_) => self.config.in_channels,
+            None => self.config.dim,
+        }
+    }
+
+    /// Feeds every session its new frames (`input`, packed by session; any count, zero
+    /// included) and, where `ends[i]`, ends its stream. The part that embeds takes feature
+    /// frames `[rows, in_channels]` and holds back its lookahead; the others take the
+    /// previous part's `[rows, dim]`. Returns each session's newly complete frames: the
+    /// per-frame outputs `[rows', num_classes]` from the part with the head, the block
+    /// stream `[rows', dim]` from the others.
     pub fn forward(
         &self,
         states: &mut [&mut LmuFormerState],
         input: &Frames,
         ends: &[bool],
     ) -> Result<Frames, InputError> {
-        let ended: Vec<bool> = states.iter().map(|s| s.ended).collect();
-        check_frames(&self.config, &ended, input, ends)?;
-        let c = &self.config;
-        let mut x = self.embed.forward(input.clone(), states, ends);
+        let mut x = match &self.embed {
+            Some(embed) => {
+                let ended: Vec<bool> = states.iter().map(|s| s.ended).collect();
+                check_frames(&self.config, &ended, input, ends)?;
+                embed.forward(input.clone(), states, ends)
+            }
+            None => {
+                if input.width != self.config.dim {
+                    return Err(InputError::StageMismatch {
+                        layers: self.part.layers.clone(),
+                    });
+                }
+                if states.len() != input.counts.len() || states.len() != ends.len() {
+                    return Err(InputError::BatchMismatch {
+                        sessions: states.len(),
+                        tokens: input.counts.len(),
+                    });
+                }
+                input.clone()
+            }
+        };
         for (j, block) in self.blocks.iter().enumerate() {
             block.forward(j, &mut x, states);
         }
-        if let Some((bn, lif)) = &self.head_gate {
-            bn.apply(&mut x.data);
-            let mut m: Vec<&mut Membranes> = states.iter_mut().map(|s| &mut s.membranes).collect();
-            lif.fire(&mut m, &mut x);
-        }
-        let out = x.linear(&self.head);
-        let k = c.num_classes;
-        for ((state, rows), &end) in states.iter_mut().zip(out.ranges()).zip(ends) {
-            for row in out.data[rows.start * k..rows.end * k].chunks_exact(k) {
-                for (s, &v) in state.output_sum.iter_mut().zip(row) {
-                    *s += v as f64;
+        if let Some(head) = &self.head {
+            if let Some((bn, lif)) = &head.gate {
+                bn.apply(&mut x.data);
+                let mut m: Vec<&mut Membranes> =
+                    states.iter_mut().map(|s| &mut s.membranes).collect();
+                lif.fire(&mut m, &mut x);
+            }
+            x = x.linear(&head.linear);
+            let k = self.config.num_classes;
+            for (state, rows) in states.iter_mut().zip(x.ranges()) {
+                for row in x.data[rows.start * k..rows.end * k].chunks_exact(k) {
+                    for (s, &v) in state.output_sum.iter_mut().zip(row) {
+                        *s += v as f64;
+                    }
                 }
             }
+        }
+        for ((state, rows), &end) in states.iter_mut().zip(x.ranges()).zip(ends) {
             state.frames_out += rows.len();
             state.ended |= end;
         }
-        Ok(out)
+        Ok(x)
     }
 
     /// A whole clip at once (`[frames, in_channels]`): the per-frame outputs and their mean.

@@ -1,13 +1,14 @@
 //! The `layers(k)` stage: pipeline stage `k` of every model's layers, on the workers the plan
 //! gives it. It keeps each session's recurrent state for its layers (keyed by session) and
 //! runs each round of a batch as one packed batch per model: one GEMM over every session's
-//! rows, per-session recurrences. The first stage embeds token ids; a model that runs as one
-//! piece (GPU, tensor-parallel group, LMUFormer) runs whole in the first stage and its outputs
-//! pass the later ones untouched.
+//! rows, per-session recurrences. The first stage embeds token ids or feature frames; an
+//! LMUFormer's last stage runs its per-frame head too. A model that runs as one piece (on a
+//! GPU, or over a tensor-parallel group) runs whole in the first stage and its outputs pass
+//! the later ones untouched.
 //!
 //! ```ignore
-//! let hidden = envelopes.layers(0, plan, models.clone(), Some(board.clone()));
-//! let hidden = hidden.layers(1, plan, models.clone(), None);
+//! let hidden = envelopes.layers(0, plan, models.clone(), board.clone());
+//! let hidden = hidden.layers(1, plan, models.clone(), board.clone());
 //! ```
 
 use std::collections::HashMap;
@@ -26,7 +27,7 @@ use super::super::messages::{OpError, SessionKey};
 use super::super::served::{ServedModel, StageModel};
 use super::super::stats::StatsBoard;
 use super::{Body, Envelope, Plan, StageLogic, rounds, stage_operator};
-use crate::feature_model::{FeatureError, FeatureState};
+use crate::feature_model::{FeatureError, FeatureModel, FeatureState};
 use crate::language_model::LmState;
 
 /// One session's state in one stage.
@@ -34,6 +35,17 @@ enum StageState {
     Part(SessionState),
     Whole(LmState),
     Features(Box<FeatureState>),
+}
+
+impl StageModel {
+    /// Bytes of one session's state in this piece.
+    fn state_bytes(&self) -> usize {
+        match self {
+            StageModel::Part(m) => m.state_bytes(),
+            StageModel::Whole(m) => m.state_bytes(),
+            StageModel::Features(m) => m.state_bytes(),
+        }
+    }
 }
 
 impl StageState {
@@ -66,8 +78,9 @@ struct LayersLogic {
     stage: usize,
     models: Arc<Vec<ServedModel>>,
     states: HashMap<SessionKey, StageState>,
-    /// The first stage reports each batch to the board (as an epoch).
-    board: Option<Arc<StatsBoard>>,
+    /// The first stage reports each batch to the board (as an epoch); every stage reports
+    /// the state it holds.
+    board: Arc<StatsBoard>,
 }
 
 impl StageLogic<Envelope, Envelope> for LayersLogic {
@@ -78,13 +91,29 @@ impl StageLogic<Envelope, Envelope> for LayersLogic {
         for round in rounds(envelopes) {
             rows += self.run_round(round, out);
         }
-        if let Some(board) = &self.board {
-            board.record_epoch(count, started.elapsed(), rows as u64);
+        if self.stage == 0 {
+            self.board
+                .record_epoch(count, started.elapsed(), rows as u64);
         }
     }
 }
 
 impl LayersLogic {
+    /// Reports `sessions` states of `model` taken (> 0) or freed (< 0).
+    fn held(&self, model: u32, sessions: i64) {
+        let piece = self.models[model as usize].stages[self.stage].as_ref();
+        let bytes = piece.map_or(0, StageModel::state_bytes) as i64;
+        self.board
+            .add_stage_state(model, self.stage as u32, sessions * bytes);
+    }
+
+    /// Frees `key`'s state, if this stage holds one.
+    fn free(&mut self, key: SessionKey, model: u32) {
+        if self.states.remove(&key).is_some() {
+            self.held(model, -1);
+        }
+    }
+
     /// Runs one round (at most one envelope per session); returns the rows computed.
     fn run_round(&mut self, round: Vec<Envelope>, out: &mut Vec<Envelope>) -> usize {
         let models = self.models.clone();
@@ -103,7 +132,7 @@ impl LayersLogic {
             };
             let key = envelope.session;
             if matches!(envelope.body, Body::Forget) {
-                self.states.remove(&key);
+                self.free(key, envelope.model);
             }
             if matches!(envelope.body, Body::Failed(_) | Body::Forget) {
                 slots.push(Slot {
@@ -114,10 +143,11 @@ impl LayersLogic {
                 continue;
             }
             if envelope.start {
-                self.states.remove(&key);
+                self.free(key, envelope.model);
                 match StageState::new(piece) {
                     Ok(state) => {
                         self.states.insert(key, state);
+                        self.held(envelope.model, 1);
                     }
                     Err(e) => envelope.body = Body::Failed(e),
                 }
@@ -172,7 +202,7 @@ impl LayersLogic {
                     _ => 0,
                 })
                 .sum::<usize>();
-            run_batch(piece, served.in_channels(), &mut batch);
+            run_batch(piece, &mut batch);
         }
 
         for mut slot in slots {
@@ -180,8 +210,11 @@ impl LayersLogic {
                 if first {
                     slot.envelope.position_after = state.position();
                 }
-                if !slot.envelope.end {
-                    self.states.insert(slot.envelope.session, state);
+                match slot.envelope.end {
+                    false => {
+                        self.states.insert(slot.envelope.session, state);
+                    }
+                    true => self.held(slot.envelope.model, -1),
                 }
             }
             out.push(slot.envelope);
@@ -192,7 +225,7 @@ impl LayersLogic {
 
 /// Runs one model's packed batch through this stage's piece; every slot's body becomes the
 /// piece's output (or the batch's error).
-fn run_batch(piece: &StageModel, in_channels: usize, batch: &mut [&mut Slot]) {
+fn run_batch(piece: &StageModel, batch: &mut [&mut Slot]) {
     let result = match piece {
         StageModel::Part(model) => run_part(model, batch),
         StageModel::Whole(model) => {
@@ -216,37 +249,7 @@ fn run_batch(piece: &StageModel, in_channels: usize, batch: &mut [&mut Slot]) {
                 .map_err(OpError::from)
                 .map(|logits| outputs(logits.into_vec(), &lens, model.output_width()))
         }
-        StageModel::Features(model) => {
-            let mut data = Vec::new();
-            let mut counts = Vec::new();
-            let mut ends = Vec::new();
-            for slot in batch.iter() {
-                if let Body::Features(f) = &slot.envelope.body {
-                    data.extend_from_slice(f);
-                    counts.push(f.len() / in_channels);
-                    ends.push(slot.envelope.end);
-                }
-            }
-            let input = Frames {
-                data,
-                width: in_channels,
-                counts,
-            };
-            let mut states: Vec<&mut FeatureState> = batch
-                .iter_mut()
-                .filter_map(|s| match &mut s.state {
-                    Some(StageState::Features(state)) => Some(&mut **state),
-                    _ => None,
-                })
-                .collect();
-            model
-                .forward(&mut states, &input, &ends)
-                .map(|out| outputs(out.data, &out.counts, model.num_classes()))
-                .map_err(|e| match e {
-                    FeatureError::Input(e) => OpError::Input(e),
-                    FeatureError::Device(e) => OpError::Unavailable(e),
-                })
-        }
+        StageModel::Features(model) => run_features(model, batch),
     };
     match result {
         Ok(bodies) => {
@@ -260,6 +263,52 @@ fn run_batch(piece: &StageModel, in_channels: usize, batch: &mut [&mut Slot]) {
             }
         }
     }
+}
+
+/// A feature model's part over the batch: feature frames in where it embeds, the previous
+/// part's block stream otherwise; per-frame outputs out where it holds the head.
+fn run_features(model: &FeatureModel, batch: &mut [&mut Slot]) -> Result<Vec<Body>, OpError> {
+    let width = model.input_width();
+    let mut data = Vec::new();
+    let mut counts = Vec::new();
+    let mut ends = Vec::new();
+    for slot in batch.iter_mut() {
+        if let Body::Features(rows) | Body::Hidden { values: rows, .. } = &mut slot.envelope.body {
+            counts.push(rows.len() / width);
+            data.append(rows);
+            ends.push(slot.envelope.end);
+        }
+    }
+    let input = Frames {
+        data,
+        width,
+        counts,
+    };
+    let mut states: Vec<&mut FeatureState> = batch
+        .iter_mut()
+        .filter_map(|s| match &mut s.state {
+            Some(StageState::Features(state)) => Some(&mut **state),
+            _ => None,
+        })
+        .collect();
+    let out = model
+        .forward(&mut states, &input, &ends)
+        .map_err(|e| match e {
+            FeatureError::Input(e) => OpError::Input(e),
+            FeatureError::Device(e) => OpError::Unavailable(e),
+        })?;
+    let mut bodies = outputs(out.data, &out.counts, out.width);
+    if !model.part().head {
+        for body in &mut bodies {
+            if let Body::Output { values, .. } = body {
+                *body = Body::Hidden {
+                    values: std::mem::take(values),
+                    pending: None,
+                };
+            }
+        }
+    }
+    Ok(bodies)
 }
 
 /// A CPU language model's part over the batch: the embedding where the part starts the
@@ -340,13 +389,13 @@ fn outputs(values: Vec<f32>, counts: &[usize], width: usize) -> Vec<Body> {
 /// The layers stage on a stream of envelopes.
 pub trait Layers<'s> {
     /// Runs pipeline stage `stage` of every model on the workers `plan` gives it; the first
-    /// stage reports each batch to `board`.
+    /// stage reports each batch to `board`, and every stage the state it holds.
     fn layers(
         self,
         stage: usize,
         plan: Plan,
         models: Arc<Vec<ServedModel>>,
-        board: Option<Arc<StatsBoard>>,
+        board: Arc<StatsBoard>,
     ) -> StreamVec<'s, u64, Envelope>;
 }
 
@@ -356,7 +405,7 @@ impl<'s> Layers<'s> for StreamVec<'s, u64, Envelope> {
         stage: usize,
         plan: Plan,
         models: Arc<Vec<ServedModel>>,
-        board: Option<Arc<StatsBoard>>,
+        board: Arc<StatsBoard>,
     ) -> StreamVec<'s, u64, Envelope> {
         let logic = LayersLogic {
             stage,
