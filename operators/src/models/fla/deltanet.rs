@@ -22,6 +22,7 @@ use crate::error::LoadError;
 use crate::layers::head_output::{HeadOutput, HeadOutputShape};
 use crate::layers::heads::{head_jobs, run_heads};
 use crate::layers::qkv::{Qkv, QkvShape};
+use crate::models::fla::mixer::{FlaLayerState, TokenMixer, matrices, project};
 
 pub const CHUNK: usize = 64;
 
@@ -54,14 +55,6 @@ pub struct DeltaNetConfig {
     pub allow_neg_eigval: bool,
     pub use_gate: bool,
     pub norm_eps: f32,
-}
-
-#[derive(Debug, Clone, PartialEq)]
-pub struct DeltaNetLayerState {
-    /// Conv windows for q, k, v (empty without short convs).
-    pub conv: [Vec<f32>; 3],
-    /// `S`, `[H, dk, dv]`.
-    pub s: Vec<f32>,
 }
 
 pub struct DeltaNetMixer {
@@ -122,31 +115,26 @@ impl DeltaNetMixer {
             config,
         })
     }
+}
 
-    pub fn new_state(&self) -> DeltaNetLayerState {
+impl TokenMixer for DeltaNetMixer {
+    fn new_state(&self) -> FlaLayerState {
         let c = &self.config;
-        DeltaNetLayerState {
-            conv: self.qkv.new_windows(),
-            s: vec![0.0; c.num_heads * c.head_k_dim * c.head_v_dim],
-        }
+        FlaLayerState::new(&self.qkv, c.num_heads * c.head_k_dim * c.head_v_dim, 0)
     }
 
-    pub fn state_bytes(&self) -> usize {
-        let s = self.new_state();
-        4 * (s.s.len() + s.conv.iter().map(Vec::len).sum::<usize>())
-    }
-
-    pub fn weight_bytes(&self) -> usize {
+    fn weight_bytes(&self) -> usize {
         self.qkv.size_bytes()
             + self.b_proj.as_ref().map_or(0, Linear::size_bytes)
             + self.output.size_bytes()
     }
 
-    pub fn forward(
+    fn forward(
         &self,
         u: &[f32],
         segments: &[Range<usize>],
-        states: &mut [&mut DeltaNetLayerState],
+        _starts: &[usize],
+        states: &mut [&mut FlaLayerState],
         out: &mut [f32],
     ) {
         let c = &self.config;
@@ -155,9 +143,7 @@ impl DeltaNetMixer {
         let (h, dk, dv) = (c.num_heads, c.head_k_dim, c.head_v_dim);
         let (kd, vd) = (h * dk, h * dv);
         let x = MatRef::dense(u, m, d);
-        let mut windows: Vec<&mut [Vec<f32>; 3]> = states.iter_mut().map(|s| &mut s.conv).collect();
-        let [mut q, mut k, v] = self.qkv.forward(x, segments, &mut windows);
-        drop(windows);
+        let [mut q, mut k, v] = project(&self.qkv, x, segments, states);
         for values in [&mut q, &mut k] {
             match c.qk_activation {
                 QkActivation::Silu | QkActivation::Identity => {}
@@ -187,16 +173,7 @@ impl DeltaNetMixer {
 
         let scale = (dk as f32).powf(-0.5);
         let mut o = vec![0.0f32; m * vd];
-        let jobs = head_jobs(
-            segments,
-            states
-                .iter_mut()
-                .map(|s| (&mut s.s[..], <&mut [f32]>::default()))
-                .collect(),
-            h,
-            dk * dv,
-            0,
-        );
+        let jobs = head_jobs(segments, matrices(states), h, dk * dv, 0);
         run_heads(jobs, h, dv, &mut o, dk * dv, |job, dst| {
             let (rows, head) = (&job.rows, job.head);
             let inputs = DeltaInputs {

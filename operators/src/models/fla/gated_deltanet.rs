@@ -26,6 +26,7 @@ use crate::error::LoadError;
 use crate::layers::head_output::{HeadOutput, HeadOutputShape};
 use crate::layers::heads::{head_jobs, run_heads};
 use crate::layers::qkv::{Qkv, QkvShape};
+use crate::models::fla::mixer::{FlaLayerState, TokenMixer, matrices, project};
 
 pub const CHUNK: usize = 64;
 
@@ -42,14 +43,6 @@ pub struct GatedDeltaNetConfig {
     pub allow_neg_eigval: bool,
     pub use_gate: bool,
     pub norm_eps: f32,
-}
-
-#[derive(Debug, Clone, PartialEq)]
-pub struct GatedDeltaNetLayerState {
-    /// Conv windows for q, k, v (empty without short convs).
-    pub conv: [Vec<f32>; 3],
-    /// `S`, `[HV, dk, dv]`.
-    pub s: Vec<f32>,
 }
 
 pub struct GatedDeltaNetMixer {
@@ -114,21 +107,15 @@ impl GatedDeltaNetMixer {
             config,
         })
     }
+}
 
-    pub fn new_state(&self) -> GatedDeltaNetLayerState {
+impl TokenMixer for GatedDeltaNetMixer {
+    fn new_state(&self) -> FlaLayerState {
         let c = &self.config;
-        GatedDeltaNetLayerState {
-            conv: self.qkv.new_windows(),
-            s: vec![0.0; c.num_v_heads * c.head_k_dim * c.head_v_dim],
-        }
+        FlaLayerState::new(&self.qkv, c.num_v_heads * c.head_k_dim * c.head_v_dim, 0)
     }
 
-    pub fn state_bytes(&self) -> usize {
-        let s = self.new_state();
-        4 * (s.s.len() + s.conv.iter().map(Vec::len).sum::<usize>())
-    }
-
-    pub fn weight_bytes(&self) -> usize {
+    fn weight_bytes(&self) -> usize {
         [&self.a_proj, &self.b_proj]
             .iter()
             .map(|l| l.size_bytes())
@@ -139,11 +126,12 @@ impl GatedDeltaNetMixer {
             + 4 * self.neg_a.len()
     }
 
-    pub fn forward(
+    fn forward(
         &self,
         u: &[f32],
         segments: &[Range<usize>],
-        states: &mut [&mut GatedDeltaNetLayerState],
+        _starts: &[usize],
+        states: &mut [&mut FlaLayerState],
         out: &mut [f32],
     ) {
         let c = &self.config;
@@ -152,9 +140,7 @@ impl GatedDeltaNetMixer {
         let (h, hv, dk, dv) = (c.num_heads, c.num_v_heads, c.head_k_dim, c.head_v_dim);
         let (kd, vd) = (h * dk, hv * dv);
         let x = MatRef::dense(u, m, d);
-        let mut windows: Vec<&mut [Vec<f32>; 3]> = states.iter_mut().map(|s| &mut s.conv).collect();
-        let [mut q, mut k, v] = self.qkv.forward(x, segments, &mut windows);
-        drop(windows);
+        let [mut q, mut k, v] = project(&self.qkv, x, segments, states);
         for values in [&mut q, &mut k] {
             for row in values.chunks_mut(dk) {
                 let norm = (row.iter().map(|v| v * v).sum::<f32>() + 1e-6).sqrt();
@@ -177,16 +163,7 @@ impl GatedDeltaNetMixer {
         let scale = (dk as f32).powf(-0.5);
         let groups = hv / h;
         let mut o = vec![0.0f32; m * vd];
-        let jobs = head_jobs(
-            segments,
-            states
-                .iter_mut()
-                .map(|s| (&mut s.s[..], <&mut [f32]>::default()))
-                .collect(),
-            hv,
-            dk * dv,
-            0,
-        );
+        let jobs = head_jobs(segments, matrices(states), hv, dk * dv, 0);
         run_heads(jobs, hv, dv, &mut o, dk * dv, |job, dst| {
             let (rows, vh) = (&job.rows, job.head);
             let qk_head = vh / groups;

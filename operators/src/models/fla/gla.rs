@@ -22,6 +22,7 @@ use crate::error::LoadError;
 use crate::layers::head_output::{HeadOutput, HeadOutputShape};
 use crate::layers::heads::{head_jobs, run_heads};
 use crate::layers::qkv::{Qkv, QkvShape};
+use crate::models::fla::mixer::{FlaLayerState, TokenMixer, matrices, project};
 use crate::models::fla::retnet::{retention_log_decay, rotary};
 
 /// Rows per chunk of the chunkwise form (fla's default).
@@ -102,15 +103,6 @@ impl GlaConfig {
     }
 }
 
-/// One session's state in one GLA layer.
-#[derive(Debug, Clone, PartialEq)]
-pub struct GlaLayerState {
-    /// Conv windows `[C, K]` for q, k, v (empty without short convs).
-    pub conv: [Vec<f32>; 3],
-    /// `S`, `[H, dk, dv]`.
-    pub s: Vec<f32>,
-}
-
 pub struct GlaMixer {
     pub config: GlaConfig,
     qkv: Qkv,
@@ -179,21 +171,15 @@ impl GlaMixer {
             config,
         })
     }
+}
 
-    pub fn new_state(&self) -> GlaLayerState {
+impl TokenMixer for GlaMixer {
+    fn new_state(&self) -> FlaLayerState {
         let c = &self.config;
-        GlaLayerState {
-            conv: self.qkv.new_windows(),
-            s: vec![0.0; c.num_heads * c.head_k_dim * c.head_v_dim],
-        }
+        FlaLayerState::new(&self.qkv, c.num_heads * c.head_k_dim * c.head_v_dim, 0)
     }
 
-    pub fn state_bytes(&self) -> usize {
-        let s = self.new_state();
-        4 * (s.s.len() + s.conv.iter().map(Vec::len).sum::<usize>())
-    }
-
-    pub fn weight_bytes(&self) -> usize {
+    fn weight_bytes(&self) -> usize {
         self.qkv.size_bytes()
             + self
                 .key_gate
@@ -202,14 +188,12 @@ impl GlaMixer {
             + self.output.size_bytes()
     }
 
-    /// Packed forward: session `i` owns rows `segments[i]` of `u` (`[M, D]`), the first of
-    /// them at position `starts[i]` in its sequence (for RoPE).
-    pub fn forward(
+    fn forward(
         &self,
         u: &[f32],
         segments: &[Range<usize>],
         starts: &[usize],
-        states: &mut [&mut GlaLayerState],
+        states: &mut [&mut FlaLayerState],
         out: &mut [f32],
     ) {
         let c = &self.config;
@@ -219,9 +203,7 @@ impl GlaMixer {
         let (kd, vd) = (c.key_dim(), c.value_dim());
         let (kkd, kvd) = (kd / g, vd / g);
         let x = MatRef::dense(u, m, d);
-        let mut windows: Vec<&mut [Vec<f32>; 3]> = states.iter_mut().map(|s| &mut s.conv).collect();
-        let [mut q, mut k, v] = self.qkv.forward(x, segments, &mut windows);
-        drop(windows);
+        let [mut q, mut k, v] = project(&self.qkv, x, segments, states);
         let (dk, dv) = (c.head_k_dim, c.head_v_dim);
         // The log decay: per row and key channel (GLA) or one constant row per head (RetNet,
         // read with stride 0).
@@ -257,16 +239,7 @@ impl GlaMixer {
         // Per session and head: the recurrence (one row) or the chunkwise form.
         let scale = (dk as f32).powf(-0.5);
         let mut o = vec![0.0f32; m * vd];
-        let jobs = head_jobs(
-            segments,
-            states
-                .iter_mut()
-                .map(|s| (&mut s.s[..], <&mut [f32]>::default()))
-                .collect(),
-            c.num_heads,
-            dk * dv,
-            0,
-        );
+        let jobs = head_jobs(segments, matrices(states), c.num_heads, dk * dv, 0);
         run_heads(jobs, c.num_heads, dv, &mut o, dk * dv, |job, dst| {
             let (rows, h) = (&job.rows, job.head);
             let kv = h / g;

@@ -24,6 +24,7 @@ use crate::error::LoadError;
 use crate::layers::head_output::{HeadOutput, HeadOutputShape};
 use crate::layers::heads::{head_jobs, run_heads};
 use crate::layers::qkv::{Qkv, QkvShape};
+use crate::models::fla::mixer::{FlaLayerState, TokenMixer, matrices, project};
 
 pub const CHUNK: usize = 64;
 /// DPFP's ν: the products of `r` with its rolls by 1..=ν.
@@ -76,14 +77,6 @@ pub struct LinearAttnConfig {
     pub norm_k: bool,
     pub normalize: bool,
     pub norm_eps: f32,
-}
-
-#[derive(Debug, Clone, PartialEq)]
-pub struct LinearAttnLayerState {
-    /// `S`, `[H, f, dv]` (f: feature width).
-    pub s: Vec<f32>,
-    /// `z`, `[H, f]` (empty without norm_feature_map).
-    pub z: Vec<f32>,
 }
 
 /// The learned part of a feature map, shared by every head.
@@ -177,33 +170,6 @@ impl LinearAttnMixer {
         self.config.feature_map.width(self.config.head_k_dim)
     }
 
-    pub fn new_state(&self) -> LinearAttnLayerState {
-        let c = &self.config;
-        let f = self.feature_width();
-        LinearAttnLayerState {
-            s: vec![0.0; c.num_heads * f * c.head_v_dim],
-            z: if c.normalize {
-                vec![0.0; c.num_heads * f]
-            } else {
-                Vec::new()
-            },
-        }
-    }
-
-    pub fn state_bytes(&self) -> usize {
-        let s = self.new_state();
-        4 * (s.s.len() + s.z.len())
-    }
-
-    pub fn weight_bytes(&self) -> usize {
-        let layers = |l: &FeatureLayers| match l {
-            FeatureLayers::None => 0,
-            FeatureLayers::One(a) => a.size_bytes(),
-            FeatureLayers::Two(a, b) => a.size_bytes() + b.size_bytes(),
-        };
-        self.qkv.size_bytes() + layers(&self.map_q) + layers(&self.map_k) + self.output.size_bytes()
-    }
-
     /// φ over rows of `dk`-wide heads (`x`: `[rows, dk]`), giving `[rows, f]`.
     fn feature(&self, layers: &FeatureLayers, x: &[f32]) -> Vec<f32> {
         let dk = self.config.head_k_dim;
@@ -268,12 +234,32 @@ impl LinearAttnMixer {
             _ => x.to_vec(),
         }
     }
+}
 
-    pub fn forward(
+impl TokenMixer for LinearAttnMixer {
+    fn new_state(&self) -> FlaLayerState {
+        let c = &self.config;
+        let f = self.feature_width();
+        // z only with the normalised feature map.
+        let z = if c.normalize { c.num_heads * f } else { 0 };
+        FlaLayerState::new(&self.qkv, c.num_heads * f * c.head_v_dim, z)
+    }
+
+    fn weight_bytes(&self) -> usize {
+        let layers = |l: &FeatureLayers| match l {
+            FeatureLayers::None => 0,
+            FeatureLayers::One(a) => a.size_bytes(),
+            FeatureLayers::Two(a, b) => a.size_bytes() + b.size_bytes(),
+        };
+        self.qkv.size_bytes() + layers(&self.map_q) + layers(&self.map_k) + self.output.size_bytes()
+    }
+
+    fn forward(
         &self,
         u: &[f32],
         segments: &[Range<usize>],
-        states: &mut [&mut LinearAttnLayerState],
+        _starts: &[usize],
+        states: &mut [&mut FlaLayerState],
         out: &mut [f32],
     ) {
         let c = &self.config;
@@ -283,7 +269,7 @@ impl LinearAttnMixer {
         let (h, dv) = (c.num_heads, c.head_v_dim);
         let vd = h * dv;
         let x = MatRef::dense(u, m, d);
-        let [q, k, v] = self.qkv.forward(x, segments, &mut []);
+        let [q, k, v] = project(&self.qkv, x, segments, states);
         let f = self.feature_width();
         let mut q = self.feature(&self.map_q, &q);
         let mut k = self.feature(&self.map_k, &k);
@@ -298,16 +284,7 @@ impl LinearAttnMixer {
         let (qw, kw, vw) = (h * f, h / g * f, vd / g);
         let scale = (f as f32).powf(-0.5);
         let mut o = vec![0.0f32; m * vd];
-        let jobs = head_jobs(
-            segments,
-            states
-                .iter_mut()
-                .map(|s| (&mut s.s[..], &mut s.z[..]))
-                .collect(),
-            h,
-            f * dv,
-            f,
-        );
+        let jobs = head_jobs(segments, matrices(states), h, f * dv, f);
         run_heads(jobs, h, dv, &mut o, f * dv, |job, dst| {
             let (rows, head) = (&job.rows, job.head);
             let kv = head / g;

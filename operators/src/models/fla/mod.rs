@@ -18,6 +18,7 @@ pub mod gla;
 #[cfg(feature = "cuda")]
 pub mod gpu;
 pub mod linear_attn;
+pub mod mixer;
 pub mod retnet;
 
 use std::ops::Range;
@@ -32,10 +33,12 @@ use crate::layers::lm_ends::{EndsLayout, LmEnds};
 use crate::layers::mlp::{GatedMlp, mlp_split};
 use crate::models::config::ConfigJson;
 use crate::models::family::{FamilyState, LanguageFamily, SessionState, Shard};
-use crate::models::fla::deltanet::{DeltaNetLayerState, DeltaNetMixer};
-use crate::models::fla::gated_deltanet::{GatedDeltaNetLayerState, GatedDeltaNetMixer};
-use crate::models::fla::gla::{GlaLayerState, GlaMixer};
-use crate::models::fla::linear_attn::{LinearAttnLayerState, LinearAttnMixer};
+use crate::models::fla::deltanet::DeltaNetMixer;
+use crate::models::fla::gated_deltanet::GatedDeltaNetMixer;
+use crate::models::fla::gla::GlaMixer;
+use crate::models::fla::linear_attn::LinearAttnMixer;
+pub use crate::models::fla::mixer::FlaLayerState;
+use crate::models::fla::mixer::TokenMixer;
 use crate::models::{ModelPart, open_sharded, part_of};
 use crate::tensor_parallel::{Group, ResidualStream};
 pub use config::{FlaConfig, FlaMixerConfig};
@@ -99,22 +102,6 @@ pub fn fla_lm_split(checkpoint: &Checkpoint, name: &str) -> Option<Split> {
     }
 }
 
-enum FlaMixer {
-    Gla(GlaMixer),
-    DeltaNet(DeltaNetMixer),
-    GatedDeltaNet(GatedDeltaNetMixer),
-    LinearAttn(LinearAttnMixer),
-}
-
-/// One session's state in one layer.
-#[derive(Debug, Clone, PartialEq)]
-pub enum FlaLayerState {
-    Gla(GlaLayerState),
-    DeltaNet(DeltaNetLayerState),
-    GatedDeltaNet(GatedDeltaNetLayerState),
-    LinearAttn(LinearAttnLayerState),
-}
-
 /// One session's recurrent state: every layer's matrix state and conv windows.
 #[derive(Debug, Clone, PartialEq)]
 pub struct FlaState {
@@ -124,7 +111,7 @@ pub struct FlaState {
 
 struct FlaBlock {
     attn_norm: Weight,
-    attn: FlaMixer,
+    attn: Box<dyn TokenMixer>,
     mlp_norm: Weight,
     mlp: GatedMlp,
 }
@@ -158,23 +145,20 @@ impl FlaLm {
             .clone()
             .map(|i| {
                 let p = format!("model.layers.{i}.");
-                let attn = match &config.mixer {
+                let prefix = format!("{p}attn.");
+                let attn: Box<dyn TokenMixer> = match &config.mixer {
                     FlaMixerConfig::Gla(c) => {
-                        FlaMixer::Gla(GlaMixer::load(checkpoint, &format!("{p}attn."), c.clone())?)
+                        Box::new(GlaMixer::load(checkpoint, &prefix, c.clone())?)
                     }
-                    FlaMixerConfig::DeltaNet(c) => FlaMixer::DeltaNet(DeltaNetMixer::load(
-                        checkpoint,
-                        &format!("{p}attn."),
-                        c.clone(),
-                    )?),
-                    FlaMixerConfig::GatedDeltaNet(c) => FlaMixer::GatedDeltaNet(
-                        GatedDeltaNetMixer::load(checkpoint, &format!("{p}attn."), c.clone())?,
-                    ),
-                    FlaMixerConfig::LinearAttn(c) => FlaMixer::LinearAttn(LinearAttnMixer::load(
-                        checkpoint,
-                        &format!("{p}attn."),
-                        c.clone(),
-                    )?),
+                    FlaMixerConfig::DeltaNet(c) => {
+                        Box::new(DeltaNetMixer::load(checkpoint, &prefix, c.clone())?)
+                    }
+                    FlaMixerConfig::GatedDeltaNet(c) => {
+                        Box::new(GatedDeltaNetMixer::load(checkpoint, &prefix, c.clone())?)
+                    }
+                    FlaMixerConfig::LinearAttn(c) => {
+                        Box::new(LinearAttnMixer::load(checkpoint, &prefix, c.clone())?)
+                    }
                 };
                 Ok(FlaBlock {
                     attn_norm: checkpoint.load(&format!("{p}attn_norm.weight"), &[d])?,
@@ -262,16 +246,7 @@ impl LanguageFamily for FlaLm {
 
     fn new_state(&self) -> SessionState {
         SessionState::new(FlaState {
-            layers: self
-                .blocks
-                .iter()
-                .map(|b| match &b.attn {
-                    FlaMixer::Gla(m) => FlaLayerState::Gla(m.new_state()),
-                    FlaMixer::DeltaNet(m) => FlaLayerState::DeltaNet(m.new_state()),
-                    FlaMixer::GatedDeltaNet(m) => FlaLayerState::GatedDeltaNet(m.new_state()),
-                    FlaMixer::LinearAttn(m) => FlaLayerState::LinearAttn(m.new_state()),
-                })
-                .collect(),
+            layers: self.blocks.iter().map(|b| b.attn.new_state()).collect(),
             position: 0,
         })
     }
@@ -279,12 +254,7 @@ impl LanguageFamily for FlaLm {
     fn state_bytes(&self) -> usize {
         self.blocks
             .iter()
-            .map(|b| match &b.attn {
-                FlaMixer::Gla(m) => m.state_bytes(),
-                FlaMixer::DeltaNet(m) => m.state_bytes(),
-                FlaMixer::GatedDeltaNet(m) => m.state_bytes(),
-                FlaMixer::LinearAttn(m) => m.state_bytes(),
-            })
+            .map(|b| b.attn.new_state().size_bytes())
             .sum()
     }
 
@@ -297,12 +267,7 @@ impl LanguageFamily for FlaLm {
                     b.attn_norm.size_bytes()
                         + b.mlp_norm.size_bytes()
                         + b.mlp.size_bytes()
-                        + match &b.attn {
-                            FlaMixer::Gla(m) => m.weight_bytes(),
-                            FlaMixer::DeltaNet(m) => m.weight_bytes(),
-                            FlaMixer::GatedDeltaNet(m) => m.weight_bytes(),
-                            FlaMixer::LinearAttn(m) => m.weight_bytes(),
-                        }
+                        + b.attn.weight_bytes()
                 })
                 .sum::<usize>()
     }
@@ -332,46 +297,11 @@ impl LanguageFamily for FlaLm {
                 &mut normed,
             );
             let mut delta = vec![0.0f32; m * d];
-            fn layer_states<'s, T>(
-                states: &'s mut [&mut FlaState],
-                i: usize,
-                pick: fn(&mut FlaLayerState) -> Option<&mut T>,
-            ) -> Result<Vec<&'s mut T>, InputError> {
-                states
-                    .iter_mut()
-                    .map(|s| pick(&mut s.layers[i]).ok_or(InputError::WrongState))
-                    .collect()
-            }
-            match &block.attn {
-                FlaMixer::Gla(mixer) => {
-                    let mut layer = layer_states(states, i, |l| match l {
-                        FlaLayerState::Gla(l) => Some(l),
-                        _ => None,
-                    })?;
-                    mixer.forward(&normed, segments, &starts, &mut layer, &mut delta);
-                }
-                FlaMixer::DeltaNet(mixer) => {
-                    let mut layer = layer_states(states, i, |l| match l {
-                        FlaLayerState::DeltaNet(l) => Some(l),
-                        _ => None,
-                    })?;
-                    mixer.forward(&normed, segments, &mut layer, &mut delta);
-                }
-                FlaMixer::GatedDeltaNet(mixer) => {
-                    let mut layer = layer_states(states, i, |l| match l {
-                        FlaLayerState::GatedDeltaNet(l) => Some(l),
-                        _ => None,
-                    })?;
-                    mixer.forward(&normed, segments, &mut layer, &mut delta);
-                }
-                FlaMixer::LinearAttn(mixer) => {
-                    let mut layer = layer_states(states, i, |l| match l {
-                        FlaLayerState::LinearAttn(l) => Some(l),
-                        _ => None,
-                    })?;
-                    mixer.forward(&normed, segments, &mut layer, &mut delta);
-                }
-            }
+            let mut layer: Vec<&mut FlaLayerState> =
+                states.iter_mut().map(|s| &mut s.layers[i]).collect();
+            block
+                .attn
+                .forward(&normed, segments, &starts, &mut layer, &mut delta);
             stream.push(delta, ladder, group)?;
             rms_norm(
                 stream.read(ladder, group)?,
