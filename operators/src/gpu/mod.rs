@@ -17,8 +17,10 @@ use tideway_kernels::gpu::{
 
 use tideway_kernels::collective::CollectiveError;
 
+use crate::checkpoint::Checkpoint;
 use crate::error::{InputError, LoadError};
 use crate::models::config::ConfigJson;
+use crate::models::family::Checkpointed;
 use tensor_parallel::{DeviceGroup, DeviceResidualStream};
 
 pub use crate::models::fla::gpu::GpuFlaLm;
@@ -368,6 +370,38 @@ pub struct GpuPlacement {
     pub max_sessions: usize,
     pub rank: usize,
     pub size: usize,
+}
+
+/// A GPU language-model family: its model loads from the checkpoint that its CPU family opens
+/// for a tensor-parallel rank ([`Checkpointed::open`]).
+pub trait GpuFamily: GpuLanguageFamily + Sized + 'static {
+    type Cpu: Checkpointed;
+    /// Loads the checkpoint onto `gpu` in `dtype`, with a state pool of up to `max_sessions`
+    /// slots (fewer if free device memory, after the weights, holds fewer).
+    fn load(
+        config: <Self::Cpu as Checkpointed>::Config,
+        checkpoint: &Checkpoint,
+        gpu: Gpu,
+        dtype: WeightDtype,
+        max_sessions: usize,
+    ) -> Result<Self, GpuModelError>;
+}
+
+/// The registry's GPU loader of family `G`: the placement's shard of the checkpoint in `dir`.
+pub fn load_gpu_family<G: GpuFamily>(
+    config: &ConfigJson,
+    dir: &Path,
+    placement: GpuPlacement,
+) -> Result<GpuModel, GpuModelError> {
+    let (family_config, checkpoint) = G::Cpu::open(config, dir, placement.rank, placement.size)?;
+    let model = G::load(
+        family_config,
+        &checkpoint,
+        placement.gpu,
+        placement.dtype,
+        placement.max_sessions,
+    )?;
+    Ok(GpuModel::new(Box::new(model)))
 }
 
 /// A GPU language model of any family the GPU path runs.

@@ -80,6 +80,16 @@ impl LmEnds {
     }
 
     /// Columns of the logits.
+    /// Ids accepted: `0..vocab_size`.
+    pub fn vocab_size(&self) -> usize {
+        self.vocab
+    }
+
+    /// Width of the residual stream.
+    pub fn hidden_size(&self) -> usize {
+        self.hidden
+    }
+
     pub fn logits_width(&self) -> usize {
         self.rows
     }

@@ -14,37 +14,64 @@ use std::path::Path;
 
 use tideway_kernels::Tensor;
 
+use crate::checkpoint::Checkpoint;
 use crate::error::{ForwardError, InputError, LoadError};
+use crate::layers::lm_ends::{EndsLayout, LmEnds};
 use crate::models::config::ConfigJson;
-use crate::models::{ModelPart, fla, mamba};
+use crate::models::{ModelPart, fla, mamba, part_of};
 use crate::tensor_parallel::{Group, ResidualStream};
 
-/// A language model of one family, loaded for one placement (a tensor-parallel rank's shard
-/// of a part of its layers).
-pub trait LanguageFamily: Any + Send + Sync {
-    /// The family's name as `ModelInfo` reports it (config.json's `model_type`).
-    fn family(&self) -> &'static str;
-    /// Ids accepted as input: `0..vocab_size`.
-    fn vocab_size(&self) -> usize;
-    /// Columns of the logits (a padded vocabulary may be wider).
-    fn logits_width(&self) -> usize;
-    /// Width of the residual stream.
-    fn hidden_size(&self) -> usize;
-    /// Layers of the whole model (the part may hold fewer).
-    fn num_layers(&self) -> usize;
+/// What every family's language model keeps besides its blocks: its name and widths, the part
+/// it was loaded for, its ladder wiring, and the embedding and the final norm and head (where
+/// the part holds them). A family hands it to [`LanguageFamily::frame`], which answers the
+/// trait's accessors.
+pub struct LmFrame {
+    pub family: &'static str,
+    pub num_layers: usize,
     /// The layers, embedding and head this placement holds.
-    fn part(&self) -> &ModelPart;
+    pub part: ModelPart,
     /// Which layers of the whole model are ladder-wired.
-    fn ladder(&self) -> &[bool];
-    fn set_ladder(&mut self, ladder: Vec<bool>);
+    pub ladder: Vec<bool>,
+    pub ends: LmEnds,
+}
+
+impl LmFrame {
+    /// Loads the ends that `part` holds, as `layout` names them.
+    pub fn load(
+        checkpoint: &Checkpoint,
+        family: &'static str,
+        layout: EndsLayout<'_>,
+        num_layers: usize,
+        ladder: Vec<bool>,
+        part: ModelPart,
+    ) -> Result<Self, LoadError> {
+        Ok(LmFrame {
+            family,
+            num_layers,
+            ends: LmEnds::load(checkpoint, layout, &part)?,
+            part,
+            ladder,
+        })
+    }
+
+    /// Whether the part's `i`-th layer is ladder-wired.
+    pub fn ladder_at(&self, i: usize) -> bool {
+        self.ladder[self.part.layers.start + i]
+    }
+}
+
+/// A language model of one family, loaded for one placement (a tensor-parallel rank's shard
+/// of a part of its layers). A family implements the layers; its [`LmFrame`] answers the rest.
+pub trait LanguageFamily: Any + Send + Sync {
+    /// The name, widths, part, ladder and ends the family loaded.
+    fn frame(&self) -> &LmFrame;
+    fn frame_mut(&mut self) -> &mut LmFrame;
     /// A fresh session's state for the part's layers.
     fn new_state(&self) -> SessionState;
     /// Bytes of one session's state for the part's layers.
     fn state_bytes(&self) -> usize;
-    /// Bytes of the parameters this placement holds.
-    fn weight_bytes(&self) -> usize;
-    /// The first piece: the embedding rows of `tokens` (`[T, hidden]`).
-    fn embed(&self, tokens: &[u32]) -> Result<Vec<f32>, InputError>;
+    /// Bytes of the parameters of the part's layers (the ends are counted by the frame).
+    fn layer_weight_bytes(&self) -> usize;
     /// The part's layers over a packed batch (`segments`: each session's rows of the stream);
     /// `states` advance by their rows.
     fn forward_layers(
@@ -54,14 +81,71 @@ pub trait LanguageFamily: Any + Send + Sync {
         states: &mut [&mut SessionState],
         group: &mut Group<'_>,
     ) -> Result<(), ForwardError>;
+
+    /// The family's name as `ModelInfo` reports it (config.json's `model_type`).
+    fn family(&self) -> &'static str {
+        self.frame().family
+    }
+    /// Ids accepted as input: `0..vocab_size`.
+    fn vocab_size(&self) -> usize {
+        self.frame().ends.vocab_size()
+    }
+    /// Columns of the logits (a padded vocabulary may be wider).
+    fn logits_width(&self) -> usize {
+        self.frame().ends.logits_width()
+    }
+    /// Width of the residual stream.
+    fn hidden_size(&self) -> usize {
+        self.frame().ends.hidden_size()
+    }
+    /// Layers of the whole model (the part may hold fewer).
+    fn num_layers(&self) -> usize {
+        self.frame().num_layers
+    }
+    /// The layers, embedding and head this placement holds.
+    fn part(&self) -> &ModelPart {
+        &self.frame().part
+    }
+    /// Which layers of the whole model are ladder-wired.
+    fn ladder(&self) -> &[bool] {
+        &self.frame().ladder
+    }
+    fn set_ladder(&mut self, ladder: Vec<bool>) {
+        self.frame_mut().ladder = ladder;
+    }
+    /// Bytes of the parameters this placement holds.
+    fn weight_bytes(&self) -> usize {
+        self.frame().ends.weight_bytes() + self.layer_weight_bytes()
+    }
+    /// The first piece: the embedding rows of `tokens` (`[T, hidden]`).
+    fn embed(&self, tokens: &[u32]) -> Result<Vec<f32>, InputError> {
+        self.frame().ends.embed(tokens)
+    }
     /// The last piece: the final norm and the head over the settled stream (`[T, hidden]`).
-    fn head(&self, residual: &[f32]) -> Result<Tensor, InputError>;
+    fn head(&self, residual: &[f32]) -> Result<Tensor, InputError> {
+        self.frame().ends.head(residual)
+    }
 }
 
 /// A family's state of one session, as the serving layers hold it without knowing the family.
 pub trait FamilyState: Any + Send + Debug + CloneState {
     /// Tokens consumed so far.
     fn position(&self) -> usize;
+}
+
+/// One session's recurrent state in a family whose layers each keep an `L`: the state of every
+/// layer the part holds, and how many tokens the session has consumed. Constant in size
+/// whatever the sequence length.
+#[derive(Debug, Clone, PartialEq)]
+pub struct LayerStates<L> {
+    pub layers: Vec<L>,
+    pub position: usize,
+}
+
+impl<L: Debug + Clone + Send + 'static> FamilyState for LayerStates<L> {
+    fn position(&self) -> usize {
+        self.position
+    }
 }
 
 /// Copies a state behind the trait object (a family's state is `Clone`).
@@ -141,6 +225,37 @@ pub enum Loader {
     Features,
 }
 
+/// The checkpoint side of a CPU language-model family: how a tensor-parallel rank opens its
+/// shard of the checkpoint (the rank's configuration, and the checkpoint set to read only its
+/// slices; the GPU model opens it the same way), and how a part of the model loads from it.
+pub trait Checkpointed: LanguageFamily + Sized {
+    type Config;
+    fn open(
+        config: &ConfigJson,
+        dir: &Path,
+        rank: usize,
+        size: usize,
+    ) -> Result<(Self::Config, Checkpoint), LoadError>;
+    /// Layers of the whole model, from its configuration.
+    fn config_layers(config: &Self::Config) -> usize;
+    fn load_part(
+        config: Self::Config,
+        checkpoint: &Checkpoint,
+        part: ModelPart,
+    ) -> Result<Self, LoadError>;
+}
+
+/// The registry's loader of family `F`: `shard` of the checkpoint in `dir`.
+pub fn load_family<F: Checkpointed>(
+    config: &ConfigJson,
+    dir: &Path,
+    shard: Shard,
+) -> Result<Box<dyn LanguageFamily>, LoadError> {
+    let (family_config, checkpoint) = F::open(config, dir, shard.rank, shard.size)?;
+    let part = part_of(config, &shard, F::config_layers(&family_config))?;
+    Ok(Box::new(F::load_part(family_config, &checkpoint, part)?))
+}
+
 /// A language-model family's loader: `shard` of the checkpoint in `dir` whose configuration
 /// is `config`.
 pub type LanguageLoader =
@@ -159,15 +274,15 @@ pub struct Shard {
 pub const FAMILIES: &[Family] = &[
     Family {
         model_types: &["mamba"],
-        load: Loader::Language(mamba::load),
+        load: Loader::Language(load_family::<mamba::MambaLm>),
         #[cfg(feature = "cuda")]
-        load_gpu: Some(mamba::gpu::load),
+        load_gpu: Some(crate::gpu::load_gpu_family::<mamba::gpu::GpuMambaLm>),
     },
     Family {
         model_types: fla::MODEL_TYPES,
-        load: Loader::Language(fla::load),
+        load: Loader::Language(load_family::<fla::FlaLm>),
         #[cfg(feature = "cuda")]
-        load_gpu: Some(fla::gpu::load),
+        load_gpu: Some(crate::gpu::load_gpu_family::<fla::gpu::GpuFlaLm>),
     },
     // The LMUFormer's GPU model takes the CPU model's parameters (`GpuLmuFormer::upload`).
     Family {

@@ -22,8 +22,8 @@ use tideway_kernels::gpu::{
 use crate::checkpoint::Checkpoint;
 use crate::gpu::tensor_parallel::{DeviceGroup, DeviceResidualStream};
 use crate::gpu::{
-    ChunkedScan, DeviceBatch, FinalLayers, GpuLanguageFamily, GpuModel, GpuModelError,
-    GpuPlacement, GpuSession, ScanLayout, SlotPool, zero_slot,
+    ChunkedScan, DeviceBatch, FinalLayers, GpuFamily, GpuLanguageFamily, GpuModelError, GpuSession,
+    ScanLayout, SlotPool, zero_slot,
 };
 use crate::models::fla::deltanet::{DeltaNetConfig, QkActivation, QkNorm};
 use crate::models::fla::gated_deltanet::GatedDeltaNetConfig;
@@ -1304,8 +1304,10 @@ pub struct GpuFlaLm {
     scan_chunk: usize,
 }
 
-impl GpuFlaLm {
-    pub fn load(
+impl GpuFamily for GpuFlaLm {
+    type Cpu = crate::models::fla::FlaLm;
+
+    fn load(
         config: FlaConfig,
         checkpoint: &Checkpoint,
         gpu: Gpu,
@@ -1520,21 +1522,4 @@ impl GpuLanguageFamily for GpuFlaLm {
         }
         .finish(gpu, stream, group, sessions, lens, logits)
     }
-}
-
-/// The registry's GPU loader: the placement's shard of the fla checkpoint in `dir`.
-pub fn load(
-    config: &crate::models::config::ConfigJson,
-    dir: &std::path::Path,
-    placement: GpuPlacement,
-) -> Result<GpuModel, GpuModelError> {
-    let (config, checkpoint) = super::open(config, dir, placement.rank, placement.size)?;
-    let model = GpuFlaLm::load(
-        config,
-        &checkpoint,
-        placement.gpu,
-        placement.dtype,
-        placement.max_sessions,
-    )?;
-    Ok(GpuModel::new(Box::new(model)))
 }

@@ -23,23 +23,22 @@ pub mod retnet;
 
 use std::ops::Range;
 
-use tideway_kernels::Tensor;
 use tideway_kernels::Weight;
 use tideway_kernels::norm::rms_norm;
 
 use crate::checkpoint::{Checkpoint, Split};
-use crate::error::{ForwardError, InputError, LoadError};
-use crate::layers::lm_ends::{EndsLayout, LmEnds};
+use crate::error::{ForwardError, LoadError};
+use crate::layers::lm_ends::EndsLayout;
 use crate::layers::mlp::{GatedMlp, mlp_split};
 use crate::models::config::ConfigJson;
-use crate::models::family::{FamilyState, LanguageFamily, SessionState, Shard};
+use crate::models::family::{Checkpointed, LanguageFamily, LayerStates, LmFrame, SessionState};
 use crate::models::fla::deltanet::DeltaNetMixer;
 use crate::models::fla::gated_deltanet::GatedDeltaNetMixer;
 use crate::models::fla::gla::GlaMixer;
 use crate::models::fla::linear_attn::LinearAttnMixer;
 pub use crate::models::fla::mixer::FlaLayerState;
 use crate::models::fla::mixer::TokenMixer;
-use crate::models::{ModelPart, open_sharded, part_of};
+use crate::models::{ModelPart, open_sharded};
 use crate::tensor_parallel::{Group, ResidualStream};
 pub use config::{FlaConfig, FlaMixerConfig};
 
@@ -51,30 +50,6 @@ pub const MODEL_TYPES: &[&str] = &[
     "retnet",
     "linear_attn",
 ];
-
-/// Opens rank `rank` of `size` of the fla checkpoint in `dir`: the rank's configuration
-/// (heads divided), and the checkpoint set to read only the rank's slices (the CPU and GPU
-/// loaders start here).
-pub fn open(
-    config: &ConfigJson,
-    dir: &std::path::Path,
-    rank: usize,
-    size: usize,
-) -> Result<(FlaConfig, Checkpoint), LoadError> {
-    let fla = FlaConfig::from_config(config)?.for_rank(config, rank, size)?;
-    Ok((fla, open_sharded(dir, rank, size, fla_lm_split)?))
-}
-
-/// The registry's loader: `shard` of the fla checkpoint in `dir`.
-pub fn load(
-    config: &ConfigJson,
-    dir: &std::path::Path,
-    shard: Shard,
-) -> Result<Box<dyn LanguageFamily>, LoadError> {
-    let (fla, checkpoint) = open(config, dir, shard.rank, shard.size)?;
-    let part = part_of(config, &shard, fla.num_layers)?;
-    Ok(Box::new(FlaLm::load_part(fla, &checkpoint, part)?))
-}
 
 /// How a tensor-parallel rank holds the model's tensors: heads split (their projections
 /// column-parallel, `o_proj` row-parallel), the MLP split, the rest whole.
@@ -103,11 +78,7 @@ pub fn fla_lm_split(checkpoint: &Checkpoint, name: &str) -> Option<Split> {
 }
 
 /// One session's recurrent state: every layer's matrix state and conv windows.
-#[derive(Debug, Clone, PartialEq)]
-pub struct FlaState {
-    pub layers: Vec<FlaLayerState>,
-    pub position: usize,
-}
+pub type FlaState = LayerStates<FlaLayerState>;
 
 struct FlaBlock {
     attn_norm: Weight,
@@ -118,23 +89,39 @@ struct FlaBlock {
 
 pub struct FlaLm {
     pub config: FlaConfig,
-    /// The layers, embedding and head this placement holds.
-    part: ModelPart,
-    /// Blocks `part.layers`, in order.
+    /// Blocks `frame.part.layers`, in order.
     blocks: Vec<FlaBlock>,
-    /// The embedding and the final norm and head, where the part holds them.
-    ends: LmEnds,
+    frame: LmFrame,
 }
 
 impl FlaLm {
     /// Loads the whole model.
     pub fn load(config: FlaConfig, checkpoint: &Checkpoint) -> Result<Self, LoadError> {
         let part = ModelPart::whole(config.num_layers);
-        Self::load_part(config, checkpoint, part)
+        <Self as Checkpointed>::load_part(config, checkpoint, part)
+    }
+}
+
+/// The rank's configuration (heads divided) and the checkpoint set to read only the rank's
+/// slices; the blocks of a part and the ends it holds.
+impl Checkpointed for FlaLm {
+    type Config = FlaConfig;
+
+    fn open(
+        config: &ConfigJson,
+        dir: &std::path::Path,
+        rank: usize,
+        size: usize,
+    ) -> Result<(FlaConfig, Checkpoint), LoadError> {
+        let fla = FlaConfig::from_config(config)?.for_rank(config, rank, size)?;
+        Ok((fla, open_sharded(dir, rank, size, fla_lm_split)?))
     }
 
-    /// Loads only `part`: its blocks, and the embedding or the head where it holds them.
-    pub fn load_part(
+    fn config_layers(config: &FlaConfig) -> usize {
+        config.num_layers
+    }
+
+    fn load_part(
         config: FlaConfig,
         checkpoint: &Checkpoint,
         part: ModelPart,
@@ -183,65 +170,28 @@ impl FlaLm {
             rows: v,
             norm_eps: config.norm_eps,
         };
-        let ends = LmEnds::load(checkpoint, layout, &part)?;
+        let family = MODEL_TYPES
+            .iter()
+            .find(|t| **t == config.model_type)
+            .copied()
+            .unwrap_or("fla");
+        let ladder = config.ladder.clone();
+        let frame = LmFrame::load(checkpoint, family, layout, config.num_layers, ladder, part)?;
         Ok(FlaLm {
             config,
-            part,
             blocks,
-            ends,
+            frame,
         })
     }
 }
 
-impl FamilyState for FlaState {
-    fn position(&self) -> usize {
-        self.position
-    }
-}
-
 impl LanguageFamily for FlaLm {
-    fn family(&self) -> &'static str {
-        MODEL_TYPES
-            .iter()
-            .find(|t| **t == self.config.model_type)
-            .copied()
-            .unwrap_or("fla")
+    fn frame(&self) -> &LmFrame {
+        &self.frame
     }
 
-    fn vocab_size(&self) -> usize {
-        self.config.vocab_size
-    }
-
-    fn logits_width(&self) -> usize {
-        self.ends.logits_width()
-    }
-
-    fn hidden_size(&self) -> usize {
-        self.config.hidden_size
-    }
-
-    fn num_layers(&self) -> usize {
-        self.config.num_layers
-    }
-
-    fn part(&self) -> &ModelPart {
-        &self.part
-    }
-
-    fn ladder(&self) -> &[bool] {
-        &self.config.ladder
-    }
-
-    fn set_ladder(&mut self, ladder: Vec<bool>) {
-        self.config.ladder = ladder;
-    }
-
-    fn embed(&self, tokens: &[u32]) -> Result<Vec<f32>, InputError> {
-        self.ends.embed(tokens)
-    }
-
-    fn head(&self, residual: &[f32]) -> Result<Tensor, InputError> {
-        self.ends.head(residual)
+    fn frame_mut(&mut self) -> &mut LmFrame {
+        &mut self.frame
     }
 
     fn new_state(&self) -> SessionState {
@@ -258,18 +208,16 @@ impl LanguageFamily for FlaLm {
             .sum()
     }
 
-    fn weight_bytes(&self) -> usize {
-        self.ends.weight_bytes()
-            + self
-                .blocks
-                .iter()
-                .map(|b| {
-                    b.attn_norm.size_bytes()
-                        + b.mlp_norm.size_bytes()
-                        + b.mlp.size_bytes()
-                        + b.attn.weight_bytes()
-                })
-                .sum::<usize>()
+    fn layer_weight_bytes(&self) -> usize {
+        self.blocks
+            .iter()
+            .map(|b| {
+                b.attn_norm.size_bytes()
+                    + b.mlp_norm.size_bytes()
+                    + b.mlp.size_bytes()
+                    + b.attn.weight_bytes()
+            })
+            .sum()
     }
 
     /// This part's layers over the packed batch (`segments`: each session's rows of the
@@ -288,7 +236,7 @@ impl LanguageFamily for FlaLm {
         let eps = self.config.norm_eps;
         let mut normed = vec![0.0f32; m * d];
         for (i, block) in self.blocks.iter().enumerate() {
-            let ladder = self.config.ladder[self.part.layers.start + i];
+            let ladder = self.frame.ladder_at(i);
             rms_norm(
                 stream.read(ladder, group)?,
                 d,

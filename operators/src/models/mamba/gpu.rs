@@ -12,8 +12,8 @@ use tideway_kernels::gpu::{
 use crate::checkpoint::Checkpoint;
 use crate::gpu::tensor_parallel::{DeviceGroup, DeviceResidualStream};
 use crate::gpu::{
-    ChunkedScan, DeviceBatch, FinalLayers, GpuLanguageFamily, GpuModel, GpuModelError,
-    GpuPlacement, GpuSession, SlotPool, zero_slot,
+    ChunkedScan, DeviceBatch, FinalLayers, GpuFamily, GpuLanguageFamily, GpuModelError, GpuSession,
+    SlotPool, zero_slot,
 };
 use crate::models::mamba::MambaConfig;
 use crate::models::packed_segments;
@@ -109,10 +109,10 @@ fn chunk_starts(
     ChunkedScan::carry(gpu, (&h_end, &p_end), e * n, x.state, slot, rows, len)
 }
 
-impl GpuMambaLm {
-    /// Loads the checkpoint onto `gpu` in `dtype`, with a state pool of up to `max_sessions`
-    /// slots (fewer if free device memory, after the weights, holds fewer).
-    pub fn load(
+impl GpuFamily for GpuMambaLm {
+    type Cpu = crate::models::mamba::MambaLm;
+
+    fn load(
         config: MambaConfig,
         checkpoint: &Checkpoint,
         gpu: Gpu,
@@ -450,21 +450,4 @@ impl GpuLanguageFamily for GpuMambaLm {
         }
         .finish(gpu, stream, group, sessions, lens, logits)
     }
-}
-
-/// The registry's GPU loader: the placement's shard of the Mamba checkpoint in `dir`.
-pub fn load(
-    config: &crate::models::config::ConfigJson,
-    dir: &std::path::Path,
-    placement: GpuPlacement,
-) -> Result<GpuModel, GpuModelError> {
-    let (config, checkpoint) = super::open(config, dir, placement.rank, placement.size)?;
-    let model = GpuMambaLm::load(
-        config,
-        &checkpoint,
-        placement.gpu,
-        placement.dtype,
-        placement.max_sessions,
-    )?;
-    Ok(GpuModel::new(Box::new(model)))
 }

@@ -20,17 +20,16 @@ pub mod mixer;
 
 use std::ops::Range;
 
-use tideway_kernels::Tensor;
 use tideway_kernels::Weight;
 use tideway_kernels::norm::rms_norm;
 
 use crate::checkpoint::{Checkpoint, Split};
-use crate::error::{ForwardError, InputError, LoadError};
-use crate::layers::lm_ends::{EndsLayout, LmEnds};
+use crate::error::{ForwardError, LoadError};
+use crate::layers::lm_ends::EndsLayout;
 use crate::models::config::ConfigJson;
-use crate::models::family::{FamilyState, LanguageFamily, SessionState, Shard};
+use crate::models::family::{Checkpointed, LanguageFamily, LayerStates, LmFrame, SessionState};
 use crate::models::mamba::mixer::{MambaLayerState, MambaMixer, MambaMixerConfig, mamba_split};
-use crate::models::{ModelPart, open_sharded, part_of};
+use crate::models::{ModelPart, open_sharded};
 use crate::tensor_parallel::{Group, ResidualStream, ladder_layers, split_count};
 
 /// Rows per chunk when a long sequence is prefilled: bounds the activations of one pass
@@ -187,43 +186,14 @@ impl MambaConfig {
     }
 }
 
-/// Opens rank `rank` of `size` of the Mamba checkpoint in `dir`: the rank's configuration,
-/// and the checkpoint set to read only the rank's slices (the CPU and GPU loaders start here).
-pub fn open(
-    config: &ConfigJson,
-    dir: &std::path::Path,
-    rank: usize,
-    size: usize,
-) -> Result<(MambaConfig, Checkpoint), LoadError> {
-    let checkpoint = open_sharded(dir, rank, size, mamba_lm_split)?;
-    let mamba = MambaConfig::from_config(config, &checkpoint)?.for_rank(config, size)?;
-    Ok((mamba, checkpoint))
-}
-
-/// The registry's loader: `shard` of the Mamba checkpoint in `dir`.
-pub fn load(
-    config: &ConfigJson,
-    dir: &std::path::Path,
-    shard: Shard,
-) -> Result<Box<dyn LanguageFamily>, LoadError> {
-    let (mamba, checkpoint) = open(config, dir, shard.rank, shard.size)?;
-    let part = part_of(config, &shard, mamba.num_layers)?;
-    Ok(Box::new(MambaLm::load_part(mamba, &checkpoint, part)?))
-}
-
 /// How a tensor-parallel rank holds the model's tensors: mixers sharded, the rest whole.
 pub fn mamba_lm_split(_: &Checkpoint, name: &str) -> Option<Split> {
     let rest = name.strip_prefix("backbone.layers.")?.split_once('.')?.1;
     mamba_split(rest.strip_prefix("mixer.")?)
 }
 
-/// One session's recurrent state: every layer's conv window and SSM state, and how many
-/// tokens it has consumed. Constant in size whatever the sequence length.
-#[derive(Debug, Clone, PartialEq)]
-pub struct MambaState {
-    pub layers: Vec<MambaLayerState>,
-    pub position: usize,
-}
+/// One session's recurrent state: every layer's conv window and SSM state.
+pub type MambaState = LayerStates<MambaLayerState>;
 
 struct MambaBlock {
     norm: Weight,
@@ -232,23 +202,40 @@ struct MambaBlock {
 
 pub struct MambaLm {
     pub config: MambaConfig,
-    /// The layers, embedding and head this placement holds.
-    part: ModelPart,
-    /// Blocks `part.layers`, in order.
+    /// Blocks `frame.part.layers`, in order.
     blocks: Vec<MambaBlock>,
-    /// The embedding and the final norm and head, where the part holds them.
-    ends: LmEnds,
+    frame: LmFrame,
 }
 
 impl MambaLm {
     /// Loads the whole model.
     pub fn load(config: MambaConfig, checkpoint: &Checkpoint) -> Result<Self, LoadError> {
         let part = ModelPart::whole(config.num_layers);
-        Self::load_part(config, checkpoint, part)
+        <Self as Checkpointed>::load_part(config, checkpoint, part)
+    }
+}
+
+/// The rank's configuration (heads divided) and the checkpoint set to read only the rank's
+/// slices; the blocks of a part and the ends it holds.
+impl Checkpointed for MambaLm {
+    type Config = MambaConfig;
+
+    fn open(
+        config: &ConfigJson,
+        dir: &std::path::Path,
+        rank: usize,
+        size: usize,
+    ) -> Result<(MambaConfig, Checkpoint), LoadError> {
+        let checkpoint = open_sharded(dir, rank, size, mamba_lm_split)?;
+        let mamba = MambaConfig::from_config(config, &checkpoint)?.for_rank(config, size)?;
+        Ok((mamba, checkpoint))
     }
 
-    /// Loads only `part`: its blocks, and the embedding or the head where it holds them.
-    pub fn load_part(
+    fn config_layers(config: &MambaConfig) -> usize {
+        config.num_layers
+    }
+
+    fn load_part(
         config: MambaConfig,
         checkpoint: &Checkpoint,
         part: ModelPart,
@@ -275,54 +262,23 @@ impl MambaLm {
             rows: config.padded_vocab_size,
             norm_eps: config.norm_eps,
         };
-        let ends = LmEnds::load(checkpoint, layout, &part)?;
+        let ladder = config.ladder.clone();
+        let frame = LmFrame::load(checkpoint, "mamba", layout, config.num_layers, ladder, part)?;
         Ok(MambaLm {
             config,
-            part,
             blocks,
-            ends,
+            frame,
         })
     }
 }
 
-impl FamilyState for MambaState {
-    fn position(&self) -> usize {
-        self.position
-    }
-}
-
 impl LanguageFamily for MambaLm {
-    fn family(&self) -> &'static str {
-        "mamba"
+    fn frame(&self) -> &LmFrame {
+        &self.frame
     }
 
-    fn vocab_size(&self) -> usize {
-        self.config.vocab_size
-    }
-
-    /// The padded vocabulary.
-    fn logits_width(&self) -> usize {
-        self.ends.logits_width()
-    }
-
-    fn hidden_size(&self) -> usize {
-        self.config.hidden_size
-    }
-
-    fn num_layers(&self) -> usize {
-        self.config.num_layers
-    }
-
-    fn part(&self) -> &ModelPart {
-        &self.part
-    }
-
-    fn ladder(&self) -> &[bool] {
-        &self.config.ladder
-    }
-
-    fn set_ladder(&mut self, ladder: Vec<bool>) {
-        self.config.ladder = ladder;
+    fn frame_mut(&mut self) -> &mut LmFrame {
+        &mut self.frame
     }
 
     fn new_state(&self) -> SessionState {
@@ -336,17 +292,11 @@ impl LanguageFamily for MambaLm {
         self.blocks.iter().map(|b| b.mixer.state_bytes()).sum()
     }
 
-    fn weight_bytes(&self) -> usize {
-        self.ends.weight_bytes()
-            + self
-                .blocks
-                .iter()
-                .map(|b| b.norm.size_bytes() + b.mixer.weight_bytes())
-                .sum::<usize>()
-    }
-
-    fn embed(&self, tokens: &[u32]) -> Result<Vec<f32>, InputError> {
-        self.ends.embed(tokens)
+    fn layer_weight_bytes(&self) -> usize {
+        self.blocks
+            .iter()
+            .map(|b| b.norm.size_bytes() + b.mixer.weight_bytes())
+            .sum()
     }
 
     fn forward_layers(
@@ -361,7 +311,7 @@ impl LanguageFamily for MambaLm {
         let m = segments.last().map_or(0, |s| s.end);
         let mut normed = vec![0.0f32; m * d];
         for (i, block) in self.blocks.iter().enumerate() {
-            let ladder = self.config.ladder[self.part.layers.start + i];
+            let ladder = self.frame.ladder_at(i);
             let eps = self.config.norm_eps;
             rms_norm(
                 stream.read(ladder, group)?,
@@ -382,9 +332,5 @@ impl LanguageFamily for MambaLm {
             state.position += segment.len();
         }
         Ok(())
-    }
-
-    fn head(&self, residual: &[f32]) -> Result<Tensor, InputError> {
-        self.ends.head(residual)
     }
 }
