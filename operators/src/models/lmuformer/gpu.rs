@@ -17,7 +17,8 @@ use tideway_kernels::matmul::Linear;
 use crate::gpu::{GpuModelError, GpuSession, SlotPool, zero_slot};
 use crate::layers::batch_norm::BatchNorm;
 use crate::layers::frames::Frames;
-use crate::models::lmuformer::{ChannelMixer, LmuFormer, LmuFormerConfig, check_frames};
+use crate::models::lmuformer::blocks::ChannelMixer;
+use crate::models::lmuformer::{LmuFormer, LmuFormerConfig, check_frames};
 use crate::spiking::LifLayer;
 
 /// Frames of several sessions on the device: session `i` owns the next `counts[i]` rows.
