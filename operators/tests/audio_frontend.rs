@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 
 use safetensors::SafeTensors;
 use tideway_operators::tokenizers::audio::{
-    AudioError, AudioFrontend, AudioFrontendConfig, read_wav,
+    AudioError, AudioFrontend, AudioFrontendConfig, AudioLimits, read_wav,
 };
 use tideway_operators::tokenizers::fbank::{Fbank, FbankOptions};
 
@@ -189,15 +189,57 @@ fn bad_audio_is_refused_with_a_message() {
         .unwrap_err();
     assert!(
         err.to_string()
-            .contains("a sample rate of 0 Hz cannot be resampled to 16000 Hz"),
+            .contains("a sample rate of 0 Hz is outside the accepted range, 8000 to 192000 Hz"),
         "{err}"
     );
+    // 1 Hz would resample ×16000; a prime rate would need an FFT of that many points.
+    for (rate, what) in [
+        (1, "outside the accepted range"),
+        (191_999, "ratio 16000:191999"),
+    ] {
+        let err = front
+            .push(&mut front.new_stream(), &[0.0; 10], rate, false)
+            .unwrap_err();
+        assert!(err.to_string().contains(what), "{err}");
+    }
+    for rate in [
+        8000, 11025, 22050, 24000, 32000, 44100, 48000, 88200, 96000, 192000,
+    ] {
+        front
+            .push(&mut front.new_stream(), &[0.0; 10], rate, false)
+            .unwrap_or_else(|e| panic!("{rate} Hz: {e}"));
+    }
+    // A stream keeps its first rate, resampled or not.
+    for first in [8000, 16000] {
+        let mut stream = front.new_stream();
+        front.push(&mut stream, &[0.0; 500], first, false).unwrap();
+        let other = if first == 8000 { 44100 } else { 8000 };
+        let err = front
+            .push(&mut stream, &[0.0; 500], other, false)
+            .unwrap_err();
+        assert_eq!(err, AudioError::RateChanged { first, now: other });
+    }
     let mut stream = front.new_stream();
     front.push(&mut stream, &[0.0; 500], 8000, false).unwrap();
-    let err = front
-        .push(&mut stream, &[0.0; 500], 44100, false)
+    // A chunk's resampled length is bounded.
+    let mut limited = front.clone();
+    limited.set_limits(AudioLimits {
+        max_chunk_samples: 1000,
+        ..AudioLimits::default()
+    });
+    let err = limited
+        .push(&mut limited.new_stream(), &[0.0; 501], 8000, false)
         .unwrap_err();
-    assert!(matches!(err, AudioError::BadRate { .. }), "{err}");
+    assert!(
+        matches!(
+            err,
+            AudioError::ChunkTooLong {
+                resampled: 1002,
+                ..
+            }
+        ),
+        "{err}"
+    );
     front.push(&mut stream, &[], 8000, true).unwrap();
     assert_eq!(
         front.push(&mut stream, &[0.0], 8000, false),

@@ -31,6 +31,34 @@ pub enum AudioError {
         "a sample rate of {rate} Hz cannot be resampled to {target} Hz (rates from 1 Hz to 1 MHz are accepted)"
     )]
     BadRate { rate: u32, target: u32 },
+    #[error(
+        "a sample rate of {rate} Hz is outside the accepted range, {min} to {max} Hz (the server's --min-sample-rate / --max-sample-rate)"
+    )]
+    RateOutOfRange { rate: u64, min: u32, max: u32 },
+    #[error(
+        "a sample rate of {rate} Hz resamples to {target} Hz in the ratio {up}:{down}; rates whose ratio to {target} Hz reduces to terms of at most {max_term} are accepted (8000, 11025, 16000, 22050, 24000, 32000, 44100, 48000, 88200, 96000, 192000 Hz …)"
+    )]
+    RateRatio {
+        rate: u32,
+        target: u32,
+        up: u32,
+        down: u32,
+        max_term: u32,
+    },
+    #[error(
+        "the stream's audio is at {first} Hz; a chunk at {now} Hz was sent (a stream keeps one sample rate: start a new stream for another)"
+    )]
+    RateChanged { first: u32, now: u32 },
+    #[error(
+        "a chunk of {samples} samples at {rate} Hz is {resampled} samples at the model's {target} Hz; at most {max} are accepted per chunk (the server's --max-chunk-samples): send shorter chunks"
+    )]
+    ChunkTooLong {
+        samples: usize,
+        rate: u32,
+        target: u32,
+        resampled: u64,
+        max: usize,
+    },
     #[error("the stream has ended; start a new one to send more audio")]
     Ended,
 }
@@ -267,12 +295,46 @@ impl AudioFrontendConfig {
 pub struct AudioFrontend {
     config: AudioFrontendConfig,
     fbank: Fbank,
+    limits: AudioLimits,
+}
+
+/// What audio a front end accepts, so that no chunk costs more than its size promises: a
+/// sample rate of 1 Hz resamples ×16000, a prime rate makes an FFT resampler of that many
+/// points.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct AudioLimits {
+    /// Accepted sample rates, Hz.
+    pub min_rate: u32,
+    pub max_rate: u32,
+    /// Samples per chunk after resampling to the model's rate.
+    pub max_chunk_samples: usize,
+}
+
+impl Default for AudioLimits {
+    fn default() -> Self {
+        AudioLimits {
+            min_rate: 8_000,
+            max_rate: 192_000,
+            // A minute at 16 kHz.
+            max_chunk_samples: 960_000,
+        }
+    }
+}
+
+/// The largest term of a rate's reduced ratio to the model's rate: the resampler's FFTs are
+/// that many points (every common rate to 16 kHz reduces to terms of at most 640).
+pub const MAX_RATIO_TERM: u32 = 1024;
+
+fn gcd(a: u32, b: u32) -> u32 {
+    if b == 0 { a } else { gcd(b, a % b) }
 }
 
 /// One stream's carry-over through the front end.
 #[derive(Debug)]
 pub struct AudioStream {
-    resampler: Option<(u32, StreamResampler)>,
+    /// The sample rate of the stream's first chunk: every chunk's.
+    rate: Option<u32>,
+    resampler: Option<StreamResampler>,
     fbank: FbankStream,
     ended: bool,
 }
@@ -280,7 +342,11 @@ pub struct AudioStream {
 impl AudioFrontend {
     pub fn new(config: AudioFrontendConfig) -> Result<Self, FbankOptionsError> {
         let fbank = Fbank::new(&config.fbank)?;
-        Ok(AudioFrontend { config, fbank })
+        Ok(AudioFrontend {
+            config,
+            fbank,
+            limits: AudioLimits::default(),
+        })
     }
 
     /// The front end `config.json` describes, if any.
@@ -289,7 +355,44 @@ impl AudioFrontend {
             return Ok(None);
         };
         let fbank = Fbank::new(&c.fbank).map_err(|e| config.unsupported(e.to_string()))?;
-        Ok(Some(AudioFrontend { config: c, fbank }))
+        Ok(Some(AudioFrontend {
+            config: c,
+            fbank,
+            limits: AudioLimits::default(),
+        }))
+    }
+
+    pub fn limits(&self) -> AudioLimits {
+        self.limits
+    }
+
+    pub fn set_limits(&mut self, limits: AudioLimits) {
+        self.limits = limits;
+    }
+
+    /// Whether `rate` (as the client sent it, before any narrowing) is accepted.
+    pub fn check_rate(&self, rate: u64) -> Result<u32, AudioError> {
+        let l = &self.limits;
+        if rate < l.min_rate as u64 || rate > l.max_rate as u64 {
+            return Err(AudioError::RateOutOfRange {
+                rate,
+                min: l.min_rate,
+                max: l.max_rate,
+            });
+        }
+        let (rate, target) = (rate as u32, self.sample_rate());
+        let g = gcd(rate, target);
+        let (up, down) = (target / g, rate / g);
+        if up.max(down) > MAX_RATIO_TERM {
+            return Err(AudioError::RateRatio {
+                rate,
+                target,
+                up,
+                down,
+                max_term: MAX_RATIO_TERM,
+            });
+        }
+        Ok(rate)
     }
 
     pub fn sample_rate(&self) -> u32 {
@@ -302,6 +405,7 @@ impl AudioFrontend {
 
     pub fn new_stream(&self) -> AudioStream {
         AudioStream {
+            rate: None,
             resampler: None,
             fbank: FbankStream::default(),
             ended: false,
@@ -313,8 +417,9 @@ impl AudioFrontend {
         features.iter_mut().for_each(|v| *v = (*v - mean) / scale);
     }
 
-    /// Feeds a stream's samples at `rate` Hz (the first call fixes the stream's rate); returns
-    /// the normalised feature frames now complete (`[frames, mel]`), all of them when `end`.
+    /// Feeds a stream's samples at `rate` Hz (the first call fixes the stream's rate; rates
+    /// and chunk sizes within the front end's [`AudioLimits`]); returns the normalised feature
+    /// frames now complete (`[frames, mel]`), all of them when `end`.
     pub fn push(
         &self,
         stream: &mut AudioStream,
@@ -329,23 +434,31 @@ impl AudioFrontend {
             return Err(AudioError::NonFinite { index });
         }
         let target = self.sample_rate();
-        if rate == 0 {
-            return Err(AudioError::BadRate { rate, target });
+        let rate = self.check_rate(rate as u64)?;
+        match stream.rate {
+            Some(first) if first != rate => {
+                return Err(AudioError::RateChanged { first, now: rate });
+            }
+            _ => stream.rate = Some(rate),
+        }
+        let resampled = samples.len() as u64 * target as u64 / rate as u64;
+        if resampled > self.limits.max_chunk_samples as u64 {
+            return Err(AudioError::ChunkTooLong {
+                samples: samples.len(),
+                rate,
+                target,
+                resampled,
+                max: self.limits.max_chunk_samples,
+            });
         }
         let mut resampled;
-        let at_rate: &[f32] = if rate == target && stream.resampler.is_none() {
+        let at_rate: &[f32] = if rate == target {
             samples
         } else {
             if stream.resampler.is_none() {
-                stream.resampler = Some((rate, StreamResampler::new(rate, target)?));
+                stream.resampler = Some(StreamResampler::new(rate, target)?);
             }
-            let (stream_rate, resampler) = stream.resampler.as_mut().expect("set above");
-            if *stream_rate != rate {
-                return Err(AudioError::BadRate {
-                    rate,
-                    target: *stream_rate,
-                });
-            }
+            let resampler = stream.resampler.as_mut().expect("set above");
             resampled = resampler.push(samples);
             if end {
                 resampled.extend(resampler.finish());

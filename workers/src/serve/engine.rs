@@ -317,10 +317,11 @@ fn run_worker(worker: &mut timely::worker::Worker, rx: Receiver<Request>, contex
         for stage in 0..plan.stages {
             staged = staged.layers(stage, plan, models.clone(), board.clone());
         }
-        staged
-            .head(models.clone())
-            .probe_with(&probe)
-            .egress(models.clone(), pending);
+        staged.head(models.clone()).probe_with(&probe).egress(
+            models.clone(),
+            pending,
+            board.clone(),
+        );
 
         // The control plane: the collection of live sessions (session, owner worker, model),
         // maintained by differential dataflow from start / end / expiry events and counted by

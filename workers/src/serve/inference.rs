@@ -131,6 +131,7 @@ fn check_count(input: &InferInputTensor, found: usize, count: usize) -> Result<(
 fn feature_input(
     request: &pb::ModelInferRequest,
     served: &super::served::ServedModel,
+    board: &super::stats::StatsBoard,
 ) -> Result<StepInput, Status> {
     let allowed = "\"input\" (FP32, [T, C]) or \"audio\" (FP32 or INT16 samples, [S], with a \"sample_rate\" parameter)";
     let [input] = request.inputs.as_slice() else {
@@ -165,13 +166,25 @@ fn feature_input(
                 }
             };
             let rate = match param(&request.parameters, "sample_rate") {
-                Some(ParameterChoice::Int64Param(r)) if *r > 0 => *r as u32,
-                Some(ParameterChoice::Uint64Param(r)) if *r > 0 => *r as u32,
+                Some(ParameterChoice::Int64Param(r)) if *r > 0 => *r as u64,
+                Some(ParameterChoice::Uint64Param(r)) if *r > 0 => *r,
                 _ => {
                     return Err(Status::invalid_argument(
                         "input \"audio\" needs the request parameter \"sample_rate\" (a positive integer, Hz)",
                     ));
                 }
+            };
+            // Checked whole, before any narrowing (2^32 + 1 is not 1 Hz).
+            let rate = match &served.kind {
+                super::served::ServedKind::Features(f) => match f.audio_frontend() {
+                    Some(audio) => audio.check_rate(rate).map_err(|e| {
+                        board.count_limit("sample_rate");
+                        Status::invalid_argument(e.to_string())
+                    })?,
+                    // The front-end stage refuses audio for a model without an audio front end.
+                    None => rate.min(u32::MAX as u64) as u32,
+                },
+                super::served::ServedKind::Language { .. } => rate.min(u32::MAX as u64) as u32,
             };
             Ok(StepInput::Audio {
                 samples: float_values(input, raw, s)?,
@@ -331,7 +344,7 @@ impl InferenceService {
         let input = if served.is_language() {
             StepInput::Tokens(self.token_input(&request, served)?)
         } else {
-            feature_input(&request, served)?
+            feature_input(&request, served, &self.engine.board)?
         };
         let sequence = sequence_id(&request.parameters)?;
         let (name, start, end) = if sequence.is_empty() {

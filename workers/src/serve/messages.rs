@@ -115,6 +115,24 @@ pub enum OpError {
     Capacity { slots: usize },
 }
 
+impl OpError {
+    /// The server limit that refused the request, if one did (for the metric).
+    pub fn limit(&self) -> Option<&'static str> {
+        use tideway_operators::tokenizers::audio::AudioError;
+        match self {
+            OpError::Frontend(FrontendError::Audio(a)) => match a {
+                AudioError::RateOutOfRange { .. }
+                | AudioError::RateRatio { .. }
+                | AudioError::RateChanged { .. } => Some("sample_rate"),
+                AudioError::ChunkTooLong { .. } => Some("chunk_samples"),
+                _ => None,
+            },
+            OpError::Capacity { .. } => Some("device_sessions"),
+            _ => None,
+        }
+    }
+}
+
 impl From<InputError> for OpError {
     fn from(e: InputError) -> Self {
         OpError::Input(e)

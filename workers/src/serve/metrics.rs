@@ -154,6 +154,17 @@ pub fn render(engine: &Engine) -> String {
     );
     metric_out(
         &mut out,
+        "tideway_limit_refusals_total",
+        "counter",
+        "Requests refused by a server limit (sample_rate: --min/--max-sample-rate and one rate per stream; chunk_samples: --max-chunk-samples; device_sessions: a GPU's state pool), by limit.",
+        &board
+            .limit_refusals()
+            .into_iter()
+            .map(|(limit, n)| format!("tideway_limit_refusals_total{{limit=\"{limit}\"}} {n}"))
+            .collect::<Vec<_>>(),
+    );
+    metric_out(
+        &mut out,
         "tideway_disconnects_total",
         "counter",
         "Streams whose client went away before ending them (their sessions are freed).",

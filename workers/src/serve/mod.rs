@@ -21,6 +21,7 @@ use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
 use clap::Args;
+use tideway_operators::tokenizers::audio::AudioLimits;
 use tokio_stream::wrappers::TcpListenerStream;
 use tonic::codec::CompressionEncoding;
 
@@ -78,6 +79,16 @@ pub struct ServeArgs {
     /// Largest gRPC message accepted or sent, in bytes.
     #[arg(long, default_value_t = 256 << 20)]
     max_message_bytes: usize,
+    /// Lowest audio sample rate accepted, Hz (a stream keeps its first chunk's rate).
+    #[arg(long, default_value_t = AudioLimits::default().min_rate)]
+    min_sample_rate: u32,
+    /// Highest audio sample rate accepted, Hz.
+    #[arg(long, default_value_t = AudioLimits::default().max_rate)]
+    max_sample_rate: u32,
+    /// Audio samples accepted per chunk, counted at the model's sample rate (after
+    /// resampling).
+    #[arg(long, default_value_t = AudioLimits::default().max_chunk_samples)]
+    max_chunk_samples: usize,
     #[command(flatten)]
     pub parallel: ParallelArgs,
     /// Where models run: cpu, or cuda:N (a build with --features cuda), or cuda-emulator.
@@ -226,6 +237,13 @@ fn placement(
     let plan = Plan::new(threads * processes, args.pipeline).map_err(anyhow::Error::msg)?;
     let first = plan.stage_of(process * threads);
     let last = plan.stage_of(process * threads + threads - 1);
+    if args.min_sample_rate == 0 || args.min_sample_rate > args.max_sample_rate {
+        bail!(
+            "--min-sample-rate {} and --max-sample-rate {} make no range of rates (1 Hz ≤ min ≤ max)",
+            args.min_sample_rate,
+            args.max_sample_rate
+        );
+    }
     Ok(Placement {
         parallel: args.parallel.clone(),
         device: args.device,
@@ -233,6 +251,11 @@ fn placement(
         gpu_sessions: args.gpu_sessions,
         plan,
         local_stages: first..last + 1,
+        audio: AudioLimits {
+            min_rate: args.min_sample_rate,
+            max_rate: args.max_sample_rate,
+            max_chunk_samples: args.max_chunk_samples,
+        },
     })
 }
 

@@ -13,7 +13,7 @@ use tideway_operators::models::{
     model_layers,
 };
 use tideway_operators::tokenizers::Frontend;
-use tideway_operators::tokenizers::audio::AudioFrontend;
+use tideway_operators::tokenizers::audio::{AudioFrontend, AudioLimits};
 use tideway_operators::tokenizers::text::TextTokenizer;
 
 use super::stages::Plan;
@@ -81,7 +81,7 @@ pub enum ServedKind {
         info: LmInfo,
         tokenizer: Option<Box<TextTokenizer>>,
     },
-    Features(FeatureInfo),
+    Features(Box<FeatureInfo>),
 }
 
 /// What one pipeline stage of a model runs in this process.
@@ -192,6 +192,8 @@ pub struct Placement {
     pub plan: Plan,
     /// The pipeline stages this process's workers run.
     pub local_stages: std::ops::Range<usize>,
+    /// What audio the models' front ends accept.
+    pub audio: AudioLimits,
 }
 
 impl Placement {
@@ -204,6 +206,7 @@ impl Placement {
             gpu_sessions: 0,
             plan: Plan::new(workers.max(1), 1).expect("one stage divides any count"),
             local_stages: 0..1,
+            audio: AudioLimits::default(),
         }
     }
 
@@ -219,7 +222,9 @@ impl Placement {
         let stages = self.plan.stages;
         let mut pieces: Vec<Option<StageModel>> = (0..stages).map(|_| None).collect();
         let kind = if is_lmuformer(dir).with_context(context)? {
-            ServedKind::Features(self.load_features(dir, &mut pieces).with_context(context)?)
+            ServedKind::Features(Box::new(
+                self.load_features(dir, &mut pieces).with_context(context)?,
+            ))
         } else {
             let tokenizer = TextTokenizer::find(dir)
                 .with_context(context)?
@@ -307,9 +312,13 @@ impl Placement {
     fn load_features(&self, dir: &Path, pieces: &mut [Option<StageModel>]) -> Result<FeatureInfo> {
         let stages = self.plan.stages;
         let config = ConfigJson::read(dir)?;
+        let mut frontend = Frontend::load(&config)?;
+        if let Some(Frontend::Audio(audio)) = &mut frontend {
+            audio.set_limits(self.audio);
+        }
         let mut info = FeatureInfo {
             config: LmuFormerConfig::from_config(&config)?,
-            frontend: Frontend::load(&config)?,
+            frontend,
             state_bytes: 0,
             weight_bytes: 0,
             device: self.device,

@@ -30,6 +30,8 @@ pub struct StatsBoard {
     pub disconnects: AtomicU64,
     /// Bytes of session state this process's layers stages hold, by (model, stage).
     stage_state: Mutex<BTreeMap<(u32, u32), i64>>,
+    /// Requests refused by a server limit, by limit.
+    limits: Mutex<BTreeMap<&'static str, u64>>,
 }
 
 /// A consistent reading of the board.
@@ -59,6 +61,7 @@ impl StatsBoard {
             errors: Mutex::default(),
             disconnects: AtomicU64::new(0),
             stage_state: Mutex::default(),
+            limits: Mutex::default(),
         }
     }
 
@@ -134,6 +137,17 @@ impl StatsBoard {
     pub fn stage_state(&self) -> Vec<((u32, u32), i64)> {
         let held = self.stage_state.lock().unwrap();
         held.iter().map(|(&k, &v)| (k, v)).collect()
+    }
+
+    /// A request was refused by the server limit `limit`.
+    pub fn count_limit(&self, limit: &'static str) {
+        *self.limits.lock().unwrap().entry(limit).or_insert(0) += 1;
+    }
+
+    /// Requests refused by each server limit so far.
+    pub fn limit_refusals(&self) -> Vec<(&'static str, u64)> {
+        let limits = self.limits.lock().unwrap();
+        limits.iter().map(|(&k, &v)| (k, v)).collect()
     }
 
     pub fn count_error(&self, code: &str) {

@@ -2,7 +2,7 @@
 //! answers the waiting gRPC handler (records of an expiry, which no one waits for, end here).
 //!
 //! ```ignore
-//! outputs.egress(models.clone(), pending.clone());
+//! outputs.egress(models.clone(), pending.clone(), board.clone());
 //! ```
 
 use std::collections::HashMap;
@@ -15,6 +15,7 @@ use tokio::sync::oneshot;
 
 use super::super::messages::{Reply, Response};
 use super::super::served::ServedModel;
+use super::super::stats::StatsBoard;
 use super::{Body, Envelope};
 
 /// The answers this process's handlers wait for, by request id.
@@ -47,11 +48,12 @@ fn response(envelope: Envelope, served: &ServedModel) -> Response {
 
 /// The egress stage on a stream of envelopes.
 pub trait Egress<'s> {
-    fn egress(self, models: Arc<Vec<ServedModel>>, pending: Pending);
+    /// Answers each envelope's handler; counts refusals by a server limit on `board`.
+    fn egress(self, models: Arc<Vec<ServedModel>>, pending: Pending, board: Arc<StatsBoard>);
 }
 
 impl<'s> Egress<'s> for StreamVec<'s, u64, Envelope> {
-    fn egress(self, models: Arc<Vec<ServedModel>>, pending: Pending) {
+    fn egress(self, models: Arc<Vec<ServedModel>>, pending: Pending, board: Arc<StatsBoard>) {
         self.sink(
             Exchange::new(|e: &Envelope| e.origin as u64),
             "Egress",
@@ -62,6 +64,11 @@ impl<'s> Egress<'s> for StreamVec<'s, u64, Envelope> {
                         for envelope in batch.drain(..) {
                             if envelope.id == 0 {
                                 continue;
+                            }
+                            if let Body::Failed(e) = &envelope.body
+                                && let Some(limit) = e.limit()
+                            {
+                                board.count_limit(limit);
                             }
                             if let Some(tx) = pending.remove(&envelope.id) {
                                 let served = &models[envelope.model as usize];
