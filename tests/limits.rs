@@ -223,3 +223,211 @@ fn run_refuses_a_wav_at_one_hertz() {
     let text = stderr(&output);
     assert!(text.contains("outside the accepted range"), "{text}");
 }
+
+fn tokens_chunk(tokens: Vec<i64>, end: bool) -> pb::StreamRequest {
+    pb::StreamRequest {
+        kind: Some(pb::stream_request::Kind::Chunk(pb::StreamChunk {
+            tokens,
+            end,
+            ..Default::default()
+        })),
+    }
+}
+
+fn language_model() -> String {
+    format!("lm={}", fixtures_dir().join("mamba/hf_odd_tied").display())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn requests_and_jobs_are_bounded_in_tokens() {
+    let server = Server::start(&[
+        "--model",
+        &language_model(),
+        "--metrics",
+        "127.0.0.1:0",
+        "--max-request-tokens",
+        "100",
+        "--max-job-tokens",
+        "100000",
+        "--max-job-chunk",
+        "64",
+    ]);
+    let url = server.url();
+    let metrics = metrics_addr(&server);
+    // One stream chunk, one inference request: 100 tokens pass, 101 are refused.
+    let ids = |n: usize| -> Vec<i64> { (0..n as i64).map(|i| i % 61).collect() };
+    assert_eq!(
+        stream(&url, vec![start("lm"), tokens_chunk(ids(100), true)])
+            .await
+            .unwrap(),
+        100
+    );
+    let e = stream(&url, vec![start("lm"), tokens_chunk(ids(101), true)])
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::ResourceExhausted, "{e:?}");
+    assert!(
+        e.message()
+            .contains("101 tokens in one request; at most 100 are accepted (--max-request-tokens)"),
+        "{e:?}"
+    );
+    let mut infer =
+        ipb::grpc_inference_service_client::GrpcInferenceServiceClient::connect(url.clone())
+            .await
+            .unwrap();
+    let request = |n: usize| ipb::ModelInferRequest {
+        model_name: "lm".into(),
+        inputs: vec![ipb::model_infer_request::InferInputTensor {
+            name: "input_ids".into(),
+            datatype: "INT64".into(),
+            shape: vec![n as i64],
+            ..Default::default()
+        }],
+        raw_input_contents: vec![ids(n).iter().flat_map(|v| v.to_le_bytes()).collect()],
+        ..Default::default()
+    };
+    infer.model_infer(request(100)).await.unwrap();
+    let e = infer.model_infer(request(101)).await.unwrap_err();
+    assert_eq!(e.code(), Code::ResourceExhausted, "{e:?}");
+
+    // A job over the limit is refused, whole or uploaded in pieces (as soon as it is over).
+    let mut jobs = pb::jobs_client::JobsClient::connect(url.clone())
+        .await
+        .unwrap();
+    let job = |tokens: Vec<i64>, chunk: u32| pb::JobRequest {
+        model: "lm".into(),
+        tokens,
+        chunk,
+        ..Default::default()
+    };
+    let e = jobs.submit(job(ids(100_001), 0)).await.unwrap_err();
+    assert_eq!(e.code(), Code::ResourceExhausted, "{e:?}");
+    assert!(e.message().contains("(--max-job-tokens)"), "{e:?}");
+    let uploads = vec![
+        pb::JobUpload {
+            kind: Some(pb::job_upload::Kind::Header(job(ids(60_000), 0))),
+        },
+        pb::JobUpload {
+            kind: Some(pb::job_upload::Kind::Tokens(pb::JobTokens {
+                tokens: ids(60_000),
+            })),
+        },
+    ];
+    let e = jobs
+        .submit_stream(tokio_stream::iter(uploads))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::ResourceExhausted, "{e:?}");
+
+    // A job asking for steps of a million tokens runs in steps of --max-job-chunk: its
+    // progress moves 64 tokens at a time, and Cancel stops it within a step.
+    let handle = jobs
+        .submit(job(ids(20_000), 1_000_000))
+        .await
+        .unwrap()
+        .into_inner();
+    let mut events = jobs
+        .watch(pb::JobRef {
+            job_id: handle.job_id.clone(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let mut seen = Vec::new();
+    while seen.len() < 5 {
+        let event = events.next().await.unwrap().unwrap();
+        if let Some(pb::job_event::Kind::Progress(p)) = event.kind {
+            seen.push(p.done_tokens);
+        }
+    }
+    assert!(
+        seen.iter().all(|d| d % 64 == 0) && seen.last() > Some(&0),
+        "{seen:?}"
+    );
+    let cancelled = jobs
+        .cancel(pb::JobRef {
+            job_id: handle.job_id.clone(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let mut last = cancelled;
+    while last.state == pb::JobState::Running as i32 {
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        last = jobs
+            .get(pb::JobRef {
+                job_id: handle.job_id.clone(),
+            })
+            .await
+            .unwrap()
+            .into_inner();
+    }
+    assert_eq!(last.state, pb::JobState::Cancelled as i32, "{last:?}");
+    assert!(last.done_tokens < 20_000, "{last:?}");
+
+    assert_eq!(
+        metric(
+            &metrics,
+            "tideway_limit_refusals_total{limit=\"request_tokens\"}"
+        ),
+        2.0
+    );
+    assert_eq!(
+        metric(
+            &metrics,
+            "tideway_limit_refusals_total{limit=\"job_tokens\"}"
+        ),
+        2.0
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_session_flood_meets_the_session_limit() {
+    let server = Server::start(&[
+        "--model",
+        &language_model(),
+        "--metrics",
+        "127.0.0.1:0",
+        "--max-sessions",
+        "5",
+    ]);
+    let url = server.url();
+    let metrics = metrics_addr(&server);
+    let mut client = pb::streams_client::StreamsClient::connect(url.clone())
+        .await
+        .unwrap();
+    let mut open = Vec::new();
+    for _ in 0..5 {
+        let (tx, rx) = mpsc::channel(4);
+        tx.send(start("lm")).await.unwrap();
+        let mut inbound = client
+            .open(ReceiverStream::new(rx))
+            .await
+            .unwrap()
+            .into_inner();
+        inbound.next().await.unwrap().unwrap();
+        open.push((tx, inbound));
+    }
+    let e = stream(&url, vec![start("lm"), tokens_chunk(vec![1, 2], true)])
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::ResourceExhausted, "{e:?}");
+    assert!(
+        e.message()
+            .contains("the server holds its limit of 5 live sessions (--max-sessions)"),
+        "{e:?}"
+    );
+    // Ending one makes room.
+    let (tx, mut inbound) = open.pop().unwrap();
+    tx.send(tokens_chunk(vec![1], true)).await.unwrap();
+    while inbound.next().await.is_some() {}
+    assert!(
+        stream(&url, vec![start("lm"), tokens_chunk(vec![1, 2], true)])
+            .await
+            .is_ok()
+    );
+    assert_eq!(
+        metric(&metrics, "tideway_limit_refusals_total{limit=\"sessions\"}"),
+        1.0
+    );
+}

@@ -32,6 +32,7 @@ use timely::dataflow::operators::{Input, Probe};
 use timely::dataflow::{InputHandleVec, ProbeHandle, StreamVec};
 use tokio::sync::oneshot;
 
+use super::limits::Limits;
 use super::messages::{Op, Request, Response, SessionEvent, SessionKey};
 use super::served::ServedModel;
 use super::stages::Plan;
@@ -63,6 +64,8 @@ pub struct RuntimeConfig {
     pub queue_capacity: usize,
     /// Where each stage runs (the same on every process).
     pub plan: Plan,
+    /// What one client may make the server do.
+    pub limits: Limits,
 }
 
 /// How far the model stage may lag behind a worker's input before admission pauses (also
@@ -311,7 +314,13 @@ fn run_worker(worker: &mut timely::worker::Worker, rx: Receiver<Request>, contex
     let plan = config.plan;
     worker.dataflow::<u64, _, _>(|scope| {
         let requests = scope.input_from(&mut input);
-        let lifecycle = Lifecycle::new(index, models.clone(), config.idle_limit);
+        let lifecycle = Lifecycle::new(
+            index,
+            models.clone(),
+            config.idle_limit,
+            config.limits.sessions_per_worker(config.plan.workers),
+            config.limits.max_sessions,
+        );
         let (envelopes, events) = requests.frontend(plan, lifecycle);
         let mut staged = envelopes.prune();
         for stage in 0..plan.stages {

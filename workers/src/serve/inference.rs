@@ -26,7 +26,7 @@ use tideway_proto::inference as pb;
 
 use super::engine::Engine;
 use super::messages::{self, Op, StepInput, session_key};
-use super::requests::{answer, check_ids, tensor_specs};
+use super::requests::{LengthLimit, answer, check_ids, tensor_specs};
 use super::status::{inbound_error, op_status, status_message, submit_status};
 
 const STREAM_CREDIT: usize = 64;
@@ -131,8 +131,9 @@ fn check_count(input: &InferInputTensor, found: usize, count: usize) -> Result<(
 fn feature_input(
     request: &pb::ModelInferRequest,
     served: &super::served::ServedModel,
-    board: &super::stats::StatsBoard,
+    engine: &Engine,
 ) -> Result<StepInput, Status> {
+    let board = &engine.board;
     let allowed = "\"input\" (FP32, [T, C]) or \"audio\" (FP32 or INT16 samples, [S], with a \"sample_rate\" parameter)";
     let [input] = request.inputs.as_slice() else {
         return Err(Status::invalid_argument(format!(
@@ -151,6 +152,9 @@ fn feature_input(
                     )));
                 }
             };
+            LengthLimit::request(&engine.config.limits)
+                .check("frames", t)
+                .map_err(|e| e.refuse(board))?;
             Ok(StepInput::Frames {
                 values: float_values(input, raw, t * c)?,
                 width: c as u32,
@@ -344,7 +348,7 @@ impl InferenceService {
         let input = if served.is_language() {
             StepInput::Tokens(self.token_input(&request, served)?)
         } else {
-            feature_input(&request, served, &self.engine.board)?
+            feature_input(&request, served, &self.engine)?
         };
         let sequence = sequence_id(&request.parameters)?;
         let (name, start, end) = if sequence.is_empty() {
@@ -388,10 +392,15 @@ impl InferenceService {
                     input.name, served.name
                 )));
             }
-            tokens = Some(check_ids(
-                &input_ids(input, raw_input(request, i)?)?,
-                served.vocab_size(),
-            )?);
+            let limit = LengthLimit::request(&self.engine.config.limits);
+            tokens = Some(
+                check_ids(
+                    &input_ids(input, raw_input(request, i)?)?,
+                    served.vocab_size(),
+                    limit,
+                )
+                .map_err(|e| e.refuse(&self.engine.board))?,
+            );
         }
         tokens.ok_or_else(|| {
             Status::invalid_argument("missing input \"input_ids\" (INT64 or INT32, [T] or [1, T])")

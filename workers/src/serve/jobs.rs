@@ -18,7 +18,7 @@ use tideway_proto::tideway::v1 as pb;
 use super::engine::Engine;
 use super::messages::{Op, StepInput, session_key};
 use super::native::tensor_f32;
-use super::requests::{answer, check_ids};
+use super::requests::{LengthLimit, answer, check_ids};
 use super::status::{inbound_error, op_status, submit_status};
 
 const DEFAULT_CHUNK: usize = 256;
@@ -73,7 +73,9 @@ impl JobsService {
                 served.name
             )));
         }
-        let tokens = check_ids(&tokens, served.vocab_size())?;
+        let limit = LengthLimit::job(&engine.config.limits);
+        let tokens =
+            check_ids(&tokens, served.vocab_size(), limit).map_err(|e| e.refuse(&engine.board))?;
         if tokens.is_empty() {
             return Err(Status::invalid_argument("a job needs at least one token"));
         }
@@ -84,11 +86,13 @@ impl JobsService {
             NEXT.fetch_add(1, Ordering::Relaxed)
         );
         let total = tokens.len() as u64;
-        let chunk = if request.chunk == 0 {
-            DEFAULT_CHUNK
-        } else {
-            request.chunk as usize
-        };
+        // The server bounds a job's step whatever the client asks: other sessions wait at
+        // most one step for it, and Cancel is seen between steps.
+        let chunk = match request.chunk {
+            0 => DEFAULT_CHUNK,
+            n => n as usize,
+        }
+        .min(engine.config.limits.max_job_chunk);
         let last_only = request.outputs == pb::JobOutputs::Last as i32;
         let initial = pb::JobStatus {
             job_id: id.clone(),
@@ -243,6 +247,10 @@ impl pb::jobs_server::Jobs for JobsService {
                     ));
                 }
             }
+            // Refused as soon as it is too long, not after holding all of it.
+            LengthLimit::job(&self.engine.config.limits)
+                .check("tokens", tokens.len())
+                .map_err(|e| e.refuse(&self.engine.board))?;
         }
         let header = header
             .ok_or_else(|| Status::invalid_argument("empty upload: send a `header` first"))?;

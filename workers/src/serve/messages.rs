@@ -113,6 +113,8 @@ pub enum OpError {
     Unavailable(String),
     /// No room for another session: the device's state pool holds `slots`.
     Capacity { slots: usize },
+    /// The server holds its limit of live sessions (`--max-sessions`).
+    TooManySessions { limit: usize },
 }
 
 impl OpError {
@@ -128,6 +130,7 @@ impl OpError {
                 _ => None,
             },
             OpError::Capacity { .. } => Some("device_sessions"),
+            OpError::TooManySessions { .. } => Some("sessions"),
             _ => None,
         }
     }

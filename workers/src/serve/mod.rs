@@ -5,6 +5,7 @@
 pub mod engine;
 pub mod inference;
 pub mod jobs;
+pub mod limits;
 pub mod messages;
 pub mod metrics;
 pub mod native;
@@ -21,7 +22,6 @@ use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
 use clap::Args;
-use tideway_operators::tokenizers::audio::AudioLimits;
 use tokio_stream::wrappers::TcpListenerStream;
 use tonic::codec::CompressionEncoding;
 
@@ -34,6 +34,7 @@ use tideway_proto::tideway::v1::streams_server::StreamsServer;
 use crate::device::Device;
 use crate::tensor_parallel::ParallelArgs;
 use engine::{Engine, RuntimeConfig};
+use limits::Limits;
 use served::{Placement, ServedModel};
 use stages::Plan;
 
@@ -79,16 +80,8 @@ pub struct ServeArgs {
     /// Largest gRPC message accepted or sent, in bytes.
     #[arg(long, default_value_t = 256 << 20)]
     max_message_bytes: usize,
-    /// Lowest audio sample rate accepted, Hz (a stream keeps its first chunk's rate).
-    #[arg(long, default_value_t = AudioLimits::default().min_rate)]
-    min_sample_rate: u32,
-    /// Highest audio sample rate accepted, Hz.
-    #[arg(long, default_value_t = AudioLimits::default().max_rate)]
-    max_sample_rate: u32,
-    /// Audio samples accepted per chunk, counted at the model's sample rate (after
-    /// resampling).
-    #[arg(long, default_value_t = AudioLimits::default().max_chunk_samples)]
-    max_chunk_samples: usize,
+    #[command(flatten)]
+    pub limits: Limits,
     #[command(flatten)]
     pub parallel: ParallelArgs,
     /// Where models run: cpu, or cuda:N (a build with --features cuda), or cuda-emulator.
@@ -177,6 +170,7 @@ pub fn serve(args: ServeArgs) -> Result<()> {
         idle_limit: Duration::from_secs_f64(args.idle_timeout_s),
         queue_capacity: args.queue_capacity.max(1),
         plan: placement.plan,
+        limits: args.limits.clone(),
     };
 
     // A worker that panics would leave its peers hung (timely cannot lose a worker, and a
@@ -237,13 +231,7 @@ fn placement(
     let plan = Plan::new(threads * processes, args.pipeline).map_err(anyhow::Error::msg)?;
     let first = plan.stage_of(process * threads);
     let last = plan.stage_of(process * threads + threads - 1);
-    if args.min_sample_rate == 0 || args.min_sample_rate > args.max_sample_rate {
-        bail!(
-            "--min-sample-rate {} and --max-sample-rate {} make no range of rates (1 Hz ≤ min ≤ max)",
-            args.min_sample_rate,
-            args.max_sample_rate
-        );
-    }
+    args.limits.check().map_err(anyhow::Error::msg)?;
     Ok(Placement {
         parallel: args.parallel.clone(),
         device: args.device,
@@ -251,11 +239,7 @@ fn placement(
         gpu_sessions: args.gpu_sessions,
         plan,
         local_stages: first..last + 1,
-        audio: AudioLimits {
-            min_rate: args.min_sample_rate,
-            max_rate: args.max_sample_rate,
-            max_chunk_samples: args.max_chunk_samples,
-        },
+        audio: args.limits.audio(),
     })
 }
 
@@ -278,6 +262,7 @@ pub fn start_in_process(models: Vec<(String, PathBuf)>, workers: usize) -> Resul
         idle_limit: Duration::from_secs(300),
         queue_capacity: 4096,
         plan: placement.plan,
+        limits: Limits::default(),
     };
     let engine = Engine::start(served, config)
         .map_err(|e| anyhow::anyhow!("cannot start the workers: {e}"))?;

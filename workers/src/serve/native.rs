@@ -15,7 +15,7 @@ use tideway_proto::tideway::v1 as pb;
 
 use super::engine::Engine;
 use super::messages::{self, Op, StepInput, session_key};
-use super::requests::{TensorSpec, answer, check_ids, tensor_specs};
+use super::requests::{LengthLimit, TensorSpec, answer, check_ids, tensor_specs};
 use super::served::ServedKind;
 use super::status::{inbound_error, op_status, submit_status};
 
@@ -323,16 +323,20 @@ fn chunk_input(engine: &Engine, model: u32, chunk: &pb::StreamChunk) -> Result<S
                 chunk.channels
             )));
         }
+        LengthLimit::request(&engine.config.limits)
+            .check("frames", chunk.frames.len() / chunk.channels as usize)
+            .map_err(|e| e.refuse(&engine.board))?;
         return Ok(StepInput::Frames {
             values: chunk.frames.clone(),
             width: chunk.channels,
         });
     }
     if served.is_language() {
-        Ok(StepInput::Tokens(check_ids(
-            &chunk.tokens,
-            served.vocab_size(),
-        )?))
+        let limit = LengthLimit::request(&engine.config.limits);
+        Ok(StepInput::Tokens(
+            check_ids(&chunk.tokens, served.vocab_size(), limit)
+                .map_err(|e| e.refuse(&engine.board))?,
+        ))
     } else if chunk.tokens.is_empty() {
         Ok(StepInput::Tokens(Vec::new()))
     } else {

@@ -7,8 +7,10 @@ use tonic::Status;
 
 use tideway_operators::tokenizers::Frontend;
 
+use super::limits::Limits;
 use super::messages::{OpError, Reply, Response};
 use super::served::{ServedKind, ServedModel};
+use super::stats::StatsBoard;
 
 /// A request that cannot run, found at the edge before it reaches a session.
 #[derive(Debug, thiserror::Error)]
@@ -19,17 +21,93 @@ pub enum RequestError {
         position: usize,
         vocab: usize,
     },
+    #[error(
+        "{count} {what} in one {unit}; at most {max} are accepted ({flag}){hint}",
+        hint = if *unit == "job" { "" } else { ": send them in several, or run a long sequence as a job" }
+    )]
+    TooLong {
+        what: &'static str,
+        unit: &'static str,
+        count: usize,
+        max: usize,
+        flag: &'static str,
+    },
+}
+
+impl RequestError {
+    /// The server limit that refused the request, if one did (for the metric).
+    pub fn limit(&self) -> Option<&'static str> {
+        match self {
+            RequestError::TooLong { unit: "job", .. } => Some("job_tokens"),
+            RequestError::TooLong { .. } => Some("request_tokens"),
+            RequestError::TokenOutOfRange { .. } => None,
+        }
+    }
+
+    /// The status to answer, counting a limit's refusal on `board`.
+    pub fn refuse(self, board: &StatsBoard) -> Status {
+        if let Some(limit) = self.limit() {
+            board.count_limit(limit);
+        }
+        self.into()
+    }
 }
 
 impl From<RequestError> for Status {
     fn from(e: RequestError) -> Status {
-        Status::invalid_argument(e.to_string())
+        match e {
+            RequestError::TooLong { .. } => Status::resource_exhausted(e.to_string()),
+            RequestError::TokenOutOfRange { .. } => Status::invalid_argument(e.to_string()),
+        }
     }
 }
 
-/// Checks ids against a vocabulary at the edge, with the same message the model gives: the
-/// only check token ids get on their way to the model.
-pub fn check_ids(ids: &[i64], vocab: usize) -> Result<Vec<u32>, RequestError> {
+/// How much one request may carry, and the flag that says so.
+#[derive(Debug, Clone, Copy)]
+pub struct LengthLimit {
+    pub max: usize,
+    pub unit: &'static str,
+    pub flag: &'static str,
+}
+
+impl LengthLimit {
+    /// A stream chunk's or an inference request's tokens or frames (`--max-request-tokens`).
+    pub fn request(limits: &Limits) -> Self {
+        LengthLimit {
+            max: limits.max_request_tokens,
+            unit: "request",
+            flag: "--max-request-tokens",
+        }
+    }
+
+    /// A job's tokens (`--max-job-tokens`).
+    pub fn job(limits: &Limits) -> Self {
+        LengthLimit {
+            max: limits.max_job_tokens,
+            unit: "job",
+            flag: "--max-job-tokens",
+        }
+    }
+
+    /// Refuses `count` `what` (tokens, frames) over the limit.
+    pub fn check(&self, what: &'static str, count: usize) -> Result<(), RequestError> {
+        if count > self.max {
+            return Err(RequestError::TooLong {
+                what,
+                unit: self.unit,
+                count,
+                max: self.max,
+                flag: self.flag,
+            });
+        }
+        Ok(())
+    }
+}
+
+/// Checks ids against a length limit and a vocabulary at the edge, with the same message the
+/// model gives: the only check token ids get on their way to the model.
+pub fn check_ids(ids: &[i64], vocab: usize, limit: LengthLimit) -> Result<Vec<u32>, RequestError> {
+    limit.check("tokens", ids.len())?;
     ids.iter()
         .enumerate()
         .map(|(position, &id)| {

@@ -32,10 +32,21 @@ pub struct Lifecycle {
     expired_order: VecDeque<SessionKey>,
     /// Changes to the live set since the last `take_events`.
     events: Vec<SessionEvent>,
+    /// Sessions this worker may hold (its share of the server's), and the server's limit.
+    max_sessions: usize,
+    server_max_sessions: usize,
 }
 
 impl Lifecycle {
-    pub fn new(worker: u32, models: Arc<Vec<ServedModel>>, idle_limit: Duration) -> Self {
+    /// The table of worker `worker`, which may hold `max_sessions` live sessions (its share
+    /// of the server's `server_max_sessions`).
+    pub fn new(
+        worker: u32,
+        models: Arc<Vec<ServedModel>>,
+        idle_limit: Duration,
+        max_sessions: usize,
+        server_max_sessions: usize,
+    ) -> Self {
         Lifecycle {
             worker,
             models,
@@ -44,6 +55,8 @@ impl Lifecycle {
             expired: HashMap::new(),
             expired_order: VecDeque::new(),
             events: Vec::new(),
+            max_sessions,
+            server_max_sessions,
         }
     }
 
@@ -124,6 +137,16 @@ impl Lifecycle {
             } => {
                 envelope.model = model;
                 let served = &self.models.clone()[model as usize];
+                if start
+                    && !self.sessions.contains_key(&key)
+                    && self.sessions.len() >= self.max_sessions
+                {
+                    envelope.body = Body::Failed(OpError::TooManySessions {
+                        limit: self.server_max_sessions,
+                    });
+                    envelope.name = name;
+                    return envelope;
+                }
                 if start {
                     // A start on a live session ends the old one first.
                     if let Some(old) = self.sessions.remove(&key) {

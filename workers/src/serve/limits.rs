@@ -1,0 +1,88 @@
+//! What one client may make the server do: the limits of `tideway serve`, each a flag with a
+//! default that a well-behaved client never meets. A refusal is RESOURCE_EXHAUSTED (or
+//! INVALID_ARGUMENT for input no limit could make right), names the flag, and is counted in
+//! `tideway_limit_refusals_total{limit}`.
+
+use clap::Args;
+use tideway_operators::tokenizers::audio::AudioLimits;
+
+#[derive(Args, Debug, Clone, PartialEq)]
+pub struct Limits {
+    /// Tokens (or feature frames) one request may carry: a stream chunk, an inference
+    /// request. Longer sequences go to Jobs, which run them in bounded steps.
+    #[arg(long, default_value_t = 32_768)]
+    pub max_request_tokens: usize,
+    /// Tokens one job may carry.
+    #[arg(long, default_value_t = 1 << 22)]
+    pub max_job_tokens: usize,
+    /// Tokens a job runs per step, whatever `chunk` it asks for: other sessions wait at most
+    /// one such step for it, and Cancel takes effect within one.
+    #[arg(long, default_value_t = 2048)]
+    pub max_job_chunk: usize,
+    /// Sessions live at once on this server (divided evenly over its workers: each holds
+    /// at most its share, since sessions are spread by a hash of their names).
+    #[arg(long, default_value_t = 100_000)]
+    pub max_sessions: usize,
+    /// Lowest audio sample rate accepted, Hz (a stream keeps its first chunk's rate).
+    #[arg(long, default_value_t = AudioLimits::default().min_rate)]
+    pub min_sample_rate: u32,
+    /// Highest audio sample rate accepted, Hz.
+    #[arg(long, default_value_t = AudioLimits::default().max_rate)]
+    pub max_sample_rate: u32,
+    /// Audio samples accepted per chunk, counted at the model's sample rate (after
+    /// resampling).
+    #[arg(long, default_value_t = AudioLimits::default().max_chunk_samples)]
+    pub max_chunk_samples: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        let audio = AudioLimits::default();
+        Limits {
+            max_request_tokens: 32_768,
+            max_job_tokens: 1 << 22,
+            max_job_chunk: 2048,
+            max_sessions: 100_000,
+            min_sample_rate: audio.min_rate,
+            max_sample_rate: audio.max_rate,
+            max_chunk_samples: audio.max_chunk_samples,
+        }
+    }
+}
+
+impl Limits {
+    /// Refuses limits that contradict each other or leave nothing to serve.
+    pub fn check(&self) -> Result<(), String> {
+        if self.min_sample_rate == 0 || self.min_sample_rate > self.max_sample_rate {
+            return Err(format!(
+                "--min-sample-rate {} and --max-sample-rate {} make no range of rates (1 Hz ≤ min ≤ max)",
+                self.min_sample_rate, self.max_sample_rate
+            ));
+        }
+        for (flag, value) in [
+            ("--max-request-tokens", self.max_request_tokens),
+            ("--max-job-tokens", self.max_job_tokens),
+            ("--max-job-chunk", self.max_job_chunk),
+            ("--max-sessions", self.max_sessions),
+            ("--max-chunk-samples", self.max_chunk_samples),
+        ] {
+            if value == 0 {
+                return Err(format!("{flag} must be at least 1"));
+            }
+        }
+        Ok(())
+    }
+
+    pub fn audio(&self) -> AudioLimits {
+        AudioLimits {
+            min_rate: self.min_sample_rate,
+            max_rate: self.max_sample_rate,
+            max_chunk_samples: self.max_chunk_samples,
+        }
+    }
+
+    /// Sessions one of `workers` workers may hold.
+    pub fn sessions_per_worker(&self, workers: usize) -> usize {
+        self.max_sessions.div_ceil(workers.max(1))
+    }
+}
