@@ -431,3 +431,60 @@ async fn a_session_flood_meets_the_session_limit() {
         1.0
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn finished_jobs_are_kept_by_bytes_and_age() {
+    let server = Server::start(&[
+        "--model",
+        &language_model(),
+        "--job-result-ttl-s",
+        "2",
+        "--max-job-results-bytes",
+        "40000",
+    ]);
+    let mut jobs = pb::jobs_client::JobsClient::connect(server.url())
+        .await
+        .unwrap();
+    // 100 tokens of logits: 100 × 61 × 4 = 24400 bytes, and the job's record.
+    let mut run = async |tokens: usize| -> String {
+        let handle = jobs
+            .submit(pb::JobRequest {
+                model: "lm".into(),
+                tokens: (0..tokens as i64).map(|i| i % 61).collect(),
+                ..Default::default()
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        loop {
+            let status = jobs
+                .get(pb::JobRef {
+                    job_id: handle.job_id.clone(),
+                })
+                .await
+                .unwrap()
+                .into_inner();
+            if status.state == pb::JobState::Succeeded as i32 {
+                return handle.job_id;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+        }
+    };
+    let first = run(100).await;
+    let second = run(100).await;
+    let mut jobs = pb::jobs_client::JobsClient::connect(server.url())
+        .await
+        .unwrap();
+    let get = |id: &str| pb::JobRef {
+        job_id: id.to_string(),
+    };
+    // Two results are more than 40000 bytes: the older one went.
+    let e = jobs.get(get(&first)).await.unwrap_err();
+    assert_eq!(e.code(), Code::NotFound, "{e:?}");
+    assert!(e.message().contains("--max-job-results-bytes"), "{e:?}");
+    jobs.get(get(&second)).await.unwrap();
+    // And none outlives --job-result-ttl-s.
+    tokio::time::sleep(std::time::Duration::from_millis(2200)).await;
+    let e = jobs.get(get(&second)).await.unwrap_err();
+    assert_eq!(e.code(), Code::NotFound, "{e:?}");
+}

@@ -3,11 +3,11 @@
 //! with whatever streams are running), and the answer to chunk i releases chunk i+1. Progress
 //! is published after every chunk; Cancel stops before the next one and frees the state.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use tokio::sync::watch;
 use tokio_stream::Stream;
@@ -22,35 +22,78 @@ use super::requests::{LengthLimit, answer, check_ids};
 use super::status::{inbound_error, op_status, submit_status};
 
 const DEFAULT_CHUNK: usize = 256;
-/// Finished jobs kept for Get/Watch; the oldest go first.
-const FINISHED_KEPT: usize = 1024;
+/// What a job's record holds besides its result, in the bytes bound (so that results-less
+/// jobs, failed or cancelled, are bounded too).
+const JOB_RECORD_BYTES: usize = 1024;
 
 struct Job {
     status: watch::Receiver<pb::JobStatus>,
     result: Arc<Mutex<Option<pb::JobResult>>>,
     cancel: Arc<AtomicBool>,
+    /// When the job ended, and the bytes of its result.
+    finished: Arc<Mutex<Option<(Instant, usize)>>>,
+}
+
+/// The jobs of this node, in the order they were submitted.
+#[derive(Default)]
+struct JobTable {
+    jobs: HashMap<String, Job>,
+    order: VecDeque<String>,
+}
+
+impl JobTable {
+    /// Drops finished jobs older than `ttl`, then the oldest finished ones while their results
+    /// hold more than `max_bytes`. Running jobs stay.
+    fn sweep(&mut self, ttl: Duration, max_bytes: usize) {
+        let now = Instant::now();
+        let mut kept_bytes = 0;
+        let mut finished: Vec<(String, Instant, usize)> = Vec::new();
+        for id in &self.order {
+            if let Some(&(at, bytes)) = self.jobs[id].finished.lock().unwrap().as_ref() {
+                finished.push((id.clone(), at, bytes));
+                kept_bytes += bytes;
+            }
+        }
+        for (id, at, bytes) in finished {
+            if now.duration_since(at) > ttl || kept_bytes > max_bytes {
+                self.jobs.remove(&id);
+                kept_bytes -= bytes;
+            }
+        }
+        let jobs = &self.jobs;
+        self.order.retain(|id| jobs.contains_key(id));
+    }
 }
 
 pub struct JobsService {
     engine: Arc<Engine>,
-    jobs: Arc<Mutex<HashMap<String, Job>>>,
-    order: Arc<Mutex<Vec<String>>>,
+    table: Arc<Mutex<JobTable>>,
 }
 
 impl JobsService {
     pub fn new(engine: Arc<Engine>) -> Self {
         JobsService {
             engine,
-            jobs: Arc::default(),
-            order: Arc::default(),
+            table: Arc::default(),
         }
     }
 
+    fn sweep(&self, table: &mut JobTable) {
+        let limits = &self.engine.config.limits;
+        table.sweep(
+            Duration::from_secs_f64(limits.job_result_ttl_s),
+            limits.max_job_results_bytes,
+        );
+    }
+
     fn job<T>(&self, id: &str, f: impl FnOnce(&Job) -> T) -> Result<T, Status> {
-        let jobs = self.jobs.lock().unwrap();
-        let job = jobs.get(id).ok_or_else(|| {
+        let mut table = self.table.lock().unwrap();
+        self.sweep(&mut table);
+        let job = table.jobs.get(id).ok_or_else(|| {
+            let limits = &self.engine.config.limits;
             Status::not_found(format!(
-                "unknown job {id:?} (jobs live on the node that accepted them)"
+                "unknown job {id:?} (jobs live on the node that accepted them; finished ones are kept for {} s and {} bytes of results: --job-result-ttl-s, --max-job-results-bytes)",
+                limits.job_result_ttl_s, limits.max_job_results_bytes
             ))
         })?;
         Ok(f(job))
@@ -104,20 +147,18 @@ impl JobsService {
         let (status_tx, status_rx) = watch::channel(initial.clone());
         let result = Arc::new(Mutex::new(None));
         let cancel = Arc::new(AtomicBool::new(false));
+        let finished = Arc::new(Mutex::new(None));
         {
-            let mut jobs = self.jobs.lock().unwrap();
-            let mut order = self.order.lock().unwrap();
-            if order.len() >= FINISHED_KEPT {
-                let old = order.remove(0);
-                jobs.remove(&old);
-            }
-            order.push(id.clone());
-            jobs.insert(
+            let mut table = self.table.lock().unwrap();
+            self.sweep(&mut table);
+            table.order.push_back(id.clone());
+            table.jobs.insert(
                 id.clone(),
                 Job {
                     status: status_rx,
                     result: result.clone(),
                     cancel: cancel.clone(),
+                    finished: finished.clone(),
                 },
             );
         }
@@ -195,6 +236,14 @@ impl JobsService {
                 let _ = status_tx.send(status.clone());
             }
             status.elapsed_s = started.elapsed().as_secs_f64();
+            let bytes = result
+                .lock()
+                .unwrap()
+                .as_ref()
+                .and_then(|r| r.logits.as_ref())
+                .map_or(0, |t| t.data.len())
+                + JOB_RECORD_BYTES;
+            *finished.lock().unwrap() = Some((Instant::now(), bytes));
             let _ = status_tx.send(status);
         });
         Ok(pb::JobHandle {

@@ -19,6 +19,12 @@ pub struct Limits {
     /// one such step for it, and Cancel takes effect within one.
     #[arg(long, default_value_t = 2048)]
     pub max_job_chunk: usize,
+    /// Bytes of finished jobs' results kept for Get / Watch; the oldest go first.
+    #[arg(long, default_value_t = 256 << 20)]
+    pub max_job_results_bytes: usize,
+    /// Seconds a finished job's result is kept.
+    #[arg(long, default_value_t = 600.0)]
+    pub job_result_ttl_s: f64,
     /// Sessions live at once on this server (divided evenly over its workers: each holds
     /// at most its share, since sessions are spread by a hash of their names).
     #[arg(long, default_value_t = 100_000)]
@@ -42,6 +48,8 @@ impl Default for Limits {
             max_request_tokens: 32_768,
             max_job_tokens: 1 << 22,
             max_job_chunk: 2048,
+            max_job_results_bytes: 256 << 20,
+            job_result_ttl_s: 600.0,
             max_sessions: 100_000,
             min_sample_rate: audio.min_rate,
             max_sample_rate: audio.max_rate,
@@ -57,6 +65,12 @@ impl Limits {
             return Err(format!(
                 "--min-sample-rate {} and --max-sample-rate {} make no range of rates (1 Hz ≤ min ≤ max)",
                 self.min_sample_rate, self.max_sample_rate
+            ));
+        }
+        if !(self.job_result_ttl_s >= 0.0) {
+            return Err(format!(
+                "--job-result-ttl-s {} must be a number of seconds ≥ 0",
+                self.job_result_ttl_s
             ));
         }
         for (flag, value) in [
