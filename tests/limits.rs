@@ -488,3 +488,55 @@ async fn finished_jobs_are_kept_by_bytes_and_age() {
     let e = jobs.get(get(&second)).await.unwrap_err();
     assert_eq!(e.code(), Code::NotFound, "{e:?}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn text_without_whitespace_is_held_only_up_to_the_limit() {
+    let server = Server::start(&[
+        "--model",
+        &format!("bpe={}", fixtures_dir().join("text/mamba_bpe").display()),
+        "--metrics",
+        "127.0.0.1:0",
+        "--max-held-text-bytes",
+        "1000",
+    ]);
+    let metrics = metrics_addr(&server);
+    let text = |t: String, end: bool| pb::StreamRequest {
+        kind: Some(pb::stream_request::Kind::Chunk(pb::StreamChunk {
+            text: t,
+            end,
+            ..Default::default()
+        })),
+    };
+    // 600 + 600 bytes with no word boundary: the second chunk would hold 1200.
+    let e = stream(
+        &server.url(),
+        vec![
+            start("bpe"),
+            text("a".repeat(600), false),
+            text("b".repeat(600), false),
+        ],
+    )
+    .await
+    .unwrap_err();
+    assert_eq!(e.code(), Code::ResourceExhausted, "{e:?}");
+    assert!(
+        e.message()
+            .contains("1200 bytes of text with no word boundary")
+            && e.message().contains("--max-held-text-bytes"),
+        "{e:?}"
+    );
+    // Words keep the held text short, however long the stream.
+    let words: Vec<pb::StreamRequest> = (0..20)
+        .map(|i| text("word ".repeat(100), i == 19))
+        .collect();
+    let mut messages = vec![start("bpe")];
+    messages.extend(words);
+    assert!(stream(&server.url(), messages).await.unwrap() > 1000);
+    assert_eq!(
+        metric(
+            &metrics,
+            "tideway_limit_refusals_total{limit=\"held_text\"}"
+        ),
+        1.0
+    );
+}

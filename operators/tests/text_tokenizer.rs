@@ -1,7 +1,8 @@
 //! Text tokenization against the Python `tokenizers` package (tests/fixtures/text, written by
 //! tools/gen_text_fixtures.py): ids and decoded text of every case; streams cut at random
 //! byte positions (inside words and inside UTF-8 sequences) give the ids of the whole text;
-//! invalid UTF-8 is refused.
+//! invalid UTF-8 is refused, and so is more undecided text than the limit; a refused push
+//! leaves the stream as it was.
 
 use std::path::PathBuf;
 
@@ -94,5 +95,36 @@ fn invalid_utf8_is_refused_with_a_message() {
     let err = tok.push(&mut stream, &[], true).unwrap_err();
     assert_eq!(err, TextError::UnfinishedUtf8 { bytes: 2 });
     assert!(err.to_string().contains("ended inside a UTF-8 sequence"));
+    // A refused push leaves the stream as it was: the character can still complete.
+    let ids = tok.push(&mut stream, &[0xac], true).unwrap();
+    assert_eq!(
+        ids,
+        tok.push(&mut TextStream::default(), "x€".as_bytes(), true)
+            .unwrap()
+    );
     assert_eq!(tok.push(&mut stream, b"more", false), Err(TextError::Ended));
+}
+
+#[test]
+fn text_without_a_word_boundary_is_held_up_to_the_limit() {
+    let mut tok = TextTokenizer::from_file(&dir().join("bpe.tokenizer.json")).unwrap();
+    tok.set_max_held(64);
+    let mut stream = TextStream::default();
+    tok.push(&mut stream, "x".repeat(60).as_bytes(), false)
+        .unwrap();
+    let before = stream.clone();
+    let err = tok.push(&mut stream, b"yyyyyyyy", false).unwrap_err();
+    assert_eq!(err, TextError::HeldTooLong { held: 68, max: 64 });
+    // The stream is as it was: a boundary now decides the held word.
+    assert_eq!(stream, before);
+    let ids = tok.push(&mut stream, b" and more", true).unwrap();
+    assert_eq!(
+        ids,
+        tok.push(
+            &mut TextStream::default(),
+            format!("{} and more", "x".repeat(60)).as_bytes(),
+            true
+        )
+        .unwrap()
+    );
 }

@@ -31,6 +31,10 @@ pub enum TextError {
     Tokenizer(String),
     #[error("the stream has ended; start a new one to send more text")]
     Ended,
+    #[error(
+        "the stream would hold {held} bytes of text with no word boundary; at most {max} are held (the server's --max-held-text-bytes): send whitespace, or end the text"
+    )]
+    HeldTooLong { held: usize, max: usize },
 }
 
 /// A model's tokenizer.
@@ -38,7 +42,13 @@ pub enum TextError {
 pub struct TextTokenizer {
     inner: Tokenizer,
     path: PathBuf,
+    /// Bytes of undecided text a stream may hold (text with no word boundary is held until
+    /// one comes, and each chunk pre-tokenizes what is held).
+    max_held: usize,
 }
+
+/// The default of [`TextTokenizer::set_max_held`]: 16 KiB, far beyond any word.
+pub const DEFAULT_MAX_HELD_TEXT: usize = 16 << 10;
 
 impl std::fmt::Debug for TextTokenizer {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -70,6 +80,7 @@ impl TextTokenizer {
         Ok(TextTokenizer {
             inner,
             path: path.to_path_buf(),
+            max_held: DEFAULT_MAX_HELD_TEXT,
         })
     }
 
@@ -127,8 +138,32 @@ impl TextTokenizer {
             .collect())
     }
 
-    /// Feeds a stream's next bytes; returns the ids now decided (all of them when `end`).
+    pub fn set_max_held(&mut self, bytes: usize) {
+        self.max_held = bytes;
+    }
+
+    /// Feeds a stream's next bytes; returns the ids now decided (all of them when `end`). A
+    /// push that would leave more undecided text than the limit is refused, and the stream
+    /// stays as it was.
     pub fn push(
+        &self,
+        stream: &mut TextStream,
+        bytes: &[u8],
+        end: bool,
+    ) -> Result<Vec<u32>, TextError> {
+        let mut next = stream.clone();
+        let ids = self.push_unchecked(&mut next, bytes, end)?;
+        if next.size_bytes() > self.max_held {
+            return Err(TextError::HeldTooLong {
+                held: next.size_bytes(),
+                max: self.max_held,
+            });
+        }
+        *stream = next;
+        Ok(ids)
+    }
+
+    fn push_unchecked(
         &self,
         stream: &mut TextStream,
         bytes: &[u8],

@@ -5,6 +5,7 @@
 
 use clap::Args;
 use tideway_operators::tokenizers::audio::AudioLimits;
+use tideway_operators::tokenizers::text::DEFAULT_MAX_HELD_TEXT;
 
 #[derive(Args, Debug, Clone, PartialEq)]
 pub struct Limits {
@@ -29,6 +30,9 @@ pub struct Limits {
     /// at most its share, since sessions are spread by a hash of their names).
     #[arg(long, default_value_t = 100_000)]
     pub max_sessions: usize,
+    /// Bytes of text a stream may hold undecided (text with no word boundary waits for one).
+    #[arg(long, default_value_t = DEFAULT_MAX_HELD_TEXT)]
+    pub max_held_text_bytes: usize,
     /// Lowest audio sample rate accepted, Hz (a stream keeps its first chunk's rate).
     #[arg(long, default_value_t = AudioLimits::default().min_rate)]
     pub min_sample_rate: u32,
@@ -51,6 +55,7 @@ impl Default for Limits {
             max_job_results_bytes: 256 << 20,
             job_result_ttl_s: 600.0,
             max_sessions: 100_000,
+            max_held_text_bytes: DEFAULT_MAX_HELD_TEXT,
             min_sample_rate: audio.min_rate,
             max_sample_rate: audio.max_rate,
             max_chunk_samples: audio.max_chunk_samples,
@@ -79,6 +84,7 @@ impl Limits {
             ("--max-job-chunk", self.max_job_chunk),
             ("--max-sessions", self.max_sessions),
             ("--max-chunk-samples", self.max_chunk_samples),
+            ("--max-held-text-bytes", self.max_held_text_bytes),
         ] {
             if value == 0 {
                 return Err(format!("{flag} must be at least 1"));

@@ -129,6 +129,9 @@ impl OpError {
                 AudioError::ChunkTooLong { .. } => Some("chunk_samples"),
                 _ => None,
             },
+            OpError::Frontend(FrontendError::Text(
+                tideway_operators::tokenizers::text::TextError::HeldTooLong { .. },
+            )) => Some("held_text"),
             OpError::Capacity { .. } => Some("device_sessions"),
             OpError::TooManySessions { .. } => Some("sessions"),
             _ => None,

@@ -240,6 +240,7 @@ fn placement(
         plan,
         local_stages: first..last + 1,
         audio: args.limits.audio(),
+        max_held_text: args.limits.max_held_text_bytes,
     })
 }
 

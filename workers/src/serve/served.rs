@@ -194,6 +194,8 @@ pub struct Placement {
     pub local_stages: std::ops::Range<usize>,
     /// What audio the models' front ends accept.
     pub audio: AudioLimits,
+    /// Bytes of undecided text a stream may hold.
+    pub max_held_text: usize,
 }
 
 impl Placement {
@@ -207,6 +209,7 @@ impl Placement {
             plan: Plan::new(workers.max(1), 1).expect("one stage divides any count"),
             local_stages: 0..1,
             audio: AudioLimits::default(),
+            max_held_text: tideway_operators::tokenizers::text::DEFAULT_MAX_HELD_TEXT,
         }
     }
 
@@ -228,7 +231,10 @@ impl Placement {
         } else {
             let tokenizer = TextTokenizer::find(dir)
                 .with_context(context)?
-                .map(Box::new);
+                .map(|mut t| {
+                    t.set_max_held(self.max_held_text);
+                    Box::new(t)
+                });
             let info = if self.whole_language_models() {
                 if stages > 1 {
                     bail!(

@@ -4,6 +4,7 @@ use tonic::Status;
 
 use super::engine::SubmitError;
 use tideway_operators::tokenizers::audio::AudioError;
+use tideway_operators::tokenizers::text::TextError;
 
 use super::messages::OpError;
 use super::stages::frontend::FrontendError;
@@ -47,9 +48,10 @@ pub fn op_status(e: &OpError, unknown_code: tonic::Code) -> Status {
             Status::invalid_argument(format!("session {name:?} belongs to another model"))
         }
         OpError::Input(e) => Status::invalid_argument(e.to_string()),
-        OpError::Frontend(e @ FrontendError::Audio(AudioError::ChunkTooLong { .. })) => {
-            Status::resource_exhausted(e.to_string())
-        }
+        OpError::Frontend(
+            e @ (FrontendError::Audio(AudioError::ChunkTooLong { .. })
+            | FrontendError::Text(TextError::HeldTooLong { .. })),
+        ) => Status::resource_exhausted(e.to_string()),
         OpError::Frontend(e) => Status::invalid_argument(e.to_string()),
         OpError::Unavailable(message) => Status::unavailable(message.clone()),
         OpError::Capacity { slots } => {
