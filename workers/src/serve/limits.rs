@@ -72,7 +72,7 @@ impl Limits {
                 self.min_sample_rate, self.max_sample_rate
             ));
         }
-        if !(self.job_result_ttl_s >= 0.0) {
+        if self.job_result_ttl_s.is_nan() || self.job_result_ttl_s < 0.0 {
             return Err(format!(
                 "--job-result-ttl-s {} must be a number of seconds ≥ 0",
                 self.job_result_ttl_s
