@@ -540,3 +540,83 @@ async fn text_without_whitespace_is_held_only_up_to_the_limit() {
         1.0
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn answers_and_messages_are_bounded_in_bytes() {
+    let server = Server::start(&[
+        "--model",
+        &language_model(),
+        "--metrics",
+        "127.0.0.1:0",
+        "--max-message-bytes",
+        "30000",
+    ]);
+    let url = server.url();
+    let metrics = metrics_addr(&server);
+    let ids = |n: usize| -> Vec<i64> { (0..n as i64).map(|i| i % 61).collect() };
+    // 100 tokens answer 100 × 61 × 4 = 24400 bytes: sent. 120 would be 29280 and the
+    // message's envelope: refused before the model runs them.
+    assert_eq!(
+        stream(&url, vec![start("lm"), tokens_chunk(ids(100), true)])
+            .await
+            .unwrap(),
+        100
+    );
+    let e = stream(&url, vec![start("lm"), tokens_chunk(ids(120), true)])
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::ResourceExhausted, "{e:?}");
+    assert!(
+        e.message()
+            .contains("the answer would be 29280 bytes ([120, 61] FP32)")
+            && e.message().contains("--max-message-bytes"),
+        "{e:?}"
+    );
+    // A job's whole answer too; its last position's outputs alone are fine.
+    let mut jobs = pb::jobs_client::JobsClient::connect(url.clone())
+        .await
+        .unwrap();
+    let job = |outputs: pb::JobOutputs| pb::JobRequest {
+        model: "lm".into(),
+        tokens: ids(200),
+        outputs: outputs as i32,
+        ..Default::default()
+    };
+    let e = jobs.submit(job(pb::JobOutputs::All)).await.unwrap_err();
+    assert_eq!(e.code(), Code::ResourceExhausted, "{e:?}");
+    assert!(
+        e.message().contains("last position's outputs only"),
+        "{e:?}"
+    );
+    jobs.submit(job(pb::JobOutputs::Last)).await.unwrap();
+
+    // A gzip bomb: 2 MB of zero tokens in about 2 KB on the wire. Decompression stops at the
+    // limit; the server stays up.
+    let mut bombing = pb::jobs_client::JobsClient::connect(url.clone())
+        .await
+        .unwrap()
+        .send_compressed(tonic::codec::CompressionEncoding::Gzip);
+    let e = bombing
+        .submit(pb::JobRequest {
+            model: "lm".into(),
+            tokens: vec![0; 2_000_000],
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::ResourceExhausted, "{e:?}");
+    assert!(e.message().contains("30000 bytes"), "{e:?}");
+    assert_eq!(
+        stream(&url, vec![start("lm"), tokens_chunk(ids(10), true)])
+            .await
+            .unwrap(),
+        10
+    );
+    assert_eq!(
+        metric(
+            &metrics,
+            "tideway_limit_refusals_total{limit=\"message_bytes\"}"
+        ),
+        2.0
+    );
+}

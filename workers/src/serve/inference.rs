@@ -26,7 +26,7 @@ use tideway_proto::inference as pb;
 
 use super::engine::Engine;
 use super::messages::{self, Op, StepInput, session_key};
-use super::requests::{LengthLimit, answer, check_ids, tensor_specs};
+use super::requests::{LengthLimit, answer, check_answer, check_ids, tensor_specs};
 use super::status::{inbound_error, op_status, status_message, submit_status};
 
 const STREAM_CREDIT: usize = 64;
@@ -392,13 +392,17 @@ impl InferenceService {
                     input.name, served.name
                 )));
             }
-            let limit = LengthLimit::request(&self.engine.config.limits);
+            let limits = &self.engine.config.limits;
             tokens = Some(
                 check_ids(
                     &input_ids(input, raw_input(request, i)?)?,
                     served.vocab_size(),
-                    limit,
+                    LengthLimit::request(limits),
                 )
+                .and_then(|ids| {
+                    check_answer(ids.len(), served.width(), limits.max_message_bytes, false)?;
+                    Ok(ids)
+                })
                 .map_err(|e| e.refuse(&self.engine.board))?,
             );
         }

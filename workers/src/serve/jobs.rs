@@ -18,7 +18,7 @@ use tideway_proto::tideway::v1 as pb;
 use super::engine::Engine;
 use super::messages::{Op, StepInput, session_key};
 use super::native::tensor_f32;
-use super::requests::{LengthLimit, answer, check_ids};
+use super::requests::{LengthLimit, answer, check_answer, check_ids};
 use super::status::{inbound_error, op_status, submit_status};
 
 const DEFAULT_CHUNK: usize = 256;
@@ -116,9 +116,15 @@ impl JobsService {
                 served.name
             )));
         }
-        let limit = LengthLimit::job(&engine.config.limits);
-        let tokens =
-            check_ids(&tokens, served.vocab_size(), limit).map_err(|e| e.refuse(&engine.board))?;
+        let limits = &engine.config.limits;
+        let all_outputs = request.outputs != pb::JobOutputs::Last as i32;
+        let tokens = check_ids(&tokens, served.vocab_size(), LengthLimit::job(limits))
+            .and_then(|ids| {
+                let rows = if all_outputs { ids.len() } else { 1 };
+                check_answer(rows, served.width(), limits.max_message_bytes, true)?;
+                Ok(ids)
+            })
+            .map_err(|e| e.refuse(&engine.board))?;
         if tokens.is_empty() {
             return Err(Status::invalid_argument("a job needs at least one token"));
         }

@@ -9,6 +9,10 @@ use tideway_operators::tokenizers::text::DEFAULT_MAX_HELD_TEXT;
 
 #[derive(Args, Debug, Clone, PartialEq)]
 pub struct Limits {
+    /// Largest gRPC message accepted or sent, in bytes: compressed, and again decompressed
+    /// (tonic stops decompressing at this size), and the largest answer.
+    #[arg(long, default_value_t = 256 << 20)]
+    pub max_message_bytes: usize,
     /// Tokens (or feature frames) one request may carry: a stream chunk, an inference
     /// request. Longer sequences go to Jobs, which run them in bounded steps.
     #[arg(long, default_value_t = 32_768)]
@@ -49,6 +53,7 @@ impl Default for Limits {
     fn default() -> Self {
         let audio = AudioLimits::default();
         Limits {
+            max_message_bytes: 256 << 20,
             max_request_tokens: 32_768,
             max_job_tokens: 1 << 22,
             max_job_chunk: 2048,
@@ -79,6 +84,7 @@ impl Limits {
             ));
         }
         for (flag, value) in [
+            ("--max-message-bytes", self.max_message_bytes),
             ("--max-request-tokens", self.max_request_tokens),
             ("--max-job-tokens", self.max_job_tokens),
             ("--max-job-chunk", self.max_job_chunk),

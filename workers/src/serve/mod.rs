@@ -77,9 +77,6 @@ pub struct ServeArgs {
     /// Serve Prometheus metrics on this address (path /metrics). Port 0 picks a free port.
     #[arg(long)]
     metrics: Option<String>,
-    /// Largest gRPC message accepted or sent, in bytes.
-    #[arg(long, default_value_t = 256 << 20)]
-    max_message_bytes: usize,
     #[command(flatten)]
     pub limits: Limits,
     #[command(flatten)]
@@ -212,7 +209,11 @@ pub fn serve(args: ServeArgs) -> Result<()> {
         runtime.spawn(metrics::serve_metrics(engine.clone(), listener));
     }
     eprintln!("tideway listening on {local}");
-    let result = runtime.block_on(serve_grpc(engine.clone(), listener, args.max_message_bytes));
+    let result = runtime.block_on(serve_grpc(
+        engine.clone(),
+        listener,
+        args.limits.max_message_bytes,
+    ));
     engine.shutdown();
     result
 }

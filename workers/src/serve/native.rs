@@ -15,7 +15,7 @@ use tideway_proto::tideway::v1 as pb;
 
 use super::engine::Engine;
 use super::messages::{self, Op, StepInput, session_key};
-use super::requests::{LengthLimit, TensorSpec, answer, check_ids, tensor_specs};
+use super::requests::{LengthLimit, TensorSpec, answer, check_answer, check_ids, tensor_specs};
 use super::served::ServedKind;
 use super::status::{inbound_error, op_status, submit_status};
 
@@ -332,11 +332,18 @@ fn chunk_input(engine: &Engine, model: u32, chunk: &pb::StreamChunk) -> Result<S
         });
     }
     if served.is_language() {
-        let limit = LengthLimit::request(&engine.config.limits);
-        Ok(StepInput::Tokens(
-            check_ids(&chunk.tokens, served.vocab_size(), limit)
-                .map_err(|e| e.refuse(&engine.board))?,
-        ))
+        let limits = &engine.config.limits;
+        let ids = check_ids(
+            &chunk.tokens,
+            served.vocab_size(),
+            LengthLimit::request(limits),
+        )
+        .and_then(|ids| {
+            check_answer(ids.len(), served.width(), limits.max_message_bytes, false)?;
+            Ok(ids)
+        })
+        .map_err(|e| e.refuse(&engine.board))?;
+        Ok(StepInput::Tokens(ids))
     } else if chunk.tokens.is_empty() {
         Ok(StepInput::Tokens(Vec::new()))
     } else {

@@ -32,6 +32,39 @@ pub enum RequestError {
         max: usize,
         flag: &'static str,
     },
+    #[error(
+        "the answer would be {bytes} bytes ([{rows}, {width}] FP32); at most {max} are sent in one message (--max-message-bytes): send fewer tokens per request{hint}",
+        hint = if *job { ", or ask a job for the last position's outputs only" } else { "" }
+    )]
+    AnswerTooLarge {
+        rows: usize,
+        width: usize,
+        bytes: usize,
+        max: usize,
+        job: bool,
+    },
+}
+
+/// Refuses `rows` rows of `width` FP32 outputs that no message of `max_bytes` could carry
+/// (checked before the model computes them).
+pub fn check_answer(
+    rows: usize,
+    width: usize,
+    max_bytes: usize,
+    job: bool,
+) -> Result<(), RequestError> {
+    // The tensor's bytes and a little for its name and shape.
+    let bytes = rows.saturating_mul(width).saturating_mul(4);
+    if bytes.saturating_add(1024) > max_bytes {
+        return Err(RequestError::AnswerTooLarge {
+            rows,
+            width,
+            bytes,
+            max: max_bytes,
+            job,
+        });
+    }
+    Ok(())
 }
 
 impl RequestError {
@@ -40,6 +73,7 @@ impl RequestError {
         match self {
             RequestError::TooLong { unit: "job", .. } => Some("job_tokens"),
             RequestError::TooLong { .. } => Some("request_tokens"),
+            RequestError::AnswerTooLarge { .. } => Some("message_bytes"),
             RequestError::TokenOutOfRange { .. } => None,
         }
     }
@@ -56,7 +90,9 @@ impl RequestError {
 impl From<RequestError> for Status {
     fn from(e: RequestError) -> Status {
         match e {
-            RequestError::TooLong { .. } => Status::resource_exhausted(e.to_string()),
+            RequestError::TooLong { .. } | RequestError::AnswerTooLarge { .. } => {
+                Status::resource_exhausted(e.to_string())
+            }
             RequestError::TokenOutOfRange { .. } => Status::invalid_argument(e.to_string()),
         }
     }
