@@ -19,13 +19,14 @@ def tideway_binary() -> str:
     return path
 
 
-def start_server(models):
-    """Starts `tideway serve` with `models` (NAME=DIR or DIR strings); returns (process,
-    address, log path)."""
+def start_server(models, extra=()):
+    """Starts `tideway serve` with `models` (NAME=DIR or DIR strings) and `extra` arguments;
+    returns (process, address, log path)."""
     log = tempfile.NamedTemporaryFile(prefix="tideway-serve-", suffix=".log", delete=False)
     args = [tideway_binary(), "serve", "--listen", "127.0.0.1:0", "--workers", "2"]
     for m in models:
         args += ["--model", str(m)]
+    args += list(extra)
     proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=log)
     deadline = time.time() + 60
     while True:
@@ -61,4 +62,18 @@ def audio_server():
     fixture = ROOT / "tests" / "fixtures" / "lmu" / "lmu_d16_c128_frontend"
     proc, address, log = start_server([f"kws={fixture / 'checkpoint'}"])
     yield {"address": address, "model": "kws", "fixture": fixture}
+    stop_server(proc, log)
+
+
+AUTH_TOKEN = "triton-client-token-0123456789"
+
+
+@pytest.fixture(scope="module")
+def auth_server(tmp_path_factory):
+    """A server with bearer tokens (`--auth`): one client identity."""
+    model = ROOT / "tests" / "fixtures" / "mamba" / "hf_k4_sharded"
+    tokens = tmp_path_factory.mktemp("auth") / "tokens.txt"
+    tokens.write_text(f"{AUTH_TOKEN} triton client\n")
+    proc, address, log = start_server([model], ["--auth", str(tokens)])
+    yield {"address": address, "model": model.name, "dir": model, "token": AUTH_TOKEN}
     stop_server(proc, log)

@@ -99,8 +99,9 @@ pub struct ParallelArgs {
     #[arg(long, value_enum, default_value = "threads")]
     pub tp_transport: Transport,
     /// With `--tp-transport external`: the address ranks 1.. join at (port 0: any free port,
-    /// printed).
-    #[arg(long, default_value = "0.0.0.0:0")]
+    /// printed). Loopback by default; the group's transport has no TLS or authentication, so
+    /// give it an address on a private network only.
+    #[arg(long, default_value = "127.0.0.1:0")]
     pub tp_control: SocketAddr,
 }
 
@@ -120,7 +121,7 @@ impl Default for ParallelArgs {
         ParallelArgs {
             tensor_parallel: 1,
             tp_transport: Transport::Threads,
-            tp_control: SocketAddr::from(([0, 0, 0, 0], 0)),
+            tp_control: SocketAddr::from(([127, 0, 0, 1], 0)),
         }
     }
 }

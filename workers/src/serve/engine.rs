@@ -228,6 +228,10 @@ impl Engine {
         self.draining.store(true, Ordering::Relaxed);
     }
 
+    pub fn undrain(&self) {
+        self.draining.store(false, Ordering::Relaxed);
+    }
+
     /// Hands one operation to the dataflow through local worker `worker`; the receiver
     /// yields its response.
     pub fn submit(

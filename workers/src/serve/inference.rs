@@ -24,8 +24,9 @@ use pb::infer_parameter::ParameterChoice;
 use pb::model_infer_request::InferInputTensor;
 use tideway_proto::inference as pb;
 
+use super::auth::Identity;
 use super::engine::Engine;
-use super::messages::{self, Op, StepInput, session_key};
+use super::messages::{self, Op, StepInput, owned_session_key};
 use super::requests::{LengthLimit, answer, check_answer, check_ids, tensor_specs};
 use super::status::{inbound_error, op_status, status_message, submit_status};
 
@@ -333,7 +334,11 @@ impl InferenceService {
         Ok(index)
     }
 
-    fn prepare(&self, request: pb::ModelInferRequest) -> Result<Prepared, Status> {
+    fn prepare(
+        &self,
+        request: pb::ModelInferRequest,
+        owner: &Identity,
+    ) -> Result<Prepared, Status> {
         let model = self.model(&request.model_name, &request.model_version)?;
         let served = &self.engine.models[model as usize];
         let output_name = served.output_name();
@@ -365,7 +370,7 @@ impl InferenceService {
         };
         Ok(Prepared {
             model,
-            key: session_key(model, &name),
+            key: owned_session_key(model, &owner.name, &name),
             op: Op::Step {
                 model,
                 name,
@@ -548,8 +553,9 @@ impl pb::grpc_inference_service_server::GrpcInferenceService for InferenceServic
         request: Request<pb::ModelInferRequest>,
     ) -> Result<Response<pb::ModelInferResponse>, Status> {
         let started = Instant::now();
+        let owner = Identity::of(&request);
         let prepared = self
-            .prepare(request.into_inner())
+            .prepare(request.into_inner(), &owner)
             .map_err(|s| self.error(s))?;
         let worker = self.engine.pick_worker();
         let rx = self
@@ -574,6 +580,7 @@ impl pb::grpc_inference_service_server::GrpcInferenceService for InferenceServic
         &self,
         request: Request<Streaming<pb::ModelInferRequest>>,
     ) -> Result<Response<InferStream>, Status> {
+        let owner = Identity::of(&request);
         let errors_end_stream = request
             .metadata()
             .get("triton_grpc_error")
@@ -655,7 +662,7 @@ impl pb::grpc_inference_service_server::GrpcInferenceService for InferenceServic
                     }
                 };
                 let id = request.id.clone();
-                let pending = match service.prepare(request) {
+                let pending = match service.prepare(request, &owner) {
                     Ok(p) => match service.engine.submit(worker, p.key, p.op, false) {
                         Ok(rx) => Ok((p.id, p.model_name, p.model, Instant::now(), rx)),
                         Err(e) => Err((id, submit_status(e))),

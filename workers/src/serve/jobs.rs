@@ -5,7 +5,7 @@
 
 use std::collections::{HashMap, VecDeque};
 use std::pin::Pin;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -15,8 +15,9 @@ use tonic::{Code, Request, Response, Status, Streaming};
 
 use tideway_proto::tideway::v1 as pb;
 
+use super::auth::{Identity, random_id};
 use super::engine::Engine;
-use super::messages::{Op, StepInput, session_key};
+use super::messages::{Op, StepInput, owned_session_key};
 use super::native::tensor_f32;
 use super::requests::{LengthLimit, answer, check_answer, check_ids};
 use super::status::{inbound_error, op_status, submit_status};
@@ -27,6 +28,8 @@ const DEFAULT_CHUNK: usize = 256;
 const JOB_RECORD_BYTES: usize = 1024;
 
 struct Job {
+    /// The identity that submitted it: the only one that sees it.
+    owner: String,
     status: watch::Receiver<pb::JobStatus>,
     result: Arc<Mutex<Option<pb::JobResult>>>,
     cancel: Arc<AtomicBool>,
@@ -86,10 +89,12 @@ impl JobsService {
         );
     }
 
-    fn job<T>(&self, id: &str, f: impl FnOnce(&Job) -> T) -> Result<T, Status> {
+    /// `f` of job `id`, if `owner` submitted it (another identity's job is as unknown as a
+    /// job that does not exist).
+    fn job<T>(&self, id: &str, owner: &Identity, f: impl FnOnce(&Job) -> T) -> Result<T, Status> {
         let mut table = self.table.lock().unwrap();
         self.sweep(&mut table);
-        let job = table.jobs.get(id).ok_or_else(|| {
+        let job = table.jobs.get(id).filter(|j| j.owner == owner.name).ok_or_else(|| {
             let limits = &self.engine.config.limits;
             Status::not_found(format!(
                 "unknown job {id:?} (jobs live on the node that accepted them; finished ones are kept for {} s and {} bytes of results: --job-result-ttl-s, --max-job-results-bytes)",
@@ -99,7 +104,12 @@ impl JobsService {
         Ok(f(job))
     }
 
-    fn start(&self, request: pb::JobRequest, tokens: Vec<i64>) -> Result<pb::JobHandle, Status> {
+    fn start(
+        &self,
+        request: pb::JobRequest,
+        tokens: Vec<i64>,
+        owner: Identity,
+    ) -> Result<pb::JobHandle, Status> {
         let engine = self.engine.clone();
         if engine.is_draining() {
             return Err(Status::unavailable(
@@ -128,12 +138,7 @@ impl JobsService {
         if tokens.is_empty() {
             return Err(Status::invalid_argument("a job needs at least one token"));
         }
-        static NEXT: AtomicU64 = AtomicU64::new(1);
-        let id = format!(
-            "job-{}-{}",
-            std::process::id(),
-            NEXT.fetch_add(1, Ordering::Relaxed)
-        );
+        let id = format!("job-{}", random_id());
         let total = tokens.len() as u64;
         // The server bounds a job's step whatever the client asks: other sessions wait at
         // most one step for it, and Cancel is seen between steps.
@@ -161,6 +166,7 @@ impl JobsService {
             table.jobs.insert(
                 id.clone(),
                 Job {
+                    owner: owner.name.clone(),
                     status: status_rx,
                     result: result.clone(),
                     cancel: cancel.clone(),
@@ -170,7 +176,7 @@ impl JobsService {
         }
         let name = id.clone();
         tokio::spawn(async move {
-            let key = session_key(model, &name);
+            let key = owned_session_key(model, &owner.name, &name);
             let worker = engine.pick_worker();
             let started = Instant::now();
             let width = engine.models[model as usize].width();
@@ -271,15 +277,17 @@ impl pb::jobs_server::Jobs for JobsService {
         &self,
         request: Request<pb::JobRequest>,
     ) -> Result<Response<pb::JobHandle>, Status> {
+        let owner = Identity::of(&request);
         let mut request = request.into_inner();
         let tokens = std::mem::take(&mut request.tokens);
-        self.start(request, tokens).map(Response::new)
+        self.start(request, tokens, owner).map(Response::new)
     }
 
     async fn submit_stream(
         &self,
         request: Request<Streaming<pb::JobUpload>>,
     ) -> Result<Response<pb::JobHandle>, Status> {
+        let owner = Identity::of(&request);
         let mut inbound = request.into_inner();
         let mut header = None;
         let mut tokens = Vec::new();
@@ -309,14 +317,16 @@ impl pb::jobs_server::Jobs for JobsService {
         }
         let header = header
             .ok_or_else(|| Status::invalid_argument("empty upload: send a `header` first"))?;
-        self.start(header, tokens).map(Response::new)
+        self.start(header, tokens, owner).map(Response::new)
     }
 
     type WatchStream = EventStream;
 
     async fn watch(&self, request: Request<pb::JobRef>) -> Result<Response<EventStream>, Status> {
+        let owner = Identity::of(&request);
         let id = request.into_inner().job_id;
-        let (mut status, result) = self.job(&id, |j| (j.status.clone(), j.result.clone()))?;
+        let (mut status, result) =
+            self.job(&id, &owner, |j| (j.status.clone(), j.result.clone()))?;
         let stream = async_stream(move |tx| async move {
             loop {
                 let current = status.borrow_and_update().clone();
@@ -358,8 +368,9 @@ impl pb::jobs_server::Jobs for JobsService {
         &self,
         request: Request<pb::JobRef>,
     ) -> Result<Response<pb::JobStatus>, Status> {
+        let owner = Identity::of(&request);
         let id = request.into_inner().job_id;
-        let status = self.job(&id, |j| {
+        let status = self.job(&id, &owner, |j| {
             j.cancel.store(true, Ordering::Relaxed);
             j.status.borrow().clone()
         })?;
@@ -367,8 +378,9 @@ impl pb::jobs_server::Jobs for JobsService {
     }
 
     async fn get(&self, request: Request<pb::JobRef>) -> Result<Response<pb::JobStatus>, Status> {
+        let owner = Identity::of(&request);
         let id = request.into_inner().job_id;
-        self.job(&id, |j| j.status.borrow().clone())
+        self.job(&id, &owner, |j| j.status.borrow().clone())
             .map(Response::new)
     }
 }

@@ -177,6 +177,12 @@ pub struct SessionEvent {
     pub expired: bool,
 }
 
+/// The key of session `name` of `model` owned by identity `owner`: the same name under
+/// another identity is another session (so one client cannot resume or end another's).
+pub fn owned_session_key(model: u32, owner: &str, name: &str) -> SessionKey {
+    session_key(model, &format!("{owner}\u{0}{name}"))
+}
+
 /// The first 64 bits of a well-mixed hash (FNV-1a folded through a SplitMix64 finaliser):
 /// stable across processes and runs, as placement must be.
 pub fn session_key(model: u32, name: &str) -> SessionKey {

@@ -2,6 +2,7 @@
 //! `tideway.v1` API ([`native`]), the KServe v2 / Triton inference protocol ([`inference`]),
 //! `grpc.health.v1` and server reflection.
 
+pub mod auth;
 pub mod engine;
 pub mod inference;
 pub mod jobs;
@@ -33,10 +34,12 @@ use tideway_proto::tideway::v1::streams_server::StreamsServer;
 
 use crate::device::Device;
 use crate::tensor_parallel::ParallelArgs;
+use auth::{Authenticate, Tokens};
 use engine::{Engine, RuntimeConfig};
 use limits::Limits;
 use served::{Placement, ServedModel};
 use stages::Plan;
+use tonic::service::interceptor::InterceptedService;
 
 #[derive(Args)]
 pub struct ServeArgs {
@@ -79,6 +82,12 @@ pub struct ServeArgs {
     metrics: Option<String>,
     #[command(flatten)]
     pub limits: Limits,
+    /// Bearer tokens: a file of `TOKEN IDENTITY ROLE` lines (role client or admin). Every call
+    /// then needs `authorization: Bearer TOKEN`; sessions and jobs belong to the identity that
+    /// made them; Admin calls need the admin role. Without it, every call is one anonymous
+    /// identity, admin from loopback only.
+    #[arg(long, value_name = "FILE")]
+    auth: Option<PathBuf>,
     #[command(flatten)]
     pub parallel: ParallelArgs,
     /// Where models run: cpu, or cuda:N (a build with --features cuda), or cuda-emulator.
@@ -116,6 +125,8 @@ fn parse_model_arg(arg: &str) -> Result<(String, PathBuf)> {
 }
 
 pub fn serve(args: ServeArgs) -> Result<()> {
+    // Read first: a bad token file stops the server before it loads anything.
+    let authenticate = Authenticate::new(args.auth.as_deref().map(Tokens::load).transpose()?);
     let (hosts, process) = match (&args.hosts, args.process) {
         (Some(file), Some(process)) => {
             let text = std::fs::read_to_string(file)
@@ -213,6 +224,7 @@ pub fn serve(args: ServeArgs) -> Result<()> {
         engine.clone(),
         listener,
         args.limits.max_message_bytes,
+        authenticate,
     ));
     engine.shutdown();
     result
@@ -289,7 +301,12 @@ pub fn start_in_process(models: Vec<(String, PathBuf)>, workers: usize) -> Resul
             }
         };
         let _ = tx.send(listener.local_addr().map_err(anyhow::Error::from));
-        let _ = runtime.block_on(serve_grpc(engine, listener, 256 << 20));
+        let _ = runtime.block_on(serve_grpc(
+            engine,
+            listener,
+            Limits::default().max_message_bytes,
+            Authenticate::default(),
+        ));
     });
     rx.recv()
         .map_err(|_| anyhow::anyhow!("the in-process server stopped before it listened"))?
@@ -299,18 +316,15 @@ async fn serve_grpc(
     engine: Arc<Engine>,
     listener: tokio::net::TcpListener,
     max_message: usize,
+    authenticate: Authenticate,
 ) -> Result<()> {
     let (health_reporter, health_service) = tonic_health::server::health_reporter();
-    health_reporter
-        .set_serving::<GrpcInferenceServiceServer<inference::InferenceService>>()
-        .await;
-    health_reporter
-        .set_serving::<StreamsServer<native::StreamsService>>()
-        .await;
     // The empty service name stands for the server as a whole.
-    health_reporter
-        .set_service_status("", tonic_health::ServingStatus::Serving)
-        .await;
+    for service in native::SERVING_SERVICES {
+        health_reporter
+            .set_service_status(*service, tonic_health::ServingStatus::Serving)
+            .await;
+    }
     let reflection = tonic_reflection::server::Builder::configure()
         .register_encoded_file_descriptor_set(tideway_proto::FILE_DESCRIPTOR_SET)
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
@@ -326,19 +340,37 @@ async fn serve_grpc(
                 .accept_compressed(CompressionEncoding::Deflate)
         };
     }
-    let inference = limits!(GrpcInferenceServiceServer::new(
-        inference::InferenceService::new(engine.clone())
-    ));
-    let streams = limits!(StreamsServer::new(native::StreamsService {
-        engine: engine.clone(),
-    }));
-    let models = ModelsServer::new(native::ModelsService {
-        engine: engine.clone(),
-    });
-    let jobs = limits!(JobsServer::new(jobs::JobsService::new(engine.clone())));
-    let admin = AdminServer::new(native::AdminService {
-        engine: engine.clone(),
-    });
+    // Every service that reads or makes sessions, jobs or server state needs an identity;
+    // health and reflection answer anyone.
+    let inference = InterceptedService::new(
+        limits!(GrpcInferenceServiceServer::new(
+            inference::InferenceService::new(engine.clone())
+        )),
+        authenticate.clone(),
+    );
+    let streams = InterceptedService::new(
+        limits!(StreamsServer::new(native::StreamsService {
+            engine: engine.clone(),
+        })),
+        authenticate.clone(),
+    );
+    let models = InterceptedService::new(
+        ModelsServer::new(native::ModelsService {
+            engine: engine.clone(),
+        }),
+        authenticate.clone(),
+    );
+    let jobs = InterceptedService::new(
+        limits!(JobsServer::new(jobs::JobsService::new(engine.clone()))),
+        authenticate.clone(),
+    );
+    let admin = InterceptedService::new(
+        AdminServer::new(native::AdminService {
+            engine: engine.clone(),
+            health: Some(health_reporter.clone()),
+        }),
+        authenticate.clone(),
+    );
     let shutdown = async {
         let _ = tokio::signal::ctrl_c().await;
         eprintln!("tideway: shutting down");

@@ -2,7 +2,7 @@
 
 use std::pin::Pin;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::Ordering;
 
 use tokio::sync::{mpsc, oneshot};
 use tokio_stream::Stream;
@@ -13,8 +13,9 @@ use pb::stream_request::Kind as InKind;
 use pb::stream_response::Kind as OutKind;
 use tideway_proto::tideway::v1 as pb;
 
+use super::auth::{Identity, random_id};
 use super::engine::Engine;
-use super::messages::{self, Op, StepInput, session_key};
+use super::messages::{self, Op, StepInput, owned_session_key};
 use super::requests::{LengthLimit, TensorSpec, answer, check_answer, check_ids, tensor_specs};
 use super::served::ServedKind;
 use super::status::{inbound_error, op_status, submit_status};
@@ -30,18 +31,6 @@ pub fn tensor_f32(name: &str, shape: &[i64], values: &[f32]) -> pb::Tensor {
         shape: shape.to_vec(),
         data: values.iter().flat_map(|v| v.to_le_bytes()).collect(),
     }
-}
-
-fn new_session_name() -> String {
-    static COUNTER: AtomicU64 = AtomicU64::new(0);
-    let nanos = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_nanos() as u64);
-    let n = COUNTER.fetch_add(1, Ordering::Relaxed);
-    format!(
-        "{:016x}",
-        session_key(std::process::id(), &format!("{nanos}/{n}"))
-    )
 }
 
 pub struct StreamsService {
@@ -63,6 +52,7 @@ impl pb::streams_server::Streams for StreamsService {
         request: Request<Streaming<pb::StreamRequest>>,
     ) -> Result<Response<OutStream>, Status> {
         let engine = self.engine.clone();
+        let owner = Identity::of(&request);
         let mut inbound = request.into_inner();
         let first = inbound.message().await?.ok_or_else(|| {
             Status::invalid_argument("empty stream: the first message must be `start`")
@@ -99,9 +89,9 @@ impl pb::streams_server::Streams for StreamsService {
         let name = if resumed {
             start.resume_session_id.clone()
         } else {
-            new_session_name()
+            random_id()
         };
-        let key = session_key(model, &name);
+        let key = owned_session_key(model, &owner.name, &name);
         let op = if resumed {
             Op::Probe {
                 model,
@@ -410,14 +400,17 @@ impl pb::models_server::Models for ModelsService {
 
 pub struct AdminService {
     pub engine: Arc<Engine>,
+    /// The health service's reporter (None in tests without one).
+    pub health: Option<tonic_health::server::HealthReporter>,
 }
 
 #[tonic::async_trait]
 impl pb::admin_server::Admin for AdminService {
     async fn stats(
         &self,
-        _request: Request<pb::StatsRequest>,
+        request: Request<pb::StatsRequest>,
     ) -> Result<Response<pb::StatsResponse>, Status> {
+        Identity::of(&request).require_admin("Admin.Stats")?;
         let board = &self.engine.board;
         let snap = board.snapshot();
         let threads = board.threads as u32;
@@ -452,11 +445,41 @@ impl pb::admin_server::Admin for AdminService {
 
     async fn drain(
         &self,
-        _request: Request<pb::DrainRequest>,
+        request: Request<pb::DrainRequest>,
     ) -> Result<Response<pb::DrainResponse>, Status> {
+        Identity::of(&request).require_admin("Admin.Drain")?;
         self.engine.drain();
+        self.set_health(tonic_health::ServingStatus::NotServing)
+            .await;
         Ok(Response::new(pb::DrainResponse {
             live_sessions: self.engine.board.snapshot().live,
         }))
     }
+
+    async fn undrain(
+        &self,
+        request: Request<pb::UndrainRequest>,
+    ) -> Result<Response<pb::UndrainResponse>, Status> {
+        Identity::of(&request).require_admin("Admin.Undrain")?;
+        self.engine.undrain();
+        self.set_health(tonic_health::ServingStatus::Serving).await;
+        Ok(Response::new(pb::UndrainResponse {
+            live_sessions: self.engine.board.snapshot().live,
+        }))
+    }
 }
+
+impl AdminService {
+    /// What `grpc.health.v1` answers for the server and its serving services.
+    async fn set_health(&self, status: tonic_health::ServingStatus) {
+        if let Some(health) = &self.health {
+            for service in SERVING_SERVICES {
+                health.set_service_status(*service, status).await;
+            }
+        }
+    }
+}
+
+/// The services health reports on: the server as a whole (""), and the two that serve
+/// sessions.
+pub const SERVING_SERVICES: &[&str] = &["", "inference.GRPCInferenceService", "tideway.v1.Streams"];
