@@ -15,6 +15,7 @@ pub mod served;
 pub mod stages;
 pub mod stats;
 pub mod status;
+pub mod tls;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -39,6 +40,7 @@ use engine::{Engine, RuntimeConfig};
 use limits::Limits;
 use served::{Placement, ServedModel};
 use stages::Plan;
+use tls::{Tls, TlsArgs};
 use tonic::service::interceptor::InterceptedService;
 
 #[derive(Args)]
@@ -89,6 +91,8 @@ pub struct ServeArgs {
     #[arg(long, value_name = "FILE")]
     auth: Option<PathBuf>,
     #[command(flatten)]
+    tls: TlsArgs,
+    #[command(flatten)]
     pub parallel: ParallelArgs,
     /// Where models run: cpu, or cuda:N (a build with --features cuda), or cuda-emulator.
     #[arg(long, default_value = "cpu")]
@@ -127,6 +131,7 @@ fn parse_model_arg(arg: &str) -> Result<(String, PathBuf)> {
 pub fn serve(args: ServeArgs) -> Result<()> {
     // Read first: a bad token file stops the server before it loads anything.
     let authenticate = Authenticate::new(args.auth.as_deref().map(Tokens::load).transpose()?);
+    let tls = Tls::load(&args.tls)?;
     let (hosts, process) = match (&args.hosts, args.process) {
         (Some(file), Some(process)) => {
             let text = std::fs::read_to_string(file)
@@ -225,6 +230,7 @@ pub fn serve(args: ServeArgs) -> Result<()> {
         listener,
         args.limits.max_message_bytes,
         authenticate,
+        tls,
     ));
     engine.shutdown();
     result
@@ -306,6 +312,7 @@ pub fn start_in_process(models: Vec<(String, PathBuf)>, workers: usize) -> Resul
             listener,
             Limits::default().max_message_bytes,
             Authenticate::default(),
+            None,
         ));
     });
     rx.recv()
@@ -317,6 +324,7 @@ async fn serve_grpc(
     listener: tokio::net::TcpListener,
     max_message: usize,
     authenticate: Authenticate,
+    tls: Option<Arc<Tls>>,
 ) -> Result<()> {
     let (health_reporter, health_service) = tonic_health::server::health_reporter();
     // The empty service name stands for the server as a whole.
@@ -375,15 +383,26 @@ async fn serve_grpc(
         let _ = tokio::signal::ctrl_c().await;
         eprintln!("tideway: shutting down");
     };
-    tonic::transport::Server::builder()
+    let router = tonic::transport::Server::builder()
         .add_service(health_service)
         .add_service(reflection)
         .add_service(inference)
         .add_service(streams)
         .add_service(models)
         .add_service(jobs)
-        .add_service(admin)
-        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown)
-        .await
-        .context("gRPC server failed")
+        .add_service(admin);
+    match tls {
+        Some(tls) => {
+            tls.reload_on_hangup()?;
+            router
+                .serve_with_incoming_shutdown(tls.incoming(listener), shutdown)
+                .await
+        }
+        None => {
+            router
+                .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown)
+                .await
+        }
+    }
+    .context("gRPC server failed")
 }
