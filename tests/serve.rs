@@ -884,9 +884,31 @@ async fn metrics_show_sessions_and_a_disconnect_freeing_one() {
         .unwrap_err();
     let page = scrape(&metrics_addr);
     assert_eq!(
-        metric(&page, "tideway_errors_total{code=\"NotFound\"}"),
+        metric(
+            &page,
+            "tideway_errors_total{service=\"inference.GRPCInferenceService\",method=\"ModelInfer\",code=\"NotFound\"}"
+        ),
         1.0
     );
+    // Native APIs are counted too, and a stream the server refused is not a disconnect.
+    let refused = run_stream(&url, &[vec![VOCAB + 5]]).await.unwrap_err();
+    assert_eq!(refused.code(), Code::InvalidArgument, "{refused:?}");
+    let page = scrape(&metrics_addr);
+    assert_eq!(
+        metric(
+            &page,
+            "tideway_errors_total{service=\"tideway.v1.Streams\",method=\"Open\",code=\"InvalidArgument\"}"
+        ),
+        1.0
+    );
+    assert_eq!(
+        metric(
+            &page,
+            "tideway_errors_total{service=\"tideway.v1.Streams\",method=\"Open\",code=\"FailedPrecondition\"}"
+        ),
+        1.0
+    );
+    assert_eq!(metric(&page, "tideway_disconnects_total"), 1.0);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

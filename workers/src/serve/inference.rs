@@ -454,10 +454,15 @@ impl InferenceService {
         c.last_ms.store(ms, Ordering::Relaxed);
     }
 
-    fn error(&self, status: Status) -> Status {
-        self.engine
-            .board
-            .count_error(&format!("{:?}", status.code()));
+    /// An error answered inside a `ModelStreamInfer` stream (as Triton does, in a response's
+    /// `error_message`): the call itself succeeds, so the server's error-metrics layer does
+    /// not see it; counted here.
+    fn stream_error(&self, status: Status) -> Status {
+        self.engine.board.count_grpc_error(
+            "inference.GRPCInferenceService",
+            "ModelStreamInfer",
+            status.code(),
+        );
         status
     }
 }
@@ -554,17 +559,15 @@ impl pb::grpc_inference_service_server::GrpcInferenceService for InferenceServic
     ) -> Result<Response<pb::ModelInferResponse>, Status> {
         let started = Instant::now();
         let owner = Identity::of(&request);
-        let prepared = self
-            .prepare(request.into_inner(), &owner)
-            .map_err(|s| self.error(s))?;
+        let prepared = self.prepare(request.into_inner(), &owner)?;
         let worker = self.engine.pick_worker();
         let rx = self
             .engine
             .submit(worker, prepared.key, prepared.op, false)
-            .map_err(|e| self.error(submit_status(e)))?;
+            .map_err(submit_status)?;
         let result = finish(rx).await;
         self.count(prepared.model, started, result.is_ok());
-        let reply = result.map_err(|s| self.error(s))?;
+        let reply = result?;
         let output = self.engine.models[prepared.model as usize].output_name();
         Ok(Response::new(Self::respond(
             prepared.id,
@@ -631,11 +634,11 @@ impl pb::grpc_inference_service_server::GrpcInferenceService for InferenceServic
                             infer_response: Some(response),
                         }),
                         Err(status) => {
-                            let status = counters_service.error(status);
                             if errors_end_stream {
                                 let _ = writer_tx.send(Err(status)).await;
                                 return;
                             }
+                            let status = counters_service.stream_error(status);
                             Ok(pb::ModelStreamInferResponse {
                                 error_message: status_message(&status),
                                 infer_response: Some(pb::ModelInferResponse {

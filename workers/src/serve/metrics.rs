@@ -139,18 +139,20 @@ pub fn render(engine: &Engine) -> String {
         "Compute time of one epoch's batch on one worker.",
         &lines,
     );
-    let errors = board.errors.lock().unwrap().clone();
-    let mut error_lines: Vec<String> = errors
-        .iter()
-        .map(|(code, n)| format!("tideway_errors_total{{code=\"{code}\"}} {n}"))
-        .collect();
-    error_lines.sort();
     metric_out(
         &mut out,
         "tideway_errors_total",
         "counter",
-        "Requests answered with an error, by gRPC status code.",
-        &error_lines,
+        "gRPC calls answered with an error, by service, method and status code (every API, refusals by the transport included).",
+        &board
+            .grpc_errors()
+            .into_iter()
+            .map(|((service, method, code), n)| {
+                format!(
+                    "tideway_errors_total{{service=\"{service}\",method=\"{method}\",code=\"{code}\"}} {n}"
+                )
+            })
+            .collect::<Vec<_>>(),
     );
     metric_out(
         &mut out,

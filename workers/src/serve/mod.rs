@@ -4,6 +4,7 @@
 
 pub mod auth;
 pub mod engine;
+pub mod grpc_metrics;
 pub mod inference;
 pub mod jobs;
 pub mod limits;
@@ -37,6 +38,7 @@ use crate::device::Device;
 use crate::tensor_parallel::ParallelArgs;
 use auth::{Authenticate, Tokens};
 use engine::{Engine, RuntimeConfig};
+use grpc_metrics::ErrorMetricsLayer;
 use limits::Limits;
 use served::{Placement, ServedModel};
 use stages::Plan;
@@ -384,6 +386,7 @@ async fn serve_grpc(
         eprintln!("tideway: shutting down");
     };
     let router = tonic::transport::Server::builder()
+        .layer(ErrorMetricsLayer::new(engine.board.clone()))
         .add_service(health_service)
         .add_service(reflection)
         .add_service(inference)

@@ -142,26 +142,28 @@ impl pb::streams_server::Streams for StreamsService {
                             };
                             last = Some(reply);
                             if writer_tx.send(out(OutKind::Output(output))).await.is_err() {
-                                return (last, tokens, false);
+                                return (last, tokens, WriterEnd::ClientGone);
                             }
                         }
                         Ok(Err(e)) => {
                             let _ = writer_tx
                                 .send(Err(op_status(&e, Code::FailedPrecondition)))
                                 .await;
-                            return (last, tokens, false);
+                            return (last, tokens, WriterEnd::Refused);
                         }
                         Err(status) => {
                             let _ = writer_tx.send(Err(status)).await;
-                            return (last, tokens, false);
+                            return (last, tokens, WriterEnd::Refused);
                         }
                     }
                 }
-                (last, tokens, true)
+                (last, tokens, WriterEnd::Done)
             });
 
             let mut ended = false;
             let mut disconnected = false;
+            // The server answered with an error (the stream's end is its, not the client's).
+            let mut refused = false;
             loop {
                 // A client that goes away shows as a closed response channel (tonic drops it
                 // when the call is reset) or as an error on the inbound side.
@@ -178,6 +180,7 @@ impl pb::streams_server::Streams for StreamsService {
                     Err(status) => {
                         match inbound_error(&status) {
                             Some(answer) => {
+                                refused = true;
                                 let _ = tx.send(Err(answer)).await;
                             }
                             None => disconnected = true,
@@ -188,6 +191,7 @@ impl pb::streams_server::Streams for StreamsService {
                 let chunk = match message.kind {
                     Some(InKind::Chunk(chunk)) => chunk,
                     _ => {
+                        refused = true;
                         let _ = tx
                             .send(Err(Status::invalid_argument(
                                 "only the first message may be `start`; then send `chunk`s",
@@ -199,6 +203,7 @@ impl pb::streams_server::Streams for StreamsService {
                 let input = match chunk_input(&engine, model, &chunk) {
                     Ok(input) => input,
                     Err(status) => {
+                        refused = true;
                         let _ = tx.send(Err(status)).await;
                         break;
                     }
@@ -218,6 +223,7 @@ impl pb::streams_server::Streams for StreamsService {
                         }
                     }
                     Err(e) => {
+                        refused = true;
                         let _ = tx.send(Err(submit_status(e))).await;
                         break;
                     }
@@ -228,10 +234,14 @@ impl pb::streams_server::Streams for StreamsService {
                 }
             }
             drop(order_tx);
-            let (last, tokens, clean) = writer.await.unwrap_or((None, 0, false));
-            if disconnected || tx.is_closed() {
+            let (last, tokens, writer_end) =
+                writer.await.unwrap_or((None, 0, WriterEnd::ClientGone));
+            let refused = refused || writer_end == WriterEnd::Refused;
+            // A stream the server refused ends because of the refusal, not the client.
+            if !refused && (disconnected || writer_end == WriterEnd::ClientGone || tx.is_closed()) {
                 engine.board.disconnects.fetch_add(1, Ordering::Relaxed);
             }
+            let clean = writer_end == WriterEnd::Done;
             // The session's state is freed when the stream ends, unless the client kept it.
             let mut state_kept = keep;
             if !ended
@@ -241,7 +251,7 @@ impl pb::streams_server::Streams for StreamsService {
                 let _ = answer(rx).await;
                 state_kept = false;
             }
-            if clean && !disconnected {
+            if clean && !refused && !disconnected {
                 let position = last.map_or(opened.position_after, |r| r.position_after);
                 let summary = out(OutKind::Summary(pb::StreamSummary {
                     session_id: name,
@@ -256,6 +266,17 @@ impl pb::streams_server::Streams for StreamsService {
         });
         Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
     }
+}
+
+/// How a stream's writer stopped.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum WriterEnd {
+    /// Every answer went out.
+    Done,
+    /// The client stopped reading (its call is gone).
+    ClientGone,
+    /// The server answered with an error.
+    Refused,
 }
 
 /// A chunk's input: at most one kind of it (token ids, text, audio samples or frames),

@@ -26,7 +26,8 @@ pub struct StatsBoard {
     pub tokens: AtomicU64,
     latency_buckets: [AtomicU64; LATENCY_BUCKETS.len() + 1],
     latency_sum_ns: AtomicU64,
-    pub errors: Mutex<HashMap<String, u64>>,
+    /// Calls answered with an error, by (service, method, code name).
+    grpc_errors: Mutex<BTreeMap<(String, String, String), u64>>,
     pub disconnects: AtomicU64,
     /// Bytes of session state this process's layers stages hold, by (model, stage).
     stage_state: Mutex<BTreeMap<(u32, u32), i64>>,
@@ -58,7 +59,7 @@ impl StatsBoard {
             tokens: AtomicU64::new(0),
             latency_buckets: Default::default(),
             latency_sum_ns: AtomicU64::new(0),
-            errors: Mutex::default(),
+            grpc_errors: Mutex::default(),
             disconnects: AtomicU64::new(0),
             stage_state: Mutex::default(),
             limits: Mutex::default(),
@@ -150,13 +151,16 @@ impl StatsBoard {
         limits.iter().map(|(&k, &v)| (k, v)).collect()
     }
 
-    pub fn count_error(&self, code: &str) {
-        *self
-            .errors
-            .lock()
-            .unwrap()
-            .entry(code.to_string())
-            .or_insert(0) += 1;
+    /// A call of `service`/`method` ended with `code`.
+    pub fn count_grpc_error(&self, service: &str, method: &str, code: tonic::Code) {
+        let key = (service.to_string(), method.to_string(), format!("{code:?}"));
+        *self.grpc_errors.lock().unwrap().entry(key).or_insert(0) += 1;
+    }
+
+    /// Calls answered with an error so far, by (service, method, code).
+    pub fn grpc_errors(&self) -> Vec<((String, String, String), u64)> {
+        let errors = self.grpc_errors.lock().unwrap();
+        errors.iter().map(|(k, &v)| (k.clone(), v)).collect()
     }
 
     /// Cumulative histogram counts (Prometheus `le` buckets), then the sum in seconds.
