@@ -120,6 +120,19 @@ pub struct Engine {
     next_worker: AtomicUsize,
     draining: AtomicBool,
     guards: Mutex<Option<timely::communication::initialize::WorkerGuards<()>>>,
+    /// Client streams open now (native streams, inference streams, job watches).
+    open_streams: Arc<AtomicUsize>,
+    /// Set at shutdown, after the drain's grace: open streams end with UNAVAILABLE.
+    closing: tokio::sync::watch::Sender<bool>,
+}
+
+/// Counts one open client stream while it lives.
+pub struct StreamGuard(Arc<AtomicUsize>);
+
+impl Drop for StreamGuard {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
 }
 
 impl Engine {
@@ -203,6 +216,8 @@ impl Engine {
             next_id: AtomicU64::new(1),
             next_worker: AtomicUsize::new(0),
             draining: AtomicBool::new(false),
+            open_streams: Arc::default(),
+            closing: tokio::sync::watch::channel(false).0,
             guards: Mutex::new(Some(guards)),
         }))
     }
@@ -230,6 +245,29 @@ impl Engine {
 
     pub fn undrain(&self) {
         self.draining.store(false, Ordering::Relaxed);
+    }
+
+    /// Counts a client stream as open until the guard drops.
+    pub fn track_stream(&self) -> StreamGuard {
+        self.open_streams.fetch_add(1, Ordering::Relaxed);
+        StreamGuard(self.open_streams.clone())
+    }
+
+    pub fn open_streams(&self) -> usize {
+        self.open_streams.load(Ordering::Relaxed)
+    }
+
+    /// Resolves when the server closes its streams (shutdown, after the drain's grace).
+    pub fn closing(&self) -> impl std::future::Future<Output = ()> + Send + 'static {
+        let mut closing = self.closing.subscribe();
+        async move {
+            let _ = closing.wait_for(|&c| c).await;
+        }
+    }
+
+    /// Ends every open client stream with UNAVAILABLE.
+    pub fn close_streams(&self) {
+        self.closing.send_replace(true);
     }
 
     /// Hands one operation to the dataflow through local worker `worker`; the receiver

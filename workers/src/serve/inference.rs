@@ -28,7 +28,7 @@ use super::auth::Identity;
 use super::engine::Engine;
 use super::messages::{self, Op, StepInput, owned_session_key};
 use super::requests::{LengthLimit, answer, check_answer, check_ids, tensor_specs};
-use super::status::{inbound_error, op_status, status_message, submit_status};
+use super::status::{inbound_error, op_status, shutting_down, status_message, submit_status};
 
 const STREAM_CREDIT: usize = 64;
 
@@ -595,6 +595,9 @@ impl pb::grpc_inference_service_server::GrpcInferenceService for InferenceServic
         };
         let (tx, rx) = mpsc::channel(STREAM_CREDIT);
         tokio::spawn(async move {
+            let _open = service.engine.track_stream();
+            let closing = service.engine.closing();
+            tokio::pin!(closing);
             let worker = service.engine.pick_worker();
             // Answers in request order: either an immediate error or a pending reply.
             type Pending = Result<
@@ -654,7 +657,14 @@ impl pb::grpc_inference_service_server::GrpcInferenceService for InferenceServic
                 }
             });
             loop {
-                let request = match inbound.message().await {
+                let next = tokio::select! {
+                    next = inbound.message() => next,
+                    _ = &mut closing => {
+                        let _ = tx.send(Err(shutting_down())).await;
+                        break;
+                    }
+                };
+                let request = match next {
                     Ok(Some(request)) => request,
                     Ok(None) => break,
                     Err(status) => {

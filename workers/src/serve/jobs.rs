@@ -20,7 +20,7 @@ use super::engine::Engine;
 use super::messages::{Op, StepInput, owned_session_key};
 use super::native::tensor_f32;
 use super::requests::{LengthLimit, answer, check_answer, check_ids};
-use super::status::{inbound_error, op_status, submit_status};
+use super::status::{inbound_error, op_status, shutting_down, submit_status};
 
 const DEFAULT_CHUNK: usize = 256;
 /// What a job's record holds besides its result, in the bytes bound (so that results-less
@@ -327,7 +327,11 @@ impl pb::jobs_server::Jobs for JobsService {
         let id = request.into_inner().job_id;
         let (mut status, result) =
             self.job(&id, &owner, |j| (j.status.clone(), j.result.clone()))?;
+        let engine = self.engine.clone();
         let stream = async_stream(move |tx| async move {
+            let _open = engine.track_stream();
+            let closing = engine.closing();
+            tokio::pin!(closing);
             loop {
                 let current = status.borrow_and_update().clone();
                 let done = terminal(current.state);
@@ -352,7 +356,14 @@ impl pb::jobs_server::Jobs for JobsService {
                     }
                     return;
                 }
-                if status.changed().await.is_err() {
+                let changed = tokio::select! {
+                    changed = status.changed() => changed,
+                    _ = &mut closing => {
+                        let _ = tx.send(Err(shutting_down())).await;
+                        return;
+                    }
+                };
+                if changed.is_err() {
                     // The job task ended; its last status is in the channel.
                     let last = status.borrow().clone();
                     if !terminal(last.state) {

@@ -94,6 +94,10 @@ pub struct ServeArgs {
     auth: Option<PathBuf>,
     #[command(flatten)]
     tls: TlsArgs,
+    /// On SIGINT or SIGTERM: seconds to drain (new work refused, health NOT_SERVING) while
+    /// open streams finish; then the rest end with UNAVAILABLE and the process exits.
+    #[arg(long, default_value_t = 10.0)]
+    shutdown_grace_s: f64,
     #[command(flatten)]
     pub parallel: ParallelArgs,
     /// Where models run: cpu, or cuda:N (a build with --features cuda), or cuda-emulator.
@@ -233,6 +237,7 @@ pub fn serve(args: ServeArgs) -> Result<()> {
         args.limits.max_message_bytes,
         authenticate,
         tls,
+        Duration::from_secs_f64(args.shutdown_grace_s.max(0.0)),
     ));
     engine.shutdown();
     result
@@ -315,10 +320,58 @@ pub fn start_in_process(models: Vec<(String, PathBuf)>, workers: usize) -> Resul
             Limits::default().max_message_bytes,
             Authenticate::default(),
             None,
+            Duration::ZERO,
         ));
     });
     rx.recv()
         .map_err(|_| anyhow::anyhow!("the in-process server stopped before it listened"))?
+}
+
+/// Waits for SIGINT or SIGTERM, then drains: new work is refused and health says
+/// NOT_SERVING while open streams have `grace` to finish; the rest end with UNAVAILABLE.
+/// Resolving lets the gRPC server close its connections; ones that linger do not hold the
+/// process more than a few seconds.
+async fn graceful_shutdown(
+    engine: Arc<Engine>,
+    health: tonic_health::server::HealthReporter,
+    grace: Duration,
+) {
+    let signal = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+        Ok(mut term) => tokio::select! {
+            _ = tokio::signal::ctrl_c() => "SIGINT",
+            _ = term.recv() => "SIGTERM",
+        },
+        Err(_) => {
+            let _ = tokio::signal::ctrl_c().await;
+            "SIGINT"
+        }
+    };
+    eprintln!(
+        "tideway: {signal}: draining for up to {:.1} s ({} open streams)",
+        grace.as_secs_f64(),
+        engine.open_streams()
+    );
+    engine.drain();
+    for service in native::SERVING_SERVICES {
+        health
+            .set_service_status(*service, tonic_health::ServingStatus::NotServing)
+            .await;
+    }
+    let deadline = tokio::time::Instant::now() + grace;
+    while engine.open_streams() > 0 && tokio::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let open = engine.open_streams();
+    if open > 0 {
+        eprintln!("tideway: closing {open} open streams with UNAVAILABLE");
+    }
+    engine.close_streams();
+    tokio::spawn(async {
+        tokio::time::sleep(Duration::from_secs(5)).await;
+        eprintln!("tideway: connections still open 5 s after the drain; exiting");
+        std::process::exit(0);
+    });
+    eprintln!("tideway: shutting down");
 }
 
 async fn serve_grpc(
@@ -327,6 +380,7 @@ async fn serve_grpc(
     max_message: usize,
     authenticate: Authenticate,
     tls: Option<Arc<Tls>>,
+    grace: Duration,
 ) -> Result<()> {
     let (health_reporter, health_service) = tonic_health::server::health_reporter();
     // The empty service name stands for the server as a whole.
@@ -381,10 +435,7 @@ async fn serve_grpc(
         }),
         authenticate.clone(),
     );
-    let shutdown = async {
-        let _ = tokio::signal::ctrl_c().await;
-        eprintln!("tideway: shutting down");
-    };
+    let shutdown = graceful_shutdown(engine.clone(), health_reporter.clone(), grace);
     let router = tonic::transport::Server::builder()
         .layer(ErrorMetricsLayer::new(engine.board.clone()))
         .add_service(health_service)

@@ -18,7 +18,7 @@ use super::engine::Engine;
 use super::messages::{self, Op, StepInput, owned_session_key};
 use super::requests::{LengthLimit, TensorSpec, answer, check_answer, check_ids, tensor_specs};
 use super::served::ServedKind;
-use super::status::{inbound_error, op_status, submit_status};
+use super::status::{inbound_error, op_status, shutting_down, submit_status};
 
 /// Chunks of one stream that may be in the dataflow at once: the stream's credit. A client
 /// that sends faster waits (HTTP/2 flow control), and its slowness is its own.
@@ -124,6 +124,9 @@ impl pb::streams_server::Streams for StreamsService {
             .await;
         let keep = start.keep;
         tokio::spawn(async move {
+            let _open = engine.track_stream();
+            let closing = engine.closing();
+            tokio::pin!(closing);
             let (order_tx, mut order_rx) =
                 mpsc::channel::<oneshot::Receiver<messages::Response>>(STREAM_CREDIT);
             // Answers go out in the order the chunks came in.
@@ -171,6 +174,11 @@ impl pb::streams_server::Streams for StreamsService {
                     next = inbound.message() => next,
                     _ = tx.closed() => {
                         disconnected = true;
+                        break;
+                    }
+                    _ = &mut closing => {
+                        refused = true;
+                        let _ = tx.send(Err(shutting_down())).await;
                         break;
                     }
                 };

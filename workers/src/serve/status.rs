@@ -24,6 +24,13 @@ pub fn submit_status(e: SubmitError) -> Status {
     }
 }
 
+/// What open streams are told when the server shuts down after its drain's grace.
+pub fn shutting_down() -> Status {
+    Status::unavailable(
+        "the server is shutting down: resume the session on another node, or here after the restart",
+    )
+}
+
 /// `unknown_code` is what an unknown session maps to: FAILED_PRECONDITION on `tideway.v1`,
 /// INVALID_ARGUMENT on the inference protocol (as Triton answers).
 pub fn op_status(e: &OpError, unknown_code: tonic::Code) -> Status {
