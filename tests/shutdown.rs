@@ -1,6 +1,7 @@
-//! Graceful shutdown of `tideway serve`: on SIGTERM (or SIGINT) the server drains — new
-//! streams are refused, health says NOT_SERVING, open streams may finish within
-//! `--shutdown-grace-s` — then ends the streams still open with UNAVAILABLE and exits.
+//! Operating `tideway serve`: graceful shutdown — on SIGTERM (or SIGINT) the server drains
+//! (new streams are refused, health says NOT_SERVING, open streams may finish within
+//! `--shutdown-grace-s`), then ends the streams still open with UNAVAILABLE and exits — and
+//! logs a collector can read (no colour codes off a terminal, or JSON lines).
 
 mod common;
 
@@ -169,4 +170,24 @@ async fn a_stream_that_finishes_within_the_grace_gets_its_answers() {
         "{exit:?}: {}",
         server.stderr()
     );
+}
+
+#[test]
+fn logs_have_no_colour_codes_off_a_terminal_and_can_be_json() {
+    let model = format!("lm={}", fixtures_dir().join("mamba/hf_odd_tied").display());
+    let text = Server::start(&["--model", &model]);
+    wait_for(&text, "loaded");
+    assert!(!text.stderr().contains('\u{1b}'), "{}", text.stderr());
+    let json = Server::start(&["--model", &model, "--log-format", "json"]);
+    wait_for(&json, "loaded");
+    let line = json
+        .stderr()
+        .lines()
+        .find(|l| l.contains("loaded"))
+        .unwrap()
+        .to_string();
+    let record: serde_json::Value = serde_json::from_str(&line).unwrap();
+    assert_eq!(record["level"], "INFO", "{line}");
+    assert_eq!(record["fields"]["model"], "lm", "{line}");
+    assert_eq!(record["fields"]["family"], "mamba", "{line}");
 }

@@ -37,6 +37,10 @@ struct Cli {
     /// Compute threads (default: all cores).
     #[arg(long, global = true)]
     threads: Option<usize>,
+    /// Log lines on stderr: text (colours only on a terminal), or one JSON object per line
+    /// for log collectors. TIDEWAY_LOG filters them (default `info`).
+    #[arg(long, global = true, value_enum, default_value = "text")]
+    log_format: LogFormat,
     #[command(subcommand)]
     command: Command,
 }
@@ -67,6 +71,25 @@ enum Command {
     GpuCheck(gpu::GpuCheckArgs),
 }
 
+#[derive(Clone, Copy, Debug, clap::ValueEnum)]
+enum LogFormat {
+    Text,
+    Json,
+}
+
+fn init_logging(format: LogFormat) {
+    use std::io::IsTerminal;
+    let filter = tracing_subscriber::EnvFilter::try_from_env("TIDEWAY_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let logs = tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_env_filter(filter);
+    match format {
+        LogFormat::Text => logs.with_ansi(std::io::stderr().is_terminal()).init(),
+        LogFormat::Json => logs.json().with_current_span(false).init(),
+    }
+}
+
 /// Keeps freed activation buffers in the heap instead of returning them to the kernel.
 ///
 /// glibc serves allocations over its (adaptive) mmap threshold with fresh mappings and unmaps
@@ -86,13 +109,7 @@ fn keep_freed_activations_in_heap() {
 fn main() -> ExitCode {
     keep_freed_activations_in_heap();
     let cli = Cli::parse();
-    tracing_subscriber::fmt()
-        .with_writer(std::io::stderr)
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_env("TIDEWAY_LOG")
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
-        )
-        .init();
+    init_logging(cli.log_format);
     // Tensor-parallel ranks started as processes share this machine's cores.
     let processes = match &cli.command {
         Command::Run(a) => a.parallel.local_processes(),
