@@ -20,6 +20,10 @@ const BOB: &str = "bob-token-0123456789ab";
 const ROOT: &str = "root-token-0123456789a";
 
 fn start_server() -> Server {
+    start_server_with(&[])
+}
+
+fn start_server_with(extra: &[&str]) -> Server {
     let dir = scratch_dir("access");
     let tokens = dir.join("tokens.txt");
     std::fs::write(
@@ -29,12 +33,10 @@ fn start_server() -> Server {
         ),
     )
     .unwrap();
-    Server::start(&[
-        "--model",
-        &format!("lm={}", fixtures_dir().join("mamba/hf_odd_tied").display()),
-        "--auth",
-        tokens.to_str().unwrap(),
-    ])
+    let model = format!("lm={}", fixtures_dir().join("mamba/hf_odd_tied").display());
+    let mut args = vec!["--model", &model, "--auth", tokens.to_str().unwrap()];
+    args.extend(extra);
+    Server::start(&args)
 }
 
 /// A request carrying `token` (none: no header).
@@ -298,4 +300,27 @@ fn a_bad_token_file_stops_the_server_before_it_starts() {
         let text = stderr(&output);
         assert!(text.contains(needle), "want {needle:?}: {text}");
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_client_cannot_take_every_session() {
+    let server = start_server_with(&["--max-sessions-per-client", "2", "--workers", "1"]);
+    let channel = Channel::from_shared(server.url())
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    // Alice keeps two sessions (kept after their calls); a third is refused, Bob's is not.
+    for _ in 0..2 {
+        open(&channel, ALICE, "", vec![]).await.unwrap();
+    }
+    let e = open(&channel, ALICE, "", vec![]).await.unwrap_err();
+    assert_eq!(e.code(), Code::ResourceExhausted, "{e:?}");
+    assert!(
+        e.message().contains(
+            "identity \"alice\" holds its limit of 2 live sessions (--max-sessions-per-client)"
+        ),
+        "{e:?}"
+    );
+    open(&channel, BOB, "", vec![]).await.unwrap();
 }

@@ -360,8 +360,7 @@ fn run_worker(worker: &mut timely::worker::Worker, rx: Receiver<Request>, contex
             index,
             models.clone(),
             config.idle_limit,
-            config.limits.sessions_per_worker(config.plan.workers),
-            config.limits.max_sessions,
+            config.limits.session_limits(config.plan.workers),
         );
         let (envelopes, events) = requests.frontend(plan, lifecycle);
         let mut staged = envelopes.prune();

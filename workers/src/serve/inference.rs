@@ -374,6 +374,7 @@ impl InferenceService {
             op: Op::Step {
                 model,
                 name,
+                owner: owner.name.clone(),
                 input,
                 start,
                 end,

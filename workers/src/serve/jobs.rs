@@ -199,6 +199,7 @@ impl JobsService {
                 let op = Op::Step {
                     model,
                     name: name.clone(),
+                    owner: owner.name.clone(),
                     input: StepInput::Tokens(piece.to_vec()),
                     start: i == 0,
                     end: i + 1 == count,

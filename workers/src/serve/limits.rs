@@ -4,6 +4,8 @@
 //! `tideway_limit_refusals_total{limit}`.
 
 use clap::Args;
+
+use super::stages::lifecycle::SessionLimits;
 use tideway_operators::tokenizers::audio::AudioLimits;
 use tideway_operators::tokenizers::text::DEFAULT_MAX_HELD_TEXT;
 
@@ -34,6 +36,9 @@ pub struct Limits {
     /// at most its share, since sessions are spread by a hash of their names).
     #[arg(long, default_value_t = 100_000)]
     pub max_sessions: usize,
+    /// Sessions one client identity may hold at once (each worker its share).
+    #[arg(long, default_value_t = 10_000)]
+    pub max_sessions_per_client: usize,
     /// Bytes of text a stream may hold undecided (text with no word boundary waits for one).
     #[arg(long, default_value_t = DEFAULT_MAX_HELD_TEXT)]
     pub max_held_text_bytes: usize,
@@ -60,6 +65,7 @@ impl Default for Limits {
             max_job_results_bytes: 256 << 20,
             job_result_ttl_s: 600.0,
             max_sessions: 100_000,
+            max_sessions_per_client: 10_000,
             max_held_text_bytes: DEFAULT_MAX_HELD_TEXT,
             min_sample_rate: audio.min_rate,
             max_sample_rate: audio.max_rate,
@@ -89,6 +95,7 @@ impl Limits {
             ("--max-job-tokens", self.max_job_tokens),
             ("--max-job-chunk", self.max_job_chunk),
             ("--max-sessions", self.max_sessions),
+            ("--max-sessions-per-client", self.max_sessions_per_client),
             ("--max-chunk-samples", self.max_chunk_samples),
             ("--max-held-text-bytes", self.max_held_text_bytes),
         ] {
@@ -107,8 +114,14 @@ impl Limits {
         }
     }
 
-    /// Sessions one of `workers` workers may hold.
-    pub fn sessions_per_worker(&self, workers: usize) -> usize {
-        self.max_sessions.div_ceil(workers.max(1))
+    /// What one of `workers` workers may hold: its share of each session limit.
+    pub fn session_limits(&self, workers: usize) -> SessionLimits {
+        let workers = workers.max(1);
+        SessionLimits {
+            per_worker: self.max_sessions.div_ceil(workers),
+            server: self.max_sessions,
+            per_client_per_worker: self.max_sessions_per_client.div_ceil(workers),
+            per_client: self.max_sessions_per_client,
+        }
     }
 }

@@ -56,6 +56,8 @@ pub enum Op {
     Step {
         model: u32,
         name: String,
+        /// The identity making the request (a start counts against its session limit).
+        owner: String,
         input: StepInput,
         start: bool,
         end: bool,
@@ -115,6 +117,8 @@ pub enum OpError {
     Capacity { slots: usize },
     /// The server holds its limit of live sessions (`--max-sessions`).
     TooManySessions { limit: usize },
+    /// The client holds its limit of live sessions (`--max-sessions-per-client`).
+    TooManyClientSessions { limit: usize, owner: String },
 }
 
 impl OpError {
@@ -134,6 +138,7 @@ impl OpError {
             )) => Some("held_text"),
             OpError::Capacity { .. } => Some("device_sessions"),
             OpError::TooManySessions { .. } => Some("sessions"),
+            OpError::TooManyClientSessions { .. } => Some("client_sessions"),
             _ => None,
         }
     }

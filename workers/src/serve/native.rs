@@ -101,6 +101,7 @@ impl pb::streams_server::Streams for StreamsService {
             Op::Step {
                 model,
                 name: name.clone(),
+                owner: owner.name.clone(),
                 input: StepInput::Tokens(Vec::new()),
                 start: true,
                 end: false,
@@ -220,6 +221,7 @@ impl pb::streams_server::Streams for StreamsService {
                 let op = Op::Step {
                     model,
                     name: name.clone(),
+                    owner: owner.name.clone(),
                     input,
                     start: false,
                     end,

@@ -64,6 +64,9 @@ pub fn op_status(e: &OpError, unknown_code: tonic::Code) -> Status {
         OpError::Capacity { slots } => {
             Status::resource_exhausted(SessionStartError::PoolFull { slots: *slots }.to_string())
         }
+        OpError::TooManyClientSessions { limit, owner } => Status::resource_exhausted(format!(
+            "identity {owner:?} holds its limit of {limit} live sessions (--max-sessions-per-client); end some or let idle ones expire, then retry"
+        )),
         OpError::TooManySessions { limit } => Status::resource_exhausted(format!(
             "the server holds its limit of {limit} live sessions (--max-sessions); end sessions or let idle ones expire, then retry"
         )),

@@ -15,6 +15,8 @@ use super::{Body, Envelope};
 struct Session {
     name: String,
     model: u32,
+    /// The identity that started it.
+    owner: String,
     /// The front end's carry-over (an unfinished word, window or patch).
     carry: Carry,
     last_used: Instant,
@@ -35,17 +37,30 @@ pub struct Lifecycle {
     /// Sessions this worker may hold (its share of the server's), and the server's limit.
     max_sessions: usize,
     server_max_sessions: usize,
+    /// Live sessions by owner, and what one owner may hold here (its share of the server's
+    /// per-client limit) and on the server.
+    per_owner: HashMap<String, usize>,
+    max_per_owner: usize,
+    server_max_per_owner: usize,
+}
+
+/// How many sessions a worker's table may hold: its share of the server's limits.
+#[derive(Debug, Clone, Copy)]
+pub struct SessionLimits {
+    pub per_worker: usize,
+    pub server: usize,
+    pub per_client_per_worker: usize,
+    pub per_client: usize,
 }
 
 impl Lifecycle {
-    /// The table of worker `worker`, which may hold `max_sessions` live sessions (its share
-    /// of the server's `server_max_sessions`).
+    /// The table of worker `worker`, which holds at most its share of the server's sessions,
+    /// and of each client's.
     pub fn new(
         worker: u32,
         models: Arc<Vec<ServedModel>>,
         idle_limit: Duration,
-        max_sessions: usize,
-        server_max_sessions: usize,
+        limits: SessionLimits,
     ) -> Self {
         Lifecycle {
             worker,
@@ -55,8 +70,33 @@ impl Lifecycle {
             expired: HashMap::new(),
             expired_order: VecDeque::new(),
             events: Vec::new(),
-            max_sessions,
-            server_max_sessions,
+            max_sessions: limits.per_worker,
+            server_max_sessions: limits.server,
+            per_owner: HashMap::new(),
+            max_per_owner: limits.per_client_per_worker,
+            server_max_per_owner: limits.per_client,
+        }
+    }
+
+    fn insert_session(&mut self, key: SessionKey, session: Session) {
+        *self.per_owner.entry(session.owner.clone()).or_insert(0) += 1;
+        if let Some(old) = self.sessions.insert(key, session) {
+            self.release(&old.owner);
+        }
+    }
+
+    fn remove_session(&mut self, key: &SessionKey) -> Option<Session> {
+        let session = self.sessions.remove(key)?;
+        self.release(&session.owner);
+        Some(session)
+    }
+
+    fn release(&mut self, owner: &str) {
+        if let Some(n) = self.per_owner.get_mut(owner) {
+            *n -= 1;
+            if *n == 0 {
+                self.per_owner.remove(owner);
+            }
         }
     }
 
@@ -117,7 +157,7 @@ impl Lifecycle {
                 envelope.name = name;
             }
             Op::End { name } => {
-                match self.sessions.remove(&key) {
+                match self.remove_session(&key) {
                     Some(s) => {
                         self.event(key, s.model, -1, false);
                         envelope.model = s.model;
@@ -131,6 +171,7 @@ impl Lifecycle {
             Op::Step {
                 model,
                 name,
+                owner,
                 input,
                 start,
                 end,
@@ -147,18 +188,30 @@ impl Lifecycle {
                     envelope.name = name;
                     return envelope;
                 }
+                if start
+                    && !self.sessions.contains_key(&key)
+                    && self.per_owner.get(&owner).copied().unwrap_or(0) >= self.max_per_owner
+                {
+                    envelope.body = Body::Failed(OpError::TooManyClientSessions {
+                        limit: self.server_max_per_owner,
+                        owner,
+                    });
+                    envelope.name = name;
+                    return envelope;
+                }
                 if start {
                     // A start on a live session ends the old one first.
-                    if let Some(old) = self.sessions.remove(&key) {
+                    if let Some(old) = self.remove_session(&key) {
                         self.event(key, old.model, -1, false);
                     }
                     self.expired.remove(&key);
                     self.event(key, model, 1, false);
-                    self.sessions.insert(
+                    self.insert_session(
                         key,
                         Session {
                             name: name.clone(),
                             model,
+                            owner,
                             carry: Carry::new(served),
                             last_used: now,
                         },
@@ -186,7 +239,7 @@ impl Lifecycle {
                 };
                 if end && !matches!(envelope.body, Body::Failed(_)) {
                     envelope.end = true;
-                    self.sessions.remove(&key);
+                    self.remove_session(&key);
                     self.event(key, model, -1, false);
                 }
                 envelope.name = name;
@@ -210,7 +263,7 @@ impl Lifecycle {
             .map_or(0.0, |d| d.as_secs_f64());
         let mut forgets = Vec::new();
         for key in stale {
-            let session = self.sessions.remove(&key).expect("listed above");
+            let session = self.remove_session(&key).expect("listed above");
             self.event(key, session.model, -1, true);
             if self.expired_order.len() >= EXPIRED_MEMORY
                 && let Some(old) = self.expired_order.pop_front()
