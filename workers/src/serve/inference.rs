@@ -17,7 +17,6 @@ use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
 use tokio::sync::{mpsc, oneshot};
 use tokio_stream::Stream;
-use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Code, Request, Response, Status, Streaming};
 
 use pb::infer_parameter::ParameterChoice;
@@ -27,6 +26,7 @@ use tideway_proto::inference as pb;
 use super::auth::Identity;
 use super::engine::Engine;
 use super::messages::{self, Op, StepInput, owned_session_key};
+use super::outbound;
 use super::requests::{LengthLimit, answer, check_answer, check_ids, tensor_specs};
 use super::status::{inbound_error, op_status, shutting_down, status_message, submit_status};
 
@@ -594,7 +594,10 @@ impl pb::grpc_inference_service_server::GrpcInferenceService for InferenceServic
             engine: self.engine.clone(),
             counters: self.counters.clone(),
         };
-        let (tx, rx) = mpsc::channel(STREAM_CREDIT);
+        let (tx, rx) = outbound::channel(
+            self.engine.config.limits.max_stream_buffer_bytes,
+            STREAM_CREDIT,
+        );
         tokio::spawn(async move {
             let _open = service.engine.track_stream();
             let closing = service.engine.closing();
@@ -690,7 +693,7 @@ impl pb::grpc_inference_service_server::GrpcInferenceService for InferenceServic
             drop(order_tx);
             let _ = writer.await;
         });
-        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+        Ok(Response::new(Box::pin(rx)))
     }
 
     async fn model_config(

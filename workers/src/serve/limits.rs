@@ -39,6 +39,10 @@ pub struct Limits {
     /// Sessions one client identity may hold at once (each worker its share).
     #[arg(long, default_value_t = 10_000)]
     pub max_sessions_per_client: usize,
+    /// Bytes of answers a stream holds for a client that reads slowly; then the stream stops
+    /// reading the client's requests until it catches up.
+    #[arg(long, default_value_t = 64 << 20)]
+    pub max_stream_buffer_bytes: usize,
     /// Bytes of text a stream may hold undecided (text with no word boundary waits for one).
     #[arg(long, default_value_t = DEFAULT_MAX_HELD_TEXT)]
     pub max_held_text_bytes: usize,
@@ -66,6 +70,7 @@ impl Default for Limits {
             job_result_ttl_s: 600.0,
             max_sessions: 100_000,
             max_sessions_per_client: 10_000,
+            max_stream_buffer_bytes: 64 << 20,
             max_held_text_bytes: DEFAULT_MAX_HELD_TEXT,
             min_sample_rate: audio.min_rate,
             max_sample_rate: audio.max_rate,
@@ -98,6 +103,7 @@ impl Limits {
             ("--max-sessions-per-client", self.max_sessions_per_client),
             ("--max-chunk-samples", self.max_chunk_samples),
             ("--max-held-text-bytes", self.max_held_text_bytes),
+            ("--max-stream-buffer-bytes", self.max_stream_buffer_bytes),
         ] {
             if value == 0 {
                 return Err(format!("{flag} must be at least 1"));

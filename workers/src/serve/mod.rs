@@ -11,6 +11,7 @@ pub mod limits;
 pub mod messages;
 pub mod metrics;
 pub mod native;
+pub mod outbound;
 pub mod requests;
 pub mod served;
 pub mod stages;

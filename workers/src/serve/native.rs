@@ -6,7 +6,6 @@ use std::sync::atomic::Ordering;
 
 use tokio::sync::{mpsc, oneshot};
 use tokio_stream::Stream;
-use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Code, Request, Response, Status, Streaming};
 
 use pb::stream_request::Kind as InKind;
@@ -16,6 +15,7 @@ use tideway_proto::tideway::v1 as pb;
 use super::auth::{Identity, random_id};
 use super::engine::Engine;
 use super::messages::{self, Op, StepInput, owned_session_key};
+use super::outbound;
 use super::requests::{LengthLimit, TensorSpec, answer, check_answer, check_ids, tensor_specs};
 use super::served::ServedKind;
 use super::status::{inbound_error, op_status, shutting_down, submit_status};
@@ -114,7 +114,10 @@ impl pb::streams_server::Streams for StreamsService {
             .await?
             .map_err(|e| op_status(&e, Code::NotFound))?;
 
-        let (tx, rx) = mpsc::channel(STREAM_CREDIT * 2);
+        let (tx, rx) = outbound::channel(
+            engine.config.limits.max_stream_buffer_bytes,
+            STREAM_CREDIT * 2,
+        );
         let _ = tx
             .send(out(OutKind::Opened(pb::StreamOpened {
                 session_id: name.clone(),
@@ -274,7 +277,7 @@ impl pb::streams_server::Streams for StreamsService {
                 }
             }
         });
-        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+        Ok(Response::new(Box::pin(rx)))
     }
 }
 
