@@ -128,3 +128,14 @@ fn text_without_a_word_boundary_is_held_up_to_the_limit() {
         .unwrap()
     );
 }
+
+#[test]
+fn a_tokenizer_json_that_panics_the_tokenizers_crate_is_a_load_error() {
+    // Found by fuzz/fuzz_targets/tokenizer_json.rs: a `decoder` object cut off mid-string.
+    let path = dir().join("malformed_decoder.tokenizer.json");
+    let err = TextTokenizer::from_file(&path).unwrap_err();
+    assert!(
+        err.to_string().contains("not a usable tokenizer.json"),
+        "{err}"
+    );
+}

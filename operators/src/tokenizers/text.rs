@@ -73,10 +73,22 @@ impl TextStream {
 
 impl TextTokenizer {
     pub fn from_file(path: &Path) -> Result<Self, LoadError> {
-        let inner = Tokenizer::from_file(path).map_err(|e| LoadError::Unsupported {
+        let unusable = |reason: String| LoadError::Unsupported {
             path: path.to_path_buf(),
-            reason: format!("not a usable tokenizer.json: {e}"),
+            reason: format!("not a usable tokenizer.json: {reason}"),
+        };
+        // The tokenizers crate (0.23) panics on some malformed files instead of answering an
+        // error (`decoders/mod.rs`: `expect("Helper")` on a bad `decoder` object; found by
+        // fuzz/fuzz_targets/tokenizer_json.rs): a bad file must not take the server down.
+        let loaded = std::panic::catch_unwind(|| Tokenizer::from_file(path)).map_err(|panic| {
+            let message = panic
+                .downcast_ref::<String>()
+                .map(String::as_str)
+                .or_else(|| panic.downcast_ref::<&str>().copied())
+                .unwrap_or("the tokenizers crate panicked");
+            unusable(message.to_string())
         })?;
+        let inner = loaded.map_err(|e| unusable(e.to_string()))?;
         Ok(TextTokenizer {
             inner,
             path: path.to_path_buf(),
