@@ -12,15 +12,6 @@ use tokio_stream::StreamExt;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::Code;
 
-fn start(model: &str) -> pb::StreamRequest {
-    pb::StreamRequest {
-        kind: Some(pb::stream_request::Kind::Start(pb::StreamStart {
-            model: model.into(),
-            ..Default::default()
-        })),
-    }
-}
-
 fn audio(samples: usize, rate: u32, end: bool) -> pb::StreamRequest {
     pb::StreamRequest {
         kind: Some(pb::stream_request::Kind::Chunk(pb::StreamChunk {
@@ -54,27 +45,12 @@ async fn stream(url: &str, messages: Vec<pb::StreamRequest>) -> Result<usize, to
     Ok(rows)
 }
 
-fn metrics_addr(server: &Server) -> String {
-    server
-        .stderr()
-        .lines()
-        .find_map(|l| {
-            l.strip_prefix("tideway metrics on http://")
-                .map(|a| a.trim_end_matches("/metrics").to_string())
-        })
-        .expect("the metrics address is printed")
-}
-
-/// The value of the metric line starting with `line_start` (0 when absent).
-fn metric(addr: &str, line_start: &str) -> f64 {
-    use std::io::{Read, Write};
-    let mut conn = std::net::TcpStream::connect(addr).unwrap();
-    write!(conn, "GET /metrics HTTP/1.0\r\nHost: {addr}\r\n\r\n").unwrap();
-    let mut page = String::new();
-    conn.read_to_string(&mut page).unwrap();
-    page.lines()
-        .find(|l| l.starts_with(line_start))
-        .map_or(0.0, |l| l.rsplit(' ').next().unwrap().parse().unwrap())
+/// The value of the metric line starting with `line_start` on `addr`'s page (0 when absent).
+fn metric_at(addr: &str, line_start: &str) -> f64 {
+    metric_values(&scrape(addr), line_start)
+        .first()
+        .copied()
+        .unwrap_or(0.0)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -89,7 +65,7 @@ async fn audio_rates_and_chunk_lengths_are_bounded() {
         "16000",
     ]);
     let url = server.url();
-    let metrics = metrics_addr(&server);
+    let metrics = server.metrics_addr();
     // 80 KB at 1 Hz used to resample ×16000 (2 GB) and abort the server; a prime rate built
     // an FFT resampler of that many points per request.
     for (rate, needle) in [
@@ -97,7 +73,7 @@ async fn audio_rates_and_chunk_lengths_are_bounded() {
         (191_999, "ratio 16000:191999"),
         (1_000_000, "outside the accepted range"),
     ] {
-        let e = stream(&url, vec![start("kws"), audio(20_000, rate, true)])
+        let e = stream(&url, vec![start_request("kws"), audio(20_000, rate, true)])
             .await
             .unwrap_err();
         assert_eq!(e.code(), Code::InvalidArgument, "{rate} Hz: {e:?}");
@@ -107,7 +83,7 @@ async fn audio_rates_and_chunk_lengths_are_bounded() {
     let e = stream(
         &url,
         vec![
-            start("kws"),
+            start_request("kws"),
             audio(1600, 16000, false),
             audio(800, 8000, true),
         ],
@@ -117,11 +93,11 @@ async fn audio_rates_and_chunk_lengths_are_bounded() {
     assert_eq!(e.code(), Code::InvalidArgument, "{e:?}");
     assert!(e.message().contains("keeps one sample rate"), "{e:?}");
     // A chunk is bounded after resampling: 8000 samples at 8 kHz are 16000 at the model's.
-    let rows = stream(&url, vec![start("kws"), audio(8000, 8000, true)])
+    let rows = stream(&url, vec![start_request("kws"), audio(8000, 8000, true)])
         .await
         .unwrap();
     assert!(rows > 90, "{rows}");
-    let e = stream(&url, vec![start("kws"), audio(8001, 8000, true)])
+    let e = stream(&url, vec![start_request("kws"), audio(8001, 8000, true)])
         .await
         .unwrap_err();
     assert_eq!(e.code(), Code::ResourceExhausted, "{e:?}");
@@ -166,19 +142,19 @@ async fn audio_rates_and_chunk_lengths_are_bounded() {
 
     // The server stayed up for everyone, and counted each refusal by its limit.
     assert!(
-        stream(&url, vec![start("kws"), audio(4000, 16000, true)])
+        stream(&url, vec![start_request("kws"), audio(4000, 16000, true)])
             .await
             .is_ok()
     );
     assert_eq!(
-        metric(
+        metric_at(
             &metrics,
             "tideway_limit_refusals_total{limit=\"sample_rate\"}"
         ),
         5.0
     );
     assert_eq!(
-        metric(
+        metric_at(
             &metrics,
             "tideway_limit_refusals_total{limit=\"chunk_samples\"}"
         ),
@@ -253,18 +229,24 @@ async fn requests_and_jobs_are_bounded_in_tokens() {
         "64",
     ]);
     let url = server.url();
-    let metrics = metrics_addr(&server);
+    let metrics = server.metrics_addr();
     // One stream chunk, one inference request: 100 tokens pass, 101 are refused.
     let ids = |n: usize| -> Vec<i64> { (0..n as i64).map(|i| i % 61).collect() };
     assert_eq!(
-        stream(&url, vec![start("lm"), tokens_chunk(ids(100), true)])
-            .await
-            .unwrap(),
+        stream(
+            &url,
+            vec![start_request("lm"), tokens_chunk(ids(100), true)]
+        )
+        .await
+        .unwrap(),
         100
     );
-    let e = stream(&url, vec![start("lm"), tokens_chunk(ids(101), true)])
-        .await
-        .unwrap_err();
+    let e = stream(
+        &url,
+        vec![start_request("lm"), tokens_chunk(ids(101), true)],
+    )
+    .await
+    .unwrap_err();
     assert_eq!(e.code(), Code::ResourceExhausted, "{e:?}");
     assert!(
         e.message()
@@ -366,14 +348,14 @@ async fn requests_and_jobs_are_bounded_in_tokens() {
     assert!(last.done_tokens < 20_000, "{last:?}");
 
     assert_eq!(
-        metric(
+        metric_at(
             &metrics,
             "tideway_limit_refusals_total{limit=\"request_tokens\"}"
         ),
         2.0
     );
     assert_eq!(
-        metric(
+        metric_at(
             &metrics,
             "tideway_limit_refusals_total{limit=\"job_tokens\"}"
         ),
@@ -392,14 +374,14 @@ async fn a_session_flood_meets_the_session_limit() {
         "5",
     ]);
     let url = server.url();
-    let metrics = metrics_addr(&server);
+    let metrics = server.metrics_addr();
     let mut client = pb::streams_client::StreamsClient::connect(url.clone())
         .await
         .unwrap();
     let mut open = Vec::new();
     for _ in 0..5 {
         let (tx, rx) = mpsc::channel(4);
-        tx.send(start("lm")).await.unwrap();
+        tx.send(start_request("lm")).await.unwrap();
         let mut inbound = client
             .open(ReceiverStream::new(rx))
             .await
@@ -408,9 +390,12 @@ async fn a_session_flood_meets_the_session_limit() {
         inbound.next().await.unwrap().unwrap();
         open.push((tx, inbound));
     }
-    let e = stream(&url, vec![start("lm"), tokens_chunk(vec![1, 2], true)])
-        .await
-        .unwrap_err();
+    let e = stream(
+        &url,
+        vec![start_request("lm"), tokens_chunk(vec![1, 2], true)],
+    )
+    .await
+    .unwrap_err();
     assert_eq!(e.code(), Code::ResourceExhausted, "{e:?}");
     assert!(
         e.message()
@@ -422,12 +407,15 @@ async fn a_session_flood_meets_the_session_limit() {
     tx.send(tokens_chunk(vec![1], true)).await.unwrap();
     while inbound.next().await.is_some() {}
     assert!(
-        stream(&url, vec![start("lm"), tokens_chunk(vec![1, 2], true)])
-            .await
-            .is_ok()
+        stream(
+            &url,
+            vec![start_request("lm"), tokens_chunk(vec![1, 2], true)]
+        )
+        .await
+        .is_ok()
     );
     assert_eq!(
-        metric(&metrics, "tideway_limit_refusals_total{limit=\"sessions\"}"),
+        metric_at(&metrics, "tideway_limit_refusals_total{limit=\"sessions\"}"),
         1.0
     );
 }
@@ -499,7 +487,7 @@ async fn text_without_whitespace_is_held_only_up_to_the_limit() {
         "--max-held-text-bytes",
         "1000",
     ]);
-    let metrics = metrics_addr(&server);
+    let metrics = server.metrics_addr();
     let text = |t: String, end: bool| pb::StreamRequest {
         kind: Some(pb::stream_request::Kind::Chunk(pb::StreamChunk {
             text: t,
@@ -511,7 +499,7 @@ async fn text_without_whitespace_is_held_only_up_to_the_limit() {
     let e = stream(
         &server.url(),
         vec![
-            start("bpe"),
+            start_request("bpe"),
             text("a".repeat(600), false),
             text("b".repeat(600), false),
         ],
@@ -529,11 +517,11 @@ async fn text_without_whitespace_is_held_only_up_to_the_limit() {
     let words: Vec<pb::StreamRequest> = (0..20)
         .map(|i| text("word ".repeat(100), i == 19))
         .collect();
-    let mut messages = vec![start("bpe")];
+    let mut messages = vec![start_request("bpe")];
     messages.extend(words);
     assert!(stream(&server.url(), messages).await.unwrap() > 1000);
     assert_eq!(
-        metric(
+        metric_at(
             &metrics,
             "tideway_limit_refusals_total{limit=\"held_text\"}"
         ),
@@ -552,19 +540,25 @@ async fn answers_and_messages_are_bounded_in_bytes() {
         "30000",
     ]);
     let url = server.url();
-    let metrics = metrics_addr(&server);
+    let metrics = server.metrics_addr();
     let ids = |n: usize| -> Vec<i64> { (0..n as i64).map(|i| i % 61).collect() };
     // 100 tokens answer 100 × 61 × 4 = 24400 bytes: sent. 120 would be 29280 and the
     // message's envelope: refused before the model runs them.
     assert_eq!(
-        stream(&url, vec![start("lm"), tokens_chunk(ids(100), true)])
-            .await
-            .unwrap(),
+        stream(
+            &url,
+            vec![start_request("lm"), tokens_chunk(ids(100), true)]
+        )
+        .await
+        .unwrap(),
         100
     );
-    let e = stream(&url, vec![start("lm"), tokens_chunk(ids(120), true)])
-        .await
-        .unwrap_err();
+    let e = stream(
+        &url,
+        vec![start_request("lm"), tokens_chunk(ids(120), true)],
+    )
+    .await
+    .unwrap_err();
     assert_eq!(e.code(), Code::ResourceExhausted, "{e:?}");
     assert!(
         e.message()
@@ -607,13 +601,13 @@ async fn answers_and_messages_are_bounded_in_bytes() {
     assert_eq!(e.code(), Code::ResourceExhausted, "{e:?}");
     assert!(e.message().contains("30000 bytes"), "{e:?}");
     assert_eq!(
-        stream(&url, vec![start("lm"), tokens_chunk(ids(10), true)])
+        stream(&url, vec![start_request("lm"), tokens_chunk(ids(10), true)])
             .await
             .unwrap(),
         10
     );
     assert_eq!(
-        metric(
+        metric_at(
             &metrics,
             "tideway_limit_refusals_total{limit=\"message_bytes\"}"
         ),

@@ -325,24 +325,9 @@ async fn open_session(
 /// `tideway_stage_state_bytes` of `model` on the process whose stderr is `server`'s, summed
 /// over its stages.
 fn held_state_bytes(server: &Server, model: &str) -> u64 {
-    use std::io::{Read, Write};
-    let addr = server
-        .stderr()
-        .lines()
-        .find_map(|l| {
-            l.strip_prefix("tideway metrics on http://")
-                .map(|a| a.trim_end_matches("/metrics").to_string())
-        })
-        .expect("the metrics address is printed");
-    let mut conn = std::net::TcpStream::connect(&addr).unwrap();
-    write!(conn, "GET /metrics HTTP/1.0\r\nHost: {addr}\r\n\r\n").unwrap();
-    let mut page = String::new();
-    conn.read_to_string(&mut page).unwrap();
+    let page = scrape(&server.metrics_addr());
     let prefix = format!("tideway_stage_state_bytes{{model=\"{model}\",");
-    page.lines()
-        .filter(|l| l.starts_with(&prefix))
-        .map(|l| l.rsplit(' ').next().unwrap().parse::<u64>().unwrap())
-        .sum()
+    metric_values(&page, &prefix).iter().sum::<f64>() as u64
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

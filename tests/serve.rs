@@ -768,31 +768,6 @@ async fn messages_over_the_size_limit_are_refused() {
     );
 }
 
-/// GETs the Prometheus page.
-fn scrape(addr: &str) -> String {
-    use std::io::{Read, Write};
-    let mut conn = std::net::TcpStream::connect(addr).unwrap();
-    write!(conn, "GET /metrics HTTP/1.0\r\nHost: {addr}\r\n\r\n").unwrap();
-    let mut text = String::new();
-    conn.read_to_string(&mut text).unwrap();
-    assert!(
-        text.starts_with("HTTP/1.0 200") || text.starts_with("HTTP/1.1 200"),
-        "{text}"
-    );
-    text
-}
-
-fn metric(page: &str, line_start: &str) -> f64 {
-    page.lines()
-        .find(|l| l.starts_with(line_start))
-        .unwrap_or_else(|| panic!("no {line_start} in\n{page}"))
-        .rsplit(' ')
-        .next()
-        .unwrap()
-        .parse()
-        .unwrap()
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn metrics_show_sessions_and_a_disconnect_freeing_one() {
     let model = model_dir();
@@ -802,14 +777,7 @@ async fn metrics_show_sessions_and_a_disconnect_freeing_one() {
         "--metrics",
         "127.0.0.1:0",
     ]);
-    let metrics_addr = server
-        .stderr()
-        .lines()
-        .find_map(|l| {
-            l.strip_prefix("tideway metrics on http://")
-                .map(|a| a.trim_end_matches("/metrics").to_string())
-        })
-        .expect("the metrics address is printed");
+    let metrics_addr = server.metrics_addr();
     let url = server.url();
     // A connection whose socket the test can shut down under the client: a client that
     // vanishes (crash, network loss) without ending its stream.

@@ -11,15 +11,6 @@ use tokio_stream::StreamExt;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::Code;
 
-fn start(model: &str) -> pb::StreamRequest {
-    pb::StreamRequest {
-        kind: Some(pb::stream_request::Kind::Start(pb::StreamStart {
-            model: model.into(),
-            ..Default::default()
-        })),
-    }
-}
-
 fn chunk(c: pb::StreamChunk) -> pb::StreamRequest {
     pb::StreamRequest {
         kind: Some(pb::stream_request::Kind::Chunk(c)),
@@ -98,7 +89,7 @@ async fn raw_audio_text_and_frames_stream_to_the_reference_outputs() {
     for (seed, int16) in [(1u64, false), (2, true)] {
         let ranges = cuts(samples.len(), 3000, seed);
         let last = ranges.len() - 1;
-        let mut messages = vec![start("kws")];
+        let mut messages = vec![start_request("kws")];
         for (i, r) in ranges.into_iter().enumerate() {
             let piece = &samples[r];
             let mut c = pb::StreamChunk {
@@ -133,7 +124,7 @@ async fn raw_audio_text_and_frames_stream_to_the_reference_outputs() {
     let chars: Vec<char> = text.chars().collect();
     let ranges = cuts(chars.len(), 5, 3);
     let last = ranges.len() - 1;
-    let mut messages = vec![start("bpe")];
+    let mut messages = vec![start_request("bpe")];
     for (i, r) in ranges.into_iter().enumerate() {
         messages.push(chunk(pb::StreamChunk {
             text: chars[r].iter().collect(),
@@ -153,7 +144,7 @@ async fn raw_audio_text_and_frames_stream_to_the_reference_outputs() {
     let want = read_tensor(&dir.join("expected.safetensors"), "output").values;
     let ranges = cuts(input.len() / 16, 9, 4);
     let last = ranges.len() - 1;
-    let mut messages = vec![start("plain")];
+    let mut messages = vec![start_request("plain")];
     for (i, r) in ranges.into_iter().enumerate() {
         messages.push(chunk(pb::StreamChunk {
             frames: input[r.start * 16..r.end * 16]
@@ -225,7 +216,7 @@ async fn raw_audio_text_and_frames_stream_to_the_reference_outputs() {
             "outside the int16 range",
         ),
     ] {
-        let e = stream(&url, vec![start(model), chunk(c)])
+        let e = stream(&url, vec![start_request(model), chunk(c)])
             .await
             .unwrap_err();
         assert_eq!(e.code(), Code::InvalidArgument, "{e:?}");

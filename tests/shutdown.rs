@@ -14,15 +14,6 @@ use tokio_stream::StreamExt;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::Code;
 
-fn start(model: &str) -> pb::StreamRequest {
-    pb::StreamRequest {
-        kind: Some(pb::stream_request::Kind::Start(pb::StreamStart {
-            model: model.into(),
-            ..Default::default()
-        })),
-    }
-}
-
 fn chunk(tokens: Vec<i64>, end: bool) -> pb::StreamRequest {
     pb::StreamRequest {
         kind: Some(pb::stream_request::Kind::Chunk(pb::StreamChunk {
@@ -53,7 +44,7 @@ async fn open_stream(
         .await
         .unwrap();
     let (tx, rx) = mpsc::channel(8);
-    tx.send(start("lm")).await.unwrap();
+    tx.send(start_request("lm")).await.unwrap();
     tx.send(chunk(vec![1, 2, 3], false)).await.unwrap();
     let mut inbound = client
         .open(ReceiverStream::new(rx))
@@ -100,7 +91,7 @@ async fn an_idle_open_stream_ends_with_unavailable_after_the_grace() {
         .await
         .unwrap();
     let refused = client
-        .open(tokio_stream::iter(vec![start("lm")]))
+        .open(tokio_stream::iter(vec![start_request("lm")]))
         .await
         .unwrap_err();
     assert_eq!(refused.code(), Code::Unavailable, "{refused:?}");

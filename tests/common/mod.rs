@@ -144,6 +144,17 @@ impl Server {
         std::fs::read_to_string(&self.stderr_log).unwrap_or_default()
     }
 
+    /// The address of the metrics endpoint the server printed (`--metrics 127.0.0.1:0`).
+    pub fn metrics_addr(&self) -> String {
+        self.stderr()
+            .lines()
+            .find_map(|l| {
+                l.strip_prefix("tideway metrics on http://")
+                    .map(|a| a.trim_end_matches("/metrics").to_string())
+            })
+            .expect("the metrics address is printed")
+    }
+
     /// The exit status, if the process ends within `limit`.
     pub fn wait_exit(&mut self, limit: std::time::Duration) -> Option<std::process::ExitStatus> {
         let deadline = std::time::Instant::now() + limit;
@@ -202,6 +213,45 @@ pub fn f32s(bytes: &[u8]) -> Vec<f64> {
         .chunks_exact(4)
         .map(|b| f32::from_le_bytes(b.try_into().unwrap()) as f64)
         .collect()
+}
+
+/// GETs the Prometheus page at `addr`.
+pub fn scrape(addr: &str) -> String {
+    use std::io::{Read, Write};
+    let mut conn = std::net::TcpStream::connect(addr).unwrap();
+    write!(conn, "GET /metrics HTTP/1.0\r\nHost: {addr}\r\n\r\n").unwrap();
+    let mut text = String::new();
+    conn.read_to_string(&mut text).unwrap();
+    assert!(
+        text.starts_with("HTTP/1.0 200") || text.starts_with("HTTP/1.1 200"),
+        "{text}"
+    );
+    text
+}
+
+/// The values of the metric lines of `page` that start with `line_start`.
+pub fn metric_values(page: &str, line_start: &str) -> Vec<f64> {
+    page.lines()
+        .filter(|l| l.starts_with(line_start))
+        .map(|l| l.rsplit(' ').next().unwrap().parse().unwrap())
+        .collect()
+}
+
+/// The value of the one metric line of `page` that starts with `line_start`.
+pub fn metric(page: &str, line_start: &str) -> f64 {
+    *metric_values(page, line_start)
+        .first()
+        .unwrap_or_else(|| panic!("no {line_start} in\n{page}"))
+}
+
+/// A stream's `start` of a new session of `model`.
+pub fn start_request(model: &str) -> pb::StreamRequest {
+    pb::StreamRequest {
+        kind: Some(pb::stream_request::Kind::Start(pb::StreamStart {
+            model: model.into(),
+            ..Default::default()
+        })),
+    }
 }
 
 /// A `StreamChunk` of token ids.
