@@ -1,6 +1,9 @@
 //! What one client can make the server do is bounded: each test sends what a hostile or
 //! careless client would, and checks the refusal names the limit, the server stays up for
 //! everyone else, and the metric counts it.
+//!
+//! Length: ~620 lines, one end-to-end test per kind of limit, each with its own server and
+//! the same few helpers; split by kind when it grows further.
 
 mod common;
 
