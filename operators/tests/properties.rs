@@ -6,9 +6,12 @@
 //! - the front ends' carry-over: text and audio cut at random points give what the whole
 //!   input gives.
 
+mod common;
+
 use std::path::PathBuf;
 use std::sync::OnceLock;
 
+use common::relative_error;
 use proptest::prelude::*;
 use tideway_operators::models::{Model, SessionState, load_model};
 use tideway_operators::tokenizers::audio::{AudioFrontend, AudioFrontendConfig};
@@ -33,16 +36,6 @@ fn models() -> &'static [Model] {
         .map(|name| load_model(&fixtures().join(name)).unwrap())
         .collect()
     })
-}
-
-fn relative_error(got: &[f32], want: &[f32]) -> f64 {
-    let diff: f64 = got
-        .iter()
-        .zip(want)
-        .map(|(a, b)| ((a - b) as f64).powi(2))
-        .sum();
-    let norm: f64 = want.iter().map(|b| (*b as f64).powi(2)).sum();
-    (diff / norm.max(1e-30)).sqrt()
 }
 
 /// Logits of `tokens` one token at a time.
