@@ -16,9 +16,8 @@ fuzz_target!(|data: &[u8]| {
         let config =
             ConfigJson::read(&common::fixtures().join("lmu/lmu_d16_c128_frontend/checkpoint"))
                 .unwrap();
-        let front =
-            AudioFrontend::new(AudioFrontendConfig::from_config(&config).unwrap().unwrap())
-                .unwrap();
+        let front = AudioFrontend::new(AudioFrontendConfig::from_config(&config).unwrap().unwrap())
+            .unwrap();
         let _ = front.features(&audio);
     }
 });

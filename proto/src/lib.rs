@@ -2,7 +2,10 @@
 //!
 //! - [`tideway::v1`]: the native API (`Streams`, `Models`, `Admin`);
 //! - [`inference`]: the Open Inference Protocol (KServe v2) service with Triton's extensions,
-//!   wire-compatible with `tritonclient[grpc]`.
+//!   wire-compatible with `tritonclient[grpc]`;
+//! - [`decode`]: both APIs' requests decoded and checked into the engine's [`decode::StepInput`].
+
+pub mod decode;
 
 pub mod tideway {
     pub mod v1 {

@@ -19,15 +19,14 @@ use tokio::sync::{mpsc, oneshot};
 use tokio_stream::Stream;
 use tonic::{Code, Request, Response, Status, Streaming};
 
-use pb::infer_parameter::ParameterChoice;
-use pb::model_infer_request::InferInputTensor;
+use tideway_proto::decode::kserve;
 use tideway_proto::inference as pb;
 
 use super::auth::Identity;
 use super::engine::Engine;
-use super::messages::{self, Op, StepInput, owned_session_key};
+use super::messages::{self, Op, owned_session_key};
 use super::outbound;
-use super::requests::{LengthLimit, answer, check_answer, check_ids, tensor_specs};
+use super::requests::{Refuse, answer, tensor_specs};
 use super::status::{inbound_error, op_status, shutting_down, status_message, submit_status};
 
 const STREAM_CREDIT: usize = 64;
@@ -45,162 +44,6 @@ struct Counters {
 pub struct InferenceService {
     pub engine: Arc<Engine>,
     counters: Arc<Vec<Counters>>,
-}
-
-/// The raw bytes of input `i`, if the request sends its inputs raw.
-fn raw_input(request: &pb::ModelInferRequest, i: usize) -> Result<Option<&Vec<u8>>, Status> {
-    if request.raw_input_contents.is_empty() {
-        return Ok(None);
-    }
-    request.raw_input_contents.get(i).map(Some).ok_or_else(|| {
-        Status::invalid_argument(format!(
-            "{} inputs but {} raw_input_contents",
-            request.inputs.len(),
-            request.raw_input_contents.len()
-        ))
-    })
-}
-
-/// The values of an FP32 (or, for audio, INT16) input, from raw bytes or typed contents.
-fn float_values(
-    input: &InferInputTensor,
-    raw: Option<&Vec<u8>>,
-    count: usize,
-) -> Result<Vec<f32>, Status> {
-    let name = &input.name;
-    let values: Vec<f32> = match (input.datatype.as_str(), raw) {
-        ("FP32", Some(bytes)) if bytes.len() == count * 4 => bytes
-            .chunks_exact(4)
-            .map(|b| f32::from_le_bytes(b.try_into().expect("4 bytes")))
-            .collect(),
-        ("INT16", Some(bytes)) if name == "audio" && bytes.len() == count * 2 => bytes
-            .chunks_exact(2)
-            .map(|b| i16::from_le_bytes(b.try_into().expect("2 bytes")) as f32 / 32768.0)
-            .collect(),
-        ("FP32", None) => input
-            .contents
-            .as_ref()
-            .map_or(Vec::new(), |c| c.fp32_contents.clone()),
-        ("INT16", None) if name == "audio" => {
-            input.contents.as_ref().map_or(Ok(Vec::new()), |c| {
-                c.int_contents
-                    .iter()
-                    .map(|&v| {
-                        i16::try_from(v).map(|v| v as f32 / 32768.0).map_err(|_| {
-                            Status::invalid_argument(format!(
-                                "input \"audio\": {v} is outside the int16 range"
-                            ))
-                        })
-                    })
-                    .collect()
-            })?
-        }
-        (dt @ ("FP32" | "INT16"), Some(bytes)) => {
-            return Err(Status::invalid_argument(format!(
-                "input {name:?}: {} raw bytes for {count} values of {dt}",
-                bytes.len()
-            )));
-        }
-        (other, _) => {
-            let allowed = if name == "audio" {
-                "\"FP32\", \"INT16\""
-            } else {
-                "\"FP32\""
-            };
-            return Err(Status::invalid_argument(format!(
-                "input {name:?} has datatype {other:?}; allowed: {allowed}"
-            )));
-        }
-    };
-    check_count(input, values.len(), count)?;
-    Ok(values)
-}
-
-/// An input's values must be as many as its shape says.
-fn check_count(input: &InferInputTensor, found: usize, count: usize) -> Result<(), Status> {
-    if found != count {
-        return Err(Status::invalid_argument(format!(
-            "input {:?} holds {found} values but its shape {:?} says {count}",
-            input.name, input.shape
-        )));
-    }
-    Ok(())
-}
-
-/// A feature model's request: `input` (FP32, [T, C] or [1, T, C]) or `audio` (FP32 or INT16,
-/// [S] or [1, S], with the request parameter `sample_rate`).
-fn feature_input(
-    request: &pb::ModelInferRequest,
-    served: &super::served::ServedModel,
-    engine: &Engine,
-) -> Result<StepInput, Status> {
-    let board = &engine.board;
-    let allowed = "\"input\" (FP32, [T, C]) or \"audio\" (FP32 or INT16 samples, [S], with a \"sample_rate\" parameter)";
-    let [input] = request.inputs.as_slice() else {
-        return Err(Status::invalid_argument(format!(
-            "model {:?} takes one input: {allowed}",
-            served.name
-        )));
-    };
-    let raw = raw_input(request, 0)?;
-    match input.name.as_str() {
-        "input" => {
-            let (t, c) = match input.shape.as_slice() {
-                [t, c] | [1, t, c] if *t >= 0 && *c > 0 => (*t as usize, *c as usize),
-                other => {
-                    return Err(Status::invalid_argument(format!(
-                        "input \"input\" has shape {other:?}; allowed: [T, C] or [1, T, C]"
-                    )));
-                }
-            };
-            LengthLimit::request(&engine.config.limits)
-                .check("frames", t)
-                .map_err(|e| e.refuse(board))?;
-            Ok(StepInput::Frames {
-                values: float_values(input, raw, t * c)?,
-                width: c as u32,
-            })
-        }
-        "audio" => {
-            let s = match input.shape.as_slice() {
-                [s] | [1, s] if *s >= 0 => *s as usize,
-                other => {
-                    return Err(Status::invalid_argument(format!(
-                        "input \"audio\" has shape {other:?}; allowed: [S] or [1, S]"
-                    )));
-                }
-            };
-            let rate = match param(&request.parameters, "sample_rate") {
-                Some(ParameterChoice::Int64Param(r)) if *r > 0 => *r as u64,
-                Some(ParameterChoice::Uint64Param(r)) if *r > 0 => *r,
-                _ => {
-                    return Err(Status::invalid_argument(
-                        "input \"audio\" needs the request parameter \"sample_rate\" (a positive integer, Hz)",
-                    ));
-                }
-            };
-            // Checked whole, before any narrowing (2^32 + 1 is not 1 Hz).
-            let rate = match &served.kind {
-                super::served::ServedKind::Features(f) => match f.audio_frontend() {
-                    Some(audio) => audio.check_rate(rate).map_err(|e| {
-                        board.count_limit("sample_rate");
-                        Status::invalid_argument(e.to_string())
-                    })?,
-                    // The front-end stage refuses audio for a model without an audio front end.
-                    None => rate.min(u32::MAX as u64) as u32,
-                },
-                super::served::ServedKind::Language { .. } => rate.min(u32::MAX as u64) as u32,
-            };
-            Ok(StepInput::Audio {
-                samples: float_values(input, raw, s)?,
-                rate,
-            })
-        }
-        other => Err(Status::invalid_argument(format!(
-            "unknown input {other:?}; model {:?} takes {allowed}",
-            served.name
-        ))),
-    }
 }
 
 impl InferenceService {
@@ -221,96 +64,6 @@ struct Prepared {
     op: Op,
     id: String,
     model_name: String,
-}
-
-fn param<'a>(
-    map: &'a HashMap<String, pb::InferParameter>,
-    key: &str,
-) -> Option<&'a ParameterChoice> {
-    map.get(key).and_then(|p| p.parameter_choice.as_ref())
-}
-
-fn bool_param(map: &HashMap<String, pb::InferParameter>, key: &str) -> Result<bool, Status> {
-    match param(map, key) {
-        None => Ok(false),
-        Some(ParameterChoice::BoolParam(b)) => Ok(*b),
-        Some(other) => Err(Status::invalid_argument(format!(
-            "parameter {key:?} must be a bool_param, found {other:?}"
-        ))),
-    }
-}
-
-/// The sequence id as a string ("" when the request is not part of a sequence; 0 means none,
-/// as in Triton).
-fn sequence_id(map: &HashMap<String, pb::InferParameter>) -> Result<String, Status> {
-    match param(map, "sequence_id") {
-        None => Ok(String::new()),
-        Some(ParameterChoice::Int64Param(0)) | Some(ParameterChoice::Uint64Param(0)) => {
-            Ok(String::new())
-        }
-        Some(ParameterChoice::Int64Param(v)) => Ok(v.to_string()),
-        Some(ParameterChoice::Uint64Param(v)) => Ok(v.to_string()),
-        Some(ParameterChoice::StringParam(s)) => Ok(s.clone()),
-        Some(other) => Err(Status::invalid_argument(format!(
-            "parameter \"sequence_id\" must be an int64, uint64 or string parameter, found {other:?}"
-        ))),
-    }
-}
-
-fn input_ids(input: &InferInputTensor, raw: Option<&Vec<u8>>) -> Result<Vec<i64>, Status> {
-    let count = match input.shape.as_slice() {
-        [t] if *t >= 0 => *t as usize,
-        [1, t] if *t >= 0 => *t as usize,
-        other => {
-            return Err(Status::invalid_argument(format!(
-                "input \"input_ids\" has shape {other:?}; allowed: [T] or [1, T]"
-            )));
-        }
-    };
-    let ids: Vec<i64> = match (input.datatype.as_str(), raw) {
-        ("INT64", Some(bytes)) => {
-            if bytes.len() != count * 8 {
-                return Err(Status::invalid_argument(format!(
-                    "input \"input_ids\": {} raw bytes for shape {:?} of INT64 (needs {})",
-                    bytes.len(),
-                    input.shape,
-                    count * 8
-                )));
-            }
-            bytes
-                .chunks_exact(8)
-                .map(|b| i64::from_le_bytes(b.try_into().expect("8 bytes")))
-                .collect()
-        }
-        ("INT32", Some(bytes)) => {
-            if bytes.len() != count * 4 {
-                return Err(Status::invalid_argument(format!(
-                    "input \"input_ids\": {} raw bytes for shape {:?} of INT32 (needs {})",
-                    bytes.len(),
-                    input.shape,
-                    count * 4
-                )));
-            }
-            bytes
-                .chunks_exact(4)
-                .map(|b| i32::from_le_bytes(b.try_into().expect("4 bytes")) as i64)
-                .collect()
-        }
-        ("INT64", None) => input
-            .contents
-            .as_ref()
-            .map_or(Vec::new(), |c| c.int64_contents.clone()),
-        ("INT32", None) => input.contents.as_ref().map_or(Vec::new(), |c| {
-            c.int_contents.iter().map(|&v| v as i64).collect()
-        }),
-        (other, _) => {
-            return Err(Status::invalid_argument(format!(
-                "input \"input_ids\" has datatype {other:?}; allowed: \"INT64\", \"INT32\""
-            )));
-        }
-    };
-    check_count(input, ids.len(), count)?;
-    Ok(ids)
 }
 
 impl InferenceService {
@@ -350,12 +103,11 @@ impl InferenceService {
                 )));
             }
         }
-        let input = if served.is_language() {
-            StepInput::Tokens(self.token_input(&request, served)?)
-        } else {
-            feature_input(&request, served, &self.engine)?
-        };
-        let sequence = sequence_id(&request.parameters)?;
+        let limits = self.engine.config.limits.requests();
+        let input = served
+            .with_inputs(|inputs| kserve::infer_input(&request, inputs, &limits))
+            .map_err(|e| e.refuse(&self.engine.board))?;
+        let sequence = kserve::sequence_id(&request.parameters)?;
         let (name, start, end) = if sequence.is_empty() {
             // Not a sequence: a session of one request.
             static ONE_SHOT: AtomicU64 = AtomicU64::new(0);
@@ -364,8 +116,8 @@ impl InferenceService {
         } else {
             (
                 format!("sequence:{sequence}"),
-                bool_param(&request.parameters, "sequence_start")?,
-                bool_param(&request.parameters, "sequence_end")?,
+                kserve::bool_param(&request.parameters, "sequence_start")?,
+                kserve::bool_param(&request.parameters, "sequence_end")?,
             )
         };
         Ok(Prepared {
@@ -381,39 +133,6 @@ impl InferenceService {
             },
             id: request.id,
             model_name: request.model_name,
-        })
-    }
-
-    /// `input_ids` of a language model's request.
-    fn token_input(
-        &self,
-        request: &pb::ModelInferRequest,
-        served: &super::served::ServedModel,
-    ) -> Result<Vec<u32>, Status> {
-        let mut tokens = None;
-        for (i, input) in request.inputs.iter().enumerate() {
-            if input.name != "input_ids" {
-                return Err(Status::invalid_argument(format!(
-                    "unknown input {:?}; model {:?} takes \"input_ids\" (INT64 or INT32, [T] or [1, T])",
-                    input.name, served.name
-                )));
-            }
-            let limits = &self.engine.config.limits;
-            tokens = Some(
-                check_ids(
-                    &input_ids(input, raw_input(request, i)?)?,
-                    served.vocab_size(),
-                    LengthLimit::request(limits),
-                )
-                .and_then(|ids| {
-                    check_answer(ids.len(), served.width(), limits.max_message_bytes, false)?;
-                    Ok(ids)
-                })
-                .map_err(|e| e.refuse(&self.engine.board))?,
-            );
-        }
-        tokens.ok_or_else(|| {
-            Status::invalid_argument("missing input \"input_ids\" (INT64 or INT32, [T] or [1, T])")
         })
     }
 

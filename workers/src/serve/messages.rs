@@ -22,31 +22,8 @@ pub struct Request {
     pub op: Op,
 }
 
-/// What a step feeds a session: raw input for the model's front end (tokenizer stage), which
-/// runs at the session's owner, where its carry-over lives.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-pub enum StepInput {
-    /// Token ids (language models). Empty: no new input (a start, or an end).
-    Tokens(Vec<u32>),
-    /// UTF-8 bytes of text, possibly ending inside a character (models with a tokenizer).
-    Text(Vec<u8>),
-    /// Audio samples in [-1, 1] at `rate` Hz (models with an audio front end).
-    Audio { samples: Vec<f32>, rate: u32 },
-    /// Rows of `width` values: feature frames, or sensor frames for a sensor front end.
-    Frames { values: Vec<f32>, width: u32 },
-}
-
-impl StepInput {
-    /// A size for the epoch budget (tokens, bytes, samples / 160 or frames).
-    pub fn weight(&self) -> usize {
-        match self {
-            StepInput::Tokens(t) => t.len(),
-            StepInput::Text(b) => b.len() / 4,
-            StepInput::Audio { samples, .. } => samples.len() / 160,
-            StepInput::Frames { values, width } => values.len() / (*width).max(1) as usize,
-        }
-    }
-}
+/// What a step feeds a session (decoded at the gRPC edge; it travels with the request).
+pub use tideway_proto::decode::StepInput;
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub enum Op {

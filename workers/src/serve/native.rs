@@ -10,13 +10,14 @@ use tonic::{Code, Request, Response, Status, Streaming};
 
 use pb::stream_request::Kind as InKind;
 use pb::stream_response::Kind as OutKind;
+use tideway_proto::decode;
 use tideway_proto::tideway::v1 as pb;
 
 use super::auth::{Identity, random_id};
 use super::engine::Engine;
 use super::messages::{self, Op, StepInput, owned_session_key};
 use super::outbound;
-use super::requests::{LengthLimit, TensorSpec, answer, check_answer, check_ids, tensor_specs};
+use super::requests::{Refuse, TensorSpec, answer, tensor_specs};
 use super::served::ServedKind;
 use super::status::{inbound_error, op_status, shutting_down, submit_status};
 
@@ -292,90 +293,12 @@ enum WriterEnd {
     Refused,
 }
 
-/// A chunk's input: at most one kind of it (token ids, text, audio samples or frames),
-/// checked at the edge where it does not need the session (ids against the vocabulary, int16
-/// range, a sample rate with audio). The model's front end does the rest at the session.
+/// A chunk's input, decoded and checked at the edge (`tideway_proto::decode::native`).
 fn chunk_input(engine: &Engine, model: u32, chunk: &pb::StreamChunk) -> Result<StepInput, Status> {
-    let served = &engine.models[model as usize];
-    let kinds = [
-        !chunk.tokens.is_empty(),
-        !chunk.text.is_empty(),
-        !chunk.samples_f32.is_empty(),
-        !chunk.samples_i16.is_empty(),
-        !chunk.frames.is_empty(),
-    ];
-    if kinds.iter().filter(|&&k| k).count() > 1 {
-        return Err(Status::invalid_argument(
-            "a chunk carries one kind of input: tokens, text, samples_f32, samples_i16 or frames",
-        ));
-    }
-    if !chunk.text.is_empty() {
-        return Ok(StepInput::Text(chunk.text.as_bytes().to_vec()));
-    }
-    if !chunk.samples_f32.is_empty() || !chunk.samples_i16.is_empty() {
-        if chunk.sample_rate == 0 {
-            return Err(Status::invalid_argument(
-                "audio samples need their `sample_rate` (Hz)",
-            ));
-        }
-        let samples = if chunk.samples_f32.is_empty() {
-            chunk
-                .samples_i16
-                .iter()
-                .enumerate()
-                .map(|(i, &v)| {
-                    i16::try_from(v).map(|v| v as f32 / 32768.0).map_err(|_| {
-                        Status::invalid_argument(format!(
-                            "samples_i16[{i}] = {v} is outside the int16 range -32768..=32767"
-                        ))
-                    })
-                })
-                .collect::<Result<Vec<f32>, Status>>()?
-        } else {
-            chunk.samples_f32.clone()
-        };
-        return Ok(StepInput::Audio {
-            samples,
-            rate: chunk.sample_rate,
-        });
-    }
-    if !chunk.frames.is_empty() {
-        if chunk.channels == 0 || !chunk.frames.len().is_multiple_of(chunk.channels as usize) {
-            return Err(Status::invalid_argument(format!(
-                "{} frame values are not whole frames of `channels` = {} values",
-                chunk.frames.len(),
-                chunk.channels
-            )));
-        }
-        LengthLimit::request(&engine.config.limits)
-            .check("frames", chunk.frames.len() / chunk.channels as usize)
-            .map_err(|e| e.refuse(&engine.board))?;
-        return Ok(StepInput::Frames {
-            values: chunk.frames.clone(),
-            width: chunk.channels,
-        });
-    }
-    if served.is_language() {
-        let limits = &engine.config.limits;
-        let ids = check_ids(
-            &chunk.tokens,
-            served.vocab_size(),
-            LengthLimit::request(limits),
-        )
-        .and_then(|ids| {
-            check_answer(ids.len(), served.width(), limits.max_message_bytes, false)?;
-            Ok(ids)
-        })
-        .map_err(|e| e.refuse(&engine.board))?;
-        Ok(StepInput::Tokens(ids))
-    } else if chunk.tokens.is_empty() {
-        Ok(StepInput::Tokens(Vec::new()))
-    } else {
-        Err(Status::invalid_argument(format!(
-            "model {:?} is a feature model: it takes audio samples or frames, not tokens",
-            served.name
-        )))
-    }
+    let limits = engine.config.limits.requests();
+    engine.models[model as usize]
+        .with_inputs(|inputs| decode::native::chunk_input(chunk, inputs, &limits))
+        .map_err(|e| e.refuse(&engine.board))
 }
 
 pub fn model_info(engine: &Engine, index: usize) -> pb::ModelInfo {

@@ -16,6 +16,8 @@ use tideway_operators::tokenizers::Frontend;
 use tideway_operators::tokenizers::audio::{AudioFrontend, AudioLimits};
 use tideway_operators::tokenizers::text::TextTokenizer;
 
+use tideway_proto::decode::{InputKind, ModelInputs, RateCheck};
+
 use super::stages::Plan;
 use crate::device::Device;
 use crate::feature_model::FeatureModel;
@@ -167,6 +169,31 @@ impl ServedModel {
         match &self.kind {
             ServedKind::Language { .. } => "logits",
             ServedKind::Features(_) => "output",
+        }
+    }
+
+    /// Runs `f` with what this model takes, for the request decoders: its vocabulary and
+    /// answer width, or its audio front end's sample-rate check.
+    pub fn with_inputs<R>(&self, f: impl FnOnce(&ModelInputs) -> R) -> R {
+        match &self.kind {
+            ServedKind::Language { .. } => f(&ModelInputs {
+                name: &self.name,
+                kind: InputKind::Language {
+                    vocab: self.vocab_size(),
+                    width: self.width(),
+                },
+            }),
+            ServedKind::Features(info) => {
+                let check = info.audio_frontend().map(|audio| {
+                    move |rate: u64| audio.check_rate(rate).map_err(|e| e.to_string())
+                });
+                f(&ModelInputs {
+                    name: &self.name,
+                    kind: InputKind::Features {
+                        check_rate: check.as_ref().map(|c| c as RateCheck),
+                    },
+                })
+            }
         }
     }
 
