@@ -230,6 +230,9 @@ async fn requests_and_jobs_are_bounded_in_tokens() {
         "100000",
         "--max-job-chunk",
         "64",
+        // Fixed steps of --max-job-chunk (time-sized steps: the unit test in jobs.rs).
+        "--job-step-ms",
+        "0",
     ]);
     let url = server.url();
     let metrics = server.metrics_addr();
@@ -540,6 +543,8 @@ async fn answers_and_messages_are_bounded_in_bytes() {
         "--metrics",
         "127.0.0.1:0",
         "--max-message-bytes",
+        "30000",
+        "--max-request-bytes",
         "30000",
     ]);
     let url = server.url();

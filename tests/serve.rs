@@ -756,14 +756,15 @@ async fn messages_over_the_size_limit_are_refused() {
     let server = Server::start(&[
         "--model",
         model.to_str().unwrap(),
-        "--max-message-bytes",
+        "--max-request-bytes",
         "4096",
     ]);
+    // 6000 tokens are about 12 KB on the wire; their answer would fit --max-message-bytes.
     let tokens: Vec<u64> = pseudo_random(6000, VOCAB, 4);
     let e = run_stream(&server.url(), &[tokens]).await.unwrap_err();
     assert_eq!(e.code(), Code::ResourceExhausted, "{e:?}");
     assert!(
-        e.message().contains("4096") && e.message().contains("--max-message-bytes"),
+        e.message().contains("4096") && e.message().contains("--max-request-bytes"),
         "{e:?}"
     );
 }

@@ -1,8 +1,12 @@
 //! `tideway bench serve`: a load generator for a running server. N concurrent streams each
 //! send a chunk of `--frame` tokens every 1/`--rate` seconds through `Streams.Open` (the real
 //! gRPC API), and every answer's latency (send → output) is recorded. Prints throughput and
-//! p50/p99 per-chunk latency for each N.
+//! p50/p99 per-chunk latency for each N. With `--hostile`, each N runs twice: quiet, then
+//! beside a hostile client (`bench_hostile`), and the table gives the p99 ratio.
 
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
@@ -13,6 +17,8 @@ use tokio_stream::StreamExt;
 use tokio_stream::wrappers::ReceiverStream;
 
 use tideway_proto::tideway::v1 as pb;
+
+use crate::bench_hostile::{Attack, AttackTally, Hostile};
 
 #[derive(Args, Clone)]
 pub struct ServeBenchArgs {
@@ -40,11 +46,64 @@ pub struct ServeBenchArgs {
     /// Print one JSON object instead of a table.
     #[arg(long)]
     json: bool,
+    /// Bearer token of the measured streams (a server with `--auth`).
+    #[arg(long)]
+    token: Option<String>,
+    /// Run each stream count again beside a hostile client (giant requests, a gzip bomb, a
+    /// long job, a session flood) and compare the p99 latency with the quiet run's.
+    #[arg(long)]
+    hostile: bool,
+    /// Bearer token of the hostile client (another identity than `--token`'s, so that its
+    /// session flood meets its own per-client limit).
+    #[arg(long, requires = "hostile")]
+    hostile_token: Option<String>,
+    /// The hostile client's attacks.
+    #[arg(
+        long,
+        value_enum,
+        value_delimiter = ',',
+        default_value = "giant,bomb,job,flood",
+        requires = "hostile"
+    )]
+    attacks: Vec<Attack>,
+}
+
+/// Sends `authorization: Bearer TOKEN` with every call (nothing without a token).
+#[derive(Clone)]
+pub struct Bearer(Option<tonic::metadata::MetadataValue<tonic::metadata::Ascii>>);
+
+impl tonic::service::Interceptor for Bearer {
+    fn call(
+        &mut self,
+        mut request: tonic::Request<()>,
+    ) -> Result<tonic::Request<()>, tonic::Status> {
+        if let Some(value) = &self.0 {
+            request
+                .metadata_mut()
+                .insert("authorization", value.clone());
+        }
+        Ok(request)
+    }
+}
+
+/// A client of `channel` made by `make` (a generated client's `with_interceptor`) that sends
+/// `token`.
+pub fn with_token<C>(
+    channel: tonic::transport::Channel,
+    token: Option<String>,
+    make: impl FnOnce(tonic::transport::Channel, Bearer) -> C,
+) -> C {
+    let value = token.and_then(|t| format!("Bearer {t}").parse().ok());
+    make(channel, Bearer(value))
 }
 
 #[derive(Serialize, Default)]
 struct LoadResult {
     streams: usize,
+    /// Whether the hostile client ran beside the streams, and what it did.
+    hostile: bool,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    attacks: Option<BTreeMap<&'static str, AttackTally>>,
     rate_per_stream: f64,
     frame_tokens: usize,
     seconds: f64,
@@ -73,36 +132,82 @@ pub fn bench_serve(args: ServeBenchArgs) -> Result<()> {
         .context("cannot start the async runtime")?;
     runtime.block_on(async {
         let url = format!("http://{}", args.addr);
-        let mut models = pb::models_client::ModelsClient::connect(url.clone())
+        let channel = tonic::transport::Endpoint::from_shared(url.clone())?
+            .connect()
             .await
             .with_context(|| format!("cannot connect to {}", args.addr))?;
+        let mut models = with_token(
+            channel,
+            args.token.clone(),
+            pb::models_client::ModelsClient::with_interceptor,
+        );
         let info = models
             .describe(pb::DescribeModelRequest { name: args.model.clone() })
             .await
             .with_context(|| format!("model {:?} on {}", args.model, args.addr))?
             .into_inner();
+        let hostile = if args.hostile {
+            eprintln!("building the hostile client's messages (a 1 GiB gzip bomb) ...");
+            Some(Arc::new(
+                Hostile::new(&url, &args.model, args.hostile_token.clone(), args.attacks.clone()).await?,
+            ))
+        } else {
+            None
+        };
         let mut results = Vec::new();
         for &n in &args.streams {
-            let r = run_load(&url, &args, n, info.vocab_size.max(1)).await?;
-            if !args.json {
-                eprintln!(
-                    "{n:>5} streams: {:>9.1} chunks/s, {:>9.1} tokens/s, p50 {:>8.2} ms, p99 {:>8.2} ms, errors {}",
-                    r.chunks_per_s, r.tokens_per_s, r.p50_ms, r.p99_ms, r.errors
-                );
+            let vocab = info.vocab_size.max(1);
+            let mut rows = vec![run_load(&url, &args, n, vocab).await?];
+            if let Some(hostile) = &hostile {
+                let stop = Arc::new(AtomicBool::new(false));
+                let attacking = tokio::spawn({
+                    let (hostile, stop) = (hostile.clone(), stop.clone());
+                    async move { hostile.run(stop).await }
+                });
+                let mut r = run_load(&url, &args, n, vocab).await?;
+                stop.store(true, Ordering::Relaxed);
+                r.hostile = true;
+                r.attacks = Some(attacking.await?);
+                rows.push(r);
             }
-            results.push(r);
+            for r in rows {
+                if !args.json {
+                    eprintln!(
+                        "{n:>5} streams{}: {:>9.1} chunks/s, {:>9.1} tokens/s, p50 {:>8.2} ms, p99 {:>8.2} ms, errors {}",
+                        if r.hostile { " + hostile client" } else { "" },
+                        r.chunks_per_s, r.tokens_per_s, r.p50_ms, r.p99_ms, r.errors
+                    );
+                }
+                results.push(r);
+            }
         }
         if args.json {
             println!("{}", serde_json::to_string_pretty(&results)?);
         } else {
-            println!("| streams | rate/stream | tokens/chunk | chunks/s | tokens/s | p50 ms | p99 ms | max ms | errors |");
-            println!("|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
+            println!("| streams | client beside them | rate/stream | tokens/chunk | chunks/s | tokens/s | p50 ms | p99 ms | max ms | errors |");
+            println!("|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|");
             for r in &results {
                 println!(
-                    "| {} | {} | {} | {:.1} | {:.1} | {:.2} | {:.2} | {:.2} | {} |",
-                    r.streams, r.rate_per_stream, r.frame_tokens, r.chunks_per_s, r.tokens_per_s,
+                    "| {} | {} | {} | {} | {:.1} | {:.1} | {:.2} | {:.2} | {:.2} | {} |",
+                    r.streams, if r.hostile { "hostile" } else { "none (quiet)" },
+                    r.rate_per_stream, r.frame_tokens, r.chunks_per_s, r.tokens_per_s,
                     r.p50_ms, r.p99_ms, r.max_ms, r.errors
                 );
+            }
+            for pair in results.windows(2) {
+                if let [quiet, hostile] = pair
+                    && hostile.hostile
+                {
+                    println!(
+                        "\n{} streams: p99 beside the hostile client / quiet = {:.2} / {:.2} ms = {:.2}×",
+                        quiet.streams, hostile.p99_ms, quiet.p99_ms, hostile.p99_ms / quiet.p99_ms
+                    );
+                    for (attack, t) in hostile.attacks.iter().flatten() {
+                        let codes: Vec<String> =
+                            t.codes.iter().map(|(c, n)| format!("{c} {n}")).collect();
+                        println!("- {attack}: {} calls ({})", t.calls, codes.join(", "));
+                    }
+                }
             }
         }
         Ok(())
@@ -127,12 +232,13 @@ async fn run_load(url: &str, args: &ServeBenchArgs, n: usize, vocab: u64) -> Res
     for i in 0..n {
         let channel = channels[i % connections].clone();
         let model = args.model.clone();
+        let token = args.token.clone();
         let frame = args.frame;
         // Streams start spread over one period, as independent feeds do.
         let offset = period.mul_f64(i as f64 / n as f64);
         tasks.push(tokio::spawn(async move {
             run_stream(
-                channel, model, frame, vocab, period, offset, duration, i as u64,
+                channel, token, model, frame, vocab, period, offset, duration, i as u64,
             )
             .await
         }));
@@ -157,6 +263,8 @@ async fn run_load(url: &str, args: &ServeBenchArgs, n: usize, vocab: u64) -> Res
     let answered = latencies.len() as u64;
     Ok(LoadResult {
         streams: n,
+        hostile: false,
+        attacks: None,
         rate_per_stream: args.rate,
         frame_tokens: args.frame,
         seconds: elapsed,
@@ -175,6 +283,7 @@ async fn run_load(url: &str, args: &ServeBenchArgs, n: usize, vocab: u64) -> Res
 #[allow(clippy::too_many_arguments)]
 async fn run_stream(
     channel: tonic::transport::Channel,
+    token: Option<String>,
     model: String,
     frame: usize,
     vocab: u64,
@@ -183,7 +292,11 @@ async fn run_stream(
     duration: Duration,
     seed: u64,
 ) -> (Vec<f64>, u64, u64) {
-    let mut client = pb::streams_client::StreamsClient::new(channel);
+    let mut client = with_token(
+        channel,
+        token,
+        pb::streams_client::StreamsClient::with_interceptor,
+    );
     let (tx, rx) = mpsc::channel(64);
     let start = pb::StreamRequest {
         kind: Some(pb::stream_request::Kind::Start(pb::StreamStart {

@@ -7,6 +7,7 @@
 
 mod bench;
 mod bench_frames;
+mod bench_hostile;
 mod bench_serve;
 mod default_model;
 mod demo;

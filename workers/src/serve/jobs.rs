@@ -19,10 +19,12 @@ use super::auth::{Identity, random_id};
 use super::engine::Engine;
 use super::messages::{Op, StepInput, owned_session_key};
 use super::native::tensor_f32;
-use super::requests::{LengthLimit, answer, check_answer, check_ids};
+use super::requests::{LengthLimit, Refuse, answer, check_answer, check_ids};
 use super::status::{inbound_error, op_status, shutting_down, submit_status};
 
 const DEFAULT_CHUNK: usize = 256;
+/// The smallest step a job is sized down to (below it the chunked form loses its point).
+const MIN_JOB_STEP: usize = 16;
 /// What a job's record holds besides its result, in the bytes bound (so that results-less
 /// jobs, failed or cancelled, are bounded too).
 const JOB_RECORD_BYTES: usize = 1024;
@@ -128,25 +130,31 @@ impl JobsService {
         }
         let limits = &engine.config.limits;
         let all_outputs = request.outputs != pb::JobOutputs::Last as i32;
-        let tokens = check_ids(&tokens, served.vocab_size(), LengthLimit::job(limits))
-            .and_then(|ids| {
-                let rows = if all_outputs { ids.len() } else { 1 };
-                check_answer(rows, served.width(), limits.max_message_bytes, true)?;
-                Ok(ids)
-            })
-            .map_err(|e| e.refuse(&engine.board))?;
+        let tokens = check_ids(
+            &tokens,
+            served.vocab_size(),
+            LengthLimit::job(limits.max_job_tokens),
+        )
+        .and_then(|ids| {
+            let rows = if all_outputs { ids.len() } else { 1 };
+            check_answer(rows, served.width(), limits.max_message_bytes, true)?;
+            Ok(ids)
+        })
+        .map_err(|e| e.refuse(&engine.board))?;
         if tokens.is_empty() {
             return Err(Status::invalid_argument("a job needs at least one token"));
         }
         let id = format!("job-{}", random_id());
         let total = tokens.len() as u64;
-        // The server bounds a job's step whatever the client asks: other sessions wait at
-        // most one step for it, and Cancel is seen between steps.
-        let chunk = match request.chunk {
+        // The server bounds a job's step whatever the client asks (--max-job-chunk), and sizes
+        // it by time (--job-step-ms): other sessions wait at most about one step for it, and
+        // Cancel is seen between steps.
+        let max_step = match request.chunk {
             0 => DEFAULT_CHUNK,
             n => n as usize,
         }
         .min(engine.config.limits.max_job_chunk);
+        let step_target = Duration::from_secs_f64(engine.config.limits.job_step_ms / 1e3);
         let last_only = request.outputs == pb::JobOutputs::Last as i32;
         let initial = pb::JobStatus {
             job_id: id.clone(),
@@ -183,11 +191,11 @@ impl JobsService {
             let mut logits: Vec<f32> = Vec::new();
             let mut first_position = 0u64;
             let mut status = initial;
-            let chunks: Vec<&[u32]> = tokens.chunks(chunk).collect();
-            let count = chunks.len();
-            for (i, piece) in chunks.into_iter().enumerate() {
+            let mut steps = StepSizer::new(max_step, step_target);
+            let mut done = 0usize;
+            while done < tokens.len() {
                 if cancel.load(Ordering::Relaxed) {
-                    if i > 0
+                    if done > 0
                         && let Ok(rx) =
                             engine.submit(worker, key, Op::End { name: name.clone() }, true)
                     {
@@ -196,14 +204,16 @@ impl JobsService {
                     status.state = pb::JobState::Cancelled as i32;
                     break;
                 }
+                let piece = &tokens[done..(done + steps.next()).min(tokens.len())];
                 let op = Op::Step {
                     model,
                     name: name.clone(),
                     owner: owner.name.clone(),
                     input: StepInput::Tokens(piece.to_vec()),
-                    start: i == 0,
-                    end: i + 1 == count,
+                    start: done == 0,
+                    end: done + piece.len() == tokens.len(),
                 };
+                let step_started = Instant::now();
                 let reply = match engine.submit(worker, key, op, true) {
                     Ok(rx) => answer(rx)
                         .await
@@ -220,11 +230,13 @@ impl JobsService {
                             logits.extend_from_slice(&reply.logits);
                         }
                         status.done_tokens = reply.position_after;
+                        steps.record(piece.len(), step_started.elapsed());
+                        done += piece.len();
                     }
                     Err(e) => {
                         status.state = pb::JobState::Failed as i32;
                         status.error = format!("{:?}: {}", e.code(), e.message());
-                        if i > 0
+                        if done > 0
                             && let Ok(rx) =
                                 engine.submit(worker, key, Op::End { name: name.clone() }, true)
                         {
@@ -263,6 +275,44 @@ impl JobsService {
             job_id: id,
             total_tokens: total,
         })
+    }
+}
+
+/// Sizes a job's steps by time: each aims at `target` of the worker's time, so that sessions
+/// sharing the worker wait about that long for it at most. A step's time is measured end to
+/// end (queueing included), so a busy worker shrinks the job's steps and an idle one lets
+/// them grow, at most twofold per step, up to `max` tokens. A zero target: steps of `max`.
+#[derive(Debug)]
+struct StepSizer {
+    next: usize,
+    max: usize,
+    target: Duration,
+}
+
+impl StepSizer {
+    fn new(max: usize, target: Duration) -> Self {
+        let next = if target.is_zero() {
+            max
+        } else {
+            MIN_JOB_STEP.min(max)
+        };
+        StepSizer { next, max, target }
+    }
+
+    /// Tokens in the next step.
+    fn next(&self) -> usize {
+        self.next
+    }
+
+    /// A step of `tokens` took `took`.
+    fn record(&mut self, tokens: usize, took: Duration) {
+        if self.target.is_zero() || tokens == 0 {
+            return;
+        }
+        let per_token = took.as_secs_f64() / tokens as f64;
+        let fits = (self.target.as_secs_f64() / per_token.max(1e-12)) as usize;
+        let floor = MIN_JOB_STEP.min(self.max);
+        self.next = fits.clamp(floor, (tokens * 2).clamp(floor, self.max));
     }
 }
 
@@ -312,7 +362,7 @@ impl pb::jobs_server::Jobs for JobsService {
                 }
             }
             // Refused as soon as it is too long, not after holding all of it.
-            LengthLimit::job(&self.engine.config.limits)
+            LengthLimit::job(self.engine.config.limits.max_job_tokens)
                 .check("tokens", tokens.len())
                 .map_err(|e| e.refuse(&self.engine.board))?;
         }
@@ -406,4 +456,35 @@ where
     let (tx, rx) = tokio::sync::mpsc::channel(16);
     tokio::spawn(body(tx));
     Box::pin(tokio_stream::wrappers::ReceiverStream::new(rx))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn job_steps_fit_their_time_target() {
+        let target = Duration::from_millis(5);
+        let mut steps = StepSizer::new(2048, target);
+        assert_eq!(steps.next(), MIN_JOB_STEP);
+        // Fast steps: twice as long each time, up to the cap.
+        let mut seen = Vec::new();
+        for _ in 0..10 {
+            let n = steps.next();
+            seen.push(n);
+            steps.record(n, Duration::from_micros(n as u64));
+        }
+        assert_eq!(seen, [16, 32, 64, 128, 256, 512, 1024, 2048, 2048, 2048]);
+        // 1 ms a token (a busy worker): five tokens would fit, the floor is 16.
+        steps.record(2048, Duration::from_millis(2048));
+        assert_eq!(steps.next(), MIN_JOB_STEP);
+        // 50 µs a token: 100 fit in 5 ms.
+        steps.record(16, Duration::from_micros(800));
+        assert_eq!(steps.next(), 32);
+        steps.record(200, Duration::from_micros(10_000));
+        assert_eq!(steps.next(), 100);
+        // No target: every step is the cap.
+        let fixed = StepSizer::new(64, Duration::ZERO);
+        assert_eq!(fixed.next(), 64);
+    }
 }

@@ -8,13 +8,19 @@ use clap::Args;
 use super::stages::lifecycle::SessionLimits;
 use tideway_operators::tokenizers::audio::AudioLimits;
 use tideway_operators::tokenizers::text::DEFAULT_MAX_HELD_TEXT;
+use tideway_proto::decode::RequestLimits;
 
 #[derive(Args, Debug, Clone, PartialEq)]
 pub struct Limits {
-    /// Largest gRPC message accepted or sent, in bytes: compressed, and again decompressed
-    /// (tonic stops decompressing at this size), and the largest answer.
+    /// Largest gRPC message sent, in bytes: a request whose answer could not fit is refused
+    /// before the model runs it.
     #[arg(long, default_value_t = 256 << 20)]
     pub max_message_bytes: usize,
+    /// Largest gRPC message accepted, in bytes: compressed, and again decompressed (tonic
+    /// stops decompressing at this size, so a gzip bomb costs at most this much). Longer jobs
+    /// upload in pieces (`Jobs.SubmitStream`).
+    #[arg(long, default_value_t = 16 << 20)]
+    pub max_request_bytes: usize,
     /// Tokens (or feature frames) one request may carry: a stream chunk, an inference
     /// request. Longer sequences go to Jobs, which run them in bounded steps.
     #[arg(long, default_value_t = 32_768)]
@@ -26,6 +32,11 @@ pub struct Limits {
     /// one such step for it, and Cancel takes effect within one.
     #[arg(long, default_value_t = 2048)]
     pub max_job_chunk: usize,
+    /// Milliseconds of the worker's time a job's step aims at (its tokens sized to fit, up to
+    /// --max-job-chunk): sessions sharing the worker wait about that long for a job. 0: every
+    /// step is --max-job-chunk tokens (or the job's own `chunk`).
+    #[arg(long, default_value_t = 5.0)]
+    pub job_step_ms: f64,
     /// Bytes of finished jobs' results kept for Get / Watch; the oldest go first.
     #[arg(long, default_value_t = 256 << 20)]
     pub max_job_results_bytes: usize,
@@ -63,6 +74,8 @@ impl Default for Limits {
         let audio = AudioLimits::default();
         Limits {
             max_message_bytes: 256 << 20,
+            max_request_bytes: 16 << 20,
+            job_step_ms: 5.0,
             max_request_tokens: 32_768,
             max_job_tokens: 1 << 22,
             max_job_chunk: 2048,
@@ -88,6 +101,12 @@ impl Limits {
                 self.min_sample_rate, self.max_sample_rate
             ));
         }
+        if self.job_step_ms.is_nan() || self.job_step_ms < 0.0 {
+            return Err(format!(
+                "--job-step-ms {} must be a number of milliseconds ≥ 0",
+                self.job_step_ms
+            ));
+        }
         if self.job_result_ttl_s.is_nan() || self.job_result_ttl_s < 0.0 {
             return Err(format!(
                 "--job-result-ttl-s {} must be a number of seconds ≥ 0",
@@ -96,6 +115,7 @@ impl Limits {
         }
         for (flag, value) in [
             ("--max-message-bytes", self.max_message_bytes),
+            ("--max-request-bytes", self.max_request_bytes),
             ("--max-request-tokens", self.max_request_tokens),
             ("--max-job-tokens", self.max_job_tokens),
             ("--max-job-chunk", self.max_job_chunk),
@@ -110,6 +130,14 @@ impl Limits {
             }
         }
         Ok(())
+    }
+
+    /// The limits the request decoders check (`tideway_proto::decode`).
+    pub fn requests(&self) -> RequestLimits {
+        RequestLimits {
+            max_request_tokens: self.max_request_tokens,
+            max_message_bytes: self.max_message_bytes,
+        }
     }
 
     pub fn audio(&self) -> AudioLimits {

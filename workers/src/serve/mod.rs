@@ -235,7 +235,7 @@ pub fn serve(args: ServeArgs) -> Result<()> {
     let result = runtime.block_on(serve_grpc(
         engine.clone(),
         listener,
-        args.limits.max_message_bytes,
+        &args.limits,
         authenticate,
         tls,
         Duration::from_secs_f64(args.shutdown_grace_s.max(0.0)),
@@ -318,7 +318,7 @@ pub fn start_in_process(models: Vec<(String, PathBuf)>, workers: usize) -> Resul
         let _ = runtime.block_on(serve_grpc(
             engine,
             listener,
-            Limits::default().max_message_bytes,
+            &Limits::default(),
             Authenticate::default(),
             None,
             Duration::ZERO,
@@ -378,7 +378,7 @@ async fn graceful_shutdown(
 async fn serve_grpc(
     engine: Arc<Engine>,
     listener: tokio::net::TcpListener,
-    max_message: usize,
+    limits: &Limits,
     authenticate: Authenticate,
     tls: Option<Arc<Tls>>,
     grace: Duration,
@@ -399,8 +399,8 @@ async fn serve_grpc(
     macro_rules! limits {
         ($server:expr) => {
             $server
-                .max_decoding_message_size(max_message)
-                .max_encoding_message_size(max_message)
+                .max_decoding_message_size(limits.max_request_bytes)
+                .max_encoding_message_size(limits.max_message_bytes)
                 .accept_compressed(CompressionEncoding::Gzip)
                 .accept_compressed(CompressionEncoding::Deflate)
         };

@@ -84,7 +84,7 @@ pub fn status_message(status: &Status) -> String {
 pub fn inbound_error(status: &Status) -> Option<Status> {
     match status.code() {
         tonic::Code::OutOfRange => Some(Status::resource_exhausted(format!(
-            "{} (raise the server's --max-message-bytes, or send smaller messages)",
+            "{} (the server's --max-request-bytes: send smaller messages, or a long job in pieces with Jobs.SubmitStream)",
             status.message()
         ))),
         tonic::Code::Cancelled | tonic::Code::Unknown | tonic::Code::Unavailable => None,
