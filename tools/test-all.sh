@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Runs every test: the Rust workspace (unit, fixture and end-to-end tests), then the Python
-# end-to-end tests with real clients (tritonclient[grpc]) against the built binary.
+# end-to-end tests with real clients (tritonclient[grpc]) against the built binary, then every
+# fuzz target for a bounded time from its committed corpus (tools/fuzz.sh, FUZZING.md).
 # Installs what it needs: a Python venv under .venv-test (ignored by git).
 # Ends with one line: "all tests: N passed, M failed".
 set -euo pipefail
@@ -38,10 +39,17 @@ fi
 if [ "$status" -eq 0 ]; then
     TIDEWAY_BIN="$PWD/target/debug/tideway" "$venv/bin/python" -m pytest -q tests/python 2>&1 | tee -a "$log" || status=$?
 fi
+if [ "$status" -eq 0 ]; then
+    # 10 s per target, built without optimisation (about half the build time of a release
+    # fuzz build; the long runs of FUZZING.md use the release build).
+    tools/fuzz.sh --dev --seconds 10 2>&1 | tee -a "$log" || status=$?
+fi
 
 awk '
   /^test result:/ { for (i = 1; i < NF; i++) { if ($(i+1) ~ /^passed/) p += $i; if ($(i+1) ~ /^failed/) f += $i } }
   /^[0-9]+ (passed|failed)/ || / passed in | failed in / {
       for (i = 1; i < NF; i++) { if ($(i+1) ~ /^passed/) p += $i; if ($(i+1) ~ /^failed/) f += $i } }
+  /^fuzz [a-z_]+: [0-9?]+ inputs, no crash$/ { p += 1 }
+  /^fuzz [a-z_]+: FAILED$/ { f += 1 }
   END { printf "all tests: %d passed, %d failed\n", p, f; if (p == 0) exit 1 }' "$log"
 exit "$status"

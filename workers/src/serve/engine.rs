@@ -118,6 +118,9 @@ pub struct Engine {
     first_worker: u32,
     next_id: AtomicU64,
     next_worker: AtomicUsize,
+    /// Steps submitted by streams and inference requests (not jobs): a job yields while this
+    /// moves.
+    interactive_steps: AtomicU64,
     draining: AtomicBool,
     guards: Mutex<Option<timely::communication::initialize::WorkerGuards<()>>>,
     /// Client streams open now (native streams, inference streams, job watches).
@@ -215,6 +218,7 @@ impl Engine {
             first_worker,
             next_id: AtomicU64::new(1),
             next_worker: AtomicUsize::new(0),
+            interactive_steps: AtomicU64::new(0),
             draining: AtomicBool::new(false),
             open_streams: Arc::default(),
             closing: tokio::sync::watch::channel(false).0,
@@ -273,6 +277,26 @@ impl Engine {
     /// Hands one operation to the dataflow through local worker `worker`; the receiver
     /// yields its response.
     pub fn submit(
+        &self,
+        worker: usize,
+        session: SessionKey,
+        op: Op,
+        allow_when_draining: bool,
+    ) -> Result<oneshot::Receiver<Response>, SubmitError> {
+        if matches!(op, Op::Step { .. }) {
+            self.interactive_steps.fetch_add(1, Ordering::Relaxed);
+        }
+        self.submit_background(worker, session, op, allow_when_draining)
+    }
+
+    /// Steps submitted by streams and inference requests so far (jobs' steps not counted).
+    pub fn interactive_steps(&self) -> u64 {
+        self.interactive_steps.load(Ordering::Relaxed)
+    }
+
+    /// [`Engine::submit`] for a job's work, which yields to interactive work and so does
+    /// not count as such.
+    pub fn submit_background(
         &self,
         worker: usize,
         session: SessionKey,

@@ -23,6 +23,8 @@ use super::requests::{LengthLimit, Refuse, answer, check_answer, check_ids};
 use super::status::{inbound_error, op_status, shutting_down, submit_status};
 
 const DEFAULT_CHUNK: usize = 256;
+/// The longest a job waits between steps for interactive work.
+const MAX_JOB_YIELD: Duration = Duration::from_millis(200);
 /// The smallest step a job is sized down to (below it the chunked form loses its point).
 const MIN_JOB_STEP: usize = 16;
 /// What a job's record holds besides its result, in the bytes bound (so that results-less
@@ -196,8 +198,12 @@ impl JobsService {
             while done < tokens.len() {
                 if cancel.load(Ordering::Relaxed) {
                     if done > 0
-                        && let Ok(rx) =
-                            engine.submit(worker, key, Op::End { name: name.clone() }, true)
+                        && let Ok(rx) = engine.submit_background(
+                            worker,
+                            key,
+                            Op::End { name: name.clone() },
+                            true,
+                        )
                     {
                         let _ = answer(rx).await;
                     }
@@ -214,7 +220,8 @@ impl JobsService {
                     end: done + piece.len() == tokens.len(),
                 };
                 let step_started = Instant::now();
-                let reply = match engine.submit(worker, key, op, true) {
+                let interactive = engine.interactive_steps();
+                let reply = match engine.submit_background(worker, key, op, true) {
                     Ok(rx) => answer(rx)
                         .await
                         .and_then(|r| r.map_err(|e| op_status(&e, Code::FailedPrecondition))),
@@ -230,15 +237,26 @@ impl JobsService {
                             logits.extend_from_slice(&reply.logits);
                         }
                         status.done_tokens = reply.position_after;
-                        steps.record(piece.len(), step_started.elapsed());
+                        let took = step_started.elapsed();
+                        steps.record(piece.len(), took);
                         done += piece.len();
+                        if engine.interactive_steps() != interactive {
+                            // Streams or requests sent work during this step: leave the worker
+                            // to them as long again, so that a job takes at most about half
+                            // of a busy worker (and all of an idle one).
+                            tokio::time::sleep(took.min(MAX_JOB_YIELD)).await;
+                        }
                     }
                     Err(e) => {
                         status.state = pb::JobState::Failed as i32;
                         status.error = format!("{:?}: {}", e.code(), e.message());
                         if done > 0
-                            && let Ok(rx) =
-                                engine.submit(worker, key, Op::End { name: name.clone() }, true)
+                            && let Ok(rx) = engine.submit_background(
+                                worker,
+                                key,
+                                Op::End { name: name.clone() },
+                                true,
+                            )
                         {
                             let _ = answer(rx).await;
                         }

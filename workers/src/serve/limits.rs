@@ -32,6 +32,14 @@ pub struct Limits {
     /// one such step for it, and Cancel takes effect within one.
     #[arg(long, default_value_t = 2048)]
     pub max_job_chunk: usize,
+    /// Refusals for its own limits a caller (bearer token, else connection) earns back per
+    /// second: past its burst, its calls are refused at the door, unread, until it has
+    /// (`serve/refusals.rs`). 0: no such budget.
+    #[arg(long, default_value_t = 5.0)]
+    pub refusals_per_s: f64,
+    /// Refusals a caller may earn at once before its calls are refused unread.
+    #[arg(long, default_value_t = 10)]
+    pub refusal_burst: u32,
     /// Milliseconds of the worker's time a job's step aims at (its tokens sized to fit, up to
     /// --max-job-chunk): sessions sharing the worker wait about that long for a job. 0: every
     /// step is --max-job-chunk tokens (or the job's own `chunk`).
@@ -76,6 +84,8 @@ impl Default for Limits {
             max_message_bytes: 256 << 20,
             max_request_bytes: 16 << 20,
             job_step_ms: 5.0,
+            refusals_per_s: 5.0,
+            refusal_burst: 10,
             max_request_tokens: 32_768,
             max_job_tokens: 1 << 22,
             max_job_chunk: 2048,
@@ -99,6 +109,12 @@ impl Limits {
             return Err(format!(
                 "--min-sample-rate {} and --max-sample-rate {} make no range of rates (1 Hz ≤ min ≤ max)",
                 self.min_sample_rate, self.max_sample_rate
+            ));
+        }
+        if self.refusals_per_s.is_nan() || self.refusals_per_s < 0.0 {
+            return Err(format!(
+                "--refusals-per-s {} must be a rate ≥ 0",
+                self.refusals_per_s
             ));
         }
         if self.job_step_ms.is_nan() || self.job_step_ms < 0.0 {

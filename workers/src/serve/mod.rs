@@ -12,6 +12,7 @@ pub mod messages;
 pub mod metrics;
 pub mod native;
 pub mod outbound;
+pub mod refusals;
 pub mod requests;
 pub mod served;
 pub mod stages;
@@ -439,6 +440,10 @@ async fn serve_grpc(
     let shutdown = graceful_shutdown(engine.clone(), health_reporter.clone(), grace);
     let router = tonic::transport::Server::builder()
         .layer(ErrorMetricsLayer::new(engine.board.clone()))
+        .layer(refusals::RefusalLayer(refusals::RefusalBudget::new(
+            limits.refusals_per_s,
+            limits.refusal_burst,
+        )))
         .add_service(health_service)
         .add_service(reflection)
         .add_service(inference)
