@@ -3,7 +3,7 @@
 //! task that repeats until the row ends:
 //! - giant requests: a `ModelInfer` of 1.1M token ids (8.8 MB raw), over `--max-request-tokens`;
 //! - a gzip bomb: a `Jobs.Submit` whose 1 GiB of zero tokens is ~1 MB gzipped on the wire,
-//!   sent as a pre-built gRPC frame (decompressing stops at `--max-message-bytes`);
+//!   sent as a pre-built gRPC frame (decompressing stops at `--max-request-bytes`);
 //! - a long job: 10^6 tokens asking for one chunk of 10^6 (the server runs it in its own bounded
 //!   steps), submitted again as soon as it finishes;
 //! - a session flood: `ModelInfer` sequence starts with fresh ids, never ended, past the
