@@ -263,17 +263,7 @@ async fn requests_and_jobs_are_bounded_in_tokens() {
         ipb::grpc_inference_service_client::GrpcInferenceServiceClient::connect(url.clone())
             .await
             .unwrap();
-    let request = |n: usize| ipb::ModelInferRequest {
-        model_name: "lm".into(),
-        inputs: vec![ipb::model_infer_request::InferInputTensor {
-            name: "input_ids".into(),
-            datatype: "INT64".into(),
-            shape: vec![n as i64],
-            ..Default::default()
-        }],
-        raw_input_contents: vec![ids(n).iter().flat_map(|v| v.to_le_bytes()).collect()],
-        ..Default::default()
-    };
+    let request = |n: usize| infer_ids_request("lm", &ids(n));
     infer.model_infer(request(100)).await.unwrap();
     let e = infer.model_infer(request(101)).await.unwrap_err();
     assert_eq!(e.code(), Code::ResourceExhausted, "{e:?}");

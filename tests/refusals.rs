@@ -12,17 +12,7 @@ use tonic::Code;
 
 fn infer_request(n: usize) -> ipb::ModelInferRequest {
     let ids: Vec<i64> = (0..n as i64).map(|i| i % 61).collect();
-    ipb::ModelInferRequest {
-        model_name: "lm".into(),
-        inputs: vec![ipb::model_infer_request::InferInputTensor {
-            name: "input_ids".into(),
-            datatype: "INT64".into(),
-            shape: vec![n as i64],
-            ..Default::default()
-        }],
-        raw_input_contents: vec![ids.iter().flat_map(|v| v.to_le_bytes()).collect()],
-        ..Default::default()
-    }
+    infer_ids_request("lm", &ids)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

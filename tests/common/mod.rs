@@ -9,6 +9,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 
 use safetensors::SafeTensors;
 use safetensors::tensor::Dtype;
+use tideway_proto::inference as ipb;
 use tideway_proto::tideway::v1 as pb;
 
 pub fn tideway() -> Command {
@@ -291,4 +292,19 @@ pub async fn first_model(url: &str) -> pb::ModelInfo {
         .into_inner()
         .models
         .remove(0)
+}
+
+/// An inference-protocol request of token `ids` for `model` (raw INT64, shape [T]).
+pub fn infer_ids_request(model: &str, ids: &[i64]) -> ipb::ModelInferRequest {
+    ipb::ModelInferRequest {
+        model_name: model.into(),
+        inputs: vec![ipb::model_infer_request::InferInputTensor {
+            name: "input_ids".into(),
+            datatype: "INT64".into(),
+            shape: vec![ids.len() as i64],
+            ..Default::default()
+        }],
+        raw_input_contents: vec![ids.iter().flat_map(|v| v.to_le_bytes()).collect()],
+        ..Default::default()
+    }
 }

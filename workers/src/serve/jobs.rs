@@ -196,7 +196,8 @@ impl JobsService {
             let mut steps = StepSizer::new(max_step, step_target);
             let mut done = 0usize;
             while done < tokens.len() {
-                if cancel.load(Ordering::Relaxed) {
+                // A job stopped after its first step ends its session (frees its state).
+                let end_session = || async {
                     if done > 0
                         && let Ok(rx) = engine.submit_background(
                             worker,
@@ -207,6 +208,9 @@ impl JobsService {
                     {
                         let _ = answer(rx).await;
                     }
+                };
+                if cancel.load(Ordering::Relaxed) {
+                    end_session().await;
                     status.state = pb::JobState::Cancelled as i32;
                     break;
                 }
@@ -250,16 +254,7 @@ impl JobsService {
                     Err(e) => {
                         status.state = pb::JobState::Failed as i32;
                         status.error = format!("{:?}: {}", e.code(), e.message());
-                        if done > 0
-                            && let Ok(rx) = engine.submit_background(
-                                worker,
-                                key,
-                                Op::End { name: name.clone() },
-                                true,
-                            )
-                        {
-                            let _ = answer(rx).await;
-                        }
+                        end_session().await;
                         break;
                     }
                 }
