@@ -767,6 +767,21 @@ async fn messages_over_the_size_limit_are_refused() {
         e.message().contains("4096") && e.message().contains("--max-request-bytes"),
         "{e:?}"
     );
+    // A unary call too: tonic refuses it before any handler (OUT_OF_RANGE); the server answers
+    // it as every limit, RESOURCE_EXHAUSTED naming the flag.
+    let mut infer = tideway_proto::inference::grpc_inference_service_client::GrpcInferenceServiceClient::connect(server.url())
+        .await
+        .unwrap();
+    let ids: Vec<i64> = (0..1000).collect();
+    let e = infer
+        .model_infer(infer_ids_request("m", &ids))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::ResourceExhausted, "{e:?}");
+    assert!(
+        e.message().contains("4096") && e.message().contains("--max-request-bytes"),
+        "{e:?}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -6,7 +6,9 @@
 //! a client that loops over refused calls is slowed to the refill rate, and its message waits
 //! in HTTP/2 flow control instead of being decompressed.
 //!
-//! The caller is its bearer token where it sends one, else its connection's address.
+//! The caller is its bearer token where it sends one, else its connection's address. The same
+//! layer answers tonic's own size refusal of a unary call (OUT_OF_RANGE) as every limit is
+//! answered, RESOURCE_EXHAUSTED naming the flag (`status::inbound_error`).
 //! Refusals that are the server's state, not the caller's doing (a full queue, the server-wide
 //! session limit, a full GPU pool), are not charged.
 
@@ -163,7 +165,12 @@ where
 
     fn call(&mut self, request: http::Request<ReqBody>) -> Self::Future {
         if !self.budget.enabled() {
-            return Box::pin(self.inner.call(request));
+            let answer = self.inner.call(request);
+            return Box::pin(async move {
+                let mut response = answer.await?;
+                as_limit_refusal(response.headers_mut());
+                Ok(response)
+            });
         }
         let who = caller(&request);
         if let Some(wait) = self.budget.wait(&who, Instant::now()) {
@@ -182,12 +189,25 @@ where
         let budget = self.budget.clone();
         let answer = self.inner.call(request);
         Box::pin(async move {
-            let response = answer.await?;
+            let mut response = answer.await?;
             if refused_for_own_limit(response.headers()) {
                 budget.charge(&who, Instant::now());
             }
+            as_limit_refusal(response.headers_mut());
             Ok(response)
         })
+    }
+}
+
+/// Rewrites tonic's OUT_OF_RANGE for a message over the size limit (a unary call's,
+/// answered before any handler runs) into the server's limit refusal.
+fn as_limit_refusal(headers: &mut http::HeaderMap) {
+    if let Some(status) = tonic::Status::from_header_map(headers)
+        && status.code() == tonic::Code::OutOfRange
+        && status.message().contains("message length too large")
+        && let Some(refusal) = super::status::inbound_error(&status)
+    {
+        let _ = refusal.add_header(headers);
     }
 }
 
