@@ -245,6 +245,28 @@ fn malformed_lmuformer_checkpoints_are_refused_by_name() {
 }
 
 #[test]
+fn a_pth_stating_a_length_past_its_end_is_refused_before_it_is_read() {
+    // 408 bytes whose pickle asks for a 1.2 GB string (found by fuzz/fuzz_targets/pth.rs):
+    // candle's reader would allocate it before reading; the scan refuses it by name.
+    let src = fixtures_dir().join("lmu/slmu_d32_c16_pth/checkpoint");
+    let dir = scratch_dir("lmu-oversized-pickle");
+    std::fs::copy(src.join("config.json"), dir.join("config.json")).unwrap();
+    std::fs::copy(
+        fixtures_dir().join("lmu/malformed/oversized_unicode.pth"),
+        dir.join("best_model.pth"),
+    )
+    .unwrap();
+    let input = fixtures_dir().join("lmu/slmu_d32_c16/input.safetensors");
+    let (_, output) = run(&dir, &input, &[]);
+    assert!(!output.status.success());
+    let text = stderr(&output);
+    assert!(
+        text.contains("archive/data.pkl") && text.contains("states 1195853639 bytes"),
+        "{text}"
+    );
+}
+
+#[test]
 fn run_audio_goes_from_a_wav_file_to_the_reference_outputs() {
     // An LMUFormer whose config.json has the audio front end, on a 16 kHz recording: the
     // features must equal torchaudio's (tools/gen_audio_fixtures.py) and the outputs the

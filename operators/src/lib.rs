@@ -16,6 +16,7 @@ pub mod error;
 pub mod gpu;
 pub mod layers;
 pub mod models;
+mod pickle_lengths;
 pub mod spiking;
 pub mod state_dict;
 pub mod tensor_parallel;

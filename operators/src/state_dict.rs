@@ -70,6 +70,12 @@ impl StateDict {
             let path = torch_files[0].clone();
             // Tensors of types the reader does not represent (the complex `fft_H` buffer of
             // LMUFormer checkpoints, derived and never needed) are skipped with a note on stderr.
+            crate::pickle_lengths::check_pickle_lengths(&path).map_err(|reason| {
+                LoadError::Unsupported {
+                    path: path.clone(),
+                    reason: format!("not a readable torch.save checkpoint: {reason}"),
+                }
+            })?;
             let tensors = PthTensors::new(&path, None).map_err(|e| LoadError::Unsupported {
                 path: path.clone(),
                 reason: format!("not a readable torch.save checkpoint: {e}"),
