@@ -259,34 +259,10 @@ fn input_ids(
     };
     LengthLimit::request(limits.max_request_tokens).check("tokens", count)?;
     let ids: Vec<i64> = match (input.datatype.as_str(), raw) {
-        ("INT64", Some(bytes)) => {
-            let needs = raw_len(input, count, 8)?;
-            if bytes.len() != needs {
-                return Err(invalid(format!(
-                    "input \"input_ids\": {} raw bytes for shape {:?} of INT64 (needs {needs})",
-                    bytes.len(),
-                    input.shape,
-                )));
-            }
-            bytes
-                .chunks_exact(8)
-                .map(|b| i64::from_le_bytes(b.try_into().expect("8 bytes")))
-                .collect()
-        }
-        ("INT32", Some(bytes)) => {
-            let needs = raw_len(input, count, 4)?;
-            if bytes.len() != needs {
-                return Err(invalid(format!(
-                    "input \"input_ids\": {} raw bytes for shape {:?} of INT32 (needs {needs})",
-                    bytes.len(),
-                    input.shape,
-                )));
-            }
-            bytes
-                .chunks_exact(4)
-                .map(|b| i32::from_le_bytes(b.try_into().expect("4 bytes")) as i64)
-                .collect()
-        }
+        ("INT64", Some(bytes)) => raw_ids::<8>(input, bytes, count, "INT64", i64::from_le_bytes)?,
+        ("INT32", Some(bytes)) => raw_ids::<4>(input, bytes, count, "INT32", |b| {
+            i32::from_le_bytes(b) as i64
+        })?,
         ("INT64", None) => input
             .contents
             .as_ref()
@@ -302,4 +278,26 @@ fn input_ids(
     };
     check_count(input, ids.len(), count)?;
     Ok(ids)
+}
+
+/// `count` ids of `N` little-endian bytes each from an input's raw bytes.
+fn raw_ids<const N: usize>(
+    input: &InferInputTensor,
+    bytes: &[u8],
+    count: usize,
+    datatype: &str,
+    decode: impl Fn([u8; N]) -> i64,
+) -> Result<Vec<i64>, DecodeError> {
+    let needs = raw_len(input, count, N)?;
+    if bytes.len() != needs {
+        return Err(invalid(format!(
+            "input \"input_ids\": {} raw bytes for shape {:?} of {datatype} (needs {needs})",
+            bytes.len(),
+            input.shape,
+        )));
+    }
+    Ok(bytes
+        .chunks_exact(N)
+        .map(|b| decode(b.try_into().expect("N bytes")))
+        .collect())
 }
