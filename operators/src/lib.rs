@@ -6,12 +6,14 @@
 //!   mixers (each with a packed-batch forward serving both the chunked and the recurrent
 //!   form) and GPU model side by side; [`models::load_model`] reads `config.json` and picks
 //!   the family;
+//! - [`generate`] — sampling, streamed detokenization and stop conditions for text generation;
 //! - [`layers`], [`spiking`] — layers the families share;
 //! - [`gpu`] — what the GPU models share (slot pools, batch layouts, the GPU model enum);
 //! - [`tensor_parallel`] — tensor-parallel ranks and the Ladder Residual wiring.
 
 pub mod checkpoint;
 pub mod error;
+pub mod generate;
 #[cfg(feature = "cuda")]
 pub mod gpu;
 pub mod layers;
