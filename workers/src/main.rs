@@ -1,6 +1,7 @@
 //! `tideway`: the Tideway node's command line.
 //!
 //! - `tideway run`: one sequence offline through a model, outputs to a safetensors file;
+//! - `tideway generate`: text from a language model, printed as it is made;
 //! - `tideway bench`: decode and prefill throughput and peak memory of a model;
 //! - `tideway devices`: the CPU and CUDA devices this node can use;
 //! - `tideway demo` / `tideway stream`: keyword spotting on a live audio stream over gRPC.
@@ -15,6 +16,7 @@ mod detect;
 mod device;
 mod devices;
 mod feature_model;
+mod generate;
 #[cfg(feature = "cuda")]
 mod gpu;
 #[cfg(feature = "cuda")]
@@ -52,6 +54,8 @@ enum Command {
     Serve(serve::ServeArgs),
     /// Run one sequence through a model and write its outputs to a safetensors file.
     Run(run::RunArgs),
+    /// Generate text from a language model, printed as it is made (`--temperature 0`: greedy).
+    Generate(generate::GenerateArgs),
     /// Measure decode and prefill throughput and peak memory of a model.
     Bench(bench::BenchArgs),
     /// List the compute this node can use (CPU threads and SIMD level, CUDA devices).
@@ -114,6 +118,7 @@ fn main() -> ExitCode {
     // Tensor-parallel ranks started as processes share this machine's cores.
     let processes = match &cli.command {
         Command::Run(a) => a.parallel.local_processes(),
+        Command::Generate(a) => a.parallel.local_processes(),
         Command::Bench(a) => a.parallel.local_processes(),
         Command::Serve(a) => a.parallel.local_processes(),
         _ => 1,
@@ -131,6 +136,7 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::Serve(args) => serve::serve(args),
         Command::Run(args) => run::run(args),
+        Command::Generate(args) => generate::generate(args),
         Command::Bench(args) => bench::bench(args, threads),
         Command::Devices => devices::devices(threads),
         Command::Demo(args) => demo::demo(args),
