@@ -130,6 +130,7 @@ impl InferenceService {
                 input,
                 start,
                 end,
+                last_only: false,
             },
             id: request.id,
             model_name: request.model_name,

@@ -222,6 +222,7 @@ impl JobsService {
                     input: StepInput::Tokens(piece.to_vec()),
                     start: done == 0,
                     end: done + piece.len() == tokens.len(),
+                    last_only: false,
                 };
                 let step_started = Instant::now();
                 let interactive = engine.interactive_steps();

@@ -25,6 +25,9 @@ pub struct Limits {
     /// request. Longer sequences go to Jobs, which run them in bounded steps.
     #[arg(long, default_value_t = 32_768)]
     pub max_request_tokens: usize,
+    /// New tokens one generation may ask for (`Generate`, `max_tokens`).
+    #[arg(long, default_value_t = 4096)]
+    pub max_new_tokens: usize,
     /// Tokens one job may carry.
     #[arg(long, default_value_t = 1 << 22)]
     pub max_job_tokens: usize,
@@ -87,6 +90,7 @@ impl Default for Limits {
             refusals_per_s: 5.0,
             refusal_burst: 10,
             max_request_tokens: 32_768,
+            max_new_tokens: 4096,
             max_job_tokens: 1 << 22,
             max_job_chunk: 2048,
             max_job_results_bytes: 256 << 20,
@@ -133,6 +137,7 @@ impl Limits {
             ("--max-message-bytes", self.max_message_bytes),
             ("--max-request-bytes", self.max_request_bytes),
             ("--max-request-tokens", self.max_request_tokens),
+            ("--max-new-tokens", self.max_new_tokens),
             ("--max-job-tokens", self.max_job_tokens),
             ("--max-job-chunk", self.max_job_chunk),
             ("--max-sessions", self.max_sessions),

@@ -38,6 +38,8 @@ pub enum Op {
         input: StepInput,
         start: bool,
         end: bool,
+        /// Answer only the last row of logits (a generation needs no other).
+        last_only: bool,
     },
     /// Reports whether the session lives, and where it is (for a resume).
     Probe { model: u32, name: String },

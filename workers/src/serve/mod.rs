@@ -4,6 +4,7 @@
 
 pub mod auth;
 pub mod engine;
+pub mod generation;
 pub mod grpc_metrics;
 pub mod inference;
 pub mod jobs;
@@ -32,6 +33,7 @@ use tonic::codec::CompressionEncoding;
 
 use tideway_proto::inference::grpc_inference_service_server::GrpcInferenceServiceServer;
 use tideway_proto::tideway::v1::admin_server::AdminServer;
+use tideway_proto::tideway::v1::generation_server::GenerationServer;
 use tideway_proto::tideway::v1::jobs_server::JobsServer;
 use tideway_proto::tideway::v1::models_server::ModelsServer;
 use tideway_proto::tideway::v1::streams_server::StreamsServer;
@@ -420,6 +422,12 @@ async fn serve_grpc(
         })),
         authenticate.clone(),
     );
+    let generation = InterceptedService::new(
+        limits!(GenerationServer::new(generation::GenerationService {
+            engine: engine.clone(),
+        })),
+        authenticate.clone(),
+    );
     let models = InterceptedService::new(
         ModelsServer::new(native::ModelsService {
             engine: engine.clone(),
@@ -448,6 +456,7 @@ async fn serve_grpc(
         .add_service(reflection)
         .add_service(inference)
         .add_service(streams)
+        .add_service(generation)
         .add_service(models)
         .add_service(jobs)
         .add_service(admin);

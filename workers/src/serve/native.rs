@@ -106,6 +106,7 @@ impl pb::streams_server::Streams for StreamsService {
                 input: StepInput::Tokens(Vec::new()),
                 start: true,
                 end: false,
+                last_only: false,
             }
         };
         let opened = engine
@@ -229,6 +230,7 @@ impl pb::streams_server::Streams for StreamsService {
                     input,
                     start: false,
                     end,
+                    last_only: false,
                 };
                 match engine.submit(worker, key, op, true) {
                     Ok(rx) => {

@@ -37,6 +37,8 @@ pub struct LmInfo {
     pub device: Device,
     /// Sessions that fit (a GPU's state pool); None where host memory is the limit.
     pub session_capacity: Option<usize>,
+    /// End-of-sequence tokens (config.json's eos_token_id): a generation stops at them.
+    pub end_tokens: Vec<u32>,
 }
 
 /// What the edge and the front end read of a feature model (LMUFormer), wherever its pieces
@@ -285,6 +287,7 @@ impl Placement {
                     weight_bytes: model.weight_bytes(),
                     device: model.device(),
                     session_capacity: model.session_capacity(),
+                    end_tokens: Vec::new(),
                 };
                 pieces[0] = Some(StageModel::Whole(Box::new(model)));
                 info
@@ -310,6 +313,7 @@ impl Placement {
                             weight_bytes: 0,
                             device: Device::Cpu,
                             session_capacity: None,
+                            end_tokens: Vec::new(),
                         });
                     }
                     pieces[stage] = Some(StageModel::Part(Box::new(model)));
@@ -318,6 +322,8 @@ impl Placement {
                 info.weight_bytes = weight_bytes;
                 info
             };
+            let mut info = info;
+            info.end_tokens = tideway_operators::generate::end_tokens(dir).with_context(context)?;
             ServedKind::Language { info, tokenizer }
         };
         let served = ServedModel {

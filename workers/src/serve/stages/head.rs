@@ -41,7 +41,14 @@ impl StageLogic<Envelope, Envelope> for HeadLogic {
             let mut pending = Vec::new();
             let mut rows = Vec::with_capacity(mine.len());
             for &i in &mine {
+                let last_only = envelopes[i].last_only;
                 if let Body::Hidden { values, pending: p } = &mut envelopes[i].body {
+                    if last_only && values.len() > d {
+                        values.drain(..values.len() - d);
+                        if let Some(p) = p.as_mut() {
+                            p.drain(..p.len() - d);
+                        }
+                    }
                     rows.push(values.len() / d);
                     residual.values.append(values);
                     if let Some(p) = p {

@@ -142,6 +142,7 @@ impl Lifecycle {
             owner: self.worker,
             start: false,
             end: false,
+            last_only: false,
             position: 0,
             position_after: 0,
             body: Body::Probe,
@@ -175,8 +176,10 @@ impl Lifecycle {
                 input,
                 start,
                 end,
+                last_only,
             } => {
                 envelope.model = model;
+                envelope.last_only = last_only;
                 let served = &self.models.clone()[model as usize];
                 if start
                     && !self.sessions.contains_key(&key)
@@ -279,6 +282,7 @@ impl Lifecycle {
                 owner: self.worker,
                 start: false,
                 end: true,
+                last_only: false,
                 position: 0,
                 position_after: 0,
                 body: Body::Forget,

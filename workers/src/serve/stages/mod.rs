@@ -47,6 +47,8 @@ pub struct Envelope {
     pub start: bool,
     /// The session ends after this request (every stage frees its state after it).
     pub end: bool,
+    /// Only the last row of the output is wanted (the head computes no other).
+    pub last_only: bool,
     /// Session position before and after this request (set by the first layers stage).
     pub position: u64,
     pub position_after: u64,
@@ -256,6 +258,7 @@ mod tests {
             owner: 0,
             start: false,
             end: false,
+            last_only: false,
             position: 0,
             position_after: 0,
             body: Body::Probe,
