@@ -5,6 +5,7 @@
 //! - [`kserve`]: an inference-protocol `ModelInferRequest` (tensors, parameters);
 //! - [`native`]: a `tideway.v1` stream chunk.
 
+pub mod generate;
 pub mod kserve;
 pub mod native;
 

@@ -24,6 +24,7 @@ use tideway_proto::inference as pb;
 
 use super::auth::Identity;
 use super::engine::Engine;
+use super::inference_generate;
 use super::messages::{self, Op, owned_session_key};
 use super::outbound;
 use super::requests::{Refuse, answer, tensor_specs};
@@ -195,6 +196,24 @@ async fn finish(rx: oneshot::Receiver<messages::Response>) -> Result<messages::R
         .map_err(|e| op_status(&e, Code::InvalidArgument))
 }
 
+/// A stream's answer to one request, in request order: an immediate error, a pending
+/// reply, or a generation's responses.
+enum Pending {
+    Failed(String, Status),
+    Reply(
+        String,
+        String,
+        u32,
+        Instant,
+        oneshot::Receiver<messages::Response>,
+    ),
+    Generation {
+        id: String,
+        model_name: String,
+        generated: inference_generate::Generated,
+    },
+}
+
 type InferStream = Pin<Box<dyn Stream<Item = Result<pb::ModelStreamInferResponse, Status>> + Send>>;
 
 #[tonic::async_trait]
@@ -280,7 +299,13 @@ impl pb::grpc_inference_service_server::GrpcInferenceService for InferenceServic
     ) -> Result<Response<pb::ModelInferResponse>, Status> {
         let started = Instant::now();
         let owner = Identity::of(&request);
-        let prepared = self.prepare(request.into_inner(), &owner)?;
+        let request = request.into_inner();
+        if tideway_proto::decode::generate::is_generation(&request)? {
+            return Err(Status::invalid_argument(
+                "a generation is answered by several responses: send it on ModelStreamInfer (tritonclient: start_stream, then async_stream_infer)",
+            ));
+        }
+        let prepared = self.prepare(request, &owner)?;
         let worker = self.engine.pick_worker();
         let rx = self
             .engine
@@ -323,17 +348,6 @@ impl pb::grpc_inference_service_server::GrpcInferenceService for InferenceServic
             let closing = service.engine.closing();
             tokio::pin!(closing);
             let worker = service.engine.pick_worker();
-            // Answers in request order: either an immediate error or a pending reply.
-            type Pending = Result<
-                (
-                    String,
-                    String,
-                    u32,
-                    Instant,
-                    oneshot::Receiver<messages::Response>,
-                ),
-                (String, Status),
-            >;
             let (order_tx, mut order_rx) = mpsc::channel::<Pending>(STREAM_CREDIT);
             let writer_tx = tx.clone();
             let counters_service = InferenceService {
@@ -343,7 +357,45 @@ impl pb::grpc_inference_service_server::GrpcInferenceService for InferenceServic
             let writer = tokio::spawn(async move {
                 while let Some(pending) = order_rx.recv().await {
                     let (id, result) = match pending {
-                        Ok((id, model_name, model, started, rx)) => {
+                        Pending::Generation {
+                            id,
+                            model_name,
+                            mut generated,
+                        } => {
+                            // A decoupled answer: one response per token, the last flagged.
+                            let has_text =
+                                inference_generate::has_text(&counters_service.engine, &model_name);
+                            while let Some(item) = generated.recv().await {
+                                let message = match item {
+                                    Ok(g) => Ok(pb::ModelStreamInferResponse {
+                                        error_message: String::new(),
+                                        infer_response: Some(inference_generate::response(
+                                            &id,
+                                            &model_name,
+                                            has_text,
+                                            g,
+                                        )),
+                                    }),
+                                    Err(status) if errors_end_stream => Err(status),
+                                    Err(status) => {
+                                        let status = counters_service.stream_error(status);
+                                        Ok(pb::ModelStreamInferResponse {
+                                            error_message: status_message(&status),
+                                            infer_response: Some(pb::ModelInferResponse {
+                                                id: id.clone(),
+                                                ..Default::default()
+                                            }),
+                                        })
+                                    }
+                                };
+                                let ends = message.is_err();
+                                if writer_tx.send(message).await.is_err() || ends {
+                                    return;
+                                }
+                            }
+                            continue;
+                        }
+                        Pending::Reply(id, model_name, model, started, rx) => {
                             let result = finish(rx).await;
                             counters_service.count(model, started, result.is_ok());
                             let output =
@@ -353,7 +405,7 @@ impl pb::grpc_inference_service_server::GrpcInferenceService for InferenceServic
                                 result.map(|reply| Self::respond(id, model_name, output, &reply)),
                             )
                         }
-                        Err((id, status)) => (id, Err(status)),
+                        Pending::Failed(id, status) => (id, Err(status)),
                     };
                     let message = match result {
                         Ok(response) => Ok(pb::ModelStreamInferResponse {
@@ -399,12 +451,29 @@ impl pb::grpc_inference_service_server::GrpcInferenceService for InferenceServic
                     }
                 };
                 let id = request.id.clone();
-                let pending = match service.prepare(request, &owner) {
-                    Ok(p) => match service.engine.submit(worker, p.key, p.op, false) {
-                        Ok(rx) => Ok((p.id, p.model_name, p.model, Instant::now(), rx)),
-                        Err(e) => Err((id, submit_status(e))),
+                let generation = tideway_proto::decode::generate::is_generation(&request)
+                    .map_err(|e| e.refuse(&service.engine.board));
+                let pending = match generation {
+                    Ok(true) => {
+                        match inference_generate::start(&service.engine, &owner, &request) {
+                            Ok(generated) => Pending::Generation {
+                                id,
+                                model_name: request.model_name,
+                                generated,
+                            },
+                            Err(status) => Pending::Failed(id, status),
+                        }
+                    }
+                    Ok(false) => match service.prepare(request, &owner) {
+                        Ok(p) => match service.engine.submit(worker, p.key, p.op, false) {
+                            Ok(rx) => {
+                                Pending::Reply(p.id, p.model_name, p.model, Instant::now(), rx)
+                            }
+                            Err(e) => Pending::Failed(id, submit_status(e)),
+                        },
+                        Err(status) => Pending::Failed(id, status),
                     },
-                    Err(status) => Err((id, status)),
+                    Err(status) => Pending::Failed(id, status),
                 };
                 if order_tx.send(pending).await.is_err() {
                     break;

@@ -7,6 +7,7 @@ pub mod engine;
 pub mod generation;
 pub mod grpc_metrics;
 pub mod inference;
+pub mod inference_generate;
 pub mod jobs;
 pub mod limits;
 pub mod messages;
