@@ -314,3 +314,64 @@ async fn text_generation_stops_at_a_stop_string_and_bad_requests_are_refused_by_
         assert!(e.message().contains(says), "{request:?}: {e:?}");
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stream_continues_from_its_state_then_takes_chunks_again() {
+    let mamba = case("mamba_bias_untied_k2");
+    let server = Server::start(&[
+        "--model",
+        &format!(
+            "mamba={}",
+            repo().join(mamba["model"].as_str().unwrap()).display()
+        ),
+    ]);
+    let prompt: Vec<u64> = ids(&mamba["prompt_ids"])
+        .iter()
+        .map(|&t| t as u64)
+        .collect();
+    let want: Vec<i64> = ids(&mamba["tokens"])[..20].to_vec();
+    let mut client = pb::streams_client::StreamsClient::connect(server.url())
+        .await
+        .unwrap();
+    let mut ask = token_chunk(&prompt, false);
+    if let Some(pb::stream_request::Kind::Chunk(chunk)) = &mut ask.kind {
+        chunk.generate = Some(request("", vec![], want.len() as u32));
+    }
+    let messages = vec![start_request("mamba"), ask, token_chunk(&[5], true)];
+    let mut inbound = client
+        .open(tokio_stream::iter(messages))
+        .await
+        .unwrap()
+        .into_inner();
+    use pb::stream_response::Kind;
+    let (mut outputs, mut generated, mut finished, mut summary) =
+        (Vec::new(), Vec::new(), None, None);
+    while let Some(r) = inbound.message().await.unwrap() {
+        match r.kind.unwrap() {
+            Kind::Opened(_) => {}
+            Kind::Output(o) => {
+                assert!(
+                    generated.is_empty() || finished.is_some(),
+                    "an output inside the generation"
+                );
+                outputs.push(o.position)
+            }
+            Kind::Generated(g) => {
+                generated.extend(g.tokens);
+                if g.finished.is_some() {
+                    finished = g.finished;
+                }
+            }
+            Kind::Summary(s) => summary = Some(s),
+        }
+    }
+    assert_eq!(
+        generated, want,
+        "greedy from the stream's state = the reference's continuation"
+    );
+    assert_eq!(finished.unwrap().finish_reason, "length");
+    let n = prompt.len() as u64;
+    // The next chunk starts after the prompt and every generated token.
+    assert_eq!(outputs, vec![0, n + want.len() as u64]);
+    assert_eq!(summary.unwrap().position, n + want.len() as u64 + 1);
+}

@@ -18,7 +18,6 @@ use tonic::{Code, Request, Response, Status};
 use tideway_operators::generate::{
     FinishReason, GenerateError, Generation, GenerationParams, SamplingParams,
 };
-use tideway_operators::tokenizers::text::TextTokenizer;
 use tideway_proto::tideway::v1 as pb;
 
 use super::auth::{Identity, random_id};
@@ -116,6 +115,15 @@ impl Asked {
                 })
                 .collect::<Result<Vec<u32>, Status>>()?,
         };
+        let params = Self::params(engine, model, request.clone())?;
+        // Checks every parameter against the prompt's model.
+        Generation::new(
+            params.clone(),
+            &prompt,
+            &info.end_tokens,
+            tokenizer.as_deref(),
+        )
+        .map_err(|e| Status::invalid_argument(e.to_string()))?;
         if prompt.len() > limits.max_request_tokens {
             return Err(Status::resource_exhausted(format!(
                 "the prompt has {} tokens; at most {} are allowed (--max-request-tokens)",
@@ -123,6 +131,22 @@ impl Asked {
                 limits.max_request_tokens
             )));
         }
+        Ok(Asked {
+            model,
+            prompt,
+            params,
+        })
+    }
+
+    /// The settings of `request` (not its prompt), checked against model `model`.
+    pub fn params(
+        engine: &Engine,
+        model: u32,
+        request: pb::GenerateRequest,
+    ) -> Result<GenerationParams, Status> {
+        let limits = &engine.config.limits;
+        let served = &engine.models[model as usize];
+        let vocab = served.vocab_size();
         let max_new_tokens = match request.max_tokens as usize {
             0 => DEFAULT_MAX_TOKENS.min(limits.max_new_tokens),
             n if n > limits.max_new_tokens => {
@@ -150,7 +174,7 @@ impl Asked {
                     })
             })
             .collect::<Result<Vec<u32>, Status>>()?;
-        let params = GenerationParams {
+        Ok(GenerationParams {
             sampling: SamplingParams {
                 temperature: request.temperature.unwrap_or(1.0),
                 top_k: request.top_k as usize,
@@ -164,19 +188,6 @@ impl Asked {
             stop_token_ids,
             stop_strings: request.stop,
             ignore_eos: request.ignore_eos,
-        };
-        // Checks every parameter (the generation itself is made again by `drive`).
-        Generation::new(
-            params.clone(),
-            &prompt,
-            &info.end_tokens,
-            tokenizer.as_deref(),
-        )
-        .map_err(|e| Status::invalid_argument(e.to_string()))?;
-        Ok(Asked {
-            model,
-            prompt,
-            params,
         })
     }
 }
@@ -191,7 +202,23 @@ fn rand_seed() -> u64 {
     seed
 }
 
-/// Runs one generation, sending a response per token and a last one with the finish.
+/// A live session a generation steps.
+pub struct SessionRef {
+    pub worker: usize,
+    pub key: u64,
+    pub model: u32,
+    pub name: String,
+    pub owner: String,
+}
+
+/// Where a generation stopped, and the session's position after it.
+pub struct Stopped {
+    /// None: the server failed the generation (the error was sent).
+    pub finish: Option<FinishReason>,
+    pub position_after: Option<u64>,
+}
+
+/// Runs one generation on a fresh session: a response per token, then the finish.
 pub async fn drive(
     engine: Arc<Engine>,
     owner: String,
@@ -199,8 +226,6 @@ pub async fn drive(
     tx: mpsc::Sender<Result<pb::GenerateResponse, Status>>,
 ) {
     let _open = engine.track_stream();
-    let closing = engine.closing();
-    tokio::pin!(closing);
     let Asked {
         model,
         prompt,
@@ -210,86 +235,158 @@ pub async fn drive(
     let ServedKind::Language { info, tokenizer } = &served.kind else {
         return;
     };
-    let tokenizer: Option<&TextTokenizer> = tokenizer.as_deref();
-    let seed = params.sampling.seed;
-    let mut generation = match Generation::new(params, &prompt, &info.end_tokens, tokenizer) {
-        Ok(g) => g,
-        Err(e) => {
-            let _ = tx.send(Err(Status::invalid_argument(e.to_string()))).await;
-            return;
-        }
-    };
-    let worker = engine.pick_worker();
-    let name = format!("generate:{}", random_id());
-    let key = owned_session_key(model, &owner, &name);
-    let mut input = prompt.clone();
-    let mut start = true;
-    let finish = loop {
-        let op = Op::Step {
-            model,
-            name: name.clone(),
-            owner: owner.clone(),
-            input: StepInput::Tokens(std::mem::take(&mut input)),
-            start,
-            end: false,
-            last_only: true,
-        };
-        start = false;
-        let reply = match engine.submit(worker, key, op, false) {
-            Ok(rx) => tokio::select! {
-                r = answer(rx) => r.and_then(|r| r.map_err(|e| op_status(&e, Code::NotFound))),
-                _ = &mut closing => Err(shutting_down()),
-            },
-            Err(e) => Err(submit_status(e)),
-        };
-        let reply = match reply {
-            Ok(reply) => reply,
-            Err(status) => {
-                let _ = tx.send(Err(status)).await;
-                break None;
+    let mut generation =
+        match Generation::new(params, &prompt, &info.end_tokens, tokenizer.as_deref()) {
+            Ok(g) => g,
+            Err(e) => {
+                let _ = tx.send(Err(Status::invalid_argument(e.to_string()))).await;
+                return;
             }
         };
-        let width = reply.width as usize;
-        let row = &reply.logits[reply.logits.len() - width..];
-        let step = match generation.step(row, tokenizer) {
-            Ok(step) => step,
+    let name = format!("generate:{}", random_id());
+    let session = SessionRef {
+        worker: engine.pick_worker(),
+        key: owned_session_key(model, &owner, &name),
+        model,
+        name,
+        owner,
+    };
+    let first = step(&engine, &session, prompt.clone(), true).await;
+    let stopped = match first {
+        Ok(row) => continue_session(&engine, &session, &mut generation, row, false, &tx).await,
+        Err(status) => {
+            let _ = tx.send(Err(status)).await;
+            Stopped {
+                finish: None,
+                position_after: None,
+            }
+        }
+    };
+    let _ = engine.submit(
+        session.worker,
+        session.key,
+        Op::End { name: session.name },
+        true,
+    );
+    if let Some(reason) = stopped.finish.filter(|r| *r != FinishReason::Cancelled) {
+        let _ = tx
+            .send(Ok(finished(&generation, prompt.len(), reason)))
+            .await;
+    }
+}
+
+/// The last response of a generation.
+pub fn finished(
+    generation: &Generation,
+    prompt_tokens: usize,
+    reason: FinishReason,
+) -> pb::GenerateResponse {
+    pb::GenerateResponse {
+        tokens: Vec::new(),
+        text: String::new(),
+        finished: Some(pb::GenerateFinished {
+            finish_reason: reason.as_str().to_string(),
+            prompt_tokens: prompt_tokens as u32,
+            completion_tokens: generation.tokens().len() as u32,
+            seed: generation.params().sampling.seed,
+        }),
+    }
+}
+
+/// Feeds `tokens` to the session (starting it if `start`); the last row of logits.
+async fn step(
+    engine: &Engine,
+    session: &SessionRef,
+    tokens: Vec<u32>,
+    start: bool,
+) -> Result<(Vec<f32>, u64), Status> {
+    let op = Op::Step {
+        model: session.model,
+        name: session.name.clone(),
+        owner: session.owner.clone(),
+        input: StepInput::Tokens(tokens),
+        start,
+        end: false,
+        last_only: true,
+    };
+    let rx = engine
+        .submit(session.worker, session.key, op, true)
+        .map_err(submit_status)?;
+    let closing = engine.closing();
+    let reply = tokio::select! {
+        r = answer(rx) => r.and_then(|r| r.map_err(|e| op_status(&e, Code::NotFound)))?,
+        _ = closing => return Err(shutting_down()),
+    };
+    let width = reply.width as usize;
+    Ok((
+        reply.logits[reply.logits.len() - width..].to_vec(),
+        reply.position_after,
+    ))
+}
+
+/// Generates from `first` (the logits after the session's last input, and its position)
+/// on, feeding every token back to the session (the last one too if `feed_last`: a stream
+/// goes on from there), until the generation finishes, the client goes (`tx` closed:
+/// Cancelled) or the server fails (the error is sent).
+pub async fn continue_session(
+    engine: &Engine,
+    session: &SessionRef,
+    generation: &mut Generation,
+    first: (Vec<f32>, u64),
+    feed_last: bool,
+    tx: &mpsc::Sender<Result<pb::GenerateResponse, Status>>,
+) -> Stopped {
+    let served = &engine.models[session.model as usize];
+    let tokenizer = match &served.kind {
+        ServedKind::Language { tokenizer, .. } => tokenizer.as_deref(),
+        ServedKind::Features(_) => None,
+    };
+    let (mut row, mut position_after) = first;
+    loop {
+        let made = match generation.step(&row, tokenizer) {
+            Ok(made) => made,
             Err(e) => {
                 let _ = tx
                     .send(Err(Status::internal(format!("detokenizing: {e}"))))
                     .await;
-                break None;
+                return Stopped {
+                    finish: None,
+                    position_after: Some(position_after),
+                };
             }
         };
         let response = pb::GenerateResponse {
-            tokens: vec![step.token as i64],
-            text: step.text,
+            tokens: vec![made.token as i64],
+            text: made.text,
             finished: None,
         };
         if tx.send(Ok(response)).await.is_err() {
-            // The client cancelled or went away.
-            break Some(FinishReason::Cancelled);
+            return Stopped {
+                finish: Some(FinishReason::Cancelled),
+                position_after: Some(position_after),
+            };
         }
-        if let Some(reason) = step.finished {
-            break Some(reason);
+        if made.finished.is_some() && !feed_last {
+            return Stopped {
+                finish: made.finished,
+                position_after: Some(position_after),
+            };
         }
-        input = vec![step.token];
-    };
-    if !start {
-        let _ = engine.submit(worker, key, Op::End { name }, true);
-    }
-    if let Some(reason) = finish.filter(|r| *r != FinishReason::Cancelled) {
-        let finished = pb::GenerateFinished {
-            finish_reason: reason.as_str().to_string(),
-            prompt_tokens: prompt.len() as u32,
-            completion_tokens: generation.tokens().len() as u32,
-            seed,
-        };
-        let _ = tx
-            .send(Ok(pb::GenerateResponse {
-                tokens: Vec::new(),
-                text: String::new(),
-                finished: Some(finished),
-            }))
-            .await;
+        match step(engine, session, vec![made.token], false).await {
+            Ok(_) if made.finished.is_some() => {
+                return Stopped {
+                    finish: made.finished,
+                    position_after: Some(position_after + 1),
+                };
+            }
+            Ok((next, after)) => (row, position_after) = (next, after),
+            Err(status) => {
+                let _ = tx.send(Err(status)).await;
+                return Stopped {
+                    finish: None,
+                    position_after: Some(position_after),
+                };
+            }
+        }
     }
 }

@@ -10,11 +10,13 @@ use tonic::{Code, Request, Response, Status, Streaming};
 
 use pb::stream_request::Kind as InKind;
 use pb::stream_response::Kind as OutKind;
+use tideway_operators::generate::{FinishReason, Generation};
 use tideway_proto::decode;
 use tideway_proto::tideway::v1 as pb;
 
 use super::auth::{Identity, random_id};
 use super::engine::Engine;
+use super::generation::{Asked, SessionRef, Stopped, continue_session, finished};
 use super::messages::{self, Op, StepInput, owned_session_key};
 use super::outbound;
 use super::requests::{Refuse, TensorSpec, answer, tensor_specs};
@@ -133,26 +135,65 @@ impl pb::streams_server::Streams for StreamsService {
             let _open = engine.track_stream();
             let closing = engine.closing();
             tokio::pin!(closing);
-            let (order_tx, mut order_rx) =
-                mpsc::channel::<oneshot::Receiver<messages::Response>>(STREAM_CREDIT);
+            let (order_tx, mut order_rx) = mpsc::channel::<Order>(STREAM_CREDIT);
             // Answers go out in the order the chunks came in.
             let writer_tx = tx.clone();
+            let writer_engine = engine.clone();
+            let session = SessionRef {
+                worker,
+                key,
+                model,
+                name: name.clone(),
+                owner: owner.name.clone(),
+            };
             let writer = tokio::spawn(async move {
+                let engine = writer_engine;
                 let mut last = None;
                 let mut tokens = 0u64;
-                while let Some(rx) = order_rx.recv().await {
+                while let Some(order) = order_rx.recv().await {
+                    let (rx, continuation) = match order {
+                        Order::Answer(rx) => (rx, None),
+                        Order::Continue { rx, generation } => (rx, Some(generation)),
+                    };
                     match answer(rx).await {
-                        Ok(Ok(reply)) => {
+                        Ok(Ok(mut reply)) => {
                             tokens += reply.rows as u64;
                             let shape = [reply.rows as i64, reply.width as i64];
                             let output = pb::StreamOutput {
                                 position: reply.position,
                                 outputs: vec![tensor_f32(output_name, &shape, &reply.logits)],
                             };
-                            last = Some(reply);
+                            let width = reply.width as usize;
+                            let row =
+                                reply.logits[reply.logits.len().saturating_sub(width)..].to_vec();
+                            let position = reply.position_after;
                             if writer_tx.send(out(OutKind::Output(output))).await.is_err() {
-                                return (last, tokens, WriterEnd::ClientGone);
+                                return (Some(reply), tokens, WriterEnd::ClientGone);
                             }
+                            if let Some((mut generation, prompt_tokens, done)) = continuation {
+                                let stopped = continue_generating(
+                                    &engine,
+                                    &session,
+                                    &mut generation,
+                                    (row, position),
+                                    prompt_tokens,
+                                    &writer_tx,
+                                )
+                                .await;
+                                let _ = done.send(());
+                                match stopped.finish {
+                                    None => return (Some(reply), tokens, WriterEnd::Refused),
+                                    Some(FinishReason::Cancelled) => {
+                                        return (Some(reply), tokens, WriterEnd::ClientGone);
+                                    }
+                                    Some(_) => {}
+                                }
+                                if let Some(after) = stopped.position_after {
+                                    tokens += after - reply.position_after;
+                                    reply.position_after = after;
+                                }
+                            }
+                            last = Some(reply);
                         }
                         Ok(Err(e)) => {
                             let _ = writer_tx
@@ -222,6 +263,21 @@ impl pb::streams_server::Streams for StreamsService {
                         break;
                     }
                 };
+                let continuation = match chunk.generate.clone().map(|g| {
+                    continuation(&engine, model, g, &input).map(|generation| {
+                        let prompt_tokens = input.weight();
+                        let (done_tx, done_rx) = oneshot::channel();
+                        ((generation, prompt_tokens, done_tx), done_rx)
+                    })
+                }) {
+                    Some(Err(status)) => {
+                        refused = true;
+                        let _ = tx.send(Err(status)).await;
+                        break;
+                    }
+                    Some(Ok(c)) => Some(c),
+                    None => None,
+                };
                 let end = chunk.end && !keep;
                 let op = Op::Step {
                     model,
@@ -234,8 +290,18 @@ impl pb::streams_server::Streams for StreamsService {
                 };
                 match engine.submit(worker, key, op, true) {
                     Ok(rx) => {
-                        if order_tx.send(rx).await.is_err() {
+                        let (order, done) = match continuation {
+                            Some((generation, done)) => {
+                                (Order::Continue { rx, generation }, Some(done))
+                            }
+                            None => (Order::Answer(rx), None),
+                        };
+                        if order_tx.send(order).await.is_err() {
                             break;
+                        }
+                        // The session generates before it takes the next chunk.
+                        if let Some(done) = done {
+                            let _ = done.await;
                         }
                     }
                     Err(e) => {
@@ -282,6 +348,81 @@ impl pb::streams_server::Streams for StreamsService {
         });
         Ok(Response::new(Box::pin(rx)))
     }
+}
+
+/// What the stream's writer answers next, in chunk order.
+enum Order {
+    Answer(oneshot::Receiver<messages::Response>),
+    /// A chunk that asks to continue from here: its answer, then the generation (with the
+    /// prompt's token count), then `done`.
+    Continue {
+        rx: oneshot::Receiver<messages::Response>,
+        generation: (Generation, usize, oneshot::Sender<()>),
+    },
+}
+
+/// The generation a chunk asks for (`StreamChunk.generate`), checked.
+fn continuation(
+    engine: &Engine,
+    model: u32,
+    request: pb::GenerateRequest,
+    input: &StepInput,
+) -> Result<Generation, Status> {
+    let served = &engine.models[model as usize];
+    let ServedKind::Language { info, tokenizer } = &served.kind else {
+        return Err(Status::invalid_argument(format!(
+            "model {:?} is a feature model: only language models generate",
+            served.name
+        )));
+    };
+    let params = Asked::params(engine, model, request)?;
+    let prompt = match input {
+        StepInput::Tokens(t) => t.clone(),
+        _ => Vec::new(),
+    };
+    Generation::new(params, &prompt, &info.end_tokens, tokenizer.as_deref())
+        .map_err(|e| Status::invalid_argument(e.to_string()))
+}
+
+/// Runs a stream's generation, its responses going out as `generated`.
+async fn continue_generating(
+    engine: &Engine,
+    session: &SessionRef,
+    generation: &mut Generation,
+    first: (Vec<f32>, u64),
+    prompt_tokens: usize,
+    out_tx: &outbound::Outbound<pb::StreamResponse>,
+) -> Stopped {
+    let (tx, mut rx) = mpsc::channel::<Result<pb::GenerateResponse, Status>>(16);
+    let forward_tx = out_tx.clone();
+    let forward = async move {
+        let mut client_gone = false;
+        while let Some(item) = rx.recv().await {
+            let message = item.map(|g| pb::StreamResponse {
+                kind: Some(OutKind::Generated(g)),
+            });
+            if forward_tx.send(message).await.is_err() {
+                client_gone = true;
+                break;
+            }
+        }
+        client_gone
+    };
+    let run = async {
+        let stopped = continue_session(engine, session, generation, first, true, &tx).await;
+        if let Some(reason) = stopped.finish.filter(|r| *r != FinishReason::Cancelled) {
+            let _ = tx
+                .send(Ok(finished(generation, prompt_tokens, reason)))
+                .await;
+        }
+        drop(tx);
+        stopped
+    };
+    let (mut stopped, client_gone) = tokio::join!(run, forward);
+    if client_gone {
+        stopped.finish = Some(FinishReason::Cancelled);
+    }
+    stopped
 }
 
 /// How a stream's writer stopped.
