@@ -130,11 +130,17 @@ fn token_ids(count: usize, vocab: usize, seed: u64) -> Vec<u32> {
 pub enum BenchTarget {
     /// Load-test a running `tideway serve` through its gRPC API.
     Serve(crate::bench_serve::ServeBenchArgs),
+    /// Generation throughput of a running `tideway serve` at several concurrencies.
+    Generate(crate::bench_generate::GenerateBenchArgs),
 }
 
 pub fn bench(args: BenchArgs, threads: usize) -> Result<()> {
-    if let Some(BenchTarget::Serve(serve_args)) = args.target {
-        return crate::bench_serve::bench_serve(serve_args);
+    match args.target {
+        Some(BenchTarget::Serve(serve_args)) => return crate::bench_serve::bench_serve(serve_args),
+        Some(BenchTarget::Generate(generate_args)) => {
+            return crate::bench_generate::bench_generate(generate_args);
+        }
+        None => {}
     }
     let Some(model_dir) = args.model.clone() else {
         bail!("--model DIR is required (or `tideway bench serve …` to load-test a server)");

@@ -8,6 +8,7 @@
 
 mod bench;
 mod bench_frames;
+mod bench_generate;
 mod bench_hostile;
 mod bench_serve;
 mod default_model;
