@@ -19,6 +19,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let out = PathBuf::from(std::env::var("OUT_DIR")?);
     std::fs::write(out.join("descriptors.bin"), fds.encode_to_vec())?;
     tonic_prost_build::configure()
+        // A stream chunk's generation settings are rare: boxed, so that every chunk stays small.
+        .boxed(".tideway.v1.StreamChunk.generate")
         .build_client(true)
         .build_server(true)
         .compile_fds(fds)?;

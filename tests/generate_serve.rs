@@ -335,7 +335,7 @@ async fn a_stream_continues_from_its_state_then_takes_chunks_again() {
         .unwrap();
     let mut ask = token_chunk(&prompt, false);
     if let Some(pb::stream_request::Kind::Chunk(chunk)) = &mut ask.kind {
-        chunk.generate = Some(request("", vec![], want.len() as u32));
+        chunk.generate = Some(Box::new(request("", vec![], want.len() as u32)));
     }
     let messages = vec![start_request("mamba"), ask, token_chunk(&[5], true)];
     let mut inbound = client

@@ -73,6 +73,7 @@ async fn run_stream(url: &str, chunks: &[Vec<u64>]) -> Result<StreamResult, toni
                 result.logits.extend(f32s(&t.data));
             }
             pb::stream_response::Kind::Summary(s) => result.summary = Some(s),
+            pb::stream_response::Kind::Generated(g) => panic!("no generation was asked: {g:?}"),
         }
     }
     Ok(result)
@@ -403,6 +404,7 @@ async fn kept_sessions_resume_and_disconnects_free_sessions() {
             pb::stream_response::Kind::Opened(o) => session = o.session_id,
             pb::stream_response::Kind::Output(o) => logits.extend(f32s(&o.outputs[0].data)),
             pb::stream_response::Kind::Summary(s) => assert!(s.state_kept),
+            pb::stream_response::Kind::Generated(g) => panic!("no generation was asked: {g:?}"),
         }
     }
     wait_for_stats(&url, "kept session", |s| s.live_sessions == 1).await;
@@ -423,6 +425,7 @@ async fn kept_sessions_resume_and_disconnects_free_sessions() {
             }
             pb::stream_response::Kind::Output(o) => logits.extend(f32s(&o.outputs[0].data)),
             pb::stream_response::Kind::Summary(s) => assert_eq!(s.position, 30),
+            pb::stream_response::Kind::Generated(g) => panic!("no generation was asked: {g:?}"),
         }
     }
     assert!(relative_error(&logits, &want.values) <= 1e-5);

@@ -149,7 +149,7 @@ async fn a_stream_that_finishes_within_the_grace_gets_its_answers() {
         match message.unwrap().kind.unwrap() {
             pb::stream_response::Kind::Output(o) => rows += o.outputs[0].shape[0],
             pb::stream_response::Kind::Summary(_) => summary = true,
-            pb::stream_response::Kind::Opened(_) => {}
+            pb::stream_response::Kind::Opened(_) | pb::stream_response::Kind::Generated(_) => {}
         }
     }
     assert_eq!(rows, 2);

@@ -173,3 +173,87 @@ fn a_chunk_carries_one_kind_of_whole_input() {
         }
     );
 }
+
+fn with_params(mut r: ModelInferRequest, params: &[(&str, ParameterChoice)]) -> ModelInferRequest {
+    for (k, v) in params {
+        r.parameters.insert(
+            k.to_string(),
+            InferParameter {
+                parameter_choice: Some(v.clone()),
+            },
+        );
+    }
+    r
+}
+
+#[test]
+fn a_generation_request_decodes_its_prompt_and_settings() {
+    use tideway_proto::decode::generate::{generate_request, is_generation};
+    let mut text = b"\x05\x00\x00\x00Hello".to_vec();
+    let r = with_params(
+        request("text_input", "BYTES", &[1], text.clone()),
+        &[
+            ("generate", ParameterChoice::BoolParam(true)),
+            ("max_tokens", ParameterChoice::Int64Param(40)),
+            ("temperature", ParameterChoice::DoubleParam(0.5)),
+            ("top_k", ParameterChoice::Uint64Param(3)),
+            ("seed", ParameterChoice::Int64Param(9)),
+            ("ignore_eos", ParameterChoice::BoolParam(true)),
+            (
+                "stop",
+                ParameterChoice::StringParam("[\"a\", \"bc\"]".into()),
+            ),
+        ],
+    );
+    assert!(is_generation(&r).unwrap());
+    let g = generate_request(&r, |_| panic!("a text prompt has no ids")).unwrap();
+    assert_eq!(g.model, "m");
+    assert_eq!((g.text.as_str(), g.max_tokens, g.top_k), ("Hello", 40, 3));
+    assert_eq!(
+        (g.temperature, g.seed, g.ignore_eos),
+        (Some(0.5), Some(9), true)
+    );
+    assert_eq!(g.stop, vec!["a".to_string(), "bc".to_string()]);
+    assert_eq!(g.top_p, None);
+
+    let ids = request("input_ids", "INT64", &[2], vec![0; 16]);
+    let g = generate_request(&ids, |_| Ok(vec![4, 5])).unwrap();
+    assert_eq!((g.tokens, g.text), (vec![4, 5], String::new()));
+    assert!(!is_generation(&ids).unwrap());
+
+    // Malformed: a length past the bytes, a bad stop, a negative count, a text as temperature.
+    text[0] = 9;
+    let e = generate_request(&request("text_input", "BYTES", &[1], text), |_| Ok(vec![]));
+    assert!(matches!(e, Err(DecodeError::Invalid(m)) if m.contains("state 9 bytes but hold 5")));
+    for (key, value, says) in [
+        (
+            "stop",
+            ParameterChoice::StringParam("[1]".into()),
+            "JSON array of strings",
+        ),
+        (
+            "stop",
+            ParameterChoice::Int64Param(1),
+            "must be a string_param",
+        ),
+        (
+            "max_tokens",
+            ParameterChoice::Int64Param(-1),
+            "whole number ≥ 0",
+        ),
+        (
+            "temperature",
+            ParameterChoice::StringParam("hot".into()),
+            "must be a number",
+        ),
+    ] {
+        let r = with_params(
+            request("input_ids", "INT64", &[1], vec![0; 8]),
+            &[(key, value)],
+        );
+        let e = generate_request(&r, |_| Ok(vec![1]))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains(says), "{key}: {e}");
+    }
+}

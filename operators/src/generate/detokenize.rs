@@ -29,13 +29,14 @@ impl Detokenizer {
         // A UTF-8 character is at most 4 bytes: ids that have not made one in 4 tokens are
         // not valid UTF-8 (a model can make any bytes) and are released as U+FFFD.
         let unfinished = now.ends_with('\u{FFFD}') && self.ids.len() - self.read < 4;
-        if now.len() > before.len() && !unfinished {
-            if let Some(piece) = now.get(before.len()..).filter(|_| now.starts_with(&before)) {
-                let piece = piece.to_string();
-                self.prefix = self.read;
-                self.read = self.ids.len();
-                return Ok(piece);
-            }
+        if now.len() > before.len()
+            && !unfinished
+            && let Some(piece) = now.get(before.len()..).filter(|_| now.starts_with(&before))
+        {
+            let piece = piece.to_string();
+            self.prefix = self.read;
+            self.read = self.ids.len();
+            return Ok(piece);
         }
         Ok(String::new())
     }

@@ -182,7 +182,7 @@ impl Asked {
                 min_p: request.min_p,
                 repetition_penalty: request.repetition_penalty.unwrap_or(1.0),
                 presence_penalty: request.presence_penalty,
-                seed: request.seed.unwrap_or_else(|| rand_seed()),
+                seed: request.seed.unwrap_or_else(rand_seed),
             },
             max_new_tokens,
             stop_token_ids,

@@ -153,7 +153,7 @@ impl pb::streams_server::Streams for StreamsService {
                 while let Some(order) = order_rx.recv().await {
                     let (rx, continuation) = match order {
                         Order::Answer(rx) => (rx, None),
-                        Order::Continue { rx, generation } => (rx, Some(generation)),
+                        Order::Continue { rx, generation } => (rx, Some(*generation)),
                     };
                     match answer(rx).await {
                         Ok(Ok(mut reply)) => {
@@ -264,7 +264,7 @@ impl pb::streams_server::Streams for StreamsService {
                     }
                 };
                 let continuation = match chunk.generate.clone().map(|g| {
-                    continuation(&engine, model, g, &input).map(|generation| {
+                    continuation(&engine, model, *g, &input).map(|generation| {
                         let prompt_tokens = input.weight();
                         let (done_tx, done_rx) = oneshot::channel();
                         ((generation, prompt_tokens, done_tx), done_rx)
@@ -292,6 +292,7 @@ impl pb::streams_server::Streams for StreamsService {
                     Ok(rx) => {
                         let (order, done) = match continuation {
                             Some((generation, done)) => {
+                                let generation = Box::new(generation);
                                 (Order::Continue { rx, generation }, Some(done))
                             }
                             None => (Order::Answer(rx), None),
@@ -357,7 +358,7 @@ enum Order {
     /// prompt's token count), then `done`.
     Continue {
         rx: oneshot::Receiver<messages::Response>,
-        generation: (Generation, usize, oneshot::Sender<()>),
+        generation: Box<(Generation, usize, oneshot::Sender<()>)>,
     },
 }
 
