@@ -33,22 +33,22 @@ pub struct GenerateArgs {
     #[arg(long, default_value_t = 128)]
     max_tokens: usize,
     /// Sampling temperature; 0 is greedy (the likeliest token every step).
-    #[arg(long, default_value_t = 0.8)]
+    #[arg(long, default_value_t = 0.8, allow_negative_numbers = true)]
     temperature: f32,
     /// Keep the k likeliest tokens (0: all).
     #[arg(long, default_value_t = 0)]
     top_k: usize,
     /// Keep the likeliest tokens whose probabilities sum to this, in (0, 1].
-    #[arg(long, default_value_t = 1.0)]
+    #[arg(long, default_value_t = 1.0, allow_negative_numbers = true)]
     top_p: f32,
     /// Drop tokens less likely than this fraction of the likeliest one, in [0, 1].
-    #[arg(long, default_value_t = 0.0)]
+    #[arg(long, default_value_t = 0.0, allow_negative_numbers = true)]
     min_p: f32,
     /// Penalise tokens of the prompt and the output (CTRL's penalty; 1 is off).
-    #[arg(long, default_value_t = 1.0)]
+    #[arg(long, default_value_t = 1.0, allow_negative_numbers = true)]
     repetition_penalty: f32,
     /// Subtracted from the logits of tokens already generated (0 is off).
-    #[arg(long, default_value_t = 0.0)]
+    #[arg(long, default_value_t = 0.0, allow_negative_numbers = true)]
     presence_penalty: f32,
     /// Seed of the sampler (the same seed gives the same text); default: from the clock.
     #[arg(long)]
