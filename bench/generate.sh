@@ -10,7 +10,8 @@
 # llama.cpp is built from the llama-cpp-python source package (its vendor/llama.cpp) under
 # target/llama/ (downloaded from PyPI if missing); its converter is run with the pre-tokenizer
 # check told "gpt-2" (the model's tokenizer.json is a byte-level BPE trained here, whose hash
-# llama.cpp does not know: the benchmark feeds ids, so the vocabulary only has to load).
+# llama.cpp does not know: the benchmark feeds ids, so the vocabulary only has to load) and the
+# tokenizer read as tokenizer.json says.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 model=${1:-models/shakespeare-mamba} new=${2:-128} prompt=${3:-16}
@@ -40,8 +41,14 @@ from pathlib import Path
 llama, model, out = sys.argv[1:]
 sys.path.insert(0, llama)
 sys.argv = ["convert_hf_to_gguf.py", model, "--outtype", "f32", "--outfile", out]
+import conversion.base
+import transformers
+# The tokenizer as tokenizer.json says (AutoTokenizer would pick GPT-NeoX's class for a
+# Mamba, which adds a padding token past the vocabulary).
+transformers.AutoTokenizer.from_pretrained = staticmethod(
+    lambda d, **kw: transformers.PreTrainedTokenizerFast(tokenizer_file=str(Path(d) / "tokenizer.json")))
+conversion.base.TextModel.get_vocab_base_pre = lambda self, tokenizer: "gpt-2"
 import convert_hf_to_gguf as convert
-convert.TextModel.get_vocab_base_pre = lambda self, tokenizer: "gpt-2"
 convert.main()
 PY
 fi
