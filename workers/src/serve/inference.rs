@@ -1,13 +1,14 @@
 //! `inference.GRPCInferenceService`: the KServe v2 / Open Inference Protocol with Triton's
 //! extensions, as `tritonclient[grpc]` speaks it (`shared/PROTOCOL.md`). Sequences
 //! (`sequence_id`, `sequence_start`, `sequence_end`) map onto Tideway sessions; outputs are
-//! always raw; every request gets exactly one answer; on streams an error is an
-//! `error_message` and the stream stays open (unless the client asked for
-//! `triton_grpc_error: true`).
+//! always raw; every request gets exactly one answer, except a generation on a stream (the
+//! `generate` parameter: one answer per token and a final one, `inference_generate.rs`); on
+//! streams an error is an `error_message` and the stream stays open (unless the client asked
+//! for `triton_grpc_error: true`).
 //!
-//! Length: ~750 lines: the whole KServe v2 service (metadata, config, statistics, infer, the
-//! decoupled stream with sequences) in one place, each RPC mapping onto the request layer in
-//! `requests.rs`.
+//! Length: ~600 lines: the whole KServe v2 service (metadata, config, statistics, infer, the
+//! stream with sequences and generations) in one place, each RPC mapping onto the request
+//! layer in `requests.rs`.
 
 use std::collections::HashMap;
 use std::pin::Pin;
