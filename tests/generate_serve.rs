@@ -2,7 +2,8 @@
 //! reference's (tests/fixtures/generation, as tests/generate.rs checks for the CLI), streamed
 //! one response per token with the finish last; a seeded sampling request makes the same
 //! tokens alone and among 16 others (continuous batching does not change a request's
-//! draws); a cancelled call frees its session at once; bad requests are refused by name.
+//! draws); a cancelled call frees its session at once; a stream continues from its state;
+//! a two-stage pipeline generates the same tokens; bad requests are refused by name.
 
 mod common;
 
@@ -374,4 +375,30 @@ async fn a_stream_continues_from_its_state_then_takes_chunks_again() {
     // The next chunk starts after the prompt and every generated token.
     assert_eq!(outputs, vec![0, n + want.len() as u64]);
     assert_eq!(summary.unwrap().position, n + want.len() as u64 + 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn generation_through_a_two_stage_pipeline_gives_the_reference_tokens() {
+    // The layers in two stages on two workers: the last-row-only answer crosses the
+    // pipeline's exchange and the head like every other step.
+    let mamba = case("mamba_bias_untied_k2");
+    let server = Server::start(&[
+        "--model",
+        &format!(
+            "mamba={}",
+            repo().join(mamba["model"].as_str().unwrap()).display()
+        ),
+        "--workers",
+        "2",
+        "--pipeline",
+        "2",
+    ]);
+    let want = ids(&mamba["tokens"]);
+    let got = generate(
+        &server.url(),
+        request("mamba", ids(&mamba["prompt_ids"]), want.len() as u32),
+    )
+    .await
+    .unwrap();
+    assert_eq!(got.tokens, want);
 }
