@@ -19,6 +19,7 @@ pub mod head;
 pub mod layers;
 pub mod lifecycle;
 pub mod prune;
+pub mod snapshot;
 
 use std::collections::HashMap;
 
@@ -30,6 +31,7 @@ use timely::dataflow::operators::Capability;
 use timely::dataflow::operators::generic::Operator;
 
 use super::messages::{OpError, SessionKey};
+use super::state_blob::SessionSnapshot;
 
 /// One request on its way through the stages.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -52,6 +54,8 @@ pub struct Envelope {
     /// Session position before and after this request (set by the first layers stage).
     pub position: u64,
     pub position_after: u64,
+    /// Requests with input the session has taken, this one included (set by the front end).
+    pub chunks: u64,
     pub body: Body,
 }
 
@@ -72,6 +76,9 @@ pub enum Body {
     Output { rows: u32, values: Vec<f32> },
     /// Asks where the session is (a resume).
     Probe,
+    /// The session's state: on its way out (an export, or a snapshot for the store: each
+    /// stage adds its part), or in (a restore: each stage takes its part).
+    State(Box<SessionSnapshot>),
     /// The session was freed without a request (idle expiry): stages drop their state.
     Forget,
     /// Answered with an error; later stages hand it on to egress.
@@ -178,11 +185,17 @@ where
         move |capability, _info| {
             // Held at the input frontier so that `idle` can emit.
             let mut idle_cap = Some(capability);
+            // The latest time this operator has emitted at, held while the frontier is behind
+            // it: no output goes out at an earlier time, because the operators between
+            // stages (timely's `map`, `ok_err`) order each activation's messages by time,
+            // and one session's records must keep their order (a snapshot after its step).
+            let mut recent: Option<Capability<u64>> = None;
             let mut out = Vec::new();
             move |(input, frontier), output| {
                 let mut ready: Vec<I> = Vec::new();
                 let mut latest: Option<Capability<u64>> = None;
-                input.for_each_stamp(|cap, data| {
+                // In arrival order: `for_each_stamp` would sort the messages by time.
+                input.for_each(|cap, data| {
                     // Records sent under no capability make no progress claim: none of
                     // ours are, but such a message has no time to answer at.
                     let Some(retained) = cap.retain_least(0) else {
@@ -191,11 +204,13 @@ where
                     if latest.as_ref().is_none_or(|l| l.time() < retained.time()) {
                         latest = Some(retained);
                     }
-                    for batch in data {
-                        ready.append(batch);
-                    }
+                    ready.append(data);
                 });
                 if let Some(cap) = latest {
+                    let cap = match recent.take() {
+                        Some(r) if r.time() > cap.time() => r,
+                        _ => cap,
+                    };
                     let (count, started) = (ready.len(), std::time::Instant::now());
                     logic.batch(ready, &mut out);
                     tracing::trace!(
@@ -208,16 +223,28 @@ where
                     if !out.is_empty() {
                         output.session(&cap).give_iterator(out.drain(..));
                     }
+                    recent = Some(cap);
                 }
                 match frontier.frontier().first() {
                     Some(&now) => {
                         if let Some(cap) = idle_cap.as_mut() {
                             cap.downgrade(&now);
                         }
+                        if recent.as_ref().is_some_and(|r| *r.time() <= now) {
+                            recent = None;
+                        }
                     }
-                    None => idle_cap = None,
+                    None => {
+                        idle_cap = None;
+                        recent = None;
+                    }
                 }
-                if let Some(cap) = &idle_cap {
+                let at = match (&recent, &idle_cap) {
+                    (Some(r), _) => Some(r),
+                    (None, Some(i)) => Some(i),
+                    (None, None) => None,
+                };
+                if let Some(cap) = at {
                     logic.idle(&mut out);
                     if !out.is_empty() {
                         output.session(cap).give_iterator(out.drain(..));
@@ -261,6 +288,7 @@ mod tests {
             last_only: false,
             position: 0,
             position_after: 0,
+            chunks: 0,
             body: Body::Probe,
         };
         let r = rounds(vec![
