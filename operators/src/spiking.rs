@@ -52,13 +52,17 @@ pub struct LifLayer {
 #[derive(Debug, Clone, Default)]
 pub struct LifRegistry {
     channels: Vec<usize>,
+    /// Each population's name in the reference, by slot.
+    names: Vec<String>,
 }
 
 impl LifRegistry {
     pub fn add(&mut self, name: impl Into<String>, lif: Lif, channels: usize) -> LifLayer {
+        let name = name.into();
         self.channels.push(channels);
+        self.names.push(name.clone());
         LifLayer {
-            name: name.into(),
+            name,
             lif,
             slot: self.channels.len() - 1,
             channels,
@@ -68,6 +72,11 @@ impl LifRegistry {
     /// Channels of each registered population, by slot.
     pub fn channels(&self) -> &[usize] {
         &self.channels
+    }
+
+    /// Each registered population's name, by slot.
+    pub fn names(&self) -> &[String] {
+        &self.names
     }
 
     /// Fresh (resting, zero) membranes for one session.

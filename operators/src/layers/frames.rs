@@ -14,6 +14,7 @@ use tideway_kernels::matmul::{Linear, MatRef};
 
 use crate::error::LoadError;
 use crate::state_dict::StateDict;
+use crate::state_tensors::{StateError, StateTensors};
 
 /// Rows of several sessions, `width` values each; session `i` owns the next `counts[i]` rows.
 #[derive(Debug, Clone, PartialEq)]
@@ -81,6 +82,19 @@ impl ConvWindow {
 
     pub fn size_bytes(&self) -> usize {
         4 * self.frames.len()
+    }
+
+    /// Writes the window as `{name}.frames` and `{name}.filled`.
+    pub fn export(&self, name: &str, out: &mut StateTensors) {
+        out.put_f32(format!("{name}.frames"), &self.frames);
+        out.put_u64(format!("{name}.filled"), self.filled as u64);
+    }
+
+    /// Takes the window from `{name}.frames` and `{name}.filled`.
+    pub fn import(&mut self, name: &str, from: &StateTensors) -> Result<(), StateError> {
+        from.take_f32(&format!("{name}.frames"), &mut self.frames)?;
+        self.filled = (from.u64(&format!("{name}.filled"))? as usize).min(2);
+        Ok(())
     }
 }
 

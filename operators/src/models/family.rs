@@ -19,6 +19,7 @@ use crate::error::{ForwardError, InputError, LoadError};
 use crate::layers::lm_ends::{EndsLayout, LmEnds};
 use crate::models::config::ConfigJson;
 use crate::models::{ModelPart, fla, mamba, part_of};
+use crate::state_tensors::{LayerFields, StateError, StateTensors, export_layers, import_layers};
 use crate::tensor_parallel::{Group, ResidualStream};
 
 /// What every family's language model keeps besides its blocks: its name and widths, the part
@@ -131,6 +132,11 @@ pub trait LanguageFamily: Any + Send + Sync {
 pub trait FamilyState: Any + Send + Debug + CloneState {
     /// Tokens consumed so far.
     fn position(&self) -> usize;
+    /// Writes the state of the layers it holds (the part's first is layer `first` of the
+    /// whole model) and the position.
+    fn export(&self, first: usize, out: &mut StateTensors);
+    /// Takes the state of the layers it holds, and the position, from `from`.
+    fn import(&mut self, first: usize, from: &StateTensors) -> Result<(), StateError>;
 }
 
 /// One session's recurrent state in a family whose layers each keep an `L`: the state of every
@@ -142,9 +148,20 @@ pub struct LayerStates<L> {
     pub position: usize,
 }
 
-impl<L: Debug + Clone + Send + 'static> FamilyState for LayerStates<L> {
+impl<L: Debug + Clone + Send + LayerFields + 'static> FamilyState for LayerStates<L> {
     fn position(&self) -> usize {
         self.position
+    }
+
+    fn export(&self, first: usize, out: &mut StateTensors) {
+        export_layers(&self.layers, first, out);
+        out.put_u64("position", self.position as u64);
+    }
+
+    fn import(&mut self, first: usize, from: &StateTensors) -> Result<(), StateError> {
+        import_layers(&mut self.layers, first, from)?;
+        self.position = from.u64("position")? as usize;
+        Ok(())
     }
 }
 
@@ -177,6 +194,16 @@ impl SessionState {
     /// Tokens consumed so far.
     pub fn position(&self) -> usize {
         self.0.position()
+    }
+
+    /// Writes the state (of layers `first..`) as named tensors.
+    pub fn export(&self, first: usize, out: &mut StateTensors) {
+        self.0.export(first, out)
+    }
+
+    /// Takes the state (of layers `first..`) from named tensors.
+    pub fn import(&mut self, first: usize, from: &StateTensors) -> Result<(), StateError> {
+        self.0.import(first, from)
     }
 
     /// The state as the family's own type `S`, if that is its family's.

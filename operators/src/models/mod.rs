@@ -16,6 +16,7 @@ use tideway_kernels::Tensor;
 
 use crate::checkpoint::Checkpoint;
 use crate::error::{ForwardError, InputError, LoadError};
+use crate::state_tensors::{StateError, StateTensors};
 use crate::tensor_parallel::{Group, Residual, ResidualStream, single};
 use config::ConfigJson;
 
@@ -92,6 +93,19 @@ impl Model {
 
     pub fn new_state(&self) -> SessionState {
         self.0.new_state()
+    }
+
+    /// Writes `state` (of the layers this model holds) as named tensors.
+    pub fn export_state(&self, state: &SessionState, out: &mut StateTensors) {
+        state.export(self.0.part().layers.start, out)
+    }
+
+    /// A session state for the layers this model holds, taken from named tensors (each
+    /// checked against a fresh state's size).
+    pub fn import_state(&self, from: &StateTensors) -> Result<SessionState, StateError> {
+        let mut state = self.new_state();
+        state.import(self.0.part().layers.start, from)?;
+        Ok(state)
     }
 
     /// Bytes of one session's state (of the layers this model holds).

@@ -18,6 +18,7 @@ use rubato::{Fft, FixedSync, Indexing, Resampler as _};
 
 use crate::error::LoadError;
 use crate::models::config::ConfigJson;
+use crate::state_tensors::{StateError, StateTensors};
 use crate::tokenizers::fbank::{Fbank, FbankOptions, FbankOptionsError, FbankStream};
 
 /// Audio that cannot be turned into features.
@@ -337,6 +338,36 @@ pub struct AudioStream {
     resampler: Option<StreamResampler>,
     fbank: FbankStream,
     ended: bool,
+}
+
+impl AudioStream {
+    /// Writes the stream's carry-over as named tensors. A stream resampled from another rate
+    /// cannot be: the resampler's buffers are private to `rubato` and cannot be rebuilt
+    /// exactly from a bounded stretch of input.
+    pub fn export(&self, out: &mut StateTensors) -> Result<(), StateError> {
+        if let Some(rate) = self.rate
+            && self.resampler.is_some()
+        {
+            return Err(StateError::Unsupported {
+                what: format!("an audio stream resampled from {rate} Hz"),
+            });
+        }
+        out.put_u64("frontend.audio.rate", self.rate.unwrap_or(0) as u64);
+        out.put_u64("frontend.audio.ended", self.ended as u64);
+        self.fbank.export(out);
+        Ok(())
+    }
+
+    /// The stream whose carry-over [`export`](Self::export) wrote.
+    pub fn import(from: &StateTensors) -> Result<Self, StateError> {
+        let rate = from.u64("frontend.audio.rate")? as u32;
+        Ok(AudioStream {
+            rate: (rate != 0).then_some(rate),
+            resampler: None,
+            fbank: FbankStream::import(from)?,
+            ended: from.u64("frontend.audio.ended")? != 0,
+        })
+    }
 }
 
 impl AudioFrontend {

@@ -214,6 +214,18 @@ impl FbankStream {
     pub fn size_bytes(&self) -> usize {
         4 * self.pending.capacity()
     }
+
+    pub fn export(&self, out: &mut crate::state_tensors::StateTensors) {
+        out.put_f32("frontend.fbank.pending", &self.pending);
+    }
+
+    pub fn import(
+        from: &crate::state_tensors::StateTensors,
+    ) -> Result<Self, crate::state_tensors::StateError> {
+        Ok(FbankStream {
+            pending: from.f32s("frontend.fbank.pending")?.to_vec(),
+        })
+    }
 }
 
 #[cfg(test)]

@@ -7,6 +7,7 @@
 
 use crate::error::LoadError;
 use crate::models::config::ConfigJson;
+use crate::state_tensors::{StateError, StateTensors};
 
 /// Sensor frames that cannot be used.
 #[derive(Debug, Clone, PartialEq, thiserror::Error, serde::Serialize, serde::Deserialize)]
@@ -38,6 +39,26 @@ pub struct SensorStream {
     skip: usize,
     frames_seen: usize,
     ended: bool,
+}
+
+impl SensorStream {
+    /// Writes the frames of the unfinished patch and the stride's position.
+    pub fn export(&self, out: &mut StateTensors) {
+        out.put_f32("frontend.sensor.pending", &self.pending);
+        out.put_u64("frontend.sensor.skip", self.skip as u64);
+        out.put_u64("frontend.sensor.frames_seen", self.frames_seen as u64);
+        out.put_u64("frontend.sensor.ended", self.ended as u64);
+    }
+
+    /// The stream whose carry-over [`export`](Self::export) wrote.
+    pub fn import(from: &StateTensors) -> Result<Self, StateError> {
+        Ok(SensorStream {
+            pending: from.f32s("frontend.sensor.pending")?.to_vec(),
+            skip: from.u64("frontend.sensor.skip")? as usize,
+            frames_seen: from.u64("frontend.sensor.frames_seen")? as usize,
+            ended: from.u64("frontend.sensor.ended")? != 0,
+        })
+    }
 }
 
 impl SensorFrontend {

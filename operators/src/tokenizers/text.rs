@@ -17,6 +17,7 @@ use tokenizers::{
 };
 
 use crate::error::LoadError;
+use crate::state_tensors::{StateError, StateTensors};
 
 /// Text that cannot be tokenized.
 #[derive(Debug, Clone, PartialEq, thiserror::Error, serde::Serialize, serde::Deserialize)]
@@ -68,6 +69,32 @@ pub struct TextStream {
 impl TextStream {
     pub fn size_bytes(&self) -> usize {
         self.bytes.len() + self.text.len()
+    }
+
+    /// Writes the carry-over (unfinished character, undecided text) as named tensors.
+    pub fn export(&self, out: &mut StateTensors) {
+        out.put_bytes("frontend.text.bytes", &self.bytes);
+        out.put_bytes("frontend.text.text", self.text.as_bytes());
+        out.put_u64("frontend.text.consumed", self.consumed as u64);
+        out.put_u64("frontend.text.ended", self.ended as u64);
+    }
+
+    /// The stream whose carry-over [`export`](Self::export) wrote.
+    pub fn import(from: &StateTensors) -> Result<Self, StateError> {
+        let text = from.bytes("frontend.text.text")?;
+        let text = String::from_utf8(text.to_vec()).map_err(|_| StateError::Shape {
+            name: "frontend.text.text".into(),
+            found_dtype: "U8 (not UTF-8)".into(),
+            found: text.len(),
+            expected_dtype: "U8 (UTF-8 text)".into(),
+            expected: text.len(),
+        })?;
+        Ok(TextStream {
+            bytes: from.bytes("frontend.text.bytes")?.to_vec(),
+            text,
+            consumed: from.u64("frontend.text.consumed")? as usize,
+            ended: from.u64("frontend.text.ended")? != 0,
+        })
     }
 }
 

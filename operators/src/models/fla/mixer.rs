@@ -33,6 +33,30 @@ impl FlaLayerState {
     }
 }
 
+impl crate::state_tensors::LayerFields for FlaLayerState {
+    fn fields(&self) -> Vec<(&'static str, &[f32])> {
+        let [q, k, v] = &self.conv;
+        vec![
+            ("conv_q", q),
+            ("conv_k", k),
+            ("conv_v", v),
+            ("s", &self.s),
+            ("z", &self.z),
+        ]
+    }
+
+    fn fields_mut(&mut self) -> Vec<(&'static str, &mut [f32])> {
+        let [q, k, v] = &mut self.conv;
+        vec![
+            ("conv_q", q),
+            ("conv_k", k),
+            ("conv_v", v),
+            ("s", &mut self.s),
+            ("z", &mut self.z),
+        ]
+    }
+}
+
 /// The (`S`, `z`) pair of each session, as the head kernels take them.
 pub(crate) fn matrices<'a>(
     states: &'a mut [&mut FlaLayerState],

@@ -39,6 +39,7 @@ use crate::models::ModelPart;
 use crate::models::config::ConfigJson;
 use crate::spiking::{Lif, LifLayer, LifRegistry, Membranes};
 use crate::state_dict::StateDict;
+use crate::state_tensors::{StateError, StateTensors, StateValue};
 use crate::tokenizers::Frontend;
 use crate::tokenizers::audio::AudioFrontend;
 
@@ -347,6 +348,61 @@ impl LmuFormer {
             frames_out: 0,
             ended: false,
         }
+    }
+
+    /// Writes `state` as named tensors, placement-free: the embedding's windows and held
+    /// frame, blocks by their index in the whole model, membranes by their population's
+    /// name in the reference, the head's running sum; and the frames emitted.
+    pub fn export_state(&self, state: &LmuFormerState, out: &mut StateTensors) {
+        for (j, window) in state.windows.iter().enumerate() {
+            window.export(&format!("embed.window.{j}"), out);
+        }
+        if let Some(residual) = &state.residual {
+            out.put_f32("embed.residual", residual);
+        }
+        for (i, memory) in state.memories.iter().enumerate() {
+            out.put_f32(
+                format!("blocks.{}.memory", self.part.layers.start + i),
+                memory,
+            );
+        }
+        for (name, values) in self.neurons.names().iter().zip(&state.membranes.values) {
+            out.put_f32(format!("lif.{name}"), values);
+        }
+        if self.head.is_some() {
+            out.put("head.output_sum", StateValue::F64(state.output_sum.clone()));
+        }
+        out.put_u64("frames_out", state.frames_out as u64);
+        out.put_u64("ended", state.ended as u64);
+    }
+
+    /// A stream state for this part taken from named tensors (each checked against a fresh
+    /// state's size).
+    pub fn import_state(&self, from: &StateTensors) -> Result<LmuFormerState, StateError> {
+        let mut state = self.new_state();
+        for (j, window) in state.windows.iter_mut().enumerate() {
+            window.import(&format!("embed.window.{j}"), from)?;
+        }
+        if self.embed.is_some() && from.contains("embed.residual") {
+            let mut residual = vec![0.0; self.config.dim];
+            from.take_f32("embed.residual", &mut residual)?;
+            state.residual = Some(residual);
+        }
+        for (i, memory) in state.memories.iter_mut().enumerate() {
+            from.take_f32(
+                &format!("blocks.{}.memory", self.part.layers.start + i),
+                memory,
+            )?;
+        }
+        for (name, values) in self.neurons.names().iter().zip(&mut state.membranes.values) {
+            from.take_f32(&format!("lif.{name}"), values)?;
+        }
+        if self.head.is_some() {
+            from.take_f64("head.output_sum", &mut state.output_sum)?;
+        }
+        state.frames_out = from.u64("frames_out")? as usize;
+        state.ended = from.u64("ended")? != 0;
+        Ok(state)
     }
 
     /// Bytes of one session's state in this part (constant in the stream's length).

@@ -76,6 +76,16 @@ pub struct MambaLayerState {
     pub ssm: Vec<f32>,
 }
 
+impl crate::state_tensors::LayerFields for MambaLayerState {
+    fn fields(&self) -> Vec<(&'static str, &[f32])> {
+        vec![("conv", &self.conv), ("ssm", &self.ssm)]
+    }
+
+    fn fields_mut(&mut self) -> Vec<(&'static str, &mut [f32])> {
+        vec![("conv", &mut self.conv), ("ssm", &mut self.ssm)]
+    }
+}
+
 /// The parameters of one mixer.
 pub struct MambaMixer {
     pub config: MambaMixerConfig,
