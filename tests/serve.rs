@@ -31,6 +31,7 @@ fn start_msg(model: &str, resume: &str, keep: bool) -> pb::StreamRequest {
             resume_session_id: resume.into(),
             keep,
             outputs: Vec::new(),
+            state: Vec::new(),
         })),
     }
 }

@@ -114,7 +114,7 @@ fn load(
 }
 
 /// Deterministic pseudo-random ids (xorshift64), so runs are comparable.
-fn token_ids(count: usize, vocab: usize, seed: u64) -> Vec<u32> {
+pub(crate) fn token_ids(count: usize, vocab: usize, seed: u64) -> Vec<u32> {
     let mut s = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
     (0..count)
         .map(|_| {
@@ -132,11 +132,14 @@ pub enum BenchTarget {
     Serve(crate::bench_serve::ServeBenchArgs),
     /// Generation throughput of a running `tideway serve` at several concurrencies.
     Generate(crate::bench_generate::GenerateBenchArgs),
+    /// What session snapshots cost (`serve --store`): snapshot and restore of N sessions.
+    Store(crate::bench_store::StoreBenchArgs),
 }
 
 pub fn bench(args: BenchArgs, threads: usize) -> Result<()> {
     match args.target {
         Some(BenchTarget::Serve(serve_args)) => return crate::bench_serve::bench_serve(serve_args),
+        Some(BenchTarget::Store(store_args)) => return crate::bench_store::bench_store(store_args),
         Some(BenchTarget::Generate(generate_args)) => {
             return crate::bench_generate::bench_generate(generate_args);
         }

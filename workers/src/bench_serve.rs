@@ -304,6 +304,7 @@ async fn run_stream(
             resume_session_id: String::new(),
             keep: false,
             outputs: Vec::new(),
+            state: Vec::new(),
         })),
     };
     if tx.send(start).await.is_err() {

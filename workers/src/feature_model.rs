@@ -5,6 +5,7 @@
 use tideway_operators::InputError;
 use tideway_operators::layers::frames::Frames;
 use tideway_operators::models::{LmuFormer, LmuFormerState};
+use tideway_operators::state_tensors::{StateError, StateTensors};
 
 use crate::device::{Device, SessionStartError};
 
@@ -106,6 +107,35 @@ impl FeatureModel {
             return Ok(FeatureState::Gpu(gpu.lock()?.new_session()?));
         }
         Ok(FeatureState::Cpu(self.model.new_state()))
+    }
+
+    /// Writes a stream's state as named tensors (CPU streams only).
+    pub fn export_state(
+        &self,
+        state: &FeatureState,
+        out: &mut StateTensors,
+    ) -> Result<(), StateError> {
+        match state {
+            FeatureState::Cpu(s) => {
+                self.model.export_state(s, out);
+                Ok(())
+            }
+            #[cfg(feature = "cuda")]
+            FeatureState::Gpu(_) => Err(StateError::Unsupported {
+                what: "a stream on a GPU".into(),
+            }),
+        }
+    }
+
+    /// A stream taken from named tensors (on the CPU; a GPU's pool takes none yet).
+    pub fn import_state(&self, from: &StateTensors) -> Result<FeatureState, StateError> {
+        #[cfg(feature = "cuda")]
+        if self.gpu.is_some() {
+            return Err(StateError::Unsupported {
+                what: "a stream on a GPU".into(),
+            });
+        }
+        Ok(FeatureState::Cpu(self.model.import_state(from)?))
     }
 
     /// Every stream's new frames (see `LmuFormer::forward`).

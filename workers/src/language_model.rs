@@ -7,6 +7,7 @@ use std::path::Path;
 use anyhow::{Context, Result, bail};
 use tideway_kernels::Tensor;
 use tideway_operators::models::{Model, SessionState, prefill_in_chunks};
+use tideway_operators::state_tensors::{StateError, StateTensors};
 use tideway_operators::{ForwardError, InputError};
 
 use crate::device::{GpuModelInfo, SessionStartError};
@@ -267,6 +268,35 @@ impl LanguageModel {
             LanguageModel::Gpu(m) => Ok(LmState::Gpu(m.lock()?.new_session()?)),
             #[cfg(feature = "cuda")]
             LanguageModel::GpuParallel(g) => g.new_state().map(LmState::GpuParallel),
+        }
+    }
+
+    /// Writes a session's state as named tensors (a whole CPU model's sessions only: a
+    /// tensor-parallel group's or a GPU's state is spread over ranks or device memory).
+    pub fn export_state(&self, state: &LmState, out: &mut StateTensors) -> Result<(), StateError> {
+        match (self, state) {
+            (LanguageModel::Whole(m), LmState::Whole(s)) => {
+                m.export_state(s, out);
+                Ok(())
+            }
+            _ => Err(self.no_state_io()),
+        }
+    }
+
+    /// A session taken from named tensors (a whole CPU model only).
+    pub fn import_state(&self, from: &StateTensors) -> Result<LmState, StateError> {
+        match self {
+            LanguageModel::Whole(m) => Ok(LmState::Whole(m.import_state(from)?)),
+            _ => Err(self.no_state_io()),
+        }
+    }
+
+    fn no_state_io(&self) -> StateError {
+        StateError::Unsupported {
+            what: match self {
+                LanguageModel::Parallel(_) => "a session of a tensor-parallel group".into(),
+                _ => "a session on a GPU".into(),
+            },
         }
     }
 

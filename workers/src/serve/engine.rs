@@ -38,11 +38,14 @@ use super::served::ServedModel;
 use super::stages::Plan;
 use super::stages::egress::Egress;
 use super::stages::frontend::Frontend;
+use super::stages::frontend::SnapshotTimer;
 use super::stages::head::Head;
 use super::stages::layers::Layers;
 use super::stages::lifecycle::Lifecycle;
 use super::stages::prune::Prune;
+use super::stages::snapshot::{SnapshotSink, Snapshots};
 use super::stats::{BoardKey, StatsBoard};
+use super::store::StoreOp;
 
 /// How the runtime is laid out and paced.
 #[derive(Clone, Debug)]
@@ -66,6 +69,8 @@ pub struct RuntimeConfig {
     pub plan: Plan,
     /// What one client may make the server do.
     pub limits: Limits,
+    /// Where sessions' snapshots go (`serve --store`); None: no snapshots.
+    pub snapshots: Option<SnapshotSink>,
 }
 
 /// How far the model stage may lag behind a worker's input before admission pauses (also
@@ -203,6 +208,7 @@ impl Engine {
                         config: worker_config.clone(),
                         reports_board: local == 0,
                         stop: worker_stop.clone(),
+                        first_worker,
                     },
                 );
             },
@@ -342,6 +348,41 @@ impl Engine {
         self.senders.iter().map(|s| s.len()).sum()
     }
 
+    /// Writes every session of this process changed since its last snapshot, and waits until
+    /// the store has committed them (at most `timeout`). Without a store, does nothing.
+    pub fn flush_snapshots(&self, timeout: Duration) -> Result<(), String> {
+        let Some(sink) = &self.config.snapshots else {
+            return Ok(());
+        };
+        let deadline = Instant::now() + timeout;
+        let generation = sink.flush.fetch_add(1, Ordering::AcqRel) + 1;
+        for t in self.threads.lock().unwrap().iter().flatten() {
+            t.unpark();
+        }
+        // Every front end has sent its snapshots, and every snapshot reached the writer.
+        while sink
+            .acked
+            .iter()
+            .any(|a| a.load(Ordering::Acquire) < generation)
+            || sink.in_flight.load(Ordering::Acquire) > 0
+        {
+            if Instant::now() >= deadline {
+                return Err(format!(
+                    "the snapshots were not all taken within {timeout:?} ({} still in the graph)",
+                    sink.in_flight.load(Ordering::Acquire)
+                ));
+            }
+            std::thread::sleep(Duration::from_millis(2));
+        }
+        let (done, committed) = std::sync::mpsc::channel();
+        sink.writer
+            .send(StoreOp::Flush(done))
+            .map_err(|_| "the store's writer has stopped".to_string())?;
+        committed
+            .recv_timeout(deadline.saturating_duration_since(Instant::now()))
+            .map_err(|_| format!("the store did not commit the snapshots within {timeout:?}"))
+    }
+
     /// Stops the local workers and waits for them.
     pub fn shutdown(&self) {
         self.stop.store(true, Ordering::Relaxed);
@@ -363,6 +404,8 @@ struct WorkerContext {
     /// The one worker per process that applies control-plane updates to the board.
     reports_board: bool,
     stop: Arc<AtomicBool>,
+    /// Global index of this process's first worker.
+    first_worker: u32,
 }
 
 fn run_worker(worker: &mut timely::worker::Worker, rx: Receiver<Request>, context: WorkerContext) {
@@ -373,6 +416,7 @@ fn run_worker(worker: &mut timely::worker::Worker, rx: Receiver<Request>, contex
         config,
         reports_board,
         stop,
+        first_worker,
     } = context;
     let index = worker.index() as u32;
     let mut input = InputHandleVec::<u64, Request>::new();
@@ -386,16 +430,20 @@ fn run_worker(worker: &mut timely::worker::Worker, rx: Receiver<Request>, contex
             config.idle_limit,
             config.limits.session_limits(config.plan.workers),
         );
-        let (envelopes, events) = requests.frontend(plan, lifecycle);
+        let timer = config
+            .snapshots
+            .clone()
+            .map(|sink| SnapshotTimer::new(sink, (index - first_worker) as usize));
+        let (envelopes, events) = requests.frontend(plan, lifecycle, timer);
         let mut staged = envelopes.prune();
         for stage in 0..plan.stages {
             staged = staged.layers(stage, plan, models.clone(), board.clone());
         }
-        staged.head(models.clone()).probe_with(&probe).egress(
-            models.clone(),
-            pending,
-            board.clone(),
-        );
+        staged
+            .head(models.clone())
+            .snapshots(config.snapshots.clone())
+            .probe_with(&probe)
+            .egress(models.clone(), pending, board.clone());
 
         // The control plane: the collection of live sessions (session, owner worker, model),
         // maintained by differential dataflow from start / end / expiry events and counted by

@@ -5,7 +5,9 @@
 //! text, stop conditions), which enters as the session's next step. Steps of every session
 //! and stream of the model that reach a worker in the same epoch run as one batch, so
 //! generations batch continuously with each other and with streams. A client that cancels
-//! stops its generation at the next answer (within one epoch); its session is freed.
+//! stops its generation at the next answer (within one epoch); its session is freed. A
+//! native stream continues into a generation from its own state the same way
+//! ([`continue_generating`]).
 
 use std::pin::Pin;
 use std::sync::Arc;
@@ -389,4 +391,68 @@ pub async fn continue_session(
             }
         }
     }
+}
+
+/// The generation a chunk asks for (`StreamChunk.generate`), checked.
+pub(super) fn continuation(
+    engine: &Engine,
+    model: u32,
+    request: pb::GenerateRequest,
+    input: &StepInput,
+) -> Result<Generation, Status> {
+    let served = &engine.models[model as usize];
+    let ServedKind::Language { info, tokenizer } = &served.kind else {
+        return Err(Status::invalid_argument(format!(
+            "model {:?} is a feature model: only language models generate",
+            served.name
+        )));
+    };
+    let params = Asked::params(engine, model, request)?;
+    let prompt = match input {
+        StepInput::Tokens(t) => t.clone(),
+        _ => Vec::new(),
+    };
+    Generation::new(params, &prompt, &info.end_tokens, tokenizer.as_deref())
+        .map_err(|e| Status::invalid_argument(e.to_string()))
+}
+
+/// Runs a stream's generation, its responses going out as `generated`.
+pub(super) async fn continue_generating(
+    engine: &Engine,
+    session: &SessionRef,
+    generation: &mut Generation,
+    first: (Vec<f32>, u64),
+    prompt_tokens: usize,
+    out_tx: &super::outbound::Outbound<pb::StreamResponse>,
+) -> Stopped {
+    let (tx, mut rx) = mpsc::channel::<Result<pb::GenerateResponse, Status>>(16);
+    let forward_tx = out_tx.clone();
+    let forward = async move {
+        let mut client_gone = false;
+        while let Some(item) = rx.recv().await {
+            let message = item.map(|g| pb::StreamResponse {
+                kind: Some(pb::stream_response::Kind::Generated(g)),
+            });
+            if forward_tx.send(message).await.is_err() {
+                client_gone = true;
+                break;
+            }
+        }
+        client_gone
+    };
+    let run = async {
+        let stopped = continue_session(engine, session, generation, first, true, &tx).await;
+        if let Some(reason) = stopped.finish.filter(|r| *r != FinishReason::Cancelled) {
+            let _ = tx
+                .send(Ok(finished(generation, prompt_tokens, reason)))
+                .await;
+        }
+        drop(tx);
+        stopped
+    };
+    let (mut stopped, client_gone) = tokio::join!(run, forward);
+    if client_gone {
+        stopped.finish = Some(FinishReason::Cancelled);
+    }
+    stopped
 }

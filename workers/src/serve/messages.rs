@@ -6,7 +6,9 @@ use serde::{Deserialize, Serialize};
 use tideway_operators::{ForwardError, InputError};
 
 use super::stages::frontend::FrontendError;
+use super::state_blob::SessionSnapshot;
 use crate::device::SessionStartError;
+use tideway_operators::state_tensors::StateError;
 
 /// A session's placement key: a well-mixed 64-bit hash of (model, session name).
 pub type SessionKey = u64;
@@ -45,6 +47,14 @@ pub enum Op {
     Probe { model: u32, name: String },
     /// Frees the session if it lives.
     End { name: String },
+    /// Answers the session's whole state (every stage's part) as a snapshot.
+    Export { model: u32, name: String },
+    /// Starts session `snapshot.name` (replacing a live one) from a snapshot: an import, or
+    /// a restore from the store. The snapshot was checked against the model at the edge.
+    Restore {
+        model: u32,
+        snapshot: Box<SessionSnapshot>,
+    },
 }
 
 /// The answer to one [`Request`].
@@ -70,6 +80,10 @@ pub struct Reply {
     pub worker: u32,
     /// The session no longer lives (ended by this request, or never did for a probe).
     pub ended: bool,
+    /// Requests with input the session has taken (after this one).
+    pub chunks: u64,
+    /// The session's state, for an [`Op::Export`].
+    pub state: Option<Box<SessionSnapshot>>,
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -98,6 +112,9 @@ pub enum OpError {
     TooManySessions { limit: usize },
     /// The client holds its limit of live sessions (`--max-sessions-per-client`).
     TooManyClientSessions { limit: usize, owner: String },
+    /// A state could not be exported or taken in (the reason names the tensor or the kind
+    /// of session).
+    State(StateError),
 }
 
 impl OpError {

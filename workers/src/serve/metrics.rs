@@ -182,6 +182,46 @@ pub fn render(engine: &Engine) -> String {
         "1 while the server refuses new work.",
         &[format!("tideway_draining {}", engine.is_draining() as u8)],
     );
+    if let Some(sink) = &engine.config.snapshots {
+        let stats = &sink.stats;
+        let count = |c: &std::sync::atomic::AtomicU64| c.load(Ordering::Relaxed).to_string();
+        let counters = [
+            (
+                "tideway_snapshots_total",
+                "Session snapshots committed to the store (--store).",
+                count(&stats.snapshots),
+            ),
+            (
+                "tideway_snapshot_bytes_total",
+                "Bytes of session snapshots committed to the store.",
+                count(&stats.bytes),
+            ),
+            (
+                "tideway_snapshot_commits_total",
+                "Store commits (each a batch of snapshots and deletions).",
+                count(&stats.commits),
+            ),
+            (
+                "tideway_snapshot_commit_seconds_total",
+                "Time the store's writer spent encoding and committing, off the request path.",
+                (stats.commit_micros.load(Ordering::Relaxed) as f64 / 1e6).to_string(),
+            ),
+            (
+                "tideway_snapshots_skipped_total",
+                "Sessions not snapshotted: their state cannot be written yet (a resampled audio stream, a GPU or tensor-parallel session).",
+                count(&stats.skipped),
+            ),
+        ];
+        for (name, help, value) in counters {
+            metric_out(
+                &mut out,
+                name,
+                "counter",
+                help,
+                &[format!("{name} {value}")],
+            );
+        }
+    }
     out
 }
 

@@ -14,12 +14,16 @@ pub mod messages;
 pub mod metrics;
 pub mod native;
 pub mod outbound;
+pub mod recovery;
 pub mod refusals;
 pub mod requests;
 pub mod served;
 pub mod stages;
+pub mod state_blob;
+pub mod state_io;
 pub mod stats;
 pub mod status;
+pub mod store;
 pub mod tls;
 
 use std::net::SocketAddr;
@@ -48,6 +52,8 @@ use grpc_metrics::ErrorMetricsLayer;
 use limits::Limits;
 use served::{Placement, ServedModel};
 use stages::Plan;
+use stages::snapshot::SnapshotSink;
+use store::SessionStore;
 use tls::{Tls, TlsArgs};
 use tonic::service::interceptor::InterceptedService;
 
@@ -116,6 +122,15 @@ pub struct ServeArgs {
     /// holds fewer; ModelInfo reports the number).
     #[arg(long, default_value_t = 4096)]
     gpu_sessions: usize,
+    /// Keep every session's state in an embedded, crash-safe database in DIR (one file per
+    /// process): snapshots of changed sessions on a period, on drain and at shutdown. At
+    /// start, every session the store holds is restored; a resuming client is told the
+    /// position and the chunks it resumed from.
+    #[arg(long, value_name = "DIR")]
+    store: Option<PathBuf>,
+    /// Seconds between snapshots of a changed session (with --store).
+    #[arg(long, alias = "snapshot-every", default_value_t = 1.0)]
+    snapshot_every_s: f64,
     /// Serialise records exchanged between workers of this process as a cluster would
     /// (exercises the wire format on one machine).
     #[arg(long, hide = true)]
@@ -182,9 +197,23 @@ pub fn serve(args: ServeArgs) -> Result<()> {
         models.push(placement.load(name, &dir)?);
     }
     let positive = |x: f64| x.is_finite() && x > 0.0;
-    if !positive(args.tick_ms) || !positive(args.idle_timeout_s) {
-        bail!("--tick-ms and --idle-timeout-s must be positive");
+    if !positive(args.tick_ms) || !positive(args.idle_timeout_s) || !positive(args.snapshot_every_s)
+    {
+        bail!("--tick-ms, --idle-timeout-s and --snapshot-every-s must be positive");
     }
+    let store = args
+        .store
+        .as_deref()
+        .map(|dir| SessionStore::open(dir, process))
+        .transpose()?;
+    let snapshots = store.as_ref().map(|store| {
+        SnapshotSink::new(
+            Duration::from_secs_f64(args.snapshot_every_s),
+            store.start_writer(),
+            store.stats.clone(),
+            threads,
+        )
+    });
     let config = RuntimeConfig {
         threads,
         process,
@@ -196,6 +225,7 @@ pub fn serve(args: ServeArgs) -> Result<()> {
         queue_capacity: args.queue_capacity.max(1),
         plan: placement.plan,
         limits: args.limits.clone(),
+        snapshots,
     };
 
     // A worker that panics would leave its peers hung (timely cannot lose a worker, and a
@@ -235,6 +265,21 @@ pub fn serve(args: ServeArgs) -> Result<()> {
             listener.local_addr()?
         );
         runtime.spawn(metrics::serve_metrics(engine.clone(), listener));
+    }
+    if let Some(store) = &store {
+        let restored = runtime.block_on(recovery::restore(&engine, store))?;
+        eprintln!(
+            "tideway: restored {} sessions from {} in {:.1} ms ({} bytes; {} expired while down; {} set aside)",
+            restored.sessions,
+            store.path().display(),
+            restored.millis,
+            restored.bytes,
+            restored.expired,
+            restored.refused.len()
+        );
+        for (key, why) in &restored.refused {
+            eprintln!("tideway: session {key:016x} not restored (kept aside in the store): {why}");
+        }
     }
     eprintln!("tideway listening on {local}");
     let result = runtime.block_on(serve_grpc(
@@ -296,6 +341,7 @@ pub fn start_in_process(models: Vec<(String, PathBuf)>, workers: usize) -> Resul
         queue_capacity: 4096,
         plan: placement.plan,
         limits: Limits::default(),
+        snapshots: None,
     };
     let engine = Engine::start(served, config)
         .map_err(|e| anyhow::anyhow!("cannot start the workers: {e}"))?;
@@ -372,6 +418,19 @@ async fn graceful_shutdown(
         eprintln!("tideway: closing {open} open streams with UNAVAILABLE");
     }
     engine.close_streams();
+    if engine.config.snapshots.is_some() {
+        // Streams closed by the shutdown keep their sessions (a store restores them); let
+        // their last chunks finish, then write every changed session.
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        let flushing = engine.clone();
+        match tokio::task::spawn_blocking(move || flushing.flush_snapshots(Duration::from_secs(10)))
+            .await
+        {
+            Ok(Ok(())) => eprintln!("tideway: snapshots written"),
+            Ok(Err(e)) => eprintln!("tideway: snapshots not all written: {e}"),
+            Err(e) => eprintln!("tideway: snapshots not all written: {e}"),
+        }
+    }
     tokio::spawn(async {
         tokio::time::sleep(Duration::from_secs(5)).await;
         eprintln!("tideway: connections still open 5 s after the drain; exiting");

@@ -16,12 +16,16 @@ use tideway_proto::tideway::v1 as pb;
 
 use super::auth::{Identity, random_id};
 use super::engine::Engine;
-use super::generation::{Asked, SessionRef, Stopped, continue_session, finished};
+use super::generation::{SessionRef, continuation, continue_generating};
 use super::messages::{self, Op, StepInput, owned_session_key};
 use super::outbound;
 use super::requests::{Refuse, TensorSpec, answer, tensor_specs};
 use super::served::ServedKind;
+use super::state_io::{export_state, imported_state};
 use super::status::{inbound_error, op_status, shutting_down, submit_status};
+
+/// How long a drain waits for its sessions' snapshots to be committed.
+const DRAIN_FLUSH: std::time::Duration = std::time::Duration::from_secs(10);
 
 /// Chunks of one stream that may be in the dataflow at once: the stream's credit. A client
 /// that sends faster waits (HTTP/2 flow control), and its slowness is its own.
@@ -49,6 +53,13 @@ fn out(kind: OutKind) -> Result<pb::StreamResponse, Status> {
 #[tonic::async_trait]
 impl pb::streams_server::Streams for StreamsService {
     type OpenStream = OutStream;
+
+    async fn export_state(
+        &self,
+        request: Request<pb::ExportStateRequest>,
+    ) -> Result<Response<pb::ExportStateResponse>, Status> {
+        export_state(&self.engine, request).await.map(Response::new)
+    }
 
     async fn open(
         &self,
@@ -96,10 +107,18 @@ impl pb::streams_server::Streams for StreamsService {
         };
         let key = owned_session_key(model, &owner.name, &name);
         let op = if resumed {
+            if !start.state.is_empty() {
+                return Err(Status::invalid_argument(
+                    "a start gives resume_session_id (a live session) or state (a new session from an exported state), not both",
+                ));
+            }
             Op::Probe {
                 model,
                 name: name.clone(),
             }
+        } else if !start.state.is_empty() {
+            let snapshot = imported_state(served, &start.state, key, &name, &owner.name)?;
+            Op::Restore { model, snapshot }
         } else {
             Op::Step {
                 model,
@@ -128,6 +147,7 @@ impl pb::streams_server::Streams for StreamsService {
                 position: opened.position_after,
                 resumed,
                 state_bytes: opened.state_bytes,
+                chunks: opened.chunks,
             })))
             .await;
         let keep = start.keep;
@@ -214,6 +234,8 @@ impl pb::streams_server::Streams for StreamsService {
             let mut disconnected = false;
             // The server answered with an error (the stream's end is its, not the client's).
             let mut refused = false;
+            // The server is shutting down: with a store, the session outlives it.
+            let mut closed_by_server = false;
             loop {
                 // A client that goes away shows as a closed response channel (tonic drops it
                 // when the call is reset) or as an error on the inbound side.
@@ -225,6 +247,7 @@ impl pb::streams_server::Streams for StreamsService {
                     }
                     _ = &mut closing => {
                         refused = true;
+                        closed_by_server = true;
                         let _ = tx.send(Err(shutting_down())).await;
                         break;
                     }
@@ -329,6 +352,7 @@ impl pb::streams_server::Streams for StreamsService {
             let mut state_kept = keep;
             if !ended
                 && !keep
+                && (!closed_by_server || engine.config.snapshots.is_none())
                 && let Ok(rx) = engine.submit(worker, key, Op::End { name: name.clone() }, true)
             {
                 let _ = answer(rx).await;
@@ -360,70 +384,6 @@ enum Order {
         rx: oneshot::Receiver<messages::Response>,
         generation: Box<(Generation, usize, oneshot::Sender<()>)>,
     },
-}
-
-/// The generation a chunk asks for (`StreamChunk.generate`), checked.
-fn continuation(
-    engine: &Engine,
-    model: u32,
-    request: pb::GenerateRequest,
-    input: &StepInput,
-) -> Result<Generation, Status> {
-    let served = &engine.models[model as usize];
-    let ServedKind::Language { info, tokenizer } = &served.kind else {
-        return Err(Status::invalid_argument(format!(
-            "model {:?} is a feature model: only language models generate",
-            served.name
-        )));
-    };
-    let params = Asked::params(engine, model, request)?;
-    let prompt = match input {
-        StepInput::Tokens(t) => t.clone(),
-        _ => Vec::new(),
-    };
-    Generation::new(params, &prompt, &info.end_tokens, tokenizer.as_deref())
-        .map_err(|e| Status::invalid_argument(e.to_string()))
-}
-
-/// Runs a stream's generation, its responses going out as `generated`.
-async fn continue_generating(
-    engine: &Engine,
-    session: &SessionRef,
-    generation: &mut Generation,
-    first: (Vec<f32>, u64),
-    prompt_tokens: usize,
-    out_tx: &outbound::Outbound<pb::StreamResponse>,
-) -> Stopped {
-    let (tx, mut rx) = mpsc::channel::<Result<pb::GenerateResponse, Status>>(16);
-    let forward_tx = out_tx.clone();
-    let forward = async move {
-        let mut client_gone = false;
-        while let Some(item) = rx.recv().await {
-            let message = item.map(|g| pb::StreamResponse {
-                kind: Some(OutKind::Generated(g)),
-            });
-            if forward_tx.send(message).await.is_err() {
-                client_gone = true;
-                break;
-            }
-        }
-        client_gone
-    };
-    let run = async {
-        let stopped = continue_session(engine, session, generation, first, true, &tx).await;
-        if let Some(reason) = stopped.finish.filter(|r| *r != FinishReason::Cancelled) {
-            let _ = tx
-                .send(Ok(finished(generation, prompt_tokens, reason)))
-                .await;
-        }
-        drop(tx);
-        stopped
-    };
-    let (mut stopped, client_gone) = tokio::join!(run, forward);
-    if client_gone {
-        stopped.finish = Some(FinishReason::Cancelled);
-    }
-    stopped
 }
 
 /// How a stream's writer stopped.
@@ -552,6 +512,12 @@ impl pb::admin_server::Admin for AdminService {
         self.engine.drain();
         self.set_health(tonic_health::ServingStatus::NotServing)
             .await;
+        // A drained node's sessions are in its store (with --store) before it answers.
+        let engine = self.engine.clone();
+        tokio::task::spawn_blocking(move || engine.flush_snapshots(DRAIN_FLUSH))
+            .await
+            .map_err(|e| Status::internal(e.to_string()))?
+            .map_err(Status::unavailable)?;
         Ok(Response::new(pb::DrainResponse {
             live_sessions: self.engine.board.snapshot().live,
         }))

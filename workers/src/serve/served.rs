@@ -110,6 +110,31 @@ pub struct ServedModel {
     /// By pipeline stage: what this process runs of the model there (None: another process
     /// runs that stage, or the model runs whole in an earlier one).
     pub stages: Vec<Option<StageModel>>,
+    /// Identifies the checkpoint ([`model_fingerprint`]): a session state continues only on
+    /// the model that made it.
+    pub fingerprint: String,
+}
+
+/// A checkpoint's identity: CRC-32 and total length of its files' names and bytes (weights,
+/// config, tokenizer; not its model card), in name order. Read once at load (CRC-32 runs at
+/// several GB/s).
+pub fn model_fingerprint(dir: &Path) -> Result<String> {
+    let mut files: Vec<_> = std::fs::read_dir(dir)
+        .with_context(|| format!("cannot list {}", dir.display()))?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.is_file() && p.extension().is_none_or(|e| e != "md"))
+        .collect();
+    files.sort();
+    let mut crc = crc32fast::Hasher::new();
+    let mut total = 0u64;
+    for path in files {
+        let bytes =
+            std::fs::read(&path).with_context(|| format!("cannot read {}", path.display()))?;
+        crc.update(path.file_name().unwrap_or_default().as_encoded_bytes());
+        crc.update(&bytes);
+        total += bytes.len() as u64;
+    }
+    Ok(format!("{:08x}-{total}", crc.finalize()))
 }
 
 impl ServedModel {
@@ -330,6 +355,7 @@ impl Placement {
             name,
             kind,
             stages: pieces,
+            fingerprint: model_fingerprint(dir)?,
         };
         tracing::info!(
             model = %served.name,

@@ -3,6 +3,7 @@
 use tonic::Status;
 
 use super::engine::SubmitError;
+use tideway_operators::state_tensors::StateError;
 use tideway_operators::tokenizers::audio::AudioError;
 use tideway_operators::tokenizers::text::TextError;
 
@@ -70,6 +71,10 @@ pub fn op_status(e: &OpError, unknown_code: tonic::Code) -> Status {
         OpError::TooManySessions { limit } => Status::resource_exhausted(format!(
             "the server holds its limit of {limit} live sessions (--max-sessions); end sessions or let idle ones expire, then retry"
         )),
+        OpError::State(e @ StateError::Unsupported { .. }) => {
+            Status::failed_precondition(e.to_string())
+        }
+        OpError::State(e) => Status::invalid_argument(format!("session state refused: {e}")),
     }
 }
 

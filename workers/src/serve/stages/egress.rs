@@ -32,10 +32,17 @@ fn response(envelope: Envelope, served: &ServedModel) -> Response {
         state_bytes: served.state_bytes() as u64,
         worker: envelope.owner,
         ended: envelope.end,
+        chunks: envelope.chunks,
+        state: None,
     };
     let result = match envelope.body {
         Body::Failed(e) => Err(e),
         Body::Output { rows, values } => Ok(reply(rows, values)),
+        // An export's answer (a restore's state was taken in: a bare reply).
+        Body::State(snapshot) if !envelope.start => Ok(Reply {
+            state: Some(snapshot),
+            ..reply(0, Vec::new())
+        }),
         // A bare start, end or probe, or input the front end held back.
         _ => Ok(reply(0, Vec::new())),
     };

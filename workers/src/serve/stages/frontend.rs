@@ -7,6 +7,7 @@
 //! let (envelopes, events) = requests.frontend(plan, lifecycle);
 //! ```
 
+use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
@@ -15,6 +16,7 @@ use timely::dataflow::channels::pact::Exchange;
 use timely::dataflow::operators::OkErr;
 
 use tideway_operators::InputError;
+use tideway_operators::state_tensors::{StateError, StateTensors};
 use tideway_operators::tokenizers::Frontend as FrontendKind;
 use tideway_operators::tokenizers::audio::{AudioError, AudioStream};
 use tideway_operators::tokenizers::sensor::{SensorError, SensorStream};
@@ -23,6 +25,7 @@ use tideway_operators::tokenizers::text::{TextError, TextStream};
 use super::super::messages::{Request, SessionEvent, StepInput};
 use super::super::served::{ServedKind, ServedModel};
 use super::lifecycle::Lifecycle;
+use super::snapshot::SnapshotSink;
 use super::{Body, Envelope, Plan, StageLogic, stage_operator};
 
 /// A session's front-end carry-over.
@@ -81,6 +84,34 @@ impl Carry {
                 sensor: SensorStream::default(),
             },
         }
+    }
+
+    /// Writes the carry-over as named tensors (`frontend.*`).
+    pub fn export(&self, out: &mut StateTensors) -> Result<(), StateError> {
+        match self {
+            Carry::Text(text) => text.export(out),
+            Carry::Features { audio, sensor } => {
+                if let Some(audio) = audio {
+                    audio.export(out)?;
+                }
+                sensor.export(out);
+            }
+        }
+        Ok(())
+    }
+
+    /// The carry-over [`export`](Self::export) wrote, for a session of `served`.
+    pub fn import(served: &ServedModel, from: &StateTensors) -> Result<Self, StateError> {
+        Ok(match &served.kind {
+            ServedKind::Language { .. } => Carry::Text(TextStream::import(from)?),
+            ServedKind::Features(m) => Carry::Features {
+                audio: match m.audio_frontend() {
+                    Some(_) => Some(Box::new(AudioStream::import(from)?)),
+                    None => None,
+                },
+                sensor: SensorStream::import(from)?,
+            },
+        })
     }
 
     /// Raw input → what the model consumes: [`Body::Tokens`] for a language model, feature
@@ -155,6 +186,28 @@ const SWEEP_EVERY: Duration = Duration::from_millis(250);
 struct FrontendLogic {
     lifecycle: Lifecycle,
     last_sweep: Instant,
+    snapshots: Option<SnapshotTimer>,
+}
+
+/// When this front end snapshots its changed sessions: on a period, and when its process
+/// asks (a flush generation it has not answered).
+pub struct SnapshotTimer {
+    pub sink: SnapshotSink,
+    /// This worker's index in its process.
+    pub local: usize,
+    last: Instant,
+    answered: u64,
+}
+
+impl SnapshotTimer {
+    pub fn new(sink: SnapshotSink, local: usize) -> Self {
+        SnapshotTimer {
+            sink,
+            local,
+            last: Instant::now(),
+            answered: 0,
+        }
+    }
 }
 
 impl StageLogic<Request, FrontendOut> for FrontendLogic {
@@ -172,18 +225,35 @@ impl StageLogic<Request, FrontendOut> for FrontendLogic {
     }
 
     fn idle(&mut self, out: &mut Vec<FrontendOut>) {
-        if self.last_sweep.elapsed() < SWEEP_EVERY {
+        if self.last_sweep.elapsed() >= SWEEP_EVERY {
+            self.last_sweep = Instant::now();
+            let forgets = self.lifecycle.expire_idle(self.last_sweep);
+            out.extend(forgets.into_iter().map(FrontendOut::Envelope));
+            out.extend(
+                self.lifecycle
+                    .take_events()
+                    .into_iter()
+                    .map(FrontendOut::Event),
+            );
+        }
+        let Some(timer) = &mut self.snapshots else {
+            return;
+        };
+        let asked = timer.sink.flush.load(Ordering::Acquire);
+        if asked == timer.answered && timer.last.elapsed() < timer.sink.every {
             return;
         }
-        self.last_sweep = Instant::now();
-        let forgets = self.lifecycle.expire_idle(self.last_sweep);
-        out.extend(forgets.into_iter().map(FrontendOut::Envelope));
-        out.extend(
-            self.lifecycle
-                .take_events()
-                .into_iter()
-                .map(FrontendOut::Event),
-        );
+        timer.last = Instant::now();
+        let (envelopes, skipped) = self.lifecycle.snapshots(false);
+        let sink = &timer.sink;
+        sink.stats
+            .skipped
+            .fetch_add(skipped as u64, Ordering::Relaxed);
+        sink.in_flight
+            .fetch_add(envelopes.len() as i64, Ordering::Relaxed);
+        out.extend(envelopes.into_iter().map(FrontendOut::Envelope));
+        timer.answered = asked;
+        sink.acked[timer.local].store(asked, Ordering::Release);
     }
 }
 
@@ -195,6 +265,7 @@ pub trait Frontend<'s> {
         self,
         plan: Plan,
         lifecycle: Lifecycle,
+        snapshots: Option<SnapshotTimer>,
     ) -> (
         StreamVec<'s, u64, Envelope>,
         StreamVec<'s, u64, SessionEvent>,
@@ -206,6 +277,7 @@ impl<'s> Frontend<'s> for StreamVec<'s, u64, Request> {
         self,
         plan: Plan,
         lifecycle: Lifecycle,
+        snapshots: Option<SnapshotTimer>,
     ) -> (
         StreamVec<'s, u64, Envelope>,
         StreamVec<'s, u64, SessionEvent>,
@@ -213,6 +285,7 @@ impl<'s> Frontend<'s> for StreamVec<'s, u64, Request> {
         let logic = FrontendLogic {
             lifecycle,
             last_sweep: Instant::now(),
+            snapshots,
         };
         let out = stage_operator(
             self,

@@ -21,6 +21,7 @@ use timely::dataflow::channels::pact::Exchange;
 use tideway_operators::InputError;
 use tideway_operators::layers::frames::Frames;
 use tideway_operators::models::SessionState;
+use tideway_operators::state_tensors::{StateError, StateTensors};
 use tideway_operators::tensor_parallel::Residual;
 
 use super::super::messages::{OpError, SessionKey};
@@ -55,6 +56,35 @@ impl StageState {
             StageModel::Whole(m) => StageState::Whole(m.new_state()?),
             StageModel::Features(m) => StageState::Features(Box::new(m.new_stream()?)),
         })
+    }
+
+    /// This stage's state taken from named tensors (an import or a restore).
+    fn import(piece: &StageModel, from: &StateTensors) -> Result<Self, OpError> {
+        Ok(match piece {
+            StageModel::Part(m) => StageState::Part(m.import_state(from).map_err(OpError::State)?),
+            StageModel::Whole(m) => {
+                StageState::Whole(m.import_state(from).map_err(OpError::State)?)
+            }
+            StageModel::Features(m) => {
+                StageState::Features(Box::new(m.import_state(from).map_err(OpError::State)?))
+            }
+        })
+    }
+
+    /// Writes this stage's part of the session's state as named tensors.
+    fn export(&self, piece: &StageModel, out: &mut StateTensors) -> Result<(), OpError> {
+        match (piece, self) {
+            (StageModel::Part(m), StageState::Part(s)) => {
+                m.export_state(s, out);
+                Ok(())
+            }
+            (StageModel::Whole(m), StageState::Whole(s)) => m.export_state(s, out),
+            (StageModel::Features(m), StageState::Features(s)) => m.export_state(s, out),
+            _ => Err(StateError::Unsupported {
+                what: "a state of another kind than its stage's".into(),
+            }),
+        }
+        .map_err(OpError::State)
     }
 
     /// Tokens consumed (language models) or output frames emitted (feature models).
@@ -135,6 +165,44 @@ impl LayersLogic {
                 self.free(key, envelope.model);
             }
             if matches!(envelope.body, Body::Failed(_) | Body::Forget) {
+                slots.push(Slot {
+                    envelope,
+                    state: None,
+                    compute: false,
+                });
+                continue;
+            }
+            if let Body::State(snapshot) = &mut envelope.body {
+                // A restore (start) takes this stage's part; an export or snapshot adds it.
+                let result = if envelope.start {
+                    self.free(key, envelope.model);
+                    StageState::import(piece, &snapshot.tensors).map(|state| {
+                        let position = state.position();
+                        self.states.insert(key, state);
+                        self.held(envelope.model, 1);
+                        position
+                    })
+                } else {
+                    match self.states.get(&key) {
+                        Some(state) => state
+                            .export(piece, &mut snapshot.tensors)
+                            .map(|()| state.position()),
+                        None => Err(OpError::UnknownSession {
+                            name: envelope.name.clone(),
+                        }),
+                    }
+                };
+                match result {
+                    Ok(position) if first => {
+                        snapshot.position = position;
+                        envelope.position = position;
+                        envelope.position_after = position;
+                    }
+                    Ok(_) => {}
+                    // A snapshot for the store is dropped at the store stage, counted.
+                    Err(e) if envelope.id == 0 => snapshot.refused = Some(format!("{e:?}")),
+                    Err(e) => envelope.body = Body::Failed(e),
+                }
                 slots.push(Slot {
                     envelope,
                     state: None,

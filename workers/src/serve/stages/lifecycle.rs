@@ -7,8 +7,11 @@ use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use super::super::messages::{Op, OpError, Request, SessionEvent, SessionKey};
+use tideway_operators::state_tensors::{StateError, StateTensors};
+
+use super::super::messages::{Op, OpError, Request, SessionEvent, SessionKey, StepInput};
 use super::super::served::ServedModel;
+use super::super::state_blob::SessionSnapshot;
 use super::frontend::Carry;
 use super::{Body, Envelope};
 
@@ -20,10 +23,33 @@ struct Session {
     /// The front end's carry-over (an unfinished word, window or patch).
     carry: Carry,
     last_used: Instant,
+    /// The same moment on the wall clock (a snapshot carries it, so that a restored
+    /// session expires when it would have).
+    last_used_unix: f64,
+    /// Requests with input taken.
+    chunks: u64,
+    /// Changed since its last snapshot.
+    dirty: bool,
 }
 
 /// Sessions remembered after expiry, so that a late request is told what happened.
 const EXPIRED_MEMORY: usize = 100_000;
+
+fn unix_now() -> f64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0.0, |d| d.as_secs_f64())
+}
+
+/// Whether a request carries no input (a stream's opening start).
+fn no_input(input: &StepInput) -> bool {
+    match input {
+        StepInput::Tokens(t) => t.is_empty(),
+        StepInput::Text(t) => t.is_empty(),
+        StepInput::Audio { samples, .. } => samples.is_empty(),
+        StepInput::Frames { values, .. } => values.is_empty(),
+    }
+}
 
 pub struct Lifecycle {
     worker: u32,
@@ -129,6 +155,88 @@ impl Lifecycle {
         }
     }
 
+    /// Why a session may not start here (a limit), if it may not.
+    fn refuse_start(&self, key: SessionKey, owner: &str) -> Option<OpError> {
+        if self.sessions.contains_key(&key) {
+            return None;
+        }
+        if self.sessions.len() >= self.max_sessions {
+            return Some(OpError::TooManySessions {
+                limit: self.server_max_sessions,
+            });
+        }
+        if self.per_owner.get(owner).copied().unwrap_or(0) >= self.max_per_owner {
+            return Some(OpError::TooManyClientSessions {
+                limit: self.server_max_per_owner,
+                owner: owner.to_string(),
+            });
+        }
+        None
+    }
+
+    /// The front end's part of session `key`'s snapshot: what it is and its carry-over
+    /// (the stages add theirs on the way).
+    fn snapshot_of(
+        &self,
+        key: SessionKey,
+        session: &Session,
+    ) -> Result<Box<SessionSnapshot>, StateError> {
+        let served = &self.models[session.model as usize];
+        let mut tensors = StateTensors::default();
+        session.carry.export(&mut tensors)?;
+        Ok(Box::new(SessionSnapshot {
+            key,
+            name: session.name.clone(),
+            model: served.name.clone(),
+            fingerprint: served.fingerprint.clone(),
+            owner: session.owner.clone(),
+            chunks: session.chunks,
+            position: 0,
+            last_used_unix: session.last_used_unix,
+            tensors,
+            refused: None,
+        }))
+    }
+
+    /// Snapshots (envelopes no client waits for) of every session changed since its last
+    /// one (`all`: of every session), and how many sessions cannot be snapshotted (their
+    /// front end's carry-over cannot be written, e.g. a resampled audio stream).
+    pub fn snapshots(&mut self, all: bool) -> (Vec<Envelope>, usize) {
+        let mut out = Vec::new();
+        let mut skipped = 0;
+        let keys: Vec<SessionKey> = self
+            .sessions
+            .iter()
+            .filter(|(_, s)| all || s.dirty)
+            .map(|(k, _)| *k)
+            .collect();
+        for key in keys {
+            let session = &self.sessions[&key];
+            let snapshot = self.snapshot_of(key, session);
+            let (model, name, chunks) = (session.model, session.name.clone(), session.chunks);
+            self.sessions.get_mut(&key).expect("listed").dirty = false;
+            match snapshot {
+                Ok(snapshot) => out.push(Envelope {
+                    id: 0,
+                    origin: self.worker,
+                    session: key,
+                    model,
+                    name,
+                    owner: self.worker,
+                    start: false,
+                    end: false,
+                    last_only: false,
+                    position: 0,
+                    position_after: 0,
+                    chunks,
+                    body: Body::State(snapshot),
+                }),
+                Err(_) => skipped += 1,
+            }
+        }
+        (out, skipped)
+    }
+
     /// Runs a request's lifecycle part and the model's front end: the envelope that goes on
     /// to the stages (carrying an error where the request cannot run).
     pub fn admit(&mut self, request: Request, now: Instant) -> Envelope {
@@ -145,13 +253,73 @@ impl Lifecycle {
             last_only: false,
             position: 0,
             position_after: 0,
+            chunks: 0,
             body: Body::Probe,
         };
         match request.op {
+            Op::Export { model, name } => {
+                envelope.model = model;
+                envelope.body = match self.sessions.get(&key) {
+                    Some(s) if s.model == model => {
+                        envelope.chunks = s.chunks;
+                        match self.snapshot_of(key, s) {
+                            Ok(snapshot) => Body::State(snapshot),
+                            Err(e) => Body::Failed(OpError::State(e)),
+                        }
+                    }
+                    Some(_) => Body::Failed(OpError::WrongModel { name: name.clone() }),
+                    None => Body::Failed(self.missing(key, &name)),
+                };
+                envelope.name = name;
+            }
+            Op::Restore { model, snapshot } => {
+                envelope.model = model;
+                envelope.name = snapshot.name.clone();
+                if let Some(e) = self.refuse_start(key, &snapshot.owner) {
+                    envelope.body = Body::Failed(e);
+                    return envelope;
+                }
+                let served = &self.models.clone()[model as usize];
+                let carry = match Carry::import(served, &snapshot.tensors) {
+                    Ok(carry) => carry,
+                    Err(e) => {
+                        envelope.body = Body::Failed(OpError::State(e));
+                        return envelope;
+                    }
+                };
+                if let Some(old) = self.remove_session(&key) {
+                    self.event(key, old.model, -1, false);
+                }
+                self.expired.remove(&key);
+                self.event(key, model, 1, false);
+                // Time idle before the snapshot counts towards expiry.
+                let idle = (unix_now() - snapshot.last_used_unix).max(0.0);
+                self.insert_session(
+                    key,
+                    Session {
+                        name: snapshot.name.clone(),
+                        model,
+                        owner: snapshot.owner.clone(),
+                        carry,
+                        last_used: now
+                            .checked_sub(Duration::from_secs_f64(idle))
+                            .unwrap_or(now),
+                        last_used_unix: snapshot.last_used_unix,
+                        chunks: snapshot.chunks,
+                        dirty: true,
+                    },
+                );
+                envelope.start = true;
+                envelope.chunks = snapshot.chunks;
+                envelope.body = Body::State(snapshot);
+            }
             Op::Probe { model, name } => {
                 envelope.model = model;
                 envelope.body = match self.sessions.get(&key) {
-                    Some(s) if s.model == model => Body::Probe,
+                    Some(s) if s.model == model => {
+                        envelope.chunks = s.chunks;
+                        Body::Probe
+                    }
                     Some(_) => Body::Failed(OpError::WrongModel { name: name.clone() }),
                     None => Body::Failed(self.missing(key, &name)),
                 };
@@ -181,24 +349,8 @@ impl Lifecycle {
                 envelope.model = model;
                 envelope.last_only = last_only;
                 let served = &self.models.clone()[model as usize];
-                if start
-                    && !self.sessions.contains_key(&key)
-                    && self.sessions.len() >= self.max_sessions
-                {
-                    envelope.body = Body::Failed(OpError::TooManySessions {
-                        limit: self.server_max_sessions,
-                    });
-                    envelope.name = name;
-                    return envelope;
-                }
-                if start
-                    && !self.sessions.contains_key(&key)
-                    && self.per_owner.get(&owner).copied().unwrap_or(0) >= self.max_per_owner
-                {
-                    envelope.body = Body::Failed(OpError::TooManyClientSessions {
-                        limit: self.server_max_per_owner,
-                        owner,
-                    });
+                if start && let Some(e) = self.refuse_start(key, &owner) {
+                    envelope.body = Body::Failed(e);
                     envelope.name = name;
                     return envelope;
                 }
@@ -217,6 +369,9 @@ impl Lifecycle {
                             owner,
                             carry: Carry::new(served),
                             last_used: now,
+                            last_used_unix: unix_now(),
+                            chunks: 0,
+                            dirty: true,
                         },
                     );
                 }
@@ -234,12 +389,20 @@ impl Lifecycle {
                     }
                 };
                 session.last_used = now;
+                session.last_used_unix = unix_now();
+                session.dirty = true;
                 envelope.start = start;
                 envelope.body = match session.carry.push(served, &input, end) {
-                    Ok(body) => body,
+                    Ok(body) => {
+                        if !(start && no_input(&input)) {
+                            session.chunks += 1;
+                        }
+                        body
+                    }
                     // The session stays as it was (a start stays started).
                     Err(e) => Body::Failed(OpError::Frontend(e)),
                 };
+                envelope.chunks = session.chunks;
                 if end && !matches!(envelope.body, Body::Failed(_)) {
                     envelope.end = true;
                     self.remove_session(&key);
@@ -261,9 +424,7 @@ impl Lifecycle {
             .filter(|(_, s)| now.duration_since(s.last_used) > limit)
             .map(|(k, _)| *k)
             .collect();
-        let unix_now = SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .map_or(0.0, |d| d.as_secs_f64());
+        let unix_now = unix_now();
         let mut forgets = Vec::new();
         for key in stale {
             let session = self.remove_session(&key).expect("listed above");
@@ -285,6 +446,7 @@ impl Lifecycle {
                 last_only: false,
                 position: 0,
                 position_after: 0,
+                chunks: 0,
                 body: Body::Forget,
             });
             self.expired.insert(key, (session.name, unix_now));
