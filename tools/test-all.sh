@@ -37,6 +37,10 @@ if [ "$status" -eq 0 ]; then
       cargo test -p tideway-workers --features cuda --test gpu_serve -j2; } 2>&1 | tee -a "$log" || status=$?
 fi
 if [ "$status" -eq 0 ]; then
+    # The systemd units of deployments/systemd, where systemd-analyze exists.
+    deployments/systemd/verify.sh target/debug/tideway 2>&1 | tee -a "$log" || status=$?
+fi
+if [ "$status" -eq 0 ]; then
     TIDEWAY_BIN="$PWD/target/debug/tideway" "$venv/bin/python" -m pytest -q tests/python 2>&1 | tee -a "$log" || status=$?
 fi
 if [ "$status" -eq 0 ]; then
@@ -50,6 +54,7 @@ awk '
   /^[0-9]+ (passed|failed)/ || / passed in | failed in / {
       for (i = 1; i < NF; i++) { if ($(i+1) ~ /^passed/) p += $i; if ($(i+1) ~ /^failed/) f += $i } }
   /^fuzz [a-z_]+: [0-9?]+ inputs, no crash$/ { p += 1 }
+  /^systemd units: [0-9]+ passed, [0-9]+ failed$/ { p += $3; f += $5 }
   /^fuzz [a-z_]+: FAILED$/ { f += 1 }
   END { printf "all tests: %d passed, %d failed\n", p, f; if (p == 0) exit 1 }' "$log"
 exit "$status"

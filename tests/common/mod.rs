@@ -3,6 +3,8 @@
 
 #![allow(dead_code)]
 
+pub mod sessions;
+
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 use std::sync::atomic::{AtomicUsize, Ordering};

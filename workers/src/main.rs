@@ -26,6 +26,8 @@ mod gpu_tensor_parallel;
 mod language_model;
 mod run;
 mod serve;
+#[cfg(unix)]
+mod supervise;
 mod tensor_parallel;
 
 use std::process::ExitCode;
@@ -67,6 +69,10 @@ enum Command {
     Demo(demo::DemoArgs),
     /// Stream a WAV file to a running server (`tideway serve`) and print what it detects.
     Stream(demo::StreamArgs),
+    /// Run this host's processes of a cluster (`tideway serve --hosts … --process I`) and
+    /// restart them together when one exits (timely cannot lose a process and go on).
+    #[cfg(unix)]
+    Supervise(supervise::SuperviseArgs),
     /// One follower rank of a tensor-parallel group whose leader (`--tensor-parallel N
     /// --tp-transport processes`) is another process; started by the leader on one machine,
     /// or by hand on another host.
@@ -143,6 +149,8 @@ fn main() -> ExitCode {
         Command::Devices => devices::devices(threads),
         Command::Demo(args) => demo::demo(args),
         Command::Stream(args) => demo::stream(args),
+        #[cfg(unix)]
+        Command::Supervise(args) => supervise::supervise(args),
         Command::TpRank(args) => tensor_parallel::run_rank(args),
         #[cfg(feature = "cuda")]
         Command::GpuCheck(args) => gpu::gpu_check(args),
