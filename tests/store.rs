@@ -333,3 +333,114 @@ fn a_store_that_is_not_one_is_refused_and_left_alone() {
         b"these bytes are someone's notes, not a database"
     );
 }
+
+/// An inference-protocol request of `tokens` in sequence 7.
+fn sequence_request(tokens: &[u64], start: bool) -> tideway_proto::inference::ModelInferRequest {
+    use tideway_proto::inference as ipb;
+    let ids: Vec<i64> = tokens.iter().map(|&t| t as i64).collect();
+    let mut r = infer_ids_request("mamba", &ids);
+    let param = |choice| ipb::InferParameter {
+        parameter_choice: Some(choice),
+    };
+    r.parameters.insert(
+        "sequence_id".into(),
+        param(ipb::infer_parameter::ParameterChoice::Int64Param(7)),
+    );
+    r.parameters.insert(
+        "sequence_start".into(),
+        param(ipb::infer_parameter::ParameterChoice::BoolParam(start)),
+    );
+    r
+}
+
+fn int_param(response: &tideway_proto::inference::ModelInferResponse, name: &str) -> i64 {
+    match response.parameters[name].parameter_choice {
+        Some(tideway_proto::inference::infer_parameter::ParameterChoice::Int64Param(v)) => v,
+        ref other => panic!("{name}: {other:?}"),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_inference_sequence_resumed_after_a_kill_is_told_its_chunk() {
+    use tideway_proto::inference::grpc_inference_service_client::GrpcInferenceServiceClient;
+    let chunks: Vec<Vec<u64>> = (0..6)
+        .map(|c| pseudo_random(2 + c, 64, 70 + c as u64))
+        .collect();
+    let args = model_args();
+    let plain: Vec<&str> = args.iter().map(String::as_str).collect();
+    let reference = Server::start(&plain);
+    let mut client = GrpcInferenceServiceClient::connect(reference.url())
+        .await
+        .unwrap();
+    let mut want = Vec::new();
+    for (c, tokens) in chunks.iter().enumerate() {
+        let r = client
+            .model_infer(sequence_request(tokens, c == 0))
+            .await
+            .unwrap()
+            .into_inner();
+        want.push(f32s(&r.raw_output_contents[0]));
+    }
+    drop(reference);
+
+    let store = scratch_dir("store-sequence");
+    let mut args = model_args();
+    args.extend(
+        [
+            "--store",
+            &store.display().to_string(),
+            "--snapshot-every-s",
+            "3600",
+        ]
+        .map(String::from),
+    );
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let server = Server::start(&args);
+    let mut client = GrpcInferenceServiceClient::connect(server.url())
+        .await
+        .unwrap();
+    for (c, tokens) in chunks[..3].iter().enumerate() {
+        client
+            .model_infer(sequence_request(tokens, c == 0))
+            .await
+            .unwrap();
+    }
+    // Snapshot at chunk 3, then one more chunk that no snapshot holds, then SIGKILL.
+    let mut admin = pb::admin_client::AdminClient::connect(server.url())
+        .await
+        .unwrap();
+    admin.drain(pb::DrainRequest {}).await.unwrap();
+    admin.undrain(pb::UndrainRequest {}).await.unwrap();
+    client
+        .model_infer(sequence_request(&chunks[3], false))
+        .await
+        .unwrap();
+    std::process::Command::new("kill")
+        .args(["-9", &server.pid().to_string()])
+        .status()
+        .unwrap();
+    drop(server);
+
+    let server = Server::start(&args);
+    let mut client = GrpcInferenceServiceClient::connect(server.url())
+        .await
+        .unwrap();
+    // An empty request asks where the sequence is, and does not move it.
+    let probe = client
+        .model_infer(sequence_request(&[], false))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(int_param(&probe, "sequence_chunks"), 3);
+    let tokens: usize = chunks[..3].iter().map(Vec::len).sum();
+    assert_eq!(int_param(&probe, "sequence_position"), tokens as i64);
+    for (c, tokens) in chunks.iter().enumerate().skip(3) {
+        let r = client
+            .model_infer(sequence_request(tokens, false))
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!(int_param(&r, "sequence_chunks"), c as i64 + 1);
+        assert_close(&[f32s(&r.raw_output_contents[0])], &want[c..=c], "sequence");
+    }
+}

@@ -145,11 +145,20 @@ impl InferenceService {
         output_name: &str,
         reply: &messages::Reply,
     ) -> pb::ModelInferResponse {
+        // Where the session stands after this request: a client resuming a sequence after a
+        // restart (an empty request tells it without moving it) resends from its chunk.
+        let int = |v: u64| pb::InferParameter {
+            parameter_choice: Some(pb::infer_parameter::ParameterChoice::Int64Param(v as i64)),
+        };
+        let parameters = HashMap::from([
+            ("sequence_position".to_string(), int(reply.position_after)),
+            ("sequence_chunks".to_string(), int(reply.chunks)),
+        ]);
         pb::ModelInferResponse {
             model_name,
             model_version: "1".into(),
             id: prepared_id,
-            parameters: HashMap::new(),
+            parameters,
             outputs: vec![pb::model_infer_response::InferOutputTensor {
                 name: output_name.into(),
                 datatype: "FP32".into(),

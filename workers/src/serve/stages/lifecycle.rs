@@ -41,7 +41,8 @@ fn unix_now() -> f64 {
         .map_or(0.0, |d| d.as_secs_f64())
 }
 
-/// Whether a request carries no input (a stream's opening start).
+/// Whether a request carries no input (a stream's opening start, or a request that asks
+/// where its session is): it does not count as a chunk.
 fn no_input(input: &StepInput) -> bool {
     match input {
         StepInput::Tokens(t) => t.is_empty(),
@@ -394,7 +395,7 @@ impl Lifecycle {
                 envelope.start = start;
                 envelope.body = match session.carry.push(served, &input, end) {
                     Ok(body) => {
-                        if !(start && no_input(&input)) {
+                        if !no_input(&input) {
                             session.chunks += 1;
                         }
                         body
