@@ -54,6 +54,8 @@ pub enum Op {
     Restore {
         model: u32,
         snapshot: Box<SessionSnapshot>,
+        /// The snapshot comes from this server's store (it need not be written again).
+        stored: bool,
     },
 }
 

@@ -118,7 +118,11 @@ impl pb::streams_server::Streams for StreamsService {
             }
         } else if !start.state.is_empty() {
             let snapshot = imported_state(served, &start.state, key, &name, &owner.name)?;
-            Op::Restore { model, snapshot }
+            Op::Restore {
+                model,
+                snapshot,
+                stored: false,
+            }
         } else {
             Op::Step {
                 model,

@@ -22,19 +22,42 @@ pub struct Restored {
     pub millis: f64,
 }
 
-/// Restores every session in `store` through `engine`.
+type SetAside = Vec<(SessionKey, Vec<u8>, String)>;
+
+/// Counts a restore's answer, or sets its blob aside with why.
+fn settle(
+    restored: &mut Restored,
+    set_aside: &mut SetAside,
+    key: SessionKey,
+    blob: Vec<u8>,
+    answer: Result<Result<super::messages::Reply, super::messages::OpError>, tonic::Status>,
+) {
+    match answer {
+        Ok(Ok(_)) => restored.sessions += 1,
+        Ok(Err(e)) => set_aside.push((key, blob, format!("{e:?}"))),
+        Err(status) => set_aside.push((key, blob, status.message().to_string())),
+    }
+}
+
+/// Restores in flight at once: bounds the blobs held in memory (a 130m-shaped Mamba's is 3 MB).
+const IN_FLIGHT: usize = 32;
+
+/// Restores every session in `store` through `engine`, a few at a time.
 pub async fn restore(engine: &Engine, store: &SessionStore) -> Result<Restored, StoreError> {
     let started = Instant::now();
-    let blobs = store.load()?;
+    let keys = store.keys()?;
     let now = SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map_or(0.0, |d| d.as_secs_f64());
     let idle_limit = engine.config.idle_limit.as_secs_f64();
     let mut restored = Restored::default();
-    let mut set_aside = Vec::new();
+    let mut set_aside: SetAside = Vec::new();
     let mut expired = Vec::new();
-    let mut waiting = Vec::new();
-    for (key, blob) in blobs {
+    let mut waiting = std::collections::VecDeque::new();
+    for key in keys {
+        let Some(blob) = store.get(key)? else {
+            continue;
+        };
         restored.bytes += blob.len();
         let snapshot = match decode(&blob) {
             Ok(s) => s,
@@ -69,18 +92,20 @@ pub async fn restore(engine: &Engine, store: &SessionStore) -> Result<Restored, 
         let op = Op::Restore {
             model,
             snapshot: Box::new(snapshot),
+            stored: true,
         };
+        // The blob is kept only until its restore is answered (set aside if refused).
         match engine.submit_background(engine.pick_worker(), key, op, true) {
-            Ok(rx) => waiting.push((key, blob, rx)),
+            Ok(rx) => waiting.push_back((key, blob, rx)),
             Err(e) => set_aside.push((key, blob, format!("{e:?}"))),
         }
-    }
-    for (key, blob, rx) in waiting {
-        match answer(rx).await {
-            Ok(Ok(_)) => restored.sessions += 1,
-            Ok(Err(e)) => set_aside.push((key, blob, format!("{e:?}"))),
-            Err(status) => set_aside.push((key, blob, status.message().to_string())),
+        while waiting.len() >= IN_FLIGHT {
+            let (key, blob, rx) = waiting.pop_front().expect("not empty");
+            settle(&mut restored, &mut set_aside, key, blob, answer(rx).await);
         }
+    }
+    while let Some((key, blob, rx)) = waiting.pop_front() {
+        settle(&mut restored, &mut set_aside, key, blob, answer(rx).await);
     }
     store.delete(&expired)?;
     restored.expired = expired.len();

@@ -121,16 +121,23 @@ impl SessionStore {
         txn.commit().map_err(|e| self.io(e))
     }
 
-    /// Every session's latest blob.
-    pub fn load(&self) -> Result<Vec<(SessionKey, Vec<u8>)>, StoreError> {
+    /// The keys of every stored session.
+    pub fn keys(&self) -> Result<Vec<SessionKey>, StoreError> {
         let txn = self.db.begin_read().map_err(|e| self.io(e))?;
         let table = txn.open_table(SESSIONS).map_err(|e| self.io(e))?;
-        let mut blobs = Vec::new();
+        let mut keys = Vec::new();
         for entry in table.iter().map_err(|e| self.io(e))? {
-            let (key, value) = entry.map_err(|e| self.io(e))?;
-            blobs.push((key.value(), value.value().to_vec()));
+            keys.push(entry.map_err(|e| self.io(e))?.0.value());
         }
-        Ok(blobs)
+        Ok(keys)
+    }
+
+    /// Session `key`'s latest blob, if it is stored.
+    pub fn get(&self, key: SessionKey) -> Result<Option<Vec<u8>>, StoreError> {
+        let txn = self.db.begin_read().map_err(|e| self.io(e))?;
+        let table = txn.open_table(SESSIONS).map_err(|e| self.io(e))?;
+        let value = table.get(key).map_err(|e| self.io(e))?;
+        Ok(value.map(|v| v.value().to_vec()))
     }
 
     /// Moves blobs that cannot be restored to the `refused` table, each with why.

@@ -273,7 +273,11 @@ impl Lifecycle {
                 };
                 envelope.name = name;
             }
-            Op::Restore { model, snapshot } => {
+            Op::Restore {
+                model,
+                snapshot,
+                stored,
+            } => {
                 envelope.model = model;
                 envelope.name = snapshot.name.clone();
                 if let Some(e) = self.refuse_start(key, &snapshot.owner) {
@@ -307,7 +311,8 @@ impl Lifecycle {
                             .unwrap_or(now),
                         last_used_unix: snapshot.last_used_unix,
                         chunks: snapshot.chunks,
-                        dirty: true,
+                        // The store already holds what a restore from it brings back.
+                        dirty: !stored,
                     },
                 );
                 envelope.start = true;
