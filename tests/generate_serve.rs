@@ -402,3 +402,57 @@ async fn generation_through_a_two_stage_pipeline_gives_the_reference_tokens() {
     .unwrap();
     assert_eq!(got.tokens, want);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cached_prompt_prefix_gives_the_reference_tokens_and_saves_its_prefill() {
+    let mamba = case("mamba_bias_untied_k2");
+    let gla = case("gla_basic");
+    let server = Server::start(&[
+        "--model",
+        &format!(
+            "mamba={}",
+            repo().join(mamba["model"].as_str().unwrap()).display()
+        ),
+        "--model",
+        &format!(
+            "gla={}",
+            repo().join(gla["model"].as_str().unwrap()).display()
+        ),
+        "--prefix-cache-mb",
+        "16",
+        "--metrics",
+        "127.0.0.1:0",
+    ]);
+    let url = server.url();
+    let mut saved = 0;
+    for (model, case) in [("mamba", &mamba), ("gla", &gla)] {
+        let prompt = ids(&case["prompt_ids"]);
+        let want = ids(&case["tokens"]);
+        // A miss (the prompt's state is captured), then a hit on the same prompt.
+        for round in ["miss", "hit"] {
+            let got = generate(&url, request(model, prompt.clone(), 60))
+                .await
+                .unwrap();
+            assert_eq!(got.tokens, want[..60], "{model}, {round}");
+        }
+        // A prompt that continues the cached one (a conversation's next turn): the rest of the
+        // same greedy sequence.
+        let longer = [prompt.clone(), want[..20].to_vec()].concat();
+        let got = generate(&url, request(model, longer, 40)).await.unwrap();
+        assert_eq!(got.tokens, want[20..60], "{model}, continued");
+        // Another prompt of the same length does not match.
+        let other: Vec<i64> = prompt.iter().map(|t| (t + 1) % 40).collect();
+        generate(&url, request(model, other, 4)).await.unwrap();
+        saved += 2 * (prompt.len() - 1);
+    }
+    let page = scrape(&server.metrics_addr());
+    assert_eq!(metric(&page, "tideway_prefix_cache_hits_total"), 4.0);
+    assert_eq!(metric(&page, "tideway_prefix_cache_misses_total"), 4.0);
+    assert_eq!(
+        metric(&page, "tideway_prefix_cache_tokens_saved_total"),
+        saved as f64
+    );
+    assert!(metric(&page, "tideway_prefix_cache_bytes") > 0.0);
+    // Every generation's session was freed.
+    assert_eq!(live_sessions(&url).await, 0);
+}

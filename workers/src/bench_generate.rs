@@ -33,6 +33,10 @@ pub struct GenerateBenchArgs {
     /// Rounds per count (the table gives the median round).
     #[arg(long, default_value_t = 3)]
     rounds: usize,
+    /// Every round sends the first round's prompts again (a server's prefix-state cache then
+    /// hits from the second round on); each round's time to first token is printed.
+    #[arg(long)]
+    repeat_prompts: bool,
     /// Bearer token (a server with `--auth`).
     #[arg(long)]
     token: Option<String>,
@@ -80,7 +84,14 @@ pub fn bench_generate(args: GenerateBenchArgs) -> Result<()> {
         for &n in &args.concurrency {
             let mut rounds = Vec::new();
             for round in 0..args.rounds {
-                rounds.push(run_round(&channel, &args, n, vocab, round).await?);
+                let r = run_round(&channel, &args, n, vocab, round).await?;
+                if args.repeat_prompts {
+                    eprintln!(
+                        "{n:>3} concurrent, round {round} (same prompts): first token p50 {:.1} ms",
+                        r.first_token_p50_ms
+                    );
+                }
+                rounds.push(r);
             }
             rounds.sort_by(|a, b| a.tokens_per_s.total_cmp(&b.tokens_per_s));
             let median = rounds[rounds.len() / 2].clone();
@@ -123,8 +134,9 @@ async fn run_round(
             args.token.clone(),
             pb::generation_client::GenerationClient::with_interceptor,
         );
+        let seed = if args.repeat_prompts { 0 } else { round * 31 };
         let prompt: Vec<i64> = (0..args.prompt_tokens)
-            .map(|j| ((i * 7919 + j * 104_729 + round * 31) as u64 % vocab) as i64)
+            .map(|j| ((i * 7919 + j * 104_729 + seed) as u64 % vocab) as i64)
             .collect();
         let request = pb::GenerateRequest {
             model: args.model.clone(),

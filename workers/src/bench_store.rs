@@ -57,6 +57,7 @@ fn config(plan: crate::serve::stages::Plan, snapshots: SnapshotSink) -> RuntimeC
         plan,
         limits: Limits::default(),
         snapshots: Some(snapshots),
+        prefix_cache: None,
     }
 }
 

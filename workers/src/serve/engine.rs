@@ -34,6 +34,7 @@ use tokio::sync::oneshot;
 
 use super::limits::Limits;
 use super::messages::{Op, Request, Response, SessionEvent, SessionKey};
+use super::prefix_cache::PrefixCache;
 use super::served::ServedModel;
 use super::stages::Plan;
 use super::stages::egress::Egress;
@@ -71,6 +72,8 @@ pub struct RuntimeConfig {
     pub limits: Limits,
     /// Where sessions' snapshots go (`serve --store`); None: no snapshots.
     pub snapshots: Option<SnapshotSink>,
+    /// The prefix-state cache (`serve --prefix-cache-mb`), shared by this process's workers.
+    pub prefix_cache: Option<Arc<PrefixCache>>,
 }
 
 /// How far the model stage may lag behind a worker's input before admission pauses (also
@@ -434,14 +437,15 @@ fn run_worker(worker: &mut timely::worker::Worker, rx: Receiver<Request>, contex
             .snapshots
             .clone()
             .map(|sink| SnapshotTimer::new(sink, (index - first_worker) as usize));
-        let (envelopes, events) = requests.frontend(plan, lifecycle, timer);
+        let (envelopes, events) =
+            requests.frontend(plan, lifecycle, timer, config.prefix_cache.clone());
         let mut staged = envelopes.prune();
         for stage in 0..plan.stages {
             staged = staged.layers(stage, plan, models.clone(), board.clone());
         }
         staged
             .head(models.clone())
-            .snapshots(config.snapshots.clone())
+            .snapshots(config.snapshots.clone(), config.prefix_cache.clone())
             .probe_with(&probe)
             .egress(models.clone(), pending, board.clone());
 

@@ -182,6 +182,51 @@ pub fn render(engine: &Engine) -> String {
         "1 while the server refuses new work.",
         &[format!("tideway_draining {}", engine.is_draining() as u8)],
     );
+    if let Some(cache) = &engine.config.prefix_cache {
+        let stats = &cache.stats;
+        let count = |c: &std::sync::atomic::AtomicU64| c.load(Ordering::Relaxed).to_string();
+        let series = [
+            (
+                "tideway_prefix_cache_hits_total",
+                "counter",
+                "Generations that started from a cached prompt prefix's state (--prefix-cache-mb).",
+                count(&stats.hits),
+            ),
+            (
+                "tideway_prefix_cache_misses_total",
+                "counter",
+                "Generations whose prompt had no cached prefix.",
+                count(&stats.misses),
+            ),
+            (
+                "tideway_prefix_cache_tokens_saved_total",
+                "counter",
+                "Prompt tokens that hits did not run.",
+                count(&stats.tokens_saved),
+            ),
+            (
+                "tideway_prefix_cache_evictions_total",
+                "counter",
+                "Entries evicted, least recently used first.",
+                count(&stats.evictions),
+            ),
+            (
+                "tideway_prefix_cache_bytes",
+                "gauge",
+                "Bytes of state the prefix cache holds.",
+                cache.bytes().to_string(),
+            ),
+            (
+                "tideway_prefix_cache_entries",
+                "gauge",
+                "Prefixes the cache holds.",
+                cache.entries().to_string(),
+            ),
+        ];
+        for (name, kind, help, value) in series {
+            metric_out(&mut out, name, kind, help, &[format!("{name} {value}")]);
+        }
+    }
     if let Some(sink) = &engine.config.snapshots {
         let stats = &sink.stats;
         let count = |c: &std::sync::atomic::AtomicU64| c.load(Ordering::Relaxed).to_string();

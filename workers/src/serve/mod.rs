@@ -14,6 +14,7 @@ pub mod messages;
 pub mod metrics;
 pub mod native;
 pub mod outbound;
+pub mod prefix_cache;
 pub mod recovery;
 pub mod refusals;
 pub mod requests;
@@ -50,6 +51,7 @@ use auth::{Authenticate, Tokens};
 use engine::{Engine, RuntimeConfig};
 use grpc_metrics::ErrorMetricsLayer;
 use limits::Limits;
+use prefix_cache::PrefixCache;
 use served::{Placement, ServedModel};
 use stages::Plan;
 use stages::snapshot::SnapshotSink;
@@ -131,6 +133,11 @@ pub struct ServeArgs {
     /// Seconds between snapshots of a changed session (with --store).
     #[arg(long, alias = "snapshot-every", default_value_t = 1.0)]
     snapshot_every_s: f64,
+    /// MiB of language-model state kept by prompt prefix (0: off): a generation whose prompt
+    /// starts with a cached prefix (exact tokens) starts from its state and runs only the
+    /// rest; least recently used entries go first.
+    #[arg(long, default_value_t = 0)]
+    prefix_cache_mb: usize,
     /// Serialise records exchanged between workers of this process as a cluster would
     /// (exercises the wire format on one machine).
     #[arg(long, hide = true)]
@@ -226,6 +233,8 @@ pub fn serve(args: ServeArgs) -> Result<()> {
         plan: placement.plan,
         limits: args.limits.clone(),
         snapshots,
+        prefix_cache: (args.prefix_cache_mb > 0)
+            .then(|| Arc::new(PrefixCache::new(args.prefix_cache_mb << 20))),
     };
 
     // A worker that panics would leave its peers hung (timely cannot lose a worker, and a
@@ -342,6 +351,7 @@ pub fn start_in_process(models: Vec<(String, PathBuf)>, workers: usize) -> Resul
         plan: placement.plan,
         limits: Limits::default(),
         snapshots: None,
+        prefix_cache: None,
     };
     let engine = Engine::start(served, config)
         .map_err(|e| anyhow::anyhow!("cannot start the workers: {e}"))?;

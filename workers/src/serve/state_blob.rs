@@ -37,6 +37,9 @@ pub struct SessionSnapshot {
     pub tensors: StateTensors,
     /// Why a stage could not write its part (such a snapshot is not kept).
     pub refused: Option<String>,
+    /// For the prefix-state cache: the tokens this state is the state after (not written
+    /// into blobs).
+    pub prefix: Option<Vec<u32>>,
 }
 
 /// Why bytes are not a session state this server can take.
@@ -209,6 +212,7 @@ pub fn decode(bytes: &[u8]) -> Result<SessionSnapshot, BlobError> {
             })?,
         tensors,
         refused: None,
+        prefix: None,
     })
 }
 
@@ -250,6 +254,7 @@ mod tests {
             last_used_unix: 1_764_600_000.25,
             tensors,
             refused: None,
+            prefix: None,
         }
     }
 

@@ -7,6 +7,7 @@
 //! let (envelopes, events) = requests.frontend(plan, lifecycle);
 //! ```
 
+use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
@@ -22,7 +23,8 @@ use tideway_operators::tokenizers::audio::{AudioError, AudioStream};
 use tideway_operators::tokenizers::sensor::{SensorError, SensorStream};
 use tideway_operators::tokenizers::text::{TextError, TextStream};
 
-use super::super::messages::{Request, SessionEvent, StepInput};
+use super::super::messages::{Op, Request, SessionEvent, StepInput};
+use super::super::prefix_cache::PrefixCache;
 use super::super::served::{ServedKind, ServedModel};
 use super::lifecycle::Lifecycle;
 use super::snapshot::SnapshotSink;
@@ -187,6 +189,103 @@ struct FrontendLogic {
     lifecycle: Lifecycle,
     last_sweep: Instant,
     snapshots: Option<SnapshotTimer>,
+    prefix_cache: Option<Arc<PrefixCache>>,
+}
+
+impl FrontendLogic {
+    /// Admits `request`; a generation's prompt goes through the prefix-state cache: on a
+    /// hit, a restore of the cached state and a step of the rest; on a miss, the prompt but
+    /// its last token, a capture of the state there, then the last token (whose step answers
+    /// the request).
+    fn admit(&mut self, request: Request, now: Instant, out: &mut Vec<FrontendOut>) {
+        let cache = match (&self.prefix_cache, &request.op) {
+            (
+                Some(cache),
+                Op::Step {
+                    input: StepInput::Tokens(tokens),
+                    start: true,
+                    end: false,
+                    last_only: true,
+                    owner,
+                    ..
+                },
+            ) if tokens.len() >= 2
+                && self
+                    .lifecycle
+                    .refuse_start(request.session, owner)
+                    .is_none() =>
+            {
+                cache.clone()
+            }
+            _ => {
+                out.push(FrontendOut::Envelope(self.lifecycle.admit(request, now)));
+                return;
+            }
+        };
+        let Request {
+            id,
+            origin,
+            session,
+            op,
+        } = request;
+        let Op::Step {
+            model,
+            name,
+            owner,
+            input: StepInput::Tokens(tokens),
+            ..
+        } = op
+        else {
+            unreachable!("matched above");
+        };
+        let step = |tokens: &[u32], start: bool, id: u64| Request {
+            id,
+            origin,
+            session,
+            op: Op::Step {
+                model,
+                name: name.clone(),
+                owner: owner.clone(),
+                input: StepInput::Tokens(tokens.to_vec()),
+                start,
+                end: false,
+                last_only: true,
+            },
+        };
+        let last = tokens.len() - 1;
+        match cache.lookup(model, &tokens, last) {
+            Some((len, mut snapshot)) => {
+                snapshot.key = session;
+                snapshot.name = name.clone();
+                snapshot.owner = owner.clone();
+                snapshot.last_used_unix = std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map_or(0.0, |d| d.as_secs_f64());
+                let restore = Request {
+                    id: 0,
+                    origin,
+                    session,
+                    op: Op::Restore {
+                        model,
+                        snapshot: Box::new(snapshot),
+                        stored: false,
+                    },
+                };
+                out.push(FrontendOut::Envelope(self.lifecycle.admit(restore, now)));
+                let rest = step(&tokens[len..], false, id);
+                out.push(FrontendOut::Envelope(self.lifecycle.admit(rest, now)));
+            }
+            None => {
+                let prefix = step(&tokens[..last], true, 0);
+                out.push(FrontendOut::Envelope(self.lifecycle.admit(prefix, now)));
+                if let Some(capture) = self.lifecycle.capture(session, tokens[..last].to_vec()) {
+                    out.push(FrontendOut::Envelope(capture));
+                }
+                let rest = step(&tokens[last..], false, id);
+                out.push(FrontendOut::Envelope(self.lifecycle.admit(rest, now)));
+            }
+        }
+    }
 }
 
 /// When this front end snapshots its changed sessions: on a period, and when its process
@@ -214,7 +313,7 @@ impl StageLogic<Request, FrontendOut> for FrontendLogic {
     fn batch(&mut self, requests: Vec<Request>, out: &mut Vec<FrontendOut>) {
         let now = Instant::now();
         for request in requests {
-            out.push(FrontendOut::Envelope(self.lifecycle.admit(request, now)));
+            self.admit(request, now, out);
         }
         out.extend(
             self.lifecycle
@@ -266,6 +365,7 @@ pub trait Frontend<'s> {
         plan: Plan,
         lifecycle: Lifecycle,
         snapshots: Option<SnapshotTimer>,
+        prefix_cache: Option<Arc<PrefixCache>>,
     ) -> (
         StreamVec<'s, u64, Envelope>,
         StreamVec<'s, u64, SessionEvent>,
@@ -278,6 +378,7 @@ impl<'s> Frontend<'s> for StreamVec<'s, u64, Request> {
         plan: Plan,
         lifecycle: Lifecycle,
         snapshots: Option<SnapshotTimer>,
+        prefix_cache: Option<Arc<PrefixCache>>,
     ) -> (
         StreamVec<'s, u64, Envelope>,
         StreamVec<'s, u64, SessionEvent>,
@@ -286,6 +387,7 @@ impl<'s> Frontend<'s> for StreamVec<'s, u64, Request> {
             lifecycle,
             last_sweep: Instant::now(),
             snapshots,
+            prefix_cache,
         };
         let out = stage_operator(
             self,

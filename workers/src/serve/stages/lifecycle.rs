@@ -157,7 +157,7 @@ impl Lifecycle {
     }
 
     /// Why a session may not start here (a limit), if it may not.
-    fn refuse_start(&self, key: SessionKey, owner: &str) -> Option<OpError> {
+    pub fn refuse_start(&self, key: SessionKey, owner: &str) -> Option<OpError> {
         if self.sessions.contains_key(&key) {
             return None;
         }
@@ -196,7 +196,31 @@ impl Lifecycle {
             last_used_unix: session.last_used_unix,
             tensors,
             refused: None,
+            prefix: None,
         }))
+    }
+
+    /// A capture of session `key`'s state after exactly `prefix` (its tokens so far), for the
+    /// prefix-state cache: an envelope no client waits for, filled in by the stages.
+    pub fn capture(&self, key: SessionKey, prefix: Vec<u32>) -> Option<Envelope> {
+        let session = self.sessions.get(&key)?;
+        let mut snapshot = self.snapshot_of(key, session).ok()?;
+        snapshot.prefix = Some(prefix);
+        Some(Envelope {
+            id: 0,
+            origin: self.worker,
+            session: key,
+            model: session.model,
+            name: session.name.clone(),
+            owner: self.worker,
+            start: false,
+            end: false,
+            last_only: false,
+            position: 0,
+            position_after: 0,
+            chunks: session.chunks,
+            body: Body::State(snapshot),
+        })
     }
 
     /// Snapshots (envelopes no client waits for) of every session changed since its last

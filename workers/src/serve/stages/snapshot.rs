@@ -1,7 +1,8 @@
 //! The `snapshot` stage: after the head, on the worker of each session's last stage. A
 //! snapshot for the store (a `State` envelope that no client waits for, filled in by every
 //! stage on its way) leaves the graph here for the store's writer thread; a session's end,
-//! expiry or fresh start deletes its stored snapshot. Everything else goes on to egress.
+//! expiry or fresh start deletes its stored snapshot; a capture of a prompt's state goes into
+//! the prefix-state cache ([`super::super::prefix_cache`]). Everything else goes on to egress.
 //! One session's envelopes reach this stage in order, so a deletion never overtakes a
 //! snapshot taken before it, nor a snapshot one taken after.
 //!
@@ -17,6 +18,7 @@ use crossbeam_channel::Sender;
 use timely::dataflow::StreamVec;
 use timely::dataflow::channels::pact::Pipeline;
 
+use super::super::prefix_cache::PrefixCache;
 use super::super::store::{StoreOp, StoreStats};
 use super::{Body, Envelope, StageLogic, stage_operator};
 
@@ -56,17 +58,50 @@ impl SnapshotSink {
 
 struct SnapshotLogic {
     sink: Option<SnapshotSink>,
+    prefix_cache: Option<Arc<PrefixCache>>,
+}
+
+impl SnapshotLogic {
+    /// A session's end, expiry or fresh start deletes its stored snapshot (a restore keeps
+    /// it: the stored state is the one it came from).
+    fn deletes(&self, envelope: &Envelope) {
+        let Some(sink) = &self.sink else {
+            return;
+        };
+        let failed = matches!(envelope.body, Body::Failed(_));
+        let ended = envelope.end && !failed;
+        let restarted = envelope.start && !failed && !matches!(envelope.body, Body::State(_));
+        if ended || restarted {
+            let _ = sink.writer.send(StoreOp::Delete(envelope.session));
+        }
+    }
 }
 
 impl StageLogic<Envelope, Envelope> for SnapshotLogic {
     fn batch(&mut self, envelopes: Vec<Envelope>, out: &mut Vec<Envelope>) {
-        let Some(sink) = &self.sink else {
-            out.extend(envelopes);
-            return;
-        };
         for envelope in envelopes {
-            match envelope.body {
-                Body::State(snapshot) if envelope.id == 0 => {
+            // A state on its way out that no client waits for: a snapshot or a capture.
+            let Body::State(mut snapshot) = envelope.body else {
+                self.deletes(&envelope);
+                out.push(envelope);
+                continue;
+            };
+            if envelope.id != 0 || envelope.start {
+                let envelope = Envelope {
+                    body: Body::State(snapshot),
+                    ..envelope
+                };
+                out.push(envelope);
+                continue;
+            }
+            match (snapshot.prefix.take(), &self.prefix_cache, &self.sink) {
+                (Some(tokens), Some(cache), _) => {
+                    if snapshot.refused.is_none() {
+                        cache.insert(envelope.model, tokens, *snapshot);
+                    }
+                }
+                (Some(_), None, _) | (None, _, None) => {}
+                (None, _, Some(sink)) => {
                     sink.in_flight.fetch_sub(1, Ordering::Relaxed);
                     match &snapshot.refused {
                         Some(why) => {
@@ -78,17 +113,6 @@ impl StageLogic<Envelope, Envelope> for SnapshotLogic {
                         }
                     }
                 }
-                ref body => {
-                    let ended = envelope.end && !matches!(body, Body::Failed(_));
-                    // A fresh start replaces whatever was stored under its key (a restore
-                    // keeps it: the stored state is the one it came from).
-                    let restarted =
-                        envelope.start && !matches!(body, Body::Failed(_) | Body::State(_));
-                    if ended || restarted {
-                        let _ = sink.writer.send(StoreOp::Delete(envelope.session));
-                    }
-                    out.push(envelope);
-                }
             }
         }
     }
@@ -96,13 +120,22 @@ impl StageLogic<Envelope, Envelope> for SnapshotLogic {
 
 /// The snapshot stage on a stream of envelopes.
 pub trait Snapshots<'s> {
-    /// Hands snapshots and deletions to the store's writer (`None`: no store; everything
-    /// passes).
-    fn snapshots(self, sink: Option<SnapshotSink>) -> StreamVec<'s, u64, Envelope>;
+    /// Hands snapshots and deletions to the store's writer (`None`: no store), and captured
+    /// prefix states to the prefix-state cache; everything else passes.
+    fn snapshots(
+        self,
+        sink: Option<SnapshotSink>,
+        prefix_cache: Option<Arc<PrefixCache>>,
+    ) -> StreamVec<'s, u64, Envelope>;
 }
 
 impl<'s> Snapshots<'s> for StreamVec<'s, u64, Envelope> {
-    fn snapshots(self, sink: Option<SnapshotSink>) -> StreamVec<'s, u64, Envelope> {
-        stage_operator(self, Pipeline, "Snapshot", SnapshotLogic { sink })
+    fn snapshots(
+        self,
+        sink: Option<SnapshotSink>,
+        prefix_cache: Option<Arc<PrefixCache>>,
+    ) -> StreamVec<'s, u64, Envelope> {
+        let logic = SnapshotLogic { sink, prefix_cache };
+        stage_operator(self, Pipeline, "Snapshot", logic)
     }
 }
