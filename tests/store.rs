@@ -118,13 +118,13 @@ async fn a_snapshot_torn_by_a_killed_writer_leaves_the_previous_one() {
     args.extend(["--store", &store_arg, "--snapshot-every-s", "3600"].map(String::from));
     let args: Vec<&str> = args.iter().map(String::as_str).collect();
 
-    // The writer aborts inside its second commit of snapshots.
+    // The writer aborts inside the commit of the first snapshot past chunk 3.
     let log = scratch_dir("torn").join("stderr.log");
     let mut child = tideway()
         .arg("serve")
         .args(["--listen", "127.0.0.1:0"])
         .args(&args)
-        .env("TIDEWAY_TEST_ABORT_MID_SNAPSHOT", "2")
+        .env("TIDEWAY_TEST_ABORT_MID_SNAPSHOT", "4")
         .stderr(std::fs::File::create(&log).unwrap())
         .spawn()
         .unwrap();
@@ -172,7 +172,7 @@ async fn a_snapshot_torn_by_a_killed_writer_leaves_the_previous_one() {
     let mut admin = pb::admin_client::AdminClient::connect(url.clone())
         .await
         .unwrap();
-    // Commit 1: every session at chunk 3.
+    // The first drain commits every session at chunk 3.
     admin.drain(pb::DrainRequest {}).await.unwrap();
     admin.undrain(pb::UndrainRequest {}).await.unwrap();
     // Phase 2: three more chunks each; their snapshot commit is torn.

@@ -192,28 +192,23 @@ impl SessionStore {
     }
 }
 
-/// For the torn-snapshot test: `TIDEWAY_TEST_ABORT_MID_SNAPSHOT=N` aborts the process in the
-/// middle of the N-th commit that holds snapshots (after half of them are written, before
-/// the commit), as a `kill -9` of the writer would.
-fn abort_in_commit() -> Option<u64> {
+/// For the torn-snapshot test: `TIDEWAY_TEST_ABORT_MID_SNAPSHOT=N` aborts the process inside
+/// the commit that writes the first snapshot of a session that has taken N or more chunks
+/// (after writing it into the transaction, before the commit), as a `kill -9` of the writer
+/// would. (By chunks, not by commit count: one flush may be committed in several batches.)
+fn abort_at_chunks() -> Option<u64> {
     std::env::var("TIDEWAY_TEST_ABORT_MID_SNAPSHOT")
         .ok()
         .and_then(|v| v.parse().ok())
 }
 
 fn write_loop(db: &Database, rx: &Receiver<StoreOp>, stats: &StoreStats, path: &Path) {
-    let abort_at = abort_in_commit();
-    let mut snapshot_commits = 0u64;
+    let abort_at = abort_at_chunks();
     while let Ok(first) = rx.recv() {
         let mut ops = vec![first];
         ops.extend(rx.try_iter().take(MAX_BATCH - 1));
         let started = Instant::now();
         let mut flushes = Vec::new();
-        let puts = ops.iter().filter(|o| matches!(o, StoreOp::Put(_))).count();
-        if puts > 0 {
-            snapshot_commits += 1;
-        }
-        let abort_after = (abort_at == Some(snapshot_commits) && puts > 0).then_some(puts / 2);
         let (mut written, mut bytes, mut deletes) = (0u64, 0u64, 0u64);
         let result = (|| -> Result<(), redb::Error> {
             let txn = db.begin_write()?;
@@ -222,16 +217,16 @@ fn write_loop(db: &Database, rx: &Receiver<StoreOp>, stats: &StoreStats, path: &
                 for op in ops {
                     match op {
                         StoreOp::Put(snapshot) => {
-                            if abort_after == Some(written as usize) {
+                            let blob = encode(&snapshot);
+                            bytes += blob.len() as u64;
+                            table.insert(snapshot.key, blob.as_slice())?;
+                            written += 1;
+                            if abort_at.is_some_and(|n| snapshot.chunks >= n) {
                                 eprintln!(
                                     "tideway: TIDEWAY_TEST_ABORT_MID_SNAPSHOT: aborting inside a snapshot commit"
                                 );
                                 std::process::abort();
                             }
-                            let blob = encode(&snapshot);
-                            bytes += blob.len() as u64;
-                            table.insert(snapshot.key, blob.as_slice())?;
-                            written += 1;
                         }
                         StoreOp::Delete(key) => {
                             table.remove(key)?;
