@@ -35,7 +35,7 @@ if ! cargo fuzz --version >/dev/null 2>&1; then
     cargo install cargo-fuzz --version 0.13.2 --locked -j2
 fi
 
-targets=(safetensors_checkpoint config_json tokenizer_json wav pth kserve_request stream_chunk)
+targets=(safetensors_checkpoint config_json tokenizer_json wav pth kserve_request stream_chunk state_blob)
 # One build for every target (cargo fuzz run would build each one again).
 CARGO_BUILD_JOBS=2 "${cargo[@]}" fuzz build --fuzz-dir fuzz "${build[@]}"
 for t in "${targets[@]}"; do

@@ -9,7 +9,8 @@
 //! - [`generate`] — sampling, streamed detokenization and stop conditions for text generation;
 //! - [`layers`], [`spiking`] — layers the families share;
 //! - [`gpu`] — what the GPU models share (slot pools, batch layouts, the GPU model enum);
-//! - [`state_tensors`] — a session's state as named tensors (snapshots, export, import);
+//! - [`state_tensors`], [`state_blob`] — a session's state as named tensors, and as one
+//!   checked blob with what it belongs to (snapshots, export, import);
 //! - [`tensor_parallel`] — tensor-parallel ranks and the Ladder Residual wiring.
 
 pub mod checkpoint;
@@ -21,6 +22,7 @@ pub mod layers;
 pub mod models;
 mod pickle_lengths;
 pub mod spiking;
+pub mod state_blob;
 pub mod state_dict;
 pub mod state_tensors;
 pub mod tensor_parallel;

@@ -148,3 +148,37 @@ fn an_exported_lmuformer_stream_continues_bit_for_bit_in_any_split() {
         }
     }
 }
+
+/// Blobs written from the format's description by an independent writer
+/// (`tools/gen_state_blob_seeds.py`, also the `state_blob` fuzz target's seeds).
+fn seed(name: &str) -> Vec<u8> {
+    std::fs::read(
+        PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+            .join("../fuzz/corpus/state_blob")
+            .join(name),
+    )
+    .unwrap()
+}
+
+#[test]
+fn blobs_written_from_the_format_description_are_read_and_checked() {
+    use tideway_operators::state_blob::{BlobError, decode};
+    let model = load_model(&fixture("mamba/hf_k4_sharded")).unwrap();
+    let snapshot = decode(&seed("mamba_k4.safetensors")).unwrap();
+    assert_eq!((snapshot.chunks, snapshot.position), (3, 7));
+    assert_eq!(snapshot.model, "hf_k4_sharded");
+    let state = model.import_state(&snapshot.tensors).unwrap();
+    assert_eq!(state.position(), 7);
+    let mut again = StateTensors::default();
+    model.export_state(&state, &mut again);
+    for (name, value) in &again.0 {
+        assert_eq!(Some(value), snapshot.tensors.0.get(name), "{name}");
+    }
+    assert!(matches!(
+        decode(&seed("mamba_k4_bad_crc.safetensors")),
+        Err(BlobError::Checksum { .. })
+    ));
+    let short = decode(&seed("mamba_k4_short_tensor.safetensors")).unwrap();
+    let e = model.import_state(&short.tensors).unwrap_err();
+    assert!(e.to_string().contains("layers.0.ssm"), "{e}");
+}

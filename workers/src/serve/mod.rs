@@ -20,7 +20,7 @@ pub mod refusals;
 pub mod requests;
 pub mod served;
 pub mod stages;
-pub mod state_blob;
+pub use tideway_operators::state_blob;
 pub mod state_io;
 pub mod stats;
 pub mod status;

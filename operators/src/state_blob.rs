@@ -8,9 +8,8 @@ use std::collections::HashMap;
 
 use safetensors::tensor::{Dtype, SafeTensors, TensorView};
 use serde::{Deserialize, Serialize};
-use tideway_operators::state_tensors::{StateTensors, StateValue};
 
-use super::messages::SessionKey;
+use crate::state_tensors::{StateTensors, StateValue};
 
 /// The blob's `format` metadata.
 pub const FORMAT: &str = "tideway.session-state";
@@ -20,9 +19,10 @@ pub const VERSION: u32 = 1;
 /// A session's state and what it belongs to, as the stages fill it in.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct SessionSnapshot {
-    pub key: SessionKey,
+    /// The session's placement key on the server that holds it.
+    pub key: u64,
     pub name: String,
-    /// The served model's name and fingerprint ([`super::served::model_fingerprint`]).
+    /// The served model's name and fingerprint (the server's `model_fingerprint`).
     pub model: String,
     pub fingerprint: String,
     /// The identity that owns the session.
