@@ -206,21 +206,22 @@ impl Lifecycle {
         let session = self.sessions.get(&key)?;
         let mut snapshot = self.snapshot_of(key, session).ok()?;
         snapshot.prefix = Some(prefix);
-        Some(Envelope {
-            id: 0,
-            origin: self.worker,
-            session: key,
+        Some(self.state_envelope(key, session, snapshot))
+    }
+
+    /// An envelope no client waits for that carries `session`'s state out through the stages.
+    fn state_envelope(
+        &self,
+        key: SessionKey,
+        session: &Session,
+        snapshot: Box<SessionSnapshot>,
+    ) -> Envelope {
+        Envelope {
             model: session.model,
             name: session.name.clone(),
-            owner: self.worker,
-            start: false,
-            end: false,
-            last_only: false,
-            position: 0,
-            position_after: 0,
             chunks: session.chunks,
-            body: Body::State(snapshot),
-        })
+            ..Envelope::bare(0, self.worker, self.worker, key, Body::State(snapshot))
+        }
     }
 
     /// Snapshots (envelopes no client waits for) of every session changed since its last
@@ -237,27 +238,11 @@ impl Lifecycle {
             .collect();
         for key in keys {
             let session = &self.sessions[&key];
-            let snapshot = self.snapshot_of(key, session);
-            let (model, name, chunks) = (session.model, session.name.clone(), session.chunks);
-            self.sessions.get_mut(&key).expect("listed").dirty = false;
-            match snapshot {
-                Ok(snapshot) => out.push(Envelope {
-                    id: 0,
-                    origin: self.worker,
-                    session: key,
-                    model,
-                    name,
-                    owner: self.worker,
-                    start: false,
-                    end: false,
-                    last_only: false,
-                    position: 0,
-                    position_after: 0,
-                    chunks,
-                    body: Body::State(snapshot),
-                }),
+            match self.snapshot_of(key, session) {
+                Ok(snapshot) => out.push(self.state_envelope(key, session, snapshot)),
                 Err(_) => skipped += 1,
             }
+            self.sessions.get_mut(&key).expect("listed").dirty = false;
         }
         (out, skipped)
     }
@@ -266,21 +251,8 @@ impl Lifecycle {
     /// to the stages (carrying an error where the request cannot run).
     pub fn admit(&mut self, request: Request, now: Instant) -> Envelope {
         let key = request.session;
-        let mut envelope = Envelope {
-            id: request.id,
-            origin: request.origin,
-            session: key,
-            model: 0,
-            name: String::new(),
-            owner: self.worker,
-            start: false,
-            end: false,
-            last_only: false,
-            position: 0,
-            position_after: 0,
-            chunks: 0,
-            body: Body::Probe,
-        };
+        let mut envelope =
+            Envelope::bare(request.id, request.origin, self.worker, key, Body::Probe);
         match request.op {
             Op::Export { model, name } => {
                 envelope.model = model;
@@ -465,19 +437,10 @@ impl Lifecycle {
                 self.expired.remove(&old);
             }
             forgets.push(Envelope {
-                id: 0,
-                origin: self.worker,
-                session: key,
                 model: session.model,
                 name: session.name.clone(),
-                owner: self.worker,
-                start: false,
                 end: true,
-                last_only: false,
-                position: 0,
-                position_after: 0,
-                chunks: 0,
-                body: Body::Forget,
+                ..Envelope::bare(0, self.worker, self.worker, key, Body::Forget)
             });
             self.expired.insert(key, (session.name, unix_now));
             self.expired_order.push_back(key);

@@ -59,6 +59,28 @@ pub struct Envelope {
     pub body: Body,
 }
 
+impl Envelope {
+    /// An envelope of `session`, taken in at worker `origin` and owned by worker `owner`,
+    /// carrying `body`, with nothing else set yet (model 0, no name, not a start or an end).
+    pub fn bare(id: u64, origin: u32, owner: u32, session: SessionKey, body: Body) -> Self {
+        Envelope {
+            id,
+            origin,
+            session,
+            model: 0,
+            name: String::new(),
+            owner,
+            start: false,
+            end: false,
+            last_only: false,
+            position: 0,
+            position_after: 0,
+            chunks: 0,
+            body,
+        }
+    }
+}
+
 /// What an envelope carries at this point of the graph.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub enum Body {
@@ -276,21 +298,7 @@ mod tests {
 
     #[test]
     fn rounds_keep_each_sessions_order() {
-        let envelope = |session, id| Envelope {
-            id,
-            origin: 0,
-            session,
-            model: 0,
-            name: String::new(),
-            owner: 0,
-            start: false,
-            end: false,
-            last_only: false,
-            position: 0,
-            position_after: 0,
-            chunks: 0,
-            body: Body::Probe,
-        };
+        let envelope = |session, id| Envelope::bare(id, 0, 0, session, Body::Probe);
         let r = rounds(vec![
             envelope(1, 1),
             envelope(2, 2),
