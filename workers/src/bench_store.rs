@@ -58,6 +58,7 @@ fn config(plan: crate::serve::stages::Plan, snapshots: SnapshotSink) -> RuntimeC
         limits: Limits::default(),
         snapshots: Some(snapshots),
         prefix_cache: None,
+        rebalance_every: None,
     }
 }
 

@@ -9,6 +9,8 @@
 //!
 //! frontend --SessionEvent--> differential: live sessions by (worker, model) --> broadcast
 //!   --> StatsBoard (each process's view of the whole cluster)
+//! frontend --Control (a session moved, a worker drains)--> broadcast --> RouteTable (each
+//!   worker's), read as requests enter; fences and moving states re-enter the input
 //! ```
 //!
 //! Each worker closes one epoch per tick (default 1 ms): the requests that entered in it go
@@ -33,17 +35,20 @@ use timely::dataflow::{InputHandleVec, ProbeHandle, StreamVec};
 use tokio::sync::oneshot;
 
 use super::limits::Limits;
-use super::messages::{Op, Request, Response, SessionEvent, SessionKey};
+use super::messages::{Op, Request, Response, Route, SessionEvent, SessionKey};
 use super::prefix_cache::PrefixCache;
 use super::served::ServedModel;
 use super::stages::Plan;
 use super::stages::egress::Egress;
 use super::stages::frontend::Frontend;
+use super::stages::frontend::Movers;
 use super::stages::frontend::SnapshotTimer;
 use super::stages::head::Head;
 use super::stages::layers::Layers;
 use super::stages::lifecycle::Lifecycle;
+use super::stages::migration::Migrations;
 use super::stages::prune::Prune;
+use super::stages::routes::{RouteTable, Routing};
 use super::stages::snapshot::{SnapshotSink, Snapshots};
 use super::stats::{BoardKey, StatsBoard};
 use super::store::StoreOp;
@@ -74,6 +79,9 @@ pub struct RuntimeConfig {
     pub snapshots: Option<SnapshotSink>,
     /// The prefix-state cache (`serve --prefix-cache-mb`), shared by this process's workers.
     pub prefix_cache: Option<Arc<PrefixCache>>,
+    /// Move sessions from busier to idler workers this often (`serve --rebalance-every-s`);
+    /// None: sessions move only when their process drains.
+    pub rebalance_every: Option<Duration>,
 }
 
 /// How far the model stage may lag behind a worker's input before admission pauses (also
@@ -119,6 +127,8 @@ pub struct Engine {
     pub models: Arc<Vec<ServedModel>>,
     pub config: RuntimeConfig,
     pub board: Arc<StatsBoard>,
+    /// This process's side of moving sessions (drains, rebalancing).
+    pub migrations: Arc<Migrations>,
     senders: Vec<Sender<Request>>,
     stop: Arc<AtomicBool>,
     threads: Arc<Mutex<Vec<Option<std::thread::Thread>>>>,
@@ -189,6 +199,8 @@ impl Engine {
         let worker_config = config.clone();
         let stop = Arc::new(AtomicBool::new(false));
         let worker_stop = stop.clone();
+        let migrations = Arc::new(Migrations::new(threads, config.rebalance_every));
+        let worker_migrations = migrations.clone();
         let guards = timely::execute(
             timely::Config {
                 communication,
@@ -212,6 +224,7 @@ impl Engine {
                         reports_board: local == 0,
                         stop: worker_stop.clone(),
                         first_worker,
+                        migrations: worker_migrations.clone(),
                     },
                 );
             },
@@ -220,6 +233,7 @@ impl Engine {
             models,
             config,
             board,
+            migrations,
             senders,
             stop,
             threads: thread_slots,
@@ -252,12 +266,38 @@ impl Engine {
         self.draining.load(Ordering::Relaxed)
     }
 
-    pub fn drain(&self) {
+    /// Refuses new sessions here and moves this process's sessions to the other processes'
+    /// workers; returns the drain's generation (for [`Engine::wait_moved`]).
+    pub fn drain(&self) -> u64 {
         self.draining.store(true, Ordering::Relaxed);
+        let generation = self.migrations.drain(true);
+        self.wake_workers();
+        generation
     }
 
     pub fn undrain(&self) {
         self.draining.store(false, Ordering::Relaxed);
+        self.migrations.drain(false);
+        self.wake_workers();
+    }
+
+    fn wake_workers(&self) {
+        for t in self.threads.lock().unwrap().iter().flatten() {
+            t.unpark();
+        }
+    }
+
+    /// Waits (at most `timeout`) until this process's front ends have moved every session
+    /// they can since drain `generation`; returns whether they have.
+    pub fn wait_moved(&self, generation: u64, timeout: Duration) -> bool {
+        let deadline = Instant::now() + timeout;
+        while !self.migrations.drained(generation) {
+            if Instant::now() >= deadline {
+                return false;
+            }
+            std::thread::sleep(Duration::from_millis(2));
+        }
+        true
     }
 
     /// Counts a client stream as open until the guard drops.
@@ -325,6 +365,8 @@ impl Engine {
             id,
             origin: self.first_worker + worker as u32,
             session,
+            // The worker's routing table decides as the request enters the graph.
+            route: Route::Hash,
             op,
         };
         match self.senders[worker].try_send(request) {
@@ -359,9 +401,7 @@ impl Engine {
         };
         let deadline = Instant::now() + timeout;
         let generation = sink.flush.fetch_add(1, Ordering::AcqRel) + 1;
-        for t in self.threads.lock().unwrap().iter().flatten() {
-            t.unpark();
-        }
+        self.wake_workers();
         // Every front end has sent its snapshots, and every snapshot reached the writer.
         while sink
             .acked
@@ -409,6 +449,7 @@ struct WorkerContext {
     stop: Arc<AtomicBool>,
     /// Global index of this process's first worker.
     first_worker: u32,
+    migrations: Arc<Migrations>,
 }
 
 fn run_worker(worker: &mut timely::worker::Worker, rx: Receiver<Request>, context: WorkerContext) {
@@ -420,8 +461,10 @@ fn run_worker(worker: &mut timely::worker::Worker, rx: Receiver<Request>, contex
         reports_board,
         stop,
         first_worker,
+        migrations,
     } = context;
     let index = worker.index() as u32;
+    let routes = RouteTable::shared(index);
     let mut input = InputHandleVec::<u64, Request>::new();
     let probe = ProbeHandle::new();
     let plan = config.plan;
@@ -437,15 +480,27 @@ fn run_worker(worker: &mut timely::worker::Worker, rx: Receiver<Request>, contex
             .snapshots
             .clone()
             .map(|sink| SnapshotTimer::new(sink, (index - first_worker) as usize));
-        let (envelopes, events) =
-            requests.frontend(plan, lifecycle, timer, config.prefix_cache.clone());
+        let movers = Movers {
+            routes: routes.clone(),
+            migrations: migrations.clone(),
+            board: board.clone(),
+            local: (index - first_worker) as usize,
+            process_workers: first_worker..first_worker + config.threads.max(1) as u32,
+        };
+        let (envelopes, events, control) =
+            requests.frontend(plan, lifecycle, movers, timer, config.prefix_cache.clone());
+        control.routes(routes.clone());
         let mut staged = envelopes.prune();
         for stage in 0..plan.stages {
             staged = staged.layers(stage, plan, models.clone(), board.clone());
         }
         staged
             .head(models.clone())
-            .snapshots(config.snapshots.clone(), config.prefix_cache.clone())
+            .snapshots(
+                config.snapshots.clone(),
+                config.prefix_cache.clone(),
+                routes.clone(),
+            )
             .probe_with(&probe)
             .egress(models.clone(), pending, board.clone());
 
@@ -520,13 +575,19 @@ fn run_worker(worker: &mut timely::worker::Worker, rx: Receiver<Request>, contex
     let budget = config.epoch_tokens;
     let mut epoch_tokens = 0usize;
     'serve: loop {
+        // Fences, forwarded requests and moving sessions' states go first: they belong
+        // before anything this worker takes in from now on (see `stages::migration`).
+        for r in routes.borrow_mut().take_reinput() {
+            input.send(r);
+        }
         // Flow control (timely has none): admit new requests only while the model stage is
         // at most ADMISSION_SLACK behind this worker's input; otherwise they wait in the
         // bounded queue, which refuses new ones when full.
         if !probe.less_than(&epoch.saturating_sub(slack)) {
             loop {
                 match rx.try_recv() {
-                    Ok(r) => {
+                    Ok(mut r) => {
+                        r.route = routes.borrow().route(r.session);
                         if let Op::Step { input, .. } = &r.op {
                             epoch_tokens += input.weight();
                         }

@@ -21,7 +21,49 @@ pub struct Request {
     /// Global index of the worker that took the request in; the response returns there.
     pub origin: u32,
     pub session: SessionKey,
+    /// Which front end takes it (see [`Route`]).
+    pub route: Route,
     pub op: Op,
+}
+
+/// How a request finds its session's owner. Sessions are placed by hash; a session that
+/// moved (a drain, a rebalance) is in every worker's routing table, which its origin reads
+/// as the request enters the graph (see `stages::migration`). `moves` counts the session's
+/// moves up to the one that made `worker` its owner, so that a worker a session left and
+/// later comes back to tells the requests of its earlier stay from those of the new one.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Route {
+    /// To the hash owner (the session key modulo the workers): the session never moved, as
+    /// far as the origin knows.
+    Hash,
+    /// To the owner in the origin's routing table (the worker the session moved to).
+    Table { worker: u32, moves: u32 },
+    /// Re-sent by the session's old owner to the worker it moved to: it was on its way before
+    /// the origin learned of the move, so it runs before the origin's later requests.
+    Forwarded { worker: u32, moves: u32 },
+    /// To this worker, whatever the tables say: a fence to a session's old owner, or the
+    /// state of a session moving in.
+    To(u32),
+}
+
+impl Route {
+    /// The global index of the worker whose front end takes the request.
+    pub fn worker(self, session: SessionKey, workers: usize) -> u64 {
+        match self {
+            Route::Hash => session % workers as u64,
+            Route::Table { worker, .. } | Route::Forwarded { worker, .. } | Route::To(worker) => {
+                worker as u64
+            }
+        }
+    }
+
+    /// The session's moves this route knows of (0: none).
+    pub fn moves(self) -> u32 {
+        match self {
+            Route::Table { moves, .. } | Route::Forwarded { moves, .. } => moves,
+            Route::Hash | Route::To(_) => 0,
+        }
+    }
 }
 
 /// What a step feeds a session (decoded at the gRPC edge; it travels with the request).
@@ -56,6 +98,19 @@ pub enum Op {
         snapshot: Box<SessionSnapshot>,
         /// The snapshot comes from this server's store (it need not be written again).
         stored: bool,
+    },
+    /// Origin worker `origin` has routed the session's later requests to its new owner: the
+    /// old owner hands this on behind whatever of the origin's it forwarded.
+    Fence { origin: u32 },
+    /// A session moving in from worker `from` (its `moves`-th move): its whole state, taken
+    /// after its last request there (`sent_unix`: when it left, for the migration-time
+    /// metric).
+    MoveIn {
+        model: u32,
+        snapshot: Box<SessionSnapshot>,
+        from: u32,
+        moves: u32,
+        sent_unix: f64,
     },
 }
 

@@ -267,6 +267,35 @@ pub fn render(engine: &Engine) -> String {
             );
         }
     }
+    let moves = &engine.migrations;
+    let name = "tideway_migrations_total";
+    metric_out(
+        &mut out,
+        name,
+        "counter",
+        "Sessions moved live between workers (a drain, a rebalance), by direction.",
+        &[
+            format!(
+                "{name}{{direction=\"out\"}} {}",
+                moves.moved_out.load(Ordering::Relaxed)
+            ),
+            format!(
+                "{name}{{direction=\"in\"}} {}",
+                moves.moved_in.load(Ordering::Relaxed)
+            ),
+        ],
+    );
+    let name = "tideway_migration_seconds";
+    metric_out(
+        &mut out,
+        name,
+        "summary",
+        "From a moving session's state leaving its old owner to its new owner taking it in.",
+        &[
+            format!("{name}_sum {}", *moves.seconds.lock().unwrap()),
+            format!("{name}_count {}", moves.moved_in.load(Ordering::Relaxed)),
+        ],
+    );
     out
 }
 

@@ -138,6 +138,11 @@ pub struct ServeArgs {
     /// rest; least recently used entries go first.
     #[arg(long, default_value_t = 0)]
     prefix_cache_mb: usize,
+    /// Seconds between rebalancing rounds (0: off): a worker whose sessions' state exceeds
+    /// another's by more than a session's moves sessions there, live, with no request lost
+    /// or reordered (data placement only). Drains move sessions whatever this says.
+    #[arg(long, default_value_t = 0.0)]
+    rebalance_every_s: f64,
     /// Serialise records exchanged between workers of this process as a cluster would
     /// (exercises the wire format on one machine).
     #[arg(long, hide = true)]
@@ -208,6 +213,12 @@ pub fn serve(args: ServeArgs) -> Result<()> {
     {
         bail!("--tick-ms, --idle-timeout-s and --snapshot-every-s must be positive");
     }
+    if !(args.rebalance_every_s.is_finite() && args.rebalance_every_s >= 0.0) {
+        bail!(
+            "--rebalance-every-s {} must be 0 (off) or a positive number of seconds",
+            args.rebalance_every_s
+        );
+    }
     let store = args
         .store
         .as_deref()
@@ -235,6 +246,8 @@ pub fn serve(args: ServeArgs) -> Result<()> {
         snapshots,
         prefix_cache: (args.prefix_cache_mb > 0)
             .then(|| Arc::new(PrefixCache::new(args.prefix_cache_mb << 20))),
+        rebalance_every: (args.rebalance_every_s > 0.0)
+            .then(|| Duration::from_secs_f64(args.rebalance_every_s)),
     };
 
     // A worker that panics would leave its peers hung (timely cannot lose a worker, and a
@@ -352,6 +365,7 @@ pub fn start_in_process(models: Vec<(String, PathBuf)>, workers: usize) -> Resul
         limits: Limits::default(),
         snapshots: None,
         prefix_cache: None,
+        rebalance_every: None,
     };
     let engine = Engine::start(served, config)
         .map_err(|e| anyhow::anyhow!("cannot start the workers: {e}"))?;

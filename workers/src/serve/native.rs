@@ -26,6 +26,8 @@ use super::status::{inbound_error, op_status, shutting_down, submit_status};
 
 /// How long a drain waits for its sessions' snapshots to be committed.
 const DRAIN_FLUSH: std::time::Duration = std::time::Duration::from_secs(10);
+/// How long a drain waits for its sessions to move to other processes.
+const DRAIN_MOVES: std::time::Duration = std::time::Duration::from_secs(60);
 
 /// Chunks of one stream that may be in the dataflow at once: the stream's credit. A client
 /// that sends faster waits (HTTP/2 flow control), and its slowness is its own.
@@ -513,17 +515,33 @@ impl pb::admin_server::Admin for AdminService {
         request: Request<pb::DrainRequest>,
     ) -> Result<Response<pb::DrainResponse>, Status> {
         Identity::of(&request).require_admin("Admin.Drain")?;
-        self.engine.drain();
+        let started = std::time::Instant::now();
+        let moved_before = self.engine.migrations.moved_out.load(Ordering::Relaxed);
+        let generation = self.engine.drain();
         self.set_health(tonic_health::ServingStatus::NotServing)
             .await;
-        // A drained node's sessions are in its store (with --store) before it answers.
+        // A drained node's sessions are on other nodes, or in its store (with --store),
+        // before it answers.
+        let engine = self.engine.clone();
+        let moved_all =
+            tokio::task::spawn_blocking(move || engine.wait_moved(generation, DRAIN_MOVES))
+                .await
+                .map_err(|e| Status::internal(e.to_string()))?;
+        if !moved_all {
+            tracing::warn!("the drain's sessions did not all move within {DRAIN_MOVES:?}");
+        }
+        let seconds = started.elapsed().as_secs_f64();
         let engine = self.engine.clone();
         tokio::task::spawn_blocking(move || engine.flush_snapshots(DRAIN_FLUSH))
             .await
             .map_err(|e| Status::internal(e.to_string()))?
             .map_err(Status::unavailable)?;
+        let migrations = &self.engine.migrations;
         Ok(Response::new(pb::DrainResponse {
             live_sessions: self.engine.board.snapshot().live,
+            moved_sessions: migrations.moved_out.load(Ordering::Relaxed) - moved_before,
+            kept_sessions: migrations.kept(),
+            seconds,
         }))
     }
 

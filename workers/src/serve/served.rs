@@ -184,6 +184,17 @@ impl ServedModel {
         }
     }
 
+    /// Whether a session's state can leave its worker (to another worker, process or the
+    /// store): on the CPU and not split over a tensor-parallel group.
+    pub fn movable(&self) -> bool {
+        self.device() == Device::Cpu
+            && self
+                .stages
+                .iter()
+                .flatten()
+                .all(|s| !matches!(s, StageModel::Whole(_)))
+    }
+
     pub fn session_capacity(&self) -> Option<usize> {
         match &self.kind {
             ServedKind::Language { info, .. } => info.session_capacity,

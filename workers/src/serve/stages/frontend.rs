@@ -3,8 +3,12 @@
 //! patches — with each session's carry-over (an unfinished word or character, samples of an
 //! unfinished window, frames of an unfinished patch).
 //!
+//! It is also where sessions move (`migration`): it forwards, holds and takes in moving
+//! sessions' requests, and moves its own sessions away when its process drains or its load
+//! exceeds another worker's.
+//!
 //! ```ignore
-//! let (envelopes, events) = requests.frontend(plan, lifecycle);
+//! let (envelopes, events, control) = requests.frontend(plan, lifecycle, movers, None, None);
 //! ```
 
 use std::sync::Arc;
@@ -23,10 +27,13 @@ use tideway_operators::tokenizers::audio::{AudioError, AudioStream};
 use tideway_operators::tokenizers::sensor::{SensorError, SensorStream};
 use tideway_operators::tokenizers::text::{TextError, TextStream};
 
-use super::super::messages::{Op, Request, SessionEvent, StepInput};
+use super::super::messages::{Op, Request, Route, SessionEvent, StepInput};
 use super::super::prefix_cache::PrefixCache;
 use super::super::served::{ServedKind, ServedModel};
+use super::super::stats::StatsBoard;
 use super::lifecycle::Lifecycle;
+use super::migration::{Load, Migration, Migrations, Next, plan_moves};
+use super::routes::{Control, Routes};
 use super::snapshot::SnapshotSink;
 use super::{Body, Envelope, Plan, StageLogic, stage_operator};
 
@@ -174,25 +181,162 @@ impl Carry {
     }
 }
 
-/// What the front end emits: envelopes for the stages, and changes to the live set for the
-/// control plane.
+/// What the front end emits: envelopes for the stages, changes to the live set for the
+/// control plane, and changes to the routing table.
 #[derive(Clone, Debug)]
 enum FrontendOut {
     Envelope(Envelope),
     Event(SessionEvent),
+    Control(Control),
 }
 
 /// How often idle sessions are looked for.
 const SWEEP_EVERY: Duration = Duration::from_millis(250);
 
+/// A draining worker moves at most this many sessions per turn (about one per tick), so
+/// that the requests of the sessions it still holds keep their latency.
+const MOVES_PER_TURN: usize = 64;
+
+/// What a front end needs to move sessions: its worker's routing table, its process's
+/// counters, the control plane's load figures, and where the process's workers are.
+pub struct Movers {
+    pub routes: Routes,
+    pub migrations: Arc<Migrations>,
+    pub board: Arc<StatsBoard>,
+    /// This worker's index in its process, and the global indices of the process's workers.
+    pub local: usize,
+    pub process_workers: std::ops::Range<u32>,
+}
+
 struct FrontendLogic {
+    /// This worker's global index.
+    me: u32,
+    plan: Plan,
     lifecycle: Lifecycle,
     last_sweep: Instant,
     snapshots: Option<SnapshotTimer>,
     prefix_cache: Option<Arc<PrefixCache>>,
+    migration: Migration,
+    movers: Movers,
+    /// The drain state this worker last announced, and when it last rebalanced.
+    announced_draining: bool,
+    last_rebalance: Instant,
 }
 
 impl FrontendLogic {
+    /// Runs one request that the migration logic released, in order.
+    fn run(&mut self, request: Request, now: Instant, out: &mut Vec<FrontendOut>) {
+        if let Op::MoveIn { sent_unix, .. } = &request.op {
+            let unix_now = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0.0, |d| d.as_secs_f64());
+            self.movers.migrations.record_arrival(unix_now - sent_unix);
+            out.push(FrontendOut::Envelope(self.lifecycle.admit(request, now)));
+            return;
+        }
+        self.admit(request, now, out);
+    }
+
+    /// Moves sessions away when the process drains or (on its period) when this worker
+    /// carries more than another; reports to the process's counters.
+    fn migrate(&mut self, out: &mut Vec<FrontendOut>) {
+        let movers = &self.movers;
+        let counters = &movers.migrations;
+        let draining = counters.draining.load(Ordering::Acquire);
+        let generation = counters.generation.load(Ordering::Acquire);
+        if draining != self.announced_draining {
+            self.announced_draining = draining;
+            out.push(FrontendOut::Control(Control::Draining {
+                worker: self.me,
+                on: draining,
+            }));
+        }
+        let rebalance = counters
+            .rebalance_every
+            .is_some_and(|every| self.last_rebalance.elapsed() >= every);
+        let local = movers.local;
+        // A pipeline's stages are placed by session, not by owner: its sessions stay.
+        if self.plan.stages != 1 || !(draining || rebalance) {
+            let kept = if draining { self.lifecycle.live() } else { 0 };
+            counters.kept[local].store(kept as u64, Ordering::Relaxed);
+            counters.remaining[local].store(0, Ordering::Release);
+            counters.acked[local].store(generation, Ordering::Release);
+            return;
+        }
+        if rebalance {
+            self.last_rebalance = Instant::now();
+        }
+        let migration = &self.migration;
+        let candidates = self.lifecycle.movable(|s| migration.settled(s));
+        let me = self.me;
+        let (live, held_bytes) = self.lifecycle.load();
+        let loads: Vec<Load> = movers
+            .board
+            .snapshot()
+            .per_worker
+            .iter()
+            .map(|&(worker, sessions, state_bytes)| match worker == me {
+                // The control plane's count of this worker lags behind its own moves.
+                true => Load {
+                    worker,
+                    sessions: live,
+                    state_bytes: held_bytes,
+                },
+                false => Load {
+                    worker,
+                    sessions,
+                    state_bytes,
+                },
+            })
+            .collect();
+        let routes = movers.routes.borrow();
+        let takes =
+            |w: u32| !routes.drains(w) && !(draining && movers.process_workers.contains(&w));
+        let any_target = (0..self.plan.workers as u32).any(|w| w != self.me && takes(w));
+        let moves = plan_moves(
+            self.me,
+            draining,
+            &candidates,
+            &loads,
+            takes,
+            MOVES_PER_TURN,
+        );
+        drop(routes);
+        let mut moved = 0;
+        for (session, to) in moves {
+            if let Some((envelope, moves)) = self.lifecycle.give_away(session, to) {
+                tracing::debug!(session, from = self.me, to, moves, "move out");
+                self.migration.gone(session, to, moves);
+                out.push(FrontendOut::Envelope(envelope));
+                out.push(FrontendOut::Control(Control::Moved {
+                    session,
+                    from: self.me,
+                    to,
+                    moves,
+                }));
+                moved += 1;
+            }
+        }
+        counters.moved_out.fetch_add(moved, Ordering::Relaxed);
+        out.extend(
+            self.lifecycle
+                .take_events()
+                .into_iter()
+                .map(FrontendOut::Event),
+        );
+        let (remaining, kept) = match draining {
+            true if any_target => {
+                let left = candidates.len() as u64 - moved;
+                (left, (self.lifecycle.live() as u64).saturating_sub(left))
+            }
+            true => (0, self.lifecycle.live() as u64),
+            false => (0, 0),
+        };
+        counters.kept[local].store(kept, Ordering::Relaxed);
+        counters.remaining[local].store(remaining, Ordering::Release);
+        counters.acked[local].store(generation, Ordering::Release);
+    }
+
     /// Admits `request`; a generation's prompt goes through the prefix-state cache: on a
     /// hit, a restore of the cached state and a step of the rest; on a miss, the prompt but
     /// its last token, a capture of the state there, then the last token (whose step answers
@@ -227,6 +371,7 @@ impl FrontendLogic {
             origin,
             session,
             op,
+            ..
         } = request;
         let Op::Step {
             model,
@@ -242,6 +387,7 @@ impl FrontendLogic {
             id,
             origin,
             session,
+            route: Route::Hash,
             op: Op::Step {
                 model,
                 name: name.clone(),
@@ -265,6 +411,7 @@ impl FrontendLogic {
                     id: 0,
                     origin,
                     session,
+                    route: Route::Hash,
                     op: Op::Restore {
                         model,
                         snapshot: Box::new(snapshot),
@@ -312,8 +459,16 @@ impl SnapshotTimer {
 impl StageLogic<Request, FrontendOut> for FrontendLogic {
     fn batch(&mut self, requests: Vec<Request>, out: &mut Vec<FrontendOut>) {
         let now = Instant::now();
+        let mut next = Vec::new();
         for request in requests {
-            self.admit(request, now, out);
+            let live = self.lifecycle.is_live(request.session);
+            self.migration.accept(request, live, &mut next);
+            for n in next.drain(..) {
+                match n {
+                    Next::Run(request) => self.run(request, now, out),
+                    Next::Forward(request) => self.movers.routes.borrow_mut().reinput(request),
+                }
+            }
         }
         out.extend(
             self.lifecycle
@@ -324,6 +479,7 @@ impl StageLogic<Request, FrontendOut> for FrontendLogic {
     }
 
     fn idle(&mut self, out: &mut Vec<FrontendOut>) {
+        self.migrate(out);
         if self.last_sweep.elapsed() >= SWEEP_EVERY {
             self.last_sweep = Instant::now();
             let forgets = self.lifecycle.expire_idle(self.last_sweep);
@@ -359,16 +515,19 @@ impl StageLogic<Request, FrontendOut> for FrontendLogic {
 /// The front-end stage on a stream of requests.
 pub trait Frontend<'s> {
     /// Routes each request to its session's owner, runs the lifecycle and the front end
-    /// there; returns the envelopes for the next stage and the live-set changes.
+    /// there; returns the envelopes for the next stage, the live-set changes, and the
+    /// routing table's changes.
     fn frontend(
         self,
         plan: Plan,
         lifecycle: Lifecycle,
+        movers: Movers,
         snapshots: Option<SnapshotTimer>,
         prefix_cache: Option<Arc<PrefixCache>>,
     ) -> (
         StreamVec<'s, u64, Envelope>,
         StreamVec<'s, u64, SessionEvent>,
+        StreamVec<'s, u64, Control>,
     );
 }
 
@@ -377,27 +536,42 @@ impl<'s> Frontend<'s> for StreamVec<'s, u64, Request> {
         self,
         plan: Plan,
         lifecycle: Lifecycle,
+        movers: Movers,
         snapshots: Option<SnapshotTimer>,
         prefix_cache: Option<Arc<PrefixCache>>,
     ) -> (
         StreamVec<'s, u64, Envelope>,
         StreamVec<'s, u64, SessionEvent>,
+        StreamVec<'s, u64, Control>,
     ) {
         let logic = FrontendLogic {
+            me: movers.process_workers.start + movers.local as u32,
+            plan,
             lifecycle,
             last_sweep: Instant::now(),
             snapshots,
             prefix_cache,
+            migration: Migration::new(plan.workers),
+            movers,
+            announced_draining: false,
+            last_rebalance: Instant::now(),
         };
+        let workers = plan.workers;
         let out = stage_operator(
             self,
-            Exchange::new(move |r: &Request| plan.owner(r.session)),
+            Exchange::new(move |r: &Request| r.route.worker(r.session, workers)),
             "Frontend",
             logic,
         );
-        out.ok_err(|o| match o {
+        let (envelopes, rest): (_, StreamVec<'s, u64, FrontendOut>) = out.ok_err(|o| match o {
             FrontendOut::Envelope(e) => Ok(e),
-            FrontendOut::Event(e) => Err(e),
-        })
+            other => Err(other),
+        });
+        let (events, control) = rest.ok_err(|o| match o {
+            FrontendOut::Event(e) => Ok(e),
+            FrontendOut::Control(c) => Err(c),
+            FrontendOut::Envelope(_) => unreachable!("split off above"),
+        });
+        (envelopes, events, control)
     }
 }

@@ -183,14 +183,19 @@ impl LayersLogic {
                         position
                     })
                 } else {
-                    match self.states.get(&key) {
+                    let exported = match self.states.get(&key) {
                         Some(state) => state
                             .export(piece, &mut snapshot.tensors)
                             .map(|()| state.position()),
                         None => Err(OpError::UnknownSession {
                             name: envelope.name.clone(),
                         }),
+                    };
+                    // A session moving away leaves with its state.
+                    if envelope.end {
+                        self.free(key, envelope.model);
                     }
+                    exported
                 };
                 match result {
                     Ok(position) if first => {
@@ -483,7 +488,7 @@ impl<'s> Layers<'s> for StreamVec<'s, u64, Envelope> {
         };
         stage_operator(
             self,
-            Exchange::new(move |e: &Envelope| plan.stage_worker(stage, e.session)),
+            Exchange::new(move |e: &Envelope| plan.stage_worker(stage, e.session, e.owner)),
             &format!("Layers{stage}"),
             logic,
         )

@@ -13,7 +13,7 @@ use super::super::messages::{Op, OpError, Request, SessionEvent, SessionKey, Ste
 use super::super::served::ServedModel;
 use super::super::state_blob::SessionSnapshot;
 use super::frontend::Carry;
-use super::{Body, Envelope};
+use super::{Body, Envelope, MoveTo};
 
 struct Session {
     name: String,
@@ -30,6 +30,11 @@ struct Session {
     chunks: u64,
     /// Changed since its last snapshot.
     dirty: bool,
+    /// Its state cannot leave this worker (its front end's carry-over cannot be written):
+    /// it never moves.
+    pinned: bool,
+    /// Times it moved between workers.
+    moves: u32,
 }
 
 /// Sessions remembered after expiry, so that a late request is told what happened.
@@ -247,6 +252,108 @@ impl Lifecycle {
         (out, skipped)
     }
 
+    /// Starts session `envelope.session` of `model` from `snapshot` (replacing a live one):
+    /// the envelope takes the state to every stage. `stored`: the snapshot came from this
+    /// server's store, which need not write it again.
+    fn restore(
+        &mut self,
+        envelope: &mut Envelope,
+        model: u32,
+        snapshot: Box<SessionSnapshot>,
+        stored: bool,
+        now: Instant,
+    ) {
+        let key = envelope.session;
+        envelope.model = model;
+        envelope.name = snapshot.name.clone();
+        let served = &self.models.clone()[model as usize];
+        let carry = match Carry::import(served, &snapshot.tensors) {
+            Ok(carry) => carry,
+            Err(e) => {
+                envelope.body = Body::Failed(OpError::State(e));
+                return;
+            }
+        };
+        if let Some(old) = self.remove_session(&key) {
+            self.event(key, old.model, -1, false);
+        }
+        self.expired.remove(&key);
+        self.event(key, model, 1, false);
+        // Time idle before the snapshot counts towards expiry.
+        let idle = (unix_now() - snapshot.last_used_unix).max(0.0);
+        self.insert_session(
+            key,
+            Session {
+                name: snapshot.name.clone(),
+                model,
+                owner: snapshot.owner.clone(),
+                carry,
+                last_used: now
+                    .checked_sub(Duration::from_secs_f64(idle))
+                    .unwrap_or(now),
+                last_used_unix: snapshot.last_used_unix,
+                chunks: snapshot.chunks,
+                dirty: !stored,
+                pinned: false,
+                moves: 0,
+            },
+        );
+        envelope.start = true;
+        envelope.chunks = snapshot.chunks;
+        envelope.body = Body::State(snapshot);
+    }
+
+    pub fn is_live(&self, key: SessionKey) -> bool {
+        self.sessions.contains_key(&key)
+    }
+
+    pub fn live(&self) -> usize {
+        self.sessions.len()
+    }
+
+    /// Live sessions and the bytes of their state (as the control plane counts them).
+    pub fn load(&self) -> (u64, u64) {
+        let bytes = self
+            .sessions
+            .values()
+            .map(|s| self.models[s.model as usize].state_bytes() as u64)
+            .sum();
+        (self.sessions.len() as u64, bytes)
+    }
+
+    /// Sessions that may move now (`settled` says a session's last move is done), with their
+    /// state bytes: those of models whose state can leave the worker (on the CPU, not split
+    /// over a group) and whose carry-over can be written.
+    pub fn movable(&self, settled: impl Fn(SessionKey) -> bool) -> Vec<(SessionKey, u64)> {
+        self.sessions
+            .iter()
+            .filter(|(k, s)| !s.pinned && settled(**k) && self.models[s.model as usize].movable())
+            .map(|(k, s)| (*k, self.models[s.model as usize].state_bytes() as u64))
+            .collect()
+    }
+
+    /// Takes session `key` out to move it to worker `to`: the envelope that collects its
+    /// state through the stages (each frees its part), and which of the session's moves this
+    /// is. None when it cannot move (it is then pinned here) or is not here.
+    pub fn give_away(&mut self, key: SessionKey, to: u32) -> Option<(Envelope, u32)> {
+        let session = self.sessions.get(&key)?;
+        let snapshot = match self.snapshot_of(key, session) {
+            Ok(snapshot) => snapshot,
+            Err(e) => {
+                tracing::debug!(session = %session.name, why = %e, "cannot move");
+                self.sessions.get_mut(&key).expect("looked up").pinned = true;
+                return None;
+            }
+        };
+        let mut envelope = self.state_envelope(key, session, snapshot);
+        let session = self.remove_session(&key).expect("looked up");
+        self.event(key, session.model, -1, false);
+        let moves = session.moves + 1;
+        envelope.end = true;
+        envelope.move_to = Some(MoveTo { worker: to, moves });
+        Some((envelope, moves))
+    }
+
     /// Runs a request's lifecycle part and the model's front end: the envelope that goes on
     /// to the stages (carrying an error where the request cannot run).
     pub fn admit(&mut self, request: Request, now: Instant) -> Envelope {
@@ -274,46 +381,31 @@ impl Lifecycle {
                 snapshot,
                 stored,
             } => {
-                envelope.model = model;
-                envelope.name = snapshot.name.clone();
                 if let Some(e) = self.refuse_start(key, &snapshot.owner) {
+                    envelope.model = model;
+                    envelope.name = snapshot.name.clone();
                     envelope.body = Body::Failed(e);
                     return envelope;
                 }
-                let served = &self.models.clone()[model as usize];
-                let carry = match Carry::import(served, &snapshot.tensors) {
-                    Ok(carry) => carry,
-                    Err(e) => {
-                        envelope.body = Body::Failed(OpError::State(e));
-                        return envelope;
-                    }
-                };
-                if let Some(old) = self.remove_session(&key) {
-                    self.event(key, old.model, -1, false);
+                self.restore(&mut envelope, model, snapshot, stored, now);
+            }
+            // A session moving in was counted where it started: no limit refuses it here.
+            Op::MoveIn {
+                model,
+                snapshot,
+                moves,
+                ..
+            } => {
+                self.restore(&mut envelope, model, snapshot, false, now);
+                if let Some(session) = self.sessions.get_mut(&key) {
+                    session.moves = moves;
                 }
-                self.expired.remove(&key);
-                self.event(key, model, 1, false);
-                // Time idle before the snapshot counts towards expiry.
-                let idle = (unix_now() - snapshot.last_used_unix).max(0.0);
-                self.insert_session(
-                    key,
-                    Session {
-                        name: snapshot.name.clone(),
-                        model,
-                        owner: snapshot.owner.clone(),
-                        carry,
-                        last_used: now
-                            .checked_sub(Duration::from_secs_f64(idle))
-                            .unwrap_or(now),
-                        last_used_unix: snapshot.last_used_unix,
-                        chunks: snapshot.chunks,
-                        // The store already holds what a restore from it brings back.
-                        dirty: !stored,
-                    },
-                );
-                envelope.start = true;
-                envelope.chunks = snapshot.chunks;
-                envelope.body = Body::State(snapshot);
+            }
+            // Fences stop at the front end (`Migration::accept`); one that got here is stale.
+            Op::Fence { .. } => {
+                envelope.body = Body::Failed(OpError::UnknownSession {
+                    name: String::new(),
+                });
             }
             Op::Probe { model, name } => {
                 envelope.model = model;
@@ -374,6 +466,8 @@ impl Lifecycle {
                             last_used_unix: unix_now(),
                             chunks: 0,
                             dirty: true,
+                            pinned: false,
+                            moves: 0,
                         },
                     );
                 }

@@ -3,7 +3,9 @@
 //!
 //! ```text
 //! requests --exchange(owner)--> frontend --> prune --exchange(stage 0)--> layers(0)
-//!   --exchange(stage 1)--> layers(1) ... layers(K-1) --> head --exchange(origin)--> egress
+//!   --exchange(stage 1)--> layers(1) ... layers(K-1) --> head --> snapshot
+//!   --exchange(origin)--> egress
+//! frontend --control--> broadcast --> routes (each worker's routing table)
 //! ```
 //!
 //! Every request becomes one [`Envelope`] that passes every stage in order, so that each
@@ -18,7 +20,9 @@ pub mod frontend;
 pub mod head;
 pub mod layers;
 pub mod lifecycle;
+pub mod migration;
 pub mod prune;
+pub mod routes;
 pub mod snapshot;
 
 use std::collections::HashMap;
@@ -56,6 +60,10 @@ pub struct Envelope {
     pub position_after: u64,
     /// Requests with input the session has taken, this one included (set by the front end).
     pub chunks: u64,
+    /// The session moves to this worker (its `moves`-th move): the envelope carries its
+    /// whole state out (each stage adds its part and frees it) and leaves the graph at the
+    /// snapshot stage for its new owner's front end.
+    pub move_to: Option<MoveTo>,
     pub body: Body,
 }
 
@@ -76,9 +84,17 @@ impl Envelope {
             position: 0,
             position_after: 0,
             chunks: 0,
+            move_to: None,
             body,
         }
     }
+}
+
+/// Where a moving session goes, and which of its moves this is.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MoveTo {
+    pub worker: u32,
+    pub moves: u32,
 }
 
 /// What an envelope carries at this point of the graph.
@@ -129,15 +145,12 @@ impl Plan {
         Ok(Plan { workers, stages })
     }
 
-    /// The worker whose front end owns `session`.
-    pub fn owner(&self, session: SessionKey) -> u64 {
-        session % self.workers as u64
-    }
-
-    /// The worker that runs pipeline stage `stage` (its layers) for `session`.
-    pub fn stage_worker(&self, stage: usize, session: SessionKey) -> u64 {
+    /// The worker that runs pipeline stage `stage` (its layers) for `session`, whose front
+    /// end runs on worker `owner`: data placement keeps every stage there (so a session
+    /// that moves takes all its stages along); a pipeline's lanes are picked by session.
+    pub fn stage_worker(&self, stage: usize, session: SessionKey, owner: u32) -> u64 {
         if self.stages == 1 {
-            return self.owner(session);
+            return owner as u64;
         }
         let lanes = (self.workers / self.stages) as u64;
         stage as u64 * lanes + session % lanes
@@ -285,14 +298,14 @@ mod tests {
     fn a_pipeline_gives_every_stage_its_own_workers() {
         let plan = Plan::new(4, 2).unwrap();
         for session in 0..64u64 {
-            let first = plan.stage_worker(0, session);
-            let second = plan.stage_worker(1, session);
+            let first = plan.stage_worker(0, session, 0);
+            let second = plan.stage_worker(1, session, 0);
             assert!(first < 2 && (2..4).contains(&second));
             assert_eq!(plan.stage_of(first as usize), 0);
             assert_eq!(plan.stage_of(second as usize), 1);
         }
         let data = Plan::new(3, 1).unwrap();
-        assert_eq!(data.stage_worker(0, 7), data.owner(7));
+        assert_eq!(data.stage_worker(0, 7, 2), 2);
         assert!(Plan::new(3, 2).unwrap_err().contains("divides"));
     }
 

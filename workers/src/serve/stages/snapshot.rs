@@ -2,7 +2,8 @@
 //! snapshot for the store (a `State` envelope that no client waits for, filled in by every
 //! stage on its way) leaves the graph here for the store's writer thread; a session's end,
 //! expiry or fresh start deletes its stored snapshot; a capture of a prompt's state goes into
-//! the prefix-state cache ([`super::super::prefix_cache`]). Everything else goes on to egress.
+//! the prefix-state cache ([`super::super::prefix_cache`]); a moving session's state goes back
+//! into the graph's input, to its new owner's front end. Everything else goes on to egress.
 //! One session's envelopes reach this stage in order, so a deletion never overtakes a
 //! snapshot taken before it, nor a snapshot one taken after.
 //!
@@ -18,8 +19,10 @@ use crossbeam_channel::Sender;
 use timely::dataflow::StreamVec;
 use timely::dataflow::channels::pact::Pipeline;
 
+use super::super::messages::{Op, Request, Route};
 use super::super::prefix_cache::PrefixCache;
 use super::super::store::{StoreOp, StoreStats};
+use super::routes::Routes;
 use super::{Body, Envelope, StageLogic, stage_operator};
 
 /// Where a process's snapshots go, and how the front ends are asked for them.
@@ -59,6 +62,7 @@ impl SnapshotSink {
 struct SnapshotLogic {
     sink: Option<SnapshotSink>,
     prefix_cache: Option<Arc<PrefixCache>>,
+    routes: Routes,
 }
 
 impl SnapshotLogic {
@@ -86,6 +90,32 @@ impl StageLogic<Envelope, Envelope> for SnapshotLogic {
                 out.push(envelope);
                 continue;
             };
+            if let Some(to) = envelope.move_to {
+                // Its new owner's snapshots keep it from now on.
+                if let Some(sink) = &self.sink {
+                    let _ = sink.writer.send(StoreOp::Delete(envelope.session));
+                }
+                if let Some(why) = &snapshot.refused {
+                    tracing::error!(session = %snapshot.name, why = %why, "a moving session's state could not be taken");
+                }
+                let sent_unix = std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map_or(0.0, |d| d.as_secs_f64());
+                self.routes.borrow_mut().reinput(Request {
+                    id: 0,
+                    origin: envelope.owner,
+                    session: envelope.session,
+                    route: Route::To(to.worker),
+                    op: Op::MoveIn {
+                        model: envelope.model,
+                        snapshot,
+                        from: envelope.owner,
+                        moves: to.moves,
+                        sent_unix,
+                    },
+                });
+                continue;
+            }
             if envelope.id != 0 || envelope.start {
                 let envelope = Envelope {
                     body: Body::State(snapshot),
@@ -120,12 +150,14 @@ impl StageLogic<Envelope, Envelope> for SnapshotLogic {
 
 /// The snapshot stage on a stream of envelopes.
 pub trait Snapshots<'s> {
-    /// Hands snapshots and deletions to the store's writer (`None`: no store), and captured
-    /// prefix states to the prefix-state cache; everything else passes.
+    /// Hands snapshots and deletions to the store's writer (`None`: no store), captured
+    /// prefix states to the prefix-state cache, and moving sessions' states to this worker's
+    /// input (`routes`); everything else passes.
     fn snapshots(
         self,
         sink: Option<SnapshotSink>,
         prefix_cache: Option<Arc<PrefixCache>>,
+        routes: Routes,
     ) -> StreamVec<'s, u64, Envelope>;
 }
 
@@ -134,8 +166,13 @@ impl<'s> Snapshots<'s> for StreamVec<'s, u64, Envelope> {
         self,
         sink: Option<SnapshotSink>,
         prefix_cache: Option<Arc<PrefixCache>>,
+        routes: Routes,
     ) -> StreamVec<'s, u64, Envelope> {
-        let logic = SnapshotLogic { sink, prefix_cache };
+        let logic = SnapshotLogic {
+            sink,
+            prefix_cache,
+            routes,
+        };
         stage_operator(self, Pipeline, "Snapshot", logic)
     }
 }
