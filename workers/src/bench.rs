@@ -134,12 +134,17 @@ pub enum BenchTarget {
     Generate(crate::bench_generate::GenerateBenchArgs),
     /// What session snapshots cost (`serve --store`): snapshot and restore of N sessions.
     Store(crate::bench_store::StoreBenchArgs),
+    /// What live migration costs: a two-process cluster drains each process in turn.
+    Migrate(crate::bench_migrate::MigrateBenchArgs),
 }
 
 pub fn bench(args: BenchArgs, threads: usize) -> Result<()> {
     match args.target {
         Some(BenchTarget::Serve(serve_args)) => return crate::bench_serve::bench_serve(serve_args),
         Some(BenchTarget::Store(store_args)) => return crate::bench_store::bench_store(store_args),
+        Some(BenchTarget::Migrate(migrate_args)) => {
+            return crate::bench_migrate::bench_migrate(migrate_args);
+        }
         Some(BenchTarget::Generate(generate_args)) => {
             return crate::bench_generate::bench_generate(generate_args);
         }

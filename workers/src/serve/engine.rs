@@ -275,6 +275,12 @@ impl Engine {
         generation
     }
 
+    /// Refuses new sessions here, and moves none: the process is about to stop, and in a
+    /// cluster its peers stop with it (a session moved now would be lost with them).
+    pub fn stop_admitting(&self) {
+        self.draining.store(true, Ordering::Relaxed);
+    }
+
     pub fn undrain(&self) {
         self.draining.store(false, Ordering::Relaxed);
         self.migrations.drain(false);

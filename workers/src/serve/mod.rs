@@ -427,7 +427,7 @@ async fn graceful_shutdown(
         grace.as_secs_f64(),
         engine.open_streams()
     );
-    engine.drain();
+    engine.stop_admitting();
     for service in native::SERVING_SERVICES {
         health
             .set_service_status(*service, tonic_health::ServingStatus::NotServing)

@@ -197,6 +197,9 @@ const SWEEP_EVERY: Duration = Duration::from_millis(250);
 /// that the requests of the sessions it still holds keep their latency.
 const MOVES_PER_TURN: usize = 64;
 
+/// How long a drain looks for a worker to move sessions to before it keeps them.
+const NO_TARGET_GRACE: Duration = Duration::from_secs(2);
+
 /// What a front end needs to move sessions: its worker's routing table, its process's
 /// counters, the control plane's load figures, and where the process's workers are.
 pub struct Movers {
@@ -221,6 +224,8 @@ struct FrontendLogic {
     /// The drain state this worker last announced, and when it last rebalanced.
     announced_draining: bool,
     last_rebalance: Instant,
+    /// Since when a drain has found no worker to move sessions to.
+    no_target_since: Option<Instant>,
 }
 
 impl FrontendLogic {
@@ -291,7 +296,7 @@ impl FrontendLogic {
             .collect();
         let routes = movers.routes.borrow();
         let takes =
-            |w: u32| !routes.drains(w) && !(draining && movers.process_workers.contains(&w));
+            |w: u32| !(routes.drains(w) || (draining && movers.process_workers.contains(&w)));
         let any_target = (0..self.plan.workers as u32).any(|w| w != self.me && takes(w));
         let moves = plan_moves(
             self.me,
@@ -324,8 +329,21 @@ impl FrontendLogic {
                 .into_iter()
                 .map(FrontendOut::Event),
         );
+        // Another process's worker may only look drained (its undrain is on its way): wait
+        // a moment before keeping the sessions here.
+        let other_processes = self.plan.workers > movers.process_workers.len();
+        let waiting = !any_target
+            && other_processes
+            && self
+                .no_target_since
+                .get_or_insert_with(Instant::now)
+                .elapsed()
+                < NO_TARGET_GRACE;
+        if any_target {
+            self.no_target_since = None;
+        }
         let (remaining, kept) = match draining {
-            true if any_target => {
+            true if any_target || waiting => {
                 let left = candidates.len() as u64 - moved;
                 (left, (self.lifecycle.live() as u64).saturating_sub(left))
             }
@@ -555,6 +573,7 @@ impl<'s> Frontend<'s> for StreamVec<'s, u64, Request> {
             movers,
             announced_draining: false,
             last_rebalance: Instant::now(),
+            no_target_since: None,
         };
         let workers = plan.workers;
         let out = stage_operator(
@@ -563,15 +582,13 @@ impl<'s> Frontend<'s> for StreamVec<'s, u64, Request> {
             "Frontend",
             logic,
         );
-        let (envelopes, rest): (_, StreamVec<'s, u64, FrontendOut>) = out.ok_err(|o| match o {
+        type Rest = Result<SessionEvent, Control>;
+        let (envelopes, rest): (_, StreamVec<'s, u64, Rest>) = out.ok_err(|o| match o {
             FrontendOut::Envelope(e) => Ok(e),
-            other => Err(other),
+            FrontendOut::Event(e) => Err(Ok(e)),
+            FrontendOut::Control(c) => Err(Err(c)),
         });
-        let (events, control) = rest.ok_err(|o| match o {
-            FrontendOut::Event(e) => Ok(e),
-            FrontendOut::Control(c) => Err(c),
-            FrontendOut::Envelope(_) => unreachable!("split off above"),
-        });
+        let (events, control) = rest.ok_err(|r| r);
         (envelopes, events, control)
     }
 }

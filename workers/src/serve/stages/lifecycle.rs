@@ -399,6 +399,12 @@ impl Lifecycle {
                 self.restore(&mut envelope, model, snapshot, false, now);
                 if let Some(session) = self.sessions.get_mut(&key) {
                     session.moves = moves;
+                    // The snapshot stage stores it at once (its old owner's store dropped it).
+                    session.dirty = false;
+                    envelope.move_to = Some(MoveTo {
+                        worker: self.worker,
+                        moves,
+                    });
                 }
             }
             // Fences stop at the front end (`Migration::accept`); one that got here is stale.

@@ -172,7 +172,7 @@ impl Migration {
             let forwarded = std::mem::take(&mut incoming.forwarded);
             next.push(Next::Run(request));
             for request in forwarded {
-                self.from_old_owner(request, next);
+                self.old_owners_record(request, next);
             }
             return;
         }
@@ -202,7 +202,7 @@ impl Migration {
             Route::Forwarded { .. } => {
                 let incoming = self.incoming(session, moves);
                 if incoming.state {
-                    self.from_old_owner(request, next);
+                    self.old_owners_record(request, next);
                 } else {
                     incoming.forwarded.push(request);
                 }
@@ -238,7 +238,7 @@ impl Migration {
 
     /// One of the old owner's forwarded records, after the state: a request runs; a fence
     /// releases its origin's held requests.
-    fn from_old_owner(&mut self, request: Request, next: &mut Vec<Next>) {
+    fn old_owners_record(&mut self, request: Request, next: &mut Vec<Next>) {
         let session = request.session;
         let Op::Fence { origin } = request.op else {
             next.push(Next::Run(request));

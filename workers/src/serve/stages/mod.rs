@@ -60,9 +60,10 @@ pub struct Envelope {
     pub position_after: u64,
     /// Requests with input the session has taken, this one included (set by the front end).
     pub chunks: u64,
-    /// The session moves to this worker (its `moves`-th move): the envelope carries its
-    /// whole state out (each stage adds its part and frees it) and leaves the graph at the
-    /// snapshot stage for its new owner's front end.
+    /// The session moves to this worker (its `moves`-th move). Leaving (not a start): the
+    /// envelope carries its whole state out (each stage adds its part and frees it) and
+    /// leaves the graph at the snapshot stage for its new owner's front end. Arriving (a
+    /// start): each stage takes its part, and the snapshot stage stores the state.
     pub move_to: Option<MoveTo>,
     pub body: Body,
 }

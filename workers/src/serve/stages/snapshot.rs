@@ -90,6 +90,19 @@ impl StageLogic<Envelope, Envelope> for SnapshotLogic {
                 out.push(envelope);
                 continue;
             };
+            if envelope.move_to.is_some() && envelope.start {
+                // A session that moved in: this store keeps it from now on.
+                if let Some(sink) = &self.sink
+                    && snapshot.refused.is_none()
+                {
+                    let _ = sink.writer.send(StoreOp::Put(snapshot.clone()));
+                }
+                out.push(Envelope {
+                    body: Body::State(snapshot),
+                    ..envelope
+                });
+                continue;
+            }
             if let Some(to) = envelope.move_to {
                 // Its new owner's snapshots keep it from now on.
                 if let Some(sink) = &self.sink {
