@@ -11,7 +11,8 @@
 //! - [`gpu`] — what the GPU models share (slot pools, batch layouts, the GPU model enum);
 //! - [`state_tensors`], [`state_blob`] — a session's state as named tensors, and as one
 //!   checked blob with what it belongs to (snapshots, export, import);
-//! - [`tensor_parallel`] — tensor-parallel ranks and the Ladder Residual wiring.
+//! - [`tensor_parallel`] — tensor-parallel ranks and the Ladder Residual wiring;
+//! - [`prune`] — the token pruner (Zero-TPrune's pruning layer over token-mixing graphs).
 
 pub mod checkpoint;
 pub mod error;
@@ -21,6 +22,7 @@ pub mod gpu;
 pub mod layers;
 pub mod models;
 mod pickle_lengths;
+pub mod prune;
 pub mod spiking;
 pub mod state_blob;
 pub mod state_dict;
