@@ -344,7 +344,8 @@ impl FrontendLogic {
         }
         let (remaining, kept) = match draining {
             true if any_target || waiting => {
-                let left = candidates.len() as u64 - moved;
+                // Sessions still settling here move once settled: not done yet either.
+                let left = candidates.len() as u64 - moved + self.migration.settling() as u64;
                 (left, (self.lifecycle.live() as u64).saturating_sub(left))
             }
             true => (0, self.lifecycle.live() as u64),

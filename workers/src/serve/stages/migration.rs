@@ -145,6 +145,11 @@ impl Migration {
         !self.incoming.contains_key(&session)
     }
 
+    /// Sessions moving in whose state is here but not yet every worker's fence.
+    pub fn settling(&self) -> usize {
+        self.incoming.values().filter(|i| i.state).count()
+    }
+
     /// Records that `session` left for worker `to` (its `moves`-th move).
     pub fn gone(&mut self, session: SessionKey, to: u32, moves: u32) {
         self.moved.insert(session, (to, moves));
