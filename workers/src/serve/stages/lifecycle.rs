@@ -397,6 +397,10 @@ impl Lifecycle {
                 ..
             } => {
                 self.restore(&mut envelope, model, snapshot, false, now);
+                if let Body::Failed(e) = &envelope.body {
+                    // Its old owner has let it go: nothing else holds it now.
+                    tracing::error!(session = %envelope.name, why = ?e, "a session moving in could not be taken in; it is lost");
+                }
                 if let Some(session) = self.sessions.get_mut(&key) {
                     session.moves = moves;
                     // The snapshot stage stores it at once (its old owner's store dropped it).
