@@ -7,7 +7,7 @@
 //!   --> prune --> exchange(stage 0) --> layers(0) --> exchange(stage 1) --> layers(1) ...
 //!   --> layers(K-1) --> head --> exchange(origin worker) --> egress --> the handler's oneshot
 //!
-//! frontend --SessionEvent--> differential: live sessions by (worker, model) --> broadcast
+//! frontend --SessionEvent--> control_plane (differential: live sessions by (worker, model)) --> broadcast
 //!   --> StatsBoard (each process's view of the whole cluster)
 //! frontend --Control (a session moved, a worker drains)--> broadcast --> RouteTable (each
 //!   worker's), read as requests enter; fences and moving states re-enter the input
@@ -25,17 +25,14 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use crossbeam_channel::{Receiver, Sender, TrySendError};
-use differential_dataflow::AsCollection;
 use timely::CommunicationConfig;
-use timely::dataflow::channels::pact::Pipeline;
-use timely::dataflow::operators::generic::Operator;
-use timely::dataflow::operators::vec::Broadcast;
 use timely::dataflow::operators::{Input, Probe};
-use timely::dataflow::{InputHandleVec, ProbeHandle, StreamVec};
+use timely::dataflow::{InputHandleVec, ProbeHandle};
 use tokio::sync::oneshot;
 
+use super::control_plane::ControlPlane;
 use super::limits::Limits;
-use super::messages::{Op, Request, Response, Route, SessionEvent, SessionKey};
+use super::messages::{Op, Request, Response, Route, SessionKey};
 use super::prefix_cache::PrefixCache;
 use super::served::ServedModel;
 use super::stages::Plan;
@@ -50,7 +47,7 @@ use super::stages::migration::Migrations;
 use super::stages::prune::Prune;
 use super::stages::routes::{RouteTable, Routing};
 use super::stages::snapshot::{SnapshotSink, Snapshots};
-use super::stats::{BoardKey, StatsBoard};
+use super::stats::StatsBoard;
 use super::store::StoreOp;
 
 /// How the runtime is laid out and paced.
@@ -510,57 +507,7 @@ fn run_worker(worker: &mut timely::worker::Worker, rx: Receiver<Request>, contex
             .probe_with(&probe)
             .egress(models.clone(), pending, board.clone());
 
-        // The control plane: the collection of live sessions (session, owner worker, model),
-        // maintained by differential dataflow from start / end / expiry events and counted by
-        // (worker, model) incrementally; expiries are a second, growing collection. The
-        // counts are broadcast so that every process sees the whole cluster.
-        type SessionRow = (u64, u32, u32, u64, u8);
-        let changes: StreamVec<'_, u64, (SessionRow, u64, isize)> =
-            events.unary(Pipeline, "SessionChanges", |_cap, _info| {
-                move |input, output| {
-                    input.for_each_stamp(
-                        |cap, data: std::slice::IterMut<'_, Vec<SessionEvent>>| {
-                            let Some(&time) = cap.least() else {
-                                return;
-                            };
-                            let mut session = output.session(&cap);
-                            for batch in data {
-                                for e in batch.drain(..) {
-                                    let row = (e.session, e.worker, e.model, e.state_bytes, 0);
-                                    session.give((row, time, e.delta as isize));
-                                    if e.expired {
-                                        let expired =
-                                            (e.session, e.worker, e.model, e.state_bytes, 1);
-                                        session.give((expired, time, 1isize));
-                                    }
-                                }
-                            }
-                        },
-                    );
-                }
-            });
-        let by_worker_and_model =
-            changes
-                .as_collection()
-                .map(|(_session, worker, model, bytes, kind)| -> BoardKey {
-                    (worker, model, bytes, kind)
-                });
-        by_worker_and_model.count().inner.broadcast().sink(
-            Pipeline,
-            "StatsBoard",
-            move |(input, _frontier)| {
-                input.for_each_stamp(|_cap, data| {
-                    if !reports_board {
-                        return;
-                    }
-                    for batch in data {
-                        for ((key, count), _time, diff) in batch.drain(..) {
-                            board.apply(key, count, diff);
-                        }
-                    }
-                });
-            },
-        );
+        events.control_plane(board, reports_board);
     });
 
     // Epochs are wall-clock ticks, so that workers of every process (which start at

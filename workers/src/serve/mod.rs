@@ -3,6 +3,7 @@
 //! `grpc.health.v1` and server reflection.
 
 pub mod auth;
+pub mod control_plane;
 pub mod engine;
 pub mod generation;
 pub mod grpc_metrics;
