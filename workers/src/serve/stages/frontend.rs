@@ -332,14 +332,15 @@ impl FrontendLogic {
         // Another process's worker may only look drained (its undrain is on its way): wait
         // a moment before keeping the sessions here.
         let other_processes = self.plan.workers > movers.process_workers.len();
-        let waiting = !any_target
+        let waiting = draining
+            && !any_target
             && other_processes
             && self
                 .no_target_since
                 .get_or_insert_with(Instant::now)
                 .elapsed()
                 < NO_TARGET_GRACE;
-        if any_target {
+        if any_target || !draining {
             self.no_target_since = None;
         }
         let (remaining, kept) = match draining {
