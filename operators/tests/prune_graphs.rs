@@ -2,7 +2,8 @@
 //! §6.3: a provider is exact when its matrices times the values reproduce the layer's token
 //! mixing). Mamba: the hidden-attention matrices of a mixer, applied to the conv's output, plus
 //! the skip, gated by silu(z), equal what HF transformers' mixer hands its `out_proj`
-//! (`tools/gen_prune_graph_fixtures.py`) on the mixer input HF recorded.
+//! (`tools/gen_prune_graph_fixtures.py`) on the mixer input HF recorded; DeciMamba's score
+//! (a baseline) equals the norm of HF's Δ.
 
 mod common;
 
@@ -57,6 +58,24 @@ fn mamba_hidden_attention_reproduces_the_reference_mixer() {
         let want = f32s(&file, &format!("{case}.out_proj_in"));
         let got = attention.mix();
         let error = common::relative_error(&got, &want);
+        // DeciMamba's score, ‖Δ_t‖ over channels, as HF's mixer computes Δ.
+        let scores: Vec<f32> = mixer
+            .delta_norms(&f32s(&file, &format!("{case}.mixer_in")))
+            .iter()
+            .map(|&s| s as f32)
+            .collect();
+        let want_scores: Vec<f32> = file
+            .tensor(&format!("{case}.decimamba_score"))
+            .unwrap()
+            .data()
+            .chunks_exact(8)
+            .map(|b| f64::from_le_bytes(b.try_into().unwrap()) as f32)
+            .collect();
+        let score_error = common::relative_error(&scores, &want_scores);
+        assert!(
+            score_error <= 1e-5,
+            "{case}: DeciMamba scores differ by {score_error:e}"
+        );
         eprintln!("{case} ({what}): relative error {error:e}");
         assert!(error <= 1e-5, "{case} ({what}): relative error {error:e}");
         // Causal: nothing above the diagonal.

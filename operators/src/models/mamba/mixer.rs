@@ -335,10 +335,21 @@ impl HiddenAttention {
     }
 }
 
+/// The projections of a window that the pruner's providers read, from a fresh state.
+struct Window {
+    tokens: usize,
+    /// `[x | z]`, `[T, 2E]`.
+    xz: Vec<f32>,
+    /// The conv's output x′ (after silu), `[T, E]`.
+    values: Vec<f32>,
+    /// `[δ | B | C]`, `[T, R + 2N]`.
+    dbc: Vec<f32>,
+    /// Δ = softplus(dt_proj(δ)), `[T, E]`.
+    delta: Vec<f32>,
+}
+
 impl MambaMixer {
-    /// The hidden attention of a window `u` (`[T, d_model]`, the mixer's input) from a fresh
-    /// state (a whole mixer, not a tensor-parallel rank's part).
-    pub fn hidden_attention(&self, u: &[f32]) -> HiddenAttention {
+    fn window(&self, u: &[f32]) -> Window {
         let MambaMixerConfig {
             d_model,
             d_inner: e,
@@ -351,13 +362,13 @@ impl MambaMixer {
         let mut xz = vec![0.0f32; t * 2 * e];
         self.in_proj.forward(MatRef::dense(u, t, d_model), &mut xz);
         let mut values = vec![0.0f32; t * e];
-        let mut window = vec![0.0f32; e * k];
+        let mut conv_window = vec![0.0f32; e * k];
         causal_conv1d_seq(
             MatRef::columns(&xz, t, 2 * e, 0, e),
             self.conv_weight.as_slice(),
             k,
             self.conv_bias.as_ref().map(Weight::as_slice),
-            &mut window,
+            &mut conv_window,
             &mut values,
         );
         silu_inplace(&mut values);
@@ -368,6 +379,44 @@ impl MambaMixer {
         self.dt_proj
             .forward(MatRef::columns(&dbc, t, w, 0, r), &mut delta);
         softplus_inplace(&mut delta);
+        Window {
+            tokens: t,
+            xz,
+            values,
+            dbc,
+            delta,
+        }
+    }
+
+    /// DeciMamba's token score (Ben-Kish et al., ICLR 2025), a baseline for the pruner: the
+    /// norm over channels of Δ_t, for each token of the window `u` (`[T, d_model]`).
+    pub fn delta_norms(&self, u: &[f32]) -> Vec<f64> {
+        let e = self.config.d_inner;
+        let window = self.window(u);
+        window
+            .delta
+            .chunks_exact(e)
+            .map(|row| row.iter().map(|&d| (d as f64).powi(2)).sum::<f64>().sqrt())
+            .collect()
+    }
+
+    /// The hidden attention of a window `u` (`[T, d_model]`, the mixer's input) from a fresh
+    /// state (a whole mixer, not a tensor-parallel rank's part).
+    pub fn hidden_attention(&self, u: &[f32]) -> HiddenAttention {
+        let MambaMixerConfig {
+            d_inner: e,
+            d_state: n,
+            dt_rank: r,
+            ..
+        } = self.config;
+        let Window {
+            tokens: t,
+            xz,
+            values,
+            dbc,
+            delta,
+        } = self.window(u);
+        let w = r + 2 * n;
         let mut gate: Vec<f32> = (0..t)
             .flat_map(|i| xz[i * 2 * e + e..(i + 1) * 2 * e].to_vec())
             .collect();
