@@ -1,0 +1,168 @@
+//! Frame pruning for feeds: the S-stage idea applied to a stream (SPEC-MODELS §6.3, last
+//! paragraph). A frame too similar to the last kept one (cosine ≥ `similarity`), or too quiet
+//! (its mean value below `quiet_below`: the mean log-mel energy of an fbank frame), is skipped;
+//! the model then advances as for a zero input. The gate's per-stream state (the last kept
+//! frame and the counts) is part of the session's state.
+//!
+//! ```
+//! use tideway_operators::prune::frames::{FrameGate, FrameGateState};
+//! let gate = FrameGate { similarity: 0.99, quiet_below: None };
+//! let mut state = FrameGateState::default();
+//! let frames = [1.0, 0.0, 1.0, 0.001, 0.0, 1.0f32];
+//! assert_eq!(gate.mask(&mut state, &frames, 2), vec![true, false, true]);
+//! ```
+
+use crate::state_tensors::{StateError, StateTensors, StateValue};
+
+/// When a frame is skipped.
+#[derive(Clone, Debug, PartialEq)]
+pub struct FrameGate {
+    /// Skip a frame whose cosine with the last kept frame is at least this (in (0, 1]).
+    pub similarity: f32,
+    /// Skip a frame whose mean value is below this (None: no floor).
+    pub quiet_below: Option<f32>,
+}
+
+/// A stream's gate: the last frame it kept, and how many it has seen and kept.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct FrameGateState {
+    last_kept: Option<Vec<f32>>,
+    pub seen: u64,
+    pub kept: u64,
+}
+
+/// Why a gate's settings are refused.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum FrameGateError {
+    #[error("frame pruning similarity {0} must lie in (0, 1] (1 skips only repeated frames)")]
+    Similarity(f32),
+    #[error("frame pruning quiet floor {0} must be a finite number")]
+    QuietFloor(f32),
+}
+
+fn cosine(u: &[f32], v: &[f32]) -> f64 {
+    let (mut dot, mut nu, mut nv) = (0.0f64, 0.0f64, 0.0f64);
+    for (&a, &b) in u.iter().zip(v) {
+        let (a, b) = (a as f64, b as f64);
+        dot += a * b;
+        nu += a * a;
+        nv += b * b;
+    }
+    if nu == 0.0 || nv == 0.0 {
+        return 0.0;
+    }
+    dot / (nu.sqrt() * nv.sqrt())
+}
+
+impl FrameGate {
+    /// The gate, or why its settings are refused.
+    pub fn new(similarity: f32, quiet_below: Option<f32>) -> Result<Self, FrameGateError> {
+        if !(similarity > 0.0 && similarity <= 1.0) {
+            return Err(FrameGateError::Similarity(similarity));
+        }
+        if let Some(floor) = quiet_below.filter(|f| !f.is_finite()) {
+            return Err(FrameGateError::QuietFloor(floor));
+        }
+        Ok(FrameGate {
+            similarity,
+            quiet_below,
+        })
+    }
+
+    /// Whether `frame` goes on; updates the stream's state. The first frame that is not quiet
+    /// is always kept.
+    pub fn keep(&self, state: &mut FrameGateState, frame: &[f32]) -> bool {
+        state.seen += 1;
+        let mean = frame.iter().map(|&v| v as f64).sum::<f64>() / frame.len().max(1) as f64;
+        if self.quiet_below.is_some_and(|floor| mean < floor as f64) {
+            return false;
+        }
+        if let Some(last) = &state.last_kept
+            && cosine(frame, last) >= self.similarity as f64
+        {
+            return false;
+        }
+        state.last_kept = Some(frame.to_vec());
+        state.kept += 1;
+        true
+    }
+
+    /// [`keep`](Self::keep) for each of the `[rows, width]` frames, in order.
+    pub fn mask(&self, state: &mut FrameGateState, frames: &[f32], width: usize) -> Vec<bool> {
+        frames
+            .chunks_exact(width)
+            .map(|f| self.keep(state, f))
+            .collect()
+    }
+}
+
+impl FrameGateState {
+    /// Writes the state as named tensors (`prune.frames.*`).
+    pub fn export(&self, out: &mut StateTensors) {
+        out.put(
+            "prune.frames.counts",
+            StateValue::U64(vec![self.seen, self.kept]),
+        );
+        if let Some(last) = &self.last_kept {
+            out.put_f32("prune.frames.last_kept", last);
+        }
+    }
+
+    /// The state [`export`](Self::export) wrote.
+    pub fn import(from: &StateTensors) -> Result<Self, StateError> {
+        let counts = match from.0.get("prune.frames.counts") {
+            Some(StateValue::U64(c)) if c.len() == 2 => [c[0], c[1]],
+            _ => {
+                return Err(StateError::Missing {
+                    name: "prune.frames.counts".into(),
+                });
+            }
+        };
+        let last_kept = match from.contains("prune.frames.last_kept") {
+            true => Some(from.f32s("prune.frames.last_kept")?.to_vec()),
+            false => None,
+        };
+        Ok(FrameGateState {
+            last_kept,
+            seen: counts[0],
+            kept: counts[1],
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn similar_and_quiet_frames_are_skipped_against_the_last_kept_one() {
+        let gate = FrameGate::new(0.9, Some(-1.0)).unwrap();
+        let mut state = FrameGateState::default();
+        // [1,0] kept; [1,0.1] cos 0.995 skipped; [0,1] kept; [-5,-5] quiet (mean −5);
+        // [0.1,1] cos 0.995 with [0,1] skipped; [1,1] cos 0.707 kept.
+        let frames = [1.0, 0.0, 1.0, 0.1, 0.0, 1.0, -5.0, -5.0, 0.1, 1.0, 1.0, 1.0];
+        let mask = gate.mask(&mut state, &frames, 2);
+        assert_eq!(mask, vec![true, false, true, false, false, true]);
+        assert_eq!((state.seen, state.kept), (6, 3));
+        // The state carries over (a snapshot, a move) and decides the same way.
+        let mut tensors = StateTensors::default();
+        state.export(&mut tensors);
+        let mut back = FrameGateState::import(&tensors).unwrap();
+        assert_eq!(back, state);
+        assert!(!gate.keep(&mut back, &[1.0, 1.05]));
+        assert!(gate.keep(&mut state, &[1.0, -1.0]));
+    }
+
+    #[test]
+    fn bad_settings_are_refused_by_name() {
+        assert_eq!(
+            FrameGate::new(0.0, None).unwrap_err().to_string(),
+            "frame pruning similarity 0 must lie in (0, 1] (1 skips only repeated frames)"
+        );
+        assert!(FrameGate::new(1.5, None).is_err());
+        assert!(matches!(
+            FrameGate::new(0.9, Some(f32::NAN)),
+            Err(FrameGateError::QuietFloor(_))
+        ));
+    }
+}
