@@ -11,14 +11,6 @@ use std::time::{Duration, Instant};
 use common::sessions::*;
 use common::*;
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
 /// A port prefix P such that P0, P1 and P2 are free (the gRPC ports of processes 0..3,
 /// given to the supervisor as `127.0.0.1:P{process}`).
 fn free_port_prefix() -> u16 {
@@ -60,11 +52,7 @@ async fn a_cluster_that_loses_a_process_comes_back_with_every_session() {
     let refs = references(&plans).await;
 
     let dir = scratch_dir("cluster-recovery");
-    let hosts = dir.join("hosts.txt");
-    let lines: String = (0..3)
-        .map(|_| format!("127.0.0.1:{}\n", free_port()))
-        .collect();
-    std::fs::write(&hosts, lines).unwrap();
+    let hosts = hosts_file(&dir, 3);
     let prefix = free_port_prefix();
     let log = dir.join("supervise.log");
     let mut args = vec![

@@ -84,21 +84,7 @@ async fn draining_a_process_moves_its_sessions_live_without_losing_or_reordering
     let refs = references(&plans).await;
 
     let dir = scratch_dir("migration");
-    let ports: Vec<u16> = (0..2)
-        .map(|_| {
-            std::net::TcpListener::bind("127.0.0.1:0")
-                .unwrap()
-                .local_addr()
-                .unwrap()
-                .port()
-        })
-        .collect();
-    let hosts = dir.join("hosts.txt");
-    std::fs::write(
-        &hosts,
-        format!("127.0.0.1:{}\n127.0.0.1:{}\n", ports[0], ports[1]),
-    )
-    .unwrap();
+    let hosts = hosts_file(&dir, 2);
     let start_process = |process: &'static str| {
         let hosts = hosts.display().to_string();
         let metrics = "127.0.0.1:0".to_string();

@@ -84,6 +84,25 @@ pub fn stderr(output: &Output) -> String {
     String::from_utf8_lossy(&output.stderr).into_owned()
 }
 
+/// A loopback port free now (for a cluster's timely transport).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// A `--hosts` file in `dir` listing `processes` loopback addresses on free ports.
+pub fn hosts_file(dir: &Path, processes: usize) -> PathBuf {
+    let lines: String = (0..processes)
+        .map(|_| format!("127.0.0.1:{}\n", free_port()))
+        .collect();
+    let path = dir.join("hosts.txt");
+    std::fs::write(&path, lines).unwrap();
+    path
+}
+
 /// A `tideway serve` process on a loopback port chosen at run time; killed when dropped.
 pub struct Server {
     child: std::process::Child,

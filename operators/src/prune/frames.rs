@@ -12,6 +12,8 @@
 //! assert_eq!(gate.mask(&mut state, &frames, 2), vec![true, false, true]);
 //! ```
 
+use super::cosine;
+
 use crate::state_tensors::{StateError, StateTensors, StateValue};
 
 /// When a frame is skipped.
@@ -38,20 +40,6 @@ pub enum FrameGateError {
     Similarity(f32),
     #[error("frame pruning quiet floor {0} must be a finite number")]
     QuietFloor(f32),
-}
-
-fn cosine(u: &[f32], v: &[f32]) -> f64 {
-    let (mut dot, mut nu, mut nv) = (0.0f64, 0.0f64, 0.0f64);
-    for (&a, &b) in u.iter().zip(v) {
-        let (a, b) = (a as f64, b as f64);
-        dot += a * b;
-        nu += a * a;
-        nv += b * b;
-    }
-    if nu == 0.0 || nv == 0.0 {
-        return 0.0;
-    }
-    dot / (nu.sqrt() * nv.sqrt())
 }
 
 impl FrameGate {

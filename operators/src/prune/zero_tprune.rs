@@ -18,6 +18,8 @@
 //! assert_eq!(pruned.kept, vec![0, 2]);
 //! ```
 
+use super::cosine;
+
 /// How one pruning layer prunes.
 #[derive(Clone, Debug, PartialEq)]
 pub struct ZeroTPrune {
@@ -178,20 +180,6 @@ fn eir(per_head: &[Vec<f64>], eta: &[bool]) -> Vec<f64> {
             (sum / counted.len() as f64).sqrt()
         })
         .collect()
-}
-
-fn cosine(u: &[f32], v: &[f32]) -> f64 {
-    let (mut dot, mut nu, mut nv) = (0.0f64, 0.0f64, 0.0f64);
-    for (&a, &b) in u.iter().zip(v) {
-        let (a, b) = (a as f64, b as f64);
-        dot += a * b;
-        nu += a * a;
-        nv += b * b;
-    }
-    if nu == 0.0 || nv == 0.0 {
-        return 0.0;
-    }
-    dot / (nu.sqrt() * nv.sqrt())
 }
 
 /// Prunes `n` tokens: `graphs` holds `heads` `[n, n]` graphs (row i: query i's weights over the
