@@ -133,14 +133,13 @@ impl Server {
         let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
         loop {
             let text = std::fs::read_to_string(&server.stderr_log).unwrap_or_default();
-            if let Some(line) = text
+            // The line may be read while it is being written: take it once the address parses.
+            if let Some(addr) = text
                 .lines()
-                .find(|l| l.starts_with("tideway listening on "))
+                .filter_map(|l| l.strip_prefix("tideway listening on "))
+                .find(|a| a.trim().parse::<std::net::SocketAddr>().is_ok())
             {
-                server.addr = line
-                    .trim_start_matches("tideway listening on ")
-                    .trim()
-                    .to_string();
+                server.addr = addr.trim().to_string();
                 return server;
             }
             if let Ok(Some(status)) = server.child.try_wait() {

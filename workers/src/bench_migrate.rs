@@ -109,9 +109,11 @@ impl Cluster {
         let deadline = Instant::now() + Duration::from_secs(120);
         loop {
             let text = std::fs::read_to_string(&log).unwrap_or_default();
+            // The line may be read while it is being written: take it once the address parses.
             if let Some(addr) = text
                 .lines()
-                .find_map(|l| l.strip_prefix("tideway listening on "))
+                .filter_map(|l| l.strip_prefix("tideway listening on "))
+                .find(|a| a.trim().parse::<std::net::SocketAddr>().is_ok())
             {
                 return Ok(format!("http://{}", addr.trim()));
             }
