@@ -136,6 +136,8 @@ pub enum BenchTarget {
     Store(crate::bench_store::StoreBenchArgs),
     /// What live migration costs: a two-process cluster drains each process in turn.
     Migrate(crate::bench_migrate::MigrateBenchArgs),
+    /// What pruning a prompt's tokens between layers costs its predictions and saves in time.
+    Prune(crate::bench_prune::PruneBenchArgs),
 }
 
 pub fn bench(args: BenchArgs, threads: usize) -> Result<()> {
@@ -147,6 +149,9 @@ pub fn bench(args: BenchArgs, threads: usize) -> Result<()> {
         }
         Some(BenchTarget::Generate(generate_args)) => {
             return crate::bench_generate::bench_generate(generate_args);
+        }
+        Some(BenchTarget::Prune(prune_args)) => {
+            return crate::bench_prune::bench_prune(prune_args, threads);
         }
         None => {}
     }

@@ -11,6 +11,7 @@ mod bench_frames;
 mod bench_generate;
 mod bench_hostile;
 mod bench_migrate;
+mod bench_prune;
 mod bench_serve;
 mod bench_store;
 mod default_model;

@@ -9,7 +9,8 @@ use safetensors::tensor::{Dtype, TensorView};
 use tideway_kernels::Tensor;
 use tideway_operators::InputError;
 use tideway_operators::layers::frames::Frames;
-use tideway_operators::models::{is_lmuformer, load_lmuformer};
+use tideway_operators::models::{is_lmuformer, load_lmuformer, load_model};
+use tideway_operators::prune::prefill::PrefillPrune;
 use tideway_operators::tokenizers::Frontend;
 use tideway_operators::tokenizers::audio::read_wav;
 use tideway_operators::tokenizers::sensor::SensorStream;
@@ -70,6 +71,13 @@ pub struct RunArgs {
     /// Weight storage on a GPU (f32, or bf16 with f32 accumulation); the CPU keeps f32.
     #[arg(long, value_enum, default_value = "f32")]
     dtype: WeightStorage,
+    /// Prune the input's tokens between layers (a language model on the CPU, whole; Mamba so
+    /// far), e.g. `layers=2,keep=0.5,window=128,recent=16`; keys: layers (joined by '+'),
+    /// keep, window, recent, heads, similar, iterations, policy (zero_tprune, random, stride,
+    /// decimamba, tor), seed. `logits` then holds the kept positions' rows and `kept` (f32)
+    /// their positions.
+    #[arg(long, conflicts_with_all = ["input", "audio"])]
+    prune: Option<PrefillPrune>,
 }
 
 pub fn run(args: RunArgs) -> Result<()> {
@@ -96,9 +104,49 @@ pub fn run(args: RunArgs) -> Result<()> {
             args.model.display()
         );
     }
+    if let Some(prune) = &args.prune {
+        return run_pruned(&args, prune);
+    }
     let model = load_language_model(&args)?;
-    let tokens = match (&args.tokens, &args.text) {
-        (Some(tokens), _) => parse_tokens(tokens, model.vocab_size())?,
+    let tokens = input_tokens(&args, model.vocab_size())?;
+    let logits = match args.mode {
+        Mode::Chunked => run_chunked(&model, &tokens, args.chunk)?,
+        Mode::Recurrent => run_recurrent(&model, &tokens)?,
+    };
+    write_tensors(&args.out, &[("logits", &logits)])
+        .with_context(|| format!("cannot write {}", args.out.display()))?;
+    Ok(())
+}
+
+/// A prefill pruned between layers: the kept positions' logits and the positions.
+fn run_pruned(args: &RunArgs, prune: &PrefillPrune) -> Result<()> {
+    if args.device != Device::Cpu || args.parallel.tensor_parallel > 1 {
+        bail!("--prune runs a whole language model on the CPU (no --device, no --tensor-parallel)");
+    }
+    let model = load_model(&args.model)
+        .with_context(|| format!("cannot load model from {}", args.model.display()))?;
+    let tokens = input_tokens(args, model.vocab_size())?;
+    let pruned = model.prefill_pruned(&tokens, prune).context("--prune")?;
+    let kept = Tensor::from_vec(
+        pruned.kept.iter().map(|&p| p as f32).collect(),
+        &[pruned.kept.len()],
+    )?;
+    write_tensors(&args.out, &[("logits", &pruned.logits), ("kept", &kept)])
+        .with_context(|| format!("cannot write {}", args.out.display()))?;
+    eprintln!(
+        "kept {} of {} tokens ({:.1}%), after each pruning layer: {:?}",
+        pruned.kept.len(),
+        tokens.len(),
+        100.0 * pruned.kept.len() as f64 / tokens.len() as f64,
+        pruned.survivors
+    );
+    Ok(())
+}
+
+/// The ids of `--tokens` or of `--text` (through the model's tokenizer.json).
+fn input_tokens(args: &RunArgs, vocab: usize) -> Result<Vec<u32>> {
+    Ok(match (&args.tokens, &args.text) {
+        (Some(tokens), _) => parse_tokens(tokens, vocab)?,
         (None, Some(text)) => {
             let Some(tokenizer) = TextTokenizer::find(&args.model)? else {
                 bail!(
@@ -113,15 +161,8 @@ pub fn run(args: RunArgs) -> Result<()> {
             // Ids beyond the model's vocabulary are refused by the model like --tokens.
             ids
         }
-        (None, None) => unreachable!("checked above"),
-    };
-    let logits = match args.mode {
-        Mode::Chunked => run_chunked(&model, &tokens, args.chunk)?,
-        Mode::Recurrent => run_recurrent(&model, &tokens)?,
-    };
-    write_tensors(&args.out, &[("logits", &logits)])
-        .with_context(|| format!("cannot write {}", args.out.display()))?;
-    Ok(())
+        (None, None) => unreachable!("checked by run"),
+    })
 }
 
 /// The language model of `--model`: on the CPU (whole or split), or on `--device`.

@@ -16,6 +16,7 @@ use tideway_kernels::Tensor;
 
 use crate::checkpoint::Checkpoint;
 use crate::error::{ForwardError, InputError, LoadError};
+use crate::prune::prefill::{PrefillPrune, PrefillPruneError, PrunedPrefill, PrunedPrefillError};
 use crate::state_tensors::{StateError, StateTensors};
 use crate::tensor_parallel::{Group, Residual, ResidualStream, single};
 use config::ConfigJson;
@@ -115,6 +116,22 @@ impl Model {
 
     pub fn weight_bytes(&self) -> usize {
         self.0.weight_bytes()
+    }
+
+    /// A fresh prefill of `ids` with its tokens pruned between layers (SPEC-MODELS §6.3); the
+    /// families whose token graphs are built (Mamba) can; the others are refused by name.
+    pub fn prefill_pruned(
+        &self,
+        ids: &[u32],
+        prune: &PrefillPrune,
+    ) -> Result<PrunedPrefill, PrunedPrefillError> {
+        match self.as_family::<MambaLm>() {
+            Some(mamba) => mamba.prefill_pruned(ids, prune),
+            None => Err(PrefillPruneError::Family {
+                family: self.family().to_string(),
+            }
+            .into()),
+        }
     }
 
     pub fn check_tokens(&self, tokens: &[u32], offset: usize) -> Result<(), InputError> {

@@ -83,6 +83,8 @@ pub enum PruneError {
     },
     #[error("no heads: the pruner needs at least one head's graph")]
     NoHeads,
+    #[error("this model family has no DeciMamba score (‖Δ‖ is Mamba's); use another policy")]
+    NoScore,
 }
 
 /// The paper's iteration counts (§6.1: 30–50 in the first three layers, 5–10 in the middle,

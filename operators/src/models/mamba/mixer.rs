@@ -89,15 +89,15 @@ impl crate::state_tensors::LayerFields for MambaLayerState {
 /// The parameters of one mixer.
 pub struct MambaMixer {
     pub config: MambaMixerConfig,
-    in_proj: Linear,
-    conv_weight: Weight,
-    conv_bias: Option<Weight>,
-    x_proj: Linear,
-    dt_proj: Linear,
+    pub(super) in_proj: Linear,
+    pub(super) conv_weight: Weight,
+    pub(super) conv_bias: Option<Weight>,
+    pub(super) x_proj: Linear,
+    pub(super) dt_proj: Linear,
     /// `A = -exp(A_log)`, computed once at load and stored transposed, `[N, E]`.
-    a_t: Weight,
-    d: Weight,
-    out_proj: Linear,
+    pub(super) a_t: Weight,
+    pub(super) d: Weight,
+    pub(super) out_proj: Linear,
 }
 
 impl MambaMixer {
@@ -275,183 +275,5 @@ impl MambaMixer {
         // 5. out = out_proj(y).
         self.out_proj.forward(MatRef::dense(&y, m, e), out);
         Ok(())
-    }
-}
-
-/// A window's token mixing in one Mamba mixer as explicit matrices, per channel c ("hidden
-/// attention": Ali, Zimerman, Wolf 2024, `AmeenAli/HiddenMambaAttn`; SPEC-MODELS §6.3):
-/// `α_ij = Σ_n C_i[n] · exp(A[c,n] · Σ_{k=j+1..i} Δ_k[c]) · Δ_j[c] · B_j[n]` for j ≤ i, so that
-/// the scan's output is `y_i = Σ_j α_ij x'_j + D x'_i` from a fresh state. The token pruner's
-/// graph provider for Mamba.
-pub struct HiddenAttention {
-    pub tokens: usize,
-    pub channels: usize,
-    /// `[channels, tokens, tokens]`, zero above the diagonal.
-    pub alpha: Vec<f32>,
-    /// What α mixes: the conv's output x′, `[tokens, channels]`.
-    pub values: Vec<f32>,
-    /// The output gate silu(z), `[tokens, channels]`.
-    pub gate: Vec<f32>,
-    /// The skip D, `[channels]`.
-    pub skip: Vec<f32>,
-}
-
-impl HiddenAttention {
-    /// The mixer's gated output (out_proj's input), `[tokens, channels]`, from the matrices:
-    /// `(Σ_j α_ij x′_j + D x′_i) · silu(z_i)`.
-    pub fn mix(&self) -> Vec<f32> {
-        let (t, e) = (self.tokens, self.channels);
-        let mut out = vec![0.0f32; t * e];
-        for c in 0..e {
-            let alpha = &self.alpha[c * t * t..(c + 1) * t * t];
-            for i in 0..t {
-                let mixed: f64 = (0..=i)
-                    .map(|j| alpha[i * t + j] as f64 * self.values[j * e + c] as f64)
-                    .sum();
-                let y = mixed + self.skip[c] as f64 * self.values[i * e + c] as f64;
-                out[i * e + c] = (y * self.gate[i * e + c] as f64) as f32;
-            }
-        }
-        out
-    }
-
-    /// One graph per head for the pruner, `[heads, tokens, tokens]`: the channels split into
-    /// `heads` equal consecutive groups (groups of channels play the heads' part), each the
-    /// mean of |α| over its channels.
-    pub fn head_graphs(&self, heads: usize) -> Vec<f32> {
-        let (t, e) = (self.tokens, self.channels);
-        let per = e / heads.max(1);
-        let mut out = vec![0.0f32; heads * t * t];
-        for h in 0..heads {
-            let graph = &mut out[h * t * t..(h + 1) * t * t];
-            for c in h * per..(h + 1) * per {
-                let alpha = &self.alpha[c * t * t..(c + 1) * t * t];
-                for (g, a) in graph.iter_mut().zip(alpha) {
-                    *g += a.abs() / per as f32;
-                }
-            }
-        }
-        out
-    }
-}
-
-/// The projections of a window that the pruner's providers read, from a fresh state.
-struct Window {
-    tokens: usize,
-    /// `[x | z]`, `[T, 2E]`.
-    xz: Vec<f32>,
-    /// The conv's output x′ (after silu), `[T, E]`.
-    values: Vec<f32>,
-    /// `[δ | B | C]`, `[T, R + 2N]`.
-    dbc: Vec<f32>,
-    /// Δ = softplus(dt_proj(δ)), `[T, E]`.
-    delta: Vec<f32>,
-}
-
-impl MambaMixer {
-    fn window(&self, u: &[f32]) -> Window {
-        let MambaMixerConfig {
-            d_model,
-            d_inner: e,
-            d_state: n,
-            d_conv: k,
-            dt_rank: r,
-            ..
-        } = self.config;
-        let t = u.len() / d_model;
-        let mut xz = vec![0.0f32; t * 2 * e];
-        self.in_proj.forward(MatRef::dense(u, t, d_model), &mut xz);
-        let mut values = vec![0.0f32; t * e];
-        let mut conv_window = vec![0.0f32; e * k];
-        causal_conv1d_seq(
-            MatRef::columns(&xz, t, 2 * e, 0, e),
-            self.conv_weight.as_slice(),
-            k,
-            self.conv_bias.as_ref().map(Weight::as_slice),
-            &mut conv_window,
-            &mut values,
-        );
-        silu_inplace(&mut values);
-        let w = r + 2 * n;
-        let mut dbc = vec![0.0f32; t * w];
-        self.x_proj.forward(MatRef::dense(&values, t, e), &mut dbc);
-        let mut delta = vec![0.0f32; t * e];
-        self.dt_proj
-            .forward(MatRef::columns(&dbc, t, w, 0, r), &mut delta);
-        softplus_inplace(&mut delta);
-        Window {
-            tokens: t,
-            xz,
-            values,
-            dbc,
-            delta,
-        }
-    }
-
-    /// DeciMamba's token score (Ben-Kish et al., ICLR 2025), a baseline for the pruner: the
-    /// norm over channels of Δ_t, for each token of the window `u` (`[T, d_model]`).
-    pub fn delta_norms(&self, u: &[f32]) -> Vec<f64> {
-        let e = self.config.d_inner;
-        let window = self.window(u);
-        window
-            .delta
-            .chunks_exact(e)
-            .map(|row| row.iter().map(|&d| (d as f64).powi(2)).sum::<f64>().sqrt())
-            .collect()
-    }
-
-    /// The hidden attention of a window `u` (`[T, d_model]`, the mixer's input) from a fresh
-    /// state (a whole mixer, not a tensor-parallel rank's part).
-    pub fn hidden_attention(&self, u: &[f32]) -> HiddenAttention {
-        let MambaMixerConfig {
-            d_inner: e,
-            d_state: n,
-            dt_rank: r,
-            ..
-        } = self.config;
-        let Window {
-            tokens: t,
-            xz,
-            values,
-            dbc,
-            delta,
-        } = self.window(u);
-        let w = r + 2 * n;
-        let mut gate: Vec<f32> = (0..t)
-            .flat_map(|i| xz[i * 2 * e + e..(i + 1) * 2 * e].to_vec())
-            .collect();
-        silu_inplace(&mut gate);
-
-        let a_t = self.a_t.as_slice();
-        let b = |j: usize, s: usize| dbc[j * w + r + s] as f64;
-        let c_ = |i: usize, s: usize| dbc[i * w + r + n + s] as f64;
-        let mut alpha = vec![0.0f32; e * t * t];
-        let mut cumulative = vec![0.0f64; t];
-        for c in 0..e {
-            let mut sum = 0.0f64;
-            for (i, cum) in cumulative.iter_mut().enumerate() {
-                sum += delta[i * e + c] as f64;
-                *cum = sum;
-            }
-            let matrix = &mut alpha[c * t * t..(c + 1) * t * t];
-            for i in 0..t {
-                for j in 0..=i {
-                    let decay = cumulative[i] - cumulative[j];
-                    let dj = delta[j * e + c] as f64;
-                    let v: f64 = (0..n)
-                        .map(|s| c_(i, s) * (a_t[s * e + c] as f64 * decay).exp() * dj * b(j, s))
-                        .sum();
-                    matrix[i * t + j] = v as f32;
-                }
-            }
-        }
-        HiddenAttention {
-            tokens: t,
-            channels: e,
-            alpha,
-            values,
-            gate,
-            skip: self.d.as_slice().to_vec(),
-        }
     }
 }

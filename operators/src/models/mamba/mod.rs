@@ -16,6 +16,7 @@
 
 #[cfg(feature = "cuda")]
 pub mod gpu;
+pub mod graphs;
 pub mod mixer;
 
 use std::ops::Range;
@@ -30,7 +31,8 @@ use crate::models::config::ConfigJson;
 use crate::models::family::{Checkpointed, LanguageFamily, LayerStates, LmFrame, SessionState};
 use crate::models::mamba::mixer::{MambaLayerState, MambaMixer, MambaMixerConfig, mamba_split};
 use crate::models::{ModelPart, open_sharded};
-use crate::tensor_parallel::{Group, ResidualStream, ladder_layers, split_count};
+use crate::prune::prefill::{PrefillPrune, PrunedPrefill, PrunedPrefillError, select};
+use crate::tensor_parallel::{Group, ResidualStream, ladder_layers, single, split_count};
 
 /// Rows per chunk when a long sequence is prefilled: bounds the activations of one pass
 /// (`chunk × 2E` floats per layer) while keeping the GEMMs large.
@@ -212,6 +214,70 @@ impl MambaLm {
     pub fn load(config: MambaConfig, checkpoint: &Checkpoint) -> Result<Self, LoadError> {
         let part = ModelPart::whole(config.num_layers);
         <Self as Checkpointed>::load_part(config, checkpoint, part)
+    }
+
+    /// Why this placement cannot prune its prefill, if it cannot: the pruner needs every
+    /// layer and both ends in one process, and plain residual wiring.
+    pub fn why_no_pruning(&self) -> Option<&'static str> {
+        if self.frame.part != ModelPart::whole(self.config.num_layers) {
+            Some("pruning needs the whole model in one place (not a pipeline stage's part)")
+        } else if self.config.ladder.iter().any(|&l| l) {
+            Some("pruning does not run on ladder-wired layers")
+        } else {
+            None
+        }
+    }
+
+    /// A fresh prefill of `ids` pruned as `prune` says (SPEC-MODELS §6.3): after each pruning
+    /// layer only the survivors' rows of the residual stream go on, and each later mixer scans
+    /// the survivors from a fresh state, as if the pruned tokens had never been there.
+    pub fn prefill_pruned(
+        &self,
+        ids: &[u32],
+        prune: &PrefillPrune,
+    ) -> Result<PrunedPrefill, PrunedPrefillError> {
+        let layers = self.config.num_layers;
+        prune.check_for(layers, self.config.mixer.d_inner, self.why_no_pruning())?;
+        let d = self.config.hidden_size;
+        let mut residual = self.frame.ends.embed(ids)?;
+        let mut kept: Vec<usize> = (0..ids.len()).collect();
+        let mut survivors = Vec::new();
+        for (i, block) in self.blocks.iter().enumerate() {
+            let rows = kept.len();
+            let mut normed = vec![0.0f32; rows * d];
+            rms_norm(
+                &residual,
+                d,
+                block.norm.as_slice(),
+                self.config.norm_eps,
+                &mut normed,
+            );
+            let mut mixed = vec![0.0f32; rows * d];
+            let mut state = block.mixer.new_state();
+            single(|group| {
+                let segment = [0..rows];
+                block
+                    .mixer
+                    .forward(&normed, &segment, &mut [&mut state], group, &mut mixed)?;
+                Ok(())
+            })?;
+            residual.iter_mut().zip(&mixed).for_each(|(r, m)| *r += m);
+            if prune.layers.contains(&i) {
+                let graphs = block.mixer.token_graphs(&normed);
+                let chosen = select(prune, i, layers, rows, &residual, d, &graphs)?;
+                residual = chosen
+                    .iter()
+                    .flat_map(|&r| residual[r * d..(r + 1) * d].to_vec())
+                    .collect();
+                kept = chosen.iter().map(|&r| kept[r]).collect();
+                survivors.push(kept.len());
+            }
+        }
+        Ok(PrunedPrefill {
+            logits: self.frame.ends.head(&residual)?,
+            kept,
+            survivors,
+        })
     }
 }
 

@@ -1,0 +1,108 @@
+//! Pruned prefills against the reference (SPEC-MODELS §6.3): `tools/gen_pruned_prefill.py`
+//! ran HF transformers' Mamba block by block with the numpy Zero-TPrune oracle choosing each
+//! pruning layer's survivors from HF's own Δ, B and C; Tideway must keep the same positions and
+//! give the same logits on them (≤ 1e-4). Pruning that keeps every token equals the plain
+//! forward bit for bit, and settings a model cannot use are refused by name.
+
+mod common;
+
+use std::path::PathBuf;
+
+use safetensors::SafeTensors;
+use tideway_operators::models::load_model;
+use tideway_operators::prune::prefill::PrefillPrune;
+
+fn root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..")
+}
+
+fn ints(file: &SafeTensors, name: &str) -> Vec<usize> {
+    file.tensor(name)
+        .unwrap_or_else(|e| panic!("{name}: {e}"))
+        .data()
+        .chunks_exact(8)
+        .map(|b| i64::from_le_bytes(b.try_into().unwrap()) as usize)
+        .collect()
+}
+
+fn f32s(file: &SafeTensors, name: &str) -> Vec<f32> {
+    file.tensor(name)
+        .unwrap_or_else(|e| panic!("{name}: {e}"))
+        .data()
+        .chunks_exact(4)
+        .map(|b| f32::from_le_bytes(b.try_into().unwrap()))
+        .collect()
+}
+
+#[test]
+fn a_pruned_prefill_keeps_the_oracles_tokens_and_gives_the_references_logits() {
+    let bytes = std::fs::read(common::fixture("prune/pruned_prefill.safetensors")).unwrap();
+    let (_, metadata) = SafeTensors::read_metadata(&bytes).unwrap();
+    let file = SafeTensors::deserialize(&bytes).unwrap();
+    let cases = metadata.metadata().clone().unwrap();
+    assert_eq!(cases.len(), 2);
+    for (case, what) in cases {
+        let (dir, spec) = what.split_once('|').unwrap();
+        let model = load_model(&root().join(dir)).unwrap();
+        let prune: PrefillPrune = spec.parse().unwrap();
+        let ids: Vec<u32> = ints(&file, &format!("{case}.ids"))
+            .into_iter()
+            .map(|i| i as u32)
+            .collect();
+        let pruned = model.prefill_pruned(&ids, &prune).unwrap();
+        assert_eq!(
+            pruned.kept,
+            ints(&file, &format!("{case}.kept")),
+            "{case} ({dir}): kept positions"
+        );
+        assert_eq!(pruned.survivors, ints(&file, &format!("{case}.survivors")));
+        let want = f32s(&file, &format!("{case}.logits"));
+        let error = common::relative_error(pruned.logits.data(), &want);
+        eprintln!(
+            "{case} ({dir}, {spec}): {} of {} tokens kept, logits relative error {error:e}",
+            pruned.kept.len(),
+            ids.len()
+        );
+        assert!(error <= 1e-4, "{case}: logits relative error {error:e}");
+    }
+}
+
+#[test]
+fn keeping_every_token_is_the_plain_forward() {
+    let model = load_model(&root().join("models/shakespeare-mamba")).unwrap();
+    let ids: Vec<u32> = (0..150).map(|i| (i * 37 % 500) as u32).collect();
+    let prune: PrefillPrune = "layers=1+4,keep=1".parse().unwrap();
+    let pruned = model.prefill_pruned(&ids, &prune).unwrap();
+    assert_eq!(pruned.kept, (0..150).collect::<Vec<_>>());
+    let mut state = model.new_state();
+    let plain = model
+        .forward_packed(&ids, &[150], &mut [&mut state])
+        .unwrap();
+    assert_eq!(pruned.logits.data(), plain.data());
+}
+
+#[test]
+fn settings_the_model_cannot_use_are_refused_by_name() {
+    let model = load_model(&root().join("models/shakespeare-mamba")).unwrap();
+    let ids = [1u32, 2, 3, 4];
+    for (spec, names) in [
+        ("layers=7", "layers"),
+        ("layers=2,heads=5", "heads"),
+        ("layers=2,policy=decimamba,keep=0.5,window=4", ""),
+    ] {
+        let prune: PrefillPrune = spec.parse().unwrap();
+        match model.prefill_pruned(&ids, &prune) {
+            Err(e) => assert!(
+                !names.is_empty() && e.to_string().contains(names),
+                "{spec}: {e}"
+            ),
+            Ok(_) => assert!(names.is_empty(), "{spec} was not refused"),
+        }
+    }
+    let gla = load_model(&root().join("models/shakespeare-gla")).unwrap();
+    let e = gla
+        .prefill_pruned(&ids, &PrefillPrune::default())
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("gla family cannot prune"), "{e}");
+}
