@@ -332,3 +332,90 @@ fn run_text_tokenizes_with_the_checkpoint_tokenizer() {
         stderr(&output)
     );
 }
+
+#[test]
+fn run_prune_keeps_the_oracles_tokens_from_the_flag_or_the_config_block() {
+    // Case 0 of tests/fixtures/prune/pruned_prefill.safetensors (tools/gen_pruned_prefill.py):
+    // HF's Mamba pruned by the numpy Zero-TPrune oracle after layer 0.
+    let fixture = fixtures_dir().join("prune/pruned_prefill.safetensors");
+    let ids = read_tensor(&fixture, "case0.ids");
+    let tokens: Vec<String> = ids.values.iter().map(|v| (*v as u64).to_string()).collect();
+    let tokens = tokens.join(",");
+    let want_kept = read_tensor(&fixture, "case0.kept").values;
+    let want_logits = read_tensor(&fixture, "case0.logits");
+    let spec = "layers=0,keep=0.5,window=24,recent=5,heads=4,similar=0.1";
+    let model = fixture_dir_copy("hf_k4_sharded");
+    let check = |extra: &[&str], what: &str| {
+        let out = scratch_dir("run-prune").join("out.safetensors");
+        let output = tideway()
+            .args(["run", "--model"])
+            .arg(&model)
+            .args(["--tokens", &tokens, "--out"])
+            .arg(&out)
+            .args(extra)
+            .output()
+            .unwrap();
+        assert!(output.status.success(), "{what}: {}", stderr(&output));
+        assert!(
+            stderr(&output).contains("kept 35 of 70 tokens (50.0%)"),
+            "{what}: {}",
+            stderr(&output)
+        );
+        assert_eq!(read_tensor(&out, "kept").values, want_kept, "{what}");
+        let got = read_tensor(&out, "logits");
+        assert_eq!(got.shape, want_logits.shape, "{what}");
+        let err = relative_error(&got.values, &want_logits.values);
+        assert!(err <= 1e-4, "{what}: relative error {err:e}");
+    };
+    check(&["--prune", spec], "--prune");
+    // The same setting as config.json's tideway_prune block.
+    let config_path = model.join("config.json");
+    let mut config: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&config_path).unwrap()).unwrap();
+    config["tideway_prune"] = serde_json::json!({
+        "layers": [0], "keep": 0.5, "window": 24, "recent": 5, "heads": 4, "similar": 0.1
+    });
+    std::fs::write(&config_path, config.to_string()).unwrap();
+    check(&[], "config block");
+    // `--prune off` ignores the block: every position's logits.
+    assert_eq!(
+        run_logits(&model, &tokens, &["--prune", "off"]).shape,
+        vec![70, 64]
+    );
+    // Bad settings are refused by name, from the flag and from the block.
+    let out = scratch_dir("run-prune-bad").join("out.safetensors");
+    for (extra, names) in [
+        (vec!["--prune", "keep=1.5"], "keep"),
+        (vec!["--prune", "layers=1"], "layers"),
+        (vec!["--prune", "heads=5,layers=0"], "heads"),
+    ] {
+        let output = tideway()
+            .args(["run", "--model"])
+            .arg(&model)
+            .args(["--tokens", &tokens, "--out"])
+            .arg(&out)
+            .args(&extra)
+            .output()
+            .unwrap();
+        assert!(!output.status.success(), "{extra:?} was not refused");
+        assert!(
+            stderr(&output).contains(names),
+            "{extra:?}: {}",
+            stderr(&output)
+        );
+    }
+    config["tideway_prune"] = serde_json::json!({ "window": 1 });
+    std::fs::write(&config_path, config.to_string()).unwrap();
+    let message = run_fails(&model, &tokens);
+    assert_mentions(&message, &["tideway_prune.window", "config.json"]);
+}
+
+/// A copy of a Mamba fixture directory that a test may change.
+fn fixture_dir_copy(name: &str) -> PathBuf {
+    let copy = scratch_dir(name);
+    for entry in std::fs::read_dir(fixture(name)).unwrap() {
+        let path = entry.unwrap().path();
+        std::fs::copy(&path, copy.join(path.file_name().unwrap())).unwrap();
+    }
+    copy
+}

@@ -147,10 +147,11 @@ pub fn bench_prune(args: PruneBenchArgs, threads: usize) -> Result<()> {
             let mut state = model.new_state();
             let logits = model.forward_packed(prompt, &[args.tokens], &mut [&mut state])?;
             if round == 0 {
-                for p in args.tokens - scored..args.tokens {
-                    let row = &logits.data()[p * width..(p + 1) * width];
+                let first = args.tokens - scored;
+                let rows = logits.data()[first * width..].chunks_exact(width);
+                for (row, &target) in rows.zip(&targets[first..]) {
                     full_top1.push(argmax(row));
-                    full_nll += nll(row, targets[p]);
+                    full_nll += nll(row, target);
                 }
             }
         }

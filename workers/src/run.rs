@@ -9,6 +9,7 @@ use safetensors::tensor::{Dtype, TensorView};
 use tideway_kernels::Tensor;
 use tideway_operators::InputError;
 use tideway_operators::layers::frames::Frames;
+use tideway_operators::models::config::ConfigJson;
 use tideway_operators::models::{is_lmuformer, load_lmuformer, load_model};
 use tideway_operators::prune::prefill::PrefillPrune;
 use tideway_operators::tokenizers::Frontend;
@@ -75,9 +76,10 @@ pub struct RunArgs {
     /// far), e.g. `layers=2,keep=0.5,window=128,recent=16`; keys: layers (joined by '+'),
     /// keep, window, recent, heads, similar, iterations, policy (zero_tprune, random, stride,
     /// decimamba, tor), seed. `logits` then holds the kept positions' rows and `kept` (f32)
-    /// their positions.
+    /// their positions. Without the flag, a `tideway_prune` block in config.json sets it;
+    /// `off` ignores that block.
     #[arg(long, conflicts_with_all = ["input", "audio"])]
-    prune: Option<PrefillPrune>,
+    prune: Option<String>,
 }
 
 pub fn run(args: RunArgs) -> Result<()> {
@@ -104,7 +106,12 @@ pub fn run(args: RunArgs) -> Result<()> {
             args.model.display()
         );
     }
-    if let Some(prune) = &args.prune {
+    let prune = match args.prune.as_deref() {
+        Some("off") => None,
+        Some(spec) => Some(spec.parse::<PrefillPrune>().context("--prune")?),
+        None => PrefillPrune::from_config(&ConfigJson::read(&args.model)?)?,
+    };
+    if let Some(prune) = &prune {
         return run_pruned(&args, prune);
     }
     let model = load_language_model(&args)?;

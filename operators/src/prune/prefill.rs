@@ -19,8 +19,12 @@
 use std::ops::Range;
 use std::str::FromStr;
 
+use serde_json::Value;
+
 use super::baselines::{random, stride, top_scores, tor_importance};
 use super::zero_tprune::{PruneError, ZeroTPrune, default_iterations, zero_tprune};
+use crate::error::LoadError;
+use crate::models::config::ConfigJson;
 
 /// Which tokens survive a pruning layer.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -229,6 +233,40 @@ impl PrefillPrune {
     }
 }
 
+impl PrefillPrune {
+    /// The `tideway_prune` object of a model's config.json: the keys of `--prune` with JSON
+    /// values (`"layers": [2, 5]`, `"keep": 0.5`, `"policy": "zero_tprune"`) over
+    /// [`PrefillPrune::default`]; absent (or null): no pruning.
+    pub fn from_config(config: &ConfigJson) -> Result<Option<PrefillPrune>, LoadError> {
+        const BLOCK: &str = "tideway_prune";
+        let Some(block) = config.raw(BLOCK).filter(|v| !v.is_null()) else {
+            return Ok(None);
+        };
+        let Some(map) = block.as_object() else {
+            return Err(config.malformed(format!("key \"{BLOCK}\" must be an object")));
+        };
+        let mut prune = PrefillPrune::default();
+        for (key, value) in map {
+            let text = match value {
+                Value::String(s) => s.clone(),
+                Value::Number(n) => n.to_string(),
+                Value::Array(items) => {
+                    let parts: Option<Vec<String>> = items
+                        .iter()
+                        .map(|i| i.as_u64().map(|l| l.to_string()))
+                        .collect();
+                    parts.map(|p| p.join("+")).unwrap_or_default()
+                }
+                _ => String::new(),
+            };
+            prune
+                .set(key, &text)
+                .map_err(|e| config.malformed(format!("key \"{BLOCK}.{key}\": {e}")))?;
+        }
+        Ok(Some(prune))
+    }
+}
+
 /// `KEY=VALUE,KEY=VALUE…` over [`PrefillPrune::default`].
 impl FromStr for PrefillPrune {
     type Err = PrefillPruneError;
@@ -424,6 +462,34 @@ mod tests {
             .unwrap_err();
         assert!(why.to_string().contains("ladder"));
         assert!(three.check_for(4, 6, None).is_ok());
+    }
+
+    #[test]
+    fn a_config_block_sets_the_same_keys_and_bad_ones_are_refused_by_name() {
+        let parse = |text: &str| {
+            let config = ConfigJson::parse("m/config.json".into(), text).unwrap();
+            PrefillPrune::from_config(&config)
+        };
+        assert_eq!(parse(r#"{"model_type": "mamba"}"#).unwrap(), None);
+        let p = parse(r#"{"tideway_prune": {"layers": [2, 5], "keep": 0.4, "policy": "tor"}}"#)
+            .unwrap()
+            .unwrap();
+        assert_eq!(p, "layers=2+5,keep=0.4,policy=tor".parse().unwrap());
+        for (text, names) in [
+            (r#"{"tideway_prune": {"keep": 2}}"#, "tideway_prune.keep"),
+            (
+                r#"{"tideway_prune": {"layers": "x"}}"#,
+                "tideway_prune.layers",
+            ),
+            (r#"{"tideway_prune": {"speed": 1}}"#, "\"speed\""),
+            (r#"{"tideway_prune": 3}"#, "must be an object"),
+        ] {
+            let e = parse(text).unwrap_err().to_string();
+            assert!(
+                e.contains(names) && e.contains("m/config.json"),
+                "{text}: {e}"
+            );
+        }
     }
 
     struct Uniform;

@@ -9,6 +9,8 @@
 
 use std::ops::Range;
 
+use rayon::prelude::*;
+
 use tideway_kernels::Weight;
 use tideway_kernels::activation::{silu_inplace, softplus_inplace};
 use tideway_kernels::conv::causal_conv1d_seq;
@@ -143,7 +145,8 @@ impl MambaMixer {
 impl MambaGraphs<'_> {
     /// Channel `c`'s α over the tokens `range`, `[n, n]` (n = its length) into `out`. The
     /// decay from token j to token i is built as the product of each step's `exp(A Δ_k)` (each
-    /// at most 1), so one exp per token and state index instead of one per pair.
+    /// at most 1, so the product cannot overflow), one exp per token and state index instead
+    /// of one per pair.
     fn channel_alpha(&self, c: usize, range: &Range<usize>, out: &mut [f64]) {
         let MambaMixerConfig {
             d_inner: e,
@@ -156,20 +159,25 @@ impl MambaGraphs<'_> {
         let a_t = self.mixer.a_t.as_slice();
         out[..n * n].fill(0.0);
         let mut step = vec![0.0f64; n];
+        let mut c_of = vec![0.0f64; n];
+        let mut carried = vec![0.0f64; n];
         for s in 0..ns {
             let a = a_t[s * e + c] as f64;
-            for (k, decay) in step.iter_mut().enumerate() {
-                *decay = (a * self.delta[(range.start + k) * e + c] as f64).exp();
+            for (k, (decay, c_k)) in step.iter_mut().zip(&mut c_of).enumerate() {
+                let row = range.start + k;
+                *decay = (a * self.delta[row * e + c] as f64).exp();
+                *c_k = self.dbc[row * w + r + ns + s] as f64;
             }
-            for j in 0..n {
-                let row = range.start + j;
-                let mut carried = self.delta[row * e + c] as f64 * self.dbc[row * w + r + s] as f64;
-                for i in j..n {
-                    if i > j {
-                        carried *= step[i];
-                    }
-                    let c_i = self.dbc[(range.start + i) * w + r + ns + s] as f64;
-                    out[i * n + j] += c_i * carried;
+            // Row i: every earlier token's carried input decays by step i, token i's enters;
+            // the loops run along j, so they vectorise.
+            for i in 0..n {
+                let row = range.start + i;
+                for v in &mut carried[..i] {
+                    *v *= step[i];
+                }
+                carried[i] = self.delta[row * e + c] as f64 * self.dbc[row * w + r + s] as f64;
+                for (o, v) in out[i * n..=i * n + i].iter_mut().zip(&carried[..=i]) {
+                    *o += c_of[i] * v;
                 }
             }
         }
@@ -222,18 +230,24 @@ impl TokenGraphs for MambaGraphs<'_> {
         } = self.mixer.config;
         let n = range.len();
         let per = e / heads;
-        let mut sums = vec![0.0f64; heads * n * n];
-        let mut channel = vec![0.0f64; n * n];
-        for c in 0..heads * per {
-            self.channel_alpha(c, &range, &mut channel);
-            let graph = &mut sums[(c / per) * n * n..][..n * n];
-            for (g, v) in graph.iter_mut().zip(&channel) {
-                *g += v.abs();
-            }
-        }
+        // One head per task: each sums its own channels, in order.
+        let graphs: Vec<f32> = (0..heads)
+            .into_par_iter()
+            .flat_map_iter(|h| {
+                let mut sum = vec![0.0f64; n * n];
+                let mut channel = vec![0.0f64; n * n];
+                for c in h * per..(h + 1) * per {
+                    self.channel_alpha(c, &range, &mut channel);
+                    for (g, v) in sum.iter_mut().zip(&channel) {
+                        *g += v.abs();
+                    }
+                }
+                sum.into_iter().map(move |s| (s / per as f64) as f32)
+            })
+            .collect();
         let w = r + 2 * ns;
         WindowGraphs {
-            graphs: sums.iter().map(|&s| (s / per as f64) as f32).collect(),
+            graphs,
             keys: range
                 .flat_map(|i| self.dbc[i * w + r..i * w + r + ns].to_vec())
                 .collect(),

@@ -255,10 +255,14 @@ impl MambaLm {
             let mut mixed = vec![0.0f32; rows * d];
             let mut state = block.mixer.new_state();
             single(|group| {
-                let segment = [0..rows];
-                block
-                    .mixer
-                    .forward(&normed, &segment, &mut [&mut state], group, &mut mixed)?;
+                let whole = 0..rows;
+                block.mixer.forward(
+                    &normed,
+                    std::slice::from_ref(&whole),
+                    &mut [&mut state],
+                    group,
+                    &mut mixed,
+                )?;
                 Ok(())
             })?;
             residual.iter_mut().zip(&mixed).for_each(|(r, m)| *r += m);
