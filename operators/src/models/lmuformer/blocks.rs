@@ -300,6 +300,21 @@ impl Block {
         add_into(x, &y);
     }
 
+    /// Every LIF population of the block, in the order a frame meets them.
+    pub(crate) fn lifs(&self) -> Vec<&LifLayer> {
+        let mut lifs: Vec<&LifLayer> = self.mixer.prev.iter().map(|(_, lif)| lif).collect();
+        if let Some(g) = &self.mixer.cell.gates {
+            lifs.extend([&g.lif_u, &g.lif_m, &g.lif_h]);
+        }
+        if let ChannelMixer::Spiking {
+            fc1_lif, fc2_lif, ..
+        } = &self.ffn
+        {
+            lifs.extend([fc1_lif, fc2_lif]);
+        }
+        lifs
+    }
+
     pub(crate) fn size_bytes(&self) -> usize {
         let ffn = match &self.ffn {
             ChannelMixer::Plain { fc1, fc2, .. } | ChannelMixer::Spiking { fc1, fc2, .. } => {

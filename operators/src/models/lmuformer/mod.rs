@@ -22,6 +22,7 @@
 //! The patch embedding and the blocks are in `blocks.rs`, the LMU cell in `lmu.rs`.
 
 pub mod blocks;
+pub mod gate;
 #[cfg(feature = "cuda")]
 pub mod gpu;
 pub mod lmu;
@@ -37,6 +38,7 @@ use crate::layers::batch_norm::BatchNorm;
 use crate::layers::frames::{ConvWindow, Frames};
 use crate::models::ModelPart;
 use crate::models::config::ConfigJson;
+use crate::prune::frames::FrameGate;
 use crate::spiking::{Lif, LifLayer, LifRegistry, Membranes};
 use crate::state_dict::StateDict;
 use crate::state_tensors::{StateError, StateTensors, StateValue};
@@ -167,7 +169,11 @@ pub struct LmuFormerState {
     membranes: Membranes,
     output_sum: Vec<f64>,
     frames_out: usize,
+    /// Frames in `output_sum` (all of them unless a frame gate skipped some).
+    frames_pooled: usize,
     ended: bool,
+    /// The frame gate's state, where the model gates its frames (`gate.rs`).
+    gate: Option<gate::StreamGate>,
 }
 
 impl LmuFormerState {
@@ -189,6 +195,7 @@ impl LmuFormerState {
             + self.memories.iter().map(|m| 4 * m.len()).sum::<usize>()
             + self.membranes.size_bytes()
             + 8 * self.output_sum.len()
+            + self.gate.as_ref().map_or(0, gate::StreamGate::size_bytes)
     }
 
     /// Frames that have left this part (the embedding's lookahead is the only delay, so
@@ -197,9 +204,15 @@ impl LmuFormerState {
         self.frames_out
     }
 
-    /// The mean of the per-frame outputs so far (the clip-level scores at the end).
+    /// The frame gate's counts (frames seen, kept), where the model gates its frames.
+    pub fn gate_counts(&self) -> Option<(u64, u64)> {
+        self.gate.as_ref().map(|g| (g.frames.seen, g.frames.kept))
+    }
+
+    /// The mean of the per-frame outputs so far (the clip-level scores at the end); frames a
+    /// gate skipped are left out.
     pub fn pooled(&self) -> Vec<f32> {
-        let n = self.frames_out.max(1) as f64;
+        let n = self.frames_pooled.max(1) as f64;
         self.output_sum.iter().map(|s| (s / n) as f32).collect()
     }
 }
@@ -224,6 +237,8 @@ pub struct LmuFormer {
     /// The LIF populations of this part's layers (each session's membranes, by slot).
     pub(crate) neurons: LifRegistry,
     pub(crate) frontend: Option<Frontend>,
+    /// Frame pruning (`gate.rs`); None: every frame goes through every layer.
+    pub(crate) frame_gate: Option<FrameGate>,
 }
 
 impl LmuFormer {
@@ -290,6 +305,7 @@ impl LmuFormer {
             head,
             neurons,
             frontend: None,
+            frame_gate: None,
         })
     }
 
@@ -346,7 +362,12 @@ impl LmuFormer {
             membranes: self.neurons.new_membranes(),
             output_sum: vec![0.0; classes],
             frames_out: 0,
+            frames_pooled: 0,
             ended: false,
+            gate: self
+                .frame_gate
+                .as_ref()
+                .map(|_| gate::StreamGate::default()),
         }
     }
 
@@ -373,7 +394,11 @@ impl LmuFormer {
             out.put("head.output_sum", StateValue::F64(state.output_sum.clone()));
         }
         out.put_u64("frames_out", state.frames_out as u64);
+        out.put_u64("frames_pooled", state.frames_pooled as u64);
         out.put_u64("ended", state.ended as u64);
+        if let Some(gate) = &state.gate {
+            gate.export(out);
+        }
     }
 
     /// A stream state for this part taken from named tensors (each checked against a fresh
@@ -401,7 +426,15 @@ impl LmuFormer {
             from.take_f64("head.output_sum", &mut state.output_sum)?;
         }
         state.frames_out = from.u64("frames_out")? as usize;
+        // A state written before frame pruning pooled every frame.
+        state.frames_pooled = match from.contains("frames_pooled") {
+            true => from.u64("frames_pooled")? as usize,
+            false => state.frames_out,
+        };
         state.ended = from.u64("ended")? != 0;
+        if from.contains("prune.frames.counts") {
+            state.gate = Some(gate::StreamGate::import(from)?);
+        }
         Ok(state)
     }
 
@@ -431,10 +464,13 @@ impl LmuFormer {
         input: &Frames,
         ends: &[bool],
     ) -> Result<Frames, InputError> {
-        let mut x = match &self.embed {
+        let x = match &self.embed {
             Some(embed) => {
                 let ended: Vec<bool> = states.iter().map(|s| s.ended).collect();
                 check_frames(&self.config, &ended, input, ends)?;
+                if let Some(gate) = &self.frame_gate {
+                    self.gate_inputs(gate, states, input);
+                }
                 embed.forward(input.clone(), states, ends)
             }
             None => {
@@ -452,6 +488,19 @@ impl LmuFormer {
                 input.clone()
             }
         };
+        let x = match self.frame_gate {
+            Some(_) => self.forward_gated(states, x),
+            None => self.blocks_and_head(states, x),
+        };
+        for ((state, rows), &end) in states.iter_mut().zip(x.ranges()).zip(ends) {
+            state.frames_out += rows.len();
+            state.ended |= end;
+        }
+        Ok(x)
+    }
+
+    /// This part's blocks and head (where it holds it) over `x`, every row.
+    fn blocks_and_head(&self, states: &mut [&mut LmuFormerState], mut x: Frames) -> Frames {
         for (j, block) in self.blocks.iter().enumerate() {
             block.forward(j, &mut x, states);
         }
@@ -470,13 +519,10 @@ impl LmuFormer {
                         *s += v as f64;
                     }
                 }
+                state.frames_pooled += rows.len();
             }
         }
-        for ((state, rows), &end) in states.iter_mut().zip(x.ranges()).zip(ends) {
-            state.frames_out += rows.len();
-            state.ended |= end;
-        }
-        Ok(x)
+        x
     }
 
     /// A whole clip at once (`[frames, in_channels]`): the per-frame outputs and their mean.

@@ -1,0 +1,164 @@
+//! Frame pruning inside the LMUFormer (SPEC-MODELS §6.3) against the PyTorch reference:
+//! `tools/gen_frame_gate_fixtures.py` ran the reference modules with the gate's skipped frames
+//! given no input after the patch embedding (every LIF's input masked, u = 0). Tideway, gating
+//! the same input as it streams in, must skip the same frames, give the reference's outputs on
+//! the kept frames and its pooled scores over them (≤ 1e-4), repeat the last kept row on a
+//! skipped frame, carry the gate across an exported and imported state, and without a gate
+//! stay as before.
+
+mod common;
+
+use std::path::PathBuf;
+
+use safetensors::SafeTensors;
+use tideway_operators::layers::frames::Frames;
+use tideway_operators::models::ModelPart;
+use tideway_operators::models::{LmuFormer, LmuFormerState, load_lmuformer, load_lmuformer_part};
+use tideway_operators::prune::frames::FrameGate;
+use tideway_operators::state_tensors::StateTensors;
+
+fn f32s(file: &SafeTensors, name: &str) -> Vec<f32> {
+    file.tensor(name)
+        .unwrap_or_else(|e| panic!("{name}: {e}"))
+        .data()
+        .chunks_exact(4)
+        .map(|b| f32::from_le_bytes(b.try_into().unwrap()))
+        .collect()
+}
+
+fn keep_mask(file: &SafeTensors, name: &str) -> Vec<bool> {
+    file.tensor(name)
+        .unwrap()
+        .data()
+        .chunks_exact(8)
+        .map(|b| i64::from_le_bytes(b.try_into().unwrap()) != 0)
+        .collect()
+}
+
+/// Streams `input` (`[frames, width]`) through `model` in chunks of `chunk` frames; halfway,
+/// the state is exported and imported into a fresh one. Returns every output row.
+fn stream(
+    model: &LmuFormer,
+    input: &[f32],
+    width: usize,
+    chunk: usize,
+) -> (Vec<f32>, LmuFormerState) {
+    let frames = input.len() / width;
+    let mut state = model.new_state();
+    let mut out = Vec::new();
+    let mut t = 0;
+    while t < frames {
+        let end = (t + chunk).min(frames);
+        let chunk_frames = Frames {
+            data: input[t * width..end * width].to_vec(),
+            width,
+            counts: vec![end - t],
+        };
+        let y = model
+            .forward(&mut [&mut state], &chunk_frames, &[end == frames])
+            .unwrap();
+        out.extend(y.data);
+        if t < frames / 2 && end >= frames / 2 {
+            let mut tensors = StateTensors::default();
+            model.export_state(&state, &mut tensors);
+            state = model.import_state(&tensors).unwrap();
+        }
+        t = end;
+    }
+    (out, state)
+}
+
+#[test]
+fn gated_streams_skip_the_references_frames_and_match_it_on_the_rest() {
+    let bytes = std::fs::read(common::fixture("prune/frame_gate.safetensors")).unwrap();
+    let (_, metadata) = SafeTensors::read_metadata(&bytes).unwrap();
+    let file = SafeTensors::deserialize(&bytes).unwrap();
+    let cases = metadata.metadata().clone().unwrap();
+    assert_eq!(cases.len(), 2);
+    for (case, what) in cases {
+        let parts: Vec<&str> = what.split('|').collect();
+        let dir: PathBuf = common::fixture(parts[0]).join("checkpoint");
+        let gate =
+            FrameGate::new(parts[1].parse().unwrap(), Some(parts[2].parse().unwrap())).unwrap();
+        let mut model = load_lmuformer(&dir).unwrap();
+        model.set_frame_gate(Some(gate)).unwrap();
+        let width = model.in_channels();
+        let classes = model.num_classes();
+        let input = f32s(&file, &format!("{case}.input"));
+        let keep = keep_mask(&file, &format!("{case}.keep"));
+        let want = f32s(&file, &format!("{case}.output"));
+        let want_pooled = f32s(&file, &format!("{case}.pooled"));
+        for chunk in [1, 7, 128] {
+            let (got, state) = stream(&model, &input, width, chunk);
+            assert_eq!(got.len(), want.len(), "{case}: every frame has its row");
+            let kept = keep.iter().filter(|&&k| k).count() as u64;
+            assert_eq!(
+                state.gate_counts(),
+                Some((keep.len() as u64, kept)),
+                "{case}"
+            );
+            let (mut got_kept, mut want_kept) = (Vec::new(), Vec::new());
+            let mut last: Option<&[f32]> = None;
+            for (t, &k) in keep.iter().enumerate() {
+                let row = &got[t * classes..(t + 1) * classes];
+                if k {
+                    got_kept.extend_from_slice(row);
+                    want_kept.extend_from_slice(&want[t * classes..(t + 1) * classes]);
+                    last = Some(row);
+                } else {
+                    let zeros = vec![0.0; classes];
+                    assert_eq!(
+                        row,
+                        last.unwrap_or(&zeros),
+                        "{case}: frame {t} repeats the last kept row"
+                    );
+                }
+            }
+            let error = common::relative_error(&got_kept, &want_kept);
+            let pooled_error = common::relative_error(&state.pooled(), &want_pooled);
+            eprintln!(
+                "{case} ({}), chunks of {chunk}: kept {kept} of {} frames, outputs {error:e}, pooled {pooled_error:e}",
+                parts[0],
+                keep.len()
+            );
+            assert!(
+                error <= 1e-4,
+                "{case}, chunks of {chunk}: outputs differ by {error:e}"
+            );
+            assert!(
+                pooled_error <= 1e-4,
+                "{case}: pooled differs by {pooled_error:e}"
+            );
+        }
+        // Without the gate, the stream is as before: no gate state, every frame pooled (so
+        // other pooled scores than the gated reference's), and its own pooled mean.
+        model.set_frame_gate(None).unwrap();
+        let (plain, state) = stream(&model, &input, width, 128);
+        assert_eq!(state.gate_counts(), None);
+        let mean: Vec<f32> = (0..classes)
+            .map(|c| {
+                (plain
+                    .iter()
+                    .skip(c)
+                    .step_by(classes)
+                    .map(|&v| v as f64)
+                    .sum::<f64>()
+                    / keep.len() as f64) as f32
+            })
+            .collect();
+        assert!(common::relative_error(&state.pooled(), &mean) <= 1e-6);
+        assert!(
+            common::relative_error(&state.pooled(), &want_pooled) > 1e-3,
+            "{case}: the gate changed nothing"
+        );
+    }
+}
+
+#[test]
+fn only_a_whole_model_gates_its_frames() {
+    let dir = common::fixture("lmu/slmu_d40_c24_depth2_prefixed/checkpoint");
+    let mut part = load_lmuformer_part(&dir, ModelPart::stage(0, 2, 2).unwrap()).unwrap();
+    let gate = FrameGate::new(0.9, None).unwrap();
+    let e = part.set_frame_gate(Some(gate)).unwrap_err();
+    assert!(e.contains("whole model"), "{e}");
+}
