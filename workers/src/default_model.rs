@@ -32,12 +32,24 @@ fn write_once(path: &std::path::Path, data: &[u8]) -> Result<()> {
 
 /// The default model's checkpoint directory (created on first use).
 pub fn materialize() -> Result<PathBuf> {
+    materialize_config(CONFIG)
+}
+
+/// The default model with `block` set as `key` in its config.json (a directory of its own).
+pub fn materialize_with(key: &str, block: serde_json::Value) -> Result<PathBuf> {
+    let mut config: serde_json::Value =
+        serde_json::from_slice(CONFIG).context("the embedded config.json")?;
+    config[key] = block;
+    materialize_config(serde_json::to_string_pretty(&config)?.as_bytes())
+}
+
+fn materialize_config(config: &[u8]) -> Result<PathBuf> {
     let dir = std::env::temp_dir().join(format!(
         "tideway-default-{NAME}-{:016x}",
-        fnv(CONFIG) ^ fnv(WEIGHTS).rotate_left(1)
+        fnv(config) ^ fnv(WEIGHTS).rotate_left(1)
     ));
     std::fs::create_dir_all(&dir).with_context(|| format!("cannot create {}", dir.display()))?;
-    write_once(&dir.join("config.json"), CONFIG)?;
+    write_once(&dir.join("config.json"), config)?;
     write_once(&dir.join("model.safetensors"), WEIGHTS)?;
     Ok(dir)
 }

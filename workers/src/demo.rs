@@ -46,10 +46,42 @@ pub struct ClientOptions {
     chunk_ms: f64,
 }
 
+/// `demo --prune` without a value: skip a frame whose cosine with the last kept one is at least
+/// this (BENCHMARKS.md: the held-out accuracy against the frames kept, by setting).
+pub const DEFAULT_PRUNE: &str = "0.99";
+
 #[derive(Args)]
 pub struct DemoArgs {
     #[command(flatten)]
     client: ClientOptions,
+    /// Frame pruning (the model's tideway_frame_gate): skip a frame whose cosine with the last
+    /// kept one is at least SIMILARITY, or whose mean (normalised log-mel) is below QUIET.
+    /// `--prune` alone takes the default setting.
+    #[arg(long, value_name = "SIMILARITY[,QUIET]", num_args = 0..=1, default_missing_value = DEFAULT_PRUNE)]
+    prune: Option<String>,
+}
+
+/// `SIMILARITY[,QUIET]` as the config.json block, checked.
+fn prune_block(setting: &str) -> Result<serde_json::Value> {
+    let (similarity, quiet) = match setting.split_once(',') {
+        Some((s, q)) => (s, Some(q)),
+        None => (setting, None),
+    };
+    let similarity: f32 = similarity
+        .trim()
+        .parse()
+        .with_context(|| format!("--prune: similarity {similarity:?} is not a number"))?;
+    let quiet: Option<f32> = quiet
+        .map(|q| q.trim().parse())
+        .transpose()
+        .with_context(|| format!("--prune: quiet floor {quiet:?} is not a number"))?;
+    let gate =
+        tideway_operators::prune::frames::FrameGate::new(similarity, quiet).context("--prune")?;
+    let mut block = serde_json::json!({ "similarity": gate.similarity });
+    if let Some(q) = gate.quiet_below {
+        block["quiet_below"] = q.into();
+    }
+    Ok(block)
 }
 
 #[derive(Args)]
@@ -65,7 +97,12 @@ pub struct StreamArgs {
 }
 
 pub fn demo(args: DemoArgs) -> Result<()> {
-    let dir = crate::default_model::materialize()?;
+    let dir = match &args.prune {
+        Some(setting) => {
+            crate::default_model::materialize_with("tideway_frame_gate", prune_block(setting)?)?
+        }
+        None => crate::default_model::materialize()?,
+    };
     let addr =
         crate::serve::start_in_process(vec![(crate::default_model::NAME.to_string(), dir)], 1)?;
     eprintln!(
@@ -91,6 +128,8 @@ pub fn stream(args: StreamArgs) -> Result<()> {
 /// What one stream measured.
 struct StreamReport {
     frames: usize,
+    /// Frames the model's frame gate skipped.
+    skipped: usize,
     latencies: Vec<Duration>,
 }
 
@@ -145,10 +184,12 @@ fn run_client(url: &str, model: &str, options: ClientOptions) -> Result<()> {
             }));
         }
         let mut frames = 0;
+        let mut skipped = 0;
         let mut latencies = Vec::new();
         for task in tasks {
             let report = task.await??;
             frames += report.frames;
+            skipped += report.skipped;
             latencies.extend(report.latencies);
         }
         let elapsed = started.elapsed().as_secs_f64();
@@ -161,17 +202,29 @@ fn run_client(url: &str, model: &str, options: ClientOptions) -> Result<()> {
             pct(0.5),
             pct(0.99)
         );
+        if !info.pruning.is_empty() {
+            println!(
+                "frame pruning ({}): kept {:.1}% of the frames ({} of {frames})",
+                info.pruning,
+                100.0 * (frames - skipped) as f64 / frames.max(1) as f64,
+                frames - skipped
+            );
+        }
         Ok(())
     })
 }
+
+/// A window's output rows, each with whether the frame gate skipped it.
+type WindowRows = Vec<(Vec<f32>, bool)>;
 
 /// One window session: its stream's sender, and the task collecting its output rows.
 struct Window {
     start: usize,
     end: usize,
     tx: mpsc::Sender<pb::StreamRequest>,
-    /// Every output row, and when the last message arrived.
-    outputs: tokio::task::JoinHandle<Result<(Vec<Vec<f32>>, Instant)>>,
+    /// Every output row with whether the frame gate skipped it, and when the last message
+    /// arrived.
+    outputs: tokio::task::JoinHandle<Result<(WindowRows, Instant)>>,
     ended_at: Option<Instant>,
 }
 
@@ -211,7 +264,8 @@ async fn open_window(
                     .chunks_exact(4)
                     .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
                     .collect();
-                rows.extend(values.chunks_exact(width).map(<[f32]>::to_vec));
+                let skipped = out.skipped.iter().copied().chain(std::iter::repeat(false));
+                rows.extend(values.chunks_exact(width).map(<[f32]>::to_vec).zip(skipped));
             }
         }
         Ok((rows, last))
@@ -244,6 +298,7 @@ async fn one_stream(
     let mut detector = labels.map(WindowDetector::new);
     let mut report = StreamReport {
         frames: 0,
+        skipped: 0,
         latencies: Vec::new(),
     };
     let mut windows: std::collections::VecDeque<Window> = Default::default();
@@ -298,9 +353,16 @@ async fn one_stream(
             report
                 .latencies
                 .push(arrived.saturating_duration_since(ended_at));
-            report.frames += rows.len();
+            let frames = rows.len();
+            // The clip's scores are the mean over the frames the model kept.
+            let kept: Vec<Vec<f32>> = rows
+                .into_iter()
+                .filter_map(|(row, skipped)| (!skipped).then_some(row))
+                .collect();
+            report.frames += frames;
+            report.skipped += frames - kept.len();
             if let Some(d) = detector.as_mut()
-                && let Some(det) = d.push_window(&rows, w.end as f64 / rate as f64)
+                && let Some(det) = d.push_window(&kept, w.end as f64 / rate as f64)
             {
                 println!(
                     "detected {:<6} at {:>6.2} s  (score {:.2})",

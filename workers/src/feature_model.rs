@@ -23,6 +23,16 @@ pub enum FeatureState {
 }
 
 impl FeatureState {
+    /// Which rows of the last forward's output the frame gate skipped (CPU streams; empty:
+    /// none).
+    pub fn take_skipped(&mut self) -> Vec<bool> {
+        match self {
+            FeatureState::Cpu(s) => s.take_skipped(),
+            #[cfg(feature = "cuda")]
+            FeatureState::Gpu(_) => Vec::new(),
+        }
+    }
+
     /// Output frames emitted so far.
     pub fn frames_out(&self) -> usize {
         match self {
@@ -55,6 +65,11 @@ impl FeatureModel {
         device: Device,
         #[cfg_attr(not(feature = "cuda"), allow(unused_variables))] max_sessions: usize,
     ) -> anyhow::Result<Self> {
+        if device != Device::Cpu && model.frame_gate().is_some() {
+            anyhow::bail!(
+                "frame pruning (tideway_frame_gate in config.json) runs on the CPU path; leave out --device {device} or the block"
+            );
+        }
         match device {
             Device::Cpu => Ok(FeatureModel {
                 model,

@@ -509,9 +509,13 @@ fn load_lmuformer_piece(dir: &Path, part: Option<ModelPart>) -> Result<LmuFormer
             part.layers, lmu_config.depths
         )));
     }
+    let gate = crate::prune::frames::FrameGate::from_config(&config)?;
     let part = part.unwrap_or_else(|| ModelPart::whole(lmu_config.depths));
     let dict = crate::state_dict::StateDict::open(dir)?;
     let mut model = LmuFormer::load_part(lmu_config, &dict, part)?;
     model.set_frontend(frontend);
+    model
+        .set_frame_gate(gate)
+        .map_err(|reason| config.unsupported(format!("tideway_frame_gate: {reason}")))?;
     Ok(model)
 }

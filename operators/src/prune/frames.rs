@@ -12,7 +12,11 @@
 //! assert_eq!(gate.mask(&mut state, &frames, 2), vec![true, false, true]);
 //! ```
 
+use serde_json::Value;
+
 use super::cosine;
+use crate::error::LoadError;
+use crate::models::config::ConfigJson;
 
 use crate::state_tensors::{StateError, StateTensors, StateValue};
 
@@ -81,6 +85,46 @@ impl FrameGate {
             .chunks_exact(width)
             .map(|f| self.keep(state, f))
             .collect()
+    }
+}
+
+impl FrameGate {
+    /// The `tideway_frame_gate` object of a feature model's config.json:
+    /// `{"similarity": 0.95, "quiet_below": -1.5}` (`quiet_below` optional); absent (or null):
+    /// every frame goes on.
+    pub fn from_config(config: &ConfigJson) -> Result<Option<FrameGate>, LoadError> {
+        const BLOCK: &str = "tideway_frame_gate";
+        if config.raw(BLOCK).is_none_or(|v| v.is_null()) {
+            return Ok(None);
+        }
+        let section = config.section(BLOCK)?;
+        let similarity = section
+            .f64_opt("similarity")?
+            .ok_or_else(|| config.malformed(format!("key \"{BLOCK}.similarity\" is required")))?;
+        let quiet_below = section.f64_opt("quiet_below")?.map(|q| q as f32);
+        if let Some(Value::Object(map)) = config.raw(BLOCK)
+            && let Some(key) = map
+                .keys()
+                .find(|k| !["similarity", "quiet_below"].contains(&k.as_str()))
+        {
+            return Err(config.malformed(format!(
+                "unknown key \"{BLOCK}.{key}\"; the keys are similarity, quiet_below"
+            )));
+        }
+        FrameGate::new(similarity as f32, quiet_below)
+            .map(Some)
+            .map_err(|e| config.malformed(format!("key \"{BLOCK}\": {e}")))
+    }
+}
+
+/// `frames: similarity S[, quiet below Q]`, as ModelInfo reports it.
+impl std::fmt::Display for FrameGate {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "frames: similarity {}", self.similarity)?;
+        if let Some(q) = self.quiet_below {
+            write!(f, ", quiet below {q}")?;
+        }
+        Ok(())
     }
 }
 

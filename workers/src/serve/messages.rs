@@ -141,6 +141,8 @@ pub struct Reply {
     pub chunks: u64,
     /// The session's state, for an [`Op::Export`].
     pub state: Option<Box<SessionSnapshot>>,
+    /// Rows a frame gate skipped (each repeats the last kept row); empty: none.
+    pub skipped: Vec<bool>,
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]

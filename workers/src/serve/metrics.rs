@@ -167,6 +167,24 @@ pub fn render(engine: &Engine) -> String {
     );
     metric_out(
         &mut out,
+        "tideway_frames_total",
+        "counter",
+        "Feature models' output frames, by model and fate: kept (through every layer) or skipped (by the model's frame gate, tideway_frame_gate in config.json).",
+        &board
+            .frames()
+            .into_iter()
+            .map(|((model, skipped), n)| {
+                let name = board
+                    .model_names
+                    .get(model as usize)
+                    .map_or("?", String::as_str);
+                let fate = if skipped { "skipped" } else { "kept" };
+                format!("tideway_frames_total{{model=\"{name}\",fate=\"{fate}\"}} {n}")
+            })
+            .collect::<Vec<_>>(),
+    );
+    metric_out(
+        &mut out,
         "tideway_disconnects_total",
         "counter",
         "Streams whose client went away before ending them (their sessions are freed).",

@@ -188,6 +188,7 @@ impl pb::streams_server::Streams for StreamsService {
                             let output = pb::StreamOutput {
                                 position: reply.position,
                                 outputs: vec![tensor_f32(output_name, &shape, &reply.logits)],
+                                skipped: std::mem::take(&mut reply.skipped),
                             };
                             let width = reply.width as usize;
                             let row =
@@ -433,6 +434,11 @@ pub fn model_info(engine: &Engine, index: usize) -> pb::ModelInfo {
         },
         session_capacity: m.session_capacity().unwrap_or(0) as u64,
         device: m.device().to_string(),
+        pruning: match &m.kind {
+            ServedKind::Features(f) => f.frame_gate.as_ref().map(|g| g.to_string()),
+            ServedKind::Language { .. } => None,
+        }
+        .unwrap_or_default(),
     }
 }
 

@@ -4,6 +4,7 @@
 
 use std::path::Path;
 use std::sync::Arc;
+use tideway_operators::prune::frames::FrameGate;
 
 use anyhow::{Context, Result, bail};
 use tideway_operators::models::config::ConfigJson;
@@ -54,6 +55,8 @@ pub struct FeatureInfo {
     pub device: Device,
     /// Streams that fit (a GPU's state pool); None where host memory is the limit.
     pub session_capacity: Option<usize>,
+    /// Frame pruning (`tideway_frame_gate` in config.json), if the model applies it.
+    pub frame_gate: Option<FrameGate>,
 }
 
 impl FeatureInfo {
@@ -399,6 +402,7 @@ impl Placement {
             weight_bytes: 0,
             device: self.device,
             session_capacity: None,
+            frame_gate: FrameGate::from_config(&config)?,
         };
         let depths = info.config.depths;
         if self.device != Device::Cpu {

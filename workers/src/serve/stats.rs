@@ -33,6 +33,8 @@ pub struct StatsBoard {
     stage_state: Mutex<BTreeMap<(u32, u32), i64>>,
     /// Requests refused by a server limit, by limit.
     limits: Mutex<BTreeMap<&'static str, u64>>,
+    /// Feature models' output frames, by (model, whether a frame gate skipped them).
+    frames: Mutex<BTreeMap<(u32, bool), u64>>,
 }
 
 /// A consistent reading of the board.
@@ -63,6 +65,7 @@ impl StatsBoard {
             disconnects: AtomicU64::new(0),
             stage_state: Mutex::default(),
             limits: Mutex::default(),
+            frames: Mutex::default(),
         }
     }
 
@@ -143,6 +146,19 @@ impl StatsBoard {
     /// A request was refused by the server limit `limit`.
     pub fn count_limit(&self, limit: &'static str) {
         *self.limits.lock().unwrap().entry(limit).or_insert(0) += 1;
+    }
+
+    /// A feature model's output frames: `rows` in all, `skipped` of them skipped by its gate.
+    pub fn count_frames(&self, model: u32, rows: u64, skipped: u64) {
+        let mut frames = self.frames.lock().unwrap();
+        *frames.entry((model, false)).or_insert(0) += rows - skipped;
+        *frames.entry((model, true)).or_insert(0) += skipped;
+    }
+
+    /// Output frames so far, by (model, skipped).
+    pub fn frames(&self) -> Vec<((u32, bool), u64)> {
+        let frames = self.frames.lock().unwrap();
+        frames.iter().map(|(&k, &v)| (k, v)).collect()
     }
 
     /// Requests refused by each server limit so far.

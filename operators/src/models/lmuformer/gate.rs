@@ -118,6 +118,7 @@ impl LmuFormer {
         let width = self.config.num_classes;
         let mut data = Vec::with_capacity(x.rows() * width);
         for (state, rows) in states.iter_mut().zip(x.ranges()) {
+            state.last_skipped.clear();
             let mut t = rows.start;
             while t < rows.end {
                 let stream = state.gate.get_or_insert_with(StreamGate::default);
@@ -128,6 +129,9 @@ impl LmuFormer {
                     stream.pending.pop_front();
                     end += 1;
                 }
+                state
+                    .last_skipped
+                    .extend(std::iter::repeat_n(!keep, end - t));
                 if keep {
                     let run = Frames {
                         data: x.data[t * x.width..end * x.width].to_vec(),

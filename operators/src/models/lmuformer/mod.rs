@@ -174,6 +174,8 @@ pub struct LmuFormerState {
     ended: bool,
     /// The frame gate's state, where the model gates its frames (`gate.rs`).
     gate: Option<gate::StreamGate>,
+    /// Which rows of the last `forward`'s output the gate skipped (empty: none).
+    last_skipped: Vec<bool>,
 }
 
 impl LmuFormerState {
@@ -202,6 +204,12 @@ impl LmuFormerState {
     /// every part of a stream counts the same).
     pub fn frames_out(&self) -> usize {
         self.frames_out
+    }
+
+    /// Which rows of the last `forward`'s output for this stream the frame gate skipped (each
+    /// repeats the last kept row); empty when none was.
+    pub fn take_skipped(&mut self) -> Vec<bool> {
+        std::mem::take(&mut self.last_skipped)
     }
 
     /// The frame gate's counts (frames seen, kept), where the model gates its frames.
@@ -368,6 +376,7 @@ impl LmuFormer {
                 .frame_gate
                 .as_ref()
                 .map(|_| gate::StreamGate::default()),
+            last_skipped: Vec::new(),
         }
     }
 

@@ -23,7 +23,7 @@ pub type Pending = Arc<Mutex<HashMap<u64, oneshot::Sender<Response>>>>;
 
 /// An envelope at the end of the graph, as the answer to its request.
 fn response(envelope: Envelope, served: &ServedModel) -> Response {
-    let reply = |rows: u32, logits: Vec<f32>| Reply {
+    let reply = |rows: u32, logits: Vec<f32>, skipped: Vec<bool>| Reply {
         position: envelope.position,
         rows,
         width: served.width() as u32,
@@ -34,17 +34,22 @@ fn response(envelope: Envelope, served: &ServedModel) -> Response {
         ended: envelope.end,
         chunks: envelope.chunks,
         state: None,
+        skipped,
     };
     let result = match envelope.body {
         Body::Failed(e) => Err(e),
-        Body::Output { rows, values } => Ok(reply(rows, values)),
+        Body::Output {
+            rows,
+            values,
+            skipped,
+        } => Ok(reply(rows, values, skipped)),
         // An export's answer (a restore's state was taken in: a bare reply).
         Body::State(snapshot) if !envelope.start => Ok(Reply {
             state: Some(snapshot),
-            ..reply(0, Vec::new())
+            ..reply(0, Vec::new(), Vec::new())
         }),
         // A bare start, end or probe, or input the front end held back.
-        _ => Ok(reply(0, Vec::new())),
+        _ => Ok(reply(0, Vec::new(), Vec::new())),
     };
     Response {
         id: envelope.id,
@@ -77,8 +82,14 @@ impl<'s> Egress<'s> for StreamVec<'s, u64, Envelope> {
                             {
                                 board.count_limit(limit);
                             }
+                            let served = &models[envelope.model as usize];
+                            if let Body::Output { rows, skipped, .. } = &envelope.body
+                                && !served.is_language()
+                            {
+                                let gated = skipped.iter().filter(|&&s| s).count() as u64;
+                                board.count_frames(envelope.model, *rows as u64, gated);
+                            }
                             if let Some(tx) = pending.remove(&envelope.id) {
-                                let served = &models[envelope.model as usize];
                                 // The client may have gone: nothing to do then.
                                 let _ = tx.send(response(envelope, served));
                             }

@@ -69,6 +69,7 @@ impl StageLogic<Envelope, Envelope> for HeadLogic {
                         envelopes[i].body = Body::Output {
                             rows: n as u32,
                             values: values.to_vec(),
+                            skipped: Vec::new(),
                         };
                     }
                 }

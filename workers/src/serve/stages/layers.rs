@@ -371,6 +371,11 @@ fn run_features(model: &FeatureModel, batch: &mut [&mut Slot]) -> Result<Vec<Bod
             FeatureError::Device(e) => OpError::Unavailable(e),
         })?;
     let mut bodies = outputs(out.data, &out.counts, out.width);
+    for (body, state) in bodies.iter_mut().zip(&mut states) {
+        if let Body::Output { skipped, .. } = body {
+            *skipped = state.take_skipped();
+        }
+    }
     if !model.part().head {
         for body in &mut bodies {
             if let Body::Output { values, .. } = body {
@@ -454,6 +459,7 @@ fn outputs(values: Vec<f32>, counts: &[usize], width: usize) -> Vec<Body> {
             Body::Output {
                 rows: rows as u32,
                 values: mine.to_vec(),
+                skipped: Vec::new(),
             }
         })
         .collect()

@@ -112,7 +112,12 @@ pub enum Body {
         pending: Option<Vec<f32>>,
     },
     /// The model's outputs (`[rows, width]`: logits or per-frame outputs).
-    Output { rows: u32, values: Vec<f32> },
+    Output {
+        rows: u32,
+        values: Vec<f32>,
+        /// Rows a frame gate skipped (each repeats the last kept row); empty: none.
+        skipped: Vec<bool>,
+    },
     /// Asks where the session is (a resume).
     Probe,
     /// The session's state: on its way out (an export, or a snapshot for the store: each
