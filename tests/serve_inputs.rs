@@ -223,3 +223,141 @@ async fn raw_audio_text_and_frames_stream_to_the_reference_outputs() {
         assert!(e.message().contains(needle), "want {needle:?}: {e:?}");
     }
 }
+
+/// Opens a stream (`start`), sends `frames` in `chunks` (the last ends the stream unless
+/// `keep`), and returns the session id, the output rows and their `skipped` flags.
+async fn gated_stream(
+    url: &str,
+    start: pb::StreamStart,
+    frames: &[f32],
+    chunks: &[std::ops::Range<usize>],
+    keep: bool,
+) -> (String, Vec<f32>, Vec<bool>) {
+    let mut client = pb::streams_client::StreamsClient::connect(url.to_string())
+        .await
+        .unwrap();
+    let (tx, rx) = mpsc::channel(chunks.len() + 2);
+    tx.send(pb::StreamRequest {
+        kind: Some(pb::stream_request::Kind::Start(start)),
+    })
+    .await
+    .unwrap();
+    for (k, r) in chunks.iter().enumerate() {
+        tx.send(chunk(pb::StreamChunk {
+            frames: frames[r.start * 24..r.end * 24].to_vec(),
+            channels: 24,
+            end: !keep && k + 1 == chunks.len(),
+            ..Default::default()
+        }))
+        .await
+        .unwrap();
+    }
+    drop(tx);
+    let mut inbound = client
+        .open(ReceiverStream::new(rx))
+        .await
+        .unwrap()
+        .into_inner();
+    let (mut id, mut rows, mut skipped) = (String::new(), Vec::new(), Vec::new());
+    while let Some(message) = inbound.next().await {
+        match message.unwrap().kind.unwrap() {
+            pb::stream_response::Kind::Opened(o) => id = o.session_id,
+            pb::stream_response::Kind::Output(out) => {
+                let n = out.outputs[0].shape[0] as usize;
+                let flags = if out.skipped.is_empty() {
+                    vec![false; n]
+                } else {
+                    out.skipped
+                };
+                assert_eq!(flags.len(), n);
+                skipped.extend(flags);
+                rows.extend(
+                    out.outputs[0]
+                        .data
+                        .chunks_exact(4)
+                        .map(|b| f32::from_le_bytes(b.try_into().unwrap())),
+                );
+            }
+            _ => {}
+        }
+    }
+    (id, rows, skipped)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_gated_streams_state_moves_with_its_gate() {
+    // A spiking LMUFormer fixture with a frame gate, and the gate fixture's input (runs of
+    // repeated and quiet frames): half on server A, exported, the rest on server B from the
+    // blob; the rows and skipped flags equal one uninterrupted stream's.
+    let dir = scratch_dir("gated-lmu");
+    let source = fixtures_dir().join("lmu/slmu_d40_c24_depth2_prefixed/checkpoint");
+    for entry in std::fs::read_dir(&source).unwrap() {
+        let path = entry.unwrap().path();
+        std::fs::copy(&path, dir.join(path.file_name().unwrap())).unwrap();
+    }
+    let mut config: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("config.json")).unwrap()).unwrap();
+    config["tideway_frame_gate"] = serde_json::json!({ "similarity": 0.97, "quiet_below": -1.5 });
+    std::fs::write(dir.join("config.json"), config.to_string()).unwrap();
+    let frames: Vec<f32> = read_tensor(
+        &fixtures_dir().join("prune/frame_gate.safetensors"),
+        "case0.input",
+    )
+    .values
+    .iter()
+    .map(|&v| v as f32)
+    .collect();
+    let model = format!("gated={}", dir.display());
+    let args = ["--model", model.as_str(), "--workers", "2"];
+    let (a, b) = (Server::start(&args), Server::start(&args));
+    // The move falls inside a run of repeated frames (90..110): a gate that did not move
+    // would keep frame 95, the first it saw.
+    let mut chunks = cuts(95, 11, 5);
+    let half = chunks.len();
+    chunks.extend(
+        cuts(33, 11, 6)
+            .into_iter()
+            .map(|r| r.start + 95..r.end + 95),
+    );
+    let start = |state: Vec<u8>| pb::StreamStart {
+        model: "gated".into(),
+        state,
+        ..Default::default()
+    };
+    let (_, want, want_skipped) =
+        gated_stream(&a.url(), start(Vec::new()), &frames, &chunks, false).await;
+    assert_eq!(want_skipped.len(), 128);
+    let skipped = want_skipped.iter().filter(|&&s| s).count();
+    assert!(skipped > 20, "{skipped} frames skipped");
+
+    assert!(want_skipped[95], "frame 95 repeats frame 90");
+    let keep_start = pb::StreamStart {
+        keep: true,
+        ..start(Vec::new())
+    };
+    let (id, mut rows, mut flags) =
+        gated_stream(&a.url(), keep_start, &frames, &chunks[..half], true).await;
+    let mut streams = pb::streams_client::StreamsClient::connect(a.url())
+        .await
+        .unwrap();
+    let exported = streams
+        .export_state(pb::ExportStateRequest {
+            model: "gated".into(),
+            session_id: id,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let (_, rest, rest_flags) = gated_stream(
+        &b.url(),
+        start(exported.state),
+        &frames,
+        &chunks[half..],
+        false,
+    )
+    .await;
+    rows.extend(rest);
+    flags.extend(rest_flags);
+    assert_eq!(flags, want_skipped);
+    assert_eq!(rows, want);
+}

@@ -162,3 +162,47 @@ fn only_a_whole_model_gates_its_frames() {
     let e = part.set_frame_gate(Some(gate)).unwrap_err();
     assert!(e.contains("whole model"), "{e}");
 }
+
+#[test]
+fn decisions_made_elsewhere_give_the_same_stream() {
+    // The serving graph's prune stage decides with the gate the model hands over; the model
+    // applies the decisions: the same rows as a model deciding itself, and its state leaves
+    // the gate's own state to the decider.
+    let bytes = std::fs::read(common::fixture("prune/frame_gate.safetensors")).unwrap();
+    let file = SafeTensors::deserialize(&bytes).unwrap();
+    let dir = common::fixture("lmu/slmu_d40_c24_depth2_prefixed/checkpoint");
+    let gate = FrameGate::new(0.97, Some(-1.5)).unwrap();
+    let mut own = load_lmuformer(&dir).unwrap();
+    own.set_frame_gate(Some(gate.clone())).unwrap();
+    let mut told = load_lmuformer(&dir).unwrap();
+    told.set_frame_gate(Some(gate)).unwrap();
+    let handed = told.decide_frames_elsewhere().unwrap();
+    assert!(told.gates_frames() && told.frame_gate().is_none());
+    let input = f32s(&file, "case0.input");
+    let width = own.in_channels();
+    let (want, _) = stream(&own, &input, width, 9);
+    let mut decider = tideway_operators::prune::frames::FrameGateState::default();
+    let mut state = told.new_state();
+    let mut got = Vec::new();
+    for (k, chunk) in input.chunks(9 * width).enumerate() {
+        let keep = handed.mask(&mut decider, chunk, width);
+        let frames = Frames {
+            data: chunk.to_vec(),
+            width,
+            counts: vec![chunk.len() / width],
+        };
+        let end = (k + 1) * 9 * width >= input.len();
+        let out = told
+            .forward_decided(&mut [&mut state], &frames, &[end], &[keep])
+            .unwrap();
+        got.extend(out.data);
+        let mut tensors = StateTensors::default();
+        told.export_state(&state, &mut tensors);
+        assert!(
+            !tensors.contains("prune.frames.counts") && tensors.contains("prune.frames.pending")
+        );
+        state = told.import_state(&tensors).unwrap();
+    }
+    assert_eq!(got, want);
+    assert_eq!(state.gate_counts(), None);
+}

@@ -65,7 +65,7 @@ impl FeatureModel {
         device: Device,
         #[cfg_attr(not(feature = "cuda"), allow(unused_variables))] max_sessions: usize,
     ) -> anyhow::Result<Self> {
-        if device != Device::Cpu && model.frame_gate().is_some() {
+        if device != Device::Cpu && model.gates_frames() {
             anyhow::bail!(
                 "frame pruning (tideway_frame_gate in config.json) runs on the CPU path; leave out --device {device} or the block"
             );
@@ -153,12 +153,14 @@ impl FeatureModel {
         Ok(FeatureState::Cpu(self.model.import_state(from)?))
     }
 
-    /// Every stream's new frames (see `LmuFormer::forward`).
+    /// Every stream's new frames (see `LmuFormer::forward`); a model that gates its frames
+    /// takes the prune stage's decisions, `keep[i]` for stream i.
     pub fn forward(
         &self,
         states: &mut [&mut FeatureState],
         input: &Frames,
         ends: &[bool],
+        keep: &[Vec<bool>],
     ) -> Result<Frames, FeatureError> {
         #[cfg(feature = "cuda")]
         if let Some(gpu) = &self.gpu {
@@ -186,8 +188,10 @@ impl FeatureModel {
                 FeatureState::Gpu(_) => Err(FeatureError::Input(InputError::WrongState)),
             })
             .collect::<Result<Vec<_>, _>>()?;
-        self.model
-            .forward(&mut cpu, input, ends)
-            .map_err(FeatureError::Input)
+        match self.model.gates_frames() {
+            true => self.model.forward_decided(&mut cpu, input, ends, keep),
+            false => self.model.forward(&mut cpu, input, ends),
+        }
+        .map_err(FeatureError::Input)
     }
 }

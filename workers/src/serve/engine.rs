@@ -493,7 +493,7 @@ fn run_worker(worker: &mut timely::worker::Worker, rx: Receiver<Request>, contex
         let (envelopes, events, control) =
             requests.frontend(plan, lifecycle, movers, timer, config.prefix_cache.clone());
         control.routes(routes.clone());
-        let mut staged = envelopes.prune();
+        let mut staged = envelopes.prune(models.clone());
         for stage in 0..plan.stages {
             staged = staged.layers(stage, plan, models.clone(), board.clone());
         }

@@ -411,8 +411,9 @@ impl Placement {
                     "--pipeline splits models on the CPU; a model on a GPU runs whole (leave out --pipeline)"
                 );
             }
-            let model =
-                FeatureModel::place(load_lmuformer(dir)?, self.device, self.gpu_sessions.max(1))?;
+            let mut model = load_lmuformer(dir)?;
+            model.decide_frames_elsewhere();
+            let model = FeatureModel::place(model, self.device, self.gpu_sessions.max(1))?;
             info.state_bytes = model.state_bytes();
             info.weight_bytes = model.weight_bytes();
             info.device = model.device();
@@ -423,7 +424,9 @@ impl Placement {
         for (stage, piece) in pieces.iter_mut().enumerate() {
             let part = ModelPart::stage(stage, stages, depths)
                 .with_context(|| format!("cannot split {depths} blocks into {stages} stages"))?;
-            let model = load_lmuformer_part(dir, part)?;
+            let mut model = load_lmuformer_part(dir, part)?;
+            // The prune stage decides which frames go on (`stages/prune.rs`).
+            model.decide_frames_elsewhere();
             // A stream's state over every part; the parts other processes run are loaded to
             // measure theirs, then dropped (feature models are small).
             info.state_bytes += model.state_bytes();

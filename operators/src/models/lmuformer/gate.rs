@@ -8,7 +8,9 @@
 //!
 //! The decision is made on the (normalised) input frame when it arrives and applied when the
 //! embedding hands that frame on (after its lookahead), so the pending decisions are part of
-//! the stream's state.
+//! the stream's state. The model decides itself ([`GateMode::Own`]), or a served model takes
+//! the decisions the serving graph's prune stage made ([`GateMode::Decided`]), which then
+//! holds the gate's own state.
 
 use std::collections::VecDeque;
 
@@ -18,22 +20,40 @@ use crate::prune::frames::{FrameGate, FrameGateState};
 use crate::spiking::{LifLayer, Membranes};
 use crate::state_tensors::{StateError, StateTensors, StateValue};
 
-/// One stream's frame gate: its decisions so far, those not yet applied, and the last output
-/// row (what a skipped frame's row repeats).
+/// Who decides which frames a gated model skips.
+#[derive(Debug, Clone, PartialEq)]
+pub enum GateMode {
+    /// The model, with this gate.
+    Own(FrameGate),
+    /// The caller, frame by frame ([`LmuFormer::forward_decided`]).
+    Decided,
+}
+
+/// One stream's frame gate: the gate's state (where the model decides), the decisions not
+/// yet applied, and the last output row (what a skipped frame's row repeats).
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct StreamGate {
-    pub frames: FrameGateState,
+    pub frames: Option<FrameGateState>,
     pending: VecDeque<bool>,
     last_output: Option<Vec<f32>>,
 }
 
 impl StreamGate {
+    pub(crate) fn new(mode: &GateMode) -> Self {
+        StreamGate {
+            frames: matches!(mode, GateMode::Own(_)).then(FrameGateState::default),
+            ..StreamGate::default()
+        }
+    }
+
     pub(crate) fn size_bytes(&self) -> usize {
         self.pending.len() + 4 * self.last_output.as_ref().map_or(0, Vec::len)
     }
 
     pub(crate) fn export(&self, out: &mut StateTensors) {
-        self.frames.export(out);
+        if let Some(frames) = &self.frames {
+            frames.export(out);
+        }
         out.put(
             "prune.frames.pending",
             StateValue::U64(self.pending.iter().map(|&k| k as u64).collect()),
@@ -43,7 +63,7 @@ impl StreamGate {
         }
     }
 
-    pub(crate) fn import(from: &StateTensors) -> Result<Self, StateError> {
+    pub(crate) fn import(mode: &GateMode, from: &StateTensors) -> Result<Self, StateError> {
         let pending = match from.0.get("prune.frames.pending") {
             Some(StateValue::U64(p)) => p.iter().map(|&k| k != 0).collect(),
             _ => {
@@ -56,8 +76,12 @@ impl StreamGate {
             true => Some(from.f32s("prune.frames.last_output")?.to_vec()),
             false => None,
         };
+        let frames = match mode {
+            GateMode::Own(_) => Some(FrameGateState::import(from)?),
+            GateMode::Decided => None,
+        };
         Ok(StreamGate {
-            frames: FrameGateState::import(from)?,
+            frames,
             pending,
             last_output,
         })
@@ -89,26 +113,66 @@ impl LmuFormer {
         if gate.is_some() && (self.embed.is_none() || self.head.is_none()) {
             return Err("frame pruning needs the whole model in one place (the embedding decides, the blocks and the head skip)".into());
         }
-        self.frame_gate = gate;
+        self.frame_gate = gate.map(GateMode::Own);
         Ok(())
     }
 
+    /// The gate, where the model decides itself.
     pub fn frame_gate(&self) -> Option<&FrameGate> {
-        self.frame_gate.as_ref()
+        match &self.frame_gate {
+            Some(GateMode::Own(gate)) => Some(gate),
+            _ => None,
+        }
     }
 
-    /// Decides on every session's new input frames (`[rows, in_channels]`, packed).
+    /// Whether the model skips frames (deciding itself or told).
+    pub fn gates_frames(&self) -> bool {
+        self.frame_gate.is_some()
+    }
+
+    /// Hands the gate's decisions to the caller (the serving graph's prune stage): from now
+    /// on the model takes them with [`forward_decided`](Self::forward_decided), and its
+    /// streams' states leave the gate's own state to the caller. Returns the gate.
+    pub fn decide_frames_elsewhere(&mut self) -> Option<FrameGate> {
+        match self.frame_gate.take() {
+            Some(GateMode::Own(gate)) => {
+                self.frame_gate = Some(GateMode::Decided);
+                Some(gate)
+            }
+            other => {
+                self.frame_gate = other;
+                None
+            }
+        }
+    }
+
+    /// Queues every session's decisions on its new input frames (`[rows, in_channels]`,
+    /// packed): `keep`'s, or the model's own gate's.
     pub(crate) fn gate_inputs(
         &self,
-        gate: &FrameGate,
         states: &mut [&mut LmuFormerState],
         input: &Frames,
+        keep: Option<&[Vec<bool>]>,
     ) {
-        for (state, rows) in states.iter_mut().zip(input.ranges()) {
-            let stream = state.gate.get_or_insert_with(StreamGate::default);
-            let frames = &input.data[rows.start * input.width..rows.end * input.width];
-            let mask = gate.mask(&mut stream.frames, frames, input.width);
-            stream.pending.extend(mask);
+        let Some(mode) = &self.frame_gate else {
+            return;
+        };
+        for (i, (state, rows)) in states.iter_mut().zip(input.ranges()).enumerate() {
+            let stream = state.gate.get_or_insert_with(|| StreamGate::new(mode));
+            let mask = match (keep, mode) {
+                (Some(keep), _) => keep.get(i).cloned().unwrap_or_default(),
+                (None, GateMode::Own(gate)) => {
+                    let frames = &input.data[rows.start * input.width..rows.end * input.width];
+                    let state = stream.frames.get_or_insert_with(FrameGateState::default);
+                    gate.mask(state, frames, input.width)
+                }
+                // Told, but no decisions came: every frame goes on.
+                (None, GateMode::Decided) => Vec::new(),
+            };
+            // Frames without a decision go on.
+            let missing = rows.len().saturating_sub(mask.len());
+            stream.pending.extend(mask.into_iter().take(rows.len()));
+            stream.pending.extend(std::iter::repeat_n(true, missing));
         }
     }
 

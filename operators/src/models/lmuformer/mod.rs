@@ -38,7 +38,6 @@ use crate::layers::batch_norm::BatchNorm;
 use crate::layers::frames::{ConvWindow, Frames};
 use crate::models::ModelPart;
 use crate::models::config::ConfigJson;
-use crate::prune::frames::FrameGate;
 use crate::spiking::{Lif, LifLayer, LifRegistry, Membranes};
 use crate::state_dict::StateDict;
 use crate::state_tensors::{StateError, StateTensors, StateValue};
@@ -214,7 +213,8 @@ impl LmuFormerState {
 
     /// The frame gate's counts (frames seen, kept), where the model gates its frames.
     pub fn gate_counts(&self) -> Option<(u64, u64)> {
-        self.gate.as_ref().map(|g| (g.frames.seen, g.frames.kept))
+        let frames = self.gate.as_ref()?.frames.as_ref()?;
+        Some((frames.seen, frames.kept))
     }
 
     /// The mean of the per-frame outputs so far (the clip-level scores at the end); frames a
@@ -246,7 +246,7 @@ pub struct LmuFormer {
     pub(crate) neurons: LifRegistry,
     pub(crate) frontend: Option<Frontend>,
     /// Frame pruning (`gate.rs`); None: every frame goes through every layer.
-    pub(crate) frame_gate: Option<FrameGate>,
+    pub(crate) frame_gate: Option<gate::GateMode>,
 }
 
 impl LmuFormer {
@@ -372,10 +372,7 @@ impl LmuFormer {
             frames_out: 0,
             frames_pooled: 0,
             ended: false,
-            gate: self
-                .frame_gate
-                .as_ref()
-                .map(|_| gate::StreamGate::default()),
+            gate: self.frame_gate.as_ref().map(gate::StreamGate::new),
             last_skipped: Vec::new(),
         }
     }
@@ -441,8 +438,10 @@ impl LmuFormer {
             false => state.frames_out,
         };
         state.ended = from.u64("ended")? != 0;
-        if from.contains("prune.frames.counts") {
-            state.gate = Some(gate::StreamGate::import(from)?);
+        if let Some(mode) = &self.frame_gate
+            && from.contains("prune.frames.pending")
+        {
+            state.gate = Some(gate::StreamGate::import(mode, from)?);
         }
         Ok(state)
     }
@@ -473,13 +472,34 @@ impl LmuFormer {
         input: &Frames,
         ends: &[bool],
     ) -> Result<Frames, InputError> {
+        self.forward_with(states, input, ends, None)
+    }
+
+    /// [`forward`](Self::forward) with each input frame's gate decision made elsewhere
+    /// (`keep[i]`: session i's frames; the serving graph's prune stage), for a model whose
+    /// gate [`decide_frames_elsewhere`](Self::decide_frames_elsewhere) handed over.
+    pub fn forward_decided(
+        &self,
+        states: &mut [&mut LmuFormerState],
+        input: &Frames,
+        ends: &[bool],
+        keep: &[Vec<bool>],
+    ) -> Result<Frames, InputError> {
+        self.forward_with(states, input, ends, Some(keep))
+    }
+
+    fn forward_with(
+        &self,
+        states: &mut [&mut LmuFormerState],
+        input: &Frames,
+        ends: &[bool],
+        keep: Option<&[Vec<bool>]>,
+    ) -> Result<Frames, InputError> {
         let x = match &self.embed {
             Some(embed) => {
                 let ended: Vec<bool> = states.iter().map(|s| s.ended).collect();
                 check_frames(&self.config, &ended, input, ends)?;
-                if let Some(gate) = &self.frame_gate {
-                    self.gate_inputs(gate, states, input);
-                }
+                self.gate_inputs(states, input, keep);
                 embed.forward(input.clone(), states, ends)
             }
             None => {

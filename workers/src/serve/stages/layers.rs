@@ -345,11 +345,13 @@ fn run_features(model: &FeatureModel, batch: &mut [&mut Slot]) -> Result<Vec<Bod
     let mut data = Vec::new();
     let mut counts = Vec::new();
     let mut ends = Vec::new();
+    let mut keep = Vec::new();
     for slot in batch.iter_mut() {
         if let Body::Features(rows) | Body::Hidden { values: rows, .. } = &mut slot.envelope.body {
             counts.push(rows.len() / width);
             data.append(rows);
             ends.push(slot.envelope.end);
+            keep.push(std::mem::take(&mut slot.envelope.keep));
         }
     }
     let input = Frames {
@@ -365,7 +367,7 @@ fn run_features(model: &FeatureModel, batch: &mut [&mut Slot]) -> Result<Vec<Bod
         })
         .collect();
     let out = model
-        .forward(&mut states, &input, &ends)
+        .forward(&mut states, &input, &ends, &keep)
         .map_err(|e| match e {
             FeatureError::Input(e) => OpError::Input(e),
             FeatureError::Device(e) => OpError::Unavailable(e),

@@ -65,6 +65,9 @@ pub struct Envelope {
     /// leaves the graph at the snapshot stage for its new owner's front end. Arriving (a
     /// start): each stage takes its part, and the snapshot stage stores the state.
     pub move_to: Option<MoveTo>,
+    /// The prune stage's decision on each input frame of a `Features` body (false: skipped
+    /// by the model's frame gate); empty: every frame goes on.
+    pub keep: Vec<bool>,
     pub body: Body,
 }
 
@@ -86,6 +89,7 @@ impl Envelope {
             position_after: 0,
             chunks: 0,
             move_to: None,
+            keep: Vec::new(),
             body,
         }
     }
