@@ -158,7 +158,9 @@ impl LmuFormer {
             return;
         };
         for (i, (state, rows)) in states.iter_mut().zip(input.ranges()).enumerate() {
-            let stream = state.gate.get_or_insert_with(|| StreamGate::new(mode));
+            let stream = state
+                .gate
+                .get_or_insert_with(|| Box::new(StreamGate::new(mode)));
             let mask = match (keep, mode) {
                 (Some(keep), _) => keep.get(i).cloned().unwrap_or_default(),
                 (None, GateMode::Own(gate)) => {
@@ -185,7 +187,7 @@ impl LmuFormer {
             state.last_skipped.clear();
             let mut t = rows.start;
             while t < rows.end {
-                let stream = state.gate.get_or_insert_with(StreamGate::default);
+                let stream = state.gate.get_or_insert_with(Box::default);
                 let keep = stream.pending.pop_front().unwrap_or(true);
                 // The run of frames with the same decision.
                 let mut end = t + 1;

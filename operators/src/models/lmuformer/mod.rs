@@ -172,7 +172,7 @@ pub struct LmuFormerState {
     frames_pooled: usize,
     ended: bool,
     /// The frame gate's state, where the model gates its frames (`gate.rs`).
-    gate: Option<gate::StreamGate>,
+    gate: Option<Box<gate::StreamGate>>,
     /// Which rows of the last `forward`'s output the gate skipped (empty: none).
     last_skipped: Vec<bool>,
 }
@@ -196,7 +196,7 @@ impl LmuFormerState {
             + self.memories.iter().map(|m| 4 * m.len()).sum::<usize>()
             + self.membranes.size_bytes()
             + 8 * self.output_sum.len()
-            + self.gate.as_ref().map_or(0, gate::StreamGate::size_bytes)
+            + self.gate.as_ref().map_or(0, |g| g.size_bytes())
     }
 
     /// Frames that have left this part (the embedding's lookahead is the only delay, so
@@ -372,7 +372,10 @@ impl LmuFormer {
             frames_out: 0,
             frames_pooled: 0,
             ended: false,
-            gate: self.frame_gate.as_ref().map(gate::StreamGate::new),
+            gate: self
+                .frame_gate
+                .as_ref()
+                .map(|mode| Box::new(gate::StreamGate::new(mode))),
             last_skipped: Vec::new(),
         }
     }
@@ -441,7 +444,7 @@ impl LmuFormer {
         if let Some(mode) = &self.frame_gate
             && from.contains("prune.frames.pending")
         {
-            state.gate = Some(gate::StreamGate::import(mode, from)?);
+            state.gate = Some(Box::new(gate::StreamGate::import(mode, from)?));
         }
         Ok(state)
     }
