@@ -10,13 +10,26 @@ It also records DeciMamba's token score (Ben-Kish et al., ICLR 2025: the norm ov
 Delta_t = softplus(dt_proj(...)), computed as HF's mixer computes it from `x_proj`'s output, which
 a hook records), the baseline the adapted pruner is measured against.
 
+Also tests/fixtures/prune/gla_head_attention.safetensors: for GLA and RetNet fixtures of
+flash-linear-attention (its model classes through Triton's interpreter, `fused_recurrent`
+kernels), layer L's attention input (`q_proj`'s input) and its heads' output before the norm
+and gate (`g_norm_swish_gate`'s or `g_norm`'s input, [T, H * dv]): Tideway's per-head matrices
+times the values must give it.
+
     .venv/bin/python tools/gen_prune_graph_fixtures.py
 """
 
+import os
 import pathlib
 
-import torch
+os.environ["TRITON_INTERPRET"] = "1"
+import triton.runtime.autotuner as autotuner  # noqa: E402
+
+autotuner.Autotuner._bench = lambda self, *args, **kwargs: [1.0, 1.0, 1.0]
+
+import torch  # noqa: E402
 from safetensors.torch import load_file, save_file
+from fla.models import GLAForCausalLM, RetNetForCausalLM  # noqa: E402
 from transformers import MambaForCausalLM
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
@@ -25,6 +38,42 @@ OUT = FIXTURES / "prune" / "mamba_hidden_attention.safetensors"
 
 # (fixture directory under tests/fixtures, layer)
 CASES = [("mamba/hf_k4_sharded", 1), ("mamba/hf_bias_untied_k2", 0)]
+GLA_OUT = FIXTURES / "prune" / "gla_head_attention.safetensors"
+GLA_CASES = [
+    ("fla/gla_basic", 1, GLAForCausalLM),
+    ("fla/gla_kv_heads_relu_clamp", 0, GLAForCausalLM),
+    ("fla/gla_conv_no_gate", 1, GLAForCausalLM),
+    ("fla/retnet_basic", 1, RetNetForCausalLM),
+]
+
+
+def gla_cases():
+    tensors, metadata = {}, {}
+    for c, (fixture, layer, model_class) in enumerate(GLA_CASES):
+        directory = FIXTURES / fixture
+        model = model_class.from_pretrained(directory, torch_dtype=torch.float32).eval()
+        for block in model.model.layers:
+            block.attn.mode = "fused_recurrent"
+        ids = load_file(str(directory / "expected.safetensors"))["input_ids"]
+        attn = model.model.layers[layer].attn
+        norm = getattr(attn, "g_norm_swish_gate", None) or attn.g_norm
+        seen = {}
+        hooks = [
+            attn.q_proj.register_forward_hook(lambda m, i, o: seen.__setitem__("attn_in", i[0])),
+            norm.register_forward_pre_hook(lambda m, args: seen.__setitem__("heads_out", args[0])),
+        ]
+        with torch.no_grad():
+            model(input_ids=ids[None, :], use_cache=False)
+        for h in hooks:
+            h.remove()
+        name = f"case{c}"
+        t = ids.numel()
+        tensors[f"{name}.attn_in"] = seen["attn_in"][0].float().contiguous()
+        tensors[f"{name}.heads_out"] = seen["heads_out"][0].reshape(t, -1).float().contiguous()
+        metadata[name] = f"{fixture}:{layer}"
+        print(f"{name}: {fixture} layer {layer}, {t} tokens")
+    save_file(tensors, str(GLA_OUT), metadata=metadata)
+    print(f"wrote {GLA_OUT}")
 
 
 def main():
@@ -57,6 +106,7 @@ def main():
     OUT.parent.mkdir(parents=True, exist_ok=True)
     save_file(tensors, str(OUT), metadata=metadata)
     print(f"wrote {OUT}")
+    gla_cases()
 
 
 if __name__ == "__main__":

@@ -1,7 +1,8 @@
 """Writes tests/fixtures/prune/pruned_prefill.safetensors: pruned prefills of Mamba language
-models computed by HF transformers (MambaForCausalLM, its CPU path) and the numpy Zero-TPrune
-oracle of tools/gen_zero_tprune.py, for the test of Tideway's pruned prefill
-(`MambaLm::prefill_pruned`, ../shared/SPEC-MODELS.md section 6.3).
+models computed by HF transformers (MambaForCausalLM, its CPU path), and of a GLA by
+flash-linear-attention (GLAForCausalLM through Triton's interpreter, its `fused_recurrent`
+kernels), with the numpy Zero-TPrune oracle of tools/gen_zero_tprune.py, for the test of
+Tideway's pruned prefill (`Model::prefill_pruned`, ../shared/SPEC-MODELS.md section 6.3).
 
 For each case, HF runs the model block by block. After each pruning layer L, the oracle builds
 layer L's token graphs from what HF's mixer computed on its input (a hook records x_proj's
@@ -9,7 +10,10 @@ output: delta-rank, B and C; Delta = softplus(dt_proj(...)) as HF computes it; A
 in float64, per channel c and window [s, e) of the layer's tokens:
     alpha_ij = sum_n C_i[n] exp(A[c,n] (cum_i - cum_j)) Delta_j[c] B_j[n],  j <= i,
     cum_i = sum_{k=s..i} Delta_k[c];
-heads = consecutive equal groups of channels, each the mean of |alpha|; keys = B_j. The oracle
+heads = consecutive equal groups of channels, each the mean of |alpha|; keys = B_j. For GLA,
+per head h (from the hooked q_proj, k_proj and gk_proj outputs; gk = logsigmoid(.) / 16):
+    A_ij = dk^-0.5 sum_c q_ic k_jc exp(G_ic - G_jc),  j <= i,  G = cumsum of gk from s;
+heads = consecutive equal groups of the model's heads, each the mean of |A|; keys = k_j. The oracle
 prunes each window (causal form; protected: the sequence's first token and its `recent` last;
 keep ceil(keep * n) but never fewer than the protected; drop_similar floor(similar * n) at most
 n - keep; iterations min(paper's count for the layer, 5)), and HF's later blocks run on the
@@ -21,12 +25,19 @@ directory and the `--prune` setting Tideway parses.
 """
 
 import math
+import os
 import pathlib
 import sys
 
-import numpy as np
-import torch
+os.environ["TRITON_INTERPRET"] = "1"
+import triton.runtime.autotuner as autotuner  # noqa: E402
+
+autotuner.Autotuner._bench = lambda self, *args, **kwargs: [1.0, 1.0, 1.0]
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
 from safetensors.torch import save_file
+from fla.models import GLAForCausalLM  # noqa: E402
 from transformers import AutoTokenizer, MambaForCausalLM
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
@@ -55,6 +66,11 @@ CASES = [
         "models/shakespeare-mamba",
         "text:200",
         dict(layers=[2, 5], keep=0.6, window=64, recent=8, heads=4, similar=0.1),
+    ),
+    (
+        "models/shakespeare-gla",
+        "text:200",
+        dict(layers=[1, 3], keep=0.5, window=48, recent=8, heads=2, similar=0.1),
     ),
 ]
 
@@ -96,7 +112,24 @@ def window_graphs(delta, b, c, a, window, heads):
     return graphs
 
 
-def prune_layer(layer, layers, tokens, delta, b, c, a, setting):
+def gla_window_graphs(q, k, gk, window, heads):
+    """Head graphs [heads, n, n] (float64) of the tokens `window` from q, k, gk [T, H, dk]."""
+    s, e = window
+    q, k, gk = q[s:e], k[s:e], gk[s:e]
+    n, model_heads, dk = q.shape
+    per = model_heads // heads
+    cum = np.cumsum(gk, axis=0)  # [n, H, dk]
+    mask = np.tril(np.ones((n, n), dtype=bool))
+    graphs = np.zeros((heads, n, n))
+    for h in range(model_heads):
+        diff = cum[:, None, h, :] - cum[None, :, h, :]  # [i, j, dk]
+        diff = np.where(mask[:, :, None], diff, 0.0)
+        a = dk ** -0.5 * np.einsum("ic,jc,ijc->ij", q[:, h], k[:, h], np.exp(diff))
+        graphs[h // per] += np.abs(np.where(mask, a, 0.0)) / per
+    return graphs
+
+
+def prune_layer(layer, layers, tokens, graphs_of, keys, setting):
     recent_from = max(0, tokens - setting["recent"])
     kept = []
     for start in range(0, tokens, setting["window"]):
@@ -107,7 +140,7 @@ def prune_layer(layer, layers, tokens, delta, b, c, a, setting):
         if keep >= n:
             kept += list(range(start, end))
             continue
-        graphs = window_graphs(delta, b, c, a, (start, end), setting["heads"])
+        graphs = graphs_of((start, end))
         cfg = dict(
             causal=True,
             iterations=min(default_iterations(layer, layers), 5),
@@ -116,7 +149,7 @@ def prune_layer(layer, layers, tokens, delta, b, c, a, setting):
             protected=protected,
             vhf=(0.01, 0.7),
         )
-        result = zero_tprune(graphs, b[start:end], cfg)
+        result = zero_tprune(graphs, keys[start:end], cfg)
         kept += [i + start for i in result["kept"]]
     return kept
 
@@ -156,7 +189,10 @@ def run_case(model_dir, what, setting):
             b = dbc[:, r : r + n].numpy()
             c = dbc[:, r + n : r + 2 * n].numpy()
             a = -torch.exp(mixer.A_log.double()).numpy()  # [E, N]
-            local = prune_layer(i, layers, len(kept), delta, b, c, a, setting)
+            local = prune_layer(
+                i, layers, len(kept),
+                lambda w: window_graphs(delta, b, c, a, w, setting["heads"]), b, setting,
+            )
             h = h[:, local]
             kept = kept[local]
             survivors.append(len(kept))
@@ -164,10 +200,51 @@ def run_case(model_dir, what, setting):
     return ids, kept, survivors, logits
 
 
+def run_gla_case(model_dir, what, setting):
+    model = GLAForCausalLM.from_pretrained(model_dir, torch_dtype=torch.float32).eval()
+    for block in model.model.layers:
+        block.attn.mode = "fused_recurrent"  # Triton's interpreter cannot run fla's chunk kernels
+    ids = ids_for(model_dir, what, model.config.vocab_size)
+    layers = len(model.model.layers)
+    kept = np.arange(len(ids))
+    survivors = []
+    with torch.no_grad():
+        h = model.model.embeddings(ids[None, :])
+        for i, block in enumerate(model.model.layers):
+            attn = block.attn
+            seen = {}
+            hooks = [
+                attn.q_proj.register_forward_hook(lambda m, inp, out: seen.__setitem__("q", out)),
+                attn.k_proj.register_forward_hook(lambda m, inp, out: seen.__setitem__("k", out)),
+                attn.gk_proj.register_forward_hook(lambda m, inp, out: seen.__setitem__("gk", out)),
+            ]
+            h = block(h)[0]
+            for hook in hooks:
+                hook.remove()
+            if i not in setting["layers"]:
+                continue
+            heads, dk = attn.num_heads, attn.head_k_dim
+            t = h.shape[1]
+            q = seen["q"][0].double().reshape(t, heads, dk).numpy()
+            k = seen["k"][0].double().reshape(t, heads, dk).numpy()
+            gk = (torch.nn.functional.logsigmoid(seen["gk"][0].double()) / attn.gate_logit_normalizer)
+            gk = gk.reshape(t, heads, dk).numpy()
+            keys = k.reshape(t, heads * dk)
+            local = prune_layer(
+                i, layers, len(kept), lambda w: gla_window_graphs(q, k, gk, w, setting["heads"]), keys, setting,
+            )
+            h = h[:, local]
+            kept = kept[local]
+            survivors.append(len(kept))
+        logits = model.lm_head(model.model.norm(h))[0]
+    return ids, kept, survivors, logits
+
+
 def main():
     tensors, metadata = {}, {}
     for k, (model_dir, what, setting) in enumerate(CASES):
-        ids, kept, survivors, logits = run_case(ROOT / model_dir, what, setting)
+        run = run_gla_case if "gla" in model_dir else run_case
+        ids, kept, survivors, logits = run(ROOT / model_dir, what, setting)
         name = f"case{k}"
         tensors[f"{name}.ids"] = ids.contiguous()
         tensors[f"{name}.kept"] = torch.tensor(kept, dtype=torch.long)

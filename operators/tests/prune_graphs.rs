@@ -102,3 +102,38 @@ fn mamba_hidden_attention_reproduces_the_reference_mixer() {
         assert!(pruned.kept.contains(&0) && pruned.kept.contains(&(t - 1)));
     }
 }
+
+#[test]
+fn gla_and_retnet_head_matrices_reproduce_the_reference_heads() {
+    // fla's GLA and RetNet layers (tools/gen_prune_graph_fixtures.py): the per-head matrices of
+    // the layer's attention input, times the values, give the heads' output that fla hands
+    // its output norm.
+    use tideway_operators::models::{FlaLm, load_model};
+    let bytes = std::fs::read(common::fixture("prune/gla_head_attention.safetensors")).unwrap();
+    let (_, metadata) = SafeTensors::read_metadata(&bytes).unwrap();
+    let file = SafeTensors::deserialize(&bytes).unwrap();
+    let cases = metadata.metadata().clone().unwrap();
+    assert_eq!(cases.len(), 4);
+    for (case, what) in cases {
+        let (fixture, layer) = what.split_once(':').unwrap();
+        let model = load_model(&common::fixture(fixture)).unwrap();
+        let fla = model.as_family::<FlaLm>().unwrap();
+        let attention = fla
+            .head_attention(
+                layer.parse().unwrap(),
+                &f32s(&file, &format!("{case}.attn_in")),
+            )
+            .unwrap();
+        let got = attention.mix();
+        let want = f32s(&file, &format!("{case}.heads_out"));
+        let error = common::relative_error(&got, &want);
+        eprintln!("{case} ({what}): relative error {error:e}");
+        assert!(error <= 1e-5, "{case} ({what}): relative error {error:e}");
+        let t = attention.tokens;
+        assert!(
+            (0..attention.heads).all(|h| (0..t)
+                .all(|i| (i + 1..t).all(|j| attention.matrices[(h * t + i) * t + j] == 0.0))),
+            "{case}: A above the diagonal"
+        );
+    }
+}

@@ -1,7 +1,8 @@
 //! Pruned prefills against the reference (SPEC-MODELS §6.3): `tools/gen_pruned_prefill.py`
-//! ran HF transformers' Mamba block by block with the numpy Zero-TPrune oracle choosing each
-//! pruning layer's survivors from HF's own Δ, B and C; Tideway must keep the same positions and
-//! give the same logits on them (≤ 1e-4). Pruning that keeps every token equals the plain
+//! ran HF transformers' Mamba and flash-linear-attention's GLA block by block with the numpy
+//! Zero-TPrune oracle choosing each pruning layer's survivors from the reference's own
+//! projections (Mamba's Δ, B and C; GLA's q, k and key gate); Tideway must keep the same
+//! positions and give the same logits on them (≤ 1e-4). Pruning that keeps every token equals the plain
 //! forward bit for bit, and settings a model cannot use are refused by name.
 
 mod common;
@@ -40,7 +41,7 @@ fn a_pruned_prefill_keeps_the_oracles_tokens_and_gives_the_references_logits() {
     let (_, metadata) = SafeTensors::read_metadata(&bytes).unwrap();
     let file = SafeTensors::deserialize(&bytes).unwrap();
     let cases = metadata.metadata().clone().unwrap();
-    assert_eq!(cases.len(), 2);
+    assert_eq!(cases.len(), 3);
     for (case, what) in cases {
         let (dir, spec) = what.split_once('|').unwrap();
         let model = load_model(&root().join(dir)).unwrap();
@@ -99,10 +100,18 @@ fn settings_the_model_cannot_use_are_refused_by_name() {
             Ok(_) => assert!(names.is_empty(), "{spec} was not refused"),
         }
     }
+    // GLA's heads are the model's 4: the setting's heads group them.
     let gla = load_model(&root().join("models/shakespeare-gla")).unwrap();
-    let e = gla
-        .prefill_pruned(&ids, &PrefillPrune::default())
+    let three: PrefillPrune = "layers=1,heads=3".parse().unwrap();
+    let e = gla.prefill_pruned(&ids, &three).unwrap_err().to_string();
+    assert!(e.contains("heads"), "{e}");
+    let delta_net = load_model(&common::fixture("fla/delta_net_basic")).unwrap();
+    let e = delta_net
+        .prefill_pruned(&ids, &"layers=0".parse().unwrap())
         .unwrap_err()
         .to_string();
-    assert!(e.contains("gla family cannot prune"), "{e}");
+    assert!(
+        e.contains("delta_net family's token graphs are not built"),
+        "{e}"
+    );
 }

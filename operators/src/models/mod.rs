@@ -119,19 +119,23 @@ impl Model {
     }
 
     /// A fresh prefill of `ids` with its tokens pruned between layers (SPEC-MODELS §6.3); the
-    /// families whose token graphs are built (Mamba) can; the others are refused by name.
+    /// families whose token graphs are built (Mamba, GLA, RetNet) can; the others are refused
+    /// by name.
     pub fn prefill_pruned(
         &self,
         ids: &[u32],
         prune: &PrefillPrune,
     ) -> Result<PrunedPrefill, PrunedPrefillError> {
-        match self.as_family::<MambaLm>() {
-            Some(mamba) => mamba.prefill_pruned(ids, prune),
-            None => Err(PrefillPruneError::Family {
-                family: self.family().to_string(),
-            }
-            .into()),
+        if let Some(mamba) = self.as_family::<MambaLm>() {
+            return mamba.prefill_pruned(ids, prune);
         }
+        if let Some(fla) = self.as_family::<FlaLm>() {
+            return fla.prefill_pruned(ids, prune);
+        }
+        Err(PrefillPruneError::Family {
+            family: self.family().to_string(),
+        }
+        .into())
     }
 
     pub fn check_tokens(&self, tokens: &[u32], offset: usize) -> Result<(), InputError> {

@@ -173,38 +173,39 @@ impl GlaMixer {
     }
 }
 
-impl TokenMixer for GlaMixer {
-    fn new_state(&self) -> FlaLayerState {
-        let c = &self.config;
-        FlaLayerState::new(&self.qkv, c.num_heads * c.head_k_dim * c.head_v_dim, 0)
-    }
+/// A GLA or RetNet layer's inputs to its heads over packed rows.
+pub(crate) struct GlaInputs {
+    /// `[M, key_dim]`, feature-mapped (and rotated, RetNet).
+    pub q: Vec<f32>,
+    /// `[M, key_dim / groups]`.
+    pub k: Vec<f32>,
+    /// `[M, value_dim / groups]`.
+    pub v: Vec<f32>,
+    /// The log decay: `[M, key_dim / groups]` (GLA) or one row `[key_dim]` read with stride 0
+    /// (RetNet).
+    pub gk: Vec<f32>,
+    pub g_stride: usize,
+}
 
-    fn weight_bytes(&self) -> usize {
-        self.qkv.size_bytes()
-            + self
-                .key_gate
-                .as_ref()
-                .map_or(0, |(a, b)| a.size_bytes() + b.size_bytes())
-            + self.output.size_bytes()
-    }
-
-    fn forward(
+impl GlaMixer {
+    /// q, k, v and the log decay of the rows `u` (`[M, D]`; session i's rows `segments[i]`,
+    /// the first at position `starts[i]`), advancing the sessions' conv windows.
+    pub(crate) fn inputs(
         &self,
         u: &[f32],
         segments: &[Range<usize>],
         starts: &[usize],
         states: &mut [&mut FlaLayerState],
-        out: &mut [f32],
-    ) {
+    ) -> GlaInputs {
         let c = &self.config;
         let d = c.d_model;
         let m = u.len() / d;
         let g = c.groups();
-        let (kd, vd) = (c.key_dim(), c.value_dim());
-        let (kkd, kvd) = (kd / g, vd / g);
+        let kd = c.key_dim();
+        let kkd = kd / g;
         let x = MatRef::dense(u, m, d);
         let [mut q, mut k, v] = project(&self.qkv, x, segments, states);
-        let (dk, dv) = (c.head_k_dim, c.head_v_dim);
+        let dk = c.head_k_dim;
         // The log decay: per row and key channel (GLA) or one constant row per head (RetNet,
         // read with stride 0).
         let (gk, g_stride) = match &self.key_gate {
@@ -235,6 +236,54 @@ impl TokenMixer for GlaMixer {
                 rotary(&mut k[rows.start * kkd..rows.end * kkd], kkd, dk, start);
             }
         }
+        GlaInputs {
+            q,
+            k,
+            v,
+            gk,
+            g_stride,
+        }
+    }
+}
+
+impl TokenMixer for GlaMixer {
+    fn new_state(&self) -> FlaLayerState {
+        let c = &self.config;
+        FlaLayerState::new(&self.qkv, c.num_heads * c.head_k_dim * c.head_v_dim, 0)
+    }
+
+    fn weight_bytes(&self) -> usize {
+        self.qkv.size_bytes()
+            + self
+                .key_gate
+                .as_ref()
+                .map_or(0, |(a, b)| a.size_bytes() + b.size_bytes())
+            + self.output.size_bytes()
+    }
+
+    fn forward(
+        &self,
+        u: &[f32],
+        segments: &[Range<usize>],
+        starts: &[usize],
+        states: &mut [&mut FlaLayerState],
+        out: &mut [f32],
+    ) {
+        let c = &self.config;
+        let d = c.d_model;
+        let m = u.len() / d;
+        let g = c.groups();
+        let (kd, vd) = (c.key_dim(), c.value_dim());
+        let (kkd, kvd) = (kd / g, vd / g);
+        let x = MatRef::dense(u, m, d);
+        let GlaInputs {
+            q,
+            k,
+            v,
+            gk,
+            g_stride,
+        } = self.inputs(u, segments, starts, states);
+        let (dk, dv) = (c.head_k_dim, c.head_v_dim);
 
         // Per session and head: the recurrence (one row) or the chunkwise form.
         let scale = (dk as f32).powf(-0.5);
@@ -267,5 +316,13 @@ impl TokenMixer for GlaMixer {
 
         // Per-head norm (and swish gate), then o_proj.
         self.output.forward(&o, x, out);
+    }
+
+    fn graphs<'a>(&'a self, u: &[f32]) -> Option<Box<dyn crate::prune::prefill::TokenGraphs + 'a>> {
+        Some(Box::new(self.token_graphs(u)))
+    }
+
+    fn head_attention(&self, u: &[f32]) -> Option<super::graphs::HeadAttention> {
+        Some(GlaMixer::head_attention(self, u))
     }
 }

@@ -7,6 +7,7 @@ use std::ops::Range;
 use tideway_kernels::matmul::MatRef;
 
 use crate::layers::qkv::Qkv;
+use crate::prune::prefill::TokenGraphs;
 
 /// One session's state in one fla layer: the short convs' windows for q, k and v (empty
 /// without them), the matrix state `S` (`[H, dk, dv]`; `[H, f, dv]` over a feature map of
@@ -97,4 +98,15 @@ pub(crate) trait TokenMixer: Send + Sync {
         states: &mut [&mut FlaLayerState],
         out: &mut [f32],
     );
+
+    /// The layer's token graphs over the input `u` (`[T, D]`) for the pruner, where they are
+    /// built (GLA and RetNet: `graphs.rs`).
+    fn graphs<'a>(&'a self, _u: &[f32]) -> Option<Box<dyn TokenGraphs + 'a>> {
+        None
+    }
+
+    /// The layer's per-head token mixing over the whole of `u` as matrices, where built.
+    fn head_attention(&self, _u: &[f32]) -> Option<super::graphs::HeadAttention> {
+        None
+    }
 }

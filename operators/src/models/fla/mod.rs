@@ -17,6 +17,7 @@ pub mod gated_deltanet;
 pub mod gla;
 #[cfg(feature = "cuda")]
 pub mod gpu;
+pub mod graphs;
 pub mod linear_attn;
 pub mod mixer;
 pub mod retnet;
@@ -39,6 +40,7 @@ use crate::models::fla::linear_attn::LinearAttnMixer;
 pub use crate::models::fla::mixer::FlaLayerState;
 use crate::models::fla::mixer::TokenMixer;
 use crate::models::{ModelPart, open_sharded};
+use crate::prune::prefill::{PrefillPrune, PrunedPrefill, PrunedPrefillError, select};
 use crate::tensor_parallel::{Group, ResidualStream};
 pub use config::{FlaConfig, FlaMixerConfig};
 
@@ -266,5 +268,93 @@ impl LanguageFamily for FlaLm {
             state.position += segment.len();
         }
         Ok(())
+    }
+}
+
+impl FlaLm {
+    /// Layer `layer`'s per-head token mixing over its attention input `u` (`[T, D]`, after
+    /// the block's norm) as matrices (GLA and RetNet; None for the others).
+    pub fn head_attention(&self, layer: usize, u: &[f32]) -> Option<graphs::HeadAttention> {
+        let i = layer.checked_sub(self.frame.part.layers.start)?;
+        self.blocks.get(i)?.attn.head_attention(u)
+    }
+
+    /// Why this placement cannot prune its prefill, if it cannot: the pruner needs every
+    /// layer and both ends in one process, plain residual wiring, and token graphs (built for
+    /// GLA and RetNet).
+    pub fn why_no_pruning(&self) -> Option<String> {
+        if self.frame.part != ModelPart::whole(self.config.num_layers) {
+            Some("pruning needs the whole model in one place (not a pipeline stage's part)".into())
+        } else if self.frame.ladder.iter().any(|&l| l) {
+            Some("pruning does not run on ladder-wired layers".into())
+        } else if self.blocks.iter().any(|b| b.attn.graphs(&[]).is_none()) {
+            Some(format!(
+                "the {} family's token graphs are not built (GLA's, RetNet's and Mamba's are)",
+                self.frame.family
+            ))
+        } else {
+            None
+        }
+    }
+
+    /// A fresh prefill of `ids` pruned as `prune` says (SPEC-MODELS §6.3): after each pruning
+    /// layer only the survivors' rows go on, and each later layer runs over the survivors from
+    /// a fresh state (RetNet's positions count the survivors).
+    pub fn prefill_pruned(
+        &self,
+        ids: &[u32],
+        prune: &PrefillPrune,
+    ) -> Result<PrunedPrefill, PrunedPrefillError> {
+        let layers = self.config.num_layers;
+        // The model's heads, which the setting's heads group (GLA and RetNet; the others are
+        // refused by why_no_pruning).
+        let heads = match &self.config.mixer {
+            FlaMixerConfig::Gla(gla) => gla.num_heads,
+            _ => 1,
+        };
+        prune.check_for(layers, heads, self.why_no_pruning().as_deref())?;
+        let d = self.config.hidden_size;
+        let eps = self.config.norm_eps;
+        let mut residual = self.frame.ends.embed(ids)?;
+        let mut kept: Vec<usize> = (0..ids.len()).collect();
+        let mut survivors = Vec::new();
+        for (i, block) in self.blocks.iter().enumerate() {
+            let rows = kept.len();
+            let mut attn_in = vec![0.0f32; rows * d];
+            rms_norm(&residual, d, block.attn_norm.as_slice(), eps, &mut attn_in);
+            let mut delta = vec![0.0f32; rows * d];
+            let mut state = block.attn.new_state();
+            let whole = 0..rows;
+            block.attn.forward(
+                &attn_in,
+                std::slice::from_ref(&whole),
+                &[0],
+                &mut [&mut state],
+                &mut delta,
+            );
+            residual.iter_mut().zip(&delta).for_each(|(r, x)| *r += x);
+            let mut mlp_in = vec![0.0f32; rows * d];
+            rms_norm(&residual, d, block.mlp_norm.as_slice(), eps, &mut mlp_in);
+            block.mlp.forward(&mlp_in, rows, &mut delta);
+            residual.iter_mut().zip(&delta).for_each(|(r, x)| *r += x);
+            if prune.layers.contains(&i) {
+                let graphs = block
+                    .attn
+                    .graphs(&attn_in)
+                    .expect("checked by why_no_pruning");
+                let chosen = select(prune, i, layers, rows, &residual, d, graphs.as_ref())?;
+                residual = chosen
+                    .iter()
+                    .flat_map(|&r| residual[r * d..(r + 1) * d].to_vec())
+                    .collect();
+                kept = chosen.iter().map(|&r| kept[r]).collect();
+                survivors.push(kept.len());
+            }
+        }
+        Ok(PrunedPrefill {
+            logits: self.frame.ends.head(&residual)?,
+            kept,
+            survivors,
+        })
     }
 }
