@@ -4,7 +4,6 @@
 
 use std::path::Path;
 use std::sync::Arc;
-use tideway_operators::prune::frames::FrameGate;
 
 use anyhow::{Context, Result, bail};
 use tideway_operators::models::config::ConfigJson;
@@ -13,6 +12,8 @@ use tideway_operators::models::{
     Model, ModelPart, is_lmuformer, load_lmuformer, load_lmuformer_part, load_model_part,
     model_layers,
 };
+use tideway_operators::prune::frames::FrameGate;
+use tideway_operators::prune::prefill::PrefillPrune;
 use tideway_operators::tokenizers::Frontend;
 use tideway_operators::tokenizers::audio::{AudioFrontend, AudioLimits};
 use tideway_operators::tokenizers::text::TextTokenizer;
@@ -297,6 +298,18 @@ impl Placement {
                 self.load_features(dir, &mut pieces).with_context(context)?,
             ))
         } else {
+            // Prefill pruning runs in `tideway run` and `tideway bench prune`; the server does
+            // not prune prompts yet. A bad block is refused all the same.
+            if let Some(prune) =
+                PrefillPrune::from_config(&ConfigJson::read(dir).with_context(context)?)
+                    .with_context(context)?
+            {
+                tracing::warn!(
+                    model = %name,
+                    setting = %prune,
+                    "config.json's tideway_prune applies to `tideway run` and `tideway bench prune`; the server runs every prompt token"
+                );
+            }
             let tokenizer = TextTokenizer::find(dir)
                 .with_context(context)?
                 .map(|mut t| {
