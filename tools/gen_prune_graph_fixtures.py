@@ -10,11 +10,11 @@ It also records DeciMamba's token score (Ben-Kish et al., ICLR 2025: the norm ov
 Delta_t = softplus(dt_proj(...)), computed as HF's mixer computes it from `x_proj`'s output, which
 a hook records), the baseline the adapted pruner is measured against.
 
-Also tests/fixtures/prune/gla_head_attention.safetensors: for GLA and RetNet fixtures of
-flash-linear-attention (its model classes through Triton's interpreter, `fused_recurrent`
-kernels), layer L's attention input (`q_proj`'s input) and its heads' output before the norm
-and gate (`g_norm_swish_gate`'s or `g_norm`'s input, [T, H * dv]): Tideway's per-head matrices
-times the values must give it.
+Also tests/fixtures/prune/fla_head_attention.safetensors: for GLA, RetNet, DeltaNet and Gated
+DeltaNet fixtures of flash-linear-attention (its model classes through Triton's interpreter,
+`fused_recurrent` kernels), layer L's attention input (`q_proj`'s input) and its heads' output
+before the norm and gate (the input of `g_norm_swish_gate`, `g_norm` or `o_norm`,
+[T, H * dv]): Tideway's per-head matrices times the values must give it.
 
     .venv/bin/python tools/gen_prune_graph_fixtures.py
 """
@@ -29,7 +29,9 @@ autotuner.Autotuner._bench = lambda self, *args, **kwargs: [1.0, 1.0, 1.0]
 
 import torch  # noqa: E402
 from safetensors.torch import load_file, save_file
-from fla.models import GLAForCausalLM, RetNetForCausalLM  # noqa: E402
+from fla.models import (  # noqa: E402
+    DeltaNetForCausalLM, GatedDeltaNetForCausalLM, GLAForCausalLM, RetNetForCausalLM,
+)
 from transformers import MambaForCausalLM
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
@@ -38,12 +40,17 @@ OUT = FIXTURES / "prune" / "mamba_hidden_attention.safetensors"
 
 # (fixture directory under tests/fixtures, layer)
 CASES = [("mamba/hf_k4_sharded", 1), ("mamba/hf_bias_untied_k2", 0)]
-GLA_OUT = FIXTURES / "prune" / "gla_head_attention.safetensors"
+GLA_OUT = FIXTURES / "prune" / "fla_head_attention.safetensors"
 GLA_CASES = [
     ("fla/gla_basic", 1, GLAForCausalLM),
     ("fla/gla_kv_heads_relu_clamp", 0, GLAForCausalLM),
     ("fla/gla_conv_no_gate", 1, GLAForCausalLM),
     ("fla/retnet_basic", 1, RetNetForCausalLM),
+    ("fla/delta_net_basic", 1, DeltaNetForCausalLM),
+    ("fla/delta_net_elu_noconv_nobeta", 0, DeltaNetForCausalLM),
+    ("fla/delta_net_relu_sum_gate_negeig", 1, DeltaNetForCausalLM),
+    ("fla/gated_deltanet_basic", 1, GatedDeltaNetForCausalLM),
+    ("fla/gated_deltanet_gva_nogate_negeig", 0, GatedDeltaNetForCausalLM),
 ]
 
 
@@ -56,7 +63,7 @@ def gla_cases():
             block.attn.mode = "fused_recurrent"
         ids = load_file(str(directory / "expected.safetensors"))["input_ids"]
         attn = model.model.layers[layer].attn
-        norm = getattr(attn, "g_norm_swish_gate", None) or attn.g_norm
+        norm = next(getattr(attn, n) for n in ("g_norm_swish_gate", "g_norm", "o_norm") if hasattr(attn, n))
         seen = {}
         hooks = [
             attn.q_proj.register_forward_hook(lambda m, i, o: seen.__setitem__("attn_in", i[0])),

@@ -104,16 +104,16 @@ fn mamba_hidden_attention_reproduces_the_reference_mixer() {
 }
 
 #[test]
-fn gla_and_retnet_head_matrices_reproduce_the_reference_heads() {
-    // fla's GLA and RetNet layers (tools/gen_prune_graph_fixtures.py): the per-head matrices of
-    // the layer's attention input, times the values, give the heads' output that fla hands
-    // its output norm.
+fn fla_head_matrices_reproduce_the_reference_heads() {
+    // fla's GLA, RetNet, DeltaNet and Gated DeltaNet layers (tools/gen_prune_graph_fixtures.py):
+    // the per-head matrices of the layer's attention input, times the values, give the heads'
+    // output that fla hands its output norm.
     use tideway_operators::models::{FlaLm, load_model};
-    let bytes = std::fs::read(common::fixture("prune/gla_head_attention.safetensors")).unwrap();
+    let bytes = std::fs::read(common::fixture("prune/fla_head_attention.safetensors")).unwrap();
     let (_, metadata) = SafeTensors::read_metadata(&bytes).unwrap();
     let file = SafeTensors::deserialize(&bytes).unwrap();
     let cases = metadata.metadata().clone().unwrap();
-    assert_eq!(cases.len(), 4);
+    assert_eq!(cases.len(), 9);
     for (case, what) in cases {
         let (fixture, layer) = what.split_once(':').unwrap();
         let model = load_model(&common::fixture(fixture)).unwrap();

@@ -105,13 +105,22 @@ fn settings_the_model_cannot_use_are_refused_by_name() {
     let three: PrefillPrune = "layers=1,heads=3".parse().unwrap();
     let e = gla.prefill_pruned(&ids, &three).unwrap_err().to_string();
     assert!(e.contains("heads"), "{e}");
-    let delta_net = load_model(&common::fixture("fla/delta_net_basic")).unwrap();
-    let e = delta_net
+    let linear = load_model(&common::fixture("fla/linear_attn_hadamard")).unwrap();
+    let e = linear
         .prefill_pruned(&ids, &"layers=0".parse().unwrap())
         .unwrap_err()
         .to_string();
     assert!(
-        e.contains("delta_net family's token graphs are not built"),
+        e.contains("linear_attn family's token graphs are not built"),
         "{e}"
     );
+    // DeltaNet prunes (its 2 heads grouped by 2), on its own fixture's input.
+    let delta_net = load_model(&common::fixture("fla/delta_net_basic")).unwrap();
+    let ids: Vec<u32> = (0..100).map(|i| (i * 7 % 50) as u32).collect();
+    let setting = "layers=0,heads=2,keep=0.5,window=32,recent=4"
+        .parse()
+        .unwrap();
+    let pruned = delta_net.prefill_pruned(&ids, &setting).unwrap();
+    assert_eq!(pruned.kept.len(), 16 + 16 + 16 + 4);
+    assert!(pruned.kept.contains(&0) && pruned.kept.ends_with(&[96, 97, 98, 99]));
 }

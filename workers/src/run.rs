@@ -73,7 +73,7 @@ pub struct RunArgs {
     #[arg(long, value_enum, default_value = "f32")]
     dtype: WeightStorage,
     /// Prune the input's tokens between layers (a language model on the CPU, whole; Mamba, GLA,
-    /// RetNet), e.g. `layers=2,keep=0.5,window=128,recent=16`; keys: layers (joined by '+'),
+    /// RetNet, DeltaNet, Gated DeltaNet), e.g. `layers=2,keep=0.5,window=128,recent=16`; keys: layers (joined by '+'),
     /// keep, window, recent, heads, similar, iterations, policy (zero_tprune, random, stride,
     /// decimamba, tor), seed. `logits` then holds the kept positions' rows and `kept` (f32)
     /// their positions. Without the flag, a `tideway_prune` block in config.json sets it;

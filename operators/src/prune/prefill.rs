@@ -66,8 +66,8 @@ pub struct PrefillPrune {
     pub window: usize,
     /// The input's most recent tokens, always kept (as is its first token).
     pub recent: usize,
-    /// Groups of channels (Mamba) or of the model's heads (GLA, RetNet) that play the heads'
-    /// part; must divide them.
+    /// Groups of channels (Mamba) or of the model's (value) heads (fla families) that play the
+    /// heads' part; must divide them.
     pub heads: usize,
     /// Fraction of a window the S stage may drop as near-duplicates, in [0, 0.5].
     pub similar: f64,
@@ -112,9 +112,7 @@ pub enum PrefillPruneError {
     },
     #[error("prune setting {item:?} is not KEY=VALUE")]
     NotKeyValue { item: String },
-    #[error(
-        "the {family} family cannot prune its prefill yet: its token graphs are not built (Mamba's, GLA's and RetNet's are)"
-    )]
+    #[error("the {family} family cannot prune its prefill yet: its token graphs are not built")]
     Family { family: String },
 }
 

@@ -22,7 +22,9 @@ use crate::error::LoadError;
 use crate::layers::head_output::{HeadOutput, HeadOutputShape};
 use crate::layers::heads::{head_jobs, run_heads};
 use crate::layers::qkv::{Qkv, QkvShape};
+use crate::models::fla::graphs::{DeltaHeads, HeadAttention};
 use crate::models::fla::mixer::{FlaLayerState, TokenMixer, matrices, project};
+use crate::prune::prefill::TokenGraphs;
 
 pub const CHUNK: usize = 64;
 
@@ -117,31 +119,19 @@ impl DeltaNetMixer {
     }
 }
 
-impl TokenMixer for DeltaNetMixer {
-    fn new_state(&self) -> FlaLayerState {
-        let c = &self.config;
-        FlaLayerState::new(&self.qkv, c.num_heads * c.head_k_dim * c.head_v_dim, 0)
-    }
-
-    fn weight_bytes(&self) -> usize {
-        self.qkv.size_bytes()
-            + self.b_proj.as_ref().map_or(0, Linear::size_bytes)
-            + self.output.size_bytes()
-    }
-
-    fn forward(
+impl DeltaNetMixer {
+    /// The heads' inputs of the rows `u` (`[M, D]`, session i's rows `segments[i]`),
+    /// advancing the sessions' conv windows.
+    pub(crate) fn inputs(
         &self,
         u: &[f32],
         segments: &[Range<usize>],
-        _starts: &[usize],
         states: &mut [&mut FlaLayerState],
-        out: &mut [f32],
-    ) {
+    ) -> DeltaHeads {
         let c = &self.config;
         let d = c.d_model;
         let m = u.len() / d;
-        let (h, dk, dv) = (c.num_heads, c.head_k_dim, c.head_v_dim);
-        let (kd, vd) = (h * dk, h * dv);
+        let (h, dk) = (c.num_heads, c.head_k_dim);
         let x = MatRef::dense(u, m, d);
         let [mut q, mut k, v] = project(&self.qkv, x, segments, states);
         for values in [&mut q, &mut k] {
@@ -170,6 +160,47 @@ impl TokenMixer for DeltaNetMixer {
         if c.allow_neg_eigval {
             beta.iter_mut().for_each(|b| *b *= 2.0);
         }
+        DeltaHeads {
+            q,
+            k,
+            v,
+            beta,
+            g: None,
+            qk_heads: h,
+            v_heads: h,
+            dk,
+            dv: c.head_v_dim,
+        }
+    }
+}
+
+impl TokenMixer for DeltaNetMixer {
+    fn new_state(&self) -> FlaLayerState {
+        let c = &self.config;
+        FlaLayerState::new(&self.qkv, c.num_heads * c.head_k_dim * c.head_v_dim, 0)
+    }
+
+    fn weight_bytes(&self) -> usize {
+        self.qkv.size_bytes()
+            + self.b_proj.as_ref().map_or(0, Linear::size_bytes)
+            + self.output.size_bytes()
+    }
+
+    fn forward(
+        &self,
+        u: &[f32],
+        segments: &[Range<usize>],
+        _starts: &[usize],
+        states: &mut [&mut FlaLayerState],
+        out: &mut [f32],
+    ) {
+        let c = &self.config;
+        let d = c.d_model;
+        let m = u.len() / d;
+        let (h, dk, dv) = (c.num_heads, c.head_k_dim, c.head_v_dim);
+        let (kd, vd) = (h * dk, h * dv);
+        let x = MatRef::dense(u, m, d);
+        let DeltaHeads { q, k, v, beta, .. } = self.inputs(u, segments, states);
 
         let scale = (dk as f32).powf(-0.5);
         let mut o = vec![0.0f32; m * vd];
@@ -192,5 +223,27 @@ impl TokenMixer for DeltaNetMixer {
         });
 
         self.output.forward(&o, x, out);
+    }
+
+    fn graphs<'a>(&'a self, u: &[f32]) -> Option<Box<dyn TokenGraphs + 'a>> {
+        let t = u.len() / self.config.d_model;
+        let whole = 0..t;
+        let inputs = self.inputs(
+            u,
+            std::slice::from_ref(&whole),
+            &mut [&mut self.new_state()],
+        );
+        Some(Box::new(inputs))
+    }
+
+    fn head_attention(&self, u: &[f32]) -> Option<HeadAttention> {
+        let t = u.len() / self.config.d_model;
+        let whole = 0..t;
+        let inputs = self.inputs(
+            u,
+            std::slice::from_ref(&whole),
+            &mut [&mut self.new_state()],
+        );
+        Some(inputs.attention(0..t))
     }
 }

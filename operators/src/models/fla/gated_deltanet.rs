@@ -26,7 +26,9 @@ use crate::error::LoadError;
 use crate::layers::head_output::{HeadOutput, HeadOutputShape};
 use crate::layers::heads::{head_jobs, run_heads};
 use crate::layers::qkv::{Qkv, QkvShape};
+use crate::models::fla::graphs::{DeltaHeads, HeadAttention};
 use crate::models::fla::mixer::{FlaLayerState, TokenMixer, matrices, project};
+use crate::prune::prefill::TokenGraphs;
 
 pub const CHUNK: usize = 64;
 
@@ -109,6 +111,54 @@ impl GatedDeltaNetMixer {
     }
 }
 
+impl GatedDeltaNetMixer {
+    /// The heads' inputs of the rows `u` (`[M, D]`, session i's rows `segments[i]`),
+    /// advancing the sessions' conv windows.
+    pub(crate) fn inputs(
+        &self,
+        u: &[f32],
+        segments: &[Range<usize>],
+        states: &mut [&mut FlaLayerState],
+    ) -> DeltaHeads {
+        let c = &self.config;
+        let d = c.d_model;
+        let m = u.len() / d;
+        let (h, hv, dk) = (c.num_heads, c.num_v_heads, c.head_k_dim);
+        let x = MatRef::dense(u, m, d);
+        let [mut q, mut k, v] = project(&self.qkv, x, segments, states);
+        for values in [&mut q, &mut k] {
+            for row in values.chunks_mut(dk) {
+                let norm = (row.iter().map(|v| v * v).sum::<f32>() + 1e-6).sqrt();
+                row.iter_mut().for_each(|v| *v /= norm);
+            }
+        }
+        let mut beta = vec![0.0f32; m * hv];
+        self.b_proj.forward(x, &mut beta);
+        let neg = if c.allow_neg_eigval { 2.0 } else { 1.0 };
+        beta.iter_mut().for_each(|b| *b = neg * sigmoid(*b));
+        let mut g = vec![0.0f32; m * hv];
+        self.a_proj.forward(x, &mut g);
+        let dt_bias = self.dt_bias.as_slice();
+        for row in g.chunks_mut(hv) {
+            for (j, val) in row.iter_mut().enumerate() {
+                *val = self.neg_a[j] * softplus(*val + dt_bias[j]);
+            }
+        }
+
+        DeltaHeads {
+            q,
+            k,
+            v,
+            beta,
+            g: Some(g),
+            qk_heads: h,
+            v_heads: hv,
+            dk,
+            dv: c.head_v_dim,
+        }
+    }
+}
+
 impl TokenMixer for GatedDeltaNetMixer {
     fn new_state(&self) -> FlaLayerState {
         let c = &self.config;
@@ -140,25 +190,10 @@ impl TokenMixer for GatedDeltaNetMixer {
         let (h, hv, dk, dv) = (c.num_heads, c.num_v_heads, c.head_k_dim, c.head_v_dim);
         let (kd, vd) = (h * dk, hv * dv);
         let x = MatRef::dense(u, m, d);
-        let [mut q, mut k, v] = project(&self.qkv, x, segments, states);
-        for values in [&mut q, &mut k] {
-            for row in values.chunks_mut(dk) {
-                let norm = (row.iter().map(|v| v * v).sum::<f32>() + 1e-6).sqrt();
-                row.iter_mut().for_each(|v| *v /= norm);
-            }
-        }
-        let mut beta = vec![0.0f32; m * hv];
-        self.b_proj.forward(x, &mut beta);
-        let neg = if c.allow_neg_eigval { 2.0 } else { 1.0 };
-        beta.iter_mut().for_each(|b| *b = neg * sigmoid(*b));
-        let mut g = vec![0.0f32; m * hv];
-        self.a_proj.forward(x, &mut g);
-        let dt_bias = self.dt_bias.as_slice();
-        for row in g.chunks_mut(hv) {
-            for (j, val) in row.iter_mut().enumerate() {
-                *val = self.neg_a[j] * softplus(*val + dt_bias[j]);
-            }
-        }
+        let DeltaHeads {
+            q, k, v, beta, g, ..
+        } = self.inputs(u, segments, states);
+        let g = g.expect("Gated DeltaNet decays");
 
         let scale = (dk as f32).powf(-0.5);
         let groups = hv / h;
@@ -183,5 +218,27 @@ impl TokenMixer for GatedDeltaNetMixer {
         });
 
         self.output.forward(&o, x, out);
+    }
+
+    fn graphs<'a>(&'a self, u: &[f32]) -> Option<Box<dyn TokenGraphs + 'a>> {
+        let t = u.len() / self.config.d_model;
+        let whole = 0..t;
+        let inputs = self.inputs(
+            u,
+            std::slice::from_ref(&whole),
+            &mut [&mut self.new_state()],
+        );
+        Some(Box::new(inputs))
+    }
+
+    fn head_attention(&self, u: &[f32]) -> Option<HeadAttention> {
+        let t = u.len() / self.config.d_model;
+        let whole = 0..t;
+        let inputs = self.inputs(
+            u,
+            std::slice::from_ref(&whole),
+            &mut [&mut self.new_state()],
+        );
+        Some(inputs.attention(0..t))
     }
 }

@@ -1,9 +1,10 @@
-//! GLA's and RetNet's token graphs for the pruner (SPEC-MODELS §6.3): per head,
-//! `A_ij = scale · Σ_c q_ic k_jc exp(G_ic − G_jc)` for j ≤ i, with G the cumulative log decay
-//! (GLA's key gate; RetNet's fixed per-head decay, with RoPE already in q and k), so that the
-//! head's output before the norm and gate is `o_i = Σ_j A_ij v_j` from a fresh state
-//! (`fused_recurrent_gla` in flash-linear-attention). The projections come from the whole
-//! sequence, so a window's matrices are exact anywhere in it.
+//! The fla families' token graphs for the pruner (SPEC-MODELS §6.3): per head, a matrix A with
+//! the head's output before the norm and gate `o_i = Σ_j A_ij v_j` from a fresh state.
+//! GLA and RetNet: `A_ij = scale · Σ_c q_ic k_jc exp(G_ic − G_jc)` for j ≤ i, with G the
+//! cumulative log decay (GLA's key gate; RetNet's fixed per-head decay, with RoPE already in q
+//! and k; `fused_recurrent_gla` in flash-linear-attention). DeltaNet and Gated DeltaNet: the
+//! chunk form's UT transform ([`DeltaHeads`]). The projections come from the whole sequence, so
+//! a window's matrices are exact anywhere in it.
 
 use std::ops::Range;
 
@@ -158,6 +159,135 @@ impl TokenGraphs for GlaGraphs<'_> {
             graphs: sums.iter().map(|&s| (s / per as f64) as f32).collect(),
             keys: self.inputs.k[range.start * kkd..range.end * kkd].to_vec(),
             key_width: kkd,
+        }
+    }
+
+    fn delta_norms(&self) -> Option<Vec<f64>> {
+        None
+    }
+}
+
+/// DeltaNet's and Gated DeltaNet's heads' inputs over a sequence (q, k L2- or L1-normalised).
+/// Their token mixing over a window from a fresh state is the chunk form's
+/// `A = scale · (Q Kᵀ ⊙ Γ ⊙ M) (I + L)⁻¹ diag(β)` per value head, with M the inclusive causal
+/// mask, Γ_ij = exp(G_i − G_j) (Gated DeltaNet's cumulative log decay; 1 for DeltaNet) and
+/// `L_ij = β_i (k_i · k_j) Γ_ij` for j < i (the UT transform: `u = (I + L)⁻¹ diag(β) v` are
+/// the delta rule's corrected values, `o_i = scale Σ_{j≤i} Γ_ij (q_i · k_j) u_j`).
+pub struct DeltaHeads {
+    /// `[M, qk_heads · dk]`.
+    pub q: Vec<f32>,
+    pub k: Vec<f32>,
+    /// `[M, v_heads · dv]`.
+    pub v: Vec<f32>,
+    /// `[M, v_heads]`.
+    pub beta: Vec<f32>,
+    /// The log decay `[M, v_heads]` (Gated DeltaNet).
+    pub g: Option<Vec<f32>>,
+    pub qk_heads: usize,
+    pub v_heads: usize,
+    pub dk: usize,
+    pub dv: usize,
+}
+
+impl DeltaHeads {
+    /// Value head `h`'s matrix over the tokens `range`, `[n, n]` into `out`.
+    fn head_matrix(&self, h: usize, range: &Range<usize>, out: &mut [f64]) {
+        let (dk, hv) = (self.dk, self.v_heads);
+        let qk = h / (hv / self.qk_heads);
+        let kd = self.qk_heads * dk;
+        let n = range.len();
+        let row = |x: &[f32], i: usize| -> Vec<f64> {
+            x[(range.start + i) * kd + qk * dk..][..dk]
+                .iter()
+                .map(|&v| v as f64)
+                .collect()
+        };
+        let q: Vec<Vec<f64>> = (0..n).map(|i| row(&self.q, i)).collect();
+        let k: Vec<Vec<f64>> = (0..n).map(|i| row(&self.k, i)).collect();
+        let dot = |a: &[f64], b: &[f64]| a.iter().zip(b).map(|(x, y)| x * y).sum::<f64>();
+        let mut cumulative = vec![0.0f64; n];
+        let mut sum = 0.0;
+        for (i, c) in cumulative.iter_mut().enumerate() {
+            if let Some(g) = &self.g {
+                sum += g[(range.start + i) * hv + h] as f64;
+            }
+            *c = sum;
+        }
+        let decay = |i: usize, j: usize| (cumulative[i] - cumulative[j]).exp();
+        let beta: Vec<f64> = (0..n)
+            .map(|i| self.beta[(range.start + i) * hv + h] as f64)
+            .collect();
+        // T = (I + L)⁻¹ diag(β), lower triangular, by forward substitution per column.
+        let mut t = vec![0.0f64; n * n];
+        for c in 0..n {
+            t[c * n + c] = beta[c];
+            for i in c + 1..n {
+                let s: f64 = (c..i)
+                    .map(|j| beta[i] * dot(&k[i], &k[j]) * decay(i, j) * t[j * n + c])
+                    .sum();
+                t[i * n + c] = -s;
+            }
+        }
+        // A = scale · P T, P_ij = Γ_ij (q_i · k_j) for j ≤ i.
+        let scale = (dk as f64).powf(-0.5);
+        let p: Vec<f64> = (0..n * n)
+            .map(|x| {
+                let (i, j) = (x / n, x % n);
+                if j > i {
+                    0.0
+                } else {
+                    decay(i, j) * dot(&q[i], &k[j])
+                }
+            })
+            .collect();
+        out[..n * n].fill(0.0);
+        for i in 0..n {
+            for j in 0..=i {
+                out[i * n + j] = scale * (j..=i).map(|l| p[i * n + l] * t[l * n + j]).sum::<f64>();
+            }
+        }
+    }
+
+    /// Every value head's matrix over the tokens `range`, and their values.
+    pub fn attention(&self, range: Range<usize>) -> HeadAttention {
+        let (heads, dv) = (self.v_heads, self.dv);
+        let n = range.len();
+        let mut matrices = vec![0.0f32; heads * n * n];
+        let mut head = vec![0.0f64; n * n];
+        for h in 0..heads {
+            self.head_matrix(h, &range, &mut head);
+            for (m, v) in matrices[h * n * n..(h + 1) * n * n].iter_mut().zip(&head) {
+                *m = *v as f32;
+            }
+        }
+        HeadAttention {
+            tokens: n,
+            heads,
+            head_v_dim: dv,
+            matrices,
+            values: self.v[range.start * heads * dv..range.end * heads * dv].to_vec(),
+        }
+    }
+}
+
+/// Heads: the mean |A| of each group of value heads; keys: k (all qk heads).
+impl TokenGraphs for DeltaHeads {
+    fn window_graphs(&self, range: Range<usize>, heads: usize) -> WindowGraphs {
+        let per = self.v_heads / heads;
+        let n = range.len();
+        let mut sums = vec![0.0f64; heads * n * n];
+        let mut head = vec![0.0f64; n * n];
+        for h in 0..heads * per {
+            self.head_matrix(h, &range, &mut head);
+            for (s, v) in sums[(h / per) * n * n..][..n * n].iter_mut().zip(&head) {
+                *s += v.abs();
+            }
+        }
+        let kd = self.qk_heads * self.dk;
+        WindowGraphs {
+            graphs: sums.iter().map(|&s| (s / per as f64) as f32).collect(),
+            keys: self.k[range.start * kd..range.end * kd].to_vec(),
+            key_width: kd,
         }
     }
 

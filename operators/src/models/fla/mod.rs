@@ -289,7 +289,7 @@ impl FlaLm {
             Some("pruning does not run on ladder-wired layers".into())
         } else if self.blocks.iter().any(|b| b.attn.graphs(&[]).is_none()) {
             Some(format!(
-                "the {} family's token graphs are not built (GLA's, RetNet's and Mamba's are)",
+                "the {} family's token graphs are not built (Mamba's, GLA's, RetNet's, DeltaNet's and Gated DeltaNet's are)",
                 self.frame.family
             ))
         } else {
@@ -306,11 +306,12 @@ impl FlaLm {
         prune: &PrefillPrune,
     ) -> Result<PrunedPrefill, PrunedPrefillError> {
         let layers = self.config.num_layers;
-        // The model's heads, which the setting's heads group (GLA and RetNet; the others are
-        // refused by why_no_pruning).
+        // The model's heads (value heads), which the setting's heads group.
         let heads = match &self.config.mixer {
             FlaMixerConfig::Gla(gla) => gla.num_heads,
-            _ => 1,
+            FlaMixerConfig::DeltaNet(delta) => delta.num_heads,
+            FlaMixerConfig::GatedDeltaNet(gated) => gated.num_v_heads,
+            FlaMixerConfig::LinearAttn(_) => 1,
         };
         prune.check_for(layers, heads, self.why_no_pruning().as_deref())?;
         let d = self.config.hidden_size;
