@@ -10,10 +10,10 @@ It also records DeciMamba's token score (Ben-Kish et al., ICLR 2025: the norm ov
 Delta_t = softplus(dt_proj(...)), computed as HF's mixer computes it from `x_proj`'s output, which
 a hook records), the baseline the adapted pruner is measured against.
 
-Also tests/fixtures/prune/fla_head_attention.safetensors: for GLA, RetNet, DeltaNet and Gated
-DeltaNet fixtures of flash-linear-attention (its model classes through Triton's interpreter,
+Also tests/fixtures/prune/fla_head_attention.safetensors: for GLA, RetNet, DeltaNet, Gated
+DeltaNet and linear-attention fixtures of flash-linear-attention (its model classes through Triton's interpreter,
 `fused_recurrent` kernels), layer L's attention input (`q_proj`'s input) and its heads' output
-before the norm and gate (the input of `g_norm_swish_gate`, `g_norm` or `o_norm`,
+before the norm and gate (the input of `g_norm_swish_gate`, `g_norm`, `o_norm` or `norm`,
 [T, H * dv]): Tideway's per-head matrices times the values must give it.
 
     .venv/bin/python tools/gen_prune_graph_fixtures.py
@@ -30,7 +30,7 @@ autotuner.Autotuner._bench = lambda self, *args, **kwargs: [1.0, 1.0, 1.0]
 import torch  # noqa: E402
 from safetensors.torch import load_file, save_file
 from fla.models import (  # noqa: E402
-    DeltaNetForCausalLM, GatedDeltaNetForCausalLM, GLAForCausalLM, RetNetForCausalLM,
+    DeltaNetForCausalLM, GatedDeltaNetForCausalLM, GLAForCausalLM, LinearAttentionForCausalLM, RetNetForCausalLM,
 )
 from transformers import MambaForCausalLM
 
@@ -51,6 +51,11 @@ GLA_CASES = [
     ("fla/delta_net_relu_sum_gate_negeig", 1, DeltaNetForCausalLM),
     ("fla/gated_deltanet_basic", 1, GatedDeltaNetForCausalLM),
     ("fla/gated_deltanet_gva_nogate_negeig", 0, GatedDeltaNetForCausalLM),
+    ("fla/linear_attn_dpfp_normqk_kv", 1, LinearAttentionForCausalLM),
+    ("fla/linear_attn_elu_normalized", 0, LinearAttentionForCausalLM),
+    ("fla/linear_attn_hadamard", 1, LinearAttentionForCausalLM),
+    ("fla/linear_attn_hedgehog_normalized", 1, LinearAttentionForCausalLM),
+    ("fla/linear_attn_t2r", 0, LinearAttentionForCausalLM),
 ]
 
 
@@ -63,7 +68,7 @@ def gla_cases():
             block.attn.mode = "fused_recurrent"
         ids = load_file(str(directory / "expected.safetensors"))["input_ids"]
         attn = model.model.layers[layer].attn
-        norm = next(getattr(attn, n) for n in ("g_norm_swish_gate", "g_norm", "o_norm") if hasattr(attn, n))
+        norm = next(getattr(attn, n) for n in ("g_norm_swish_gate", "g_norm", "o_norm", "norm") if hasattr(attn, n))
         seen = {}
         hooks = [
             attn.q_proj.register_forward_hook(lambda m, i, o: seen.__setitem__("attn_in", i[0])),

@@ -105,7 +105,8 @@ fn mamba_hidden_attention_reproduces_the_reference_mixer() {
 
 #[test]
 fn fla_head_matrices_reproduce_the_reference_heads() {
-    // fla's GLA, RetNet, DeltaNet and Gated DeltaNet layers (tools/gen_prune_graph_fixtures.py):
+    // fla's GLA, RetNet, DeltaNet, Gated DeltaNet and linear-attention layers
+    // (tools/gen_prune_graph_fixtures.py):
     // the per-head matrices of the layer's attention input, times the values, give the heads'
     // output that fla hands its output norm.
     use tideway_operators::models::{FlaLm, load_model};
@@ -113,7 +114,7 @@ fn fla_head_matrices_reproduce_the_reference_heads() {
     let (_, metadata) = SafeTensors::read_metadata(&bytes).unwrap();
     let file = SafeTensors::deserialize(&bytes).unwrap();
     let cases = metadata.metadata().clone().unwrap();
-    assert_eq!(cases.len(), 9);
+    assert_eq!(cases.len(), 14);
     for (case, what) in cases {
         let (fixture, layer) = what.split_once(':').unwrap();
         let model = load_model(&common::fixture(fixture)).unwrap();

@@ -105,15 +105,25 @@ fn settings_the_model_cannot_use_are_refused_by_name() {
     let three: PrefillPrune = "layers=1,heads=3".parse().unwrap();
     let e = gla.prefill_pruned(&ids, &three).unwrap_err().to_string();
     assert!(e.contains("heads"), "{e}");
-    let linear = load_model(&common::fixture("fla/linear_attn_hadamard")).unwrap();
-    let e = linear
-        .prefill_pruned(&ids, &"layers=0".parse().unwrap())
+    // Ladder-wired layers and a pipeline stage's part cannot prune.
+    for dir in ["ladder/gla_ladder_last2", "ladder/mamba_ladder_all"] {
+        let ladder = load_model(&common::fixture(dir)).unwrap();
+        let e = ladder
+            .prefill_pruned(&ids, &"layers=0,heads=1".parse().unwrap())
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("ladder-wired"), "{dir}: {e}");
+    }
+    let part = tideway_operators::models::load_model_part(
+        &root().join("models/shakespeare-mamba"),
+        tideway_operators::models::ModelPart::stage(0, 2, 8).unwrap(),
+    )
+    .unwrap();
+    let e = part
+        .prefill_pruned(&ids, &"layers=1".parse().unwrap())
         .unwrap_err()
         .to_string();
-    assert!(
-        e.contains("linear_attn family's token graphs are not built"),
-        "{e}"
-    );
+    assert!(e.contains("whole model"), "{e}");
     // DeltaNet prunes (its 2 heads grouped by 2), on its own fixture's input.
     let delta_net = load_model(&common::fixture("fla/delta_net_basic")).unwrap();
     let ids: Vec<u32> = (0..100).map(|i| (i * 7 % 50) as u32).collect();

@@ -72,8 +72,8 @@ pub struct RunArgs {
     /// Weight storage on a GPU (f32, or bf16 with f32 accumulation); the CPU keeps f32.
     #[arg(long, value_enum, default_value = "f32")]
     dtype: WeightStorage,
-    /// Prune the input's tokens between layers (a language model on the CPU, whole; Mamba, GLA,
-    /// RetNet, DeltaNet, Gated DeltaNet), e.g. `layers=2,keep=0.5,window=128,recent=16`; keys: layers (joined by '+'),
+    /// Prune the input's tokens between layers (a language model of any family, whole, on the
+    /// CPU), e.g. `layers=2,keep=0.5,window=128,recent=16`; keys: layers (joined by '+'),
     /// keep, window, recent, heads, similar, iterations, policy (zero_tprune, random, stride,
     /// decimamba, tor), seed. `logits` then holds the kept positions' rows and `kept` (f32)
     /// their positions. Without the flag, a `tideway_prune` block in config.json sets it;

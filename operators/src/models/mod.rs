@@ -119,8 +119,8 @@ impl Model {
     }
 
     /// A fresh prefill of `ids` with its tokens pruned between layers (SPEC-MODELS §6.3); the
-    /// families whose token graphs are built (Mamba, GLA, RetNet, DeltaNet, Gated DeltaNet)
-    /// can; the others are refused by name.
+    /// families whose token graphs are built (all of Tideway's language models) can; another
+    /// would be refused by name.
     pub fn prefill_pruned(
         &self,
         ids: &[u32],

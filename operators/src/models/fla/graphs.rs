@@ -3,7 +3,8 @@
 //! GLA and RetNet: `A_ij = scale · Σ_c q_ic k_jc exp(G_ic − G_jc)` for j ≤ i, with G the
 //! cumulative log decay (GLA's key gate; RetNet's fixed per-head decay, with RoPE already in q
 //! and k; `fused_recurrent_gla` in flash-linear-attention). DeltaNet and Gated DeltaNet: the
-//! chunk form's UT transform ([`DeltaHeads`]). The projections come from the whole sequence, so
+//! chunk form's UT transform ([`DeltaHeads`]). Linear attention: feature-map products
+//! ([`LinearHeads`]). The projections come from the whole sequence, so
 //! a window's matrices are exact anywhere in it.
 
 use std::ops::Range;
@@ -288,6 +289,101 @@ impl TokenGraphs for DeltaHeads {
             graphs: sums.iter().map(|&s| (s / per as f64) as f32).collect(),
             keys: self.k[range.start * kd..range.end * kd].to_vec(),
             key_width: kd,
+        }
+    }
+
+    fn delta_norms(&self) -> Option<Vec<f64>> {
+        None
+    }
+}
+
+/// Linear attention's heads' inputs over a sequence: `A_ij = scale · φ(q_i) · φ(k_j)` for
+/// j ≤ i (scale = f^-1/2 over the feature width f), divided by `Σ_{j≤i} A_ij + 1e-10` where the
+/// layer normalises (fla's `do_feature_map_norm`).
+pub struct LinearHeads {
+    /// `[M, heads · f]`, feature-mapped (and normalised where the layer does).
+    pub q: Vec<f32>,
+    /// `[M, heads / groups · f]`.
+    pub k: Vec<f32>,
+    /// `[M, heads / groups · dv]`.
+    pub v: Vec<f32>,
+    pub heads: usize,
+    pub groups: usize,
+    pub feature_width: usize,
+    pub dv: usize,
+    pub normalize: bool,
+}
+
+impl LinearHeads {
+    /// Head `h`'s matrix over the tokens `range`, `[n, n]` into `out`.
+    fn head_matrix(&self, h: usize, range: &Range<usize>, out: &mut [f64]) {
+        let f = self.feature_width;
+        let (qw, kw) = (self.heads * f, self.heads / self.groups * f);
+        let kv = h / self.groups;
+        let n = range.len();
+        let scale = (f as f64).powf(-0.5);
+        out[..n * n].fill(0.0);
+        for i in 0..n {
+            let qi = &self.q[(range.start + i) * qw + h * f..][..f];
+            for j in 0..=i {
+                let kj = &self.k[(range.start + j) * kw + kv * f..][..f];
+                let a: f64 = qi.iter().zip(kj).map(|(&a, &b)| a as f64 * b as f64).sum();
+                out[i * n + j] = scale * a;
+            }
+            if self.normalize {
+                let z: f64 = out[i * n..i * n + i + 1].iter().sum::<f64>() + 1e-10;
+                out[i * n..i * n + i + 1].iter_mut().for_each(|a| *a /= z);
+            }
+        }
+    }
+
+    /// Every head's matrix over the tokens `range`, and their values.
+    pub fn attention(&self, range: Range<usize>) -> HeadAttention {
+        let (heads, dv, groups) = (self.heads, self.dv, self.groups);
+        let vw = heads / groups * dv;
+        let n = range.len();
+        let mut matrices = vec![0.0f32; heads * n * n];
+        let mut head = vec![0.0f64; n * n];
+        for h in 0..heads {
+            self.head_matrix(h, &range, &mut head);
+            for (m, v) in matrices[h * n * n..(h + 1) * n * n].iter_mut().zip(&head) {
+                *m = *v as f32;
+            }
+        }
+        let values = range
+            .flat_map(|row| {
+                (0..heads)
+                    .flat_map(move |h| self.v[row * vw + (h / groups) * dv..][..dv].iter().copied())
+            })
+            .collect();
+        HeadAttention {
+            tokens: n,
+            heads,
+            head_v_dim: dv,
+            matrices,
+            values,
+        }
+    }
+}
+
+/// Heads: the mean |A| of each group of heads; keys: φ(k) (all kv heads).
+impl TokenGraphs for LinearHeads {
+    fn window_graphs(&self, range: Range<usize>, heads: usize) -> WindowGraphs {
+        let per = self.heads / heads;
+        let n = range.len();
+        let mut sums = vec![0.0f64; heads * n * n];
+        let mut head = vec![0.0f64; n * n];
+        for h in 0..heads * per {
+            self.head_matrix(h, &range, &mut head);
+            for (s, v) in sums[(h / per) * n * n..][..n * n].iter_mut().zip(&head) {
+                *s += v.abs();
+            }
+        }
+        let kw = self.heads / self.groups * self.feature_width;
+        WindowGraphs {
+            graphs: sums.iter().map(|&s| (s / per as f64) as f32).collect(),
+            keys: self.k[range.start * kw..range.end * kw].to_vec(),
+            key_width: kw,
         }
     }
 

@@ -24,7 +24,9 @@ use crate::error::LoadError;
 use crate::layers::head_output::{HeadOutput, HeadOutputShape};
 use crate::layers::heads::{head_jobs, run_heads};
 use crate::layers::qkv::{Qkv, QkvShape};
+use crate::models::fla::graphs::{HeadAttention, LinearHeads};
 use crate::models::fla::mixer::{FlaLayerState, TokenMixer, matrices, project};
+use crate::prune::prefill::TokenGraphs;
 
 pub const CHUNK: usize = 64;
 /// DPFP's ν: the products of `r` with its rolls by 1..=ν.
@@ -269,18 +271,8 @@ impl TokenMixer for LinearAttnMixer {
         let (h, dv) = (c.num_heads, c.head_v_dim);
         let vd = h * dv;
         let x = MatRef::dense(u, m, d);
-        let [q, k, v] = project(&self.qkv, x, segments, states);
         let f = self.feature_width();
-        let mut q = self.feature(&self.map_q, &q);
-        let mut k = self.feature(&self.map_k, &k);
-        for (values, on) in [(&mut q, c.norm_q), (&mut k, c.norm_k)] {
-            if on {
-                for row in values.chunks_mut(f) {
-                    let sum: f32 = row.iter().sum::<f32>() + 1e-4;
-                    row.iter_mut().for_each(|v| *v /= sum);
-                }
-            }
-        }
+        let LinearHeads { q, k, v, .. } = self.inputs(u, segments, states);
         let (qw, kw, vw) = (h * f, h / g * f, vd / g);
         let scale = (f as f32).powf(-0.5);
         let mut o = vec![0.0f32; m * vd];
@@ -317,6 +309,65 @@ impl TokenMixer for LinearAttnMixer {
             }
         });
         self.output.forward(&o, x, out);
+    }
+
+    fn graphs<'a>(&'a self, u: &[f32]) -> Option<Box<dyn TokenGraphs + 'a>> {
+        let t = u.len() / self.config.d_model;
+        let whole = 0..t;
+        let inputs = self.inputs(
+            u,
+            std::slice::from_ref(&whole),
+            &mut [&mut self.new_state()],
+        );
+        Some(Box::new(inputs))
+    }
+
+    fn head_attention(&self, u: &[f32]) -> Option<HeadAttention> {
+        let t = u.len() / self.config.d_model;
+        let whole = 0..t;
+        let inputs = self.inputs(
+            u,
+            std::slice::from_ref(&whole),
+            &mut [&mut self.new_state()],
+        );
+        Some(inputs.attention(0..t))
+    }
+}
+
+impl LinearAttnMixer {
+    /// The heads' feature-mapped q and k and the values of the rows `u` (`[M, D]`, session
+    /// i's rows `segments[i]`), advancing the sessions' conv windows.
+    pub(crate) fn inputs(
+        &self,
+        u: &[f32],
+        segments: &[Range<usize>],
+        states: &mut [&mut FlaLayerState],
+    ) -> LinearHeads {
+        let c = &self.config;
+        let m = u.len() / c.d_model;
+        let x = MatRef::dense(u, m, c.d_model);
+        let [q, k, v] = project(&self.qkv, x, segments, states);
+        let f = self.feature_width();
+        let mut q = self.feature(&self.map_q, &q);
+        let mut k = self.feature(&self.map_k, &k);
+        for (values, on) in [(&mut q, c.norm_q), (&mut k, c.norm_k)] {
+            if on {
+                for row in values.chunks_mut(f) {
+                    let sum: f32 = row.iter().sum::<f32>() + 1e-4;
+                    row.iter_mut().for_each(|v| *v /= sum);
+                }
+            }
+        }
+        LinearHeads {
+            q,
+            k,
+            v,
+            heads: c.num_heads,
+            groups: c.num_heads / c.num_kv_heads,
+            feature_width: f,
+            dv: c.head_v_dim,
+            normalize: c.normalize,
+        }
     }
 }
 

@@ -311,7 +311,7 @@ impl FlaLm {
             FlaMixerConfig::Gla(gla) => gla.num_heads,
             FlaMixerConfig::DeltaNet(delta) => delta.num_heads,
             FlaMixerConfig::GatedDeltaNet(gated) => gated.num_v_heads,
-            FlaMixerConfig::LinearAttn(_) => 1,
+            FlaMixerConfig::LinearAttn(linear) => linear.num_heads,
         };
         prune.check_for(layers, heads, self.why_no_pruning().as_deref())?;
         let d = self.config.hidden_size;
