@@ -332,6 +332,44 @@ pub struct PrunedPrefill {
     pub logits: tideway_kernels::Tensor,
 }
 
+/// The tokens still going on through a pruned prefill, in input positions, and how many were
+/// left after each pruning layer.
+#[derive(Debug, Clone, Default)]
+pub struct Survivors {
+    pub kept: Vec<usize>,
+    pub counts: Vec<usize>,
+}
+
+impl Survivors {
+    /// Every one of `tokens` tokens.
+    pub fn all(tokens: usize) -> Self {
+        Survivors {
+            kept: (0..tokens).collect(),
+            counts: Vec::new(),
+        }
+    }
+
+    /// Keeps the rows `chosen` (ascending, of the current survivors) of the residual stream
+    /// `residual` (`[rows, hidden]`).
+    pub fn keep(&mut self, chosen: &[usize], residual: &mut Vec<f32>, hidden: usize) {
+        *residual = chosen
+            .iter()
+            .flat_map(|&r| residual[r * hidden..(r + 1) * hidden].to_vec())
+            .collect();
+        self.kept = chosen.iter().map(|&r| self.kept[r]).collect();
+        self.counts.push(self.kept.len());
+    }
+
+    /// The prefill's result, with the head's logits of the survivors.
+    pub fn finish(self, logits: tideway_kernels::Tensor) -> PrunedPrefill {
+        PrunedPrefill {
+            kept: self.kept,
+            survivors: self.counts,
+            logits,
+        }
+    }
+}
+
 /// A window's token graphs, for Zero-TPrune.
 pub struct WindowGraphs {
     /// `[heads, n, n]`, row i: token i's weights over the tokens j ≤ i it mixes in.

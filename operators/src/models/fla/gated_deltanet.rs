@@ -26,9 +26,8 @@ use crate::error::LoadError;
 use crate::layers::head_output::{HeadOutput, HeadOutputShape};
 use crate::layers::heads::{head_jobs, run_heads};
 use crate::layers::qkv::{Qkv, QkvShape};
-use crate::models::fla::graphs::{DeltaHeads, HeadAttention};
+use crate::models::fla::graphs::{DeltaHeads, HeadMixing};
 use crate::models::fla::mixer::{FlaLayerState, TokenMixer, matrices, project};
-use crate::prune::prefill::TokenGraphs;
 
 pub const CHUNK: usize = 64;
 
@@ -220,25 +219,13 @@ impl TokenMixer for GatedDeltaNetMixer {
         self.output.forward(&o, x, out);
     }
 
-    fn graphs<'a>(&'a self, u: &[f32]) -> Option<Box<dyn TokenGraphs + 'a>> {
-        let t = u.len() / self.config.d_model;
-        let whole = 0..t;
+    fn head_mixing<'a>(&'a self, u: &[f32]) -> Option<Box<dyn HeadMixing + 'a>> {
+        let whole = 0..u.len() / self.config.d_model;
         let inputs = self.inputs(
             u,
             std::slice::from_ref(&whole),
             &mut [&mut self.new_state()],
         );
         Some(Box::new(inputs))
-    }
-
-    fn head_attention(&self, u: &[f32]) -> Option<HeadAttention> {
-        let t = u.len() / self.config.d_model;
-        let whole = 0..t;
-        let inputs = self.inputs(
-            u,
-            std::slice::from_ref(&whole),
-            &mut [&mut self.new_state()],
-        );
-        Some(inputs.attention(0..t))
     }
 }

@@ -318,11 +318,7 @@ impl TokenMixer for GlaMixer {
         self.output.forward(&o, x, out);
     }
 
-    fn graphs<'a>(&'a self, u: &[f32]) -> Option<Box<dyn crate::prune::prefill::TokenGraphs + 'a>> {
+    fn head_mixing<'a>(&'a self, u: &[f32]) -> Option<Box<dyn super::graphs::HeadMixing + 'a>> {
         Some(Box::new(self.token_graphs(u)))
-    }
-
-    fn head_attention(&self, u: &[f32]) -> Option<super::graphs::HeadAttention> {
-        Some(GlaMixer::head_attention(self, u))
     }
 }

@@ -45,6 +45,73 @@ impl HeadAttention {
     }
 }
 
+/// A layer's heads over a sequence, as the pruner reads them: each (value) head's token
+/// mixing over a window as a matrix, what it mixes, and the tokens' keys.
+pub trait HeadMixing {
+    /// (Value) heads.
+    fn heads(&self) -> usize;
+    fn head_v_dim(&self) -> usize;
+    /// Head `h`'s matrix over the tokens `range`, `[n, n]` into `out`.
+    fn head_matrix(&self, h: usize, range: &Range<usize>, out: &mut [f64]);
+    /// Head `h`'s values at token `row`.
+    fn head_values(&self, h: usize, row: usize) -> &[f32];
+    /// The keys of the tokens `range` (`[n, width]`) and their width.
+    fn keys(&self, range: Range<usize>) -> (Vec<f32>, usize);
+
+    /// Every head's matrix over the tokens `range`, and their values.
+    fn attention(&self, range: Range<usize>) -> HeadAttention {
+        let (heads, dv) = (self.heads(), self.head_v_dim());
+        let n = range.len();
+        let mut matrices = vec![0.0f32; heads * n * n];
+        let mut head = vec![0.0f64; n * n];
+        for h in 0..heads {
+            self.head_matrix(h, &range, &mut head);
+            for (m, v) in matrices[h * n * n..(h + 1) * n * n].iter_mut().zip(&head) {
+                *m = *v as f32;
+            }
+        }
+        let values = range
+            .flat_map(|row| (0..heads).flat_map(move |h| self.head_values(h, row).to_vec()))
+            .collect();
+        HeadAttention {
+            tokens: n,
+            heads,
+            head_v_dim: dv,
+            matrices,
+            values,
+        }
+    }
+}
+
+/// The pruner's view of a layer's heads: `groups` graphs, each the mean |A| of its consecutive
+/// heads, and the tokens' keys.
+pub struct Heads<'a>(pub Box<dyn HeadMixing + 'a>);
+
+impl TokenGraphs for Heads<'_> {
+    fn window_graphs(&self, range: Range<usize>, groups: usize) -> WindowGraphs {
+        let per = self.0.heads() / groups;
+        let n = range.len();
+        let mut sums = vec![0.0f64; groups * n * n];
+        let mut head = vec![0.0f64; n * n];
+        for h in 0..groups * per {
+            self.0.head_matrix(h, &range, &mut head);
+            for (s, v) in sums[(h / per) * n * n..][..n * n].iter_mut().zip(&head) {
+                *s += v.abs();
+            }
+        }
+        let (keys, key_width) = self.0.keys(range);
+        WindowGraphs {
+            graphs: sums.iter().map(|&s| (s / per as f64) as f32).collect(),
+            keys,
+            key_width,
+        }
+    }
+
+    fn delta_norms(&self) -> Option<Vec<f64>> {
+        None
+    }
+}
+
 /// A layer's q, k, v and log decay over a whole sequence, from a fresh state.
 pub struct GlaGraphs<'m> {
     mixer: &'m GlaMixer,
@@ -55,24 +122,41 @@ impl GlaMixer {
     /// The inputs of `u` (`[T, d_model]`, the mixer's input) from a fresh state.
     pub fn token_graphs(&self, u: &[f32]) -> GlaGraphs<'_> {
         let t = u.len() / self.config.d_model;
-        let mut state = self.new_state();
         let whole = 0..t;
+        let mut state = self.new_state();
         let inputs = self.inputs(u, std::slice::from_ref(&whole), &[0], &mut [&mut state]);
         GlaGraphs {
             mixer: self,
             inputs,
         }
     }
-
-    /// The per-head attention of the whole of `u` from a fresh state.
-    pub fn head_attention(&self, u: &[f32]) -> HeadAttention {
-        let t = u.len() / self.config.d_model;
-        self.token_graphs(u).attention(0..t)
-    }
 }
 
-impl GlaGraphs<'_> {
-    /// Head `h`'s matrix over the tokens `range`, `[n, n]` into `out`.
+impl HeadMixing for GlaGraphs<'_> {
+    fn heads(&self) -> usize {
+        self.mixer.config.num_heads
+    }
+
+    fn head_v_dim(&self) -> usize {
+        self.mixer.config.head_v_dim
+    }
+
+    fn head_values(&self, h: usize, row: usize) -> &[f32] {
+        let c = &self.mixer.config;
+        let (dv, groups) = (c.head_v_dim, c.num_heads / c.num_kv_heads);
+        let kvd = c.num_heads * dv / groups;
+        &self.inputs.v[row * kvd + (h / groups) * dv..][..dv]
+    }
+
+    fn keys(&self, range: Range<usize>) -> (Vec<f32>, usize) {
+        let c = &self.mixer.config;
+        let kkd = c.num_heads * c.head_k_dim / (c.num_heads / c.num_kv_heads);
+        (
+            self.inputs.k[range.start * kkd..range.end * kkd].to_vec(),
+            kkd,
+        )
+    }
+
     fn head_matrix(&self, h: usize, range: &Range<usize>, out: &mut [f64]) {
         let c = &self.mixer.config;
         let (dk, groups) = (c.head_k_dim, c.num_heads / c.num_kv_heads);
@@ -108,64 +192,6 @@ impl GlaGraphs<'_> {
             }
         }
     }
-
-    /// Every head's matrix over the tokens `range`, and their values.
-    pub fn attention(&self, range: Range<usize>) -> HeadAttention {
-        let c = &self.mixer.config;
-        let (heads, dv, groups) = (c.num_heads, c.head_v_dim, c.num_heads / c.num_kv_heads);
-        let kvd = heads * dv / groups;
-        let n = range.len();
-        let mut matrices = vec![0.0f32; heads * n * n];
-        let mut head = vec![0.0f64; n * n];
-        for h in 0..heads {
-            self.head_matrix(h, &range, &mut head);
-            for (m, v) in matrices[h * n * n..(h + 1) * n * n].iter_mut().zip(&head) {
-                *m = *v as f32;
-            }
-        }
-        let values = range
-            .flat_map(|row| {
-                (0..heads).flat_map(move |h| {
-                    let kv = h / groups;
-                    self.inputs.v[row * kvd + kv * dv..][..dv].iter().copied()
-                })
-            })
-            .collect();
-        HeadAttention {
-            tokens: n,
-            heads,
-            head_v_dim: dv,
-            matrices,
-            values,
-        }
-    }
-}
-
-/// Heads: the mean |A| of each group of the model's heads; keys: k (all kv heads).
-impl TokenGraphs for GlaGraphs<'_> {
-    fn window_graphs(&self, range: Range<usize>, heads: usize) -> WindowGraphs {
-        let c = &self.mixer.config;
-        let per = c.num_heads / heads;
-        let n = range.len();
-        let mut sums = vec![0.0f64; heads * n * n];
-        let mut head = vec![0.0f64; n * n];
-        for h in 0..heads * per {
-            self.head_matrix(h, &range, &mut head);
-            for (s, v) in sums[(h / per) * n * n..][..n * n].iter_mut().zip(&head) {
-                *s += v.abs();
-            }
-        }
-        let kkd = c.num_heads * c.head_k_dim / (c.num_heads / c.num_kv_heads);
-        WindowGraphs {
-            graphs: sums.iter().map(|&s| (s / per as f64) as f32).collect(),
-            keys: self.inputs.k[range.start * kkd..range.end * kkd].to_vec(),
-            key_width: kkd,
-        }
-    }
-
-    fn delta_norms(&self) -> Option<Vec<f64>> {
-        None
-    }
 }
 
 /// DeltaNet's and Gated DeltaNet's heads' inputs over a sequence (q, k L2- or L1-normalised).
@@ -190,8 +216,24 @@ pub struct DeltaHeads {
     pub dv: usize,
 }
 
-impl DeltaHeads {
-    /// Value head `h`'s matrix over the tokens `range`, `[n, n]` into `out`.
+impl HeadMixing for DeltaHeads {
+    fn heads(&self) -> usize {
+        self.v_heads
+    }
+
+    fn head_v_dim(&self) -> usize {
+        self.dv
+    }
+
+    fn head_values(&self, h: usize, row: usize) -> &[f32] {
+        &self.v[row * self.v_heads * self.dv + h * self.dv..][..self.dv]
+    }
+
+    fn keys(&self, range: Range<usize>) -> (Vec<f32>, usize) {
+        let kd = self.qk_heads * self.dk;
+        (self.k[range.start * kd..range.end * kd].to_vec(), kd)
+    }
+
     fn head_matrix(&self, h: usize, range: &Range<usize>, out: &mut [f64]) {
         let (dk, hv) = (self.dk, self.v_heads);
         let qk = h / (hv / self.qk_heads);
@@ -248,53 +290,6 @@ impl DeltaHeads {
             }
         }
     }
-
-    /// Every value head's matrix over the tokens `range`, and their values.
-    pub fn attention(&self, range: Range<usize>) -> HeadAttention {
-        let (heads, dv) = (self.v_heads, self.dv);
-        let n = range.len();
-        let mut matrices = vec![0.0f32; heads * n * n];
-        let mut head = vec![0.0f64; n * n];
-        for h in 0..heads {
-            self.head_matrix(h, &range, &mut head);
-            for (m, v) in matrices[h * n * n..(h + 1) * n * n].iter_mut().zip(&head) {
-                *m = *v as f32;
-            }
-        }
-        HeadAttention {
-            tokens: n,
-            heads,
-            head_v_dim: dv,
-            matrices,
-            values: self.v[range.start * heads * dv..range.end * heads * dv].to_vec(),
-        }
-    }
-}
-
-/// Heads: the mean |A| of each group of value heads; keys: k (all qk heads).
-impl TokenGraphs for DeltaHeads {
-    fn window_graphs(&self, range: Range<usize>, heads: usize) -> WindowGraphs {
-        let per = self.v_heads / heads;
-        let n = range.len();
-        let mut sums = vec![0.0f64; heads * n * n];
-        let mut head = vec![0.0f64; n * n];
-        for h in 0..heads * per {
-            self.head_matrix(h, &range, &mut head);
-            for (s, v) in sums[(h / per) * n * n..][..n * n].iter_mut().zip(&head) {
-                *s += v.abs();
-            }
-        }
-        let kd = self.qk_heads * self.dk;
-        WindowGraphs {
-            graphs: sums.iter().map(|&s| (s / per as f64) as f32).collect(),
-            keys: self.k[range.start * kd..range.end * kd].to_vec(),
-            key_width: kd,
-        }
-    }
-
-    fn delta_norms(&self) -> Option<Vec<f64>> {
-        None
-    }
 }
 
 /// Linear attention's heads' inputs over a sequence: `A_ij = scale · φ(q_i) · φ(k_j)` for
@@ -314,8 +309,25 @@ pub struct LinearHeads {
     pub normalize: bool,
 }
 
-impl LinearHeads {
-    /// Head `h`'s matrix over the tokens `range`, `[n, n]` into `out`.
+impl HeadMixing for LinearHeads {
+    fn heads(&self) -> usize {
+        self.heads
+    }
+
+    fn head_v_dim(&self) -> usize {
+        self.dv
+    }
+
+    fn head_values(&self, h: usize, row: usize) -> &[f32] {
+        let vw = self.heads / self.groups * self.dv;
+        &self.v[row * vw + (h / self.groups) * self.dv..][..self.dv]
+    }
+
+    fn keys(&self, range: Range<usize>) -> (Vec<f32>, usize) {
+        let kw = self.heads / self.groups * self.feature_width;
+        (self.k[range.start * kw..range.end * kw].to_vec(), kw)
+    }
+
     fn head_matrix(&self, h: usize, range: &Range<usize>, out: &mut [f64]) {
         let f = self.feature_width;
         let (qw, kw) = (self.heads * f, self.heads / self.groups * f);
@@ -335,59 +347,5 @@ impl LinearHeads {
                 out[i * n..i * n + i + 1].iter_mut().for_each(|a| *a /= z);
             }
         }
-    }
-
-    /// Every head's matrix over the tokens `range`, and their values.
-    pub fn attention(&self, range: Range<usize>) -> HeadAttention {
-        let (heads, dv, groups) = (self.heads, self.dv, self.groups);
-        let vw = heads / groups * dv;
-        let n = range.len();
-        let mut matrices = vec![0.0f32; heads * n * n];
-        let mut head = vec![0.0f64; n * n];
-        for h in 0..heads {
-            self.head_matrix(h, &range, &mut head);
-            for (m, v) in matrices[h * n * n..(h + 1) * n * n].iter_mut().zip(&head) {
-                *m = *v as f32;
-            }
-        }
-        let values = range
-            .flat_map(|row| {
-                (0..heads)
-                    .flat_map(move |h| self.v[row * vw + (h / groups) * dv..][..dv].iter().copied())
-            })
-            .collect();
-        HeadAttention {
-            tokens: n,
-            heads,
-            head_v_dim: dv,
-            matrices,
-            values,
-        }
-    }
-}
-
-/// Heads: the mean |A| of each group of heads; keys: φ(k) (all kv heads).
-impl TokenGraphs for LinearHeads {
-    fn window_graphs(&self, range: Range<usize>, heads: usize) -> WindowGraphs {
-        let per = self.heads / heads;
-        let n = range.len();
-        let mut sums = vec![0.0f64; heads * n * n];
-        let mut head = vec![0.0f64; n * n];
-        for h in 0..heads * per {
-            self.head_matrix(h, &range, &mut head);
-            for (s, v) in sums[(h / per) * n * n..][..n * n].iter_mut().zip(&head) {
-                *s += v.abs();
-            }
-        }
-        let kw = self.heads / self.groups * self.feature_width;
-        WindowGraphs {
-            graphs: sums.iter().map(|&s| (s / per as f64) as f32).collect(),
-            keys: self.k[range.start * kw..range.end * kw].to_vec(),
-            key_width: kw,
-        }
-    }
-
-    fn delta_norms(&self) -> Option<Vec<f64>> {
-        None
     }
 }

@@ -6,8 +6,8 @@ use std::ops::Range;
 
 use tideway_kernels::matmul::MatRef;
 
+use super::graphs::HeadMixing;
 use crate::layers::qkv::Qkv;
-use crate::prune::prefill::TokenGraphs;
 
 /// One session's state in one fla layer: the short convs' windows for q, k and v (empty
 /// without them), the matrix state `S` (`[H, dk, dv]`; `[H, f, dv]` over a feature map of
@@ -99,14 +99,9 @@ pub(crate) trait TokenMixer: Send + Sync {
         out: &mut [f32],
     );
 
-    /// The layer's token graphs over the input `u` (`[T, D]`) for the pruner, where they are
-    /// built (GLA and RetNet: `graphs.rs`).
-    fn graphs<'a>(&'a self, _u: &[f32]) -> Option<Box<dyn TokenGraphs + 'a>> {
-        None
-    }
-
-    /// The layer's per-head token mixing over the whole of `u` as matrices, where built.
-    fn head_attention(&self, _u: &[f32]) -> Option<super::graphs::HeadAttention> {
+    /// The layer's heads over the input `u` (`[T, D]`) from a fresh state, as the pruner reads
+    /// them (`graphs.rs`), where built.
+    fn head_mixing<'a>(&'a self, _u: &[f32]) -> Option<Box<dyn HeadMixing + 'a>> {
         None
     }
 }

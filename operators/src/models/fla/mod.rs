@@ -40,7 +40,7 @@ use crate::models::fla::linear_attn::LinearAttnMixer;
 pub use crate::models::fla::mixer::FlaLayerState;
 use crate::models::fla::mixer::TokenMixer;
 use crate::models::{ModelPart, open_sharded};
-use crate::prune::prefill::{PrefillPrune, PrunedPrefill, PrunedPrefillError, select};
+use crate::prune::prefill::{PrefillPrune, PrunedPrefill, PrunedPrefillError, Survivors, select};
 use crate::tensor_parallel::{Group, ResidualStream};
 pub use config::{FlaConfig, FlaMixerConfig};
 
@@ -276,7 +276,8 @@ impl FlaLm {
     /// the block's norm) as matrices (GLA and RetNet; None for the others).
     pub fn head_attention(&self, layer: usize, u: &[f32]) -> Option<graphs::HeadAttention> {
         let i = layer.checked_sub(self.frame.part.layers.start)?;
-        self.blocks.get(i)?.attn.head_attention(u)
+        let t = u.len() / self.config.hidden_size;
+        Some(self.blocks.get(i)?.attn.head_mixing(u)?.attention(0..t))
     }
 
     /// Why this placement cannot prune its prefill, if it cannot: the pruner needs every
@@ -287,7 +288,11 @@ impl FlaLm {
             Some("pruning needs the whole model in one place (not a pipeline stage's part)".into())
         } else if self.frame.ladder.iter().any(|&l| l) {
             Some("pruning does not run on ladder-wired layers".into())
-        } else if self.blocks.iter().any(|b| b.attn.graphs(&[]).is_none()) {
+        } else if self
+            .blocks
+            .iter()
+            .any(|b| b.attn.head_mixing(&[]).is_none())
+        {
             Some(format!(
                 "the {} family's token graphs are not built (Mamba's, GLA's, RetNet's, DeltaNet's and Gated DeltaNet's are)",
                 self.frame.family
@@ -317,10 +322,9 @@ impl FlaLm {
         let d = self.config.hidden_size;
         let eps = self.config.norm_eps;
         let mut residual = self.frame.ends.embed(ids)?;
-        let mut kept: Vec<usize> = (0..ids.len()).collect();
-        let mut survivors = Vec::new();
+        let mut survivors = Survivors::all(ids.len());
         for (i, block) in self.blocks.iter().enumerate() {
-            let rows = kept.len();
+            let rows = survivors.kept.len();
             let mut attn_in = vec![0.0f32; rows * d];
             rms_norm(&residual, d, block.attn_norm.as_slice(), eps, &mut attn_in);
             let mut delta = vec![0.0f32; rows * d];
@@ -339,23 +343,15 @@ impl FlaLm {
             block.mlp.forward(&mlp_in, rows, &mut delta);
             residual.iter_mut().zip(&delta).for_each(|(r, x)| *r += x);
             if prune.layers.contains(&i) {
-                let graphs = block
+                let heads = block
                     .attn
-                    .graphs(&attn_in)
+                    .head_mixing(&attn_in)
                     .expect("checked by why_no_pruning");
-                let chosen = select(prune, i, layers, rows, &residual, d, graphs.as_ref())?;
-                residual = chosen
-                    .iter()
-                    .flat_map(|&r| residual[r * d..(r + 1) * d].to_vec())
-                    .collect();
-                kept = chosen.iter().map(|&r| kept[r]).collect();
-                survivors.push(kept.len());
+                let graphs = graphs::Heads(heads);
+                let chosen = select(prune, i, layers, rows, &residual, d, &graphs)?;
+                survivors.keep(&chosen, &mut residual, d);
             }
         }
-        Ok(PrunedPrefill {
-            logits: self.frame.ends.head(&residual)?,
-            kept,
-            survivors,
-        })
+        Ok(survivors.finish(self.frame.ends.head(&residual)?))
     }
 }

@@ -31,7 +31,7 @@ use crate::models::config::ConfigJson;
 use crate::models::family::{Checkpointed, LanguageFamily, LayerStates, LmFrame, SessionState};
 use crate::models::mamba::mixer::{MambaLayerState, MambaMixer, MambaMixerConfig, mamba_split};
 use crate::models::{ModelPart, open_sharded};
-use crate::prune::prefill::{PrefillPrune, PrunedPrefill, PrunedPrefillError, select};
+use crate::prune::prefill::{PrefillPrune, PrunedPrefill, PrunedPrefillError, Survivors, select};
 use crate::tensor_parallel::{Group, ResidualStream, ladder_layers, single, split_count};
 
 /// Rows per chunk when a long sequence is prefilled: bounds the activations of one pass
@@ -240,10 +240,9 @@ impl MambaLm {
         prune.check_for(layers, self.config.mixer.d_inner, self.why_no_pruning())?;
         let d = self.config.hidden_size;
         let mut residual = self.frame.ends.embed(ids)?;
-        let mut kept: Vec<usize> = (0..ids.len()).collect();
-        let mut survivors = Vec::new();
+        let mut survivors = Survivors::all(ids.len());
         for (i, block) in self.blocks.iter().enumerate() {
-            let rows = kept.len();
+            let rows = survivors.kept.len();
             let mut normed = vec![0.0f32; rows * d];
             rms_norm(
                 &residual,
@@ -269,19 +268,10 @@ impl MambaLm {
             if prune.layers.contains(&i) {
                 let graphs = block.mixer.token_graphs(&normed);
                 let chosen = select(prune, i, layers, rows, &residual, d, &graphs)?;
-                residual = chosen
-                    .iter()
-                    .flat_map(|&r| residual[r * d..(r + 1) * d].to_vec())
-                    .collect();
-                kept = chosen.iter().map(|&r| kept[r]).collect();
-                survivors.push(kept.len());
+                survivors.keep(&chosen, &mut residual, d);
             }
         }
-        Ok(PrunedPrefill {
-            logits: self.frame.ends.head(&residual)?,
-            kept,
-            survivors,
-        })
+        Ok(survivors.finish(self.frame.ends.head(&residual)?))
     }
 }
 
