@@ -75,7 +75,7 @@ pub struct RunArgs {
     /// Prune the input's tokens between layers (a language model of any family, whole, on the
     /// CPU), e.g. `layers=2,keep=0.5,window=128,recent=16`; keys: layers (joined by '+'),
     /// keep, window, recent, heads, similar, iterations, policy (zero_tprune, random, stride,
-    /// decimamba, tor), seed. `logits` then holds the kept positions' rows and `kept` (f32)
+    /// decimamba, tor), seed. `logits` then holds the kept positions' rows and `kept` (int64)
     /// their positions. Without the flag, a `tideway_prune` block in config.json sets it;
     /// `off` ignores that block.
     #[arg(long, conflicts_with_all = ["input", "audio"])]
@@ -134,12 +134,12 @@ fn run_pruned(args: &RunArgs, prune: &PrefillPrune) -> Result<()> {
         .with_context(|| format!("cannot load model from {}", args.model.display()))?;
     let tokens = input_tokens(args, model.vocab_size())?;
     let pruned = model.prefill_pruned(&tokens, prune).context("--prune")?;
-    let kept = Tensor::from_vec(
-        pruned.kept.iter().map(|&p| p as f32).collect(),
-        &[pruned.kept.len()],
-    )?;
-    write_tensors(&args.out, &[("logits", &pruned.logits), ("kept", &kept)])
-        .with_context(|| format!("cannot write {}", args.out.display()))?;
+    write_with_positions(
+        &args.out,
+        &[("logits", &pruned.logits)],
+        Some(("kept", &pruned.kept)),
+    )
+    .with_context(|| format!("cannot write {}", args.out.display()))?;
     eprintln!(
         "kept {} of {} tokens ({:.1}%), after each pruning layer: {:?}",
         pruned.kept.len(),
@@ -449,11 +449,20 @@ pub fn read_f32_tensor(path: &Path, name: &str) -> Result<(Vec<f32>, Vec<usize>)
 
 /// Writes f32 tensors to a safetensors file.
 pub fn write_tensors(path: &Path, tensors: &[(&str, &Tensor)]) -> Result<()> {
+    write_with_positions(path, tensors, None)
+}
+
+/// [`write_tensors`], and a 1-D int64 tensor of positions if given (`name`, values).
+fn write_with_positions(
+    path: &Path,
+    tensors: &[(&str, &Tensor)],
+    positions: Option<(&str, &[usize])>,
+) -> Result<()> {
     let bytes: Vec<Vec<u8>> = tensors
         .iter()
         .map(|(_, t)| t.data().iter().flat_map(|v| v.to_le_bytes()).collect())
         .collect();
-    let views = tensors
+    let mut views = tensors
         .iter()
         .zip(&bytes)
         .map(|((name, t), b)| {
@@ -463,6 +472,15 @@ pub fn write_tensors(path: &Path, tensors: &[(&str, &Tensor)]) -> Result<()> {
             ))
         })
         .collect::<Result<Vec<_>>>()?;
+    let position_bytes: Vec<u8> = positions.map_or(Vec::new(), |(_, p)| {
+        p.iter().flat_map(|&v| (v as i64).to_le_bytes()).collect()
+    });
+    if let Some((name, p)) = positions {
+        views.push((
+            name.to_string(),
+            TensorView::new(Dtype::I64, vec![p.len()], &position_bytes)?,
+        ));
+    }
     // safetensors' error repeats its cause in its message: keep one copy.
     safetensors::serialize_to_file(views, None, path).map_err(|e| anyhow::anyhow!("{e}"))?;
     Ok(())
