@@ -10,6 +10,7 @@ mod common;
 
 use std::path::PathBuf;
 
+use common::{f32s, i64s};
 use safetensors::SafeTensors;
 use tideway_operators::layers::frames::Frames;
 use tideway_operators::models::ModelPart;
@@ -17,22 +18,8 @@ use tideway_operators::models::{LmuFormer, LmuFormerState, load_lmuformer, load_
 use tideway_operators::prune::frames::FrameGate;
 use tideway_operators::state_tensors::StateTensors;
 
-fn f32s(file: &SafeTensors, name: &str) -> Vec<f32> {
-    file.tensor(name)
-        .unwrap_or_else(|e| panic!("{name}: {e}"))
-        .data()
-        .chunks_exact(4)
-        .map(|b| f32::from_le_bytes(b.try_into().unwrap()))
-        .collect()
-}
-
 fn keep_mask(file: &SafeTensors, name: &str) -> Vec<bool> {
-    file.tensor(name)
-        .unwrap()
-        .data()
-        .chunks_exact(8)
-        .map(|b| i64::from_le_bytes(b.try_into().unwrap()) != 0)
-        .collect()
+    i64s(file, name).into_iter().map(|k| k != 0).collect()
 }
 
 /// Streams `input` (`[frames, width]`) through `model` in chunks of `chunk` frames; halfway,

@@ -7,19 +7,11 @@
 
 mod common;
 
+use common::f32s;
 use safetensors::SafeTensors;
 use tideway_operators::checkpoint::Checkpoint;
 use tideway_operators::models::mamba::mixer::{MambaMixer, MambaMixerConfig};
 use tideway_operators::prune::zero_tprune::{ZeroTPrune, zero_tprune};
-
-fn f32s(file: &SafeTensors, name: &str) -> Vec<f32> {
-    file.tensor(name)
-        .unwrap_or_else(|e| panic!("{name}: {e}"))
-        .data()
-        .chunks_exact(4)
-        .map(|b| f32::from_le_bytes(b.try_into().unwrap()))
-        .collect()
-}
 
 /// Layer `layer`'s mixer of the HF Mamba checkpoint in `dir`.
 fn mixer(dir: &std::path::Path, layer: usize) -> MambaMixer {

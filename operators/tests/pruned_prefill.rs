@@ -9,30 +9,13 @@ mod common;
 
 use std::path::PathBuf;
 
+use common::{f32s, i64s};
 use safetensors::SafeTensors;
 use tideway_operators::models::load_model;
 use tideway_operators::prune::prefill::PrefillPrune;
 
 fn root() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..")
-}
-
-fn ints(file: &SafeTensors, name: &str) -> Vec<usize> {
-    file.tensor(name)
-        .unwrap_or_else(|e| panic!("{name}: {e}"))
-        .data()
-        .chunks_exact(8)
-        .map(|b| i64::from_le_bytes(b.try_into().unwrap()) as usize)
-        .collect()
-}
-
-fn f32s(file: &SafeTensors, name: &str) -> Vec<f32> {
-    file.tensor(name)
-        .unwrap_or_else(|e| panic!("{name}: {e}"))
-        .data()
-        .chunks_exact(4)
-        .map(|b| f32::from_le_bytes(b.try_into().unwrap()))
-        .collect()
 }
 
 #[test]
@@ -46,17 +29,20 @@ fn a_pruned_prefill_keeps_the_oracles_tokens_and_gives_the_references_logits() {
         let (dir, spec) = what.split_once('|').unwrap();
         let model = load_model(&root().join(dir)).unwrap();
         let prune: PrefillPrune = spec.parse().unwrap();
-        let ids: Vec<u32> = ints(&file, &format!("{case}.ids"))
-            .into_iter()
-            .map(|i| i as u32)
-            .collect();
+        let positions = |name: &str| -> Vec<usize> {
+            i64s(&file, &format!("{case}.{name}"))
+                .into_iter()
+                .map(|i| i as usize)
+                .collect()
+        };
+        let ids: Vec<u32> = positions("ids").into_iter().map(|i| i as u32).collect();
         let pruned = model.prefill_pruned(&ids, &prune).unwrap();
         assert_eq!(
             pruned.kept,
-            ints(&file, &format!("{case}.kept")),
+            positions("kept"),
             "{case} ({dir}): kept positions"
         );
-        assert_eq!(pruned.survivors, ints(&file, &format!("{case}.survivors")));
+        assert_eq!(pruned.survivors, positions("survivors"));
         let want = f32s(&file, &format!("{case}.logits"));
         let error = common::relative_error(pruned.logits.data(), &want);
         eprintln!(

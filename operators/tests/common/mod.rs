@@ -1,5 +1,5 @@
-//! Helpers shared by the operator tests: fixture paths, the relative error every comparison
-//! uses, and the ladder fixtures' reference logits.
+//! Helpers shared by the operator tests: fixture paths, tensors read from fixture files, the
+//! relative error every comparison uses, and the ladder fixtures' reference logits.
 #![allow(dead_code)] // each test crate uses its own subset
 
 use std::path::{Path, PathBuf};
@@ -8,6 +8,26 @@ pub fn fixture(path: &str) -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
         .join("../tests/fixtures")
         .join(path)
+}
+
+/// Tensor `name` of `file`, f32.
+pub fn f32s(file: &safetensors::SafeTensors, name: &str) -> Vec<f32> {
+    file.tensor(name)
+        .unwrap_or_else(|e| panic!("{name}: {e}"))
+        .data()
+        .chunks_exact(4)
+        .map(|b| f32::from_le_bytes(b.try_into().unwrap()))
+        .collect()
+}
+
+/// Tensor `name` of `file`, i64.
+pub fn i64s(file: &safetensors::SafeTensors, name: &str) -> Vec<i64> {
+    file.tensor(name)
+        .unwrap_or_else(|e| panic!("{name}: {e}"))
+        .data()
+        .chunks_exact(8)
+        .map(|b| i64::from_le_bytes(b.try_into().unwrap()))
+        .collect()
 }
 
 /// ‖got − want‖ / ‖want‖, in f64.
@@ -48,19 +68,9 @@ pub fn laddered(dir: &Path, ladder_layers: serde_json::Value, into: &Path) -> Pa
 pub fn reference_logits(dir: &Path) -> (Vec<u32>, Vec<f32>) {
     let expected = std::fs::read(dir.join("expected.safetensors")).unwrap();
     let expected = safetensors::SafeTensors::deserialize(&expected).unwrap();
-    let ids = expected
-        .tensor("input_ids")
-        .unwrap()
-        .data()
-        .chunks_exact(8)
-        .map(|b| i64::from_le_bytes(b.try_into().unwrap()) as u32)
+    let ids = i64s(&expected, "input_ids")
+        .into_iter()
+        .map(|i| i as u32)
         .collect();
-    let logits = expected
-        .tensor("logits")
-        .unwrap()
-        .data()
-        .chunks_exact(4)
-        .map(|b| f32::from_le_bytes(b.try_into().unwrap()))
-        .collect();
-    (ids, logits)
+    (ids, f32s(&expected, "logits"))
 }
