@@ -18,8 +18,9 @@ prunes each window (causal form; protected: the sequence's first token and its `
 keep ceil(keep * n) but never fewer than the protected; drop_similar floor(similar * n) at most
 n - keep; iterations min(paper's count for the layer, 5)), and HF's later blocks run on the
 survivors' rows only. Recorded: the input ids, the kept positions, the survivors after each
-pruning layer, and the logits of the kept positions; the metadata holds each case's model
-directory and the `--prune` setting Tideway parses.
+pruning layer, the logits of the kept positions, and a session going on from the pruned
+prefill (`continue_greedy`): its greedy tokens and the logits after each fed one. The metadata
+holds each case's model directory and the `--prune` setting Tideway parses.
 
     .venv/bin/python tools/gen_pruned_prefill.py
 """
@@ -73,6 +74,10 @@ CASES = [
         dict(layers=[1, 3], keep=0.5, window=48, recent=8, heads=2, similar=0.1),
     ),
 ]
+
+
+# Greedy tokens a session generates after its pruned prompt (the served path).
+CONTINUE = 4
 
 
 def default_iterations(layer, layers):
@@ -166,12 +171,38 @@ def ids_for(model_dir, what, vocab):
     return torch.tensor(ids[:count], dtype=torch.long)
 
 
+def continue_greedy(ids, logits, locals_, embed, blocks, run_block, head, steps=CONTINUE):
+    """A session that goes on from the pruned prefill: each layer's recurrence has seen the
+    rows that reached it (every token up to the first pruning layer, the survivors after), and
+    each new token reaches every layer. So the reference reruns the prompt and the new tokens
+    block by block, keeping at each pruning layer the prompt's survivors there and every new
+    token. Greedy: each new token is the argmax of the logits before it. Returns the `steps`
+    tokens chosen and the logits after feeding each of the first `steps - 1`."""
+    greedy = [int(logits[-1].argmax())]
+    continued = []
+    for _ in range(steps - 1):
+        fed = torch.cat([ids, torch.tensor(greedy, dtype=torch.long)])
+        extra = len(greedy)
+        h = embed(fed[None, :])
+        for i, block in enumerate(blocks):
+            h = run_block(block, h)
+            if i in locals_:
+                prompt_rows = h.shape[1] - extra
+                index = np.concatenate([locals_[i], np.arange(prompt_rows, prompt_rows + extra)])
+                h = h[:, index]
+        row = head(h)[0, -1]
+        continued.append(row)
+        greedy.append(int(row.argmax()))
+    return greedy, torch.stack(continued)
+
+
 def run_case(model_dir, what, setting):
     model = MambaForCausalLM.from_pretrained(model_dir, torch_dtype=torch.float32).eval()
     ids = ids_for(model_dir, what, model.config.vocab_size)
     layers = len(model.backbone.layers)
     kept = np.arange(len(ids))
     survivors = []
+    locals_ = {}
     with torch.no_grad():
         h = model.backbone.embeddings(ids[None, :])
         for i, block in enumerate(model.backbone.layers):
@@ -196,8 +227,14 @@ def run_case(model_dir, what, setting):
             h = h[:, local]
             kept = kept[local]
             survivors.append(len(kept))
+            locals_[i] = local
         logits = model.lm_head(model.backbone.norm_f(h))[0]
-    return ids, kept, survivors, logits
+        greedy, continued = continue_greedy(
+            ids, logits, locals_,
+            model.backbone.embeddings, model.backbone.layers, lambda block, h: block(h),
+            lambda h: model.lm_head(model.backbone.norm_f(h)),
+        )
+    return ids, kept, survivors, logits, greedy, continued
 
 
 def run_gla_case(model_dir, what, setting):
@@ -208,6 +245,7 @@ def run_gla_case(model_dir, what, setting):
     layers = len(model.model.layers)
     kept = np.arange(len(ids))
     survivors = []
+    locals_ = {}
     with torch.no_grad():
         h = model.model.embeddings(ids[None, :])
         for i, block in enumerate(model.model.layers):
@@ -236,22 +274,30 @@ def run_gla_case(model_dir, what, setting):
             h = h[:, local]
             kept = kept[local]
             survivors.append(len(kept))
+            locals_[i] = local
         logits = model.lm_head(model.model.norm(h))[0]
-    return ids, kept, survivors, logits
+        greedy, continued = continue_greedy(
+            ids, logits, locals_,
+            model.model.embeddings, model.model.layers, lambda block, h: block(h)[0],
+            lambda h: model.lm_head(model.model.norm(h)),
+        )
+    return ids, kept, survivors, logits, greedy, continued
 
 
 def main():
     tensors, metadata = {}, {}
     for k, (model_dir, what, setting) in enumerate(CASES):
         run = run_gla_case if "gla" in model_dir else run_case
-        ids, kept, survivors, logits = run(ROOT / model_dir, what, setting)
+        ids, kept, survivors, logits, greedy, continued = run(ROOT / model_dir, what, setting)
         name = f"case{k}"
         tensors[f"{name}.ids"] = ids.contiguous()
         tensors[f"{name}.kept"] = torch.tensor(kept, dtype=torch.long)
         tensors[f"{name}.survivors"] = torch.tensor(survivors, dtype=torch.long)
         tensors[f"{name}.logits"] = logits.float().contiguous()
+        tensors[f"{name}.greedy"] = torch.tensor(greedy, dtype=torch.long)
+        tensors[f"{name}.continued_logits"] = continued.float().contiguous()
         metadata[name] = f"{model_dir}|{spec(setting)}"
-        print(f"{name}: {model_dir}, {len(ids)} tokens, {spec(setting)}: survivors {survivors}")
+        print(f"{name}: {model_dir}, {len(ids)} tokens, {spec(setting)}: survivors {survivors}, greedy {greedy}")
     OUT.parent.mkdir(parents=True, exist_ok=True)
     save_file(tensors, str(OUT), metadata=metadata)
     print(f"wrote {OUT}")

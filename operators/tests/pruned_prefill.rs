@@ -2,8 +2,10 @@
 //! ran HF transformers' Mamba and flash-linear-attention's GLA block by block with the numpy
 //! Zero-TPrune oracle choosing each pruning layer's survivors from the reference's own
 //! projections (Mamba's Δ, B and C; GLA's q, k and key gate); Tideway must keep the same
-//! positions and give the same logits on them (≤ 1e-4). Pruning that keeps every token equals the plain
-//! forward bit for bit, and settings a model cannot use are refused by name.
+//! positions and give the same logits on them (≤ 1e-4), and a session going on from the pruned
+//! state must generate the reference's greedy tokens with its logits. Pruning that keeps every
+//! token equals the plain forward bit for bit, and settings a model cannot use are refused by
+//! name.
 
 mod common;
 
@@ -52,6 +54,72 @@ fn a_pruned_prefill_keeps_the_oracles_tokens_and_gives_the_references_logits() {
         );
         assert!(error <= 1e-4, "{case}: logits relative error {error:e}");
     }
+}
+
+/// A session going on from a pruned prefill (what `tideway serve` does with a pruned prompt):
+/// the reference reran the prompt and each new token block by block, with the prompt's
+/// survivors at each pruning layer and every new token; its greedy tokens and logits must
+/// come from Tideway's pruned state stepped one token at a time.
+#[test]
+fn a_session_goes_on_from_its_pruned_state_as_the_reference_does() {
+    let bytes = std::fs::read(common::fixture("prune/pruned_prefill.safetensors")).unwrap();
+    let (_, metadata) = SafeTensors::read_metadata(&bytes).unwrap();
+    let file = SafeTensors::deserialize(&bytes).unwrap();
+    for (case, what) in metadata.metadata().clone().unwrap() {
+        let (dir, spec) = what.split_once('|').unwrap();
+        let model = load_model(&root().join(dir)).unwrap();
+        let prune: PrefillPrune = spec.parse().unwrap();
+        let ids: Vec<u32> = i64s(&file, &format!("{case}.ids"))
+            .into_iter()
+            .map(|i| i as u32)
+            .collect();
+        let greedy: Vec<u32> = i64s(&file, &format!("{case}.greedy"))
+            .into_iter()
+            .map(|i| i as u32)
+            .collect();
+        let want = f32s(&file, &format!("{case}.continued_logits"));
+        let width = want.len() / (greedy.len() - 1);
+        let mut pruned = model.prefill_pruned_hidden(&ids, &prune).unwrap();
+        assert_eq!(pruned.state.position(), ids.len(), "{case}: position");
+        let last = pruned.residual.len() - model.hidden_size();
+        let first = model
+            .head(tideway_operators::tensor_parallel::Residual {
+                values: pruned.residual[last..].to_vec(),
+                pending: None,
+            })
+            .unwrap();
+        assert_eq!(argmax(first.data()), greedy[0], "{case}: first token");
+        let mut got = Vec::new();
+        for (step, &token) in greedy[..greedy.len() - 1].iter().enumerate() {
+            let logits = model
+                .forward_packed(&[token], &[1], &mut [&mut pruned.state])
+                .unwrap();
+            assert_eq!(
+                argmax(logits.data()),
+                greedy[step + 1],
+                "{case}: token {step}"
+            );
+            got.extend_from_slice(logits.data());
+        }
+        assert_eq!(got.len(), want.len());
+        assert_eq!(pruned.state.position(), ids.len() + greedy.len() - 1);
+        let error = common::relative_error(&got, &want);
+        eprintln!("{case} ({dir}): continued logits relative error {error:e} (width {width})");
+        assert!(
+            error <= 1e-4,
+            "{case}: continued logits relative error {error:e}"
+        );
+    }
+}
+
+fn argmax(row: &[f32]) -> u32 {
+    let mut best = 0;
+    for (i, &x) in row.iter().enumerate() {
+        if x > row[best] {
+            best = i;
+        }
+    }
+    best as u32
 }
 
 #[test]

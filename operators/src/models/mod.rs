@@ -16,7 +16,9 @@ use tideway_kernels::Tensor;
 
 use crate::checkpoint::Checkpoint;
 use crate::error::{ForwardError, InputError, LoadError};
-use crate::prune::prefill::{PrefillPrune, PrefillPruneError, PrunedPrefill, PrunedPrefillError};
+use crate::prune::prefill::{
+    PrefillPrune, PrefillPruneError, PrunedHidden, PrunedPrefill, PrunedPrefillError,
+};
 use crate::state_tensors::{StateError, StateTensors};
 use crate::tensor_parallel::{Group, Residual, ResidualStream, single};
 use config::ConfigJson;
@@ -118,19 +120,38 @@ impl Model {
         self.0.weight_bytes()
     }
 
-    /// A fresh prefill of `ids` with its tokens pruned between layers (SPEC-MODELS §6.3); the
-    /// families whose token graphs are built (all of Tideway's language models) can; another
-    /// would be refused by name.
+    /// A fresh prefill of `ids` with its tokens pruned between layers (SPEC-MODELS §6.3): the
+    /// kept positions and their logits.
     pub fn prefill_pruned(
         &self,
         ids: &[u32],
         prune: &PrefillPrune,
     ) -> Result<PrunedPrefill, PrunedPrefillError> {
+        let PrunedHidden {
+            survivors,
+            residual,
+            ..
+        } = self.prefill_pruned_hidden(ids, prune)?;
+        let logits = self.head(Residual {
+            values: residual,
+            pending: None,
+        })?;
+        Ok(survivors.finish(logits))
+    }
+
+    /// A fresh prefill of `ids` pruned as `prune` says, up to the head, with the session state
+    /// it leaves; the families whose token graphs are built (all of Tideway's language
+    /// models) can, another is refused by name.
+    pub fn prefill_pruned_hidden(
+        &self,
+        ids: &[u32],
+        prune: &PrefillPrune,
+    ) -> Result<PrunedHidden, PrunedPrefillError> {
         if let Some(mamba) = self.as_family::<MambaLm>() {
-            return mamba.prefill_pruned(ids, prune);
+            return mamba.prefill_pruned_hidden(ids, prune);
         }
         if let Some(fla) = self.as_family::<FlaLm>() {
-            return fla.prefill_pruned(ids, prune);
+            return fla.prefill_pruned_hidden(ids, prune);
         }
         Err(PrefillPruneError::Family {
             family: self.family().to_string(),

@@ -40,7 +40,7 @@ use crate::models::fla::linear_attn::LinearAttnMixer;
 pub use crate::models::fla::mixer::FlaLayerState;
 use crate::models::fla::mixer::TokenMixer;
 use crate::models::{ModelPart, open_sharded};
-use crate::prune::prefill::{PrefillPrune, PrunedPrefill, PrunedPrefillError, Survivors, select};
+use crate::prune::prefill::{PrefillPrune, PrunedHidden, PrunedPrefillError, Survivors, select};
 use crate::tensor_parallel::{Group, ResidualStream};
 pub use config::{FlaConfig, FlaMixerConfig};
 
@@ -302,14 +302,15 @@ impl FlaLm {
         }
     }
 
-    /// A fresh prefill of `ids` pruned as `prune` says (SPEC-MODELS §6.3): after each pruning
-    /// layer only the survivors' rows go on, and each later layer runs over the survivors from
-    /// a fresh state (RetNet's positions count the survivors).
-    pub fn prefill_pruned(
+    /// A fresh prefill of `ids` pruned as `prune` says (SPEC-MODELS §6.3), up to the head:
+    /// after each pruning layer only the survivors' rows go on, and each later layer runs
+    /// over the survivors from a fresh state (RetNet's positions count the survivors); the
+    /// state each layer is left in is the session's.
+    pub fn prefill_pruned_hidden(
         &self,
         ids: &[u32],
         prune: &PrefillPrune,
-    ) -> Result<PrunedPrefill, PrunedPrefillError> {
+    ) -> Result<PrunedHidden, PrunedPrefillError> {
         let layers = self.config.num_layers;
         // The model's heads (value heads), which the setting's heads group.
         let heads = match &self.config.mixer {
@@ -323,6 +324,10 @@ impl FlaLm {
         let eps = self.config.norm_eps;
         let mut residual = self.frame.ends.embed(ids)?;
         let mut survivors = Survivors::all(ids.len());
+        let mut states = FlaState {
+            layers: Vec::with_capacity(layers),
+            position: ids.len(),
+        };
         for (i, block) in self.blocks.iter().enumerate() {
             let rows = survivors.kept.len();
             let mut attn_in = vec![0.0f32; rows * d];
@@ -337,6 +342,7 @@ impl FlaLm {
                 &mut [&mut state],
                 &mut delta,
             );
+            states.layers.push(state);
             residual.iter_mut().zip(&delta).for_each(|(r, x)| *r += x);
             let mut mlp_in = vec![0.0f32; rows * d];
             rms_norm(&residual, d, block.mlp_norm.as_slice(), eps, &mut mlp_in);
@@ -352,6 +358,10 @@ impl FlaLm {
                 survivors.keep(&chosen, &mut residual, d);
             }
         }
-        Ok(survivors.finish(self.frame.ends.head(&residual)?))
+        Ok(PrunedHidden {
+            survivors,
+            residual,
+            state: SessionState::new(states),
+        })
     }
 }

@@ -31,7 +31,7 @@ use crate::models::config::ConfigJson;
 use crate::models::family::{Checkpointed, LanguageFamily, LayerStates, LmFrame, SessionState};
 use crate::models::mamba::mixer::{MambaLayerState, MambaMixer, MambaMixerConfig, mamba_split};
 use crate::models::{ModelPart, open_sharded};
-use crate::prune::prefill::{PrefillPrune, PrunedPrefill, PrunedPrefillError, Survivors, select};
+use crate::prune::prefill::{PrefillPrune, PrunedHidden, PrunedPrefillError, Survivors, select};
 use crate::tensor_parallel::{Group, ResidualStream, ladder_layers, single, split_count};
 
 /// Rows per chunk when a long sequence is prefilled: bounds the activations of one pass
@@ -228,19 +228,24 @@ impl MambaLm {
         }
     }
 
-    /// A fresh prefill of `ids` pruned as `prune` says (SPEC-MODELS §6.3): after each pruning
-    /// layer only the survivors' rows of the residual stream go on, and each later mixer scans
-    /// the survivors from a fresh state, as if the pruned tokens had never been there.
-    pub fn prefill_pruned(
+    /// A fresh prefill of `ids` pruned as `prune` says (SPEC-MODELS §6.3), up to the head:
+    /// after each pruning layer only the survivors' rows of the residual stream go on, and
+    /// each later mixer scans the survivors from a fresh state, as if the pruned tokens had
+    /// never been there; the state each mixer is left in is the session's.
+    pub fn prefill_pruned_hidden(
         &self,
         ids: &[u32],
         prune: &PrefillPrune,
-    ) -> Result<PrunedPrefill, PrunedPrefillError> {
+    ) -> Result<PrunedHidden, PrunedPrefillError> {
         let layers = self.config.num_layers;
         prune.check_for(layers, self.config.mixer.d_inner, self.why_no_pruning())?;
         let d = self.config.hidden_size;
         let mut residual = self.frame.ends.embed(ids)?;
         let mut survivors = Survivors::all(ids.len());
+        let mut states = MambaState {
+            layers: Vec::with_capacity(layers),
+            position: ids.len(),
+        };
         for (i, block) in self.blocks.iter().enumerate() {
             let rows = survivors.kept.len();
             let mut normed = vec![0.0f32; rows * d];
@@ -264,6 +269,7 @@ impl MambaLm {
                 )?;
                 Ok(())
             })?;
+            states.layers.push(state);
             residual.iter_mut().zip(&mixed).for_each(|(r, m)| *r += m);
             if prune.layers.contains(&i) {
                 let graphs = block.mixer.token_graphs(&normed);
@@ -271,7 +277,11 @@ impl MambaLm {
                 survivors.keep(&chosen, &mut residual, d);
             }
         }
-        Ok(survivors.finish(self.frame.ends.head(&residual)?))
+        Ok(PrunedHidden {
+            survivors,
+            residual,
+            state: SessionState::new(states),
+        })
     }
 }
 
