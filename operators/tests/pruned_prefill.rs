@@ -112,6 +112,24 @@ fn a_session_goes_on_from_its_pruned_state_as_the_reference_does() {
     }
 }
 
+/// A session cannot go on from a pruned RetNet prompt (its rotary positions after a pruning
+/// layer count the survivors): refused by name, while a GLA's and a Mamba's can.
+#[test]
+fn only_models_whose_positions_survive_pruning_start_sessions_from_a_pruned_prompt() {
+    let setting: PrefillPrune = "layers=0,heads=1".parse().unwrap();
+    let retnet = load_model(&common::fixture("fla/retnet_basic")).unwrap();
+    retnet.prefill_pruned_hidden(&[1, 2, 3], &setting).unwrap();
+    let e = retnet
+        .check_session_pruning(&setting)
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("layers") && e.contains("rotary"), "{e}");
+    for dir in ["models/shakespeare-mamba", "models/shakespeare-gla"] {
+        let model = load_model(&root().join(dir)).unwrap();
+        model.check_session_pruning(&setting).unwrap();
+    }
+}
+
 fn argmax(row: &[f32]) -> u32 {
     let mut best = 0;
     for (i, &x) in row.iter().enumerate() {

@@ -139,6 +139,29 @@ impl Model {
         Ok(survivors.finish(logits))
     }
 
+    /// Whether a session of this model can start from a prompt pruned as `prune` says (what
+    /// `tideway serve` does with a generation's prompt): the family's token graphs, the
+    /// setting's layers and heads, and positions that stay right after pruning.
+    pub fn check_session_pruning(&self, prune: &PrefillPrune) -> Result<(), PrefillPruneError> {
+        if let Some(mamba) = self.as_family::<MambaLm>() {
+            return mamba.check_pruning(prune);
+        }
+        if let Some(fla) = self.as_family::<FlaLm>() {
+            fla.check_pruning(prune)?;
+            return match fla.why_no_session_pruning() {
+                Some(reason) => Err(PrefillPruneError::BadValue {
+                    key: "layers",
+                    value: format!("{:?}", prune.layers),
+                    allowed: format!("none: this model's prompts cannot be pruned for {reason}"),
+                }),
+                None => Ok(()),
+            };
+        }
+        Err(PrefillPruneError::Family {
+            family: self.family().to_string(),
+        })
+    }
+
     /// A fresh prefill of `ids` pruned as `prune` says, up to the head, with the session state
     /// it leaves; the families whose token graphs are built (all of Tideway's language
     /// models) can, another is refused by name.

@@ -174,6 +174,9 @@ pub enum OpError {
     /// A state could not be exported or taken in (the reason names the tensor or the kind
     /// of session).
     State(StateError),
+    /// The prompt's pruning failed inside the model (`tideway_prune`; e.g. a token graph
+    /// that is not finite): the pruner's own words.
+    Pruning(String),
 }
 
 impl OpError {

@@ -185,6 +185,24 @@ pub fn render(engine: &Engine) -> String {
     );
     metric_out(
         &mut out,
+        "tideway_prompt_tokens_total",
+        "counter",
+        "Tokens of the prompts a language model's tideway_prune (config.json) pruned, by model and fate: kept (reached the head) or pruned (dropped at a pruning layer).",
+        &board
+            .prompt_tokens()
+            .into_iter()
+            .map(|((model, pruned), n)| {
+                let name = board
+                    .model_names
+                    .get(model as usize)
+                    .map_or("?", String::as_str);
+                let fate = if pruned { "pruned" } else { "kept" };
+                format!("tideway_prompt_tokens_total{{model=\"{name}\",fate=\"{fate}\"}} {n}")
+            })
+            .collect::<Vec<_>>(),
+    );
+    metric_out(
+        &mut out,
         "tideway_disconnects_total",
         "counter",
         "Streams whose client went away before ending them (their sessions are freed).",

@@ -436,7 +436,9 @@ pub fn model_info(engine: &Engine, index: usize) -> pb::ModelInfo {
         device: m.device().to_string(),
         pruning: match &m.kind {
             ServedKind::Features(f) => f.frame_gate.as_ref().map(|g| g.to_string()),
-            ServedKind::Language { .. } => None,
+            ServedKind::Language { info, .. } => {
+                info.prune.as_ref().map(|p| format!("prompts: {p}"))
+            }
         }
         .unwrap_or_default(),
     }

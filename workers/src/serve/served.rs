@@ -41,6 +41,9 @@ pub struct LmInfo {
     pub session_capacity: Option<usize>,
     /// End-of-sequence tokens (config.json's eos_token_id): a generation stops at them.
     pub end_tokens: Vec<u32>,
+    /// Prompt pruning (`tideway_prune` in config.json), if the model applies it: a session's
+    /// first step, where only its last row is wanted (a generation's prompt), runs pruned.
+    pub prune: Option<PrefillPrune>,
 }
 
 /// What the edge and the front end read of a feature model (LMUFormer), wherever its pieces
@@ -142,6 +145,14 @@ pub fn model_fingerprint(dir: &Path) -> Result<String> {
 }
 
 impl ServedModel {
+    /// The prompt pruning a language model applies (`tideway_prune`), if any.
+    pub fn prompt_prune(&self) -> Option<&PrefillPrune> {
+        match &self.kind {
+            ServedKind::Language { info, .. } => info.prune.as_ref(),
+            ServedKind::Features(_) => None,
+        }
+    }
+
     /// The vocabulary of a language model; 0 for a feature model.
     pub fn vocab_size(&self) -> usize {
         match &self.kind {
@@ -298,16 +309,16 @@ impl Placement {
                 self.load_features(dir, &mut pieces).with_context(context)?,
             ))
         } else {
-            // Prefill pruning runs in `tideway run` and `tideway bench prune`; the server does
-            // not prune prompts yet. A bad block is refused all the same.
-            if let Some(prune) =
-                PrefillPrune::from_config(&ConfigJson::read(dir).with_context(context)?)
-                    .with_context(context)?
+            // A generation's prompt is pruned (`stages/layers.rs`), which needs every layer
+            // and both ends in one CPU piece.
+            let prune = PrefillPrune::from_config(&ConfigJson::read(dir).with_context(context)?)
+                .with_context(context)?;
+            if let Some(prune) = &prune
+                && (self.whole_language_models() || stages > 1)
             {
-                tracing::warn!(
-                    model = %name,
-                    setting = %prune,
-                    "config.json's tideway_prune applies to `tideway run` and `tideway bench prune`; the server runs every prompt token"
+                bail!(
+                    "cannot load model {name:?} from {}: its config.json's tideway_prune ({prune}) prunes prompts of a model that runs whole on the CPU in one stage (not on a GPU, over a tensor-parallel group or split by --pipeline); remove the block to serve it so",
+                    dir.display()
                 );
             }
             let tokenizer = TextTokenizer::find(dir)
@@ -340,6 +351,7 @@ impl Placement {
                     device: model.device(),
                     session_capacity: model.session_capacity(),
                     end_tokens: Vec::new(),
+                    prune: None,
                 };
                 pieces[0] = Some(StageModel::Whole(Box::new(model)));
                 info
@@ -366,12 +378,20 @@ impl Placement {
                             device: Device::Cpu,
                             session_capacity: None,
                             end_tokens: Vec::new(),
+                            prune: None,
                         });
                     }
                     pieces[stage] = Some(StageModel::Part(Box::new(model)));
                 }
                 let mut info = info.context("this process runs no stage of the model")?;
                 info.weight_bytes = weight_bytes;
+                if let (Some(prune), Some(StageModel::Part(model))) = (&prune, &pieces[0]) {
+                    model
+                        .check_session_pruning(prune)
+                        .with_context(|| format!("{}/config.json: tideway_prune", dir.display()))
+                        .with_context(context)?;
+                    info.prune = Some(prune.clone());
+                }
                 info
             };
             let mut info = info;

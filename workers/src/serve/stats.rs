@@ -35,6 +35,8 @@ pub struct StatsBoard {
     limits: Mutex<BTreeMap<&'static str, u64>>,
     /// Feature models' output frames, by (model, whether a frame gate skipped them).
     frames: Mutex<BTreeMap<(u32, bool), u64>>,
+    /// Tokens of pruned prompts, by (model, pruned).
+    prompt_tokens: Mutex<BTreeMap<(u32, bool), u64>>,
 }
 
 /// A consistent reading of the board.
@@ -66,6 +68,7 @@ impl StatsBoard {
             stage_state: Mutex::default(),
             limits: Mutex::default(),
             frames: Mutex::default(),
+            prompt_tokens: Mutex::default(),
         }
     }
 
@@ -159,6 +162,19 @@ impl StatsBoard {
     pub fn frames(&self) -> Vec<((u32, bool), u64)> {
         let frames = self.frames.lock().unwrap();
         frames.iter().map(|(&k, &v)| (k, v)).collect()
+    }
+
+    /// A prompt of `tokens` tokens was pruned to `kept` (by its model's `tideway_prune`).
+    pub fn count_prompt_tokens(&self, model: u32, tokens: u64, kept: u64) {
+        let mut counts = self.prompt_tokens.lock().unwrap();
+        *counts.entry((model, false)).or_insert(0) += kept;
+        *counts.entry((model, true)).or_insert(0) += tokens - kept;
+    }
+
+    /// Tokens of pruned prompts so far, by (model, pruned).
+    pub fn prompt_tokens(&self) -> Vec<((u32, bool), u64)> {
+        let counts = self.prompt_tokens.lock().unwrap();
+        counts.iter().map(|(&k, &v)| (k, v)).collect()
     }
 
     /// Requests refused by each server limit so far.

@@ -75,6 +75,9 @@ pub fn op_status(e: &OpError, unknown_code: tonic::Code) -> Status {
             Status::failed_precondition(e.to_string())
         }
         OpError::State(e) => Status::invalid_argument(format!("session state refused: {e}")),
+        OpError::Pruning(reason) => {
+            Status::internal(format!("the prompt's pruning failed: {reason}"))
+        }
     }
 }
 

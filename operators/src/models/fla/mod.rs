@@ -35,12 +35,14 @@ use crate::models::config::ConfigJson;
 use crate::models::family::{Checkpointed, LanguageFamily, LayerStates, LmFrame, SessionState};
 use crate::models::fla::deltanet::DeltaNetMixer;
 use crate::models::fla::gated_deltanet::GatedDeltaNetMixer;
-use crate::models::fla::gla::GlaMixer;
+use crate::models::fla::gla::{DecayKind, GlaMixer};
 use crate::models::fla::linear_attn::LinearAttnMixer;
 pub use crate::models::fla::mixer::FlaLayerState;
 use crate::models::fla::mixer::TokenMixer;
 use crate::models::{ModelPart, open_sharded};
-use crate::prune::prefill::{PrefillPrune, PrunedHidden, PrunedPrefillError, Survivors, select};
+use crate::prune::prefill::{
+    PrefillPrune, PrefillPruneError, PrunedHidden, PrunedPrefillError, Survivors, select,
+};
 use crate::tensor_parallel::{Group, ResidualStream};
 pub use config::{FlaConfig, FlaMixerConfig};
 
@@ -302,6 +304,31 @@ impl FlaLm {
         }
     }
 
+    /// Whether this model can prune its prefill as `prune` says (its layers and heads).
+    pub fn check_pruning(&self, prune: &PrefillPrune) -> Result<(), PrefillPruneError> {
+        // The model's heads (value heads), which the setting's heads group.
+        let heads = match &self.config.mixer {
+            FlaMixerConfig::Gla(gla) => gla.num_heads,
+            FlaMixerConfig::DeltaNet(delta) => delta.num_heads,
+            FlaMixerConfig::GatedDeltaNet(gated) => gated.num_v_heads,
+            FlaMixerConfig::LinearAttn(linear) => linear.num_heads,
+        };
+        let why_not = self.why_no_pruning();
+        prune.check_for(self.config.num_layers, heads, why_not.as_deref())
+    }
+
+    /// Whether a session can go on from a pruned prompt: RetNet's rotary positions after a
+    /// pruning layer count the survivors, while the next token's position counts every
+    /// prompt token, so its distances to the survivors would be wrong.
+    pub fn why_no_session_pruning(&self) -> Option<&'static str> {
+        match &self.config.mixer {
+            FlaMixerConfig::Gla(gla) if gla.decay == DecayKind::Retention => Some(
+                "a session going on from a pruned prompt (RetNet's rotary positions would count the survivors in the prompt and every token after it)",
+            ),
+            _ => None,
+        }
+    }
+
     /// A fresh prefill of `ids` pruned as `prune` says (SPEC-MODELS §6.3), up to the head:
     /// after each pruning layer only the survivors' rows go on, and each later layer runs
     /// over the survivors from a fresh state (RetNet's positions count the survivors); the
@@ -311,15 +338,8 @@ impl FlaLm {
         ids: &[u32],
         prune: &PrefillPrune,
     ) -> Result<PrunedHidden, PrunedPrefillError> {
+        self.check_pruning(prune)?;
         let layers = self.config.num_layers;
-        // The model's heads (value heads), which the setting's heads group.
-        let heads = match &self.config.mixer {
-            FlaMixerConfig::Gla(gla) => gla.num_heads,
-            FlaMixerConfig::DeltaNet(delta) => delta.num_heads,
-            FlaMixerConfig::GatedDeltaNet(gated) => gated.num_v_heads,
-            FlaMixerConfig::LinearAttn(linear) => linear.num_heads,
-        };
-        prune.check_for(layers, heads, self.why_no_pruning().as_deref())?;
         let d = self.config.hidden_size;
         let eps = self.config.norm_eps;
         let mut residual = self.frame.ends.embed(ids)?;

@@ -31,7 +31,9 @@ use crate::models::config::ConfigJson;
 use crate::models::family::{Checkpointed, LanguageFamily, LayerStates, LmFrame, SessionState};
 use crate::models::mamba::mixer::{MambaLayerState, MambaMixer, MambaMixerConfig, mamba_split};
 use crate::models::{ModelPart, open_sharded};
-use crate::prune::prefill::{PrefillPrune, PrunedHidden, PrunedPrefillError, Survivors, select};
+use crate::prune::prefill::{
+    PrefillPrune, PrefillPruneError, PrunedHidden, PrunedPrefillError, Survivors, select,
+};
 use crate::tensor_parallel::{Group, ResidualStream, ladder_layers, single, split_count};
 
 /// Rows per chunk when a long sequence is prefilled: bounds the activations of one pass
@@ -228,6 +230,12 @@ impl MambaLm {
         }
     }
 
+    /// Whether this model can prune its prefill as `prune` says (its layers and channels).
+    pub fn check_pruning(&self, prune: &PrefillPrune) -> Result<(), PrefillPruneError> {
+        let layers = self.config.num_layers;
+        prune.check_for(layers, self.config.mixer.d_inner, self.why_no_pruning())
+    }
+
     /// A fresh prefill of `ids` pruned as `prune` says (SPEC-MODELS §6.3), up to the head:
     /// after each pruning layer only the survivors' rows of the residual stream go on, and
     /// each later mixer scans the survivors from a fresh state, as if the pruned tokens had
@@ -237,8 +245,8 @@ impl MambaLm {
         ids: &[u32],
         prune: &PrefillPrune,
     ) -> Result<PrunedHidden, PrunedPrefillError> {
+        self.check_pruning(prune)?;
         let layers = self.config.num_layers;
-        prune.check_for(layers, self.config.mixer.d_inner, self.why_no_pruning())?;
         let d = self.config.hidden_size;
         let mut residual = self.frame.ends.embed(ids)?;
         let mut survivors = Survivors::all(ids.len());

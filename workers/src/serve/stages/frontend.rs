@@ -360,12 +360,14 @@ impl FrontendLogic {
     /// Admits `request`; a generation's prompt goes through the prefix-state cache: on a
     /// hit, a restore of the cached state and a step of the rest; on a miss, the prompt but
     /// its last token, a capture of the state there, then the last token (whose step answers
-    /// the request).
+    /// the request). A model that prunes its prompts is not cached: a pruned prefix's state
+    /// is not the state a longer prompt's pruning reaches there.
     fn admit(&mut self, request: Request, now: Instant, out: &mut Vec<FrontendOut>) {
         let cache = match (&self.prefix_cache, &request.op) {
             (
                 Some(cache),
                 Op::Step {
+                    model,
                     input: StepInput::Tokens(tokens),
                     start: true,
                     end: false,
@@ -374,6 +376,7 @@ impl FrontendLogic {
                     ..
                 },
             ) if tokens.len() >= 2
+                && !self.lifecycle.prunes_prompts(*model)
                 && self
                     .lifecycle
                     .refuse_start(request.session, owner)

@@ -21,6 +21,7 @@ use timely::dataflow::channels::pact::Exchange;
 use tideway_operators::InputError;
 use tideway_operators::layers::frames::Frames;
 use tideway_operators::models::SessionState;
+use tideway_operators::prune::prefill::PrunedPrefillError;
 use tideway_operators::state_tensors::{StateError, StateTensors};
 use tideway_operators::tensor_parallel::Residual;
 
@@ -144,6 +145,43 @@ impl LayersLogic {
         }
     }
 
+    /// Runs a fresh session's prompt pruned, if its model prunes prompts (`tideway_prune`)
+    /// and only the prompt's last row is wanted (a generation's prompt): the layers run the
+    /// pruned prefill (SPEC-MODELS §6.3), the session goes on from the state they leave, and
+    /// the last survivor's row goes on to the head. Returns whether it ran.
+    fn prune_prompt(
+        &self,
+        served: &ServedModel,
+        piece: &StageModel,
+        envelope: &mut Envelope,
+        state: &mut Option<StageState>,
+    ) -> bool {
+        let (Some(prune), StageModel::Part(model), Some(StageState::Part(_)), Body::Tokens(ids)) =
+            (served.prompt_prune(), piece, &*state, &envelope.body)
+        else {
+            return false;
+        };
+        if !(envelope.start && envelope.last_only && self.stage == 0) || ids.is_empty() {
+            return false;
+        }
+        envelope.body = match model.prefill_pruned_hidden(ids, prune) {
+            Ok(pruned) => {
+                let d = model.hidden_size();
+                let kept = pruned.survivors.kept.len();
+                self.board
+                    .count_prompt_tokens(envelope.model, ids.len() as u64, kept as u64);
+                *state = Some(StageState::Part(pruned.state));
+                Body::Hidden {
+                    values: pruned.residual[(kept - 1) * d..].to_vec(),
+                    pending: None,
+                }
+            }
+            Err(PrunedPrefillError::Input(e)) => Body::Failed(OpError::Input(e)),
+            Err(e) => Body::Failed(OpError::Pruning(e.to_string())),
+        };
+        true
+    }
+
     /// Runs one round (at most one envelope per session); returns the rows computed.
     fn run_round(&mut self, round: Vec<Envelope>, out: &mut Vec<Envelope>) -> usize {
         let models = self.models.clone();
@@ -238,6 +276,15 @@ impl LayersLogic {
             if first && let Some(state) = &state {
                 envelope.position = state.position();
                 envelope.position_after = envelope.position;
+            }
+            let mut state = state;
+            if self.prune_prompt(served, piece, &mut envelope, &mut state) {
+                slots.push(Slot {
+                    envelope,
+                    state,
+                    compute: false,
+                });
+                continue;
             }
             let compute = state.is_some()
                 && match &envelope.body {

@@ -86,6 +86,14 @@ pub struct SessionLimits {
 }
 
 impl Lifecycle {
+    /// Whether model `model` prunes its prompts (`tideway_prune`): its sessions' states
+    /// after a prompt depend on the whole prompt, so the prefix cache leaves them alone.
+    pub fn prunes_prompts(&self, model: u32) -> bool {
+        self.models
+            .get(model as usize)
+            .is_some_and(|m| m.prompt_prune().is_some())
+    }
+
     /// The table of worker `worker`, which holds at most its share of the server's sessions,
     /// and of each client's.
     pub fn new(
