@@ -7,51 +7,15 @@
 #
 #   bench/generate.sh [MODEL_DIR] [NEW] [PROMPT]
 #
-# llama.cpp is built from the llama-cpp-python source package (its vendor/llama.cpp) under
-# target/llama/ (downloaded from PyPI if missing); its converter is run with the pre-tokenizer
-# check told "gpt-2" (the model's tokenizer.json is a byte-level BPE trained here, whose hash
-# llama.cpp does not know: the benchmark feeds ids, so the vocabulary only has to load) and the
-# tokenizer read as tokenizer.json says.
+# llama.cpp is built and the model converted by bench/llama_cpp.sh.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 model=${1:-models/shakespeare-mamba} new=${2:-128} prompt=${3:-16}
 threads=$(nproc)
 venv=.venv
-src=target/llama/llama_cpp_python-0.3.36
-if [ ! -d "$src" ]; then
-    mkdir -p target/llama
-    url=$(curl -s https://pypi.org/pypi/llama-cpp-python/0.3.36/json | python3 -c \
-        'import json,sys; print([u["url"] for u in json.load(sys.stdin)["urls"] if u["packagetype"]=="sdist"][0])')
-    case "$url" in ../*) url="https://pypi.org/${url#../../}" ;; esac
-    curl -sL -o target/llama/llama.tar.gz "$url"
-    tar xzf target/llama/llama.tar.gz -C target/llama
-fi
-llama=$src/vendor/llama.cpp
-if [ ! -x "$llama/build/bin/llama-batched-bench" ]; then
-    "$venv/bin/pip" install -q cmake
-    "$venv/bin/cmake" -S "$llama" -B "$llama/build" -DCMAKE_BUILD_TYPE=Release -DGGML_NATIVE=ON \
-        -DLLAMA_CURL=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_SERVER=OFF >/dev/null
-    "$venv/bin/cmake" --build "$llama/build" -j"$threads" --target llama-batched-bench >/dev/null
-fi
-gguf=target/llama/$(basename "$model")-f32.gguf
-if [ ! -f "$gguf" ]; then
-    PYTHONPATH="$llama/gguf-py" "$venv/bin/python" - "$llama" "$model" "$gguf" <<'PY'
-import sys
-from pathlib import Path
-llama, model, out = sys.argv[1:]
-sys.path.insert(0, llama)
-sys.argv = ["convert_hf_to_gguf.py", model, "--outtype", "f32", "--outfile", out]
-import conversion.base
-import transformers
-# The tokenizer as tokenizer.json says (AutoTokenizer would pick GPT-NeoX's class for a
-# Mamba, which adds a padding token past the vocabulary).
-transformers.AutoTokenizer.from_pretrained = staticmethod(
-    lambda d, **kw: transformers.PreTrainedTokenizerFast(tokenizer_file=str(Path(d) / "tokenizer.json")))
-conversion.base.TextModel.get_vocab_base_pre = lambda self, tokenizer: "gpt-2"
-import convert_hf_to_gguf as convert
-convert.main()
-PY
-fi
+source bench/llama_cpp.sh
+llama_build llama-batched-bench
+gguf=$(llama_gguf "$model" f32)
 
 cargo build --release -p tideway-workers -j"$threads" 2>/dev/null
 scratch=$(mktemp -d)

@@ -1,12 +1,14 @@
 //! Tideway's numeric kernels.
 //!
 //! Everything computes in f32. Weights may arrive as bf16/f16 and are widened once, when
-//! they are loaded ([`Weight`]). The weights of matrix products are kept transposed
-//! ([`matmul::Linear`]); other f32 weights are read in place from the memory-mapped checkpoint.
+//! they are loaded ([`Weight`]). The weights of matrix products are copied out in PyTorch's
+//! layout ([`matmul::Linear`]); other f32 weights are read in place from the memory-mapped
+//! checkpoint.
 //!
 //! One module per kernel family:
 //! - [`tensor`] — the owned [`Tensor`] and the read-only [`Weight`] storage;
-//! - [`matmul`] — `y = x·Wᵀ + b` through the `gemm` crate (multi-threaded);
+//! - [`matmul`] — `y = x·Wᵀ + b`: [`skinny`]'s SIMD kernel for a few rows, the `gemm` crate
+//!   for more (multi-threaded);
 //! - [`norm`] — RMSNorm;
 //! - [`activation`] — SiLU, softplus and a vectorisable `exp`;
 //! - [`conv`] — causal depthwise conv1d over a sequence or one step over a rolling window;
@@ -34,6 +36,7 @@ pub mod nccl;
 pub mod norm;
 pub mod scan;
 mod simd;
+pub mod skinny;
 pub mod tensor;
 
 #[cfg(test)]

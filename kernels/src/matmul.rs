@@ -1,15 +1,17 @@
-//! Matrix products through the `gemm` crate.
+//! Matrix products: PyTorch's `nn.Linear` (`y = x·Wᵀ + b`, `W` stored `[out, in]` as the
+//! checkpoints store it) and the small strided products of the chunkwise kernels.
 //!
-//! The one product a model layer needs is PyTorch's `nn.Linear`: `y = x·Wᵀ + b`, with `W`
-//! stored `[out, in]` in checkpoints. [`Linear`] transposes `W` once, at load, to `[in, out]`:
-//! with that layout gemm runs its microkernel straight on the weights instead of repacking
-//! them on every call, which is what dominates at the small batch sizes of decoding (measured
-//! with `examples/linear_shapes.rs`: 4-20× faster for 2-32 rows). Rows of `x` may be strided
-//! (a column slice of a wider activation, e.g. the `dt` part of `x_proj`'s output).
+//! [`Linear`] keeps `W` in PyTorch's layout. A few rows (decoding: 1-16) run the hand-written
+//! kernel of [`crate::skinny`], which streams each thread's share of `W`'s rows at the memory's
+//! speed; more rows run through the `gemm` crate, whose packing of `W` is then a small share
+//! of the work (`examples/linear_shapes.rs` measures both sides of the switch). Rows of `x`
+//! may be strided (a column slice of a wider activation, e.g. the `dt` part of `x_proj`'s
+//! output).
 
 use gemm::Parallelism;
 use rayon::prelude::*;
 
+use crate::skinny;
 use crate::tensor::{ShapeError, Weight};
 
 /// Below this many multiply-adds a product runs on the calling thread: waking the pool
@@ -54,18 +56,19 @@ impl<'a> MatRef<'a> {
     }
 }
 
-/// A linear layer `y = x·Wᵀ + b` with `W` kept transposed (`[in, out]`).
+/// A linear layer `y = x·Wᵀ + b` with `W` in PyTorch's layout (`[out, in]`).
 #[derive(Clone, Debug)]
 pub struct Linear {
-    /// `Wᵀ`, `[in_features, out_features]`.
-    weight_t: Weight,
+    /// `W`, `[out_features, in_features]`.
+    weight: Weight,
     bias: Option<Weight>,
     in_features: usize,
     out_features: usize,
 }
 
 impl Linear {
-    /// From PyTorch's layout: `weight` `[out, in]`, `bias` `[out]`.
+    /// From PyTorch's layout: `weight` `[out, in]`, `bias` `[out]`. The weight is copied out
+    /// of the checkpoint (whose pages are then released).
     pub fn from_torch(weight: &Weight, bias: Option<Weight>) -> Result<Self, ShapeError> {
         let shape = weight.shape();
         let mismatch = || ShapeError {
@@ -85,12 +88,9 @@ impl Linear {
                 found: b.len(),
             });
         }
-        let weight_t = Weight::from_vec(
-            transpose(weight.as_slice(), out_features, in_features),
-            &[in_features, out_features],
-        )?;
+        let weight = Weight::from_vec(weight.as_slice().to_vec(), shape)?;
         Ok(Linear {
-            weight_t,
+            weight,
             bias,
             in_features,
             out_features,
@@ -106,28 +106,23 @@ impl Linear {
     }
 
     pub fn size_bytes(&self) -> usize {
-        self.weight_t.size_bytes() + self.bias.as_ref().map_or(0, Weight::size_bytes)
+        self.weight.size_bytes() + self.bias.as_ref().map_or(0, Weight::size_bytes)
     }
 
-    /// PyTorch's layout again: `W` `[out, in]` row-major, and the bias (for uploading the
-    /// layer to a device).
+    /// PyTorch's layout: `W` `[out, in]` row-major, and the bias (for uploading the layer to a
+    /// device).
     pub fn to_torch(&self) -> (Vec<f32>, Option<Vec<f32>>) {
-        let w = transpose(
-            self.weight_t.as_slice(),
-            self.in_features,
-            self.out_features,
-        );
-        (w, self.bias.as_ref().map(|b| b.as_slice().to_vec()))
+        (
+            self.weight.as_slice().to_vec(),
+            self.bias.as_ref().map(|b| b.as_slice().to_vec()),
+        )
     }
 
     /// Copies row `j` of PyTorch's `W` (`[in]` values) into `dst`: a tied embedding reads its
     /// rows from the LM head this way instead of keeping a second copy.
     pub fn torch_weight_row(&self, j: usize, dst: &mut [f32]) {
         assert!(j < self.out_features && dst.len() == self.in_features);
-        let wt = self.weight_t.as_slice();
-        for (i, d) in dst.iter_mut().enumerate() {
-            *d = wt[i * self.out_features + j];
-        }
+        dst.copy_from_slice(self.weight.row(j));
     }
 
     /// `out[M, out] = x[M, in] · Wᵀ (+ b)`, overwriting `out`.
@@ -147,88 +142,83 @@ impl Linear {
         if m == 0 || n == 0 {
             return;
         }
-        let read_dst = match &self.bias {
+        let bias = self.bias.as_ref().map(Weight::as_slice);
+        if k == 0 {
+            for row in out.chunks_exact_mut(n) {
+                match bias {
+                    Some(b) => row.copy_from_slice(b),
+                    None => row.fill(0.0),
+                }
+            }
+            return;
+        }
+        let w = self.weight.as_slice();
+        let threads = rayon::current_num_threads();
+        let big = m * n * k >= PARALLEL_MIN_FLOPS && threads > 1;
+        if m <= skinny::MAX_ROWS && skinny::available() {
+            let target = skinny::Out {
+                ptr: out.as_mut_ptr(),
+                n,
+            };
+            // SAFETY: `available` said the CPU runs the kernel; `out` holds m × n, `w` n × k
+            // (the layer's own shapes), and each call below gets its own columns.
+            let run =
+                |cols: std::ops::Range<usize>| unsafe { skinny::block(x, w, bias, cols, target) };
+            if big {
+                // Each thread streams a contiguous share of W's rows; a few shares per thread
+                // even out a slower core.
+                let share = n.div_ceil(4 * threads).next_multiple_of(16);
+                (0..n.div_ceil(share)).into_par_iter().for_each(|s| {
+                    run(s * share..((s + 1) * share).min(n));
+                });
+            } else {
+                run(0..n);
+            }
+            return;
+        }
+        let read_dst = match bias {
             Some(b) => {
                 for row in out.chunks_exact_mut(n) {
-                    row.copy_from_slice(b.as_slice());
+                    row.copy_from_slice(b);
                 }
                 true
             }
             None => false,
         };
-        if k == 0 {
-            if !read_dst {
-                out.fill(0.0);
-            }
-            return;
-        }
-        let wt = self.weight_t.as_slice();
-        let threads = rayon::current_num_threads();
-        let big = m * n * k >= PARALLEL_MIN_FLOPS && threads > 1;
-        if m == 1 && big {
-            // gemm's matrix-vector path runs on one thread; a single row is bandwidth-bound,
-            // so split the output columns over the pool and let each thread stream its share
-            // of the weights.
-            let block = n.div_ceil(4 * threads).next_multiple_of(16);
-            out.par_chunks_mut(block).enumerate().for_each(|(i, dst)| {
-                let n0 = i * block;
-                // SAFETY: as in `product`, for the column block n0..n0 + dst.len() of Wᵀ.
-                unsafe { product(x, &wt[n0..], n, dst, dst.len(), read_dst, Parallelism::None) };
-            });
+        let parallelism = if big {
+            Parallelism::Rayon(threads)
         } else {
-            let parallelism = if big {
-                Parallelism::Rayon(threads)
-            } else {
-                Parallelism::None
-            };
-            // SAFETY: see `product`.
-            unsafe { product(x, wt, n, out, n, read_dst, parallelism) };
+            Parallelism::None
+        };
+        // gemm computes dst = alpha·dst + beta·lhs·rhs over strided matrices (column stride
+        // first): outᵀ = W·xᵀ, with lhs = W as stored (`[n, k]`), rhs = xᵀ and dst = outᵀ by
+        // swapped strides. gemm packs W on every call, which costs a share that shrinks as
+        // the rows grow.
+        // SAFETY: `x` holds m × k (checked by `MatRef::check`), `w` n × k and `out` m × n;
+        // `out` is a unique borrow, so it cannot alias the inputs.
+        unsafe {
+            gemm::gemm(
+                n,
+                m,
+                k,
+                out.as_mut_ptr(),
+                n as isize,
+                1,
+                read_dst,
+                w.as_ptr(),
+                1,
+                k as isize,
+                x.data.as_ptr(),
+                x.row_stride as isize,
+                1,
+                1.0,
+                1.0,
+                false,
+                false,
+                false,
+                parallelism,
+            );
         }
-    }
-}
-
-/// `dst[M, cols] (+)= x[M, K] · wt[K, cols]`, where `wt`'s rows are `wt_stride` apart and `dst`
-/// is dense.
-///
-/// # Safety
-/// `x` must hold `M × K` (checked by `MatRef::check`), `wt` at least `(K-1)·wt_stride + cols`
-/// values and `dst` `M × cols`; `dst` must not alias the inputs.
-unsafe fn product(
-    x: MatRef<'_>,
-    wt: &[f32],
-    wt_stride: usize,
-    dst: &mut [f32],
-    cols: usize,
-    read_dst: bool,
-    parallelism: Parallelism,
-) {
-    let (m, k) = (x.rows, x.cols);
-    debug_assert!(wt.len() >= (k - 1) * wt_stride + cols);
-    debug_assert!(dst.len() >= m * cols);
-    // gemm computes dst = alpha·dst + beta·lhs·rhs over strided matrices (column stride
-    // first): lhs = x (row stride `row_stride`), rhs = Wᵀ (row stride `wt_stride`).
-    unsafe {
-        gemm::gemm(
-            m,
-            cols,
-            k,
-            dst.as_mut_ptr(),
-            1,
-            cols as isize,
-            read_dst,
-            x.data.as_ptr(),
-            1,
-            x.row_stride as isize,
-            wt.as_ptr(),
-            1,
-            wt_stride as isize,
-            1.0,
-            1.0,
-            false,
-            false,
-            false,
-            parallelism,
-        );
     }
 }
 
@@ -344,22 +334,6 @@ pub fn matmul_small(
     }
 }
 
-/// `[rows, cols]` → `[cols, rows]`, in cache-sized tiles.
-fn transpose(src: &[f32], rows: usize, cols: usize) -> Vec<f32> {
-    const TILE: usize = 32;
-    let mut dst = vec![0.0f32; rows * cols];
-    for r0 in (0..rows).step_by(TILE) {
-        for c0 in (0..cols).step_by(TILE) {
-            for r in r0..(r0 + TILE).min(rows) {
-                for c in c0..(c0 + TILE).min(cols) {
-                    dst[c * rows + r] = src[r * cols + c];
-                }
-            }
-        }
-    }
-    dst
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -383,12 +357,19 @@ mod tests {
     #[test]
     fn matches_naive_product_with_bias_and_strides() {
         // Shapes on both sides of the threading threshold, one row (the split path) included.
+        // Every skinny tile shape (rows 1-17 against 1-4 weight rows, k not a multiple of
+        // the vector width), both sides of the switch to gemm and of the threading threshold.
         for &(m, k, n) in &[
             (1, 7, 5),
             (3, 64, 33),
             (65, 70, 129),
             (1, 768, 1000),
             (2, 300, 900),
+            (5, 17, 7),
+            (7, 33, 6),
+            (16, 100, 403),
+            (17, 100, 403),
+            (9, 1, 3),
         ] {
             let stride = k + 3;
             let x = pseudo(m * stride, 1);

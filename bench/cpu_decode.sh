@@ -1,0 +1,109 @@
+#!/usr/bin/env bash
+# CPU decode and prefill of a Mamba checkpoint beside its peers, in one run (issue 20):
+# Tideway (`tideway bench`, f32), llama.cpp on the same weights as GGUF f32, f16 and q8_0
+# (llama-batched-bench), HF transformers (bench/hf_mamba_bench.py) and the machine's floors
+# measured now (kernels/examples/floors.rs: read bandwidth, sgemm), in ROUNDS interleaved
+# rounds; prints the medians as a table. Every tool runs with all cores (`nproc`).
+#
+#   bench/cpu_decode.sh [MODEL_DIR] [ROUNDS] [TIDEWAY...]
+#
+# MODEL_DIR defaults to bench/models/mamba-130m-random (bench/make_mamba130m.py). TIDEWAY is
+# one or more tideway binaries to compare (default target/release/tideway, built here), each
+# measured in every round: e.g. a build of the previous commit beside this one's.
+# Decode: after a 16-token prompt, 32 new tokens per sequence at batch 1, 8 and 32; prefill:
+# one 512-token sequence. Raw outputs go to bench/out/cpu_decode-DATE/.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+model=${1:-bench/models/mamba-130m-random} rounds=${2:-3}
+shift $(( $# < 2 ? $# : 2 ))
+threads=$(nproc)
+venv=.venv
+source bench/llama_cpp.sh
+llama_build llama-batched-bench
+ggufs=()
+for type in f32 f16 q8_0; do ggufs+=("$(llama_gguf "$model" "$type")"); done
+if [ $# -eq 0 ]; then
+    cargo build --release -p tideway-workers -j"$threads" 2>/dev/null
+    set -- target/release/tideway
+fi
+cargo build --release -p tideway-kernels --example floors 2>/dev/null
+weight_bytes=$(stat -c %s "$model"/model.safetensors)
+out=bench/out/cpu_decode-$(date +%Y%m%d-%H%M%S)
+mkdir -p "$out"
+
+for round in $(seq "$rounds"); do
+    echo "== round $round of $rounds" >&2
+    target/release/examples/floors "$weight_bytes" >"$out/r$round-floors.txt"
+    i=0
+    for tideway in "$@"; do
+        "$tideway" bench --model "$model" --batches 1,8,32 --prefill-tokens 512 --threads "$threads" \
+            --json 2>/dev/null >"$out/r$round-tideway$i.json"
+        i=$((i + 1))
+    done
+    for gguf in "${ggufs[@]}"; do
+        name=$(basename "$gguf" .gguf)
+        /usr/bin/time -f "peak_rss_kb %M" "$llama/build/bin/llama-batched-bench" -m "$gguf" \
+            -c 2048 -b 2048 -ub 512 -npp 16 -ntg 32 -npl 1,8,32 -t "$threads" \
+            >"$out/r$round-$name-decode.txt" 2>"$out/r$round-$name-decode.err"
+        "$llama/build/bin/llama-batched-bench" -m "$gguf" -c 1024 -b 512 -ub 512 \
+            -npp 512 -ntg 1 -npl 1 -t "$threads" >"$out/r$round-$name-prefill.txt" 2>/dev/null
+    done
+    "$venv/bin/python" bench/hf_mamba_bench.py "$model" --threads "$threads" --json \
+        2>/dev/null >"$out/r$round-hf.json"
+done
+
+"$venv/bin/python" - "$out" "$rounds" "$#" "$@" <<'PY'
+import json, re, statistics, sys
+from pathlib import Path
+out, rounds, n = Path(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3])
+binaries = sys.argv[4:4 + n]
+med = statistics.median
+cols = {}  # column -> {row: [values over rounds]}
+def put(col, row, value):
+    cols.setdefault(col, {}).setdefault(row, []).append(value)
+for r in range(1, rounds + 1):
+    floors = (out / f"r{r}-floors.txt").read_text()
+    bw = float(re.search(r"decode floor ([\d.]+)", floors).group(1))
+    compute = float(re.search(r"compute floor ([\d.]+)", floors).group(1))
+    put("floor", "decode b1", bw)
+    put("floor", "decode b8", min(8 * bw, compute))
+    put("floor", "decode b32", min(32 * bw, compute))
+    put("floor", "prefill 512", compute)
+    for i in range(n):
+        t = json.loads((out / f"r{r}-tideway{i}.json").read_text())
+        col = f"Tideway f32 [{i}]" if n > 1 else "Tideway f32"
+        for d in t["decode"]:
+            put(col, f"decode b{d['batch']}", d["tokens_per_s"])
+        for p in t["prefill"]:
+            put(col, f"prefill {p['tokens']}", p["tokens_per_s"])
+        put(col, "peak RSS MiB", t["peak_rss_bytes"] / 2**20)
+    for q in ["f32", "f16", "q8_0"]:
+        name = next(out.glob(f"r{r}-*-{q}-decode.txt")).name[len(f"r{r}-"):-len("-decode.txt")]
+        col = f"llama.cpp {q}"
+        for line in (out / f"r{r}-{name}-decode.txt").read_text().splitlines():
+            f = [x.strip() for x in line.strip().strip("|").split("|")]
+            if len(f) >= 10 and f[2].isdigit():
+                put(col, f"decode b{int(f[2])}", float(f[7]))
+        for line in (out / f"r{r}-{name}-prefill.txt").read_text().splitlines():
+            f = [x.strip() for x in line.strip().strip("|").split("|")]
+            if len(f) >= 10 and f[0] == "512":
+                put(col, "prefill 512", float(f[5]))
+        rss = re.search(r"peak_rss_kb (\d+)", (out / f"r{r}-{name}-decode.err").read_text())
+        put(col, "peak RSS MiB", int(rss.group(1)) / 1024)
+    h = json.loads((out / f"r{r}-hf.json").read_text())
+    for d in h["decode"]:
+        put("HF", f"decode b{d['batch']}", d["tokens_per_s"])
+    put("HF", "prefill 512", h["prefill"]["tokens_per_s"])
+    put("HF", "peak RSS MiB", h["peak_rss_bytes"] / 2**20)
+rows = ["decode b1", "decode b8", "decode b32", "prefill 512", "peak RSS MiB"]
+names = [c for c in cols if c != "floor"] + ["floor"]
+for i, b in enumerate(binaries):
+    print(f"[{i}] {b}")
+print(f"medians of {rounds} interleaved rounds (tok/s; floors from this run's bandwidth and sgemm)")
+print("| tok/s | " + " | ".join(names) + " |")
+print("|---|" + "---:|" * len(names))
+for row in rows:
+    cells = [f"{med(cols[c][row]):.1f}" if row in cols[c] else "" for c in names]
+    print(f"| {row} | " + " | ".join(cells) + " |")
+PY
+echo "raw outputs: $out"

@@ -1,0 +1,76 @@
+//! The machine's floors for a model of WEIGHT_BYTES bytes of weights, measured now (this
+//! machine's speed varies from day to day, so a floor means something only beside the figures
+//! measured in the same run): the memory's read bandwidth (best of 5 passes over 1 GiB with
+//! every thread) gives batch-1 decode's floor, `bandwidth / WEIGHT_BYTES` tokens/s; gemm's
+//! best f32 GFLOP/s on a prefill-chunk-sized product gives the compute floor,
+//! `GFLOP/s / (2 × parameters)` tokens/s.
+//!
+//! `cargo run --release -p tideway-kernels --example floors -- WEIGHT_BYTES`
+
+use std::time::Instant;
+
+use rayon::prelude::*;
+use tideway_kernels::Weight;
+use tideway_kernels::matmul::{Linear, MatRef};
+
+fn main() {
+    let weight_bytes: f64 = std::env::args()
+        .nth(1)
+        .and_then(|a| a.parse().ok())
+        .expect("usage: floors WEIGHT_BYTES");
+    let threads = rayon::current_num_threads();
+
+    // Read bandwidth: each thread sums its contiguous share with 16 independent sums (so the
+    // adds never wait on each other and the loads are the limit).
+    let buffer: Vec<f32> = (0..(1usize << 28)).map(|i| (i & 7) as f32).collect();
+    let mut best = f64::INFINITY;
+    let mut total = 0.0f32;
+    for _ in 0..5 {
+        let start = Instant::now();
+        total += buffer
+            .par_chunks(buffer.len().div_ceil(threads))
+            .map(|share| {
+                let mut sums = [0.0f32; 16];
+                for block in share.chunks_exact(16) {
+                    for (s, v) in sums.iter_mut().zip(block) {
+                        *s += v;
+                    }
+                }
+                sums.iter().sum::<f32>()
+            })
+            .sum::<f32>();
+        best = best.min(start.elapsed().as_secs_f64());
+    }
+    let bandwidth = (buffer.len() * 4) as f64 / best;
+    drop(buffer);
+
+    // Compute: a [512, 768] × [768, 3072] product (a prefill chunk through mamba-130m's
+    // in_proj), gemm's path, best of 10.
+    let (m, k, n) = (512, 768, 3072);
+    let w: Vec<f32> = (0..n * k).map(|i| (i % 97) as f32 * 1e-3).collect();
+    let layer = Linear::from_torch(&Weight::from_vec(w, &[n, k]).unwrap(), None).unwrap();
+    let x: Vec<f32> = (0..m * k).map(|i| (i % 89) as f32 * 1e-3).collect();
+    let mut out = vec![0.0f32; m * n];
+    let mut best = f64::INFINITY;
+    for _ in 0..10 {
+        let start = Instant::now();
+        layer.forward(MatRef::dense(&x, m, k), &mut out);
+        best = best.min(start.elapsed().as_secs_f64());
+    }
+    let flops = 2.0 * (m * k * n) as f64 / best;
+    let parameters = weight_bytes / 4.0;
+
+    println!("threads {threads} (checksum {total})");
+    println!(
+        "read bandwidth {:.1} GB/s -> batch-1 f32 decode floor {:.1} tok/s ({:.0} MB of weights)",
+        bandwidth / 1e9,
+        bandwidth / weight_bytes,
+        weight_bytes / 1e6
+    );
+    println!(
+        "sgemm {:.1} GFLOP/s -> compute floor {:.1} tok/s ({:.1}M parameters)",
+        flops / 1e9,
+        flops / (2.0 * parameters),
+        parameters / 1e6
+    );
+}
