@@ -41,7 +41,9 @@ llama_gguf() {
     local model=$1 type=$2
     local gguf=target/llama/$(basename "$model")-$type.gguf
     if [ ! -f "$gguf" ]; then
-        PYTHONPATH="$llama/gguf-py" "$venv/bin/python" - "$llama" "$model" "$gguf" "$type" >&2 <<'PY'
+        echo "converting $model to $gguf" >&2
+        PYTHONPATH="$llama/gguf-py" "$venv/bin/python" - "$llama" "$model" "$gguf" "$type" \
+            >"$gguf.log" 2>&1 <<'PY'
 import sys
 from pathlib import Path
 llama, model, out, outtype = sys.argv[1:]

@@ -8,7 +8,7 @@
 //! One module per kernel family:
 //! - [`tensor`] — the owned [`Tensor`] and the read-only [`Weight`] storage;
 //! - [`matmul`] — `y = x·Wᵀ + b`: [`skinny`]'s SIMD kernel for a few rows, the `gemm` crate
-//!   for more (multi-threaded);
+//!   for more (multi-threaded); with bf16 weights ([`bf16`]) or LLM.int8's int8 ([`int8`]);
 //! - [`norm`] — RMSNorm;
 //! - [`activation`] — SiLU, softplus and a vectorisable `exp`;
 //! - [`conv`] — causal depthwise conv1d over a sequence or one step over a rolling window;
@@ -20,6 +20,7 @@
 //!   over NCCL.
 
 pub mod activation;
+pub mod bf16;
 pub mod collective;
 pub mod conv;
 pub mod cpu;
@@ -29,6 +30,7 @@ pub mod delta_rule;
 pub mod expm;
 #[cfg(feature = "cuda")]
 pub mod gpu;
+pub mod int8;
 pub mod linear_attention;
 pub mod matmul;
 #[cfg(feature = "cuda")]

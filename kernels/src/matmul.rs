@@ -11,6 +11,8 @@
 use gemm::Parallelism;
 use rayon::prelude::*;
 
+use crate::bf16::Bf16Weight;
+use crate::int8::Int8Weight;
 use crate::skinny;
 use crate::tensor::{ShapeError, Weight};
 
@@ -56,20 +58,63 @@ impl<'a> MatRef<'a> {
     }
 }
 
-/// A linear layer `y = x·Wᵀ + b` with `W` in PyTorch's layout (`[out, in]`).
+/// How a [`Linear`] keeps `W` on the CPU (`--dtype`): f32 as the checkpoint has it, bf16
+/// ([`crate::bf16`]) or int8 as LLM.int8 quantizes it ([`crate::int8`]).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum LinearFormat {
+    #[default]
+    F32,
+    Bf16,
+    Int8,
+}
+
+impl LinearFormat {
+    /// Why this CPU cannot run the format's kernels, if it cannot (bf16 and int8 need AVX2).
+    pub fn unsupported_here(self) -> Option<String> {
+        let ok = match self {
+            LinearFormat::F32 => true,
+            LinearFormat::Bf16 => crate::bf16::available(),
+            LinearFormat::Int8 => crate::int8::available(),
+        };
+        (!ok).then(|| {
+            format!(
+                "{self:?} weights on the CPU need AVX2 (this CPU offers {}); use f32",
+                crate::cpu::simd_level()
+            )
+        })
+    }
+}
+
+#[derive(Clone, Debug)]
+enum Stored {
+    F32(Weight),
+    Bf16(Bf16Weight),
+    Int8(Int8Weight),
+}
+
+/// A linear layer `y = x·Wᵀ + b` with `W` in PyTorch's layout (`[out, in]`), in f32, bf16 or
+/// int8.
 #[derive(Clone, Debug)]
 pub struct Linear {
-    /// `W`, `[out_features, in_features]`.
-    weight: Weight,
+    weight: Stored,
     bias: Option<Weight>,
     in_features: usize,
     out_features: usize,
 }
 
 impl Linear {
-    /// From PyTorch's layout: `weight` `[out, in]`, `bias` `[out]`. The weight is copied out
-    /// of the checkpoint (whose pages are then released).
+    /// From PyTorch's layout: `weight` `[out, in]`, `bias` `[out]`, kept in f32. The weight is
+    /// copied out of the checkpoint (whose pages are then released).
     pub fn from_torch(weight: &Weight, bias: Option<Weight>) -> Result<Self, ShapeError> {
+        Self::from_torch_as(weight, bias, LinearFormat::F32)
+    }
+
+    /// As [`from_torch`](Self::from_torch), with `W` kept in `format` (the bias stays f32).
+    pub fn from_torch_as(
+        weight: &Weight,
+        bias: Option<Weight>,
+        format: LinearFormat,
+    ) -> Result<Self, ShapeError> {
         let shape = weight.shape();
         let mismatch = || ShapeError {
             shape: shape.to_vec(),
@@ -88,7 +133,16 @@ impl Linear {
                 found: b.len(),
             });
         }
-        let weight = Weight::from_vec(weight.as_slice().to_vec(), shape)?;
+        let values = weight.as_slice();
+        let weight = match format {
+            LinearFormat::F32 => Stored::F32(Weight::from_vec(values.to_vec(), shape)?),
+            LinearFormat::Bf16 => {
+                Stored::Bf16(Bf16Weight::from_f32(values, out_features, in_features))
+            }
+            LinearFormat::Int8 => {
+                Stored::Int8(Int8Weight::from_f32(values, out_features, in_features))
+            }
+        };
         Ok(Linear {
             weight,
             bias,
@@ -105,24 +159,65 @@ impl Linear {
         self.out_features
     }
 
+    pub fn format(&self) -> LinearFormat {
+        match self.weight {
+            Stored::F32(_) => LinearFormat::F32,
+            Stored::Bf16(_) => LinearFormat::Bf16,
+            Stored::Int8(_) => LinearFormat::Int8,
+        }
+    }
+
+    /// Bytes of the weight as kept (int8: with its scales) and the bias.
     pub fn size_bytes(&self) -> usize {
-        self.weight.size_bytes() + self.bias.as_ref().map_or(0, Weight::size_bytes)
+        let weight = match &self.weight {
+            Stored::F32(w) => w.size_bytes(),
+            Stored::Bf16(w) => w.size_bytes(),
+            Stored::Int8(w) => w.size_bytes(),
+        };
+        weight + self.bias.as_ref().map_or(0, Weight::size_bytes)
     }
 
-    /// PyTorch's layout: `W` `[out, in]` row-major, and the bias (for uploading the layer to a
-    /// device).
+    /// PyTorch's layout: `W` `[out, in]` row-major in f32 (bf16 and int8 weights widened and
+    /// dequantized), and the bias (for uploading the layer to a device).
     pub fn to_torch(&self) -> (Vec<f32>, Option<Vec<f32>>) {
-        (
-            self.weight.as_slice().to_vec(),
-            self.bias.as_ref().map(|b| b.as_slice().to_vec()),
-        )
+        let w = match &self.weight {
+            Stored::F32(w) => w.as_slice().to_vec(),
+            _ => {
+                let mut w = vec![0.0f32; self.out_features * self.in_features];
+                for (j, row) in w.chunks_exact_mut(self.in_features.max(1)).enumerate() {
+                    self.torch_weight_row(j, row);
+                }
+                w
+            }
+        };
+        (w, self.bias.as_ref().map(|b| b.as_slice().to_vec()))
     }
 
-    /// Copies row `j` of PyTorch's `W` (`[in]` values) into `dst`: a tied embedding reads its
-    /// rows from the LM head this way instead of keeping a second copy.
+    /// Copies row `j` of PyTorch's `W` (`[in]` values, as kept: bf16 widened, int8
+    /// dequantized) into `dst`: a tied embedding reads its rows from the LM head this way
+    /// instead of keeping a second copy.
     pub fn torch_weight_row(&self, j: usize, dst: &mut [f32]) {
         assert!(j < self.out_features && dst.len() == self.in_features);
-        dst.copy_from_slice(self.weight.row(j));
+        match &self.weight {
+            Stored::F32(w) => dst.copy_from_slice(w.row(j)),
+            Stored::Bf16(w) => w.row_f32(j, dst),
+            Stored::Int8(w) => w.row_f32(j, dst),
+        }
+    }
+
+    /// Runs `block(cols)` over the output columns `0..n`: split over the pool in contiguous
+    /// shares of W's rows when the product is `big` (a few shares per thread even out a
+    /// slower core), on the calling thread otherwise.
+    fn by_columns(n: usize, big: bool, block: impl Fn(std::ops::Range<usize>) + Sync) {
+        if big {
+            let threads = rayon::current_num_threads();
+            let share = n.div_ceil(4 * threads).next_multiple_of(16);
+            (0..n.div_ceil(share)).into_par_iter().for_each(|s| {
+                block(s * share..((s + 1) * share).min(n));
+            });
+        } else {
+            block(0..n);
+        }
     }
 
     /// `out[M, out] = x[M, in] · Wᵀ (+ b)`, overwriting `out`.
@@ -152,28 +247,39 @@ impl Linear {
             }
             return;
         }
-        let w = self.weight.as_slice();
         let threads = rayon::current_num_threads();
         let big = m * n * k >= PARALLEL_MIN_FLOPS && threads > 1;
-        if m <= skinny::MAX_ROWS && skinny::available() {
-            let target = skinny::Out {
-                ptr: out.as_mut_ptr(),
-                n,
-            };
-            // SAFETY: `available` said the CPU runs the kernel; `out` holds m × n, `w` n × k
-            // (the layer's own shapes), and each call below gets its own columns.
-            let run =
-                |cols: std::ops::Range<usize>| unsafe { skinny::block(x, w, bias, cols, target) };
-            if big {
-                // Each thread streams a contiguous share of W's rows; a few shares per thread
-                // even out a slower core.
-                let share = n.div_ceil(4 * threads).next_multiple_of(16);
-                (0..n.div_ceil(share)).into_par_iter().for_each(|s| {
-                    run(s * share..((s + 1) * share).min(n));
+        let target = skinny::Out {
+            ptr: out.as_mut_ptr(),
+            n,
+        };
+        let w = match &self.weight {
+            Stored::F32(w) => w.as_slice(),
+            Stored::Bf16(w) => {
+                let x = crate::bf16::prepare(x, w.k_pad);
+                // SAFETY: bf16 layers exist only where the CPU runs the kernel
+                // (`LinearFormat::unsupported_here`); `x` was prepared for `w`; `out` holds
+                // m × n and each block gets its own columns.
+                Self::by_columns(n, big, |cols| unsafe {
+                    crate::bf16::block(&x, m, w, bias, cols, target)
                 });
-            } else {
-                run(0..n);
+                return;
             }
+            Stored::Int8(w) => {
+                let x = crate::int8::quantize(x, w.k_pad);
+                // SAFETY: as for bf16.
+                Self::by_columns(n, big, |cols| unsafe {
+                    crate::int8::block(&x, w, bias, cols, target)
+                });
+                return;
+            }
+        };
+        if m <= skinny::MAX_ROWS && skinny::available() {
+            // SAFETY: `available` said the CPU runs the kernel; `out` holds m × n, `w` n × k
+            // (the layer's own shapes), and each block gets its own columns.
+            Self::by_columns(n, big, |cols| unsafe {
+                skinny::block(x, w, bias, cols, target)
+            });
             return;
         }
         let read_dst = match bias {

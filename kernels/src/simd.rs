@@ -31,3 +31,30 @@ macro_rules! dispatch {
 }
 
 pub(crate) use dispatch;
+
+/// Calls `$tile::<MR, NR>(args)` for a tile of `$mr` rows of activations and `$nr` rows of
+/// weights, each 1 to 4, known only at run time (the kernels' edge tiles).
+macro_rules! tile_match {
+    ($mr:expr, $nr:expr, $tile:ident, ($($arg:expr),* $(,)?)) => {
+        match ($mr, $nr) {
+            (1, 1) => $tile::<1, 1>($($arg),*),
+            (1, 2) => $tile::<1, 2>($($arg),*),
+            (1, 3) => $tile::<1, 3>($($arg),*),
+            (1, _) => $tile::<1, 4>($($arg),*),
+            (2, 1) => $tile::<2, 1>($($arg),*),
+            (2, 2) => $tile::<2, 2>($($arg),*),
+            (2, 3) => $tile::<2, 3>($($arg),*),
+            (2, _) => $tile::<2, 4>($($arg),*),
+            (3, 1) => $tile::<3, 1>($($arg),*),
+            (3, 2) => $tile::<3, 2>($($arg),*),
+            (3, 3) => $tile::<3, 3>($($arg),*),
+            (3, _) => $tile::<3, 4>($($arg),*),
+            (_, 1) => $tile::<4, 1>($($arg),*),
+            (_, 2) => $tile::<4, 2>($($arg),*),
+            (_, 3) => $tile::<4, 3>($($arg),*),
+            (_, _) => $tile::<4, 4>($($arg),*),
+        }
+    };
+}
+
+pub(crate) use tile_match;

@@ -74,8 +74,8 @@ pub unsafe fn block(x: MatRef<'_>, w: &[f32], bias: Option<&[f32]>, cols: Range<
 /// Rows of `W` per tile: each is one sequential stream.
 const NR: usize = 4;
 
-/// Runs `tile::<MR, NR>` over every (rows of x, rows of W) tile of a block, picking the
-/// const sizes of the edge tiles. `$mr_max` is the widest x tile the ISA's registers hold.
+/// Runs `tile::<MR, NR>` over every (rows of x, rows of W) tile of a block. `$mr_max` is the
+/// widest x tile the ISA's registers hold.
 macro_rules! tiles {
     ($x:ident, $w:ident, $bias:ident, $cols:ident, $out:ident, $mr_max:literal, $tile:ident) => {{
         let k = $x.cols;
@@ -89,31 +89,23 @@ macro_rules! tiles {
                 let wp = $w.as_ptr().add(j * k);
                 let op = $out.ptr.add(i * $out.n + j);
                 let bp = $bias.map(|b| b.as_ptr().add(j));
-                let s = $x.row_stride;
-                let n = $out.n;
-                match (mr, nr) {
-                    (1, 1) => $tile::<1, 1>(xp, s, wp, k, bp, op, n),
-                    (1, 2) => $tile::<1, 2>(xp, s, wp, k, bp, op, n),
-                    (1, 3) => $tile::<1, 3>(xp, s, wp, k, bp, op, n),
-                    (1, _) => $tile::<1, 4>(xp, s, wp, k, bp, op, n),
-                    (2, 1) => $tile::<2, 1>(xp, s, wp, k, bp, op, n),
-                    (2, 2) => $tile::<2, 2>(xp, s, wp, k, bp, op, n),
-                    (2, 3) => $tile::<2, 3>(xp, s, wp, k, bp, op, n),
-                    (2, _) => $tile::<2, 4>(xp, s, wp, k, bp, op, n),
-                    (3, 1) => $tile::<3, 1>(xp, s, wp, k, bp, op, n),
-                    (3, 2) => $tile::<3, 2>(xp, s, wp, k, bp, op, n),
-                    (3, 3) => $tile::<3, 3>(xp, s, wp, k, bp, op, n),
-                    (3, _) => $tile::<3, 4>(xp, s, wp, k, bp, op, n),
-                    (_, 1) => $tile::<4, 1>(xp, s, wp, k, bp, op, n),
-                    (_, 2) => $tile::<4, 2>(xp, s, wp, k, bp, op, n),
-                    (_, 3) => $tile::<4, 3>(xp, s, wp, k, bp, op, n),
-                    (_, _) => $tile::<4, 4>(xp, s, wp, k, bp, op, n),
-                }
+                let (s, n) = ($x.row_stride, $out.n);
+                crate::simd::tile_match!(mr, nr, $tile, (xp, s, wp, k, bp, op, n));
                 i += mr;
             }
             j += nr;
         }
     }};
+}
+
+/// The sum of a vector's 8 lanes.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+pub(crate) fn hsum256(v: std::arch::x86_64::__m256) -> f32 {
+    use std::arch::x86_64::*;
+    let half = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    let pairs = _mm_add_ps(half, _mm_movehl_ps(half, half));
+    _mm_cvtss_f32(_mm_add_ss(pairs, _mm_shuffle_ps(pairs, pairs, 1)))
 }
 
 #[cfg(target_arch = "x86_64")]
@@ -242,11 +234,8 @@ mod avx2 {
             }
             for (i, row) in acc.iter().enumerate() {
                 for (r, a) in row.iter().enumerate() {
-                    // Horizontal sum of the 8 lanes, then the scalar tail.
-                    let half = _mm_add_ps(_mm256_castps256_ps128(*a), _mm256_extractf128_ps(*a, 1));
-                    let pairs = _mm_add_ps(half, _mm_movehl_ps(half, half));
-                    let one = _mm_add_ss(pairs, _mm_shuffle_ps(pairs, pairs, 1));
-                    let mut sum = _mm_cvtss_f32(one);
+                    // The lanes' sum, then the scalar tail.
+                    let mut sum = super::hsum256(*a);
                     for q in full..k {
                         sum += *x.add(i * x_stride + q) * *w.add(r * k + q);
                     }

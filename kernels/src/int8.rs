@@ -1,0 +1,385 @@
+//! Linear layers in int8 (`--dtype int8` on the CPU) as LLM.int8 computes them (Dettmers et
+//! al., "LLM.int8(): 8-bit Matrix Multiplication for Transformers at Scale", 2022, §3):
+//!
+//! - weights: per output row, absmax scaling, `sw_j = max_p |W_jp| / 127`, `Q_jp =
+//!   round(W_jp / sw_j)` (nearest, ties to even), once at load;
+//! - activations: the columns `C` where any row has `|x_ip| ≥ 6` (the outlier features) stay
+//!   in floating point; the rest, per row, `sx_i = max_{p∉C} |x_ip| / 127`, `q_ip =
+//!   round(x_ip / sx_i)` (0 on `C`);
+//! - `out_ij = sx_i · sw_j · Σ_p q_ip Q_jp` (int32 accumulation) `+ Σ_{p∈C} x_ip · (Q_jp ·
+//!   sw_j)` `+ b_j`: the outlier columns multiply the dequantized weights, as bitsandbytes'
+//!   `MatMul8bitLt` does.
+//!
+//! `tools/gen_int8_fixtures.py` computes the same in numpy for the tests. The products run
+//! AVX-512 VNNI (`vpdpbusd`: unsigned × signed bytes, so the activations are offset by 128
+//! and `128 · Σ_p Q_jp` taken off) or AVX2 (`vpmaddubsw` on `|q|` and `sign(q) · Q`, which
+//! cannot saturate since every value is within ±127). Rows are padded with zeros to a
+//! multiple of 64 bytes.
+
+use std::ops::Range;
+use std::sync::Arc;
+
+use crate::matmul::MatRef;
+use crate::skinny::Out;
+
+/// LLM.int8's outlier threshold: activation columns with a magnitude at least this stay in
+/// floating point.
+pub const OUTLIER_THRESHOLD: f32 = 6.0;
+
+/// Bytes per padded row step.
+const STEP: usize = 64;
+
+/// `W` (`[n, k]`) quantized per row, each row padded to `k_pad` with zeros.
+#[derive(Clone, Debug)]
+pub struct Int8Weight {
+    pub(crate) q: Arc<[i8]>,
+    pub(crate) scale: Arc<[f32]>,
+    /// `Σ_p Q_jp` per row (the VNNI kernel's offset correction).
+    pub(crate) row_sums: Arc<[i32]>,
+    pub(crate) k_pad: usize,
+}
+
+impl Int8Weight {
+    /// Quantizes `w` (`[n, k]` f32, row-major).
+    pub fn from_f32(w: &[f32], n: usize, k: usize) -> Self {
+        let k_pad = k.next_multiple_of(STEP);
+        let mut q = vec![0i8; n * k_pad];
+        let mut scale = vec![0.0f32; n];
+        let mut row_sums = vec![0i32; n];
+        for j in 0..n {
+            let row = &w[j * k..(j + 1) * k];
+            let absmax = row.iter().fold(0.0f32, |m, v| m.max(v.abs()));
+            let s = absmax / 127.0;
+            scale[j] = s;
+            if s > 0.0 {
+                for (d, &v) in q[j * k_pad..][..k].iter_mut().zip(row) {
+                    *d = (v / s).round_ties_even().clamp(-127.0, 127.0) as i8;
+                }
+            }
+            row_sums[j] = q[j * k_pad..][..k].iter().map(|&v| v as i32).sum();
+        }
+        Int8Weight {
+            q: q.into(),
+            scale: scale.into(),
+            row_sums: row_sums.into(),
+            k_pad,
+        }
+    }
+
+    pub fn size_bytes(&self) -> usize {
+        self.q.len() + self.scale.len() * 4 + self.row_sums.len() * 4
+    }
+
+    /// Row `j` dequantized (`Q_jp · sw_j`, `k` values).
+    pub fn row_f32(&self, j: usize, dst: &mut [f32]) {
+        let s = self.scale[j];
+        for (d, &q) in dst.iter_mut().zip(&self.q[j * self.k_pad..]) {
+            *d = q as f32 * s;
+        }
+    }
+}
+
+/// The activations of one call, quantized for [`block`].
+pub struct Int8Activations {
+    /// `[rows, k_pad]`, 0 on the outlier columns and the padding.
+    q: Vec<i8>,
+    /// `sx_i` per row.
+    scale: Vec<f32>,
+    /// The outlier columns `C`, ascending.
+    outliers: Vec<usize>,
+    /// `x_ip` for `p ∈ C`, `[rows, |C|]`.
+    outlier_values: Vec<f32>,
+    k_pad: usize,
+}
+
+impl Int8Activations {
+    /// The outlier columns LLM.int8 keeps in floating point.
+    pub fn outliers(&self) -> &[usize] {
+        &self.outliers
+    }
+}
+
+/// Quantizes `x` against weights padded to `k_pad`.
+pub fn quantize(x: MatRef<'_>, k_pad: usize) -> Int8Activations {
+    let k = x.cols;
+    let row = |i: usize| &x.data[i * x.row_stride..][..k];
+    let outliers: Vec<usize> = (0..k)
+        .filter(|&p| (0..x.rows).any(|i| row(i)[p].abs() >= OUTLIER_THRESHOLD))
+        .collect();
+    let mut is_outlier = vec![false; k];
+    for &p in &outliers {
+        is_outlier[p] = true;
+    }
+    let mut q = vec![0i8; x.rows * k_pad];
+    let mut scale = vec![0.0f32; x.rows];
+    let mut outlier_values = Vec::with_capacity(x.rows * outliers.len());
+    for i in 0..x.rows {
+        let values = row(i);
+        let absmax = values
+            .iter()
+            .zip(&is_outlier)
+            .filter(|(_, o)| !**o)
+            .fold(0.0f32, |m, (v, _)| m.max(v.abs()));
+        let s = absmax / 127.0;
+        scale[i] = s;
+        if s > 0.0 {
+            for ((d, &v), &o) in q[i * k_pad..][..k].iter_mut().zip(values).zip(&is_outlier) {
+                if !o {
+                    *d = (v / s).round_ties_even().clamp(-127.0, 127.0) as i8;
+                }
+            }
+        }
+        outlier_values.extend(outliers.iter().map(|&p| values[p]));
+    }
+    Int8Activations {
+        q,
+        scale,
+        outliers,
+        outlier_values,
+        k_pad,
+    }
+}
+
+/// Whether the CPU runs the int8 kernels (AVX2 at least).
+pub fn available() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        std::is_x86_feature_detected!("avx2")
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        false
+    }
+}
+
+/// Whether the products run AVX-512 VNNI (else AVX2).
+fn vnni() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        std::is_x86_feature_detected!("avx512vnni") && std::is_x86_feature_detected!("avx512bw")
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        false
+    }
+}
+
+/// Writes `out[i, j]` for every row of `x` and the output columns `cols`.
+///
+/// # Safety
+/// [`available`] must be true; `x` must come from [`quantize`] with `w.k_pad`; `out.ptr`
+/// must hold `rows × out.n` values with `cols` inside `0..out.n` and `w` holding `out.n` rows;
+/// no other thread may write the same columns at the same time.
+pub unsafe fn block(
+    x: &Int8Activations,
+    w: &Int8Weight,
+    bias: Option<&[f32]>,
+    cols: Range<usize>,
+    out: Out,
+) {
+    // SAFETY: the caller's contract; `vnni` says which kernel the CPU runs.
+    unsafe { block_with(x, w, bias, cols, out, vnni()) }
+}
+
+/// [`block`] with the kernel chosen by the caller (the tests run both).
+unsafe fn block_with(
+    x: &Int8Activations,
+    w: &Int8Weight,
+    bias: Option<&[f32]>,
+    cols: Range<usize>,
+    out: Out,
+    use_vnni: bool,
+) {
+    debug_assert_eq!(x.k_pad, w.k_pad);
+    let rows = x.scale.len();
+    let mut dots = [[0i32; NR]; MR_MAX];
+    let mut j = cols.start;
+    while j < cols.end {
+        let nr = NR.min(cols.end - j);
+        let mut i = 0;
+        while i < rows {
+            let mr = MR_MAX.min(rows - i);
+            #[cfg(not(target_arch = "x86_64"))]
+            let _ = use_vnni;
+            #[cfg(target_arch = "x86_64")]
+            unsafe {
+                let xp = x.q.as_ptr().add(i * x.k_pad);
+                let wp = w.q.as_ptr().add(j * w.k_pad);
+                let k = w.k_pad;
+                if use_vnni {
+                    let sums = w.row_sums.as_ptr().add(j);
+                    crate::simd::tile_match!(mr, nr, vnni_tile, (xp, wp, k, sums, &mut dots));
+                } else {
+                    crate::simd::tile_match!(mr, nr, avx2_tile, (xp, wp, k, &mut dots));
+                }
+            }
+            for (a, dot_row) in dots.iter().enumerate().take(mr) {
+                let row = i + a;
+                let values = &x.outlier_values[row * x.outliers.len()..][..x.outliers.len()];
+                for (r, &dot) in dot_row.iter().enumerate().take(nr) {
+                    let col = j + r;
+                    let sw = w.scale[col];
+                    let quantized = (dot as f64 * x.scale[row] as f64 * sw as f64) as f32;
+                    let q_row = &w.q[col * w.k_pad..];
+                    let outlier: f32 = x
+                        .outliers
+                        .iter()
+                        .zip(values)
+                        .map(|(&p, &v)| v * (q_row[p] as f32 * sw))
+                        .sum();
+                    let b = bias.map_or(0.0, |b| b[col]);
+                    // SAFETY: (row, col) is inside `out` (the caller's contract).
+                    unsafe { *out.ptr.add(row * out.n + col) = quantized + outlier + b };
+                }
+            }
+            i += mr;
+        }
+        j += nr;
+    }
+}
+
+/// Rows of `W` per tile, and rows of x.
+const NR: usize = 4;
+const MR_MAX: usize = 4;
+
+/// `MR` rows of x against `NR_` rows of W: `dots[i][r] = Σ_p q_ip Q_rp`, by `vpdpbusd` on
+/// `q + 128` (unsigned) and `Q`, less `128 · Σ_p Q_rp`.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
+unsafe fn vnni_tile<const MR: usize, const NR_: usize>(
+    x: *const i8,
+    w: *const i8,
+    k: usize,
+    row_sums: *const i32,
+    dots: &mut [[i32; NR]; MR_MAX],
+) {
+    use std::arch::x86_64::*;
+    unsafe {
+        let flip = _mm512_set1_epi8(i8::MIN);
+        let mut acc = [[_mm512_setzero_si512(); NR_]; MR];
+        let mut p = 0;
+        while p < k {
+            let mut wv = [_mm512_setzero_si512(); NR_];
+            for (r, v) in wv.iter_mut().enumerate() {
+                *v = _mm512_loadu_si512(w.add(r * k + p).cast());
+            }
+            for (i, row) in acc.iter_mut().enumerate() {
+                let xv = _mm512_xor_si512(_mm512_loadu_si512(x.add(i * k + p).cast()), flip);
+                for (a, v) in row.iter_mut().zip(&wv) {
+                    *a = _mm512_dpbusd_epi32(*a, xv, *v);
+                }
+            }
+            p += STEP;
+        }
+        for (i, row) in acc.iter().enumerate() {
+            for (r, a) in row.iter().enumerate() {
+                dots[i][r] = _mm512_reduce_add_epi32(*a) - 128 * *row_sums.add(r);
+            }
+        }
+    }
+}
+
+/// `MR` rows of x against `NR_` rows of W in AVX2: `vpmaddubsw(|q|, sign(q) · Q)` pairs,
+/// widened and summed in 32 bits.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+unsafe fn avx2_tile<const MR: usize, const NR_: usize>(
+    x: *const i8,
+    w: *const i8,
+    k: usize,
+    dots: &mut [[i32; NR]; MR_MAX],
+) {
+    use std::arch::x86_64::*;
+    unsafe {
+        let ones = _mm256_set1_epi16(1);
+        let mut acc = [[_mm256_setzero_si256(); NR_]; MR];
+        let mut p = 0;
+        while p < k {
+            for half in [0, 32] {
+                let mut wv = [_mm256_setzero_si256(); NR_];
+                for (r, v) in wv.iter_mut().enumerate() {
+                    *v = _mm256_loadu_si256(w.add(r * k + p + half).cast());
+                }
+                for (i, row) in acc.iter_mut().enumerate() {
+                    let xv = _mm256_loadu_si256(x.add(i * k + p + half).cast());
+                    let magnitude = _mm256_abs_epi8(xv);
+                    for (a, v) in row.iter_mut().zip(&wv) {
+                        let pairs = _mm256_maddubs_epi16(magnitude, _mm256_sign_epi8(*v, xv));
+                        *a = _mm256_add_epi32(*a, _mm256_madd_epi16(pairs, ones));
+                    }
+                }
+            }
+            p += STEP;
+        }
+        for (i, row) in acc.iter().enumerate() {
+            for (r, a) in row.iter().enumerate() {
+                let mut lanes = [0i32; 8];
+                _mm256_storeu_si256(lanes.as_mut_ptr().cast(), *a);
+                dots[i][r] = lanes.iter().sum();
+            }
+        }
+    }
+}
+
+#[cfg(all(test, target_arch = "x86_64"))]
+mod tests {
+    use super::*;
+
+    /// Both kernels against LLM.int8's math in i64 and f64 (weights, scales and quantized
+    /// activations taken from the quantizers, whose own checks are the numpy fixtures'),
+    /// with outlier columns, every tile shape and a `k` that needs padding.
+    #[test]
+    fn each_kernel_computes_llm_int8s_product() {
+        let (m, k, n) = (6, 70, 9);
+        let mut x = crate::test_util::pseudo(m * k, 11, -2.0, 2.0);
+        x[2 * k + 5] = 7.5; // column 5 becomes an outlier
+        x[4 * k + 33] = -6.0; // and column 33 (the threshold is inclusive)
+        let w = crate::test_util::pseudo(n * k, 12, -0.5, 0.5);
+        let b = crate::test_util::pseudo(n, 13, -1.0, 1.0);
+        let weight = Int8Weight::from_f32(&w, n, k);
+        let acts = quantize(MatRef::dense(&x, m, k), weight.k_pad);
+        assert_eq!(acts.outliers(), &[5, 33]);
+        let mut kernels = vec![false];
+        if vnni() {
+            kernels.push(true);
+        }
+        for use_vnni in kernels {
+            let mut out = vec![f32::NAN; m * n];
+            let target = Out {
+                ptr: out.as_mut_ptr(),
+                n,
+            };
+            // SAFETY: AVX2 is on every machine this test runs (x86-64 with AVX2: `available`
+            // is asserted), VNNI only when detected; `out` holds m × n.
+            assert!(available());
+            unsafe {
+                block_with(&acts, &weight, Some(&b), 0..5, target, use_vnni);
+                block_with(&acts, &weight, Some(&b), 5..n, target, use_vnni);
+            }
+            for i in 0..m {
+                for j in 0..n {
+                    let dot: i64 = (0..k)
+                        .map(|p| {
+                            acts.q[i * acts.k_pad + p] as i64
+                                * weight.q[j * weight.k_pad + p] as i64
+                        })
+                        .sum();
+                    let sw = weight.scale[j] as f64;
+                    let want = dot as f64 * acts.scale[i] as f64 * sw
+                        + [5usize, 33]
+                            .iter()
+                            .map(|&p| {
+                                x[i * k + p] as f64 * weight.q[j * weight.k_pad + p] as f64 * sw
+                            })
+                            .sum::<f64>()
+                        + b[j] as f64;
+                    let got = out[i * n + j] as f64;
+                    assert!(
+                        (got - want).abs() <= 1e-5 * (1.0 + want.abs()),
+                        "vnni {use_vnni} [{i}, {j}]: {got} vs {want}"
+                    );
+                }
+            }
+        }
+    }
+}
