@@ -11,7 +11,7 @@ use std::sync::Arc;
 use memmap2::{Mmap, UncheckedAdvice};
 use safetensors::tensor::{Dtype, TensorInfo};
 use tideway_kernels::Weight;
-use tideway_kernels::matmul::Linear;
+use tideway_kernels::matmul::{Linear, LinearFormat};
 use tideway_kernels::tensor::SharedBytes;
 
 use crate::error::LoadError;
@@ -33,6 +33,8 @@ pub struct Checkpoint {
     /// Set for a tensor-parallel rank: `load` then returns the rank's slice of each split
     /// tensor (see [`TensorShard`]).
     shard: Option<TensorShard>,
+    /// How [`load_linear`](Self::load_linear) keeps the weights.
+    linear_format: LinearFormat,
 }
 
 /// How a tensor is divided among tensor-parallel ranks (Megatron-style).
@@ -69,6 +71,7 @@ impl Checkpoint {
             maps: Vec::new(),
             tensors: HashMap::new(),
             shard: None,
+            linear_format: LinearFormat::F32,
         };
         for path in paths {
             let file = File::open(&path).map_err(|cause| LoadError::Io {
@@ -176,6 +179,16 @@ impl Checkpoint {
     }
 
     /// Makes `load` return rank `shard.rank`'s slices (pass None for whole tensors again).
+    /// Keeps the weights of the linear layers loaded from now on in `format`.
+    pub fn set_linear_format(&mut self, format: LinearFormat) {
+        self.linear_format = format;
+    }
+
+    /// How the linear layers' weights are kept.
+    pub fn linear_format(&self) -> LinearFormat {
+        self.linear_format
+    }
+
     pub fn set_shard(&mut self, shard: Option<TensorShard>) {
         self.shard = shard;
     }
@@ -275,9 +288,9 @@ impl Checkpoint {
         Ok(weight.expect("slice sized above"))
     }
 
-    /// A PyTorch `nn.Linear`: `weight` `[out, in]` and optionally `bias` `[out]`, prepared for
-    /// products (transposed, see [`Linear`]). The weight's file pages are released afterwards:
-    /// the layer holds its own copy.
+    /// A PyTorch `nn.Linear`: `weight` `[out, in]` and optionally `bias` `[out]`, its weight
+    /// kept as [`linear_format`](Self::linear_format) says. The weight's file pages are
+    /// released afterwards: the layer holds its own copy.
     pub fn load_linear(
         &self,
         weight: &str,
@@ -290,10 +303,12 @@ impl Checkpoint {
             Some(name) => Some(self.load(name, &[out_features])?),
             None => None,
         };
-        let layer = Linear::from_torch(&w, b).map_err(|e| LoadError::ShapeMismatch {
-            name: weight.to_string(),
-            expected: vec![out_features, in_features],
-            found: e.shape,
+        let layer = Linear::from_torch_as(&w, b, self.linear_format).map_err(|e| {
+            LoadError::ShapeMismatch {
+                name: weight.to_string(),
+                expected: vec![out_features, in_features],
+                found: e.shape,
+            }
         })?;
         drop(w);
         self.release(weight);

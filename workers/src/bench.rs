@@ -47,7 +47,8 @@ pub struct BenchArgs {
     /// cuda-emulator (correctness only: its timings mean nothing).
     #[arg(long, default_value = "cpu")]
     device: crate::device::Device,
-    /// Weight storage on a GPU: f32, or bf16 with f32 accumulation.
+    /// Language models' weights: on a GPU f32, or bf16 with f32 accumulation; on the CPU the
+    /// linear layers in f32, bf16 or int8 (LLM.int8).
     #[arg(long, value_enum, default_value = "f32")]
     dtype: crate::device::WeightStorage,
     /// Residual wirings to measure, comma-separated: config (as config.json says), standard,

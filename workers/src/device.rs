@@ -61,11 +61,27 @@ mod tests {
     }
 }
 
-/// `--dtype`.
+/// `--dtype`: how a language model keeps its weights. On a GPU: f32, or bf16 with f32
+/// accumulation. On the CPU: the linear layers in f32, bf16 or int8 (LLM.int8: per-row
+/// int8 weights, per-token int8 activations, outlier features in f32); norms, convolutions
+/// and the recurrences stay f32.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
 pub enum WeightStorage {
     F32,
     Bf16,
+    Int8,
+}
+
+impl WeightStorage {
+    /// How the CPU path keeps the linear layers' weights.
+    pub fn cpu(self) -> tideway_kernels::matmul::LinearFormat {
+        use tideway_kernels::matmul::LinearFormat;
+        match self {
+            WeightStorage::F32 => LinearFormat::F32,
+            WeightStorage::Bf16 => LinearFormat::Bf16,
+            WeightStorage::Int8 => LinearFormat::Int8,
+        }
+    }
 }
 
 #[cfg(feature = "cuda")]
@@ -75,6 +91,7 @@ impl WeightStorage {
         match self {
             WeightStorage::F32 => tideway_kernels::gpu::WeightDtype::F32,
             WeightStorage::Bf16 => tideway_kernels::gpu::WeightDtype::Bf16,
+            WeightStorage::Int8 => unreachable!("refused for a GPU by LanguageModel::load_placed"),
         }
     }
 }

@@ -6,6 +6,7 @@ use std::path::Path;
 
 use anyhow::{Context, Result, bail};
 use tideway_kernels::Tensor;
+use tideway_kernels::matmul::LinearFormat;
 use tideway_operators::models::{Model, SessionState, prefill_in_chunks};
 use tideway_operators::state_tensors::{StateError, StateTensors};
 use tideway_operators::{ForwardError, InputError};
@@ -67,13 +68,22 @@ fn states_as<'s, T>(
 impl LanguageModel {
     /// Loads `dir` on the CPU whole (`parallel.tensor_parallel` 1) or as a tensor-parallel
     /// group, with the residual wiring `wiring`.
-    pub fn load_wired(dir: &Path, parallel: &ParallelArgs, wiring: Wiring) -> Result<Self> {
+    pub fn load_wired(
+        dir: &Path,
+        parallel: &ParallelArgs,
+        wiring: Wiring,
+        format: LinearFormat,
+    ) -> Result<Self> {
         let context = || format!("cannot load model from {}", dir.display());
         match parallel.tensor_parallel {
             0 => bail!("--tensor-parallel must be at least 1"),
             1 => Ok(LanguageModel::Whole(Box::new(
-                load_rank(dir, 0, 1, wiring).with_context(context)?,
+                load_rank(dir, 0, 1, wiring, format).with_context(context)?,
             ))),
+            _ if format != LinearFormat::F32 => bail!(
+                "--dtype {} on the CPU runs a whole model; --tensor-parallel keeps f32 weights",
+                format!("{format:?}").to_lowercase()
+            ),
             size => Ok(LanguageModel::Parallel(Box::new(
                 ParallelModel::start(dir, size, parallel, wiring).with_context(context)?,
             ))),
@@ -93,11 +103,10 @@ impl LanguageModel {
         wiring: Wiring,
     ) -> Result<Self> {
         match device {
-            crate::device::Device::Cpu => {
-                if dtype != crate::device::WeightStorage::F32 {
-                    bail!("--dtype bf16 is for --device cuda:N; the CPU path keeps f32 weights");
-                }
-                Self::load_wired(dir, parallel, wiring)
+            crate::device::Device::Cpu => Self::load_wired(dir, parallel, wiring, dtype.cpu()),
+            #[cfg(feature = "cuda")]
+            _ if dtype == crate::device::WeightStorage::Int8 => {
+                bail!("--dtype int8 is for the CPU (LLM.int8); a GPU keeps f32 or bf16 weights")
             }
             #[cfg(feature = "cuda")]
             device => Self::load_gpu(

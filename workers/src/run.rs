@@ -10,7 +10,7 @@ use tideway_kernels::Tensor;
 use tideway_operators::InputError;
 use tideway_operators::layers::frames::Frames;
 use tideway_operators::models::config::ConfigJson;
-use tideway_operators::models::{is_lmuformer, load_lmuformer, load_model};
+use tideway_operators::models::{is_lmuformer, load_lmuformer, load_model_as};
 use tideway_operators::prune::prefill::PrefillPrune;
 use tideway_operators::tokenizers::Frontend;
 use tideway_operators::tokenizers::audio::read_wav;
@@ -69,7 +69,8 @@ pub struct RunArgs {
     /// Where the model runs: cpu, or cuda:N (a build with --features cuda; Mamba so far).
     #[arg(long, default_value = "cpu")]
     device: Device,
-    /// Weight storage on a GPU (f32, or bf16 with f32 accumulation); the CPU keeps f32.
+    /// A language model's weights: on a GPU f32, or bf16 with f32 accumulation; on the CPU the
+    /// linear layers in f32, bf16 or int8 (LLM.int8).
     #[arg(long, value_enum, default_value = "f32")]
     dtype: WeightStorage,
     /// Prune the input's tokens between layers (a language model of any family, whole, on the
@@ -96,7 +97,7 @@ pub fn run(args: RunArgs) -> Result<()> {
             );
         }
         if args.dtype != WeightStorage::F32 {
-            bail!("--dtype bf16 is for language models; LMUFormers keep f32 weights");
+            bail!("--dtype is for language models; LMUFormers keep f32 weights");
         }
         return run_features(&args);
     }
@@ -130,7 +131,7 @@ fn run_pruned(args: &RunArgs, prune: &PrefillPrune) -> Result<()> {
     if args.device != Device::Cpu || args.parallel.tensor_parallel > 1 {
         bail!("--prune runs a whole language model on the CPU (no --device, no --tensor-parallel)");
     }
-    let model = load_model(&args.model)
+    let model = load_model_as(&args.model, args.dtype.cpu())
         .with_context(|| format!("cannot load model from {}", args.model.display()))?;
     let tokens = input_tokens(args, model.vocab_size())?;
     let pruned = model.prefill_pruned(&tokens, prune).context("--prune")?;

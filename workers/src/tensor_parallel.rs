@@ -27,7 +27,8 @@ use anyhow::{Context, Result, bail};
 use clap::{Args, ValueEnum};
 use tideway_kernels::Tensor;
 use tideway_kernels::collective::{Collective, TcpRank, ThreadGroup};
-use tideway_operators::models::{Model, SessionState, load_model_rank};
+use tideway_kernels::matmul::LinearFormat;
+use tideway_operators::models::{Model, SessionState, load_model_as, load_model_rank};
 use tideway_operators::tensor_parallel::Group;
 use tideway_operators::{ForwardError, LoadError};
 
@@ -80,14 +81,18 @@ impl Wiring {
     }
 }
 
-/// Loads rank `rank` of `size` with `wiring`.
+/// Loads rank `rank` of `size` with `wiring`, its linear layers' weights in `format`.
 pub(crate) fn load_rank(
     dir: &Path,
     rank: usize,
     size: usize,
     wiring: Wiring,
+    format: LinearFormat,
 ) -> Result<Model, LoadError> {
-    let mut model = load_model_rank(dir, rank, size)?;
+    let mut model = match (rank, size) {
+        (0, 1) => load_model_as(dir, format)?,
+        _ => load_model_rank(dir, rank, size)?,
+    };
     wiring.apply(&mut model);
     Ok(model)
 }
@@ -312,7 +317,7 @@ pub struct ParallelModel {
 impl ParallelModel {
     pub fn start(dir: &Path, size: usize, parallel: &ParallelArgs, wiring: Wiring) -> Result<Self> {
         // Check the split before starting anything (clear errors from rank 0's loader).
-        let leader = load_rank(dir, 0, size, wiring)?;
+        let leader = load_rank(dir, 0, size, wiring, LinearFormat::F32)?;
         let (collective, followers) = match parallel.tp_transport {
             Transport::Threads => start_threads(dir, size, wiring)?,
             Transport::Processes => spawn_processes(dir, size, wiring)?,
@@ -530,7 +535,7 @@ fn start_threads(
         let handle = std::thread::Builder::new()
             .name(format!("tp-rank-{rank}"))
             .spawn(move || {
-                let model = match load_rank(&dir, rank, size, wiring) {
+                let model = match load_rank(&dir, rank, size, wiring, LinearFormat::F32) {
                     Ok(m) => m,
                     Err(e) => {
                         let _ = ready.send(Err(e.to_string()));
@@ -715,8 +720,14 @@ pub fn run_rank(args: RankArgs) -> Result<()> {
             args.size.saturating_sub(1)
         );
     }
-    let model = load_rank(&args.model, args.rank, args.size, args.wiring)
-        .with_context(|| format!("cannot load model from {}", args.model.display()))?;
+    let model = load_rank(
+        &args.model,
+        args.rank,
+        args.size,
+        args.wiring,
+        LinearFormat::F32,
+    )
+    .with_context(|| format!("cannot load model from {}", args.model.display()))?;
     let ring = TcpListener::bind(args.bind).context("cannot open the ring port")?;
     // The leader may not listen yet (ranks started before it): retry for a minute.
     let deadline = Instant::now() + Duration::from_secs(60);

@@ -43,7 +43,7 @@ impl GatedMlp {
                     &[rows.len(), hidden],
                 )
                 .expect("half of the fused weight");
-                Linear::from_torch(&w, None).expect("2-D weight")
+                Linear::from_torch_as(&w, None, checkpoint.linear_format()).expect("2-D weight")
             };
             let pair = (half(0..intermediate), half(intermediate..2 * intermediate));
             drop(fused);

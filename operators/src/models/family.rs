@@ -13,6 +13,7 @@ use std::ops::Range;
 use std::path::Path;
 
 use tideway_kernels::Tensor;
+use tideway_kernels::matmul::LinearFormat;
 
 use crate::checkpoint::Checkpoint;
 use crate::error::{ForwardError, InputError, LoadError};
@@ -278,7 +279,8 @@ pub fn load_family<F: Checkpointed>(
     dir: &Path,
     shard: Shard,
 ) -> Result<Box<dyn LanguageFamily>, LoadError> {
-    let (family_config, checkpoint) = F::open(config, dir, shard.rank, shard.size)?;
+    let (family_config, mut checkpoint) = F::open(config, dir, shard.rank, shard.size)?;
+    checkpoint.set_linear_format(shard.format);
     let part = part_of(config, &shard, F::config_layers(&family_config))?;
     Ok(Box::new(F::load_part(family_config, &checkpoint, part)?))
 }
@@ -289,12 +291,14 @@ pub type LanguageLoader =
     fn(config: &ConfigJson, dir: &Path, shard: Shard) -> Result<Box<dyn LanguageFamily>, LoadError>;
 
 /// Which slice of a model a placement loads: rank `rank` of a tensor-parallel group of
-/// `size`, holding `part`.
+/// `size`, holding `part`, with its linear layers' weights in `format`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Shard {
     pub rank: usize,
     pub size: usize,
     pub part: Option<ModelPart>,
+    /// How the linear layers keep their weights (`--dtype` on the CPU).
+    pub format: LinearFormat,
 }
 
 /// The families Tideway loads. A new family is one folder plus one line here.

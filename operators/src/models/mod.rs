@@ -13,6 +13,7 @@ use std::ops::Range;
 use std::path::Path;
 
 use tideway_kernels::Tensor;
+use tideway_kernels::matmul::LinearFormat;
 
 use crate::checkpoint::Checkpoint;
 use crate::error::{ForwardError, InputError, LoadError};
@@ -413,6 +414,27 @@ pub fn load_model(dir: &Path) -> Result<Model, LoadError> {
             rank: 0,
             size: 1,
             part: None,
+            format: LinearFormat::F32,
+        },
+    )
+}
+
+/// Loads the model in `dir` with its linear layers' weights in `format` (`--dtype` on the
+/// CPU: f32, bf16 or LLM.int8's int8).
+pub fn load_model_as(dir: &Path, format: LinearFormat) -> Result<Model, LoadError> {
+    if let Some(why) = format.unsupported_here() {
+        return Err(LoadError::Unsupported {
+            path: dir.to_path_buf(),
+            reason: why,
+        });
+    }
+    load_shard(
+        dir,
+        Shard {
+            rank: 0,
+            size: 1,
+            part: None,
+            format,
         },
     )
 }
@@ -426,6 +448,7 @@ pub fn load_model_rank(dir: &Path, rank: usize, size: usize) -> Result<Model, Lo
             rank,
             size,
             part: None,
+            format: LinearFormat::F32,
         },
     )
 }
@@ -439,6 +462,7 @@ pub fn load_model_part(dir: &Path, part: ModelPart) -> Result<Model, LoadError> 
             rank: 0,
             size: 1,
             part: Some(part),
+            format: LinearFormat::F32,
         },
     )
 }

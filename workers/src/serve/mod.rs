@@ -118,7 +118,8 @@ pub struct ServeArgs {
     /// Where models run: cpu, or cuda:N (a build with --features cuda), or cuda-emulator.
     #[arg(long, default_value = "cpu")]
     device: Device,
-    /// Weight storage on a GPU: f32, or bf16 with f32 accumulation.
+    /// Language models' weights: on a GPU f32, or bf16 with f32 accumulation; on the CPU the
+    /// linear layers in f32, bf16 or int8 (LLM.int8). Feature models keep f32.
     #[arg(long, value_enum, default_value = "f32")]
     dtype: crate::device::WeightStorage,
     /// Most sessions a GPU's device-resident state pool holds (fewer if its free memory
@@ -325,9 +326,6 @@ fn placement(
     processes: usize,
     process: usize,
 ) -> Result<Placement> {
-    if args.device == Device::Cpu && args.dtype != crate::device::WeightStorage::F32 {
-        bail!("--dtype bf16 is for --device cuda:N; the CPU path keeps f32 weights");
-    }
     let plan = Plan::new(threads * processes, args.pipeline).map_err(anyhow::Error::msg)?;
     let first = plan.stage_of(process * threads);
     let last = plan.stage_of(process * threads + threads - 1);

@@ -9,8 +9,8 @@ use anyhow::{Context, Result, bail};
 use tideway_operators::models::config::ConfigJson;
 use tideway_operators::models::lmuformer::LmuFormerConfig;
 use tideway_operators::models::{
-    Model, ModelPart, is_lmuformer, load_lmuformer, load_lmuformer_part, load_model_part,
-    model_layers,
+    Model, ModelPart, Shard, is_lmuformer, load_lmuformer, load_lmuformer_part, load_model_part,
+    load_shard, model_layers,
 };
 use tideway_operators::prune::frames::FrameGate;
 use tideway_operators::prune::prefill::PrefillPrune;
@@ -365,7 +365,16 @@ impl Placement {
                             "cannot split model {name:?} ({num_layers} layers) into {stages} pipeline stages"
                         )
                     })?;
-                    let model = load_model_part(dir, part).with_context(context)?;
+                    let model = load_shard(
+                        dir,
+                        Shard {
+                            rank: 0,
+                            size: 1,
+                            part: Some(part),
+                            format: self.dtype.cpu(),
+                        },
+                    )
+                    .with_context(context)?;
                     weight_bytes += model.weight_bytes();
                     if info.is_none() {
                         info = Some(LmInfo {
