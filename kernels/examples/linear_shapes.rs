@@ -1,12 +1,19 @@
-//! Times `Linear::forward` at the shapes of a mamba-130m layer for a range of batch sizes:
-//! `cargo run --release -p tideway-kernels --example linear_shapes`.
+//! Times `Linear::forward` at the shapes of a mamba-130m layer for a range of batch sizes,
+//! with the weights in f32, bf16 or int8:
+//! `cargo run --release -p tideway-kernels --example linear_shapes [-- f32|bf16|int8]`.
 
 use std::time::Instant;
 
 use tideway_kernels::Weight;
-use tideway_kernels::matmul::{Linear, MatRef};
+use tideway_kernels::matmul::{Linear, LinearFormat, MatRef};
 
 fn main() {
+    let format = match std::env::args().nth(1).as_deref() {
+        None | Some("f32") => LinearFormat::F32,
+        Some("bf16") => LinearFormat::Bf16,
+        Some("int8") => LinearFormat::Int8,
+        Some(other) => panic!("{other}: f32, bf16 or int8"),
+    };
     let shapes = [
         (768usize, 3072usize, "in_proj"),
         (1536, 768, "out_proj"),
@@ -15,7 +22,8 @@ fn main() {
     ];
     for &(k, n, name) in &shapes {
         let w: Vec<f32> = (0..k * n).map(|i| (i % 97) as f32 * 1e-3).collect();
-        let layer = Linear::from_torch(&Weight::from_vec(w, &[n, k]).unwrap(), None).unwrap();
+        let layer =
+            Linear::from_torch_as(&Weight::from_vec(w, &[n, k]).unwrap(), None, format).unwrap();
         for m in [1usize, 2, 4, 8, 16, 32, 64, 256] {
             let x: Vec<f32> = (0..m * k).map(|i| (i % 89) as f32 * 1e-3).collect();
             let mut out = vec![0.0f32; m * n];
@@ -30,7 +38,7 @@ fn main() {
                 "{name:>8} m={m:>3} k={k:>5} n={n:>5}: {:>8.3} ms  {:>6.1} GFLOP/s  {:>5.1} GB/s of weights",
                 secs * 1e3,
                 2.0 * (m * k * n) as f64 / secs / 1e9,
-                (k * n * 4) as f64 / secs / 1e9
+                layer.size_bytes() as f64 / secs / 1e9
             );
         }
     }

@@ -87,10 +87,16 @@ pub struct Int8Activations {
     scale: Vec<f32>,
     /// The outlier columns `C`, ascending.
     outliers: Vec<usize>,
-    /// `x_ip` for `p ∈ C`, `[rows, |C|]`.
+    /// `x_ip` for `p ∈ C`: `[rows, |C|]` when they are few, or `[rows, k_pad]` with zeros
+    /// off `C` when they are many (then a vector pass over every column is cheaper than
+    /// visiting each outlier).
     outlier_values: Vec<f32>,
+    dense: bool,
     k_pad: usize,
 }
+
+/// Outlier columns above this share of the width take the dense pass.
+const DENSE_OUTLIERS: usize = 64;
 
 impl Int8Activations {
     /// The outlier columns LLM.int8 keeps in floating point.
@@ -110,9 +116,13 @@ pub fn quantize(x: MatRef<'_>, k_pad: usize) -> Int8Activations {
     for &p in &outliers {
         is_outlier[p] = true;
     }
+    let dense = outliers.len() * DENSE_OUTLIERS > k;
     let mut q = vec![0i8; x.rows * k_pad];
     let mut scale = vec![0.0f32; x.rows];
-    let mut outlier_values = Vec::with_capacity(x.rows * outliers.len());
+    let mut outlier_values = match dense {
+        true => vec![0.0f32; x.rows * k_pad],
+        false => Vec::with_capacity(x.rows * outliers.len()),
+    };
     for i in 0..x.rows {
         let values = row(i);
         let absmax = values
@@ -125,19 +135,34 @@ pub fn quantize(x: MatRef<'_>, k_pad: usize) -> Int8Activations {
         if s > 0.0 {
             for ((d, &v), &o) in q[i * k_pad..][..k].iter_mut().zip(values).zip(&is_outlier) {
                 if !o {
-                    *d = (v / s).round_ties_even().clamp(-127.0, 127.0) as i8;
+                    *d = round_to_even(v / s).clamp(-127.0, 127.0) as i8;
                 }
             }
         }
-        outlier_values.extend(outliers.iter().map(|&p| values[p]));
+        if dense {
+            for &p in &outliers {
+                outlier_values[i * k_pad + p] = values[p];
+            }
+        } else {
+            outlier_values.extend(outliers.iter().map(|&p| values[p]));
+        }
     }
     Int8Activations {
         q,
         scale,
         outliers,
         outlier_values,
+        dense,
         k_pad,
     }
+}
+
+/// `v` rounded to the nearest integer, ties to even, for `|v| < 2²²` (adding and taking off
+/// 1.5·2²³ leaves no fraction bits in f32, and IEEE addition rounds ties to even): the same
+/// as `round_ties_even`, which is a libm call on some targets.
+fn round_to_even(v: f32) -> f32 {
+    const MAGIC: f32 = 12_582_912.0;
+    (v + MAGIC) - MAGIC
 }
 
 /// Whether the CPU runs the int8 kernels (AVX2 at least).
@@ -193,6 +218,7 @@ unsafe fn block_with(
     debug_assert_eq!(x.k_pad, w.k_pad);
     let rows = x.scale.len();
     let mut dots = [[0i32; NR]; MR_MAX];
+    let mut outlier_dots = [[0.0f32; NR]; MR_MAX];
     let mut j = cols.start;
     while j < cols.end {
         let nr = NR.min(cols.end - j);
@@ -213,20 +239,33 @@ unsafe fn block_with(
                     crate::simd::tile_match!(mr, nr, avx2_tile, (xp, wp, k, &mut dots));
                 }
             }
+            if x.dense {
+                let k = w.k_pad;
+                dense_outlier_dots(
+                    &x.outlier_values[i * k..(i + mr) * k],
+                    &w.q[j * k..(j + nr) * k],
+                    k,
+                    &mut outlier_dots,
+                );
+            }
             for (a, dot_row) in dots.iter().enumerate().take(mr) {
                 let row = i + a;
-                let values = &x.outlier_values[row * x.outliers.len()..][..x.outliers.len()];
                 for (r, &dot) in dot_row.iter().enumerate().take(nr) {
                     let col = j + r;
                     let sw = w.scale[col];
                     let quantized = (dot as f64 * x.scale[row] as f64 * sw as f64) as f32;
-                    let q_row = &w.q[col * w.k_pad..];
-                    let outlier: f32 = x
-                        .outliers
-                        .iter()
-                        .zip(values)
-                        .map(|(&p, &v)| v * (q_row[p] as f32 * sw))
-                        .sum();
+                    let outlier = if x.dense {
+                        outlier_dots[a][r] * sw
+                    } else {
+                        let count = x.outliers.len();
+                        let values = &x.outlier_values[row * count..][..count];
+                        let q_row = &w.q[col * w.k_pad..];
+                        x.outliers
+                            .iter()
+                            .zip(values)
+                            .map(|(&p, &v)| v * (q_row[p] as f32 * sw))
+                            .sum()
+                    };
                     let b = bias.map_or(0.0, |b| b[col]);
                     // SAFETY: (row, col) is inside `out` (the caller's contract).
                     unsafe { *out.ptr.add(row * out.n + col) = quantized + outlier + b };
@@ -236,6 +275,28 @@ unsafe fn block_with(
         }
         j += nr;
     }
+}
+
+/// `dots[i][r] = Σ_p xo_ip · Q_rp` over every column (`xo`: `[rows, k]`, zero off the
+/// outlier columns; `w`: `[nr, k]`), in 16 lanes that LLVM vectorises (inlined into each
+/// instruction set's copy).
+#[inline(always)]
+fn dense_outlier_dots_body(xo: &[f32], w: &[i8], k: usize, dots: &mut [[f32; NR]; MR_MAX]) {
+    for (i, x) in xo.chunks_exact(k).enumerate() {
+        for (r, q) in w.chunks_exact(k).enumerate() {
+            let mut lanes = [0.0f32; 16];
+            for (xs, qs) in x.chunks_exact(16).zip(q.chunks_exact(16)) {
+                for ((l, &a), &b) in lanes.iter_mut().zip(xs).zip(qs) {
+                    *l += a * b as f32;
+                }
+            }
+            dots[i][r] = lanes.iter().sum();
+        }
+    }
+}
+
+crate::simd::dispatch! {
+    fn dense_outlier_dots(xo: &[f32], w: &[i8], k: usize, dots: &mut [[f32; NR]; MR_MAX]) => dense_outlier_dots_body
 }
 
 /// Rows of `W` per tile, and rows of x.
@@ -330,7 +391,14 @@ mod tests {
     /// with outlier columns, every tile shape and a `k` that needs padding.
     #[test]
     fn each_kernel_computes_llm_int8s_product() {
-        let (m, k, n) = (6, 70, 9);
+        // Two outlier columns in 70 take the dense pass; in 300, the sparse one.
+        for k in [70, 300] {
+            check_product(k, k == 70);
+        }
+    }
+
+    fn check_product(k: usize, dense: bool) {
+        let (m, n) = (6, 9);
         let mut x = crate::test_util::pseudo(m * k, 11, -2.0, 2.0);
         x[2 * k + 5] = 7.5; // column 5 becomes an outlier
         x[4 * k + 33] = -6.0; // and column 33 (the threshold is inclusive)
@@ -339,6 +407,7 @@ mod tests {
         let weight = Int8Weight::from_f32(&w, n, k);
         let acts = quantize(MatRef::dense(&x, m, k), weight.k_pad);
         assert_eq!(acts.outliers(), &[5, 33]);
+        assert_eq!(acts.dense, dense);
         let mut kernels = vec![false];
         if vnni() {
             kernels.push(true);
