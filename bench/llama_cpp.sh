@@ -31,7 +31,11 @@ llama_build() {
     for t in "$@"; do [ -x "$llama/build/bin/$t" ] || missing=1; done
     if [ -n "$missing" ]; then
         "$venv/bin/pip" install -q cmake
+        # -march=native without AMX: these machines list amx_* in /proc/cpuinfo, but the
+        # guest may not use them (llama.cpp's q8_0 path died of SIGILL with them, 2026-12-02).
+        local no_amx="-mno-amx-tile -mno-amx-int8 -mno-amx-bf16"
         "$venv/bin/cmake" -S "$llama" -B "$llama/build" -DCMAKE_BUILD_TYPE=Release -DGGML_NATIVE=ON \
+            -DCMAKE_C_FLAGS="$no_amx" -DCMAKE_CXX_FLAGS="$no_amx" \
             -DLLAMA_CURL=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_SERVER=OFF >/dev/null
         "$venv/bin/cmake" --build "$llama/build" -j"$(nproc)" --target "$@" >/dev/null
     fi

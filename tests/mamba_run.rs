@@ -419,3 +419,56 @@ fn fixture_dir_copy(name: &str) -> PathBuf {
     }
     copy
 }
+
+/// `--dtype bf16|int8` on the CPU: the trained Mamba's logits stay near f32's (the
+/// agreement thresholds are `operators/tests/weight_formats.rs`'s; here the command line's
+/// plumbing), the same predictions at nearly every position; with --tensor-parallel the
+/// formats are refused by name.
+#[test]
+fn run_dtype_keeps_the_linear_layers_in_bf16_or_int8() {
+    let model = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../models/shakespeare-mamba");
+    let tokens: String = (0..200)
+        .map(|i| ((i * 37 + 11) % 500).to_string())
+        .collect::<Vec<_>>()
+        .join(",");
+    let reference = run_logits(&model, &tokens, &[]);
+    let vocab = reference.shape[1];
+    let argmax = |row: &[f64]| {
+        (0..row.len())
+            .max_by(|&a, &b| row[a].total_cmp(&row[b]))
+            .unwrap()
+    };
+    for dtype in ["bf16", "int8"] {
+        let got = run_logits(&model, &tokens, &["--dtype", dtype]);
+        assert_eq!(got.shape, reference.shape);
+        assert_ne!(
+            got.values, reference.values,
+            "{dtype}: bit-identical to f32"
+        );
+        let same = got
+            .values
+            .chunks_exact(vocab)
+            .zip(reference.values.chunks_exact(vocab))
+            .filter(|(a, b)| argmax(a) == argmax(b))
+            .count();
+        assert!(same >= 190, "{dtype}: {same} of 200 predictions agree");
+    }
+    let out = scratch_dir("run-dtype").join("out.safetensors");
+    let output = tideway()
+        .args(["run", "--model"])
+        .arg(&model)
+        .args([
+            "--tokens",
+            "1,2,3",
+            "--dtype",
+            "int8",
+            "--tensor-parallel",
+            "2",
+            "--out",
+        ])
+        .arg(&out)
+        .output()
+        .unwrap();
+    assert!(!output.status.success());
+    assert_mentions(&stderr(&output), &["--dtype int8", "--tensor-parallel"]);
+}

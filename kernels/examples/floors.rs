@@ -1,7 +1,7 @@
 //! The machine's floors for a model of WEIGHT_BYTES bytes of weights, measured now (this
 //! machine's speed varies from day to day, so a floor means something only beside the figures
 //! measured in the same run): the memory's read bandwidth (best of 5 passes over 1 GiB with
-//! every thread) gives batch-1 decode's floor, `bandwidth / WEIGHT_BYTES` tokens/s; gemm's
+//! every thread, AVX2 loads) gives batch-1 decode's floor, `bandwidth / WEIGHT_BYTES` tokens/s; gemm's
 //! best f32 GFLOP/s on a prefill-chunk-sized product gives the compute floor,
 //! `GFLOP/s / (2 × parameters)` tokens/s.
 //!
@@ -20,8 +20,9 @@ fn main() {
         .expect("usage: floors WEIGHT_BYTES");
     let threads = rayon::current_num_threads();
 
-    // Read bandwidth: each thread sums its contiguous share with 16 independent sums (so the
-    // adds never wait on each other and the loads are the limit).
+    // Read bandwidth: each thread sums its contiguous share, 64 bytes a load into 8
+    // independent sums where the CPU has AVX2 (so the adds never wait on each other and the
+    // loads are the limit).
     let buffer: Vec<f32> = (0..(1usize << 28)).map(|i| (i & 7) as f32).collect();
     let mut best = f64::INFINITY;
     let mut total = 0.0f32;
@@ -29,15 +30,7 @@ fn main() {
         let start = Instant::now();
         total += buffer
             .par_chunks(buffer.len().div_ceil(threads))
-            .map(|share| {
-                let mut sums = [0.0f32; 16];
-                for block in share.chunks_exact(16) {
-                    for (s, v) in sums.iter_mut().zip(block) {
-                        *s += v;
-                    }
-                }
-                sums.iter().sum::<f32>()
-            })
+            .map(sum)
             .sum::<f32>();
         best = best.min(start.elapsed().as_secs_f64());
     }
@@ -73,4 +66,37 @@ fn main() {
         flops / (2.0 * parameters),
         parameters / 1e6
     );
+}
+
+/// The sum of `values`, read as fast as the CPU can.
+fn sum(values: &[f32]) -> f32 {
+    #[cfg(target_arch = "x86_64")]
+    if std::is_x86_feature_detected!("avx2") {
+        // SAFETY: the CPU has AVX2.
+        return unsafe { sum_avx2(values) };
+    }
+    values.iter().sum()
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+fn sum_avx2(values: &[f32]) -> f32 {
+    use std::arch::x86_64::*;
+    let mut sums = [_mm256_setzero_ps(); 8];
+    let blocks = values.chunks_exact(64);
+    let rest: f32 = blocks.remainder().iter().sum();
+    for block in blocks {
+        for (s, eight) in sums.iter_mut().zip(block.chunks_exact(8)) {
+            // SAFETY: `eight` holds 8 values.
+            *s = _mm256_add_ps(*s, unsafe { _mm256_loadu_ps(eight.as_ptr()) });
+        }
+    }
+    let mut lanes = [0.0f32; 8];
+    for s in sums {
+        let mut v = [0.0f32; 8];
+        // SAFETY: `v` holds 8 values.
+        unsafe { _mm256_storeu_ps(v.as_mut_ptr(), s) };
+        lanes.iter_mut().zip(v).for_each(|(l, x)| *l += x);
+    }
+    lanes.iter().sum::<f32>() + rest
 }

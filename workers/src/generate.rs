@@ -73,7 +73,8 @@ pub struct GenerateArgs {
     /// Where the model runs: cpu, or cuda:N (a build with --features cuda).
     #[arg(long, default_value = "cpu")]
     device: Device,
-    /// Weight storage on a GPU (f32, or bf16 with f32 accumulation); the CPU keeps f32.
+    /// The model's weights: on a GPU f32, or bf16 with f32 accumulation; on the CPU the linear
+    /// layers in f32, bf16 or int8 (LLM.int8).
     #[arg(long, value_enum, default_value = "f32")]
     dtype: WeightStorage,
 }

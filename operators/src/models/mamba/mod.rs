@@ -37,8 +37,10 @@ use crate::prune::prefill::{
 use crate::tensor_parallel::{Group, ResidualStream, ladder_layers, single, split_count};
 
 /// Rows per chunk when a long sequence is prefilled: bounds the activations of one pass
-/// (`chunk × 2E` floats per layer) while keeping the GEMMs large.
-pub const DEFAULT_PREFILL_CHUNK: usize = 256;
+/// (`chunk × 2E` floats per layer) while keeping the GEMMs large. 512 since gemm packs the
+/// weights on every call (`kernels/src/matmul.rs`): at 512 rows the packing costs half of
+/// what it did at 256 (BENCHMARKS.md, issue 20).
+pub const DEFAULT_PREFILL_CHUNK: usize = 512;
 
 /// Which public layout the checkpoint uses.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
