@@ -124,15 +124,12 @@ pub unsafe fn block(
     }
 }
 
-/// Rows of `W` per tile.
-const NR: usize = 4;
-
 #[cfg(target_arch = "x86_64")]
 mod avx512bf16 {
     use std::arch::x86_64::*;
     use std::ops::Range;
 
-    use super::{Bf16Weight, NR, Out, STEP};
+    use super::{Bf16Weight, Out, STEP};
 
     #[target_feature(enable = "avx512f,avx512bw,avx512bf16")]
     pub(super) unsafe fn block(
@@ -143,24 +140,12 @@ mod avx512bf16 {
         cols: Range<usize>,
         out: Out,
     ) {
-        let k = w.k_pad;
-        let mut j = cols.start;
-        while j < cols.end {
-            let nr = NR.min(cols.end - j);
-            let mut i = 0;
-            while i < rows {
-                let mr = 4.min(rows - i);
-                unsafe {
-                    let xp = x.as_ptr().add(i * k);
-                    let wp = w.bits.as_ptr().add(j * k);
-                    let op = out.ptr.add(i * out.n + j);
-                    let bp = bias.map(|b| b.as_ptr().add(j));
-                    crate::simd::tile_match!(mr, nr, tile, (xp, wp, k, bp, op, out.n));
-                }
-                i += mr;
-            }
-            j += nr;
-        }
+        let (k, n) = (w.k_pad, out.n);
+        crate::simd::for_each_tile(rows, cols, 4, |i, mr, j, nr| unsafe {
+            let (xp, wp) = (x.as_ptr().add(i * k), w.bits.as_ptr().add(j * k));
+            let (op, bp) = (out.ptr.add(i * n + j), bias.map(|b| b.as_ptr().add(j)));
+            crate::simd::tile_match!(mr, nr, tile, (xp, wp, k, bp, op, n))
+        });
     }
 
     /// `MR` rows of x against `NR_` rows of W, 32 bf16 pairs per step.
@@ -217,24 +202,12 @@ mod avx2 {
         cols: Range<usize>,
         out: Out,
     ) {
-        let k = w.k_pad;
-        let mut j = cols.start;
-        while j < cols.end {
-            let nr = 4.min(cols.end - j);
-            let mut i = 0;
-            while i < rows {
-                let mr = 2.min(rows - i);
-                unsafe {
-                    let xp = x.as_ptr().add(i * k);
-                    let wp = w.bits.as_ptr().add(j * k);
-                    let op = out.ptr.add(i * out.n + j);
-                    let bp = bias.map(|b| b.as_ptr().add(j));
-                    crate::simd::tile_match!(mr, nr, tile, (xp, wp, k, bp, op, out.n));
-                }
-                i += mr;
-            }
-            j += nr;
-        }
+        let (k, n) = (w.k_pad, out.n);
+        crate::simd::for_each_tile(rows, cols, 2, |i, mr, j, nr| unsafe {
+            let (xp, wp) = (x.as_ptr().add(i * k), w.bits.as_ptr().add(j * k));
+            let (op, bp) = (out.ptr.add(i * n + j), bias.map(|b| b.as_ptr().add(j)));
+            crate::simd::tile_match!(mr, nr, tile, (xp, wp, k, bp, op, n))
+        });
     }
 
     /// Eight bf16 weights widened to f32 (a bf16 is the high half of an f32).

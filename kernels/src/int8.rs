@@ -216,65 +216,54 @@ unsafe fn block_with(
     use_vnni: bool,
 ) {
     debug_assert_eq!(x.k_pad, w.k_pad);
-    let rows = x.scale.len();
     let mut dots = [[0i32; NR]; MR_MAX];
     let mut outlier_dots = [[0.0f32; NR]; MR_MAX];
-    let mut j = cols.start;
-    while j < cols.end {
-        let nr = NR.min(cols.end - j);
-        let mut i = 0;
-        while i < rows {
-            let mr = MR_MAX.min(rows - i);
-            #[cfg(not(target_arch = "x86_64"))]
-            let _ = use_vnni;
-            #[cfg(target_arch = "x86_64")]
-            unsafe {
-                let xp = x.q.as_ptr().add(i * x.k_pad);
-                let wp = w.q.as_ptr().add(j * w.k_pad);
-                let k = w.k_pad;
-                if use_vnni {
-                    let sums = w.row_sums.as_ptr().add(j);
-                    crate::simd::tile_match!(mr, nr, vnni_tile, (xp, wp, k, sums, &mut dots));
-                } else {
-                    crate::simd::tile_match!(mr, nr, avx2_tile, (xp, wp, k, &mut dots));
-                }
+    let k = w.k_pad;
+    crate::simd::for_each_tile(x.scale.len(), cols, MR_MAX, |i, mr, j, nr| {
+        #[cfg(not(target_arch = "x86_64"))]
+        let _ = use_vnni;
+        #[cfg(target_arch = "x86_64")]
+        unsafe {
+            let (xp, wp) = (x.q.as_ptr().add(i * k), w.q.as_ptr().add(j * k));
+            if use_vnni {
+                let sums = w.row_sums.as_ptr().add(j);
+                crate::simd::tile_match!(mr, nr, vnni_tile, (xp, wp, k, sums, &mut dots));
+            } else {
+                crate::simd::tile_match!(mr, nr, avx2_tile, (xp, wp, k, &mut dots));
             }
-            if x.dense {
-                let k = w.k_pad;
-                dense_outlier_dots(
-                    &x.outlier_values[i * k..(i + mr) * k],
-                    &w.q[j * k..(j + nr) * k],
-                    k,
-                    &mut outlier_dots,
-                );
-            }
-            for (a, dot_row) in dots.iter().enumerate().take(mr) {
-                let row = i + a;
-                for (r, &dot) in dot_row.iter().enumerate().take(nr) {
-                    let col = j + r;
-                    let sw = w.scale[col];
-                    let quantized = (dot as f64 * x.scale[row] as f64 * sw as f64) as f32;
-                    let outlier = if x.dense {
-                        outlier_dots[a][r] * sw
-                    } else {
-                        let count = x.outliers.len();
-                        let values = &x.outlier_values[row * count..][..count];
-                        let q_row = &w.q[col * w.k_pad..];
-                        x.outliers
-                            .iter()
-                            .zip(values)
-                            .map(|(&p, &v)| v * (q_row[p] as f32 * sw))
-                            .sum()
-                    };
-                    let b = bias.map_or(0.0, |b| b[col]);
-                    // SAFETY: (row, col) is inside `out` (the caller's contract).
-                    unsafe { *out.ptr.add(row * out.n + col) = quantized + outlier + b };
-                }
-            }
-            i += mr;
         }
-        j += nr;
-    }
+        if x.dense {
+            dense_outlier_dots(
+                &x.outlier_values[i * k..(i + mr) * k],
+                &w.q[j * k..(j + nr) * k],
+                k,
+                &mut outlier_dots,
+            );
+        }
+        for (a, dot_row) in dots.iter().enumerate().take(mr) {
+            let row = i + a;
+            for (r, &dot) in dot_row.iter().enumerate().take(nr) {
+                let col = j + r;
+                let sw = w.scale[col];
+                let quantized = (dot as f64 * x.scale[row] as f64 * sw as f64) as f32;
+                let outlier = if x.dense {
+                    outlier_dots[a][r] * sw
+                } else {
+                    let count = x.outliers.len();
+                    let values = &x.outlier_values[row * count..][..count];
+                    let q_row = &w.q[col * k..];
+                    x.outliers
+                        .iter()
+                        .zip(values)
+                        .map(|(&p, &v)| v * (q_row[p] as f32 * sw))
+                        .sum()
+                };
+                let b = bias.map_or(0.0, |b| b[col]);
+                // SAFETY: (row, col) is inside `out` (the caller's contract).
+                unsafe { *out.ptr.add(row * out.n + col) = quantized + outlier + b };
+            }
+        }
+    });
 }
 
 /// `dots[i][r] = Σ_p xo_ip · Q_rp` over every column (`xo`: `[rows, k]`, zero off the

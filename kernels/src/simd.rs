@@ -58,3 +58,26 @@ macro_rules! tile_match {
 }
 
 pub(crate) use tile_match;
+
+/// Calls `tile(i, mr, j, nr)` over a product's tiles: `rows` rows of activations in groups of
+/// at most `mr_max` (what the instruction set's registers hold), and the weight rows `cols`
+/// in groups of at most 4, each group of weight rows against every group of activations
+/// (so the weight rows stay in L1 while the activations pass).
+pub(crate) fn for_each_tile(
+    rows: usize,
+    cols: std::ops::Range<usize>,
+    mr_max: usize,
+    mut tile: impl FnMut(usize, usize, usize, usize),
+) {
+    let mut j = cols.start;
+    while j < cols.end {
+        let nr = 4.min(cols.end - j);
+        let mut i = 0;
+        while i < rows {
+            let mr = mr_max.min(rows - i);
+            tile(i, mr, j, nr);
+            i += mr;
+        }
+        j += nr;
+    }
+}

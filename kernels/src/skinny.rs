@@ -74,27 +74,18 @@ pub unsafe fn block(x: MatRef<'_>, w: &[f32], bias: Option<&[f32]>, cols: Range<
 /// Rows of `W` per tile: each is one sequential stream.
 const NR: usize = 4;
 
-/// Runs `tile::<MR, NR>` over every (rows of x, rows of W) tile of a block. `$mr_max` is the
-/// widest x tile the ISA's registers hold.
+/// Runs `$tile::<MR, NR>` over every tile of a block (`$mr_max`: the widest x tile the
+/// instruction set's registers hold).
 macro_rules! tiles {
     ($x:ident, $w:ident, $bias:ident, $cols:ident, $out:ident, $mr_max:literal, $tile:ident) => {{
-        let k = $x.cols;
-        let mut j = $cols.start;
-        while j < $cols.end {
-            let nr = (NR).min($cols.end - j);
-            let mut i = 0;
-            while i < $x.rows {
-                let mr = ($mr_max).min($x.rows - i);
-                let xp = $x.data.as_ptr().add(i * $x.row_stride);
-                let wp = $w.as_ptr().add(j * k);
-                let op = $out.ptr.add(i * $out.n + j);
-                let bp = $bias.map(|b| b.as_ptr().add(j));
-                let (s, n) = ($x.row_stride, $out.n);
-                crate::simd::tile_match!(mr, nr, $tile, (xp, s, wp, k, bp, op, n));
-                i += mr;
-            }
-            j += nr;
-        }
+        let (k, s, n) = ($x.cols, $x.row_stride, $out.n);
+        crate::simd::for_each_tile($x.rows, $cols, $mr_max, |i, mr, j, nr| unsafe {
+            let xp = $x.data.as_ptr().add(i * s);
+            let wp = $w.as_ptr().add(j * k);
+            let op = $out.ptr.add(i * n + j);
+            let bp = $bias.map(|b| b.as_ptr().add(j));
+            crate::simd::tile_match!(mr, nr, $tile, (xp, s, wp, k, bp, op, n));
+        })
     }};
 }
 
@@ -124,7 +115,7 @@ mod avx512 {
         cols: Range<usize>,
         out: Out,
     ) {
-        unsafe { tiles!(x, w, bias, cols, out, 4, tile) }
+        tiles!(x, w, bias, cols, out, 4, tile)
     }
 
     /// `MR` rows of x against `NR` rows of W: `MR × NR` accumulators of 16 lanes (at most
@@ -197,7 +188,7 @@ mod avx2 {
         cols: Range<usize>,
         out: Out,
     ) {
-        unsafe { tiles!(x, w, bias, cols, out, 2, tile) }
+        tiles!(x, w, bias, cols, out, 2, tile)
     }
 
     /// `MR` (≤ 2) rows of x against `NR` rows of W in 8 lanes: at most 8 accumulators of the

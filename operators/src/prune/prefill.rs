@@ -332,15 +332,13 @@ pub struct PrunedPrefill {
     pub logits: tideway_kernels::Tensor,
 }
 
-/// A pruned prefill stopped before the head: what a session that goes on from it needs.
+/// A pruned prefill stopped before the head: the survivors' rows of the residual stream
+/// (`[kept, hidden]`) and the state the layers left at the prompt's length (each layer's
+/// recurrence over the rows it saw), from which a session goes on.
 #[derive(Debug)]
 pub struct PrunedHidden {
     pub survivors: Survivors,
-    /// The survivors' rows of the residual stream after the last layer, `[kept, hidden]`.
     pub residual: Vec<f32>,
-    /// The state the layers left, at the prompt's length: each layer's recurrence over the
-    /// rows it saw (every token up to the first pruning layer, the survivors after it), so a
-    /// session continues as if the pruned tokens had never reached the later layers.
     pub state: crate::models::SessionState,
 }
 
