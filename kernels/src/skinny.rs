@@ -104,7 +104,7 @@ mod avx512 {
     use std::arch::x86_64::*;
     use std::ops::Range;
 
-    use super::{NR, Out};
+    use super::Out;
     use crate::matmul::MatRef;
 
     #[target_feature(enable = "avx512f")]
@@ -115,11 +115,35 @@ mod avx512 {
         cols: Range<usize>,
         out: Out,
     ) {
+        let mut cols = cols;
+        if x.rows == 1 {
+            // One row (batch-1 decode): eight weight rows a tile, eight streams in flight.
+            let (k, n) = (x.cols, out.n);
+            while cols.len() >= WIDE {
+                let j = cols.start;
+                unsafe {
+                    let bp = bias.map(|b| b.as_ptr().add(j));
+                    tile::<1, WIDE>(
+                        x.data.as_ptr(),
+                        0,
+                        w.as_ptr().add(j * k),
+                        k,
+                        bp,
+                        out.ptr.add(j),
+                        n,
+                    );
+                }
+                cols.start += WIDE;
+            }
+        }
         tiles!(x, w, bias, cols, out, 4, tile)
     }
 
-    /// `MR` rows of x against `NR` rows of W: `MR × NR` accumulators of 16 lanes (at most
-    /// 16 of the 32 registers, beside the `NR` weight vectors and one x vector).
+    /// Weight rows of a one-row tile.
+    const WIDE: usize = 8;
+
+    /// `MR` rows of x against `NR_` rows of W: `MR × NR_` accumulators of 16 lanes (at most
+    /// 16 of the 32 registers, beside the weight vectors and one x vector).
     #[target_feature(enable = "avx512f")]
     #[inline]
     unsafe fn tile<const MR: usize, const NR_: usize>(
@@ -131,7 +155,7 @@ mod avx512 {
         out: *mut f32,
         n: usize,
     ) {
-        debug_assert!(NR_ <= NR);
+        debug_assert!(MR * NR_ <= 16);
         unsafe {
             let mut acc = [[_mm512_setzero_ps(); NR_]; MR];
             let full = k - k % 16;
