@@ -68,11 +68,13 @@ async fn a_cluster_that_loses_a_process_comes_back_with_every_session() {
         "0.2".into(),
     ];
     args.extend(model_args());
-    let mut supervisor = tideway()
-        .args(&args)
-        .stderr(std::fs::File::create(&log).unwrap())
-        .spawn()
-        .unwrap();
+    let mut supervisor = Supervisor(
+        tideway()
+            .args(&args)
+            .stderr(std::fs::File::create(&log).unwrap())
+            .spawn()
+            .unwrap(),
+    );
     wait_for(&log, "tideway listening on", 3, Duration::from_secs(60));
     let urls: Vec<String> = (0..3)
         .map(|p| format!("http://127.0.0.1:{prefix}{p}"))
@@ -150,13 +152,36 @@ async fn a_cluster_that_loses_a_process_comes_back_with_every_session() {
     );
 
     // SIGTERM stops the supervisor and its cluster.
-    // SAFETY: kill(2) on our own child.
-    unsafe {
-        libc::kill(supervisor.id() as libc::pid_t, libc::SIGTERM);
+    assert!(supervisor.stop(), "the supervisor did not stop");
+}
+
+/// The supervisor, stopped with its cluster however the test ends: a failed assertion must
+/// not leave its processes running (they hold the test's output open and spin).
+struct Supervisor(std::process::Child);
+
+impl Supervisor {
+    /// SIGTERM, then up to 30 s for the supervisor to stop its cluster and exit; whether it
+    /// did.
+    fn stop(&mut self) -> bool {
+        // SAFETY: kill(2) on our own child.
+        unsafe {
+            libc::kill(self.0.id() as libc::pid_t, libc::SIGTERM);
+        }
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while self.0.try_wait().unwrap().is_none() {
+            if Instant::now() >= deadline {
+                return false;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        true
     }
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while supervisor.try_wait().unwrap().is_none() {
-        assert!(Instant::now() < deadline, "the supervisor did not stop");
-        std::thread::sleep(Duration::from_millis(50));
+}
+
+impl Drop for Supervisor {
+    fn drop(&mut self) {
+        if self.0.try_wait().ok().flatten().is_none() && !self.stop() {
+            let _ = self.0.kill();
+        }
     }
 }
