@@ -235,9 +235,8 @@ impl PrefillPrune {
 }
 
 impl PrefillPrune {
-    /// The `tideway_prune` object of a model's config.json: the keys of `--prune` with JSON
-    /// values (`"layers": [2, 5]`, `"keep": 0.5`, `"policy": "zero_tprune"`) over
-    /// [`PrefillPrune::default`]; absent (or null): no pruning.
+    /// The `tideway_prune` object of a model's config.json (`--prune`'s keys, JSON values:
+    /// `"layers": [2, 5]`, `"keep": 0.5`) over the default; absent (or null): no pruning.
     pub fn from_config(config: &ConfigJson) -> Result<Option<PrefillPrune>, LoadError> {
         const BLOCK: &str = "tideway_prune";
         let Some(block) = config.raw(BLOCK).filter(|v| !v.is_null()) else {
@@ -321,20 +320,18 @@ pub enum PrunedPrefillError {
     Prune(#[from] PruneError),
 }
 
-/// A prefill whose tokens were pruned between layers.
+/// A prefill whose tokens were pruned between layers: the input positions that reached the
+/// head (ascending), the tokens left after each pruning layer (in the order of
+/// [`PrefillPrune::layers`]), and the kept positions' logits (`[kept, width]`).
 #[derive(Debug, Clone)]
 pub struct PrunedPrefill {
-    /// The input positions that reached the head, ascending.
     pub kept: Vec<usize>,
-    /// Tokens left after each pruning layer, in the order of [`PrefillPrune::layers`].
     pub survivors: Vec<usize>,
-    /// The logits of the kept positions, `[kept, width]`.
     pub logits: tideway_kernels::Tensor,
 }
 
 /// A pruned prefill stopped before the head: the survivors' rows of the residual stream
-/// (`[kept, hidden]`) and the state the layers left at the prompt's length (each layer's
-/// recurrence over the rows it saw), from which a session goes on.
+/// (`[kept, hidden]`) and the state the layers left, from which a session goes on.
 #[derive(Debug)]
 pub struct PrunedHidden {
     pub survivors: Survivors,
@@ -362,10 +359,11 @@ impl Survivors {
     /// Keeps the rows `chosen` (ascending, of the current survivors) of the residual stream
     /// `residual` (`[rows, hidden]`).
     pub fn keep(&mut self, chosen: &[usize], residual: &mut Vec<f32>, hidden: usize) {
-        *residual = chosen
-            .iter()
-            .flat_map(|&r| residual[r * hidden..(r + 1) * hidden].to_vec())
-            .collect();
+        let mut rows = Vec::with_capacity(chosen.len() * hidden);
+        for &r in chosen {
+            rows.extend_from_slice(&residual[r * hidden..][..hidden]);
+        }
+        *residual = rows;
         self.kept = chosen.iter().map(|&r| self.kept[r]).collect();
         self.counts.push(self.kept.len());
     }
