@@ -44,4 +44,4 @@ pub mod tensor;
 #[cfg(test)]
 mod test_util;
 
-pub use tensor::{ShapeError, Tensor, Weight};
+pub use tensor::{ShapeError, Tensor, Weight, written_zeros};

@@ -4,10 +4,10 @@
 
 use std::ops::Range;
 
-use tideway_kernels::Weight;
 use tideway_kernels::activation::silu_inplace;
 use tideway_kernels::conv::{causal_conv1d_seq, causal_conv1d_step};
 use tideway_kernels::matmul::MatRef;
+use tideway_kernels::{Weight, written_zeros};
 
 use crate::checkpoint::Checkpoint;
 use crate::error::LoadError;
@@ -44,7 +44,7 @@ impl ShortConv {
     }
 
     pub fn new_window(&self) -> Vec<f32> {
-        vec![0.0; self.channels * self.kernel]
+        written_zeros(self.channels * self.kernel)
     }
 
     pub fn size_bytes(&self) -> usize {

@@ -5,6 +5,7 @@
 use std::ops::Range;
 
 use tideway_kernels::matmul::MatRef;
+use tideway_kernels::written_zeros;
 
 use super::graphs::HeadMixing;
 use crate::layers::qkv::Qkv;
@@ -24,8 +25,8 @@ impl FlaLayerState {
     pub fn new(qkv: &Qkv, s: usize, z: usize) -> Self {
         FlaLayerState {
             conv: qkv.new_windows(),
-            s: vec![0.0; s],
-            z: vec![0.0; z],
+            s: written_zeros(s),
+            z: written_zeros(z),
         }
     }
 

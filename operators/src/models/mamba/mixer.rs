@@ -21,11 +21,11 @@
 
 use std::ops::Range;
 
-use tideway_kernels::Weight;
 use tideway_kernels::activation::{silu_inplace, softplus_inplace};
 use tideway_kernels::conv::{causal_conv1d_seq, causal_conv1d_step};
 use tideway_kernels::matmul::{Linear, MatRef};
 use tideway_kernels::scan::{ScanInputs, ScanSegment, SsmParams, selective_scan};
+use tideway_kernels::{Weight, written_zeros};
 
 use tideway_kernels::collective::CollectiveError;
 
@@ -164,8 +164,8 @@ impl MambaMixer {
     pub fn new_state(&self) -> MambaLayerState {
         let c = &self.config;
         MambaLayerState {
-            conv: vec![0.0; c.d_inner * c.d_conv],
-            ssm: vec![0.0; c.d_inner * c.d_state],
+            conv: written_zeros(c.d_inner * c.d_conv),
+            ssm: written_zeros(c.d_inner * c.d_state),
         }
     }
 
