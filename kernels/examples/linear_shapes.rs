@@ -1,6 +1,8 @@
 //! Times `Linear::forward` at the shapes of a mamba-130m layer for a range of batch sizes,
 //! with the weights in f32, bf16 or int8:
-//! `cargo run --release -p tideway-kernels --example linear_shapes [-- f32|bf16|int8]`.
+//! `cargo run --release -p tideway-kernels --example linear_shapes [-- f32|bf16|int8 [cold]]`.
+//! `cold` cycles through copies of each matrix totalling 1 GB, more than the last-level cache
+//! holds, so that the weights come from memory as in a model's decode step.
 
 use std::time::Instant;
 
@@ -14,6 +16,7 @@ fn main() {
         Some("int8") => LinearFormat::Int8,
         Some(other) => panic!("{other}: f32, bf16 or int8"),
     };
+    let cold = std::env::args().nth(2).as_deref() == Some("cold");
     let shapes = [
         (768usize, 3072usize, "in_proj"),
         (1536, 768, "out_proj"),
@@ -24,21 +27,28 @@ fn main() {
         let w: Vec<f32> = (0..k * n).map(|i| (i % 97) as f32 * 1e-3).collect();
         let layer =
             Linear::from_torch_as(&Weight::from_vec(w, &[n, k]).unwrap(), None, format).unwrap();
+        let copies = if cold {
+            (1e9 / layer.size_bytes() as f64).ceil() as usize
+        } else {
+            1
+        };
+        let layers = vec![layer; copies];
         for m in [1usize, 2, 4, 8, 16, 32, 64, 256] {
             let x: Vec<f32> = (0..m * k).map(|i| (i % 89) as f32 * 1e-3).collect();
             let mut out = vec![0.0f32; m * n];
-            layer.forward(MatRef::dense(&x, m, k), &mut out);
+            layers[0].forward(MatRef::dense(&x, m, k), &mut out);
             let reps = (2e9 / (m * k * n) as f64).clamp(3.0, 2000.0) as usize;
+            let reps = reps.max(copies);
             let t0 = Instant::now();
-            for _ in 0..reps {
-                layer.forward(MatRef::dense(&x, m, k), &mut out);
+            for rep in 0..reps {
+                layers[rep % copies].forward(MatRef::dense(&x, m, k), &mut out);
             }
             let secs = t0.elapsed().as_secs_f64() / reps as f64;
             println!(
                 "{name:>8} m={m:>3} k={k:>5} n={n:>5}: {:>8.3} ms  {:>6.1} GFLOP/s  {:>5.1} GB/s of weights",
                 secs * 1e3,
                 2.0 * (m * k * n) as f64 / secs / 1e9,
-                layer.size_bytes() as f64 / secs / 1e9
+                layers[0].size_bytes() as f64 / secs / 1e9
             );
         }
     }
