@@ -128,30 +128,38 @@ async fn a_stream_in_random_chunks_gets_the_logits_of_run() {
     let tokens = pseudo_random(300, VOCAB, 11);
     let want = run_reference(&model_dir(), &tokens);
     // One worker; two workers exchanging records serialised as a cluster does; a token budget
-    // that closes epochs early.
+    // that closes epochs early; one reserved state, which the second stream gets back zeroed
+    // from the first. Each server takes the stream twice, one after the other.
     for args in [
         vec![],
         vec!["--workers", "2", "--process-binary"],
         vec!["--epoch-tokens", "5", "--tick-ms", "50"],
+        vec!["--reserve-sessions", "1"],
     ] {
         let model = model_dir();
         let mut all = vec!["--model", model.to_str().unwrap()];
         all.extend(args.iter().copied());
         let server = Server::start(&all);
-        let chunks = random_chunks(&tokens, 17, 5);
-        let got = run_stream(&server.url(), &chunks).await.unwrap();
-        let err = relative_error(&got.logits, &want.values);
-        assert!(err <= 1e-5, "{args:?}: relative error {err:.3e}");
-        let mut expect_pos = 0;
-        for (c, p) in chunks.iter().zip(&got.positions) {
-            assert_eq!(*p, expect_pos, "position of each chunk's first row");
-            expect_pos += c.len() as u64;
+        if args.contains(&"--reserve-sessions") {
+            let log = std::fs::read_to_string(&server.stderr_log).unwrap();
+            assert!(log.contains("reserved session states"), "{log}");
         }
-        let summary = got.summary.expect("a summary ends the stream");
-        assert_eq!((summary.tokens, summary.position), (300, 300));
-        assert!(!summary.state_kept);
-        // The session was freed when the stream ended.
-        wait_for_stats(&server.url(), "session freed", |s| s.live_sessions == 0).await;
+        for round in 0..2 {
+            let chunks = random_chunks(&tokens, 17, 5 + round);
+            let got = run_stream(&server.url(), &chunks).await.unwrap();
+            let err = relative_error(&got.logits, &want.values);
+            assert!(err <= 1e-5, "{args:?} #{round}: relative error {err:.3e}");
+            let mut expect_pos = 0;
+            for (c, p) in chunks.iter().zip(&got.positions) {
+                assert_eq!(*p, expect_pos, "position of each chunk's first row");
+                expect_pos += c.len() as u64;
+            }
+            let summary = got.summary.expect("a summary ends the stream");
+            assert_eq!((summary.tokens, summary.position), (300, 300));
+            assert!(!summary.state_kept);
+            // The session was freed when the stream ended.
+            wait_for_stats(&server.url(), "session freed", |s| s.live_sessions == 0).await;
+        }
     }
 }
 

@@ -138,6 +138,8 @@ pub trait FamilyState: Any + Send + Debug + CloneState {
     fn export(&self, first: usize, out: &mut StateTensors);
     /// Takes the state of the layers it holds, and the position, from `from`.
     fn import(&mut self, first: usize, from: &StateTensors) -> Result<(), StateError>;
+    /// Back to a fresh state (zeros, position 0), keeping its memory.
+    fn reset(&mut self);
 }
 
 /// One session's recurrent state in a family whose layers each keep an `L`: the state of every
@@ -163,6 +165,15 @@ impl<L: Debug + Clone + Send + LayerFields + 'static> FamilyState for LayerState
         import_layers(&mut self.layers, first, from)?;
         self.position = from.u64("position")? as usize;
         Ok(())
+    }
+
+    fn reset(&mut self) {
+        for layer in &mut self.layers {
+            for (_, values) in layer.fields_mut() {
+                values.fill(0.0);
+            }
+        }
+        self.position = 0;
     }
 }
 
@@ -205,6 +216,12 @@ impl SessionState {
     /// Takes the state (of layers `first..`) from named tensors.
     pub fn import(&mut self, first: usize, from: &StateTensors) -> Result<(), StateError> {
         self.0.import(first, from)
+    }
+
+    /// Back to a fresh state (zeros, position 0), keeping its memory: a pool of states hands
+    /// it to the next session.
+    pub fn reset(&mut self) {
+        self.0.reset()
     }
 
     /// The state as the family's own type `S`, if that is its family's.

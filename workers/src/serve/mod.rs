@@ -23,6 +23,7 @@ pub mod served;
 pub mod stages;
 pub use tideway_operators::state_blob;
 pub mod state_io;
+pub mod state_pool;
 pub mod stats;
 pub mod status;
 pub mod store;
@@ -126,6 +127,12 @@ pub struct ServeArgs {
     /// holds fewer; ModelInfo reports the number).
     #[arg(long, default_value_t = 4096)]
     gpu_sessions: usize,
+    /// Session states made at start, before listening, for each CPU language model (per
+    /// process): the first N sessions take them. A fresh state's memory otherwise costs a page
+    /// fault per 4 KiB when a session first writes it, which a burst of new sessions pays all
+    /// at once (on a virtual machine, seconds for a thousand 130M-Mamba sessions).
+    #[arg(long, default_value_t = 0)]
+    reserve_sessions: usize,
     /// Keep every session's state in an embedded, crash-safe database in DIR (one file per
     /// process): snapshots of changed sessions on a period, on drain and at shutdown. At
     /// start, every session the store holds is restored; a resuming client is told the
@@ -335,6 +342,7 @@ fn placement(
         device: args.device,
         dtype: args.dtype,
         gpu_sessions: args.gpu_sessions,
+        reserve_sessions: args.reserve_sessions,
         plan,
         local_stages: first..last + 1,
         audio: args.limits.audio(),

@@ -21,6 +21,7 @@ use tideway_operators::tokenizers::text::TextTokenizer;
 use tideway_proto::decode::{InputKind, ModelInputs, RateCheck};
 
 use super::stages::Plan;
+use super::state_pool::StatePool;
 use crate::device::Device;
 use crate::feature_model::FeatureModel;
 use crate::language_model::LanguageModel;
@@ -117,6 +118,9 @@ pub struct ServedModel {
     /// By pipeline stage: what this process runs of the model there (None: another process
     /// runs that stage, or the model runs whole in an earlier one).
     pub stages: Vec<Option<StageModel>>,
+    /// By pipeline stage: the pool of session states of this process's CPU language model
+    /// part (`--reserve-sessions`; empty without it).
+    pub reserves: Vec<StatePool>,
     /// Identifies the checkpoint ([`model_fingerprint`]): a session state continues only on
     /// the model that made it.
     pub fingerprint: String,
@@ -269,6 +273,8 @@ pub struct Placement {
     pub device: Device,
     pub dtype: crate::device::WeightStorage,
     pub gpu_sessions: usize,
+    /// Session states made at start for each CPU language model part (`--reserve-sessions`).
+    pub reserve_sessions: usize,
     pub plan: Plan,
     /// The pipeline stages this process's workers run.
     pub local_stages: std::ops::Range<usize>,
@@ -286,6 +292,7 @@ impl Placement {
             device: Device::Cpu,
             dtype: crate::device::WeightStorage::F32,
             gpu_sessions: 0,
+            reserve_sessions: 0,
             plan: Plan::new(workers.max(1), 1).expect("one stage divides any count"),
             local_stages: 0..1,
             audio: AudioLimits::default(),
@@ -304,6 +311,7 @@ impl Placement {
         let context = || format!("cannot load model {name:?} from {}", dir.display());
         let stages = self.plan.stages;
         let mut pieces: Vec<Option<StageModel>> = (0..stages).map(|_| None).collect();
+        let mut reserves: Vec<StatePool> = (0..stages).map(|_| StatePool::default()).collect();
         let kind = if is_lmuformer(dir).with_context(context)? {
             ServedKind::Features(Box::new(
                 self.load_features(dir, &mut pieces).with_context(context)?,
@@ -376,6 +384,7 @@ impl Placement {
                     )
                     .with_context(context)?;
                     weight_bytes += model.weight_bytes();
+                    reserves[stage] = StatePool::reserve(&model, self.reserve_sessions, &name);
                     if info.is_none() {
                         info = Some(LmInfo {
                             family: model.family(),
@@ -411,6 +420,7 @@ impl Placement {
             name,
             kind,
             stages: pieces,
+            reserves,
             fingerprint: model_fingerprint(dir)?,
         };
         tracing::info!(

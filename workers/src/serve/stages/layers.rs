@@ -140,8 +140,26 @@ impl LayersLogic {
 
     /// Frees `key`'s state, if this stage holds one.
     fn free(&mut self, key: SessionKey, model: u32) {
-        if self.states.remove(&key).is_some() {
-            self.held(model, -1);
+        if let Some(state) = self.states.remove(&key) {
+            self.release(model, state);
+        }
+    }
+
+    /// An ended session's state: back to its model's pool, if it has one.
+    fn release(&self, model: u32, state: StageState) {
+        self.held(model, -1);
+        if let (StageState::Part(state), Some(pool)) =
+            (state, self.models[model as usize].reserves.get(self.stage))
+        {
+            pool.give_back(state);
+        }
+    }
+
+    /// A new session's state: from its model's pool while that holds one.
+    fn fresh_state(&self, served: &ServedModel, piece: &StageModel) -> Result<StageState, OpError> {
+        match served.reserves.get(self.stage).and_then(|pool| pool.take()) {
+            Some(state) => Ok(StageState::Part(state)),
+            None => StageState::new(piece),
         }
     }
 
@@ -255,7 +273,7 @@ impl LayersLogic {
             }
             if envelope.start {
                 self.free(key, envelope.model);
-                match StageState::new(piece) {
+                match self.fresh_state(served, piece) {
                     Ok(state) => {
                         self.states.insert(key, state);
                         self.held(envelope.model, 1);
@@ -334,7 +352,7 @@ impl LayersLogic {
                     false => {
                         self.states.insert(slot.envelope.session, state);
                     }
-                    true => self.held(slot.envelope.model, -1),
+                    true => self.release(slot.envelope.model, state),
                 }
             }
             out.push(slot.envelope);
