@@ -16,18 +16,7 @@ pids=()
 stop() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; wait 2>/dev/null || true; pids=(); }
 trap 'stop; rm -rf "$scratch"' EXIT
 
-# Waits until the server logging to $1 listens; prints its gRPC address.
-address() {
-    for _ in $(seq 1200); do
-        if grep -q "tideway listening on" "$1"; then
-            grep "tideway listening on" "$1" | sed 's/tideway listening on //'
-            return
-        fi
-        sleep 0.1
-    done
-    echo "server did not start: $(cat "$1")" >&2
-    exit 1
-}
+source "$(dirname "$0")/server_address.sh"
 
 load() {
     local addr=$1

@@ -16,17 +16,7 @@ pid=
 stop() { [ -n "$pid" ] && kill "$pid" 2>/dev/null && wait "$pid" 2>/dev/null; pid=; }
 trap 'stop; rm -rf "$scratch"' EXIT
 
-address() {
-    for _ in $(seq 3000); do
-        if grep -q "tideway listening on" "$1"; then
-            grep "tideway listening on" "$1" | sed 's/tideway listening on //'
-            return
-        fi
-        sleep 0.02
-    done
-    echo "server did not start: $(cat "$1")" >&2
-    exit 1
-}
+source "$(dirname "$0")/server_address.sh"
 
 echo "== 1. snapshot and restore of $sessions sessions ($name)"
 "$bin" bench store --model "$model" --sessions "$sessions" --store "$scratch/store" 2>/dev/null

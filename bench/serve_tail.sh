@@ -21,18 +21,7 @@ pid=
 stop() { [ -n "$pid" ] && { kill "$pid" 2>/dev/null || true; wait "$pid" 2>/dev/null || true; }; pid=; }
 trap 'stop; rm -rf "$scratch"' EXIT
 
-# Waits until the server logging to $1 listens; prints its gRPC address.
-address() {
-    for _ in $(seq 1200); do
-        if grep -q "tideway listening on" "$1"; then
-            grep "tideway listening on" "$1" | sed 's/tideway listening on //'
-            return
-        fi
-        sleep 0.1
-    done
-    echo "server did not start: $(cat "$1")" >&2
-    exit 1
-}
+source "$(dirname "$0")/server_address.sh"
 
 read -r client _ <<<"${configs[0]#*|}"
 capacity=$("$client" bench --model "$model" --batches 32 --prefill-tokens 8 --seconds 10 --json 2>/dev/null |
