@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
-# CPU decode and prefill of a Mamba checkpoint beside its peers, in one run (issue 20):
-# Tideway (`tideway bench`, f32), llama.cpp on the same weights as GGUF f32, f16 and q8_0
-# (llama-batched-bench), HF transformers (bench/hf_mamba_bench.py) and the machine's floors
-# measured now (kernels/examples/floors.rs: read bandwidth, sgemm), in ROUNDS interleaved
+# CPU decode and prefill of a checkpoint beside its peers, in one run (issue 20): Tideway
+# (`tideway bench`), the machine's floors measured now (kernels/examples/floors.rs: read
+# bandwidth, sgemm) and, for a Mamba, llama.cpp on the same weights as GGUF f32, f16 and q8_0
+# (llama-batched-bench) and HF transformers (bench/hf_mamba_bench.py); for a GLA or DeltaNet,
+# fla's classes with fla's reference functions (bench/fla_cpu_bench.py). ROUNDS interleaved
 # rounds; prints the medians as a table. Every tool runs with all cores (`nproc`).
 #
 #   bench/cpu_decode.sh [MODEL_DIR] [ROUNDS] [TIDEWAY[@DTYPE]...]
@@ -21,10 +22,13 @@ model=${1:-bench/models/mamba-130m-random} rounds=${2:-3}
 shift $(( $# < 2 ? $# : 2 ))
 threads=$(nproc)
 venv=.venv
-source bench/llama_cpp.sh
-llama_build llama-batched-bench
+family=$("$venv/bin/python" -c 'import json, sys; print(json.load(open(sys.argv[1] + "/config.json"))["model_type"])' "$model")
 ggufs=()
-for type in f32 f16 q8_0; do ggufs+=("$(llama_gguf "$model" "$type")"); done
+if [ "$family" = mamba ]; then
+    source bench/llama_cpp.sh
+    llama_build llama-batched-bench
+    for type in f32 f16 q8_0; do ggufs+=("$(llama_gguf "$model" "$type")"); done
+fi
 if [ $# -eq 0 ]; then
     cargo build --release -p tideway-workers -j"$threads" 2>/dev/null
     set -- target/release/tideway@f32 target/release/tideway@bf16 target/release/tideway@int8
@@ -45,7 +49,7 @@ for round in $(seq "$rounds"); do
             --dtype "$dtype" --json 2>/dev/null >"$out/r$round-tideway$i.json"
         i=$((i + 1))
     done
-    for gguf in "${ggufs[@]}"; do
+    for gguf in ${ggufs[@]+"${ggufs[@]}"}; do
         name=$(basename "$gguf" .gguf)
         # One batch size per call, so that a crash at one leaves the others measured.
         : >"$out/r$round-$name-decode.txt"
@@ -57,8 +61,13 @@ for round in $(seq "$rounds"); do
         "$llama/build/bin/llama-batched-bench" -m "$gguf" -c 1024 -b 512 -ub 512 \
             -npp 512 -ntg 1 -npl 1 -t "$threads" >"$out/r$round-$name-prefill.txt" 2>/dev/null || true
     done
-    "$venv/bin/python" bench/hf_mamba_bench.py "$model" --threads "$threads" --json \
-        2>/dev/null >"$out/r$round-hf.json"
+    if [ "$family" = mamba ]; then
+        "$venv/bin/python" bench/hf_mamba_bench.py "$model" --threads "$threads" --json \
+            2>/dev/null >"$out/r$round-hf.json"
+    else
+        "$venv/bin/python" bench/fla_cpu_bench.py "$model" --threads "$threads" --json \
+            2>/dev/null >"$out/r$round-fla.json"
+    fi
 done
 
 "$venv/bin/python" - "$out" "$rounds" "$#" "$@" <<'PY'
@@ -88,7 +97,10 @@ for r in range(1, rounds + 1):
             put(col, f"prefill {p['tokens']}", p["tokens_per_s"])
         put(col, "peak RSS MiB", t["peak_rss_bytes"] / 2**20)
     for q in ["f32", "f16", "q8_0"]:
-        name = next(out.glob(f"r{r}-*-{q}-decode.txt")).name[len(f"r{r}-"):-len("-decode.txt")]
+        found = next(out.glob(f"r{r}-*-{q}-decode.txt"), None)
+        if found is None:
+            continue
+        name = found.name[len(f"r{r}-"):-len("-decode.txt")]
         col = f"llama.cpp {q}"
         for line in (out / f"r{r}-{name}-decode.txt").read_text().splitlines():
             f = [x.strip() for x in line.strip().strip("|").split("|")]
@@ -101,11 +113,15 @@ for r in range(1, rounds + 1):
         rss = re.findall(r"peak_rss_kb (\d+)", (out / f"r{r}-{name}-decode.err").read_text())
         if rss:
             put(col, "peak RSS MiB", int(rss[0]) / 1024)
-    h = json.loads((out / f"r{r}-hf.json").read_text())
-    for d in h["decode"]:
-        put("HF", f"decode b{d['batch']}", d["tokens_per_s"])
-    put("HF", "prefill 512", h["prefill"]["tokens_per_s"])
-    put("HF", "peak RSS MiB", h["peak_rss_bytes"] / 2**20)
+    for peer, label in (("hf", "HF"), ("fla", "fla (reference functions)")):
+        path = out / f"r{r}-{peer}.json"
+        if not path.exists():
+            continue
+        h = json.loads(path.read_text())
+        for d in h["decode"]:
+            put(label, f"decode b{d['batch']}", d["tokens_per_s"])
+        put(label, "prefill 512", h["prefill"]["tokens_per_s"])
+        put(label, "peak RSS MiB", h["peak_rss_bytes"] / 2**20)
 rows = ["decode b1", "decode b8", "decode b32", "prefill 512", "peak RSS MiB"]
 names = [c for c in cols if c != "floor"] + ["floor"]
 for i, run in enumerate(runs):
