@@ -24,10 +24,7 @@ tools/gen_fla_fixtures.py): the swap must not change the model.
 import argparse
 import json
 import os
-import resource
-import statistics
 import sys
-import time
 from pathlib import Path
 
 os.environ.setdefault("TRITON_INTERPRET", "1")
@@ -41,6 +38,7 @@ from fla.models import DeltaNetForCausalLM, GLAForCausalLM  # noqa: E402
 from fla.modules import FusedRMSNormGated, RMSNorm, ShortConvolution  # noqa: E402
 from fla.ops.delta_rule.naive import delta_rule_recurrence  # noqa: E402
 from fla.ops.gla.naive import naive_recurrent_gla  # noqa: E402
+from peer_report import decode_row, finish, prefill_row, timed  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -147,15 +145,6 @@ def check():
     return 0 if worst <= 1e-4 else 1
 
 
-def timed(fn, repeats):
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
-
-
 def bench(args):
     torch.set_num_threads(args.threads)
     model = load(args.model)
@@ -175,22 +164,11 @@ def bench(args):
                 cache, token = out.past_key_values, out.logits[:, -1:].argmax(-1)
 
             step()
-            per_step = timed(step, args.steps)
-            row = {"batch": batch, "tokens_per_s": batch / per_step, "step_ms": 1e3 * per_step}
-            report["decode"].append(row)
-            if not args.json:
-                print(f"decode batch {batch:>3}: {row['tokens_per_s']:9.1f} tokens/s ({row['step_ms']:.1f} ms/step)", flush=True)
+            decode_row(report, batch, timed(step, args.steps), args.json)
         ids = torch.randint(0, vocab, (1, args.prefill_tokens), generator=g)
         model(input_ids=ids[:, :16])
-        t = timed(lambda: model(input_ids=ids), 2)
-        report["prefill"] = {"tokens": args.prefill_tokens, "tokens_per_s": args.prefill_tokens / t, "seconds": t}
-        if not args.json:
-            print(f"prefill {args.prefill_tokens} tokens: {args.prefill_tokens / t:.1f} tokens/s ({t:.2f} s)")
-    report["peak_rss_bytes"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    if args.json:
-        print(json.dumps(report, indent=2))
-    else:
-        print(f"peak memory (RSS): {report['peak_rss_bytes'] / 2**20:.1f} MiB")
+        prefill_row(report, args.prefill_tokens, timed(lambda: model(input_ids=ids), 2), args.json)
+    finish(report, args.json)
     return 0
 
 

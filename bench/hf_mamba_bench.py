@@ -9,22 +9,11 @@ tokens minus the time for 1 (which is the prompt's prefill plus one step), over 
 """
 
 import argparse
-import json
-import resource
-import statistics
-import time
 
 import torch
 from transformers import MambaForCausalLM
 
-
-def timed(fn, repeats):
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+from peer_report import decode_row, finish, prefill_row, timed
 
 
 def main() -> None:
@@ -54,24 +43,12 @@ def main() -> None:
             gen(2)
             t_one = timed(lambda: gen(1), 2)
             t_many = timed(lambda: gen(args.new_tokens), 2)
-            per_step = (t_many - t_one) / (args.new_tokens - 1)
-            row = {"batch": batch, "tokens_per_s": batch / per_step, "step_ms": 1e3 * per_step}
-            report["decode"].append(row)
-            if not args.json:
-                print(f"decode batch {batch:>3}: {row['tokens_per_s']:9.1f} tokens/s ({row['step_ms']:.1f} ms/step)", flush=True)
+            decode_row(report, batch, (t_many - t_one) / (args.new_tokens - 1), args.json)
 
         ids = torch.randint(0, vocab, (1, args.prefill_tokens), generator=g)
         model(ids[:, :32], use_cache=False)
-        t = timed(lambda: model(ids, use_cache=False), 3)
-        report["prefill"] = {"tokens": args.prefill_tokens, "tokens_per_s": args.prefill_tokens / t, "seconds": t}
-        if not args.json:
-            print(f"prefill {args.prefill_tokens} tokens: {args.prefill_tokens / t:.1f} tokens/s ({t:.2f} s)")
-
-    report["peak_rss_bytes"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    if args.json:
-        print(json.dumps(report, indent=2))
-    else:
-        print(f"peak memory (RSS): {report['peak_rss_bytes'] / 2**20:.1f} MiB")
+        prefill_row(report, args.prefill_tokens, timed(lambda: model(ids, use_cache=False), 3), args.json)
+    finish(report, args.json)
 
 
 if __name__ == "__main__":
