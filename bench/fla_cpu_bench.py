@@ -38,7 +38,7 @@ from fla.models import DeltaNetForCausalLM, GLAForCausalLM  # noqa: E402
 from fla.modules import FusedRMSNormGated, RMSNorm, ShortConvolution  # noqa: E402
 from fla.ops.delta_rule.naive import delta_rule_recurrence  # noqa: E402
 from fla.ops.gla.naive import naive_recurrent_gla  # noqa: E402
-from peer_report import decode_row, finish, prefill_row, timed  # noqa: E402
+from peer_report import decode_row, finish, prefill_row, start, timed  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -146,11 +146,9 @@ def check():
 
 
 def bench(args):
-    torch.set_num_threads(args.threads)
+    report, g = start(args)
     model = load(args.model)
     vocab = model.config.vocab_size
-    g = torch.Generator().manual_seed(0)
-    report = {"model": args.model, "threads": args.threads, "torch": torch.__version__, "decode": []}
     with torch.inference_mode():
         for batch in [int(b) for b in args.batches.split(",")]:
             prompt = torch.randint(0, vocab, (batch, 12), generator=g)

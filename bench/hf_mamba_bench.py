@@ -13,7 +13,7 @@ import argparse
 import torch
 from transformers import MambaForCausalLM
 
-from peer_report import decode_row, finish, prefill_row, timed
+from peer_report import decode_row, finish, prefill_row, start, timed
 
 
 def main() -> None:
@@ -26,11 +26,9 @@ def main() -> None:
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
 
-    torch.set_num_threads(args.threads)
+    report, g = start(args)
     model = MambaForCausalLM.from_pretrained(args.model, dtype=torch.float32).eval()
     vocab = model.config.vocab_size
-    g = torch.Generator().manual_seed(0)
-    report = {"model": args.model, "threads": args.threads, "torch": torch.__version__, "decode": []}
 
     with torch.inference_mode():
         for batch in [int(b) for b in args.batches.split(",")]:

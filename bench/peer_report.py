@@ -7,6 +7,16 @@ import resource
 import statistics
 import time
 
+import torch
+
+
+def start(args):
+    """Sets torch's threads; returns the empty report and the random generator every peer
+    seeds alike (its prompts, then the prefill's tokens)."""
+    torch.set_num_threads(args.threads)
+    report = {"model": args.model, "threads": args.threads, "torch": torch.__version__, "decode": []}
+    return report, torch.Generator().manual_seed(0)
+
 
 def timed(fn, repeats):
     """Median seconds of `repeats` calls of `fn`."""
