@@ -25,14 +25,20 @@ fn main() {
     ];
     for &(k, n, name) in &shapes {
         let w: Vec<f32> = (0..k * n).map(|i| (i % 97) as f32 * 1e-3).collect();
-        let layer =
-            Linear::from_torch_as(&Weight::from_vec(w, &[n, k]).unwrap(), None, format).unwrap();
+        let load = || {
+            Linear::from_torch_as(&Weight::from_vec(w.clone(), &[n, k]).unwrap(), None, format)
+                .unwrap()
+        };
+        let first = load();
         let copies = if cold {
-            (1e9 / layer.size_bytes() as f64).ceil() as usize
+            (1e9 / first.size_bytes() as f64).ceil() as usize
         } else {
             1
         };
-        let layers = vec![layer; copies];
+        // Each copy its own storage: a clone of a `Linear` shares its weights.
+        let layers: Vec<Linear> = std::iter::once(first)
+            .chain((1..copies).map(|_| load()))
+            .collect();
         for m in [1usize, 2, 4, 8, 16, 32, 64, 256] {
             let x: Vec<f32> = (0..m * k).map(|i| (i % 89) as f32 * 1e-3).collect();
             let mut out = vec![0.0f32; m * n];
