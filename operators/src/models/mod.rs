@@ -13,6 +13,7 @@ use std::ops::Range;
 use std::path::Path;
 
 use tideway_kernels::Tensor;
+use tideway_kernels::cpu::on_compute_pool;
 use tideway_kernels::matmul::LinearFormat;
 
 use crate::checkpoint::Checkpoint;
@@ -172,10 +173,10 @@ impl Model {
         prune: &PrefillPrune,
     ) -> Result<PrunedHidden, PrunedPrefillError> {
         if let Some(mamba) = self.as_family::<MambaLm>() {
-            return mamba.prefill_pruned_hidden(ids, prune);
+            return on_compute_pool(|| mamba.prefill_pruned_hidden(ids, prune));
         }
         if let Some(fla) = self.as_family::<FlaLm>() {
-            return fla.prefill_pruned_hidden(ids, prune);
+            return on_compute_pool(|| fla.prefill_pruned_hidden(ids, prune));
         }
         Err(PrefillPruneError::Family {
             family: self.family().to_string(),
@@ -195,8 +196,10 @@ impl Model {
         lens: &[usize],
         states: &mut [&mut SessionState],
     ) -> Result<Tensor, InputError> {
-        single(|group| self.forward_in_group(tokens, lens, states, group, true))
-            .map(|logits| logits.expect("logits were asked for"))
+        on_compute_pool(|| {
+            single(|group| self.forward_in_group(tokens, lens, states, group, true))
+                .map(|logits| logits.expect("logits were asked for"))
+        })
     }
 
     /// [`forward_packed`](Self::forward_packed) on one rank of a tensor-parallel group (the
@@ -255,11 +258,13 @@ impl Model {
     ) -> Result<Residual, InputError> {
         let rows = residual.values.len() / self.hidden_size().max(1);
         let segments = segments(lens, states.len(), rows)?;
-        single(|group| {
-            let mut stream = ResidualStream::resume(residual);
-            self.0
-                .forward_layers(&mut stream, &segments, states, group)?;
-            Ok(stream.suspend(group)?)
+        on_compute_pool(|| {
+            single(|group| {
+                let mut stream = ResidualStream::resume(residual);
+                self.0
+                    .forward_layers(&mut stream, &segments, states, group)?;
+                Ok(stream.suspend(group)?)
+            })
         })
     }
 
@@ -272,7 +277,7 @@ impl Model {
         if let Some(pending) = pending {
             values.iter_mut().zip(&pending).for_each(|(r, x)| *r += x);
         }
-        self.0.head(&values)
+        on_compute_pool(|| self.0.head(&values))
     }
 
     /// Which layers are ladder-wired.
