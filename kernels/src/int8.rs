@@ -295,7 +295,7 @@ crate::simd::dispatch! {
 /// as long as the int8 product itself.)
 fn dense_outlier_dots(xo: &[f32], w: &[i8], k: usize, dots: &mut [[f32; NR]; MR_MAX]) {
     #[cfg(target_arch = "x86_64")]
-    if std::is_x86_feature_detected!("avx512f") && k % 16 == 0 {
+    if std::is_x86_feature_detected!("avx512f") && k.is_multiple_of(16) {
         // SAFETY: the CPU has AVX-512F; `k` is a whole number of 16-lane steps.
         unsafe {
             match w.len() / k {
@@ -320,7 +320,7 @@ unsafe fn outlier_rows_avx512<const NR_: usize>(
     dots: &mut [[f32; NR]; MR_MAX],
 ) {
     use std::arch::x86_64::*;
-    debug_assert!(w.len() >= NR_ * k && xo.len() % k == 0);
+    debug_assert!(w.len() >= NR_ * k && xo.len().is_multiple_of(k));
     for (i, x) in xo.chunks_exact(k).enumerate() {
         let mut acc = [_mm512_setzero_ps(); NR_];
         let mut p = 0;

@@ -36,6 +36,7 @@ pub mod matmul;
 #[cfg(feature = "cuda")]
 pub mod nccl;
 pub mod norm;
+pub mod panels;
 pub mod scan;
 mod simd;
 pub mod skinny;

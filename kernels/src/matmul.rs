@@ -1,18 +1,21 @@
 //! Matrix products: PyTorch's `nn.Linear` (`y = x·Wᵀ + b`, `W` stored `[out, in]` as the
 //! checkpoints store it) and the small strided products of the chunkwise kernels.
 //!
-//! [`Linear`] keeps `W` in PyTorch's layout. A few rows (decoding: 1-16) run the hand-written
-//! kernel of [`crate::skinny`], which streams each thread's share of `W`'s rows at the memory's
-//! speed; more rows run through the `gemm` crate, whose packing of `W` is then a small share
-//! of the work (`examples/linear_shapes.rs` measures both sides of the switch). Rows of `x`
-//! may be strided (a column slice of a wider activation, e.g. the `dt` part of `x_proj`'s
-//! output).
+//! Where the CPU has AVX-512, [`Linear`] packs an f32 `W` once, at load, in panels of 64
+//! outputs and runs [`crate::panels`]'s kernel for every number of rows. Elsewhere it keeps
+//! PyTorch's layout: a few rows (decoding: 1-64) run the hand-written kernel of
+//! [`crate::skinny`], which streams each thread's share of `W`'s rows, and more rows run
+//! through the `gemm` crate, whose packing of `W` is then a small share of the work. bf16 and
+//! int8 weights keep rows ([`crate::bf16`], [`crate::int8`]). `examples/linear_shapes.rs`
+//! measures them. Rows of `x` may be strided (a column slice of a wider activation, e.g. the
+//! `dt` part of `x_proj`'s output).
 
 use gemm::Parallelism;
 use rayon::prelude::*;
 
 use crate::bf16::Bf16Weight;
 use crate::int8::Int8Weight;
+use crate::panels::PanelWeight;
 use crate::skinny;
 use crate::tensor::{ShapeError, Weight};
 
@@ -87,7 +90,11 @@ impl LinearFormat {
 
 #[derive(Clone, Debug)]
 enum Stored {
+    /// f32 in PyTorch's layout: the skinny kernel for a few rows, gemm for more (CPUs
+    /// without AVX-512).
     F32(Weight),
+    /// f32 packed in panels of 64 outputs (AVX-512): one kernel for every row count.
+    Panels(PanelWeight),
     Bf16(Bf16Weight),
     Int8(Int8Weight),
 }
@@ -135,6 +142,9 @@ impl Linear {
         }
         let values = weight.as_slice();
         let weight = match format {
+            LinearFormat::F32 if crate::panels::available() => {
+                Stored::Panels(PanelWeight::from_torch(values, out_features, in_features))
+            }
             LinearFormat::F32 => Stored::F32(Weight::from_vec(values.to_vec(), shape)?),
             LinearFormat::Bf16 => {
                 Stored::Bf16(Bf16Weight::from_f32(values, out_features, in_features))
@@ -161,7 +171,7 @@ impl Linear {
 
     pub fn format(&self) -> LinearFormat {
         match self.weight {
-            Stored::F32(_) => LinearFormat::F32,
+            Stored::F32(_) | Stored::Panels(_) => LinearFormat::F32,
             Stored::Bf16(_) => LinearFormat::Bf16,
             Stored::Int8(_) => LinearFormat::Int8,
         }
@@ -171,6 +181,7 @@ impl Linear {
     pub fn size_bytes(&self) -> usize {
         let weight = match &self.weight {
             Stored::F32(w) => w.size_bytes(),
+            Stored::Panels(w) => w.size_bytes(),
             Stored::Bf16(w) => w.size_bytes(),
             Stored::Int8(w) => w.size_bytes(),
         };
@@ -200,18 +211,24 @@ impl Linear {
         assert!(j < self.out_features && dst.len() == self.in_features);
         match &self.weight {
             Stored::F32(w) => dst.copy_from_slice(w.row(j)),
+            Stored::Panels(w) => w.row_f32(j, dst),
             Stored::Bf16(w) => w.row_f32(j, dst),
             Stored::Int8(w) => w.row_f32(j, dst),
         }
     }
 
     /// Runs `block(cols)` over the output columns `0..n`: split over the pool in contiguous
-    /// shares of W's rows when the product is `big` (a few shares per thread even out a
-    /// slower core), on the calling thread otherwise.
-    fn by_columns(n: usize, big: bool, block: impl Fn(std::ops::Range<usize>) + Sync) {
+    /// shares of W's rows, each a multiple of `align`, when the product is `big` (a few
+    /// shares per thread even out a slower core), on the calling thread otherwise.
+    fn by_columns(
+        n: usize,
+        align: usize,
+        big: bool,
+        block: impl Fn(std::ops::Range<usize>) + Sync,
+    ) {
         if big {
             let threads = rayon::current_num_threads();
-            let share = n.div_ceil(4 * threads).next_multiple_of(16);
+            let share = n.div_ceil(4 * threads).next_multiple_of(align);
             (0..n.div_ceil(share)).into_par_iter().for_each(|s| {
                 block(s * share..((s + 1) * share).min(n));
             });
@@ -260,7 +277,7 @@ impl Linear {
                 // SAFETY: bf16 layers exist only where the CPU runs the kernel
                 // (`LinearFormat::unsupported_here`); `x` was prepared for `w`; `out` holds
                 // m × n and each block gets its own columns.
-                Self::by_columns(n, big, |cols| unsafe {
+                Self::by_columns(n, 16, big, |cols| unsafe {
                     crate::bf16::block(&x, m, w, bias, cols, target)
                 });
                 return;
@@ -268,8 +285,17 @@ impl Linear {
             Stored::Int8(w) => {
                 let x = crate::int8::quantize(x, w.k_pad);
                 // SAFETY: as for bf16.
-                Self::by_columns(n, big, |cols| unsafe {
+                Self::by_columns(n, 16, big, |cols| unsafe {
                     crate::int8::block(&x, w, bias, cols, target)
+                });
+                return;
+            }
+            Stored::Panels(w) => {
+                // SAFETY: panel layers exist only where the CPU runs the kernel
+                // (`from_torch_as`); `out` holds m × n, and each block gets its own columns,
+                // starting at a panel.
+                Self::by_columns(n, crate::panels::PANEL, big, |cols| unsafe {
+                    crate::panels::block(x, w, bias, cols, target)
                 });
                 return;
             }
@@ -277,7 +303,7 @@ impl Linear {
         if m <= skinny::MAX_ROWS && skinny::available() {
             // SAFETY: `available` said the CPU runs the kernel; `out` holds m × n, `w` n × k
             // (the layer's own shapes), and each block gets its own columns.
-            Self::by_columns(n, big, |cols| unsafe {
+            Self::by_columns(n, 16, big, |cols| unsafe {
                 skinny::block(x, w, bias, cols, target)
             });
             return;
@@ -460,6 +486,14 @@ mod tests {
         y.into_iter().map(|v| v as f32).collect()
     }
 
+    /// A layer kept in PyTorch's layout whatever the CPU (the skinny kernel and gemm; CPUs
+    /// without AVX-512 keep every f32 layer so).
+    fn row_layout(weight: &Weight, bias: Option<Weight>) -> Linear {
+        let mut layer = Linear::from_torch(weight, bias).unwrap();
+        layer.weight = Stored::F32(weight.clone());
+        layer
+    }
+
     #[test]
     fn matches_naive_product_with_bias_and_strides() {
         // Shapes on both sides of the threading threshold, one row (the split path) included.
@@ -490,28 +524,37 @@ mod tests {
                 row_stride: stride,
             };
 
-            let with_bias =
-                Linear::from_torch(&weight, Some(Weight::from_vec(b.clone(), &[n]).unwrap()))
-                    .unwrap();
-            let mut out = vec![f32::NAN; m * n];
-            with_bias.forward(view, &mut out);
-            for i in 0..m * n {
-                let expect = want[i] + b[i % n];
-                assert!(
-                    (out[i] - expect).abs() <= 1e-4 * (1.0 + expect.abs()),
-                    "({m},{k},{n})[{i}]: {} vs {expect}",
-                    out[i]
-                );
+            let bias = Weight::from_vec(b.clone(), &[n]).unwrap();
+            // As this CPU keeps f32 layers (panels where it has AVX-512), and in rows.
+            let layouts = [
+                Linear::from_torch(&weight, Some(bias.clone())).unwrap(),
+                row_layout(&weight, Some(bias)),
+            ];
+            for with_bias in layouts {
+                let mut out = vec![f32::NAN; m * n];
+                with_bias.forward(view, &mut out);
+                for i in 0..m * n {
+                    let expect = want[i] + b[i % n];
+                    assert!(
+                        (out[i] - expect).abs() <= 1e-4 * (1.0 + expect.abs()),
+                        "({m},{k},{n})[{i}]: {} vs {expect}",
+                        out[i]
+                    );
+                }
             }
-            let plain = Linear::from_torch(&weight, None).unwrap();
-            let mut out = vec![f32::NAN; m * n];
-            plain.forward(MatRef::columns(&x, m, stride, 0, k), &mut out);
-            for i in 0..m * n {
-                assert!((out[i] - want[i]).abs() <= 1e-4 * (1.0 + want[i].abs()));
+            for plain in [
+                Linear::from_torch(&weight, None).unwrap(),
+                row_layout(&weight, None),
+            ] {
+                let mut out = vec![f32::NAN; m * n];
+                plain.forward(MatRef::columns(&x, m, stride, 0, k), &mut out);
+                for i in 0..m * n {
+                    assert!((out[i] - want[i]).abs() <= 1e-4 * (1.0 + want[i].abs()));
+                }
+                let mut row = vec![0.0; k];
+                plain.torch_weight_row(n - 1, &mut row);
+                assert_eq!(row, &w[(n - 1) * k..]);
             }
-            let mut row = vec![0.0; k];
-            plain.torch_weight_row(n - 1, &mut row);
-            assert_eq!(row, &w[(n - 1) * k..]);
         }
     }
 

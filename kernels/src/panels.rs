@@ -1,0 +1,371 @@
+//! f32 linear layers on AVX-512: `W` packed once, at load, in panels of 64 output columns,
+//! and the kernel that multiplies any number of activation rows with them: `out[i, j] = b[j]
+//! + Σ_p x[i, p]·W[j, p]`.
+//!
+//! A panel holds `W`'s rows `64q..64q + 64` transposed: for each input `p`, the 64 weights of
+//! the panel's outputs, one cache line per 16. A register tile of up to 6 rows × 64 outputs
+//! (24 accumulators) loads the panel's 4 vectors of input `p`, broadcasts `x[i, p]` of each
+//! row and does 24 multiply-adds: GotoBLAS's register-blocked outer product, the shape of
+//! gemm's own `x4x6` kernel, with no horizontal sums and `W` packed once instead of on every
+//! call as gemm packs it.
+//!
+//! - Up to 6 rows (a decode step of a few streams): one tile per panel over all of `k`, so a
+//!   thread reads its panels front to back, one sequential stream at the memory's speed.
+//! - More rows: every tile of rows passes over the panel while it sits in L2 (for a long `k`,
+//!   in blocks of [`K_BLOCK`] inputs, the partial sums waiting in `out` between blocks).
+//!
+//! `examples/linear_shapes.rs` measures it against the row-layout kernel of
+//! [`crate::skinny`] and gemm (BENCHMARKS.md, 2026-12-03).
+
+use std::ops::Range;
+
+use crate::matmul::MatRef;
+use crate::skinny::Out;
+
+/// Output columns per panel: 4 vectors of 16 lanes.
+pub const PANEL: usize = 64;
+
+/// Rows of `x` per register tile (6 × 4 accumulators of the 32 registers, beside the 4
+/// weight vectors and a broadcast).
+const MAX_TILE_ROWS: usize = 6;
+
+/// Inputs per block when several tiles of rows share a panel: 2048 × 64 weights, 512 KiB,
+/// a quarter of the L2 that keeps them while every tile passes. Blocks of 64-512 inputs (in
+/// L1) measured slower at the mamba-130m shapes, 256 rows: lm_head 57-70 ms against 56 ms
+/// unblocked (k = 768), out_proj 1.79-2.11 against 1.72 ms (k = 1536).
+const K_BLOCK: usize = 2048;
+
+/// How far ahead a one-stream tile asks for its panel: 32 inputs, 8 KiB. In `tideway bench`
+/// (mamba-130m, 2026-12-03) batch 8 went 199 → 228 tok/s with it; 16-64 steps ahead did
+/// about as well, 128 worse.
+const PREFETCH_STEPS: usize = 32;
+
+/// One cache line of 16 weights, so that every panel vector is an aligned load.
+#[derive(Clone, Copy, Debug)]
+#[repr(C, align(64))]
+struct Line([f32; 16]);
+
+/// `W` (`[n, k]`, PyTorch's layout) packed in panels of [`PANEL`] output columns, the last
+/// padded with zeros.
+#[derive(Clone, Debug)]
+pub struct PanelWeight {
+    lines: std::sync::Arc<[Line]>,
+    n: usize,
+    k: usize,
+}
+
+/// Whether this CPU runs the panel kernel (AVX-512F).
+pub fn available() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        std::is_x86_feature_detected!("avx512f")
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        false
+    }
+}
+
+impl PanelWeight {
+    /// Packs `w` (`[n, k]` row-major).
+    pub fn from_torch(w: &[f32], n: usize, k: usize) -> Self {
+        assert_eq!(
+            w.len(),
+            n * k,
+            "weight holds {} values, not {n} × {k}",
+            w.len()
+        );
+        let panels = n.div_ceil(PANEL);
+        let mut lines = vec![Line([0.0; 16]); panels * k * (PANEL / 16)];
+        for (j, row) in w.chunks_exact(k.max(1)).enumerate().take(n) {
+            let (q, c) = (j / PANEL, j % PANEL);
+            for (p, &v) in row.iter().enumerate() {
+                let at = (q * k + p) * PANEL + c;
+                lines[at / 16].0[at % 16] = v;
+            }
+        }
+        PanelWeight {
+            lines: lines.into(),
+            n,
+            k,
+        }
+    }
+
+    /// Copies row `j` of PyTorch's `W` (`[k]` values) into `dst`.
+    pub fn row_f32(&self, j: usize, dst: &mut [f32]) {
+        assert!(j < self.n && dst.len() == self.k);
+        let (q, c) = (j / PANEL, j % PANEL);
+        for (p, d) in dst.iter_mut().enumerate() {
+            let at = (q * self.k + p) * PANEL + c;
+            *d = self.lines[at / 16].0[at % 16];
+        }
+    }
+
+    /// Bytes kept (the last panel's padding included).
+    pub fn size_bytes(&self) -> usize {
+        std::mem::size_of_val(&*self.lines)
+    }
+
+    /// The first weight of panel `q`.
+    fn panel(&self, q: usize) -> *const f32 {
+        self.lines[q * self.k * (PANEL / 16)..].as_ptr().cast()
+    }
+}
+
+/// Writes `out[i, j]` for every row `i` of `x` and the output columns `cols`, which start at
+/// a panel's first column; `bias` `[n]` if any.
+///
+/// # Safety
+/// [`available`] must be true; `out.ptr` must hold `x.rows × out.n` values with
+/// `out.n == w`'s outputs, `cols` must lie in `0..out.n`, `x.cols` must be `w`'s inputs, and
+/// no other thread may write the same columns at the same time.
+pub unsafe fn block(
+    x: MatRef<'_>,
+    w: &PanelWeight,
+    bias: Option<&[f32]>,
+    cols: Range<usize>,
+    out: Out,
+) {
+    assert!(cols.start.is_multiple_of(PANEL) && cols.end <= w.n && x.cols == w.k && out.n == w.n);
+    #[cfg(target_arch = "x86_64")]
+    unsafe {
+        avx512::block(x, w, bias, cols, out)
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        let _ = (x, w, bias, cols, out);
+        unreachable!("the panel kernel needs x86-64 (see `available`)");
+    }
+}
+
+/// Splits `rows` into tiles of at most [`MAX_TILE_ROWS`] rows, as even as can be (8 rows run
+/// as 4 + 4, not 6 + 2: a thin tile does as many loads for fewer multiply-adds).
+fn row_tiles(rows: usize) -> impl Iterator<Item = Range<usize>> {
+    let tiles = rows.div_ceil(MAX_TILE_ROWS).max(1);
+    let (base, extra) = (rows / tiles, rows % tiles);
+    (0..tiles).scan(0, move |start, t| {
+        let len = base + usize::from(t < extra);
+        let range = *start..*start + len;
+        *start += len;
+        Some(range)
+    })
+}
+
+#[cfg(target_arch = "x86_64")]
+mod avx512 {
+    use std::arch::x86_64::*;
+    use std::ops::Range;
+
+    use super::{K_BLOCK, MAX_TILE_ROWS, Out, PANEL, PREFETCH_STEPS, PanelWeight, row_tiles};
+    use crate::matmul::MatRef;
+
+    #[target_feature(enable = "avx512f")]
+    pub(super) unsafe fn block(
+        x: MatRef<'_>,
+        w: &PanelWeight,
+        bias: Option<&[f32]>,
+        cols: Range<usize>,
+        out: Out,
+    ) {
+        let (k, s) = (w.k, x.row_stride);
+        if x.rows == 0 {
+            return;
+        }
+        // One block over all of `k` when one tile holds the rows (nothing shares the panel),
+        // blocks of K_BLOCK otherwise.
+        let k_block = if x.rows <= MAX_TILE_ROWS { k } else { K_BLOCK };
+        for q in cols.start / PANEL..cols.end.div_ceil(PANEL) {
+            let j = q * PANEL;
+            let valid = PANEL.min(cols.end - j);
+            let mut p0 = 0;
+            while p0 < k {
+                let len = k_block.min(k - p0);
+                let (first, last) = (p0 == 0, p0 + len == k);
+                for rows in row_tiles(x.rows) {
+                    unsafe {
+                        let args = TileArgs {
+                            x: x.data.as_ptr().add(rows.start * s + p0),
+                            x_stride: s,
+                            panel: w.panel(q).add(p0 * PANEL),
+                            len,
+                            bias: bias.filter(|_| last).map(|b| b.as_ptr().add(j)),
+                            out: out.ptr.add(rows.start * out.n + j),
+                            n: out.n,
+                            valid,
+                            accumulate: !first,
+                        };
+                        match rows.len() {
+                            1 => tile::<1, 4>(args),
+                            2 => tile::<2, 2>(args),
+                            3 => tile::<3, 1>(args),
+                            4 => tile::<4, 1>(args),
+                            5 => tile::<5, 1>(args),
+                            _ => tile::<6, 1>(args),
+                        }
+                    }
+                }
+                p0 += len;
+            }
+        }
+    }
+
+    /// One tile's work: `MR` rows of x from `x` (rows `x_stride` apart) against `len` inputs
+    /// of a panel from `panel`; the first `valid` of the panel's columns go to `out` (rows `n`
+    /// apart), added to what is there when `accumulate`, with the bias when there is one.
+    struct TileArgs {
+        x: *const f32,
+        x_stride: usize,
+        panel: *const f32,
+        len: usize,
+        bias: Option<*const f32>,
+        out: *mut f32,
+        n: usize,
+        valid: usize,
+        accumulate: bool,
+    }
+
+    /// `MR` rows against `a.len` inputs of a panel, the inputs walked as `S` segments at once
+    /// (`S` sequential streams in flight, `S × MR × 4` accumulators summed at the end).
+    #[target_feature(enable = "avx512f")]
+    #[inline]
+    unsafe fn tile<const MR: usize, const S: usize>(a: TileArgs) {
+        unsafe {
+            let mut acc = [[[_mm512_setzero_ps(); 4]; MR]; S];
+            let step = |acc: &mut [[__m512; 4]; MR], p: usize| {
+                let wp = a.panel.add(p * PANEL);
+                if S == 1 {
+                    // One stream: the prefetcher alone keeps too few lines in flight.
+                    let ahead = wp.add(PREFETCH_STEPS * PANEL);
+                    for c in 0..4 {
+                        _mm_prefetch::<_MM_HINT_T0>(ahead.add(16 * c).cast());
+                    }
+                }
+                let wv = [
+                    _mm512_load_ps(wp),
+                    _mm512_load_ps(wp.add(16)),
+                    _mm512_load_ps(wp.add(32)),
+                    _mm512_load_ps(wp.add(48)),
+                ];
+                for (i, row) in acc.iter_mut().enumerate() {
+                    let xb = _mm512_set1_ps(*a.x.add(i * a.x_stride + p));
+                    for (acc, v) in row.iter_mut().zip(&wv) {
+                        *acc = _mm512_fmadd_ps(xb, *v, *acc);
+                    }
+                }
+            };
+            let segment = a.len / S;
+            for p in 0..segment {
+                for (s, acc) in acc.iter_mut().enumerate() {
+                    step(acc, s * segment + p);
+                }
+            }
+            for p in S * segment..a.len {
+                step(&mut acc[0], p);
+            }
+            for c in 0..4 {
+                let lanes = a.valid.saturating_sub(16 * c).min(16);
+                if lanes == 0 {
+                    break;
+                }
+                let mask: __mmask16 = if lanes == 16 {
+                    0xffff
+                } else {
+                    ((1u32 << lanes) - 1) as u16
+                };
+                let b = a.bias.map_or(_mm512_setzero_ps(), |b| {
+                    _mm512_maskz_loadu_ps(mask, b.add(16 * c))
+                });
+                for i in 0..MR {
+                    let sum = acc[1..]
+                        .iter()
+                        .fold(acc[0][i][c], |t, s| _mm512_add_ps(t, s[i][c]));
+                    let dst = a.out.add(i * a.n + 16 * c);
+                    let mut value = _mm512_add_ps(sum, b);
+                    if a.accumulate {
+                        value = _mm512_add_ps(value, _mm512_maskz_loadu_ps(mask, dst));
+                    }
+                    _mm512_mask_storeu_ps(dst, mask, value);
+                }
+            }
+        }
+    }
+}
+
+#[cfg(all(test, target_arch = "x86_64"))]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn row_tiles_cover_the_rows_in_even_tiles_of_at_most_six() {
+        for rows in 0..40 {
+            let tiles: Vec<_> = row_tiles(rows).collect();
+            assert_eq!(tiles.iter().map(|t| t.len()).sum::<usize>(), rows);
+            assert!(tiles.iter().all(|t| t.len() <= MAX_TILE_ROWS));
+            let (min, max) = tiles.iter().fold((usize::MAX, 0), |(a, b), t| {
+                (a.min(t.len()), b.max(t.len()))
+            });
+            assert!(rows == 0 || max - min <= 1, "{rows}: {tiles:?}");
+        }
+        assert_eq!(row_tiles(8).collect::<Vec<_>>(), vec![0..4, 4..8]);
+    }
+
+    #[test]
+    fn a_packed_row_reads_back_as_the_torch_row() {
+        let (n, k) = (70, 5);
+        let w: Vec<f32> = (0..n * k).map(|i| i as f32).collect();
+        let packed = PanelWeight::from_torch(&w, n, k);
+        let mut row = vec![0.0; k];
+        for j in [0, 63, 64, 69] {
+            packed.row_f32(j, &mut row);
+            assert_eq!(row, &w[j * k..(j + 1) * k]);
+        }
+        assert_eq!(packed.size_bytes(), 2 * PANEL * k * 4);
+    }
+
+    /// Against a product in f64: one tile and many (a `k` over several blocks and ragged),
+    /// strided rows, a partial last panel, two column shares as two threads take them.
+    #[test]
+    fn the_kernel_matches_the_naive_product() {
+        if !available() {
+            return;
+        }
+        for (m, k, n) in [(1, 37, 70), (5, 300, 130), (7, 129, 64), (20, 260, 150)] {
+            let stride = k + 3;
+            let x = crate::test_util::pseudo(m * stride, 31, -1.0, 1.0);
+            let w = crate::test_util::pseudo(n * k, 32, -1.0, 1.0);
+            let b = crate::test_util::pseudo(n, 33, -1.0, 1.0);
+            let packed = PanelWeight::from_torch(&w, n, k);
+            let view = MatRef {
+                data: &x,
+                rows: m,
+                cols: k,
+                row_stride: stride,
+            };
+            let mut out = vec![f32::NAN; m * n];
+            let target = Out {
+                ptr: out.as_mut_ptr(),
+                n,
+            };
+            // SAFETY: AVX-512F is there; `out` holds m × n; the shares are disjoint.
+            unsafe {
+                block(view, &packed, Some(&b), 0..PANEL.min(n), target);
+                if n > PANEL {
+                    block(view, &packed, Some(&b), PANEL..n, target);
+                }
+            }
+            for i in 0..m {
+                for j in 0..n {
+                    let want: f64 = b[j] as f64
+                        + (0..k)
+                            .map(|p| x[i * stride + p] as f64 * w[j * k + p] as f64)
+                            .sum::<f64>();
+                    let got = out[i * n + j] as f64;
+                    assert!(
+                        (got - want).abs() <= 1e-5 * (1.0 + want.abs()),
+                        "{m}×{k}×{n} [{i}, {j}]: {got} vs {want}"
+                    );
+                }
+            }
+        }
+    }
+}
