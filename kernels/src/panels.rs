@@ -234,10 +234,11 @@ mod avx512 {
             let step = |acc: &mut [[__m512; 4]; MR], p: usize| {
                 let wp = a.panel.add(p * PANEL);
                 if S == 1 {
-                    // One stream: the prefetcher alone keeps too few lines in flight.
-                    let ahead = wp.add(PREFETCH_STEPS * PANEL);
+                    // One stream: the prefetcher alone keeps too few lines in flight. (Past the
+                    // last panel the address is never read: a prefetch does not fault.)
+                    let ahead = wp.wrapping_add(PREFETCH_STEPS * PANEL);
                     for c in 0..4 {
-                        _mm_prefetch::<_MM_HINT_T0>(ahead.add(16 * c).cast());
+                        _mm_prefetch::<_MM_HINT_T0>(ahead.wrapping_add(16 * c).cast());
                     }
                 }
                 let wv = [

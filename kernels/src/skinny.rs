@@ -1,6 +1,7 @@
 //! Products of a few rows with a weight matrix in PyTorch's layout: `out[i, j] = b[j] +
 //! Σ_p x[i, p]·W[j, p]` for the 1-64 rows of decoding, in hand-written AVX-512 or AVX2+FMA
-//! chosen at run time.
+//! chosen at run time. f32 layers take it on CPUs without AVX-512 (with AVX-512 they are
+//! packed in panels, [`crate::panels`]).
 //!
 //! At batch 1 a linear layer reads each weight once and does one multiply-add with it, so
 //! its speed is the memory's: the kernel must stream `W` at the bandwidth limit. Each tile
