@@ -45,8 +45,9 @@ const PREFETCH_STEPS: usize = 32;
 #[repr(C, align(64))]
 struct Line([f32; 16]);
 
-/// `W` (`[n, k]`, PyTorch's layout) packed in panels of [`PANEL`] output columns, the last
-/// padded with zeros.
+/// `W` (`[n, k]`, PyTorch's layout) packed in panels of [`PANEL`] output columns; the last
+/// panel is as narrow as its columns allow in whole vectors of 16, padded with zeros (a
+/// mamba-130m `x_proj` of 80 outputs keeps 64 + 16 columns, not 128).
 #[derive(Clone, Debug)]
 pub struct PanelWeight {
     lines: std::sync::Arc<[Line]>,
@@ -75,28 +76,39 @@ impl PanelWeight {
             "weight holds {} values, not {n} × {k}",
             w.len()
         );
-        let panels = n.div_ceil(PANEL);
-        let mut lines = vec![Line([0.0; 16]); panels * k * (PANEL / 16)];
+        let columns = n.next_multiple_of(16);
+        let mut packed = PanelWeight {
+            lines: Vec::new().into(),
+            n,
+            k,
+        };
+        let mut lines = vec![Line([0.0; 16]); columns * k / 16];
         for (j, row) in w.chunks_exact(k.max(1)).enumerate().take(n) {
-            let (q, c) = (j / PANEL, j % PANEL);
             for (p, &v) in row.iter().enumerate() {
-                let at = (q * k + p) * PANEL + c;
+                let at = packed.position(j, p);
                 lines[at / 16].0[at % 16] = v;
             }
         }
-        PanelWeight {
-            lines: lines.into(),
-            n,
-            k,
-        }
+        packed.lines = lines.into();
+        packed
+    }
+
+    /// Columns of panel `q`: [`PANEL`], or fewer for the last.
+    fn width(&self, q: usize) -> usize {
+        (self.n - q * PANEL).min(PANEL).next_multiple_of(16)
+    }
+
+    /// Where `W[j, p]` is kept: after the full panels before `j`'s, at row `p` of its panel.
+    fn position(&self, j: usize, p: usize) -> usize {
+        let (q, c) = (j / PANEL, j % PANEL);
+        q * PANEL * self.k + p * self.width(q) + c
     }
 
     /// Copies row `j` of PyTorch's `W` (`[k]` values) into `dst`.
     pub fn row_f32(&self, j: usize, dst: &mut [f32]) {
         assert!(j < self.n && dst.len() == self.k);
-        let (q, c) = (j / PANEL, j % PANEL);
         for (p, d) in dst.iter_mut().enumerate() {
-            let at = (q * self.k + p) * PANEL + c;
+            let at = self.position(j, p);
             *d = self.lines[at / 16].0[at % 16];
         }
     }
@@ -108,7 +120,7 @@ impl PanelWeight {
 
     /// The first weight of panel `q`.
     fn panel(&self, q: usize) -> *const f32 {
-        self.lines[q * self.k * (PANEL / 16)..].as_ptr().cast()
+        self.lines[q * PANEL * self.k / 16..].as_ptr().cast()
     }
 }
 
@@ -176,7 +188,7 @@ mod avx512 {
         let k_block = if x.rows <= MAX_TILE_ROWS { k } else { K_BLOCK };
         for q in cols.start / PANEL..cols.end.div_ceil(PANEL) {
             let j = q * PANEL;
-            let valid = PANEL.min(cols.end - j);
+            let (valid, width) = (PANEL.min(cols.end - j), w.width(q));
             let mut p0 = 0;
             while p0 < k {
                 let len = k_block.min(k - p0);
@@ -186,7 +198,7 @@ mod avx512 {
                         let args = TileArgs {
                             x: x.data.as_ptr().add(rows.start * s + p0),
                             x_stride: s,
-                            panel: w.panel(q).add(p0 * PANEL),
+                            panel: w.panel(q).add(p0 * width),
                             len,
                             bias: bias.filter(|_| last).map(|b| b.as_ptr().add(j)),
                             out: out.ptr.add(rows.start * out.n + j),
@@ -194,13 +206,11 @@ mod avx512 {
                             valid,
                             accumulate: !first,
                         };
-                        match rows.len() {
-                            1 => tile::<1, 4>(args),
-                            2 => tile::<2, 2>(args),
-                            3 => tile::<3, 1>(args),
-                            4 => tile::<4, 1>(args),
-                            5 => tile::<5, 1>(args),
-                            _ => tile::<6, 1>(args),
+                        match width / 16 {
+                            1 => tile_of::<1>(rows.len(), args),
+                            2 => tile_of::<2>(rows.len(), args),
+                            3 => tile_of::<3>(rows.len(), args),
+                            _ => tile_of::<4>(rows.len(), args),
                         }
                     }
                 }
@@ -224,29 +234,45 @@ mod avx512 {
         accumulate: bool,
     }
 
-    /// `MR` rows against `a.len` inputs of a panel, the inputs walked as `S` segments at once
-    /// (`S` sequential streams in flight, `S × MR × 4` accumulators summed at the end).
+    /// The tile for `rows` rows of a panel `NV` vectors wide. One row walks the panel as 4
+    /// segments and two rows as 2 (more streams in flight); more rows as one.
     #[target_feature(enable = "avx512f")]
     #[inline]
-    unsafe fn tile<const MR: usize, const S: usize>(a: TileArgs) {
+    unsafe fn tile_of<const NV: usize>(rows: usize, args: TileArgs) {
         unsafe {
-            let mut acc = [[[_mm512_setzero_ps(); 4]; MR]; S];
-            let step = |acc: &mut [[__m512; 4]; MR], p: usize| {
-                let wp = a.panel.add(p * PANEL);
+            match rows {
+                1 => tile::<1, 4, NV>(args),
+                2 => tile::<2, 2, NV>(args),
+                3 => tile::<3, 1, NV>(args),
+                4 => tile::<4, 1, NV>(args),
+                5 => tile::<5, 1, NV>(args),
+                _ => tile::<6, 1, NV>(args),
+            }
+        }
+    }
+
+    /// `MR` rows against `a.len` inputs of a panel `NV` vectors wide, the inputs walked as
+    /// `S` segments at once (`S` sequential streams in flight, `S × MR × NV` accumulators
+    /// summed at the end).
+    #[target_feature(enable = "avx512f")]
+    #[inline]
+    unsafe fn tile<const MR: usize, const S: usize, const NV: usize>(a: TileArgs) {
+        unsafe {
+            let mut acc = [[[_mm512_setzero_ps(); NV]; MR]; S];
+            let step = |acc: &mut [[__m512; NV]; MR], p: usize| {
+                let wp = a.panel.add(p * 16 * NV);
                 if S == 1 {
                     // One stream: the prefetcher alone keeps too few lines in flight. (Past the
                     // last panel the address is never read: a prefetch does not fault.)
-                    let ahead = wp.wrapping_add(PREFETCH_STEPS * PANEL);
-                    for c in 0..4 {
+                    let ahead = wp.wrapping_add(PREFETCH_STEPS * 16 * NV);
+                    for c in 0..NV {
                         _mm_prefetch::<_MM_HINT_T0>(ahead.wrapping_add(16 * c).cast());
                     }
                 }
-                let wv = [
-                    _mm512_load_ps(wp),
-                    _mm512_load_ps(wp.add(16)),
-                    _mm512_load_ps(wp.add(32)),
-                    _mm512_load_ps(wp.add(48)),
-                ];
+                let mut wv = [_mm512_setzero_ps(); NV];
+                for (c, v) in wv.iter_mut().enumerate() {
+                    *v = _mm512_load_ps(wp.add(16 * c));
+                }
                 for (i, row) in acc.iter_mut().enumerate() {
                     let xb = _mm512_set1_ps(*a.x.add(i * a.x_stride + p));
                     for (acc, v) in row.iter_mut().zip(&wv) {
@@ -263,7 +289,7 @@ mod avx512 {
             for p in S * segment..a.len {
                 step(&mut acc[0], p);
             }
-            for c in 0..4 {
+            for c in 0..NV {
                 let lanes = a.valid.saturating_sub(16 * c).min(16);
                 if lanes == 0 {
                     break;
@@ -320,7 +346,8 @@ mod tests {
             packed.row_f32(j, &mut row);
             assert_eq!(row, &w[j * k..(j + 1) * k]);
         }
-        assert_eq!(packed.size_bytes(), 2 * PANEL * k * 4);
+        // 64 columns, then 6 kept in one vector of 16.
+        assert_eq!(packed.size_bytes(), (PANEL + 16) * k * 4);
     }
 
     /// Against a product in f64: one tile and many (a `k` over several blocks and ragged),
@@ -330,7 +357,14 @@ mod tests {
         if !available() {
             return;
         }
-        for (m, k, n) in [(1, 37, 70), (5, 300, 130), (7, 129, 64), (20, 260, 150)] {
+        // Last panels of 1 to 4 vectors (70, 100, 130 and 150 columns).
+        for (m, k, n) in [
+            (1, 37, 70),
+            (2, 300, 100),
+            (5, 300, 130),
+            (7, 129, 64),
+            (20, 260, 150),
+        ] {
             let stride = k + 3;
             let x = crate::test_util::pseudo(m * stride, 31, -1.0, 1.0);
             let w = crate::test_util::pseudo(n * k, 32, -1.0, 1.0);
