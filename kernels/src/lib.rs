@@ -7,13 +7,15 @@
 //!
 //! One module per kernel family:
 //! - [`tensor`] — the owned [`Tensor`] and the read-only [`Weight`] storage;
-//! - [`matmul`] — `y = x·Wᵀ + b`: [`skinny`]'s SIMD kernel for a few rows, the `gemm` crate
-//!   for more (multi-threaded); with bf16 weights ([`bf16`]) or LLM.int8's int8 ([`int8`]);
+//! - [`matmul`] — `y = x·Wᵀ + b`: f32 packed in [`panels`] on AVX-512, elsewhere
+//!   [`skinny`]'s SIMD kernel for a few rows and the `gemm` crate for more (multi-threaded);
+//!   with bf16 weights ([`bf16`]) or LLM.int8's int8 ([`int8`]);
 //! - [`norm`] — RMSNorm;
 //! - [`activation`] — SiLU, softplus and a vectorisable `exp`;
 //! - [`conv`] — causal depthwise conv1d over a sequence or one step over a rolling window;
 //! - [`scan`] — the Mamba selective-scan recurrence over packed batches of sessions;
-//! - [`cpu`] — what the CPU offers the kernels (threads, SIMD level);
+//! - [`cpu`] — what the CPU offers the kernels (SIMD level), and running a model's step on
+//!   the compute pool;
 //! - [`collective`] — all-reduce across a tensor-parallel group (threads, TCP ring);
 //! - `cuda` (feature `cuda`): CUDA devices through cudarc; `gpu`: the GPU path (NVRTC-compiled
 //!   kernels from `kernels/cuda/`, cuBLAS products, f32/bf16 weights); `nccl`: the all-reduce
