@@ -1,6 +1,6 @@
 //! f32 linear layers on AVX-512: `W` packed once, at load, in panels of 64 output columns,
-//! and the kernel that multiplies any number of activation rows with them: `out[i, j] = b[j]
-//! + Σ_p x[i, p]·W[j, p]`.
+//! and the kernel that multiplies any number of activation rows with them:
+//! `out[i, j] = b[j] + Σ_p x[i, p]·W[j, p]`.
 //!
 //! A panel holds `W`'s rows `64q..64q + 64` transposed: for each input `p`, the 64 weights of
 //! the panel's outputs, one cache line per 16. A register tile of up to 6 rows × 64 outputs
@@ -12,7 +12,7 @@
 //! - Up to 6 rows (a decode step of a few streams): one tile per panel over all of `k`, so a
 //!   thread reads its panels front to back, one sequential stream at the memory's speed.
 //! - More rows: every tile of rows passes over the panel while it sits in L2 (for a long `k`,
-//!   in blocks of [`K_BLOCK`] inputs, the partial sums waiting in `out` between blocks).
+//!   in blocks of `K_BLOCK` inputs, the partial sums waiting in `out` between blocks).
 //!
 //! `examples/linear_shapes.rs` measures it against the row-layout kernel of
 //! [`crate::skinny`] and gemm (BENCHMARKS.md, 2026-12-03).
