@@ -388,19 +388,8 @@ mod tests {
                     block(view, &packed, Some(&b), PANEL..n, target);
                 }
             }
-            for i in 0..m {
-                for j in 0..n {
-                    let want: f64 = b[j] as f64
-                        + (0..k)
-                            .map(|p| x[i * stride + p] as f64 * w[j * k + p] as f64)
-                            .sum::<f64>();
-                    let got = out[i * n + j] as f64;
-                    assert!(
-                        (got - want).abs() <= 1e-5 * (1.0 + want.abs()),
-                        "{m}×{k}×{n} [{i}, {j}]: {got} vs {want}"
-                    );
-                }
-            }
+            let what = format!("{m}×{k}×{n}");
+            crate::test_util::assert_linear_matches_f64(&out, &x, stride, &w, &b, (m, k, n), &what);
         }
     }
 }

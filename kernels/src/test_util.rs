@@ -12,3 +12,29 @@ pub fn pseudo(len: usize, seed: u64, lo: f32, hi: f32) -> Vec<f32> {
         })
         .collect()
 }
+
+/// Asserts `out` (`[m, n]`) equals `b + x·Wᵀ` computed in f64 within 1e-5 relative: `x` is
+/// `[m, k]` in rows `stride` apart, `w` `[n, k]` (PyTorch's layout), `b` `[n]`.
+pub fn assert_linear_matches_f64(
+    out: &[f32],
+    x: &[f32],
+    stride: usize,
+    w: &[f32],
+    b: &[f32],
+    (m, k, n): (usize, usize, usize),
+    what: &str,
+) {
+    for i in 0..m {
+        for j in 0..n {
+            let want: f64 = b[j] as f64
+                + (0..k)
+                    .map(|p| x[i * stride + p] as f64 * w[j * k + p] as f64)
+                    .sum::<f64>();
+            let got = out[i * n + j] as f64;
+            assert!(
+                (got - want).abs() <= 1e-5 * (1.0 + want.abs()),
+                "{what} [{i}, {j}]: {got} vs {want}"
+            );
+        }
+    }
+}
