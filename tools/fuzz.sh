@@ -38,6 +38,12 @@ fi
 targets=(safetensors_checkpoint config_json tokenizer_json wav pth kserve_request stream_chunk state_blob)
 # One build for every target (cargo fuzz run would build each one again).
 CARGO_BUILD_JOBS=2 "${cargo[@]}" fuzz build --fuzz-dir fuzz "${build[@]}"
+# The targets' scratch files (fuzz/fuzz_targets/common.rs: std::env::temp_dir()) and the logs
+# go to a directory of this run, removed at its end: libFuzzer exits without the targets'
+# destructors, so they cannot clean up after themselves.
+scratch="$(mktemp -d)"
+trap 'rm -rf "$scratch"' EXIT
+export TMPDIR="$scratch"
 for t in "${targets[@]}"; do
     log="$(mktemp)"
     # Fresh inputs go to a scratch corpus: the committed one stays the seeds.
