@@ -12,7 +12,9 @@
 //! - Up to 6 rows (a decode step of a few streams): one tile per panel over all of `k`, so a
 //!   thread reads its panels front to back, one sequential stream at the memory's speed.
 //! - More rows: every tile of rows passes over the panel while it sits in L2 (for a long `k`,
-//!   in blocks of `K_BLOCK` inputs, the partial sums waiting in `out` between blocks).
+//!   in blocks of at most `K_BLOCK` inputs, the partial sums waiting in `out` between blocks),
+//!   and each tile asks for its share of the next block, so that memory streams the next
+//!   block while the cores work on this one instead of waiting for the first tile's reads.
 //!
 //! `examples/linear_shapes.rs` measures it against the row-layout kernel of
 //! [`crate::skinny`] and gemm (BENCHMARKS.md, 2026-12-03).
@@ -29,11 +31,13 @@ pub const PANEL: usize = 64;
 /// weight vectors and a broadcast).
 const MAX_TILE_ROWS: usize = 6;
 
-/// Inputs per block when several tiles of rows share a panel: 2048 × 64 weights, 512 KiB,
-/// a quarter of the L2 that keeps them while every tile passes. Blocks of 64-512 inputs (in
-/// L1) measured slower at the mamba-130m shapes, 256 rows: lm_head 57-70 ms against 56 ms
-/// unblocked (k = 768), out_proj 1.79-2.11 against 1.72 ms (k = 1536).
-const K_BLOCK: usize = 2048;
+/// Most inputs per block when several tiles of rows share a panel: 1024 × 64 weights,
+/// 256 KiB, so that the block the tiles pass over and the next one, on its way in, hold half
+/// of a 1 MiB L2 (AMD Zen 4; Intel's server cores have 1-2 MiB). A `k` past it is cut in
+/// blocks as even as can be (1536 as 768 + 768). Blocks of 64-512 inputs (in L1) measured
+/// slower at the mamba-130m shapes, 256 rows: lm_head 57-70 ms against 56 ms unblocked
+/// (k = 768), out_proj 1.79-2.11 against 1.72 ms (k = 1536).
+const K_BLOCK: usize = 1024;
 
 /// How far ahead a one-stream tile asks for its panel: 32 inputs, 8 KiB. In `tideway bench`
 /// (mamba-130m, 2026-12-03) batch 8 went 199 → 228 tok/s with it; 16-64 steps ahead did
@@ -184,27 +188,50 @@ mod avx512 {
             return;
         }
         // One block over all of `k` when one tile holds the rows (nothing shares the panel),
-        // blocks of K_BLOCK otherwise.
-        let k_block = if x.rows <= MAX_TILE_ROWS { k } else { K_BLOCK };
-        for q in cols.start / PANEL..cols.end.div_ceil(PANEL) {
+        // blocks of at most K_BLOCK otherwise.
+        let tiles = x.rows.div_ceil(MAX_TILE_ROWS);
+        let k_block = if tiles == 1 {
+            k
+        } else {
+            k.div_ceil(k.div_ceil(K_BLOCK))
+        };
+        let panels = cols.start / PANEL..cols.end.div_ceil(PANEL);
+        for q in panels.clone() {
             let j = q * PANEL;
             let (valid, width) = (PANEL.min(cols.end - j), w.width(q));
             let mut p0 = 0;
             while p0 < k {
                 let len = k_block.min(k - p0);
                 let (first, last) = (p0 == 0, p0 + len == k);
-                for rows in row_tiles(x.rows) {
+                let block = unsafe { w.panel(q).add(p0 * width) };
+                // The next block starts where this one ends (panels lie back to back); none
+                // after the share's last. Each tile fetches its own part of it.
+                let next = (!last || q + 1 < panels.end).then(|| unsafe { block.add(len * width) });
+                for (t, rows) in row_tiles(x.rows).enumerate() {
+                    let prefetch = match next {
+                        // One or two rows walk the panel as several streams at once (enough
+                        // lines in flight without help).
+                        _ if x.rows <= 2 => Prefetch::NONE,
+                        _ if tiles == 1 => Prefetch::ahead(block, len, width),
+                        // Nothing fetched the share's first block for its first tile.
+                        _ if t == 0 && q == panels.start && first => {
+                            Prefetch::ahead(block, len, width)
+                        }
+                        Some(next) => Prefetch::share(next, len * width, t, tiles, len),
+                        None => Prefetch::NONE,
+                    };
                     unsafe {
                         let args = TileArgs {
                             x: x.data.as_ptr().add(rows.start * s + p0),
                             x_stride: s,
-                            panel: w.panel(q).add(p0 * width),
+                            panel: block,
                             len,
                             bias: bias.filter(|_| last).map(|b| b.as_ptr().add(j)),
                             out: out.ptr.add(rows.start * out.n + j),
                             n: out.n,
                             valid,
                             accumulate: !first,
+                            prefetch,
                         };
                         match width / 16 {
                             1 => tile_of::<1>(rows.len(), args),
@@ -215,6 +242,53 @@ mod avx512 {
                     }
                 }
                 p0 += len;
+            }
+        }
+    }
+
+    /// Which lines a tile asks for, and how: from `from`, `per_step` lines of 16 weights at
+    /// each input, up to `to`.
+    #[derive(Clone, Copy)]
+    struct Prefetch {
+        from: *const f32,
+        to: *const f32,
+        per_step: usize,
+        /// To L1 (the tile's own panel, read a few steps later) or to L2 (the next block,
+        /// read by the next tiles; in L1 it would push out the rows of `x` the tile reuses).
+        near: bool,
+    }
+
+    impl Prefetch {
+        const NONE: Prefetch = Prefetch {
+            from: std::ptr::null(),
+            to: std::ptr::null(),
+            per_step: 0,
+            near: false,
+        };
+
+        /// The tile's own block of `len` inputs × `width` columns, `PREFETCH_STEPS` inputs
+        /// ahead of its reads (past the block into the next panel: panels lie back to back,
+        /// and a prefetch past the weights never faults).
+        fn ahead(block: *const f32, len: usize, width: usize) -> Prefetch {
+            let from = block.wrapping_add(PREFETCH_STEPS * width);
+            Prefetch {
+                from,
+                to: from.wrapping_add(len * width),
+                per_step: width / 16,
+                near: true,
+            }
+        }
+
+        /// Tile `t`'s `1 / tiles` of the next block (`size` weights from `next`), spread
+        /// over its `len` inputs.
+        fn share(next: *const f32, size: usize, t: usize, tiles: usize, len: usize) -> Prefetch {
+            let lines = (size / 16).div_ceil(tiles);
+            let from = next.wrapping_add(t * lines * 16);
+            Prefetch {
+                from,
+                to: from.wrapping_add(lines * 16),
+                per_step: lines.div_ceil(len.max(1)),
+                near: false,
             }
         }
     }
@@ -232,6 +306,7 @@ mod avx512 {
         n: usize,
         valid: usize,
         accumulate: bool,
+        prefetch: Prefetch,
     }
 
     /// The tile for `rows` rows of a panel `NV` vectors wide. One row walks the panel as 4
@@ -259,15 +334,21 @@ mod avx512 {
     unsafe fn tile<const MR: usize, const S: usize, const NV: usize>(a: TileArgs) {
         unsafe {
             let mut acc = [[[_mm512_setzero_ps(); NV]; MR]; S];
-            let step = |acc: &mut [[__m512; NV]; MR], p: usize| {
+            let mut fetch = a.prefetch.from;
+            let mut step = |acc: &mut [[__m512; NV]; MR], p: usize| {
                 let wp = a.panel.add(p * 16 * NV);
-                if S == 1 {
-                    // One stream: the prefetcher alone keeps too few lines in flight. (Past the
-                    // last panel the address is never read: a prefetch does not fault.)
-                    let ahead = wp.wrapping_add(PREFETCH_STEPS * 16 * NV);
-                    for c in 0..NV {
-                        _mm_prefetch::<_MM_HINT_T0>(ahead.wrapping_add(16 * c).cast());
+                // One stream: the hardware prefetcher alone keeps too few lines in flight.
+                // (The addresses are never read: a prefetch does not fault.)
+                for _ in 0..a.prefetch.per_step {
+                    if fetch >= a.prefetch.to {
+                        break;
                     }
+                    if a.prefetch.near {
+                        _mm_prefetch::<_MM_HINT_T0>(fetch.cast());
+                    } else {
+                        _mm_prefetch::<_MM_HINT_T1>(fetch.cast());
+                    }
+                    fetch = fetch.wrapping_add(16);
                 }
                 let mut wv = [_mm512_setzero_ps(); NV];
                 for (c, v) in wv.iter_mut().enumerate() {
@@ -364,6 +445,8 @@ mod tests {
             (5, 300, 130),
             (7, 129, 64),
             (20, 260, 150),
+            // Three blocks of 700 inputs, each tile fetching its share of the next.
+            (9, 2100, 100),
         ] {
             let stride = k + 3;
             let x = crate::test_util::pseudo(m * stride, 31, -1.0, 1.0);
