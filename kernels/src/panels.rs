@@ -338,8 +338,9 @@ mod avx512 {
             let mut step = |acc: &mut [[__m512; NV]; MR], p: usize| {
                 let wp = a.panel.add(p * 16 * NV);
                 // One stream: the hardware prefetcher alone keeps too few lines in flight.
-                // (The addresses are never read: a prefetch does not fault.)
-                for _ in 0..a.prefetch.per_step {
+                // (The addresses are never read: a prefetch does not fault.) Several
+                // segments are streams enough: their loop stays as it was without this.
+                for _ in 0..if S == 1 { a.prefetch.per_step } else { 0 } {
                     if fetch >= a.prefetch.to {
                         break;
                     }
