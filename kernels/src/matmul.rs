@@ -2,11 +2,12 @@
 //! checkpoints store it) and the small strided products of the chunkwise kernels.
 //!
 //! Where the CPU has AVX-512, [`Linear`] packs an f32 `W` once, at load, in panels of 64
-//! outputs and runs [`crate::panels`]'s kernel for every number of rows. Elsewhere it keeps
+//! outputs and runs [`crate::panels`]'s kernel for every number of rows; so does a bf16 `W`
+//! where the CPU has AVX-512 BF16. Elsewhere it keeps
 //! PyTorch's layout: a few rows (decoding: 1-64) run the hand-written kernel of
 //! [`crate::skinny`], which streams each thread's share of `W`'s rows, and more rows run
-//! through the `gemm` crate, whose packing of `W` is then a small share of the work. bf16 and
-//! int8 weights keep rows ([`crate::bf16`], [`crate::int8`]). `examples/linear_shapes.rs`
+//! through the `gemm` crate, whose packing of `W` is then a small share of the work. bf16
+//! weights elsewhere and int8 weights keep rows ([`crate::bf16`], [`crate::int8`]). `examples/linear_shapes.rs`
 //! measures them. Rows of `x` may be strided (a column slice of a wider activation, e.g. the
 //! `dt` part of `x_proj`'s output).
 
@@ -15,7 +16,7 @@ use rayon::prelude::*;
 
 use crate::bf16::Bf16Weight;
 use crate::int8::Int8Weight;
-use crate::panels::PanelWeight;
+use crate::panels::{PanelFormat, PanelInput, PanelWeight};
 use crate::skinny;
 use crate::tensor::{ShapeError, Weight};
 
@@ -93,8 +94,10 @@ enum Stored {
     /// f32 in PyTorch's layout: the skinny kernel for a few rows, gemm for more (CPUs
     /// without AVX-512).
     F32(Weight),
-    /// f32 packed in panels of 64 outputs (AVX-512): one kernel for every row count.
+    /// f32 (AVX-512) or bf16 (AVX-512 BF16) packed in panels of 64 outputs: one kernel for
+    /// every row count.
     Panels(PanelWeight),
+    /// bf16 in PyTorch's layout, widened in registers (CPUs with AVX2 but not AVX-512 BF16).
     Bf16(Bf16Weight),
     Int8(Int8Weight),
 }
@@ -146,6 +149,9 @@ impl Linear {
                 Stored::Panels(PanelWeight::from_torch(values, out_features, in_features))
             }
             LinearFormat::F32 => Stored::F32(Weight::from_vec(values.to_vec(), shape)?),
+            LinearFormat::Bf16 if crate::panels::available_bf16() => Stored::Panels(
+                PanelWeight::from_torch_bf16(values, out_features, in_features),
+            ),
             LinearFormat::Bf16 => {
                 Stored::Bf16(Bf16Weight::from_f32(values, out_features, in_features))
             }
@@ -170,8 +176,12 @@ impl Linear {
     }
 
     pub fn format(&self) -> LinearFormat {
-        match self.weight {
-            Stored::F32(_) | Stored::Panels(_) => LinearFormat::F32,
+        match &self.weight {
+            Stored::F32(_) => LinearFormat::F32,
+            Stored::Panels(w) => match w.format() {
+                PanelFormat::F32 => LinearFormat::F32,
+                PanelFormat::Bf16 => LinearFormat::Bf16,
+            },
             Stored::Bf16(_) => LinearFormat::Bf16,
             Stored::Int8(_) => LinearFormat::Int8,
         }
@@ -273,7 +283,7 @@ impl Linear {
         let w = match &self.weight {
             Stored::F32(w) => w.as_slice(),
             Stored::Bf16(w) => {
-                let x = crate::bf16::prepare(x, w.k_pad);
+                let x = crate::bf16::widen_input(x, w.k_pad);
                 // SAFETY: bf16 layers exist only where the CPU runs the kernel
                 // (`LinearFormat::unsupported_here`); `x` was prepared for `w`; `out` holds
                 // m × n and each block gets its own columns.
@@ -291,11 +301,12 @@ impl Linear {
                 return;
             }
             Stored::Panels(w) => {
-                // SAFETY: panel layers exist only where the CPU runs the kernel
-                // (`from_torch_as`); `out` holds m × n, and each block gets its own columns,
-                // starting at a panel.
+                let x = PanelInput::for_weight(x, w);
+                // SAFETY: panel layers exist only where the CPU runs their format's kernel
+                // (`from_torch_as`); `x` was prepared for `w`; `out` holds m × n, and each
+                // block gets its own columns, starting at a panel.
                 Self::by_columns(n, crate::panels::PANEL, big, |cols| unsafe {
-                    crate::panels::block(x, w, bias, cols, target)
+                    crate::panels::block(&x, w, bias, cols, target)
                 });
                 return;
             }

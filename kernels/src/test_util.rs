@@ -13,8 +13,10 @@ pub fn pseudo(len: usize, seed: u64, lo: f32, hi: f32) -> Vec<f32> {
         .collect()
 }
 
-/// Asserts `out` (`[m, n]`) equals `b + x·Wᵀ` computed in f64 within 1e-5 relative: `x` is
-/// `[m, k]` in rows `stride` apart, `w` `[n, k]` (PyTorch's layout), `b` `[n]`.
+/// Asserts `out` (`[m, n]`) equals `b + x·Wᵀ` computed in f64 within 1e-5 relative, plus
+/// 1e-7 of `Σ_p |x_p·w_p|` (an f32 sum's rounding errors grow with the magnitudes it adds,
+/// Higham, "Accuracy and Stability of Numerical Algorithms", §3.1: a `k` of thousands needs
+/// it): `x` is `[m, k]` in rows `stride` apart, `w` `[n, k]` (PyTorch's layout), `b` `[n]`.
 pub fn assert_linear_matches_f64(
     out: &[f32],
     x: &[f32],
@@ -26,13 +28,12 @@ pub fn assert_linear_matches_f64(
 ) {
     for i in 0..m {
         for j in 0..n {
-            let want: f64 = b[j] as f64
-                + (0..k)
-                    .map(|p| x[i * stride + p] as f64 * w[j * k + p] as f64)
-                    .sum::<f64>();
+            let products = (0..k).map(|p| x[i * stride + p] as f64 * w[j * k + p] as f64);
+            let want: f64 = b[j] as f64 + products.clone().sum::<f64>();
+            let magnitude: f64 = products.map(f64::abs).sum();
             let got = out[i * n + j] as f64;
             assert!(
-                (got - want).abs() <= 1e-5 * (1.0 + want.abs()),
+                (got - want).abs() <= 1e-5 * (1.0 + want.abs()) + 1e-7 * magnitude,
                 "{what} [{i}, {j}]: {got} vs {want}"
             );
         }

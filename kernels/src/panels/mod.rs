@@ -1,0 +1,465 @@
+//! Linear layers on AVX-512 with `W` packed once, at load, in panels of 64 output columns
+//! (f32 weights, or bf16 where the CPU has AVX-512 BF16), and the kernel that multiplies any
+//! number of activation rows with them: `out[i, j] = b[j] + Σ_p x[i, p]·W[j, p]`.
+//!
+//! A panel holds `W`'s rows `64q..64q + 64` transposed: for each step of inputs, the 64
+//! columns' weights, one cache line per 16 columns. An f32 step is one input; a bf16 step is
+//! a pair (`2t`, `2t + 1`) in each 32-bit lane, the pairs `vdpbf16ps` multiplies and sums, so
+//! that a line is 64 bytes either way. A register tile of up to 6 rows × 64 outputs (24
+//! accumulators) loads the panel's 4 vectors of a step, broadcasts the step's activations of
+//! each row (one f32, or a pair of bf16) and does 24 multiply-adds: GotoBLAS's
+//! register-blocked outer product, the shape of gemm's own `x4x6` kernel, with no horizontal
+//! sums and `W` packed once instead of on every call as gemm packs it.
+//!
+//! - Up to 6 rows (a decode step of a few streams): one tile per panel over all of `k`, so a
+//!   thread reads its panels front to back, one sequential stream at the memory's speed.
+//! - More rows: every tile of rows passes over the panel while it sits in L2 (for a long `k`,
+//!   in blocks of at most `K_BLOCK` steps, the partial sums waiting in `out` between blocks),
+//!   and each tile asks for its share of the next block, so that memory streams the next
+//!   block while the cores work on this one instead of waiting for the first tile's reads.
+//!
+//! bf16 products round the activations to bf16 too (once per call), as PyTorch's bf16
+//! inference does, and sum in f32. `examples/linear_shapes.rs` measures the kernel against
+//! the row-layout kernels of [`crate::skinny`] and [`crate::bf16`] and gemm (BENCHMARKS.md).
+
+use std::ops::Range;
+
+use crate::matmul::MatRef;
+use crate::skinny::Out;
+
+/// Output columns per panel: 4 vectors of 16 lanes.
+pub const PANEL: usize = 64;
+
+/// Rows of `x` per register tile (6 × 4 accumulators of the 32 registers, beside the 4
+/// weight vectors and a broadcast).
+const MAX_TILE_ROWS: usize = 6;
+
+/// Most steps per block when several tiles of rows share a panel: 1024 × 64 lanes, 256 KiB,
+/// so that the block the tiles pass over and the next one, on its way in, hold half of a
+/// 1 MiB L2 (AMD Zen 4; Intel's server cores have 1-2 MiB). A longer panel is cut in blocks
+/// as even as can be (1536 as 768 + 768). Blocks of 64-512 inputs (in L1) measured slower at
+/// the mamba-130m shapes, 256 rows, f32: lm_head 57-70 ms against 56 ms unblocked (k = 768),
+/// out_proj 1.79-2.11 against 1.72 ms (k = 1536).
+const K_BLOCK: usize = 1024;
+
+/// How far ahead a one-stream tile asks for its panel: 32 steps, 8 KiB. In `tideway bench`
+/// (mamba-130m, f32, 2026-12-03) batch 8 went 199 → 228 tok/s with it; 16-64 steps ahead
+/// did about as well, 128 worse.
+const PREFETCH_STEPS: usize = 32;
+
+/// What a panel's 32-bit lanes hold.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum PanelFormat {
+    /// One f32 weight per column and input.
+    F32,
+    /// Two bf16 weights per column: inputs `2t` (low half) and `2t + 1` (high half).
+    Bf16,
+}
+
+impl PanelFormat {
+    /// Inputs per lane (per step).
+    fn inputs_per_lane(self) -> usize {
+        match self {
+            PanelFormat::F32 => 1,
+            PanelFormat::Bf16 => 2,
+        }
+    }
+}
+
+/// One cache line of 16 lanes, so that every panel vector is an aligned load.
+#[derive(Clone, Copy, Debug)]
+#[repr(C, align(64))]
+struct Line([u32; 16]);
+
+/// `W` (`[n, k]`, PyTorch's layout) packed in panels of [`PANEL`] output columns; the last
+/// panel is as narrow as its columns allow in whole vectors of 16, padded with zeros (a
+/// mamba-130m `x_proj` of 80 outputs keeps 64 + 16 columns, not 128), and a bf16 panel's odd
+/// `k` with a zero input.
+#[derive(Clone, Debug)]
+pub struct PanelWeight {
+    lines: std::sync::Arc<[Line]>,
+    n: usize,
+    k: usize,
+    format: PanelFormat,
+}
+
+/// Whether this CPU runs the f32 panel kernel (AVX-512F).
+pub fn available() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        std::is_x86_feature_detected!("avx512f")
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        false
+    }
+}
+
+/// Whether this CPU runs the bf16 panel kernel (AVX-512 BF16).
+pub fn available_bf16() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        available()
+            && std::is_x86_feature_detected!("avx512bw")
+            && std::is_x86_feature_detected!("avx512bf16")
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        false
+    }
+}
+
+impl PanelWeight {
+    /// Packs `w` (`[n, k]` row-major) in f32.
+    pub fn from_torch(w: &[f32], n: usize, k: usize) -> Self {
+        Self::pack(w, n, k, PanelFormat::F32)
+    }
+
+    /// Packs `w` (`[n, k]` row-major) rounded to bf16 (nearest, ties to even).
+    pub fn from_torch_bf16(w: &[f32], n: usize, k: usize) -> Self {
+        Self::pack(w, n, k, PanelFormat::Bf16)
+    }
+
+    fn pack(w: &[f32], n: usize, k: usize, format: PanelFormat) -> Self {
+        assert_eq!(
+            w.len(),
+            n * k,
+            "weight holds {} values, not {n} × {k}",
+            w.len()
+        );
+        let columns = n.next_multiple_of(16);
+        let mut packed = PanelWeight {
+            lines: Vec::new().into(),
+            n,
+            k,
+            format,
+        };
+        let mut lines = vec![Line([0; 16]); columns * packed.steps() / 16];
+        for (j, row) in w.chunks_exact(k.max(1)).enumerate().take(n) {
+            for (p, &v) in row.iter().enumerate() {
+                let (at, half) = packed.position(j, p);
+                let lane = &mut lines[at / 16].0[at % 16];
+                match format {
+                    PanelFormat::F32 => *lane = v.to_bits(),
+                    PanelFormat::Bf16 => {
+                        *lane |= u32::from(half::bf16::from_f32(v).to_bits()) << (16 * half)
+                    }
+                }
+            }
+        }
+        packed.lines = lines.into();
+        packed
+    }
+
+    pub fn format(&self) -> PanelFormat {
+        self.format
+    }
+
+    /// Steps of a panel: `k` inputs in lanes of one or two.
+    fn steps(&self) -> usize {
+        self.k.div_ceil(self.format.inputs_per_lane())
+    }
+
+    /// Columns of panel `q`: [`PANEL`], or fewer for the last.
+    fn width(&self, q: usize) -> usize {
+        (self.n - q * PANEL).min(PANEL).next_multiple_of(16)
+    }
+
+    /// Where `W[j, p]` is kept: the lane (after the full panels before `j`'s, at `p`'s step of
+    /// its panel) and which of a bf16 lane's halves.
+    fn position(&self, j: usize, p: usize) -> (usize, usize) {
+        let (q, c) = (j / PANEL, j % PANEL);
+        let per = self.format.inputs_per_lane();
+        (
+            q * PANEL * self.steps() + p / per * self.width(q) + c,
+            p % per,
+        )
+    }
+
+    /// Copies row `j` of PyTorch's `W` (`[k]` values, bf16 widened) into `dst`.
+    pub fn row_f32(&self, j: usize, dst: &mut [f32]) {
+        assert!(j < self.n && dst.len() == self.k);
+        for (p, d) in dst.iter_mut().enumerate() {
+            let (at, half) = self.position(j, p);
+            let lane = self.lines[at / 16].0[at % 16];
+            *d = match self.format {
+                PanelFormat::F32 => f32::from_bits(lane),
+                PanelFormat::Bf16 => half::bf16::from_bits((lane >> (16 * half)) as u16).to_f32(),
+            };
+        }
+    }
+
+    /// Bytes kept (the last panel's padding included).
+    pub fn size_bytes(&self) -> usize {
+        std::mem::size_of_val(&*self.lines)
+    }
+
+    /// The first lane of panel `q`.
+    fn panel(&self, q: usize) -> *const u32 {
+        self.lines[q * PANEL * self.steps() / 16..].as_ptr().cast()
+    }
+}
+
+/// The activations of one call as a panel kernel reads them: rows of 32-bit lanes, one per
+/// step of the weight (an f32, or a pair of bf16).
+pub enum PanelInput<'a> {
+    /// f32 activations as the caller holds them.
+    F32(MatRef<'a>),
+    /// Rounded to bf16 (nearest, ties to even) in pairs, `[rows, steps]`, an odd `k` padded
+    /// with a zero.
+    Bf16 { pairs: Vec<u32>, rows: usize },
+}
+
+impl<'a> PanelInput<'a> {
+    /// `x` as `w`'s kernel reads it: as it is for f32, rounded and paired for bf16.
+    pub fn for_weight(x: MatRef<'a>, w: &PanelWeight) -> Self {
+        match w.format {
+            PanelFormat::F32 => PanelInput::F32(x),
+            PanelFormat::Bf16 => {
+                let steps = w.steps();
+                let mut pairs = vec![0u32; x.rows * steps];
+                for (i, dst) in pairs
+                    .chunks_exact_mut(steps.max(1))
+                    .enumerate()
+                    .take(x.rows)
+                {
+                    bf16_pairs(&x.data[i * x.row_stride..][..x.cols], dst);
+                }
+                PanelInput::Bf16 {
+                    pairs,
+                    rows: x.rows,
+                }
+            }
+        }
+    }
+
+    /// Rows, the first lane and the lanes from one row to the next.
+    fn lanes(&self) -> (usize, *const u32, usize) {
+        match self {
+            PanelInput::F32(x) => (x.rows, x.data.as_ptr().cast(), x.row_stride),
+            PanelInput::Bf16 { pairs, rows } => {
+                (*rows, pairs.as_ptr(), pairs.len() / (*rows).max(1))
+            }
+        }
+    }
+}
+
+/// `v` rounded to bf16 (nearest, ties to even; a NaN stays a quiet NaN), in the low 16 bits:
+/// `half::bf16::from_f32`'s rounding, as plain integer arithmetic that vectorises (the
+/// activations of a call are rounded on every call).
+#[inline(always)]
+fn bf16_bits(v: f32) -> u32 {
+    let bits = v.to_bits();
+    if v.is_nan() {
+        (bits >> 16) | 0x40
+    } else {
+        // Adding 0x7fff, plus 1 when the kept part is odd, carries into it exactly when the
+        // dropped half is above half an ulp, or at half an ulp with an odd kept part.
+        (bits + 0x7fff + ((bits >> 16) & 1)) >> 16
+    }
+}
+
+/// `row` rounded to bf16 in pairs, `dst[t]` holding inputs `2t` (low half) and `2t + 1`.
+#[inline(always)]
+fn bf16_pairs_body(row: &[f32], dst: &mut [u32]) {
+    let mut pairs = row.chunks_exact(2);
+    for (d, pair) in dst.iter_mut().zip(&mut pairs) {
+        *d = bf16_bits(pair[0]) | (bf16_bits(pair[1]) << 16);
+    }
+    if let [last] = pairs.remainder() {
+        dst[row.len() / 2] = bf16_bits(*last);
+    }
+}
+
+crate::simd::dispatch! { fn bf16_pairs(row: &[f32], dst: &mut [u32]) => bf16_pairs_body }
+
+/// Writes `out[i, j]` for every row `i` of `x` and the output columns `cols`, which start at
+/// a panel's first column; `bias` `[n]` if any.
+///
+/// # Safety
+/// [`available`] (f32) or [`available_bf16`] (bf16) must be true; `x` must come from
+/// [`PanelInput::for_weight`] with `w` (with `x.cols` = `w`'s inputs for f32); `out.ptr` must
+/// hold `rows × out.n` values with `out.n == w`'s outputs, `cols` must lie in `0..out.n`, and
+/// no other thread may write the same columns at the same time.
+pub unsafe fn block(
+    x: &PanelInput<'_>,
+    w: &PanelWeight,
+    bias: Option<&[f32]>,
+    cols: Range<usize>,
+    out: Out,
+) {
+    assert!(cols.start.is_multiple_of(PANEL) && cols.end <= w.n && out.n == w.n);
+    match (x, w.format) {
+        (PanelInput::F32(x), PanelFormat::F32) => assert_eq!(x.cols, w.k),
+        (PanelInput::Bf16 { pairs, rows }, PanelFormat::Bf16) => {
+            assert_eq!(pairs.len(), rows * w.steps())
+        }
+        _ => panic!(
+            "activations prepared for another format than {:?}",
+            w.format
+        ),
+    }
+    #[cfg(target_arch = "x86_64")]
+    unsafe {
+        avx512::block(x.lanes(), w, bias, cols, out)
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        let _ = (x, w, bias, cols, out);
+        unreachable!("the panel kernel needs x86-64 (see `available`)");
+    }
+}
+
+/// Splits `rows` into tiles of at most [`MAX_TILE_ROWS`] rows, as even as can be (8 rows run
+/// as 4 + 4, not 6 + 2: a thin tile does as many loads for fewer multiply-adds).
+fn row_tiles(rows: usize) -> impl Iterator<Item = Range<usize>> {
+    let tiles = rows.div_ceil(MAX_TILE_ROWS).max(1);
+    let (base, extra) = (rows / tiles, rows % tiles);
+    (0..tiles).scan(0, move |start, t| {
+        let len = base + usize::from(t < extra);
+        let range = *start..*start + len;
+        *start += len;
+        Some(range)
+    })
+}
+
+#[cfg(target_arch = "x86_64")]
+mod avx512;
+
+#[cfg(all(test, target_arch = "x86_64"))]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn row_tiles_cover_the_rows_in_even_tiles_of_at_most_six() {
+        for rows in 0..40 {
+            let tiles: Vec<_> = row_tiles(rows).collect();
+            assert_eq!(tiles.iter().map(|t| t.len()).sum::<usize>(), rows);
+            assert!(tiles.iter().all(|t| t.len() <= MAX_TILE_ROWS));
+            let (min, max) = tiles.iter().fold((usize::MAX, 0), |(a, b), t| {
+                (a.min(t.len()), b.max(t.len()))
+            });
+            assert!(rows == 0 || max - min <= 1, "{rows}: {tiles:?}");
+        }
+        assert_eq!(row_tiles(8).collect::<Vec<_>>(), vec![0..4, 4..8]);
+    }
+
+    #[test]
+    fn activations_round_to_bf16_as_half_does() {
+        let mut values: Vec<f32> = [0x7fff_u32, 0x8000, 0x8001, 0x1_8000, 0x1_7fff]
+            .iter()
+            .map(|&low| f32::from_bits(0x3f80_0000 | low))
+            .collect();
+        values.extend([
+            0.0,
+            -0.0,
+            f32::INFINITY,
+            f32::NEG_INFINITY,
+            f32::NAN,
+            f32::MAX,
+            1e-40,
+        ]);
+        values.extend(crate::test_util::pseudo(999, 7, -1e3, 1e3));
+        let mut pairs = vec![0u32; values.len().div_ceil(2)];
+        bf16_pairs(&values, &mut pairs);
+        for (p, v) in values.iter().enumerate() {
+            let got = (pairs[p / 2] >> (16 * (p % 2))) as u16;
+            let want = half::bf16::from_f32(*v).to_bits();
+            assert_eq!(got, want, "{v:e} ({:#x})", v.to_bits());
+        }
+    }
+
+    #[test]
+    fn a_packed_row_reads_back_as_the_torch_row() {
+        let (n, k) = (70, 5);
+        // Integers up to 256 are exact in bf16.
+        let w: Vec<f32> = (0..n * k).map(|i| (i % 251) as f32).collect();
+        let packed = PanelWeight::from_torch(&w, n, k);
+        let bf16 = PanelWeight::from_torch_bf16(&w, n, k);
+        let mut row = vec![0.0; k];
+        for j in [0, 63, 64, 69] {
+            packed.row_f32(j, &mut row);
+            assert_eq!(row, &w[j * k..(j + 1) * k]);
+            bf16.row_f32(j, &mut row);
+            assert_eq!(row, &w[j * k..(j + 1) * k]);
+        }
+        // 64 columns, then 6 kept in one vector of 16; bf16 in 3 pairs of inputs.
+        assert_eq!(packed.size_bytes(), (PANEL + 16) * k * 4);
+        assert_eq!(bf16.size_bytes(), (PANEL + 16) * 3 * 4);
+    }
+
+    /// Against a product in f64 of the values multiplied (f32, or both sides rounded to
+    /// bf16): one tile and many (a `k` over several blocks and ragged, odd for bf16's pairs),
+    /// strided rows, a partial last panel, two column shares as two threads take them.
+    #[test]
+    fn the_kernel_matches_the_naive_product() {
+        let mut formats = vec![];
+        if available() {
+            formats.push(PanelFormat::F32);
+        }
+        if available_bf16() {
+            formats.push(PanelFormat::Bf16);
+        }
+        // Last panels of 1 to 4 vectors (70, 100, 130 and 150 columns).
+        let shapes = [
+            (1, 37, 70),
+            (2, 300, 100),
+            (5, 301, 130),
+            (7, 129, 64),
+            (20, 260, 150),
+            // Three blocks of 700 steps (f32), each tile fetching its share of the next.
+            (9, 2100, 100),
+            // bf16: two blocks of 526 pairs, the last one's second input the padding.
+            (13, 2101, 70),
+        ];
+        for format in formats {
+            for (m, k, n) in shapes {
+                let stride = k + 3;
+                let mut x = crate::test_util::pseudo(m * stride, 31, -1.0, 1.0);
+                let mut w = crate::test_util::pseudo(n * k, 32, -1.0, 1.0);
+                let b = crate::test_util::pseudo(n, 33, -1.0, 1.0);
+                let packed = match format {
+                    PanelFormat::F32 => PanelWeight::from_torch(&w, n, k),
+                    PanelFormat::Bf16 => PanelWeight::from_torch_bf16(&w, n, k),
+                };
+                let view = MatRef {
+                    data: &x,
+                    rows: m,
+                    cols: k,
+                    row_stride: stride,
+                };
+                let input = PanelInput::for_weight(view, &packed);
+                let mut out = vec![f32::NAN; m * n];
+                let target = Out {
+                    ptr: out.as_mut_ptr(),
+                    n,
+                };
+                // SAFETY: the CPU has the format's features; `input` was prepared for
+                // `packed`; `out` holds m × n; the shares are disjoint.
+                unsafe {
+                    block(&input, &packed, Some(&b), 0..PANEL.min(n), target);
+                    if n > PANEL {
+                        block(&input, &packed, Some(&b), PANEL..n, target);
+                    }
+                }
+                drop(input);
+                if format == PanelFormat::Bf16 {
+                    // The reference multiplies the values the kernel multiplies.
+                    for v in x.iter_mut().chain(w.iter_mut()) {
+                        *v = half::bf16::from_f32(*v).to_f32();
+                    }
+                }
+                let what = format!("{format:?} {m}×{k}×{n}");
+                crate::test_util::assert_linear_matches_f64(
+                    &out,
+                    &x,
+                    stride,
+                    &w,
+                    &b,
+                    (m, k, n),
+                    &what,
+                );
+            }
+        }
+    }
+}
