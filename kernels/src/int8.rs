@@ -10,11 +10,11 @@
 //!   sw_j)` `+ b_j`: the outlier columns multiply the dequantized weights, as bitsandbytes'
 //!   `MatMul8bitLt` does.
 //!
-//! `tools/gen_int8_fixtures.py` computes the same in numpy for the tests. The products run
-//! AVX-512 VNNI (`vpdpbusd`: unsigned × signed bytes, so the activations are offset by 128
-//! and `128 · Σ_p Q_jp` taken off) or AVX2 (`vpmaddubsw` on `|q|` and `sign(q) · Q`, which
-//! cannot saturate since every value is within ±127). Rows are padded with zeros to a
-//! multiple of 64 bytes.
+//! `tools/gen_int8_fixtures.py` computes the same in numpy for the tests. Where the CPU has
+//! AVX-512 VNNI the weights are packed in panels and the products run there
+//! ([`crate::panels`], with this module's quantizers); elsewhere, here, in AVX2 against
+//! `W`'s rows (`vpmaddubsw` on `|q|` and `sign(q) · Q`, which cannot saturate since every
+//! value is within ±127), rows padded with zeros to a multiple of 64 bytes.
 
 use std::ops::Range;
 use std::sync::Arc;
@@ -26,12 +26,6 @@ use crate::skinny::Out;
 /// floating point.
 pub const OUTLIER_THRESHOLD: f32 = 6.0;
 
-/// How far ahead (in bytes, 4 KiB) the VNNI tile asks for its rows: the rows of the tiles to
-/// come, which the hardware prefetcher alone starts too late. `tideway bench --dtype int8`
-/// (mamba-130m, 2026-12-03): batch 1 94 → 104-106 tok/s, batch 8 267 → 302-311; 0.5-2 KiB
-/// or 8-16 KiB ahead did less.
-const PREFETCH_AHEAD: usize = 4096;
-
 /// Bytes per padded row step.
 const STEP: usize = 64;
 
@@ -40,8 +34,6 @@ const STEP: usize = 64;
 pub struct Int8Weight {
     pub(crate) q: Arc<[i8]>,
     pub(crate) scale: Arc<[f32]>,
-    /// `Σ_p Q_jp` per row (the VNNI kernel's offset correction).
-    pub(crate) row_sums: Arc<[i32]>,
     pub(crate) k_pad: usize,
 }
 
@@ -51,7 +43,6 @@ impl Int8Weight {
         let k_pad = k.next_multiple_of(STEP);
         let mut q = vec![0i8; n * k_pad];
         let mut scale = vec![0.0f32; n];
-        let mut row_sums = vec![0i32; n];
         for j in 0..n {
             let row = &w[j * k..(j + 1) * k];
             let absmax = row.iter().fold(0.0f32, |m, v| m.max(v.abs()));
@@ -62,18 +53,21 @@ impl Int8Weight {
                     *d = (v / s).round_ties_even().clamp(-127.0, 127.0) as i8;
                 }
             }
-            row_sums[j] = q[j * k_pad..][..k].iter().map(|&v| v as i32).sum();
         }
         Int8Weight {
             q: q.into(),
             scale: scale.into(),
-            row_sums: row_sums.into(),
             k_pad,
         }
     }
 
     pub fn size_bytes(&self) -> usize {
-        self.q.len() + self.scale.len() * 4 + self.row_sums.len() * 4
+        self.q.len() + self.scale.len() * 4
+    }
+
+    /// Row `j` as quantized, `k_pad` values (zeros past `k`).
+    pub(crate) fn row(&self, j: usize) -> &[i8] {
+        &self.q[j * self.k_pad..(j + 1) * self.k_pad]
     }
 
     /// Row `j` dequantized (`Q_jp · sw_j`, `k` values).
@@ -88,17 +82,17 @@ impl Int8Weight {
 /// The activations of one call, quantized for [`block`].
 pub struct Int8Activations {
     /// `[rows, k_pad]`, 0 on the outlier columns and the padding.
-    q: Vec<i8>,
+    pub(crate) q: Vec<i8>,
     /// `sx_i` per row.
-    scale: Vec<f32>,
+    pub(crate) scale: Vec<f32>,
     /// The outlier columns `C`, ascending.
-    outliers: Vec<usize>,
+    pub(crate) outliers: Vec<usize>,
     /// `x_ip` for `p ∈ C`: `[rows, |C|]` when they are few, or `[rows, k_pad]` with zeros
     /// off `C` when they are many (then a vector pass over every column is cheaper than
     /// visiting each outlier).
-    outlier_values: Vec<f32>,
-    dense: bool,
-    k_pad: usize,
+    pub(crate) outlier_values: Vec<f32>,
+    pub(crate) dense: bool,
+    pub(crate) k_pad: usize,
 }
 
 /// Outlier columns above this share of the width take the dense pass.
@@ -115,13 +109,14 @@ impl Int8Activations {
 pub fn quantize(x: MatRef<'_>, k_pad: usize) -> Int8Activations {
     let k = x.cols;
     let row = |i: usize| &x.data[i * x.row_stride..][..k];
-    let outliers: Vec<usize> = (0..k)
-        .filter(|&p| (0..x.rows).any(|i| row(i)[p].abs() >= OUTLIER_THRESHOLD))
-        .collect();
-    let mut is_outlier = vec![false; k];
-    for &p in &outliers {
-        is_outlier[p] = true;
+    // Each column's largest magnitude, a row at a time (a pass that vectorises; a NaN is
+    // never an outlier, as `NaN ≥ 6` is false).
+    let mut column_max = vec![0.0f32; k];
+    for i in 0..x.rows {
+        column_abs_max(&mut column_max, row(i));
     }
+    let is_outlier: Vec<bool> = column_max.iter().map(|&m| m >= OUTLIER_THRESHOLD).collect();
+    let outliers: Vec<usize> = (0..k).filter(|&p| is_outlier[p]).collect();
     let dense = outliers.len() * DENSE_OUTLIERS > k;
     let mut q = vec![0i8; x.rows * k_pad];
     let mut scale = vec![0.0f32; x.rows];
@@ -131,19 +126,10 @@ pub fn quantize(x: MatRef<'_>, k_pad: usize) -> Int8Activations {
     };
     for i in 0..x.rows {
         let values = row(i);
-        let absmax = values
-            .iter()
-            .zip(&is_outlier)
-            .filter(|(_, o)| !**o)
-            .fold(0.0f32, |m, (v, _)| m.max(v.abs()));
-        let s = absmax / 127.0;
+        let s = inlier_abs_max(values, &is_outlier) / 127.0;
         scale[i] = s;
         if s > 0.0 {
-            for ((d, &v), &o) in q[i * k_pad..][..k].iter_mut().zip(values).zip(&is_outlier) {
-                if !o {
-                    *d = round_to_even(v / s).clamp(-127.0, 127.0) as i8;
-                }
-            }
+            quantize_row(values, &is_outlier, s, &mut q[i * k_pad..][..k]);
         }
         if dense {
             for &p in &outliers {
@@ -161,6 +147,47 @@ pub fn quantize(x: MatRef<'_>, k_pad: usize) -> Int8Activations {
         dense,
         k_pad,
     }
+}
+
+/// `max[p] = max(max[p], |row[p]|)`.
+#[inline(always)]
+fn column_abs_max_body(max: &mut [f32], row: &[f32]) {
+    for (m, v) in max.iter_mut().zip(row) {
+        *m = m.max(v.abs());
+    }
+}
+
+/// The largest `|values[p]|` off the outlier columns, in 16 lanes that vectorise.
+#[inline(always)]
+fn inlier_abs_max_body(values: &[f32], is_outlier: &[bool]) -> f32 {
+    let mut lanes = [0.0f32; 16];
+    let mut chunks = values.chunks_exact(16).zip(is_outlier.chunks_exact(16));
+    for (v, o) in &mut chunks {
+        for ((l, v), o) in lanes.iter_mut().zip(v).zip(o) {
+            *l = l.max(if *o { 0.0 } else { v.abs() });
+        }
+    }
+    let tail = values.len() / 16 * 16;
+    let rest = values[tail..].iter().zip(&is_outlier[tail..]);
+    let rest = rest.fold(0.0f32, |m, (v, o)| m.max(if *o { 0.0 } else { v.abs() }));
+    lanes.iter().fold(rest, |m, &l| m.max(l))
+}
+
+/// `q[p] = round(values[p] / s)` (ties to even, within ±127), 0 on the outlier columns.
+#[inline(always)]
+fn quantize_row_body(values: &[f32], is_outlier: &[bool], s: f32, q: &mut [i8]) {
+    for ((d, &v), &o) in q.iter_mut().zip(values).zip(is_outlier) {
+        let r = round_to_even(v / s).clamp(-127.0, 127.0) as i8;
+        *d = if o { 0 } else { r };
+    }
+}
+
+crate::simd::dispatch! { fn column_abs_max(max: &mut [f32], row: &[f32]) => column_abs_max_body }
+crate::simd::dispatch! {
+    fn inlier_abs_max(values: &[f32], is_outlier: &[bool]) -> f32 => inlier_abs_max_body
+}
+crate::simd::dispatch! {
+    fn quantize_row(values: &[f32], is_outlier: &[bool], s: f32, q: &mut [i8]) => quantize_row_body
 }
 
 /// `v` rounded to the nearest integer, ties to even, for `|v| < 2²²` (adding and taking off
@@ -183,18 +210,6 @@ pub fn available() -> bool {
     }
 }
 
-/// Whether the products run AVX-512 VNNI (else AVX2).
-fn vnni() -> bool {
-    #[cfg(target_arch = "x86_64")]
-    {
-        std::is_x86_feature_detected!("avx512vnni") && std::is_x86_feature_detected!("avx512bw")
-    }
-    #[cfg(not(target_arch = "x86_64"))]
-    {
-        false
-    }
-}
-
 /// Writes `out[i, j]` for every row of `x` and the output columns `cols`.
 ///
 /// # Safety
@@ -208,35 +223,16 @@ pub unsafe fn block(
     cols: Range<usize>,
     out: Out,
 ) {
-    // SAFETY: the caller's contract; `vnni` says which kernel the CPU runs.
-    unsafe { block_with(x, w, bias, cols, out, vnni()) }
-}
-
-/// [`block`] with the kernel chosen by the caller (the tests run both).
-unsafe fn block_with(
-    x: &Int8Activations,
-    w: &Int8Weight,
-    bias: Option<&[f32]>,
-    cols: Range<usize>,
-    out: Out,
-    use_vnni: bool,
-) {
     debug_assert_eq!(x.k_pad, w.k_pad);
     let mut dots = [[0i32; NR]; MR_MAX];
     let mut outlier_dots = [[0.0f32; NR]; MR_MAX];
     let k = w.k_pad;
     crate::simd::for_each_tile(x.scale.len(), cols, MR_MAX, |i, mr, j, nr| {
-        #[cfg(not(target_arch = "x86_64"))]
-        let _ = use_vnni;
+        // SAFETY: AVX2 (the caller's contract); the tile lies inside `x` and `w`.
         #[cfg(target_arch = "x86_64")]
         unsafe {
             let (xp, wp) = (x.q.as_ptr().add(i * k), w.q.as_ptr().add(j * k));
-            if use_vnni {
-                let sums = w.row_sums.as_ptr().add(j);
-                crate::simd::tile_match!(mr, nr, vnni_tile, (xp, wp, k, sums, &mut dots));
-            } else {
-                crate::simd::tile_match!(mr, nr, avx2_tile, (xp, wp, k, &mut dots));
-            }
+            crate::simd::tile_match!(mr, nr, avx2_tile, (xp, wp, k, &mut dots));
         }
         if x.dense {
             dense_outlier_dots(
@@ -352,44 +348,6 @@ unsafe fn outlier_rows_avx512<const NR_: usize>(
 const NR: usize = 4;
 const MR_MAX: usize = 4;
 
-/// `MR` rows of x against `NR_` rows of W: `dots[i][r] = Σ_p q_ip Q_rp`, by `vpdpbusd` on
-/// `q + 128` (unsigned) and `Q`, less `128 · Σ_p Q_rp`.
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
-unsafe fn vnni_tile<const MR: usize, const NR_: usize>(
-    x: *const i8,
-    w: *const i8,
-    k: usize,
-    row_sums: *const i32,
-    dots: &mut [[i32; NR]; MR_MAX],
-) {
-    use std::arch::x86_64::*;
-    unsafe {
-        let flip = _mm512_set1_epi8(i8::MIN);
-        let mut acc = [[_mm512_setzero_si512(); NR_]; MR];
-        let mut p = 0;
-        while p < k {
-            let mut wv = [_mm512_setzero_si512(); NR_];
-            for (r, v) in wv.iter_mut().enumerate() {
-                *v = _mm512_loadu_si512(w.add(r * k + p).cast());
-                _mm_prefetch::<_MM_HINT_T0>(w.wrapping_add(r * k + p + PREFETCH_AHEAD).cast());
-            }
-            for (i, row) in acc.iter_mut().enumerate() {
-                let xv = _mm512_xor_si512(_mm512_loadu_si512(x.add(i * k + p).cast()), flip);
-                for (a, v) in row.iter_mut().zip(&wv) {
-                    *a = _mm512_dpbusd_epi32(*a, xv, *v);
-                }
-            }
-            p += STEP;
-        }
-        for (i, row) in acc.iter().enumerate() {
-            for (r, a) in row.iter().enumerate() {
-                dots[i][r] = _mm512_reduce_add_epi32(*a) - 128 * *row_sums.add(r);
-            }
-        }
-    }
-}
-
 /// `MR` rows of x against `NR_` rows of W in AVX2: `vpmaddubsw(|q|, sign(q) · Q)` pairs,
 /// widened and summed in 32 bits.
 #[cfg(target_arch = "x86_64")]
@@ -436,14 +394,39 @@ unsafe fn avx2_tile<const MR: usize, const NR_: usize>(
 mod tests {
     use super::*;
 
-    /// Both kernels against LLM.int8's math in i64 and f64 (weights, scales and quantized
-    /// activations taken from the quantizers, whose own checks are the numpy fixtures'),
-    /// with outlier columns, every tile shape and a `k` that needs padding.
+    /// The AVX2 kernel against LLM.int8's math in i64 and f64, with outlier columns, every
+    /// tile shape and a `k` that needs padding. (The panel kernel, which AVX-512 VNNI CPUs
+    /// run instead, has its own test in `crate::panels`.)
     #[test]
-    fn each_kernel_computes_llm_int8s_product() {
+    fn the_kernel_computes_llm_int8s_product() {
+        if !available() {
+            return;
+        }
         // Two outlier columns in 70 take the dense pass; in 300, the sparse one.
         for k in [70, 300] {
-            check_product(k, k == 70);
+            let (m, n) = (6, 9);
+            let mut x = crate::test_util::pseudo(m * k, 11, -2.0, 2.0);
+            x[2 * k + 5] = 7.5; // column 5 becomes an outlier
+            x[4 * k + 33] = -6.0; // and column 33 (the threshold is inclusive)
+            let w = crate::test_util::pseudo(n * k, 12, -0.5, 0.5);
+            let b = crate::test_util::pseudo(n, 13, -1.0, 1.0);
+            let weight = Int8Weight::from_f32(&w, n, k);
+            let acts = quantize(MatRef::dense(&x, m, k), weight.k_pad);
+            assert_eq!(acts.outliers(), &[5, 33]);
+            assert_eq!(acts.dense, k == 70);
+            let mut out = vec![f32::NAN; m * n];
+            let target = Out {
+                ptr: out.as_mut_ptr(),
+                n,
+            };
+            // SAFETY: AVX2 is there (`available`); `out` holds m × n, the blocks write their
+            // own columns.
+            unsafe {
+                block(&acts, &weight, Some(&b), 0..5, target);
+                block(&acts, &weight, Some(&b), 5..n, target);
+            }
+            let want = crate::test_util::llm_int8_reference(&x, &acts, &weight, &b, (m, k, n));
+            crate::test_util::assert_close(&out, &want, &format!("k {k}"));
         }
     }
 
@@ -468,61 +451,6 @@ mod tests {
                     assert!(
                         (a - b).abs() <= 1e-5 * (1.0 + a.abs()),
                         "[{i}][{r}]: {a} vs {b}"
-                    );
-                }
-            }
-        }
-    }
-
-    fn check_product(k: usize, dense: bool) {
-        let (m, n) = (6, 9);
-        let mut x = crate::test_util::pseudo(m * k, 11, -2.0, 2.0);
-        x[2 * k + 5] = 7.5; // column 5 becomes an outlier
-        x[4 * k + 33] = -6.0; // and column 33 (the threshold is inclusive)
-        let w = crate::test_util::pseudo(n * k, 12, -0.5, 0.5);
-        let b = crate::test_util::pseudo(n, 13, -1.0, 1.0);
-        let weight = Int8Weight::from_f32(&w, n, k);
-        let acts = quantize(MatRef::dense(&x, m, k), weight.k_pad);
-        assert_eq!(acts.outliers(), &[5, 33]);
-        assert_eq!(acts.dense, dense);
-        let mut kernels = vec![false];
-        if vnni() {
-            kernels.push(true);
-        }
-        for use_vnni in kernels {
-            let mut out = vec![f32::NAN; m * n];
-            let target = Out {
-                ptr: out.as_mut_ptr(),
-                n,
-            };
-            // SAFETY: AVX2 is on every machine this test runs (x86-64 with AVX2: `available`
-            // is asserted), VNNI only when detected; `out` holds m × n.
-            assert!(available());
-            unsafe {
-                block_with(&acts, &weight, Some(&b), 0..5, target, use_vnni);
-                block_with(&acts, &weight, Some(&b), 5..n, target, use_vnni);
-            }
-            for i in 0..m {
-                for j in 0..n {
-                    let dot: i64 = (0..k)
-                        .map(|p| {
-                            acts.q[i * acts.k_pad + p] as i64
-                                * weight.q[j * weight.k_pad + p] as i64
-                        })
-                        .sum();
-                    let sw = weight.scale[j] as f64;
-                    let want = dot as f64 * acts.scale[i] as f64 * sw
-                        + [5usize, 33]
-                            .iter()
-                            .map(|&p| {
-                                x[i * k + p] as f64 * weight.q[j * weight.k_pad + p] as f64 * sw
-                            })
-                            .sum::<f64>()
-                        + b[j] as f64;
-                    let got = out[i * n + j] as f64;
-                    assert!(
-                        (got - want).abs() <= 1e-5 * (1.0 + want.abs()),
-                        "vnni {use_vnni} [{i}, {j}]: {got} vs {want}"
                     );
                 }
             }

@@ -2,8 +2,8 @@
 //! checkpoints store it) and the small strided products of the chunkwise kernels.
 //!
 //! Where the CPU has AVX-512, [`Linear`] packs an f32 `W` once, at load, in panels of 64
-//! outputs and runs [`crate::panels`]'s kernel for every number of rows; so does a bf16 `W`
-//! where the CPU has AVX-512 BF16. Elsewhere it keeps
+//! outputs and runs [`crate::panels`]'s kernel for every number of rows; so do bf16 and
+//! int8 weights where the CPU has AVX-512 BF16 and VNNI. Elsewhere it keeps
 //! PyTorch's layout: a few rows (decoding: 1-64) run the hand-written kernel of
 //! [`crate::skinny`], which streams each thread's share of `W`'s rows, and more rows run
 //! through the `gemm` crate, whose packing of `W` is then a small share of the work. bf16
@@ -94,11 +94,12 @@ enum Stored {
     /// f32 in PyTorch's layout: the skinny kernel for a few rows, gemm for more (CPUs
     /// without AVX-512).
     F32(Weight),
-    /// f32 (AVX-512) or bf16 (AVX-512 BF16) packed in panels of 64 outputs: one kernel for
-    /// every row count.
+    /// f32 (AVX-512), bf16 (AVX-512 BF16) or int8 (AVX-512 VNNI) packed in panels of 64
+    /// outputs: one kernel for every row count.
     Panels(PanelWeight),
     /// bf16 in PyTorch's layout, widened in registers (CPUs with AVX2 but not AVX-512 BF16).
     Bf16(Bf16Weight),
+    /// int8 in PyTorch's layout (CPUs with AVX2 but not AVX-512 VNNI).
     Int8(Int8Weight),
 }
 
@@ -155,6 +156,9 @@ impl Linear {
             LinearFormat::Bf16 => {
                 Stored::Bf16(Bf16Weight::from_f32(values, out_features, in_features))
             }
+            LinearFormat::Int8 if crate::panels::available_int8() => Stored::Panels(
+                PanelWeight::from_torch_int8(values, out_features, in_features),
+            ),
             LinearFormat::Int8 => {
                 Stored::Int8(Int8Weight::from_f32(values, out_features, in_features))
             }
@@ -181,6 +185,7 @@ impl Linear {
             Stored::Panels(w) => match w.format() {
                 PanelFormat::F32 => LinearFormat::F32,
                 PanelFormat::Bf16 => LinearFormat::Bf16,
+                PanelFormat::Int8 => LinearFormat::Int8,
             },
             Stored::Bf16(_) => LinearFormat::Bf16,
             Stored::Int8(_) => LinearFormat::Int8,

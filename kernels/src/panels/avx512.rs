@@ -5,13 +5,16 @@ use std::arch::x86_64::*;
 use std::ops::Range;
 
 use super::{
-    K_BLOCK, MAX_TILE_ROWS, Out, PANEL, PREFETCH_STEPS, PanelFormat, PanelWeight, row_tiles,
+    Int8Activations, K_BLOCK, MAX_TILE_ROWS, Out, PANEL, PREFETCH_STEPS, PanelFormat, PanelWeight,
+    row_tiles,
 };
 
 /// The block loop, the same for every format (no SIMD of its own): `x` is (rows, first
-/// lane, lanes from row to row).
+/// lane, lanes from row to row); `int8`, the quantized activations of an int8 weight (their
+/// scales and outliers).
 pub(super) unsafe fn block(
     (rows, x, s): (usize, *const u32, usize),
+    int8: Option<&Int8Activations>,
     w: &PanelWeight,
     bias: Option<&[f32]>,
     cols: Range<usize>,
@@ -24,6 +27,7 @@ pub(super) unsafe fn block(
     let tile: TileFn = match w.format {
         PanelFormat::F32 => tile_f32,
         PanelFormat::Bf16 => tile_bf16,
+        PanelFormat::Int8 => tile_int8,
     };
     // One block over all of `k` when one tile holds the rows (nothing shares the panel),
     // blocks of at most K_BLOCK otherwise.
@@ -57,6 +61,14 @@ pub(super) unsafe fn block(
                     None => Prefetch::NONE,
                 };
                 unsafe {
+                    let dequant = match (int8, &w.columns) {
+                        (Some(x), Some(c)) => Dequant {
+                            row_scale: x.scale.as_ptr().add(tile_rows.start),
+                            col_scale: c.scale.as_ptr().add(j),
+                            col_sums: c.sums.as_ptr().add(j),
+                        },
+                        _ => Dequant::NONE,
+                    };
                     let args = TileArgs {
                         x: x.add(tile_rows.start * s + p0),
                         x_stride: s,
@@ -68,11 +80,39 @@ pub(super) unsafe fn block(
                         valid,
                         accumulate: !first,
                         prefetch,
+                        dequant,
                     };
                     tile(width / 16, tile_rows.len(), args);
                 }
             }
             p0 += len;
+        }
+        // LLM.int8's outlier columns, in f32 against the dequantized weights, while the
+        // panel is still in L2.
+        if let (Some(x), Some(c)) = (int8, &w.columns)
+            && !x.outliers.is_empty()
+        {
+            let (values, stride) = match x.dense {
+                true => (x.outlier_values.as_ptr(), x.k_pad),
+                false => (x.outlier_values.as_ptr(), x.outliers.len()),
+            };
+            for tile_rows in row_tiles(rows) {
+                unsafe {
+                    let args = OutlierArgs {
+                        panel: w.panel(q),
+                        width,
+                        outliers: &x.outliers,
+                        values: values.add(tile_rows.start * stride),
+                        stride,
+                        by_column: x.dense,
+                        col_scale: c.scale.as_ptr().add(j),
+                        out: out.ptr.add(tile_rows.start * out.n + j),
+                        n: out.n,
+                        valid,
+                    };
+                    outlier_tile_of(width / 16, tile_rows.len(), &args);
+                }
+            }
         }
     }
 }
@@ -139,15 +179,60 @@ struct TileArgs {
     valid: usize,
     accumulate: bool,
     prefetch: Prefetch,
+    dequant: Dequant,
+}
+
+/// An int8 tile's scales: `sx` of its rows, `sw` and `Σ_p Q` of its panel's columns (null
+/// for the other formats).
+struct Dequant {
+    row_scale: *const f32,
+    col_scale: *const f32,
+    col_sums: *const i32,
+}
+
+impl Dequant {
+    const NONE: Dequant = Dequant {
+        row_scale: std::ptr::null(),
+        col_scale: std::ptr::null(),
+        col_sums: std::ptr::null(),
+    };
 }
 
 /// A tile of (vectors per step of the panel, rows) for one format.
 type TileFn = unsafe fn(usize, usize, TileArgs);
 
+/// Which lanes of a tile's vector `c` hold one of its `valid` columns; none past them.
+#[inline(always)]
+fn valid_lanes(valid: usize, c: usize) -> Option<__mmask16> {
+    match valid.saturating_sub(16 * c).min(16) {
+        0 => None,
+        16 => Some(0xffff),
+        lanes => Some(((1u32 << lanes) - 1) as u16),
+    }
+}
+
 /// How one row's step of activations (the same in every lane) and a vector of a panel's
-/// lanes add into 16 f32 sums.
+/// lanes add into 16 sums (f32; int8's are i32 in the same registers).
 trait Lanes {
+    /// A row's step of activations, as `madd` takes it.
+    #[inline(always)]
+    unsafe fn broadcast(x: u32) -> __m512i {
+        unsafe { _mm512_set1_epi32(x as i32) }
+    }
+
     unsafe fn madd(acc: __m512, x: __m512i, w: __m512i) -> __m512;
+
+    /// Two segments' sums added.
+    #[inline(always)]
+    unsafe fn add(a: __m512, b: __m512) -> __m512 {
+        unsafe { _mm512_add_ps(a, b) }
+    }
+
+    /// The sums of row `i` and the panel's vector `c` as f32 outputs.
+    #[inline(always)]
+    unsafe fn finish(sum: __m512, _a: &TileArgs, _i: usize, _c: usize) -> __m512 {
+        sum
+    }
 }
 
 /// f32 × f32, fused multiply-add.
@@ -176,6 +261,50 @@ impl Lanes for Bf16Lanes {
     }
 }
 
+/// Quads of int8: `acc + Σ_u (x_u + 128)·w_u` in i32 (`vpdpbusd` multiplies unsigned bytes
+/// by signed ones), dequantized at the end: `(acc − 128·Σ_p Q_jp)·sx_i·sw_j`. The offset comes
+/// off with the first block's sums, in i32, so a `k` in several blocks adds up exactly.
+struct Int8Lanes;
+
+impl Lanes for Int8Lanes {
+    #[inline(always)]
+    unsafe fn broadcast(x: u32) -> __m512i {
+        unsafe { _mm512_set1_epi32((x ^ 0x8080_8080) as i32) }
+    }
+
+    #[inline(always)]
+    unsafe fn madd(acc: __m512, x: __m512i, w: __m512i) -> __m512 {
+        unsafe { _mm512_castsi512_ps(_mm512_dpbusd_epi32(_mm512_castps_si512(acc), x, w)) }
+    }
+
+    #[inline(always)]
+    unsafe fn add(a: __m512, b: __m512) -> __m512 {
+        unsafe {
+            _mm512_castsi512_ps(_mm512_add_epi32(
+                _mm512_castps_si512(a),
+                _mm512_castps_si512(b),
+            ))
+        }
+    }
+
+    #[inline(always)]
+    unsafe fn finish(sum: __m512, a: &TileArgs, i: usize, c: usize) -> __m512 {
+        unsafe {
+            let d = &a.dequant;
+            let mut dots = _mm512_castps_si512(sum);
+            if !a.accumulate {
+                let sums = _mm512_loadu_si512(d.col_sums.add(16 * c).cast());
+                dots = _mm512_sub_epi32(dots, _mm512_slli_epi32::<7>(sums));
+            }
+            let scale = _mm512_mul_ps(
+                _mm512_set1_ps(*d.row_scale.add(i)),
+                _mm512_loadu_ps(d.col_scale.add(16 * c)),
+            );
+            _mm512_mul_ps(_mm512_cvtepi32_ps(dots), scale)
+        }
+    }
+}
+
 // Each format's tiles compiled with its instructions: the generic tile below is inlined
 // into these, where its intrinsics can be inlined too.
 #[target_feature(enable = "avx512f")]
@@ -186,6 +315,11 @@ unsafe fn tile_f32(nv: usize, rows: usize, args: TileArgs) {
 #[target_feature(enable = "avx512f,avx512bw,avx512bf16")]
 unsafe fn tile_bf16(nv: usize, rows: usize, args: TileArgs) {
     unsafe { tile_of::<Bf16Lanes>(nv, rows, args) }
+}
+
+#[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
+unsafe fn tile_int8(nv: usize, rows: usize, args: TileArgs) {
+    unsafe { tile_of::<Int8Lanes>(nv, rows, args) }
 }
 
 /// The tile for `rows` rows of a panel `nv` vectors wide. One row walks the panel as 4
@@ -246,7 +380,8 @@ unsafe fn step<L: Lanes, const MR: usize, const NV: usize>(
             *v = _mm512_load_si512(wp.add(16 * c).cast());
         }
         for (i, row) in acc.iter_mut().enumerate() {
-            let xb = _mm512_set1_epi32(*a.x.add(i * a.x_stride + p) as i32);
+            // Unaligned: int8 activations are a byte buffer.
+            let xb = L::broadcast(a.x.add(i * a.x_stride + p).read_unaligned());
             for (acc, v) in row.iter_mut().zip(&wv) {
                 *acc = L::madd(*acc, xb, *v);
             }
@@ -274,14 +409,8 @@ unsafe fn tile<L: Lanes, const MR: usize, const S: usize, const NV: usize>(a: Ti
             step::<L, MR, NV>(&mut acc[0], &a, p, &mut fetch, prefetch);
         }
         for c in 0..NV {
-            let lanes = a.valid.saturating_sub(16 * c).min(16);
-            if lanes == 0 {
+            let Some(mask) = valid_lanes(a.valid, c) else {
                 break;
-            }
-            let mask: __mmask16 = if lanes == 16 {
-                0xffff
-            } else {
-                ((1u32 << lanes) - 1) as u16
             };
             // No closures here: this body is compiled where it is inlined, with that
             // function's instructions, and a closure need not be inlined with it.
@@ -292,13 +421,100 @@ unsafe fn tile<L: Lanes, const MR: usize, const S: usize, const NV: usize>(a: Ti
             for i in 0..MR {
                 let mut sum = acc[0][i][c];
                 for segment in &acc[1..] {
-                    sum = _mm512_add_ps(sum, segment[i][c]);
+                    sum = L::add(sum, segment[i][c]);
                 }
                 let dst = a.out.add(i * a.n + 16 * c);
-                let mut value = _mm512_add_ps(sum, b);
+                let mut value = _mm512_add_ps(L::finish(sum, &a, i, c), b);
                 if a.accumulate {
                     value = _mm512_add_ps(value, _mm512_maskz_loadu_ps(mask, dst));
                 }
+                _mm512_mask_storeu_ps(dst, mask, value);
+            }
+        }
+    }
+}
+
+/// The outlier pass of an int8 panel for one tile of rows: `out[i, j] += sw_j · Σ_{p∈C}
+/// x_ip · Q_jp`, each `Q_jp` taken out of its quad and widened to f32.
+struct OutlierArgs<'a> {
+    /// The panel's first lane and its columns.
+    panel: *const u32,
+    width: usize,
+    /// `C`, ascending.
+    outliers: &'a [usize],
+    /// The tile's first row of outlier values, rows `stride` apart, each indexed by column
+    /// (`by_column`: zero off `C`) or by position in `C`.
+    values: *const f32,
+    stride: usize,
+    by_column: bool,
+    col_scale: *const f32,
+    out: *mut f32,
+    n: usize,
+    valid: usize,
+}
+
+#[target_feature(enable = "avx512f")]
+unsafe fn outlier_tile_of(nv: usize, rows: usize, args: &OutlierArgs) {
+    unsafe {
+        match nv {
+            1 => outlier_tile_rows::<1>(rows, args),
+            2 => outlier_tile_rows::<2>(rows, args),
+            3 => outlier_tile_rows::<3>(rows, args),
+            _ => outlier_tile_rows::<4>(rows, args),
+        }
+    }
+}
+
+#[inline(always)]
+unsafe fn outlier_tile_rows<const NV: usize>(rows: usize, args: &OutlierArgs) {
+    unsafe {
+        match rows {
+            1 => outlier_tile::<1, NV>(args),
+            2 => outlier_tile::<2, NV>(args),
+            3 => outlier_tile::<3, NV>(args),
+            4 => outlier_tile::<4, NV>(args),
+            5 => outlier_tile::<5, NV>(args),
+            _ => outlier_tile::<6, NV>(args),
+        }
+    }
+}
+
+#[inline(always)]
+unsafe fn outlier_tile<const MR: usize, const NV: usize>(a: &OutlierArgs) {
+    unsafe {
+        let mut acc = [[_mm512_setzero_ps(); NV]; MR];
+        let mut quad = [_mm512_setzero_si512(); NV];
+        let mut loaded = usize::MAX;
+        for (o, &p) in a.outliers.iter().enumerate() {
+            // Outliers in one quad share its load.
+            if p / 4 != loaded {
+                loaded = p / 4;
+                for (c, v) in quad.iter_mut().enumerate() {
+                    *v = _mm512_load_si512(a.panel.add(loaded * a.width + 16 * c).cast());
+                }
+            }
+            // Byte p % 4 of each lane to the top, then down with its sign.
+            let up = _mm_cvtsi32_si128(24 - 8 * (p % 4) as i32);
+            let mut weights = [_mm512_setzero_ps(); NV];
+            for (w, q) in weights.iter_mut().zip(&quad) {
+                *w = _mm512_cvtepi32_ps(_mm512_srai_epi32::<24>(_mm512_sll_epi32(*q, up)));
+            }
+            let at = if a.by_column { p } else { o };
+            for (i, row) in acc.iter_mut().enumerate() {
+                let xb = _mm512_set1_ps(*a.values.add(i * a.stride + at));
+                for (acc, w) in row.iter_mut().zip(&weights) {
+                    *acc = _mm512_fmadd_ps(xb, *w, *acc);
+                }
+            }
+        }
+        for c in 0..NV {
+            let Some(mask) = valid_lanes(a.valid, c) else {
+                break;
+            };
+            let scale = _mm512_maskz_loadu_ps(mask, a.col_scale.add(16 * c));
+            for (i, row) in acc.iter().enumerate() {
+                let dst = a.out.add(i * a.n + 16 * c);
+                let value = _mm512_fmadd_ps(row[c], scale, _mm512_maskz_loadu_ps(mask, dst));
                 _mm512_mask_storeu_ps(dst, mask, value);
             }
         }

@@ -1,13 +1,15 @@
 //! Linear layers on AVX-512 with `W` packed once, at load, in panels of 64 output columns
-//! (f32 weights, or bf16 where the CPU has AVX-512 BF16), and the kernel that multiplies any
-//! number of activation rows with them: `out[i, j] = b[j] + Σ_p x[i, p]·W[j, p]`.
+//! (f32 weights; bf16 where the CPU has AVX-512 BF16; LLM.int8 where it has AVX-512 VNNI),
+//! and the kernel that multiplies any number of activation rows with them: `out[i, j] = b[j]
+//! + Σ_p x[i, p]·W[j, p]`.
 //!
 //! A panel holds `W`'s rows `64q..64q + 64` transposed: for each step of inputs, the 64
 //! columns' weights, one cache line per 16 columns. An f32 step is one input; a bf16 step is
-//! a pair (`2t`, `2t + 1`) in each 32-bit lane, the pairs `vdpbf16ps` multiplies and sums, so
-//! that a line is 64 bytes either way. A register tile of up to 6 rows × 64 outputs (24
-//! accumulators) loads the panel's 4 vectors of a step, broadcasts the step's activations of
-//! each row (one f32, or a pair of bf16) and does 24 multiply-adds: GotoBLAS's
+//! a pair (`2t`, `2t + 1`) in each 32-bit lane, the pairs `vdpbf16ps` multiplies and sums; an
+//! int8 step a quad, as `vpdpbusd` takes them: a line is 64 bytes in every format. A register
+//! tile of up to 6 rows × 64 outputs (24 accumulators) loads the panel's 4 vectors of a step,
+//! broadcasts the step's activations of each row (one f32, a pair of bf16, a quad of int8)
+//! and does 24 multiply-adds: GotoBLAS's
 //! register-blocked outer product, the shape of gemm's own `x4x6` kernel, with no horizontal
 //! sums and `W` packed once instead of on every call as gemm packs it.
 //!
@@ -19,11 +21,15 @@
 //!   block while the cores work on this one instead of waiting for the first tile's reads.
 //!
 //! bf16 products round the activations to bf16 too (once per call), as PyTorch's bf16
-//! inference does, and sum in f32. `examples/linear_shapes.rs` measures the kernel against
+//! inference does, and sum in f32. int8 products quantize them as LLM.int8 does
+//! ([`crate::int8::quantize`]), sum in i32 and dequantize at the end; the outlier columns
+//! then pass over the panel once more in f32, while it is still in L2. `examples/linear_shapes.rs` measures the kernel against
 //! the row-layout kernels of [`crate::skinny`] and [`crate::bf16`] and gemm (BENCHMARKS.md).
 
 use std::ops::Range;
+use std::sync::Arc;
 
+use crate::int8::{Int8Activations, Int8Weight};
 use crate::matmul::MatRef;
 use crate::skinny::Out;
 
@@ -54,6 +60,9 @@ pub enum PanelFormat {
     F32,
     /// Two bf16 weights per column: inputs `2t` (low half) and `2t + 1` (high half).
     Bf16,
+    /// Four LLM.int8 weights per column, inputs `4t..4t + 4` from the low byte up (the
+    /// quads `vpdpbusd` multiplies and sums), with each column's scale ([`crate::int8`]).
+    Int8,
 }
 
 impl PanelFormat {
@@ -62,6 +71,7 @@ impl PanelFormat {
         match self {
             PanelFormat::F32 => 1,
             PanelFormat::Bf16 => 2,
+            PanelFormat::Int8 => 4,
         }
     }
 }
@@ -73,14 +83,26 @@ struct Line([u32; 16]);
 
 /// `W` (`[n, k]`, PyTorch's layout) packed in panels of [`PANEL`] output columns; the last
 /// panel is as narrow as its columns allow in whole vectors of 16, padded with zeros (a
-/// mamba-130m `x_proj` of 80 outputs keeps 64 + 16 columns, not 128), and a bf16 panel's odd
-/// `k` with a zero input.
+/// mamba-130m `x_proj` of 80 outputs keeps 64 + 16 columns, not 128), and a `k` that does
+/// not fill a bf16 pair or an int8 quad with zero inputs.
 #[derive(Clone, Debug)]
 pub struct PanelWeight {
-    lines: std::sync::Arc<[Line]>,
+    lines: Arc<[Line]>,
     n: usize,
     k: usize,
     format: PanelFormat,
+    /// int8 only.
+    columns: Option<Int8Columns>,
+}
+
+/// What an int8 panel keeps per output column, padded with zeros to a whole vector.
+#[derive(Clone, Debug)]
+struct Int8Columns {
+    /// `sw_j`.
+    scale: Arc<[f32]>,
+    /// `Σ_p Q_jp` (the kernel adds 128 to the activations, `vpdpbusd` taking them unsigned,
+    /// and takes `128 · Σ_p Q_jp` off).
+    sums: Arc<[i32]>,
 }
 
 /// Whether this CPU runs the f32 panel kernel (AVX-512F).
@@ -88,6 +110,20 @@ pub fn available() -> bool {
     #[cfg(target_arch = "x86_64")]
     {
         std::is_x86_feature_detected!("avx512f")
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        false
+    }
+}
+
+/// Whether this CPU runs the int8 panel kernel (AVX-512 VNNI).
+pub fn available_int8() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        available()
+            && std::is_x86_feature_detected!("avx512bw")
+            && std::is_x86_feature_detected!("avx512vnni")
     }
     #[cfg(not(target_arch = "x86_64"))]
     {
@@ -112,39 +148,60 @@ pub fn available_bf16() -> bool {
 impl PanelWeight {
     /// Packs `w` (`[n, k]` row-major) in f32.
     pub fn from_torch(w: &[f32], n: usize, k: usize) -> Self {
-        Self::pack(w, n, k, PanelFormat::F32)
+        check_len(w, n, k);
+        Self::pack(n, k, PanelFormat::F32, None, |j, p| w[j * k + p].to_bits())
     }
 
     /// Packs `w` (`[n, k]` row-major) rounded to bf16 (nearest, ties to even).
     pub fn from_torch_bf16(w: &[f32], n: usize, k: usize) -> Self {
-        Self::pack(w, n, k, PanelFormat::Bf16)
+        check_len(w, n, k);
+        Self::pack(n, k, PanelFormat::Bf16, None, |j, p| {
+            half::bf16::from_f32(w[j * k + p]).to_bits().into()
+        })
     }
 
-    fn pack(w: &[f32], n: usize, k: usize, format: PanelFormat) -> Self {
-        assert_eq!(
-            w.len(),
-            n * k,
-            "weight holds {} values, not {n} × {k}",
-            w.len()
-        );
+    /// Packs `w` (`[n, k]` row-major) quantized as LLM.int8 quantizes weights
+    /// ([`Int8Weight::from_f32`]: per output row, absmax).
+    pub fn from_torch_int8(w: &[f32], n: usize, k: usize) -> Self {
+        check_len(w, n, k);
+        let rows = Int8Weight::from_f32(w, n, k);
         let columns = n.next_multiple_of(16);
+        let mut scale = rows.scale.to_vec();
+        scale.resize(columns, 0.0);
+        let mut sums: Vec<i32> = (0..n)
+            .map(|j| rows.row(j).iter().map(|&q| i32::from(q)).sum())
+            .collect();
+        sums.resize(columns, 0);
+        let int8 = Int8Columns {
+            scale: scale.into(),
+            sums: sums.into(),
+        };
+        Self::pack(n, k, PanelFormat::Int8, Some(int8), |j, p| {
+            u32::from(rows.row(j)[p] as u8)
+        })
+    }
+
+    /// Packs `value(j, p)`, the bits of `W[j, p]` in the low bits of a lane.
+    fn pack(
+        n: usize,
+        k: usize,
+        format: PanelFormat,
+        columns: Option<Int8Columns>,
+        value: impl Fn(usize, usize) -> u32,
+    ) -> Self {
         let mut packed = PanelWeight {
             lines: Vec::new().into(),
             n,
             k,
             format,
+            columns,
         };
-        let mut lines = vec![Line([0; 16]); columns * packed.steps() / 16];
-        for (j, row) in w.chunks_exact(k.max(1)).enumerate().take(n) {
-            for (p, &v) in row.iter().enumerate() {
-                let (at, half) = packed.position(j, p);
-                let lane = &mut lines[at / 16].0[at % 16];
-                match format {
-                    PanelFormat::F32 => *lane = v.to_bits(),
-                    PanelFormat::Bf16 => {
-                        *lane |= u32::from(half::bf16::from_f32(v).to_bits()) << (16 * half)
-                    }
-                }
+        let bits = 32 / format.inputs_per_lane();
+        let mut lines = vec![Line([0; 16]); n.next_multiple_of(16) * packed.steps() / 16];
+        for j in 0..n {
+            for p in 0..k {
+                let (at, part) = packed.position(j, p);
+                lines[at / 16].0[at % 16] |= value(j, p) << (bits * part);
             }
         }
         packed.lines = lines.into();
@@ -155,7 +212,7 @@ impl PanelWeight {
         self.format
     }
 
-    /// Steps of a panel: `k` inputs in lanes of one or two.
+    /// Steps of a panel: `k` inputs in lanes of one, two or four.
     fn steps(&self) -> usize {
         self.k.div_ceil(self.format.inputs_per_lane())
     }
@@ -166,7 +223,7 @@ impl PanelWeight {
     }
 
     /// Where `W[j, p]` is kept: the lane (after the full panels before `j`'s, at `p`'s step of
-    /// its panel) and which of a bf16 lane's halves.
+    /// its panel) and which of a lane's parts (a bf16 half, an int8 byte).
     fn position(&self, j: usize, p: usize) -> (usize, usize) {
         let (q, c) = (j / PANEL, j % PANEL);
         let per = self.format.inputs_per_lane();
@@ -176,22 +233,31 @@ impl PanelWeight {
         )
     }
 
-    /// Copies row `j` of PyTorch's `W` (`[k]` values, bf16 widened) into `dst`.
+    /// Copies row `j` of PyTorch's `W` (`[k]` values, bf16 widened, int8 dequantized:
+    /// `Q_jp · sw_j`) into `dst`.
     pub fn row_f32(&self, j: usize, dst: &mut [f32]) {
         assert!(j < self.n && dst.len() == self.k);
         for (p, d) in dst.iter_mut().enumerate() {
-            let (at, half) = self.position(j, p);
+            let (at, part) = self.position(j, p);
             let lane = self.lines[at / 16].0[at % 16];
-            *d = match self.format {
-                PanelFormat::F32 => f32::from_bits(lane),
-                PanelFormat::Bf16 => half::bf16::from_bits((lane >> (16 * half)) as u16).to_f32(),
+            *d = match (self.format, &self.columns) {
+                (PanelFormat::Bf16, _) => {
+                    half::bf16::from_bits((lane >> (16 * part)) as u16).to_f32()
+                }
+                (PanelFormat::Int8, Some(c)) => {
+                    f32::from((lane >> (8 * part)) as u8 as i8) * c.scale[j]
+                }
+                _ => f32::from_bits(lane),
             };
         }
     }
 
-    /// Bytes kept (the last panel's padding included).
+    /// Bytes kept (the last panel's padding included; int8: with its scales and sums).
     pub fn size_bytes(&self) -> usize {
         std::mem::size_of_val(&*self.lines)
+            + self.columns.as_ref().map_or(0, |c| {
+                std::mem::size_of_val(&*c.scale) + std::mem::size_of_val(&*c.sums)
+            })
     }
 
     /// The first lane of panel `q`.
@@ -208,10 +274,14 @@ pub enum PanelInput<'a> {
     /// Rounded to bf16 (nearest, ties to even) in pairs, `[rows, steps]`, an odd `k` padded
     /// with a zero.
     Bf16 { pairs: Vec<u32>, rows: usize },
+    /// Quantized as LLM.int8 quantizes activations ([`crate::int8::quantize`]), rows padded to
+    /// whole quads.
+    Int8(Int8Activations),
 }
 
 impl<'a> PanelInput<'a> {
-    /// `x` as `w`'s kernel reads it: as it is for f32, rounded and paired for bf16.
+    /// `x` as `w`'s kernel reads it: as it is for f32, rounded and paired for bf16,
+    /// quantized for int8.
     pub fn for_weight(x: MatRef<'a>, w: &PanelWeight) -> Self {
         match w.format {
             PanelFormat::F32 => PanelInput::F32(x),
@@ -230,6 +300,7 @@ impl<'a> PanelInput<'a> {
                     rows: x.rows,
                 }
             }
+            PanelFormat::Int8 => PanelInput::Int8(crate::int8::quantize(x, 4 * w.steps())),
         }
     }
 
@@ -240,6 +311,7 @@ impl<'a> PanelInput<'a> {
             PanelInput::Bf16 { pairs, rows } => {
                 (*rows, pairs.as_ptr(), pairs.len() / (*rows).max(1))
             }
+            PanelInput::Int8(x) => (x.scale.len(), x.q.as_ptr().cast(), x.k_pad / 4),
         }
     }
 }
@@ -273,11 +345,20 @@ fn bf16_pairs_body(row: &[f32], dst: &mut [u32]) {
 
 crate::simd::dispatch! { fn bf16_pairs(row: &[f32], dst: &mut [u32]) => bf16_pairs_body }
 
+fn check_len(w: &[f32], n: usize, k: usize) {
+    assert_eq!(
+        w.len(),
+        n * k,
+        "weight holds {} values, not {n} × {k}",
+        w.len()
+    );
+}
+
 /// Writes `out[i, j]` for every row `i` of `x` and the output columns `cols`, which start at
 /// a panel's first column; `bias` `[n]` if any.
 ///
 /// # Safety
-/// [`available`] (f32) or [`available_bf16`] (bf16) must be true; `x` must come from
+/// [`available`] (f32), [`available_bf16`] (bf16) or [`available_int8`] (int8) must be true; `x` must come from
 /// [`PanelInput::for_weight`] with `w` (with `x.cols` = `w`'s inputs for f32); `out.ptr` must
 /// hold `rows × out.n` values with `out.n == w`'s outputs, `cols` must lie in `0..out.n`, and
 /// no other thread may write the same columns at the same time.
@@ -294,6 +375,7 @@ pub unsafe fn block(
         (PanelInput::Bf16 { pairs, rows }, PanelFormat::Bf16) => {
             assert_eq!(pairs.len(), rows * w.steps())
         }
+        (PanelInput::Int8(x), PanelFormat::Int8) => assert_eq!(x.k_pad, 4 * w.steps()),
         _ => panic!(
             "activations prepared for another format than {:?}",
             w.format
@@ -301,7 +383,11 @@ pub unsafe fn block(
     }
     #[cfg(target_arch = "x86_64")]
     unsafe {
-        avx512::block(x.lanes(), w, bias, cols, out)
+        let int8 = match x {
+            PanelInput::Int8(x) => Some(x),
+            _ => None,
+        };
+        avx512::block(x.lanes(), int8, w, bias, cols, out)
     }
     #[cfg(not(target_arch = "x86_64"))]
     {
@@ -421,6 +507,7 @@ mod tests {
                 let packed = match format {
                     PanelFormat::F32 => PanelWeight::from_torch(&w, n, k),
                     PanelFormat::Bf16 => PanelWeight::from_torch_bf16(&w, n, k),
+                    PanelFormat::Int8 => unreachable!("int8 has its own test"),
                 };
                 let view = MatRef {
                     data: &x,
@@ -460,6 +547,55 @@ mod tests {
                     &what,
                 );
             }
+        }
+    }
+
+    /// int8 against LLM.int8's math in i64 and f64 from the quantizers' values: one row (4
+    /// segments summed in i32), tiles of several rows, partial last panels, a `k` of two
+    /// blocks (the 128-offset taken off once), outliers none, few (visited one by one) and
+    /// many (the dense values), several in one quad.
+    #[test]
+    fn the_int8_kernel_computes_llm_int8s_product() {
+        if !available_int8() {
+            return;
+        }
+        for (m, k, n, outliers) in [
+            (1, 300, 70, &[5usize, 6, 200][..]),
+            (2, 70, 100, &[0, 69][..]),
+            (3, 64, 16, &[][..]),
+            (7, 301, 130, &[33, 300][..]),
+            (9, 130, 64, &[1, 2, 3, 4][..]),
+            (13, 4101, 150, &[17, 4100][..]),
+        ] {
+            let mut x = crate::test_util::pseudo(m * k, 41, -2.0, 2.0);
+            for (r, &p) in outliers.iter().enumerate() {
+                x[(r % m) * k + p] = if r % 2 == 0 { 7.5 } else { -6.0 };
+            }
+            let w = crate::test_util::pseudo(n * k, 42, -0.5, 0.5);
+            let b = crate::test_util::pseudo(n, 43, -1.0, 1.0);
+            let packed = PanelWeight::from_torch_int8(&w, n, k);
+            let view = MatRef::dense(&x, m, k);
+            let input = PanelInput::for_weight(view, &packed);
+            let PanelInput::Int8(acts) = &input else {
+                unreachable!("int8 weights take int8 activations")
+            };
+            assert_eq!(acts.outliers(), outliers);
+            let mut out = vec![f32::NAN; m * n];
+            let target = Out {
+                ptr: out.as_mut_ptr(),
+                n,
+            };
+            // SAFETY: the CPU has VNNI; `input` was prepared for `packed`; `out` holds m × n;
+            // the shares are disjoint.
+            unsafe {
+                block(&input, &packed, Some(&b), 0..PANEL.min(n), target);
+                if n > PANEL {
+                    block(&input, &packed, Some(&b), PANEL..n, target);
+                }
+            }
+            let rows = crate::int8::Int8Weight::from_f32(&w, n, k);
+            let want = crate::test_util::llm_int8_reference(&x, acts, &rows, &b, (m, k, n));
+            crate::test_util::assert_close(&out, &want, &format!("int8 {m}×{k}×{n}"));
         }
     }
 }
