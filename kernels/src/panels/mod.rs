@@ -23,8 +23,10 @@
 //! bf16 products round the activations to bf16 too (once per call), as PyTorch's bf16
 //! inference does, and sum in f32. int8 products quantize them as LLM.int8 does
 //! ([`crate::int8::quantize`]), sum in i32 and dequantize at the end; the outlier columns
-//! then pass over the panel once more in f32, while it is still in L2. `examples/linear_shapes.rs` measures the kernel against
-//! the row-layout kernels of [`crate::skinny`] and [`crate::bf16`] and gemm (BENCHMARKS.md).
+//! then pass over the panel once more in f32, while it is still in L2.
+//!
+//! `examples/linear_shapes.rs` measures the kernel against the row-layout kernels of
+//! [`crate::skinny`], [`crate::bf16`] and [`crate::int8`] and gemm (BENCHMARKS.md).
 
 use std::ops::Range;
 use std::sync::Arc;
