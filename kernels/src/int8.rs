@@ -45,13 +45,10 @@ impl Int8Weight {
         let mut scale = vec![0.0f32; n];
         for j in 0..n {
             let row = &w[j * k..(j + 1) * k];
-            let absmax = row.iter().fold(0.0f32, |m, v| m.max(v.abs()));
-            let s = absmax / 127.0;
+            let s = weight_scale(row);
             scale[j] = s;
-            if s > 0.0 {
-                for (d, &v) in q[j * k_pad..][..k].iter_mut().zip(row) {
-                    *d = (v / s).round_ties_even().clamp(-127.0, 127.0) as i8;
-                }
+            for (d, &v) in q[j * k_pad..][..k].iter_mut().zip(row) {
+                *d = quantize_weight(v, s);
             }
         }
         Int8Weight {
@@ -65,7 +62,8 @@ impl Int8Weight {
         self.q.len() + self.scale.len() * 4
     }
 
-    /// Row `j` as quantized, `k_pad` values (zeros past `k`).
+    /// Row `j` as quantized, `k_pad` values (zeros past `k`) (the tests' reference reads it).
+    #[cfg(test)]
     pub(crate) fn row(&self, j: usize) -> &[i8] {
         &self.q[j * self.k_pad..(j + 1) * self.k_pad]
     }
@@ -79,7 +77,21 @@ impl Int8Weight {
     }
 }
 
-/// The activations of one call, quantized for [`block`].
+/// `sw_j` of a weight row: its absmax over 127.
+pub(crate) fn weight_scale(row: &[f32]) -> f32 {
+    row.iter().fold(0.0f32, |m, v| m.max(v.abs())) / 127.0
+}
+
+/// `Q_jp = round(W_jp / sw_j)` (nearest, ties to even); 0 in a row of zeros.
+pub(crate) fn quantize_weight(v: f32, scale: f32) -> i8 {
+    if scale > 0.0 {
+        (v / scale).round_ties_even().clamp(-127.0, 127.0) as i8
+    } else {
+        0
+    }
+}
+
+/// The activations of one call, quantized for [`block`] or the panel kernel.
 pub struct Int8Activations {
     /// `[rows, k_pad]`, 0 on the outlier columns and the padding.
     pub(crate) q: Vec<i8>,

@@ -31,7 +31,7 @@
 use std::ops::Range;
 use std::sync::Arc;
 
-use crate::int8::{Int8Activations, Int8Weight};
+use crate::int8::{Int8Activations, quantize_weight, weight_scale};
 use crate::matmul::MatRef;
 use crate::skinny::Out;
 
@@ -151,52 +151,52 @@ impl PanelWeight {
     /// Packs `w` (`[n, k]` row-major) in f32.
     pub fn from_torch(w: &[f32], n: usize, k: usize) -> Self {
         check_len(w, n, k);
-        Self::pack(n, k, PanelFormat::F32, None, |j, p| w[j * k + p].to_bits())
+        Self::pack(n, k, PanelFormat::F32, |j, p| w[j * k + p].to_bits())
     }
 
     /// Packs `w` (`[n, k]` row-major) rounded to bf16 (nearest, ties to even).
     pub fn from_torch_bf16(w: &[f32], n: usize, k: usize) -> Self {
         check_len(w, n, k);
-        Self::pack(n, k, PanelFormat::Bf16, None, |j, p| {
+        Self::pack(n, k, PanelFormat::Bf16, |j, p| {
             half::bf16::from_f32(w[j * k + p]).to_bits().into()
         })
     }
 
-    /// Packs `w` (`[n, k]` row-major) quantized as LLM.int8 quantizes weights
-    /// ([`Int8Weight::from_f32`]: per output row, absmax).
+    /// Packs `w` (`[n, k]` row-major) quantized as LLM.int8 quantizes weights (per output
+    /// row, absmax: [`crate::int8`]), straight into the panels (no copy in rows on the way:
+    /// a load's peak memory).
     pub fn from_torch_int8(w: &[f32], n: usize, k: usize) -> Self {
         check_len(w, n, k);
-        let rows = Int8Weight::from_f32(w, n, k);
+        let row = |j: usize| &w[j * k..(j + 1) * k];
         let columns = n.next_multiple_of(16);
-        let mut scale = rows.scale.to_vec();
-        scale.resize(columns, 0.0);
-        let mut sums: Vec<i32> = (0..n)
-            .map(|j| rows.row(j).iter().map(|&q| i32::from(q)).sum())
+        let mut scale: Vec<f32> = (0..n).map(|j| weight_scale(row(j))).collect();
+        let sums: Vec<i32> = (0..columns)
+            .map(|j| match j < n {
+                true => row(j)
+                    .iter()
+                    .map(|&v| i32::from(quantize_weight(v, scale[j])))
+                    .sum(),
+                false => 0,
+            })
             .collect();
-        sums.resize(columns, 0);
-        let int8 = Int8Columns {
+        scale.resize(columns, 0.0);
+        let value = |j: usize, p: usize| u32::from(quantize_weight(w[j * k + p], scale[j]) as u8);
+        let mut packed = Self::pack(n, k, PanelFormat::Int8, value);
+        packed.columns = Some(Int8Columns {
             scale: scale.into(),
             sums: sums.into(),
-        };
-        Self::pack(n, k, PanelFormat::Int8, Some(int8), |j, p| {
-            u32::from(rows.row(j)[p] as u8)
-        })
+        });
+        packed
     }
 
     /// Packs `value(j, p)`, the bits of `W[j, p]` in the low bits of a lane.
-    fn pack(
-        n: usize,
-        k: usize,
-        format: PanelFormat,
-        columns: Option<Int8Columns>,
-        value: impl Fn(usize, usize) -> u32,
-    ) -> Self {
+    fn pack(n: usize, k: usize, format: PanelFormat, value: impl Fn(usize, usize) -> u32) -> Self {
         let mut packed = PanelWeight {
             lines: Vec::new().into(),
             n,
             k,
             format,
-            columns,
+            columns: None,
         };
         let bits = 32 / format.inputs_per_lane();
         let mut lines = vec![Line([0; 16]); n.next_multiple_of(16) * packed.steps() / 16];
