@@ -92,17 +92,14 @@ pub(super) unsafe fn block(
         if let (Some(x), Some(c)) = (int8, &w.columns)
             && !x.outliers.is_empty()
         {
-            let (values, stride) = match x.dense {
-                true => (x.outlier_values.as_ptr(), x.k_pad),
-                false => (x.outlier_values.as_ptr(), x.outliers.len()),
-            };
+            let stride = if x.dense { x.k_pad } else { x.outliers.len() };
             for tile_rows in row_tiles(rows) {
                 unsafe {
                     let args = OutlierArgs {
                         panel: w.panel(q),
                         width,
                         outliers: &x.outliers,
-                        values: values.add(tile_rows.start * stride),
+                        values: x.outlier_values.as_ptr().add(tile_rows.start * stride),
                         stride,
                         by_column: x.dense,
                         col_scale: c.scale.as_ptr().add(j),
