@@ -157,9 +157,7 @@ impl PanelWeight {
     /// Packs `w` (`[n, k]` row-major) rounded to bf16 (nearest, ties to even).
     pub fn from_torch_bf16(w: &[f32], n: usize, k: usize) -> Self {
         check_len(w, n, k);
-        Self::pack(n, k, PanelFormat::Bf16, |j, p| {
-            half::bf16::from_f32(w[j * k + p]).to_bits().into()
-        })
+        Self::pack(n, k, PanelFormat::Bf16, |j, p| bf16_bits(w[j * k + p]))
     }
 
     /// Packs `w` (`[n, k]` row-major) quantized as LLM.int8 quantizes weights (per output
@@ -189,7 +187,10 @@ impl PanelWeight {
         packed
     }
 
-    /// Packs `value(j, p)`, the bits of `W[j, p]` in the low bits of a lane.
+    /// Packs `value(j, p)`, the bits of `W[j, p]` in the low bits of a lane: the lanes are
+    /// written in the order they lie, panel by panel and step by step (writing each weight
+    /// where [`position`](Self::position) puts it, row by row of `W`, scattered the writes
+    /// and made a load seconds long).
     fn pack(n: usize, k: usize, format: PanelFormat, value: impl Fn(usize, usize) -> u32) -> Self {
         let mut packed = PanelWeight {
             lines: Vec::new().into(),
@@ -198,14 +199,26 @@ impl PanelWeight {
             format,
             columns: None,
         };
-        let bits = 32 / format.inputs_per_lane();
-        let mut lines = vec![Line([0; 16]); n.next_multiple_of(16) * packed.steps() / 16];
-        for j in 0..n {
-            for p in 0..k {
-                let (at, part) = packed.position(j, p);
-                lines[at / 16].0[at % 16] |= value(j, p) << (bits * part);
+        let (per, steps) = (format.inputs_per_lane(), packed.steps());
+        let bits = 32 / per;
+        let mut lines = vec![Line([0; 16]); n.next_multiple_of(16) * steps / 16];
+        let mut at = 0;
+        for q in 0..n.div_ceil(PANEL) {
+            let width = packed.width(q);
+            for t in 0..steps {
+                for j in q * PANEL..q * PANEL + width {
+                    // Columns past `n` (the last panel's padding) and inputs past `k` stay 0.
+                    if j < n {
+                        let inputs = t * per..(t * per + per).min(k);
+                        for (part, p) in inputs.enumerate() {
+                            lines[at / 16].0[at % 16] |= value(j, p) << (bits * part);
+                        }
+                    }
+                    at += 1;
+                }
             }
         }
+        debug_assert_eq!(at, lines.len() * 16);
         packed.lines = lines.into();
         packed
     }
