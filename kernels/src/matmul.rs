@@ -146,17 +146,17 @@ impl Linear {
         }
         let values = weight.as_slice();
         let weight = match format {
-            LinearFormat::F32 if crate::panels::available() => {
+            LinearFormat::F32 if crate::panels::available(PanelFormat::F32) => {
                 Stored::Panels(PanelWeight::from_torch(values, out_features, in_features))
             }
             LinearFormat::F32 => Stored::F32(Weight::from_vec(values.to_vec(), shape)?),
-            LinearFormat::Bf16 if crate::panels::available_bf16() => Stored::Panels(
+            LinearFormat::Bf16 if crate::panels::available(PanelFormat::Bf16) => Stored::Panels(
                 PanelWeight::from_torch_bf16(values, out_features, in_features),
             ),
             LinearFormat::Bf16 => {
                 Stored::Bf16(Bf16Weight::from_f32(values, out_features, in_features))
             }
-            LinearFormat::Int8 if crate::panels::available_int8() => Stored::Panels(
+            LinearFormat::Int8 if crate::panels::available(PanelFormat::Int8) => Stored::Panels(
                 PanelWeight::from_torch_int8(values, out_features, in_features),
             ),
             LinearFormat::Int8 => {

@@ -107,42 +107,22 @@ struct Int8Columns {
     sums: Arc<[i32]>,
 }
 
-/// Whether this CPU runs the f32 panel kernel (AVX-512F).
-pub fn available() -> bool {
+/// Whether this CPU runs the panel kernel for `format`: AVX-512F, and for bf16 AVX-512 BF16,
+/// for int8 AVX-512 VNNI.
+pub fn available(format: PanelFormat) -> bool {
     #[cfg(target_arch = "x86_64")]
     {
-        std::is_x86_feature_detected!("avx512f")
+        use std::is_x86_feature_detected as has;
+        has!("avx512f")
+            && match format {
+                PanelFormat::F32 => true,
+                PanelFormat::Bf16 => has!("avx512bw") && has!("avx512bf16"),
+                PanelFormat::Int8 => has!("avx512bw") && has!("avx512vnni"),
+            }
     }
     #[cfg(not(target_arch = "x86_64"))]
     {
-        false
-    }
-}
-
-/// Whether this CPU runs the int8 panel kernel (AVX-512 VNNI).
-pub fn available_int8() -> bool {
-    #[cfg(target_arch = "x86_64")]
-    {
-        available()
-            && std::is_x86_feature_detected!("avx512bw")
-            && std::is_x86_feature_detected!("avx512vnni")
-    }
-    #[cfg(not(target_arch = "x86_64"))]
-    {
-        false
-    }
-}
-
-/// Whether this CPU runs the bf16 panel kernel (AVX-512 BF16).
-pub fn available_bf16() -> bool {
-    #[cfg(target_arch = "x86_64")]
-    {
-        available()
-            && std::is_x86_feature_detected!("avx512bw")
-            && std::is_x86_feature_detected!("avx512bf16")
-    }
-    #[cfg(not(target_arch = "x86_64"))]
-    {
+        let _ = format;
         false
     }
 }
@@ -373,7 +353,7 @@ fn check_len(w: &[f32], n: usize, k: usize) {
 /// a panel's first column; `bias` `[n]` if any.
 ///
 /// # Safety
-/// [`available`] (f32), [`available_bf16`] (bf16) or [`available_int8`] (int8) must be true; `x` must come from
+/// [`available`] must be true for `w`'s format; `x` must come from
 /// [`PanelInput::for_weight`] with `w` (with `x.cols` = `w`'s inputs for f32); `out.ptr` must
 /// hold `rows × out.n` values with `out.n == w`'s outputs, `cols` must lie in `0..out.n`, and
 /// no other thread may write the same columns at the same time.
@@ -428,189 +408,4 @@ fn row_tiles(rows: usize) -> impl Iterator<Item = Range<usize>> {
 mod avx512;
 
 #[cfg(all(test, target_arch = "x86_64"))]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn row_tiles_cover_the_rows_in_even_tiles_of_at_most_six() {
-        for rows in 0..40 {
-            let tiles: Vec<_> = row_tiles(rows).collect();
-            assert_eq!(tiles.iter().map(|t| t.len()).sum::<usize>(), rows);
-            assert!(tiles.iter().all(|t| t.len() <= MAX_TILE_ROWS));
-            let (min, max) = tiles.iter().fold((usize::MAX, 0), |(a, b), t| {
-                (a.min(t.len()), b.max(t.len()))
-            });
-            assert!(rows == 0 || max - min <= 1, "{rows}: {tiles:?}");
-        }
-        assert_eq!(row_tiles(8).collect::<Vec<_>>(), vec![0..4, 4..8]);
-    }
-
-    #[test]
-    fn activations_round_to_bf16_as_half_does() {
-        let mut values: Vec<f32> = [0x7fff_u32, 0x8000, 0x8001, 0x1_8000, 0x1_7fff]
-            .iter()
-            .map(|&low| f32::from_bits(0x3f80_0000 | low))
-            .collect();
-        values.extend([
-            0.0,
-            -0.0,
-            f32::INFINITY,
-            f32::NEG_INFINITY,
-            f32::NAN,
-            f32::MAX,
-            1e-40,
-        ]);
-        values.extend(crate::test_util::pseudo(999, 7, -1e3, 1e3));
-        let mut pairs = vec![0u32; values.len().div_ceil(2)];
-        bf16_pairs(&values, &mut pairs);
-        for (p, v) in values.iter().enumerate() {
-            let got = (pairs[p / 2] >> (16 * (p % 2))) as u16;
-            let want = half::bf16::from_f32(*v).to_bits();
-            assert_eq!(got, want, "{v:e} ({:#x})", v.to_bits());
-        }
-    }
-
-    #[test]
-    fn a_packed_row_reads_back_as_the_torch_row() {
-        let (n, k) = (70, 5);
-        // Integers up to 256 are exact in bf16.
-        let w: Vec<f32> = (0..n * k).map(|i| (i % 251) as f32).collect();
-        let packed = PanelWeight::from_torch(&w, n, k);
-        let bf16 = PanelWeight::from_torch_bf16(&w, n, k);
-        let mut row = vec![0.0; k];
-        for j in [0, 63, 64, 69] {
-            packed.row_f32(j, &mut row);
-            assert_eq!(row, &w[j * k..(j + 1) * k]);
-            bf16.row_f32(j, &mut row);
-            assert_eq!(row, &w[j * k..(j + 1) * k]);
-        }
-        // 64 columns, then 6 kept in one vector of 16; bf16 in 3 pairs of inputs.
-        assert_eq!(packed.size_bytes(), (PANEL + 16) * k * 4);
-        assert_eq!(bf16.size_bytes(), (PANEL + 16) * 3 * 4);
-    }
-
-    /// Against a product in f64 of the values multiplied (f32, or both sides rounded to
-    /// bf16): one tile and many (a `k` over several blocks and ragged, odd for bf16's pairs),
-    /// strided rows, a partial last panel, two column shares as two threads take them.
-    #[test]
-    fn the_kernel_matches_the_naive_product() {
-        let mut formats = vec![];
-        if available() {
-            formats.push(PanelFormat::F32);
-        }
-        if available_bf16() {
-            formats.push(PanelFormat::Bf16);
-        }
-        // Last panels of 1 to 4 vectors (70, 100, 130 and 150 columns).
-        let shapes = [
-            (1, 37, 70),
-            (2, 300, 100),
-            (5, 301, 130),
-            (7, 129, 64),
-            (20, 260, 150),
-            // Three blocks of 700 steps (f32), each tile fetching its share of the next.
-            (9, 2100, 100),
-            // bf16: two blocks of 526 pairs, the last one's second input the padding.
-            (13, 2101, 70),
-        ];
-        for format in formats {
-            for (m, k, n) in shapes {
-                let stride = k + 3;
-                let mut x = crate::test_util::pseudo(m * stride, 31, -1.0, 1.0);
-                let mut w = crate::test_util::pseudo(n * k, 32, -1.0, 1.0);
-                let b = crate::test_util::pseudo(n, 33, -1.0, 1.0);
-                let packed = match format {
-                    PanelFormat::F32 => PanelWeight::from_torch(&w, n, k),
-                    PanelFormat::Bf16 => PanelWeight::from_torch_bf16(&w, n, k),
-                    PanelFormat::Int8 => unreachable!("int8 has its own test"),
-                };
-                let view = MatRef {
-                    data: &x,
-                    rows: m,
-                    cols: k,
-                    row_stride: stride,
-                };
-                let input = PanelInput::for_weight(view, &packed);
-                let mut out = vec![f32::NAN; m * n];
-                let target = Out {
-                    ptr: out.as_mut_ptr(),
-                    n,
-                };
-                // SAFETY: the CPU has the format's features; `input` was prepared for
-                // `packed`; `out` holds m × n; the shares are disjoint.
-                unsafe {
-                    block(&input, &packed, Some(&b), 0..PANEL.min(n), target);
-                    if n > PANEL {
-                        block(&input, &packed, Some(&b), PANEL..n, target);
-                    }
-                }
-                drop(input);
-                if format == PanelFormat::Bf16 {
-                    // The reference multiplies the values the kernel multiplies.
-                    for v in x.iter_mut().chain(w.iter_mut()) {
-                        *v = half::bf16::from_f32(*v).to_f32();
-                    }
-                }
-                let what = format!("{format:?} {m}×{k}×{n}");
-                crate::test_util::assert_linear_matches_f64(
-                    &out,
-                    &x,
-                    stride,
-                    &w,
-                    &b,
-                    (m, k, n),
-                    &what,
-                );
-            }
-        }
-    }
-
-    /// int8 against LLM.int8's math in i64 and f64 from the quantizers' values: one row (4
-    /// segments summed in i32), tiles of several rows, partial last panels, a `k` of two
-    /// blocks (the 128-offset taken off once), outliers none, few (visited one by one) and
-    /// many (the dense values), several in one quad.
-    #[test]
-    fn the_int8_kernel_computes_llm_int8s_product() {
-        if !available_int8() {
-            return;
-        }
-        for (m, k, n, outliers) in [
-            (1, 300, 70, &[5usize, 6, 200][..]),
-            (2, 70, 100, &[0, 69][..]),
-            (3, 64, 16, &[][..]),
-            (7, 301, 130, &[33, 300][..]),
-            (9, 130, 64, &[1, 2, 3, 4][..]),
-            (13, 4101, 150, &[17, 4100][..]),
-        ] {
-            let mut x = crate::test_util::pseudo(m * k, 41, -2.0, 2.0);
-            for (r, &p) in outliers.iter().enumerate() {
-                x[(r % m) * k + p] = if r % 2 == 0 { 7.5 } else { -6.0 };
-            }
-            let w = crate::test_util::pseudo(n * k, 42, -0.5, 0.5);
-            let b = crate::test_util::pseudo(n, 43, -1.0, 1.0);
-            let packed = PanelWeight::from_torch_int8(&w, n, k);
-            let view = MatRef::dense(&x, m, k);
-            let input = PanelInput::for_weight(view, &packed);
-            let PanelInput::Int8(acts) = &input else {
-                unreachable!("int8 weights take int8 activations")
-            };
-            assert_eq!(acts.outliers(), outliers);
-            let mut out = vec![f32::NAN; m * n];
-            let target = Out {
-                ptr: out.as_mut_ptr(),
-                n,
-            };
-            // SAFETY: the CPU has VNNI; `input` was prepared for `packed`; `out` holds m × n;
-            // the shares are disjoint.
-            unsafe {
-                block(&input, &packed, Some(&b), 0..PANEL.min(n), target);
-                if n > PANEL {
-                    block(&input, &packed, Some(&b), PANEL..n, target);
-                }
-            }
-            let rows = crate::int8::Int8Weight::from_f32(&w, n, k);
-            let want = crate::test_util::llm_int8_reference(&x, acts, &rows, &b, (m, k, n));
-            crate::test_util::assert_close(&out, &want, &format!("int8 {m}×{k}×{n}"));
-        }
-    }
-}
+mod tests;
