@@ -262,7 +262,7 @@ impl PanelWeight {
 }
 
 /// The activations of one call as a panel kernel reads them: rows of 32-bit lanes, one per
-/// step of the weight (an f32, or a pair of bf16).
+/// step of the weight (an f32, a pair of bf16 or a quad of int8).
 pub enum PanelInput<'a> {
     /// f32 activations as the caller holds them.
     F32(MatRef<'a>),

@@ -1,0 +1,131 @@
+//! `Linear` in f32 (the panel and the row layouts) and `matmul_small` against products
+//! computed in f64; the bf16 and int8 kernels have their own tests.
+
+use super::*;
+
+fn pseudo(n: usize, seed: u64) -> Vec<f32> {
+    crate::test_util::pseudo(n, seed, -1.0, 1.0)
+}
+
+fn naive(x: &[f32], m: usize, k: usize, stride: usize, w: &[f32], n: usize) -> Vec<f32> {
+    let mut y = vec![0.0f64; m * n];
+    for i in 0..m {
+        for j in 0..n {
+            for p in 0..k {
+                y[i * n + j] += x[i * stride + p] as f64 * w[j * k + p] as f64;
+            }
+        }
+    }
+    y.into_iter().map(|v| v as f32).collect()
+}
+
+/// A layer kept in PyTorch's layout whatever the CPU (the skinny kernel and gemm; CPUs
+/// without AVX-512 keep every f32 layer so).
+fn row_layout(weight: &Weight, bias: Option<Weight>) -> Linear {
+    let mut layer = Linear::from_torch(weight, bias).unwrap();
+    layer.weight = Stored::F32(weight.clone());
+    layer
+}
+
+#[test]
+fn matches_naive_product_with_bias_and_strides() {
+    // Shapes on both sides of the threading threshold, one row (the split path) included.
+    // Every skinny tile shape (rows 1-17 against 1-4 weight rows, k not a multiple of
+    // the vector width), both sides of the switch to gemm and of the threading threshold.
+    for &(m, k, n) in &[
+        (1, 7, 5),
+        (3, 64, 33),
+        (65, 70, 129),
+        (1, 768, 1000),
+        (2, 300, 900),
+        (5, 17, 7),
+        (7, 33, 6),
+        (16, 100, 403),
+        (17, 100, 403),
+        (9, 1, 3),
+    ] {
+        let stride = k + 3;
+        let x = pseudo(m * stride, 1);
+        let w = pseudo(n * k, 2);
+        let b = pseudo(n, 3);
+        let weight = Weight::from_vec(w.clone(), &[n, k]).unwrap();
+        let want = naive(&x, m, k, stride, &w, n);
+        let view = MatRef {
+            data: &x,
+            rows: m,
+            cols: k,
+            row_stride: stride,
+        };
+
+        let bias = Weight::from_vec(b.clone(), &[n]).unwrap();
+        // As this CPU keeps f32 layers (panels where it has AVX-512), and in rows.
+        let layouts = [
+            Linear::from_torch(&weight, Some(bias.clone())).unwrap(),
+            row_layout(&weight, Some(bias)),
+        ];
+        for with_bias in layouts {
+            let mut out = vec![f32::NAN; m * n];
+            with_bias.forward(view, &mut out);
+            for i in 0..m * n {
+                let expect = want[i] + b[i % n];
+                assert!(
+                    (out[i] - expect).abs() <= 1e-4 * (1.0 + expect.abs()),
+                    "({m},{k},{n})[{i}]: {} vs {expect}",
+                    out[i]
+                );
+            }
+        }
+        for plain in [
+            Linear::from_torch(&weight, None).unwrap(),
+            row_layout(&weight, None),
+        ] {
+            let mut out = vec![f32::NAN; m * n];
+            plain.forward(MatRef::columns(&x, m, stride, 0, k), &mut out);
+            for i in 0..m * n {
+                assert!((out[i] - want[i]).abs() <= 1e-4 * (1.0 + want[i].abs()));
+            }
+            let mut row = vec![0.0; k];
+            plain.torch_weight_row(n - 1, &mut row);
+            assert_eq!(row, &w[(n - 1) * k..]);
+        }
+    }
+}
+
+#[test]
+fn small_product_over_strided_and_transposed_views() {
+    let (m, k, n) = (5, 7, 6);
+    let a = pseudo(k * m, 4); // stored transposed: [k, m]
+    let b = pseudo(k * (n + 2), 5); // [k, n] inside rows of n + 2
+    let mut dst = pseudo(m * (n + 1), 6);
+    let before = dst.clone();
+    let a_view = Strided::dense(&a, k, m).t();
+    let b_view = Strided::rows(&b, k, n, n + 2);
+    matmul_small(&mut dst, n + 1, true, -0.5, a_view, b_view);
+    for i in 0..m {
+        for j in 0..n {
+            let dot: f64 = (0..k)
+                .map(|p| a[p * m + i] as f64 * b[p * (n + 2) + j] as f64)
+                .sum();
+            let want = before[i * (n + 1) + j] as f64 - 0.5 * dot;
+            let got = dst[i * (n + 1) + j] as f64;
+            assert!(
+                (got - want).abs() <= 1e-5 * (1.0 + want.abs()),
+                "{got} vs {want}"
+            );
+        }
+        // The padding column between rows is untouched.
+        assert_eq!(dst[i * (n + 1) + n], before[i * (n + 1) + n]);
+    }
+    matmul_small(&mut dst, n + 1, false, 2.0, a_view, b_view);
+    let dot: f64 = (0..k)
+        .map(|p| a[p * m] as f64 * b[p * (n + 2)] as f64)
+        .sum();
+    assert!((dst[0] as f64 - 2.0 * dot).abs() <= 1e-5);
+}
+
+#[test]
+fn rejects_bias_of_wrong_length() {
+    let w = Weight::from_vec(vec![0.0; 6], &[3, 2]).unwrap();
+    let b = Weight::from_vec(vec![0.0; 2], &[2]).unwrap();
+    assert!(Linear::from_torch(&w, Some(b)).is_err());
+}
