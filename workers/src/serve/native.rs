@@ -38,8 +38,18 @@ pub fn tensor_f32(name: &str, shape: &[i64], values: &[f32]) -> pb::Tensor {
         name: name.to_string(),
         datatype: "FP32".into(),
         shape: shape.to_vec(),
-        data: values.iter().flat_map(|v| v.to_le_bytes()).collect(),
+        data: f32_le_bytes(values),
     }
+}
+
+/// `values` as little-endian bytes, in one allocation of the exact size (collecting a
+/// `flat_map` grows the vector by doubling: a dozen allocations for a row of logits).
+pub fn f32_le_bytes(values: &[f32]) -> Vec<u8> {
+    let mut bytes = Vec::with_capacity(values.len() * 4);
+    for v in values {
+        bytes.extend_from_slice(&v.to_le_bytes());
+    }
+    bytes
 }
 
 pub struct StreamsService {
@@ -174,7 +184,9 @@ impl pb::streams_server::Streams for StreamsService {
             };
             let writer = tokio::spawn(async move {
                 let engine = writer_engine;
-                let mut last = None;
+                // The session's position after the last answer (the summary's), not the
+                // answer itself: a stream holds no outputs once they are sent.
+                let mut last_position = None;
                 let mut tokens = 0u64;
                 while let Some(order) = order_rx.recv().await {
                     let (rx, continuation) = match order {
@@ -190,14 +202,20 @@ impl pb::streams_server::Streams for StreamsService {
                                 outputs: vec![tensor_f32(output_name, &shape, &reply.logits)],
                                 skipped: std::mem::take(&mut reply.skipped),
                             };
-                            let width = reply.width as usize;
-                            let row =
-                                reply.logits[reply.logits.len().saturating_sub(width)..].to_vec();
+                            // Once encoded, the outputs go (a stream holds none between its
+                            // chunks), but for a continuation's last row.
+                            let mut logits = std::mem::take(&mut reply.logits);
+                            let row = continuation.is_some().then(|| {
+                                logits.drain(..logits.len().saturating_sub(reply.width as usize));
+                                logits
+                            });
                             let position = reply.position_after;
                             if writer_tx.send(out(OutKind::Output(output))).await.is_err() {
-                                return (Some(reply), tokens, WriterEnd::ClientGone);
+                                return (Some(position), tokens, WriterEnd::ClientGone);
                             }
-                            if let Some((mut generation, prompt_tokens, done)) = continuation {
+                            if let (Some((mut generation, prompt_tokens, done)), Some(row)) =
+                                (continuation, row)
+                            {
                                 let stopped = continue_generating(
                                     &engine,
                                     &session,
@@ -209,9 +227,19 @@ impl pb::streams_server::Streams for StreamsService {
                                 .await;
                                 let _ = done.send(());
                                 match stopped.finish {
-                                    None => return (Some(reply), tokens, WriterEnd::Refused),
+                                    None => {
+                                        return (
+                                            Some(reply.position_after),
+                                            tokens,
+                                            WriterEnd::Refused,
+                                        );
+                                    }
                                     Some(FinishReason::Cancelled) => {
-                                        return (Some(reply), tokens, WriterEnd::ClientGone);
+                                        return (
+                                            Some(reply.position_after),
+                                            tokens,
+                                            WriterEnd::ClientGone,
+                                        );
                                     }
                                     Some(_) => {}
                                 }
@@ -220,21 +248,21 @@ impl pb::streams_server::Streams for StreamsService {
                                     reply.position_after = after;
                                 }
                             }
-                            last = Some(reply);
+                            last_position = Some(reply.position_after);
                         }
                         Ok(Err(e)) => {
                             let _ = writer_tx
                                 .send(Err(op_status(&e, Code::FailedPrecondition)))
                                 .await;
-                            return (last, tokens, WriterEnd::Refused);
+                            return (last_position, tokens, WriterEnd::Refused);
                         }
                         Err(status) => {
                             let _ = writer_tx.send(Err(status)).await;
-                            return (last, tokens, WriterEnd::Refused);
+                            return (last_position, tokens, WriterEnd::Refused);
                         }
                     }
                 }
-                (last, tokens, WriterEnd::Done)
+                (last_position, tokens, WriterEnd::Done)
             });
 
             let mut ended = false;
@@ -347,7 +375,7 @@ impl pb::streams_server::Streams for StreamsService {
                 }
             }
             drop(order_tx);
-            let (last, tokens, writer_end) =
+            let (last_position, tokens, writer_end) =
                 writer.await.unwrap_or((None, 0, WriterEnd::ClientGone));
             let refused = refused || writer_end == WriterEnd::Refused;
             // A stream the server refused ends because of the refusal, not the client.
@@ -366,7 +394,7 @@ impl pb::streams_server::Streams for StreamsService {
                 state_kept = false;
             }
             if clean && !refused && !disconnected {
-                let position = last.map_or(opened.position_after, |r| r.position_after);
+                let position = last_position.unwrap_or(opened.position_after);
                 let summary = out(OutKind::Summary(pb::StreamSummary {
                     session_id: name,
                     tokens,
