@@ -115,6 +115,62 @@ struct LoadResult {
     p50_ms: f64,
     p99_ms: f64,
     max_ms: f64,
+    /// The p99 of the chunks sent after the first period, when every stream has opened and
+    /// sent (the start-up transient left out; the p99 above includes it).
+    p99_after_start_ms: f64,
+    /// Per second of the load (by when each chunk was sent): how the latency moved, so that
+    /// a start-up transient shows apart from the steady state.
+    timeline: Vec<SecondOfLoad>,
+}
+
+/// The chunks sent in one second of a load and their latencies.
+#[derive(Serialize, Default)]
+struct SecondOfLoad {
+    second: usize,
+    chunks_answered: usize,
+    p50_ms: f64,
+    p99_ms: f64,
+    max_ms: f64,
+}
+
+/// The `q` quantile of sorted `seconds`, in milliseconds (NaN when there are none).
+fn quantile_ms(sorted: &[f64], q: f64) -> f64 {
+    if sorted.is_empty() {
+        return f64::NAN;
+    }
+    sorted[((sorted.len() - 1) as f64 * q).round() as usize] * 1e3
+}
+
+/// Latencies grouped by the second of the load their chunk was sent in.
+fn timeline(samples: &[Sample]) -> Vec<SecondOfLoad> {
+    let mut seconds: Vec<Vec<f64>> = Vec::new();
+    for s in samples {
+        let at = s.sent_s.max(0.0) as usize;
+        if seconds.len() <= at {
+            seconds.resize_with(at + 1, Vec::new);
+        }
+        seconds[at].push(s.latency_s);
+    }
+    seconds
+        .into_iter()
+        .enumerate()
+        .map(|(second, mut l)| {
+            l.sort_by(f64::total_cmp);
+            SecondOfLoad {
+                second,
+                chunks_answered: l.len(),
+                p50_ms: quantile_ms(&l, 0.5),
+                p99_ms: quantile_ms(&l, 0.99),
+                max_ms: quantile_ms(&l, 1.0),
+            }
+        })
+        .collect()
+}
+
+/// One answered chunk: when it was sent (seconds into the load) and how long its answer took.
+struct Sample {
+    sent_s: f64,
+    latency_s: f64,
 }
 
 pub fn bench_serve(args: ServeBenchArgs) -> Result<()> {
@@ -184,14 +240,14 @@ pub fn bench_serve(args: ServeBenchArgs) -> Result<()> {
         if args.json {
             println!("{}", serde_json::to_string_pretty(&results)?);
         } else {
-            println!("| streams | client beside them | rate/stream | tokens/chunk | chunks/s | tokens/s | p50 ms | p99 ms | max ms | errors |");
-            println!("|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|");
+            println!("| streams | client beside them | rate/stream | tokens/chunk | chunks/s | tokens/s | p50 ms | p99 ms | max ms | p99 after the starts ms | errors |");
+            println!("|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
             for r in &results {
                 println!(
-                    "| {} | {} | {} | {} | {:.1} | {:.1} | {:.2} | {:.2} | {:.2} | {} |",
+                    "| {} | {} | {} | {} | {:.1} | {:.1} | {:.2} | {:.2} | {:.2} | {:.2} | {} |",
                     r.streams, if r.hostile { "hostile" } else { "none (quiet)" },
                     r.rate_per_stream, r.frame_tokens, r.chunks_per_s, r.tokens_per_s,
-                    r.p50_ms, r.p99_ms, r.max_ms, r.errors
+                    r.p50_ms, r.p99_ms, r.max_ms, r.p99_after_start_ms, r.errors
                 );
             }
             for pair in results.windows(2) {
@@ -238,28 +294,29 @@ async fn run_load(url: &str, args: &ServeBenchArgs, n: usize, vocab: u64) -> Res
         let offset = period.mul_f64(i as f64 / n as f64);
         tasks.push(tokio::spawn(async move {
             run_stream(
-                channel, token, model, frame, vocab, period, offset, duration, i as u64,
+                channel, token, model, frame, vocab, period, offset, duration, started, i as u64,
             )
             .await
         }));
     }
-    let mut latencies = Vec::new();
+    let mut samples = Vec::new();
     let (mut sent, mut errors) = (0u64, 0u64);
     for t in tasks {
-        let (lat, s, e) = t.await?;
-        latencies.extend(lat);
+        let (stream_samples, s, e) = t.await?;
+        samples.extend(stream_samples);
         sent += s;
         errors += e;
     }
     let elapsed = started.elapsed().as_secs_f64();
+    let mut latencies: Vec<f64> = samples.iter().map(|s| s.latency_s).collect();
     latencies.sort_by(f64::total_cmp);
-    let pick = |q: f64| {
-        if latencies.is_empty() {
-            f64::NAN
-        } else {
-            latencies[((latencies.len() - 1) as f64 * q).round() as usize] * 1e3
-        }
-    };
+    let pick = |q: f64| quantile_ms(&latencies, q);
+    let mut after_start: Vec<f64> = samples
+        .iter()
+        .filter(|s| s.sent_s >= period.as_secs_f64())
+        .map(|s| s.latency_s)
+        .collect();
+    after_start.sort_by(f64::total_cmp);
     let answered = latencies.len() as u64;
     Ok(LoadResult {
         streams: n,
@@ -276,10 +333,12 @@ async fn run_load(url: &str, args: &ServeBenchArgs, n: usize, vocab: u64) -> Res
         p50_ms: pick(0.5),
         p99_ms: pick(0.99),
         max_ms: pick(1.0),
+        p99_after_start_ms: quantile_ms(&after_start, 0.99),
+        timeline: timeline(&samples),
     })
 }
 
-/// One stream: returns (latencies in seconds, chunks sent, errors).
+/// One stream: returns (its answered chunks, chunks sent, errors).
 #[allow(clippy::too_many_arguments)]
 async fn run_stream(
     channel: tonic::transport::Channel,
@@ -290,8 +349,9 @@ async fn run_stream(
     period: Duration,
     offset: Duration,
     duration: Duration,
+    load_started: Instant,
     seed: u64,
-) -> (Vec<f64>, u64, u64) {
+) -> (Vec<Sample>, u64, u64) {
     let mut client = with_token(
         channel,
         token,
@@ -354,7 +414,10 @@ async fn run_stream(
                 kind: Some(pb::stream_response::Kind::Output(_)),
             }) => {
                 if let Some(at) = sent_rx.recv().await {
-                    latencies.push(at.elapsed().as_secs_f64());
+                    latencies.push(Sample {
+                        sent_s: at.duration_since(load_started).as_secs_f64(),
+                        latency_s: at.elapsed().as_secs_f64(),
+                    });
                 }
             }
             Ok(_) => {}
@@ -366,4 +429,37 @@ async fn run_stream(
     }
     let sent = sender.await.unwrap_or(0);
     (latencies, sent, errors)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_timeline_groups_chunks_by_the_second_they_were_sent_in() {
+        let sample = |sent_s, latency_s| Sample { sent_s, latency_s };
+        // Second 0: 10, 30, 20 ms; second 1: none; second 2: 50 ms.
+        let samples = [
+            sample(0.1, 0.010),
+            sample(0.9, 0.030),
+            sample(0.5, 0.020),
+            sample(2.2, 0.050),
+        ];
+        let seconds = timeline(&samples);
+        assert_eq!(seconds.len(), 3);
+        assert_eq!(seconds[0].chunks_answered, 3);
+        assert_eq!((seconds[0].p50_ms, seconds[0].max_ms), (20.0, 30.0));
+        assert_eq!(seconds[1].chunks_answered, 0);
+        assert!(seconds[1].p99_ms.is_nan());
+        assert_eq!((seconds[2].second, seconds[2].p99_ms), (2, 50.0));
+    }
+
+    #[test]
+    fn quantiles_pick_the_nearest_rank() {
+        let sorted: Vec<f64> = (1..=100).map(|i| i as f64 / 1e3).collect();
+        assert_eq!(quantile_ms(&sorted, 0.5), 51.0);
+        assert_eq!(quantile_ms(&sorted, 0.99), 99.0);
+        assert_eq!(quantile_ms(&sorted, 1.0), 100.0);
+        assert!(quantile_ms(&[], 0.99).is_nan());
+    }
 }
