@@ -112,12 +112,28 @@ fn init_logging(format: LogFormat) {
 /// the kernel again on each forward (~5% of prefill time in perf, and DeltaNet's batch-32
 /// decode 532 → 670 tok/s without it). Peak memory is unchanged in kind: the buffers were live
 /// at the same time anyway; the heap now keeps them for the next forward.
+///
+/// And one heap (arena) for every thread, unless `GLIBC_TUNABLES` sets `arena_max`: with one
+/// arena per thread, a server's gRPC threads grew their own heaps, page by fresh page, for the
+/// first answers of new streams (their encode buffers), while the memory that loading and the
+/// model stages had freed sat unused in other arenas. A first write of fresh memory costs this
+/// project's VM 2.3 s per GB, and 1000 new streams' first answers came to ~0.2 GB in the first
+/// seconds of a load (BENCHMARKS.md, "Serving at 100 and 1000 streams"); with one arena they
+/// reuse freed memory and the server takes no page faults after its start. Decode and prefill
+/// allocate per batch, not per token, so the arena's lock is not contended.
 fn keep_freed_activations_in_heap() {
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
-    // SAFETY: mallopt only tunes glibc's allocator; it is called before any other thread starts.
-    unsafe {
-        libc::mallopt(libc::M_MMAP_THRESHOLD, 1 << 30);
-        libc::mallopt(libc::M_TRIM_THRESHOLD, i32::MAX);
+    {
+        let arena_max_set = std::env::var("GLIBC_TUNABLES").is_ok_and(|t| t.contains("arena_max"));
+        // SAFETY: mallopt only tunes glibc's allocator; it is called before any other thread
+        // starts.
+        unsafe {
+            libc::mallopt(libc::M_MMAP_THRESHOLD, 1 << 30);
+            libc::mallopt(libc::M_TRIM_THRESHOLD, i32::MAX);
+            if !arena_max_set {
+                libc::mallopt(libc::M_ARENA_MAX, 1);
+            }
+        }
     }
 }
 
