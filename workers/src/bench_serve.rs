@@ -271,6 +271,7 @@ pub fn bench_serve(args: ServeBenchArgs) -> Result<()> {
 }
 
 async fn run_load(url: &str, args: &ServeBenchArgs, n: usize, vocab: u64) -> Result<LoadResult> {
+    write_receive_memory(n, vocab as usize * 4 * args.frame);
     let connections = n.div_ceil(args.streams_per_connection.max(1));
     let mut channels = Vec::new();
     for _ in 0..connections {
@@ -336,6 +337,18 @@ async fn run_load(url: &str, args: &ServeBenchArgs, n: usize, vocab: u64) -> Res
         p99_after_start_ms: quantile_ms(&after_start, 0.99),
         timeline: timeline(&samples),
     })
+}
+
+/// Writes, then frees, the memory that `streams` streams' receive buffers will take (tonic
+/// keeps one per stream, as large as its largest answer: ~200 KB at the 130m vocabulary), so
+/// that this process's first touch of it happens before the load and not during it, on cores
+/// it may share with the server. (A first write of fresh memory costs this project's VM 2.3 s
+/// per GB: 1000 streams' buffers took ~0.5 s of a core in the first seconds of a load.) The
+/// binary keeps freed memory in its one heap (`keep_freed_activations_in_heap` in main.rs),
+/// where the buffers find it.
+fn write_receive_memory(streams: usize, answer_bytes: usize) {
+    let bytes = streams.saturating_mul(answer_bytes).saturating_mul(2);
+    drop(std::hint::black_box(vec![1u8; bytes]));
 }
 
 /// One stream: returns (its answered chunks, chunks sent, errors).
