@@ -145,21 +145,19 @@ impl PanelWeight {
     /// a load's peak memory).
     pub fn from_torch_int8(w: &[f32], n: usize, k: usize) -> Self {
         check_len(w, n, k);
-        let row = |j: usize| &w[j * k..(j + 1) * k];
         let columns = n.next_multiple_of(16);
-        let mut scale: Vec<f32> = (0..n).map(|j| weight_scale(row(j))).collect();
-        let sums: Vec<i32> = (0..columns)
-            .map(|j| match j < n {
-                true => row(j)
-                    .iter()
-                    .map(|&v| i32::from(quantize_weight(v, scale[j])))
-                    .sum(),
-                false => 0,
-            })
+        let mut scale: Vec<f32> = (0..n)
+            .map(|j| weight_scale(&w[j * k..(j + 1) * k]))
             .collect();
         scale.resize(columns, 0.0);
-        let value = |j: usize, p: usize| u32::from(quantize_weight(w[j * k + p], scale[j]) as u8);
-        let mut packed = Self::pack(n, k, PanelFormat::Int8, value);
+        // `Σ_p Q_jp` of each column, for the kernel's 128-offset, summed as the weights are
+        // quantized into the panels (once each).
+        let mut sums = vec![0i32; columns];
+        let mut packed = Self::pack(n, k, PanelFormat::Int8, |j, p| {
+            let q = quantize_weight(w[j * k + p], scale[j]);
+            sums[j] += i32::from(q);
+            u32::from(q as u8)
+        });
         packed.columns = Some(Int8Columns {
             scale: scale.into(),
             sums: sums.into(),
@@ -170,8 +168,13 @@ impl PanelWeight {
     /// Packs `value(j, p)`, the bits of `W[j, p]` in the low bits of a lane: the lanes are
     /// written in the order they lie, panel by panel and step by step (writing each weight
     /// where [`position`](Self::position) puts it, row by row of `W`, scattered the writes
-    /// and made a load seconds long).
-    fn pack(n: usize, k: usize, format: PanelFormat, value: impl Fn(usize, usize) -> u32) -> Self {
+    /// and made a load seconds long). `value` is called once for each `j < n`, `p < k`.
+    fn pack(
+        n: usize,
+        k: usize,
+        format: PanelFormat,
+        mut value: impl FnMut(usize, usize) -> u32,
+    ) -> Self {
         let mut packed = PanelWeight {
             lines: Vec::new().into(),
             n,
