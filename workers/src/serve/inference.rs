@@ -166,7 +166,7 @@ impl InferenceService {
                 parameters: HashMap::new(),
                 contents: None,
             }],
-            raw_output_contents: vec![super::native::f32_le_bytes(&reply.logits)],
+            raw_output_contents: vec![reply.logits.iter().flat_map(|v| v.to_le_bytes()).collect()],
         }
     }
 

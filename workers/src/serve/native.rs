@@ -38,18 +38,8 @@ pub fn tensor_f32(name: &str, shape: &[i64], values: &[f32]) -> pb::Tensor {
         name: name.to_string(),
         datatype: "FP32".into(),
         shape: shape.to_vec(),
-        data: f32_le_bytes(values),
+        data: values.iter().flat_map(|v| v.to_le_bytes()).collect(),
     }
-}
-
-/// `values` as little-endian bytes, in one allocation of the exact size (collecting a
-/// `flat_map` grows the vector by doubling: a dozen allocations for a row of logits).
-pub fn f32_le_bytes(values: &[f32]) -> Vec<u8> {
-    let mut bytes = Vec::with_capacity(values.len() * 4);
-    for v in values {
-        bytes.extend_from_slice(&v.to_le_bytes());
-    }
-    bytes
 }
 
 pub struct StreamsService {
