@@ -131,15 +131,53 @@ dispatch! {
 /// Channels handled together in registers.
 const CHANNELS: usize = 32;
 
+/// Blocks of channels whose state and `A` are asked for ahead of the one computed.
+const PREFETCH_BLOCKS: usize = 2;
+
+/// Asks for the cache line holding `p` (a hint: never faults, so `p` may point anywhere).
+#[inline(always)]
+fn prefetch(p: *const f32) {
+    #[cfg(target_arch = "x86_64")]
+    // SAFETY: a prefetch reads nothing the program sees and does not fault on any address.
+    unsafe {
+        use std::arch::x86_64::{_MM_HINT_T0, _mm_prefetch};
+        _mm_prefetch::<_MM_HINT_T0>(p.cast());
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = p;
+}
+
 #[inline(always)]
 fn scan_block_body(params: &SsmParams<'_>, inputs: &ScanInputs<'_>, job: &BlockJob, y: SendPtr) {
     let (e, n) = (params.channels, params.state_size);
+    // The state and `A` are read once a step, long after the last step evicted them (the
+    // layers' weights stream through every cache in between), as N strided lines per block:
+    // fetched `PREFETCH_BLOCKS` blocks ahead, they arrive together instead of one miss after
+    // another. Later rows of a segment find them in L1.
+    let fetch_block = |c0: usize| {
+        if c0 < job.channels.end {
+            for k in 0..n {
+                let at = k * e + c0;
+                for line in (0..CHANNELS).step_by(16) {
+                    prefetch(params.a_t.as_ptr().wrapping_add(at + line));
+                    prefetch(job.state.0.wrapping_add(at + line));
+                }
+            }
+        }
+    };
+    for c in 0..PREFETCH_BLOCKS {
+        fetch_block(job.channels.start + c * CHANNELS);
+    }
     for row in job.rows.clone() {
+        let first_row = row == job.rows.start;
         let b_t = &inputs.b.data[row * inputs.b.row_stride..][..n];
         let c_t = &inputs.c.data[row * inputs.c.row_stride..][..n];
         let z_row = &inputs.z.data[row * inputs.z.row_stride..][..e];
         for c0 in job.channels.clone().step_by(CHANNELS) {
             let len = CHANNELS.min(job.channels.end - c0);
+            if first_row {
+                fetch_block(c0 + PREFETCH_BLOCKS * CHANNELS);
+            }
             let dt = &inputs.delta[row * e + c0..][..len];
             let xv = &inputs.x[row * e + c0..][..len];
             let mut dtx = [0.0f32; CHANNELS];
