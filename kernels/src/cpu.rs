@@ -1,5 +1,8 @@
 //! What the CPU offers the kernels.
 
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
 /// The instruction set the hand-written kernels dispatch to on this CPU (see `simd`).
 pub fn simd_level() -> &'static str {
     #[cfg(target_arch = "x86_64")]
@@ -21,12 +24,157 @@ pub fn simd_level() -> &'static str {
 /// a thread outside the pool, each one queues its shares for the pool and puts the caller to
 /// sleep until they are done: two cross-thread wake-ups per product, which at batch 1 cost
 /// more than the smaller products themselves. Issued from a pool thread, the caller takes its
-/// own share and the other threads, still spinning from the last product, steal theirs. One
-/// hand-off per step instead of one per product: `tideway bench --batches 1` on the
-/// mamba-130m shape went 46.9 → 52.6 tok/s in f32 and 65.2 → 76.1 in bf16 (BENCHMARKS.md).
+/// own share and the other threads steal theirs: one hand-off per step instead of one per
+/// product (`tideway bench --batches 1`, mamba-130m: 46.9 → 52.6 tok/s in f32, BENCHMARKS.md).
+///
+/// The other threads are kept awake for the step ([`keep_stealing`]): left to rayon, a thread
+/// that found nothing for ~30 yields sleeps on a futex, and the step's serial stretches (the
+/// conv, the small projections) are longer than that, so most products began with a wake-up
+/// that on a virtual machine takes longer than a one-row product (~37 context switches a step
+/// at batch 1, 7 with the helpers).
 pub fn on_compute_pool<R: Send>(work: impl FnOnce() -> R + Send) -> R {
     if rayon::current_thread_index().is_some() {
         return work();
     }
-    rayon::scope(|_| work())
+    let _in_flight = InFlight::enter();
+    let step_done = &AtomicBool::new(false);
+    rayon::scope(|scope| {
+        let owner = rayon::current_thread_index();
+        if IN_FLIGHT.load(Ordering::Acquire) == 1 {
+            for _ in 1..rayon::current_num_threads() {
+                scope.spawn(move |_| keep_stealing(step_done, owner));
+            }
+        }
+        let result = work();
+        step_done.store(true, Ordering::Release);
+        result
+    })
+}
+
+/// Calls of `on_compute_pool` running now (several where several timely workers compute).
+static IN_FLIGHT: AtomicUsize = AtomicUsize::new(0);
+
+/// One call counted in `IN_FLIGHT` until dropped (also when the work panics).
+struct InFlight;
+
+impl InFlight {
+    fn enter() -> InFlight {
+        IN_FLIGHT.fetch_add(1, Ordering::AcqRel);
+        InFlight
+    }
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        IN_FLIGHT.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+/// How long a helper goes on looking for work that does not come before it leaves the thread
+/// to rayon's own idling: longer than a step's serial stretches at small batches.
+const HELPER_PATIENCE: Duration = Duration::from_micros(500);
+
+/// A helper of `on_compute_pool`: runs the step's shares as they are queued until the step is
+/// done. It leaves at once on the step's own thread (which pops it from its deque while it
+/// waits for a share: spinning there would wait for itself); after `HELPER_PATIENCE` without
+/// work (it may have been picked up by a thread waiting inside one of the step's own shares,
+/// which it must not hold up for long); and as soon as another call is in flight (the work it
+/// would pick up next may be that whole call, which the step would then wait for). Between
+/// fruitless looks it yields the core now and then, so that other threads on it (the server's
+/// I/O) still run.
+fn keep_stealing(step_done: &AtomicBool, owner: Option<usize>) {
+    if rayon::current_thread_index() == owner {
+        return;
+    }
+    let mut idle_since = Instant::now();
+    let mut fruitless = 0u32;
+    while !step_done.load(Ordering::Acquire) && IN_FLIGHT.load(Ordering::Acquire) == 1 {
+        if rayon::yield_now() == Some(rayon::Yield::Executed) {
+            fruitless = 0;
+            continue;
+        }
+        if fruitless == 0 {
+            idle_since = Instant::now();
+        }
+        fruitless += 1;
+        if fruitless.is_multiple_of(64) {
+            if idle_since.elapsed() > HELPER_PATIENCE {
+                return;
+            }
+            std::thread::yield_now();
+        } else {
+            std::hint::spin_loop();
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::mpsc;
+
+    use rayon::prelude::*;
+
+    use super::*;
+
+    /// A step's worth of small parallel products: sums that each thread checks.
+    fn step(seed: u64) -> u64 {
+        (0..64u64)
+            .map(|product| {
+                (0..4096u64)
+                    .into_par_iter()
+                    .map(|i| i ^ (seed + product))
+                    .sum::<u64>()
+            })
+            .sum()
+    }
+
+    fn serial(seed: u64) -> u64 {
+        (0..64u64)
+            .map(|product| (0..4096u64).map(|i| i ^ (seed + product)).sum::<u64>())
+            .sum()
+    }
+
+    #[test]
+    fn steps_from_several_threads_at_once_all_finish_with_their_results() {
+        // Timely workers call in concurrently; a helper must never wait on a step that waits
+        // on it. A deadlock shows as the timeout.
+        let (done, results) = mpsc::channel();
+        for caller in 0..4u64 {
+            let done = done.clone();
+            std::thread::spawn(move || {
+                for round in 0..50 {
+                    let seed = caller * 1000 + round;
+                    let got = on_compute_pool(|| step(seed));
+                    // Nested calls run in place.
+                    let nested = on_compute_pool(|| on_compute_pool(|| step(seed)));
+                    done.send((got, nested, serial(seed))).unwrap();
+                }
+            });
+        }
+        drop(done);
+        for _ in 0..200 {
+            let (got, nested, want) = results
+                .recv_timeout(Duration::from_secs(60))
+                .expect("every step finishes");
+            assert_eq!(got, want);
+            assert_eq!(nested, want);
+        }
+    }
+
+    #[test]
+    fn a_panicking_step_propagates_and_leaves_the_next_one_its_helpers() {
+        let caught = std::panic::catch_unwind(|| on_compute_pool(|| panic!("the step failed")));
+        assert!(caught.is_err());
+        // The panicked call no longer counts as in flight, or every later step would go
+        // without helpers. (Other tests' calls may be in flight for a while.)
+        let since = std::time::Instant::now();
+        while IN_FLIGHT.load(Ordering::Acquire) != 0 {
+            assert!(
+                since.elapsed() < Duration::from_secs(60),
+                "a call stays in flight"
+            );
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        assert_eq!(on_compute_pool(|| step(7)), serial(7));
+    }
 }
