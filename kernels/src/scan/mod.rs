@@ -123,8 +123,22 @@ struct SendPtr(*mut f32);
 unsafe impl Send for SendPtr {}
 unsafe impl Sync for SendPtr {}
 
+#[cfg(target_arch = "x86_64")]
+mod avx512;
+
+/// One job: the AVX-512 kernel where the CPU has it, the portable body (compiled for AVX2
+/// where present) otherwise. Both give the same bits.
+fn scan_block(params: &SsmParams<'_>, inputs: &ScanInputs<'_>, job: &BlockJob, y: SendPtr) {
+    #[cfg(target_arch = "x86_64")]
+    if std::is_x86_feature_detected!("avx512f") {
+        // SAFETY: the CPU has AVX-512F; the job's cells are its own (`SendPtr`).
+        return unsafe { avx512::scan_block(params, inputs, job, y) };
+    }
+    scan_block_portable(params, inputs, job, y)
+}
+
 dispatch! {
-    fn scan_block(params: &SsmParams<'_>, inputs: &ScanInputs<'_>, job: &BlockJob, y: SendPtr)
+    fn scan_block_portable(params: &SsmParams<'_>, inputs: &ScanInputs<'_>, job: &BlockJob, y: SendPtr)
         => scan_block_body
 }
 
@@ -147,26 +161,31 @@ fn prefetch(p: *const f32) {
     let _ = p;
 }
 
+/// Asks for the state and `A` of the channel block at `c0` (nothing past the job's channels).
+///
+/// The state and `A` are read once a step, long after the last step evicted them (the layers'
+/// weights stream through every cache in between), as N strided lines per block: fetched
+/// `PREFETCH_BLOCKS` blocks ahead, they arrive together instead of one miss after another.
+/// Later rows of a segment find them in L1.
+#[inline(always)]
+fn fetch_block(params: &SsmParams<'_>, job: &BlockJob, c0: usize) {
+    let (e, n) = (params.channels, params.state_size);
+    if c0 < job.channels.end {
+        for k in 0..n {
+            let at = k * e + c0;
+            for line in (0..CHANNELS).step_by(16) {
+                prefetch(params.a_t.as_ptr().wrapping_add(at + line));
+                prefetch(job.state.0.wrapping_add(at + line));
+            }
+        }
+    }
+}
+
 #[inline(always)]
 fn scan_block_body(params: &SsmParams<'_>, inputs: &ScanInputs<'_>, job: &BlockJob, y: SendPtr) {
     let (e, n) = (params.channels, params.state_size);
-    // The state and `A` are read once a step, long after the last step evicted them (the
-    // layers' weights stream through every cache in between), as N strided lines per block:
-    // fetched `PREFETCH_BLOCKS` blocks ahead, they arrive together instead of one miss after
-    // another. Later rows of a segment find them in L1.
-    let fetch_block = |c0: usize| {
-        if c0 < job.channels.end {
-            for k in 0..n {
-                let at = k * e + c0;
-                for line in (0..CHANNELS).step_by(16) {
-                    prefetch(params.a_t.as_ptr().wrapping_add(at + line));
-                    prefetch(job.state.0.wrapping_add(at + line));
-                }
-            }
-        }
-    };
     for c in 0..PREFETCH_BLOCKS {
-        fetch_block(job.channels.start + c * CHANNELS);
+        fetch_block(params, job, job.channels.start + c * CHANNELS);
     }
     for row in job.rows.clone() {
         let first_row = row == job.rows.start;
@@ -176,7 +195,7 @@ fn scan_block_body(params: &SsmParams<'_>, inputs: &ScanInputs<'_>, job: &BlockJ
         for c0 in job.channels.clone().step_by(CHANNELS) {
             let len = CHANNELS.min(job.channels.end - c0);
             if first_row {
-                fetch_block(c0 + PREFETCH_BLOCKS * CHANNELS);
+                fetch_block(params, job, c0 + PREFETCH_BLOCKS * CHANNELS);
             }
             let dt = &inputs.delta[row * e + c0..][..len];
             let xv = &inputs.x[row * e + c0..][..len];
@@ -322,6 +341,74 @@ mod tests {
                     assert!((*got as f64 - w).abs() <= 1e-5 * (1.0 + w.abs()));
                 }
             }
+        }
+    }
+
+    /// The AVX-512 kernel gives the portable body's bits, for whole and partial blocks, one
+    /// row and many, including the exp's clamps (large Δ·A) and z far in both tails.
+    #[cfg(target_arch = "x86_64")]
+    #[test]
+    fn avx512_kernel_gives_the_portable_bits() {
+        if !std::is_x86_feature_detected!("avx512f") {
+            eprintln!("no AVX-512 here: nothing to compare");
+            return;
+        }
+        for &(e, n, rows) in &[
+            (1536usize, 16usize, 1usize),
+            (40, 16, 3),
+            (70, 21, 5),
+            (5, 3, 2),
+        ] {
+            let a: Vec<f32> = pseudo(e * n, 21, 0.01, 40.0).iter().map(|v| -v).collect();
+            let d = pseudo(e, 22, -1.0, 1.0);
+            let x = pseudo(rows * e, 23, -3.0, 3.0);
+            let delta = pseudo(rows * e, 24, 0.0001, 5.0);
+            let b = pseudo(rows * n, 25, -1.0, 1.0);
+            let c = pseudo(rows * n, 26, -1.0, 1.0);
+            let z = pseudo(rows * e, 27, -100.0, 100.0);
+            let init = pseudo(e * n, 28, -2.0, 2.0);
+            let params = SsmParams {
+                a_t: &a,
+                d: &d,
+                channels: e,
+                state_size: n,
+            };
+            let inputs = ScanInputs {
+                x: &x,
+                delta: &delta,
+                b: MatRef::dense(&b, rows, n),
+                c: MatRef::dense(&c, rows, n),
+                z: MatRef::dense(&z, rows, e),
+            };
+            let run = |kernel: &dyn Fn(&BlockJob, SendPtr)| {
+                let mut state = init.clone();
+                let mut y = vec![f32::NAN; rows * e];
+                // Two jobs over the channels, the second starting mid-block.
+                let split = (e / 2).max(1);
+                for channels in [0..split, split..e] {
+                    let job = BlockJob {
+                        rows: 0..rows,
+                        channels,
+                        state: SendPtr(state.as_mut_ptr()),
+                    };
+                    kernel(&job, SendPtr(y.as_mut_ptr()));
+                }
+                (state, y)
+            };
+            let portable = run(&|job, y| scan_block_body(&params, &inputs, job, y));
+            // SAFETY: the CPU has AVX-512F (checked above); each job owns its cells.
+            let fast = run(&|job, y| unsafe { avx512::scan_block(&params, &inputs, job, y) });
+            let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+            assert_eq!(
+                bits(&fast.0),
+                bits(&portable.0),
+                "state, e={e} n={n} rows={rows}"
+            );
+            assert_eq!(
+                bits(&fast.1),
+                bits(&portable.1),
+                "y, e={e} n={n} rows={rows}"
+            );
         }
     }
 }
