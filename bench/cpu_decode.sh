@@ -34,7 +34,21 @@ if [ $# -eq 0 ]; then
     set -- target/release/tideway@f32 target/release/tideway@bf16 target/release/tideway@int8
 fi
 cargo build --release -p tideway-kernels --example floors 2>/dev/null
-weight_bytes=$(stat -c %s "$model"/model.safetensors)
+# The bytes a batch-1 step reads: every tensor of the checkpoint but an untied embedding table,
+# of which a step reads one row (GLA's and DeltaNet's checkpoints keep one beside lm_head).
+weight_bytes=$("$venv/bin/python" - "$model" <<'EOF'
+import json, struct, sys
+model = sys.argv[1]
+config = json.load(open(model + "/config.json"))
+with open(model + "/model.safetensors", "rb") as f:
+    header = json.loads(f.read(struct.unpack("<Q", f.read(8))[0]))
+sizes = {k: v["data_offsets"][1] - v["data_offsets"][0] for k, v in header.items() if k != "__metadata__"}
+read = sum(sizes.values())
+if not config.get("tie_word_embeddings", True):
+    read -= sum(v for k, v in sizes.items() if k.endswith(("embeddings.weight", "embed_tokens.weight")))
+print(read)
+EOF
+)
 out=bench/out/cpu_decode-$(date +%Y%m%d-%H%M%S)
 mkdir -p "$out"
 
