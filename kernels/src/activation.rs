@@ -8,26 +8,43 @@ use rayon::prelude::*;
 
 use crate::simd::dispatch;
 
+/// The constants of `exp_fast`, shared with the kernels that compute it in intrinsics
+/// (`scan/avx512.rs`), which must give the same bits.
+pub(crate) mod exp_consts {
+    pub const LOG2E: f32 = std::f32::consts::LOG2_E;
+    /// ln 2 split in two for Cody–Waite: `n·LN2_HI` is exact for the `n` that occur.
+    pub const LN2_HI: f32 = 0.693_359_4;
+    pub const LN2_LO: f32 = -2.121_944_4e-4;
+    /// 1.5·2²³: adding and subtracting it rounds to the nearest integer (|v| < 2²²).
+    pub const ROUND: f32 = 12_582_912.0;
+    /// The clamp: below, eˣ underflows; above, it overflows.
+    pub const MIN: f32 = -87.336_55;
+    pub const MAX: f32 = 88.376_26;
+    /// Cephes `expf`'s polynomial, highest degree first (Horner's order).
+    pub const POLY: [f32; 6] = [
+        1.987_569_1e-4,
+        1.398_199_9e-3,
+        8.333_452e-3,
+        4.166_579_6e-2,
+        1.666_666_5e-1,
+        5e-1,
+    ];
+}
+
 /// `eˣ` for f32 by Cody–Waite range reduction and a degree-5 minimax polynomial (the Cephes
 /// `expf` coefficients), written without branches so that loops calling it vectorise.
 /// Relative error ≤ 2 ulp on [-87, 88]; inputs outside clamp to the ends (≈ 0 and ≈ 1.6e38).
 #[inline(always)]
 pub fn exp_fast(x: f32) -> f32 {
-    const LOG2E: f32 = std::f32::consts::LOG2_E;
-    const LN2_HI: f32 = 0.693_359_4;
-    const LN2_LO: f32 = -2.121_944_4e-4;
-    // 1.5·2²³: adding and subtracting it rounds to the nearest integer (|v| < 2²²).
-    const ROUND: f32 = 12_582_912.0;
-    let x = x.clamp(-87.336_55, 88.376_26);
+    use exp_consts::*;
+    let x = x.clamp(MIN, MAX);
     let shifted = x.mul_add(LOG2E, ROUND);
     let n = shifted - ROUND;
     let r = n.mul_add(-LN2_LO, n.mul_add(-LN2_HI, x));
-    let mut p = 1.987_569_1e-4f32;
-    p = p.mul_add(r, 1.398_199_9e-3);
-    p = p.mul_add(r, 8.333_452e-3);
-    p = p.mul_add(r, 4.166_579_6e-2);
-    p = p.mul_add(r, 1.666_666_5e-1);
-    p = p.mul_add(r, 5e-1);
+    let mut p = POLY[0];
+    for c in &POLY[1..] {
+        p = p.mul_add(r, *c);
+    }
     let y = p.mul_add(r * r, r) + 1.0;
     // 2ⁿ built from its exponent bits; n ∈ [-126, 127] after the clamp. `shifted` holds n in
     // its low mantissa bits (its bits are 0x4B40_0000 + n), so integer ops alone give 2ⁿ.

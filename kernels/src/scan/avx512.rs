@@ -15,21 +15,10 @@ use super::{BlockJob, CHANNELS, PREFETCH_BLOCKS, ScanInputs, SendPtr, SsmParams,
 /// an integer in [-126, 127] after the clamp).
 #[inline(always)]
 unsafe fn exp16(x: __m512) -> __m512 {
-    const LOG2E: f32 = std::f32::consts::LOG2_E;
-    const LN2_HI: f32 = 0.693_359_4;
-    const LN2_LO: f32 = -2.121_944_4e-4;
-    const ROUND: f32 = 12_582_912.0;
-    const POLY: [f32; 6] = [
-        1.987_569_1e-4,
-        1.398_199_9e-3,
-        8.333_452e-3,
-        4.166_579_6e-2,
-        1.666_666_5e-1,
-        5e-1,
-    ];
+    use crate::activation::exp_consts::*;
     unsafe {
-        let x = _mm512_max_ps(x, _mm512_set1_ps(-87.336_55));
-        let x = _mm512_min_ps(x, _mm512_set1_ps(88.376_26));
+        let x = _mm512_max_ps(x, _mm512_set1_ps(MIN));
+        let x = _mm512_min_ps(x, _mm512_set1_ps(MAX));
         let shifted = _mm512_fmadd_ps(x, _mm512_set1_ps(LOG2E), _mm512_set1_ps(ROUND));
         let n = _mm512_sub_ps(shifted, _mm512_set1_ps(ROUND));
         let r = _mm512_fmadd_ps(n, _mm512_set1_ps(-LN2_HI), x);
