@@ -39,7 +39,7 @@ fn main() {
         let layers: Vec<Linear> = std::iter::once(first)
             .chain((1..copies).map(|_| load()))
             .collect();
-        for m in [1usize, 2, 4, 8, 16, 32, 64, 256] {
+        for m in [1usize, 2, 4, 8, 16, 32, 64, 256, 512] {
             let x: Vec<f32> = (0..m * k).map(|i| (i % 89) as f32 * 1e-3).collect();
             let mut out = vec![0.0f32; m * n];
             layers[0].forward(MatRef::dense(&x, m, k), &mut out);
