@@ -7,4 +7,5 @@ pub mod heads;
 pub mod lm_ends;
 pub mod mlp;
 pub mod qkv;
+pub mod segments;
 pub mod short_conv;

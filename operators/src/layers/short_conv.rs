@@ -4,6 +4,8 @@
 
 use std::ops::Range;
 
+use rayon::prelude::*;
+
 use tideway_kernels::activation::silu_inplace;
 use tideway_kernels::conv::{causal_conv1d_seq, causal_conv1d_step};
 use tideway_kernels::matmul::MatRef;
@@ -11,6 +13,7 @@ use tideway_kernels::{Weight, written_zeros};
 
 use crate::checkpoint::Checkpoint;
 use crate::error::LoadError;
+use crate::layers::segments::rows_of;
 
 pub struct ShortConv {
     weight: Weight,
@@ -60,16 +63,32 @@ impl ShortConv {
         windows: &mut [&mut Vec<f32>],
     ) {
         let ch = self.channels;
-        let bias = self.bias.as_ref().map(Weight::as_slice);
-        for (rows, window) in segments.iter().zip(windows.iter_mut()) {
-            let dst = &mut out[rows.start * ch..rows.end * ch];
+        let (weight, bias) = (
+            self.weight.as_slice(),
+            self.bias.as_ref().map(Weight::as_slice),
+        );
+        let conv = |((rows, window), dst): ((&Range<usize>, &mut &mut Vec<f32>), &mut [f32])| {
             if rows.len() == 1 {
                 let x = &input[rows.start * ch..][..ch];
-                causal_conv1d_step(x, self.weight.as_slice(), self.kernel, bias, window, dst);
+                causal_conv1d_step(x, weight, self.kernel, bias, window, dst);
             } else {
                 let src = MatRef::dense(&input[rows.start * ch..rows.end * ch], rows.len(), ch);
-                causal_conv1d_seq(src, self.weight.as_slice(), self.kernel, bias, window, dst);
+                causal_conv1d_seq(src, weight, self.kernel, bias, window, dst);
             }
+        };
+        let per_segment = segments
+            .iter()
+            .zip(windows.iter_mut())
+            .zip(rows_of(out, segments, ch));
+        // Sessions in parallel, as the Mamba mixer's conv (a batch's loop over them on one
+        // thread left the other idle).
+        if segments.len() > 1 {
+            per_segment
+                .collect::<Vec<_>>()
+                .into_par_iter()
+                .for_each(conv);
+        } else {
+            per_segment.for_each(conv);
         }
         if self.silu {
             silu_inplace(out);

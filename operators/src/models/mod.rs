@@ -400,6 +400,18 @@ pub fn prefill_in_chunks<E: From<InputError>>(
         return Err(InputError::Empty.into());
     }
     check_token_ids(tokens, vocab, 0)?;
+    if tokens.len() <= chunk_len {
+        // One chunk: its logits are the answer (copying them would write 100 MB again for
+        // 512 tokens of a 50k vocabulary).
+        let logits = forward(tokens)?;
+        assert_eq!(
+            logits.data().len(),
+            tokens.len() * width,
+            "a chunk's logits"
+        );
+        on_chunk(tokens.len(), tokens.len());
+        return Ok(logits);
+    }
     let mut logits = Tensor::zeros(&[tokens.len(), width]);
     let mut done = 0;
     for chunk in tokens.chunks(chunk_len.max(1)) {

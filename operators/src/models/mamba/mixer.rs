@@ -33,6 +33,7 @@ use tideway_kernels::collective::CollectiveError;
 
 use crate::checkpoint::{Checkpoint, Split};
 use crate::error::LoadError;
+use crate::layers::segments::rows_of;
 use crate::tensor_parallel::Group;
 
 /// How a tensor-parallel rank holds a mixer's tensors (`name` relative to the mixer).
@@ -86,6 +87,25 @@ impl crate::state_tensors::LayerFields for MambaLayerState {
     fn fields_mut(&mut self) -> Vec<(&'static str, &mut [f32])> {
         vec![("conv", &mut self.conv), ("ssm", &mut self.ssm)]
     }
+}
+
+/// The activations of one mixer pass, kept by the caller across a forward's layers so that
+/// each layer writes into the last one's memory instead of fresh allocations (which glibc's
+/// `calloc` zeroes when it reuses freed memory: ~18 MB a layer at 512 rows). Every buffer is
+/// overwritten before it is read.
+#[derive(Debug, Default)]
+pub struct MixerScratch {
+    xz: Vec<f32>,
+    xc: Vec<f32>,
+    dbc: Vec<f32>,
+    delta: Vec<f32>,
+    y: Vec<f32>,
+}
+
+/// `buffer` made `len` long (zeros where it grows) and returned whole.
+fn sized(buffer: &mut Vec<f32>, len: usize) -> &mut [f32] {
+    buffer.resize(len, 0.0);
+    buffer
 }
 
 /// The parameters of one mixer.
@@ -195,13 +215,15 @@ impl MambaMixer {
 
     /// Runs the mixer over the packed rows `u` (`[M, D]`): session `i` owns rows
     /// `segments[i]` (consecutive, in order) and continues from `states[i]`, which is updated.
-    /// Writes `out` (`[M, D]`; on a tensor-parallel rank, the rank's partial sum).
+    /// Writes `out` (`[M, D]`; on a tensor-parallel rank, the rank's partial sum). `scratch`
+    /// holds the pass's activations (any content; one per forward, reused by its layers).
     pub fn forward(
         &self,
         u: &[f32],
         segments: &[Range<usize>],
         states: &mut [&mut MambaLayerState],
         group: &mut Group<'_>,
+        scratch: &mut MixerScratch,
         out: &mut [f32],
     ) -> Result<(), CollectiveError> {
         let MambaMixerConfig {
@@ -217,13 +239,20 @@ impl MambaMixer {
         assert_eq!(u.len(), m * d_model);
 
         // 1. [x | z] = in_proj(u): one GEMM over every session's rows.
-        let mut xz = vec![0.0f32; m * 2 * e];
-        self.in_proj.forward(MatRef::dense(u, m, d_model), &mut xz);
+        let MixerScratch {
+            xz,
+            xc,
+            dbc,
+            delta,
+            y,
+        } = scratch;
+        let xz = sized(xz, m * 2 * e);
+        self.in_proj.forward(MatRef::dense(u, m, d_model), xz);
 
         // 2. x' = silu(conv(x)), continuing each session's window; sessions in parallel (at
         //    batch 32 one thread's loop over them was 4% of a step's samples, the other
         //    thread idle meanwhile).
-        let mut xc = vec![0.0f32; m * e];
+        let xc = sized(xc, m * e);
         let conv_w = self.conv_weight.as_slice();
         let conv_b = self.conv_bias.as_ref().map(Weight::as_slice);
         let conv = |(rows, state, dst): (&Range<usize>, &mut &mut MambaLayerState, &mut [f32])| {
@@ -238,7 +267,7 @@ impl MambaMixer {
         let per_segment = segments
             .iter()
             .zip(states.iter_mut())
-            .zip(rows_of(&mut xc, segments, e))
+            .zip(rows_of(xc, segments, e))
             .map(|((rows, state), dst)| (rows, state, dst));
         if segments.len() > 1 {
             per_segment
@@ -248,20 +277,20 @@ impl MambaMixer {
         } else {
             per_segment.for_each(conv);
         }
-        silu_inplace(&mut xc);
+        silu_inplace(xc);
 
         // 3. [δ | B | C] = x_proj(x'); Δ = softplus(dt_proj(δ) + dt_bias).
         let w = r + 2 * n;
-        let mut dbc = vec![0.0f32; m * w];
-        self.x_proj.forward(MatRef::dense(&xc, m, e), &mut dbc);
-        let dbc = group.all_reduce_sum(dbc)?;
-        let mut delta = vec![0.0f32; m * e];
+        self.x_proj
+            .forward(MatRef::dense(xc, m, e), sized(dbc, m * w));
+        *dbc = group.all_reduce_sum(std::mem::take(dbc))?;
+        let delta = sized(delta, m * e);
         self.dt_proj
-            .forward(MatRef::columns(&dbc, m, w, 0, r), &mut delta);
-        softplus_inplace(&mut delta);
+            .forward(MatRef::columns(dbc, m, w, 0, r), delta);
+        softplus_inplace(delta);
 
         // 4. The selective scan, gated by silu(z), per session.
-        let mut y = vec![0.0f32; m * e];
+        let y = sized(y, m * e);
         let mut scan_segments: Vec<ScanSegment<'_>> = segments
             .iter()
             .zip(states.iter_mut())
@@ -278,38 +307,18 @@ impl MambaMixer {
                 state_size: n,
             },
             ScanInputs {
-                x: &xc,
-                delta: &delta,
-                b: MatRef::columns(&dbc, m, w, r, n),
-                c: MatRef::columns(&dbc, m, w, r + n, n),
-                z: MatRef::columns(&xz, m, 2 * e, e, e),
+                x: xc,
+                delta,
+                b: MatRef::columns(dbc, m, w, r, n),
+                c: MatRef::columns(dbc, m, w, r + n, n),
+                z: MatRef::columns(xz, m, 2 * e, e, e),
             },
             &mut scan_segments,
-            &mut y,
+            y,
         );
 
         // 5. out = out_proj(y).
-        self.out_proj.forward(MatRef::dense(&y, m, e), out);
+        self.out_proj.forward(MatRef::dense(y, m, e), out);
         Ok(())
     }
-}
-
-/// `data`'s rows (`width` values each) cut at the segments' bounds, one slice a segment
-/// (segments lie back to back from row 0, in order, as `forward` takes them).
-fn rows_of<'d>(
-    mut data: &'d mut [f32],
-    segments: &[Range<usize>],
-    width: usize,
-) -> Vec<&'d mut [f32]> {
-    let mut next = 0;
-    segments
-        .iter()
-        .map(|rows| {
-            assert_eq!(rows.start, next, "segments lie back to back from row 0");
-            next = rows.end;
-            let (segment, rest) = std::mem::take(&mut data).split_at_mut(rows.len() * width);
-            data = rest;
-            segment
-        })
-        .collect()
 }

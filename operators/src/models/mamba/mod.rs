@@ -29,7 +29,9 @@ use crate::error::{ForwardError, LoadError};
 use crate::layers::lm_ends::EndsLayout;
 use crate::models::config::ConfigJson;
 use crate::models::family::{Checkpointed, LanguageFamily, LayerStates, LmFrame, SessionState};
-use crate::models::mamba::mixer::{MambaLayerState, MambaMixer, MambaMixerConfig, mamba_split};
+use crate::models::mamba::mixer::{
+    MambaLayerState, MambaMixer, MambaMixerConfig, MixerScratch, mamba_split,
+};
 use crate::models::{ModelPart, open_sharded};
 use crate::prune::prefill::{
     PrefillPrune, PrefillPruneError, PrunedHidden, PrunedPrefillError, Survivors, select,
@@ -256,6 +258,7 @@ impl MambaLm {
             layers: Vec::with_capacity(layers),
             position: ids.len(),
         };
+        let mut scratch = MixerScratch::default();
         for (i, block) in self.blocks.iter().enumerate() {
             let rows = survivors.kept.len();
             let mut normed = vec![0.0f32; rows * d];
@@ -275,6 +278,7 @@ impl MambaLm {
                     std::slice::from_ref(&whole),
                     &mut [&mut state],
                     group,
+                    &mut scratch,
                     &mut mixed,
                 )?;
                 Ok(())
@@ -390,6 +394,7 @@ impl LanguageFamily for MambaLm {
         let d = self.config.hidden_size;
         let m = segments.last().map_or(0, |s| s.end);
         let mut normed = vec![0.0f32; m * d];
+        let mut scratch = MixerScratch::default();
         for (i, block) in self.blocks.iter().enumerate() {
             let ladder = self.frame.ladder_at(i);
             let eps = self.config.norm_eps;
@@ -403,9 +408,14 @@ impl LanguageFamily for MambaLm {
             let mut layer_states: Vec<&mut MambaLayerState> =
                 states.iter_mut().map(|s| &mut s.layers[i]).collect();
             let mut mixed = vec![0.0f32; m * d];
-            block
-                .mixer
-                .forward(&normed, segments, &mut layer_states, group, &mut mixed)?;
+            block.mixer.forward(
+                &normed,
+                segments,
+                &mut layer_states,
+                group,
+                &mut scratch,
+                &mut mixed,
+            )?;
             stream.push(mixed, ladder, group)?;
         }
         for (state, segment) in states.iter_mut().zip(segments) {
