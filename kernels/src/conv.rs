@@ -114,12 +114,23 @@ fn conv_step_body(
     if let Some(b) = bias {
         assert_eq!(b.len(), c_len);
     }
-    // A kernel size known at compile time (Mamba's and fla's 4, and the neighbours) lets the
-    // loop over channels vectorise, each channel's window and weights an interleaved group.
+    // A kernel size known at compile time (Mamba's and fla's 4, and the neighbours) unrolls
+    // the taps; LLVM still does not vectorise over the interleaved channels (perf: scalar
+    // code, 3.9% of a batch-32 mamba-130m step), so 4 taps on AVX-512 go 16 channels at a time.
     match k {
         2 => conv_step_fixed::<2>(x, weight, bias, window, out),
         3 => conv_step_fixed::<3>(x, weight, bias, window, out),
-        4 => conv_step_fixed::<4>(x, weight, bias, window, out),
+        4 => {
+            #[cfg(target_arch = "x86_64")]
+            if std::is_x86_feature_detected!("avx512f") {
+                // SAFETY: the CPU has AVX-512F; the lengths are asserted above.
+                let done = unsafe { step4_avx512(x, weight, bias, window, out) };
+                let bias = bias.map(|b| &b[done..]);
+                let (w, win) = (&weight[4 * done..], &mut window[4 * done..]);
+                return conv_step_fixed::<4>(&x[done..], w, bias, win, &mut out[done..]);
+            }
+            conv_step_fixed::<4>(x, weight, bias, window, out)
+        }
         _ => {
             for c in 0..c_len {
                 let win = &mut window[c * k..(c + 1) * k];
@@ -156,6 +167,92 @@ fn conv_step_fixed<const K: usize>(
         }
         *o = acc;
     }
+}
+
+/// [`conv_step_fixed`]`::<4>` over the first `16·⌊C/16⌋` channels, 16 at a time; returns how
+/// many it did. Four registers hold 16 channels' windows as stored (`[C, 4]`): each shifts
+/// by one lane within its channels with the new inputs coming in, is stored back, and is
+/// transposed to one register a tap (as are the weights), so that the taps' multiply-adds
+/// run in the scalar loop's order (the same bits).
+///
+/// # Safety
+/// The CPU has AVX-512F; `weight` and `window` hold `4·x.len()` values, `out` and `bias` at
+/// least `x.len()`.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn step4_avx512(
+    x: &[f32],
+    weight: &[f32],
+    bias: Option<&[f32]>,
+    window: &mut [f32],
+    out: &mut [f32],
+) -> usize {
+    use std::arch::x86_64::*;
+    /// Lane indices into the 32 lanes of two registers.
+    fn lanes(f: impl Fn(i32) -> i32) -> __m512i {
+        let v: [i32; 16] = std::array::from_fn(|l| f(l as i32));
+        // SAFETY: 16 i32 lanes are 64 bytes, as an __m512i.
+        unsafe { std::mem::transmute(v) }
+    }
+    // Register i holds channels 4i..4i+4 of the block; lane 4g + j is channel 4i + g's tap j.
+    // Its window after the shift: lane 4g + j ← lane 4g + j + 1 (j < 3), lane 4g + 3 ← the
+    // new input of channel 4i + g, lane 4i + g of the inputs' register (the second source).
+    let shift: [__m512i; 4] = std::array::from_fn(|i| {
+        lanes(|l| {
+            if l % 4 < 3 {
+                l + 1
+            } else {
+                16 + 4 * i as i32 + l / 4
+            }
+        })
+    });
+    // Transpose, first step: taps {0, 1} (and {2, 3}) of 8 channels from two registers, lane
+    // 2q + s holding channel q's tap s (2 + s).
+    let pairs_lo = lanes(|l| (l / 8) * 16 + 4 * ((l / 2) % 4) + l % 2);
+    let pairs_hi = lanes(|l| (l / 8) * 16 + 4 * ((l / 2) % 4) + l % 2 + 2);
+    // Second step: one tap of 16 channels from two such registers.
+    let even = lanes(|l| 2 * l);
+    let odd = lanes(|l| 2 * l + 1);
+    let taps = |r: [__m512; 4]| -> [__m512; 4] {
+        let a = _mm512_permutex2var_ps(r[0], pairs_lo, r[1]);
+        let b = _mm512_permutex2var_ps(r[0], pairs_hi, r[1]);
+        let c = _mm512_permutex2var_ps(r[2], pairs_lo, r[3]);
+        let d = _mm512_permutex2var_ps(r[2], pairs_hi, r[3]);
+        [
+            _mm512_permutex2var_ps(a, even, c),
+            _mm512_permutex2var_ps(a, odd, c),
+            _mm512_permutex2var_ps(b, even, d),
+            _mm512_permutex2var_ps(b, odd, d),
+        ]
+    };
+    let blocks = x.len() / 16;
+    for block in 0..blocks {
+        let c0 = 16 * block;
+        // SAFETY: channels c0..c0 + 16 are in bounds of every slice (see the contract).
+        unsafe {
+            let inputs = _mm512_loadu_ps(x.as_ptr().add(c0));
+            let win = window.as_mut_ptr().add(4 * c0);
+            let shifted: [__m512; 4] = std::array::from_fn(|i| {
+                let old = _mm512_loadu_ps(win.add(16 * i));
+                _mm512_permutex2var_ps(old, shift[i], inputs)
+            });
+            for (i, &v) in shifted.iter().enumerate() {
+                _mm512_storeu_ps(win.add(16 * i), v);
+            }
+            let w = weight.as_ptr().add(4 * c0);
+            let w = taps(std::array::from_fn(|i| _mm512_loadu_ps(w.add(16 * i))));
+            let v = taps(shifted);
+            let mut acc = match bias {
+                Some(b) => _mm512_loadu_ps(b.as_ptr().add(c0)),
+                None => _mm512_setzero_ps(),
+            };
+            for j in 0..4 {
+                acc = _mm512_fmadd_ps(w[j], v[j], acc);
+            }
+            _mm512_storeu_ps(out.as_mut_ptr().add(c0), acc);
+        }
+    }
+    16 * blocks
 }
 
 #[cfg(test)]
@@ -254,7 +351,9 @@ mod tests {
         }
     }
 
-    /// The fixed-size step paths do the general loop's operations in its order: the same bits.
+    /// The fixed-size step paths (with 4 taps on AVX-512, 16 channels at a time: two blocks
+    /// of the 37 channels, then the scalar tail) do the general loop's operations in its
+    /// order: the same bits.
     #[test]
     fn fixed_size_steps_give_the_general_bits() {
         for k in 2..=4 {
