@@ -62,6 +62,10 @@ pub(super) unsafe fn scan_block(
     job: &BlockJob,
     y: SendPtr,
 ) {
+    if job.rows.len() == 1 {
+        // SAFETY: as this function's.
+        return unsafe { one_row(params, inputs, job, y) };
+    }
     const V: usize = CHANNELS / 16;
     let (e, n) = (params.channels, params.state_size);
     for c in 0..PREFETCH_BLOCKS {
@@ -115,6 +119,76 @@ pub(super) unsafe fn scan_block(
                     let out = _mm512_mul_ps(_mm512_fmadd_ps(d, xv[v], acc[v]), silu16(z));
                     _mm512_mask_storeu_ps(y.0.add(row * e + at), masks[v], out);
                 }
+            }
+        }
+    }
+}
+
+/// Channels whose sums a one-row job keeps at a time (8 KiB on the stack).
+const ROW_CHUNK: usize = 2048;
+
+/// Lines ahead that a one-row job asks for the state and `A`: 1 KiB.
+const ROW_PREFETCH_LINES: usize = 16;
+
+/// A one-row job (a decode step's session) state index by state index: for each `k`, the
+/// job's channels of the state's row `k` and of `A`'s, front to back, the sums waiting in a
+/// stack buffer. The `[N, E]` state and `A` are then read as one sequential stream each (a
+/// whole-row job's rows `k` and `k + 1` are adjacent), which the prefetchers follow, where
+/// the channel-block order reads N lines `E` floats apart per block: at 32 sessions a step's
+/// 75 MB of state are the scan's cost. Each cell's operations and each sum's order (`k`
+/// ascending) are the block order's: the same bits.
+///
+/// # Safety
+/// As [`scan_block`]'s.
+#[target_feature(enable = "avx512f")]
+unsafe fn one_row(params: &SsmParams<'_>, inputs: &ScanInputs<'_>, job: &BlockJob, y: SendPtr) {
+    let (e, n) = (params.channels, params.state_size);
+    let row = job.rows.start;
+    let b_t = &inputs.b.data[row * inputs.b.row_stride..][..n];
+    let c_t = &inputs.c.data[row * inputs.c.row_stride..][..n];
+    let z_row = inputs.z.data[row * inputs.z.row_stride..][..e].as_ptr();
+    let dt_row = inputs.delta[row * e..][..e].as_ptr();
+    let x_row = inputs.x[row * e..][..e].as_ptr();
+    let mut sums = [0.0f32; ROW_CHUNK];
+    for c_start in job.channels.clone().step_by(ROW_CHUNK) {
+        let c_end = (c_start + ROW_CHUNK).min(job.channels.end);
+        let sums = &mut sums[..c_end - c_start];
+        sums.fill(0.0);
+        // SAFETY: the job's cells are its own and in bounds (the caller's contract); the
+        // sums' indices are below `c_end - c_start`; a prefetch never faults.
+        unsafe {
+            for k in 0..n {
+                let (bk, ck) = (_mm512_set1_ps(b_t[k]), _mm512_set1_ps(c_t[k]));
+                let a_k = params.a_t.as_ptr().add(k * e);
+                let h_k = job.state.0.add(k * e);
+                for c in (c_start..c_end).step_by(16) {
+                    let mask = lanes(c_end - c, 0);
+                    super::prefetch(a_k.wrapping_add(c + 16 * ROW_PREFETCH_LINES));
+                    super::prefetch(h_k.wrapping_add(c + 16 * ROW_PREFETCH_LINES));
+                    let dt = _mm512_maskz_loadu_ps(mask, dt_row.add(c));
+                    let dtx = _mm512_mul_ps(dt, _mm512_maskz_loadu_ps(mask, x_row.add(c)));
+                    let a = _mm512_maskz_loadu_ps(mask, a_k.add(c));
+                    let decay = exp16(_mm512_mul_ps(dt, a));
+                    let h = h_k.add(c);
+                    let hv = _mm512_fmadd_ps(
+                        decay,
+                        _mm512_maskz_loadu_ps(mask, h),
+                        _mm512_mul_ps(dtx, bk),
+                    );
+                    _mm512_mask_storeu_ps(h, mask, hv);
+                    let sum = sums.as_mut_ptr().add(c - c_start);
+                    let acc = _mm512_fmadd_ps(hv, ck, _mm512_maskz_loadu_ps(mask, sum));
+                    _mm512_mask_storeu_ps(sum, mask, acc);
+                }
+            }
+            for c in (c_start..c_end).step_by(16) {
+                let mask = lanes(c_end - c, 0);
+                let acc = _mm512_maskz_loadu_ps(mask, sums.as_ptr().add(c - c_start));
+                let d = _mm512_maskz_loadu_ps(mask, params.d.as_ptr().add(c));
+                let xv = _mm512_maskz_loadu_ps(mask, x_row.add(c));
+                let z = _mm512_maskz_loadu_ps(mask, z_row.add(c));
+                let out = _mm512_mul_ps(_mm512_fmadd_ps(d, xv, acc), silu16(z));
+                _mm512_mask_storeu_ps(y.0.add(row * e + c), mask, out);
             }
         }
     }

@@ -345,7 +345,8 @@ mod tests {
     }
 
     /// The AVX-512 kernel gives the portable body's bits, for whole and partial blocks, one
-    /// row and many, including the exp's clamps (large Δ·A) and z far in both tails.
+    /// row (its own loop order) and many, including the exp's clamps (large Δ·A) and z far
+    /// in both tails.
     #[cfg(target_arch = "x86_64")]
     #[test]
     fn avx512_kernel_gives_the_portable_bits() {
@@ -353,8 +354,13 @@ mod tests {
             eprintln!("no AVX-512 here: nothing to compare");
             return;
         }
+        // One row (the state-index order, `avx512::one_row`): mamba-130m's shape, partial
+        // vectors, and jobs longer than its chunk of sums; more rows: the block order.
         for &(e, n, rows) in &[
             (1536usize, 16usize, 1usize),
+            (70, 21, 1),
+            (5, 3, 1),
+            (4200, 2, 1),
             (40, 16, 3),
             (70, 21, 5),
             (5, 3, 2),
