@@ -127,9 +127,6 @@ pub(super) unsafe fn scan_block(
 /// Channels whose sums a one-row job keeps at a time (8 KiB on the stack).
 const ROW_CHUNK: usize = 2048;
 
-/// Lines ahead that a one-row job asks for the state and `A`: 1 KiB.
-const ROW_PREFETCH_LINES: usize = 16;
-
 /// A one-row job (a decode step's session) state index by state index: for each `k`, the
 /// job's channels of the state's row `k` and of `A`'s, front to back, the sums waiting in a
 /// stack buffer. The `[N, E]` state and `A` are then read as one sequential stream each (a
@@ -163,8 +160,11 @@ unsafe fn one_row(params: &SsmParams<'_>, inputs: &ScanInputs<'_>, job: &BlockJo
                 let h_k = job.state.0.add(k * e);
                 for c in (c_start..c_end).step_by(16) {
                     let mask = lanes(c_end - c, 0);
-                    super::prefetch(a_k.wrapping_add(c + 16 * ROW_PREFETCH_LINES));
-                    super::prefetch(h_k.wrapping_add(c + 16 * ROW_PREFETCH_LINES));
+                    // The same channels of the next state row: a short job (a few
+                    // sessions' channel blocks) reads rows E floats apart, which the
+                    // prefetchers do not follow; a whole row reads on from here anyway.
+                    super::prefetch(a_k.wrapping_add(c + e));
+                    super::prefetch(h_k.wrapping_add(c + e));
                     let dt = _mm512_maskz_loadu_ps(mask, dt_row.add(c));
                     let dtx = _mm512_mul_ps(dt, _mm512_maskz_loadu_ps(mask, x_row.add(c)));
                     let a = _mm512_maskz_loadu_ps(mask, a_k.add(c));
