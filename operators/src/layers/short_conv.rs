@@ -4,16 +4,13 @@
 
 use std::ops::Range;
 
-use rayon::prelude::*;
-
 use tideway_kernels::activation::silu_inplace;
-use tideway_kernels::conv::{causal_conv1d_seq, causal_conv1d_step};
 use tideway_kernels::matmul::MatRef;
 use tideway_kernels::{Weight, written_zeros};
 
 use crate::checkpoint::Checkpoint;
 use crate::error::LoadError;
-use crate::layers::segments::rows_of;
+use crate::layers::segments::CausalConv;
 
 pub struct ShortConv {
     weight: Weight,
@@ -62,34 +59,19 @@ impl ShortConv {
         segments: &[Range<usize>],
         windows: &mut [&mut Vec<f32>],
     ) {
-        let ch = self.channels;
-        let (weight, bias) = (
-            self.weight.as_slice(),
-            self.bias.as_ref().map(Weight::as_slice),
-        );
-        let conv = |((rows, window), dst): ((&Range<usize>, &mut &mut Vec<f32>), &mut [f32])| {
-            if rows.len() == 1 {
-                let x = &input[rows.start * ch..][..ch];
-                causal_conv1d_step(x, weight, self.kernel, bias, window, dst);
-            } else {
-                let src = MatRef::dense(&input[rows.start * ch..rows.end * ch], rows.len(), ch);
-                causal_conv1d_seq(src, weight, self.kernel, bias, window, dst);
-            }
+        let conv = CausalConv {
+            weight: self.weight.as_slice(),
+            kernel: self.kernel,
+            bias: self.bias.as_ref().map(Weight::as_slice),
         };
-        let per_segment = segments
-            .iter()
-            .zip(windows.iter_mut())
-            .zip(rows_of(out, segments, ch));
-        // Sessions in parallel, as the Mamba mixer's conv (a batch's loop over them on one
-        // thread left the other idle).
-        if segments.len() > 1 {
-            per_segment
-                .collect::<Vec<_>>()
-                .into_par_iter()
-                .for_each(conv);
-        } else {
-            per_segment.for_each(conv);
-        }
+        let m = segments.last().map_or(0, |s| s.end);
+        let windows = windows.iter_mut().map(|w| w.as_mut_slice()).collect();
+        conv.run(
+            MatRef::dense(input, m, self.channels),
+            segments,
+            windows,
+            out,
+        );
         if self.silu {
             silu_inplace(out);
         }

@@ -21,10 +21,7 @@
 
 use std::ops::Range;
 
-use rayon::prelude::*;
-
 use tideway_kernels::activation::{silu_inplace, softplus_inplace};
-use tideway_kernels::conv::{causal_conv1d_seq, causal_conv1d_step};
 use tideway_kernels::matmul::{Linear, MatRef};
 use tideway_kernels::scan::{ScanInputs, ScanSegment, SsmParams, selective_scan};
 use tideway_kernels::{Weight, written_zeros};
@@ -33,7 +30,7 @@ use tideway_kernels::collective::CollectiveError;
 
 use crate::checkpoint::{Checkpoint, Split};
 use crate::error::LoadError;
-use crate::layers::segments::rows_of;
+use crate::layers::segments::CausalConv;
 use crate::tensor_parallel::Group;
 
 /// How a tensor-parallel rank holds a mixer's tensors (`name` relative to the mixer).
@@ -249,34 +246,15 @@ impl MambaMixer {
         let xz = sized(xz, m * 2 * e);
         self.in_proj.forward(MatRef::dense(u, m, d_model), xz);
 
-        // 2. x' = silu(conv(x)), continuing each session's window; sessions in parallel (at
-        //    batch 32 one thread's loop over them was 4% of a step's samples, the other
-        //    thread idle meanwhile).
+        // 2. x' = silu(conv(x)), continuing each session's window (sessions in parallel).
         let xc = sized(xc, m * e);
-        let conv_w = self.conv_weight.as_slice();
-        let conv_b = self.conv_bias.as_ref().map(Weight::as_slice);
-        let conv = |(rows, state, dst): (&Range<usize>, &mut &mut MambaLayerState, &mut [f32])| {
-            if rows.len() == 1 {
-                let x = &xz[rows.start * 2 * e..][..e];
-                causal_conv1d_step(x, conv_w, k, conv_b, &mut state.conv, dst);
-            } else {
-                let x = MatRef::columns(&xz[rows.start * 2 * e..], rows.len(), 2 * e, 0, e);
-                causal_conv1d_seq(x, conv_w, k, conv_b, &mut state.conv, dst);
-            }
+        let conv = CausalConv {
+            weight: self.conv_weight.as_slice(),
+            kernel: k,
+            bias: self.conv_bias.as_ref().map(Weight::as_slice),
         };
-        let per_segment = segments
-            .iter()
-            .zip(states.iter_mut())
-            .zip(rows_of(xc, segments, e))
-            .map(|((rows, state), dst)| (rows, state, dst));
-        if segments.len() > 1 {
-            per_segment
-                .collect::<Vec<_>>()
-                .into_par_iter()
-                .for_each(conv);
-        } else {
-            per_segment.for_each(conv);
-        }
+        let windows = states.iter_mut().map(|s| s.conv.as_mut_slice()).collect();
+        conv.run(MatRef::columns(xz, m, 2 * e, 0, e), segments, windows, xc);
         silu_inplace(xc);
 
         // 3. [δ | B | C] = x_proj(x'); Δ = softplus(dt_proj(δ) + dt_bias).
