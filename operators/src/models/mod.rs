@@ -28,6 +28,8 @@ use config::ConfigJson;
 
 pub use family::{FamilyState, LanguageFamily, SessionState, Shard};
 pub use fla::{FlaConfig, FlaLm, FlaState};
+#[cfg(feature = "cuda")]
+pub(crate) use inputs::packed_segments;
 pub use inputs::{check_token_ids, prefill_in_chunks, segments};
 pub use lmuformer::{LmuFormer, LmuFormerConfig, LmuFormerState};
 pub use mamba::{MambaConfig, MambaLm, MambaState};
