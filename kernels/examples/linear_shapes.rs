@@ -21,6 +21,7 @@ fn main() {
         (768usize, 3072usize, "in_proj"),
         (1536, 768, "out_proj"),
         (1536, 80, "x_proj"),
+        (48, 1536, "dt_proj"),
         (768, 50280, "lm_head"),
     ];
     for &(k, n, name) in &shapes {

@@ -3,7 +3,8 @@
 //! through the caches between two scans: `cargo run --release -p tideway-kernels --example
 //! scan_step [-- ROWS]` (ROWS one-row sessions; default 1). Between two layers' scans it
 //! reads `EVICT` 8-byte words (default 2²⁰, 8 MB); `EVICT=0` leaves the states warm (the
-//! scan's arithmetic alone).
+//! scan's arithmetic alone). `PREFILL=1` makes the ROWS rows one session's (a prefill chunk)
+//! instead of ROWS sessions' one row each.
 
 use std::time::Instant;
 
@@ -20,8 +21,10 @@ fn main() {
         .map(|l| (0..e * n).map(|i| -1.0 - ((i + l) % 16) as f32).collect())
         .collect();
     let d = vec![1.0f32; e];
+    let prefill = std::env::var("PREFILL").is_ok_and(|v| v == "1");
+    let sessions = if prefill { 1 } else { rows };
     let mut states: Vec<Vec<Vec<f32>>> = (0..layers)
-        .map(|_| (0..rows).map(|_| vec![0.01f32; e * n]).collect())
+        .map(|_| (0..sessions).map(|_| vec![0.01f32; e * n]).collect())
         .collect();
     let x = vec![0.5f32; rows * e];
     let delta = vec![0.1f32; rows * e];
@@ -31,7 +34,7 @@ fn main() {
     // Stands in for a layer's weights: read between two scans.
     let evict: Vec<u64> =
         (0..std::env::var("EVICT").map_or(1 << 20, |v| v.parse().unwrap())).collect();
-    let steps = 400;
+    let steps = if prefill { 10 } else { 400 };
     let mut scan_secs = 0.0;
     let mut sink = 0u64;
     rayon::ThreadPoolBuilder::new()
@@ -51,7 +54,7 @@ fn main() {
                         .iter_mut()
                         .enumerate()
                         .map(|(i, s)| ScanSegment {
-                            rows: i..i + 1,
+                            rows: if prefill { 0..rows } else { i..i + 1 },
                             state: s,
                         })
                         .collect();
@@ -76,8 +79,11 @@ fn main() {
                 }
             }
         });
+    let ms = scan_secs / steps as f64 * 1e3;
+    let cells = (layers * rows * e * n) as f64;
     println!(
-        "rows {rows}: scan {:.3} ms a step (24 layers) [{sink}]",
-        scan_secs / steps as f64 * 1e3
+        "rows {rows}{}: scan {ms:.3} ms a step (24 layers), {:.3} ns a cell [{sink}]",
+        if prefill { " of one session" } else { "" },
+        ms * 1e6 / cells
     );
 }

@@ -42,7 +42,7 @@ pub struct Out {
     pub n: usize,
 }
 
-// SAFETY: blocks given the same `Out` write disjoint columns (the caller's contract on
+// SAFETY: blocks given the same `Out` write disjoint cells (the caller's contract on
 // `block`), so sharing the pointer across the pool's threads is sound.
 unsafe impl Send for Out {}
 unsafe impl Sync for Out {}

@@ -25,6 +25,10 @@ use crate::tensor::{ShapeError, Weight};
 /// a one-row `dt_proj` of mamba-130m, 74k, is worth splitting: f32 batch 1 +7%, 2026-12-03.)
 const PARALLEL_MIN_FLOPS: usize = 1 << 16;
 
+/// Fewest rows of a panel product that [`Linear::by_tiles`] splits by rows when its columns
+/// make too few shares: a prefill chunk's, not a decode step's.
+const ROW_SPLIT_MIN_ROWS: usize = 64;
+
 /// A row-major matrix view whose rows may be further apart than its width.
 #[derive(Clone, Copy, Debug)]
 pub struct MatRef<'a> {
@@ -253,6 +257,40 @@ impl Linear {
         }
     }
 
+    /// Runs `block(rows, cols)` over the rows `0..m` and output columns `0..n` of a panel
+    /// product: [`Self::by_columns`]'s shares when they are enough, and when a tall product
+    /// has too few (`x_proj`'s 80 outputs make two panels, one thread's share four times the
+    /// other's), each column share split by rows as well, in whole tiles, until every thread
+    /// has a few. Both of a column's row shares then read its panel, which a tall product
+    /// reuses from cache anyway; a decode step's few rows stay whole, each panel streamed
+    /// from memory once.
+    fn by_tiles(
+        m: usize,
+        n: usize,
+        big: bool,
+        block: impl Fn(std::ops::Range<usize>, std::ops::Range<usize>) + Sync,
+    ) {
+        let threads = rayon::current_num_threads();
+        let panel = crate::panels::PANEL;
+        let col_share = n.div_ceil(4 * threads).next_multiple_of(panel);
+        let col_shares = n.div_ceil(col_share);
+        if !big || m < ROW_SPLIT_MIN_ROWS || col_shares >= 2 * threads {
+            return Self::by_columns(n, panel, big, |cols| block(0..m, cols));
+        }
+        let row_shares = (4 * threads).div_ceil(col_shares);
+        let row_share = m
+            .div_ceil(row_shares)
+            .next_multiple_of(crate::panels::MAX_TILE_ROWS);
+        let row_shares = m.div_ceil(row_share);
+        (0..row_shares * col_shares).into_par_iter().for_each(|s| {
+            let (r, c) = (s / col_shares, s % col_shares);
+            block(
+                r * row_share..((r + 1) * row_share).min(m),
+                c * col_share..((c + 1) * col_share).min(n),
+            );
+        });
+    }
+
     /// `out[M, out] = x[M, in] · Wᵀ (+ b)`, overwriting `out`.
     ///
     /// Panics when the shapes disagree (a programming error, never user input: loaders check
@@ -310,9 +348,9 @@ impl Linear {
                 let x = PanelInput::for_weight(x, w);
                 // SAFETY: panel layers exist only where the CPU runs their format's kernel
                 // (`from_torch_as`); `x` was prepared for `w`; `out` holds m × n, and each
-                // block gets its own columns, starting at a panel.
-                Self::by_columns(n, crate::panels::PANEL, big, |cols| unsafe {
-                    crate::panels::block(&x, w, bias, cols, target)
+                // block gets its own rows and columns, the columns starting at a panel.
+                Self::by_tiles(m, n, big, |rows, cols| unsafe {
+                    crate::panels::block(&x, w, bias, rows, cols, target)
                 });
                 return;
             }

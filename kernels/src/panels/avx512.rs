@@ -9,11 +9,11 @@ use super::{
     row_tiles,
 };
 
-/// The block loop, the same for every format (no SIMD of its own): `x` is (rows, first
-/// lane, lanes from row to row); `int8`, the quantized activations of an int8 weight (their
+/// The block loop, the same for every format (no SIMD of its own): `x` is (the rows to
+/// compute, first lane of row 0, lanes from row to row); `int8`, the quantized activations of an int8 weight (their
 /// scales and outliers).
 pub(super) unsafe fn block(
-    (rows, x, s): (usize, *const u32, usize),
+    (rows, x, s): (Range<usize>, *const u32, usize),
     int8: Option<&Int8Activations>,
     w: &PanelWeight,
     bias: Option<&[f32]>,
@@ -21,7 +21,7 @@ pub(super) unsafe fn block(
     out: Out,
 ) {
     let k = w.steps();
-    if rows == 0 {
+    if rows.is_empty() {
         return;
     }
     let tile: TileFn = match w.format {
@@ -31,7 +31,7 @@ pub(super) unsafe fn block(
     };
     // One block over all of `k` when one tile holds the rows (nothing shares the panel),
     // blocks of at most K_BLOCK otherwise.
-    let tiles = rows.div_ceil(MAX_TILE_ROWS);
+    let tiles = rows.len().div_ceil(MAX_TILE_ROWS);
     let k_block = if tiles == 1 {
         k
     } else {
@@ -49,11 +49,11 @@ pub(super) unsafe fn block(
             // The next block starts where this one ends (panels lie back to back); none
             // after the share's last. Each tile fetches its own part of it.
             let next = (!last || q + 1 < panels.end).then(|| unsafe { block.add(len * width) });
-            for (t, tile_rows) in row_tiles(rows).enumerate() {
+            for (t, tile_rows) in row_tiles(rows.clone()).enumerate() {
                 let prefetch = match next {
                     // One or two rows walk the panel as several streams at once (enough
                     // lines in flight without help).
-                    _ if rows <= 2 => Prefetch::NONE,
+                    _ if rows.len() <= 2 => Prefetch::NONE,
                     _ if tiles == 1 => Prefetch::ahead(block, len, width),
                     // Nothing fetched the share's first block for its first tile.
                     _ if t == 0 && q == panels.start && first => Prefetch::ahead(block, len, width),
@@ -93,7 +93,7 @@ pub(super) unsafe fn block(
             && !x.outliers.is_empty()
         {
             let stride = if x.dense { x.k_pad } else { x.outliers.len() };
-            for tile_rows in row_tiles(rows) {
+            for tile_rows in row_tiles(rows.clone()) {
                 unsafe {
                     let args = OutlierArgs {
                         panel: w.panel(q),

@@ -40,7 +40,7 @@ pub const PANEL: usize = 64;
 
 /// Rows of `x` per register tile (6 × 4 accumulators of the 32 registers, beside the 4
 /// weight vectors and a broadcast).
-const MAX_TILE_ROWS: usize = 6;
+pub(crate) const MAX_TILE_ROWS: usize = 6;
 
 /// Most steps per block when several tiles of rows share a panel: 1024 × 64 lanes, 256 KiB,
 /// so that the block the tiles pass over and the next one, on its way in, hold half of a
@@ -352,22 +352,28 @@ fn check_len(w: &[f32], n: usize, k: usize) {
     );
 }
 
-/// Writes `out[i, j]` for every row `i` of `x` and the output columns `cols`, which start at
-/// a panel's first column; `bias` `[n]` if any.
+/// Writes `out[i, j]` for the rows `rows` of `x` and the output columns `cols`, which start
+/// at a panel's first column; `bias` `[n]` if any.
 ///
 /// # Safety
 /// [`available`] must be true for `w`'s format; `x` must come from
 /// [`PanelInput::for_weight`] with `w` (with `x.cols` = `w`'s inputs for f32); `out.ptr` must
-/// hold `rows × out.n` values with `out.n == w`'s outputs, `cols` must lie in `0..out.n`, and
-/// no other thread may write the same columns at the same time.
+/// hold `x`'s rows × `out.n` values with `out.n == w`'s outputs, `cols` must lie in
+/// `0..out.n`, and no other thread may write the same cells at the same time.
 pub unsafe fn block(
     x: &PanelInput<'_>,
     w: &PanelWeight,
     bias: Option<&[f32]>,
+    rows: Range<usize>,
     cols: Range<usize>,
     out: Out,
 ) {
     assert!(cols.start.is_multiple_of(PANEL) && cols.end <= w.n && out.n == w.n);
+    assert!(
+        rows.end <= x.lanes().0,
+        "rows {rows:?} of a {}-row input",
+        x.lanes().0
+    );
     match (x, w.format) {
         (PanelInput::F32(x), PanelFormat::F32) => assert_eq!(x.cols, w.k),
         (PanelInput::Bf16 { pairs, rows }, PanelFormat::Bf16) => {
@@ -385,21 +391,22 @@ pub unsafe fn block(
             PanelInput::Int8(x) => Some(x),
             _ => None,
         };
-        avx512::block(x.lanes(), int8, w, bias, cols, out)
+        let (_, lanes, stride) = x.lanes();
+        avx512::block((rows, lanes, stride), int8, w, bias, cols, out)
     }
     #[cfg(not(target_arch = "x86_64"))]
     {
-        let _ = (x, w, bias, cols, out);
+        let _ = (x, w, bias, rows, cols, out);
         unreachable!("the panel kernel needs x86-64 (see `available`)");
     }
 }
 
 /// Splits `rows` into tiles of at most [`MAX_TILE_ROWS`] rows, as even as can be (8 rows run
 /// as 4 + 4, not 6 + 2: a thin tile does as many loads for fewer multiply-adds).
-fn row_tiles(rows: usize) -> impl Iterator<Item = Range<usize>> {
-    let tiles = rows.div_ceil(MAX_TILE_ROWS).max(1);
-    let (base, extra) = (rows / tiles, rows % tiles);
-    (0..tiles).scan(0, move |start, t| {
+fn row_tiles(rows: Range<usize>) -> impl Iterator<Item = Range<usize>> {
+    let tiles = rows.len().div_ceil(MAX_TILE_ROWS).max(1);
+    let (base, extra) = (rows.len() / tiles, rows.len() % tiles);
+    (0..tiles).scan(rows.start, move |start, t| {
         let len = base + usize::from(t < extra);
         let range = *start..*start + len;
         *start += len;

@@ -6,7 +6,7 @@ use super::*;
 #[test]
 fn row_tiles_cover_the_rows_in_even_tiles_of_at_most_six() {
     for rows in 0..40 {
-        let tiles: Vec<_> = row_tiles(rows).collect();
+        let tiles: Vec<_> = row_tiles(0..rows).collect();
         assert_eq!(tiles.iter().map(|t| t.len()).sum::<usize>(), rows);
         assert!(tiles.iter().all(|t| t.len() <= MAX_TILE_ROWS));
         let (min, max) = tiles.iter().fold((usize::MAX, 0), |(a, b), t| {
@@ -14,7 +14,9 @@ fn row_tiles_cover_the_rows_in_even_tiles_of_at_most_six() {
         });
         assert!(rows == 0 || max - min <= 1, "{rows}: {tiles:?}");
     }
-    assert_eq!(row_tiles(8).collect::<Vec<_>>(), vec![0..4, 4..8]);
+    assert_eq!(row_tiles(0..8).collect::<Vec<_>>(), vec![0..4, 4..8]);
+    // A share of the rows (`Linear::forward` splits tall products by rows too).
+    assert_eq!(row_tiles(30..38).collect::<Vec<_>>(), vec![30..34, 34..38]);
 }
 
 #[test]
@@ -63,7 +65,7 @@ fn a_packed_row_reads_back_as_the_torch_row() {
 
 /// Against a product in f64 of the values multiplied (f32, or both sides rounded to
 /// bf16): one tile and many (a `k` over several blocks and ragged, odd for bf16's pairs),
-/// strided rows, a partial last panel, two column shares as two threads take them.
+/// strided rows, a partial last panel, shares of rows and columns as the threads take them.
 #[test]
 fn the_kernel_matches_the_naive_product() {
     let formats = [PanelFormat::F32, PanelFormat::Bf16]
@@ -99,7 +101,7 @@ fn the_kernel_matches_the_naive_product() {
                 row_stride: stride,
             };
             let input = PanelInput::for_weight(view, &packed);
-            let out = in_two_shares(&input, &packed, &b, m);
+            let out = in_shares(&input, &packed, &b, m);
             drop(input);
             if format == PanelFormat::Bf16 {
                 // The reference multiplies the values the kernel multiplies.
@@ -143,7 +145,7 @@ fn the_int8_kernel_computes_llm_int8s_product() {
             unreachable!("int8 weights take int8 activations")
         };
         assert_eq!(acts.outliers(), outliers);
-        let out = in_two_shares(&input, &packed, &b, m);
+        let out = in_shares(&input, &packed, &b, m);
         let rows = crate::int8::Int8Weight::from_f32(&w, n, k);
         let want = crate::test_util::llm_int8_reference(&x, acts, &rows, &b, (m, k, n));
         crate::test_util::assert_close(&out, &want, &format!("int8 {m}×{k}×{n}"));
@@ -151,9 +153,10 @@ fn the_int8_kernel_computes_llm_int8s_product() {
 }
 
 /// `out` (`[rows, n]`) of `packed` (whose format this CPU runs) and `input` (prepared for it),
-/// with bias `b`, the columns in two shares as two threads take them: the first panel, the
-/// rest.
-fn in_two_shares(input: &PanelInput<'_>, packed: &PanelWeight, b: &[f32], rows: usize) -> Vec<f32> {
+/// with bias `b`, in four shares as the pool's threads take a tall product's: the first
+/// panel and the rest of the columns, each for the first half of the rows and the second
+/// (a half that starts inside a tile of six, and an empty one for a single row).
+fn in_shares(input: &PanelInput<'_>, packed: &PanelWeight, b: &[f32], rows: usize) -> Vec<f32> {
     assert!(available(packed.format()));
     let n = packed.n;
     let mut out = vec![f32::NAN; rows * n];
@@ -161,12 +164,22 @@ fn in_two_shares(input: &PanelInput<'_>, packed: &PanelWeight, b: &[f32], rows: 
         ptr: out.as_mut_ptr(),
         n,
     };
+    let half = rows / 2;
     // SAFETY: the CPU runs the format (asserted); `input` was prepared for `packed`; `out`
     // holds rows × n; the shares are disjoint.
     unsafe {
-        block(input, packed, Some(b), 0..PANEL.min(n), target);
-        if n > PANEL {
-            block(input, packed, Some(b), PANEL..n, target);
+        for share in [0..half, half..rows] {
+            block(
+                input,
+                packed,
+                Some(b),
+                share.clone(),
+                0..PANEL.min(n),
+                target,
+            );
+            if n > PANEL {
+                block(input, packed, Some(b), share, PANEL..n, target);
+            }
         }
     }
     out
