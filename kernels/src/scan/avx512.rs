@@ -8,6 +8,8 @@
 
 use std::arch::x86_64::*;
 
+use std::f32::consts::LOG2_E;
+
 use super::{BlockJob, CHANNELS, PREFETCH_BLOCKS, ScanInputs, SendPtr, SsmParams, fetch_block};
 
 /// `exp_fast` (activation.rs) on 16 lanes: the same range reduction and polynomial; `y · 2ⁿ`
@@ -29,6 +31,28 @@ unsafe fn exp16(x: __m512) -> __m512 {
         }
         let y = _mm512_fmadd_ps(p, _mm512_mul_ps(r, r), r);
         _mm512_scalef_ps(_mm512_add_ps(y, _mm512_set1_ps(1.0)), n)
+    }
+}
+
+/// `exp2_decay` (activation.rs) on 16 lanes: the same operations, `y · 2ⁿ` by `vscalefps`
+/// (exact like the body's multiplication by `2ⁿ`, `n` ∈ [-126, 0]).
+#[inline(always)]
+unsafe fn exp2_decay16(t: __m512) -> __m512 {
+    use crate::activation::exp2_consts::*;
+    unsafe {
+        let t = _mm512_max_ps(t, _mm512_set1_ps(MIN));
+        let t = _mm512_min_ps(t, _mm512_setzero_ps());
+        let n = _mm512_sub_ps(
+            _mm512_add_ps(t, _mm512_set1_ps(ROUND)),
+            _mm512_set1_ps(ROUND),
+        );
+        let f = _mm512_sub_ps(t, n);
+        let mut p = _mm512_set1_ps(POLY[0]);
+        for c in &POLY[1..] {
+            p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(*c));
+        }
+        let y = _mm512_fmadd_ps(f, p, _mm512_set1_ps(1.0));
+        _mm512_scalef_ps(y, n)
     }
 }
 
@@ -85,14 +109,15 @@ pub(super) unsafe fn scan_block(
                     fetch_block(params, job, c0 + PREFETCH_BLOCKS * CHANNELS);
                 }
                 let masks = [lanes(len, 0), lanes(len, 1)];
-                let mut dt = [_mm512_setzero_ps(); V];
+                let mut dt2 = [_mm512_setzero_ps(); V];
                 let mut xv = [_mm512_setzero_ps(); V];
                 let mut dtx = [_mm512_setzero_ps(); V];
                 for v in 0..V {
                     let at = c0 + 16 * v;
-                    dt[v] = _mm512_maskz_loadu_ps(masks[v], dt_row.add(at));
+                    let dt = _mm512_maskz_loadu_ps(masks[v], dt_row.add(at));
+                    dt2[v] = _mm512_mul_ps(dt, _mm512_set1_ps(LOG2_E));
                     xv[v] = _mm512_maskz_loadu_ps(masks[v], x_row.add(at));
-                    dtx[v] = _mm512_mul_ps(dt[v], xv[v]);
+                    dtx[v] = _mm512_mul_ps(dt, xv[v]);
                 }
                 let mut acc = [_mm512_setzero_ps(); V];
                 for k in 0..n {
@@ -102,7 +127,7 @@ pub(super) unsafe fn scan_block(
                     for v in 0..V {
                         let a = _mm512_maskz_loadu_ps(masks[v], a.add(16 * v));
                         let h = h.add(16 * v);
-                        let decay = exp16(_mm512_mul_ps(dt[v], a));
+                        let decay = exp2_decay16(_mm512_mul_ps(dt2[v], a));
                         let hv = _mm512_fmadd_ps(
                             decay,
                             _mm512_maskz_loadu_ps(masks[v], h),
@@ -168,7 +193,8 @@ unsafe fn one_row(params: &SsmParams<'_>, inputs: &ScanInputs<'_>, job: &BlockJo
                     let dt = _mm512_maskz_loadu_ps(mask, dt_row.add(c));
                     let dtx = _mm512_mul_ps(dt, _mm512_maskz_loadu_ps(mask, x_row.add(c)));
                     let a = _mm512_maskz_loadu_ps(mask, a_k.add(c));
-                    let decay = exp16(_mm512_mul_ps(dt, a));
+                    let dt2 = _mm512_mul_ps(dt, _mm512_set1_ps(LOG2_E));
+                    let decay = exp2_decay16(_mm512_mul_ps(dt2, a));
                     let h = h_k.add(c);
                     let hv = _mm512_fmadd_ps(
                         decay,
