@@ -65,6 +65,52 @@ unsafe fn silu16(z: __m512) -> __m512 {
     }
 }
 
+/// One vector of the recurrence's cells, `(k, c..c + 16)` of a row (the body's inner loop):
+/// `h ← 2^((Δ·log₂e)·A)·h + (Δ·x)·B_k` in place, returned for the sum. `cells` are the
+/// cells' `A`, their state and the lanes in use; `dt2` is `Δ·log₂e`, `dtx` is `Δ·x`.
+///
+/// # Safety
+/// AVX-512F; the masked lanes of `a` and `h` are in bounds and `h`'s are the caller's alone.
+#[inline(always)]
+unsafe fn update16(
+    (a, h, mask): (*const f32, *mut f32, __mmask16),
+    dt2: __m512,
+    dtx: __m512,
+    bk: __m512,
+) -> __m512 {
+    unsafe {
+        let decay = exp2_decay16(_mm512_mul_ps(dt2, _mm512_maskz_loadu_ps(mask, a)));
+        let hv = _mm512_fmadd_ps(
+            decay,
+            _mm512_maskz_loadu_ps(mask, h),
+            _mm512_mul_ps(dtx, bk),
+        );
+        _mm512_mask_storeu_ps(h, mask, hv);
+        hv
+    }
+}
+
+/// A row's output for 16 channels: `y = (Σ_k h·C_k + D·x) · silu(z)`, from the sum `acc`,
+/// `D`'s and `z`'s lanes at `d` and `z`, and `x` (the body's last loop).
+///
+/// # Safety
+/// AVX-512F; the masked lanes of `d`, `z` and `y` are in bounds and `y`'s are the caller's
+/// alone.
+#[inline(always)]
+unsafe fn gated_output16(
+    acc: __m512,
+    (d, x, z): (*const f32, __m512, *const f32),
+    y: *mut f32,
+    mask: __mmask16,
+) {
+    unsafe {
+        let d = _mm512_maskz_loadu_ps(mask, d);
+        let z = _mm512_maskz_loadu_ps(mask, z);
+        let out = _mm512_mul_ps(_mm512_fmadd_ps(d, x, acc), silu16(z));
+        _mm512_mask_storeu_ps(y, mask, out);
+    }
+}
+
 /// The lanes of vector `v` (0 or 1) of a block `len` channels long.
 #[inline(always)]
 fn lanes(len: usize, v: usize) -> __mmask16 {
@@ -125,24 +171,15 @@ pub(super) unsafe fn scan_block(
                     let h = job.state.0.add(k * e + c0);
                     let (bk, ck) = (_mm512_set1_ps(b_t[k]), _mm512_set1_ps(c_t[k]));
                     for v in 0..V {
-                        let a = _mm512_maskz_loadu_ps(masks[v], a.add(16 * v));
-                        let h = h.add(16 * v);
-                        let decay = exp2_decay16(_mm512_mul_ps(dt2[v], a));
-                        let hv = _mm512_fmadd_ps(
-                            decay,
-                            _mm512_maskz_loadu_ps(masks[v], h),
-                            _mm512_mul_ps(dtx[v], bk),
-                        );
-                        _mm512_mask_storeu_ps(h, masks[v], hv);
+                        let cells = (a.add(16 * v), h.add(16 * v), masks[v]);
+                        let hv = update16(cells, dt2[v], dtx[v], bk);
                         acc[v] = _mm512_fmadd_ps(hv, ck, acc[v]);
                     }
                 }
                 for v in 0..V {
                     let at = c0 + 16 * v;
-                    let d = _mm512_maskz_loadu_ps(masks[v], params.d.as_ptr().add(at));
-                    let z = _mm512_maskz_loadu_ps(masks[v], z_row.add(at));
-                    let out = _mm512_mul_ps(_mm512_fmadd_ps(d, xv[v], acc[v]), silu16(z));
-                    _mm512_mask_storeu_ps(y.0.add(row * e + at), masks[v], out);
+                    let (d, z) = (params.d.as_ptr().add(at), z_row.add(at));
+                    gated_output16(acc[v], (d, xv[v], z), y.0.add(row * e + at), masks[v]);
                 }
             }
         }
@@ -192,16 +229,8 @@ unsafe fn one_row(params: &SsmParams<'_>, inputs: &ScanInputs<'_>, job: &BlockJo
                     super::prefetch(h_k.wrapping_add(c + e));
                     let dt = _mm512_maskz_loadu_ps(mask, dt_row.add(c));
                     let dtx = _mm512_mul_ps(dt, _mm512_maskz_loadu_ps(mask, x_row.add(c)));
-                    let a = _mm512_maskz_loadu_ps(mask, a_k.add(c));
                     let dt2 = _mm512_mul_ps(dt, _mm512_set1_ps(LOG2_E));
-                    let decay = exp2_decay16(_mm512_mul_ps(dt2, a));
-                    let h = h_k.add(c);
-                    let hv = _mm512_fmadd_ps(
-                        decay,
-                        _mm512_maskz_loadu_ps(mask, h),
-                        _mm512_mul_ps(dtx, bk),
-                    );
-                    _mm512_mask_storeu_ps(h, mask, hv);
+                    let hv = update16((a_k.add(c), h_k.add(c), mask), dt2, dtx, bk);
                     let sum = sums.as_mut_ptr().add(c - c_start);
                     let acc = _mm512_fmadd_ps(hv, ck, _mm512_maskz_loadu_ps(mask, sum));
                     _mm512_mask_storeu_ps(sum, mask, acc);
@@ -210,11 +239,9 @@ unsafe fn one_row(params: &SsmParams<'_>, inputs: &ScanInputs<'_>, job: &BlockJo
             for c in (c_start..c_end).step_by(16) {
                 let mask = lanes(c_end - c, 0);
                 let acc = _mm512_maskz_loadu_ps(mask, sums.as_ptr().add(c - c_start));
-                let d = _mm512_maskz_loadu_ps(mask, params.d.as_ptr().add(c));
                 let xv = _mm512_maskz_loadu_ps(mask, x_row.add(c));
-                let z = _mm512_maskz_loadu_ps(mask, z_row.add(c));
-                let out = _mm512_mul_ps(_mm512_fmadd_ps(d, xv, acc), silu16(z));
-                _mm512_mask_storeu_ps(y.0.add(row * e + c), mask, out);
+                let (d, z) = (params.d.as_ptr().add(c), z_row.add(c));
+                gated_output16(acc, (d, xv, z), y.0.add(row * e + c), mask);
             }
         }
     }
