@@ -4,7 +4,8 @@
 # bandwidth, sgemm) and, for a Mamba, llama.cpp on the same weights as GGUF f32, f16 and q8_0
 # (llama-batched-bench) and HF transformers (bench/hf_mamba_bench.py); for a GLA or DeltaNet,
 # fla's classes with fla's reference functions (bench/fla_cpu_bench.py). ROUNDS interleaved
-# rounds; prints the medians as a table. Every tool runs with all cores (`nproc`).
+# rounds (the Tideway builds in reverse order in even rounds); prints the medians as a table
+# and each build's rounds. Every tool runs with all cores (`nproc`).
 #
 #   bench/cpu_decode.sh [MODEL_DIR] [ROUNDS] [TIDEWAY[@DTYPE]...]
 #
@@ -55,13 +56,18 @@ mkdir -p "$out"
 for round in $(seq "$rounds"); do
     echo "== round $round of $rounds" >&2
     target/release/examples/floors "$weight_bytes" >"$out/r$round-floors.txt"
-    i=0
-    for run in "$@"; do
+    # The builds in the given order in odd rounds and reversed in even ones: on this VM the
+    # one run second in every round read lower in most of them (BENCHMARKS.md, 2026-12-03
+    # night), a bias that alternating cancels over pairs of rounds.
+    order=$(seq 0 $(($# - 1)))
+    [ $((round % 2)) -eq 0 ] && order=$(seq $(($# - 1)) -1 0)
+    runs=("$@")
+    for i in $order; do
+        run=${runs[$i]}
         tideway=${run%@*} dtype=f32
         [ "$run" != "$tideway" ] && dtype=${run##*@}
         "$tideway" bench --model "$model" --batches 1,8,32 --prefill-tokens 512 --threads "$threads" \
             --dtype "$dtype" --json 2>/dev/null >"$out/r$round-tideway$i.json"
-        i=$((i + 1))
     done
     for gguf in ${ggufs[@]+"${ggufs[@]}"}; do
         name=$(basename "$gguf" .gguf)
@@ -146,5 +152,12 @@ print("|---|" + "---:|" * len(names))
 for row in rows:
     cells = [f"{med(cols[c][row]):.1f}" if row in cols[c] else "" for c in names]
     print(f"| {row} | " + " | ".join(cells) + " |")
+# Each Tideway run's rounds, to see how far they swung (the medians hide it).
+print("rounds (tok/s, round 1 / 2 / ...; even rounds ran the builds in reverse order)")
+for c in names:
+    if c.startswith("Tideway"):
+        print(f"{c}: " + "; ".join(
+            f"{row} " + " / ".join(f"{v:.1f}" for v in cols[c][row])
+            for row in rows[:4] if row in cols[c]))
 PY
 echo "raw outputs: $out"
