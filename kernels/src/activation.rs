@@ -46,16 +46,20 @@ pub fn exp_fast(x: f32) -> f32 {
         p = p.mul_add(r, *c);
     }
     let y = p.mul_add(r * r, r) + 1.0;
-    // 2ⁿ built from its exponent bits; n ∈ [-126, 127] after the clamp. `shifted` holds n in
-    // its low mantissa bits (its bits are 0x4B40_0000 + n), so integer ops alone give 2ⁿ.
-    let two_n = f32::from_bits(shifted.to_bits().wrapping_sub(0x4B40_0000 - 127) << 23);
-    y * two_n
+    y * two_to_rounded(shifted)
+}
+
+/// 2ⁿ for `shifted = n + ROUND` (`n` an integer in [-126, 127]), built from its exponent
+/// bits: `shifted` holds n in its low mantissa bits (its bits are 0x4B40_0000 + n), so integer
+/// ops alone give 2ⁿ.
+#[inline(always)]
+fn two_to_rounded(shifted: f32) -> f32 {
+    f32::from_bits(shifted.to_bits().wrapping_sub(0x4B40_0000 - 127) << 23)
 }
 
 /// The constants of [`exp2_decay`], shared with the scan's AVX-512 kernel (the same bits).
 pub(crate) mod exp2_consts {
-    /// 1.5·2²³ (as in `exp_consts`): rounds to the nearest integer.
-    pub const ROUND: f32 = 12_582_912.0;
+    pub use super::exp_consts::ROUND;
     /// Below, 2ᵗ leaves the normal range; the clamp keeps `n` ≥ -126.
     pub const MIN: f32 = -126.0;
     /// Cephes `exp2f`'s polynomial, highest degree first: 2ᶠ ≈ 1 + f·P(f) on [-½, ½].
@@ -89,9 +93,7 @@ pub fn exp2_decay(t: f32) -> f32 {
         p = p.mul_add(f, *c);
     }
     let y = f.mul_add(p, 1.0);
-    // 2ⁿ from `shifted`'s low mantissa bits, as in `exp_fast`; n ∈ [-126, 0].
-    let two_n = f32::from_bits(shifted.to_bits().wrapping_sub(0x4B40_0000 - 127) << 23);
-    y * two_n
+    y * two_to_rounded(shifted)
 }
 
 /// Natural log of a positive normal f32 (Cephes `logf`: mantissa in [√½, √2), degree-8
@@ -233,16 +235,26 @@ pub fn softplus_inplace(values: &mut [f32]) {
 mod tests {
     use super::*;
 
+    /// The largest relative error of `f` against `reference` (in f64) from `from` to `to` in
+    /// steps of `step`.
+    fn worst_relative_error(
+        (from, to, step): (f32, f32, f32),
+        f: impl Fn(f32) -> f32,
+        reference: impl Fn(f64) -> f64,
+    ) -> f64 {
+        let mut worst = 0.0f64;
+        let mut x = from;
+        while x <= to {
+            let (got, want) = (f(x) as f64, reference(x as f64));
+            worst = worst.max(((got - want) / want).abs());
+            x += step;
+        }
+        worst
+    }
+
     #[test]
     fn exp_fast_is_close_to_libm() {
-        let mut worst = 0.0f64;
-        let mut x = -87.0f32;
-        while x < 88.0 {
-            let got = exp_fast(x) as f64;
-            let want = (x as f64).exp();
-            worst = worst.max(((got - want) / want).abs());
-            x += 0.001_37;
-        }
+        let worst = worst_relative_error((-87.0, 88.0, 0.001_37), exp_fast, f64::exp);
         assert!(worst < 3e-7, "worst relative error {worst}");
         assert_eq!(exp_fast(0.0), 1.0);
         assert!(exp_fast(-1000.0) < 1e-37);
@@ -250,14 +262,7 @@ mod tests {
 
     #[test]
     fn exp2_decay_is_close_to_libm() {
-        let mut worst = 0.0f64;
-        let mut t = -126.0f32;
-        while t <= 0.0 {
-            let got = exp2_decay(t) as f64;
-            let want = (t as f64).exp2();
-            worst = worst.max(((got - want) / want).abs());
-            t += 0.000_73;
-        }
+        let worst = worst_relative_error((-126.0, 0.0, 0.000_73), exp2_decay, f64::exp2);
         assert!(worst < 2.5e-7, "worst relative error {worst}");
         assert_eq!(exp2_decay(0.0), 1.0);
         assert_eq!(exp2_decay(-3.0), 0.125);
