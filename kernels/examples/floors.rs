@@ -1,7 +1,7 @@
 //! The machine's floors for a model of WEIGHT_BYTES bytes of weights, measured now (this
 //! machine's speed varies from day to day, so a floor means something only beside the figures
 //! measured in the same run): the memory's read bandwidth (best of 5 passes over 1 GiB with
-//! every thread, AVX2 loads) gives batch-1 decode's floor, `bandwidth / WEIGHT_BYTES` tokens/s; gemm's
+//! every thread, AVX2 loads, on 4 KiB pages and on huge pages: the faster) gives batch-1 decode's floor, `bandwidth / WEIGHT_BYTES` tokens/s; gemm's
 //! best f32 GFLOP/s on a prefill-chunk-sized product gives the compute floor,
 //! `GFLOP/s / (2 × parameters)` tokens/s.
 //!
@@ -11,6 +11,7 @@ use std::time::Instant;
 
 use rayon::prelude::*;
 use tideway_kernels::Weight;
+use tideway_kernels::huge_pages::HugeBuffer;
 use tideway_kernels::matmul::{Linear, MatRef};
 
 fn main() {
@@ -22,20 +23,35 @@ fn main() {
 
     // Read bandwidth: each thread sums its contiguous share, 64 bytes a load into 8
     // independent sums where the CPU has AVX2 (so the adds never wait on each other and the
-    // loads are the limit).
-    let buffer: Vec<f32> = (0..(1usize << 28)).map(|i| (i & 7) as f32).collect();
-    let mut best = f64::INFINITY;
+    // loads are the limit). Over a buffer on 4 KiB pages and over one on huge pages where the
+    // OS gives them (as Tideway's weights are, `huge_pages`): the floor is the faster.
+    let len = 1usize << 28;
     let mut total = 0.0f32;
-    for _ in 0..5 {
-        let start = Instant::now();
-        total += buffer
-            .par_chunks(buffer.len().div_ceil(threads))
-            .map(sum)
-            .sum::<f32>();
-        best = best.min(start.elapsed().as_secs_f64());
-    }
-    let bandwidth = (buffer.len() * 4) as f64 / best;
-    drop(buffer);
+    let mut on_pages = |buffer: &[f32]| {
+        let mut best = f64::INFINITY;
+        for _ in 0..5 {
+            let start = Instant::now();
+            total += buffer
+                .par_chunks(buffer.len().div_ceil(threads))
+                .map(sum)
+                .sum::<f32>();
+            best = best.min(start.elapsed().as_secs_f64());
+        }
+        (len * 4) as f64 / best
+    };
+    let small_pages = {
+        let buffer: Vec<f32> = (0..len).map(|i| (i & 7) as f32).collect();
+        on_pages(&buffer)
+    };
+    let huge_pages = {
+        let mut buffer = HugeBuffer::<f32>::zeroed(len);
+        buffer
+            .iter_mut()
+            .enumerate()
+            .for_each(|(i, v)| *v = (i & 7) as f32);
+        on_pages(&buffer)
+    };
+    let bandwidth = small_pages.max(huge_pages);
 
     // Compute: a [512, 768] × [768, 3072] product (a prefill chunk through mamba-130m's
     // in_proj), gemm's path, best of 10.
@@ -55,10 +71,13 @@ fn main() {
 
     println!("threads {threads} (checksum {total})");
     println!(
-        "read bandwidth {:.1} GB/s -> batch-1 f32 decode floor {:.1} tok/s ({:.0} MB of weights)",
+        "read bandwidth {:.1} GB/s -> batch-1 f32 decode floor {:.1} tok/s ({:.0} MB of weights; \
+         4 KiB pages {:.1} GB/s, huge pages {:.1} GB/s)",
         bandwidth / 1e9,
         bandwidth / weight_bytes,
-        weight_bytes / 1e6
+        weight_bytes / 1e6,
+        small_pages / 1e9,
+        huge_pages / 1e9
     );
     println!(
         "sgemm {:.1} GFLOP/s -> compute floor {:.1} tok/s ({:.1}M parameters)",

@@ -9,6 +9,7 @@
 
 use std::ops::Range;
 
+use crate::huge_pages::HugeBuffer;
 use crate::matmul::MatRef;
 use crate::skinny::Out;
 
@@ -18,7 +19,7 @@ const STEP: usize = 32;
 /// `W` (`[n, k]`) in bf16, each row padded to `k_pad` (a multiple of 32) with zeros.
 #[derive(Clone, Debug)]
 pub struct Bf16Weight {
-    pub(crate) bits: std::sync::Arc<[u16]>,
+    pub(crate) bits: std::sync::Arc<HugeBuffer<u16>>,
     pub(crate) k_pad: usize,
 }
 
@@ -26,7 +27,7 @@ impl Bf16Weight {
     /// Rounds `w` (`[n, k]` f32, row-major) to bf16 (nearest, ties to even).
     pub fn from_f32(w: &[f32], n: usize, k: usize) -> Self {
         let k_pad = k.next_multiple_of(STEP);
-        let mut bits = vec![0u16; n * k_pad];
+        let mut bits = HugeBuffer::<u16>::zeroed(n * k_pad);
         for (dst, src) in bits.chunks_exact_mut(k_pad).zip(w.chunks_exact(k)) {
             for (d, &s) in dst.iter_mut().zip(src) {
                 *d = half::bf16::from_f32(s).to_bits();

@@ -19,6 +19,7 @@
 use std::ops::Range;
 use std::sync::Arc;
 
+use crate::huge_pages::HugeBuffer;
 use crate::matmul::MatRef;
 use crate::skinny::Out;
 
@@ -32,7 +33,7 @@ const STEP: usize = 64;
 /// `W` (`[n, k]`) quantized per row, each row padded to `k_pad` with zeros.
 #[derive(Clone, Debug)]
 pub struct Int8Weight {
-    pub(crate) q: Arc<[i8]>,
+    pub(crate) q: Arc<HugeBuffer<i8>>,
     pub(crate) scale: Arc<[f32]>,
     pub(crate) k_pad: usize,
 }
@@ -41,7 +42,7 @@ impl Int8Weight {
     /// Quantizes `w` (`[n, k]` f32, row-major).
     pub fn from_f32(w: &[f32], n: usize, k: usize) -> Self {
         let k_pad = k.next_multiple_of(STEP);
-        let mut q = vec![0i8; n * k_pad];
+        let mut q = HugeBuffer::<i8>::zeroed(n * k_pad);
         let mut scale = vec![0.0f32; n];
         for j in 0..n {
             let row = &w[j * k..(j + 1) * k];

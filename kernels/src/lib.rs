@@ -32,6 +32,7 @@ pub mod delta_rule;
 pub mod expm;
 #[cfg(feature = "cuda")]
 pub mod gpu;
+pub mod huge_pages;
 pub mod int8;
 pub mod linear_attention;
 pub mod matmul;

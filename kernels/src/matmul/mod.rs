@@ -9,12 +9,16 @@
 //! through the `gemm` crate, whose packing of `W` is then a small share of the work. bf16
 //! weights elsewhere and int8 weights keep rows ([`crate::bf16`], [`crate::int8`]). `examples/linear_shapes.rs`
 //! measures them. Rows of `x` may be strided (a column slice of a wider activation, e.g. the
-//! `dt` part of `x_proj`'s output).
+//! `dt` part of `x_proj`'s output). Every layout keeps `W` on huge pages where the OS gives
+//! them ([`crate::huge_pages`]): a decode step streams all of it.
 
 use gemm::Parallelism;
 use rayon::prelude::*;
 
+use std::sync::Arc;
+
 use crate::bf16::Bf16Weight;
+use crate::huge_pages::HugeBuffer;
 use crate::int8::Int8Weight;
 use crate::panels::{PanelFormat, PanelInput, PanelWeight};
 use crate::skinny;
@@ -98,7 +102,7 @@ impl LinearFormat {
 enum Stored {
     /// f32 in PyTorch's layout: the skinny kernel for a few rows, gemm for more (CPUs
     /// without AVX-512).
-    F32(Weight),
+    F32(Arc<HugeBuffer<f32>>),
     /// f32 (AVX-512), bf16 (AVX-512 BF16) or int8 (AVX-512 VNNI) packed in panels of 64
     /// outputs: one kernel for every row count.
     Panels(PanelWeight),
@@ -154,7 +158,7 @@ impl Linear {
             LinearFormat::F32 if crate::panels::available(PanelFormat::F32) => {
                 Stored::Panels(PanelWeight::from_torch(values, out_features, in_features))
             }
-            LinearFormat::F32 => Stored::F32(Weight::from_vec(values.to_vec(), shape)?),
+            LinearFormat::F32 => Stored::F32(Arc::new(HugeBuffer::copy_of(values))),
             LinearFormat::Bf16 if crate::panels::available(PanelFormat::Bf16) => Stored::Panels(
                 PanelWeight::from_torch_bf16(values, out_features, in_features),
             ),
@@ -200,7 +204,7 @@ impl Linear {
     /// Bytes of the weight as kept (int8: with its scales) and the bias.
     pub fn size_bytes(&self) -> usize {
         let weight = match &self.weight {
-            Stored::F32(w) => w.size_bytes(),
+            Stored::F32(w) => std::mem::size_of_val(&***w),
             Stored::Panels(w) => w.size_bytes(),
             Stored::Bf16(w) => w.size_bytes(),
             Stored::Int8(w) => w.size_bytes(),
@@ -212,7 +216,7 @@ impl Linear {
     /// dequantized), and the bias (for uploading the layer to a device).
     pub fn to_torch(&self) -> (Vec<f32>, Option<Vec<f32>>) {
         let w = match &self.weight {
-            Stored::F32(w) => w.as_slice().to_vec(),
+            Stored::F32(w) => w.to_vec(),
             _ => {
                 let mut w = vec![0.0f32; self.out_features * self.in_features];
                 for (j, row) in w.chunks_exact_mut(self.in_features.max(1)).enumerate() {
@@ -230,7 +234,7 @@ impl Linear {
     pub fn torch_weight_row(&self, j: usize, dst: &mut [f32]) {
         assert!(j < self.out_features && dst.len() == self.in_features);
         match &self.weight {
-            Stored::F32(w) => dst.copy_from_slice(w.row(j)),
+            Stored::F32(w) => dst.copy_from_slice(&w[j * self.in_features..][..self.in_features]),
             Stored::Panels(w) => w.row_f32(j, dst),
             Stored::Bf16(w) => w.row_f32(j, dst),
             Stored::Int8(w) => w.row_f32(j, dst),
@@ -325,7 +329,7 @@ impl Linear {
             n,
         };
         let w = match &self.weight {
-            Stored::F32(w) => w.as_slice(),
+            Stored::F32(w) => w,
             Stored::Bf16(w) => {
                 let x = crate::bf16::widen_input(x, w.k_pad);
                 // SAFETY: bf16 layers exist only where the CPU runs the kernel

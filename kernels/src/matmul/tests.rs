@@ -23,7 +23,7 @@ fn naive(x: &[f32], m: usize, k: usize, stride: usize, w: &[f32], n: usize) -> V
 /// without AVX-512 keep every f32 layer so).
 fn row_layout(weight: &Weight, bias: Option<Weight>) -> Linear {
     let mut layer = Linear::from_torch(weight, bias).unwrap();
-    layer.weight = Stored::F32(weight.clone());
+    layer.weight = Stored::F32(std::sync::Arc::new(HugeBuffer::copy_of(weight.as_slice())));
     layer
 }
 

@@ -31,6 +31,7 @@
 use std::ops::Range;
 use std::sync::Arc;
 
+use crate::huge_pages::{HugeBuffer, Zeroable};
 use crate::int8::{Int8Activations, quantize_weight, weight_scale};
 use crate::matmul::MatRef;
 use crate::skinny::Out;
@@ -83,13 +84,18 @@ impl PanelFormat {
 #[repr(C, align(64))]
 struct Line([u32; 16]);
 
+// SAFETY: sixteen `u32`s, no padding: zero bytes are the line of zeros.
+unsafe impl Zeroable for Line {
+    const ZERO: Self = Line([0; 16]);
+}
+
 /// `W` (`[n, k]`, PyTorch's layout) packed in panels of [`PANEL`] output columns; the last
 /// panel is as narrow as its columns allow in whole vectors of 16, padded with zeros (a
 /// mamba-130m `x_proj` of 80 outputs keeps 64 + 16 columns, not 128), and a `k` that does
 /// not fill a bf16 pair or an int8 quad with zero inputs.
 #[derive(Clone, Debug)]
 pub struct PanelWeight {
-    lines: Arc<[Line]>,
+    lines: Arc<HugeBuffer<Line>>,
     n: usize,
     k: usize,
     format: PanelFormat,
@@ -176,7 +182,7 @@ impl PanelWeight {
         mut value: impl FnMut(usize, usize) -> u32,
     ) -> Self {
         let mut packed = PanelWeight {
-            lines: Vec::new().into(),
+            lines: Arc::new(HugeBuffer::zeroed(0)),
             n,
             k,
             format,
@@ -184,7 +190,7 @@ impl PanelWeight {
         };
         let (per, steps) = (format.inputs_per_lane(), packed.steps());
         let bits = 32 / per;
-        let mut lines = vec![Line([0; 16]); n.next_multiple_of(16) * steps / 16];
+        let mut lines = HugeBuffer::<Line>::zeroed(n.next_multiple_of(16) * steps / 16);
         let mut at = 0;
         for q in 0..n.div_ceil(PANEL) {
             let width = packed.width(q);
@@ -202,7 +208,7 @@ impl PanelWeight {
             }
         }
         debug_assert_eq!(at, lines.len() * 16);
-        packed.lines = lines.into();
+        packed.lines = Arc::new(lines);
         packed
     }
 
@@ -252,7 +258,7 @@ impl PanelWeight {
 
     /// Bytes kept (the last panel's padding included; int8: with its scales and sums).
     pub fn size_bytes(&self) -> usize {
-        std::mem::size_of_val(&*self.lines)
+        std::mem::size_of_val(&**self.lines)
             + self.columns.as_ref().map_or(0, |c| {
                 std::mem::size_of_val(&*c.scale) + std::mem::size_of_val(&*c.sums)
             })

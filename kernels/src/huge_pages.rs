@@ -1,0 +1,192 @@
+//! Weight buffers on 2 MiB pages where the OS gives them (Linux's transparent huge pages,
+//! asked for with `madvise(MADV_HUGEPAGE)`), so that a decode step streaming its weights
+//! crosses a page every 2 MiB instead of every 4 KiB.
+//!
+//! A batch-1 step reads every weight once: ~520 MB for mamba-130m in f32, ~126k pages of 4
+//! KiB, far more than the TLB holds (Zen 4's L2 TLB: 3072 entries, 12 MiB), so each new
+//! page costs a page walk while the stream waits. Most distributions leave transparent huge
+//! pages to `madvise` (`/sys/kernel/mm/transparent_hugepage/enabled`), so a `Vec` stays on
+//! 4 KiB pages. Where the advice is refused or the OS has none, the buffer is an ordinary
+//! zeroed mapping (or heap memory off Linux) and everything works the same, a little slower.
+//! `TIDEWAY_SMALL_PAGES` set (to anything) keeps every buffer on the heap's pages: for
+//! comparing (`examples/step_products.rs`), or where huge pages are unwelcome.
+//!
+//! A mamba-130m decode step's products at batch 1, both kinds alternated step by step in one
+//! process (`examples/step_products.rs`, 2026-12-04, Zen 4), 4 KiB → huge pages: f32 median
+//! 17.83 → 17.20 and 17.31 → 16.70 ms, bf16 9.53 → 9.26 and 8.78 → 8.33, int8 5.74 → 5.53
+//! and 4.43 → 4.46 (int8's tensors hold the fewest whole huge pages).
+
+use std::marker::PhantomData;
+use std::ops::{Deref, DerefMut};
+
+/// Huge pages' size on x86-64 and most aarch64 kernels; a mapping is aligned to it.
+const HUGE_PAGE: usize = 2 << 20;
+
+/// Buffers smaller than this stay on the heap: they hold no whole huge page.
+const MIN_BYTES: usize = HUGE_PAGE;
+
+/// A fixed-length buffer of `T`, zeroed when made, on huge pages where the OS gives them.
+///
+/// `T` must be plain data for which all-zero bytes are a valid value (the numeric lanes of
+/// weights); [`HugeBuffer::zeroed`] says so by its `Zeroable` bound.
+pub struct HugeBuffer<T: Zeroable> {
+    storage: Storage<T>,
+    len: usize,
+    _values: PhantomData<T>,
+}
+
+enum Storage<T> {
+    /// An anonymous mapping with the advice given; the values start `offset` bytes in (the
+    /// first 2 MiB boundary).
+    #[cfg(target_os = "linux")]
+    Mapped {
+        map: memmap2::MmapMut,
+        offset: usize,
+    },
+    Heap(Box<[T]>),
+}
+
+/// Types whose all-zero bytes are a valid value, [`Zeroable::ZERO`].
+///
+/// # Safety
+/// All-zero bytes must be a valid value of the type, equal to `ZERO`: a mapped buffer's
+/// fresh pages are read as such.
+pub unsafe trait Zeroable: Copy + Send + Sync + 'static {
+    const ZERO: Self;
+}
+
+macro_rules! zeroable {
+    ($($t:ty),*) => {$(
+        // SAFETY: zero bytes are the number zero.
+        unsafe impl Zeroable for $t {
+            const ZERO: Self = 0 as $t;
+        }
+    )*};
+}
+zeroable!(u8, i8, u16, u32, i32, f32);
+
+// SAFETY: an array of zeroable values is zeroable.
+unsafe impl<T: Zeroable, const N: usize> Zeroable for [T; N] {
+    const ZERO: Self = [T::ZERO; N];
+}
+
+impl<T: Zeroable> HugeBuffer<T> {
+    /// `len` zeros. The pages are mapped as they are first written, which is when the OS
+    /// picks their size: fill the buffer in place rather than copying a finished one in.
+    pub fn zeroed(len: usize) -> Self {
+        let bytes = len * std::mem::size_of::<T>();
+        #[cfg(target_os = "linux")]
+        if bytes >= MIN_BYTES
+            && std::env::var_os("TIDEWAY_SMALL_PAGES").is_none()
+            && let Some(storage) = Self::mapped(bytes)
+        {
+            return HugeBuffer {
+                storage,
+                len,
+                _values: PhantomData,
+            };
+        }
+        let _ = bytes;
+        HugeBuffer {
+            storage: Storage::Heap(vec![T::ZERO; len].into_boxed_slice()),
+            len,
+            _values: PhantomData,
+        }
+    }
+
+    /// A copy of `values`, written into fresh pages.
+    pub fn copy_of(values: &[T]) -> Self {
+        let mut buffer = Self::zeroed(values.len());
+        buffer.copy_from_slice(values);
+        buffer
+    }
+
+    /// An anonymous mapping of `bytes` from a 2 MiB boundary, its whole huge pages advised
+    /// to be huge; `None` when the OS refuses the mapping (the caller falls back to the heap).
+    /// The tail past the last whole huge page keeps 4 KiB pages: a huge one there would hold
+    /// up to 2 MiB of nothing (~1 MiB a tensor, a sixth of an int8 mamba-130m). A refused
+    /// advice is not an error: the pages are then 4 KiB.
+    #[cfg(target_os = "linux")]
+    fn mapped(bytes: usize) -> Option<Storage<T>> {
+        let map = memmap2::MmapMut::map_anon(bytes + HUGE_PAGE).ok()?;
+        let offset = (map.as_ptr() as usize).next_multiple_of(HUGE_PAGE) - map.as_ptr() as usize;
+        let whole = bytes / HUGE_PAGE * HUGE_PAGE;
+        let _ = map.advise_range(memmap2::Advice::HugePage, offset, whole);
+        Some(Storage::Mapped { map, offset })
+    }
+}
+
+impl<T: Zeroable> Deref for HugeBuffer<T> {
+    type Target = [T];
+
+    fn deref(&self) -> &[T] {
+        match &self.storage {
+            #[cfg(target_os = "linux")]
+            // SAFETY: the mapping holds `offset + len` values' bytes from a page boundary
+            // (aligned for any `T` up to 4 KiB), zeroed by the OS and written only as `T`.
+            Storage::Mapped { map, offset } => unsafe {
+                std::slice::from_raw_parts(map.as_ptr().add(*offset).cast(), self.len)
+            },
+            Storage::Heap(values) => values,
+        }
+    }
+}
+
+impl<T: Zeroable> DerefMut for HugeBuffer<T> {
+    fn deref_mut(&mut self) -> &mut [T] {
+        match &mut self.storage {
+            #[cfg(target_os = "linux")]
+            // SAFETY: as for `deref`, through the unique borrow of the mapping.
+            Storage::Mapped { map, offset } => unsafe {
+                std::slice::from_raw_parts_mut(map.as_mut_ptr().add(*offset).cast(), self.len)
+            },
+            Storage::Heap(values) => values,
+        }
+    }
+}
+
+impl<T: Zeroable + std::fmt::Debug> std::fmt::Debug for HugeBuffer<T> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("HugeBuffer")
+            .field("len", &self.len)
+            .field("mapped", &!matches!(self.storage, Storage::Heap(_)))
+            .finish()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn buffers_hold_zeros_then_what_is_written_at_every_size() {
+        // Empty, on the heap, and mapped (over MIN_BYTES), each with a length that is not a
+        // whole number of pages.
+        for len in [
+            0usize,
+            1,
+            1000,
+            MIN_BYTES / 4 - 1,
+            MIN_BYTES / 4 + 3,
+            3 * HUGE_PAGE / 4 + 5,
+        ] {
+            let mut buffer = HugeBuffer::<u32>::zeroed(len);
+            assert_eq!(buffer.len(), len);
+            assert!(buffer.iter().all(|&v| v == 0), "{len} values");
+            for (i, v) in buffer.iter_mut().enumerate() {
+                *v = i as u32 ^ 0x5a5a;
+            }
+            let values: Vec<u32> = (0..len as u32).map(|i| i ^ 0x5a5a).collect();
+            assert_eq!(&*buffer, &values[..]);
+            assert_eq!(&*HugeBuffer::copy_of(&values), &values[..]);
+        }
+    }
+
+    #[test]
+    #[cfg(target_os = "linux")]
+    fn large_buffers_start_on_a_huge_page_boundary() {
+        let buffer = HugeBuffer::<f32>::zeroed(HUGE_PAGE);
+        assert!(matches!(buffer.storage, Storage::Mapped { .. }));
+        assert_eq!(buffer.as_ptr() as usize % HUGE_PAGE, 0);
+    }
+}
