@@ -2,11 +2,14 @@
 //! with the weights in f32, bf16 or int8:
 //! `cargo run --release -p tideway-kernels --example linear_shapes [-- f32|bf16|int8 [cold]]`.
 //! `cold` cycles through copies of each matrix totalling 1 GB, more than the last-level cache
-//! holds, so that the weights come from memory as in a model's decode step.
+//! holds, so that the weights come from memory as in a model's decode step. `ROWS=1,8`
+//! picks the row counts (default 1-512). The products run on the compute pool, as a model's
+//! step runs them.
 
 use std::time::Instant;
 
 use tideway_kernels::Weight;
+use tideway_kernels::cpu::on_compute_pool;
 use tideway_kernels::matmul::{Linear, LinearFormat, MatRef};
 
 fn main() {
@@ -40,17 +43,24 @@ fn main() {
         let layers: Vec<Linear> = std::iter::once(first)
             .chain((1..copies).map(|_| load()))
             .collect();
-        for m in [1usize, 2, 4, 8, 16, 32, 64, 256, 512] {
+        for m in std::env::var("ROWS").map_or(vec![1usize, 2, 4, 8, 16, 32, 64, 256, 512], |r| {
+            r.split(',')
+                .map(|v| v.parse().expect("ROWS: numbers"))
+                .collect()
+        }) {
             let x: Vec<f32> = (0..m * k).map(|i| (i % 89) as f32 * 1e-3).collect();
             let mut out = vec![0.0f32; m * n];
             layers[0].forward(MatRef::dense(&x, m, k), &mut out);
             let reps = (2e9 / (m * k * n) as f64).clamp(3.0, 2000.0) as usize;
             let reps = reps.max(copies);
-            let t0 = Instant::now();
-            for rep in 0..reps {
-                layers[rep % copies].forward(MatRef::dense(&x, m, k), &mut out);
-            }
-            let secs = t0.elapsed().as_secs_f64() / reps as f64;
+            // On the compute pool, as a model's step runs its products (`on_compute_pool`).
+            let secs = on_compute_pool(|| {
+                let t0 = Instant::now();
+                for rep in 0..reps {
+                    layers[rep % copies].forward(MatRef::dense(&x, m, k), &mut out);
+                }
+                t0.elapsed().as_secs_f64() / reps as f64
+            });
             println!(
                 "{name:>8} m={m:>3} k={k:>5} n={n:>5}: {:>8.3} ms  {:>6.1} GFLOP/s  {:>5.1} GB/s of weights",
                 secs * 1e3,

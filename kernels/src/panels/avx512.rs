@@ -6,7 +6,7 @@ use std::ops::Range;
 
 use super::{
     Int8Activations, K_BLOCK, MAX_TILE_ROWS, Out, PANEL, PREFETCH_STEPS, PanelFormat, PanelWeight,
-    row_tiles,
+    STREAM_AHEAD_STEPS, row_tiles,
 };
 
 /// The block loop, the same for every format (no SIMD of its own): `x` is (the rows to
@@ -51,8 +51,8 @@ pub(super) unsafe fn block(
             let next = (!last || q + 1 < panels.end).then(|| unsafe { block.add(len * width) });
             for (t, tile_rows) in row_tiles(rows.clone()).enumerate() {
                 let prefetch = match next {
-                    // One or two rows walk the panel as several streams at once (enough
-                    // lines in flight without help).
+                    // One or two rows walk the panel as two streams, each fetching its
+                    // own way ahead (`tile`).
                     _ if rows.len() <= 2 => Prefetch::NONE,
                     _ if tiles == 1 => Prefetch::ahead(block, len, width),
                     // Nothing fetched the share's first block for its first tile.
@@ -319,8 +319,8 @@ unsafe fn tile_int8(nv: usize, rows: usize, args: TileArgs) {
     unsafe { tile_of::<Int8Lanes>(nv, rows, args) }
 }
 
-/// The tile for `rows` rows of a panel `nv` vectors wide. One row walks the panel as 4
-/// segments and two rows as 2 (more streams in flight); more rows as one.
+/// The tile for `rows` rows of a panel `nv` vectors wide. One or two rows walk the panel
+/// as 2 segments (more streams in flight); more rows as one.
 #[inline(always)]
 unsafe fn tile_of<L: Lanes>(nv: usize, rows: usize, args: TileArgs) {
     unsafe {
@@ -337,7 +337,7 @@ unsafe fn tile_of<L: Lanes>(nv: usize, rows: usize, args: TileArgs) {
 unsafe fn tile_rows<L: Lanes, const NV: usize>(rows: usize, args: TileArgs) {
     unsafe {
         match rows {
-            1 => tile::<L, 1, 4, NV>(args),
+            1 => tile::<L, 1, 2, NV>(args),
             2 => tile::<L, 2, 2, NV>(args),
             3 => tile::<L, 3, 1, NV>(args),
             4 => tile::<L, 4, 1, NV>(args),
@@ -388,16 +388,28 @@ unsafe fn step<L: Lanes, const MR: usize, const NV: usize>(
 
 /// `MR` rows against `a.len` steps of a panel `NV` vectors wide, the steps walked as `S`
 /// segments at once (`S` sequential streams in flight, `S × MR × NV` accumulators summed
-/// at the end).
+/// at the end). Segments fetch their own lines [`STREAM_AHEAD_STEPS`] ahead (the last
+/// segment's run on into the next panel, which lies right after: a prefetch past the
+/// weights never faults).
 #[inline(always)]
 unsafe fn tile<L: Lanes, const MR: usize, const S: usize, const NV: usize>(a: TileArgs) {
     unsafe {
         let mut acc = [[[_mm512_setzero_ps(); NV]; MR]; S];
         let mut fetch = a.prefetch.from;
-        // Several segments are streams enough: their loop goes without the prefetch check.
+        // Several segments fetch for themselves: their loop goes without the prefetch check.
         let prefetch = S == 1 && a.prefetch.per_step > 0;
         let segment = a.len / S;
         for p in 0..segment {
+            if S > 1 {
+                for s in 0..S {
+                    let ahead = a
+                        .panel
+                        .wrapping_add((s * segment + p + STREAM_AHEAD_STEPS) * 16 * NV);
+                    for c in 0..NV {
+                        _mm_prefetch::<_MM_HINT_T1>(ahead.wrapping_add(16 * c).cast());
+                    }
+                }
+            }
             for (s, acc) in acc.iter_mut().enumerate() {
                 step::<L, MR, NV>(acc, &a, s * segment + p, &mut fetch, prefetch);
             }

@@ -56,6 +56,16 @@ const K_BLOCK: usize = 1024;
 /// did about as well, 128 worse.
 const PREFETCH_STEPS: usize = 32;
 
+/// How far ahead each segment of a one- or two-row tile asks for its panel, to L2: 128
+/// steps, 32 KiB. The segments are sequential streams, but the hardware prefetcher stops at
+/// every 4 KiB page and restarts behind the reads. A mamba-130m step's products at batch 1
+/// (the loop of `examples/step_products.rs` with the variants behind a switch, alternated
+/// step by step in one process, 2026-12-03 night), medians: f32 18.4-21.3 ms with four segments
+/// and no fetching (as before) → 16.9-17.8 with two segments 128 steps ahead (17.8-19.9 at
+/// 48); bf16 9.7-10.0 → 8.8; int8 5.26 → 4.91; two rows 19.8 → 18.7 (f32), 10.6 → 9.9
+/// (bf16). Six segments, one segment fetching ahead, or fetching to L1 did worse.
+const STREAM_AHEAD_STEPS: usize = 128;
+
 /// What a panel's 32-bit lanes hold.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum PanelFormat {
