@@ -12,10 +12,10 @@
 //! `dt` part of `x_proj`'s output). Every layout keeps `W` on huge pages where the OS gives
 //! them ([`crate::huge_pages`]): a decode step streams all of it.
 
+use std::sync::Arc;
+
 use gemm::Parallelism;
 use rayon::prelude::*;
-
-use std::sync::Arc;
 
 use crate::bf16::Bf16Weight;
 use crate::huge_pages::HugeBuffer;
