@@ -13,12 +13,10 @@ use tideway_kernels::cpu::on_compute_pool;
 use tideway_kernels::matmul::{Linear, LinearFormat, MatRef};
 
 fn main() {
-    let format = match std::env::args().nth(1).as_deref() {
-        None | Some("f32") => LinearFormat::F32,
-        Some("bf16") => LinearFormat::Bf16,
-        Some("int8") => LinearFormat::Int8,
-        Some(other) => panic!("{other}: f32, bf16 or int8"),
-    };
+    let format: LinearFormat = std::env::args()
+        .nth(1)
+        .map_or(Ok(LinearFormat::F32), |a| a.parse())
+        .unwrap_or_else(|e| panic!("{e}"));
     let cold = std::env::args().nth(2).as_deref() == Some("cold");
     let shapes = [
         (768usize, 3072usize, "in_proj"),

@@ -81,6 +81,20 @@ pub enum LinearFormat {
     Int8,
 }
 
+impl std::str::FromStr for LinearFormat {
+    type Err = String;
+
+    /// `f32`, `bf16` or `int8` (the examples' argument; the CLI has its own `--dtype`).
+    fn from_str(name: &str) -> Result<Self, String> {
+        match name {
+            "f32" => Ok(LinearFormat::F32),
+            "bf16" => Ok(LinearFormat::Bf16),
+            "int8" => Ok(LinearFormat::Int8),
+            other => Err(format!("{other}: f32, bf16 or int8")),
+        }
+    }
+}
+
 impl LinearFormat {
     /// Why this CPU cannot run the format's kernels, if it cannot (bf16 and int8 need AVX2).
     pub fn unsupported_here(self) -> Option<String> {
