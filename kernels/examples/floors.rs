@@ -1,9 +1,9 @@
 //! The machine's floors for a model of WEIGHT_BYTES bytes of weights, measured now (this
 //! machine's speed varies from day to day, so a floor means something only beside the figures
 //! measured in the same run): the memory's read bandwidth (best of 5 passes over 1 GiB with
-//! every thread, AVX2 loads, on 4 KiB pages and on huge pages: the faster) gives batch-1 decode's floor, `bandwidth / WEIGHT_BYTES` tokens/s; gemm's
-//! best f32 GFLOP/s on a prefill-chunk-sized product gives the compute floor,
-//! `GFLOP/s / (2 × parameters)` tokens/s.
+//! every thread, AVX2 loads, on 4 KiB pages and on huge pages: the faster) gives batch-1
+//! decode's floor, `bandwidth / WEIGHT_BYTES` tokens/s; gemm's best f32 GFLOP/s on a
+//! prefill-chunk-sized product gives the compute floor, `GFLOP/s / (2 × parameters)` tokens/s.
 //!
 //! `cargo run --release -p tideway-kernels --example floors -- WEIGHT_BYTES`
 

@@ -16,7 +16,6 @@
 //! 17.83 → 17.20 and 17.31 → 16.70 ms, bf16 9.53 → 9.26 and 8.78 → 8.33, int8 5.74 → 5.53
 //! and 4.43 → 4.46 (int8's tensors hold the fewest whole huge pages).
 
-use std::marker::PhantomData;
 use std::ops::{Deref, DerefMut};
 
 /// Huge pages' size on x86-64 and most aarch64 kernels; a mapping is aligned to it.
@@ -32,7 +31,6 @@ const MIN_BYTES: usize = HUGE_PAGE;
 pub struct HugeBuffer<T: Zeroable> {
     storage: Storage<T>,
     len: usize,
-    _values: PhantomData<T>,
 }
 
 enum Storage<T> {
@@ -74,23 +72,13 @@ impl<T: Zeroable> HugeBuffer<T> {
     /// `len` zeros. The pages are mapped as they are first written, which is when the OS
     /// picks their size: fill the buffer in place rather than copying a finished one in.
     pub fn zeroed(len: usize) -> Self {
-        let bytes = len * std::mem::size_of::<T>();
         #[cfg(target_os = "linux")]
-        if bytes >= MIN_BYTES
-            && std::env::var_os("TIDEWAY_SMALL_PAGES").is_none()
-            && let Some(storage) = Self::mapped(bytes)
-        {
-            return HugeBuffer {
-                storage,
-                len,
-                _values: PhantomData,
-            };
+        if let Some(storage) = Self::mapped(len) {
+            return HugeBuffer { storage, len };
         }
-        let _ = bytes;
         HugeBuffer {
             storage: Storage::Heap(vec![T::ZERO; len].into_boxed_slice()),
             len,
-            _values: PhantomData,
         }
     }
 
@@ -101,13 +89,19 @@ impl<T: Zeroable> HugeBuffer<T> {
         buffer
     }
 
-    /// An anonymous mapping of `bytes` from a 2 MiB boundary, its whole huge pages advised
-    /// to be huge; `None` when the OS refuses the mapping (the caller falls back to the heap).
+    /// An anonymous mapping for `len` values from a 2 MiB boundary, its whole huge pages
+    /// advised to be huge; `None` for a buffer under [`MIN_BYTES`], with
+    /// `TIDEWAY_SMALL_PAGES` set, or when the OS refuses the mapping (the caller falls back
+    /// to the heap).
     /// The tail past the last whole huge page keeps 4 KiB pages: a huge one there would hold
     /// up to 2 MiB of nothing (~1 MiB a tensor, a sixth of an int8 mamba-130m). A refused
     /// advice is not an error: the pages are then 4 KiB.
     #[cfg(target_os = "linux")]
-    fn mapped(bytes: usize) -> Option<Storage<T>> {
+    fn mapped(len: usize) -> Option<Storage<T>> {
+        let bytes = len * std::mem::size_of::<T>();
+        if bytes < MIN_BYTES || std::env::var_os("TIDEWAY_SMALL_PAGES").is_some() {
+            return None;
+        }
         let map = memmap2::MmapMut::map_anon(bytes + HUGE_PAGE).ok()?;
         let offset = (map.as_ptr() as usize).next_multiple_of(HUGE_PAGE) - map.as_ptr() as usize;
         let whole = bytes / HUGE_PAGE * HUGE_PAGE;
