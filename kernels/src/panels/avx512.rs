@@ -390,7 +390,9 @@ unsafe fn step<L: Lanes, const MR: usize, const NV: usize>(
 /// segments at once (`S` sequential streams in flight, `S × MR × NV` accumulators summed
 /// at the end). Segments fetch their own lines [`STREAM_AHEAD_STEPS`] ahead (the last
 /// segment's run on into the next panel, which lies right after: a prefetch past the
-/// weights never faults).
+/// weights never faults). A one-segment tile that shares its panel with other tiles asks
+/// for its own lines [`PREFETCH_STEPS`] ahead into L1 (the last steps' requests run into
+/// the next block: a few lines asked for early).
 #[inline(always)]
 unsafe fn tile<L: Lanes, const MR: usize, const S: usize, const NV: usize>(a: TileArgs) {
     unsafe {
@@ -398,8 +400,17 @@ unsafe fn tile<L: Lanes, const MR: usize, const S: usize, const NV: usize>(a: Ti
         let mut fetch = a.prefetch.from;
         // Several segments fetch for themselves: their loop goes without the prefetch check.
         let prefetch = S == 1 && a.prefetch.per_step > 0;
+        // A tile of three rows or more whose prefetch goes to L2 (several tiles share the
+        // panel) reads its block from L2: it also asks for its own steps ahead into L1.
+        let own = S == 1 && !a.prefetch.near;
         let segment = a.len / S;
         for p in 0..segment {
+            if own {
+                let ahead = a.panel.wrapping_add((p + PREFETCH_STEPS) * 16 * NV);
+                for c in 0..NV {
+                    _mm_prefetch::<_MM_HINT_T0>(ahead.wrapping_add(16 * c).cast());
+                }
+            }
             if S > 1 {
                 for s in 0..S {
                     let ahead = a

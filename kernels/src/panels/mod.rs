@@ -51,9 +51,14 @@ pub(crate) const MAX_TILE_ROWS: usize = 6;
 /// out_proj 1.79-2.11 against 1.72 ms (k = 1536).
 const K_BLOCK: usize = 1024;
 
-/// How far ahead a one-stream tile asks for its panel: 32 steps, 8 KiB. In `tideway bench`
-/// (mamba-130m, f32, 2026-12-03) batch 8 went 199 → 228 tok/s with it; 16-64 steps ahead
-/// did about as well, 128 worse.
+/// How far ahead a one-stream tile asks for its panel, into L1: 32 steps, 8 KiB. In
+/// `tideway bench` (mamba-130m, f32, 2026-12-03) batch 8 went 199 → 228 tok/s with it;
+/// 16-64 steps ahead did about as well, 128 worse. Tiles that share a panel (more than 6
+/// rows) ask for their own steps as far ahead, as well as for their share of the next
+/// block into L2: a step's products (`examples/step_products.rs`, alternated step by step
+/// in one process, f32, 2026-12-04 and the night before) at 32 rows 45.4 → 43.1 ms and
+/// 44.6 → 42.1-42.4 (16 or 24 steps ahead did the same), 64 rows 82.9 → 81.1, bf16 at 32
+/// rows 24.6 → 23.5; int8 at 32, bf16 at 8 and f32 at 512 rows unchanged within the noise.
 const PREFETCH_STEPS: usize = 32;
 
 /// How far ahead each segment of a one- or two-row tile asks for its panel, to L2: 128
