@@ -392,7 +392,8 @@ unsafe fn step<L: Lanes, const MR: usize, const NV: usize>(
 /// segment's run on into the next panel, which lies right after: a prefetch past the
 /// weights never faults). A one-segment tile that shares its panel with other tiles asks
 /// for its own lines [`PREFETCH_STEPS`] ahead into L1 (the last steps' requests run into
-/// the next block: a few lines asked for early).
+/// the next block: a few lines asked for early); one that streams the panel alone (its
+/// prefetch [`Prefetch::ahead`]) asks for them [`STREAM_AHEAD_STEPS`] ahead into L2 too.
 #[inline(always)]
 unsafe fn tile<L: Lanes, const MR: usize, const S: usize, const NV: usize>(a: TileArgs) {
     unsafe {
@@ -401,10 +402,19 @@ unsafe fn tile<L: Lanes, const MR: usize, const S: usize, const NV: usize>(a: Ti
         // Several segments fetch for themselves: their loop goes without the prefetch check.
         let prefetch = S == 1 && a.prefetch.per_step > 0;
         // A tile of three rows or more whose prefetch goes to L2 (several tiles share the
-        // panel) reads its block from L2: it also asks for its own steps ahead into L1.
+        // panel) reads its block from L2: it also asks for its own steps ahead into L1. One
+        // that streams its block from memory (its prefetch to L1) also asks for it
+        // further ahead into L2, as the segments of one or two rows do.
         let own = S == 1 && !a.prefetch.near;
+        let far = S == 1 && a.prefetch.near;
         let segment = a.len / S;
         for p in 0..segment {
+            if far {
+                let far = a.panel.wrapping_add((p + STREAM_AHEAD_STEPS) * 16 * NV);
+                for c in 0..NV {
+                    _mm_prefetch::<_MM_HINT_T1>(far.wrapping_add(16 * c).cast());
+                }
+            }
             if own {
                 let ahead = a.panel.wrapping_add((p + PREFETCH_STEPS) * 16 * NV);
                 for c in 0..NV {

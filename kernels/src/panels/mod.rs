@@ -68,7 +68,11 @@ const PREFETCH_STEPS: usize = 32;
 /// step by step in one process, 2026-12-03 night), medians: f32 18.4-21.3 ms with four segments
 /// and no fetching (as before) → 16.9-17.8 with two segments 128 steps ahead (17.8-19.9 at
 /// 48); bf16 9.7-10.0 → 8.8; int8 5.26 → 4.91; two rows 19.8 → 18.7 (f32), 10.6 → 9.9
-/// (bf16). Six segments, one segment fetching ahead, or fetching to L1 did worse.
+/// (bf16). Six segments, one segment fetching ahead, or fetching to L1 did worse. A tile of
+/// 3-6 rows streaming its panel alone asks for it as far ahead too (besides
+/// [`PREFETCH_STEPS`] into L1), alternated with and without (2026-12-04): 4 rows bf16 9.05 →
+/// 8.59 and 9.16 → 8.92 ms, f32 18.90 → 17.94 and 17.32 → 17.23; 6 rows bf16 8.48 → 8.34,
+/// f32 17.09 → 16.89; 3 rows f32 and 4 rows int8 the same within the noise.
 const STREAM_AHEAD_STEPS: usize = 128;
 
 /// What a panel's 32-bit lanes hold.
