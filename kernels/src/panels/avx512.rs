@@ -51,14 +51,11 @@ pub(super) unsafe fn block(
             let next = (!last || q + 1 < panels.end).then(|| unsafe { block.add(len * width) });
             for (t, tile_rows) in row_tiles(rows.clone()).enumerate() {
                 let prefetch = match next {
-                    // One or two rows walk the panel as two streams, each fetching its
-                    // own way ahead (`tile`).
-                    _ if rows.len() <= 2 => Prefetch::NONE,
-                    _ if tiles == 1 => Prefetch::ahead(block, len, width),
-                    // Nothing fetched the share's first block for its first tile.
-                    _ if t == 0 && q == panels.start && first => Prefetch::ahead(block, len, width),
-                    Some(next) => Prefetch::share(next, len * width, t, tiles, len),
-                    None => Prefetch::NONE,
+                    // The tile reads its block from memory: it holds all the rows, or it
+                    // is the first of the share's first block, which nothing fetched.
+                    _ if tiles == 1 || (t == 0 && q == panels.start && first) => Prefetch::Stream,
+                    Some(next) => Prefetch::Share(Fetch::share(next, len * width, t, tiles, len)),
+                    None => Prefetch::None,
                 };
                 unsafe {
                     let dequant = match (int8, &w.columns) {
@@ -114,49 +111,58 @@ pub(super) unsafe fn block(
     }
 }
 
-/// Which lines a tile asks for, and how: from `from`, `per_step` lines of 16 lanes at
-/// each step, up to `to`.
+/// What a tile asks for beyond its own next steps, which every one-segment tile asks for
+/// [`PREFETCH_STEPS`] ahead into L1 (`tile`).
 #[derive(Clone, Copy)]
-struct Prefetch {
-    from: *const u32,
-    to: *const u32,
-    per_step: usize,
-    /// To L1 (the tile's own panel, read a few steps later) or to L2 (the next block,
-    /// read by the next tiles; in L1 it would push out the rows of `x` the tile reuses).
-    near: bool,
+enum Prefetch {
+    /// Nothing more: a tile before it fetched the block, and no block follows in the share.
+    None,
+    /// The tile streams its block from memory: each of its segments asks for its lines
+    /// [`STREAM_AHEAD_STEPS`] ahead into L2 (past the block into the next panel: panels lie
+    /// back to back, and a prefetch past the weights never faults).
+    Stream,
+    /// Its share of the next block, for the tiles after it.
+    Share(Fetch),
 }
 
-impl Prefetch {
-    const NONE: Prefetch = Prefetch {
-        from: std::ptr::null(),
+/// Lines asked for into L2 (in L1 they would push out the rows of `x` the tile reuses): from
+/// `next`, `per_step` lines of 16 lanes at each step, up to `to`.
+#[derive(Clone, Copy)]
+struct Fetch {
+    next: *const u32,
+    to: *const u32,
+    per_step: usize,
+}
+
+impl Fetch {
+    const NONE: Fetch = Fetch {
+        next: std::ptr::null(),
         to: std::ptr::null(),
         per_step: 0,
-        near: false,
     };
-
-    /// The tile's own block of `len` steps × `width` columns, `PREFETCH_STEPS` steps
-    /// ahead of its reads (past the block into the next panel: panels lie back to back,
-    /// and a prefetch past the weights never faults).
-    fn ahead(block: *const u32, len: usize, width: usize) -> Prefetch {
-        let from = block.wrapping_add(PREFETCH_STEPS * width);
-        Prefetch {
-            from,
-            to: from.wrapping_add(len * width),
-            per_step: width / 16,
-            near: true,
-        }
-    }
 
     /// Tile `t`'s `1 / tiles` of the next block (`size` lanes from `next`), spread over
     /// its `len` steps.
-    fn share(next: *const u32, size: usize, t: usize, tiles: usize, len: usize) -> Prefetch {
+    fn share(next: *const u32, size: usize, t: usize, tiles: usize, len: usize) -> Fetch {
         let lines = (size / 16).div_ceil(tiles);
-        let from = next.wrapping_add(t * lines * 16);
-        Prefetch {
-            from,
-            to: from.wrapping_add(lines * 16),
+        let next = next.wrapping_add(t * lines * 16);
+        Fetch {
+            next,
+            to: next.wrapping_add(lines * 16),
             per_step: lines.div_ceil(len.max(1)),
-            near: false,
+        }
+    }
+
+    /// Asks for this step's lines. (The addresses are never read: a prefetch does not
+    /// fault.)
+    #[inline(always)]
+    unsafe fn step(&mut self) {
+        for _ in 0..self.per_step {
+            if self.next >= self.to {
+                break;
+            }
+            unsafe { _mm_prefetch::<_MM_HINT_T1>(self.next.cast()) };
+            self.next = self.next.wrapping_add(16);
         }
     }
 }
@@ -347,30 +353,14 @@ unsafe fn tile_rows<L: Lanes, const NV: usize>(rows: usize, args: TileArgs) {
     }
 }
 
-/// Step `p` of a tile: `MR` rows' activations against the panel's `NV` vectors, asking
-/// for the prefetch's lines on the way (`fetch`: the next one).
+/// Step `p` of a tile: `MR` rows' activations against the panel's `NV` vectors.
 #[inline(always)]
 unsafe fn step<L: Lanes, const MR: usize, const NV: usize>(
     acc: &mut [[__m512; NV]; MR],
     a: &TileArgs,
     p: usize,
-    fetch: &mut *const u32,
-    prefetch: bool,
 ) {
     unsafe {
-        // One stream: the hardware prefetcher alone keeps too few lines in flight. (The
-        // addresses are never read: a prefetch does not fault.)
-        for _ in 0..if prefetch { a.prefetch.per_step } else { 0 } {
-            if *fetch >= a.prefetch.to {
-                break;
-            }
-            if a.prefetch.near {
-                _mm_prefetch::<_MM_HINT_T0>(fetch.cast());
-            } else {
-                _mm_prefetch::<_MM_HINT_T1>(fetch.cast());
-            }
-            *fetch = fetch.wrapping_add(16);
-        }
         let wp = a.panel.add(p * 16 * NV);
         let mut wv = [_mm512_setzero_si512(); NV];
         for (c, v) in wv.iter_mut().enumerate() {
@@ -388,40 +378,30 @@ unsafe fn step<L: Lanes, const MR: usize, const NV: usize>(
 
 /// `MR` rows against `a.len` steps of a panel `NV` vectors wide, the steps walked as `S`
 /// segments at once (`S` sequential streams in flight, `S × MR × NV` accumulators summed
-/// at the end). Segments fetch their own lines [`STREAM_AHEAD_STEPS`] ahead (the last
-/// segment's run on into the next panel, which lies right after: a prefetch past the
-/// weights never faults). A one-segment tile that shares its panel with other tiles asks
-/// for its own lines [`PREFETCH_STEPS`] ahead into L1 (the last steps' requests run into
-/// the next block: a few lines asked for early); one that streams the panel alone (its
-/// prefetch [`Prefetch::ahead`]) asks for them [`STREAM_AHEAD_STEPS`] ahead into L2 too.
+/// at the end), asking for lines as `a.prefetch` says. A one-segment tile also asks for its
+/// own steps [`PREFETCH_STEPS`] ahead into L1 (the last steps' requests run into the next
+/// block: a few lines asked for early); one or two rows always stream their panel.
 #[inline(always)]
 unsafe fn tile<L: Lanes, const MR: usize, const S: usize, const NV: usize>(a: TileArgs) {
     unsafe {
         let mut acc = [[[_mm512_setzero_ps(); NV]; MR]; S];
-        let mut fetch = a.prefetch.from;
-        // Several segments fetch for themselves: their loop goes without the prefetch check.
-        let prefetch = S == 1 && a.prefetch.per_step > 0;
-        // A tile of three rows or more whose prefetch goes to L2 (several tiles share the
-        // panel) reads its block from L2: it also asks for its own steps ahead into L1. One
-        // that streams its block from memory (its prefetch to L1) also asks for it
-        // further ahead into L2, as the segments of one or two rows do.
-        let own = S == 1 && !a.prefetch.near;
-        let far = S == 1 && a.prefetch.near;
+        let mut share = match a.prefetch {
+            Prefetch::Share(fetch) => fetch,
+            _ => Fetch::NONE,
+        };
+        // The hardware prefetcher alone keeps too few lines in flight, and stops at every
+        // 4 KiB page.
+        let stream = S > 1 || matches!(a.prefetch, Prefetch::Stream);
         let segment = a.len / S;
         for p in 0..segment {
-            if far {
-                let far = a.panel.wrapping_add((p + STREAM_AHEAD_STEPS) * 16 * NV);
-                for c in 0..NV {
-                    _mm_prefetch::<_MM_HINT_T1>(far.wrapping_add(16 * c).cast());
-                }
-            }
-            if own {
+            if S == 1 {
                 let ahead = a.panel.wrapping_add((p + PREFETCH_STEPS) * 16 * NV);
                 for c in 0..NV {
                     _mm_prefetch::<_MM_HINT_T0>(ahead.wrapping_add(16 * c).cast());
                 }
+                share.step();
             }
-            if S > 1 {
+            if stream {
                 for s in 0..S {
                     let ahead = a
                         .panel
@@ -432,11 +412,11 @@ unsafe fn tile<L: Lanes, const MR: usize, const S: usize, const NV: usize>(a: Ti
                 }
             }
             for (s, acc) in acc.iter_mut().enumerate() {
-                step::<L, MR, NV>(acc, &a, s * segment + p, &mut fetch, prefetch);
+                step::<L, MR, NV>(acc, &a, s * segment + p);
             }
         }
         for p in S * segment..a.len {
-            step::<L, MR, NV>(&mut acc[0], &a, p, &mut fetch, prefetch);
+            step::<L, MR, NV>(&mut acc[0], &a, p);
         }
         for c in 0..NV {
             let Some(mask) = valid_lanes(a.valid, c) else {
