@@ -2,20 +2,50 @@
 //! the mean taken over the last dimension (`rms_norm_ref` in state-spaces/mamba,
 //! `MambaRMSNorm` in HF transformers).
 
+use crate::simd::dispatch;
+
 /// Normalises each row of `x` (`[rows, d]`) into `out`.
 pub fn rms_norm(x: &[f32], d: usize, weight: &[f32], eps: f32, out: &mut [f32]) {
     assert_eq!(weight.len(), d);
     assert_eq!(x.len(), out.len());
     assert_eq!(x.len() % d.max(1), 0);
+    rms_norm_rows(x, d, weight, eps, out);
+}
+
+dispatch! {
+    fn rms_norm_rows(x: &[f32], d: usize, weight: &[f32], eps: f32, out: &mut [f32])
+        => rms_norm_body
+}
+
+#[inline(always)]
+fn rms_norm_body(x: &[f32], d: usize, weight: &[f32], eps: f32, out: &mut [f32]) {
     for (row, dst) in x.chunks_exact(d).zip(out.chunks_exact_mut(d)) {
-        // Accumulate in f64: the reference sums in f32 on its own order; a wider sum keeps us
-        // nearest the exact value, which is what the tolerance is measured against.
-        let sum_sq: f64 = row.iter().map(|&v| (v as f64) * (v as f64)).sum();
-        let scale = (1.0 / (sum_sq / d as f64 + eps as f64).sqrt()) as f32;
+        let scale = (1.0 / (sum_of_squares(row) / d as f64 + eps as f64).sqrt()) as f32;
         for ((o, &v), &w) in dst.iter_mut().zip(row).zip(weight) {
             *o = v * scale * w;
         }
     }
+}
+
+/// `Σ v²` over `row` in f64: the reference sums in f32 in its own order; a wider sum keeps us
+/// nearest the exact value, which the tolerance is measured against. Eight running sums (a
+/// vector's lanes) rather than one: one sum is a chain of dependent adds, ~1 µs a 768-wide
+/// row, 0.9 ms of a batch-32 mamba-130m step (2026-12-04).
+#[inline(always)]
+fn sum_of_squares(row: &[f32]) -> f64 {
+    let mut lanes = [0.0f64; 8];
+    let chunks = row.chunks_exact(8);
+    let tail: f64 = chunks
+        .remainder()
+        .iter()
+        .map(|&v| (v as f64) * (v as f64))
+        .sum();
+    for chunk in chunks {
+        for (lane, &v) in lanes.iter_mut().zip(chunk) {
+            *lane += (v as f64) * (v as f64);
+        }
+    }
+    lanes.iter().sum::<f64>() + tail
 }
 
 /// fla's `FusedRMSNormGated` with the swish gate: `y = rms_norm(x)·w ⊙ g·σ(g)` per row of `d`
@@ -38,6 +68,27 @@ pub fn rms_norm_gated(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Rows long enough for the eight running sums and a tail, against the sum in exact
+    /// order (f64 both: the orders may differ in the last bits of the f64, not of the f32).
+    #[test]
+    fn long_rows_match_a_plain_sum() {
+        for d in [1usize, 7, 8, 9, 768, 1023] {
+            let x: Vec<f32> = (0..3 * d)
+                .map(|i| ((i * 37 % 101) as f32 - 50.0) / 7.0)
+                .collect();
+            let w: Vec<f32> = (0..d).map(|i| 1.0 + i as f32 / d as f32).collect();
+            let mut out = vec![0.0f32; x.len()];
+            rms_norm(&x, d, &w, 1e-5, &mut out);
+            for (row, got) in x.chunks(d).zip(out.chunks(d)) {
+                let sum: f64 = row.iter().map(|&v| (v as f64) * (v as f64)).sum();
+                let scale = (1.0 / (sum / d as f64 + 1e-5f64).sqrt()) as f32;
+                for ((&v, &w), &g) in row.iter().zip(&w).zip(got) {
+                    assert_eq!(g, v * scale * w, "d = {d}");
+                }
+            }
+        }
+    }
 
     #[test]
     fn normalises_rows() {
