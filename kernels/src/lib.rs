@@ -12,6 +12,7 @@
 //!   with bf16 weights ([`bf16`]) or LLM.int8's int8 ([`int8`]);
 //! - [`norm`] — RMSNorm;
 //! - [`activation`] — SiLU, softplus and a vectorisable `exp`;
+//! - [`argmax`] — the first largest value's index (greedy decoding);
 //! - [`conv`] — causal depthwise conv1d over a sequence or one step over a rolling window;
 //! - [`scan`] — the Mamba selective-scan recurrence over packed batches of sessions;
 //! - [`cpu`] — what the CPU offers the kernels (SIMD level), and running a model's step on
@@ -22,6 +23,7 @@
 //!   over NCCL.
 
 pub mod activation;
+pub mod argmax;
 pub mod bf16;
 pub mod collective;
 pub mod conv;

@@ -12,6 +12,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result, bail};
 use clap::Args;
 use serde::Serialize;
+use tideway_kernels::argmax::argmax;
 use tideway_operators::models::is_lmuformer;
 
 use crate::language_model::{LanguageModel, LmState};
@@ -361,15 +362,6 @@ fn bench_prefill(
         seconds: times[median],
         allreduce_wait_s: waits[median],
     })
-}
-
-fn argmax(row: &[f32]) -> usize {
-    row.iter()
-        .enumerate()
-        .fold((0, f32::NEG_INFINITY), |best, (i, &v)| {
-            if v > best.1 { (i, v) } else { best }
-        })
-        .0
 }
 
 /// The process's peak resident set (VmHWM), where /proc has it.

@@ -149,6 +149,9 @@ impl Sampler {
             l
         };
         if p.is_greedy() {
+            if p.repetition_penalty == 1.0 && p.presence_penalty == 0.0 {
+                return tideway_kernels::argmax::argmax(logits) as u32;
+            }
             return argmax(
                 logits
                     .iter()
