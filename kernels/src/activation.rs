@@ -197,7 +197,10 @@ fn silu_mul_body(gate: &mut [f32], up: &[f32]) {
     }
 }
 
-dispatch! { fn silu_simd(values: &mut [f32]) => silu_body }
+dispatch! {
+    /// [`silu`] over a slice on the calling thread (for a kernel's own share of a batch).
+    pub fn silu_slice(values: &mut [f32]) => silu_body
+}
 dispatch! { fn silu_mul_simd(gate: &mut [f32], up: &[f32]) => silu_mul_body }
 
 /// `gate ← silu(gate) ⊙ up` (the SwiGLU of gated MLPs).
@@ -211,23 +214,26 @@ pub fn silu_mul_inplace(gate: &mut [f32], up: &[f32]) {
             .for_each(|(g, u)| silu_mul_simd(g, u));
     }
 }
-dispatch! { fn softplus_simd(values: &mut [f32]) => softplus_body }
+dispatch! {
+    /// [`softplus`] over a slice on the calling thread (for a kernel's own share of a batch).
+    pub(crate) fn softplus_slice(values: &mut [f32]) => softplus_body
+}
 
 pub fn silu_inplace(values: &mut [f32]) {
     if values.len() <= PARALLEL_CHUNK {
-        silu_simd(values);
+        silu_slice(values);
     } else {
-        values.par_chunks_mut(PARALLEL_CHUNK).for_each(silu_simd);
+        values.par_chunks_mut(PARALLEL_CHUNK).for_each(silu_slice);
     }
 }
 
 pub fn softplus_inplace(values: &mut [f32]) {
     if values.len() <= PARALLEL_CHUNK {
-        softplus_simd(values);
+        softplus_slice(values);
     } else {
         values
             .par_chunks_mut(PARALLEL_CHUNK)
-            .for_each(softplus_simd);
+            .for_each(softplus_slice);
     }
 }
 

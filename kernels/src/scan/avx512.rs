@@ -10,7 +10,9 @@ use std::arch::x86_64::*;
 
 use std::f32::consts::LOG2_E;
 
-use super::{BlockJob, CHANNELS, PREFETCH_BLOCKS, ScanInputs, SendPtr, SsmParams, fetch_block};
+use super::{
+    BlockJob, CHANNELS, PREFETCH_BLOCKS, ScanInputs, SendPtr, SsmParams, fetch_block, row_deltas,
+};
 
 /// `exp_fast` (activation.rs) on 16 lanes: the same range reduction and polynomial; `y · 2ⁿ`
 /// by `vscalefps`, exact like the body's multiplication by `2ⁿ` built from its bits (`n` is
@@ -141,13 +143,16 @@ pub(super) unsafe fn scan_block(
     for c in 0..PREFETCH_BLOCKS {
         fetch_block(params, job, job.channels.start + c * CHANNELS);
     }
+    let mut deltas = vec![0.0f32; job.channels.len()];
     unsafe {
         for row in job.rows.clone() {
             let first_row = row == job.rows.start;
+            row_deltas(inputs, e, row, job.channels.clone(), &mut deltas);
             let b_t = &inputs.b.data[row * inputs.b.row_stride..][..n];
             let c_t = &inputs.c.data[row * inputs.c.row_stride..][..n];
             let z_row = inputs.z.data[row * inputs.z.row_stride..][..e].as_ptr();
-            let dt_row = inputs.delta[row * e..][..e].as_ptr();
+            // Channel `c`'s Δ at `dt_row + c`.
+            let dt_row = deltas.as_ptr().wrapping_sub(job.channels.start);
             let x_row = inputs.x[row * e..][..e].as_ptr();
             for c0 in job.channels.clone().step_by(CHANNELS) {
                 let len = CHANNELS.min(job.channels.end - c0);
@@ -186,7 +191,7 @@ pub(super) unsafe fn scan_block(
     }
 }
 
-/// Channels whose sums a one-row job keeps at a time (8 KiB on the stack).
+/// Channels whose sums and Δ a one-row job keeps at a time (16 KiB on the stack).
 const ROW_CHUNK: usize = 2048;
 
 /// A one-row job (a decode step's session) state index by state index: for each `k`, the
@@ -206,13 +211,15 @@ unsafe fn one_row(params: &SsmParams<'_>, inputs: &ScanInputs<'_>, job: &BlockJo
     let b_t = &inputs.b.data[row * inputs.b.row_stride..][..n];
     let c_t = &inputs.c.data[row * inputs.c.row_stride..][..n];
     let z_row = inputs.z.data[row * inputs.z.row_stride..][..e].as_ptr();
-    let dt_row = inputs.delta[row * e..][..e].as_ptr();
     let x_row = inputs.x[row * e..][..e].as_ptr();
-    let mut sums = [0.0f32; ROW_CHUNK];
+    let (mut sums, mut deltas) = ([0.0f32; ROW_CHUNK], [0.0f32; ROW_CHUNK]);
     for c_start in job.channels.clone().step_by(ROW_CHUNK) {
         let c_end = (c_start + ROW_CHUNK).min(job.channels.end);
         let sums = &mut sums[..c_end - c_start];
         sums.fill(0.0);
+        row_deltas(inputs, e, row, c_start..c_end, &mut deltas);
+        // Channel `c`'s Δ at `dt_row + c`.
+        let dt_row = deltas.as_ptr().wrapping_sub(c_start);
         // SAFETY: the job's cells are its own and in bounds (the caller's contract); the
         // sums' indices are below `c_end - c_start`; a prefetch never faults.
         unsafe {

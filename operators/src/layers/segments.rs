@@ -4,6 +4,7 @@
 use std::ops::Range;
 
 use rayon::prelude::*;
+use tideway_kernels::activation::{silu_inplace, silu_slice};
 use tideway_kernels::conv::{causal_conv1d_seq, causal_conv1d_step};
 use tideway_kernels::matmul::MatRef;
 
@@ -34,13 +35,18 @@ pub struct CausalConv<'a> {
     pub weight: &'a [f32],
     pub kernel: usize,
     pub bias: Option<&'a [f32]>,
+    /// SiLU on the output (Mamba's conv activation; fla's `ShortConvolution(activation="silu")`).
+    pub silu: bool,
 }
 
 impl CausalConv<'_> {
     /// Session `i` owns rows `segments[i]` of `x` (`M × C`) and continues `windows[i]`
     /// (`[C, K]`); its outputs go to the same rows of `out` (dense `[M, C]`). One row is a
     /// step, more a sequence. Sessions run in parallel: at batch 32 a loop over them on one
-    /// thread was 4% of a Mamba step, the other thread idle meanwhile.
+    /// thread was 4% of a Mamba step, the other thread idle meanwhile. Each session's task
+    /// also applies the SiLU to its rows while they are in L1 (a pass of its own was one more
+    /// hand-off of the pool a layer); one session's rows (a prefill chunk) take it in parallel
+    /// after the conv.
     pub fn run(
         &self,
         x: MatRef<'_>,
@@ -50,6 +56,7 @@ impl CausalConv<'_> {
     ) {
         let c = x.cols;
         assert_eq!(windows.len(), segments.len());
+        let silu_per_session = self.silu && segments.len() > 1;
         let conv = |((rows, window), dst): ((&Range<usize>, &mut [f32]), &mut [f32])| {
             let data = &x.data[rows.start * x.row_stride..];
             if rows.len() == 1 {
@@ -62,6 +69,9 @@ impl CausalConv<'_> {
                 };
                 causal_conv1d_seq(rows, self.weight, self.kernel, self.bias, window, dst);
             }
+            if silu_per_session {
+                silu_slice(dst);
+            }
         };
         let per_segment = segments.iter().zip(windows).zip(rows_of(out, segments, c));
         if segments.len() > 1 {
@@ -71,6 +81,10 @@ impl CausalConv<'_> {
                 .for_each(conv);
         } else {
             per_segment.for_each(conv);
+            if self.silu {
+                let rows = segments.first().map_or(0, |s| s.end);
+                silu_inplace(&mut out[..rows * c]);
+            }
         }
     }
 }

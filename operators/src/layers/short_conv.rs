@@ -4,7 +4,6 @@
 
 use std::ops::Range;
 
-use tideway_kernels::activation::silu_inplace;
 use tideway_kernels::matmul::MatRef;
 use tideway_kernels::{Weight, written_zeros};
 
@@ -63,6 +62,7 @@ impl ShortConv {
             weight: self.weight.as_slice(),
             kernel: self.kernel,
             bias: self.bias.as_ref().map(Weight::as_slice),
+            silu: self.silu,
         };
         let m = segments.last().map_or(0, |s| s.end);
         let windows = windows.iter_mut().map(|w| w.as_mut_slice()).collect();
@@ -72,8 +72,5 @@ impl ShortConv {
             windows,
             out,
         );
-        if self.silu {
-            silu_inplace(out);
-        }
     }
 }

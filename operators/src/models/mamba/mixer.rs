@@ -21,7 +21,6 @@
 
 use std::ops::Range;
 
-use tideway_kernels::activation::{silu_inplace, softplus_inplace};
 use tideway_kernels::matmul::{Linear, MatRef};
 use tideway_kernels::scan::{ScanInputs, ScanSegment, SsmParams, selective_scan};
 use tideway_kernels::{Weight, written_zeros};
@@ -252,12 +251,12 @@ impl MambaMixer {
             weight: self.conv_weight.as_slice(),
             kernel: k,
             bias: self.conv_bias.as_ref().map(Weight::as_slice),
+            silu: true,
         };
         let windows = states.iter_mut().map(|s| s.conv.as_mut_slice()).collect();
         conv.run(MatRef::columns(xz, m, 2 * e, 0, e), segments, windows, xc);
-        silu_inplace(xc);
 
-        // 3. [δ | B | C] = x_proj(x'); Δ = softplus(dt_proj(δ) + dt_bias).
+        // 3. [δ | B | C] = x_proj(x'); dt_proj(δ) + dt_bias, whose softplus (Δ) the scan takes.
         let w = r + 2 * n;
         self.x_proj
             .forward(MatRef::dense(xc, m, e), sized(dbc, m * w));
@@ -265,7 +264,6 @@ impl MambaMixer {
         let delta = sized(delta, m * e);
         self.dt_proj
             .forward(MatRef::columns(dbc, m, w, 0, r), delta);
-        softplus_inplace(delta);
 
         // 4. The selective scan, gated by silu(z), per session.
         let y = sized(y, m * e);
