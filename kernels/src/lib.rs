@@ -17,6 +17,7 @@
 //! - [`scan`] — the Mamba selective-scan recurrence over packed batches of sessions;
 //! - [`cpu`] — what the CPU offers the kernels (SIMD level), and running a model's step on
 //!   the compute pool;
+//! - [`state_buffer`] — sessions' recurrent state packed on huge pages;
 //! - [`collective`] — all-reduce across a tensor-parallel group (threads, TCP ring);
 //! - `cuda` (feature `cuda`): CUDA devices through cudarc; `gpu`: the GPU path (NVRTC-compiled
 //!   kernels from `kernels/cuda/`, cuBLAS products, f32/bf16 weights); `nccl`: the all-reduce
@@ -45,9 +46,11 @@ pub mod panels;
 pub mod scan;
 mod simd;
 pub mod skinny;
+pub mod state_buffer;
 pub mod tensor;
 
 #[cfg(test)]
 mod test_util;
 
-pub use tensor::{ShapeError, Tensor, Weight, written_zeros};
+pub use state_buffer::StateBuffer;
+pub use tensor::{ShapeError, Tensor, Weight};

@@ -12,28 +12,6 @@ pub struct ShapeError {
     pub found: usize,
 }
 
-/// `len` zeros whose memory pages have each been written once, for state that lives long and
-/// is read before it is written (a session's recurrent state: the scan loads `h`, then stores
-/// it). `vec![0.0; len]` leaves fresh pages unmapped; the first read maps them to the kernel's
-/// shared zero page, so the first store takes a copy-on-write fault that flushes the TLB of
-/// every core running the process, an inter-processor interrupt (a VM exit on a virtual
-/// machine). With 1000 fresh sessions of the 130M Mamba those faults took 73% of a serving
-/// process's time (BENCHMARKS.md, "Serving at 100 and 1000 streams"). A write first faults a
-/// page in writable, with no flush.
-pub fn written_zeros(len: usize) -> Vec<f32> {
-    const FLOATS_PER_PAGE: usize = 4096 / std::mem::size_of::<f32>();
-    let mut values = vec![0.0f32; len];
-    // Consecutive stores one page apart, plus the last element, reach every page spanned.
-    // `black_box` keeps the compiler from dropping a store of the zero it knows is there.
-    for value in values.iter_mut().step_by(FLOATS_PER_PAGE) {
-        *value = std::hint::black_box(0.0);
-    }
-    if let Some(last) = values.last_mut() {
-        *last = std::hint::black_box(0.0);
-    }
-    values
-}
-
 /// An owned, contiguous, row-major f32 tensor.
 #[derive(Clone, PartialEq)]
 pub struct Tensor {
@@ -250,15 +228,6 @@ impl fmt::Debug for Weight {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn written_zeros_are_zeros_of_the_length_asked() {
-        for len in [0, 1, 1023, 1024, 1025, 3 * 1024 + 7] {
-            let values = written_zeros(len);
-            assert_eq!(values.len(), len);
-            assert!(values.iter().all(|&v| v == 0.0), "len {len}");
-        }
-    }
 
     #[test]
     fn tensor_rejects_wrong_length() {

@@ -4,6 +4,7 @@
 
 use std::ops::Range;
 
+use tideway_kernels::StateBuffer;
 use tideway_kernels::activation::silu_inplace;
 use tideway_kernels::matmul::{Linear, MatRef};
 
@@ -63,7 +64,7 @@ impl Qkv {
     }
 
     /// Fresh conv windows for one session (empty without convs).
-    pub fn new_windows(&self) -> [Vec<f32>; 3] {
+    pub fn new_windows(&self) -> [StateBuffer; 3] {
         match &self.convs {
             Some(convs) => convs.each_ref().map(ShortConv::new_window),
             None => Default::default(),
@@ -87,7 +88,7 @@ impl Qkv {
         &self,
         x: MatRef<'_>,
         segments: &[Range<usize>],
-        windows: &mut [&mut [Vec<f32>; 3]],
+        windows: &mut [&mut [StateBuffer; 3]],
     ) -> [Vec<f32>; 3] {
         let m = x.rows;
         let mut out: [Vec<f32>; 3] =
@@ -97,7 +98,8 @@ impl Qkv {
                 Some(convs) => {
                     let mut projected = vec![0.0f32; values.len()];
                     self.projections[i].forward(x, &mut projected);
-                    let mut w: Vec<&mut Vec<f32>> = windows.iter_mut().map(|s| &mut s[i]).collect();
+                    let mut w: Vec<&mut StateBuffer> =
+                        windows.iter_mut().map(|s| &mut s[i]).collect();
                     convs[i].forward(&projected, values, segments, &mut w);
                 }
                 None => {

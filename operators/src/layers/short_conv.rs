@@ -5,7 +5,7 @@
 use std::ops::Range;
 
 use tideway_kernels::matmul::MatRef;
-use tideway_kernels::{Weight, written_zeros};
+use tideway_kernels::{StateBuffer, Weight};
 
 use crate::checkpoint::Checkpoint;
 use crate::error::LoadError;
@@ -42,8 +42,8 @@ impl ShortConv {
         })
     }
 
-    pub fn new_window(&self) -> Vec<f32> {
-        written_zeros(self.channels * self.kernel)
+    pub fn new_window(&self) -> StateBuffer {
+        StateBuffer::zeroed(self.channels * self.kernel)
     }
 
     pub fn size_bytes(&self) -> usize {
@@ -56,7 +56,7 @@ impl ShortConv {
         input: &[f32],
         out: &mut [f32],
         segments: &[Range<usize>],
-        windows: &mut [&mut Vec<f32>],
+        windows: &mut [&mut StateBuffer],
     ) {
         let conv = CausalConv {
             weight: self.weight.as_slice(),
@@ -65,7 +65,7 @@ impl ShortConv {
             silu: self.silu,
         };
         let m = segments.last().map_or(0, |s| s.end);
-        let windows = windows.iter_mut().map(|w| w.as_mut_slice()).collect();
+        let windows = windows.iter_mut().map(|w| &mut ***w).collect();
         conv.run(
             MatRef::dense(input, m, self.channels),
             segments,

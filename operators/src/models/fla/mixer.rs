@@ -4,8 +4,8 @@
 
 use std::ops::Range;
 
+use tideway_kernels::StateBuffer;
 use tideway_kernels::matmul::MatRef;
-use tideway_kernels::written_zeros;
 
 use super::graphs::HeadMixing;
 use crate::layers::qkv::Qkv;
@@ -15,9 +15,9 @@ use crate::layers::qkv::Qkv;
 /// width f) and linear attention's normaliser `z` (`[H, f]`; empty for the others).
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct FlaLayerState {
-    pub conv: [Vec<f32>; 3],
-    pub s: Vec<f32>,
-    pub z: Vec<f32>,
+    pub conv: [StateBuffer; 3],
+    pub s: StateBuffer,
+    pub z: StateBuffer,
 }
 
 impl FlaLayerState {
@@ -25,13 +25,13 @@ impl FlaLayerState {
     pub fn new(qkv: &Qkv, s: usize, z: usize) -> Self {
         FlaLayerState {
             conv: qkv.new_windows(),
-            s: written_zeros(s),
-            z: written_zeros(z),
+            s: StateBuffer::zeroed(s),
+            z: StateBuffer::zeroed(z),
         }
     }
 
     pub fn size_bytes(&self) -> usize {
-        4 * (self.s.len() + self.z.len() + self.conv.iter().map(Vec::len).sum::<usize>())
+        4 * (self.s.len() + self.z.len() + self.conv.iter().map(|w| w.len()).sum::<usize>())
     }
 }
 
@@ -76,7 +76,7 @@ pub(crate) fn project(
     segments: &[Range<usize>],
     states: &mut [&mut FlaLayerState],
 ) -> [Vec<f32>; 3] {
-    let mut windows: Vec<&mut [Vec<f32>; 3]> = states.iter_mut().map(|s| &mut s.conv).collect();
+    let mut windows: Vec<&mut [StateBuffer; 3]> = states.iter_mut().map(|s| &mut s.conv).collect();
     qkv.forward(x, segments, &mut windows)
 }
 

@@ -23,7 +23,7 @@ use std::ops::Range;
 
 use tideway_kernels::matmul::{Linear, MatRef};
 use tideway_kernels::scan::{ScanInputs, ScanSegment, SsmParams, selective_scan};
-use tideway_kernels::{Weight, written_zeros};
+use tideway_kernels::{StateBuffer, Weight};
 
 use tideway_kernels::collective::CollectiveError;
 
@@ -69,19 +69,19 @@ pub struct MambaMixerConfig {
 #[derive(Debug, Clone, PartialEq)]
 pub struct MambaLayerState {
     /// The last `K` pre-conv inputs per channel, `[E, K]`, oldest first.
-    pub conv: Vec<f32>,
+    pub conv: StateBuffer,
     /// `h`, stored `[N, E]` (state-index-major, the scan kernel's layout; HF's cache is the
     /// transpose, `[E, N]`).
-    pub ssm: Vec<f32>,
+    pub ssm: StateBuffer,
 }
 
 impl crate::state_tensors::LayerFields for MambaLayerState {
     fn fields(&self) -> Vec<(&'static str, &[f32])> {
-        vec![("conv", &self.conv), ("ssm", &self.ssm)]
+        vec![("conv", &*self.conv), ("ssm", &*self.ssm)]
     }
 
     fn fields_mut(&mut self) -> Vec<(&'static str, &mut [f32])> {
-        vec![("conv", &mut self.conv), ("ssm", &mut self.ssm)]
+        vec![("conv", &mut *self.conv), ("ssm", &mut *self.ssm)]
     }
 }
 
@@ -182,8 +182,8 @@ impl MambaMixer {
     pub fn new_state(&self) -> MambaLayerState {
         let c = &self.config;
         MambaLayerState {
-            conv: written_zeros(c.d_inner * c.d_conv),
-            ssm: written_zeros(c.d_inner * c.d_state),
+            conv: StateBuffer::zeroed(c.d_inner * c.d_conv),
+            ssm: StateBuffer::zeroed(c.d_inner * c.d_state),
         }
     }
 
@@ -253,7 +253,7 @@ impl MambaMixer {
             bias: self.conv_bias.as_ref().map(Weight::as_slice),
             silu: true,
         };
-        let windows = states.iter_mut().map(|s| s.conv.as_mut_slice()).collect();
+        let windows = states.iter_mut().map(|s| &mut *s.conv).collect();
         conv.run(MatRef::columns(xz, m, 2 * e, 0, e), segments, windows, xc);
 
         // 3. [δ | B | C] = x_proj(x'); dt_proj(δ) + dt_bias, whose softplus (Δ) the scan takes.
