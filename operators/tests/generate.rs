@@ -44,14 +44,14 @@ fn greedy_takes_the_first_largest_logit() {
     let mut s = Sampler::new(SamplingParams::greedy(), &[]);
     assert_eq!(s.sample(&[1.0, 3.0, 3.0, -1.0]), 1);
     assert_eq!(s.sample(&[f32::NAN, 0.5, 0.2]), 1);
-    assert_eq!(argmax([2.0f32, 2.0].into_iter()), 0);
+    assert_eq!(argmax(&[2.0f32, 2.0]), 0);
 }
 
 #[test]
 fn top_k_1_a_tiny_top_p_and_min_p_1_are_greedy() {
     for seed in 0..200u64 {
         let row = logits(seed, 97);
-        let best = argmax(row.iter().copied());
+        let best = argmax(&row) as u32;
         for params in [
             sampling(|p| (p.top_k, p.seed) = (1, seed)),
             sampling(|p| (p.top_p, p.seed) = (1e-7, seed)),

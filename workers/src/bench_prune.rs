@@ -14,6 +14,7 @@ use std::time::Instant;
 use anyhow::{Context, Result, bail};
 use clap::Args;
 use serde::Serialize;
+use tideway_kernels::argmax::argmax;
 use tideway_operators::models::load_model;
 use tideway_operators::prune::prefill::PrefillPrune;
 use tideway_operators::tokenizers::text::TextTokenizer;
@@ -84,13 +85,6 @@ fn nll(row: &[f32], target: u32) -> f64 {
     let max = row.iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v)) as f64;
     let sum: f64 = row.iter().map(|&v| (v as f64 - max).exp()).sum();
     max + sum.ln() - row[target as usize] as f64
-}
-
-fn argmax(row: &[f32]) -> usize {
-    row.iter()
-        .enumerate()
-        .max_by(|a, b| a.1.total_cmp(b.1).then(b.0.cmp(&a.0)))
-        .map_or(0, |(i, _)| i)
 }
 
 fn median(mut v: Vec<f64>) -> f64 {

@@ -16,8 +16,10 @@ mod sampling;
 mod stop;
 
 pub use detokenize::Detokenizer;
-pub use sampling::{Sampler, SamplingError, SamplingParams, argmax};
+pub use sampling::{Sampler, SamplingError, SamplingParams};
 pub use stop::{StopScan, StopStrings};
+/// The first largest logit's index, greedy decoding's choice (the kernels' vectorised one).
+pub use tideway_kernels::argmax::argmax;
 
 use crate::tokenizers::text::{TextError, TextTokenizer};
 

@@ -10,6 +10,7 @@
 
 use rand_chacha::ChaCha8Rng;
 use rand_chacha::rand_core::{RngCore, SeedableRng};
+use tideway_kernels::argmax::argmax;
 
 /// How a request samples. `temperature` 0 is greedy (the first largest logit).
 #[derive(Debug, Clone, PartialEq)]
@@ -149,15 +150,12 @@ impl Sampler {
             l
         };
         if p.is_greedy() {
+            // Without penalties the logits are chosen from as they are, with no copy.
             if p.repetition_penalty == 1.0 && p.presence_penalty == 0.0 {
-                return tideway_kernels::argmax::argmax(logits) as u32;
+                return argmax(logits) as u32;
             }
-            return argmax(
-                logits
-                    .iter()
-                    .enumerate()
-                    .map(|(i, &l)| penalised(i as u32, l)),
-            );
+            let logits: Vec<f32> = (0..).zip(logits).map(|(i, &l)| penalised(i, l)).collect();
+            return argmax(&logits) as u32;
         }
         let candidates = &mut self.candidates;
         candidates.clear();
@@ -219,15 +217,4 @@ impl Sampler {
         }
         candidates[keep - 1].0
     }
-}
-
-/// The index of the first largest value (NaN never wins), as `torch.argmax` picks.
-pub fn argmax(values: impl Iterator<Item = f32>) -> u32 {
-    let mut best = (0u32, f32::NEG_INFINITY);
-    for (i, v) in values.enumerate() {
-        if v > best.1 {
-            best = (i as u32, v);
-        }
-    }
-    best.0
 }

@@ -65,7 +65,7 @@ impl ShortConv {
             silu: self.silu,
         };
         let m = segments.last().map_or(0, |s| s.end);
-        let windows = windows.iter_mut().map(|w| &mut ***w).collect();
+        let windows = windows.iter_mut().map(|w| &mut w[..]).collect();
         conv.run(
             MatRef::dense(input, m, self.channels),
             segments,
