@@ -32,13 +32,16 @@ fn matches_naive_product_with_bias_and_strides() {
     // Shapes on both sides of the threading threshold, one row (the split path) included.
     // Every skinny tile shape (rows 1-17 against 1-4 weight rows, k not a multiple of
     // the vector width), both sides of the switch to gemm and of the threading threshold;
-    // tall panel products with few columns, which the threads share by rows too
-    // (`by_tiles`: 65 × 129, and 130 × 80, x_proj's two panels).
+    // panel products with few columns over several tiles of rows, which the threads share
+    // by rows too (`by_tiles`: 65 × 129, 130 × 80 and 32 × 80, x_proj's two panels, in a
+    // few shares or one per tile; 13 × 20, tiles of 5 and 4 rows).
     for &(m, k, n) in &[
         (1, 7, 5),
         (3, 64, 33),
         (65, 70, 129),
         (130, 40, 80),
+        (32, 70, 80),
+        (13, 300, 20),
         (1, 768, 1000),
         (2, 300, 900),
         (5, 17, 7),
