@@ -1,5 +1,6 @@
 //! The selective scan's job in AVX-512 intrinsics: the portable body's arithmetic, operation
-//! for operation (the same bits), with the block's 32 channels in two registers.
+//! for operation (the same bits; `vrndscaleps` does the rounding that the body does in two
+//! additions, exactly), with the block's 32 channels in two registers.
 //!
 //! LLVM's vectorisation of the portable body kept the block's sums and `Δ·x` on the stack
 //! and built `2ⁿ` from integer shifts: ~5 cycles a (row, channel, state) cell on Zen 4, 0.5 ms
@@ -7,6 +8,7 @@
 //! registers and `vscalefps` scales by `2ⁿ`.
 
 use std::arch::x86_64::*;
+use std::ops::Range;
 
 use std::f32::consts::LOG2_E;
 
@@ -36,7 +38,7 @@ unsafe fn exp16(x: __m512) -> __m512 {
     }
 }
 
-/// `exp2_decay` (activation.rs) on 16 lanes: the same operations, `y · 2ⁿ` by `vscalefps`
+/// `exp2_decay` (activation.rs) on 16 lanes: the same values, `y · 2ⁿ` by `vscalefps`
 /// (exact like the body's multiplication by `2ⁿ`, `n` ∈ [-126, 0]).
 #[inline(always)]
 unsafe fn exp2_decay16(t: __m512) -> __m512 {
@@ -44,10 +46,9 @@ unsafe fn exp2_decay16(t: __m512) -> __m512 {
     unsafe {
         let t = _mm512_max_ps(t, _mm512_set1_ps(MIN));
         let t = _mm512_min_ps(t, _mm512_setzero_ps());
-        let n = _mm512_sub_ps(
-            _mm512_add_ps(t, _mm512_set1_ps(ROUND)),
-            _mm512_set1_ps(ROUND),
-        );
+        // `round(t)` to the nearest, ties to even: the body's `(t + ROUND) − ROUND` (exact
+        // for |t| < 2²²), one operation instead of two.
+        let n = _mm512_roundscale_ps::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(t);
         let f = _mm512_sub_ps(t, n);
         let mut p = _mm512_set1_ps(POLY[0]);
         for c in &POLY[1..] {
@@ -81,13 +82,9 @@ unsafe fn update16(
     bk: __m512,
 ) -> __m512 {
     unsafe {
-        let decay = exp2_decay16(_mm512_mul_ps(dt2, _mm512_maskz_loadu_ps(mask, a)));
-        let hv = _mm512_fmadd_ps(
-            decay,
-            _mm512_maskz_loadu_ps(mask, h),
-            _mm512_mul_ps(dtx, bk),
-        );
-        _mm512_mask_storeu_ps(h, mask, hv);
+        let decay = exp2_decay16(_mm512_mul_ps(dt2, load(mask, a)));
+        let hv = _mm512_fmadd_ps(decay, load(mask, h), _mm512_mul_ps(dtx, bk));
+        store(mask, h, hv);
         hv
     }
 }
@@ -110,6 +107,30 @@ unsafe fn gated_output16(
         let z = _mm512_maskz_loadu_ps(mask, z);
         let out = _mm512_mul_ps(_mm512_fmadd_ps(d, x, acc), silu16(z));
         _mm512_mask_storeu_ps(y, mask, out);
+    }
+}
+
+/// `mask`'s lanes at `p`, zero elsewhere: a plain load when all 16 are in use.
+#[inline(always)]
+unsafe fn load(mask: __mmask16, p: *const f32) -> __m512 {
+    unsafe {
+        if mask == 0xffff {
+            _mm512_loadu_ps(p)
+        } else {
+            _mm512_maskz_loadu_ps(mask, p)
+        }
+    }
+}
+
+/// `v`'s `mask` lanes to `p`: a plain store when all 16 are in use.
+#[inline(always)]
+unsafe fn store(mask: __mmask16, p: *mut f32, v: __m512) {
+    unsafe {
+        if mask == 0xffff {
+            _mm512_storeu_ps(p, v)
+        } else {
+            _mm512_mask_storeu_ps(p, mask, v)
+        }
     }
 }
 
@@ -194,13 +215,12 @@ pub(super) unsafe fn scan_block(
 /// Channels whose sums and Δ a one-row job keeps at a time (16 KiB on the stack).
 const ROW_CHUNK: usize = 2048;
 
-/// A one-row job (a decode step's session) state index by state index: for each `k`, the
-/// job's channels of the state's row `k` and of `A`'s, front to back, the sums waiting in a
-/// stack buffer. The `[N, E]` state and `A` are then read as one sequential stream each (a
-/// whole-row job's rows `k` and `k + 1` are adjacent), which the prefetchers follow, where
-/// the channel-block order reads N lines `E` floats apart per block: at 32 sessions a step's
-/// 75 MB of state are the scan's cost. Each cell's operations and each sum's order (`k`
-/// ascending) are the block order's: the same bits.
+/// A one-row job (a decode step's session) state index by state index: for each pair of
+/// `k` ([`state_rows`]), the job's channels of the state's rows and of `A`'s, front to
+/// back, the sums waiting in a stack buffer. The `[N, E]` state and `A` are then read as two
+/// sequential streams each, which the prefetchers follow, where the channel-block order
+/// reads N lines `E` floats apart per block. Each cell's operations and each sum's order
+/// (`k` ascending) are the block order's: the same bits.
 ///
 /// # Safety
 /// As [`scan_block`]'s.
@@ -223,30 +243,28 @@ unsafe fn one_row(params: &SsmParams<'_>, inputs: &ScanInputs<'_>, job: &BlockJo
         // SAFETY: the job's cells are its own and in bounds (the caller's contract); the
         // sums' indices are below `c_end - c_start`; a prefetch never faults.
         unsafe {
-            for k in 0..n {
-                let (bk, ck) = (_mm512_set1_ps(b_t[k]), _mm512_set1_ps(c_t[k]));
-                let a_k = params.a_t.as_ptr().add(k * e);
-                let h_k = job.state.0.add(k * e);
-                for c in (c_start..c_end).step_by(16) {
-                    let mask = lanes(c_end - c, 0);
-                    // The same channels of the next state row: a short job (a few
-                    // sessions' channel blocks) reads rows E floats apart, which the
-                    // prefetchers do not follow; a whole row reads on from here anyway.
-                    super::prefetch(a_k.wrapping_add(c + e));
-                    super::prefetch(h_k.wrapping_add(c + e));
-                    // And the state two rows ahead into L2: at 32 sessions the scan streams
-                    // 150 MB a step, and requests from L1 alone keep too few lines in flight
-                    // (`examples/scan_step.rs` alternated with and without, 2026-12-04:
-                    // 32 rows 5.47 → 5.07 and 5.68 → 5.34 ms, 8 rows 1.31 → 1.27, 2 rows
-                    // 0.39 → 0.34; three or four rows ahead, or `A` as well, did the same).
-                    _mm_prefetch::<_MM_HINT_T1>(h_k.wrapping_add(c + 2 * e).cast());
-                    let dt = _mm512_maskz_loadu_ps(mask, dt_row.add(c));
-                    let dtx = _mm512_mul_ps(dt, _mm512_maskz_loadu_ps(mask, x_row.add(c)));
-                    let dt2 = _mm512_mul_ps(dt, _mm512_set1_ps(LOG2_E));
-                    let hv = update16((a_k.add(c), h_k.add(c), mask), dt2, dtx, bk);
-                    let sum = sums.as_mut_ptr().add(c - c_start);
-                    let acc = _mm512_fmadd_ps(hv, ck, _mm512_maskz_loadu_ps(mask, sum));
-                    _mm512_mask_storeu_ps(sum, mask, acc);
+            let whole_rows = job.channels.len() == e;
+            let mut k = 0;
+            while k < n {
+                let rows = ChunkRows {
+                    k,
+                    e,
+                    channels: c_start..c_end,
+                    b_t,
+                    c_t,
+                    dt_row,
+                    x_row,
+                    sums: sums.as_mut_ptr().wrapping_sub(c_start),
+                };
+                // Pairs where the job holds whole rows (a long stream per state row);
+                // a short job's rows one at a time, as before (alternated at one session,
+                // pairs read batch 1 in 5 of 6 rounds ~2% slower).
+                if whole_rows && k + 1 < n {
+                    state_rows::<2>(params, job, &rows);
+                    k += 2;
+                } else {
+                    state_rows::<1>(params, job, &rows);
+                    k += 1;
                 }
             }
             for c in (c_start..c_end).step_by(16) {
@@ -256,6 +274,80 @@ unsafe fn one_row(params: &SsmParams<'_>, inputs: &ScanInputs<'_>, job: &BlockJo
                 let (d, z) = (params.d.as_ptr().add(c), z_row.add(c));
                 gated_output16(acc, (d, xv, z), y.0.add(row * e + c), mask);
             }
+        }
+    }
+}
+
+/// What [`state_rows`] reads of a one-row job's chunk of channels.
+struct ChunkRows<'a> {
+    /// The first of the state rows.
+    k: usize,
+    e: usize,
+    channels: Range<usize>,
+    b_t: &'a [f32],
+    c_t: &'a [f32],
+    /// Channel `c`'s Δ, `x` and sum at `dt_row + c`, `x_row + c`, `sums + c`.
+    dt_row: *const f32,
+    x_row: *const f32,
+    sums: *mut f32,
+}
+
+/// State rows `k..k + R` of a chunk of channels, front to back: the cells of the `R` rows
+/// side by side, sharing `Δ·x` and `Δ·log₂e` and one load and store of the sums, each
+/// channel's sum taking row `k`'s term before row `k + 1`'s, as the body's order does.
+///
+/// The scan is bound by its arithmetic even at 32 sessions, whose 75 MB of state stream
+/// from memory (`examples/scan_step.rs`: ~0.23 ns a cell on two threads whether the states
+/// come from memory or sit in L2). Rows in pairs, plain loads and stores for whole vectors
+/// and `vrndscaleps` in the decay (2026-12-04, alternated runs, ms a step): 32 sessions
+/// 4.99 / 5.13 / 5.74 / 5.04 → 4.16 / 4.49 / 4.38 / 4.63, 8 sessions in L2 (one layer)
+/// 0.225-0.238 → 0.194-0.215 ns a cell. Asking for the next pair into L2 instead of L1
+/// did worse (4.38-4.80).
+///
+/// # Safety
+/// As [`one_row`]'s, rows `k..k + R` below `N`.
+#[inline(always)]
+unsafe fn state_rows<const R: usize>(params: &SsmParams<'_>, job: &BlockJob, r: &ChunkRows<'_>) {
+    let e = r.e;
+    unsafe {
+        // No closures (`array::from_fn`): this body is compiled where it is inlined, with
+        // that function's instructions, and a closure need not be inlined with it.
+        let (mut bk, mut ck) = ([_mm512_setzero_ps(); R], [_mm512_setzero_ps(); R]);
+        for i in 0..R {
+            bk[i] = _mm512_set1_ps(r.b_t[r.k + i]);
+            ck[i] = _mm512_set1_ps(r.c_t[r.k + i]);
+        }
+        let a_k = params.a_t.as_ptr().add(r.k * e);
+        let h_k = job.state.0.add(r.k * e);
+        for c in r.channels.clone().step_by(16) {
+            let mask = lanes(r.channels.end - c, 0);
+            for i in 0..R {
+                // The same channels of the next rows: a short job (a few sessions' channel
+                // blocks) reads rows E floats apart, which the prefetchers do not follow; a
+                // whole row reads on from here anyway.
+                super::prefetch(a_k.wrapping_add(c + (R + i) * e));
+                super::prefetch(h_k.wrapping_add(c + (R + i) * e));
+                // And the state further ahead into L2: at 32 sessions the scan streams 150
+                // MB a step, and requests from L1 alone keep too few lines in flight
+                // (`examples/scan_step.rs` alternated with and without, 2026-12-04: 32 rows
+                // 5.47 → 5.07 and 5.68 → 5.34 ms, 8 rows 1.31 → 1.27, 2 rows 0.39 → 0.34).
+                _mm_prefetch::<_MM_HINT_T1>(h_k.wrapping_add(c + (2 * R + i) * e).cast());
+            }
+            // `dt_row` and `sums` point before their buffers (at channel 0): offsets wrap.
+            let dt = load(mask, r.dt_row.wrapping_add(c));
+            let dtx = _mm512_mul_ps(dt, load(mask, r.x_row.add(c)));
+            let dt2 = _mm512_mul_ps(dt, _mm512_set1_ps(LOG2_E));
+            let mut hv = [_mm512_setzero_ps(); R];
+            for i in 0..R {
+                let cells = (a_k.add(c + i * e), h_k.add(c + i * e), mask);
+                hv[i] = update16(cells, dt2, dtx, bk[i]);
+            }
+            let sum = r.sums.wrapping_add(c);
+            let mut acc = load(mask, sum);
+            for i in 0..R {
+                acc = _mm512_fmadd_ps(hv[i], ck[i], acc);
+            }
+            store(mask, sum, acc);
         }
     }
 }
