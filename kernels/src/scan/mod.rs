@@ -415,35 +415,31 @@ mod tests {
                 c: MatRef::dense(&c, rows, n),
                 z: MatRef::dense(&z, rows, e),
             };
-            let run = |kernel: &dyn Fn(&BlockJob, SendPtr)| {
-                let mut state = init.clone();
-                let mut y = vec![f32::NAN; rows * e];
-                // Two jobs over the channels, the second starting mid-block.
-                let split = (e / 2).max(1);
-                for channels in [0..split, split..e] {
-                    let job = BlockJob {
-                        rows: 0..rows,
-                        channels,
-                        state: SendPtr(state.as_mut_ptr()),
-                    };
-                    kernel(&job, SendPtr(y.as_mut_ptr()));
-                }
-                (state, y)
-            };
-            let portable = run(&|job, y| scan_block_body(&params, &inputs, job, y));
-            // SAFETY: the CPU has AVX-512F (checked above); each job owns its cells.
-            let fast = run(&|job, y| unsafe { avx512::scan_block(&params, &inputs, job, y) });
-            let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
-            assert_eq!(
-                bits(&fast.0),
-                bits(&portable.0),
-                "state, e={e} n={n} rows={rows}"
-            );
-            assert_eq!(
-                bits(&fast.1),
-                bits(&portable.1),
-                "y, e={e} n={n} rows={rows}"
-            );
+            // Two jobs over the channels, the second starting mid-block, and one job holding
+            // whole rows (the one-row kernel then takes the state rows in pairs).
+            let split = (e / 2).max(1);
+            for jobs in [vec![0..split, split..e], vec![0..e]] {
+                let run = |kernel: &dyn Fn(&BlockJob, SendPtr)| {
+                    let mut state = init.clone();
+                    let mut y = vec![f32::NAN; rows * e];
+                    for channels in jobs.clone() {
+                        let job = BlockJob {
+                            rows: 0..rows,
+                            channels,
+                            state: SendPtr(state.as_mut_ptr()),
+                        };
+                        kernel(&job, SendPtr(y.as_mut_ptr()));
+                    }
+                    (state, y)
+                };
+                let portable = run(&|job, y| scan_block_body(&params, &inputs, job, y));
+                // SAFETY: the CPU has AVX-512F (checked above); each job owns its cells.
+                let fast = run(&|job, y| unsafe { avx512::scan_block(&params, &inputs, job, y) });
+                let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+                let case = format!("e={e} n={n} rows={rows} jobs={}", jobs.len());
+                assert_eq!(bits(&fast.0), bits(&portable.0), "state, {case}");
+                assert_eq!(bits(&fast.1), bits(&portable.1), "y, {case}");
+            }
         }
     }
 }
