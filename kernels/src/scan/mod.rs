@@ -418,11 +418,12 @@ mod tests {
             // Two jobs over the channels, the second starting mid-block, and one job holding
             // whole rows (the one-row kernel then takes the state rows in pairs).
             let split = (e / 2).max(1);
-            for jobs in [vec![0..split, split..e], vec![0..e]] {
+            let (halves, whole) = ([0..split, split..e], 0..e);
+            for jobs in [&halves[..], std::slice::from_ref(&whole)] {
                 let run = |kernel: &dyn Fn(&BlockJob, SendPtr)| {
                     let mut state = init.clone();
                     let mut y = vec![f32::NAN; rows * e];
-                    for channels in jobs.clone() {
+                    for channels in jobs.iter().cloned() {
                         let job = BlockJob {
                             rows: 0..rows,
                             channels,
