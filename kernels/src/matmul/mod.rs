@@ -30,8 +30,9 @@ use crate::tensor::{ShapeError, Weight};
 const PARALLEL_MIN_FLOPS: usize = 1 << 16;
 
 /// Fewest rows of a panel product that [`Linear::by_tiles`] splits by rows when its columns
-/// make too few shares: two tiles. Fewer rows are one tile, which streams each panel from
-/// memory once; from two tiles on, the tiles pass over a panel in cache anyway. At 32 rows
+/// make too few shares: two full tiles. Fewer rows are one or two thin tiles, which stream
+/// each panel from memory about once; from two full tiles on, the tiles pass over a panel in
+/// cache anyway. At 32 rows
 /// (mamba-130m's `x_proj`, 80 outputs in two panels, one four times the other: a batch-32
 /// step, 2026-12-04) the split took `x_proj` from 1.92-1.98 to 1.54-1.65 ms a step (a
 /// temporary timer, three alternated runs) and the step ahead in 4 of 4 alternated rounds.

@@ -101,6 +101,8 @@ pub struct Sampler {
     generated: Vec<u32>,
     /// Scratch: (token, logit) candidates, reused every step.
     candidates: Vec<(u32, f32)>,
+    /// Scratch: the step's logits with the penalties applied, reused every step.
+    penalised: Vec<f32>,
 }
 
 impl Sampler {
@@ -115,6 +117,7 @@ impl Sampler {
             seen,
             generated: Vec::new(),
             candidates: Vec::new(),
+            penalised: Vec::new(),
         }
     }
 
@@ -135,27 +138,37 @@ impl Sampler {
 
     fn choose(&mut self, logits: &[f32]) -> u32 {
         let p = &self.params;
-        let penalised = |token: u32, logit: f32| {
-            let mut l = logit;
-            if p.repetition_penalty != 1.0 && self.seen.binary_search(&token).is_ok() {
-                l = if l > 0.0 {
-                    l / p.repetition_penalty
-                } else {
-                    l * p.repetition_penalty
-                };
+        // The penalties change only the tokens seen so far: a copy of the logits adjusted
+        // at those (the repetition penalty first, then the presence penalty); without
+        // penalties the logits are chosen from as they are, with no copy.
+        let logits = if p.repetition_penalty == 1.0 && p.presence_penalty == 0.0 {
+            logits
+        } else {
+            let penalised = &mut self.penalised;
+            penalised.clear();
+            penalised.extend_from_slice(logits);
+            if p.repetition_penalty != 1.0 {
+                for &token in &self.seen {
+                    if let Some(l) = penalised.get_mut(token as usize) {
+                        *l = if *l > 0.0 {
+                            *l / p.repetition_penalty
+                        } else {
+                            *l * p.repetition_penalty
+                        };
+                    }
+                }
             }
-            if p.presence_penalty != 0.0 && self.generated.binary_search(&token).is_ok() {
-                l -= p.presence_penalty;
+            if p.presence_penalty != 0.0 {
+                for &token in &self.generated {
+                    if let Some(l) = penalised.get_mut(token as usize) {
+                        *l -= p.presence_penalty;
+                    }
+                }
             }
-            l
+            &self.penalised[..]
         };
         if p.is_greedy() {
-            // Without penalties the logits are chosen from as they are, with no copy.
-            if p.repetition_penalty == 1.0 && p.presence_penalty == 0.0 {
-                return argmax(logits) as u32;
-            }
-            let logits: Vec<f32> = (0..).zip(logits).map(|(i, &l)| penalised(i, l)).collect();
-            return argmax(&logits) as u32;
+            return argmax(logits) as u32;
         }
         let candidates = &mut self.candidates;
         candidates.clear();
@@ -163,7 +176,7 @@ impl Sampler {
             logits
                 .iter()
                 .enumerate()
-                .map(|(i, &l)| (i as u32, penalised(i as u32, l) / p.temperature))
+                .map(|(i, &l)| (i as u32, l / p.temperature))
                 .filter(|(_, l)| !l.is_nan()),
         );
         // Likeliest first; equal logits by token id, so the order is fixed.
