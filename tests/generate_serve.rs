@@ -377,22 +377,17 @@ async fn a_stream_continues_from_its_state_then_takes_chunks_again() {
     assert_eq!(summary.unwrap().position, n + want.len() as u64 + 1);
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn generation_through_a_two_stage_pipeline_gives_the_reference_tokens() {
-    // The layers in two stages on two workers: the last-row-only answer crosses the
-    // pipeline's exchange and the head like every other step.
+/// Serves the `mamba_bias_untied_k2` fixture with `placement` arguments and checks that its
+/// greedy generation gives the reference tokens.
+async fn reference_tokens_when_served_with(placement: &[&str]) {
     let mamba = case("mamba_bias_untied_k2");
-    let server = Server::start(&[
-        "--model",
-        &format!(
-            "mamba={}",
-            repo().join(mamba["model"].as_str().unwrap()).display()
-        ),
-        "--workers",
-        "2",
-        "--pipeline",
-        "2",
-    ]);
+    let model = format!(
+        "mamba={}",
+        repo().join(mamba["model"].as_str().unwrap()).display()
+    );
+    let mut args = vec!["--model", model.as_str()];
+    args.extend_from_slice(placement);
+    let server = Server::start(&args);
     let want = ids(&mamba["tokens"]);
     let got = generate(
         &server.url(),
@@ -400,7 +395,21 @@ async fn generation_through_a_two_stage_pipeline_gives_the_reference_tokens() {
     )
     .await
     .unwrap();
-    assert_eq!(got.tokens, want);
+    assert_eq!(got.tokens, want, "{placement:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn generation_through_a_two_stage_pipeline_gives_the_reference_tokens() {
+    // The layers in two stages on two workers: the last-row-only answer crosses the
+    // pipeline's exchange and the head like every other step.
+    reference_tokens_when_served_with(&["--workers", "2", "--pipeline", "2"]).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn generation_over_a_tensor_parallel_group_gives_the_reference_tokens() {
+    // A model over a group runs whole in one stage: its prompt's step asks the group's rank 0
+    // for the last row of logits alone.
+    reference_tokens_when_served_with(&["--tensor-parallel", "2"]).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -3,7 +3,8 @@
 //! logits with f32 and bf16 weights, and `tideway serve` keeps every session's state in the
 //! device pool it reports, answers like `run`, refuses a session beyond the pool with
 //! RESOURCE_EXHAUSTED and frees the slot of an ended session; split over GPU ranks
-//! (`--tensor-parallel`), both commands give the same answers.
+//! (`--tensor-parallel`), both commands give the same answers. `tideway generate` on the GPU
+//! gives the CPU's greedy tokens.
 #![cfg(feature = "cuda")]
 
 mod common;
@@ -67,6 +68,28 @@ fn run_on_the_emulated_gpu_gives_the_reference_logits() {
 
 /// `run --device cuda-emulator --tensor-parallel N`: the model split over GPU ranks gives the
 /// reference logits in both forms, ladder-wired models too; other transports are refused.
+#[test]
+fn greedy_generation_on_the_emulated_gpu_gives_the_cpus_tokens() {
+    // The prompt in chunks of 4: the GPU gathers each chunk's last row for the head alone.
+    let model = fixtures_dir().join("../../models/shakespeare-mamba");
+    let tokens = |device: &str| {
+        let output = tideway()
+            .args(["generate", "--device", device, "--model"])
+            .arg(&model)
+            .args(["--text", "ROMEO:\n", "--chunk", "4", "--max-tokens", "24"])
+            .args(["--temperature", "0", "--ignore-eos", "--json"])
+            .output()
+            .unwrap();
+        assert!(output.status.success(), "{device}: {}", stderr(&output));
+        let stdout = String::from_utf8(output.stdout).unwrap();
+        let last: serde_json::Value = serde_json::from_str(stdout.lines().last().unwrap()).unwrap();
+        last["tokens"].clone()
+    };
+    let cpu = tokens("cpu");
+    assert_eq!(cpu.as_array().unwrap().len(), 24);
+    assert_eq!(tokens("cuda-emulator"), cpu);
+}
+
 #[test]
 fn run_split_over_emulated_gpu_ranks_gives_the_reference_logits() {
     for (family, name, sizes) in [

@@ -166,6 +166,8 @@ const std::unordered_map<std::string, Launcher>& table() {
         {"f32_to_bf16_split", make(f32_to_bf16_split, false)},
         {"add_halves", make(add_halves, false)},
         {"mamba_conv_silu", make(mamba_conv_silu, false)},
+        {"mamba_conv_silu_rows", make(mamba_conv_silu_rows, false)},
+        {"mamba_conv_window", make(mamba_conv_window, false)},
         {"mamba_scan", make(mamba_scan, true)},
         {"mamba_chunk_ends", make(mamba_chunk_ends, false)},
         {"mamba_chunk_carry", make(mamba_chunk_carry, false)},

@@ -20,6 +20,7 @@ pub mod generate;
 #[cfg(feature = "cuda")]
 pub mod gpu;
 pub mod layers;
+pub mod logit_rows;
 pub mod models;
 mod pickle_lengths;
 pub mod prune;
@@ -31,3 +32,4 @@ pub mod tensor_parallel;
 pub mod tokenizers;
 
 pub use error::{ForwardError, InputError, LoadError, ModelPiece};
+pub use logit_rows::LogitRows;

@@ -13,6 +13,7 @@ use std::path::PathBuf;
 use common::{fixture, relative_error};
 
 use tideway_kernels::gpu::{Gpu, GpuError, WeightDtype};
+use tideway_operators::LogitRows;
 use tideway_operators::gpu::{GpuModel, GpuModelError, load_gpu_model};
 use tideway_operators::models::{Model, load_model};
 
@@ -48,7 +49,9 @@ fn compare(cpu: &Model, gpu: &mut GpuModel) -> Vec<(String, f64)> {
     }
     let mut cpu_states: Vec<_> = (0..3).map(|_| cpu.new_state()).collect();
     let mut sessions: Vec<_> = (0..3).map(|_| gpu.new_session().unwrap()).collect();
-    for lens in [[20usize, 7, 1], [1, 1, 1], [3, 9, 2]] {
+    // The last batch reads windows that the one before moved on with segments shorter than
+    // the conv (mamba_conv_window keeps part of the old window).
+    for lens in [[20usize, 7, 1], [1, 1, 1], [3, 9, 2], [2, 9, 3]] {
         let ids = &tokens[..lens.iter().sum::<usize>()];
         let mut refs: Vec<_> = cpu_states.iter_mut().collect();
         let want = cpu.forward_packed(ids, &lens, &mut refs).unwrap();
@@ -59,6 +62,27 @@ fn compare(cpu: &Model, gpu: &mut GpuModel) -> Vec<(String, f64)> {
             relative_error(got.data(), want.data()),
         ));
     }
+    // The logits of chosen rows alone (a generating session's last row beside a session
+    // that asks for every row): the GPU gathers the rows before the norm and the head.
+    let lens = [6usize, 4, 1];
+    let last_only = [true, false, true];
+    let ids = &tokens[..lens.iter().sum::<usize>()];
+    let mut cpu_states: Vec<_> = (0..3).map(|_| cpu.new_state()).collect();
+    let mut refs: Vec<_> = cpu_states.iter_mut().collect();
+    let want = cpu
+        .forward_packed_rows(ids, &lens, &mut refs, LogitRows::LastOf(&last_only))
+        .unwrap();
+    drop(sessions); // their slots, for fresh sessions
+    let mut sessions: Vec<_> = (0..3).map(|_| gpu.new_session().unwrap()).collect();
+    let mut gpu_refs: Vec<_> = sessions.iter_mut().collect();
+    let got = gpu
+        .forward_packed_rows(ids, &lens, &mut gpu_refs, LogitRows::LastOf(&last_only))
+        .unwrap();
+    assert_eq!(got.shape(), &[6, cpu.output_width()], "1 + 4 + 1 rows");
+    out.push((
+        "packed [6, 4, 1], last rows of 1 and 3".to_string(),
+        relative_error(got.data(), want.data()),
+    ));
     out
 }
 

@@ -14,6 +14,7 @@ use common::{fixture, laddered, reference_logits, relative_error};
 use tideway_kernels::collective::{Collective, ThreadGroup};
 use tideway_kernels::gpu::collective::HostStaged;
 use tideway_kernels::gpu::{Gpu, WeightDtype};
+use tideway_operators::LogitRows;
 use tideway_operators::gpu::tensor_parallel::DeviceGroup;
 use tideway_operators::gpu::{GpuModel, load_gpu_model, load_gpu_model_rank};
 use tideway_operators::models::load_model;
@@ -65,7 +66,13 @@ fn gpu_rank(model: &mut GpuModel, group: &mut DeviceGroup<'_>) -> Vec<Vec<f32>> 
     let mut out = Vec::new();
     for part in [prefill].into_iter().chain(steps.chunks(1)) {
         let logits = model
-            .forward_in_group(part, &[part.len()], &mut [&mut session], group, true)
+            .forward_in_group(
+                part,
+                &[part.len()],
+                &mut [&mut session],
+                group,
+                LogitRows::All,
+            )
             .unwrap()
             .unwrap();
         out.push(logits.into_vec());
@@ -184,7 +191,7 @@ fn ladder_fixtures_match_the_reference_on_gpu_ranks() {
                                     &[ids.len()],
                                     &mut [&mut session],
                                     &mut DeviceGroup::new(&mut staged),
-                                    true,
+                                    LogitRows::All,
                                 )
                                 .unwrap()
                                 .unwrap()

@@ -13,6 +13,7 @@ use std::sync::OnceLock;
 
 use common::relative_error;
 use proptest::prelude::*;
+use tideway_operators::LogitRows;
 use tideway_operators::models::{Model, SessionState, load_model};
 use tideway_operators::tokenizers::audio::{AudioFrontend, AudioFrontendConfig};
 use tideway_operators::tokenizers::text::{TextStream, TextTokenizer};
@@ -107,6 +108,38 @@ proptest! {
             prop_assert!(err <= 1e-4, "{}: session {i}: {err:.3e}", model.family());
             at += len;
         }
+    }
+
+    #[test]
+    fn last_row_logits_are_those_rows_of_every_rows_logits(
+        which in 0usize..4,
+        lens in prop::collection::vec(1usize..9, 1..5),
+        last_only in prop::collection::vec(any::<bool>(), 4),
+        raw in prop::collection::vec(any::<u32>(), 40),
+    ) {
+        let model = &models()[which];
+        let total: usize = lens.iter().sum();
+        let ids = tokens(model, &raw[..total]);
+        let last_only = &last_only[..lens.len()];
+        let run = |rows: LogitRows<'_>| {
+            let mut states: Vec<SessionState> = lens.iter().map(|_| model.new_state()).collect();
+            let mut refs: Vec<&mut SessionState> = states.iter_mut().collect();
+            model.forward_packed_rows(&ids, &lens, &mut refs, rows).unwrap()
+        };
+        let every = run(LogitRows::All);
+        let some = run(LogitRows::LastOf(last_only));
+        // The rows the flags name, picked here from every row's logits.
+        let width = model.output_width();
+        let mut want = Vec::new();
+        let mut start = 0;
+        for (&len, &last) in lens.iter().zip(last_only) {
+            let first = if last { start + len - 1 } else { start };
+            want.extend_from_slice(&every.data()[first * width..(start + len) * width]);
+            start += len;
+        }
+        prop_assert_eq!(some.data().len(), want.len());
+        let err = relative_error(some.data(), &want);
+        prop_assert!(err <= 1e-5, "{}: {err:.3e}", model.family());
     }
 
     #[test]

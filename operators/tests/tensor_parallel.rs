@@ -11,6 +11,7 @@ use std::path::Path;
 use common::{fixture, laddered, reference_logits, relative_error};
 
 use tideway_kernels::collective::{Collective, TcpRank, ThreadGroup};
+use tideway_operators::LogitRows;
 use tideway_operators::checkpoint::{Checkpoint, TensorShard};
 use tideway_operators::layers::mlp::{GatedMlp, default_intermediate};
 use tideway_operators::models::fla::fla_lm_split;
@@ -46,13 +47,19 @@ fn run_rank(model: &Model, group: &mut Group<'_>) -> Vec<Vec<f32>> {
     let mut out = Vec::new();
     let (prefill, steps) = ids.split_at(PREFILL);
     let logits = model
-        .forward_in_group(prefill, &[PREFILL], &mut [&mut state], group, true)
+        .forward_in_group(
+            prefill,
+            &[PREFILL],
+            &mut [&mut state],
+            group,
+            LogitRows::All,
+        )
         .unwrap()
         .unwrap();
     out.push(logits.into_vec());
     for t in steps {
         let logits = model
-            .forward_in_group(&[*t], &[1], &mut [&mut state], group, true)
+            .forward_in_group(&[*t], &[1], &mut [&mut state], group, LogitRows::All)
             .unwrap()
             .unwrap();
         out.push(logits.into_vec());

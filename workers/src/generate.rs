@@ -145,9 +145,9 @@ pub fn generate(args: GenerateArgs) -> Result<()> {
 
     let mut state = model.new_state().map_err(anyhow::Error::msg)?;
     let prefill_start = Instant::now();
-    let logits = model.prefill_chunked_with_progress(&prompt, &mut state, args.chunk, |_, _| {})?;
+    // The prompt's last row of logits alone: the next token is all generation reads.
+    let mut row = model.prefill_last_logits(&prompt, &mut state, args.chunk, |_, _| {})?;
     let prefill_s = prefill_start.elapsed().as_secs_f64();
-    let mut row = logits.row(logits.shape()[0] - 1).to_vec();
 
     let mut out = std::io::stdout().lock();
     let mut text = String::new();

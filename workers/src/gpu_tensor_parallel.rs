@@ -27,6 +27,7 @@ use tideway_kernels::gpu::collective::{DeviceCollective, HostStaged};
 use tideway_kernels::gpu::{Gpu, WeightDtype};
 use tideway_kernels::nccl::NcclRank;
 use tideway_operators::ForwardError;
+use tideway_operators::LogitRows;
 use tideway_operators::gpu::tensor_parallel::DeviceGroup;
 use tideway_operators::gpu::{GpuModel, GpuModelError, GpuSession, load_gpu_model_rank};
 
@@ -37,6 +38,8 @@ use crate::tensor_parallel::{CommStats, Wiring, broken_group, unavailable};
 struct Batch {
     tokens: Vec<u32>,
     lens: Vec<usize>,
+    /// Sessions whose last row alone rank 0's head computes (`None`: every row).
+    last_only: Option<Vec<bool>>,
     keys: Vec<u64>,
     /// Sessions ended since the last batch: their slots are freed first.
     released: Vec<u64>,
@@ -300,12 +303,13 @@ impl GpuParallelModel {
         })
     }
 
-    /// The packed batch on every rank; rank 0's logits.
+    /// The packed batch on every rank; rank 0's logits of `rows`.
     pub(crate) fn forward_packed(
         &self,
         tokens: &[u32],
         lens: &[usize],
         states: &mut [&mut GpuParallelSession],
+        rows: LogitRows<'_>,
     ) -> Result<Tensor, ForwardError> {
         let mut inner = self
             .inner
@@ -315,9 +319,14 @@ impl GpuParallelModel {
             return Err(unavailable(reason.clone()));
         }
         let keys: Vec<u64> = states.iter().map(|s| s.key).collect();
+        let last_only = match rows {
+            LogitRows::LastOf(flags) => Some(flags.to_vec()),
+            LogitRows::All | LogitRows::None => None,
+        };
         let batch = Arc::new(Batch {
             tokens: tokens.to_vec(),
             lens: lens.to_vec(),
+            last_only,
             keys,
             released: std::mem::take(&mut *self.released.lock().expect("released keys")),
         });
@@ -487,8 +496,14 @@ fn forward_rank(
         .map(|k| sessions.remove(k).expect("inserted above"))
         .collect();
     let mut refs: Vec<&mut GpuSession> = taken.iter_mut().collect();
+    // Rank 0 alone runs the head.
+    let rows = match (rank, &batch.last_only) {
+        (0, Some(flags)) => LogitRows::LastOf(flags),
+        (0, None) => LogitRows::All,
+        _ => LogitRows::None,
+    };
     let result = model
-        .forward_in_group(&batch.tokens, &batch.lens, &mut refs, group, rank == 0)
+        .forward_in_group(&batch.tokens, &batch.lens, &mut refs, group, rows)
         .map_err(device);
     for (key, session) in batch.keys.iter().zip(taken) {
         sessions.insert(*key, session);

@@ -7,9 +7,9 @@ use std::path::Path;
 use anyhow::{Context, Result, bail};
 use tideway_kernels::Tensor;
 use tideway_kernels::matmul::LinearFormat;
-use tideway_operators::models::{Model, SessionState, prefill_in_chunks};
+use tideway_operators::models::{Model, SessionState, check_token_ids, prefill_in_chunks};
 use tideway_operators::state_tensors::{StateError, StateTensors};
-use tideway_operators::{ForwardError, InputError};
+use tideway_operators::{ForwardError, InputError, LogitRows};
 
 use crate::device::{GpuModelInfo, SessionStartError};
 use crate::tensor_parallel::{
@@ -316,20 +316,32 @@ impl LanguageModel {
         lens: &[usize],
         states: &mut [&mut LmState],
     ) -> Result<Tensor, ForwardError> {
+        self.forward_packed_rows(tokens, lens, states, LogitRows::All)
+    }
+
+    /// [`forward_packed`](Self::forward_packed) with the logits of `rows` only: the head runs
+    /// over those rows alone (on a group, rank 0's).
+    pub fn forward_packed_rows(
+        &self,
+        tokens: &[u32],
+        lens: &[usize],
+        states: &mut [&mut LmState],
+        rows: LogitRows<'_>,
+    ) -> Result<Tensor, ForwardError> {
         match self {
             LanguageModel::Whole(m) => {
                 let mut inner = states_as(states, |s| match s {
                     LmState::Whole(s) => Some(s),
                     _ => None,
                 })?;
-                Ok(m.forward_packed(tokens, lens, &mut inner)?)
+                Ok(m.forward_packed_rows(tokens, lens, &mut inner, rows)?)
             }
             LanguageModel::Parallel(p) => {
                 let mut inner = states_as(states, |s| match s {
                     LmState::Parallel(s) => Some(s),
                     _ => None,
                 })?;
-                p.forward_packed(tokens, lens, &mut inner)
+                p.forward_packed(tokens, lens, &mut inner, rows)
             }
             #[cfg(feature = "cuda")]
             LanguageModel::Gpu(m) => {
@@ -341,7 +353,7 @@ impl LanguageModel {
                 let mut m = m
                     .lock()
                     .map_err(|_| ForwardError::Device("the GPU model's lock is poisoned".into()))?;
-                m.forward_packed(tokens, lens, &mut sessions)
+                m.forward_packed_rows(tokens, lens, &mut sessions, rows)
                     .map_err(|e| match e {
                         GpuModelError::Input(e) => ForwardError::Input(e),
                         other => ForwardError::Device(other.to_string()),
@@ -353,7 +365,7 @@ impl LanguageModel {
                     LmState::GpuParallel(s) => Some(s),
                     _ => None,
                 })?;
-                g.forward_packed(tokens, lens, &mut inner)
+                g.forward_packed(tokens, lens, &mut inner, rows)
             }
         }
     }
@@ -371,6 +383,38 @@ impl LanguageModel {
         prefill_in_chunks(tokens, vocab, width, chunk_len, on_chunk, |chunk| {
             self.forward_packed(chunk, &[chunk.len()], &mut [&mut *state])
         })
+    }
+
+    /// A prompt in chunks of `chunk_len` (`on_chunk(done, total)` after each), as
+    /// [`prefill_chunked_with_progress`](Self::prefill_chunked_with_progress), with the logits
+    /// of its last row only: what generation needs (the head runs over one row a chunk).
+    pub fn prefill_last_logits(
+        &self,
+        tokens: &[u32],
+        state: &mut LmState,
+        chunk_len: usize,
+        mut on_chunk: impl FnMut(usize, usize),
+    ) -> Result<Vec<f32>, ForwardError> {
+        // The whole prompt is checked first, so that a bad id never leaves the state advanced
+        // by the chunks before it.
+        if tokens.is_empty() {
+            return Err(InputError::Empty.into());
+        }
+        check_token_ids(tokens, self.vocab_size(), 0)?;
+        let mut last = Vec::new();
+        let mut done = 0;
+        for chunk in tokens.chunks(chunk_len.max(1)) {
+            let logits = self.forward_packed_rows(
+                chunk,
+                &[chunk.len()],
+                &mut [&mut *state],
+                LogitRows::LastOf(&[true]),
+            )?;
+            last = logits.into_vec();
+            done += chunk.len();
+            on_chunk(done, tokens.len());
+        }
+        Ok(last)
     }
 
     /// One token for each session.

@@ -30,7 +30,7 @@ use tideway_kernels::collective::{Collective, TcpRank, ThreadGroup};
 use tideway_kernels::matmul::LinearFormat;
 use tideway_operators::models::{Model, SessionState, load_model_as, load_model_rank};
 use tideway_operators::tensor_parallel::Group;
-use tideway_operators::{ForwardError, LoadError};
+use tideway_operators::{ForwardError, LoadError, LogitRows};
 
 /// How the ranks of a tensor-parallel group run.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum, serde::Serialize)]
@@ -374,11 +374,14 @@ impl ParallelModel {
         }
     }
 
+    /// The packed batch over the group; rank 0 runs the head over `rows` alone (the other
+    /// ranks never run it).
     pub(crate) fn forward_packed(
         &self,
         tokens: &[u32],
         lens: &[usize],
         states: &mut [&mut ParallelSession],
+        rows: LogitRows<'_>,
     ) -> Result<Tensor, ForwardError> {
         let mut inner = self
             .inner
@@ -408,10 +411,12 @@ impl ParallelModel {
         let mut group = Group::new(collective.as_mut());
         let result = self
             .leader
-            .forward_in_group(tokens, lens, &mut local, &mut group, true);
+            .forward_in_group(tokens, lens, &mut local, &mut group, rows);
         stats.record(group.waited, group.reductions, group.reduced_floats);
         match result {
-            Ok(logits) => Ok(logits.expect("rank 0 asks for logits")),
+            Ok(logits) => {
+                Ok(logits.unwrap_or_else(|| Tensor::zeros(&[0, self.leader.output_width()])))
+            }
             Err(ForwardError::Group(e)) => {
                 let reason = broken_group(&e.reason, self.size);
                 inner.broken = Some(reason.clone());
@@ -502,7 +507,8 @@ fn follow(
                 let mut refs: Vec<&mut SessionState> = taken.iter_mut().collect();
                 let lens: Vec<usize> = lens.iter().map(|&l| l as usize).collect();
                 let mut group = Group::new(collective);
-                let result = model.forward_in_group(&tokens, &lens, &mut refs, &mut group, false);
+                let result =
+                    model.forward_in_group(&tokens, &lens, &mut refs, &mut group, LogitRows::None);
                 for (key, state) in keys.into_iter().zip(taken) {
                     states.insert(key, state);
                 }

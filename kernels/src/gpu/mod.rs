@@ -37,7 +37,7 @@ pub const KERNEL_SOURCES: [(&str, &str); 4] = [
 ];
 
 /// Every `extern "C"` kernel of [`KERNEL_SOURCES`].
-pub const KERNELS: [&str; 36] = [
+pub const KERNELS: [&str; 38] = [
     "embed_rows_f32",
     "embed_rows_bf16",
     "rms_norm",
@@ -46,6 +46,8 @@ pub const KERNELS: [&str; 36] = [
     "add_halves",
     "add_bias",
     "mamba_conv_silu",
+    "mamba_conv_silu_rows",
+    "mamba_conv_window",
     "mamba_scan",
     "mamba_chunk_ends",
     "mamba_chunk_carry",
@@ -535,14 +537,39 @@ impl Gpu {
         d: usize,
         out: u64,
     ) -> Result<(), GpuError> {
+        let (name, table) = match table {
+            DeviceMatrix::F32(t) => ("embed_rows_f32", self.ptr(t)),
+            DeviceMatrix::Bf16(t) => ("embed_rows_bf16", self.ptr(t)),
+        };
+        self.launch_rows(name, table, ids, rows, d, out)
+    }
+
+    /// `out[i] = x[ids[i]]` for `rows` ids, rows `d` floats wide (all on the device): the
+    /// embedding's gather over any f32 matrix.
+    pub fn gather_rows(
+        &self,
+        x: u64,
+        ids: u64,
+        rows: usize,
+        d: usize,
+        out: u64,
+    ) -> Result<(), GpuError> {
+        self.launch_rows("embed_rows_f32", x, ids, rows, d, out)
+    }
+
+    fn launch_rows(
+        &self,
+        name: &'static str,
+        table: u64,
+        ids: u64,
+        rows: usize,
+        d: usize,
+        out: u64,
+    ) -> Result<(), GpuError> {
         let config = LaunchConfig {
             grid_dim: (rows as u32, 1, 1),
             block_dim: (256, 1, 1),
             shared_mem_bytes: 0,
-        };
-        let (name, table) = match table {
-            DeviceMatrix::F32(t) => ("embed_rows_f32", self.ptr(t)),
-            DeviceMatrix::Bf16(t) => ("embed_rows_bf16", self.ptr(t)),
         };
         let args = [
             Arg::Ptr(table),
@@ -632,6 +659,28 @@ impl Gpu {
     ) -> Result<(), GpuError> {
         let config = LaunchConfig {
             grid_dim: (channels.div_ceil(128) as u32, segments as u32, 1),
+            block_dim: (128, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        self.launch(name, config, args)
+    }
+
+    /// A kernel over (channels, rows, segments): `mamba_conv_silu_rows`. `rows` (a segment's
+    /// longest) becomes at most 65535 row blocks, the grid's limit; the kernel strides.
+    pub fn launch_per_channel_row(
+        &self,
+        name: &'static str,
+        channels: usize,
+        rows: usize,
+        segments: usize,
+        args: &[Arg],
+    ) -> Result<(), GpuError> {
+        let config = LaunchConfig {
+            grid_dim: (
+                channels.div_ceil(128) as u32,
+                rows.clamp(1, 65535) as u32,
+                segments as u32,
+            ),
             block_dim: (128, 1, 1),
             shared_mem_bytes: 0,
         };

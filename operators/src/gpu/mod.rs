@@ -17,6 +17,7 @@ use tideway_kernels::gpu::{
 
 use tideway_kernels::collective::CollectiveError;
 
+use crate::LogitRows;
 use crate::checkpoint::Checkpoint;
 use crate::error::{InputError, LoadError};
 use crate::models::config::ConfigJson;
@@ -184,8 +185,8 @@ pub(crate) struct FinalLayers<'a> {
 
 impl FinalLayers<'_> {
     /// Finishes a forward on a rank: every sub-block output added to the stream, the sessions
-    /// advanced by their rows, then (where `logits`: the leader) the final norm and the
-    /// head's logits on the host.
+    /// advanced by their rows, then (where `logits` asks: the leader) the final norm and the
+    /// head over the rows it names, their logits on the host.
     pub fn finish(
         self,
         gpu: &Gpu,
@@ -193,27 +194,41 @@ impl FinalLayers<'_> {
         group: &mut DeviceGroup<'_>,
         sessions: &mut [&mut GpuSession],
         lens: &[usize],
-        logits: bool,
+        logits: LogitRows<'_>,
     ) -> Result<Option<Tensor>, GpuModelError> {
         let residual = stream.finish(gpu, group)?;
         for (session, len) in sessions.iter_mut().zip(lens) {
             session.position += len;
         }
-        if !logits {
+        if logits == LogitRows::None {
             return Ok(None);
         }
-        let (m, d, v) = (lens.iter().sum::<usize>(), self.norm.len(), self.width);
-        let (p, normed) = (|b: &DeviceBuffer<f32>| gpu.ptr(b), self.normed);
-        gpu.rms_norm(p(&residual), p(self.norm), m, d, self.eps, p(normed))?;
-        let x = DevMat::dense(gpu, normed, m, d);
-        let out = gpu.zeros(m * v)?;
+        let (d, v) = (self.norm.len(), self.width);
+        let p = |b: &DeviceBuffer<f32>| gpu.ptr(b);
+        // Only the rows asked for, gathered before the norm.
+        let (rows, kept) = match logits.subset(lens) {
+            Some(keep) => {
+                let kept = gpu.zeros(keep.len() * d)?;
+                if !keep.is_empty() {
+                    let ids: Vec<u32> = keep.iter().map(|&row| row as u32).collect();
+                    let ids = gpu.upload(&ids)?;
+                    gpu.gather_rows(p(&residual), gpu.ptr(&ids), keep.len(), d, p(&kept))?;
+                }
+                (keep.len(), kept)
+            }
+            None => (lens.iter().sum::<usize>(), residual),
+        };
+        let normed = self.normed;
+        gpu.rms_norm(p(&kept), p(self.norm), rows, d, self.eps, p(normed))?;
+        let x = DevMat::dense(gpu, normed, rows, d);
+        let out = gpu.zeros(rows * v)?;
         match self.lm_head {
             Some(head) => head.forward(gpu, x, gpu.ptr(&out), self.scratch)?,
             None => gpu.gemm(x, self.embedding, v, gpu.ptr(&out), self.scratch)?,
         }
-        let host = gpu.download(&out, m * v)?;
+        let host = gpu.download(&out, rows * v)?;
         Ok(Some(
-            Tensor::from_vec(host, &[m, v]).expect("logits sized [m, v]"),
+            Tensor::from_vec(host, &[rows, v]).expect("logits sized [rows, v]"),
         ))
     }
 }
@@ -348,15 +363,15 @@ pub trait GpuLanguageFamily: Send {
     fn set_scan_chunk(&mut self, rows: usize);
     /// A fresh session: a free slot, its state zeroed.
     fn new_session(&mut self) -> Result<GpuSession, GpuModelError>;
-    /// One rank's forward of a packed batch in a tensor-parallel group (logits only when
-    /// `logits`).
+    /// One rank's forward of a packed batch in a tensor-parallel group (the logits of the
+    /// rows `logits` asks for).
     fn forward_in_group(
         &mut self,
         tokens: &[u32],
         lens: &[usize],
         sessions: &mut [&mut GpuSession],
         group: &mut tensor_parallel::DeviceGroup<'_>,
-        logits: bool,
+        logits: LogitRows<'_>,
     ) -> Result<Option<Tensor>, GpuModelError>;
     fn ladder(&self) -> &[bool];
     fn ladder_mut(&mut self) -> &mut Vec<bool>;
@@ -461,20 +476,33 @@ impl GpuModel {
         lens: &[usize],
         sessions: &mut [&mut GpuSession],
     ) -> Result<Tensor, GpuModelError> {
-        tensor_parallel::single_gpu(|group| {
-            self.forward_in_group(tokens, lens, sessions, group, true)
-        })
-        .map(|logits| logits.expect("logits were asked for"))
+        self.forward_packed_rows(tokens, lens, sessions, LogitRows::All)
     }
 
-    /// One rank's forward in a tensor-parallel group (logits only when `logits`).
+    /// [`forward_packed`](Self::forward_packed) with the logits of `rows` only (the final norm
+    /// and the head run over those rows alone, and only they are downloaded).
+    pub fn forward_packed_rows(
+        &mut self,
+        tokens: &[u32],
+        lens: &[usize],
+        sessions: &mut [&mut GpuSession],
+        rows: LogitRows<'_>,
+    ) -> Result<Tensor, GpuModelError> {
+        let width = self.logits_width();
+        tensor_parallel::single_gpu(|group| {
+            self.forward_in_group(tokens, lens, sessions, group, rows)
+        })
+        .map(|logits| logits.unwrap_or_else(|| Tensor::zeros(&[0, width])))
+    }
+
+    /// One rank's forward in a tensor-parallel group (the logits of `logits`' rows).
     pub fn forward_in_group(
         &mut self,
         tokens: &[u32],
         lens: &[usize],
         sessions: &mut [&mut GpuSession],
         group: &mut tensor_parallel::DeviceGroup<'_>,
-        logits: bool,
+        logits: LogitRows<'_>,
     ) -> Result<Option<Tensor>, GpuModelError> {
         self.0
             .forward_in_group(tokens, lens, sessions, group, logits)

@@ -19,6 +19,7 @@ use tideway_kernels::matmul::LinearFormat;
 
 use crate::checkpoint::Checkpoint;
 use crate::error::{ForwardError, InputError, LoadError};
+use crate::logit_rows::LogitRows;
 use crate::prune::prefill::{
     PrefillPrune, PrefillPruneError, PrunedHidden, PrunedPrefill, PrunedPrefillError,
 };
@@ -200,33 +201,51 @@ impl Model {
         lens: &[usize],
         states: &mut [&mut SessionState],
     ) -> Result<Tensor, InputError> {
+        self.forward_packed_rows(tokens, lens, states, LogitRows::All)
+    }
+
+    /// [`forward_packed`](Self::forward_packed) with the logits of `rows` only (the head runs
+    /// over those rows alone).
+    pub fn forward_packed_rows(
+        &self,
+        tokens: &[u32],
+        lens: &[usize],
+        states: &mut [&mut SessionState],
+        rows: LogitRows<'_>,
+    ) -> Result<Tensor, InputError> {
         on_compute_pool(|| {
-            single(|group| self.forward_in_group(tokens, lens, states, group, true))
-                .map(|logits| logits.expect("logits were asked for"))
+            single(|group| self.forward_in_group(tokens, lens, states, group, rows))
+                .map(|logits| logits.unwrap_or_else(|| Tensor::zeros(&[0, self.output_width()])))
         })
     }
 
     /// [`forward_packed`](Self::forward_packed) on one rank of a tensor-parallel group (the
     /// model loaded by [`load_model_rank`]): each sub-block's partial output is all-reduced as
     /// the wiring says. Every rank must run the same batches in the same order; only ranks
-    /// that ask for `logits` run the head.
+    /// that ask for `logits` run the head, over those rows.
     pub fn forward_in_group(
         &self,
         tokens: &[u32],
         lens: &[usize],
         states: &mut [&mut SessionState],
         group: &mut Group<'_>,
-        logits: bool,
+        logits: LogitRows<'_>,
     ) -> Result<Option<Tensor>, ForwardError> {
         let segments = segments(lens, states.len(), tokens.len())?;
         let mut stream = ResidualStream::new(self.0.embed(tokens)?);
         self.0
             .forward_layers(&mut stream, &segments, states, group)?;
         let residual = stream.finish(group)?;
-        if !logits {
+        if logits == LogitRows::None {
             return Ok(None);
         }
-        Ok(Some(self.0.head(&residual)?))
+        Ok(Some(match logits.subset(lens) {
+            Some(keep) => {
+                let kept = LogitRows::gather(&residual, self.hidden_size(), &keep);
+                self.0.head(&kept)?
+            }
+            None => self.0.head(&residual)?,
+        }))
     }
 
     /// The layers, embedding and head this model holds.

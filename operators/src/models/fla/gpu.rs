@@ -19,6 +19,7 @@ use tideway_kernels::gpu::{
     Scratch, WeightDtype,
 };
 
+use crate::LogitRows;
 use crate::checkpoint::Checkpoint;
 use crate::gpu::tensor_parallel::{DeviceGroup, DeviceResidualStream};
 use crate::gpu::{
@@ -1478,7 +1479,7 @@ impl GpuLanguageFamily for GpuFlaLm {
         lens: &[usize],
         sessions: &mut [&mut GpuSession],
         group: &mut DeviceGroup<'_>,
-        logits: bool,
+        logits: LogitRows<'_>,
     ) -> Result<Option<Tensor>, GpuModelError> {
         let segments = packed_segments(tokens, lens, sessions.len(), self.config.vocab_size)?;
         let (d, v, eps) = (

@@ -9,6 +9,7 @@ use tideway_kernels::gpu::{
     Scratch, WeightDtype,
 };
 
+use crate::LogitRows;
 use crate::checkpoint::Checkpoint;
 use crate::gpu::tensor_parallel::{DeviceGroup, DeviceResidualStream};
 use crate::gpu::{
@@ -17,6 +18,11 @@ use crate::gpu::{
 };
 use crate::models::mamba::MambaConfig;
 use crate::models::packed_segments;
+
+/// A batch whose longest segment has this many rows or more runs the conv over (channel, row)
+/// threads (`mamba_conv_silu_rows` and `mamba_conv_window`, two launches); shorter ones (a
+/// decode step's one row a session) walk their rows in one launch (`mamba_conv_silu`).
+const CONV_ROWS_MIN: usize = 8;
 
 struct GpuMixer {
     in_proj: DeviceLinear,
@@ -302,14 +308,14 @@ impl GpuLanguageFamily for GpuMambaLm {
     /// tokens) on one rank of a tensor-parallel group (a group of one: the whole model; see
     /// `MambaLm::forward_in_group`): `x_proj`'s `[δ|B|C]` and each mixer's output are partial
     /// sums the group all-reduces; ladder-wired layers queue their mixer before the previous
-    /// output's reduction is waited. Logits only when `logits` (the leader).
+    /// output's reduction is waited. Logits of the rows `logits` asks for (the leader's).
     fn forward_in_group(
         &mut self,
         tokens: &[u32],
         lens: &[usize],
         sessions: &mut [&mut GpuSession],
         group: &mut DeviceGroup<'_>,
-        logits: bool,
+        logits: LogitRows<'_>,
     ) -> Result<Option<Tensor>, GpuModelError> {
         let segments = packed_segments(tokens, lens, sessions.len(), self.config.vocab_size)?;
         let c = self.config.mixer;
@@ -321,6 +327,7 @@ impl GpuLanguageFamily for GpuMambaLm {
         batch.scan_chunk = self.scan_chunk;
         let (starts, lens_dev, slots) = (batch.starts, batch.lens, batch.slots);
         let segment_count = segments.len() as i32;
+        let longest = lens.iter().copied().max().unwrap_or(0);
 
         let residual = gpu.zeros(m * d)?;
         let normed = gpu.zeros(m * d)?;
@@ -348,24 +355,46 @@ impl GpuLanguageFamily for GpuMambaLm {
                 p(&pool.conv),
                 p(&xc),
             );
-            gpu.launch_per_channel(
-                "mamba_conv_silu",
-                e,
-                segments.len(),
-                &[
-                    Arg::Ptr(xz_p),
-                    Arg::I32(e_i),
-                    Arg::I32(k_i),
-                    Arg::Ptr(w_p),
-                    Arg::Ptr(b_p),
-                    Arg::Ptr(win_p),
-                    Arg::Ptr(starts),
-                    Arg::Ptr(lens_dev),
-                    Arg::Ptr(slots),
-                    Arg::I32(segment_count),
-                    Arg::Ptr(xc_p),
-                ],
-            )?;
+            let conv_args = [
+                Arg::Ptr(xz_p),
+                Arg::I32(e_i),
+                Arg::I32(k_i),
+                Arg::Ptr(w_p),
+                Arg::Ptr(b_p),
+                Arg::Ptr(win_p),
+                Arg::Ptr(starts),
+                Arg::Ptr(lens_dev),
+                Arg::Ptr(slots),
+                Arg::I32(segment_count),
+                Arg::Ptr(xc_p),
+            ];
+            if longest >= CONV_ROWS_MIN {
+                // Every row at once, then the windows moved on (see mamba_conv_silu_rows).
+                gpu.launch_per_channel_row(
+                    "mamba_conv_silu_rows",
+                    e,
+                    longest,
+                    segments.len(),
+                    &conv_args,
+                )?;
+                gpu.launch_per_channel(
+                    "mamba_conv_window",
+                    e,
+                    segments.len(),
+                    &[
+                        Arg::Ptr(xz_p),
+                        Arg::I32(e_i),
+                        Arg::I32(k_i),
+                        Arg::Ptr(win_p),
+                        Arg::Ptr(starts),
+                        Arg::Ptr(lens_dev),
+                        Arg::Ptr(slots),
+                        Arg::I32(segment_count),
+                    ],
+                )?;
+            } else {
+                gpu.launch_per_channel("mamba_conv_silu", e, segments.len(), &conv_args)?;
+            }
             mx.x_proj
                 .forward(gpu, DevMat::dense(gpu, &xc, m, e), p(&dbc), s)?;
             // Row-parallel x_proj: each rank holds part of [δ|B|C] (the buffer comes back

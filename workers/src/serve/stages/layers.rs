@@ -18,12 +18,12 @@ use std::time::Instant;
 use timely::dataflow::StreamVec;
 use timely::dataflow::channels::pact::Exchange;
 
-use tideway_operators::InputError;
 use tideway_operators::layers::frames::Frames;
 use tideway_operators::models::SessionState;
 use tideway_operators::prune::prefill::PrunedPrefillError;
 use tideway_operators::state_tensors::{StateError, StateTensors};
 use tideway_operators::tensor_parallel::Residual;
+use tideway_operators::{InputError, LogitRows};
 
 use super::super::messages::{OpError, SessionKey};
 use super::super::served::{ServedModel, StageModel};
@@ -369,12 +369,18 @@ fn run_batch(piece: &StageModel, batch: &mut [&mut Slot]) {
         StageModel::Whole(model) => {
             let mut tokens = Vec::new();
             let mut lens = Vec::new();
+            let mut last_only = Vec::new();
             for slot in batch.iter() {
                 if let Body::Tokens(t) = &slot.envelope.body {
                     tokens.extend_from_slice(t);
                     lens.push(t.len());
+                    last_only.push(slot.envelope.last_only);
                 }
             }
+            // As the head stage does for a split model: one row of logits for an envelope that
+            // asks for its last only (a generation's prompt).
+            let rows = LogitRows::LastOf(&last_only);
+            let counts = rows.counts(&lens).unwrap_or_default();
             let mut states: Vec<&mut LmState> = batch
                 .iter_mut()
                 .filter_map(|s| match &mut s.state {
@@ -383,9 +389,9 @@ fn run_batch(piece: &StageModel, batch: &mut [&mut Slot]) {
                 })
                 .collect();
             model
-                .forward_packed(&tokens, &lens, &mut states)
+                .forward_packed_rows(&tokens, &lens, &mut states, rows)
                 .map_err(OpError::from)
-                .map(|logits| outputs(logits.into_vec(), &lens, model.output_width()))
+                .map(|logits| outputs(logits.into_vec(), &counts, model.output_width()))
         }
         StageModel::Features(model) => run_features(model, batch),
     };
