@@ -85,7 +85,8 @@ extern "C" __global__ void mamba_conv_window(const float* xz, int e, int k, floa
 //   y[t, c] = (⟨h, C_t⟩ + D[c]·x[t, c]) · silu(z[t, c])
 // One thread per (channel, state index): a block holds `channels_per_block` channels of n
 // threads each (blockDim.x = channels_per_block · n), so a single long sequence still spreads
-// over E·N threads; ⟨h, C_t⟩ is a shared-memory sum per row. Launch: grid
+// over E·N threads; ⟨h, C_t⟩ is a warp's shuffle sum per row (a shared-memory sum where n
+// is not a power of two up to 32). Launch: grid
 // (ceil(E / channels_per_block), segments).
 // x: [M, E]; dt: [M, E] (dt_proj without its bias); a: [E, N] (A = -exp(A_log));
 // dbc: [M, R + 2N] (B at column R, C at R + N); xz: [M, 2E] (z at column E);
@@ -112,24 +113,38 @@ extern "C" __global__ void mamba_scan(const float* x, const float* dt, const flo
     }
     int w = r + 2 * n;
     int len = s < segments ? seg_len[s] : 0;
+    // A channel's n lanes lie in one warp where n is a power of two up to 32: they sum
+    // ⟨h, C_t⟩ by shuffles, and each warp walks its rows at its own pace (no barrier; the
+    // shared-memory sum cost a prefill's scan two barriers and a 16-term serial sum a row).
+    bool in_warp = n <= 32 && (n & (n - 1)) == 0;
     for (int t = 0; t < len; ++t) {
         long row = seg_start[s] + t;
-        float xv = 0.0f;
+        float xv = 0.0f, term = 0.0f;
         if (active) {
             xv = x[row * e + c];
             float delta = softplus(dt[row * e + c] + bias);
             const float* b = dbc + row * w + r;
             h = expf(delta * ac) * h + delta * b[j] * xv;
-            terms[threadIdx.x] = h * b[n + j];
+            term = h * b[n + j];
         }
-        __syncthreads();
+        float acc = 0.0f;
+        if (in_warp) {
+            // Every lane of the warp takes part (inactive ones with 0); a butterfly leaves the
+            // channel's sum in each of its lanes.
+            acc = term;
+            for (int lane = n / 2; lane > 0; lane >>= 1)
+                acc += __shfl_xor_sync(0xffffffffu, acc, lane);
+        } else {
+            terms[threadIdx.x] = term;
+            __syncthreads();
+            if (j == 0)
+                for (int q = 0; q < n; ++q) acc += terms[threadIdx.x + q];
+            __syncthreads();
+        }
         if (active && j == 0) {
-            float acc = 0.0f;
-            for (int q = 0; q < n; ++q) acc += terms[threadIdx.x + q];
             float z = xz[row * 2 * e + e + c];
             y[row * e + c] = (acc + dc * xv) * silu(z);
         }
-        __syncthreads();
     }
     if (active) *hs = h;
 }

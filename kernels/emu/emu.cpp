@@ -108,6 +108,18 @@ void run_block_fibers(unsigned threads) {
 #define __shared__ static thread_local
 #define __syncthreads() syncthreads_impl()
 
+// A warp's shuffle as block-wide exchanges: every thread of the block must call it together
+// (as the kernels that use it do), which makes the two barriers sound.
+static float shfl_xor_impl(float value, int lane_mask) {
+    static thread_local float slots[1024];
+    slots[threadIdx.x] = value;
+    syncthreads_impl();
+    float other = slots[threadIdx.x ^ static_cast<unsigned>(lane_mask)];
+    syncthreads_impl();
+    return other;
+}
+#define __shfl_xor_sync(mask, value, lane_mask) shfl_xor_impl(value, lane_mask)
+
 static inline float __uint_as_float(unsigned u) {
     float f;
     std::memcpy(&f, &u, 4);
