@@ -6,6 +6,17 @@
 //! - `tideway devices`: the CPU and CUDA devices this node can use;
 //! - `tideway demo` / `tideway stream`: keyword spotting on a live audio stream over gRPC.
 
+/// `eprintln!` in one write: the status lines that scripts and tests read. A supervisor's
+/// processes share one stderr, and `eprintln!` writes a line in pieces (one write a formatted
+/// part, stderr being unbuffered), so two processes' lines could interleave mid-line.
+macro_rules! status_line {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        let line = format!("{}\n", format_args!($($arg)*));
+        let _ = std::io::stderr().write_all(line.as_bytes());
+    }};
+}
+
 mod bench;
 mod bench_frames;
 mod bench_generate;

@@ -88,7 +88,7 @@ impl Cluster {
                 .args(&serve)
                 .spawn()
                 .with_context(|| format!("cannot start process {p}"))?;
-            eprintln!(
+            status_line!(
                 "tideway supervise: started process {p} (pid {})",
                 child.id()
             );
@@ -122,7 +122,7 @@ impl Cluster {
             loop {
                 match child.try_wait() {
                     Ok(Some(status)) => {
-                        eprintln!(
+                        status_line!(
                             "tideway supervise: process {p} exited ({})",
                             describe(status)
                         );
@@ -132,7 +132,7 @@ impl Cluster {
                         std::thread::sleep(Duration::from_millis(20))
                     }
                     _ => {
-                        eprintln!("tideway supervise: process {p} lingers; killing it");
+                        status_line!("tideway supervise: process {p} lingers; killing it");
                         signal(child, libc::SIGKILL);
                         let _ = child.wait();
                         break;
@@ -177,20 +177,20 @@ pub fn supervise(args: SuperviseArgs) -> Result<()> {
         let mut cluster = Cluster::start(&args, &processes)?;
         match cluster.wait_first() {
             Some((p, status)) => {
-                eprintln!(
+                status_line!(
                     "tideway supervise: process {p} exited ({}); the cluster restarts",
                     describe(status)
                 );
                 let lost_at = Instant::now();
                 cluster.wait_all(linger);
-                eprintln!(
+                status_line!(
                     "tideway supervise: all {} processes gone {:.0} ms after the first",
                     processes.len(),
                     lost_at.elapsed().as_secs_f64() * 1e3
                 );
             }
             None => {
-                eprintln!("tideway supervise: stopping the cluster");
+                status_line!("tideway supervise: stopping the cluster");
                 for (_, child) in &cluster.children {
                     signal(child, libc::SIGTERM);
                 }
@@ -211,7 +211,7 @@ pub fn supervise(args: SuperviseArgs) -> Result<()> {
         }
         let wait = backoff;
         backoff = (backoff * 2).min(Duration::from_secs(30));
-        eprintln!(
+        status_line!(
             "tideway supervise: restart {restarts} in {:.1} s",
             wait.as_secs_f64()
         );

@@ -291,7 +291,7 @@ pub fn serve(args: ServeArgs) -> Result<()> {
     let engine = Engine::start(models, config)
         .map_err(|e| anyhow::anyhow!("cannot start the workers: {e}"))?;
     if let Some(listener) = metrics_listener {
-        eprintln!(
+        status_line!(
             "tideway metrics on http://{}/metrics",
             listener.local_addr()?
         );
@@ -299,7 +299,7 @@ pub fn serve(args: ServeArgs) -> Result<()> {
     }
     if let Some(store) = &store {
         let restored = runtime.block_on(recovery::restore(&engine, store))?;
-        eprintln!(
+        status_line!(
             "tideway: restored {} sessions from {} in {:.1} ms ({} bytes; {} expired while down; {} set aside)",
             restored.sessions,
             store.path().display(),
@@ -309,10 +309,12 @@ pub fn serve(args: ServeArgs) -> Result<()> {
             restored.refused.len()
         );
         for (key, why) in &restored.refused {
-            eprintln!("tideway: session {key:016x} not restored (kept aside in the store): {why}");
+            status_line!(
+                "tideway: session {key:016x} not restored (kept aside in the store): {why}"
+            );
         }
     }
-    eprintln!("tideway listening on {local}");
+    status_line!("tideway listening on {local}");
     let result = runtime.block_on(serve_grpc(
         engine.clone(),
         listener,
@@ -429,7 +431,7 @@ async fn graceful_shutdown(
             "SIGINT"
         }
     };
-    eprintln!(
+    status_line!(
         "tideway: {signal}: draining for up to {:.1} s ({} open streams)",
         grace.as_secs_f64(),
         engine.open_streams()
@@ -446,7 +448,7 @@ async fn graceful_shutdown(
     }
     let open = engine.open_streams();
     if open > 0 {
-        eprintln!("tideway: closing {open} open streams with UNAVAILABLE");
+        status_line!("tideway: closing {open} open streams with UNAVAILABLE");
     }
     engine.close_streams();
     if engine.config.snapshots.is_some() {
@@ -457,17 +459,17 @@ async fn graceful_shutdown(
         match tokio::task::spawn_blocking(move || flushing.flush_snapshots(Duration::from_secs(10)))
             .await
         {
-            Ok(Ok(())) => eprintln!("tideway: snapshots written"),
-            Ok(Err(e)) => eprintln!("tideway: snapshots not all written: {e}"),
-            Err(e) => eprintln!("tideway: snapshots not all written: {e}"),
+            Ok(Ok(())) => status_line!("tideway: snapshots written"),
+            Ok(Err(e)) => status_line!("tideway: snapshots not all written: {e}"),
+            Err(e) => status_line!("tideway: snapshots not all written: {e}"),
         }
     }
     tokio::spawn(async {
         tokio::time::sleep(Duration::from_secs(5)).await;
-        eprintln!("tideway: connections still open 5 s after the drain; exiting");
+        status_line!("tideway: connections still open 5 s after the drain; exiting");
         std::process::exit(0);
     });
-    eprintln!("tideway: shutting down");
+    status_line!("tideway: shutting down");
 }
 
 async fn serve_grpc(
