@@ -37,10 +37,15 @@ impl LogitRows<'_> {
     /// The batch rows to keep, in order, when they are fewer than all of them (`None`: every
     /// row, or no logits at all).
     pub fn subset(&self, lens: &[usize]) -> Option<Vec<usize>> {
-        let counts = self.counts(lens)?;
-        if counts == lens {
+        // Every decode step asks with all rows or one-row sessions: no list is built for them.
+        let LogitRows::LastOf(last_only) = self else {
+            return None;
+        };
+        let drops_rows = |(i, &n): (usize, &usize)| n > 1 && last_only.get(i) == Some(&true);
+        if !lens.iter().enumerate().any(drops_rows) {
             return None;
         }
+        let counts = self.counts(lens)?;
         let mut keep = Vec::with_capacity(counts.iter().sum());
         let mut start = 0;
         for (&n, &k) in lens.iter().zip(&counts) {

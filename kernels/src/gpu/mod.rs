@@ -9,7 +9,7 @@
 //! Every launch goes to the one stream of the [`Gpu`], so kernels run in issue order and the
 //! raw device pointers handed to kernels stay valid: buffers are only freed by their owner.
 //!
-//! Length: ~950 lines of code, the whole device seam (device and stream, buffers, cuBLAS
+//! Length: ~1000 lines of code, the whole device seam (device and stream, buffers, cuBLAS
 //! products, kernel launches with their argument checks, the emulator switch) that every GPU
 //! model goes through; splitting buffers and products into their own files is the next step
 //! when this module is touched again.
