@@ -10,11 +10,14 @@ use super::{
 };
 
 /// The block loop, the same for every format (no SIMD of its own): `x` is (the rows to
-/// compute, first lane of row 0, lanes from row to row); `int8`, the quantized activations of an int8 weight (their
-/// scales and outliers).
+/// compute, first lane of row 0, lanes from row to row); `int8`, the quantized activations
+/// of an int8 weight (their scales and outliers); `wide`, a bf16 weight's activations as
+/// [`super::PanelInput::Bf16Wide`] holds them, two lanes a step.
+#[allow(clippy::too_many_arguments)]
 pub(super) unsafe fn block(
     (rows, x, s): (Range<usize>, *const u32, usize),
     int8: Option<&Int8Activations>,
+    wide: bool,
     w: &PanelWeight,
     bias: Option<&[f32]>,
     cols: Range<usize>,
@@ -26,9 +29,12 @@ pub(super) unsafe fn block(
     }
     let tile: TileFn = match w.format {
         PanelFormat::F32 => tile_f32,
+        PanelFormat::Bf16 if wide => tile_bf16_by_fma,
         PanelFormat::Bf16 => tile_bf16,
         PanelFormat::Int8 => tile_int8,
     };
+    // Lanes of `x` a step of the panel reads.
+    let x_per_step = if wide { 2 } else { 1 };
     // One block over all of `k` when one tile holds the rows (nothing shares the panel),
     // blocks of at most K_BLOCK otherwise.
     let tiles = rows.len().div_ceil(MAX_TILE_ROWS);
@@ -67,7 +73,7 @@ pub(super) unsafe fn block(
                         _ => Dequant::NONE,
                     };
                     let args = TileArgs {
-                        x: x.add(tile_rows.start * s + p0),
+                        x: x.add(tile_rows.start * s + p0 * x_per_step),
                         x_stride: s,
                         panel: block,
                         len,
@@ -217,6 +223,16 @@ fn valid_lanes(valid: usize, c: usize) -> Option<__mmask16> {
 /// How one row's step of activations (the same in every lane) and a vector of a panel's
 /// lanes add into 16 sums (f32; int8's are i32 in the same registers).
 trait Lanes {
+    /// Parts a step is done in, each with its own lane of a row's activations (`x` holds
+    /// `HALVES` lanes a step) and its own view of the panel's vectors ([`Lanes::weights`]).
+    const HALVES: usize = 1;
+
+    /// The panel vector at `w` as `madd` takes it in part `half` of a step.
+    #[inline(always)]
+    unsafe fn weights(w: *const u32, _half: usize) -> __m512i {
+        unsafe { _mm512_load_si512(w.cast()) }
+    }
+
     /// A row's step of activations, as `madd` takes it.
     #[inline(always)]
     unsafe fn broadcast(x: u32) -> __m512i {
@@ -261,6 +277,39 @@ impl Lanes for Bf16Lanes {
                 std::mem::transmute::<__m512i, __m512bh>(w),
             )
         }
+    }
+}
+
+/// Pairs of bf16 widened to f32 (exact) and multiplied with FMAs, the odd input first, as
+/// `vdpbf16ps` adds them ([`super::bf16_by_fma`]): the activations come as f32 already
+/// rounded to bf16, two lanes a step (`x[2t + 1]`, then `x[2t]`).
+struct Bf16ByFmaLanes;
+
+impl Lanes for Bf16ByFmaLanes {
+    const HALVES: usize = 2;
+
+    /// The odd inputs' weights are the lanes' high halves, the even inputs' the low halves
+    /// moved up: bf16 is f32's top 16 bits.
+    ///
+    /// Each part loads the vector anew (a volatile load, which the compiler cannot merge
+    /// with the other part's): kept from one part to the next, the four raw vectors beside
+    /// the four widened ones pushed a 6-row tile's accumulators out of the 32 registers onto
+    /// the stack (`perf annotate`, 2026-12-04).
+    #[inline(always)]
+    unsafe fn weights(w: *const u32, half: usize) -> __m512i {
+        unsafe {
+            let w = std::ptr::read_volatile(w.cast::<__m512i>());
+            if half == 0 {
+                _mm512_and_si512(w, _mm512_set1_epi32(0xffff_0000_u32 as i32))
+            } else {
+                _mm512_slli_epi32::<16>(w)
+            }
+        }
+    }
+
+    #[inline(always)]
+    unsafe fn madd(acc: __m512, x: __m512i, w: __m512i) -> __m512 {
+        unsafe { F32Lanes::madd(acc, x, w) }
     }
 }
 
@@ -320,6 +369,11 @@ unsafe fn tile_bf16(nv: usize, rows: usize, args: TileArgs) {
     unsafe { tile_of::<Bf16Lanes>(nv, rows, args) }
 }
 
+#[target_feature(enable = "avx512f")]
+unsafe fn tile_bf16_by_fma(nv: usize, rows: usize, args: TileArgs) {
+    unsafe { tile_of::<Bf16ByFmaLanes>(nv, rows, args) }
+}
+
 #[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
 unsafe fn tile_int8(nv: usize, rows: usize, args: TileArgs) {
     unsafe { tile_of::<Int8Lanes>(nv, rows, args) }
@@ -362,15 +416,20 @@ unsafe fn step<L: Lanes, const MR: usize, const NV: usize>(
 ) {
     unsafe {
         let wp = a.panel.add(p * 16 * NV);
-        let mut wv = [_mm512_setzero_si512(); NV];
-        for (c, v) in wv.iter_mut().enumerate() {
-            *v = _mm512_load_si512(wp.add(16 * c).cast());
-        }
-        for (i, row) in acc.iter_mut().enumerate() {
-            // Unaligned: int8 activations are a byte buffer.
-            let xb = L::broadcast(a.x.add(i * a.x_stride + p).read_unaligned());
-            for (acc, v) in row.iter_mut().zip(&wv) {
-                *acc = L::madd(*acc, xb, *v);
+        for half in 0..L::HALVES {
+            let mut wv = [_mm512_setzero_si512(); NV];
+            for (c, v) in wv.iter_mut().enumerate() {
+                *v = L::weights(wp.add(16 * c), half);
+            }
+            // Part `half` reads lane `HALVES - 1 - half` of the row's step (one part: the
+            // step's only lane).
+            let lane = L::HALVES * p + L::HALVES - 1 - half;
+            for (i, row) in acc.iter_mut().enumerate() {
+                // Unaligned: int8 activations are a byte buffer.
+                let xb = L::broadcast(a.x.add(i * a.x_stride + lane).read_unaligned());
+                for (acc, v) in row.iter_mut().zip(&wv) {
+                    *acc = L::madd(*acc, xb, *v);
+                }
             }
         }
     }

@@ -290,13 +290,18 @@ impl PanelWeight {
 }
 
 /// The activations of one call as a panel kernel reads them: rows of 32-bit lanes, one per
-/// step of the weight (an f32, a pair of bf16 or a quad of int8).
+/// step of the weight (an f32, a pair of bf16 or a quad of int8), or two for
+/// [`PanelInput::Bf16Wide`].
 pub enum PanelInput<'a> {
     /// f32 activations as the caller holds them.
     F32(MatRef<'a>),
     /// Rounded to bf16 (nearest, ties to even) in pairs, `[rows, steps]`, an odd `k` padded
     /// with a zero.
     Bf16 { pairs: Vec<u32>, rows: usize },
+    /// Rounded to bf16 as for [`PanelInput::Bf16`] but each kept in an f32 (the same values),
+    /// `[rows, 2 × steps]`: for the tiles that widen a bf16 panel to f32 and multiply with
+    /// FMAs ([`bf16_by_fma`]).
+    Bf16Wide { values: Vec<f32>, rows: usize },
     /// Quantized as LLM.int8 quantizes activations ([`crate::int8::quantize`]), rows padded to
     /// whole quads.
     Int8(Int8Activations),
@@ -308,22 +313,44 @@ impl<'a> PanelInput<'a> {
     pub fn for_weight(x: MatRef<'a>, w: &PanelWeight) -> Self {
         match w.format {
             PanelFormat::F32 => PanelInput::F32(x),
-            PanelFormat::Bf16 => {
-                let steps = w.steps();
-                let mut pairs = vec![0u32; x.rows * steps];
-                for (i, dst) in pairs
-                    .chunks_exact_mut(steps.max(1))
-                    .enumerate()
-                    .take(x.rows)
-                {
-                    bf16_pairs(&x.data[i * x.row_stride..][..x.cols], dst);
-                }
-                PanelInput::Bf16 {
-                    pairs,
-                    rows: x.rows,
-                }
+            PanelFormat::Bf16 if x.rows >= WIDE_MIN_ROWS && bf16_by_fma() => {
+                Self::bf16_wide(x, w.steps())
             }
+            PanelFormat::Bf16 => Self::bf16_pairs(x, w.steps()),
             PanelFormat::Int8 => PanelInput::Int8(crate::int8::quantize(x, 4 * w.steps())),
+        }
+    }
+
+    /// `x` rounded to bf16 in pairs, for a weight of `steps` pairs.
+    fn bf16_pairs(x: MatRef<'a>, steps: usize) -> Self {
+        let mut pairs = vec![0u32; x.rows * steps];
+        for (i, dst) in pairs
+            .chunks_exact_mut(steps.max(1))
+            .enumerate()
+            .take(x.rows)
+        {
+            bf16_pairs(&x.data[i * x.row_stride..][..x.cols], dst);
+        }
+        PanelInput::Bf16 {
+            pairs,
+            rows: x.rows,
+        }
+    }
+
+    /// `x` rounded to bf16 and kept in f32, for a weight of `steps` pairs.
+    fn bf16_wide(x: MatRef<'a>, steps: usize) -> Self {
+        let k_pad = 2 * steps;
+        let mut values = vec![0.0f32; x.rows * k_pad];
+        for (i, dst) in values
+            .chunks_exact_mut(k_pad.max(1))
+            .enumerate()
+            .take(x.rows)
+        {
+            bf16_rounded(&x.data[i * x.row_stride..][..x.cols], &mut dst[..x.cols]);
+        }
+        PanelInput::Bf16Wide {
+            values,
+            rows: x.rows,
         }
     }
 
@@ -334,8 +361,48 @@ impl<'a> PanelInput<'a> {
             PanelInput::Bf16 { pairs, rows } => {
                 (*rows, pairs.as_ptr(), pairs.len() / (*rows).max(1))
             }
+            PanelInput::Bf16Wide { values, rows } => {
+                (*rows, values.as_ptr().cast(), values.len() / (*rows).max(1))
+            }
             PanelInput::Int8(x) => (x.scale.len(), x.q.as_ptr().cast(), x.k_pad / 4),
         }
+    }
+}
+
+/// Fewest rows for which a bf16 product widens its panel to f32 where [`bf16_by_fma`]: one
+/// or two rows stream their panel from memory, where `vdpbf16ps`'s fewer instructions cost
+/// nothing and the widening only adds work.
+const WIDE_MIN_ROWS: usize = 3;
+
+/// Whether bf16 products of several rows widen the panel's bf16 pairs to f32 (a shift and a
+/// mask) and multiply with FMAs instead of `vdpbf16ps`. On Intel's cores `vdpbf16ps` issues
+/// on one port where a 512-bit FMA has two: measured on a Xeon with AVX-512 BF16 (2 vCPUs,
+/// 2026-12-04, `examples/linear_shapes` at 512 rows) bf16 in_proj ran 137-161 GFLOP/s
+/// against f32's 292-302, where AMD's Zen 4 ran bf16 faster than f32 (BENCHMARKS.md). The
+/// two give the same bits there: Intel's `vdpbf16ps` adds the odd input's product and then
+/// the even one's, each rounded once, which is what two FMAs in that order do (`tests.rs`
+/// holds them to it wherever this picks the FMAs). `TIDEWAY_BF16_DOT=fma` or `=vdpbf16ps`
+/// overrides the choice, for measuring both; on a CPU whose `vdpbf16ps` rounds otherwise,
+/// forcing the FMAs can change the last bit of a row with the batch it runs in.
+pub fn bf16_by_fma() -> bool {
+    static BY_FMA: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *BY_FMA.get_or_init(|| match std::env::var("TIDEWAY_BF16_DOT").as_deref() {
+        Ok("fma") => true,
+        Ok("vdpbf16ps") => false,
+        _ => cpu_vendor_is_intel(),
+    })
+}
+
+fn cpu_vendor_is_intel() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        let id = std::arch::x86_64::__cpuid(0);
+        // The vendor string "GenuineIntel" in EBX, EDX, ECX.
+        [id.ebx, id.edx, id.ecx] == [0x756e_6547, 0x4965_6e69, 0x6c65_746e]
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        false
     }
 }
 
@@ -367,6 +434,16 @@ fn bf16_pairs_body(row: &[f32], dst: &mut [u32]) {
 }
 
 crate::simd::dispatch! { fn bf16_pairs(row: &[f32], dst: &mut [u32]) => bf16_pairs_body }
+
+/// `row` rounded to bf16, each value kept in an f32.
+#[inline(always)]
+fn bf16_rounded_body(row: &[f32], dst: &mut [f32]) {
+    for (d, v) in dst.iter_mut().zip(row) {
+        *d = f32::from_bits(bf16_bits(*v) << 16);
+    }
+}
+
+crate::simd::dispatch! { fn bf16_rounded(row: &[f32], dst: &mut [f32]) => bf16_rounded_body }
 
 fn check_len(w: &[f32], n: usize, k: usize) {
     assert_eq!(
@@ -404,6 +481,9 @@ pub unsafe fn block(
         (PanelInput::Bf16 { pairs, rows }, PanelFormat::Bf16) => {
             assert_eq!(pairs.len(), rows * w.steps())
         }
+        (PanelInput::Bf16Wide { values, rows }, PanelFormat::Bf16) => {
+            assert_eq!(values.len(), rows * 2 * w.steps())
+        }
         (PanelInput::Int8(x), PanelFormat::Int8) => assert_eq!(x.k_pad, 4 * w.steps()),
         _ => panic!(
             "activations prepared for another format than {:?}",
@@ -416,8 +496,9 @@ pub unsafe fn block(
             PanelInput::Int8(x) => Some(x),
             _ => None,
         };
+        let wide = matches!(x, PanelInput::Bf16Wide { .. });
         let (_, lanes, stride) = x.lanes();
-        avx512::block((rows, lanes, stride), int8, w, bias, cols, out)
+        avx512::block((rows, lanes, stride), int8, wide, w, bias, cols, out)
     }
     #[cfg(not(target_arch = "x86_64"))]
     {

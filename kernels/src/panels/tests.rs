@@ -100,17 +100,91 @@ fn the_kernel_matches_the_naive_product() {
                 cols: k,
                 row_stride: stride,
             };
-            let input = PanelInput::for_weight(view, &packed);
-            let out = in_shares(&input, &packed, &b, m);
-            drop(input);
+            // bf16: both kernels, on pairs and widened to f32, whichever this CPU picks.
+            let inputs = match format {
+                PanelFormat::Bf16 => vec![
+                    ("pairs", PanelInput::bf16_pairs(view, packed.steps())),
+                    ("widened", PanelInput::bf16_wide(view, packed.steps())),
+                ],
+                _ => vec![("", PanelInput::for_weight(view, &packed))],
+            };
+            let outs: Vec<_> = inputs
+                .iter()
+                .map(|(kind, input)| (*kind, in_shares(input, &packed, &b, m)))
+                .collect();
+            drop(inputs);
             if format == PanelFormat::Bf16 {
                 // The reference multiplies the values the kernel multiplies.
                 for v in x.iter_mut().chain(w.iter_mut()) {
                     *v = half::bf16::from_f32(*v).to_f32();
                 }
             }
-            let what = format!("{format:?} {m}×{k}×{n}");
-            crate::test_util::assert_linear_matches_f64(&out, &x, stride, &w, &b, (m, k, n), &what);
+            for (kind, out) in outs {
+                let what = format!("{format:?} {kind} {m}×{k}×{n}");
+                crate::test_util::assert_linear_matches_f64(
+                    &out,
+                    &x,
+                    stride,
+                    &w,
+                    &b,
+                    (m, k, n),
+                    &what,
+                );
+            }
+        }
+    }
+}
+
+/// Where the CPU multiplies bf16 with FMAs ([`super::bf16_by_fma`]: from 3 rows), the two
+/// bf16 kernels give the same bits, `vdpbf16ps` on pairs and the FMAs on the pairs widened
+/// to f32, so that a session's rows do not change with the batch they run in. Rows of 1 to
+/// 13 (the widened kernel's tiles of every height), a `k` in two blocks and odd, values
+/// over many magnitudes and both signs, so that sums cancel and round. (Two FMAs in the
+/// other order differ in the last bit here: the test tells them apart.)
+#[test]
+fn bf16_by_fma_gives_vdpbf16ps_bits() {
+    if !available(PanelFormat::Bf16) || !super::bf16_by_fma() {
+        return;
+    }
+    for (m, k, n) in [
+        (1, 37, 70),
+        (2, 300, 100),
+        (5, 301, 130),
+        (6, 2101, 150),
+        (13, 768, 64),
+    ] {
+        let stride = k + 1;
+        // Magnitudes 2^-20..2^20: products far apart in size, as a layer's are.
+        let spread = |values: Vec<f32>, seed: usize| -> Vec<f32> {
+            values
+                .iter()
+                .enumerate()
+                .map(|(i, v)| v * 2f32.powi(((i * 7 + seed) % 41) as i32 - 20))
+                .collect()
+        };
+        let x = spread(crate::test_util::pseudo(m * stride, 41, -1.0, 1.0), 3);
+        let w = spread(crate::test_util::pseudo(n * k, 42, -1.0, 1.0), 5);
+        let b = crate::test_util::pseudo(n, 43, -1.0, 1.0);
+        let packed = PanelWeight::from_torch_bf16(&w, n, k);
+        let view = MatRef {
+            data: &x,
+            rows: m,
+            cols: k,
+            row_stride: stride,
+        };
+        let pairs = in_shares(
+            &PanelInput::bf16_pairs(view, packed.steps()),
+            &packed,
+            &b,
+            m,
+        );
+        let wide = in_shares(&PanelInput::bf16_wide(view, packed.steps()), &packed, &b, m);
+        for (i, (p, q)) in pairs.iter().zip(&wide).enumerate() {
+            assert_eq!(
+                p.to_bits(),
+                q.to_bits(),
+                "{m}×{k}×{n}, output {i}: vdpbf16ps {p:e}, FMAs {q:e}"
+            );
         }
     }
 }
