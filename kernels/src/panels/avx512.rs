@@ -13,7 +13,6 @@ use super::{
 /// compute, first lane of row 0, lanes from row to row); `int8`, the quantized activations
 /// of an int8 weight (their scales and outliers); `wide`, a bf16 weight's activations as
 /// [`super::PanelInput::Bf16Wide`] holds them, two lanes a step.
-#[allow(clippy::too_many_arguments)]
 pub(super) unsafe fn block(
     (rows, x, s): (Range<usize>, *const u32, usize),
     int8: Option<&Int8Activations>,

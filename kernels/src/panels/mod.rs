@@ -21,7 +21,9 @@
 //!   block while the cores work on this one instead of waiting for the first tile's reads.
 //!
 //! bf16 products round the activations to bf16 too (once per call), as PyTorch's bf16
-//! inference does, and sum in f32. int8 products quantize them as LLM.int8 does
+//! inference does, and sum in f32; on Intel's cores a product of several rows widens the
+//! panel's bf16 to f32 and multiplies with FMAs, which issue twice as fast there as
+//! `vdpbf16ps` ([`bf16_by_fma`]). int8 products quantize them as LLM.int8 does
 //! ([`crate::int8::quantize`]), sum in i32 and dequantize at the end; the outlier columns
 //! then pass over the panel once more in f32, while it is still in L2.
 //!
@@ -381,7 +383,8 @@ const WIDE_MIN_ROWS: usize = 3;
 /// against f32's 292-302, where AMD's Zen 4 ran bf16 faster than f32 (BENCHMARKS.md). The
 /// two give the same bits there: Intel's `vdpbf16ps` adds the odd input's product and then
 /// the even one's, each rounded once, which is what two FMAs in that order do (`tests.rs`
-/// holds them to it wherever this picks the FMAs). `TIDEWAY_BF16_DOT=fma` or `=vdpbf16ps`
+/// holds them to it wherever this picks the FMAs), but for bf16 subnormals (below 1.2e-38),
+/// which `vdpbf16ps` reads as zero. `TIDEWAY_BF16_DOT=fma` or `=vdpbf16ps`
 /// overrides the choice, for measuring both; on a CPU whose `vdpbf16ps` rounds otherwise,
 /// forcing the FMAs can change the last bit of a row with the batch it runs in.
 pub fn bf16_by_fma() -> bool {
