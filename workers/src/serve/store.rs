@@ -222,7 +222,7 @@ fn write_loop(db: &Database, rx: &Receiver<StoreOp>, stats: &StoreStats, path: &
                             table.insert(snapshot.key, blob.as_slice())?;
                             written += 1;
                             if abort_at.is_some_and(|n| snapshot.chunks >= n) {
-                                eprintln!(
+                                status_line!(
                                     "tideway: TIDEWAY_TEST_ABORT_MID_SNAPSHOT: aborting inside a snapshot commit"
                                 );
                                 std::process::abort();

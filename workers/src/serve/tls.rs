@@ -73,8 +73,8 @@ impl Tls {
         tokio::spawn(async move {
             while hangups.recv().await.is_some() {
                 match tls.reload() {
-                    Ok(()) => eprintln!("tideway: SIGHUP: TLS certificates reloaded"),
-                    Err(e) => eprintln!(
+                    Ok(()) => status_line!("tideway: SIGHUP: TLS certificates reloaded"),
+                    Err(e) => status_line!(
                         "tideway: SIGHUP: TLS reload failed, keeping the old certificates: {e:#}"
                     ),
                 }
