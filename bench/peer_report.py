@@ -19,11 +19,14 @@ def start(args):
 
 
 def timed(fn, repeats):
-    """Median seconds of `repeats` calls of `fn`."""
+    """Median seconds of `repeats` calls of `fn` (on a GPU, up to the end of its queued work)."""
+    sync = torch.cuda.synchronize if torch.cuda.is_initialized() else (lambda: None)
     times = []
     for _ in range(repeats):
+        sync()
         t0 = time.perf_counter()
         fn()
+        sync()
         times.append(time.perf_counter() - t0)
     return statistics.median(times)
 
@@ -42,9 +45,14 @@ def prefill_row(report, tokens, seconds, as_json):
 
 
 def finish(report, as_json):
-    """Adds the peak RSS and prints the report."""
+    """Adds the peak RSS (and, on a GPU, the peak of torch's device allocations) and prints
+    the report."""
     report["peak_rss_bytes"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    if torch.cuda.is_initialized():
+        report["peak_device_bytes"] = torch.cuda.max_memory_allocated()
     if as_json:
         print(json.dumps(report, indent=2))
     else:
         print(f"peak memory (RSS): {report['peak_rss_bytes'] / 2**20:.1f} MiB")
+        if "peak_device_bytes" in report:
+            print(f"peak device memory (torch's allocations): {report['peak_device_bytes'] / 2**20:.1f} MiB")
