@@ -118,10 +118,26 @@ impl Int8Activations {
     pub fn outliers(&self) -> &[usize] {
         &self.outliers
     }
+
+    /// Whether the rows `rows` quantized to zeros alone (each row's scale is 0: every
+    /// column is an outlier or zero), so that their int8 product adds exactly nothing.
+    pub(crate) fn no_inliers(&self, rows: Range<usize>) -> bool {
+        self.scale[rows].iter().all(|&s| s == 0.0)
+    }
 }
 
 /// Quantizes `x` against weights padded to `k_pad`.
 pub fn quantize(x: MatRef<'_>, k_pad: usize) -> Int8Activations {
+    quantize_as(x, k_pad, true)
+}
+
+/// As [`quantize`], with the outlier values always `[rows, |C|]`: the panel kernel multiplies
+/// the outlier columns one by one however many they are.
+pub(crate) fn quantize_compact(x: MatRef<'_>, k_pad: usize) -> Int8Activations {
+    quantize_as(x, k_pad, false)
+}
+
+fn quantize_as(x: MatRef<'_>, k_pad: usize, dense_when_many: bool) -> Int8Activations {
     let k = x.cols;
     let row = |i: usize| &x.data[i * x.row_stride..][..k];
     // Each column's largest magnitude, a row at a time (a pass that vectorises; a NaN is
@@ -132,7 +148,7 @@ pub fn quantize(x: MatRef<'_>, k_pad: usize) -> Int8Activations {
     }
     let is_outlier: Vec<bool> = column_max.iter().map(|&m| m >= OUTLIER_THRESHOLD).collect();
     let outliers: Vec<usize> = (0..k).filter(|&p| is_outlier[p]).collect();
-    let dense = outliers.len() * DENSE_OUTLIERS > k;
+    let dense = dense_when_many && outliers.len() * DENSE_OUTLIERS > k;
     let mut q = vec![0i8; x.rows * k_pad];
     let mut scale = vec![0.0f32; x.rows];
     let mut outlier_values = match dense {
@@ -440,8 +456,8 @@ mod tests {
                 block(&acts, &weight, Some(&b), 0..5, target);
                 block(&acts, &weight, Some(&b), 5..n, target);
             }
-            let want = crate::test_util::llm_int8_reference(&x, &acts, &weight, &b, (m, k, n));
-            crate::test_util::assert_close(&out, &want, &format!("k {k}"));
+            let what = format!("k {k}");
+            crate::test_util::assert_llm_int8(&out, &x, &acts, &weight, &b, (m, k, n), &what);
         }
     }
 

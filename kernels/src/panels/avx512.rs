@@ -42,11 +42,20 @@ pub(super) unsafe fn block(
     } else {
         k.div_ceil(k.div_ceil(K_BLOCK))
     };
+    // LLM.int8's outlier columns, if any, and their weights' scales.
+    let outliers = match (int8, &w.columns) {
+        (Some(x), Some(c)) if !x.outliers.is_empty() => Some((x, c)),
+        _ => None,
+    };
+    // Where every column of these rows is an outlier (or zero), the int8 pass adds nothing:
+    // the outlier pass writes the outputs alone. (Kept for a single tile, whose outlier pass
+    // adds to what the int8 pass wrote.)
+    let skip_int8 = tiles > 1 && outliers.is_some_and(|(x, _)| x.no_inliers(rows.clone()));
     let panels = cols.start / PANEL..cols.end.div_ceil(PANEL);
     for q in panels.clone() {
         let j = q * PANEL;
         let (valid, width) = (PANEL.min(cols.end - j), w.width(q));
-        let mut p0 = 0;
+        let mut p0 = if skip_int8 { k } else { 0 };
         while p0 < k {
             let len = k_block.min(k - p0);
             let (first, last) = (p0 == 0, p0 + len == k);
@@ -90,30 +99,68 @@ pub(super) unsafe fn block(
             p0 += len;
         }
         // LLM.int8's outlier columns, in f32 against the dequantized weights, while the
-        // panel is still in L2.
-        if let (Some(x), Some(c)) = (int8, &w.columns)
-            && !x.outliers.is_empty()
-        {
-            let stride = if x.dense { x.k_pad } else { x.outliers.len() };
-            for tile_rows in row_tiles(rows.clone()) {
-                unsafe {
-                    let args = OutlierArgs {
-                        panel: w.panel(q),
-                        width,
-                        outliers: &x.outliers,
-                        values: x.outlier_values.as_ptr().add(tile_rows.start * stride),
-                        stride,
-                        by_column: x.dense,
-                        col_scale: c.scale.as_ptr().add(j),
-                        out: out.ptr.add(tile_rows.start * out.n + j),
-                        n: out.n,
-                        valid,
-                    };
-                    outlier_tile_of(width / 16, tile_rows.len(), &args);
-                }
+        // panel is still in L2: a single tile widens each weight as it goes; several widen
+        // the panel's outlier steps once, and each tile multiplies them as f32 (the widening
+        // had been a third of the work of every tile's pass).
+        if let Some((x, c)) = outliers {
+            let values = x.outlier_values.as_ptr();
+            let count = x.outliers.len();
+            let col_scale = unsafe { c.scale.as_ptr().add(j) };
+            if tiles == 1 {
+                let args = OutlierArgs {
+                    panel: w.panel(q),
+                    width,
+                    outliers: &x.outliers,
+                    values: unsafe { values.add(rows.start * count) },
+                    col_scale,
+                    out: unsafe { out.ptr.add(rows.start * out.n + j) },
+                    n: out.n,
+                    valid,
+                };
+                unsafe { outlier_tile_of(width / 16, rows.len(), &args) };
+            } else {
+                WIDENED.with_borrow_mut(|widened| {
+                    for (b, chunk) in x.outliers.chunks(K_BLOCK).enumerate() {
+                        let first = b == 0 && skip_int8;
+                        widened.clear();
+                        widened.resize(chunk.len() * width / 16, Line([0.0; 16]));
+                        let panel = widened.as_mut_ptr().cast::<f32>();
+                        unsafe {
+                            widen_outliers(w.panel(q), width, chunk, col_scale, valid, panel)
+                        };
+                        for tile_rows in row_tiles(rows.clone()) {
+                            let args = TileArgs {
+                                x: unsafe { values.add(tile_rows.start * count + b * K_BLOCK) }
+                                    .cast(),
+                                x_stride: count,
+                                panel: panel.cast_const().cast(),
+                                len: chunk.len(),
+                                bias: bias.filter(|_| first).map(|b| unsafe { b.as_ptr().add(j) }),
+                                out: unsafe { out.ptr.add(tile_rows.start * out.n + j) },
+                                n: out.n,
+                                valid,
+                                accumulate: !first,
+                                prefetch: Prefetch::None,
+                                dequant: Dequant::NONE,
+                            };
+                            unsafe { tile_f32(width / 16, tile_rows.len(), args) };
+                        }
+                    }
+                });
             }
         }
     }
+}
+
+/// A cache line of f32 lanes, aligned as the tiles load a panel's.
+#[derive(Clone, Copy)]
+#[repr(C, align(64))]
+struct Line([f32; 16]);
+
+thread_local! {
+    /// An int8 panel's outlier steps widened to f32 (`widen_outliers`): each thread keeps its
+    /// buffer from call to call, so that no product maps and zeroes fresh pages.
+    static WIDENED: std::cell::RefCell<Vec<Line>> = const { std::cell::RefCell::new(Vec::new()) };
 }
 
 /// What a tile asks for beyond its own next steps, which every one-segment tile asks for
@@ -510,11 +557,9 @@ struct OutlierArgs<'a> {
     width: usize,
     /// `C`, ascending.
     outliers: &'a [usize],
-    /// The tile's first row of outlier values, rows `stride` apart, each indexed by column
-    /// (`by_column`: zero off `C`) or by position in `C`.
+    /// The tile's first row of outlier values, rows `|C|` apart, each indexed by its
+    /// position in `C`.
     values: *const f32,
-    stride: usize,
-    by_column: bool,
     col_scale: *const f32,
     out: *mut f32,
     n: usize,
@@ -567,9 +612,8 @@ unsafe fn outlier_tile<const MR: usize, const NV: usize>(a: &OutlierArgs) {
             for (w, q) in weights.iter_mut().zip(&quad) {
                 *w = _mm512_cvtepi32_ps(_mm512_srai_epi32::<24>(_mm512_sll_epi32(*q, up)));
             }
-            let at = if a.by_column { p } else { o };
             for (i, row) in acc.iter_mut().enumerate() {
-                let xb = _mm512_set1_ps(*a.values.add(i * a.stride + at));
+                let xb = _mm512_set1_ps(*a.values.add(i * a.outliers.len() + o));
                 for (acc, w) in row.iter_mut().zip(&weights) {
                     *acc = _mm512_fmadd_ps(xb, *w, *acc);
                 }
@@ -584,6 +628,34 @@ unsafe fn outlier_tile<const MR: usize, const NV: usize>(a: &OutlierArgs) {
                 let dst = a.out.add(i * a.n + 16 * c);
                 let value = _mm512_fmadd_ps(row[c], scale, _mm512_maskz_loadu_ps(mask, dst));
                 _mm512_mask_storeu_ps(dst, mask, value);
+            }
+        }
+    }
+}
+
+/// The panel's outlier steps `outliers` (ascending) as an f32 panel of `width` lanes a step
+/// at `dst`, each weight dequantized: `sw_j · Q_jp`, zero past the `valid` columns.
+#[target_feature(enable = "avx512f")]
+unsafe fn widen_outliers(
+    panel: *const u32,
+    width: usize,
+    outliers: &[usize],
+    col_scale: *const f32,
+    valid: usize,
+    dst: *mut f32,
+) {
+    unsafe {
+        for (o, &p) in outliers.iter().enumerate() {
+            // Byte p % 4 of each lane to the top, then down with its sign.
+            let up = _mm_cvtsi32_si128(24 - 8 * (p % 4) as i32);
+            for c in 0..width / 16 {
+                let quad = _mm512_load_si512(panel.add(p / 4 * width + 16 * c).cast());
+                let q = _mm512_cvtepi32_ps(_mm512_srai_epi32::<24>(_mm512_sll_epi32(quad, up)));
+                let scale = match valid_lanes(valid, c) {
+                    Some(mask) => _mm512_maskz_loadu_ps(mask, col_scale.add(16 * c)),
+                    None => _mm512_setzero_ps(),
+                };
+                _mm512_store_ps(dst.add(o * width + 16 * c), _mm512_mul_ps(q, scale));
             }
         }
     }

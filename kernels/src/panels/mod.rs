@@ -319,7 +319,7 @@ impl<'a> PanelInput<'a> {
                 Self::bf16_wide(x, w.steps())
             }
             PanelFormat::Bf16 => Self::bf16_pairs(x, w.steps()),
-            PanelFormat::Int8 => PanelInput::Int8(crate::int8::quantize(x, 4 * w.steps())),
+            PanelFormat::Int8 => PanelInput::Int8(crate::int8::quantize_compact(x, 4 * w.steps())),
         }
     }
 

@@ -191,21 +191,27 @@ fn bf16_by_fma_gives_vdpbf16ps_bits() {
 
 /// int8 against LLM.int8's math in i64 and f64 from the quantizers' values: one row (4
 /// segments summed in i32), tiles of several rows, partial last panels, a `k` of two
-/// blocks (the 128-offset taken off once), outliers none, few (visited one by one) and
-/// many (the dense values), several in one quad.
+/// blocks (the 128-offset taken off once), outliers none, few and many, several in one
+/// quad, and every column an outlier (no int8 pass for several tiles; outlier steps in two
+/// blocks).
 #[test]
 fn the_int8_kernel_computes_llm_int8s_product() {
     if !available(PanelFormat::Int8) {
         return;
     }
+    let every = |k: usize| (0..k).collect::<Vec<_>>();
     for (m, k, n, outliers) in [
-        (1, 300, 70, &[5usize, 6, 200][..]),
-        (2, 70, 100, &[0, 69][..]),
-        (3, 64, 16, &[][..]),
-        (7, 301, 130, &[33, 300][..]),
-        (9, 130, 64, &[1, 2, 3, 4][..]),
-        (13, 4101, 150, &[17, 4100][..]),
+        (1, 300, 70, vec![5usize, 6, 200]),
+        (2, 70, 100, vec![0, 69]),
+        (3, 64, 16, vec![]),
+        (7, 301, 130, vec![33, 300]),
+        (9, 130, 64, vec![1, 2, 3, 4]),
+        (13, 4101, 150, vec![17, 4100]),
+        (13, 70, 130, every(70)),
+        (2, 70, 20, every(70)),
+        (8, 1100, 80, every(1100)),
     ] {
+        let outliers = &outliers[..];
         let mut x = crate::test_util::pseudo(m * k, 41, -2.0, 2.0);
         for (r, &p) in outliers.iter().enumerate() {
             x[(r % m) * k + p] = if r % 2 == 0 { 7.5 } else { -6.0 };
@@ -221,8 +227,8 @@ fn the_int8_kernel_computes_llm_int8s_product() {
         assert_eq!(acts.outliers(), outliers);
         let out = in_shares(&input, &packed, &b, m);
         let rows = crate::int8::Int8Weight::from_f32(&w, n, k);
-        let want = crate::test_util::llm_int8_reference(&x, acts, &rows, &b, (m, k, n));
-        crate::test_util::assert_close(&out, &want, &format!("int8 {m}×{k}×{n}"));
+        let what = format!("int8 {m}×{k}×{n}");
+        crate::test_util::assert_llm_int8(&out, &x, acts, &rows, &b, (m, k, n), &what);
     }
 }
 
