@@ -3,7 +3,8 @@
 //! activations with int32 sums, and the outlier columns (|x| ≥ 6) in floating point against
 //! the dequantized weights. Every output must be within 1e-5 of the reference (relative to
 //! its magnitude, at least 1), for one row, a few, more than the skinny kernel's 64 and a
-//! ragged width, with and without outlier columns.
+//! ragged width, with and without outlier columns, with many over several tiles of rows, and
+//! with every column an outlier.
 
 mod common;
 
@@ -26,7 +27,7 @@ fn int8_products_equal_llm_int8s_reference_math() {
         .filter_map(|n| n.strip_suffix(".out").map(str::to_string))
         .collect();
     cases.sort();
-    assert_eq!(cases.len(), 5);
+    assert_eq!(cases.len(), 7);
     for case in cases {
         let shape = |name: &str| {
             file.tensor(&format!("{case}.{name}"))
