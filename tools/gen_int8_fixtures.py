@@ -32,10 +32,11 @@ CASES = [
     ("batch_8", 8, 768, 200, [(3, 5, -7.25), (6, 700, 6.0)]),
     ("batch_33_ragged", 33, 301, 129, [(0, 0, 12.0), (32, 300, -6.5)]),
     ("prefill_80", 80, 512, 160, [(10, 400, 8.0), (79, 3, -20.0), (40, 400, 6.5)]),
-    # Many outlier columns over several tiles of rows (the panel kernel widens them once),
-    # and every column an outlier (no int8 part at all: the random 130M's out_proj).
-    ("prefill_24_many", 24, 384, 130, [(p % 24, p, 7.0 - 14.0 * (p % 2)) for p in range(0, 384, 3)]),
-    ("prefill_40_every", 40, 96, 70, [(p % 40, p, 6.0 + p % 5) for p in range(96)]),
+    # Many outlier columns over many tiles of rows (the panel kernel widens them once: rows
+    # and outputs enough that a 2-thread pool gives each share all the rows), and every
+    # column an outlier (no int8 part at all: the random 130M's out_proj).
+    ("prefill_100_many", 100, 384, 300, [(p % 100, p, 7.0 - 14.0 * (p % 2)) for p in range(0, 384, 3)]),
+    ("prefill_64_every", 64, 96, 200, [(p % 64, p, 6.0 + p % 5) for p in range(96)]),
 ]
 
 

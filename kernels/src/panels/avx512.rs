@@ -5,18 +5,15 @@ use std::arch::x86_64::*;
 use std::ops::Range;
 
 use super::{
-    Int8Activations, K_BLOCK, MAX_TILE_ROWS, Out, PANEL, PREFETCH_STEPS, PanelFormat, PanelWeight,
+    K_BLOCK, MAX_TILE_ROWS, Out, PANEL, PREFETCH_STEPS, PanelFormat, PanelInput, PanelWeight,
     STREAM_AHEAD_STEPS, row_tiles,
 };
 
-/// The block loop, the same for every format (no SIMD of its own): `x` is (the rows to
-/// compute, first lane of row 0, lanes from row to row); `int8`, the quantized activations
-/// of an int8 weight (their scales and outliers); `wide`, a bf16 weight's activations as
-/// [`super::PanelInput::Bf16Wide`] holds them, two lanes a step.
+/// The block loop, the same for every format (no SIMD of its own), for the rows `rows` of
+/// `input` (checked against `w` by the caller).
 pub(super) unsafe fn block(
-    (rows, x, s): (Range<usize>, *const u32, usize),
-    int8: Option<&Int8Activations>,
-    wide: bool,
+    input: &PanelInput<'_>,
+    rows: Range<usize>,
     w: &PanelWeight,
     bias: Option<&[f32]>,
     cols: Range<usize>,
@@ -26,6 +23,15 @@ pub(super) unsafe fn block(
     if rows.is_empty() {
         return;
     }
+    // First lane of row 0 and lanes from row to row; an int8 weight's quantized activations
+    // (their scales and outliers); whether a bf16 weight's activations are widened, two
+    // lanes a step.
+    let (_, x, s) = input.lanes();
+    let int8 = match input {
+        PanelInput::Int8(x) => Some(x),
+        _ => None,
+    };
+    let wide = matches!(input, PanelInput::Bf16Wide { .. });
     let tile: TileFn = match w.format {
         PanelFormat::F32 => tile_f32,
         PanelFormat::Bf16 if wide => tile_bf16_by_fma,
@@ -47,10 +53,16 @@ pub(super) unsafe fn block(
         (Some(x), Some(c)) if !x.outliers.is_empty() => Some((x, c)),
         _ => None,
     };
+    // Several tiles widen the panel's outlier steps to f32 once (`widen_outliers`) and
+    // multiply them with the f32 tile; fewer widen them as they go (`outlier_tile`). Per
+    // outlier step and vector: T tiles' own widening costs T·(load, 3 ops), widening once
+    // (load, 3 ops, scale, store) + T loads, less from 3 tiles on. (At 2 tiles, decode at
+    // batch 8, int8, widening once measured 20% slower in `bench/cpu_decode.sh`.)
+    let widen_once = tiles >= WIDEN_ONCE_MIN_TILES;
     // Where every column of these rows is an outlier (or zero), the int8 pass adds nothing:
-    // the outlier pass writes the outputs alone. (Kept for a single tile, whose outlier pass
-    // adds to what the int8 pass wrote.)
-    let skip_int8 = tiles > 1 && outliers.is_some_and(|(x, _)| x.no_inliers(rows.clone()));
+    // the outlier pass writes the outputs alone. (Not for the tiles that widen as they go,
+    // which add to what the int8 pass wrote.)
+    let skip_int8 = widen_once && outliers.is_some_and(|(x, _)| x.no_inliers(rows.clone()));
     let panels = cols.start / PANEL..cols.end.div_ceil(PANEL);
     for q in panels.clone() {
         let j = q * PANEL;
@@ -106,21 +118,23 @@ pub(super) unsafe fn block(
             let values = x.outlier_values.as_ptr();
             let count = x.outliers.len();
             let col_scale = unsafe { c.scale.as_ptr().add(j) };
-            if tiles == 1 {
-                let args = OutlierArgs {
-                    panel: w.panel(q),
-                    width,
-                    outliers: &x.outliers,
-                    values: unsafe { values.add(rows.start * count) },
-                    col_scale,
-                    out: unsafe { out.ptr.add(rows.start * out.n + j) },
-                    n: out.n,
-                    valid,
-                };
-                unsafe { outlier_tile_of(width / 16, rows.len(), &args) };
+            if !widen_once {
+                for tile_rows in row_tiles(rows.clone()) {
+                    let args = OutlierArgs {
+                        panel: w.panel(q),
+                        width,
+                        outliers: &x.outliers,
+                        values: unsafe { values.add(tile_rows.start * count) },
+                        col_scale,
+                        out: unsafe { out.ptr.add(tile_rows.start * out.n + j) },
+                        n: out.n,
+                        valid,
+                    };
+                    unsafe { outlier_tile_of(width / 16, tile_rows.len(), &args) };
+                }
             } else {
                 WIDENED.with_borrow_mut(|widened| {
-                    for (b, chunk) in x.outliers.chunks(K_BLOCK).enumerate() {
+                    for (b, chunk) in x.outliers.chunks(WIDENED_STEPS).enumerate() {
                         let first = b == 0 && skip_int8;
                         widened.clear();
                         widened.resize(chunk.len() * width / 16, Line([0.0; 16]));
@@ -130,8 +144,10 @@ pub(super) unsafe fn block(
                         };
                         for tile_rows in row_tiles(rows.clone()) {
                             let args = TileArgs {
-                                x: unsafe { values.add(tile_rows.start * count + b * K_BLOCK) }
-                                    .cast(),
+                                x: unsafe {
+                                    values.add(tile_rows.start * count + b * WIDENED_STEPS)
+                                }
+                                .cast(),
                                 x_stride: count,
                                 panel: panel.cast_const().cast(),
                                 len: chunk.len(),
@@ -151,6 +167,15 @@ pub(super) unsafe fn block(
         }
     }
 }
+
+/// Fewest tiles of rows that widen an int8 panel's outlier steps once (see `block`).
+const WIDEN_ONCE_MIN_TILES: usize = 3;
+
+/// Outlier steps widened at a time: 128 steps of 64 lanes, 32 KiB, which the tiles then read
+/// from L1 (where a panel's 1536 outlier columns widened at once, 384 KiB, sit in L2 beside
+/// the weights). Int8 decode at batch 32 and prefill measured the same with 1024 steps
+/// (alternated, 2026-12-04, within the Xeon's ±15% drift).
+const WIDENED_STEPS: usize = 128;
 
 /// A cache line of f32 lanes, aligned as the tiles load a panel's.
 #[derive(Clone, Copy)]

@@ -25,7 +25,9 @@
 //! panel's bf16 to f32 and multiplies with FMAs, which issue twice as fast there as
 //! `vdpbf16ps` ([`bf16_by_fma`]). int8 products quantize them as LLM.int8 does
 //! ([`crate::int8::quantize`]), sum in i32 and dequantize at the end; the outlier columns
-//! then pass over the panel once more in f32, while it is still in L2.
+//! then pass over the panel once more in f32, while it is still in L2 (for several tiles of
+//! rows, widened to f32 once and multiplied by the f32 tile; where every column of the rows
+//! is an outlier, that pass alone writes the outputs).
 //!
 //! `examples/linear_shapes.rs` measures the kernel against the row-layout kernels of
 //! [`crate::skinny`], [`crate::bf16`] and [`crate::int8`] and gemm (BENCHMARKS.md).
@@ -495,13 +497,7 @@ pub unsafe fn block(
     }
     #[cfg(target_arch = "x86_64")]
     unsafe {
-        let int8 = match x {
-            PanelInput::Int8(x) => Some(x),
-            _ => None,
-        };
-        let wide = matches!(x, PanelInput::Bf16Wide { .. });
-        let (_, lanes, stride) = x.lanes();
-        avx512::block((rows, lanes, stride), int8, wide, w, bias, cols, out)
+        avx512::block(x, rows, w, bias, cols, out)
     }
     #[cfg(not(target_arch = "x86_64"))]
     {

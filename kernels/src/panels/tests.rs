@@ -192,8 +192,9 @@ fn bf16_by_fma_gives_vdpbf16ps_bits() {
 /// int8 against LLM.int8's math in i64 and f64 from the quantizers' values: one row (4
 /// segments summed in i32), tiles of several rows, partial last panels, a `k` of two
 /// blocks (the 128-offset taken off once), outliers none, few and many, several in one
-/// quad, and every column an outlier (no int8 pass for several tiles; outlier steps in two
-/// blocks).
+/// quad, and every column an outlier; each widened as the tiles go (up to 2 tiles in a share
+/// of rows) and widened once (from 3 tiles: many outliers in several blocks of widened steps,
+/// and no int8 pass where every column is one).
 #[test]
 fn the_int8_kernel_computes_llm_int8s_product() {
     if !available(PanelFormat::Int8) {
@@ -209,7 +210,9 @@ fn the_int8_kernel_computes_llm_int8s_product() {
         (13, 4101, 150, vec![17, 4100]),
         (13, 70, 130, every(70)),
         (2, 70, 20, every(70)),
-        (8, 1100, 80, every(1100)),
+        (26, 300, 70, (0..300).step_by(2).collect()),
+        (27, 70, 130, every(70)),
+        (40, 1100, 80, every(1100)),
     ] {
         let outliers = &outliers[..];
         let mut x = crate::test_util::pseudo(m * k, 41, -2.0, 2.0);
