@@ -6,7 +6,7 @@ use std::ops::Range;
 
 use super::{
     K_BLOCK, MAX_TILE_ROWS, Out, PANEL, PREFETCH_STEPS, PanelFormat, PanelInput, PanelWeight,
-    STREAM_AHEAD_STEPS, row_tiles,
+    STREAM_AHEAD_STEPS, outliers, row_tiles,
 };
 
 /// The block loop, the same for every format (no SIMD of its own), for the rows `rows` of
@@ -49,20 +49,17 @@ pub(super) unsafe fn block(
         k.div_ceil(k.div_ceil(K_BLOCK))
     };
     // LLM.int8's outlier columns, if any, and their weights' scales.
-    let outliers = match (int8, &w.columns) {
+    let int8_outliers = match (int8, &w.columns) {
         (Some(x), Some(c)) if !x.outliers.is_empty() => Some((x, c)),
         _ => None,
     };
-    // Several tiles widen the panel's outlier steps to f32 once (`widen_outliers`) and
-    // multiply them with the f32 tile; fewer widen them as they go (`outlier_tile`). Per
-    // outlier step and vector: T tiles' own widening costs T·(load, 3 ops), widening once
-    // (load, 3 ops, scale, store) + T loads, less from 3 tiles on. (At 2 tiles, decode at
-    // batch 8, int8, widening once measured 20% slower in `bench/cpu_decode.sh`.)
-    let widen_once = tiles >= WIDEN_ONCE_MIN_TILES;
+    // Whether the outlier pass widens the panel's outlier steps to f32 once (see
+    // `outliers`).
+    let widen_once = tiles >= outliers::WIDEN_ONCE_MIN_TILES;
     // Where every column of these rows is an outlier (or zero), the int8 pass adds nothing:
     // the outlier pass writes the outputs alone. (Not for the tiles that widen as they go,
     // which add to what the int8 pass wrote.)
-    let skip_int8 = widen_once && outliers.is_some_and(|(x, _)| x.no_inliers(rows.clone()));
+    let skip_int8 = widen_once && int8_outliers.is_some_and(|(x, _)| x.no_inliers(rows.clone()));
     let panels = cols.start / PANEL..cols.end.div_ceil(PANEL);
     for q in panels.clone() {
         let j = q * PANEL;
@@ -111,87 +108,33 @@ pub(super) unsafe fn block(
             p0 += len;
         }
         // LLM.int8's outlier columns, in f32 against the dequantized weights, while the
-        // panel is still in L2: a single tile widens each weight as it goes; several widen
-        // the panel's outlier steps once, and each tile multiplies them as f32 (the widening
-        // had been a third of the work of every tile's pass).
-        if let Some((x, c)) = outliers {
-            let values = x.outlier_values.as_ptr();
-            let count = x.outliers.len();
-            let col_scale = unsafe { c.scale.as_ptr().add(j) };
-            if !widen_once {
-                for tile_rows in row_tiles(rows.clone()) {
-                    let args = OutlierArgs {
-                        panel: w.panel(q),
-                        width,
-                        outliers: &x.outliers,
-                        values: unsafe { values.add(tile_rows.start * count) },
-                        col_scale,
-                        out: unsafe { out.ptr.add(tile_rows.start * out.n + j) },
-                        n: out.n,
-                        valid,
-                    };
-                    unsafe { outlier_tile_of(width / 16, tile_rows.len(), &args) };
-                }
-            } else {
-                WIDENED.with_borrow_mut(|widened| {
-                    for (b, chunk) in x.outliers.chunks(WIDENED_STEPS).enumerate() {
-                        let first = b == 0 && skip_int8;
-                        widened.clear();
-                        widened.resize(chunk.len() * width / 16, Line([0.0; 16]));
-                        let panel = widened.as_mut_ptr().cast::<f32>();
-                        unsafe {
-                            widen_outliers(w.panel(q), width, chunk, col_scale, valid, panel)
-                        };
-                        for tile_rows in row_tiles(rows.clone()) {
-                            let args = TileArgs {
-                                x: unsafe {
-                                    values.add(tile_rows.start * count + b * WIDENED_STEPS)
-                                }
-                                .cast(),
-                                x_stride: count,
-                                panel: panel.cast_const().cast(),
-                                len: chunk.len(),
-                                bias: bias.filter(|_| first).map(|b| unsafe { b.as_ptr().add(j) }),
-                                out: unsafe { out.ptr.add(tile_rows.start * out.n + j) },
-                                n: out.n,
-                                valid,
-                                accumulate: !first,
-                                prefetch: Prefetch::None,
-                                dequant: Dequant::NONE,
-                            };
-                            unsafe { tile_f32(width / 16, tile_rows.len(), args) };
-                        }
-                    }
-                });
-            }
+        // panel is still in L2.
+        if let Some((x, c)) = int8_outliers {
+            let panel = outliers::Panel {
+                q,
+                width,
+                valid,
+                col_scale: unsafe { c.scale.as_ptr().add(j) },
+            };
+            let outputs = match skip_int8 {
+                true => outliers::Outputs::Unwritten {
+                    bias: bias.map(|b| unsafe { b.as_ptr().add(j) }),
+                },
+                false => outliers::Outputs::Written,
+            };
+            let out = Out {
+                ptr: unsafe { out.ptr.add(j) },
+                n: out.n,
+            };
+            unsafe { outliers::pass(x, w, &panel, rows.clone(), widen_once, outputs, out) };
         }
     }
-}
-
-/// Fewest tiles of rows that widen an int8 panel's outlier steps once (see `block`).
-const WIDEN_ONCE_MIN_TILES: usize = 3;
-
-/// Outlier steps widened at a time: 128 steps of 64 lanes, 32 KiB, which the tiles then read
-/// from L1 (where a panel's 1536 outlier columns widened at once, 384 KiB, sit in L2 beside
-/// the weights). Int8 decode at batch 32 and prefill measured the same with 1024 steps
-/// (alternated, 2026-12-04, within the Xeon's ±15% drift).
-const WIDENED_STEPS: usize = 128;
-
-/// A cache line of f32 lanes, aligned as the tiles load a panel's.
-#[derive(Clone, Copy)]
-#[repr(C, align(64))]
-struct Line([f32; 16]);
-
-thread_local! {
-    /// An int8 panel's outlier steps widened to f32 (`widen_outliers`): each thread keeps its
-    /// buffer from call to call, so that no product maps and zeroes fresh pages.
-    static WIDENED: std::cell::RefCell<Vec<Line>> = const { std::cell::RefCell::new(Vec::new()) };
 }
 
 /// What a tile asks for beyond its own next steps, which every one-segment tile asks for
 /// [`PREFETCH_STEPS`] ahead into L1 (`tile`).
 #[derive(Clone, Copy)]
-enum Prefetch {
+pub(super) enum Prefetch {
     /// Nothing more: a tile before it fetched the block, and no block follows in the share.
     None,
     /// The tile streams its block from memory: each of its segments asks for its lines
@@ -205,7 +148,7 @@ enum Prefetch {
 /// Lines asked for into L2 (in L1 they would push out the rows of `x` the tile reuses): from
 /// `next`, `per_step` lines of 16 lanes at each step, up to `to`.
 #[derive(Clone, Copy)]
-struct Fetch {
+pub(super) struct Fetch {
     next: *const u32,
     to: *const u32,
     per_step: usize,
@@ -248,30 +191,30 @@ impl Fetch {
 /// steps of a panel from `panel`; the first `valid` of the panel's columns go to `out`
 /// (rows `n` apart), added to what is there when `accumulate`, with the bias when there is
 /// one.
-struct TileArgs {
-    x: *const u32,
-    x_stride: usize,
-    panel: *const u32,
-    len: usize,
-    bias: Option<*const f32>,
-    out: *mut f32,
-    n: usize,
-    valid: usize,
-    accumulate: bool,
-    prefetch: Prefetch,
-    dequant: Dequant,
+pub(super) struct TileArgs {
+    pub(super) x: *const u32,
+    pub(super) x_stride: usize,
+    pub(super) panel: *const u32,
+    pub(super) len: usize,
+    pub(super) bias: Option<*const f32>,
+    pub(super) out: *mut f32,
+    pub(super) n: usize,
+    pub(super) valid: usize,
+    pub(super) accumulate: bool,
+    pub(super) prefetch: Prefetch,
+    pub(super) dequant: Dequant,
 }
 
 /// An int8 tile's scales: `sx` of its rows, `sw` and `Σ_p Q` of its panel's columns (null
 /// for the other formats).
-struct Dequant {
+pub(super) struct Dequant {
     row_scale: *const f32,
     col_scale: *const f32,
     col_sums: *const i32,
 }
 
 impl Dequant {
-    const NONE: Dequant = Dequant {
+    pub(super) const NONE: Dequant = Dequant {
         row_scale: std::ptr::null(),
         col_scale: std::ptr::null(),
         col_sums: std::ptr::null(),
@@ -283,7 +226,7 @@ type TileFn = unsafe fn(usize, usize, TileArgs);
 
 /// Which lanes of a tile's vector `c` hold one of its `valid` columns; none past them.
 #[inline(always)]
-fn valid_lanes(valid: usize, c: usize) -> Option<__mmask16> {
+pub(super) fn valid_lanes(valid: usize, c: usize) -> Option<__mmask16> {
     match valid.saturating_sub(16 * c).min(16) {
         0 => None,
         16 => Some(0xffff),
@@ -431,7 +374,7 @@ impl Lanes for Int8Lanes {
 // Each format's tiles compiled with its instructions: the generic tile below is inlined
 // into these, where its intrinsics can be inlined too.
 #[target_feature(enable = "avx512f")]
-unsafe fn tile_f32(nv: usize, rows: usize, args: TileArgs) {
+pub(super) unsafe fn tile_f32(nv: usize, rows: usize, args: TileArgs) {
     unsafe { tile_of::<F32Lanes>(nv, rows, args) }
 }
 
@@ -569,118 +512,6 @@ unsafe fn tile<L: Lanes, const MR: usize, const S: usize, const NV: usize>(a: Ti
                     value = _mm512_add_ps(value, _mm512_maskz_loadu_ps(mask, dst));
                 }
                 _mm512_mask_storeu_ps(dst, mask, value);
-            }
-        }
-    }
-}
-
-/// The outlier pass of an int8 panel for one tile of rows: `out[i, j] += sw_j · Σ_{p∈C}
-/// x_ip · Q_jp`, each `Q_jp` taken out of its quad and widened to f32.
-struct OutlierArgs<'a> {
-    /// The panel's first lane and its columns.
-    panel: *const u32,
-    width: usize,
-    /// `C`, ascending.
-    outliers: &'a [usize],
-    /// The tile's first row of outlier values, rows `|C|` apart, each indexed by its
-    /// position in `C`.
-    values: *const f32,
-    col_scale: *const f32,
-    out: *mut f32,
-    n: usize,
-    valid: usize,
-}
-
-#[target_feature(enable = "avx512f")]
-unsafe fn outlier_tile_of(nv: usize, rows: usize, args: &OutlierArgs) {
-    unsafe {
-        match nv {
-            1 => outlier_tile_rows::<1>(rows, args),
-            2 => outlier_tile_rows::<2>(rows, args),
-            3 => outlier_tile_rows::<3>(rows, args),
-            _ => outlier_tile_rows::<4>(rows, args),
-        }
-    }
-}
-
-#[inline(always)]
-unsafe fn outlier_tile_rows<const NV: usize>(rows: usize, args: &OutlierArgs) {
-    unsafe {
-        match rows {
-            1 => outlier_tile::<1, NV>(args),
-            2 => outlier_tile::<2, NV>(args),
-            3 => outlier_tile::<3, NV>(args),
-            4 => outlier_tile::<4, NV>(args),
-            5 => outlier_tile::<5, NV>(args),
-            _ => outlier_tile::<6, NV>(args),
-        }
-    }
-}
-
-#[inline(always)]
-unsafe fn outlier_tile<const MR: usize, const NV: usize>(a: &OutlierArgs) {
-    unsafe {
-        let mut acc = [[_mm512_setzero_ps(); NV]; MR];
-        let mut quad = [_mm512_setzero_si512(); NV];
-        let mut loaded = usize::MAX;
-        for (o, &p) in a.outliers.iter().enumerate() {
-            // Outliers in one quad share its load.
-            if p / 4 != loaded {
-                loaded = p / 4;
-                for (c, v) in quad.iter_mut().enumerate() {
-                    *v = _mm512_load_si512(a.panel.add(loaded * a.width + 16 * c).cast());
-                }
-            }
-            // Byte p % 4 of each lane to the top, then down with its sign.
-            let up = _mm_cvtsi32_si128(24 - 8 * (p % 4) as i32);
-            let mut weights = [_mm512_setzero_ps(); NV];
-            for (w, q) in weights.iter_mut().zip(&quad) {
-                *w = _mm512_cvtepi32_ps(_mm512_srai_epi32::<24>(_mm512_sll_epi32(*q, up)));
-            }
-            for (i, row) in acc.iter_mut().enumerate() {
-                let xb = _mm512_set1_ps(*a.values.add(i * a.outliers.len() + o));
-                for (acc, w) in row.iter_mut().zip(&weights) {
-                    *acc = _mm512_fmadd_ps(xb, *w, *acc);
-                }
-            }
-        }
-        for c in 0..NV {
-            let Some(mask) = valid_lanes(a.valid, c) else {
-                break;
-            };
-            let scale = _mm512_maskz_loadu_ps(mask, a.col_scale.add(16 * c));
-            for (i, row) in acc.iter().enumerate() {
-                let dst = a.out.add(i * a.n + 16 * c);
-                let value = _mm512_fmadd_ps(row[c], scale, _mm512_maskz_loadu_ps(mask, dst));
-                _mm512_mask_storeu_ps(dst, mask, value);
-            }
-        }
-    }
-}
-
-/// The panel's outlier steps `outliers` (ascending) as an f32 panel of `width` lanes a step
-/// at `dst`, each weight dequantized: `sw_j · Q_jp`, zero past the `valid` columns.
-#[target_feature(enable = "avx512f")]
-unsafe fn widen_outliers(
-    panel: *const u32,
-    width: usize,
-    outliers: &[usize],
-    col_scale: *const f32,
-    valid: usize,
-    dst: *mut f32,
-) {
-    unsafe {
-        for (o, &p) in outliers.iter().enumerate() {
-            // Byte p % 4 of each lane to the top, then down with its sign.
-            let up = _mm_cvtsi32_si128(24 - 8 * (p % 4) as i32);
-            for c in 0..width / 16 {
-                let quad = _mm512_load_si512(panel.add(p / 4 * width + 16 * c).cast());
-                let q = _mm512_cvtepi32_ps(_mm512_srai_epi32::<24>(_mm512_sll_epi32(quad, up)));
-                let scale = match valid_lanes(valid, c) {
-                    Some(mask) => _mm512_maskz_loadu_ps(mask, col_scale.add(16 * c)),
-                    None => _mm512_setzero_ps(),
-                };
-                _mm512_store_ps(dst.add(o * width + 16 * c), _mm512_mul_ps(q, scale));
             }
         }
     }

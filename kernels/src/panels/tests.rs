@@ -82,6 +82,8 @@ fn the_kernel_matches_the_naive_product() {
         (9, 2100, 100),
         // bf16: two blocks of 526 pairs, the last one's second input the padding.
         (13, 2101, 70),
+        // Shares of 3 tiles or more.
+        (30, 501, 100),
     ];
     for format in formats {
         for (m, k, n) in shapes {
@@ -138,7 +140,8 @@ fn the_kernel_matches_the_naive_product() {
 /// Where the CPU multiplies bf16 with FMAs ([`super::bf16_by_fma`]: from 3 rows), the two
 /// bf16 kernels give the same bits, `vdpbf16ps` on pairs and the FMAs on the pairs widened
 /// to f32, so that a session's rows do not change with the batch they run in. Rows of 1 to
-/// 13 (the widened kernel's tiles of every height), a `k` in two blocks and odd, values
+/// 13 (the widened kernel's tiles of every height) and shares of 3 tiles and more, a `k` in
+/// two blocks and odd, values
 /// over many magnitudes and both signs, so that sums cancel and round. (Two FMAs in the
 /// other order differ in the last bit here: the test tells them apart.)
 #[test]
@@ -152,6 +155,8 @@ fn bf16_by_fma_gives_vdpbf16ps_bits() {
         (5, 301, 130),
         (6, 2101, 150),
         (13, 768, 64),
+        (27, 301, 130),
+        (40, 2101, 70),
     ] {
         let stride = k + 1;
         // Magnitudes 2^-20..2^20: products far apart in size, as a layer's are.
