@@ -66,31 +66,29 @@ pub(super) unsafe fn pass(
         }
         return;
     }
-    {
-        for (b, chunk) in x.outliers.chunks(WIDENED_STEPS).enumerate() {
-            // The first block starts unwritten outputs; the rest add to them.
-            let start = match outputs {
-                Outputs::Unwritten { bias } if b == 0 => Some(bias),
-                _ => None,
+    for (b, chunk) in x.outliers.chunks(WIDENED_STEPS).enumerate() {
+        // The first block starts unwritten outputs; the rest add to them.
+        let start = match outputs {
+            Outputs::Unwritten { bias } if b == 0 => Some(bias),
+            _ => None,
+        };
+        let dst = scratch(chunk.len() * p.width / 16);
+        unsafe { widen_outliers(panel, p.width, chunk, p.col_scale, p.valid, dst) };
+        for tile_rows in row_tiles(rows.clone()) {
+            let args = TileArgs {
+                x: unsafe { values.add(tile_rows.start * count + b * WIDENED_STEPS) }.cast(),
+                x_stride: count,
+                panel: dst.cast_const().cast(),
+                len: chunk.len(),
+                bias: start.flatten(),
+                out: unsafe { out.ptr.add(tile_rows.start * out.n) },
+                n: out.n,
+                valid: p.valid,
+                accumulate: start.is_none(),
+                prefetch: Prefetch::None,
+                dequant: Dequant::NONE,
             };
-            let dst = scratch(chunk.len() * p.width / 16);
-            unsafe { widen_outliers(panel, p.width, chunk, p.col_scale, p.valid, dst) };
-            for tile_rows in row_tiles(rows.clone()) {
-                let args = TileArgs {
-                    x: unsafe { values.add(tile_rows.start * count + b * WIDENED_STEPS) }.cast(),
-                    x_stride: count,
-                    panel: dst.cast_const().cast(),
-                    len: chunk.len(),
-                    bias: start.flatten(),
-                    out: unsafe { out.ptr.add(tile_rows.start * out.n) },
-                    n: out.n,
-                    valid: p.valid,
-                    accumulate: start.is_none(),
-                    prefetch: Prefetch::None,
-                    dequant: Dequant::NONE,
-                };
-                unsafe { tile_f32(p.width / 16, tile_rows.len(), args) };
-            }
+            unsafe { tile_f32(p.width / 16, tile_rows.len(), args) };
         }
     }
 }
