@@ -184,11 +184,10 @@ unsafe fn outlier_tile<const MR: usize, const NV: usize>(a: &OutlierArgs) {
                     *v = _mm512_load_si512(a.panel.add(loaded * a.width + 16 * c).cast());
                 }
             }
-            // Byte p % 4 of each lane to the top, then down with its sign.
-            let up = _mm_cvtsi32_si128(24 - 8 * (p % 4) as i32);
+            let up = byte_to_top(p);
             let mut weights = [_mm512_setzero_ps(); NV];
             for (w, q) in weights.iter_mut().zip(&quad) {
-                *w = _mm512_cvtepi32_ps(_mm512_srai_epi32::<24>(_mm512_sll_epi32(*q, up)));
+                *w = widen_byte(*q, up);
             }
             for (i, row) in acc.iter_mut().enumerate() {
                 let xb = _mm512_set1_ps(*a.values.add(i * a.outliers.len() + o));
@@ -224,11 +223,10 @@ unsafe fn widen_outliers(
 ) {
     unsafe {
         for (o, &p) in outliers.iter().enumerate() {
-            // Byte p % 4 of each lane to the top, then down with its sign.
-            let up = _mm_cvtsi32_si128(24 - 8 * (p % 4) as i32);
+            let up = byte_to_top(p);
             for c in 0..width / 16 {
                 let quad = _mm512_load_si512(panel.add(p / 4 * width + 16 * c).cast());
-                let q = _mm512_cvtepi32_ps(_mm512_srai_epi32::<24>(_mm512_sll_epi32(quad, up)));
+                let q = widen_byte(quad, up);
                 let scale = match valid_lanes(valid, c) {
                     Some(mask) => _mm512_maskz_loadu_ps(mask, col_scale.add(16 * c)),
                     None => _mm512_setzero_ps(),
@@ -237,4 +235,18 @@ unsafe fn widen_outliers(
             }
         }
     }
+}
+
+/// The shift that takes byte `p % 4` of each 32-bit lane (input `p`'s weight in its quad) to
+/// the lane's top, for [`widen_byte`].
+#[inline(always)]
+fn byte_to_top(p: usize) -> __m128i {
+    unsafe { _mm_cvtsi32_si128(24 - 8 * (p % 4) as i32) }
+}
+
+/// The byte that `up` (from [`byte_to_top`]) picks out of each lane of `quads`, as f32: to
+/// the top, then down with its sign.
+#[inline(always)]
+unsafe fn widen_byte(quads: __m512i, up: __m128i) -> __m512 {
+    unsafe { _mm512_cvtepi32_ps(_mm512_srai_epi32::<24>(_mm512_sll_epi32(quads, up))) }
 }
