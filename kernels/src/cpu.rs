@@ -17,6 +17,40 @@ pub fn simd_level() -> &'static str {
     "portable"
 }
 
+/// Bytes of one core's level-1 data cache: Linux's `/sys/devices/system/cpu/cpu0/cache`
+/// entry of level 1 and type `Data`, or 32 KiB (the smallest of the x86 cores Tideway is
+/// measured on) where the system does not say. Read once.
+pub fn l1_data_bytes() -> usize {
+    static BYTES: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
+    *BYTES.get_or_init(|| l1_data_from_sysfs().unwrap_or(32 << 10))
+}
+
+fn l1_data_from_sysfs() -> Option<usize> {
+    let read = |dir: &std::path::Path, name: &str| {
+        std::fs::read_to_string(dir.join(name)).map(|s| s.trim().to_string())
+    };
+    std::fs::read_dir("/sys/devices/system/cpu/cpu0/cache")
+        .ok()?
+        .flatten()
+        .map(|entry| entry.path())
+        .filter(|dir| {
+            read(dir, "level").is_ok_and(|l| l == "1")
+                && read(dir, "type").is_ok_and(|t| t == "Data")
+        })
+        .find_map(|dir| parse_cache_size(&read(&dir, "size").ok()?))
+}
+
+/// A sysfs cache size, `48K` or `2048K` or `1M`, in bytes.
+fn parse_cache_size(size: &str) -> Option<usize> {
+    let (digits, unit) = size.split_at(size.find(|c: char| !c.is_ascii_digit())?);
+    let scale = match unit {
+        "K" => 1 << 10,
+        "M" => 1 << 20,
+        _ => return None,
+    };
+    Some(digits.parse::<usize>().ok()? * scale).filter(|&b| b > 0)
+}
+
 /// Runs `work` on a thread of the compute pool (rayon's global pool) and returns its result;
 /// on a pool thread already, runs it in place.
 ///
@@ -159,6 +193,17 @@ mod tests {
             assert_eq!(got, want);
             assert_eq!(nested, want);
         }
+    }
+
+    #[test]
+    fn cache_sizes_parse_as_sysfs_writes_them() {
+        assert_eq!(parse_cache_size("48K"), Some(48 << 10));
+        assert_eq!(parse_cache_size("2048K"), Some(2 << 20));
+        assert_eq!(parse_cache_size("1M"), Some(1 << 20));
+        for bad in ["", "K", "48", "48KB", "0K", "x8K"] {
+            assert_eq!(parse_cache_size(bad), None, "{bad:?}");
+        }
+        assert!(l1_data_bytes() >= 4 << 10);
     }
 
     #[test]

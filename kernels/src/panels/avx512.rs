@@ -5,8 +5,8 @@ use std::arch::x86_64::*;
 use std::ops::Range;
 
 use super::{
-    K_BLOCK, MAX_TILE_ROWS, Out, PANEL, PREFETCH_STEPS, PanelFormat, PanelInput, PanelWeight,
-    STREAM_AHEAD_STEPS, outliers, row_tiles,
+    FEW_TILES, K_BLOCK, MAX_TILE_ROWS, Out, PANEL, PREFETCH_STEPS, PanelFormat, PanelInput,
+    PanelWeight, STREAM_AHEAD_STEPS, few_tiles_block, outliers, row_tiles,
 };
 
 /// The block loop, the same for every format (no SIMD of its own), for the rows `rows` of
@@ -41,12 +41,12 @@ pub(super) unsafe fn block(
     // Lanes of `x` a step of the panel reads.
     let x_per_step = if wide { 2 } else { 1 };
     // One block over all of `k` when one tile holds the rows (nothing shares the panel),
-    // blocks of at most K_BLOCK otherwise.
+    // blocks that L1 holds for a few tiles, blocks of at most K_BLOCK for more.
     let tiles = rows.len().div_ceil(MAX_TILE_ROWS);
-    let k_block = if tiles == 1 {
-        k
-    } else {
-        k.div_ceil(k.div_ceil(K_BLOCK))
+    let k_block = match tiles {
+        1 => k,
+        2..=FEW_TILES => k.div_ceil(k.div_ceil(few_tiles_block())),
+        _ => k.div_ceil(k.div_ceil(K_BLOCK)),
     };
     // LLM.int8's outlier columns, if any, and their weights' scales.
     let int8_outliers = match (int8, &w.columns) {

@@ -15,10 +15,12 @@
 //!
 //! - Up to 6 rows (a decode step of a few streams): one tile per panel over all of `k`, so a
 //!   thread reads its panels front to back, one sequential stream at the memory's speed.
-//! - More rows: every tile of rows passes over the panel while it sits in L2 (for a long `k`,
-//!   in blocks of at most `K_BLOCK` steps, the partial sums waiting in `out` between blocks),
-//!   and each tile asks for its share of the next block, so that memory streams the next
-//!   block while the cores work on this one instead of waiting for the first tile's reads.
+//! - More rows: every tile of rows passes over the panel while it sits in cache, in blocks
+//!   (the partial sums waiting in `out` between blocks): blocks that L1 holds for 2-6 tiles
+//!   (a decode step of 7-36 streams, whose weights come from memory), blocks of at most
+//!   `K_BLOCK` steps in L2 for more. Each tile asks for its share of the next block, so that
+//!   memory streams the next block while the cores work on this one instead of waiting for
+//!   the first tile's reads.
 //!
 //! bf16 products round the activations to bf16 too (once per call), as PyTorch's bf16
 //! inference does, and sum in f32; on Intel's cores a product of several rows widens the
@@ -54,6 +56,28 @@ pub(crate) const MAX_TILE_ROWS: usize = 6;
 /// the mamba-130m shapes, 256 rows, f32: lm_head 57-70 ms against 56 ms unblocked (k = 768),
 /// out_proj 1.79-2.11 against 1.72 ms (k = 1536).
 const K_BLOCK: usize = 1024;
+
+/// Tiles of rows up to which the tiles that share a panel pass over it in blocks held in
+/// L1 ([`few_tiles_block`]) rather than in L2: a decode step of 7-36 streams.
+const FEW_TILES: usize = 6;
+
+/// Most steps per block for 2..=[`FEW_TILES`] tiles: two thirds of L1's data cache
+/// ([`crate::cpu::l1_data_bytes`]) of a full panel's 256-byte steps, in whole 16s (128
+/// steps, 32 KiB, on a 48 KiB L1). Such a step reads its weights from memory, the tiles'
+/// fetches of the next block (`avx512::Fetch`) in flight while they compute; re-read from
+/// L2, each tile's 4 lines a step took fill buffers that those fetches wait for (a likely
+/// cause, not verified: the VM exposes no hardware counters). A step's products (a variant
+/// of `examples/step_products.rs`'s loop, the two block sizes alternated step by step in one
+/// process, Intel Xeon, 48 KiB L1, 2026-12-04; BENCHMARKS.md), f32, ms: 32 rows 35.2 → 32.7 and 34.8 → 32.4,
+/// 24 rows 26.5 → 24.8, 36 rows 36.6 → 35.0, 16 rows 25.8 → 25.0, 8 rows 19.7 → 18.9; bf16
+/// and int8 at 8 rows 12.8 → 12.3 and 9.2 → 9.0, at 32 rows the same. 48 and 64 rows came
+/// out the same, 128 rows slower (113.6 → 119.3), so more tiles keep [`K_BLOCK`]. Blocks of
+/// 112-160 steps did about as well as 128 at 32 rows, 96 between them and 1024; 64, 192 and
+/// 256 worse than 1024. (Not measured on a 32 KiB L1, where the rule gives 80 steps.)
+fn few_tiles_block() -> usize {
+    let steps = 2 * crate::cpu::l1_data_bytes() / 3 / (PANEL * 4);
+    (steps / 16 * 16).max(16)
+}
 
 /// How far ahead a one-stream tile asks for its panel, into L1: 32 steps, 8 KiB. In
 /// `tideway bench` (mamba-130m, f32, 2026-12-03) batch 8 went 199 → 228 tok/s with it;

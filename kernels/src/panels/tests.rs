@@ -78,12 +78,16 @@ fn the_kernel_matches_the_naive_product() {
         (5, 301, 130),
         (7, 129, 64),
         (20, 260, 150),
-        // Three blocks of 700 steps (f32), each tile fetching its share of the next.
+        // A long `k` for shares of one tile (4 and 5 rows): one block, streamed.
         (9, 2100, 100),
-        // bf16: two blocks of 526 pairs, the last one's second input the padding.
+        // bf16: 1051 pairs in blocks (shares of 6 and 7 rows), the last one's second input
+        // the padding.
         (13, 2101, 70),
-        // Shares of 3 tiles or more.
+        // Shares of 3 tiles or more: up to `FEW_TILES`, blocks that L1 holds.
         (30, 501, 100),
+        (14, 300, 100),
+        // Shares of more tiles than `FEW_TILES`, in two blocks of `K_BLOCK` or less.
+        (80, 1100, 70),
     ];
     for format in formats {
         for (m, k, n) in shapes {
@@ -218,6 +222,7 @@ fn the_int8_kernel_computes_llm_int8s_product() {
         (26, 300, 70, (0..300).step_by(2).collect()),
         (27, 70, 130, every(70)),
         (40, 1100, 80, every(1100)),
+        (80, 4500, 70, vec![7, 4499]),
     ] {
         let outliers = &outliers[..];
         let mut x = crate::test_util::pseudo(m * k, 41, -2.0, 2.0);
