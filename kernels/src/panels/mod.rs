@@ -68,12 +68,13 @@ const FEW_TILES: usize = 6;
 /// L2, each tile's 4 lines a step took fill buffers that those fetches wait for (a likely
 /// cause, not verified: the VM exposes no hardware counters). A step's products (a variant
 /// of `examples/step_products.rs`'s loop, the two block sizes alternated step by step in one
-/// process, Intel Xeon, 48 KiB L1, 2026-12-04; BENCHMARKS.md), f32, ms: 32 rows 35.2 → 32.7 and 34.8 → 32.4,
-/// 24 rows 26.5 → 24.8, 36 rows 36.6 → 35.0, 16 rows 25.8 → 25.0, 8 rows 19.7 → 18.9; bf16
-/// and int8 at 8 rows 12.8 → 12.3 and 9.2 → 9.0, at 32 rows the same. 48 and 64 rows came
-/// out the same, 128 rows slower (113.6 → 119.3), so more tiles keep [`K_BLOCK`]. Blocks of
-/// 112-160 steps did about as well as 128 at 32 rows, 96 between them and 1024; 64, 192 and
-/// 256 worse than 1024. (Not measured on a 32 KiB L1, where the rule gives 80 steps.)
+/// process, Intel Xeon, 48 KiB L1, 2026-12-04; BENCHMARKS.md), f32, ms: 32 rows 35.2 → 32.7
+/// and 34.8 → 32.4, 24 rows 26.5 → 24.8, 36 rows 36.6 → 35.0, 16 rows 25.8 → 25.0, 8 rows
+/// 19.7 → 18.9; bf16 and int8 at 8 rows 12.8 → 12.3 and 9.2 → 9.0, at 32 rows the same.
+/// 48 and 64 rows came out the same, 128 rows slower (113.6 → 119.3), so more tiles keep
+/// [`K_BLOCK`]. Blocks of 112-160 steps did about as well as 128 at 32 rows, 96 between them
+/// and 1024; 64, 192 and 256 worse than 1024. (Not measured on a 32 KiB L1, where the rule
+/// gives 80 steps.)
 fn few_tiles_block() -> usize {
     let steps = 2 * crate::cpu::l1_data_bytes() / 3 / (PANEL * 4);
     (steps / 16 * 16).max(16)

@@ -222,15 +222,18 @@ unsafe fn widen_outliers(
     dst: *mut f32,
 ) {
     unsafe {
+        // The columns' scales, the same for every step (zero past the valid columns).
+        let mut scales = [_mm512_setzero_ps(); 4];
+        for (c, scale) in scales.iter_mut().enumerate().take(width / 16) {
+            if let Some(mask) = valid_lanes(valid, c) {
+                *scale = _mm512_maskz_loadu_ps(mask, col_scale.add(16 * c));
+            }
+        }
         for (o, &p) in outliers.iter().enumerate() {
             let up = byte_to_top(p);
-            for c in 0..width / 16 {
+            for (c, &scale) in scales.iter().enumerate().take(width / 16) {
                 let quad = _mm512_load_si512(panel.add(p / 4 * width + 16 * c).cast());
                 let q = widen_byte(quad, up);
-                let scale = match valid_lanes(valid, c) {
-                    Some(mask) => _mm512_maskz_loadu_ps(mask, col_scale.add(16 * c)),
-                    None => _mm512_setzero_ps(),
-                };
                 _mm512_store_ps(dst.add(o * width + 16 * c), _mm512_mul_ps(q, scale));
             }
         }
