@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # CPU decode and prefill of a checkpoint beside its peers, in one run (issue 20): Tideway
 # (`tideway bench`), the machine's floors measured now (kernels/examples/floors.rs: read
-# bandwidth, sgemm) and, for a Mamba, llama.cpp on the same weights as GGUF f32, f16 and q8_0
+# bandwidth, sgemm, and the FMA units' register-only peak beside them) and, for a Mamba, llama.cpp on the same weights as GGUF f32, f16 and q8_0
 # (llama-batched-bench) and HF transformers (bench/hf_mamba_bench.py); for a GLA or DeltaNet,
 # fla's classes with fla's reference functions (bench/fla_cpu_bench.py). ROUNDS interleaved
 # rounds (the Tideway builds in reverse order in even rounds); prints the medians as a table
@@ -103,6 +103,11 @@ for r in range(1, rounds + 1):
     floors = (out / f"r{r}-floors.txt").read_text()
     bw = float(re.search(r"decode floor ([\d.]+)", floors).group(1))
     compute = float(re.search(r"compute floor ([\d.]+)", floors).group(1))
+    peak = re.search(r"FMA peak ([\d.]+) GFLOP/s -> arithmetic floor ([\d.]+)", floors)
+    if peak:
+        put("peak", "GFLOP/s", float(peak.group(1)))
+        put("peak", "tok/s", float(peak.group(2)))
+        put("peak", "sgemm GFLOP/s", float(re.search(r"sgemm ([\d.]+) GFLOP/s", floors).group(1)))
     put("floor", "decode b1", bw)
     put("floor", "decode b8", min(8 * bw, compute))
     put("floor", "decode b32", min(32 * bw, compute))
@@ -143,7 +148,7 @@ for r in range(1, rounds + 1):
         put(label, "prefill 512", h["prefill"]["tokens_per_s"])
         put(label, "peak RSS MiB", h["peak_rss_bytes"] / 2**20)
 rows = ["decode b1", "decode b8", "decode b32", "prefill 512", "peak RSS MiB"]
-names = [c for c in cols if c != "floor"] + ["floor"]
+names = [c for c in cols if c not in ("floor", "peak")] + ["floor"]
 for i, run in enumerate(runs):
     print(f"[{i}] {run}")
 print(f"medians of {rounds} interleaved rounds (tok/s; floors from this run's bandwidth and sgemm)")
@@ -152,6 +157,13 @@ print("|---|" + "---:|" * len(names))
 for row in rows:
     cells = [f"{med(cols[c][row]):.1f}" if row in cols[c] else "" for c in names]
     print(f"| {row} | " + " | ".join(cells) + " |")
+# The arithmetic's own peak (register-only multiply-adds, floors.rs), beside the sgemm floor
+# that the prefill row's floor is: how much of that floor any product could still gain.
+if "peak" in cols:
+    p = cols["peak"]
+    print(f"FMA peak {med(p['GFLOP/s']):.1f} GFLOP/s (rounds " + " / ".join(f"{v:.1f}" for v in p["GFLOP/s"])
+          + f"), arithmetic floor {med(p['tok/s']):.1f} tok/s; sgemm floor " + " / ".join(f"{v:.1f}" for v in p["sgemm GFLOP/s"])
+          + " GFLOP/s")
 # Each Tideway run's rounds, to see how far they swung (the medians hide it).
 print("rounds (tok/s, round 1 / 2 / ...; even rounds ran the builds in reverse order)")
 for c in names:

@@ -7,6 +7,10 @@
 //! That product runs twice: in the gemm crate, a reference independent of Tideway's kernels,
 //! and in Tideway's own `Linear` (the panel kernel where the CPU has AVX-512), and the floor
 //! is the faster of the two, so that it is never below what the machine was shown to do.
+//! Beside them, the arithmetic's own peak: multiply-adds on registers alone, every thread at
+//! once, best of 5. No product reaches it (a product also loads its operands); it says how
+//! much of the sgemm floor is the kernels' and how much the machine's (a floor above the
+//! peak of the same run is a lucky moment of this VM's clock).
 //!
 //! `cargo run --release -p tideway-kernels --example floors -- WEIGHT_BYTES`
 
@@ -103,6 +107,7 @@ fn main() {
     let tideway_flops = best_of_10(&mut || layer.forward(MatRef::dense(&x, m, k), &mut out));
     let flops = gemm_flops.max(tideway_flops);
     let parameters = weight_bytes / 4.0;
+    let peak = fma_peak();
 
     println!("threads {threads} (checksum {total})");
     println!(
@@ -123,6 +128,95 @@ fn main() {
         gemm_flops / 1e9,
         tideway_flops / 1e9
     );
+    println!(
+        "FMA peak {:.1} GFLOP/s -> arithmetic floor {:.1} tok/s (register-only multiply-adds on \
+         every thread; the sgemm floor is {:.2} of it)",
+        peak / 1e9,
+        peak / (2.0 * parameters),
+        flops / peak
+    );
+}
+
+/// FLOP/s of f32 multiply-adds on registers alone, on every thread of the pool at once:
+/// 24 independent sums per thread (enough to cover the FMA units' latency on two pipes),
+/// 16 lanes each where the CPU has AVX-512 (8 with AVX2 + FMA), best of 5 passes.
+fn fma_peak() -> f64 {
+    const ITERATIONS: usize = 4_000_000;
+    let mut best = f64::INFINITY;
+    let mut lanes = 1;
+    let mut checksum = 0.0f32;
+    for _ in 0..5 {
+        let start = Instant::now();
+        let sums = rayon::broadcast(|_| multiply_adds(ITERATIONS));
+        best = best.min(start.elapsed().as_secs_f64());
+        lanes = sums[0].1;
+        checksum += sums.iter().map(|s| s.0).sum::<f32>();
+    }
+    // Keeps the sums alive (they would otherwise be dead code); never true.
+    if checksum.is_nan() {
+        eprintln!("fma checksum {checksum}");
+    }
+    let threads = rayon::current_num_threads();
+    (threads * ITERATIONS * 24 * lanes * 2) as f64 / best
+}
+
+/// `iterations` rounds of 24 independent multiply-adds, and the lanes each one has.
+fn multiply_adds(iterations: usize) -> (f32, usize) {
+    #[cfg(target_arch = "x86_64")]
+    {
+        if std::is_x86_feature_detected!("avx512f") {
+            // SAFETY: the CPU has AVX-512F.
+            return (unsafe { multiply_adds_avx512(iterations) }, 16);
+        }
+        if std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma") {
+            // SAFETY: the CPU has AVX2 and FMA.
+            return (unsafe { multiply_adds_avx2(iterations) }, 8);
+        }
+    }
+    let mut sums = [0.0f32; 24];
+    for _ in 0..iterations {
+        for s in sums.iter_mut() {
+            *s = s.mul_add(1.000_000_1, 0.999_999_9);
+        }
+    }
+    (std::hint::black_box(sums).iter().sum(), 1)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+fn multiply_adds_avx512(iterations: usize) -> f32 {
+    use std::arch::x86_64::*;
+    let (a, b) = (_mm512_set1_ps(1.000_000_1), _mm512_set1_ps(0.999_999_9));
+    let mut sums = [_mm512_setzero_ps(); 24];
+    for _ in 0..iterations {
+        for s in sums.iter_mut() {
+            *s = _mm512_fmadd_ps(*s, a, b);
+        }
+    }
+    let total = sums
+        .iter()
+        .fold(_mm512_setzero_ps(), |t, s| _mm512_add_ps(t, *s));
+    _mm512_reduce_add_ps(total)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+fn multiply_adds_avx2(iterations: usize) -> f32 {
+    use std::arch::x86_64::*;
+    let (a, b) = (_mm256_set1_ps(1.000_000_1), _mm256_set1_ps(0.999_999_9));
+    let mut sums = [_mm256_setzero_ps(); 24];
+    for _ in 0..iterations {
+        for s in sums.iter_mut() {
+            *s = _mm256_fmadd_ps(*s, a, b);
+        }
+    }
+    let total = sums
+        .iter()
+        .fold(_mm256_setzero_ps(), |t, s| _mm256_add_ps(t, *s));
+    let mut lanes = [0.0f32; 8];
+    // SAFETY: `lanes` holds 8 values.
+    unsafe { _mm256_storeu_ps(lanes.as_mut_ptr(), total) };
+    lanes.iter().sum()
 }
 
 /// The sum of `values`, read as fast as the CPU can.
