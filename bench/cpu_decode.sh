@@ -1,11 +1,12 @@
 #!/usr/bin/env bash
 # CPU decode and prefill of a checkpoint beside its peers, in one run (issue 20): Tideway
 # (`tideway bench`), the machine's floors measured now (kernels/examples/floors.rs: read
-# bandwidth, sgemm, and the FMA units' register-only peak beside them) and, for a Mamba, llama.cpp on the same weights as GGUF f32, f16 and q8_0
-# (llama-batched-bench) and HF transformers (bench/hf_mamba_bench.py); for a GLA or DeltaNet,
-# fla's classes with fla's reference functions (bench/fla_cpu_bench.py). ROUNDS interleaved
-# rounds (the Tideway builds in reverse order in even rounds); prints the medians as a table
-# and each build's rounds. Every tool runs with all cores (`nproc`).
+# bandwidth, sgemm, and the FMA units' register-only peak beside them) and, for a Mamba,
+# llama.cpp on the same weights as GGUF f32, f16 and q8_0 (llama-batched-bench) and HF
+# transformers (bench/hf_mamba_bench.py); for a GLA or DeltaNet, fla's classes with fla's
+# reference functions (bench/fla_cpu_bench.py). ROUNDS interleaved rounds (the Tideway
+# builds in reverse order in even rounds); prints the medians as a table and each build's
+# rounds. Every tool runs with all cores (`nproc`).
 #
 #   bench/cpu_decode.sh [MODEL_DIR] [ROUNDS] [TIDEWAY[@DTYPE]...]
 #
@@ -161,9 +162,10 @@ for row in rows:
 # that the prefill row's floor is: how much of that floor any product could still gain.
 if "peak" in cols:
     p = cols["peak"]
-    print(f"FMA peak {med(p['GFLOP/s']):.1f} GFLOP/s (rounds " + " / ".join(f"{v:.1f}" for v in p["GFLOP/s"])
-          + f"), arithmetic floor {med(p['tok/s']):.1f} tok/s; sgemm floor " + " / ".join(f"{v:.1f}" for v in p["sgemm GFLOP/s"])
-          + " GFLOP/s")
+    rounds_of = lambda key: " / ".join(f"{v:.1f}" for v in p[key])
+    print(f"FMA peak {med(p['GFLOP/s']):.1f} GFLOP/s (rounds {rounds_of('GFLOP/s')}), "
+          f"arithmetic floor {med(p['tok/s']):.1f} tok/s; "
+          f"sgemm floor {rounds_of('sgemm GFLOP/s')} GFLOP/s")
 # Each Tideway run's rounds, to see how far they swung (the medians hide it).
 print("rounds (tok/s, round 1 / 2 / ...; even rounds ran the builds in reverse order)")
 for c in names:
