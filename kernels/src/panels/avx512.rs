@@ -5,8 +5,8 @@ use std::arch::x86_64::*;
 use std::ops::Range;
 
 use super::{
-    FEW_TILES, K_BLOCK, MAX_TILE_ROWS, Out, PANEL, PREFETCH_STEPS, PanelFormat, PanelInput,
-    PanelWeight, STREAM_AHEAD_STEPS, few_tiles_block, outliers, row_tiles,
+    FEW_TILES, FEW_TILES_FETCH_BLOCKS, K_BLOCK, MAX_TILE_ROWS, Out, PANEL, PREFETCH_STEPS,
+    PanelFormat, PanelInput, PanelWeight, STREAM_AHEAD_STEPS, few_tiles_block, outliers, row_tiles,
 };
 
 /// The block loop, the same for every format (no SIMD of its own), for the rows `rows` of
@@ -20,7 +20,7 @@ pub(super) unsafe fn block(
     out: Out,
 ) {
     let k = w.steps();
-    if rows.is_empty() {
+    if rows.is_empty() || cols.is_empty() {
         return;
     }
     // First lane of row 0 and lanes from row to row; an int8 weight's quantized activations
@@ -61,6 +61,16 @@ pub(super) unsafe fn block(
     // which add to what the int8 pass wrote.)
     let skip_int8 = widen_once && int8_outliers.is_some_and(|(x, _)| x.no_inliers(rows.clone()));
     let panels = cols.start / PANEL..cols.end.div_ceil(PANEL);
+    // Where the share's weights end (panels lie back to back): no tile asks for lines past
+    // it. Tiles in L1-sized blocks ask for the block after the next, L2-sized ones for the
+    // next ([`FEW_TILES_FETCH_BLOCKS`]).
+    let share_end = w
+        .panel(panels.end - 1)
+        .wrapping_add(k * w.width(panels.end - 1));
+    let blocks_ahead = match tiles {
+        2..=FEW_TILES => FEW_TILES_FETCH_BLOCKS,
+        _ => 1,
+    };
     for q in panels.clone() {
         let j = q * PANEL;
         let (valid, width) = (PANEL.min(cols.end - j), w.width(q));
@@ -69,16 +79,19 @@ pub(super) unsafe fn block(
             let len = k_block.min(k - p0);
             let (first, last) = (p0 == 0, p0 + len == k);
             let block = unsafe { w.panel(q).add(p0 * width) };
-            // The next block starts where this one ends (panels lie back to back); none
-            // after the share's last. Each tile fetches its own part of it.
-            let next = (!last || q + 1 < panels.end).then(|| unsafe { block.add(len * width) });
+            // The block `blocks_ahead` after this one, where the blocks are as long as this
+            // (it may lie in the next panel), up to the share's end: each tile fetches its
+            // own part of it.
+            let ahead = block.wrapping_add(blocks_ahead * len * width);
+            let ahead_lanes =
+                (len * width).min((share_end as usize).saturating_sub(ahead as usize) / 4);
             for (t, tile_rows) in row_tiles(rows.clone()).enumerate() {
-                let prefetch = match next {
+                let prefetch = match ahead_lanes {
                     // The tile reads its block from memory: it holds all the rows, or it
                     // is the first of the share's first block, which nothing fetched.
                     _ if tiles == 1 || (t == 0 && q == panels.start && first) => Prefetch::Stream,
-                    Some(next) => Prefetch::Share(Fetch::share(next, len * width, t, tiles, len)),
-                    None => Prefetch::None,
+                    0 => Prefetch::None,
+                    size => Prefetch::Share(Fetch::share(ahead, size, t, tiles, len)),
                 };
                 unsafe {
                     let dequant = match (int8, &w.columns) {

@@ -18,9 +18,9 @@
 //! - More rows: every tile of rows passes over the panel while it sits in cache, in blocks
 //!   (the partial sums waiting in `out` between blocks): blocks that L1 holds for 2-6 tiles
 //!   (a decode step of 7-36 streams, whose weights come from memory), blocks of at most
-//!   `K_BLOCK` steps in L2 for more. Each tile asks for its share of the next block, so that
-//!   memory streams the next block while the cores work on this one instead of waiting for
-//!   the first tile's reads.
+//!   `K_BLOCK` steps in L2 for more. Each tile asks for its share of a block ahead (the
+//!   next; the one after it for blocks in L1), so that memory streams it while the cores
+//!   work on this one instead of waiting for the first tile's reads.
 //!
 //! bf16 products round the activations to bf16 too (once per call), as PyTorch's bf16
 //! inference does, and sum in f32; on Intel's cores a product of several rows widens the
@@ -79,6 +79,22 @@ fn few_tiles_block() -> usize {
     let steps = 2 * crate::cpu::l1_data_bytes() / 3 / (PANEL * 4);
     (steps / 16 * 16).max(16)
 }
+
+/// Blocks ahead that the tiles of [`few_tiles_block`]'s blocks ask for, into L2: the block
+/// after the next, asked for while the tiles pass over this one (the next was asked for a block
+/// earlier). Blocks of 128 steps pass in ~3 µs at 32 rows: a likely reason, not verified (no
+/// hardware counters on the VM), is that one block's time is too short for the fetches the
+/// core's fill buffers allow at memory's latency. A step's products (a temporary switch in one
+/// process, alternated step by step, Intel Xeon, 2026-12-04 late; medians, ms): f32 32 rows
+/// 31.92 → 31.12, 31.63 → 31.06, 31.25 → 30.67, 30.87 → 29.95; 36 rows 34.95 → 34.04, 34.78
+/// → 34.16; 24 rows 24.94 → 24.67, 24.78 → 24.59; 8-16 rows the same; int8 32 rows 14.92
+/// → 14.66, 14.94 → 14.60; bf16 32 rows 32.33 → 31.90, 32.14 → 32.07. Asking for both blocks
+/// did worse (32 rows 36.26), one and a half or three blocks ahead the same as two. The
+/// L2-sized blocks of more tiles keep asking for the next: the block after it was slower there
+/// (64 rows 59.0 → 60.4 and 60.1, 512 rows 425 → 430). In `tideway bench` the step's other work
+/// dilutes it: batch 32 f32 768.3 → 775.5 tok/s (medians of 5 alternated runs), int8 the same
+/// (BENCHMARKS.md).
+const FEW_TILES_FETCH_BLOCKS: usize = 2;
 
 /// How far ahead a one-stream tile asks for its panel, into L1: 32 steps, 8 KiB. In
 /// `tideway bench` (mamba-130m, f32, 2026-12-03) batch 8 went 199 → 228 tok/s with it;
