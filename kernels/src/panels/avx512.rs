@@ -41,12 +41,17 @@ pub(super) unsafe fn block(
     // Lanes of `x` a step of the panel reads.
     let x_per_step = if wide { 2 } else { 1 };
     // One block over all of `k` when one tile holds the rows (nothing shares the panel),
-    // blocks that L1 holds for a few tiles, blocks of at most K_BLOCK for more.
+    // blocks that L1 holds for a few tiles, blocks of at most K_BLOCK for more; and how many
+    // blocks ahead the tiles that share a panel fetch: the block after the next for blocks in
+    // L1, the next for blocks in L2 ([`FEW_TILES_FETCH_BLOCKS`]).
     let tiles = rows.len().div_ceil(MAX_TILE_ROWS);
-    let k_block = match tiles {
-        1 => k,
-        2..=FEW_TILES => k.div_ceil(k.div_ceil(few_tiles_block())),
-        _ => k.div_ceil(k.div_ceil(K_BLOCK)),
+    let (k_block, blocks_ahead) = match tiles {
+        1 => (k, 1),
+        2..=FEW_TILES => (
+            k.div_ceil(k.div_ceil(few_tiles_block())),
+            FEW_TILES_FETCH_BLOCKS,
+        ),
+        _ => (k.div_ceil(k.div_ceil(K_BLOCK)), 1),
     };
     // LLM.int8's outlier columns, if any, and their weights' scales.
     let int8_outliers = match (int8, &w.columns) {
@@ -62,15 +67,10 @@ pub(super) unsafe fn block(
     let skip_int8 = widen_once && int8_outliers.is_some_and(|(x, _)| x.no_inliers(rows.clone()));
     let panels = cols.start / PANEL..cols.end.div_ceil(PANEL);
     // Where the share's weights end (panels lie back to back): no tile asks for lines past
-    // it. Tiles in L1-sized blocks ask for the block after the next, L2-sized ones for the
-    // next ([`FEW_TILES_FETCH_BLOCKS`]).
+    // it.
     let share_end = w
         .panel(panels.end - 1)
         .wrapping_add(k * w.width(panels.end - 1));
-    let blocks_ahead = match tiles {
-        2..=FEW_TILES => FEW_TILES_FETCH_BLOCKS,
-        _ => 1,
-    };
     for q in panels.clone() {
         let j = q * PANEL;
         let (valid, width) = (PANEL.min(cols.end - j), w.width(q));
