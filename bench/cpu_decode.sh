@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # CPU decode and prefill of a checkpoint beside its peers, in one run (issue 20): Tideway
 # (`tideway bench`), the machine's floors measured now (kernels/examples/floors.rs: read
-# bandwidth, sgemm, and the FMA units' register-only peak beside them) and, for a Mamba,
+# bandwidth, sgemm, and the FMA units' register-only peak beside them; PyTorch's sgemm at the
+# same product, bench/torch_sgemm.py, beside its sgemm) and, for a Mamba,
 # llama.cpp on the same weights as GGUF f32, f16 and q8_0 (llama-batched-bench) and HF
 # transformers (bench/hf_mamba_bench.py); for a GLA or DeltaNet, fla's classes with fla's
 # reference functions (bench/fla_cpu_bench.py). ROUNDS interleaved rounds (the Tideway
@@ -57,6 +58,8 @@ mkdir -p "$out"
 for round in $(seq "$rounds"); do
     echo "== round $round of $rounds" >&2
     target/release/examples/floors "$weight_bytes" >"$out/r$round-floors.txt"
+    # A third sgemm at the same product, from a library Tideway does not build on (MKL).
+    "$venv/bin/python" bench/torch_sgemm.py --threads "$threads" >"$out/r$round-torch-sgemm.txt"
     # The builds in the given order in odd rounds and reversed in even ones: on this VM the
     # one run second in every round read lower in most of them (BENCHMARKS.md, 2026-12-03
     # night), a bias that alternating cancels over pairs of rounds.
@@ -109,6 +112,22 @@ for r in range(1, rounds + 1):
         put("peak", "GFLOP/s", float(peak.group(1)))
         put("peak", "tok/s", float(peak.group(2)))
         put("peak", "sgemm GFLOP/s", float(re.search(r"sgemm ([\d.]+) GFLOP/s", floors).group(1)))
+    # The sgemms the floor is chosen from (the faster of the gemm crate and Tideway's
+    # `Linear`) and PyTorch's beside them, and the FLOPs a token takes (the floor's rate over
+    # its tok/s), to put the prefill beside each.
+    rate = float(re.search(r"sgemm ([\d.]+) GFLOP/s", floors).group(1))
+    put("sgemm", "the floor", rate)
+    put("sgemm", "GFLOP a token", rate / compute)
+    sources = re.search(r"gemm crate ([\d.]+) GFLOP/s, Tideway's Linear ([\d.]+)", floors)
+    if sources:
+        put("sgemm", "gemm crate", float(sources.group(1)))
+        put("sgemm", "Tideway's Linear", float(sources.group(2)))
+    torch_sgemm = out / f"r{r}-torch-sgemm.txt"
+    if torch_sgemm.exists():
+        found = re.search(r"torch sgemm ([\d.]+) GFLOP/s \((.*)\)", torch_sgemm.read_text())
+        if found:
+            put("sgemm", "PyTorch", float(found.group(1)))
+            torch_build = found.group(2)
     put("floor", "decode b1", bw)
     put("floor", "decode b8", min(8 * bw, compute))
     put("floor", "decode b32", min(32 * bw, compute))
@@ -149,7 +168,7 @@ for r in range(1, rounds + 1):
         put(label, "prefill 512", h["prefill"]["tokens_per_s"])
         put(label, "peak RSS MiB", h["peak_rss_bytes"] / 2**20)
 rows = ["decode b1", "decode b8", "decode b32", "prefill 512", "peak RSS MiB"]
-names = [c for c in cols if c not in ("floor", "peak")] + ["floor"]
+names = [c for c in cols if c not in ("floor", "peak", "sgemm")] + ["floor"]
 for i, run in enumerate(runs):
     print(f"[{i}] {run}")
 print(f"medians of {rounds} interleaved rounds (tok/s; floors from this run's bandwidth and sgemm)")
@@ -166,6 +185,21 @@ if "peak" in cols:
     print(f"FMA peak {med(p['GFLOP/s']):.1f} GFLOP/s (rounds {rounds_of('GFLOP/s')}), "
           f"arithmetic floor {med(p['tok/s']):.1f} tok/s; "
           f"sgemm floor {rounds_of('sgemm GFLOP/s')} GFLOP/s")
+# Each sgemm's rounds, and each f32 Tideway prefill as a share of the floor each sgemm would
+# give (its GFLOP/s over a token's GFLOP, round by round, then the median): the floor is the
+# fastest of the sgemms that floors.rs runs, PyTorch's (MKL) is shown beside it.
+g = cols["sgemm"]
+sgemms = [s for s in ("the floor", "gemm crate", "Tideway's Linear", "PyTorch") if s in g]
+print("sgemm GFLOP/s by round: " + "; ".join(
+    f"{s} " + " / ".join(f"{v:.1f}" for v in g[s]) for s in sgemms)
+    + (f" (PyTorch: {torch_build})" if "PyTorch" in g else ""))
+for c in names:
+    if c.startswith("Tideway f32") and "prefill 512" in cols[c]:
+        prefill = cols[c]["prefill 512"]
+        shares = {s: med([p * f / v for p, f, v in zip(prefill, g["GFLOP a token"], g[s])])
+                  for s in sgemms}
+        print(f"{c} prefill 512 as a share of the floor from each sgemm: " + ", ".join(
+            f"{s} {v:.2f}" for s, v in shares.items()))
 # Each Tideway run's rounds, to see how far they swung (the medians hide it).
 print("rounds (tok/s, round 1 / 2 / ...; even rounds ran the builds in reverse order)")
 for c in names:
