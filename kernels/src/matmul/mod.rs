@@ -319,6 +319,71 @@ impl Linear {
         });
     }
 
+    /// The panel kernel's product of `x` into `target`, every one of whose `M × out`
+    /// values it writes before it reads any (a product in several blocks of `k` reads back
+    /// only what its first block wrote), so `target` may hold anything, even memory never
+    /// initialised.
+    ///
+    /// # Safety
+    /// `target.ptr` points at `x.rows × w`'s outputs values that no one else reads or writes
+    /// meanwhile (`target.n` the outputs); `x` has `w`'s inputs as columns, and rows and
+    /// outputs are not zero.
+    unsafe fn forward_panels(
+        w: &PanelWeight,
+        x: MatRef<'_>,
+        bias: Option<&[f32]>,
+        big: bool,
+        target: skinny::Out,
+    ) {
+        let (m, n) = (x.rows, target.n);
+        let x = PanelInput::for_weight(x, w);
+        // SAFETY: panel layers exist only where the CPU runs their format's kernel
+        // (`from_torch_as`); `x` was prepared for `w`; `target` holds m × n (the caller's
+        // contract), and each block gets its own rows and columns, the columns starting at a
+        // panel.
+        Self::by_tiles(m, n, big, |rows, cols| unsafe {
+            crate::panels::block(&x, w, bias, rows, cols, target)
+        });
+    }
+
+    /// `x[M, in] · Wᵀ (+ b)` in a new `[M, out]` buffer. Where the panel kernel runs, it is
+    /// written once, by the product: [`Self::forward`] into a zeroed buffer writes it twice,
+    /// and a 512-token prefill's logits are 103 MB (mamba-130m), whose zeros took ~8 ms.
+    pub fn forward_new(&self, x: MatRef<'_>) -> Vec<f32> {
+        x.check();
+        let (m, k, n) = (x.rows, self.in_features, self.out_features);
+        assert_eq!(
+            x.cols, k,
+            "input has {} columns, the layer takes {k}",
+            x.cols
+        );
+        match &self.weight {
+            Stored::Panels(w) if m > 0 && k > 0 && n > 0 => {
+                let mut out = Vec::with_capacity(m * n);
+                let threads = rayon::current_num_threads();
+                let big = m * n * k >= PARALLEL_MIN_FLOPS && threads > 1;
+                let target = skinny::Out {
+                    ptr: out.as_mut_ptr(),
+                    n,
+                };
+                let bias = self.bias.as_ref().map(Weight::as_slice);
+                // SAFETY: `out` has room for m × n values and is this function's alone; the
+                // shapes are checked above; the product writes all m × n values
+                // (`forward_panels`), so they are initialised when the length covers them.
+                unsafe {
+                    Self::forward_panels(w, x, bias, big, target);
+                    out.set_len(m * n);
+                }
+                out
+            }
+            _ => {
+                let mut out = vec![0.0f32; m * n];
+                self.forward(x, &mut out);
+                out
+            }
+        }
+    }
+
     /// `out[M, out] = x[M, in] · Wᵀ (+ b)`, overwriting `out`.
     ///
     /// Panics when the shapes disagree (a programming error, never user input: loaders check
@@ -373,13 +438,8 @@ impl Linear {
                 return;
             }
             Stored::Panels(w) => {
-                let x = PanelInput::for_weight(x, w);
-                // SAFETY: panel layers exist only where the CPU runs their format's kernel
-                // (`from_torch_as`); `x` was prepared for `w`; `out` holds m × n, and each
-                // block gets its own rows and columns, the columns starting at a panel.
-                Self::by_tiles(m, n, big, |rows, cols| unsafe {
-                    crate::panels::block(&x, w, bias, rows, cols, target)
-                });
+                // SAFETY: `target` holds m × n values (`out`, a unique borrow).
+                unsafe { Self::forward_panels(w, x, bias, big, target) };
                 return;
             }
         };

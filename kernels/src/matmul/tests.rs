@@ -97,6 +97,34 @@ fn matches_naive_product_with_bias_and_strides() {
     }
 }
 
+/// `forward_new` (written once, by the product, where the panel kernel runs) gives
+/// `forward`'s bits in every format this CPU runs, with and without bias, in the row layout
+/// (zeroed first), for one tile of rows and several, and a `k` the kernel cuts in blocks.
+#[test]
+fn a_new_buffer_gets_the_same_outputs() {
+    for &(m, k, n) in &[(1, 70, 129), (8, 300, 80), (40, 2100, 70), (130, 64, 200)] {
+        let x = pseudo(m * k, 4);
+        let weight = Weight::from_vec(pseudo(n * k, 5), &[n, k]).unwrap();
+        let bias = Weight::from_vec(pseudo(n, 6), &[n]).unwrap();
+        let mut layers = vec![row_layout(&weight, Some(bias.clone()))];
+        for format in [LinearFormat::F32, LinearFormat::Bf16, LinearFormat::Int8] {
+            if format.unsupported_here().is_none() {
+                for bias in [Some(bias.clone()), None] {
+                    layers.push(Linear::from_torch_as(&weight, bias, format).unwrap());
+                }
+            }
+        }
+        for layer in &layers {
+            let mut want = vec![f32::NAN; m * n];
+            layer.forward(MatRef::dense(&x, m, k), &mut want);
+            let got = layer.forward_new(MatRef::dense(&x, m, k));
+            let bits = |v: &[f32]| v.iter().map(|v| v.to_bits()).collect::<Vec<_>>();
+            let case = format!("({m},{k},{n}) {:?}", layer.format());
+            assert_eq!(bits(&got), bits(&want), "{case}");
+        }
+    }
+}
+
 #[test]
 fn small_product_over_strided_and_transposed_views() {
     let (m, k, n) = (5, 7, 6);

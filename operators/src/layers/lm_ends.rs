@@ -131,8 +131,9 @@ impl LmEnds {
         let m = residual.len() / d;
         let mut normed = vec![0.0f32; m * d];
         rms_norm(residual, d, norm.as_slice(), self.norm_eps, &mut normed);
-        let mut logits = Tensor::zeros(&[m, self.rows]);
-        head.forward(MatRef::dense(&normed, m, d), logits.data_mut());
-        Ok(logits)
+        // Written once, by the product: zeroing the logits first cost ~8 ms of a 512-token
+        // prefill (103 MB).
+        let logits = head.forward_new(MatRef::dense(&normed, m, d));
+        Ok(Tensor::from_vec(logits, &[m, self.rows]).expect("the head has `rows` outputs"))
     }
 }
