@@ -2,14 +2,29 @@
 //! the mean taken over the last dimension (`rms_norm_ref` in state-spaces/mamba,
 //! `MambaRMSNorm` in HF transformers).
 
+use rayon::prelude::*;
+
 use crate::simd::dispatch;
+
+/// Rows from which [`rms_norm`] splits its rows over the pool (a prefill chunk's, not a
+/// decode step's: 32 rows take ~6 µs, about a hand-off of the pool), in tasks of
+/// [`ROWS_PER_TASK`].
+const PARALLEL_MIN_ROWS: usize = 128;
+const ROWS_PER_TASK: usize = 32;
 
 /// Normalises each row of `x` (`[rows, d]`) into `out`.
 pub fn rms_norm(x: &[f32], d: usize, weight: &[f32], eps: f32, out: &mut [f32]) {
     assert_eq!(weight.len(), d);
     assert_eq!(x.len(), out.len());
     assert_eq!(x.len() % d.max(1), 0);
-    rms_norm_rows(x, d, weight, eps, out);
+    if d > 0 && x.len() / d >= PARALLEL_MIN_ROWS && rayon::current_num_threads() > 1 {
+        // Each row on its own: the same bits however the rows are shared.
+        x.par_chunks(ROWS_PER_TASK * d)
+            .zip(out.par_chunks_mut(ROWS_PER_TASK * d))
+            .for_each(|(x, out)| rms_norm_rows(x, d, weight, eps, out));
+    } else {
+        rms_norm_rows(x, d, weight, eps, out);
+    }
 }
 
 dispatch! {

@@ -20,6 +20,8 @@
 
 use std::time::{Duration, Instant};
 
+use rayon::prelude::*;
+
 use tideway_kernels::collective::{Collective, CollectiveError, PendingReduce, Ready, Solo};
 
 use crate::error::{ForwardError, InputError, LoadError};
@@ -192,14 +194,25 @@ impl ResidualStream {
     fn settle(&mut self, group: &mut Group<'_>) -> Result<(), CollectiveError> {
         if let Some(pending) = self.pending.take() {
             let summed = group.wait(pending)?;
-            self.values
-                .iter_mut()
-                .zip(&summed)
-                .for_each(|(r, x)| *r += x);
+            let add = |(r, x): (&mut [f32], &[f32])| r.iter_mut().zip(x).for_each(|(r, x)| *r += x);
+            // A prefill chunk's rows over the pool (each value on its own: the same bits),
+            // a decode step's on this thread.
+            if self.values.len() >= PARALLEL_ADD_MIN {
+                self.values
+                    .par_chunks_mut(PARALLEL_ADD_MIN / 4)
+                    .zip(summed.par_chunks(PARALLEL_ADD_MIN / 4))
+                    .for_each(add);
+            } else {
+                add((&mut self.values, &summed));
+            }
         }
         Ok(())
     }
 }
+
+/// Values of the residual stream from which a sub-block's output is added to it over the
+/// pool: 128 rows of a 768-wide stream, a prefill chunk's and not a decode step's.
+const PARALLEL_ADD_MIN: usize = 1 << 16;
 
 /// Runs `forward` as a group of one (the single-worker model): collectives return their
 /// input, so the only errors are the input's.
