@@ -58,6 +58,7 @@ impl CausalConv<'_> {
         assert_eq!(windows.len(), segments.len());
         if let ([rows], [_]) = (segments, &windows[..])
             && rows.len() >= 2 * SEQUENCE_ROWS_PER_TASK
+            && c > 0
         {
             let window = windows.into_iter().next().expect("one window");
             let rows = MatRef {
