@@ -346,10 +346,8 @@ impl Linear {
         });
     }
 
-    /// `x[M, in] · Wᵀ (+ b)` in a new `[M, out]` buffer. Where the panel kernel runs, it is
-    /// written once, by the product: [`Self::forward`] into a zeroed buffer writes it twice,
-    /// and a 512-token prefill's logits are 103 MB (mamba-130m), whose zeros took ~8 ms.
-    pub fn forward_new(&self, x: MatRef<'_>) -> Vec<f32> {
+    /// `(M, in, out)` of a product of `x`, which must have `in` columns.
+    fn shapes(&self, x: MatRef<'_>) -> (usize, usize, usize) {
         x.check();
         let (m, k, n) = (x.rows, self.in_features, self.out_features);
         assert_eq!(
@@ -357,11 +355,23 @@ impl Linear {
             "input has {} columns, the layer takes {k}",
             x.cols
         );
+        (m, k, n)
+    }
+
+    /// Whether an `M × in × out` product runs on the pool's threads.
+    fn parallel(m: usize, k: usize, n: usize) -> bool {
+        m * n * k >= PARALLEL_MIN_FLOPS && rayon::current_num_threads() > 1
+    }
+
+    /// `x[M, in] · Wᵀ (+ b)` in a new `[M, out]` buffer. Where the panel kernel runs, it is
+    /// written once, by the product: [`Self::forward`] into a zeroed buffer writes it twice,
+    /// and a 512-token prefill's logits are 103 MB (mamba-130m), whose zeros took ~8 ms.
+    pub fn forward_new(&self, x: MatRef<'_>) -> Vec<f32> {
+        let (m, k, n) = self.shapes(x);
         match &self.weight {
             Stored::Panels(w) if m > 0 && k > 0 && n > 0 => {
                 let mut out = Vec::with_capacity(m * n);
-                let threads = rayon::current_num_threads();
-                let big = m * n * k >= PARALLEL_MIN_FLOPS && threads > 1;
+                let big = Self::parallel(m, k, n);
                 let target = skinny::Out {
                     ptr: out.as_mut_ptr(),
                     n,
@@ -389,13 +399,7 @@ impl Linear {
     /// Panics when the shapes disagree (a programming error, never user input: loaders check
     /// checkpoint shapes before any product runs).
     pub fn forward(&self, x: MatRef<'_>, out: &mut [f32]) {
-        x.check();
-        let (m, k, n) = (x.rows, self.in_features, self.out_features);
-        assert_eq!(
-            x.cols, k,
-            "input has {} columns, the layer takes {k}",
-            x.cols
-        );
+        let (m, k, n) = self.shapes(x);
         assert!(out.len() >= m * n, "output is shorter than [{m}, {n}]");
         let out = &mut out[..m * n];
         if m == 0 || n == 0 {
@@ -411,8 +415,7 @@ impl Linear {
             }
             return;
         }
-        let threads = rayon::current_num_threads();
-        let big = m * n * k >= PARALLEL_MIN_FLOPS && threads > 1;
+        let big = Self::parallel(m, k, n);
         let target = skinny::Out {
             ptr: out.as_mut_ptr(),
             n,
@@ -461,7 +464,7 @@ impl Linear {
             None => false,
         };
         let parallelism = if big {
-            Parallelism::Rayon(threads)
+            Parallelism::Rayon(rayon::current_num_threads())
         } else {
             Parallelism::None
         };

@@ -158,15 +158,10 @@ const SEQUENCE_ROWS_PER_TASK: usize = 16;
 mod tests {
     use super::*;
 
+    /// `len` values spread over [-1, 1) (a multiplicative hash of the index).
     fn values(len: usize, seed: u64) -> Vec<f32> {
-        let mut s = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-        (0..len)
-            .map(|_| {
-                s ^= s << 13;
-                s ^= s >> 7;
-                s ^= s << 17;
-                (s >> 40) as f32 / (1u64 << 23) as f32 - 1.0
-            })
+        (0..len as u64)
+            .map(|i| ((i * 2_654_435_761 + seed * 97) % 2000) as f32 / 1000.0 - 1.0)
             .collect()
     }
 
