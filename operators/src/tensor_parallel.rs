@@ -211,7 +211,7 @@ impl ResidualStream {
 }
 
 /// Values of the residual stream from which a sub-block's output is added to it over the
-/// pool: 128 rows of a 768-wide stream, a prefill chunk's and not a decode step's.
+/// pool: about 85 rows of a 768-wide stream, a prefill chunk's and not a decode step's.
 const PARALLEL_ADD_MIN: usize = 1 << 16;
 
 /// Runs `forward` as a group of one (the single-worker model): collectives return their
