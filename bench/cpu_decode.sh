@@ -111,7 +111,6 @@ for r in range(1, rounds + 1):
     if peak:
         put("peak", "GFLOP/s", float(peak.group(1)))
         put("peak", "tok/s", float(peak.group(2)))
-        put("peak", "sgemm GFLOP/s", float(re.search(r"sgemm ([\d.]+) GFLOP/s", floors).group(1)))
     # The sgemms the floor is chosen from (the faster of the gemm crate and Tideway's
     # `Linear`) and PyTorch's beside them, and the FLOPs a token takes (the floor's rate over
     # its tok/s), to put the prefill beside each.
@@ -177,14 +176,13 @@ print("|---|" + "---:|" * len(names))
 for row in rows:
     cells = [f"{med(cols[c][row]):.1f}" if row in cols[c] else "" for c in names]
     print(f"| {row} | " + " | ".join(cells) + " |")
-# The arithmetic's own peak (register-only multiply-adds, floors.rs), beside the sgemm floor
-# that the prefill row's floor is: how much of that floor any product could still gain.
+# The arithmetic's own peak (register-only multiply-adds, floors.rs), above the sgemm floor
+# (the next line's rounds): how much of that floor any product could still gain.
 if "peak" in cols:
     p = cols["peak"]
     rounds_of = lambda key: " / ".join(f"{v:.1f}" for v in p[key])
     print(f"FMA peak {med(p['GFLOP/s']):.1f} GFLOP/s (rounds {rounds_of('GFLOP/s')}), "
-          f"arithmetic floor {med(p['tok/s']):.1f} tok/s; "
-          f"sgemm floor {rounds_of('sgemm GFLOP/s')} GFLOP/s")
+          f"arithmetic floor {med(p['tok/s']):.1f} tok/s")
 # Each sgemm's rounds, and each f32 Tideway prefill as a share of the floor each sgemm would
 # give (its GFLOP/s over a token's GFLOP, round by round, then the median): the floor is the
 # fastest of the sgemms that floors.rs runs, PyTorch's (MKL) is shown beside it.
