@@ -158,60 +158,53 @@ pub(super) enum Prefetch {
     Share(Fetch),
 }
 
-/// Lines asked for into L2 (in L1 they would push out the rows of `x` the tile reuses): from
-/// `next`, `per_step` lines of 16 lanes at every step `p` with `p & gap == 0`, up to `to`.
+/// Lines asked for into L2 (in L1 they would push out the rows of `x` the tile reuses):
+/// `lines` lines of 16 lanes from `next`, spread evenly over the tile's `steps` steps.
 ///
-/// A tile of a 512-row product has ~36 lines of the next block to ask for over 768 steps.
-/// Asked for one a step, they left memory as a burst at the tile's start, more at once than
-/// the core's fill buffers hold; one every `gap + 1` steps spreads them over the tile. The
-/// products of a 512-row prefill chunk on weights from memory, both ways alternated in one
-/// process (2026-12-05, 21 rounds): in_proj 319.6 → 323.2, out_proj 316.9 → 320.3, lm_head
-/// 311.5 → 315.6 GFLOP/s.
+/// Asked for one a step from the tile's first step, they left memory in a burst, more at
+/// once than the core's fill buffers hold, and the tile's multiply-adds waited behind them.
+/// Spread evenly, they arrive as the tile computes. The products on weights from memory,
+/// both ways alternated in one process (2026-12-05, 11-21 rounds, GFLOP/s): at 32 rows
+/// (a batch-32 decode step) in_proj 251 → 272, out_proj 247 → 275, lm_head 275 → 297; at
+/// 512 rows (a prefill chunk) in_proj 319.6 → 323.2, out_proj 316.9 → 320.3, lm_head
+/// 311.5 → 315.6; at 8 rows the same.
 #[derive(Clone, Copy)]
 pub(super) struct Fetch {
     next: *const u32,
-    to: *const u32,
-    per_step: usize,
-    /// Steps between asks, less one: a power of two less one.
-    gap: usize,
+    lines: usize,
+    steps: usize,
+    /// `lines` × the steps so far, less `steps` for each line asked for: a line is due
+    /// when it reaches `steps` (Bresenham's rule).
+    due: usize,
 }
 
 impl Fetch {
     const NONE: Fetch = Fetch {
         next: std::ptr::null(),
-        to: std::ptr::null(),
-        per_step: 0,
-        gap: 0,
+        lines: 0,
+        steps: 1,
+        due: 0,
     };
 
     /// Tile `t`'s `1 / tiles` of the next block (`size` lanes from `next`), spread over
-    /// its `len` steps: one line every power of two of steps where there are fewer lines
-    /// than steps.
+    /// its `len` steps.
     fn share(next: *const u32, size: usize, t: usize, tiles: usize, len: usize) -> Fetch {
         let lines = (size / 16).div_ceil(tiles);
-        let next = next.wrapping_add(t * lines * 16);
         Fetch {
-            next,
-            to: next.wrapping_add(lines * 16),
-            per_step: lines.div_ceil(len.max(1)),
-            gap: match len / lines.max(1) {
-                0 | 1 => 0,
-                steps => (1usize << steps.ilog2()) - 1,
-            },
+            next: next.wrapping_add(t * lines * 16),
+            lines,
+            steps: len.max(1),
+            due: 0,
         }
     }
 
-    /// Asks for step `p`'s lines, if any. (The addresses are never read: a prefetch does
-    /// not fault.)
+    /// Asks for this step's lines, if any: `lines` in all over `steps` calls. (The
+    /// addresses are never read: a prefetch does not fault.)
     #[inline(always)]
-    unsafe fn step(&mut self, p: usize) {
-        if p & self.gap != 0 {
-            return;
-        }
-        for _ in 0..self.per_step {
-            if self.next >= self.to {
-                break;
-            }
+    unsafe fn step(&mut self) {
+        self.due += self.lines;
+        while self.due >= self.steps {
+            self.due -= self.steps;
             unsafe { _mm_prefetch::<_MM_HINT_T1>(self.next.cast()) };
             self.next = self.next.wrapping_add(16);
         }
@@ -503,7 +496,7 @@ unsafe fn tile<L: Lanes, const MR: usize, const S: usize, const NV: usize>(a: Ti
                 for c in 0..NV {
                     _mm_prefetch::<_MM_HINT_T0>(ahead.wrapping_add(16 * c).cast());
                 }
-                share.step(p);
+                share.step();
             }
             if stream {
                 for s in 0..S {
