@@ -93,7 +93,10 @@ fn few_tiles_block() -> usize {
 /// L2-sized blocks of more tiles keep asking for the next: the block after it was slower there
 /// (64 rows 59.0 → 60.4 and 60.1, 512 rows 425 → 430). In `tideway bench` the step's other work
 /// dilutes it: batch 32 f32 768.3 → 775.5 tok/s (medians of 5 alternated runs), int8 the same
-/// (BENCHMARKS.md).
+/// (BENCHMARKS.md). With each tile's share asked for evenly over its steps (2026-12-05), the
+/// next block alone was still slower at 32 rows (in_proj 271.7 / 266.7 → 263.8 / 266.6,
+/// out_proj 278.3 / 280.7 → 270.7 / 272.9, lm_head 302.6 / 300.7 → 291.0 / 292.2 GFLOP/s),
+/// and blocks of 96, 176 or 256 steps slower than 128.
 const FEW_TILES_FETCH_BLOCKS: usize = 2;
 
 /// How far ahead a one-stream tile asks for its panel, into L1: 32 steps, 8 KiB. In
