@@ -183,6 +183,13 @@ fn softplus_body(values: &mut [f32]) {
 }
 
 #[inline(always)]
+fn softplus_into_body(values: &[f32], out: &mut [f32]) {
+    for (o, v) in out.iter_mut().zip(values) {
+        *o = softplus(*v);
+    }
+}
+
+#[inline(always)]
 fn silu_mul_body(gate: &mut [f32], up: &[f32]) {
     for (g, u) in gate.iter_mut().zip(up) {
         *g = silu(*g) * u;
@@ -209,6 +216,11 @@ pub fn silu_mul_inplace(gate: &mut [f32], up: &[f32]) {
 dispatch! {
     /// [`softplus`] over a slice on the calling thread (for a kernel's own share of a batch).
     pub(crate) fn softplus_slice(values: &mut [f32]) => softplus_body
+}
+dispatch! {
+    /// [`softplus`] of `values` into `out` (as long), on the calling thread: one pass where
+    /// a copy and [`softplus_slice`] take two.
+    pub(crate) fn softplus_into(values: &[f32], out: &mut [f32]) => softplus_into_body
 }
 
 pub fn silu_inplace(values: &mut [f32]) {

@@ -38,14 +38,15 @@ unsafe fn exp16(x: __m512) -> __m512 {
     }
 }
 
-/// `exp2_decay` (activation.rs) on 16 lanes: the same values, `y · 2ⁿ` by `vscalefps`
-/// (exact like the body's multiplication by `2ⁿ`, `n` ∈ [-126, 0]).
+/// `exp2_decay` (activation.rs) on 16 lanes for `t = Δ·log₂e·A`, which is never above 0
+/// (`Δ` out of softplus ≥ 0, `A` ≤ 0: [`SsmParams::a_t`]): the same values without the clamp
+/// at 0, one of the ~16 operations a cell takes; `y · 2ⁿ` by `vscalefps` (exact like the
+/// body's multiplication by `2ⁿ`, `n` ∈ [-126, 0]). A NaN (`0·∞`) becomes `MIN` as there.
 #[inline(always)]
 unsafe fn exp2_decay16(t: __m512) -> __m512 {
     use crate::activation::exp2_consts::*;
     unsafe {
         let t = _mm512_max_ps(t, _mm512_set1_ps(MIN));
-        let t = _mm512_min_ps(t, _mm512_setzero_ps());
         // `round(t)` to the nearest, ties to even: the body's `(t + ROUND) − ROUND` (exact
         // for |t| < 2²²), one operation instead of two.
         let n = _mm512_roundscale_ps::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(t);

@@ -31,14 +31,15 @@ use std::ops::Range;
 
 use rayon::prelude::*;
 
-use crate::activation::{exp2_decay, silu, softplus_slice};
+use crate::activation::{exp2_decay, silu, softplus_into};
 use crate::matmul::MatRef;
 use crate::simd::dispatch;
 
 /// Per-layer constants of the SSM.
 #[derive(Clone, Copy, Debug)]
 pub struct SsmParams<'a> {
-    /// `A = -exp(A_log)` transposed to `[N, E]`.
+    /// `A = -exp(A_log)` transposed to `[N, E]`: never above 0, which the AVX-512 kernel's
+    /// decays take for granted (`avx512::exp2_decay16`).
     pub a_t: &'a [f32],
     /// Skip weights `D`, `[E]`.
     pub d: &'a [f32],
@@ -200,9 +201,12 @@ fn row_deltas(
     channels: Range<usize>,
     deltas: &mut [f32],
 ) {
-    let deltas = &mut deltas[..channels.len()];
-    deltas.copy_from_slice(&inputs.delta[row * e..][channels]);
-    softplus_slice(deltas);
+    // In one pass: a copy, then softplus in place, took ~1% of a prefill chunk's time for
+    // the copy alone (perf, mamba-130m, 512 rows, 2026-12-05).
+    softplus_into(
+        &inputs.delta[row * e..][channels.clone()],
+        &mut deltas[..channels.len()],
+    );
 }
 
 #[inline(always)]
