@@ -71,8 +71,7 @@ impl HeadOutput {
         let mut normed = vec![0.0f32; o.len()];
         match &self.gate {
             Some(g_proj) => {
-                let mut gate = vec![0.0f32; o.len()];
-                g_proj.forward(x, &mut gate);
+                let gate = g_proj.forward_new(x);
                 rms_norm_gated(
                     o,
                     &gate,

@@ -248,7 +248,7 @@ impl LanguageFamily for FlaLm {
                 eps,
                 &mut normed,
             );
-            let mut delta = vec![0.0f32; m * d];
+            let mut delta = stream.output_buffer(m * d);
             let mut layer: Vec<&mut FlaLayerState> =
                 states.iter_mut().map(|s| &mut s.layers[i]).collect();
             block
@@ -262,7 +262,7 @@ impl LanguageFamily for FlaLm {
                 eps,
                 &mut normed,
             );
-            let mut delta = vec![0.0f32; m * d];
+            let mut delta = stream.output_buffer(m * d);
             block.mlp.forward(&normed, m, &mut delta);
             stream.push(delta, ladder, group)?;
         }

@@ -407,7 +407,7 @@ impl LanguageFamily for MambaLm {
             );
             let mut layer_states: Vec<&mut MambaLayerState> =
                 states.iter_mut().map(|s| &mut s.layers[i]).collect();
-            let mut mixed = vec![0.0f32; m * d];
+            let mut mixed = stream.output_buffer(m * d);
             block.mixer.forward(
                 &normed,
                 segments,
