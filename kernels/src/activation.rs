@@ -200,18 +200,36 @@ dispatch! {
     /// [`silu`] over a slice on the calling thread (for a kernel's own share of a batch).
     pub fn silu_slice(values: &mut [f32]) => silu_body
 }
+#[inline(always)]
+fn mul_silu_body(values: &mut [f32], gate: &[f32]) {
+    for (v, g) in values.iter_mut().zip(gate) {
+        *v *= silu(*g);
+    }
+}
+
 dispatch! { fn silu_mul_simd(gate: &mut [f32], up: &[f32]) => silu_mul_body }
+dispatch! { fn mul_silu_simd(values: &mut [f32], gate: &[f32]) => mul_silu_body }
+
+/// `kernel(a, b)` over matching chunks of `a` and `b`, on the pool where they are long.
+fn zip_chunks(a: &mut [f32], b: &[f32], kernel: fn(&mut [f32], &[f32])) {
+    assert_eq!(a.len(), b.len());
+    if a.len() <= PARALLEL_CHUNK {
+        kernel(a, b);
+    } else {
+        a.par_chunks_mut(PARALLEL_CHUNK)
+            .zip(b.par_chunks(PARALLEL_CHUNK))
+            .for_each(|(a, b)| kernel(a, b));
+    }
+}
 
 /// `gate ← silu(gate) ⊙ up` (the SwiGLU of gated MLPs).
 pub fn silu_mul_inplace(gate: &mut [f32], up: &[f32]) {
-    assert_eq!(gate.len(), up.len());
-    if gate.len() <= PARALLEL_CHUNK {
-        silu_mul_simd(gate, up);
-    } else {
-        gate.par_chunks_mut(PARALLEL_CHUNK)
-            .zip(up.par_chunks(PARALLEL_CHUNK))
-            .for_each(|(g, u)| silu_mul_simd(g, u));
-    }
+    zip_chunks(gate, up, silu_mul_simd);
+}
+
+/// `values ← values ⊙ silu(gate)` (a swish-gated output).
+pub fn mul_silu_inplace(values: &mut [f32], gate: &[f32]) {
+    zip_chunks(values, gate, mul_silu_simd);
 }
 dispatch! {
     /// [`softplus`] over a slice on the calling thread (for a kernel's own share of a batch).
@@ -311,6 +329,24 @@ mod tests {
             worst = worst.max((ln_1p_unit(v) as f64 - want).abs() / want);
         }
         assert!(worst < 2.5e-7, "worst relative error {worst}");
+    }
+
+    #[test]
+    fn mul_silu_gates_each_value_by_the_definition() {
+        // Over the pool in chunks, the last one short.
+        let n = 3 * PARALLEL_CHUNK + 5;
+        let gate: Vec<f32> = (0..n).map(|i| -30.0 + (i % 6001) as f32 * 0.01).collect();
+        let before: Vec<f32> = (0..n).map(|i| (i % 7) as f32 - 2.5).collect();
+        let mut values = before.clone();
+        mul_silu_inplace(&mut values, &gate);
+        for ((&got, &v), &g) in values.iter().zip(&before).zip(&gate) {
+            let g = g as f64;
+            let want = v as f64 * g / (1.0 + (-g).exp());
+            assert!(
+                (got as f64 - want).abs() <= 1e-6 * want.abs() + 1e-30,
+                "{v}·silu({g}) = {got} vs {want}"
+            );
+        }
     }
 
     #[test]

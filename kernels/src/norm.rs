@@ -75,9 +75,9 @@ pub fn rms_norm_gated(
 ) {
     assert_eq!(x.len(), gate.len());
     rms_norm(x, d, weight, eps, out);
-    for (o, &g) in out.iter_mut().zip(gate) {
-        *o *= g / (1.0 + (-g).exp());
-    }
+    // Vectorised and over the pool: a scalar loop with libm's `expf` on the calling thread
+    // took ~1.1% of a 512-token GLA prefill (perf, 2026-12-05).
+    crate::activation::mul_silu_inplace(out, gate);
 }
 
 #[cfg(test)]
