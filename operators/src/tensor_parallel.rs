@@ -182,6 +182,11 @@ impl ResidualStream {
     pub fn output_buffer(&mut self, len: usize) -> Vec<f32> {
         let mut buffer = std::mem::take(&mut self.spare);
         buffer.resize(len, 0.0);
+        if cfg!(debug_assertions) {
+            // The tests (debug builds) see NaN wherever a sub-block leaves a value unwritten,
+            // instead of the last output's values passing unnoticed.
+            buffer.fill(f32::NAN);
+        }
         buffer
     }
 
