@@ -105,7 +105,7 @@ pub fn silu(x: f32) -> f32 {
 /// `ln(1 + v)·v⁻¹` ≈ P(v) on [0, 1], highest degree first: a near-minimax fit of degree 8
 /// rounded to f32 (`tools/fit_log1p.py`, which prints these). In f32, `v·P(v)` is within
 /// 2.1e-7 of `ln(1 + v)`, relatively, over (0, 1].
-const LOG1P_POLY: [f32; 9] = [
+pub(crate) const LOG1P_POLY: [f32; 9] = [
     0.005_232_695,
     -0.029_505_242,
     0.078_225_96,

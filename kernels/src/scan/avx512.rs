@@ -23,8 +23,10 @@ use super::{
 unsafe fn exp16(x: __m512) -> __m512 {
     use crate::activation::exp_consts::*;
     unsafe {
-        let x = _mm512_max_ps(x, _mm512_set1_ps(MIN));
-        let x = _mm512_min_ps(x, _mm512_set1_ps(MAX));
+        // The bound first: `vmaxps`/`vminps` return their second operand where either is
+        // NaN, so a NaN stays NaN, as through `clamp` in the body.
+        let x = _mm512_max_ps(_mm512_set1_ps(MIN), x);
+        let x = _mm512_min_ps(_mm512_set1_ps(MAX), x);
         let shifted = _mm512_fmadd_ps(x, _mm512_set1_ps(LOG2E), _mm512_set1_ps(ROUND));
         let n = _mm512_sub_ps(shifted, _mm512_set1_ps(ROUND));
         let r = _mm512_fmadd_ps(n, _mm512_set1_ps(-LN2_HI), x);
@@ -104,10 +106,12 @@ unsafe fn gated_output16(
     mask: __mmask16,
 ) {
     unsafe {
-        let d = _mm512_maskz_loadu_ps(mask, d);
-        let z = _mm512_maskz_loadu_ps(mask, z);
-        let out = _mm512_mul_ps(_mm512_fmadd_ps(d, x, acc), silu16(z));
-        _mm512_mask_storeu_ps(y, mask, out);
+        let (d, z) = (load(mask, d), load(mask, z));
+        store(
+            mask,
+            y,
+            _mm512_mul_ps(_mm512_fmadd_ps(d, x, acc), silu16(z)),
+        );
     }
 }
 
@@ -160,55 +164,120 @@ pub(super) unsafe fn scan_block(
         // SAFETY: as this function's.
         return unsafe { one_row(params, inputs, job, y) };
     }
-    const V: usize = CHANNELS / 16;
     let (e, n) = (params.channels, params.state_size);
     for c in 0..PREFETCH_BLOCKS {
         fetch_block(params, job, job.channels.start + c * CHANNELS);
     }
-    let mut deltas = vec![0.0f32; job.channels.len()];
-    unsafe {
-        for row in job.rows.clone() {
-            let first_row = row == job.rows.start;
-            row_deltas(inputs, e, row, job.channels.clone(), &mut deltas);
-            let b_t = &inputs.b.data[row * inputs.b.row_stride..][..n];
-            let c_t = &inputs.c.data[row * inputs.c.row_stride..][..n];
-            let z_row = inputs.z.data[row * inputs.z.row_stride..][..e].as_ptr();
-            // Channel `c`'s Δ at `dt_row + c`.
-            let dt_row = deltas.as_ptr().wrapping_sub(job.channels.start);
-            let x_row = inputs.x[row * e..][..e].as_ptr();
-            for c0 in job.channels.clone().step_by(CHANNELS) {
-                let len = CHANNELS.min(job.channels.end - c0);
-                if first_row {
-                    fetch_block(params, job, c0 + PREFETCH_BLOCKS * CHANNELS);
-                }
-                let masks = [lanes(len, 0), lanes(len, 1)];
-                let mut dt2 = [_mm512_setzero_ps(); V];
-                let mut xv = [_mm512_setzero_ps(); V];
-                let mut dtx = [_mm512_setzero_ps(); V];
-                for v in 0..V {
-                    let at = c0 + 16 * v;
-                    let dt = _mm512_maskz_loadu_ps(masks[v], dt_row.add(at));
-                    dt2[v] = _mm512_mul_ps(dt, _mm512_set1_ps(LOG2_E));
-                    xv[v] = _mm512_maskz_loadu_ps(masks[v], x_row.add(at));
-                    dtx[v] = _mm512_mul_ps(dt, xv[v]);
-                }
-                let mut acc = [_mm512_setzero_ps(); V];
-                for k in 0..n {
-                    let a = params.a_t.as_ptr().add(k * e + c0);
-                    let h = job.state.0.add(k * e + c0);
-                    let (bk, ck) = (_mm512_set1_ps(b_t[k]), _mm512_set1_ps(c_t[k]));
-                    for v in 0..V {
-                        let cells = (a.add(16 * v), h.add(16 * v), masks[v]);
-                        let hv = update16(cells, dt2[v], dtx[v], bk);
-                        acc[v] = _mm512_fmadd_ps(hv, ck, acc[v]);
-                    }
-                }
-                for v in 0..V {
-                    let at = c0 + 16 * v;
-                    let (d, z) = (params.d.as_ptr().add(at), z_row.add(at));
-                    gated_output16(acc[v], (d, xv[v], z), y.0.add(row * e + at), masks[v]);
+    for row in job.rows.clone() {
+        let first_row = row == job.rows.start;
+        let inputs = RowInputs {
+            b_t: &inputs.b.data[row * inputs.b.row_stride..][..n],
+            c_t: &inputs.c.data[row * inputs.c.row_stride..][..n],
+            delta: inputs.delta[row * e..][..e].as_ptr(),
+            x: inputs.x[row * e..][..e].as_ptr(),
+            z: inputs.z.data[row * inputs.z.row_stride..][..e].as_ptr(),
+            y: y.0.wrapping_add(row * e),
+        };
+        for c0 in job.channels.clone().step_by(CHANNELS) {
+            let len = CHANNELS.min(job.channels.end - c0);
+            if first_row {
+                fetch_block(params, job, c0 + PREFETCH_BLOCKS * CHANNELS);
+            }
+            // SAFETY: as this function's; `c0..c0 + len` are the job's channels.
+            unsafe {
+                if len == CHANNELS {
+                    block_row::<true>(params, &inputs, job, c0, len);
+                } else {
+                    block_row::<false>(params, &inputs, job, c0, len);
                 }
             }
+        }
+    }
+}
+
+/// One row's inputs and output, each at its channel 0.
+struct RowInputs<'a> {
+    b_t: &'a [f32],
+    c_t: &'a [f32],
+    delta: *const f32,
+    x: *const f32,
+    z: *const f32,
+    y: *mut f32,
+}
+
+/// `softplus` (activation.rs) on 16 lanes: `max(δ, 0) + ln(1 + e^{−|δ|})`, the same
+/// operations in the same order (the same bits).
+#[inline(always)]
+unsafe fn softplus16(x: __m512) -> __m512 {
+    use crate::activation::LOG1P_POLY;
+    unsafe {
+        // The sign bit set: integer operations (`vorps` on zmm is AVX-512DQ).
+        let sign = _mm512_set1_epi32(i32::MIN);
+        let neg_abs = _mm512_castsi512_ps(_mm512_or_si512(_mm512_castps_si512(x), sign));
+        let v = exp16(neg_abs);
+        let mut p = _mm512_set1_ps(LOG1P_POLY[0]);
+        for c in &LOG1P_POLY[1..] {
+            p = _mm512_fmadd_ps(p, v, _mm512_set1_ps(*c));
+        }
+        _mm512_add_ps(_mm512_max_ps(x, _mm512_setzero_ps()), _mm512_mul_ps(p, v))
+    }
+}
+
+/// A row's block of channels `c0..c0 + len` (`len` = [`CHANNELS`] where `FULL`, which
+/// takes plain loads and stores, no lane masks): Δ out of softplus in registers, then the
+/// recurrence over the state index, then the gated output. Softplus here, not a pass of
+/// its own over the row's channels before the blocks (`row_deltas`, a call through the
+/// SIMD dispatch for each row and job): `examples/scan_step.rs`, 512 rows of one session,
+/// one thread, alternated (2026-12-05): 0.329-0.341 → 0.288-0.289 ns a cell with the lane
+/// masks of whole blocks known at compile time; 2-16 rows on two threads the same. A pass of
+/// its own in registers, and the gate's SiLU in one after the blocks, did worse
+/// (0.321-0.342); so did copying the job's state and `A` into a compact block for its rows
+/// at 2-4 rows (0.19-0.23 → 0.24-0.36), for ~2% at 512.
+///
+/// # Safety
+/// As [`scan_block`]'s; `c0..c0 + len` are channels of the job.
+#[inline(always)]
+unsafe fn block_row<const FULL: bool>(
+    params: &SsmParams<'_>,
+    r: &RowInputs<'_>,
+    job: &BlockJob,
+    c0: usize,
+    len: usize,
+) {
+    const V: usize = CHANNELS / 16;
+    let (e, n) = (params.channels, params.state_size);
+    let mut masks = [0xffff_u16; V];
+    if !FULL {
+        for (v, m) in masks.iter_mut().enumerate() {
+            *m = lanes(len, v);
+        }
+    }
+    unsafe {
+        let mut dt2 = [_mm512_setzero_ps(); V];
+        let mut xv = [_mm512_setzero_ps(); V];
+        let mut dtx = [_mm512_setzero_ps(); V];
+        for v in 0..V {
+            let at = c0 + 16 * v;
+            let dt = softplus16(load(masks[v], r.delta.add(at)));
+            dt2[v] = _mm512_mul_ps(dt, _mm512_set1_ps(LOG2_E));
+            xv[v] = load(masks[v], r.x.add(at));
+            dtx[v] = _mm512_mul_ps(dt, xv[v]);
+        }
+        let mut acc = [_mm512_setzero_ps(); V];
+        for k in 0..n {
+            let a = params.a_t.as_ptr().add(k * e + c0);
+            let h = job.state.0.add(k * e + c0);
+            let (bk, ck) = (_mm512_set1_ps(r.b_t[k]), _mm512_set1_ps(r.c_t[k]));
+            for v in 0..V {
+                let cells = (a.add(16 * v), h.add(16 * v), masks[v]);
+                let hv = update16(cells, dt2[v], dtx[v], bk);
+                acc[v] = _mm512_fmadd_ps(hv, ck, acc[v]);
+            }
+        }
+        for v in 0..V {
+            let at = c0 + 16 * v;
+            let (d, z) = (params.d.as_ptr().add(at), r.z.add(at));
+            gated_output16(acc[v], (d, xv[v], z), r.y.add(at), masks[v]);
         }
     }
 }

@@ -376,6 +376,49 @@ mod tests {
         }
     }
 
+    /// A NaN in δ (a broken activation upstream) comes out as NaN in its channel's output,
+    /// in every row after it, from both kernels: never a plausible number.
+    #[test]
+    fn a_nan_delta_stays_nan() {
+        let (e, n, rows) = (40usize, 16usize, 3usize);
+        let a: Vec<f32> = pseudo(e * n, 31, 0.1, 3.0).iter().map(|v| -v).collect();
+        let d = pseudo(e, 32, -1.0, 1.0);
+        let x = pseudo(rows * e, 33, -2.0, 2.0);
+        let mut delta = pseudo(rows * e, 34, -4.0, 1.5);
+        delta[5] = f32::NAN;
+        let (b, c) = (
+            pseudo(rows * n, 35, -1.0, 1.0),
+            pseudo(rows * n, 36, -1.0, 1.0),
+        );
+        let z = pseudo(rows * e, 37, 0.5, 3.0);
+        let mut state = vec![0.0f32; e * n];
+        let mut y = vec![0.0f32; rows * e];
+        selective_scan(
+            SsmParams {
+                a_t: &a,
+                d: &d,
+                channels: e,
+                state_size: n,
+            },
+            ScanInputs {
+                x: &x,
+                delta: &delta,
+                b: MatRef::dense(&b, rows, n),
+                c: MatRef::dense(&c, rows, n),
+                z: MatRef::dense(&z, rows, e),
+            },
+            &mut [ScanSegment {
+                rows: 0..rows,
+                state: &mut state,
+            }],
+            &mut y,
+        );
+        for row in 0..rows {
+            assert!(y[row * e + 5].is_nan(), "row {row}: {}", y[row * e + 5]);
+            assert!(y[row * e + 6].is_finite());
+        }
+    }
+
     /// The AVX-512 kernel gives the portable body's bits, for whole and partial blocks, one
     /// row (its own loop order) and many, including the exp's clamps (large Δ·A) and z far
     /// in both tails.
