@@ -232,7 +232,7 @@ unsafe fn softplus16(x: __m512) -> __m512 {
 /// masks of whole blocks known at compile time; 2-16 rows on two threads the same. A pass of
 /// its own in registers, and the gate's SiLU in one after the blocks, did worse
 /// (0.321-0.342); so did copying the job's state and `A` into a compact block for its rows
-/// at 2-4 rows (0.19-0.23 → 0.24-0.36), for ~2% at 512.
+/// at 2-4 rows (0.19-0.27 → 0.24-0.36), for ~2% at 512.
 ///
 /// # Safety
 /// As [`scan_block`]'s; `c0..c0 + len` are channels of the job.
