@@ -13,6 +13,7 @@
 //! them ([`crate::huge_pages`]): a decode step streams all of it.
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 
 use gemm::Parallelism;
 use rayon::prelude::*;
@@ -260,24 +261,36 @@ impl Linear {
         }
     }
 
-    /// Runs `block(cols)` over the output columns `0..n`: split over the pool in contiguous
-    /// shares of W's rows, each a multiple of `align`, when the product is `big` (a few
-    /// shares per thread even out a slower core), on the calling thread otherwise.
+    /// Runs `block(cols)` over the output columns `0..n`: split over the pool when the
+    /// product is `big`, on the calling thread otherwise.
+    ///
+    /// The pool's threads take [`guided_shares`] one after another from a shared counter
+    /// (guided self-scheduling, Polychronopoulos & Kuck 1987): the first shares are long
+    /// contiguous streams of W's rows, the last ones a panel or so, so that no thread waits
+    /// long for another's last share. Four equal shares a thread, handed out by rayon, left
+    /// the faster thread waiting up to a share at each product's end: mamba-130m (one binary,
+    /// the two behind a temporary switch, alternated, 2026-12-05, tok/s) batch 1 51.1-52.4 →
+    /// 51.5-53.0 and batch 8 346.7-362.1 → 357.8-373.1 (4 of 4 pairs ahead), batch 32
+    /// 726.6-741.0 → 747.6-760.8 (4 of 4), prefill 512 955.8-970.6 → 965.5-979.8 (3 of 4).
+    /// Shares of a quarter of what is left did no better than equal shares (batch 1
+    /// 51.5-52.4, batch 8 349.6-353.7).
     fn by_columns(
         n: usize,
         align: usize,
         big: bool,
         block: impl Fn(std::ops::Range<usize>) + Sync,
     ) {
-        if big {
-            let threads = rayon::current_num_threads();
-            let share = n.div_ceil(4 * threads).next_multiple_of(align);
-            (0..n.div_ceil(share)).into_par_iter().for_each(|s| {
-                block(s * share..((s + 1) * share).min(n));
-            });
-        } else {
-            block(0..n);
+        if !big {
+            return block(0..n);
         }
+        let threads = rayon::current_num_threads();
+        let shares = guided_shares(n, align, threads);
+        let next = AtomicUsize::new(0);
+        (0..threads).into_par_iter().for_each(|_| {
+            while let Some(cols) = shares.get(next.fetch_add(1, Ordering::Relaxed)) {
+                block(cols.clone());
+            }
+        });
     }
 
     /// Runs `block(rows, cols)` over the rows `0..m` and output columns `0..n` of a panel
@@ -498,6 +511,23 @@ impl Linear {
             );
         }
     }
+}
+
+/// The columns `0..n` in shares for `threads` threads, in order: each share `1 / threads` of
+/// the columns left, in whole multiples of `align` and at least `align` (the last may be
+/// shorter, where `n` ends).
+fn guided_shares(n: usize, align: usize, threads: usize) -> Vec<std::ops::Range<usize>> {
+    let mut shares = Vec::new();
+    let mut start = 0;
+    while start < n {
+        let size = ((n - start) / threads.max(1))
+            .next_multiple_of(align)
+            .max(align);
+        let end = (start + size).min(n);
+        shares.push(start..end);
+        start = end;
+    }
+    shares
 }
 
 mod small;

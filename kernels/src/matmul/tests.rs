@@ -163,3 +163,34 @@ fn rejects_bias_of_wrong_length() {
     let b = Weight::from_vec(vec![0.0; 2], &[2]).unwrap();
     assert!(Linear::from_torch(&w, Some(b)).is_err());
 }
+
+/// Guided shares cover the columns once, in order, each starting at a multiple of the
+/// alignment, never growing, and at least one alignment wide but for the last.
+#[test]
+fn guided_shares_cover_the_columns_in_shrinking_aligned_shares() {
+    for &(n, align, threads) in &[
+        (3072usize, 64usize, 2usize),
+        (50280, 64, 2),
+        (80, 64, 2),
+        (1, 16, 2),
+        (1536, 16, 16),
+        (1000, 16, 1),
+        (0, 64, 2),
+    ] {
+        let shares = guided_shares(n, align, threads);
+        let mut next = 0;
+        for (i, s) in shares.iter().enumerate() {
+            assert_eq!(s.start, next, "{n} {align} {threads}: {shares:?}");
+            assert!(s.start.is_multiple_of(align) && s.end > s.start);
+            assert!(s.len() >= align || s.end == n);
+            if i > 0 && s.end < n {
+                assert!(s.len() <= shares[i - 1].len(), "{shares:?}");
+            }
+            next = s.end;
+        }
+        assert_eq!(next, n);
+        if threads == 2 && n == 3072 {
+            assert_eq!(shares[0], 0..1536, "the first share is half the columns");
+        }
+    }
+}

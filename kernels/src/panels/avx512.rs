@@ -67,9 +67,9 @@ pub(super) unsafe fn block(
     let skip_int8 = widen_once && int8_outliers.is_some_and(|(x, _)| x.no_inliers(rows.clone()));
     let panels = cols.start / PANEL..cols.end.div_ceil(PANEL);
     // Where the weights end (panels lie back to back): no tile asks for lines past them.
-    // Near the share's end the tiles ask for the first blocks of the panels after it, which
-    // the pool's thread usually takes next (rayon runs a thread's half of the shares in
-    // order): the next share's tiles then find them in L2. Against stopping at the share's
+    // Near the share's end the tiles ask for the first blocks of the panels after it, the
+    // next share in `Linear::by_columns`' list, which a thread of the pool takes next (the
+    // same thread where the other is busy): its tiles then find them in L2 or on the way. Against stopping at the share's
     // end, both alternated in one process on weights from memory (2026-12-05, GFLOP/s):
     // out_proj at 32 rows 346.9 / 345.6 → 361.1 / 360.7, at 24 rows 299.6 / 303.4 → 308.0 /
     // 309.4, at 16 rows 230.8 / 231.6 → 235.7 / 235.8; in_proj 0-2% faster; lm_head (far
