@@ -299,18 +299,89 @@ mod tests {
         y
     }
 
+    /// Where a case's pseudo-random values lie: `A` in `-a.1..-a.0`, the rest as given (`D`,
+    /// `B` and `C` in -1..1).
+    struct Ranges {
+        a: (f32, f32),
+        x: (f32, f32),
+        delta: (f32, f32),
+        z: (f32, f32),
+    }
+
+    /// A layer's constants and `rows` dense rows of inputs, from seeds `seed..seed + 7`.
+    struct Case {
+        e: usize,
+        n: usize,
+        rows: usize,
+        a: Vec<f32>,
+        d: Vec<f32>,
+        x: Vec<f32>,
+        delta: Vec<f32>,
+        b: Vec<f32>,
+        c: Vec<f32>,
+        z: Vec<f32>,
+    }
+
+    impl Case {
+        fn new((e, n, rows): (usize, usize, usize), seed: u64, r: Ranges) -> Case {
+            let a = pseudo(e * n, seed, r.a.0, r.a.1);
+            Case {
+                e,
+                n,
+                rows,
+                a: a.iter().map(|v| -v).collect(),
+                d: pseudo(e, seed + 1, -1.0, 1.0),
+                x: pseudo(rows * e, seed + 2, r.x.0, r.x.1),
+                delta: pseudo(rows * e, seed + 3, r.delta.0, r.delta.1),
+                b: pseudo(rows * n, seed + 4, -1.0, 1.0),
+                c: pseudo(rows * n, seed + 5, -1.0, 1.0),
+                z: pseudo(rows * e, seed + 6, r.z.0, r.z.1),
+            }
+        }
+
+        fn params(&self) -> SsmParams<'_> {
+            SsmParams {
+                a_t: &self.a,
+                d: &self.d,
+                channels: self.e,
+                state_size: self.n,
+            }
+        }
+
+        fn inputs(&self) -> ScanInputs<'_> {
+            let (rows, e, n) = (self.rows, self.e, self.n);
+            ScanInputs {
+                x: &self.x,
+                delta: &self.delta,
+                b: MatRef::dense(&self.b, rows, n),
+                c: MatRef::dense(&self.c, rows, n),
+                z: MatRef::dense(&self.z, rows, e),
+            }
+        }
+    }
+
     #[test]
     fn packed_segments_match_reference_run_alone() {
         for &(e, n) in &[(5usize, 3usize), (40, 16), (70, 21), (100, 16)] {
             let lens = [7usize, 1, 12, 1, 3];
             let m: usize = lens.iter().sum();
-            let a: Vec<f32> = pseudo(e * n, 1, 0.1, 3.0).iter().map(|v| -v).collect();
-            let d = pseudo(e, 2, -1.0, 1.0);
-            let x = pseudo(m * e, 3, -2.0, 2.0);
-            let delta = pseudo(m * e, 4, -4.0, 1.5);
-            let b = pseudo(m * n, 5, -1.0, 1.0);
-            let c = pseudo(m * n, 6, -1.0, 1.0);
-            let z = pseudo(m * e, 7, -3.0, 3.0);
+            let ranges = Ranges {
+                a: (0.1, 3.0),
+                x: (-2.0, 2.0),
+                delta: (-4.0, 1.5),
+                z: (-3.0, 3.0),
+            };
+            let case = Case::new((e, n, m), 1, ranges);
+            let Case {
+                a,
+                d,
+                x,
+                delta,
+                b,
+                c,
+                z,
+                ..
+            } = &case;
             let init: Vec<Vec<f32>> = (0..lens.len())
                 .map(|i| pseudo(e * n, 10 + i as u64, -0.5, 0.5))
                 .collect();
@@ -329,29 +400,13 @@ mod tests {
                 })
                 .collect();
             let mut y = vec![f32::NAN; m * e];
-            selective_scan(
-                SsmParams {
-                    a_t: &a,
-                    d: &d,
-                    channels: e,
-                    state_size: n,
-                },
-                ScanInputs {
-                    x: &x,
-                    delta: &delta,
-                    b: MatRef::dense(&b, m, n),
-                    c: MatRef::dense(&c, m, n),
-                    z: MatRef::dense(&z, m, e),
-                },
-                &mut segments,
-                &mut y,
-            );
+            selective_scan(case.params(), case.inputs(), &mut segments, &mut y);
             for (i, len) in lens.iter().enumerate() {
                 let r = starts[i]..starts[i + 1];
                 let mut h: Vec<f64> = init[i].iter().map(|&v| v as f64).collect();
                 let want = reference(
-                    &a,
-                    &d,
+                    a,
+                    d,
                     e,
                     n,
                     &x[r.start * e..],
@@ -381,38 +436,21 @@ mod tests {
     #[test]
     fn a_nan_delta_stays_nan() {
         let (e, n, rows) = (40usize, 16usize, 3usize);
-        let a: Vec<f32> = pseudo(e * n, 31, 0.1, 3.0).iter().map(|v| -v).collect();
-        let d = pseudo(e, 32, -1.0, 1.0);
-        let x = pseudo(rows * e, 33, -2.0, 2.0);
-        let mut delta = pseudo(rows * e, 34, -4.0, 1.5);
-        delta[5] = f32::NAN;
-        let (b, c) = (
-            pseudo(rows * n, 35, -1.0, 1.0),
-            pseudo(rows * n, 36, -1.0, 1.0),
-        );
-        let z = pseudo(rows * e, 37, 0.5, 3.0);
+        let ranges = Ranges {
+            a: (0.1, 3.0),
+            x: (-2.0, 2.0),
+            delta: (-4.0, 1.5),
+            z: (0.5, 3.0),
+        };
+        let mut case = Case::new((e, n, rows), 31, ranges);
+        case.delta[5] = f32::NAN;
         let mut state = vec![0.0f32; e * n];
         let mut y = vec![0.0f32; rows * e];
-        selective_scan(
-            SsmParams {
-                a_t: &a,
-                d: &d,
-                channels: e,
-                state_size: n,
-            },
-            ScanInputs {
-                x: &x,
-                delta: &delta,
-                b: MatRef::dense(&b, rows, n),
-                c: MatRef::dense(&c, rows, n),
-                z: MatRef::dense(&z, rows, e),
-            },
-            &mut [ScanSegment {
-                rows: 0..rows,
-                state: &mut state,
-            }],
-            &mut y,
-        );
+        let segment = ScanSegment {
+            rows: 0..rows,
+            state: &mut state,
+        };
+        selective_scan(case.params(), case.inputs(), &mut [segment], &mut y);
         for row in 0..rows {
             assert!(y[row * e + 5].is_nan(), "row {row}: {}", y[row * e + 5]);
             assert!(y[row * e + 6].is_finite());
@@ -440,28 +478,16 @@ mod tests {
             (70, 21, 5),
             (5, 3, 2),
         ] {
-            let a: Vec<f32> = pseudo(e * n, 21, 0.01, 40.0).iter().map(|v| -v).collect();
-            let d = pseudo(e, 22, -1.0, 1.0);
-            let x = pseudo(rows * e, 23, -3.0, 3.0);
             // δ across softplus's threshold (20) and far below it.
-            let delta = pseudo(rows * e, 24, -30.0, 25.0);
-            let b = pseudo(rows * n, 25, -1.0, 1.0);
-            let c = pseudo(rows * n, 26, -1.0, 1.0);
-            let z = pseudo(rows * e, 27, -100.0, 100.0);
+            let ranges = Ranges {
+                a: (0.01, 40.0),
+                x: (-3.0, 3.0),
+                delta: (-30.0, 25.0),
+                z: (-100.0, 100.0),
+            };
+            let case = Case::new((e, n, rows), 21, ranges);
             let init = pseudo(e * n, 28, -2.0, 2.0);
-            let params = SsmParams {
-                a_t: &a,
-                d: &d,
-                channels: e,
-                state_size: n,
-            };
-            let inputs = ScanInputs {
-                x: &x,
-                delta: &delta,
-                b: MatRef::dense(&b, rows, n),
-                c: MatRef::dense(&c, rows, n),
-                z: MatRef::dense(&z, rows, e),
-            };
+            let (params, inputs) = (case.params(), case.inputs());
             // Two jobs over the channels, the second starting mid-block, and one job holding
             // whole rows (the one-row kernel then takes the state rows in pairs).
             let split = (e / 2).max(1);
