@@ -10,6 +10,8 @@ does in float32 (t - round(t), Horner's rule with fused multiply-adds, scaled by
 
 import numpy as np
 
+from near_minimax import near_minimax, print_rust_const
+
 DEGREE = 4
 
 
@@ -17,13 +19,8 @@ def fit() -> np.ndarray:
     f = 0.5 * np.cos(np.linspace(0, np.pi, 40001))
     safe = np.where(f == 0, 1, f)
     target = np.where(f == 0, np.log(2), np.expm1(f * np.log(2)) / safe)
-    powers = np.vstack([f**i for i in range(DEGREE + 1)]).T
-    weight = np.ones_like(f)
-    for _ in range(300):
-        coeffs, *_ = np.linalg.lstsq(powers * weight[:, None], target * weight, rcond=None)
-        err = np.abs((1 + f * (powers @ coeffs)) / np.exp2(f) - 1)
-        weight *= 1 + err / err.max()
-    return coeffs[::-1].astype(np.float32)
+    # Even in the relative error of 2^f = 1 + f·P(f) itself.
+    return near_minimax(f, target, DEGREE, value=lambda f, p: 1 + f * p, exact=np.exp2(f))
 
 
 def fma(a: np.ndarray, b: np.ndarray, c: np.ndarray) -> np.ndarray:
@@ -43,10 +40,7 @@ def exp2_decay(coeffs: np.ndarray, t: np.ndarray) -> np.ndarray:
 
 def main() -> None:
     coeffs = fit()
-    print(f"pub const POLY: [f32; {DEGREE + 1}] = [")
-    for c in coeffs:
-        print(f"    {float(c)!r},")
-    print("];")
+    print_rust_const("POLY", coeffs)
     t = np.arange(-126.0, 0.0, 0.00073).astype(np.float32)
     got = exp2_decay(coeffs, t)
     worst = np.max(np.abs(got / np.exp2(t.astype(np.float64)) - 1))

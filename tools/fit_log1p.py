@@ -10,6 +10,8 @@ float32 with Horner's rule (e^-|x| rounded correctly: the kernels' own exp adds 
 
 import numpy as np
 
+from near_minimax import near_minimax, print_rust_const
+
 DEGREE = 8
 
 
@@ -17,13 +19,7 @@ def fit() -> np.ndarray:
     v = (1 - np.cos(np.linspace(0, np.pi, 40001))) / 2
     safe = np.where(v == 0, 1, v)
     target = np.where(v == 0, 1.0, np.log1p(v) / safe)
-    powers = np.vstack([v**i for i in range(DEGREE + 1)]).T
-    weight = np.ones_like(v)
-    for _ in range(300):
-        coeffs, *_ = np.linalg.lstsq(powers * weight[:, None], target * weight, rcond=None)
-        err = np.abs(powers @ coeffs / target - 1)
-        weight *= 1 + err / err.max()
-    return coeffs[::-1].astype(np.float32)
+    return near_minimax(v, target, DEGREE)
 
 
 def horner(coeffs: np.ndarray, v: np.ndarray) -> np.ndarray:
@@ -35,10 +31,7 @@ def horner(coeffs: np.ndarray, v: np.ndarray) -> np.ndarray:
 
 def main() -> None:
     coeffs = fit()
-    print(f"pub const LOG1P_POLY: [f32; {DEGREE + 1}] = [")
-    for c in coeffs:
-        print(f"    {float(c)!r},")
-    print("];")
+    print_rust_const("LOG1P_POLY", coeffs)
     v = np.linspace(0, 1, 1_000_001).astype(np.float32)[1:]
     ln1p = (horner(coeffs, v) * v).astype(np.float32)
     worst = np.max(np.abs(ln1p / np.log1p(v.astype(np.float64)) - 1))

@@ -294,12 +294,13 @@ impl Linear {
     }
 
     /// Runs `block(rows, cols)` over the rows `0..m` and output columns `0..n` of a panel
-    /// product: [`Self::by_columns`]'s shares when they are enough, and when a tall product
-    /// has too few (`x_proj`'s 80 outputs make two panels, one thread's share four times the
-    /// other's), each column share split by rows as well (as even as can be), until every
-    /// thread has a few. Both of a column's row shares then read its panel, which a product
-    /// of several tiles reuses from cache anyway; rows that fit one tile stay whole, each
-    /// panel streamed from memory once.
+    /// product: [`Self::by_columns`] where the columns, cut in four panel-aligned shares a
+    /// thread, make at least two a thread; where a tall product makes fewer (`x_proj`'s 80
+    /// outputs make two panels, one thread's share four times the other's), each such column
+    /// share split by rows as well (as even as can be), until every thread has a few. Both
+    /// of a column's row shares then read its panel, which a product of several tiles reuses
+    /// from cache anyway; rows that fit one tile stay whole, each panel streamed from memory
+    /// once.
     fn by_tiles(
         m: usize,
         n: usize,
