@@ -5,12 +5,13 @@ use std::arch::x86_64::*;
 use std::ops::Range;
 
 use super::{
-    FEW_TILES, FEW_TILES_FETCH_BLOCKS, K_BLOCK, MAX_TILE_ROWS, Out, PANEL, PREFETCH_STEPS,
-    PanelFormat, PanelInput, PanelWeight, STREAM_AHEAD_STEPS, few_tiles_block, outliers, row_tiles,
+    FEW_TILES, FEW_TILES_FETCH_BLOCKS, K_BLOCK, MAX_TILE_ROWS, OneRowWalk, Out, PANEL,
+    PREFETCH_STEPS, PanelFormat, PanelInput, PanelWeight, STREAM_AHEAD_STEPS, few_tiles_block,
+    outliers, row_tiles,
 };
 
 /// The block loop, the same for every format (no SIMD of its own), for the rows `rows` of
-/// `input` (checked against `w` by the caller).
+/// `input` (checked against `w` by the caller); one row walks its panels by `walk`.
 pub(super) unsafe fn block(
     input: &PanelInput<'_>,
     rows: Range<usize>,
@@ -18,6 +19,7 @@ pub(super) unsafe fn block(
     bias: Option<&[f32]>,
     cols: Range<usize>,
     out: Out,
+    walk: OneRowWalk,
 ) {
     let k = w.steps();
     if rows.is_empty() || cols.is_empty() {
@@ -92,6 +94,9 @@ pub(super) unsafe fn block(
                 (len * width).min((weights_end as usize).saturating_sub(ahead as usize) / 4);
             for (t, tile_rows) in row_tiles(rows.clone()).enumerate() {
                 let prefetch = match ahead_lanes {
+                    _ if rows.len() == 1 && walk == OneRowWalk::HardwareStreams => {
+                        Prefetch::Hardware
+                    }
                     // The tile reads its block from memory: it holds all the rows, or it
                     // is the first of the share's first block, which the share before it
                     // fetched only if it ran on this thread.
@@ -160,6 +165,9 @@ pub(super) enum Prefetch {
     /// [`STREAM_AHEAD_STEPS`] ahead into L2 (past the block into the next panel: panels lie
     /// back to back, and a prefetch past the weights never faults).
     Stream,
+    /// A one-row tile streams its block from memory as four segments that the core's L2
+    /// prefetcher follows, asking for nothing itself ([`OneRowWalk::HardwareStreams`]).
+    Hardware,
     /// Its share of the next block, for the tiles after it.
     Share(Fetch),
 }
@@ -425,7 +433,8 @@ unsafe fn tile_int8(nv: usize, rows: usize, args: TileArgs) {
 }
 
 /// The tile for `rows` rows of a panel `nv` vectors wide. One or two rows walk the panel
-/// as 2 segments (more streams in flight); more rows as one.
+/// as 2 segments (more streams in flight), or one row as 4 where it asks for nothing
+/// ([`Prefetch::Hardware`]); more rows as one.
 #[inline(always)]
 unsafe fn tile_of<L: Lanes>(nv: usize, rows: usize, args: TileArgs) {
     unsafe {
@@ -442,6 +451,7 @@ unsafe fn tile_of<L: Lanes>(nv: usize, rows: usize, args: TileArgs) {
 unsafe fn tile_rows<L: Lanes, const NV: usize>(rows: usize, args: TileArgs) {
     unsafe {
         match rows {
+            1 if matches!(args.prefetch, Prefetch::Hardware) => tile::<L, 1, 4, NV>(args),
             1 => tile::<L, 1, 2, NV>(args),
             2 => tile::<L, 2, 2, NV>(args),
             3 => tile::<L, 3, 1, NV>(args),
@@ -484,7 +494,7 @@ unsafe fn step<L: Lanes, const MR: usize, const NV: usize>(
 /// segments at once (`S` sequential streams in flight, `S × MR × NV` accumulators summed
 /// at the end), asking for lines as `a.prefetch` says. A one-segment tile also asks for its
 /// own steps [`PREFETCH_STEPS`] ahead into L1 (the last steps' requests run into the next
-/// block: a few lines asked for early); one or two rows always stream their panel.
+/// block: a few lines asked for early).
 #[inline(always)]
 unsafe fn tile<L: Lanes, const MR: usize, const S: usize, const NV: usize>(a: TileArgs) {
     unsafe {
@@ -494,8 +504,8 @@ unsafe fn tile<L: Lanes, const MR: usize, const S: usize, const NV: usize>(a: Ti
             _ => Fetch::NONE,
         };
         // The hardware prefetcher alone keeps too few lines in flight, and stops at every
-        // 4 KiB page.
-        let stream = S > 1 || matches!(a.prefetch, Prefetch::Stream);
+        // 4 KiB page (where more segments do not make up for it: `OneRowWalk`).
+        let stream = matches!(a.prefetch, Prefetch::Stream);
         let segment = a.len / S;
         for p in 0..segment {
             if S == 1 {

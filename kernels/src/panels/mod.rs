@@ -42,6 +42,9 @@ use crate::int8::{Int8Activations, quantize_weight, weight_scale};
 use crate::matmul::MatRef;
 use crate::skinny::Out;
 
+mod per_cpu;
+pub use per_cpu::{OneRowWalk, bf16_by_fma, one_row_walk};
+
 /// Output columns per panel: 4 vectors of 16 lanes.
 pub const PANEL: usize = 64;
 
@@ -110,17 +113,18 @@ const FEW_TILES_FETCH_BLOCKS: usize = 2;
 const PREFETCH_STEPS: usize = 32;
 
 /// How far ahead each segment of a one- or two-row tile asks for its panel, to L2: 128
-/// steps, 32 KiB. The segments are sequential streams, but the hardware prefetcher stops at
-/// every 4 KiB page and restarts behind the reads. A mamba-130m step's products at batch 1
-/// (the loop of `examples/step_products.rs` with the variants behind a switch, alternated
-/// step by step in one process, 2026-12-03 night), medians: f32 18.4-21.3 ms with four segments
-/// and no fetching (as before) → 16.9-17.8 with two segments 128 steps ahead (17.8-19.9 at
-/// 48); bf16 9.7-10.0 → 8.8; int8 5.26 → 4.91; two rows 19.8 → 18.7 (f32), 10.6 → 9.9
-/// (bf16). Six segments, one segment fetching ahead, or fetching to L1 did worse. A tile of
-/// 3-6 rows streaming its panel alone asks for it as far ahead too (besides
-/// [`PREFETCH_STEPS`] into L1), alternated with and without (2026-12-04): 4 rows bf16 9.05 →
-/// 8.59 and 9.16 → 8.92 ms, f32 18.90 → 17.94 and 17.32 → 17.23; 6 rows bf16 8.48 → 8.34,
-/// f32 17.09 → 16.89; 3 rows f32 and 4 rows int8 the same within the noise.
+/// steps, 32 KiB (one-row tiles on Intel's cores ask for nothing: [`one_row_walk`]). The
+/// segments are sequential streams, but the hardware prefetcher stops at every 4 KiB page
+/// and restarts behind the reads. A mamba-130m step's products at batch 1 (the loop of
+/// `examples/step_products.rs` with the variants behind a switch, alternated step by step
+/// in one process, AMD Zen 4, 2026-12-03 night), medians: f32 18.4-21.3 ms with four
+/// segments and no fetching (as before) → 16.9-17.8 with two segments 128 steps ahead
+/// (17.8-19.9 at 48); bf16 9.7-10.0 → 8.8; int8 5.26 → 4.91; two rows 19.8 → 18.7 (f32),
+/// 10.6 → 9.9 (bf16). Six segments, one segment fetching ahead, or fetching to L1 did
+/// worse. A tile of 3-6 rows streaming its panel alone asks for it as far ahead too
+/// (besides [`PREFETCH_STEPS`] into L1), alternated with and without (2026-12-04): 4 rows
+/// bf16 9.05 → 8.59 and 9.16 → 8.92 ms, f32 18.90 → 17.94 and 17.32 → 17.23; 6 rows bf16
+/// 8.48 → 8.34, f32 17.09 → 16.89; 3 rows f32 and 4 rows int8 the same within the noise.
 const STREAM_AHEAD_STEPS: usize = 128;
 
 /// What a panel's 32-bit lanes hold.
@@ -422,39 +426,6 @@ impl<'a> PanelInput<'a> {
 /// nothing and the widening only adds work.
 const WIDE_MIN_ROWS: usize = 3;
 
-/// Whether bf16 products of several rows widen the panel's bf16 pairs to f32 (a shift and a
-/// mask) and multiply with FMAs instead of `vdpbf16ps`. On Intel's cores `vdpbf16ps` issues
-/// on one port where a 512-bit FMA has two: measured on a Xeon with AVX-512 BF16 (2 vCPUs,
-/// 2026-12-04, `examples/linear_shapes` at 512 rows) bf16 in_proj ran 137-161 GFLOP/s
-/// against f32's 292-302, where AMD's Zen 4 ran bf16 faster than f32 (BENCHMARKS.md). The
-/// two give the same bits there: Intel's `vdpbf16ps` adds the odd input's product and then
-/// the even one's, each rounded once, which is what two FMAs in that order do (`tests.rs`
-/// holds them to it wherever this picks the FMAs), but for bf16 subnormals (below 1.2e-38),
-/// which `vdpbf16ps` reads as zero. `TIDEWAY_BF16_DOT=fma` or `=vdpbf16ps`
-/// overrides the choice, for measuring both; on a CPU whose `vdpbf16ps` rounds otherwise,
-/// forcing the FMAs can change the last bit of a row with the batch it runs in.
-pub fn bf16_by_fma() -> bool {
-    static BY_FMA: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    *BY_FMA.get_or_init(|| match std::env::var("TIDEWAY_BF16_DOT").as_deref() {
-        Ok("fma") => true,
-        Ok("vdpbf16ps") => false,
-        _ => cpu_vendor_is_intel(),
-    })
-}
-
-fn cpu_vendor_is_intel() -> bool {
-    #[cfg(target_arch = "x86_64")]
-    {
-        let id = std::arch::x86_64::__cpuid(0);
-        // The vendor string "GenuineIntel" in EBX, EDX, ECX.
-        [id.ebx, id.edx, id.ecx] == [0x756e_6547, 0x4965_6e69, 0x6c65_746e]
-    }
-    #[cfg(not(target_arch = "x86_64"))]
-    {
-        false
-    }
-}
-
 /// `v` rounded to bf16 (nearest, ties to even; a NaN stays a quiet NaN), in the low 16 bits:
 /// `half::bf16::from_f32`'s rounding, as plain integer arithmetic that vectorises (the
 /// activations of a call are rounded on every call).
@@ -519,6 +490,23 @@ pub unsafe fn block(
     cols: Range<usize>,
     out: Out,
 ) {
+    // SAFETY: the caller's contract.
+    unsafe { block_walking(x, w, bias, rows, cols, out, one_row_walk()) }
+}
+
+/// [`block`] with a one-row share's tiles walking their panels by `walk`.
+///
+/// # Safety
+/// As [`block`].
+unsafe fn block_walking(
+    x: &PanelInput<'_>,
+    w: &PanelWeight,
+    bias: Option<&[f32]>,
+    rows: Range<usize>,
+    cols: Range<usize>,
+    out: Out,
+    walk: OneRowWalk,
+) {
     assert!(cols.start.is_multiple_of(PANEL) && cols.end <= w.n && out.n == w.n);
     assert!(
         rows.end <= x.lanes().0,
@@ -541,11 +529,11 @@ pub unsafe fn block(
     }
     #[cfg(target_arch = "x86_64")]
     unsafe {
-        avx512::block(x, rows, w, bias, cols, out)
+        avx512::block(x, rows, w, bias, cols, out, walk)
     }
     #[cfg(not(target_arch = "x86_64"))]
     {
-        let _ = (x, w, bias, rows, cols, out);
+        let _ = (x, w, bias, rows, cols, out, walk);
         unreachable!("the panel kernel needs x86-64 (see `available`)");
     }
 }

@@ -114,9 +114,15 @@ fn the_kernel_matches_the_naive_product() {
                 ],
                 _ => vec![("", PanelInput::for_weight(view, &packed))],
             };
+            // A single row: both of its walks.
             let outs: Vec<_> = inputs
                 .iter()
-                .map(|(kind, input)| (*kind, in_shares(input, &packed, &b, m)))
+                .flat_map(|(kind, input)| {
+                    OneRowWalk::ALL.map(|walk| {
+                        let out = in_shares(input, &packed, &b, m, walk);
+                        (format!("{kind} {walk:?}"), out)
+                    })
+                })
                 .collect();
             drop(inputs);
             if format == PanelFormat::Bf16 {
@@ -181,19 +187,18 @@ fn bf16_by_fma_gives_vdpbf16ps_bits() {
             cols: k,
             row_stride: stride,
         };
-        let pairs = in_shares(
-            &PanelInput::bf16_pairs(view, packed.steps()),
-            &packed,
-            &b,
-            m,
-        );
-        let wide = in_shares(&PanelInput::bf16_wide(view, packed.steps()), &packed, &b, m);
-        for (i, (p, q)) in pairs.iter().zip(&wide).enumerate() {
-            assert_eq!(
-                p.to_bits(),
-                q.to_bits(),
-                "{m}×{k}×{n}, output {i}: vdpbf16ps {p:e}, FMAs {q:e}"
-            );
+        let pairs = PanelInput::bf16_pairs(view, packed.steps());
+        let widened = PanelInput::bf16_wide(view, packed.steps());
+        for walk in OneRowWalk::ALL {
+            let pairs = in_shares(&pairs, &packed, &b, m, walk);
+            let wide = in_shares(&widened, &packed, &b, m, walk);
+            for (i, (p, q)) in pairs.iter().zip(&wide).enumerate() {
+                assert_eq!(
+                    p.to_bits(),
+                    q.to_bits(),
+                    "{m}×{k}×{n} {walk:?}, output {i}: vdpbf16ps {p:e}, FMAs {q:e}"
+                );
+            }
         }
     }
 }
@@ -238,18 +243,27 @@ fn the_int8_kernel_computes_llm_int8s_product() {
             unreachable!("int8 weights take int8 activations")
         };
         assert_eq!(acts.outliers(), outliers);
-        let out = in_shares(&input, &packed, &b, m);
         let rows = crate::int8::Int8Weight::from_f32(&w, n, k);
-        let what = format!("int8 {m}×{k}×{n}");
-        crate::test_util::assert_llm_int8(&out, &x, acts, &rows, &b, (m, k, n), &what);
+        for walk in OneRowWalk::ALL {
+            let out = in_shares(&input, &packed, &b, m, walk);
+            let what = format!("int8 {m}×{k}×{n} {walk:?}");
+            crate::test_util::assert_llm_int8(&out, &x, acts, &rows, &b, (m, k, n), &what);
+        }
     }
 }
 
 /// `out` (`[rows, n]`) of `packed` (whose format this CPU runs) and `input` (prepared for it),
 /// with bias `b`, in four shares as the pool's threads take a tall product's: the first
 /// panel and the rest of the columns, each for the first half of the rows and the second
-/// (a half that starts inside a tile of six, and an empty one for a single row).
-fn in_shares(input: &PanelInput<'_>, packed: &PanelWeight, b: &[f32], rows: usize) -> Vec<f32> {
+/// (a half that starts inside a tile of six, and an empty one for a single row). A one-row
+/// share's tiles walk their panels by `walk`.
+fn in_shares(
+    input: &PanelInput<'_>,
+    packed: &PanelWeight,
+    b: &[f32],
+    rows: usize,
+    walk: OneRowWalk,
+) -> Vec<f32> {
     assert!(available(packed.format()));
     let n = packed.n;
     let mut out = vec![f32::NAN; rows * n];
@@ -262,16 +276,17 @@ fn in_shares(input: &PanelInput<'_>, packed: &PanelWeight, b: &[f32], rows: usiz
     // holds rows × n; the shares are disjoint.
     unsafe {
         for share in [0..half, half..rows] {
-            block(
+            block_walking(
                 input,
                 packed,
                 Some(b),
                 share.clone(),
                 0..PANEL.min(n),
                 target,
+                walk,
             );
             if n > PANEL {
-                block(input, packed, Some(b), share, PANEL..n, target);
+                block_walking(input, packed, Some(b), share, PANEL..n, target, walk);
             }
         }
     }
