@@ -39,6 +39,17 @@ const PARALLEL_MIN_FLOPS: usize = 1 << 16;
 /// temporary timer, three alternated runs) and the step ahead in 4 of 4 alternated rounds.
 const ROW_SPLIT_MIN_ROWS: usize = 2 * crate::panels::MAX_TILE_ROWS;
 
+/// Most parts a one-row product too narrow for its columns to keep the pool busy splits its
+/// inputs into ([`Linear::by_steps`]), and the fewest steps of the panels a part takes.
+/// mamba-130m's `x_proj` at batch 1 (1536 inputs, 80 outputs: column shares of 64 and 16,
+/// one thread reading four times the other's weights), on weights from memory, alternated
+/// (2026-12-05, Xeon, two threads): 23.1 µs whole → 16.0 in two parts (medians of 9950
+/// calls each, twice). In `tideway bench --batches 1` (one binary, the split behind a
+/// temporary switch, alternated) f32 went 56.9 → 57.3 tok/s (medians of 8 pairs, 5 ahead)
+/// and bf16 107.4 / 109.7 / 112.0 → 111.1 / 110.6 / 114.8.
+const STEP_PARTS_MAX: usize = 4;
+const STEP_PART_MIN: usize = 256;
+
 /// A row-major matrix view whose rows may be further apart than its width.
 #[derive(Clone, Copy, Debug)]
 pub struct MatRef<'a> {
@@ -351,6 +362,10 @@ impl Linear {
     ) {
         let (m, n) = (x.rows, target.n);
         let x = PanelInput::for_weight(x, w);
+        if let Some(parts) = step_parts(w, m, n).filter(|_| big) {
+            // SAFETY: as below; one row, `n` outputs.
+            return unsafe { Self::by_steps(&x, w, bias, parts, target) };
+        }
         // SAFETY: panel layers exist only where the CPU runs their format's kernel
         // (`from_torch_as`); `x` was prepared for `w`; `target` holds m × n (the caller's
         // contract), and each block gets its own rows and columns, the columns starting at a
@@ -358,6 +373,44 @@ impl Linear {
         Self::by_tiles(m, n, big, |rows, cols| unsafe {
             crate::panels::block(&x, w, bias, rows, cols, target)
         });
+    }
+
+    /// One row of `w`'s product in `parts` parts of the panels' steps (of its inputs), on the
+    /// pool's threads: part 0 into `target` with the bias, the others each into outputs of
+    /// their own, then added to it in order (the same sums whichever thread ran which).
+    ///
+    /// # Safety
+    /// As [`Self::forward_panels`]'s, for one row; `parts` from [`step_parts`].
+    unsafe fn by_steps(
+        x: &PanelInput<'_>,
+        w: &PanelWeight,
+        bias: Option<&[f32]>,
+        parts: usize,
+        target: skinny::Out,
+    ) {
+        let (n, steps) = (target.n, w.steps());
+        let mut partials = [0.0f32; (STEP_PARTS_MAX - 1) * 2 * crate::panels::PANEL];
+        let base = partials.as_mut_ptr();
+        let outs: [skinny::Out; STEP_PARTS_MAX] = std::array::from_fn(|p| match p {
+            0 => target,
+            _ => skinny::Out {
+                ptr: base.wrapping_add((p - 1) * n),
+                n,
+            },
+        });
+        (0..parts).into_par_iter().for_each(|p| {
+            let part = p * steps / parts..(p + 1) * steps / parts;
+            let bias = bias.filter(|_| p == 0);
+            // SAFETY: the caller's contract for `target`; `partials` holds the other parts'
+            // `n` outputs each (`step_parts`: `n` ≤ 2 panels, `parts` ≤ STEP_PARTS_MAX), and
+            // each part writes only its own; the parts' steps lie in `0..steps`.
+            unsafe { crate::panels::block_steps(x, w, bias, 0..1, (0..n, part), outs[p]) }
+        });
+        // SAFETY: `target` holds the row's `n` outputs, all written by part 0.
+        let out = unsafe { std::slice::from_raw_parts_mut(target.ptr, n) };
+        for part in partials.chunks_exact(n).take(parts - 1) {
+            out.iter_mut().zip(part).for_each(|(o, v)| *o += v);
+        }
     }
 
     /// `(M, in, out)` of a product of `x`, which must have `in` columns.
@@ -529,6 +582,21 @@ fn guided_shares(n: usize, align: usize, threads: usize) -> Vec<std::ops::Range<
         start = end;
     }
     shares
+}
+
+/// The parts [`Linear::by_steps`] splits an `m`-row product over `w` (`n` outputs) into:
+/// one row of an f32 or bf16 weight whose outputs are fewer than a panel for each of the
+/// pool's threads and at most two panels (their column shares would leave threads idle, or
+/// one reading more than the others), as many parts as threads, each of at least
+/// [`STEP_PART_MIN`] steps; `None` where the columns split as usual.
+fn step_parts(w: &PanelWeight, m: usize, n: usize) -> Option<usize> {
+    let (threads, panel) = (rayon::current_num_threads(), crate::panels::PANEL);
+    let narrow = n < panel * threads && n <= 2 * panel;
+    if m != 1 || !narrow || w.format() == PanelFormat::Int8 {
+        return None;
+    }
+    let parts = threads.min(STEP_PARTS_MAX).min(w.steps() / STEP_PART_MIN);
+    (parts >= 2).then_some(parts)
 }
 
 mod small;

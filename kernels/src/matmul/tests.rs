@@ -43,6 +43,9 @@ fn matches_naive_product_with_bias_and_strides() {
         (32, 70, 80),
         (13, 300, 20),
         (1, 768, 1000),
+        // One row too narrow for its columns to keep two threads busy: its inputs in parts
+        // (`Linear::by_steps`; x_proj's shape).
+        (1, 1536, 80),
         (2, 300, 900),
         (5, 17, 7),
         (7, 33, 6),
@@ -102,7 +105,13 @@ fn matches_naive_product_with_bias_and_strides() {
 /// (zeroed first), for one tile of rows and several, and a `k` the kernel cuts in blocks.
 #[test]
 fn a_new_buffer_gets_the_same_outputs() {
-    for &(m, k, n) in &[(1, 70, 129), (8, 300, 80), (40, 2100, 70), (130, 64, 200)] {
+    for &(m, k, n) in &[
+        (1, 70, 129),
+        (1, 1536, 80),
+        (8, 300, 80),
+        (40, 2100, 70),
+        (130, 64, 200),
+    ] {
         let x = pseudo(m * k, 4);
         let weight = Weight::from_vec(pseudo(n * k, 5), &[n, k]).unwrap();
         let bias = Weight::from_vec(pseudo(n, 6), &[n]).unwrap();

@@ -11,18 +11,19 @@ use super::{
 };
 
 /// The block loop, the same for every format (no SIMD of its own), for the rows `rows` of
-/// `input` (checked against `w` by the caller); one row walks its panels by `walk`.
+/// `input` over the panels' steps `steps` (checked against `w` by the caller; all of them
+/// for int8); one row walks its panels by `walk`.
 pub(super) unsafe fn block(
     input: &PanelInput<'_>,
     rows: Range<usize>,
     w: &PanelWeight,
     bias: Option<&[f32]>,
-    cols: Range<usize>,
+    (cols, steps): (Range<usize>, Range<usize>),
     out: Out,
     walk: OneRowWalk,
 ) {
-    let k = w.steps();
-    if rows.is_empty() || cols.is_empty() {
+    let k = steps.len();
+    if rows.is_empty() || cols.is_empty() || k == 0 {
         return;
     }
     // First lane of row 0 and lanes from row to row; an int8 weight's quantized activations
@@ -77,14 +78,16 @@ pub(super) unsafe fn block(
     // 309.4, at 16 rows 230.8 / 231.6 → 235.7 / 235.8; in_proj 0-2% faster; lm_head (far
     // longer shares) and 8 or 512 rows the same.
     let last_panel = w.n.div_ceil(PANEL) - 1;
-    let weights_end = w.panel(last_panel).wrapping_add(k * w.width(last_panel));
+    let weights_end = w
+        .panel(last_panel)
+        .wrapping_add(w.steps() * w.width(last_panel));
     for q in panels.clone() {
         let j = q * PANEL;
         let (valid, width) = (PANEL.min(cols.end - j), w.width(q));
-        let mut p0 = if skip_int8 { k } else { 0 };
-        while p0 < k {
-            let len = k_block.min(k - p0);
-            let (first, last) = (p0 == 0, p0 + len == k);
+        let mut p0 = if skip_int8 { steps.end } else { steps.start };
+        while p0 < steps.end {
+            let len = k_block.min(steps.end - p0);
+            let (first, last) = (p0 == steps.start, p0 + len == steps.end);
             let block = unsafe { w.panel(q).add(p0 * width) };
             // The block `blocks_ahead` after this one, where the blocks are as long as this
             // (it may lie in the next panel, or the next share's), up to the weights' end:

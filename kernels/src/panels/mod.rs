@@ -288,7 +288,7 @@ impl PanelWeight {
     }
 
     /// Steps of a panel: `k` inputs in lanes of one, two or four.
-    fn steps(&self) -> usize {
+    pub fn steps(&self) -> usize {
         self.k.div_ceil(self.format.inputs_per_lane())
     }
 
@@ -491,23 +491,48 @@ pub unsafe fn block(
     out: Out,
 ) {
     // SAFETY: the caller's contract.
-    unsafe { block_walking(x, w, bias, rows, cols, out, one_row_walk()) }
+    unsafe { block_walking(x, w, bias, rows, (cols, 0..w.steps()), out, one_row_walk()) }
 }
 
-/// [`block`] with a one-row share's tiles walking their panels by `walk`.
+/// [`block`] over the panels' steps `steps` alone (inputs `steps`, or their pairs for bf16):
+/// `out` gets that part of each sum, with `bias` if given. The parts of a row too narrow for
+/// its columns to keep the threads busy (`Linear`'s one-row products) run on several
+/// threads this way, each into its own outputs, and are added after. Not for int8 weights,
+/// whose sums take LLM.int8's offset off once over all the inputs.
 ///
 /// # Safety
-/// As [`block`].
+/// As [`block`]'s, with `steps` in `0..w.steps()`.
+pub unsafe fn block_steps(
+    x: &PanelInput<'_>,
+    w: &PanelWeight,
+    bias: Option<&[f32]>,
+    rows: Range<usize>,
+    (cols, steps): (Range<usize>, Range<usize>),
+    out: Out,
+) {
+    assert!(
+        w.format != PanelFormat::Int8 || steps == (0..w.steps()),
+        "an int8 product runs over all its inputs"
+    );
+    // SAFETY: the caller's contract.
+    unsafe { block_walking(x, w, bias, rows, (cols, steps), out, one_row_walk()) }
+}
+
+/// [`block`] over `steps`, a one-row share's tiles walking their panels by `walk`.
+///
+/// # Safety
+/// As [`block_steps`].
 unsafe fn block_walking(
     x: &PanelInput<'_>,
     w: &PanelWeight,
     bias: Option<&[f32]>,
     rows: Range<usize>,
-    cols: Range<usize>,
+    (cols, steps): (Range<usize>, Range<usize>),
     out: Out,
     walk: OneRowWalk,
 ) {
     assert!(cols.start.is_multiple_of(PANEL) && cols.end <= w.n && out.n == w.n);
+    assert!(steps.start <= steps.end && steps.end <= w.steps());
     assert!(
         rows.end <= x.lanes().0,
         "rows {rows:?} of a {}-row input",
@@ -529,11 +554,11 @@ unsafe fn block_walking(
     }
     #[cfg(target_arch = "x86_64")]
     unsafe {
-        avx512::block(x, rows, w, bias, cols, out, walk)
+        avx512::block(x, rows, w, bias, (cols, steps), out, walk)
     }
     #[cfg(not(target_arch = "x86_64"))]
     {
-        let _ = (x, w, bias, rows, cols, out, walk);
+        let _ = (x, w, bias, rows, cols, steps, out, walk);
         unreachable!("the panel kernel needs x86-64 (see `available`)");
     }
 }

@@ -147,6 +147,81 @@ fn the_kernel_matches_the_naive_product() {
     }
 }
 
+/// A product over parts of the steps (`block_steps`, a narrow row's inputs split over the
+/// threads), the parts added after, against the whole product's reference: f32 and bf16
+/// (pairs and widened), one row in both walks and several rows, parts that split a `k` of
+/// several blocks unevenly, an empty part, the bias in one part alone.
+#[test]
+fn parts_of_the_steps_add_up_to_the_product() {
+    let formats = [PanelFormat::F32, PanelFormat::Bf16]
+        .into_iter()
+        .filter(|&f| available(f));
+    for format in formats {
+        for (m, k, n) in [(1, 1536, 80), (1, 301, 64), (7, 2100, 130)] {
+            let mut x = crate::test_util::pseudo(m * k, 51, -1.0, 1.0);
+            let mut w = crate::test_util::pseudo(n * k, 52, -1.0, 1.0);
+            let b = crate::test_util::pseudo(n, 53, -1.0, 1.0);
+            let packed = match format {
+                PanelFormat::F32 => PanelWeight::from_torch(&w, n, k),
+                _ => PanelWeight::from_torch_bf16(&w, n, k),
+            };
+            let view = MatRef::dense(&x, m, k);
+            let inputs = match format {
+                PanelFormat::Bf16 => vec![
+                    PanelInput::bf16_pairs(view, packed.steps()),
+                    PanelInput::bf16_wide(view, packed.steps()),
+                ],
+                _ => vec![PanelInput::for_weight(view, &packed)],
+            };
+            let steps = packed.steps();
+            let cuts = [0, steps / 3, steps / 3, steps - 5, steps];
+            let mut outs = Vec::new();
+            for input in &inputs {
+                for walk in OneRowWalk::ALL {
+                    let mut sum = vec![0.0f32; m * n];
+                    for (p, part) in cuts.windows(2).enumerate() {
+                        let mut out = vec![f32::NAN; m * n];
+                        let target = Out {
+                            ptr: out.as_mut_ptr(),
+                            n,
+                        };
+                        let bias = Some(&b[..]).filter(|_| p == 0);
+                        // SAFETY: the CPU runs the format; `input` was prepared for
+                        // `packed`; `out` holds m × n; the steps lie in the panels.
+                        unsafe {
+                            block_walking(
+                                input,
+                                &packed,
+                                bias,
+                                0..m,
+                                (0..n, part[0]..part[1]),
+                                target,
+                                walk,
+                            )
+                        };
+                        if part[0] == part[1] {
+                            // An empty part writes nothing.
+                            assert!(out.iter().all(|v| v.is_nan()));
+                            continue;
+                        }
+                        sum.iter_mut().zip(&out).for_each(|(s, v)| *s += v);
+                    }
+                    outs.push((format!("{format:?} {m}×{k}×{n} {walk:?}"), sum));
+                }
+            }
+            drop(inputs);
+            if format == PanelFormat::Bf16 {
+                for v in x.iter_mut().chain(w.iter_mut()) {
+                    *v = half::bf16::from_f32(*v).to_f32();
+                }
+            }
+            for (what, out) in outs {
+                crate::test_util::assert_linear_matches_f64(&out, &x, k, &w, &b, (m, k, n), &what);
+            }
+        }
+    }
+}
+
 /// Where the CPU multiplies bf16 with FMAs ([`super::bf16_by_fma`]: from 3 rows), the two
 /// bf16 kernels give the same bits, `vdpbf16ps` on pairs and the FMAs on the pairs widened
 /// to f32, so that a session's rows do not change with the batch they run in. Rows of 1 to
@@ -276,17 +351,26 @@ fn in_shares(
     // holds rows × n; the shares are disjoint.
     unsafe {
         for share in [0..half, half..rows] {
+            let steps = 0..packed.steps();
             block_walking(
                 input,
                 packed,
                 Some(b),
                 share.clone(),
-                0..PANEL.min(n),
+                (0..PANEL.min(n), steps.clone()),
                 target,
                 walk,
             );
             if n > PANEL {
-                block_walking(input, packed, Some(b), share, PANEL..n, target, walk);
+                block_walking(
+                    input,
+                    packed,
+                    Some(b),
+                    share,
+                    (PANEL..n, steps),
+                    target,
+                    walk,
+                );
             }
         }
     }
