@@ -39,14 +39,11 @@ const PARALLEL_MIN_FLOPS: usize = 1 << 16;
 /// temporary timer, three alternated runs) and the step ahead in 4 of 4 alternated rounds.
 const ROW_SPLIT_MIN_ROWS: usize = 2 * crate::panels::MAX_TILE_ROWS;
 
-/// Most parts a one-row product too narrow for its columns to keep the pool busy splits its
-/// inputs into ([`Linear::by_steps`]), and the fewest steps of the panels a part takes.
-/// mamba-130m's `x_proj` at batch 1 (1536 inputs, 80 outputs: column shares of 64 and 16,
-/// one thread reading four times the other's weights), on weights from memory, alternated
-/// (2026-12-05, Xeon, two threads): 23.1 µs whole → 16.0 in two parts (medians of 9950
-/// calls each, twice). In `tideway bench --batches 1` (one binary, the split behind a
-/// temporary switch, alternated) f32 went 56.9 → 57.3 tok/s (medians of 8 pairs, 5 ahead)
-/// and bf16 107.4 / 109.7 / 112.0 → 111.1 / 110.6 / 114.8.
+/// Most parts a one-row product too narrow for its columns splits its inputs into
+/// ([`Linear::by_steps`]), and the fewest steps of the panels a part takes. mamba-130m's
+/// `x_proj` at batch 1 (80 outputs: column shares of 64 and 16), weights from memory, two
+/// threads (2026-12-05, Xeon, a temporary example, alternated): 23.1 µs whole → 16.0 in two
+/// parts; `tideway bench --batches 1` f32 56.9 → 57.3 tok/s (8 pairs), bf16 +1-3% (3 pairs).
 const STEP_PARTS_MAX: usize = 4;
 const STEP_PART_MIN: usize = 256;
 
@@ -375,9 +372,8 @@ impl Linear {
         });
     }
 
-    /// One row of `w`'s product in `parts` parts of the panels' steps (of its inputs), on the
-    /// pool's threads: part 0 into `target` with the bias, the others each into outputs of
-    /// their own, then added to it in order (the same sums whichever thread ran which).
+    /// One row of `w`'s product in `parts` parts of its inputs on the pool's threads: part 0
+    /// into `target` with the bias, the others into outputs of their own, added in order after.
     ///
     /// # Safety
     /// As [`Self::forward_panels`]'s, for one row; `parts` from [`step_parts`].
@@ -401,9 +397,8 @@ impl Linear {
         (0..parts).into_par_iter().for_each(|p| {
             let part = p * steps / parts..(p + 1) * steps / parts;
             let bias = bias.filter(|_| p == 0);
-            // SAFETY: the caller's contract for `target`; `partials` holds the other parts'
-            // `n` outputs each (`step_parts`: `n` ≤ 2 panels, `parts` ≤ STEP_PARTS_MAX), and
-            // each part writes only its own; the parts' steps lie in `0..steps`.
+            // SAFETY: the caller's contract for `target`; `partials` holds `n` ≤ 2 panels of
+            // outputs for each other part (`step_parts`), each written by its part alone.
             unsafe { crate::panels::block_steps(x, w, bias, 0..1, (0..n, part), outs[p]) }
         });
         // SAFETY: `target` holds the row's `n` outputs, all written by part 0.
@@ -584,11 +579,10 @@ fn guided_shares(n: usize, align: usize, threads: usize) -> Vec<std::ops::Range<
     shares
 }
 
-/// The parts [`Linear::by_steps`] splits an `m`-row product over `w` (`n` outputs) into:
-/// one row of an f32 or bf16 weight whose outputs are fewer than a panel for each of the
-/// pool's threads and at most two panels (their column shares would leave threads idle, or
-/// one reading more than the others), as many parts as threads, each of at least
-/// [`STEP_PART_MIN`] steps; `None` where the columns split as usual.
+/// The parts [`Linear::by_steps`] splits an `m`-row product over `w` into: one row of f32 or
+/// bf16 weights whose `n` outputs, at most two panels, are fewer than a panel a thread (their
+/// column shares would leave threads idle), in a part a thread of at least [`STEP_PART_MIN`]
+/// steps; `None` where the columns split as usual.
 fn step_parts(w: &PanelWeight, m: usize, n: usize) -> Option<usize> {
     let (threads, panel) = (rayon::current_num_threads(), crate::panels::PANEL);
     let narrow = n < panel * threads && n <= 2 * panel;

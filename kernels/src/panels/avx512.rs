@@ -69,18 +69,17 @@ pub(super) unsafe fn block(
     // which add to what the int8 pass wrote.)
     let skip_int8 = widen_once && int8_outliers.is_some_and(|(x, _)| x.no_inliers(rows.clone()));
     let panels = cols.start / PANEL..cols.end.div_ceil(PANEL);
-    // Where the weights end (panels lie back to back): no tile asks for lines past them.
-    // Near the share's end the tiles ask for the first blocks of the panels after it, the
-    // next share in `Linear::by_columns`' list, which a thread of the pool takes next (the
-    // same thread where the other is busy): its tiles then find them in L2 or on the way. Against stopping at the share's
-    // end, both alternated in one process on weights from memory (2026-12-05, GFLOP/s):
-    // out_proj at 32 rows 346.9 / 345.6 → 361.1 / 360.7, at 24 rows 299.6 / 303.4 → 308.0 /
-    // 309.4, at 16 rows 230.8 / 231.6 → 235.7 / 235.8; in_proj 0-2% faster; lm_head (far
-    // longer shares) and 8 or 512 rows the same.
+    // Where the weights end (panels lie back to back): no tile asks for lines past them. Near
+    // the share's end the tiles ask for the first blocks of the panels after it, the next share
+    // in `Linear::by_columns`' list, which a thread of the pool takes next (the same thread
+    // where the other is busy): its tiles then find them in L2 or on the way. Against stopping
+    // at the share's end, both alternated in one process on weights from memory (2026-12-05,
+    // GFLOP/s): out_proj at 32 rows 346.9 / 345.6 → 361.1 / 360.7, at 24 rows 299.6 / 303.4 →
+    // 308.0 / 309.4, at 16 rows 230.8 / 231.6 → 235.7 / 235.8; in_proj 0-2% faster; lm_head
+    // (far longer shares) and 8 or 512 rows the same.
     let last_panel = w.n.div_ceil(PANEL) - 1;
-    let weights_end = w
-        .panel(last_panel)
-        .wrapping_add(w.steps() * w.width(last_panel));
+    let last_lanes = w.steps() * w.width(last_panel);
+    let weights_end = w.panel(last_panel).wrapping_add(last_lanes);
     for q in panels.clone() {
         let j = q * PANEL;
         let (valid, width) = (PANEL.min(cols.end - j), w.width(q));
@@ -435,9 +434,8 @@ unsafe fn tile_int8(nv: usize, rows: usize, args: TileArgs) {
     unsafe { tile_of::<Int8Lanes>(nv, rows, args) }
 }
 
-/// The tile for `rows` rows of a panel `nv` vectors wide. One or two rows walk the panel
-/// as 2 segments (more streams in flight), or one row as 4 where it asks for nothing
-/// ([`Prefetch::Hardware`]); more rows as one.
+/// The tile for `rows` rows of a panel `nv` vectors wide: 1-2 rows walk it as 2 segments
+/// (more streams in flight; 1 row as 4 with [`Prefetch::Hardware`]), more rows as one.
 #[inline(always)]
 unsafe fn tile_of<L: Lanes>(nv: usize, rows: usize, args: TileArgs) {
     unsafe {

@@ -490,8 +490,8 @@ pub unsafe fn block(
     cols: Range<usize>,
     out: Out,
 ) {
-    // SAFETY: the caller's contract.
-    unsafe { block_walking(x, w, bias, rows, (cols, 0..w.steps()), out, one_row_walk()) }
+    // SAFETY: the caller's contract; all of the steps.
+    unsafe { block_steps(x, w, bias, rows, (cols, 0..w.steps()), out) }
 }
 
 /// [`block`] over the panels' steps `steps` alone (inputs `steps`, or their pairs for bf16):
