@@ -4,6 +4,7 @@
 use std::arch::x86_64::*;
 use std::ops::Range;
 
+use super::fetch::Fetch;
 use super::{
     FEW_TILES, FEW_TILES_FETCH_BLOCKS, K_BLOCK, MAX_TILE_ROWS, OneRowWalk, Out, PANEL,
     PREFETCH_STEPS, PanelFormat, PanelInput, PanelWeight, STREAM_AHEAD_STEPS, few_tiles_block,
@@ -35,7 +36,10 @@ pub(super) unsafe fn block(
         _ => None,
     };
     let wide = matches!(input, PanelInput::Bf16Wide { .. });
+    let half_vectors =
+        rows.len() == 1 && walk == OneRowWalk::HalfVectors && super::half_vectors::available();
     let tile: TileFn = match w.format {
+        PanelFormat::F32 if half_vectors => super::half_vectors::tile_f32,
         PanelFormat::F32 => tile_f32,
         PanelFormat::Bf16 if wide => tile_bf16_by_fma,
         PanelFormat::Bf16 => tile_bf16,
@@ -96,9 +100,7 @@ pub(super) unsafe fn block(
                 (len * width).min((weights_end as usize).saturating_sub(ahead as usize) / 4);
             for (t, tile_rows) in row_tiles(rows.clone()).enumerate() {
                 let prefetch = match ahead_lanes {
-                    _ if rows.len() == 1 && walk == OneRowWalk::HardwareStreams => {
-                        Prefetch::Hardware
-                    }
+                    _ if rows.len() == 1 && walk != OneRowWalk::Prefetched => Prefetch::Hardware,
                     // The tile reads its block from memory: it holds all the rows, or it
                     // is the first of the share's first block, which the share before it
                     // fetched only if it ran on this thread.
@@ -167,65 +169,12 @@ pub(super) enum Prefetch {
     /// [`STREAM_AHEAD_STEPS`] ahead into L2 (past the block into the next panel: panels lie
     /// back to back, and a prefetch past the weights never faults).
     Stream,
-    /// A one-row tile streams its block from memory as four segments that the core's L2
-    /// prefetcher follows, asking for nothing itself ([`OneRowWalk::HardwareStreams`]).
+    /// A one-row tile streams its block from memory as segments that the core's L2
+    /// prefetcher follows, asking for nothing itself ([`OneRowWalk::HardwareStreams`] and
+    /// [`OneRowWalk::HalfVectors`]).
     Hardware,
     /// Its share of the next block, for the tiles after it.
     Share(Fetch),
-}
-
-/// Lines asked for into L2 (in L1 they would push out the rows of `x` the tile reuses):
-/// `lines` lines of 16 lanes from `next`, spread evenly over the tile's `steps` steps.
-///
-/// Asked for one a step from the tile's first step, they left memory in a burst, more at
-/// once than the core's fill buffers hold, and the tile's multiply-adds waited behind them.
-/// Spread evenly, they arrive as the tile computes. The products on weights from memory,
-/// both ways alternated in one process (2026-12-05, 11-21 rounds, GFLOP/s): at 32 rows
-/// (a batch-32 decode step) in_proj 251 → 272, out_proj 247 → 275, lm_head 275 → 297; at
-/// 8 rows the same. At 512 rows (a prefill chunk) a first form, one line every power of
-/// two of steps, gave in_proj 319.6 → 323.2, out_proj 316.9 → 320.3, lm_head 311.5 → 315.6,
-/// and this one the same as that.
-#[derive(Clone, Copy)]
-pub(super) struct Fetch {
-    next: *const u32,
-    lines: usize,
-    steps: usize,
-    /// `lines` × the steps so far, less `steps` for each line asked for: a line is due
-    /// when it reaches `steps` (Bresenham's rule).
-    due: usize,
-}
-
-impl Fetch {
-    const NONE: Fetch = Fetch {
-        next: std::ptr::null(),
-        lines: 0,
-        steps: 1,
-        due: 0,
-    };
-
-    /// Tile `t`'s `1 / tiles` of the next block (`size` lanes from `next`), spread over
-    /// its `len` steps.
-    fn share(next: *const u32, size: usize, t: usize, tiles: usize, len: usize) -> Fetch {
-        let lines = (size / 16).div_ceil(tiles);
-        Fetch {
-            next: next.wrapping_add(t * lines * 16),
-            lines,
-            steps: len.max(1),
-            due: 0,
-        }
-    }
-
-    /// Asks for this step's lines, if any: `lines` in all over `steps` calls. (The
-    /// addresses are never read: a prefetch does not fault.)
-    #[inline(always)]
-    unsafe fn step(&mut self) {
-        self.due += self.lines;
-        while self.due >= self.steps {
-            self.due -= self.steps;
-            unsafe { _mm_prefetch::<_MM_HINT_T1>(self.next.cast()) };
-            self.next = self.next.wrapping_add(16);
-        }
-    }
 }
 
 /// One tile's work: `MR` rows of x from `x` (rows `x_stride` lanes apart) against `len`
@@ -277,7 +226,7 @@ pub(super) fn valid_lanes(valid: usize, c: usize) -> Option<__mmask16> {
 
 /// How one row's step of activations (the same in every lane) and a vector of a panel's
 /// lanes add into 16 sums (f32; int8's are i32 in the same registers).
-trait Lanes {
+pub(super) trait Lanes {
     /// Parts a step is done in, each with its own lane of a row's activations (`x` holds
     /// `HALVES` lanes a step) and its own view of the panel's vectors ([`Lanes::weights`]).
     const HALVES: usize = 1;
@@ -310,7 +259,7 @@ trait Lanes {
 }
 
 /// f32 × f32, fused multiply-add.
-struct F32Lanes;
+pub(super) struct F32Lanes;
 
 impl Lanes for F32Lanes {
     #[inline(always)]
@@ -533,7 +482,29 @@ unsafe fn tile<L: Lanes, const MR: usize, const S: usize, const NV: usize>(a: Ti
         for p in S * segment..a.len {
             step::<L, MR, NV>(&mut acc[0], &a, p);
         }
-        for c in 0..NV {
+        for i in 0..MR {
+            let mut sums = acc[0][i];
+            for segment in &acc[1..] {
+                for (sum, s) in sums.iter_mut().zip(&segment[i]) {
+                    *sum = L::add(*sum, *s);
+                }
+            }
+            write_row::<L, NV>(&sums, &a, i);
+        }
+    }
+}
+
+/// Row `i` of a tile, its `NV` vectors' sums (its segments added), to `a.out`: finished
+/// for the format, with the bias, added to what is there when `a.accumulate`, masked to
+/// the panel's valid columns.
+#[inline(always)]
+pub(super) unsafe fn write_row<L: Lanes, const NV: usize>(
+    sums: &[__m512; NV],
+    a: &TileArgs,
+    i: usize,
+) {
+    unsafe {
+        for (c, &sum) in sums.iter().enumerate() {
             let Some(mask) = valid_lanes(a.valid, c) else {
                 break;
             };
@@ -543,58 +514,12 @@ unsafe fn tile<L: Lanes, const MR: usize, const S: usize, const NV: usize>(a: Ti
                 Some(b) => _mm512_maskz_loadu_ps(mask, b.add(16 * c)),
                 None => _mm512_setzero_ps(),
             };
-            for i in 0..MR {
-                let mut sum = acc[0][i][c];
-                for segment in &acc[1..] {
-                    sum = L::add(sum, segment[i][c]);
-                }
-                let dst = a.out.add(i * a.n + 16 * c);
-                let mut value = _mm512_add_ps(L::finish(sum, &a, i, c), b);
-                if a.accumulate {
-                    value = _mm512_add_ps(value, _mm512_maskz_loadu_ps(mask, dst));
-                }
-                _mm512_mask_storeu_ps(dst, mask, value);
+            let dst = a.out.add(i * a.n + 16 * c);
+            let mut value = _mm512_add_ps(L::finish(sum, a, i, c), b);
+            if a.accumulate {
+                value = _mm512_add_ps(value, _mm512_maskz_loadu_ps(mask, dst));
             }
+            _mm512_mask_storeu_ps(dst, mask, value);
         }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::Fetch;
-
-    /// Where the share's `next` stands after each step, in lines from its start.
-    fn asked_by_step(lines: usize, steps: usize) -> Vec<usize> {
-        let start = std::ptr::null::<u32>().wrapping_add(1 << 20);
-        let mut fetch = Fetch::share(start, lines * 16, 0, 1, steps);
-        (0..steps)
-            .map(|_| {
-                unsafe { fetch.step() };
-                (fetch.next as usize - start as usize) / 64
-            })
-            .collect()
-    }
-
-    #[test]
-    fn a_share_is_asked_for_evenly_over_the_steps() {
-        for (lines, steps) in [(36, 768), (86, 128), (256, 128), (3, 7), (128, 128), (1, 1)] {
-            let asked = asked_by_step(lines, steps);
-            // Every line by the last step, none twice, and after step p (1-based) as many
-            // as an even spread gives: floor(p · lines / steps).
-            for (p, &n) in asked.iter().enumerate() {
-                assert_eq!(
-                    n,
-                    (p + 1) * lines / steps,
-                    "{lines} lines over {steps} steps"
-                );
-            }
-            assert_eq!(asked[steps - 1], lines);
-        }
-        // Nothing asked for where there is nothing to ask for.
-        let mut none = Fetch::NONE;
-        for _ in 0..10 {
-            unsafe { none.step() };
-        }
-        assert!(none.next.is_null());
     }
 }

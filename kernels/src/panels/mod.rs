@@ -579,6 +579,10 @@ fn row_tiles(rows: Range<usize>) -> impl Iterator<Item = Range<usize>> {
 #[cfg(target_arch = "x86_64")]
 mod avx512;
 #[cfg(target_arch = "x86_64")]
+mod fetch;
+#[cfg(target_arch = "x86_64")]
+mod half_vectors;
+#[cfg(target_arch = "x86_64")]
 mod outliers;
 
 #[cfg(all(test, target_arch = "x86_64"))]

@@ -9,15 +9,23 @@ pub enum OneRowWalk {
     /// Four segments and no prefetch instructions: four sequential streams that the core's
     /// own L2 prefetcher follows.
     HardwareStreams,
+    /// f32 weights as three segments read in 256-bit halves, no prefetch instructions
+    /// (`half_vectors.rs`); the other formats, and CPUs without AVX-512VL, as
+    /// [`OneRowWalk::HardwareStreams`].
+    HalfVectors,
 }
 
 impl OneRowWalk {
-    pub const ALL: [OneRowWalk; 2] = [OneRowWalk::Prefetched, OneRowWalk::HardwareStreams];
+    pub const ALL: [OneRowWalk; 3] = [
+        OneRowWalk::Prefetched,
+        OneRowWalk::HardwareStreams,
+        OneRowWalk::HalfVectors,
+    ];
 }
 
-/// The walk this CPU's one-row tiles take: [`OneRowWalk::HardwareStreams`] on Intel's
-/// cores, [`OneRowWalk::Prefetched`] elsewhere. `TIDEWAY_ONE_ROW_WALK=prefetched` or
-/// `=hardware` overrides the choice, for measuring both.
+/// The walk this CPU's one-row tiles take: [`OneRowWalk::HalfVectors`] on Intel's cores,
+/// [`OneRowWalk::Prefetched`] elsewhere. `TIDEWAY_ONE_ROW_WALK=prefetched`, `=hardware` or
+/// `=half` overrides the choice, for measuring each.
 ///
 /// On AMD's Zen 4 the prefetches won ([`super::STREAM_AHEAD_STEPS`]). On an Intel Xeon (2
 /// vCPUs, 48 KiB L1, 2 MiB L2, 2026-12-05) they lost. A mamba-130m step's products at batch
@@ -34,13 +42,17 @@ impl OneRowWalk {
 /// until its line arrives, where the L2 prefetcher's own requests do not, so four streams
 /// that it follows keep more lines in flight. Two-row tiles keep their prefetches there:
 /// without them they were slower (19.04 → 20.20 ms), and four segments of two rows would
-/// hold 32 accumulators.
+/// hold 32 accumulators. The same day f32's tiles gained again from reading their panels in
+/// 256-bit halves (`half_vectors.rs`): `tideway bench --batches 1`, mamba-130m f32, this
+/// override alternated (tok/s), `hardware` 56.1, 56.2, 56.5, 56.9, 57.1, 57.5 → `half`
+/// 57.6, 57.9, 58.2, 58.7, 58.8, 59.9.
 pub fn one_row_walk() -> OneRowWalk {
     static WALK: std::sync::OnceLock<OneRowWalk> = std::sync::OnceLock::new();
     *WALK.get_or_init(|| match std::env::var("TIDEWAY_ONE_ROW_WALK").as_deref() {
         Ok("prefetched") => OneRowWalk::Prefetched,
         Ok("hardware") => OneRowWalk::HardwareStreams,
-        _ if cpu_vendor_is_intel() => OneRowWalk::HardwareStreams,
+        Ok("half") => OneRowWalk::HalfVectors,
+        _ if cpu_vendor_is_intel() => OneRowWalk::HalfVectors,
         _ => OneRowWalk::Prefetched,
     })
 }

@@ -149,7 +149,7 @@ fn the_kernel_matches_the_naive_product() {
 
 /// A product over parts of the steps (`block_steps`, a narrow row's inputs split over the
 /// threads), the parts added after, against the whole product's reference: f32 and bf16
-/// (pairs and widened), one row in both walks and several rows, parts that split a `k` of
+/// (pairs and widened), one row in every walk and several rows, parts that split a `k` of
 /// several blocks unevenly, an empty part, the bias in one part alone.
 #[test]
 fn parts_of_the_steps_add_up_to_the_product() {
