@@ -27,7 +27,7 @@ impl Bf16Weight {
     /// Rounds `w` (`[n, k]` f32, row-major) to bf16 (nearest, ties to even).
     pub fn from_f32(w: &[f32], n: usize, k: usize) -> Self {
         let k_pad = k.next_multiple_of(STEP);
-        let mut bits = HugeBuffer::<u16>::zeroed(n * k_pad);
+        let mut bits = HugeBuffer::<u16>::packed(n * k_pad);
         for (dst, src) in bits.chunks_exact_mut(k_pad).zip(w.chunks_exact(k)) {
             for (d, &s) in dst.iter_mut().zip(src) {
                 *d = half::bf16::from_f32(s).to_bits();

@@ -44,7 +44,7 @@ impl Int8Weight {
     /// Quantizes `w` (`[n, k]` f32, row-major).
     pub fn from_f32(w: &[f32], n: usize, k: usize) -> Self {
         let k_pad = k.next_multiple_of(STEP);
-        let mut q = HugeBuffer::<i8>::zeroed(n * k_pad);
+        let mut q = HugeBuffer::<i8>::packed(n * k_pad);
         let mut scale = vec![0.0f32; n];
         for j in 0..n {
             let row = &w[j * k..(j + 1) * k];

@@ -186,7 +186,7 @@ impl Linear {
             LinearFormat::F32 if crate::panels::available(PanelFormat::F32) => {
                 Stored::Panels(PanelWeight::from_torch(values, out_features, in_features))
             }
-            LinearFormat::F32 => Stored::F32(Arc::new(HugeBuffer::copy_of(values))),
+            LinearFormat::F32 => Stored::F32(Arc::new(HugeBuffer::packed_copy_of(values))),
             LinearFormat::Bf16 if crate::panels::available(PanelFormat::Bf16) => Stored::Panels(
                 PanelWeight::from_torch_bf16(values, out_features, in_features),
             ),

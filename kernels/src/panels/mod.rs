@@ -261,7 +261,7 @@ impl PanelWeight {
         };
         let (per, steps) = (format.inputs_per_lane(), packed.steps());
         let bits = 32 / per;
-        let mut lines = HugeBuffer::<Line>::zeroed(n.next_multiple_of(16) * steps / 16);
+        let mut lines = HugeBuffer::<Line>::packed(n.next_multiple_of(16) * steps / 16);
         let mut at = 0;
         for q in 0..n.div_ceil(PANEL) {
             let width = packed.width(q);
