@@ -41,7 +41,9 @@ pub(super) unsafe fn block(
     let tile: TileFn = match w.format {
         PanelFormat::F32 if half_vectors => super::half_vectors::tile_f32,
         PanelFormat::F32 => tile_f32,
+        PanelFormat::Bf16 if wide && half_vectors => super::half_vectors::tile_bf16_by_fma,
         PanelFormat::Bf16 if wide => tile_bf16_by_fma,
+        PanelFormat::Bf16 if half_vectors => super::half_vectors::tile_bf16,
         PanelFormat::Bf16 => tile_bf16,
         PanelFormat::Int8 => tile_int8,
     };
@@ -269,7 +271,7 @@ impl Lanes for F32Lanes {
 }
 
 /// Pairs of bf16: `acc + x₀·w₀ + x₁·w₁` (`vdpbf16ps`).
-struct Bf16Lanes;
+pub(super) struct Bf16Lanes;
 
 impl Lanes for Bf16Lanes {
     #[inline(always)]
@@ -287,7 +289,7 @@ impl Lanes for Bf16Lanes {
 /// Pairs of bf16 widened to f32 (exact) and multiplied with FMAs, the odd input first, as
 /// `vdpbf16ps` adds them ([`super::bf16_by_fma`]): the activations come as f32 already
 /// rounded to bf16, two lanes a step (`x[2t + 1]`, then `x[2t]`).
-struct Bf16ByFmaLanes;
+pub(super) struct Bf16ByFmaLanes;
 
 impl Lanes for Bf16ByFmaLanes {
     const HALVES: usize = 2;

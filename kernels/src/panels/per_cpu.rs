@@ -9,8 +9,8 @@ pub enum OneRowWalk {
     /// Four segments and no prefetch instructions: four sequential streams that the core's
     /// own L2 prefetcher follows.
     HardwareStreams,
-    /// f32 weights as three segments read in 256-bit halves, no prefetch instructions
-    /// (`half_vectors.rs`); the other formats, and CPUs without AVX-512VL, as
+    /// f32 and bf16 weights as three segments read in 256-bit halves, no prefetch
+    /// instructions (`half_vectors.rs`); int8 weights, and CPUs without AVX-512VL, as
     /// [`OneRowWalk::HardwareStreams`].
     HalfVectors,
 }
@@ -45,7 +45,9 @@ impl OneRowWalk {
 /// hold 32 accumulators. The same day f32's tiles gained again from reading their panels in
 /// 256-bit halves (`half_vectors.rs`): `tideway bench --batches 1`, mamba-130m f32, this
 /// override alternated (tok/s), `hardware` 56.1, 56.2, 56.5, 56.9, 57.1, 57.5 → `half`
-/// 57.6, 57.9, 58.2, 58.7, 58.8, 59.9.
+/// 57.6, 57.9, 58.2, 58.7, 58.8, 59.9; bf16 116.5, 117.4, 121.3, 123.2 → 121.3, 122.9,
+/// 126.0, 127.4; int8 250.2, 252.4, 254.4, 256.1 → 241.8, 245.6, 246.1, 247.5 (so int8 keeps
+/// four segments of 512 bits).
 pub fn one_row_walk() -> OneRowWalk {
     static WALK: std::sync::OnceLock<OneRowWalk> = std::sync::OnceLock::new();
     *WALK.get_or_init(|| match std::env::var("TIDEWAY_ONE_ROW_WALK").as_deref() {
