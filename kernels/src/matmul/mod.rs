@@ -399,7 +399,10 @@ impl Linear {
             let bias = bias.filter(|_| p == 0);
             // SAFETY: the caller's contract for `target`; `partials` holds `n` ≤ 2 panels of
             // outputs for each other part (`step_parts`), each written by its part alone.
-            unsafe { crate::panels::block_steps(x, w, bias, 0..1, (0..n, part), outs[p]) }
+            unsafe {
+                let walk = crate::panels::one_row_walk();
+                crate::panels::block_steps(x, w, bias, 0..1, (0..n, part), outs[p], walk)
+            }
         });
         // SAFETY: `target` holds the row's `n` outputs, all written by part 0.
         let out = unsafe { std::slice::from_raw_parts_mut(target.ptr, n) };

@@ -491,14 +491,16 @@ pub unsafe fn block(
     out: Out,
 ) {
     // SAFETY: the caller's contract; all of the steps.
-    unsafe { block_steps(x, w, bias, rows, (cols, 0..w.steps()), out) }
+    unsafe { block_steps(x, w, bias, rows, (cols, 0..w.steps()), out, one_row_walk()) }
 }
 
-/// [`block`] over the panels' steps `steps` alone (inputs `steps`, or their pairs for bf16):
-/// `out` gets that part of each sum, with `bias` if given. The parts of a row too narrow for
-/// its columns to keep the threads busy (`Linear`'s one-row products) run on several
-/// threads this way, each into its own outputs, and are added after. Not for int8 weights,
-/// whose sums take LLM.int8's offset off once over all the inputs.
+/// [`block`] over the panels' steps `steps` alone (inputs `steps`, or their pairs for bf16),
+/// a one-row share's tiles walking their panels by `walk` (this CPU's is [`one_row_walk`];
+/// the tests run every one): `out` gets that part of each sum, with `bias` if given. The
+/// parts of a row too narrow for its columns to keep the threads busy (`Linear`'s one-row
+/// products) run on several threads this way, each into its own outputs, and are added
+/// after. Not for int8 weights, whose sums take LLM.int8's offset off once over all the
+/// inputs.
 ///
 /// # Safety
 /// As [`block`]'s, with `steps` in `0..w.steps()`.
@@ -509,28 +511,12 @@ pub unsafe fn block_steps(
     rows: Range<usize>,
     (cols, steps): (Range<usize>, Range<usize>),
     out: Out,
+    walk: OneRowWalk,
 ) {
     assert!(
         w.format != PanelFormat::Int8 || steps == (0..w.steps()),
         "an int8 product runs over all its inputs"
     );
-    // SAFETY: the caller's contract.
-    unsafe { block_walking(x, w, bias, rows, (cols, steps), out, one_row_walk()) }
-}
-
-/// [`block`] over `steps`, a one-row share's tiles walking their panels by `walk`.
-///
-/// # Safety
-/// As [`block_steps`].
-unsafe fn block_walking(
-    x: &PanelInput<'_>,
-    w: &PanelWeight,
-    bias: Option<&[f32]>,
-    rows: Range<usize>,
-    (cols, steps): (Range<usize>, Range<usize>),
-    out: Out,
-    walk: OneRowWalk,
-) {
     assert!(cols.start.is_multiple_of(PANEL) && cols.end <= w.n && out.n == w.n);
     assert!(steps.start <= steps.end && steps.end <= w.steps());
     assert!(

@@ -189,7 +189,7 @@ fn parts_of_the_steps_add_up_to_the_product() {
                         // SAFETY: the CPU runs the format; `input` was prepared for
                         // `packed`; `out` holds m × n; the steps lie in the panels.
                         unsafe {
-                            block_walking(
+                            block_steps(
                                 input,
                                 &packed,
                                 bias,
@@ -352,7 +352,7 @@ fn in_shares(
     unsafe {
         for share in [0..half, half..rows] {
             let steps = 0..packed.steps();
-            block_walking(
+            block_steps(
                 input,
                 packed,
                 Some(b),
@@ -362,7 +362,7 @@ fn in_shares(
                 walk,
             );
             if n > PANEL {
-                block_walking(
+                block_steps(
                     input,
                     packed,
                     Some(b),
