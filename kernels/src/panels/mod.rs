@@ -309,21 +309,39 @@ impl PanelWeight {
     }
 
     /// Copies row `j` of PyTorch's `W` (`[k]` values, bf16 widened, int8 dequantized:
-    /// `Q_jp · sw_j`) into `dst`.
+    /// `Q_jp · sw_j`) into `dst`: column `j`'s lane of each step, the panel's width apart (a
+    /// cache line a step, which a tied embedding's lookup waits on, not the arithmetic).
     pub fn row_f32(&self, j: usize, dst: &mut [f32]) {
         assert!(j < self.n && dst.len() == self.k);
-        for (p, d) in dst.iter_mut().enumerate() {
-            let (at, part) = self.position(j, p);
-            let lane = self.lines[at / 16].0[at % 16];
-            *d = match (self.format, &self.columns) {
-                (PanelFormat::Bf16, _) => {
-                    half::bf16::from_bits((lane >> (16 * part)) as u16).to_f32()
+        let (first, _) = self.position(j, 0);
+        let width = self.width(j / PANEL);
+        let lane = |step: usize| {
+            let at = first + step * width;
+            self.lines[at / 16].0[at % 16]
+        };
+        let per = self.format.inputs_per_lane();
+        match (self.format, &self.columns) {
+            (PanelFormat::Bf16, _) => {
+                for (step, pair) in dst.chunks_mut(per).enumerate() {
+                    let lane = lane(step);
+                    for (part, d) in pair.iter_mut().enumerate() {
+                        *d = half::bf16::from_bits((lane >> (16 * part)) as u16).to_f32();
+                    }
                 }
-                (PanelFormat::Int8, Some(c)) => {
-                    f32::from((lane >> (8 * part)) as u8 as i8) * c.scale[j]
+            }
+            (PanelFormat::Int8, Some(c)) => {
+                for (step, quad) in dst.chunks_mut(per).enumerate() {
+                    let lane = lane(step);
+                    for (part, d) in quad.iter_mut().enumerate() {
+                        *d = f32::from((lane >> (8 * part)) as u8 as i8) * c.scale[j];
+                    }
                 }
-                _ => f32::from_bits(lane),
-            };
+            }
+            _ => {
+                for (step, d) in dst.iter_mut().enumerate() {
+                    *d = f32::from_bits(lane(step));
+                }
+            }
         }
     }
 

@@ -51,12 +51,22 @@ fn a_packed_row_reads_back_as_the_torch_row() {
     let w: Vec<f32> = (0..n * k).map(|i| (i % 251) as f32).collect();
     let packed = PanelWeight::from_torch(&w, n, k);
     let bf16 = PanelWeight::from_torch_bf16(&w, n, k);
+    let int8 = PanelWeight::from_torch_int8(&w, n, k);
     let mut row = vec![0.0; k];
     for j in [0, 63, 64, 69] {
         packed.row_f32(j, &mut row);
         assert_eq!(row, &w[j * k..(j + 1) * k]);
         bf16.row_f32(j, &mut row);
         assert_eq!(row, &w[j * k..(j + 1) * k]);
+        // int8: the quads of 4 inputs (a second step of one), dequantized.
+        int8.row_f32(j, &mut row);
+        let torch_row = &w[j * k..(j + 1) * k];
+        let scale = weight_scale(torch_row);
+        let dequantized: Vec<f32> = torch_row
+            .iter()
+            .map(|&v| f32::from(quantize_weight(v, scale)) * scale)
+            .collect();
+        assert_eq!(row, dequantized);
     }
     // 64 columns, then 6 kept in one vector of 16; bf16 in 3 pairs of inputs.
     assert_eq!(packed.size_bytes(), (PANEL + 16) * k * 4);
