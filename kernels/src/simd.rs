@@ -32,6 +32,20 @@ macro_rules! dispatch {
 
 pub(crate) use dispatch;
 
+/// Asks for the cache line holding `p` into L1 (a hint: never faults, so `p` may point
+/// anywhere, past a buffer's end included).
+#[inline(always)]
+pub(crate) fn prefetch(p: *const f32) {
+    #[cfg(target_arch = "x86_64")]
+    // SAFETY: a prefetch reads nothing the program sees and does not fault on any address.
+    unsafe {
+        use std::arch::x86_64::{_MM_HINT_T0, _mm_prefetch};
+        _mm_prefetch::<_MM_HINT_T0>(p.cast());
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = p;
+}
+
 /// Calls `$tile::<MR, NR>(args)` for a tile of `$mr` rows of activations and `$nr` rows of
 /// weights, each 1 to 4, known only at run time (the kernels' edge tiles).
 macro_rules! tile_match {

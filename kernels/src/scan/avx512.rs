@@ -1,6 +1,6 @@
 //! The selective scan's job in AVX-512 intrinsics: the portable body's arithmetic, operation
 //! for operation (the same bits; `vrndscaleps` does the rounding that the body does in two
-//! additions, exactly), with the block's 32 channels in two registers.
+//! additions, exactly), with the block's 64 channels in four registers.
 //!
 //! LLVM's vectorisation of the portable body kept the block's sums and `Δ·x` on the stack
 //! and built `2ⁿ` from integer shifts: ~5 cycles a (row, channel, state) cell on Zen 4, 0.5 ms
@@ -13,7 +13,8 @@ use std::ops::Range;
 use std::f32::consts::LOG2_E;
 
 use super::{
-    BlockJob, CHANNELS, PREFETCH_BLOCKS, ScanInputs, SendPtr, SsmParams, fetch_block, row_deltas,
+    BlockJob, CHANNELS, PREFETCH_BLOCKS, ScanInputs, SendPtr, SsmParams, fetch_block, prefetch,
+    row_deltas,
 };
 
 /// `exp_fast` (activation.rs) on 16 lanes: the same range reduction and polynomial; `y · 2ⁿ`
@@ -168,6 +169,7 @@ pub(super) unsafe fn scan_block(
     for c in 0..PREFETCH_BLOCKS {
         fetch_block(params, job, job.channels.start + c * CHANNELS);
     }
+    let inputs_z_stride = inputs.z.row_stride;
     for row in job.rows.clone() {
         let first_row = row == job.rows.start;
         let inputs = RowInputs {
@@ -183,6 +185,7 @@ pub(super) unsafe fn scan_block(
             if first_row {
                 fetch_block(params, job, c0 + PREFETCH_BLOCKS * CHANNELS);
             }
+            fetch_rows_ahead(&inputs, c0..c0 + len, e, inputs_z_stride);
             // SAFETY: as this function's; `c0..c0 + len` are the job's channels.
             unsafe {
                 if len == CHANNELS {
@@ -192,6 +195,25 @@ pub(super) unsafe fn scan_block(
                 }
             }
         }
+    }
+}
+
+/// Rows ahead whose `δ`, `x` and `z` a multi-row job asks for, block by block.
+const ROWS_AHEAD: usize = 2;
+
+/// Asks for the lines of `channels` of `δ`, `x` and `z` [`ROWS_AHEAD`] rows after `r`'s
+/// (past the job's last row they fall on other jobs' rows or outside: a prefetch never
+/// faults). A job's rows of them are a few lines each, `E` floats apart, which the
+/// prefetchers did not follow: `perf` put ~10% of the scan's samples on the first load of
+/// a block's `x`. `PREFILL=1 examples/scan_step 512`, alternated (Intel Xeon, 2026-12-05):
+/// 42.3 / 43.5 / 42.9 → 38.1 / 40.5 / 38.1 ms; 1 or 4 rows ahead the same as 2, the output
+/// `y` asked for too (to read or to write) the same.
+#[inline(always)]
+fn fetch_rows_ahead(r: &RowInputs<'_>, channels: Range<usize>, e: usize, z_stride: usize) {
+    for c in channels.step_by(16) {
+        prefetch(r.delta.wrapping_add(c + ROWS_AHEAD * e));
+        prefetch(r.x.wrapping_add(c + ROWS_AHEAD * e));
+        prefetch(r.z.wrapping_add(c + ROWS_AHEAD * z_stride));
     }
 }
 
@@ -395,8 +417,8 @@ unsafe fn state_rows<const R: usize>(params: &SsmParams<'_>, job: &BlockJob, r: 
                 // The same channels of the next rows: a short job (a few sessions' channel
                 // blocks) reads rows E floats apart, which the prefetchers do not follow; a
                 // whole row reads on from here anyway.
-                super::prefetch(a_k.wrapping_add(c + (R + i) * e));
-                super::prefetch(h_k.wrapping_add(c + (R + i) * e));
+                prefetch(a_k.wrapping_add(c + (R + i) * e));
+                prefetch(h_k.wrapping_add(c + (R + i) * e));
                 // And the state further ahead into L2: at 32 sessions the scan streams 150
                 // MB a step, and requests from L1 alone keep too few lines in flight
                 // (`examples/scan_step.rs` alternated with and without, 2026-12-04: 32 rows
