@@ -88,14 +88,31 @@ fn conv_seq_body(
             }
         }
     }
-    // The new window holds inputs at times T-K .. T-1.
-    let mut next = vec![0.0f32; k];
-    for c in 0..c_len {
-        for (j, slot) in next.iter_mut().enumerate() {
-            *slot = input(t_len as isize - k as isize + j as isize, c, window);
+    // The new window holds inputs at times T-K .. T-1: tap `j` a row of `x`, or (T < K) an
+    // entry of the old window, filled tap by tap (one branch a tap, not one an input).
+    let mut next = vec![0.0f32; c_len * k];
+    for j in 0..k {
+        match (t_len + j).checked_sub(k) {
+            Some(p) => {
+                let row = &x.data[p * x.row_stride..][..c_len];
+                for (slot, &v) in next.iter_mut().skip(j).step_by(k).zip(row) {
+                    *slot = v;
+                }
+            }
+            None => {
+                let back = t_len + j;
+                for (slot, old) in next
+                    .iter_mut()
+                    .skip(j)
+                    .step_by(k)
+                    .zip(window.chunks_exact(k))
+                {
+                    *slot = old[back];
+                }
+            }
         }
-        window[c * k..(c + 1) * k].copy_from_slice(&next);
     }
+    window.copy_from_slice(&next);
 }
 
 #[inline(always)]

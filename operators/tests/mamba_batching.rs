@@ -129,6 +129,25 @@ fn chunked_and_recurrent_forms_leave_the_same_state() {
     assert_eq!(lm.state_bytes(), 2 * 4 * 74 * (3 + 5));
 }
 
+/// A prefill chunk of 300 rows, whose `dt_proj` and scan run in runs of 128, 128 and 44
+/// rows (`SCAN_RUN_ROWS`), leaves the state and gives the logits of one token at a time.
+#[test]
+fn a_long_chunk_in_runs_of_rows_matches_the_recurrent_form() {
+    let lm = load("hf_odd_tied");
+    let tokens = ids(300, lm.vocab_size(), 5);
+    let mut chunked = lm.new_state();
+    let logits = lm.prefill_chunked(&tokens, &mut chunked, 512).unwrap();
+    let mut recurrent = lm.new_state();
+    for (t, &tok) in tokens.iter().enumerate() {
+        let row = lm.step(&[tok], &mut [&mut recurrent]).unwrap();
+        assert_close(row.row(0), logits.row(t), &format!("token {t}"));
+    }
+    for (a, b) in mamba(&chunked).layers.iter().zip(&mamba(&recurrent).layers) {
+        assert_close(&a.ssm, &b.ssm, "ssm state");
+        assert_close(&a.conv, &b.conv, "conv window");
+    }
+}
+
 #[test]
 fn step_rejects_mismatched_batches_and_bad_ids() {
     let lm = load("hf_odd_tied");

@@ -112,20 +112,30 @@ impl CausalConv<'_> {
         let threads = rayon::current_num_threads();
         let per_task = t_len.div_ceil(4 * threads).max(SEQUENCE_ROWS_PER_TASK);
         let before: &[f32] = window;
-        // The input at time `p` < t for a run starting at row `t`: `x`'s row, or the window's
-        // entry (its newest, index K - 1, is time -1).
-        let input = |p: isize, ch: usize| -> f32 {
-            match usize::try_from(p) {
-                Ok(p) => x.data[p * x.row_stride + ch],
-                Err(_) => before[ch * k + (k as isize + p) as usize],
-            }
-        };
-        // The `[C, K]` window of the inputs before row `t`, oldest first.
+        // The `[C, K]` window of the inputs before row `t`, oldest first: tap `j` holds the
+        // input at time `t - K + j`, `x`'s row or the window's entry (its newest, index
+        // K - 1, is time -1). Filled tap by tap, a row of `x` or a column of the window each.
         let window_before = |t: usize| -> Vec<f32> {
             let mut slots = vec![0.0f32; c * k];
-            for (ch, slots) in slots.chunks_exact_mut(k).enumerate() {
-                for (j, slot) in slots.iter_mut().enumerate() {
-                    *slot = input(t as isize - k as isize + j as isize, ch);
+            for j in 0..k {
+                match (t + j).checked_sub(k) {
+                    Some(p) => {
+                        let row = &x.data[p * x.row_stride..][..c];
+                        for (slot, &v) in slots.iter_mut().skip(j).step_by(k).zip(row) {
+                            *slot = v;
+                        }
+                    }
+                    None => {
+                        let back = t + j;
+                        for (slot, old) in slots
+                            .iter_mut()
+                            .skip(j)
+                            .step_by(k)
+                            .zip(before.chunks_exact(k))
+                        {
+                            *slot = old[back];
+                        }
+                    }
                 }
             }
             slots
