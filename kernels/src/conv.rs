@@ -88,31 +88,38 @@ fn conv_seq_body(
             }
         }
     }
-    // The new window holds inputs at times T-K .. T-1: tap `j` a row of `x`, or (T < K) an
-    // entry of the old window, filled tap by tap (one branch a tap, not one an input).
-    let mut next = vec![0.0f32; c_len * k];
+    // The new window holds the inputs at times T-K .. T-1.
+    let next = window_before(x, window, k, t_len);
+    window.copy_from_slice(&next);
+}
+
+/// The `[C, K]` window (oldest first) of the `K` inputs before row `t` of `x` (`T × C`)
+/// continuing `window`: tap `j` holds the input at time `t - K + j`, `x`'s row or, before
+/// row 0, `window`'s entry (its newest, index K - 1, is time -1). Filled tap by tap, a row of
+/// `x` or a column of `window` each (one branch a tap, not one an input: a prefill's runs of
+/// rows each start from such a window).
+pub fn window_before(x: MatRef<'_>, window: &[f32], k: usize, t: usize) -> Vec<f32> {
+    let c_len = x.cols;
+    assert_eq!(window.len(), c_len * k);
+    let mut slots = vec![0.0f32; c_len * k];
     for j in 0..k {
-        match (t_len + j).checked_sub(k) {
+        match (t + j).checked_sub(k) {
             Some(p) => {
                 let row = &x.data[p * x.row_stride..][..c_len];
-                for (slot, &v) in next.iter_mut().skip(j).step_by(k).zip(row) {
+                for (slot, &v) in slots.iter_mut().skip(j).step_by(k).zip(row) {
                     *slot = v;
                 }
             }
             None => {
-                let back = t_len + j;
-                for (slot, old) in next
-                    .iter_mut()
-                    .skip(j)
-                    .step_by(k)
-                    .zip(window.chunks_exact(k))
-                {
+                let back = t + j;
+                let columns = slots.iter_mut().skip(j).step_by(k);
+                for (slot, old) in columns.zip(window.chunks_exact(k)) {
                     *slot = old[back];
                 }
             }
         }
     }
-    window.copy_from_slice(&next);
+    slots
 }
 
 #[inline(always)]

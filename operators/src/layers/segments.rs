@@ -5,7 +5,7 @@ use std::ops::Range;
 
 use rayon::prelude::*;
 use tideway_kernels::activation::{silu_inplace, silu_slice};
-use tideway_kernels::conv::{causal_conv1d_seq, causal_conv1d_step};
+use tideway_kernels::conv::{causal_conv1d_seq, causal_conv1d_step, window_before};
 use tideway_kernels::matmul::MatRef;
 
 /// `data`'s rows (`width` values each) cut at the segments' bounds, one slice a segment
@@ -112,40 +112,12 @@ impl CausalConv<'_> {
         let threads = rayon::current_num_threads();
         let per_task = t_len.div_ceil(4 * threads).max(SEQUENCE_ROWS_PER_TASK);
         let before: &[f32] = window;
-        // The `[C, K]` window of the inputs before row `t`, oldest first: tap `j` holds the
-        // input at time `t - K + j`, `x`'s row or the window's entry (its newest, index
-        // K - 1, is time -1). Filled tap by tap, a row of `x` or a column of the window each.
-        let window_before = |t: usize| -> Vec<f32> {
-            let mut slots = vec![0.0f32; c * k];
-            for j in 0..k {
-                match (t + j).checked_sub(k) {
-                    Some(p) => {
-                        let row = &x.data[p * x.row_stride..][..c];
-                        for (slot, &v) in slots.iter_mut().skip(j).step_by(k).zip(row) {
-                            *slot = v;
-                        }
-                    }
-                    None => {
-                        let back = t + j;
-                        for (slot, old) in slots
-                            .iter_mut()
-                            .skip(j)
-                            .step_by(k)
-                            .zip(before.chunks_exact(k))
-                        {
-                            *slot = old[back];
-                        }
-                    }
-                }
-            }
-            slots
-        };
         out.par_chunks_mut(per_task * c)
             .enumerate()
             .for_each(|(task, dst)| {
                 let start = task * per_task;
                 let rows = dst.len() / c;
-                let mut run_window = window_before(start);
+                let mut run_window = window_before(x, before, k, start);
                 let run = MatRef {
                     data: &x.data[start * x.row_stride..],
                     rows,
@@ -157,7 +129,7 @@ impl CausalConv<'_> {
                 }
             });
         // The last K inputs: the session's next window.
-        let next = window_before(t_len);
+        let next = window_before(x, before, k, t_len);
         window.copy_from_slice(&next);
     }
 }
