@@ -13,7 +13,6 @@
 //! them ([`crate::huge_pages`]): a decode step streams all of it.
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
 
 use gemm::Parallelism;
 use rayon::prelude::*;
@@ -29,15 +28,6 @@ use crate::tensor::{ShapeError, Weight};
 /// costs more than it saves. (With the pool kept awake through a step, `cpu::on_compute_pool`,
 /// a one-row `dt_proj` of mamba-130m, 74k, is worth splitting: f32 batch 1 +7%, 2026-12-03.)
 const PARALLEL_MIN_FLOPS: usize = 1 << 16;
-
-/// Fewest rows of a panel product that [`Linear::by_tiles`] splits by rows when its columns
-/// make too few shares: two full tiles. Fewer rows are one or two thin tiles, which stream
-/// each panel from memory about once; from two full tiles on, the tiles pass over a panel in
-/// cache anyway. At 32 rows
-/// (mamba-130m's `x_proj`, 80 outputs in two panels, one four times the other: a batch-32
-/// step, 2026-12-04) the split took `x_proj` from 1.92-1.98 to 1.54-1.65 ms a step (a
-/// temporary timer, three alternated runs) and the step ahead in 4 of 4 alternated rounds.
-const ROW_SPLIT_MIN_ROWS: usize = 2 * crate::panels::MAX_TILE_ROWS;
 
 /// Most parts a one-row product too narrow for its columns splits its inputs into
 /// ([`Linear::by_steps`]), and the fewest steps of the panels a part takes. mamba-130m's
@@ -269,78 +259,6 @@ impl Linear {
         }
     }
 
-    /// Runs `block(cols)` over the output columns `0..n`: split over the pool when the
-    /// product is `big`, on the calling thread otherwise.
-    ///
-    /// The pool's threads take [`guided_shares`] one after another from a shared counter
-    /// (guided self-scheduling, Polychronopoulos & Kuck 1987): the first shares are long
-    /// contiguous streams of W's rows, the last ones a panel or so, so that no thread waits
-    /// long for another's last share. Four equal shares a thread, handed out by rayon, left
-    /// the faster thread waiting up to a share at each product's end: mamba-130m (one binary,
-    /// the two behind a temporary switch, alternated, 2026-12-05, tok/s) batch 1 51.1-52.4 →
-    /// 51.5-53.0 and batch 8 346.7-362.1 → 357.8-373.1 (4 of 4 pairs ahead), batch 32
-    /// 726.6-741.0 → 747.6-760.8 (4 of 4), prefill 512 955.8-970.6 → 965.5-979.8 (3 of 4).
-    /// Shares of a quarter of what is left did no better than equal shares (batch 1
-    /// 51.5-52.4, batch 8 349.6-353.7).
-    fn by_columns(
-        n: usize,
-        align: usize,
-        big: bool,
-        block: impl Fn(std::ops::Range<usize>) + Sync,
-    ) {
-        if !big {
-            return block(0..n);
-        }
-        let threads = rayon::current_num_threads();
-        let shares = guided_shares(n, align, threads);
-        let next = AtomicUsize::new(0);
-        (0..threads).into_par_iter().for_each(|_| {
-            while let Some(cols) = shares.get(next.fetch_add(1, Ordering::Relaxed)) {
-                block(cols.clone());
-            }
-        });
-    }
-
-    /// Runs `block(rows, cols)` over the rows `0..m` and output columns `0..n` of a panel
-    /// product: [`Self::by_columns`] where the columns, cut in four panel-aligned shares a
-    /// thread, make at least two a thread; where a tall product makes fewer (`x_proj`'s 80
-    /// outputs make two panels, one thread's share four times the other's), each such column
-    /// share split by rows as well (as even as can be), until every thread has a few. Both
-    /// of a column's row shares then read its panel, which a product of several tiles reuses
-    /// from cache anyway; rows that fit one tile stay whole, each panel streamed from memory
-    /// once.
-    fn by_tiles(
-        m: usize,
-        n: usize,
-        big: bool,
-        block: impl Fn(std::ops::Range<usize>, std::ops::Range<usize>) + Sync,
-    ) {
-        let threads = rayon::current_num_threads();
-        let panel = crate::panels::PANEL;
-        let col_share = n.div_ceil(4 * threads).next_multiple_of(panel);
-        let col_shares = n.div_ceil(col_share);
-        if !big || m < ROW_SPLIT_MIN_ROWS || col_shares >= 2 * threads {
-            return Self::by_columns(n, panel, big, |cols| block(0..m, cols));
-        }
-        // A few row shares as even as can be; rows of a few tiles (a decode step's) one
-        // share per tile, so that the pool evens out columns of unequal cost.
-        let tiles = m.div_ceil(crate::panels::MAX_TILE_ROWS);
-        let row_shares = (4 * threads).div_ceil(col_shares);
-        let row_shares = if tiles <= 2 * row_shares {
-            tiles
-        } else {
-            row_shares
-        };
-        let row_start = |r: usize| r * m / row_shares;
-        (0..row_shares * col_shares).into_par_iter().for_each(|s| {
-            let (r, c) = (s / col_shares, s % col_shares);
-            block(
-                row_start(r)..row_start(r + 1),
-                c * col_share..((c + 1) * col_share).min(n),
-            );
-        });
-    }
-
     /// The panel kernel's product of `x` into `target`, every one of whose `M × out`
     /// values it writes before it reads any (a product in several blocks of `k` reads back
     /// only what its first block wrote), so `target` may hold anything, even memory never
@@ -367,7 +285,7 @@ impl Linear {
         // (`from_torch_as`); `x` was prepared for `w`; `target` holds m × n (the caller's
         // contract), and each block gets its own rows and columns, the columns starting at a
         // panel.
-        Self::by_tiles(m, n, big, |rows, cols| unsafe {
+        shares::by_tiles(m, n, big, |rows, cols| unsafe {
             crate::panels::block(&x, w, bias, rows, cols, target)
         });
     }
@@ -492,7 +410,7 @@ impl Linear {
                 // SAFETY: bf16 layers exist only where the CPU runs the kernel
                 // (`LinearFormat::unsupported_here`); `x` was prepared for `w`; `out` holds
                 // m × n and each block gets its own columns.
-                Self::by_columns(n, 16, big, |cols| unsafe {
+                shares::by_columns(n, 16, big, |cols| unsafe {
                     crate::bf16::block(&x, m, w, bias, cols, target)
                 });
                 return;
@@ -500,7 +418,7 @@ impl Linear {
             Stored::Int8(w) => {
                 let x = crate::int8::quantize(x, w.k_pad);
                 // SAFETY: as for bf16.
-                Self::by_columns(n, 16, big, |cols| unsafe {
+                shares::by_columns(n, 16, big, |cols| unsafe {
                     crate::int8::block(&x, w, bias, cols, target)
                 });
                 return;
@@ -514,7 +432,7 @@ impl Linear {
         if m <= skinny::MAX_ROWS && skinny::available() {
             // SAFETY: `available` said the CPU runs the kernel; `out` holds m × n, `w` n × k
             // (the layer's own shapes), and each block gets its own columns.
-            Self::by_columns(n, 16, big, |cols| unsafe {
+            shares::by_columns(n, 16, big, |cols| unsafe {
                 skinny::block(x, w, bias, cols, target)
             });
             return;
@@ -565,23 +483,6 @@ impl Linear {
     }
 }
 
-/// The columns `0..n` in shares for `threads` threads, in order: each share `1 / threads` of
-/// the columns left, in whole multiples of `align` and at least `align` (the last may be
-/// shorter, where `n` ends).
-fn guided_shares(n: usize, align: usize, threads: usize) -> Vec<std::ops::Range<usize>> {
-    let mut shares = Vec::new();
-    let mut start = 0;
-    while start < n {
-        let size = ((n - start) / threads.max(1))
-            .next_multiple_of(align)
-            .max(align);
-        let end = (start + size).min(n);
-        shares.push(start..end);
-        start = end;
-    }
-    shares
-}
-
 /// The parts [`Linear::by_steps`] splits an `m`-row product over `w` into: one row of f32 or
 /// bf16 weights whose `n` outputs, at most two panels, are fewer than a panel a thread (their
 /// column shares would leave threads idle), in a part a thread of at least [`STEP_PART_MIN`]
@@ -596,6 +497,7 @@ fn step_parts(w: &PanelWeight, m: usize, n: usize) -> Option<usize> {
     (parts >= 2).then_some(parts)
 }
 
+mod shares;
 mod small;
 pub use small::{Strided, matmul_small};
 

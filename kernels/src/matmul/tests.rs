@@ -186,7 +186,7 @@ fn guided_shares_cover_the_columns_in_shrinking_aligned_shares() {
         (1000, 16, 1),
         (0, 64, 2),
     ] {
-        let shares = guided_shares(n, align, threads);
+        let shares = super::shares::guided_shares(n, align, threads);
         let mut next = 0;
         for (i, s) in shares.iter().enumerate() {
             assert_eq!(s.start, next, "{n} {align} {threads}: {shares:?}");

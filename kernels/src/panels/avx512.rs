@@ -77,7 +77,7 @@ pub(super) unsafe fn block(
     let panels = cols.start / PANEL..cols.end.div_ceil(PANEL);
     // Where the weights end (panels lie back to back): no tile asks for lines past them. Near
     // the share's end the tiles ask for the first blocks of the panels after it, the next share
-    // in `Linear::by_columns`' list, which a thread of the pool takes next (the same thread
+    // in `matmul::shares::by_columns`' list, which a thread of the pool takes next (the same thread
     // where the other is busy): its tiles then find them in L2 or on the way. Against stopping
     // at the share's end, both alternated in one process on weights from memory (2026-12-05,
     // GFLOP/s): out_proj at 32 rows 346.9 / 345.6 → 361.1 / 360.7, at 24 rows 299.6 / 303.4 →
