@@ -63,6 +63,41 @@ fn sum_of_squares(row: &[f32]) -> f64 {
     lanes.iter().sum::<f64>() + tail
 }
 
+/// Values a task of [`l2_normalize`] takes (16 Ki, 64 KB: a few µs) and the fewest values it
+/// splits over the pool: a prefill chunk's q or k (512 rows of a 130m-shaped DeltaNet is 393 Ki
+/// values), not a decode step's.
+const L2_VALUES_PER_TASK: usize = 1 << 14;
+
+/// fla's `l2norm` (`fla/modules/l2norm.py`), in place: each row of `width` values divided by
+/// `sqrt(Σx² + 1e-6)`, the sum in f64 lanes ([`sum_of_squares`]). DeltaNet's q and k are
+/// 2·H rows a token; summed in one chain of f32 adds on the calling thread they were 0.7% of
+/// a 512-token DeltaNet prefill, with the pool's other thread idle (perf, 2026-12-05).
+pub fn l2_normalize(x: &mut [f32], width: usize) {
+    assert_eq!(x.len() % width.max(1), 0);
+    if width == 0 {
+        return;
+    }
+    let task = L2_VALUES_PER_TASK.div_ceil(width) * width;
+    if x.len() >= 4 * task && rayon::current_num_threads() > 1 {
+        x.par_chunks_mut(task)
+            .for_each(|rows| l2_normalize_rows(rows, width));
+    } else {
+        l2_normalize_rows(x, width);
+    }
+}
+
+dispatch! {
+    fn l2_normalize_rows(x: &mut [f32], width: usize) => l2_normalize_body
+}
+
+#[inline(always)]
+fn l2_normalize_body(x: &mut [f32], width: usize) {
+    for row in x.chunks_exact_mut(width) {
+        let norm = (sum_of_squares(row) + 1e-6).sqrt() as f32;
+        row.iter_mut().for_each(|v| *v /= norm);
+    }
+}
+
 /// fla's `FusedRMSNormGated` with the swish gate: `y = rms_norm(x)·w ⊙ g·σ(g)` per row of `d`
 /// (norm first, then gate; `fla/modules/fused_norm_gate.py`).
 pub fn rms_norm_gated(
@@ -100,6 +135,27 @@ mod tests {
                 let scale = (1.0 / (sum / d as f64 + 1e-5f64).sqrt()) as f32;
                 for ((&v, &w), &g) in row.iter().zip(&w).zip(got) {
                     assert_eq!(g, v * scale * w, "d = {d}");
+                }
+            }
+        }
+    }
+
+    /// Each row over its norm, with fla's 1e-6 inside the root, against the sum in exact order;
+    /// enough rows to go over the pool.
+    #[test]
+    fn l2_rows_have_unit_norm() {
+        for width in [1usize, 7, 64, 100] {
+            let rows = 8 * L2_VALUES_PER_TASK / width + 3;
+            let x: Vec<f32> = (0..rows * width)
+                .map(|i| ((i * 37 % 101) as f32 - 50.0) / 7.0)
+                .collect();
+            let mut got = x.clone();
+            l2_normalize(&mut got, width);
+            for (row, got) in x.chunks(width).zip(got.chunks(width)) {
+                let sum: f64 = row.iter().map(|&v| (v as f64) * (v as f64)).sum();
+                let norm = (sum + 1e-6).sqrt() as f32;
+                for (&v, &g) in row.iter().zip(got) {
+                    assert_eq!(g, v / norm, "width {width}");
                 }
             }
         }

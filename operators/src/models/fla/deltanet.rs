@@ -16,6 +16,7 @@ use tideway_kernels::activation::sigmoid;
 use tideway_kernels::delta_rule::{DeltaInputs, delta_chunked, delta_recurrent};
 use tideway_kernels::linear_attention::HeadRows;
 use tideway_kernels::matmul::{Linear, MatRef};
+use tideway_kernels::norm::l2_normalize;
 
 use crate::checkpoint::Checkpoint;
 use crate::error::LoadError;
@@ -141,14 +142,15 @@ impl DeltaNetMixer {
                     .iter_mut()
                     .for_each(|v| *v = if *v > 0.0 { *v + 1.0 } else { v.exp() }),
             }
-            for row in values.chunks_mut(dk) {
-                let norm = match c.qk_norm {
-                    // fla l2norm: x / sqrt(Σx² + 1e-6).
-                    QkNorm::L2 => (row.iter().map(|v| v * v).sum::<f32>() + 1e-6).sqrt(),
-                    // F.normalize(p=1, eps=1e-6): x / max(Σ|x|, 1e-6).
-                    QkNorm::Sum => row.iter().map(|v| v.abs()).sum::<f32>().max(1e-6),
-                };
-                row.iter_mut().for_each(|v| *v /= norm);
+            match c.qk_norm {
+                QkNorm::L2 => l2_normalize(values, dk),
+                // F.normalize(p=1, eps=1e-6): x / max(Σ|x|, 1e-6).
+                QkNorm::Sum => {
+                    for row in values.chunks_mut(dk) {
+                        let norm = row.iter().map(|v| v.abs()).sum::<f32>().max(1e-6);
+                        row.iter_mut().for_each(|v| *v /= norm);
+                    }
+                }
             }
         }
         let mut beta = vec![1.0f32; m * h];

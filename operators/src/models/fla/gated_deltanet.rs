@@ -20,6 +20,7 @@ use tideway_kernels::activation::{sigmoid, softplus};
 use tideway_kernels::delta_rule::{DeltaInputs, delta_chunked, delta_recurrent};
 use tideway_kernels::linear_attention::HeadRows;
 use tideway_kernels::matmul::{Linear, MatRef};
+use tideway_kernels::norm::l2_normalize;
 
 use crate::checkpoint::Checkpoint;
 use crate::error::LoadError;
@@ -126,10 +127,7 @@ impl GatedDeltaNetMixer {
         let x = MatRef::dense(u, m, d);
         let [mut q, mut k, v] = project(&self.qkv, x, segments, states);
         for values in [&mut q, &mut k] {
-            for row in values.chunks_mut(dk) {
-                let norm = (row.iter().map(|v| v * v).sum::<f32>() + 1e-6).sqrt();
-                row.iter_mut().for_each(|v| *v /= norm);
-            }
+            l2_normalize(values, dk);
         }
         let mut beta = vec![0.0f32; m * hv];
         self.b_proj.forward(x, &mut beta);
