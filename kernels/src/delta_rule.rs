@@ -105,6 +105,9 @@ fn delta_chunked_body(
     let (dk, dv) = (x.k.width, x.v.width);
     assert_eq!(state.len(), dk * dv);
     let c = chunk.max(1);
+    // Without a decay (DeltaNet) every e^{…} below is e⁰, which `exp_fast` gives as exactly
+    // 1.0: those factors are left out, with the same bits. They were ~10% of the kernel.
+    let decays = x.g.is_some();
     let mut lam = vec![0.0f32; c];
     let mut a = vec![0.0f32; c * c];
     let mut t_mat = vec![0.0f32; c * c];
@@ -125,38 +128,27 @@ fn delta_chunked_body(
         let a = &mut a[..n * n];
         matmul_small(a, n, false, 1.0, k, k.t());
         for i in 0..n {
-            let row = &mut a[i * n..(i + 1) * n];
-            for (j, value) in row.iter_mut().enumerate() {
-                *value = if j < i {
-                    beta(i) * *value * exp_fast(lam[i] - lam[j])
-                } else {
-                    0.0
-                };
-            }
-        }
-        // T = (I + A)⁻¹ by forward substitution, a row at a time:
-        // T_i = e_i − Σ_{m<i} A_im T_m (rows of T are zero right of the diagonal).
-        let t_mat = &mut t_mat[..n * n];
-        t_mat.fill(0.0);
-        for i in 0..n {
-            let (done, rest) = t_mat.split_at_mut(i * n);
-            let row = &mut rest[..n];
-            row[i] = 1.0;
-            for m in 0..i {
-                let coeff = a[i * n + m];
-                for (r, &tm) in row[..=m].iter_mut().zip(&done[m * n..=m * n + m]) {
-                    *r = (-coeff).mul_add(tm, *r);
+            let (below, rest) = a[i * n..(i + 1) * n].split_at_mut(i);
+            if decays {
+                for (j, value) in below.iter_mut().enumerate() {
+                    *value = beta(i) * *value * exp_fast(lam[i] - lam[j]);
                 }
+            } else {
+                below.iter_mut().for_each(|value| *value *= beta(i));
             }
+            rest.fill(0.0);
         }
+        let t_mat = &mut t_mat[..n * n];
+        invert_unit_lower(a, n, t_mat);
         // W = T (K_β ⊙ e^Λ), U = T V_β, then U' = U − W S.
         for t in 0..n {
-            let (b, decay) = (beta(t), exp_fast(lam[t]));
+            let b = beta(t);
+            let b_decayed = if decays { b * exp_fast(lam[t]) } else { b };
             for (d, &kv) in k_scaled[t * dk..(t + 1) * dk]
                 .iter_mut()
                 .zip(x.k.row(c0 + t))
             {
-                *d = b * decay * kv;
+                *d = b_decayed * kv;
             }
             for (d, &vv) in v_scaled[t * dv..(t + 1) * dv]
                 .iter_mut()
@@ -186,7 +178,11 @@ fn delta_chunked_body(
         matmul_small(&mut u, dv, true, -1.0, Strided::dense(&w, n, dk), s_view);
         // O = (scale·Q ⊙ e^Λ) S + (scale·Q Kᵀ ⊙ Γ ⊙ M_incl) U'.
         for t in 0..n {
-            let decay = x.scale * exp_fast(lam[t]);
+            let decay = if decays {
+                x.scale * exp_fast(lam[t])
+            } else {
+                x.scale
+            };
             for (d, &qv) in k_scaled[t * dk..(t + 1) * dk]
                 .iter_mut()
                 .zip(x.q.row(c0 + t))
@@ -206,14 +202,15 @@ fn delta_chunked_body(
         let scores = a;
         matmul_small(scores, n, false, 1.0, q, k.t());
         for i in 0..n {
-            let row = &mut scores[i * n..(i + 1) * n];
-            for (j, value) in row.iter_mut().enumerate() {
-                *value = if j <= i {
-                    x.scale * *value * exp_fast(lam[i] - lam[j])
-                } else {
-                    0.0
-                };
+            let (upto, after) = scores[i * n..(i + 1) * n].split_at_mut(i + 1);
+            if decays {
+                for (j, value) in upto.iter_mut().enumerate() {
+                    *value = x.scale * *value * exp_fast(lam[i] - lam[j]);
+                }
+            } else {
+                upto.iter_mut().for_each(|value| *value *= x.scale);
             }
+            after.fill(0.0);
         }
         let u_view = Strided::dense(&u, n, dv);
         matmul_small(
@@ -225,6 +222,10 @@ fn delta_chunked_body(
             u_view,
         );
         // S ← e^{Λ_C} S + (K ⊙ e^{Λ_C − Λ})ᵀ U'.
+        if !decays {
+            matmul_small(state, dv, true, 1.0, k.t(), u_view);
+            continue;
+        }
         let last = lam[n - 1];
         let total = exp_fast(last);
         state.iter_mut().for_each(|s| *s *= total);
@@ -239,6 +240,72 @@ fn delta_chunked_body(
         }
         let k_decayed = Strided::dense(&k_scaled, n, dk).t();
         matmul_small(state, dv, true, 1.0, k_decayed, u_view);
+    }
+}
+
+/// `t = (I + a)⁻¹` for a strictly lower triangular `a` (`[n, n]`), by forward substitution:
+/// `T_i = e_i − Σ_{m<i} A_im T_m`, each entry's terms summed in ascending `m`.
+///
+/// Row `m` of `T` is zero right of its diagonal, so columns `j0..j0 + 16` take terms from rows
+/// `m ≥ j0` only, and each block of 16 columns is solved on its own: four rows at a time, their
+/// sums over the rows above in registers (four independent chains of multiply-adds; one row's
+/// chain alone waits on each add's latency), then the terms among the four. A term of a row
+/// `m` left of a column (`−A_im · 0`) leaves that entry as it is, so each entry gets the same
+/// operations in the same order as entry by entry: the same bits. Entry by entry, with a load
+/// and a store of the row for each term, this was a third of the kernel.
+#[inline(always)]
+fn invert_unit_lower(a: &[f32], n: usize, t: &mut [f32]) {
+    const LANES: usize = 16;
+    const ROWS: usize = 4;
+    t.fill(0.0);
+    for i in 0..n {
+        t[i * n + i] = 1.0;
+    }
+    let block_of = |t: &[f32], row: usize, j0: usize| -> [f32; LANES] {
+        t[row * n + j0..][..LANES].try_into().expect("16 lanes")
+    };
+    for j0 in (0..n).step_by(LANES) {
+        let width = LANES.min(n - j0);
+        let mut i = j0;
+        while i < n {
+            if width == LANES && i + ROWS <= n {
+                let mut sums: [[f32; LANES]; ROWS] =
+                    std::array::from_fn(|q| block_of(t, i + q, j0));
+                for m in j0..i {
+                    let tm = block_of(t, m, j0);
+                    for (q, sum) in sums.iter_mut().enumerate() {
+                        let coeff = -a[(i + q) * n + m];
+                        for (s, &v) in sum.iter_mut().zip(&tm) {
+                            *s = coeff.mul_add(v, *s);
+                        }
+                    }
+                }
+                for q in 1..ROWS {
+                    for p in 0..q {
+                        let coeff = -a[(i + q) * n + i + p];
+                        let above = sums[p];
+                        for (s, &v) in sums[q].iter_mut().zip(&above) {
+                            *s = coeff.mul_add(v, *s);
+                        }
+                    }
+                }
+                for (q, sum) in sums.iter().enumerate() {
+                    t[(i + q) * n + j0..][..LANES].copy_from_slice(sum);
+                }
+                i += ROWS;
+            } else {
+                // A last partial block of columns, or the last rows: one row at a time.
+                let (done, rest) = t.split_at_mut(i * n);
+                let row = &mut rest[j0..j0 + width];
+                for m in j0..i {
+                    let coeff = -a[i * n + m];
+                    for (s, &v) in row.iter_mut().zip(&done[m * n + j0..][..width]) {
+                        *s = coeff.mul_add(v, *s);
+                    }
+                }
+                i += 1;
+            }
+        }
     }
 }
 
@@ -309,5 +376,59 @@ mod tests {
                 }
             }
         }
+    }
+
+    /// The blocked substitution against the entry-by-entry one (each row updated for every
+    /// row above it), bit for bit: square sizes with whole and partial 16-column blocks and
+    /// 4-row groups.
+    #[test]
+    fn blocked_inverse_gives_the_entry_by_entry_bits() {
+        for n in [1, 3, 5, 16, 22, 64, 70] {
+            let mut a = pseudo(n * n, 7, -0.5, 0.5);
+            for i in 0..n {
+                a[i * n + i..(i + 1) * n].fill(0.0);
+            }
+            let mut expected = vec![0.0f32; n * n];
+            for i in 0..n {
+                expected[i * n + i] = 1.0;
+                for m in 0..i {
+                    for j in 0..=m {
+                        expected[i * n + j] =
+                            (-a[i * n + m]).mul_add(expected[m * n + j], expected[i * n + j]);
+                    }
+                }
+            }
+            let mut t = vec![f32::NAN; n * n];
+            invert_unit_lower(&a, n, &mut t);
+            let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+            assert_eq!(bits(&t), bits(&expected), "n = {n}");
+        }
+    }
+
+    /// Without a decay the kernel leaves out the factors e⁰; a decay of zeros takes them:
+    /// the same bits.
+    #[test]
+    fn no_decay_gives_the_bits_of_a_zero_decay() {
+        let (len, dk, dv) = (150, 20, 33);
+        let q = l2_rows(pseudo(len * dk, 1, -1.0, 1.0), dk);
+        let k = l2_rows(pseudo(len * dk, 2, -1.0, 1.0), dk);
+        let v = pseudo(len * dv, 3, -1.0, 1.0);
+        let beta = pseudo(len, 4, 0.0, 2.0);
+        let zeros = vec![0.0f32; len];
+        let run = |g: Option<HeadRows<'_>>| {
+            let inputs = DeltaInputs {
+                q: rows(&q, dk),
+                k: rows(&k, dk),
+                v: rows(&v, dv),
+                beta: rows(&beta, 1),
+                g,
+                scale: 0.4,
+            };
+            let mut s = pseudo(dk * dv, 5, -0.5, 0.5);
+            let mut o = vec![0.0; len * dv];
+            delta_chunked(inputs, len, 64, &mut s, &mut o, dv);
+            o.iter().chain(&s).map(|x| x.to_bits()).collect::<Vec<_>>()
+        };
+        assert_eq!(run(None), run(Some(rows(&zeros, 1))));
     }
 }
