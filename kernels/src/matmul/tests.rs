@@ -166,6 +166,63 @@ fn small_product_over_strided_and_transposed_views() {
     assert!((dst[0] as f64 - 2.0 * dot).abs() <= 1e-5);
 }
 
+/// Shapes through every path of `matmul_small`: the register blocks of 64, 32 and 16 columns,
+/// the rows and columns left over, and a `b` stored transposed (gathered into rows first),
+/// against a sum in f64.
+#[test]
+fn small_products_of_every_block_shape() {
+    for (m, k, n) in [
+        (4, 64, 64),
+        (17, 7, 100),
+        (9, 64, 16),
+        (1, 1, 37),
+        (16, 16, 48),
+    ] {
+        for transposed in [false, true] {
+            let a = pseudo(m * k, 7);
+            let b = pseudo(k * n * 3, 8);
+            // b is [k, n]: rows of 2n + 1 values, or stored as bᵀ in rows of 3k.
+            let (b_view, b_at): (Strided<'_>, Box<dyn Fn(usize, usize) -> f32>) = if transposed {
+                (
+                    Strided::rows(&b, n, k, 3 * k).t(),
+                    Box::new(|p, j| b[j * 3 * k + p]),
+                )
+            } else {
+                (
+                    Strided::rows(&b, k, n, 2 * n + 1),
+                    Box::new(|p, j| b[p * (2 * n + 1) + j]),
+                )
+            };
+            let mut dst = pseudo(m * (n + 3), 9);
+            let before = dst.clone();
+            matmul_small(
+                &mut dst,
+                n + 3,
+                true,
+                0.75,
+                Strided::dense(&a, m, k),
+                b_view,
+            );
+            for i in 0..m {
+                for j in 0..n {
+                    let dot: f64 = (0..k)
+                        .map(|p| a[i * k + p] as f64 * b_at(p, j) as f64)
+                        .sum();
+                    let want = before[i * (n + 3) + j] as f64 + 0.75 * dot;
+                    let got = dst[i * (n + 3) + j] as f64;
+                    assert!(
+                        (got - want).abs() <= 1e-5 * (1.0 + want.abs()),
+                        "({m},{k},{n}) transposed {transposed} at ({i},{j}): {got} vs {want}"
+                    );
+                }
+                for j in n..n + 3 {
+                    assert_eq!(dst[i * (n + 3) + j], before[i * (n + 3) + j], "padding");
+                }
+            }
+        }
+    }
+}
+
 #[test]
 fn rejects_bias_of_wrong_length() {
     let w = Weight::from_vec(vec![0.0; 6], &[3, 2]).unwrap();
