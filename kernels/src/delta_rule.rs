@@ -17,6 +17,14 @@ use crate::linear_attention::HeadRows;
 use crate::matmul::{Strided, matmul_small};
 use crate::simd::dispatch;
 
+/// The chunk the models take for [`delta_chunked`]. Five of a chunk's eight products grow
+/// with its length `C` (`C²·d` each) and three do not (`C·d²`), so a token costs `5·C·d + 3·d²`
+/// multiply-adds: at d = 64, 32 Ki for fla's 64 (a GPU's tile), 17 Ki for 16. One thread, the
+/// 144 heads of a 512-token prefill of a 130m-shaped DeltaNet (2026-12-05, `matmul_small`'s
+/// own blocks): chunks of 64 49.7 ms, 32 37.0, 16 31.6, 8 97.5 (its 8-column products fill no
+/// vector block); with a decay, 64 57.5 and 16 39.6 ms.
+pub const CHUNK_ROWS: usize = 16;
+
 /// One head's inputs: q, k (`dk` wide), v (`dv` wide), β and the optional log decay `g`
 /// (one value per row each).
 #[derive(Clone, Copy, Debug)]

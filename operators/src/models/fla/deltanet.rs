@@ -13,7 +13,7 @@
 use std::ops::Range;
 
 use tideway_kernels::activation::sigmoid;
-use tideway_kernels::delta_rule::{DeltaInputs, delta_chunked, delta_recurrent};
+use tideway_kernels::delta_rule::{CHUNK_ROWS, DeltaInputs, delta_chunked, delta_recurrent};
 use tideway_kernels::linear_attention::HeadRows;
 use tideway_kernels::matmul::{Linear, MatRef};
 use tideway_kernels::norm::l2_normalize;
@@ -25,8 +25,6 @@ use crate::layers::heads::{head_jobs, run_heads};
 use crate::layers::qkv::{Qkv, QkvShape};
 use crate::models::fla::graphs::{DeltaHeads, HeadMixing};
 use crate::models::fla::mixer::{FlaLayerState, TokenMixer, matrices, project};
-
-pub const CHUNK: usize = 64;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum QkActivation {
@@ -219,7 +217,7 @@ impl TokenMixer for DeltaNetMixer {
             if rows.len() == 1 {
                 delta_recurrent(inputs, 1, job.state, dst, dv);
             } else {
-                delta_chunked(inputs, rows.len(), CHUNK, job.state, dst, dv);
+                delta_chunked(inputs, rows.len(), CHUNK_ROWS, job.state, dst, dv);
             }
         });
 
