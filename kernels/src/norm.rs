@@ -68,9 +68,9 @@ fn sum_of_squares(row: &[f32]) -> f64 {
 /// values), not a decode step's.
 const L2_VALUES_PER_TASK: usize = 1 << 14;
 
-/// fla's `l2norm` (`fla/modules/l2norm.py`), in place: each row of `width` values divided by
-/// `sqrt(Σx² + 1e-6)`, the sum in f64 lanes ([`sum_of_squares`]). DeltaNet's q and k are
-/// 2·H rows a token; summed in one chain of f32 adds on the calling thread they were 0.7% of
+/// fla's `l2norm` (`fla/modules/norm/l2norm.py`), in place: each row of `width` values times
+/// `1 / sqrt(Σx² + 1e-6)`, the sum in sixteen f32 lanes. DeltaNet's q and k are 2·H rows a
+/// token; summed in one chain of f32 adds on the calling thread they were 0.7% of
 /// a 512-token DeltaNet prefill, with the pool's other thread idle (perf, 2026-12-05).
 pub fn l2_normalize(x: &mut [f32], width: usize) {
     assert_eq!(x.len() % width.max(1), 0);
@@ -93,9 +93,25 @@ dispatch! {
 #[inline(always)]
 fn l2_normalize_body(x: &mut [f32], width: usize) {
     for row in x.chunks_exact_mut(width) {
-        let norm = (sum_of_squares(row) + 1e-6).sqrt() as f32;
-        row.iter_mut().for_each(|v| *v /= norm);
+        // fla multiplies by `1 / sqrt(Σx² + ε)` (`fla/modules/norm/l2norm.py`): a
+        // multiplication, not a division, per value. It sums in f32, as here, in 16 lanes.
+        let rstd = 1.0 / (sum_of_squares_f32(row) + 1e-6).sqrt();
+        row.iter_mut().for_each(|v| *v *= rstd);
     }
+}
+
+/// `Σ v²` over `row` in sixteen f32 running sums (a vector's lanes), added at the end.
+#[inline(always)]
+fn sum_of_squares_f32(row: &[f32]) -> f32 {
+    let mut lanes = [0.0f32; 16];
+    let chunks = row.chunks_exact(16);
+    let tail: f32 = chunks.remainder().iter().map(|&v| v * v).sum();
+    for chunk in chunks {
+        for (lane, &v) in lanes.iter_mut().zip(chunk) {
+            *lane = v.mul_add(v, *lane);
+        }
+    }
+    lanes.iter().sum::<f32>() + tail
 }
 
 /// fla's `FusedRMSNormGated` with the swish gate: `y = rms_norm(x)·w ⊙ g·σ(g)` per row of `d`
@@ -140,7 +156,7 @@ mod tests {
         }
     }
 
-    /// Each row over its norm, with fla's 1e-6 inside the root, against the sum in exact order;
+    /// Each row times its reciprocal norm, fla's 1e-6 inside the root, against a sum in f64;
     /// enough rows to go over the pool.
     #[test]
     fn l2_rows_have_unit_norm() {
@@ -153,9 +169,13 @@ mod tests {
             l2_normalize(&mut got, width);
             for (row, got) in x.chunks(width).zip(got.chunks(width)) {
                 let sum: f64 = row.iter().map(|&v| (v as f64) * (v as f64)).sum();
-                let norm = (sum + 1e-6).sqrt() as f32;
+                let rstd = (1.0 / (sum + 1e-6).sqrt()) as f32;
                 for (&v, &g) in row.iter().zip(got) {
-                    assert_eq!(g, v / norm, "width {width}");
+                    let want = v * rstd;
+                    assert!(
+                        (g - want).abs() <= 1e-6 * (1.0 + want.abs()),
+                        "width {width}"
+                    );
                 }
             }
         }
