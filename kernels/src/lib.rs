@@ -48,6 +48,7 @@ mod simd;
 pub mod skinny;
 pub mod state_buffer;
 pub mod tensor;
+pub mod zeroed;
 
 #[cfg(test)]
 mod test_util;

@@ -5,6 +5,7 @@
 use tideway_kernels::Weight;
 use tideway_kernels::matmul::{Linear, MatRef};
 use tideway_kernels::norm::{rms_norm, rms_norm_gated};
+use tideway_kernels::zeroed::zeroed;
 
 use crate::checkpoint::Checkpoint;
 use crate::error::LoadError;
@@ -68,7 +69,7 @@ impl HeadOutput {
     pub fn forward(&self, o: &[f32], x: MatRef<'_>, out: &mut [f32]) {
         let value_dim = self.o_proj.in_features();
         let m = o.len() / value_dim;
-        let mut normed = vec![0.0f32; o.len()];
+        let mut normed = zeroed(o.len());
         match &self.gate {
             Some(g_proj) => {
                 let gate = g_proj.forward_new(x);

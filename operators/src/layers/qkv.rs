@@ -7,6 +7,7 @@ use std::ops::Range;
 use tideway_kernels::StateBuffer;
 use tideway_kernels::activation::silu_inplace;
 use tideway_kernels::matmul::{Linear, MatRef};
+use tideway_kernels::zeroed::zeroed;
 
 use crate::checkpoint::Checkpoint;
 use crate::error::LoadError;
@@ -97,7 +98,7 @@ impl Qkv {
             let mut projected = self.projections[i].forward_new(x);
             match &self.convs {
                 Some(convs) => {
-                    let mut values = vec![0.0f32; projected.len()];
+                    let mut values = zeroed(projected.len());
                     let mut w: Vec<&mut StateBuffer> =
                         windows.iter_mut().map(|s| &mut s[i]).collect();
                     convs[i].forward(&projected, &mut values, segments, &mut w);

@@ -17,6 +17,7 @@ use tideway_kernels::delta_rule::{CHUNK_ROWS, DeltaInputs, delta_chunked, delta_
 use tideway_kernels::linear_attention::HeadRows;
 use tideway_kernels::matmul::{Linear, MatRef};
 use tideway_kernels::norm::l2_normalize;
+use tideway_kernels::zeroed::zeroed;
 
 use crate::checkpoint::Checkpoint;
 use crate::error::LoadError;
@@ -202,7 +203,7 @@ impl TokenMixer for DeltaNetMixer {
         let DeltaHeads { q, k, v, beta, .. } = self.inputs(u, segments, states);
 
         let scale = (dk as f32).powf(-0.5);
-        let mut o = vec![0.0f32; m * vd];
+        let mut o = zeroed(m * vd);
         let jobs = head_jobs(segments, matrices(states), h, dk * dv, 0);
         run_heads(jobs, h, dv, &mut o, dk * dv, |job, dst| {
             let (rows, head) = (&job.rows, job.head);

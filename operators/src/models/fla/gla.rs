@@ -16,6 +16,7 @@ use std::ops::Range;
 use tideway_kernels::activation::{logsigmoid_inplace, silu_inplace};
 use tideway_kernels::linear_attention::{HeadInputs, HeadRows, gated_chunked, gated_recurrent};
 use tideway_kernels::matmul::{Linear, MatRef};
+use tideway_kernels::zeroed::zeroed;
 
 use crate::checkpoint::Checkpoint;
 use crate::error::LoadError;
@@ -287,7 +288,7 @@ impl TokenMixer for GlaMixer {
 
         // Per session and head: the recurrence (one row) or the chunkwise form.
         let scale = (dk as f32).powf(-0.5);
-        let mut o = vec![0.0f32; m * vd];
+        let mut o = zeroed(m * vd);
         let jobs = head_jobs(segments, matrices(states), c.num_heads, dk * dv, 0);
         run_heads(jobs, c.num_heads, dv, &mut o, dk * dv, |job, dst| {
             let (rows, h) = (&job.rows, job.head);

@@ -18,6 +18,7 @@ use std::ops::Range;
 
 use tideway_kernels::linear_attention::{HeadInputs, HeadRows, gated_chunked, gated_recurrent};
 use tideway_kernels::matmul::{Linear, MatRef};
+use tideway_kernels::zeroed::zeroed;
 
 use crate::checkpoint::Checkpoint;
 use crate::error::LoadError;
@@ -274,7 +275,7 @@ impl TokenMixer for LinearAttnMixer {
         let LinearHeads { q, k, v, .. } = self.inputs(u, segments, states);
         let (qw, kw, vw) = (h * f, h / g * f, vd / g);
         let scale = (f as f32).powf(-0.5);
-        let mut o = vec![0.0f32; m * vd];
+        let mut o = zeroed(m * vd);
         let jobs = head_jobs(segments, matrices(states), h, f * dv, f);
         run_heads(jobs, h, dv, &mut o, f * dv, |job, dst| {
             let (rows, head) = (&job.rows, job.head);

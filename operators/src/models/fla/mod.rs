@@ -26,6 +26,7 @@ use std::ops::Range;
 
 use tideway_kernels::Weight;
 use tideway_kernels::norm::rms_norm;
+use tideway_kernels::zeroed::zeroed;
 
 use crate::checkpoint::{Checkpoint, Split};
 use crate::error::{ForwardError, LoadError};
@@ -238,7 +239,7 @@ impl LanguageFamily for FlaLm {
         let m = segments.last().map_or(0, |s| s.end);
         let starts: Vec<usize> = states.iter().map(|s| s.position).collect();
         let eps = self.config.norm_eps;
-        let mut normed = vec![0.0f32; m * d];
+        let mut normed = zeroed(m * d);
         for (i, block) in self.blocks.iter().enumerate() {
             let ladder = self.frame.ladder_at(i);
             rms_norm(
