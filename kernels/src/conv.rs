@@ -11,6 +11,10 @@
 use crate::matmul::MatRef;
 use crate::simd::dispatch;
 
+/// Channels summed together in registers: four AVX-512 vectors, four chains of multiply-adds
+/// in flight (one vector's chain over the taps waits on each add).
+const LANES: usize = 64;
+
 dispatch! {
     /// Runs the conv over `x` (`T × C`) continuing from `window`, writes `out` (`[T, C]`) and
     /// leaves in `window` the last `K` inputs (zeros, then older window values, when `T < K`).
@@ -68,8 +72,40 @@ fn conv_seq_body(
             taps[j * c_len + c] = wj;
         }
     }
+    // Rows whose K inputs are all rows of `x`: 64 channels at a time, each output summed over
+    // the taps in a register and stored once (tap by tap over the whole row, each tap was a
+    // load and a store of every output). The same multiply-adds in the same order.
+    let whole = c_len / LANES * LANES;
     for t in 0..t_len {
         let dst = &mut out[t * c_len..(t + 1) * c_len];
+        if t + 1 >= k && whole > 0 {
+            let first = (t + 1 - k) * x.row_stride;
+            for c0 in (0..whole).step_by(LANES) {
+                let mut sums: [f32; LANES] = match bias {
+                    Some(b) => b[c0..c0 + LANES].try_into().expect("64"),
+                    None => [0.0; LANES],
+                };
+                for j in 0..k {
+                    let tap: &[f32; LANES] =
+                        taps[j * c_len + c0..][..LANES].try_into().expect("64");
+                    let src: &[f32; LANES] = x.data[first + j * x.row_stride + c0..][..LANES]
+                        .try_into()
+                        .expect("64");
+                    for ((sum, &w), &v) in sums.iter_mut().zip(tap).zip(src) {
+                        *sum = w.mul_add(v, *sum);
+                    }
+                }
+                dst[c0..c0 + LANES].copy_from_slice(&sums);
+            }
+            for c in whole..c_len {
+                let mut sum = bias.map_or(0.0, |b| b[c]);
+                for j in 0..k {
+                    sum = taps[j * c_len + c].mul_add(x.data[first + j * x.row_stride + c], sum);
+                }
+                dst[c] = sum;
+            }
+            continue;
+        }
         match bias {
             Some(b) => dst.copy_from_slice(b),
             None => dst.fill(0.0),
@@ -310,9 +346,10 @@ mod tests {
 
     #[test]
     fn sequence_split_and_step_agree_with_reference() {
-        // 2-4: the step's fixed-size paths; 5: its general one.
-        for k in 2..=5 {
-            let (t_len, c_len) = (9, 5);
+        // 2-4: the step's fixed-size paths; 5: its general one. 133 channels: two blocks of 64
+        // summed in registers and five one at a time.
+        for (k, c_len) in (2..=5).flat_map(|k| [(k, 5), (k, 133)]) {
+            let t_len = 9;
             let x: Vec<f32> = (0..t_len * c_len)
                 .map(|i| ((i * 37 % 11) as f32 - 5.0) * 0.3)
                 .collect();
