@@ -194,6 +194,8 @@ dispatch! {
 /// time.
 #[inline(always)]
 fn rows_times_rows_body(mut out: Out<'_>, a: Strided<'_>, b: Strided<'_>) {
+    // The blocks load 16 consecutive entries of a row of `b` at once.
+    assert_eq!(b.col_stride, 1, "b's rows must be contiguous");
     let (m, n) = (a.rows, b.cols);
     let mut j0 = 0;
     while j0 < n {
