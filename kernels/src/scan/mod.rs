@@ -141,8 +141,8 @@ mod avx512;
 /// where present) otherwise. Both give the same bits.
 fn scan_block(params: &SsmParams<'_>, inputs: &ScanInputs<'_>, job: &BlockJob, y: SendPtr) {
     #[cfg(target_arch = "x86_64")]
-    if std::is_x86_feature_detected!("avx512f") {
-        // SAFETY: the CPU has AVX-512F; the job's cells are its own (`SendPtr`).
+    if std::is_x86_feature_detected!("avx512f") && std::is_x86_feature_detected!("avx512dq") {
+        // SAFETY: the CPU has AVX-512F and DQ; the job's cells are its own (`SendPtr`).
         return unsafe { avx512::scan_block(params, inputs, job, y) };
     }
     scan_block_portable(params, inputs, job, y)
@@ -454,7 +454,8 @@ mod tests {
     #[cfg(target_arch = "x86_64")]
     #[test]
     fn avx512_kernel_gives_the_portable_bits() {
-        if !std::is_x86_feature_detected!("avx512f") {
+        if !(std::is_x86_feature_detected!("avx512f") && std::is_x86_feature_detected!("avx512dq"))
+        {
             eprintln!("no AVX-512 here: nothing to compare");
             return;
         }
