@@ -8,6 +8,7 @@
 //! oldest first, as HF's `conv_states` cache is. A fresh window is all zeros, which is the
 //! reference's left zero padding.
 
+use crate::activation::silu;
 use crate::matmul::MatRef;
 use crate::simd::dispatch;
 
@@ -16,13 +17,15 @@ use crate::simd::dispatch;
 const LANES: usize = 64;
 
 dispatch! {
-    /// Runs the conv over `x` (`T × C`) continuing from `window`, writes `out` (`[T, C]`) and
-    /// leaves in `window` the last `K` inputs (zeros, then older window values, when `T < K`).
+    /// Runs the conv over `x` (`T × C`) continuing from `window`, writes `out` (`[T, C]`),
+    /// through [`silu`] where `silu` is set, and leaves in `window` the last `K` inputs (zeros,
+    /// then older window values, when `T < K`).
     pub fn causal_conv1d_seq(
         x: MatRef<'_>,
         weight: &[f32],
         k: usize,
         bias: Option<&[f32]>,
+        silu: bool,
         window: &mut [f32],
         out: &mut [f32],
     ) => conv_seq_body
@@ -46,6 +49,7 @@ fn conv_seq_body(
     weight: &[f32],
     k: usize,
     bias: Option<&[f32]>,
+    with_silu: bool,
     window: &mut [f32],
     out: &mut [f32],
 ) {
@@ -95,6 +99,9 @@ fn conv_seq_body(
                         *sum = w.mul_add(v, *sum);
                     }
                 }
+                if with_silu {
+                    sums = sums.map(silu);
+                }
                 dst[c0..c0 + LANES].copy_from_slice(&sums);
             }
             for c in whole..c_len {
@@ -102,7 +109,7 @@ fn conv_seq_body(
                 for j in 0..k {
                     sum = taps[j * c_len + c].mul_add(x.data[first + j * x.row_stride + c], sum);
                 }
-                dst[c] = sum;
+                dst[c] = if with_silu { silu(sum) } else { sum };
             }
             continue;
         }
@@ -122,6 +129,9 @@ fn conv_seq_body(
                     *d = w.mul_add(input(p, c, window), *d);
                 }
             }
+        }
+        if with_silu {
+            dst.iter_mut().for_each(|d| *d = silu(*d));
         }
     }
     // The new window holds the inputs at times T-K .. T-1.
@@ -366,6 +376,7 @@ mod tests {
                 &w,
                 k,
                 Some(&b),
+                false,
                 &mut win,
                 &mut out,
             );
@@ -383,11 +394,20 @@ mod tests {
                     &w,
                     k,
                     Some(&b),
+                    false,
                     &mut win,
                     &mut out,
                 );
                 let rest = MatRef::dense(&x[split * c_len..], t_len - split, c_len);
-                causal_conv1d_seq(rest, &w, k, Some(&b), &mut win, &mut out[split * c_len..]);
+                causal_conv1d_seq(
+                    rest,
+                    &w,
+                    k,
+                    Some(&b),
+                    false,
+                    &mut win,
+                    &mut out[split * c_len..],
+                );
                 for (a, e) in out.iter().zip(&want) {
                     assert!((a - e).abs() < 1e-5, "k={k} split={split}");
                 }

@@ -44,9 +44,10 @@ impl CausalConv<'_> {
     /// (`[C, K]`); its outputs go to the same rows of `out` (dense `[M, C]`). One row is a
     /// step, more a sequence. Sessions run in parallel: at batch 32 a loop over them on one
     /// thread was 4% of a Mamba step, the other thread idle meanwhile. Each session's task
-    /// also applies the SiLU to its rows while they are in L1 (a pass of its own was one more
-    /// hand-off of the pool a layer). One session's rows (a prefill chunk) are cut in runs of
-    /// rows that run in parallel ([`CausalConv::run_sequence`]).
+    /// also applies the SiLU to its rows (a pass of its own was one more hand-off of the pool
+    /// a layer): a step's after the conv, while in L1, several rows' in the conv's registers
+    /// before they are stored. One session's rows (a prefill chunk) are cut in runs of rows
+    /// that run in parallel ([`CausalConv::run_sequence`]).
     pub fn run(
         &self,
         x: MatRef<'_>,
@@ -73,16 +74,17 @@ impl CausalConv<'_> {
             let data = &x.data[rows.start * x.row_stride..];
             if rows.len() == 1 {
                 causal_conv1d_step(&data[..c], self.weight, self.kernel, self.bias, window, dst);
+                if silu_per_session {
+                    silu_slice(dst);
+                }
             } else {
                 let rows = MatRef {
                     data,
                     rows: rows.len(),
                     ..x
                 };
-                causal_conv1d_seq(rows, self.weight, self.kernel, self.bias, window, dst);
-            }
-            if silu_per_session {
-                silu_slice(dst);
+                let (weight, bias) = (self.weight, self.bias);
+                causal_conv1d_seq(rows, weight, self.kernel, bias, self.silu, window, dst);
             }
         };
         let per_segment = segments.iter().zip(windows).zip(rows_of(out, segments, c));
@@ -93,9 +95,9 @@ impl CausalConv<'_> {
                 .for_each(conv);
         } else {
             per_segment.for_each(conv);
-            if self.silu {
-                let rows = segments.first().map_or(0, |s| s.end);
-                silu_inplace(&mut out[..rows * c]);
+            // One session's step: its SiLU on the pool (several rows took it in the conv).
+            if self.silu && segments.first().is_some_and(|s| s.len() == 1) {
+                silu_inplace(&mut out[..c]);
             }
         }
     }
@@ -104,9 +106,9 @@ impl CausalConv<'_> {
     /// on every thread: each run starts from a window of the `K` inputs before its first row
     /// (the session's window, then `x`'s own rows), and the session's next window is the `K`
     /// inputs before row `T`, built the same way. Every output is the
-    /// serial kernel's, the same operations in the same order: the same bits. Each run also
-    /// takes the SiLU of its rows while they are in L1. On one thread the conv was 3.5% of a
-    /// 512-token mamba-130m prefill, the other thread idle meanwhile.
+    /// serial kernel's, the same operations in the same order: the same bits. Each run's
+    /// conv also takes the SiLU of its outputs before storing them. On one thread the conv
+    /// was 3.5% of a 512-token mamba-130m prefill, the other thread idle meanwhile.
     fn run_sequence(&self, x: MatRef<'_>, window: &mut [f32], out: &mut [f32]) {
         let (t_len, c, k) = (x.rows, x.cols, self.kernel);
         let threads = rayon::current_num_threads();
@@ -123,10 +125,15 @@ impl CausalConv<'_> {
                     rows,
                     ..x
                 };
-                causal_conv1d_seq(run, self.weight, k, self.bias, &mut run_window, dst);
-                if self.silu {
-                    silu_slice(dst);
-                }
+                causal_conv1d_seq(
+                    run,
+                    self.weight,
+                    k,
+                    self.bias,
+                    self.silu,
+                    &mut run_window,
+                    dst,
+                );
             });
         // The last K inputs: the session's next window.
         let next = window_before(x, before, k, t_len);
@@ -154,13 +161,17 @@ mod tests {
     /// left for the next chunk, for lengths that do and do not fill the runs evenly.
     #[test]
     fn a_sequence_in_parallel_runs_gives_the_serial_bits() {
-        let c = 40;
-        for (t_len, k, silu, bias) in [
-            (32, 4, true, true),
-            (33, 4, false, true),
-            (100, 3, true, false),
-            (513, 4, true, true),
-            (70, 2, false, false),
+        // 40 channels: the kernel's channels one at a time; 133: two 64-channel register
+        // blocks (the SiLU taken there before the store), then five alone.
+        for (c, t_len, k, silu, bias) in [
+            (40, 32, 4, true, true),
+            (40, 33, 4, false, true),
+            (40, 100, 3, true, false),
+            (40, 513, 4, true, true),
+            (40, 70, 2, false, false),
+            (133, 64, 4, true, true),
+            (133, 100, 3, true, false),
+            (133, 33, 4, false, true),
         ] {
             let stride = 2 * c;
             let x = values(t_len * stride, 1);
@@ -175,7 +186,7 @@ mod tests {
             let bias = bias.then_some(&bias_values[..]);
             let start = values(c * k, 4);
             let (mut want, mut want_window) = (vec![0.0f32; t_len * c], start.clone());
-            causal_conv1d_seq(x, &weight, k, bias, &mut want_window, &mut want);
+            causal_conv1d_seq(x, &weight, k, bias, false, &mut want_window, &mut want);
             if silu {
                 silu_slice(&mut want);
             }
@@ -190,9 +201,47 @@ mod tests {
             let segments = std::slice::from_ref(&one_session);
             conv.run(x, segments, vec![&mut got_window[..]], &mut got);
             let bits = |v: &[f32]| v.iter().map(|v| v.to_bits()).collect::<Vec<_>>();
-            let case = format!("T={t_len} K={k} silu={silu} bias={}", bias.is_some());
+            let case = format!("C={c} T={t_len} K={k} silu={silu} bias={}", bias.is_some());
             assert_eq!(bits(&got), bits(&want), "outputs, {case}");
             assert_eq!(bits(&got_window), bits(&want_window), "window, {case}");
         }
+    }
+
+    /// Sessions packed in one batch (a step, a short sequence, a longer one) each give the
+    /// bits of their own serial conv followed by a SiLU pass of its own.
+    #[test]
+    fn packed_sessions_give_each_sessions_serial_bits() {
+        let (c, k) = (133, 4);
+        let segments = [0..1, 1..6, 6..46];
+        let t_len = 46;
+        let x = values(t_len * c, 5);
+        let x = MatRef::dense(&x, t_len, c);
+        let (weight, bias) = (values(c * k, 6), values(c, 7));
+        let starts: Vec<Vec<f32>> = (0..3).map(|s| values(c * k, 8 + s)).collect();
+        let mut want = vec![0.0f32; t_len * c];
+        let mut want_windows = starts.clone();
+        for (rows, window) in segments.iter().zip(&mut want_windows) {
+            let part = MatRef {
+                data: &x.data[rows.start * c..],
+                rows: rows.len(),
+                ..x
+            };
+            let dst = &mut want[rows.start * c..rows.end * c];
+            causal_conv1d_seq(part, &weight, k, Some(&bias), false, window, dst);
+            silu_slice(dst);
+        }
+        let conv = CausalConv {
+            weight: &weight,
+            kernel: k,
+            bias: Some(&bias),
+            silu: true,
+        };
+        let mut got = vec![f32::NAN; t_len * c];
+        let mut got_windows = starts.clone();
+        let windows = got_windows.iter_mut().map(|w| &mut w[..]).collect();
+        conv.run(x, &segments, windows, &mut got);
+        let bits = |v: &[f32]| v.iter().map(|v| v.to_bits()).collect::<Vec<_>>();
+        assert_eq!(bits(&got), bits(&want));
+        assert_eq!(got_windows, want_windows);
     }
 }

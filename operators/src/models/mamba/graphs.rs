@@ -108,10 +108,10 @@ impl MambaMixer {
             self.conv_weight.as_slice(),
             k,
             self.conv_bias.as_ref().map(Weight::as_slice),
+            true,
             &mut conv_window,
             &mut values,
         );
-        silu_inplace(&mut values);
         let w = r + 2 * n;
         let mut dbc = vec![0.0f32; t * w];
         self.x_proj.forward(MatRef::dense(&values, t, e), &mut dbc);
