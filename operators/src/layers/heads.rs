@@ -29,17 +29,14 @@ pub fn head_jobs<'s>(
 ) -> Vec<HeadJob<'s>> {
     let mut jobs = Vec::with_capacity(segments.len() * heads);
     for (rows, (state, extra)) in segments.iter().zip(states) {
-        let mut extras: Vec<&'s mut [f32]> = if extra.is_empty() {
-            (0..heads).map(|_| <&mut [f32]>::default()).collect()
-        } else {
-            extra.chunks_mut(extra_per_head).collect()
-        };
+        // Empty where the heads have no second state (nothing to cut: every head gets `[]`).
+        let mut extras = extra.chunks_mut(extra_per_head.max(1));
         for (head, s) in state.chunks_mut(per_head).enumerate().take(heads) {
             jobs.push(HeadJob {
                 rows: rows.clone(),
                 head,
                 state: s,
-                extra: std::mem::take(&mut extras[head]),
+                extra: extras.next().unwrap_or_default(),
             });
         }
     }
