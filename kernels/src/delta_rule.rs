@@ -58,7 +58,37 @@ fn delta_recurrent_body(
 ) {
     let (dk, dv) = (x.k.width, x.v.width);
     assert_eq!(state.len(), dk * dv);
-    let mut u = vec![0.0f32; dv];
+    // `u` on the stack for heads up to RECURRENT_STACK_DV wide: a decode step runs a job for
+    // each (session, head), and an allocation a job took malloc's lock, which the pool's
+    // threads share (`tideway` keeps one arena). Passed to the rows' loop as an argument of
+    // its own, which LLVM knows no other slice aliases: chosen in place (`if` between the
+    // stack and a `Vec`), the loops were no longer vectorised and a batch-32 DeltaNet step
+    // lost a quarter of its speed.
+    if dv <= RECURRENT_STACK_DV {
+        recurrent_rows(
+            x,
+            len,
+            state,
+            out,
+            out_stride,
+            &mut [0.0; RECURRENT_STACK_DV][..dv],
+        );
+    } else {
+        recurrent_rows(x, len, state, out, out_stride, &mut vec![0.0; dv]);
+    }
+}
+
+/// Rows `0..len` of [`delta_recurrent`], with `u` (`dv` values) to work in.
+#[inline(always)]
+fn recurrent_rows(
+    x: DeltaInputs<'_>,
+    len: usize,
+    state: &mut [f32],
+    out: &mut [f32],
+    out_stride: usize,
+    u: &mut [f32],
+) {
+    let (dk, dv) = (x.k.width, x.v.width);
     for t in 0..len {
         let (q, k, v, beta) = (x.q.row(t), x.k.row(t), x.v.row(t), x.beta.row(t)[0]);
         if let Some(g) = x.g {
@@ -87,6 +117,9 @@ fn delta_recurrent_body(
         }
     }
 }
+
+/// Widest head whose `u` [`delta_recurrent`] keeps on the stack (1 KiB).
+const RECURRENT_STACK_DV: usize = 256;
 
 dispatch! {
     /// The chunkwise (WY) form over rows `0..len` in chunks of `chunk`; same contract as
@@ -341,7 +374,8 @@ mod tests {
 
     #[test]
     fn chunked_equals_recurrent_with_and_without_decay() {
-        for (len, dk, dv) in [(70, 6, 5), (150, 20, 33)] {
+        // The last is wider than the recurrent form keeps on the stack.
+        for (len, dk, dv) in [(70, 6, 5), (150, 20, 33), (20, 3, RECURRENT_STACK_DV + 44)] {
             chunked_equals_recurrent(len, dk, dv);
         }
     }
