@@ -69,12 +69,13 @@ impl CausalConv<'_> {
             };
             return self.run_sequence(rows, window, &mut out[..rows.rows * c]);
         }
-        let silu_per_session = self.silu && segments.len() > 1;
+        // A step's SiLU in its session's task where sessions run in parallel.
+        let silu_per_step = self.silu && segments.len() > 1;
         let conv = |((rows, window), dst): ((&Range<usize>, &mut [f32]), &mut [f32])| {
             let data = &x.data[rows.start * x.row_stride..];
             if rows.len() == 1 {
                 causal_conv1d_step(&data[..c], self.weight, self.kernel, self.bias, window, dst);
-                if silu_per_session {
+                if silu_per_step {
                     silu_slice(dst);
                 }
             } else {
@@ -83,8 +84,15 @@ impl CausalConv<'_> {
                     rows: rows.len(),
                     ..x
                 };
-                let (weight, bias) = (self.weight, self.bias);
-                causal_conv1d_seq(rows, weight, self.kernel, bias, self.silu, window, dst);
+                causal_conv1d_seq(
+                    rows,
+                    self.weight,
+                    self.kernel,
+                    self.bias,
+                    self.silu,
+                    window,
+                    dst,
+                );
             }
         };
         let per_segment = segments.iter().zip(windows).zip(rows_of(out, segments, c));
