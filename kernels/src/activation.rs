@@ -82,7 +82,7 @@ pub(crate) mod exp2_consts {
 
 /// `2ᵗ` for `t ≤ 0`, the selective scan's decays `exp(Δ·A) = 2^(Δ·log₂e·A)` (Δ ≥ 0 out of
 /// softplus, `A = −exp(A_log)` < 0): the Cephes `exp2f` reduction and a polynomial of degree
-/// 5 ([`exp2_consts::POLY`]), branch-free. Against [`exp_fast`] it skips the Cody–Waite
+/// 5 (`exp2_consts::POLY`), branch-free. Against [`exp_fast`] it skips the Cody–Waite
 /// reduction (`t − round(t)` is exact) and the upper clamp, four of the ~15 operations on the
 /// multiply pipes that bound the scan. Relative error ≤ 1.7e-7 on [-126, 0]; below, 2⁻¹²⁶;
 /// above 0 (never a decay), 1; NaN, 2⁻¹²⁶.

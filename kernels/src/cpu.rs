@@ -61,7 +61,7 @@ fn parse_cache_size(size: &str) -> Option<usize> {
 /// own share and the other threads steal theirs: one hand-off per step instead of one per
 /// product (`tideway bench --batches 1`, mamba-130m: 46.9 → 52.6 tok/s in f32, BENCHMARKS.md).
 ///
-/// The other threads are kept awake for the step ([`keep_stealing`]): left to rayon, a thread
+/// The other threads are kept awake for the step (`keep_stealing`): left to rayon, a thread
 /// that found nothing for ~30 yields sleeps on a futex, and the step's serial stretches (the
 /// conv, the small projections) are longer than that, so most products began with a wake-up
 /// that on a virtual machine takes longer than a one-row product (~37 context switches a step

@@ -142,7 +142,7 @@ impl<T: Zeroable> HugeBuffer<T> {
     }
 
     /// `len` zeros for a model's weights, which live as long as the model: up to
-    /// [`MAX_CARVED_BYTES`], a part of a mapping shared with the weights made before and
+    /// `MAX_CARVED_BYTES`, a part of a mapping shared with the weights made before and
     /// after it, so that a small tensor (mamba-130m's `x_proj` and `dt_proj`) and the tail
     /// of a larger one past its last whole huge page sit on huge pages too; larger, as
     /// [`HugeBuffer::zeroed`]. A chunk is unmapped when all its weights are dropped, so

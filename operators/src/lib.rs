@@ -8,7 +8,8 @@
 //!   the family;
 //! - [`generate`] — sampling, streamed detokenization and stop conditions for text generation;
 //! - [`layers`], [`spiking`] — layers the families share;
-//! - [`gpu`] — what the GPU models share (slot pools, batch layouts, the GPU model enum);
+//! - `gpu` (with `--features cuda`) — what the GPU models share (slot pools, batch layouts,
+//!   the GPU model enum);
 //! - [`state_tensors`], [`state_blob`] — a session's state as named tensors, and as one
 //!   checked blob with what it belongs to (snapshots, export, import);
 //! - [`tensor_parallel`] — tensor-parallel ranks and the Ladder Residual wiring;

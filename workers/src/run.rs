@@ -52,8 +52,8 @@ pub struct RunArgs {
     /// end's normalised features are written too (`features`, [frames, mel]).
     #[arg(long)]
     audio: Option<PathBuf>,
-    /// Output safetensors file: `logits` (f32, [T, vocab]) for a language model; `output`
-    /// (f32, [frames, classes]) and `pooled` ([classes]) for a feature model.
+    /// Output safetensors file: `logits` (f32, `[T, vocab]`) for a language model; `output`
+    /// (f32, `[frames, classes]`) and `pooled` (`[classes]`) for a feature model.
     #[arg(long)]
     out: PathBuf,
     /// Also write every spiking neuron's spike train (`spikes.<neuron>`, [frames, channels]).

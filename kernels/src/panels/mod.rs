@@ -1,7 +1,7 @@
 //! Linear layers on AVX-512 with `W` packed once, at load, in panels of 64 output columns
 //! (f32 weights; bf16 where the CPU has AVX-512 BF16; LLM.int8 where it has AVX-512 VNNI),
-//! and the kernel that multiplies any number of activation rows with them: `out[i, j] = b[j]
-//! + Σ_p x[i, p]·W[j, p]`.
+//! and the kernel that multiplies any number of activation rows with them:
+//! `out[i, j] = b[j] + Σ_p x[i, p]·W[j, p]`.
 //!
 //! A panel holds `W`'s rows `64q..64q + 64` transposed: for each step of inputs, the 64
 //! columns' weights, one cache line per 16 columns. An f32 step is one input; a bf16 step is

@@ -4,7 +4,7 @@
 /// How a one-row tile (a batch-1 decode step's products) reads its panel from memory.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum OneRowWalk {
-    /// Two segments, each asking for its lines [`super::STREAM_AHEAD_STEPS`] ahead into L2.
+    /// Two segments, each asking for its lines `STREAM_AHEAD_STEPS` ahead into L2.
     Prefetched,
     /// Four segments and no prefetch instructions: four sequential streams that the core's
     /// own L2 prefetcher follows.
@@ -27,7 +27,7 @@ impl OneRowWalk {
 /// [`OneRowWalk::Prefetched`] elsewhere. `TIDEWAY_ONE_ROW_WALK=prefetched`, `=hardware` or
 /// `=half` overrides the choice, for measuring each.
 ///
-/// On AMD's Zen 4 the prefetches won ([`super::STREAM_AHEAD_STEPS`]). On an Intel Xeon (2
+/// On AMD's Zen 4 the prefetches won (`STREAM_AHEAD_STEPS`). On an Intel Xeon (2
 /// vCPUs, 48 KiB L1, 2 MiB L2, 2026-12-05) they lost. A mamba-130m step's products at batch
 /// 1 (the loop of `examples/step_products.rs`, the walks behind a temporary switch,
 /// alternated step by step in one process), f32 medians: 18.30 → 17.14, 18.39 → 17.29,

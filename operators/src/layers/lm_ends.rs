@@ -107,7 +107,7 @@ impl LmEnds {
 
     /// The first piece: the embedding rows of `tokens` (`[T, hidden]`). A tied head keeps
     /// each row across `hidden` cache lines of its panels (one a step), so a prompt's rows
-    /// are gathered on the compute pool, [`EMBED_ROWS_A_TASK`] a task: the lookups wait on
+    /// are gathered on the compute pool, `EMBED_ROWS_A_TASK` a task: the lookups wait on
     /// memory, and two threads keep twice the lines in flight.
     pub fn embed(&self, tokens: &[u32]) -> Result<Vec<f32>, InputError> {
         let d = self.hidden;

@@ -47,7 +47,7 @@ impl CausalConv<'_> {
     /// also applies the SiLU to its rows (a pass of its own was one more hand-off of the pool
     /// a layer): a step's after the conv, while in L1, several rows' in the conv's registers
     /// before they are stored. One session's rows (a prefill chunk) are cut in runs of rows
-    /// that run in parallel ([`CausalConv::run_sequence`]).
+    /// that run in parallel (`CausalConv::run_sequence`).
     pub fn run(
         &self,
         x: MatRef<'_>,

@@ -1,6 +1,6 @@
 //! Generation on the inference protocol, as Triton serves decoupled models: a
 //! `ModelStreamInfer` request with the parameter `generate` true is answered by one response
-//! per new token (`output_ids`, INT64 [n]; `text_output`, BYTES [1], where the model has a
+//! per new token (`output_ids`, INT64 `[n]`; `text_output`, BYTES `[1]`, where the model has a
 //! tokenizer), then a last one without outputs that carries `triton_final_response` true and
 //! the finish (`finish_reason`, `prompt_tokens`, `completion_tokens`, `seed`). Every response
 //! carries `triton_final_response`, so tritonclient's stream callback knows the last one.

@@ -4,11 +4,11 @@
 //! megabytes at most whatever the prefix's length, so one entry stands for a whole system
 //! prompt or conversation so far. Entries are evicted least recently used, bounded in bytes.
 //!
-//! The front end plans each generation's prompt ([`PrefixCache::plan`]): on a hit, a restore
-//! of the cached state and a step of the rest; on a miss, the prompt but its last token, a
-//! capture of the state there (filled in by the stages like a snapshot, and inserted at the
-//! snapshot stage), then the last token. Keeping the last token out of the entry lets an
-//! identical prompt hit too (its last row of logits must be computed).
+//! The front end plans each generation's prompt (its `admit`, with [`PrefixCache::lookup`]):
+//! on a hit, a restore of the cached state and a step of the rest; on a miss, the prompt but
+//! its last token, a capture of the state there (filled in by the stages like a snapshot, and
+//! inserted at the snapshot stage), then the last token. Keeping the last token out of the
+//! entry lets an identical prompt hit too (its last row of logits must be computed).
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Mutex;
