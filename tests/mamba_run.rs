@@ -472,3 +472,51 @@ fn run_dtype_keeps_the_linear_layers_in_bf16_or_int8() {
     assert!(!output.status.success());
     assert_mentions(&stderr(&output), &["--dtype int8", "--tensor-parallel"]);
 }
+
+/// `TIDEWAY_SIMD` caps the kernels' instruction set (kernels/src/cpu.rs): a run capped at
+/// AVX2 or at plain Rust gives HF's logits too; a cap without AVX2 refuses int8 weights by
+/// name; a value it does not take is an error at start, before anything loads.
+#[test]
+fn simd_cap_runs_the_narrower_paths_and_refuses_bad_values() {
+    let dir = fixture("hf_odd_tied");
+    let tokens = fixture_tokens(&dir);
+    let want = read_tensor(&dir.join("expected.safetensors"), "logits");
+    for cap in ["avx2", "portable"] {
+        let out = scratch_dir("simd").join("out.safetensors");
+        let run = |extra: &[&str]| {
+            tideway()
+                .env("TIDEWAY_SIMD", cap)
+                .args(["run", "--model"])
+                .arg(&dir)
+                .args(["--tokens", &tokens, "--out"])
+                .arg(&out)
+                .args(extra)
+                .output()
+                .unwrap()
+        };
+        let output = run(&[]);
+        assert!(output.status.success(), "{cap}: {}", stderr(&output));
+        let got = read_tensor(&out, "logits");
+        let err = relative_error(&got.values, &want.values);
+        eprintln!("TIDEWAY_SIMD={cap}: relative error {err:.2e}");
+        assert!(err <= 1e-4, "TIDEWAY_SIMD={cap}: relative error {err:.3e}");
+        if cap == "portable" {
+            let output = run(&["--dtype", "int8"]);
+            assert!(!output.status.success());
+            assert_mentions(
+                &stderr(&output),
+                &["Int8 weights on the CPU need AVX2", "portable"],
+            );
+        }
+    }
+    let output = tideway()
+        .env("TIDEWAY_SIMD", "sse2")
+        .arg("devices")
+        .output()
+        .unwrap();
+    assert!(!output.status.success());
+    assert_mentions(
+        &stderr(&output),
+        &["TIDEWAY_SIMD=\"sse2\": expected avx512, avx2 or portable"],
+    );
+}

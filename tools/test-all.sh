@@ -25,6 +25,12 @@ fi
 status=0
 cargo test --workspace -j2 2>&1 | tee -a "$log" || status=$?
 if [ "$status" -eq 0 ]; then
+    # The paths of CPUs without AVX-512 (the AVX2 kernels, the portable ones compiled for
+    # AVX2), whatever this machine has: the kernels' tests and the models' fixture tests again
+    # with the kernels capped at AVX2 (`TIDEWAY_SIMD`, kernels/src/cpu.rs).
+    TIDEWAY_SIMD=avx2 cargo test -p tideway-kernels -p tideway-operators -j2 2>&1 | tee -a "$log" || status=$?
+fi
+if [ "$status" -eq 0 ]; then
     # The GPU path (feature cuda) builds on every run without a GPU: NVRTC (pip's
     # nvidia-cuda-nvrtc-cu12) compiles its CUDA kernels, and the GPU models run their whole
     # code path on the kernels' host emulator against the CPU models; the device itself is

@@ -192,7 +192,7 @@ fn conv_step_body(
         3 => conv_step_fixed::<3>(x, weight, bias, window, out),
         4 => {
             #[cfg(target_arch = "x86_64")]
-            if std::is_x86_feature_detected!("avx512f") {
+            if crate::cpu::avx512() {
                 // SAFETY: the CPU has AVX-512F; the lengths are asserted above.
                 let done = unsafe { step4_avx512(x, weight, bias, window, out) };
                 let bias = bias.map(|b| &b[done..]);

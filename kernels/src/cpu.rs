@@ -3,18 +3,106 @@
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
-/// The instruction set the hand-written kernels dispatch to on this CPU (see `simd`).
-pub fn simd_level() -> &'static str {
+/// The instruction sets the hand-written kernels choose between, narrowest first.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub enum SimdLevel {
+    /// Plain Rust, vectorised by LLVM for the target's baseline.
+    Portable,
+    /// AVX2 and FMA (256-bit vectors).
+    Avx2,
+    /// AVX-512F (512-bit vectors; its extensions, BF16, VNNI, DQ, VL, where the CPU has them).
+    Avx512,
+}
+
+impl SimdLevel {
+    /// The names [`SIMD_ENV`] takes, beside each level.
+    const NAMES: [(&'static str, SimdLevel); 3] = [
+        ("avx512", SimdLevel::Avx512),
+        ("avx2", SimdLevel::Avx2),
+        ("portable", SimdLevel::Portable),
+    ];
+}
+
+impl std::fmt::Display for SimdLevel {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            SimdLevel::Portable => "portable",
+            SimdLevel::Avx2 => "avx2+fma",
+            SimdLevel::Avx512 => "avx512f",
+        })
+    }
+}
+
+/// The environment variable that caps the kernels' instruction set: `avx2` or `portable`
+/// run, on a CPU with AVX-512, the paths that CPUs without it take (to test and measure
+/// them); `avx512` is the default. A cap above what the CPU has changes nothing. The gemm
+/// crate, which multiplies more than `skinny::MAX_ROWS` rows where there are no AVX-512
+/// panels, picks its own instruction set and does not read it.
+pub const SIMD_ENV: &str = "TIDEWAY_SIMD";
+
+/// [`SIMD_ENV`] holds none of the names it takes.
+#[derive(Debug, thiserror::Error)]
+#[error("{SIMD_ENV}={value:?}: expected avx512, avx2 or portable")]
+pub struct SimdEnvError {
+    value: String,
+}
+
+/// The cap `value` of [`SIMD_ENV`] names.
+pub fn parse_simd_cap(value: &str) -> Result<SimdLevel, SimdEnvError> {
+    SimdLevel::NAMES
+        .iter()
+        .find(|(name, _)| value.eq_ignore_ascii_case(name))
+        .map(|&(_, level)| level)
+        .ok_or_else(|| SimdEnvError {
+            value: value.to_string(),
+        })
+}
+
+/// The cap [`SIMD_ENV`] asks for, if it is set: binaries check it at start, so that a bad
+/// value is an error there rather than a panic in the first kernel.
+pub fn simd_cap() -> Result<Option<SimdLevel>, SimdEnvError> {
+    match std::env::var(SIMD_ENV) {
+        Ok(value) => parse_simd_cap(&value).map(Some),
+        Err(_) => Ok(None),
+    }
+}
+
+/// The widest instruction set this CPU offers the kernels.
+pub fn detected_simd() -> SimdLevel {
     #[cfg(target_arch = "x86_64")]
     {
         if std::is_x86_feature_detected!("avx512f") {
-            return "avx512f";
+            return SimdLevel::Avx512;
         }
         if std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma") {
-            return "avx2+fma";
+            return SimdLevel::Avx2;
         }
     }
-    "portable"
+    SimdLevel::Portable
+}
+
+/// The instruction set the hand-written kernels dispatch to (see `simd`): the CPU's widest,
+/// capped by [`SIMD_ENV`]. Read once, before the first kernel runs (weights are laid out
+/// for it at load); panics on a value [`simd_cap`] refuses.
+pub fn simd_level() -> SimdLevel {
+    static LEVEL: std::sync::OnceLock<SimdLevel> = std::sync::OnceLock::new();
+    *LEVEL.get_or_init(|| match simd_cap() {
+        Ok(cap) => detected_simd().min(cap.unwrap_or(SimdLevel::Avx512)),
+        Err(e) => panic!("{e}"),
+    })
+}
+
+/// Whether the kernels take their AVX-512 paths ([`simd_level`]); each path checks the
+/// extensions beyond AVX-512F it needs itself.
+#[inline]
+pub(crate) fn avx512() -> bool {
+    simd_level() == SimdLevel::Avx512
+}
+
+/// Whether the kernels may use AVX2 and FMA ([`simd_level`]; true where they take AVX-512).
+#[inline]
+pub(crate) fn avx2_fma() -> bool {
+    simd_level() >= SimdLevel::Avx2
 }
 
 /// Bytes of one core's level-1 data cache: Linux's `/sys/devices/system/cpu/cpu0/cache`
@@ -149,6 +237,20 @@ mod tests {
     use rayon::prelude::*;
 
     use super::*;
+
+    #[test]
+    fn simd_cap_names() {
+        assert_eq!(parse_simd_cap("avx2").unwrap(), SimdLevel::Avx2);
+        assert_eq!(parse_simd_cap("AVX512").unwrap(), SimdLevel::Avx512);
+        assert_eq!(parse_simd_cap("portable").unwrap(), SimdLevel::Portable);
+        let e = parse_simd_cap("avx2+fma").unwrap_err().to_string();
+        assert_eq!(
+            e,
+            "TIDEWAY_SIMD=\"avx2+fma\": expected avx512, avx2 or portable"
+        );
+        // A cap never asks for more than the CPU has.
+        assert!(simd_level() <= detected_simd());
+    }
 
     /// A step's worth of small parallel products: sums that each thread checks.
     fn step(seed: u64) -> u64 {

@@ -278,11 +278,11 @@ fn round_to_even(v: f32) -> f32 {
     (v + MAGIC) - MAGIC
 }
 
-/// Whether the CPU runs the int8 kernels (AVX2 at least).
+/// Whether the int8 kernels run here (AVX2 at least; [`crate::cpu::simd_level`]).
 pub fn available() -> bool {
     #[cfg(target_arch = "x86_64")]
     {
-        std::is_x86_feature_detected!("avx2")
+        crate::cpu::avx2_fma()
     }
     #[cfg(not(target_arch = "x86_64"))]
     {
@@ -377,7 +377,7 @@ crate::simd::dispatch! {
 /// as long as the int8 product itself.)
 fn dense_outlier_dots(xo: &[f32], w: &[i8], k: usize, dots: &mut [[f32; NR]; MR_MAX]) {
     #[cfg(target_arch = "x86_64")]
-    if std::is_x86_feature_detected!("avx512f") && k.is_multiple_of(16) {
+    if crate::cpu::avx512() && k.is_multiple_of(16) {
         // SAFETY: the CPU has AVX-512F; `k` is a whole number of 16-lane steps.
         unsafe {
             match w.len() / k {

@@ -16,11 +16,11 @@ macro_rules! dispatch {
                 unsafe fn avx512($($arg: $ty),*) $(-> $ret)? { $body($($arg),*) }
                 #[target_feature(enable = "avx2,fma")]
                 unsafe fn avx2($($arg: $ty),*) $(-> $ret)? { $body($($arg),*) }
-                if std::is_x86_feature_detected!("avx512f") {
+                if $crate::cpu::avx512() {
                     // SAFETY: the CPU supports the features `avx512` was compiled for.
                     return unsafe { avx512($($arg),*) };
                 }
-                if std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma") {
+                if $crate::cpu::avx2_fma() {
                     // SAFETY: the CPU supports the features `avx2` was compiled for.
                     return unsafe { avx2($($arg),*) };
                 }

@@ -21,12 +21,11 @@ use crate::matmul::MatRef;
 /// wins everywhere.
 pub const MAX_ROWS: usize = 64;
 
-/// Whether this CPU runs the hand-written kernel (AVX-512, or AVX2 with FMA).
+/// Whether the hand-written kernel runs here (AVX-512, or AVX2 with FMA; [`crate::cpu::simd_level`]).
 pub fn available() -> bool {
     #[cfg(target_arch = "x86_64")]
     {
-        std::is_x86_feature_detected!("avx512f")
-            || (std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma"))
+        crate::cpu::avx2_fma()
     }
     #[cfg(not(target_arch = "x86_64"))]
     {
@@ -59,7 +58,7 @@ pub unsafe fn block(x: MatRef<'_>, w: &[f32], bias: Option<&[f32]>, cols: Range<
     debug_assert!(w.len() >= cols.end * k);
     #[cfg(target_arch = "x86_64")]
     unsafe {
-        if std::is_x86_feature_detected!("avx512f") {
+        if crate::cpu::avx512() {
             avx512::block(x, w, bias, cols, out);
         } else {
             avx2::block(x, w, bias, cols, out);

@@ -63,9 +63,11 @@ fn int8_products_equal_llm_int8s_reference_math() {
             outliers.len()
         );
         assert!(worst <= 1e-5, "{case}: {worst:e}");
-        // A quarter of the bytes of f32 (plus a scale and a sum per row).
+        // A quarter of the bytes of f32, plus a scale and a sum per row and the layout's
+        // padding: the row layout of CPUs without AVX-512 VNNI pads `k` to 64 (k = 96 here
+        // takes 128), the panels pad `n` to 64.
         assert!(
-            layer.size_bytes() < n * k * 4 / 3,
+            layer.size_bytes() < n * k * 4 / 2,
             "{case}: {}",
             layer.size_bytes()
         );

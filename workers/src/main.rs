@@ -152,6 +152,11 @@ fn main() -> ExitCode {
     keep_freed_activations_in_heap();
     let cli = Cli::parse();
     init_logging(cli.log_format);
+    // A bad `TIDEWAY_SIMD` is an error here, not a panic in the first kernel.
+    if let Err(e) = tideway_kernels::cpu::simd_cap() {
+        eprintln!("error: {e}");
+        return ExitCode::FAILURE;
+    }
     // Tensor-parallel ranks started as processes share this machine's cores.
     let processes = match &cli.command {
         Command::Run(a) => a.parallel.local_processes(),

@@ -109,7 +109,7 @@ impl LinearFormat {
         };
         (!ok).then(|| {
             format!(
-                "{self:?} weights on the CPU need AVX2 (this CPU offers {}); use f32",
+                "{self:?} weights on the CPU need AVX2 (the kernels use {} here); use f32",
                 crate::cpu::simd_level()
             )
         })

@@ -125,7 +125,7 @@ impl Strided<'_> {
 fn transpose_into(b: Strided<'_>, dense: &mut [f32]) {
     let n = b.cols;
     #[cfg(target_arch = "x86_64")]
-    if std::is_x86_feature_detected!("avx512f") {
+    if crate::cpu::avx512() {
         // SAFETY: the CPU has AVX-512F.
         return unsafe { avx512::transpose_into(b, dense) };
     }
@@ -224,7 +224,7 @@ fn blocks<const R: usize, const V: usize>(
     j0: usize,
 ) -> usize {
     #[cfg(target_arch = "x86_64")]
-    if std::is_x86_feature_detected!("avx512f") {
+    if crate::cpu::avx512() {
         // SAFETY: the CPU has AVX-512F.
         return unsafe { avx512::blocks::<R, V>(out, a, b, j0) };
     }

@@ -23,7 +23,7 @@ const SEGMENTS: usize = 3;
 /// Whether this CPU runs these tiles (AVX-512VL, which every AVX-512 core but Xeon Phi has;
 /// without it the walk is [`super::OneRowWalk::HardwareStreams`]'s).
 pub(super) fn available() -> bool {
-    std::is_x86_feature_detected!("avx512vl")
+    crate::cpu::avx512() && std::is_x86_feature_detected!("avx512vl")
 }
 
 /// How a row's step of activations and 8 lanes of a panel's vector add into 8 sums: the

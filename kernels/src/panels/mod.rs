@@ -184,13 +184,13 @@ struct Int8Columns {
     sums: Arc<[i32]>,
 }
 
-/// Whether this CPU runs the panel kernel for `format`: AVX-512F, and for bf16 AVX-512 BF16,
-/// for int8 AVX-512 VNNI.
+/// Whether the panel kernel for `format` runs here: AVX-512F ([`crate::cpu::simd_level`]),
+/// and for bf16 AVX-512 BF16, for int8 AVX-512 VNNI.
 pub fn available(format: PanelFormat) -> bool {
     #[cfg(target_arch = "x86_64")]
     {
         use std::is_x86_feature_detected as has;
-        has!("avx512f")
+        crate::cpu::avx512()
             && match format {
                 PanelFormat::F32 => true,
                 PanelFormat::Bf16 => has!("avx512bw") && has!("avx512bf16"),

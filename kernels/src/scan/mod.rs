@@ -141,7 +141,7 @@ mod avx512;
 /// where present) otherwise. Both give the same bits.
 fn scan_block(params: &SsmParams<'_>, inputs: &ScanInputs<'_>, job: &BlockJob, y: SendPtr) {
     #[cfg(target_arch = "x86_64")]
-    if std::is_x86_feature_detected!("avx512f") && std::is_x86_feature_detected!("avx512dq") {
+    if crate::cpu::avx512() && std::is_x86_feature_detected!("avx512dq") {
         // SAFETY: the CPU has AVX-512F and DQ; the job's cells are its own (`SendPtr`).
         return unsafe { avx512::scan_block(params, inputs, job, y) };
     }
