@@ -19,12 +19,24 @@
 # this machine: those cells stay empty.
 # Decode: after a 16-token prompt, 32 new tokens per sequence at batch 1, 8 and 32; prefill:
 # one 512-token sequence. Raw outputs go to bench/out/cpu_decode-DATE/.
+#
+# TIDEWAY_SIMD=avx2 in the environment measures a CPU without AVX-512 on one that has it:
+# Tideway's kernels capped at AVX2 (kernels/src/cpu.rs), llama.cpp built for AVX2
+# (bench/llama_cpp.sh), PyTorch's own kernels, MKL and oneDNN capped by their variables, the
+# floors' FMA peak in AVX2. The gemm crate (Tideway's products of more than 64 rows where there
+# are no AVX-512 panels, and the floors' reference sgemm) leaves AVX-512 out only when built
+# without its x86-v4 feature: pass such a build's tideway, and its floors example as FLOORS
+# (BENCHMARKS.md has the commands).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 model=${1:-bench/models/mamba-130m-random} rounds=${2:-3}
 shift $(( $# < 2 ? $# : 2 ))
 threads=$(nproc)
 venv=.venv
+if [ "${TIDEWAY_SIMD:-}" = avx2 ]; then
+    export ATEN_CPU_CAPABILITY=avx2 MKL_ENABLE_INSTRUCTIONS=AVX2 ONEDNN_MAX_CPU_ISA=AVX2
+fi
+floors=${FLOORS:-target/release/examples/floors}
 family=$("$venv/bin/python" -c 'import json, sys; print(json.load(open(sys.argv[1] + "/config.json"))["model_type"])' "$model")
 ggufs=()
 if [ "$family" = mamba ]; then
@@ -36,7 +48,7 @@ if [ $# -eq 0 ]; then
     cargo build --release -p tideway-workers -j"$threads" 2>/dev/null
     set -- target/release/tideway@f32 target/release/tideway@bf16 target/release/tideway@int8
 fi
-cargo build --release -p tideway-kernels --example floors 2>/dev/null
+[ -n "${FLOORS:-}" ] || cargo build --release -p tideway-kernels --example floors 2>/dev/null
 # The bytes a batch-1 step reads: every tensor of the checkpoint but an untied embedding table,
 # of which a step reads one row (GLA's and DeltaNet's checkpoints keep one beside lm_head).
 weight_bytes=$("$venv/bin/python" - "$model" <<'EOF'
@@ -57,7 +69,7 @@ mkdir -p "$out"
 
 for round in $(seq "$rounds"); do
     echo "== round $round of $rounds" >&2
-    target/release/examples/floors "$weight_bytes" >"$out/r$round-floors.txt"
+    "$floors" "$weight_bytes" >"$out/r$round-floors.txt"
     # A third sgemm at the same product, from a library Tideway does not build on (MKL).
     "$venv/bin/python" bench/torch_sgemm.py --threads "$threads" >"$out/r$round-torch-sgemm.txt"
     # The builds in the given order in odd rounds and reversed in even ones: on this VM the
@@ -78,11 +90,11 @@ for round in $(seq "$rounds"); do
         # One batch size per call, so that a crash at one leaves the others measured.
         : >"$out/r$round-$name-decode.txt"
         for b in 1 8 32; do
-            /usr/bin/time -f "peak_rss_kb %M" "$llama/build/bin/llama-batched-bench" -m "$gguf" \
+            /usr/bin/time -f "peak_rss_kb %M" "$llama_bin/llama-batched-bench" -m "$gguf" \
                 -c 2048 -b 2048 -ub 512 -npp 16 -ntg 32 -npl "$b" -t "$threads" \
                 >>"$out/r$round-$name-decode.txt" 2>>"$out/r$round-$name-decode.err" || true
         done
-        "$llama/build/bin/llama-batched-bench" -m "$gguf" -c 1024 -b 512 -ub 512 \
+        "$llama_bin/llama-batched-bench" -m "$gguf" -c 1024 -b 512 -ub 512 \
             -npp 512 -ntg 1 -npl 1 -t "$threads" >"$out/r$round-$name-prefill.txt" 2>/dev/null || true
     done
     if [ "$family" = mamba ]; then

@@ -35,7 +35,7 @@ target/release/tideway bench generate --addr "$addr" --model m --concurrency 1,8
 kill "$server"; wait "$server" 2>/dev/null || true; server=
 
 echo "== llama.cpp $(git -C "$llama" rev-parse --short HEAD 2>/dev/null || echo "(llama-cpp-python 0.3.36)") f32, llama-batched-bench"
-"$llama/build/bin/llama-batched-bench" -m "$gguf" -c $(( 32 * (prompt + new) + 64 )) -b 2048 -ub 512 \
+"$llama_bin/llama-batched-bench" -m "$gguf" -c $(( 32 * (prompt + new) + 64 )) -b 2048 -ub 512 \
     -npp "$prompt" -ntg "$new" -npl 1,8,32 -t "$threads" 2>/dev/null | grep -E '^\|'
 
 echo "== HF transformers $("$venv/bin/python" -c 'import transformers; print(transformers.__version__)') generate"

@@ -5,8 +5,11 @@
 # converted to GGUF with its own converter.
 #
 #   source bench/llama_cpp.sh
-#   llama_build llama-batched-bench ...     # sets $llama (the llama.cpp tree)
+#   llama_build llama-batched-bench ...     # the tools, under $llama_bin
 #   gguf=$(llama_gguf MODEL_DIR f32|f16|q8_0)
+#
+# With TIDEWAY_SIMD=avx2 in the environment (Tideway's cap, kernels/src/cpu.rs) llama.cpp is
+# built for AVX2 and FMA without AVX-512 (build-avx2/), the peer of a CPU without AVX-512.
 #
 # The converter is run with the pre-tokenizer check told "gpt-2" (a tokenizer.json trained
 # here is a byte-level BPE whose hash llama.cpp does not know: the benchmarks feed ids, so the
@@ -14,6 +17,16 @@
 venv=${venv:-.venv}
 llama_src=target/llama/llama_cpp_python-0.3.36
 llama=$llama_src/vendor/llama.cpp
+if [ "${TIDEWAY_SIMD:-}" = avx2 ]; then
+    llama_build_dir=$llama/build-avx2
+    llama_simd=(-DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON
+        -DGGML_AVX512=OFF -DGGML_AVX512_VBMI=OFF -DGGML_AVX512_VNNI=OFF -DGGML_AVX512_BF16=OFF
+        -DGGML_AVX_VNNI=OFF -DGGML_AMX_TILE=OFF -DGGML_AMX_INT8=OFF -DGGML_AMX_BF16=OFF)
+else
+    llama_build_dir=$llama/build
+    llama_simd=(-DGGML_NATIVE=ON)
+fi
+llama_bin=$llama_build_dir/bin
 
 llama_build() {
     if [ ! -d "$llama_src" ]; then
@@ -28,16 +41,16 @@ llama_build() {
         tar xzf target/llama/llama.tar.gz -C target/llama
     fi
     local missing=
-    for t in "$@"; do [ -x "$llama/build/bin/$t" ] || missing=1; done
+    for t in "$@"; do [ -x "$llama_bin/$t" ] || missing=1; done
     if [ -n "$missing" ]; then
         "$venv/bin/pip" install -q cmake
         # -march=native without AMX: these machines list amx_* in /proc/cpuinfo, but the
         # guest may not use them (llama.cpp's q8_0 path died of SIGILL with them, 2026-12-02).
         local no_amx="-mno-amx-tile -mno-amx-int8 -mno-amx-bf16"
-        "$venv/bin/cmake" -S "$llama" -B "$llama/build" -DCMAKE_BUILD_TYPE=Release -DGGML_NATIVE=ON \
+        "$venv/bin/cmake" -S "$llama" -B "$llama_build_dir" -DCMAKE_BUILD_TYPE=Release "${llama_simd[@]}" \
             -DCMAKE_C_FLAGS="$no_amx" -DCMAKE_CXX_FLAGS="$no_amx" \
             -DLLAMA_CURL=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_SERVER=OFF >/dev/null
-        "$venv/bin/cmake" --build "$llama/build" -j"$(nproc)" --target "$@" >/dev/null
+        "$venv/bin/cmake" --build "$llama_build_dir" -j"$(nproc)" --target "$@" >/dev/null
     fi
 }
 

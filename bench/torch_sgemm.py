@@ -28,9 +28,13 @@ def main() -> None:
         torch.matmul(x, w.T, out=out)
         best = min(best, time.perf_counter() - start)
     blas = "MKL" if torch.backends.mkl.is_available() else "no MKL"
+    # PyTorch's own kernels' instruction set (ATEN_CPU_CAPABILITY caps it; MKL's cap is
+    # MKL_ENABLE_INSTRUCTIONS, which it does not report).
+    isa = torch.backends.cpu.get_cpu_capability()
     print(
         f"torch sgemm {2 * m * k * n / best / 1e9:.1f} GFLOP/s "
-        f"(torch {torch.__version__}, {blas}, {args.threads} threads, {m}x{k}x{n}, best of 10)"
+        f"(torch {torch.__version__}, {blas}, {isa}, {args.threads} threads, {m}x{k}x{n}, "
+        "best of 10)"
     )
 
 
