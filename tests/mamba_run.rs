@@ -5,6 +5,7 @@
 mod common;
 
 use std::path::{Path, PathBuf};
+use std::process::Command;
 
 use common::*;
 
@@ -31,17 +32,22 @@ fn fixture_tokens(dir: &Path) -> String {
         .join(",")
 }
 
-/// Runs `tideway run` and returns the logits it wrote.
-fn run_logits(model: &Path, tokens: &str, extra: &[&str]) -> Loaded {
-    let out = scratch_dir("run").join("out.safetensors");
-    let output = tideway()
+/// `tideway run --model MODEL --tokens TOKENS --out OUT EXTRA…`, to be run.
+fn run_tokens(model: &Path, tokens: &str, out: &Path, extra: &[&str]) -> Command {
+    let mut command = tideway();
+    command
         .args(["run", "--model"])
         .arg(model)
         .args(["--tokens", tokens, "--out"])
-        .arg(&out)
-        .args(extra)
-        .output()
-        .unwrap();
+        .arg(out)
+        .args(extra);
+    command
+}
+
+/// Runs `tideway run` and returns the logits it wrote.
+fn run_logits(model: &Path, tokens: &str, extra: &[&str]) -> Loaded {
+    let out = scratch_dir("run").join("out.safetensors");
+    let output = run_tokens(model, tokens, &out, extra).output().unwrap();
     assert!(
         output.status.success(),
         "tideway run {extra:?} on {} failed: {}",
@@ -94,13 +100,7 @@ fn fixture(name: &str) -> PathBuf {
 /// Runs `tideway run` expecting failure; returns stderr.
 fn run_fails(model: &Path, tokens: &str) -> String {
     let out = scratch_dir("fail").join("out.safetensors");
-    let output = tideway()
-        .args(["run", "--model"])
-        .arg(model)
-        .args(["--tokens", tokens, "--out"])
-        .arg(&out)
-        .output()
-        .unwrap();
+    let output = run_tokens(model, tokens, &out, &[]).output().unwrap();
     assert!(!output.status.success(), "expected failure, got success");
     assert!(!out.exists(), "no output may be written on failure");
     stderr(&output)
@@ -347,14 +347,7 @@ fn run_prune_keeps_the_oracles_tokens_from_the_flag_or_the_config_block() {
     let model = fixture_dir_copy("hf_k4_sharded");
     let check = |extra: &[&str], what: &str| {
         let out = scratch_dir("run-prune").join("out.safetensors");
-        let output = tideway()
-            .args(["run", "--model"])
-            .arg(&model)
-            .args(["--tokens", &tokens, "--out"])
-            .arg(&out)
-            .args(extra)
-            .output()
-            .unwrap();
+        let output = run_tokens(&model, &tokens, &out, extra).output().unwrap();
         assert!(output.status.success(), "{what}: {}", stderr(&output));
         assert!(
             stderr(&output).contains("kept 35 of 70 tokens (50.0%)"),
@@ -389,14 +382,7 @@ fn run_prune_keeps_the_oracles_tokens_from_the_flag_or_the_config_block() {
         (vec!["--prune", "layers=1"], "layers"),
         (vec!["--prune", "heads=5,layers=0"], "heads"),
     ] {
-        let output = tideway()
-            .args(["run", "--model"])
-            .arg(&model)
-            .args(["--tokens", &tokens, "--out"])
-            .arg(&out)
-            .args(&extra)
-            .output()
-            .unwrap();
+        let output = run_tokens(&model, &tokens, &out, &extra).output().unwrap();
         assert!(!output.status.success(), "{extra:?} was not refused");
         assert!(
             stderr(&output).contains(names),
@@ -484,13 +470,8 @@ fn simd_cap_runs_the_narrower_paths_and_refuses_bad_values() {
     for cap in ["avx2", "portable"] {
         let out = scratch_dir("simd").join("out.safetensors");
         let run = |extra: &[&str]| {
-            tideway()
+            run_tokens(&dir, &tokens, &out, extra)
                 .env("TIDEWAY_SIMD", cap)
-                .args(["run", "--model"])
-                .arg(&dir)
-                .args(["--tokens", &tokens, "--out"])
-                .arg(&out)
-                .args(extra)
                 .output()
                 .unwrap()
         };
