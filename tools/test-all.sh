@@ -27,8 +27,24 @@ cargo test --workspace -j2 2>&1 | tee -a "$log" || status=$?
 if [ "$status" -eq 0 ]; then
     # The paths of CPUs without AVX-512 (the AVX2 kernels, the portable ones compiled for
     # AVX2), whatever this machine has: the kernels' tests and the models' fixture tests again
-    # with the kernels capped at AVX2 (`TIDEWAY_SIMD`, kernels/src/cpu.rs).
-    TIDEWAY_SIMD=avx2 cargo test -p tideway-kernels -p tideway-operators -j2 2>&1 | tee -a "$log" || status=$?
+    # with the kernels capped at AVX2 (`TIDEWAY_SIMD`, kernels/src/cpu.rs). The binaries the
+    # workspace run built, each run from its package's folder as cargo runs it: `cargo test -p`
+    # of the two packages alone would resolve their features apart and build much of the tree
+    # again.
+    cargo test --workspace -j2 --no-run --message-format=json 2>/dev/null |
+        "$venv/bin/python" -c '
+import json, sys
+for line in sys.stdin:
+    m = json.loads(line)
+    if m.get("reason") == "compiler-artifact" and m.get("executable") and m["profile"]["test"] \
+            and m["manifest_path"].endswith(("/kernels/Cargo.toml", "/operators/Cargo.toml")):
+        print(m["manifest_path"][: -len("/Cargo.toml")], m["executable"])' >"$log.simd"
+    [ -s "$log.simd" ] || { echo "no kernels or operators test binaries found" | tee -a "$log"; status=1; }
+    while read -r dir exe; do
+        echo "TIDEWAY_SIMD=avx2 $exe" | tee -a "$log"
+        (cd "$dir" && TIDEWAY_SIMD=avx2 "$exe") 2>&1 | tee -a "$log" || status=$?
+    done <"$log.simd"
+    rm -f "$log.simd"
 fi
 if [ "$status" -eq 0 ]; then
     # The GPU path (feature cuda) builds on every run without a GPU: NVRTC (pip's

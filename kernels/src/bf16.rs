@@ -2,7 +2,9 @@
 //! BF16: `out = x·Wᵀ + b` with `W` rounded to bf16 once, at load, in PyTorch's layout, and
 //! streamed at half of f32's bytes; each weight is widened to f32 in registers (AVX2+FMA)
 //! and multiplied with the f32 activations. Rows of `W` are padded with zeros to a multiple
-//! of 32 so that the kernel never handles a ragged tail.
+//! of 32 so that the kernel never handles a ragged tail. More than 64 rows of activations (a
+//! prefill chunk) take `W` widened to f32 a block at a time and multiplied by gemm instead
+//! ([`block_widened`]).
 //!
 //! With AVX-512 BF16 the weights are packed in panels instead and the activations rounded
 //! to bf16 too, as PyTorch's bf16 inference rounds them ([`crate::panels`]).
@@ -56,6 +58,79 @@ impl Bf16Weight {
 pub fn available() -> bool {
     crate::skinny::available()
 }
+
+/// Rows of `W` widened to f32 at a time by [`block_widened`]: 128 rows, 384 KiB at mamba-130m's
+/// `k` of 768, a block that gemm packs once for all the activation rows and that stays in L2.
+const WIDEN_ROWS: usize = 128;
+
+/// [`block`] for many rows of `x` (a prefill chunk): `W`'s rows `cols`, [`WIDEN_ROWS`] at a
+/// time, widened to f32 once and multiplied by gemm (on this thread) with the activations as
+/// they are. The same values as [`block`]'s (each bf16 widened exactly, f32 products and
+/// sums), summed in gemm's order. [`block`] widens every weight again for each pair of rows;
+/// a 512-token mamba-130m prefill on AVX2 ran at ~0.65 of f32's (BENCHMARKS.md, 2026-12-06).
+///
+/// # Safety
+/// `out.ptr` must hold `x.rows × out.n` values with `cols` inside `0..out.n` and `w` holding
+/// `out.n` rows of `x.cols` inputs; no other thread may write the same columns at the same
+/// time.
+pub unsafe fn block_widened(
+    x: MatRef<'_>,
+    w: &Bf16Weight,
+    bias: Option<&[f32]>,
+    cols: Range<usize>,
+    out: Out,
+) {
+    let k = x.cols;
+    let mut wide = vec![0.0f32; WIDEN_ROWS.min(cols.len()) * k];
+    for start in cols.clone().step_by(WIDEN_ROWS) {
+        let rows = start..(start + WIDEN_ROWS).min(cols.end);
+        for (j, dst) in rows.clone().zip(wide.chunks_exact_mut(k)) {
+            widen_row(&w.bits[j * w.k_pad..][..k], dst);
+        }
+        // SAFETY: the caller's contract: these columns of `out`'s rows are this thread's.
+        unsafe {
+            if let Some(b) = bias {
+                for i in 0..x.rows {
+                    let dst =
+                        std::slice::from_raw_parts_mut(out.ptr.add(i * out.n + start), rows.len());
+                    dst.copy_from_slice(&b[rows.clone()]);
+                }
+            }
+            // As `Linear::forward`'s f32 product: outᵀ = W·xᵀ over swapped strides.
+            gemm::gemm(
+                rows.len(),
+                x.rows,
+                k,
+                out.ptr.add(start),
+                out.n as isize,
+                1,
+                bias.is_some(),
+                wide.as_ptr(),
+                1,
+                k as isize,
+                x.data.as_ptr(),
+                x.row_stride as isize,
+                1,
+                1.0,
+                1.0,
+                false,
+                false,
+                false,
+                gemm::Parallelism::None,
+            );
+        }
+    }
+}
+
+/// `bits` (bf16) widened to f32 into `dst`: a bf16 is the high half of an f32.
+#[inline(always)]
+fn widen_row_body(bits: &[u16], dst: &mut [f32]) {
+    for (d, &b) in dst.iter_mut().zip(bits) {
+        *d = f32::from_bits(u32::from(b) << 16);
+    }
+}
+
+crate::simd::dispatch! { fn widen_row(bits: &[u16], dst: &mut [f32]) => widen_row_body }
 
 /// `x` padded with zeros to `k_pad` columns, `[rows, k_pad]`, as [`block`] reads it.
 pub fn widen_input(x: MatRef<'_>, k_pad: usize) -> Vec<f32> {
@@ -197,5 +272,50 @@ mod tests {
             *v = half::bf16::from_f32(*v).to_f32();
         }
         crate::test_util::assert_linear_matches_f64(&out, &x, k, &w, &b, (m, k, n), "bf16 rows");
+    }
+
+    /// The widened blocks through gemm: against the same f64 product, with a row stride
+    /// wider than `k`, a `k` that the weight pads, more columns than one widened block and
+    /// column shares that start inside one, with the bias and without.
+    #[test]
+    fn widened_blocks_match_the_product_of_the_rounded_weights() {
+        let (m, k, n) = (70, 45, 300);
+        let stride = k + 3;
+        let x = crate::test_util::pseudo(m * stride, 6, -1.0, 1.0);
+        let mut w = crate::test_util::pseudo(n * k, 7, -1.0, 1.0);
+        let b = crate::test_util::pseudo(n, 8, -1.0, 1.0);
+        let weight = Bf16Weight::from_f32(&w, n, k);
+        let view = MatRef {
+            data: &x,
+            rows: m,
+            cols: k,
+            row_stride: stride,
+        };
+        for v in &mut w {
+            *v = half::bf16::from_f32(*v).to_f32();
+        }
+        for bias in [Some(&b[..]), None] {
+            let mut out = vec![f32::NAN; m * n];
+            let target = Out {
+                ptr: out.as_mut_ptr(),
+                n,
+            };
+            // SAFETY: `out` holds m × n; the two blocks write their own columns.
+            unsafe {
+                block_widened(view, &weight, bias, 0..150, target);
+                block_widened(view, &weight, bias, 150..n, target);
+            }
+            let zeros = vec![0.0; n];
+            let want_bias = bias.unwrap_or(&zeros);
+            crate::test_util::assert_linear_matches_f64(
+                &out,
+                &x,
+                stride,
+                &w,
+                want_bias,
+                (m, k, n),
+                "bf16 widened",
+            );
+        }
     }
 }

@@ -124,7 +124,8 @@ enum Stored {
     /// f32 (AVX-512), bf16 (AVX-512 BF16) or int8 (AVX-512 VNNI) packed in panels of 64
     /// outputs: one kernel for every row count.
     Panels(PanelWeight),
-    /// bf16 in PyTorch's layout, widened in registers (CPUs with AVX2 but not AVX-512 BF16).
+    /// bf16 in PyTorch's layout, widened in registers (CPUs with AVX2 but not AVX-512 BF16);
+    /// for more than 64 rows widened a block at a time and multiplied by gemm.
     Bf16(Bf16Weight),
     /// int8 in PyTorch's layout (CPUs with AVX2 but not AVX-512 VNNI).
     Int8(Int8Weight),
@@ -405,6 +406,14 @@ impl Linear {
         };
         let w = match &self.weight {
             Stored::F32(w) => w,
+            Stored::Bf16(w) if m > skinny::MAX_ROWS => {
+                // SAFETY: `out` holds m × n and each block gets its own columns; `w` holds
+                // the layer's n rows of k inputs.
+                shares::by_columns(n, 16, big, |cols| unsafe {
+                    crate::bf16::block_widened(x, w, bias, cols, target)
+                });
+                return;
+            }
             Stored::Bf16(w) => {
                 let x = crate::bf16::widen_input(x, w.k_pad);
                 // SAFETY: bf16 layers exist only where the CPU runs the kernel
