@@ -63,7 +63,7 @@ pub fn available() -> bool {
 /// `k` of 768, a block that gemm packs once for all the activation rows and that stays in L2.
 const WIDEN_ROWS: usize = 128;
 
-/// [`block`] for many rows of `x` (a prefill chunk): `W`'s rows `cols`, [`WIDEN_ROWS`] at a
+/// [`block`] for many rows of `x` (a prefill chunk): `W`'s rows `cols`, `WIDEN_ROWS` (128) at a
 /// time, widened to f32 once and multiplied by gemm (on this thread) with the activations as
 /// they are. The same values as [`block`]'s (each bf16 widened exactly, f32 products and
 /// sums), summed in gemm's order. [`block`] widens every weight again for each pair of rows;
