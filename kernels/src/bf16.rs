@@ -96,26 +96,12 @@ pub unsafe fn block_widened(
                     dst.copy_from_slice(&b[rows.clone()]);
                 }
             }
-            // As `Linear::forward`'s f32 product: outᵀ = W·xᵀ over swapped strides.
-            gemm::gemm(
-                rows.len(),
-                x.rows,
-                k,
-                out.ptr.add(start),
-                out.n as isize,
-                1,
-                bias.is_some(),
+            crate::matmul::gemm_rows(
+                x,
                 wide.as_ptr(),
-                1,
-                k as isize,
-                x.data.as_ptr(),
-                x.row_stride as isize,
-                1,
-                1.0,
-                1.0,
-                false,
-                false,
-                false,
+                rows.len(),
+                (out.ptr.add(start), out.n),
+                bias.is_some(),
                 gemm::Parallelism::None,
             );
         }

@@ -36,8 +36,8 @@ impl std::fmt::Display for SimdLevel {
 /// The environment variable that caps the kernels' instruction set: `avx2` or `portable`
 /// run, on a CPU with AVX-512, the paths that CPUs without it take (to test and measure
 /// them); `avx512` is the default. A cap above what the CPU has changes nothing. The gemm
-/// crate, which multiplies more than `skinny::MAX_ROWS` rows where there are no AVX-512
-/// panels, picks its own instruction set and does not read it.
+/// crate, which multiplies more than `skinny::MAX_ROWS` rows of f32 or bf16 weights where
+/// there are no AVX-512 panels, picks its own instruction set and does not read it.
 pub const SIMD_ENV: &str = "TIDEWAY_SIMD";
 
 /// [`SIMD_ENV`] holds none of the names it takes.

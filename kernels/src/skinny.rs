@@ -21,7 +21,8 @@ use crate::matmul::MatRef;
 /// wins everywhere.
 pub const MAX_ROWS: usize = 64;
 
-/// Whether the hand-written kernel runs here (AVX-512, or AVX2 with FMA; [`crate::cpu::simd_level`]).
+/// Whether the hand-written kernel runs here (AVX-512, or AVX2 with FMA:
+/// [`crate::cpu::simd_level`]).
 pub fn available() -> bool {
     #[cfg(target_arch = "x86_64")]
     {

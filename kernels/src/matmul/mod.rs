@@ -460,35 +460,61 @@ impl Linear {
         } else {
             Parallelism::None
         };
-        // gemm computes dst = alpha·dst + beta·lhs·rhs over strided matrices (column stride
-        // first): outᵀ = W·xᵀ, with lhs = W as stored (`[n, k]`), rhs = xᵀ and dst = outᵀ by
-        // swapped strides. gemm packs W on every call, which costs a share that shrinks as
-        // the rows grow.
+        // gemm packs W on every call, which costs a share that shrinks as the rows grow.
         // SAFETY: `x` holds m × k (checked by `MatRef::check`), `w` n × k and `out` m × n;
         // `out` is a unique borrow, so it cannot alias the inputs.
         unsafe {
-            gemm::gemm(
-                n,
-                m,
-                k,
-                out.as_mut_ptr(),
-                n as isize,
-                1,
-                read_dst,
+            gemm_rows(
+                x,
                 w.as_ptr(),
-                1,
-                k as isize,
-                x.data.as_ptr(),
-                x.row_stride as isize,
-                1,
-                1.0,
-                1.0,
-                false,
-                false,
-                false,
+                n,
+                (out.as_mut_ptr(), n),
+                read_dst,
                 parallelism,
-            );
-        }
+            )
+        };
+    }
+}
+
+/// `out[i, j] (+)= Σ_p x[i, p]·W[j, p]` by the gemm crate for the `n` rows of `W` (`[n,
+/// x.cols]`, row-major) at `w`, `out`'s rows `out_stride` apart, added to what `out` holds
+/// where `read_dst`. gemm computes `dst = alpha·dst + beta·lhs·rhs` over strided matrices
+/// (column stride first): here `outᵀ = W·xᵀ`, with lhs = `W` as stored, rhs = `xᵀ` and dst =
+/// `outᵀ`, by swapped strides.
+///
+/// # Safety
+/// `w` holds `n × x.cols` values and `out` `x.rows` rows of `n` values, `out_stride` apart,
+/// written by no one else meanwhile and aliasing neither input.
+pub(crate) unsafe fn gemm_rows(
+    x: MatRef<'_>,
+    w: *const f32,
+    n: usize,
+    (out, out_stride): (*mut f32, usize),
+    read_dst: bool,
+    parallelism: Parallelism,
+) {
+    unsafe {
+        gemm::gemm(
+            n,
+            x.rows,
+            x.cols,
+            out,
+            out_stride as isize,
+            1,
+            read_dst,
+            w,
+            1,
+            x.cols as isize,
+            x.data.as_ptr(),
+            x.row_stride as isize,
+            1,
+            1.0,
+            1.0,
+            false,
+            false,
+            false,
+            parallelism,
+        );
     }
 }
 
