@@ -27,7 +27,8 @@ cargo test --workspace -j2 2>&1 | tee -a "$log" || status=$?
 if [ "$status" -eq 0 ]; then
     # The paths of CPUs without AVX-512 (the AVX2 kernels, the portable ones compiled for
     # AVX2), whatever this machine has: the kernels' tests and the models' fixture tests again
-    # with the kernels capped at AVX2 (`TIDEWAY_SIMD`, kernels/src/cpu.rs). The binaries the
+    # with the kernels capped at AVX2 (`TIDEWAY_SIMD`, kernels/src/cpu.rs); on a CPU with AMX,
+    # a third time capped at AVX-512 (the bf16 and int8 paths of CPUs without it). The binaries the
     # workspace run built, each run from its package's folder as cargo runs it: `cargo test -p`
     # of the two packages alone would resolve their features apart and build much of the tree
     # again.
@@ -40,10 +41,14 @@ for line in sys.stdin:
             and m["manifest_path"].endswith(("/kernels/Cargo.toml", "/operators/Cargo.toml")):
         print(m["manifest_path"][: -len("/Cargo.toml")], m["executable"])' >"$log.simd"
     [ -s "$log.simd" ] || { echo "no kernels or operators test binaries found" | tee -a "$log"; status=1; }
-    while read -r dir exe; do
-        echo "TIDEWAY_SIMD=avx2 $exe" | tee -a "$log"
-        (cd "$dir" && TIDEWAY_SIMD=avx2 "$exe") 2>&1 | tee -a "$log" || status=$?
-    done <"$log.simd"
+    caps=avx2
+    if grep -qw amx_bf16 /proc/cpuinfo; then caps="avx2 avx512"; fi
+    for cap in $caps; do
+        while read -r dir exe; do
+            echo "TIDEWAY_SIMD=$cap $exe" | tee -a "$log"
+            (cd "$dir" && TIDEWAY_SIMD=$cap "$exe") 2>&1 | tee -a "$log" || status=$?
+        done <"$log.simd"
+    done
     rm -f "$log.simd"
 fi
 if [ "$status" -eq 0 ]; then

@@ -162,7 +162,7 @@ fn multiply_adds(iterations: usize) -> (f32, usize) {
         // The kernels' instruction set, `TIDEWAY_SIMD`'s cap included (a cap never exceeds
         // what the CPU has).
         use tideway_kernels::cpu::{SimdLevel, simd_level};
-        if simd_level() == SimdLevel::Avx512 {
+        if simd_level() >= SimdLevel::Avx512 {
             // SAFETY: the CPU has AVX-512F.
             return (unsafe { multiply_adds_avx512(iterations) }, 16);
         }

@@ -12,11 +12,15 @@ pub enum SimdLevel {
     Avx2,
     /// AVX-512F (512-bit vectors; its extensions, BF16, VNNI, DQ, VL, where the CPU has them).
     Avx512,
+    /// AVX-512 and AMX-BF16/INT8 (Intel's tile matrix multiply, Sapphire Rapids on), granted
+    /// by the OS: bf16 and int8 products of many rows run on the tiles (`panels::amx`).
+    Amx,
 }
 
 impl SimdLevel {
     /// The names [`SIMD_ENV`] takes, beside each level.
-    const NAMES: [(&'static str, SimdLevel); 3] = [
+    const NAMES: [(&'static str, SimdLevel); 4] = [
+        ("amx", SimdLevel::Amx),
         ("avx512", SimdLevel::Avx512),
         ("avx2", SimdLevel::Avx2),
         ("portable", SimdLevel::Portable),
@@ -29,20 +33,22 @@ impl std::fmt::Display for SimdLevel {
             SimdLevel::Portable => "portable",
             SimdLevel::Avx2 => "avx2+fma",
             SimdLevel::Avx512 => "avx512f",
+            SimdLevel::Amx => "avx512f+amx",
         })
     }
 }
 
-/// The environment variable that caps the kernels' instruction set: `avx2` or `portable`
-/// run, on a CPU with AVX-512, the paths that CPUs without it take (to test and measure
-/// them); `avx512` is the default. A cap above what the CPU has changes nothing. The gemm
+/// The environment variable that caps the kernels' instruction set: `avx512` runs, on a CPU
+/// with AMX, the paths of CPUs without it, `avx2` or `portable` those of CPUs without
+/// AVX-512 (to test and measure them); `amx` is the default. A cap above what the CPU has
+/// changes nothing. The gemm
 /// crate, which multiplies more than `skinny::MAX_ROWS` rows of f32 or bf16 weights where
 /// there are no AVX-512 panels, picks its own instruction set and does not read it.
 pub const SIMD_ENV: &str = "TIDEWAY_SIMD";
 
 /// [`SIMD_ENV`] holds none of the names it takes.
 #[derive(Debug, thiserror::Error)]
-#[error("{SIMD_ENV}={value:?}: expected avx512, avx2 or portable")]
+#[error("{SIMD_ENV}={value:?}: expected amx, avx512, avx2 or portable")]
 pub struct SimdEnvError {
     value: String,
 }
@@ -72,6 +78,9 @@ pub fn detected_simd() -> SimdLevel {
     #[cfg(target_arch = "x86_64")]
     {
         if std::is_x86_feature_detected!("avx512f") {
+            if amx_bf16_granted() {
+                return SimdLevel::Amx;
+            }
             return SimdLevel::Avx512;
         }
         if std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma") {
@@ -81,22 +90,66 @@ pub fn detected_simd() -> SimdLevel {
     SimdLevel::Portable
 }
 
+/// Whether the CPU has AMX (CPUID leaf 7: AMX-TILE, AMX-BF16 and AMX-INT8, which every AMX
+/// CPU so far has together) and Linux lets this
+/// process use the tiles' 8 KiB of state: a process must ask for it
+/// (`arch_prctl(ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA)`, Linux 5.16 on) before its first
+/// tile instruction, which would otherwise kill it with SIGILL (llama.cpp's AMX build died
+/// so on this machine: BENCHMARKS.md). Asked once, for the whole process.
+#[cfg(target_arch = "x86_64")]
+fn amx_bf16_granted() -> bool {
+    static GRANTED: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *GRANTED.get_or_init(|| {
+        // Leaf 7 exists on every CPU with AVX-512F (the caller's check).
+        let leaf7 = std::arch::x86_64::__cpuid_count(7, 0);
+        let [bf16, tile, int8] = [22, 24, 25].map(|bit| leaf7.edx & (1 << bit) != 0);
+        bf16 && tile && int8 && request_tile_state()
+    })
+}
+
+/// Asks Linux for the AMX tile data state (`arch_prctl` codes from `asm/prctl.h`; feature 18
+/// is XTILEDATA); false where it refuses (an older kernel, a hypervisor without it).
+#[cfg(all(target_arch = "x86_64", target_os = "linux"))]
+fn request_tile_state() -> bool {
+    const ARCH_REQ_XCOMP_PERM: libc::c_long = 0x1023;
+    const XFEATURE_XTILEDATA: libc::c_long = 18;
+    // SAFETY: a request that changes only which register state the kernel saves for us.
+    unsafe {
+        libc::syscall(
+            libc::SYS_arch_prctl,
+            ARCH_REQ_XCOMP_PERM,
+            XFEATURE_XTILEDATA,
+        ) == 0
+    }
+}
+
+#[cfg(all(target_arch = "x86_64", not(target_os = "linux")))]
+fn request_tile_state() -> bool {
+    false
+}
+
 /// The instruction set the hand-written kernels dispatch to (see `simd`): the CPU's widest,
 /// capped by [`SIMD_ENV`]. Read once, before the first kernel runs (weights are laid out
 /// for it at load); panics on a value [`simd_cap`] refuses.
 pub fn simd_level() -> SimdLevel {
     static LEVEL: std::sync::OnceLock<SimdLevel> = std::sync::OnceLock::new();
     *LEVEL.get_or_init(|| match simd_cap() {
-        Ok(cap) => detected_simd().min(cap.unwrap_or(SimdLevel::Avx512)),
+        Ok(cap) => detected_simd().min(cap.unwrap_or(SimdLevel::Amx)),
         Err(e) => panic!("{e}"),
     })
 }
 
-/// Whether the kernels take their AVX-512 paths ([`simd_level`]); each path checks the
-/// extensions beyond AVX-512F it needs itself.
+/// Whether the kernels take their AVX-512 paths ([`simd_level`]; true where they take AMX's
+/// too); each path checks the extensions beyond AVX-512F it needs itself.
 #[inline]
 pub(crate) fn avx512() -> bool {
-    simd_level() == SimdLevel::Avx512
+    simd_level() >= SimdLevel::Avx512
+}
+
+/// Whether bf16 and int8 products of many rows may run on AMX tiles ([`simd_level`]).
+#[inline]
+pub(crate) fn amx() -> bool {
+    simd_level() == SimdLevel::Amx
 }
 
 /// Whether the kernels may use AVX2 and FMA ([`simd_level`]; true where they take AVX-512).
@@ -242,11 +295,12 @@ mod tests {
     fn simd_cap_names() {
         assert_eq!(parse_simd_cap("avx2").unwrap(), SimdLevel::Avx2);
         assert_eq!(parse_simd_cap("AVX512").unwrap(), SimdLevel::Avx512);
+        assert_eq!(parse_simd_cap("amx").unwrap(), SimdLevel::Amx);
         assert_eq!(parse_simd_cap("portable").unwrap(), SimdLevel::Portable);
         let e = parse_simd_cap("avx2+fma").unwrap_err().to_string();
         assert_eq!(
             e,
-            "TIDEWAY_SIMD=\"avx2+fma\": expected avx512, avx2 or portable"
+            "TIDEWAY_SIMD=\"avx2+fma\": expected amx, avx512, avx2 or portable"
         );
         // A cap never asks for more than the CPU has.
         assert!(simd_level() <= detected_simd());

@@ -286,7 +286,7 @@ impl Linear {
         // (`from_torch_as`); `x` was prepared for `w`; `target` holds m × n (the caller's
         // contract), and each block gets its own rows and columns, the columns starting at a
         // panel.
-        shares::by_tiles(m, n, big, |rows, cols| unsafe {
+        shares::by_tiles(m, n, big, x.row_align(), |rows, cols| unsafe {
             crate::panels::block(&x, w, bias, rows, cols, target)
         });
     }

@@ -50,11 +50,13 @@ pub(super) fn by_columns(n: usize, align: usize, big: bool, block: impl Fn(Range
 /// share split by rows as well (as even as can be), until every thread has a few. Both
 /// of a column's row shares then read its panel, which a product of several tiles reuses
 /// from cache anyway; rows that fit one tile stay whole, each panel streamed from memory
-/// once.
+/// once. `row_align` > 1 (AMX's tiles of 16 rows) makes every row share but the last whole
+/// tiles of that many rows: a share that started inside a tile would compute all of it.
 pub(super) fn by_tiles(
     m: usize,
     n: usize,
     big: bool,
+    row_align: usize,
     block: impl Fn(Range<usize>, Range<usize>) + Sync,
 ) {
     let threads = rayon::current_num_threads();
@@ -66,14 +68,25 @@ pub(super) fn by_tiles(
     }
     // A few row shares as even as can be; rows of a few tiles (a decode step's) one
     // share per tile, so that the pool evens out columns of unequal cost.
-    let tiles = m.div_ceil(crate::panels::MAX_TILE_ROWS);
+    let aligned = row_align > 1;
+    let tiles = m.div_ceil(if aligned {
+        row_align
+    } else {
+        crate::panels::MAX_TILE_ROWS
+    });
     let row_shares = (4 * threads).div_ceil(col_shares);
     let row_shares = if tiles <= 2 * row_shares {
         tiles
     } else {
         row_shares
     };
-    let row_start = |r: usize| r * m / row_shares;
+    let row_start = |r: usize| {
+        if aligned {
+            (r * tiles / row_shares * row_align).min(m)
+        } else {
+            r * m / row_shares
+        }
+    };
     (0..row_shares * col_shares).into_par_iter().for_each(|s| {
         let (r, c) = (s / col_shares, s % col_shares);
         block(

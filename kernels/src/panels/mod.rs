@@ -31,6 +31,9 @@
 //! rows, widened to f32 once and multiplied by the f32 tile; where every column of the rows
 //! is an outlier, that pass alone writes the outputs).
 //!
+//! On a CPU with AMX, bf16 and int8 products of 16 rows or more run on its tile units instead,
+//! reading the same panels (`amx.rs`).
+//!
 //! `examples/linear_shapes.rs` measures the kernel against the row-layout kernels of
 //! [`crate::skinny`], [`crate::bf16`] and [`crate::int8`] and gemm (BENCHMARKS.md).
 
@@ -39,10 +42,14 @@ use std::sync::Arc;
 
 use crate::huge_pages::{HugeBuffer, Zeroable};
 use crate::int8::{Int8Activations, quantize_weight, weight_scale};
+#[cfg(test)]
 use crate::matmul::MatRef;
 use crate::skinny::Out;
 
+mod input;
 mod per_cpu;
+pub use input::PanelInput;
+use input::{bf16_bits, bf16_pairs};
 pub use per_cpu::{OneRowWalk, bf16_by_fma, one_row_walk};
 
 /// Output columns per panel: 4 vectors of 16 lanes.
@@ -359,130 +366,6 @@ impl PanelWeight {
     }
 }
 
-/// The activations of one call as a panel kernel reads them: rows of 32-bit lanes, one per
-/// step of the weight (an f32, a pair of bf16 or a quad of int8), or two for
-/// [`PanelInput::Bf16Wide`].
-pub enum PanelInput<'a> {
-    /// f32 activations as the caller holds them.
-    F32(MatRef<'a>),
-    /// Rounded to bf16 (nearest, ties to even) in pairs, `[rows, steps]`, an odd `k` padded
-    /// with a zero.
-    Bf16 { pairs: Vec<u32>, rows: usize },
-    /// Rounded to bf16 as for [`PanelInput::Bf16`] but each kept in an f32 (the same values),
-    /// `[rows, 2 × steps]`: for the tiles that widen a bf16 panel to f32 and multiply with
-    /// FMAs ([`bf16_by_fma`]).
-    Bf16Wide { values: Vec<f32>, rows: usize },
-    /// Quantized as LLM.int8 quantizes activations ([`crate::int8::quantize`]), rows padded to
-    /// whole quads.
-    Int8(Int8Activations),
-}
-
-impl<'a> PanelInput<'a> {
-    /// `x` as `w`'s kernel reads it: as it is for f32, rounded and paired for bf16,
-    /// quantized for int8.
-    pub fn for_weight(x: MatRef<'a>, w: &PanelWeight) -> Self {
-        match w.format {
-            PanelFormat::F32 => PanelInput::F32(x),
-            PanelFormat::Bf16 if x.rows >= WIDE_MIN_ROWS && bf16_by_fma() => {
-                Self::bf16_wide(x, w.steps())
-            }
-            PanelFormat::Bf16 => Self::bf16_pairs(x, w.steps()),
-            PanelFormat::Int8 => PanelInput::Int8(crate::int8::quantize_compact(x, 4 * w.steps())),
-        }
-    }
-
-    /// `x` rounded to bf16 in pairs, for a weight of `steps` pairs.
-    fn bf16_pairs(x: MatRef<'a>, steps: usize) -> Self {
-        let mut pairs = vec![0u32; x.rows * steps];
-        for (i, dst) in pairs
-            .chunks_exact_mut(steps.max(1))
-            .enumerate()
-            .take(x.rows)
-        {
-            bf16_pairs(&x.data[i * x.row_stride..][..x.cols], dst);
-        }
-        PanelInput::Bf16 {
-            pairs,
-            rows: x.rows,
-        }
-    }
-
-    /// `x` rounded to bf16 and kept in f32, for a weight of `steps` pairs.
-    fn bf16_wide(x: MatRef<'a>, steps: usize) -> Self {
-        let k_pad = 2 * steps;
-        let mut values = vec![0.0f32; x.rows * k_pad];
-        for (i, dst) in values
-            .chunks_exact_mut(k_pad.max(1))
-            .enumerate()
-            .take(x.rows)
-        {
-            bf16_rounded(&x.data[i * x.row_stride..][..x.cols], &mut dst[..x.cols]);
-        }
-        PanelInput::Bf16Wide {
-            values,
-            rows: x.rows,
-        }
-    }
-
-    /// Rows, the first lane and the lanes from one row to the next.
-    fn lanes(&self) -> (usize, *const u32, usize) {
-        match self {
-            PanelInput::F32(x) => (x.rows, x.data.as_ptr().cast(), x.row_stride),
-            PanelInput::Bf16 { pairs, rows } => {
-                (*rows, pairs.as_ptr(), pairs.len() / (*rows).max(1))
-            }
-            PanelInput::Bf16Wide { values, rows } => {
-                (*rows, values.as_ptr().cast(), values.len() / (*rows).max(1))
-            }
-            PanelInput::Int8(x) => (x.scale.len(), x.q.as_ptr().cast(), x.k_pad / 4),
-        }
-    }
-}
-
-/// Fewest rows for which a bf16 product widens its panel to f32 where [`bf16_by_fma`]: one
-/// or two rows stream their panel from memory, where `vdpbf16ps`'s fewer instructions cost
-/// nothing and the widening only adds work.
-const WIDE_MIN_ROWS: usize = 3;
-
-/// `v` rounded to bf16 (nearest, ties to even; a NaN stays a quiet NaN), in the low 16 bits:
-/// `half::bf16::from_f32`'s rounding, as plain integer arithmetic that vectorises (the
-/// activations of a call are rounded on every call).
-#[inline(always)]
-fn bf16_bits(v: f32) -> u32 {
-    let bits = v.to_bits();
-    if v.is_nan() {
-        (bits >> 16) | 0x40
-    } else {
-        // Adding 0x7fff, plus 1 when the kept part is odd, carries into it exactly when the
-        // dropped half is above half an ulp, or at half an ulp with an odd kept part.
-        (bits + 0x7fff + ((bits >> 16) & 1)) >> 16
-    }
-}
-
-/// `row` rounded to bf16 in pairs, `dst[t]` holding inputs `2t` (low half) and `2t + 1`.
-#[inline(always)]
-fn bf16_pairs_body(row: &[f32], dst: &mut [u32]) {
-    let mut pairs = row.chunks_exact(2);
-    for (d, pair) in dst.iter_mut().zip(&mut pairs) {
-        *d = bf16_bits(pair[0]) | (bf16_bits(pair[1]) << 16);
-    }
-    if let [last] = pairs.remainder() {
-        dst[row.len() / 2] = bf16_bits(*last);
-    }
-}
-
-crate::simd::dispatch! { fn bf16_pairs(row: &[f32], dst: &mut [u32]) => bf16_pairs_body }
-
-/// `row` rounded to bf16, each value kept in an f32.
-#[inline(always)]
-fn bf16_rounded_body(row: &[f32], dst: &mut [f32]) {
-    for (d, v) in dst.iter_mut().zip(row) {
-        *d = f32::from_bits(bf16_bits(*v) << 16);
-    }
-}
-
-crate::simd::dispatch! { fn bf16_rounded(row: &[f32], dst: &mut [f32]) => bf16_rounded_body }
-
 fn check_len(w: &[f32], n: usize, k: usize) {
     assert_eq!(
         w.len(),
@@ -550,7 +433,15 @@ pub unsafe fn block_steps(
         (PanelInput::Bf16Wide { values, rows }, PanelFormat::Bf16) => {
             assert_eq!(values.len(), rows * 2 * w.steps())
         }
+        (PanelInput::Bf16Tiles { tiles, rows }, PanelFormat::Bf16) => {
+            assert!(w.steps().is_multiple_of(16) && steps == (0..w.steps()));
+            assert_eq!(tiles.len(), rows.div_ceil(16) * 16 * w.steps());
+        }
         (PanelInput::Int8(x), PanelFormat::Int8) => assert_eq!(x.k_pad, 4 * w.steps()),
+        (PanelInput::Int8Tiles { x, tiles }, PanelFormat::Int8) => {
+            assert!(w.steps().is_multiple_of(16) && x.k_pad == 4 * w.steps());
+            assert_eq!(tiles.len(), x.scale.len().div_ceil(16) * 16 * w.steps());
+        }
         _ => panic!(
             "activations prepared for another format than {:?}",
             w.format
@@ -558,6 +449,18 @@ pub unsafe fn block_steps(
     }
     #[cfg(target_arch = "x86_64")]
     unsafe {
+        // Tiles exist only where `amx::takes` said so.
+        match x {
+            PanelInput::Bf16Tiles { tiles, .. } => {
+                let tiles = amx::TileInput::Bf16(tiles);
+                return amx::block(tiles, w, bias, rows, cols, out);
+            }
+            PanelInput::Int8Tiles { x, tiles } => {
+                let tiles = amx::TileInput::Int8 { tiles, x };
+                return amx::block(tiles, w, bias, rows, cols, out);
+            }
+            _ => {}
+        }
         avx512::block(x, rows, w, bias, (cols, steps), out, walk)
     }
     #[cfg(not(target_arch = "x86_64"))]
@@ -580,6 +483,8 @@ fn row_tiles(rows: Range<usize>) -> impl Iterator<Item = Range<usize>> {
     })
 }
 
+#[cfg(target_arch = "x86_64")]
+mod amx;
 #[cfg(target_arch = "x86_64")]
 mod avx512;
 #[cfg(target_arch = "x86_64")]

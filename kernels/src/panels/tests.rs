@@ -386,3 +386,92 @@ fn in_shares(
     }
     out
 }
+
+/// bf16 on AMX tiles (`amx.rs`) against a product in f64 of the rounded values: one tile and
+/// several of `k`, rows that fill no tile, one tile, part of a second or of a third (blocks of
+/// two tiles and of one), columns in groups of 32 and 16 with the last panel's padding
+/// past `n`, shares that start inside a tile (`in_shares`), with and without the bias.
+#[test]
+fn amx_tiles_match_the_naive_product() {
+    if !crate::cpu::amx() {
+        eprintln!("skipped: no AMX-BF16 here ({})", crate::cpu::simd_level());
+        return;
+    }
+    for (m, k, n) in [
+        (16, 32, 16),
+        (17, 64, 80),
+        (40, 768, 150),
+        (64, 96, 64),
+        (33, 1536, 200),
+        (16, 63, 48),
+    ] {
+        let x = crate::test_util::pseudo(m * k, 61, -1.0, 1.0);
+        let w = crate::test_util::pseudo(n * k, 62, -1.0, 1.0);
+        let packed = PanelWeight::from_torch_bf16(&w, n, k);
+        let view = MatRef::dense(&x, m, k);
+        let input = PanelInput::for_weight(view, &packed);
+        assert!(
+            matches!(input, PanelInput::Bf16Tiles { .. }),
+            "{m}×{k}×{n} takes the tiles"
+        );
+        let round = |v: &[f32]| -> Vec<f32> {
+            v.iter()
+                .map(|&v| half::bf16::from_f32(v).to_f32())
+                .collect()
+        };
+        let (xr, wr) = (round(&x), round(&w));
+        for b in [crate::test_util::pseudo(n, 63, -1.0, 1.0), vec![0.0; n]] {
+            let out = in_shares(&input, &packed, &b, m, OneRowWalk::ALL[0]);
+            let what = format!("bf16 AMX {m}×{k}×{n}");
+            crate::test_util::assert_linear_matches_f64(&out, &xr, k, &wr, &b, (m, k, n), &what);
+        }
+    }
+    // Fewer rows, or a `k` that is not whole tiles, take the AVX-512 kernels.
+    let w = crate::test_util::pseudo(64 * 48, 64, -1.0, 1.0);
+    let x = crate::test_util::pseudo(64 * 48, 65, -1.0, 1.0);
+    let packed = PanelWeight::from_torch_bf16(&w, 64, 48);
+    let input = PanelInput::for_weight(MatRef::dense(&x, 64, 48), &packed);
+    assert!(!matches!(input, PanelInput::Bf16Tiles { .. }));
+    let packed = PanelWeight::from_torch_bf16(&w, 48, 64);
+    let input = PanelInput::for_weight(MatRef::dense(&x, 15, 64), &packed);
+    assert!(!matches!(input, PanelInput::Bf16Tiles { .. }));
+}
+
+/// int8 on AMX tiles against LLM.int8's math in i64 and f64, as the AVX-512 kernel's test:
+/// rows that fill no tile, one, part of a second or third, partial last panels, outliers
+/// none, few (widened as the tiles go and, from 3 tiles of 6, widened once), many and every
+/// column, shares that start inside a tile.
+#[test]
+fn amx_int8_tiles_compute_llm_int8s_product() {
+    if !crate::cpu::amx() {
+        eprintln!("skipped: no AMX here ({})", crate::cpu::simd_level());
+        return;
+    }
+    let every = |k: usize| (0..k).collect::<Vec<_>>();
+    for (m, k, n, outliers) in [
+        (16, 64, 16, vec![]),
+        (17, 128, 80, vec![5usize, 100]),
+        (40, 768, 150, vec![3, 700]),
+        (33, 1536, 200, (0..1536).step_by(2).collect()),
+        (20, 64, 70, every(64)),
+        (64, 192, 64, vec![0, 191]),
+    ] {
+        let outliers = &outliers[..];
+        let mut x = crate::test_util::pseudo(m * k, 71, -2.0, 2.0);
+        for (r, &p) in outliers.iter().enumerate() {
+            x[(r % m) * k + p] = if r % 2 == 0 { 7.5 } else { -6.0 };
+        }
+        let w = crate::test_util::pseudo(n * k, 72, -0.5, 0.5);
+        let b = crate::test_util::pseudo(n, 73, -1.0, 1.0);
+        let packed = PanelWeight::from_torch_int8(&w, n, k);
+        let input = PanelInput::for_weight(MatRef::dense(&x, m, k), &packed);
+        let PanelInput::Int8Tiles { x: acts, .. } = &input else {
+            panic!("{m}×{k}×{n} takes the tiles")
+        };
+        assert_eq!(acts.outliers(), outliers);
+        let rows = crate::int8::Int8Weight::from_f32(&w, n, k);
+        let out = in_shares(&input, &packed, &b, m, OneRowWalk::ALL[0]);
+        let what = format!("int8 AMX {m}×{k}×{n}");
+        crate::test_util::assert_llm_int8(&out, &x, acts, &rows, &b, (m, k, n), &what);
+    }
+}
