@@ -9,12 +9,15 @@
 # builds in reverse order in even rounds); prints the medians as a table and each build's
 # rounds. Every tool runs with all cores (`nproc`).
 #
-#   bench/cpu_decode.sh [MODEL_DIR] [ROUNDS] [TIDEWAY[@DTYPE]...]
+#   bench/cpu_decode.sh [MODEL_DIR] [ROUNDS] [TIDEWAY[@DTYPE[:CAP]]...]
 #
 # MODEL_DIR defaults to bench/models/mamba-130m-random (bench/make_mamba130m.py). TIDEWAY is
-# one or more tideway binaries to compare, each with its `--dtype` (f32 if left out), each
-# measured in every round: e.g. a build of the previous commit beside this one's at f32,
+# one or more tideway binaries to compare, each with its `--dtype` (f32 if left out) and its
+# kernels' cap (`TIDEWAY_SIMD=CAP` for that run alone: `@bf16:avx512` is bf16 without AMX),
+# each measured in every round: e.g. a build of the previous commit beside this one's at f32,
 # bf16 and int8. Default: target/release/tideway (built here) at f32, bf16 and int8.
+# HF_BF16=1 runs HF transformers a second time in bf16 (PyTorch's CPU matmuls in bf16 go
+# through oneDNN, which takes AMX where the CPU has it).
 # llama.cpp 0.3.36's Mamba crashes (SIGSEGV) at batches above 1 with f16 and q8_0 weights on
 # this machine: those cells stay empty.
 # Decode: after a 16-token prompt, 32 new tokens per sequence at batch 1, 8 and 32; prefill:
@@ -80,10 +83,11 @@ for round in $(seq "$rounds"); do
     runs=("$@")
     for i in $order; do
         run=${runs[$i]}
-        tideway=${run%@*} dtype=f32
+        tideway=${run%@*} dtype=f32 cap=${TIDEWAY_SIMD:-}
         [ "$run" != "$tideway" ] && dtype=${run##*@}
-        "$tideway" bench --model "$model" --batches 1,8,32 --prefill-tokens 512 --threads "$threads" \
-            --dtype "$dtype" --json 2>/dev/null >"$out/r$round-tideway$i.json"
+        if [ "${dtype#*:}" != "$dtype" ]; then cap=${dtype#*:} dtype=${dtype%%:*}; fi
+        env ${cap:+TIDEWAY_SIMD="$cap"} "$tideway" bench --model "$model" --batches 1,8,32 --prefill-tokens 512 \
+            --threads "$threads" --dtype "$dtype" --json 2>/dev/null >"$out/r$round-tideway$i.json"
     done
     for gguf in ${ggufs[@]+"${ggufs[@]}"}; do
         name=$(basename "$gguf" .gguf)
@@ -100,6 +104,10 @@ for round in $(seq "$rounds"); do
     if [ "$family" = mamba ]; then
         "$venv/bin/python" bench/hf_mamba_bench.py "$model" --threads "$threads" --json \
             2>/dev/null >"$out/r$round-hf.json"
+        if [ "${HF_BF16:-}" = 1 ]; then
+            "$venv/bin/python" bench/hf_mamba_bench.py "$model" --threads "$threads" --json \
+                --dtype bf16 2>/dev/null >"$out/r$round-hf-bf16.json"
+        fi
     else
         "$venv/bin/python" bench/fla_cpu_bench.py "$model" --threads "$threads" --json \
             2>/dev/null >"$out/r$round-fla.json"
@@ -169,7 +177,7 @@ for r in range(1, rounds + 1):
         rss = re.findall(r"peak_rss_kb (\d+)", (out / f"r{r}-{name}-decode.err").read_text())
         if rss:
             put(col, "peak RSS MiB", int(rss[0]) / 1024)
-    for peer, label in (("hf", "HF"), ("fla", "fla (reference functions)")):
+    for peer, label in (("hf", "HF"), ("hf-bf16", "HF bf16"), ("fla", "fla (reference functions)")):
         path = out / f"r{r}-{peer}.json"
         if not path.exists():
             continue
