@@ -315,13 +315,7 @@ fn the_int8_kernel_computes_llm_int8s_product() {
         (80, 4500, 70, vec![7, 4499]),
     ] {
         let outliers = &outliers[..];
-        let mut x = crate::test_util::pseudo(m * k, 41, -2.0, 2.0);
-        for (r, &p) in outliers.iter().enumerate() {
-            x[(r % m) * k + p] = if r % 2 == 0 { 7.5 } else { -6.0 };
-        }
-        let w = crate::test_util::pseudo(n * k, 42, -0.5, 0.5);
-        let b = crate::test_util::pseudo(n, 43, -1.0, 1.0);
-        let packed = PanelWeight::from_torch_int8(&w, n, k);
+        let (x, w, b, packed) = int8_case((m, k, n), outliers, 41);
         let view = MatRef::dense(&x, m, k);
         let input = PanelInput::for_weight(view, &packed);
         let PanelInput::Int8(acts) = &input else {
@@ -335,6 +329,23 @@ fn the_int8_kernel_computes_llm_int8s_product() {
             crate::test_util::assert_llm_int8(&out, &x, acts, &rows, &b, (m, k, n), &what);
         }
     }
+}
+
+/// An int8 case of `m × k` activations (seeded from `seed`) whose `outliers` columns hold a
+/// value of LLM.int8's outlier size in one row each, `n × k` weights packed as int8, a bias.
+fn int8_case(
+    (m, k, n): (usize, usize, usize),
+    outliers: &[usize],
+    seed: u64,
+) -> (Vec<f32>, Vec<f32>, Vec<f32>, PanelWeight) {
+    let mut x = crate::test_util::pseudo(m * k, seed, -2.0, 2.0);
+    for (r, &p) in outliers.iter().enumerate() {
+        x[(r % m) * k + p] = if r % 2 == 0 { 7.5 } else { -6.0 };
+    }
+    let w = crate::test_util::pseudo(n * k, seed + 1, -0.5, 0.5);
+    let b = crate::test_util::pseudo(n, seed + 2, -1.0, 1.0);
+    let packed = PanelWeight::from_torch_int8(&w, n, k);
+    (x, w, b, packed)
 }
 
 /// `out` (`[rows, n]`) of `packed` (whose format this CPU runs) and `input` (prepared for it),
@@ -457,13 +468,7 @@ fn amx_int8_tiles_compute_llm_int8s_product() {
         (64, 192, 64, vec![0, 191]),
     ] {
         let outliers = &outliers[..];
-        let mut x = crate::test_util::pseudo(m * k, 71, -2.0, 2.0);
-        for (r, &p) in outliers.iter().enumerate() {
-            x[(r % m) * k + p] = if r % 2 == 0 { 7.5 } else { -6.0 };
-        }
-        let w = crate::test_util::pseudo(n * k, 72, -0.5, 0.5);
-        let b = crate::test_util::pseudo(n, 73, -1.0, 1.0);
-        let packed = PanelWeight::from_torch_int8(&w, n, k);
+        let (x, w, b, packed) = int8_case((m, k, n), outliers, 71);
         let input = PanelInput::for_weight(MatRef::dense(&x, m, k), &packed);
         let PanelInput::Int8Tiles { x: acts, .. } = &input else {
             panic!("{m}×{k}×{n} takes the tiles")
