@@ -405,7 +405,7 @@ fn in_shares(
 #[test]
 fn amx_tiles_match_the_naive_product() {
     if !crate::cpu::amx() {
-        eprintln!("skipped: no AMX-BF16 here ({})", crate::cpu::simd_level());
+        eprintln!("skipped: no AMX here ({})", crate::cpu::simd_level());
         return;
     }
     for (m, k, n) in [
