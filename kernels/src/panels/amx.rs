@@ -60,8 +60,11 @@ pub(super) fn takes(w: &PanelWeight, rows: usize) -> bool {
 }
 
 /// Fewest rows a product runs on tiles for: below, a tile of 16 rows is mostly padding and
-/// the weights come from memory at the AVX-512 kernels' pace anyway. Measured in
-/// BENCHMARKS.md ("bf16 and int8 on AMX").
+/// the weights come from memory at the AVX-512 kernels' pace anyway. With 4 here, the weights
+/// from memory (`linear_shapes bf16 cold`, 4 / 8 / 12 rows, two runs each way, 2026-12-06,
+/// GB/s of weights): `in_proj` 17-21 on tiles against 19-24, `lm_head` 23 / 23 / 21-23
+/// against 23-25 / 23 / 19-20, `out_proj` 18-20 / 14-16 / 16-17 against 17-23 / 21-22 /
+/// 17-18. BENCHMARKS.md ("bf16 and int8 on AMX tiles") has the products of more rows.
 const MIN_ROWS: usize = 16;
 
 /// The tile registers' shapes (`ldtilecfg`'s 64 bytes, palette 1): all eight 16 rows of 64
