@@ -78,7 +78,7 @@ pub fn detected_simd() -> SimdLevel {
     #[cfg(target_arch = "x86_64")]
     {
         if std::is_x86_feature_detected!("avx512f") {
-            if amx_bf16_granted() {
+            if amx_granted() {
                 return SimdLevel::Amx;
             }
             return SimdLevel::Avx512;
@@ -97,7 +97,7 @@ pub fn detected_simd() -> SimdLevel {
 /// tile instruction, which would otherwise kill it with SIGILL (llama.cpp's AMX build died
 /// so on this machine: BENCHMARKS.md). Asked once, for the whole process.
 #[cfg(target_arch = "x86_64")]
-fn amx_bf16_granted() -> bool {
+fn amx_granted() -> bool {
     static GRANTED: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
     *GRANTED.get_or_init(|| {
         // Leaf 7 exists on every CPU with AVX-512F (the caller's check).

@@ -412,27 +412,25 @@ unsafe fn dot<const INT8: bool>(sum: Dot) {
     }
 }
 
-/// `x` rounded to bf16 (as [`super::bf16_pairs`]) into whole tiles for a weight of `steps`
-/// pairs (a multiple of [`TILE_STEPS`]): tile `(r, t)` (rows `16r..16r + 16`, steps
-/// `16t..16t + 16`) is [`TILE_LANES`] lanes at `(r · steps / 16 + t) · TILE_LANES`, row by
-/// row; rows past `x`'s are zeros.
-pub(super) fn round_into_tiles(x: crate::matmul::MatRef<'_>, steps: usize) -> Vec<u32> {
+/// `rows` rows of `steps` lanes (a multiple of [`TILE_STEPS`]) in whole tiles: `row(i, lanes)`
+/// writes row `i`'s lanes, which are then copied into its tiles. Tile `(r, t)` (rows `16r..16r
+/// + 16`, steps `16t..16t + 16`) is [`TILE_LANES`] lanes at `(r · steps / 16 + t) ·
+/// TILE_LANES`, row by row; rows past `rows` are zeros. A tile of rows on each of the pool's
+/// threads: rounded on the caller's thread alone, a prefill's `out_proj` (512 × 1536) took a
+/// third as long again as its product.
+fn into_tiles(rows: usize, steps: usize, row: impl Fn(usize, &mut [u32]) + Sync) -> Vec<u32> {
     use rayon::prelude::*;
-    debug_assert!(steps.is_multiple_of(TILE_STEPS) && x.cols <= 2 * steps);
+    debug_assert!(steps.is_multiple_of(TILE_STEPS));
     let k_tiles = steps / TILE_STEPS;
-    let mut tiles = vec![0u32; x.rows.div_ceil(TILE_ROWS) * k_tiles * TILE_LANES];
-    // A tile of rows on each of the pool's threads: rounded on the caller's thread alone, a
-    // prefill's `out_proj` (512 × 1536) took a third as long again as its product. Each row
-    // in one call of the vector rounding, then its tiles' pieces copied: a call for each
-    // tile's 32 inputs made the rounding 12% of a bf16 prefill (`perf`).
+    let mut tiles = vec![0u32; rows.div_ceil(TILE_ROWS) * k_tiles * TILE_LANES];
     tiles
         .par_chunks_mut(k_tiles * TILE_LANES)
         .enumerate()
         .for_each(|(r, block)| {
-            let mut pairs = vec![0u32; steps];
-            for i in r * TILE_ROWS..x.rows.min((r + 1) * TILE_ROWS) {
-                super::bf16_pairs(&x.data[i * x.row_stride..][..x.cols], &mut pairs);
-                for (t, piece) in pairs.chunks_exact(TILE_STEPS).enumerate() {
+            let mut lanes = vec![0u32; steps];
+            for i in r * TILE_ROWS..rows.min((r + 1) * TILE_ROWS) {
+                row(i, &mut lanes);
+                for (t, piece) in lanes.chunks_exact(TILE_STEPS).enumerate() {
                     let at = t * TILE_LANES + (i % TILE_ROWS) * TILE_STEPS;
                     block[at..at + TILE_STEPS].copy_from_slice(piece);
                 }
@@ -441,35 +439,25 @@ pub(super) fn round_into_tiles(x: crate::matmul::MatRef<'_>, steps: usize) -> Ve
     tiles
 }
 
+/// `x` rounded to bf16 (as [`super::bf16_pairs`]) into whole tiles ([`into_tiles`]) for a
+/// weight of `steps` pairs. Each row in one call of the vector rounding: a call for each
+/// tile's 32 inputs made the rounding 12% of a bf16 prefill (`perf`).
+pub(super) fn round_into_tiles(x: crate::matmul::MatRef<'_>, steps: usize) -> Vec<u32> {
+    debug_assert!(x.cols <= 2 * steps);
+    // Every row fills the same lanes: those past `x.cols` stay 0 from one row to the next.
+    into_tiles(x.rows, steps, |i, pairs| {
+        super::bf16_pairs(&x.data[i * x.row_stride..][..x.cols], pairs)
+    })
+}
+
 /// LLM.int8's quantized rows of `x` (`[rows, k_pad]`, zeros on the outlier columns) into whole
-/// tiles of 16 rows × 64 inputs, laid out as [`round_into_tiles`]' (a lane holds a quad).
+/// tiles of 16 rows × 64 inputs ([`into_tiles`]; a lane holds a quad, the first input in its
+/// low byte).
 pub(super) fn int8_into_tiles(x: &Int8Activations) -> Vec<u32> {
-    use rayon::prelude::*;
-    let steps = x.k_pad / 4;
-    debug_assert!(steps.is_multiple_of(TILE_STEPS));
-    let (rows, k_tiles) = (x.scale.len(), steps / TILE_STEPS);
-    let mut tiles = vec![0u32; rows.div_ceil(TILE_ROWS) * k_tiles * TILE_LANES];
-    tiles
-        .par_chunks_mut(k_tiles * TILE_LANES)
-        .enumerate()
-        .for_each(|(r, block)| {
-            for i in r * TILE_ROWS..rows.min((r + 1) * TILE_ROWS) {
-                let row = &x.q[i * x.k_pad..][..x.k_pad];
-                for (t, quads) in row.chunks_exact(4 * TILE_STEPS).enumerate() {
-                    let at = t * TILE_LANES + (i % TILE_ROWS) * TILE_STEPS;
-                    for (lane, quad) in block[at..at + TILE_STEPS]
-                        .iter_mut()
-                        .zip(quads.chunks_exact(4))
-                    {
-                        *lane = u32::from_le_bytes([
-                            quad[0] as u8,
-                            quad[1] as u8,
-                            quad[2] as u8,
-                            quad[3] as u8,
-                        ]);
-                    }
-                }
-            }
-        });
-    tiles
+    into_tiles(x.scale.len(), x.k_pad / 4, |i, lanes| {
+        let row = &x.q[i * x.k_pad..][..x.k_pad];
+        for (lane, quad) in lanes.iter_mut().zip(row.as_chunks::<4>().0) {
+            *lane = u32::from_le_bytes(quad.map(|q| q as u8));
+        }
+    })
 }

@@ -113,7 +113,19 @@ impl<'a> PanelInput<'a> {
         }
     }
 
-    /// Rows, the first lane and the lanes from one row to the next (tiles: one tile's row).
+    /// Rows of activations.
+    pub(super) fn rows(&self) -> usize {
+        match self {
+            PanelInput::F32(x) => x.rows,
+            PanelInput::Bf16 { rows, .. }
+            | PanelInput::Bf16Wide { rows, .. }
+            | PanelInput::Bf16Tiles { rows, .. } => *rows,
+            PanelInput::Int8(x) | PanelInput::Int8Tiles { x, .. } => x.scale.len(),
+        }
+    }
+
+    /// Rows, the first lane and the lanes from one row to the next, for the AVX-512 tiles
+    /// (AMX's tiles are read by `amx.rs`).
     pub(super) fn lanes(&self) -> (usize, *const u32, usize) {
         match self {
             PanelInput::F32(x) => (x.rows, x.data.as_ptr().cast(), x.row_stride),
@@ -123,9 +135,10 @@ impl<'a> PanelInput<'a> {
             PanelInput::Bf16Wide { values, rows } => {
                 (*rows, values.as_ptr().cast(), values.len() / (*rows).max(1))
             }
-            PanelInput::Bf16Tiles { tiles, rows } => (*rows, tiles.as_ptr(), 16),
             PanelInput::Int8(x) => (x.scale.len(), x.q.as_ptr().cast(), x.k_pad / 4),
-            PanelInput::Int8Tiles { x, tiles } => (x.scale.len(), tiles.as_ptr(), 16),
+            PanelInput::Bf16Tiles { .. } | PanelInput::Int8Tiles { .. } => {
+                unreachable!("AMX tiles are not rows of lanes")
+            }
         }
     }
 }

@@ -421,9 +421,9 @@ pub unsafe fn block_steps(
     assert!(cols.start.is_multiple_of(PANEL) && cols.end <= w.n && out.n == w.n);
     assert!(steps.start <= steps.end && steps.end <= w.steps());
     assert!(
-        rows.end <= x.lanes().0,
+        rows.end <= x.rows(),
         "rows {rows:?} of a {}-row input",
-        x.lanes().0
+        x.rows()
     );
     match (x, w.format) {
         (PanelInput::F32(x), PanelFormat::F32) => assert_eq!(x.cols, w.k),
