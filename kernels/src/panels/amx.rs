@@ -413,11 +413,11 @@ unsafe fn dot<const INT8: bool>(sum: Dot) {
 }
 
 /// `rows` rows of `steps` lanes (a multiple of [`TILE_STEPS`]) in whole tiles: `row(i, lanes)`
-/// writes row `i`'s lanes, which are then copied into its tiles. Tile `(r, t)` (rows `16r..16r
-/// + 16`, steps `16t..16t + 16`) is [`TILE_LANES`] lanes at `(r · steps / 16 + t) ·
-/// TILE_LANES`, row by row; rows past `rows` are zeros. A tile of rows on each of the pool's
-/// threads: rounded on the caller's thread alone, a prefill's `out_proj` (512 × 1536) took a
-/// third as long again as its product.
+/// writes row `i`'s lanes, which are then copied into its tiles. Tile `(r, t)`, rows
+/// `16r..16r + 16` and steps `16t..16t + 16`, is [`TILE_LANES`] lanes at
+/// `(r · steps / 16 + t) · TILE_LANES`, row by row; rows past `rows` are zeros. A tile of
+/// rows on each of the pool's threads: rounded on the caller's thread alone, a prefill's
+/// `out_proj` (512 × 1536) took a third as long again as its product.
 fn into_tiles(rows: usize, steps: usize, row: impl Fn(usize, &mut [u32]) + Sync) -> Vec<u32> {
     use rayon::prelude::*;
     debug_assert!(steps.is_multiple_of(TILE_STEPS));
