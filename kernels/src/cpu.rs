@@ -41,9 +41,9 @@ impl std::fmt::Display for SimdLevel {
 /// The environment variable that caps the kernels' instruction set: `avx512` runs, on a CPU
 /// with AMX, the paths of CPUs without it, `avx2` or `portable` those of CPUs without
 /// AVX-512 (to test and measure them); `amx` is the default. A cap above what the CPU has
-/// changes nothing. The gemm
-/// crate, which multiplies more than `skinny::MAX_ROWS` rows of f32 or bf16 weights where
-/// there are no AVX-512 panels, picks its own instruction set and does not read it.
+/// changes nothing. The gemm crate, which multiplies more than `skinny::MAX_ROWS` rows of f32
+/// or bf16 weights where there are no AVX-512 panels, picks its own instruction set and does
+/// not read it.
 pub const SIMD_ENV: &str = "TIDEWAY_SIMD";
 
 /// [`SIMD_ENV`] holds none of the names it takes.
@@ -91,11 +91,11 @@ pub fn detected_simd() -> SimdLevel {
 }
 
 /// Whether the CPU has AMX (CPUID leaf 7: AMX-TILE, AMX-BF16 and AMX-INT8, which every AMX
-/// CPU so far has together) and Linux lets this
-/// process use the tiles' 8 KiB of state: a process must ask for it
-/// (`arch_prctl(ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA)`, Linux 5.16 on) before its first
-/// tile instruction, which would otherwise kill it with SIGILL (llama.cpp's AMX build died
-/// so on this machine: BENCHMARKS.md). Asked once, for the whole process.
+/// CPU so far has together) and Linux lets this process use the tiles' 8 KiB of state: a
+/// process must ask for it (`arch_prctl(ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA)`, Linux 5.16
+/// on) before its first tile instruction, which would otherwise kill it with SIGILL
+/// (llama.cpp's AMX build died so on this machine: BENCHMARKS.md). Asked once, for the whole
+/// process.
 #[cfg(target_arch = "x86_64")]
 fn amx_granted() -> bool {
     static GRANTED: std::sync::OnceLock<bool> = std::sync::OnceLock::new();

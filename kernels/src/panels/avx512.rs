@@ -30,7 +30,7 @@ pub(super) unsafe fn block(
     // First lane of row 0 and lanes from row to row; an int8 weight's quantized activations
     // (their scales and outliers); whether a bf16 weight's activations are widened, two
     // lanes a step.
-    let (_, x, s) = input.lanes();
+    let (x, s) = input.lanes();
     let int8 = match input {
         PanelInput::Int8(x) => Some(x),
         _ => None,

@@ -124,18 +124,16 @@ impl<'a> PanelInput<'a> {
         }
     }
 
-    /// Rows, the first lane and the lanes from one row to the next, for the AVX-512 tiles
-    /// (AMX's tiles are read by `amx.rs`).
-    pub(super) fn lanes(&self) -> (usize, *const u32, usize) {
+    /// The first lane and the lanes from one row to the next, for the AVX-512 tiles (AMX's
+    /// tiles are read by `amx.rs`; [`Self::rows`] counts the rows).
+    pub(super) fn lanes(&self) -> (*const u32, usize) {
         match self {
-            PanelInput::F32(x) => (x.rows, x.data.as_ptr().cast(), x.row_stride),
-            PanelInput::Bf16 { pairs, rows } => {
-                (*rows, pairs.as_ptr(), pairs.len() / (*rows).max(1))
-            }
+            PanelInput::F32(x) => (x.data.as_ptr().cast(), x.row_stride),
+            PanelInput::Bf16 { pairs, rows } => (pairs.as_ptr(), pairs.len() / (*rows).max(1)),
             PanelInput::Bf16Wide { values, rows } => {
-                (*rows, values.as_ptr().cast(), values.len() / (*rows).max(1))
+                (values.as_ptr().cast(), values.len() / (*rows).max(1))
             }
-            PanelInput::Int8(x) => (x.scale.len(), x.q.as_ptr().cast(), x.k_pad / 4),
+            PanelInput::Int8(x) => (x.q.as_ptr().cast(), x.k_pad / 4),
             PanelInput::Bf16Tiles { .. } | PanelInput::Int8Tiles { .. } => {
                 unreachable!("AMX tiles are not rows of lanes")
             }
