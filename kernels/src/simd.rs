@@ -35,7 +35,7 @@ pub(crate) use dispatch;
 /// Asks for the cache line holding `p` into L1 (a hint: never faults, so `p` may point
 /// anywhere, past a buffer's end included).
 #[inline(always)]
-pub(crate) fn prefetch(p: *const f32) {
+pub(crate) fn prefetch<T>(p: *const T) {
     #[cfg(target_arch = "x86_64")]
     // SAFETY: a prefetch reads nothing the program sees and does not fault on any address.
     unsafe {
@@ -44,6 +44,31 @@ pub(crate) fn prefetch(p: *const f32) {
     }
     #[cfg(not(target_arch = "x86_64"))]
     let _ = p;
+}
+
+/// Asks for the line `ahead` bytes past element `at` of each of a row-layout tile's `rows`
+/// weight rows (`row_len` elements apart, from `w`) into L1; nothing where `ahead` is 0.
+///
+/// The row-layout kernels call it once per 64 bytes of each row, so that every line is asked
+/// for once. Their tiles read 4 rows side by side, and where the rows are shorter than a 4 KiB
+/// page (bf16 and int8 at mamba-130m's `k` of 768) several of them run through the same page
+/// at once, which the L2 streamer, one forward stream a page, follows badly: without these
+/// hints AVX2's bf16 and int8 tiles at one row read 14-18 GB/s against f32's 28-30
+/// (BENCHMARKS.md, "The row-layout kernels' weights asked for ahead").
+#[inline(always)]
+pub(crate) fn prefetch_rows<T>(w: *const T, rows: usize, row_len: usize, at: usize, ahead: usize) {
+    if ahead == 0 {
+        return;
+    }
+    for r in 0..rows {
+        // `wrapping_add`: the line ahead may lie past the buffer (the next thread's rows, or
+        // none), which a prefetch may name but `add` may not.
+        let line = w
+            .wrapping_add(r * row_len + at)
+            .cast::<u8>()
+            .wrapping_add(ahead);
+        prefetch(line);
+    }
 }
 
 /// Calls `$tile::<MR, NR>(args)` for a tile of `$mr` rows of activations and `$nr` rows of

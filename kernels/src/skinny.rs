@@ -1,14 +1,15 @@
 //! Products of a few rows with a weight matrix in PyTorch's layout: `out[i, j] = b[j] +
-//! Σ_p x[i, p]·W[j, p]` for the 1-64 rows of decoding, in hand-written AVX-512 or AVX2+FMA
-//! chosen at run time. f32 layers take it on CPUs without AVX-512 (with AVX-512 they are
-//! packed in panels, [`crate::panels`]).
+//! Σ_p x[i, p]·W[j, p]` for the 1-64 rows of decoding, in hand-written AVX2+FMA. f32 layers
+//! take it on CPUs without AVX-512 (with AVX-512 they are packed in panels,
+//! [`crate::panels`]).
 //!
 //! At batch 1 a linear layer reads each weight once and does one multiply-add with it, so
 //! its speed is the memory's: the kernel must stream `W` at the bandwidth limit. Each tile
-//! reads a few whole rows of `W` front to back (sequential streams the prefetchers follow)
-//! against up to four rows of `x` held in L1, and the caller splits `W`'s rows over the
-//! threads, so every thread streams its own contiguous share. gemm's matrix-vector path,
-//! which this replaces for few rows, reads `Wᵀ` column blocks that jump a page each row.
+//! reads a few whole rows of `W` front to back (sequential streams, each line also asked for
+//! [`AHEAD_BYTES`] ahead) against up to two rows of `x` held in L1, and the caller splits
+//! `W`'s rows over the threads, so every thread streams its own contiguous share. gemm's
+//! matrix-vector path, which this replaces for few rows, reads `Wᵀ` column blocks that jump a
+//! page each row.
 
 use std::ops::Range;
 
@@ -21,7 +22,7 @@ use crate::matmul::MatRef;
 /// wins everywhere.
 pub const MAX_ROWS: usize = 64;
 
-/// Whether the hand-written kernel runs here (AVX-512, or AVX2 with FMA:
+/// Whether the hand-written kernel runs here (AVX2 with FMA, or more:
 /// [`crate::cpu::simd_level`]).
 pub fn available() -> bool {
     #[cfg(target_arch = "x86_64")]
@@ -59,11 +60,7 @@ pub unsafe fn block(x: MatRef<'_>, w: &[f32], bias: Option<&[f32]>, cols: Range<
     debug_assert!(w.len() >= cols.end * k);
     #[cfg(target_arch = "x86_64")]
     unsafe {
-        if crate::cpu::avx512() {
-            avx512::block(x, w, bias, cols, out);
-        } else {
-            avx2::block(x, w, bias, cols, out);
-        }
+        avx2::block(x, w, bias, cols, out);
     }
     #[cfg(not(target_arch = "x86_64"))]
     {
@@ -75,20 +72,13 @@ pub unsafe fn block(x: MatRef<'_>, w: &[f32], bias: Option<&[f32]>, cols: Range<
 /// Rows of `W` per tile: each is one sequential stream.
 const NR: usize = 4;
 
-/// Runs `$tile::<MR, NR>` over every tile of a block (`$mr_max`: the widest x tile the
-/// instruction set's registers hold).
-macro_rules! tiles {
-    ($x:ident, $w:ident, $bias:ident, $cols:ident, $out:ident, $mr_max:literal, $tile:ident) => {{
-        let (k, s, n) = ($x.cols, $x.row_stride, $out.n);
-        crate::simd::for_each_tile($x.rows, $cols, $mr_max, |i, mr, j, nr| unsafe {
-            let xp = $x.data.as_ptr().add(i * s);
-            let wp = $w.as_ptr().add(j * k);
-            let op = $out.ptr.add(i * n + j);
-            let bp = $bias.map(|b| b.as_ptr().add(j));
-            crate::simd::tile_match!(mr, nr, $tile, (xp, s, wp, k, bp, op, n));
-        })
-    }};
-}
+/// How far ahead of its reads a tile asks for each of its weight rows, for its first tile
+/// of activation rows (the others find the rows in L1): 4 KiB. A mamba-130m step
+/// (`TIDEWAY_SIMD=avx2 tideway bench --batches 1,8,32`, f32, three rounds alternated with the
+/// build before, the Xeon VM, 2026-12-06): batch 1 53.1 / 52.9 / 53.7 → 55.4 / 55.5 / 56.5
+/// tok/s, batches 8 and 32 the same within the noise. (2 KiB ahead did worse at batch 1,
+/// 49.5-50.4, and 8 KiB as well as 4, in a build that asked on every tile of rows.)
+const AHEAD_BYTES: usize = 4096;
 
 /// The sum of a vector's 8 lanes.
 #[cfg(target_arch = "x86_64")]
@@ -101,108 +91,11 @@ pub(crate) fn hsum256(v: std::arch::x86_64::__m256) -> f32 {
 }
 
 #[cfg(target_arch = "x86_64")]
-mod avx512 {
-    use std::arch::x86_64::*;
-    use std::ops::Range;
-
-    use super::Out;
-    use crate::matmul::MatRef;
-
-    #[target_feature(enable = "avx512f")]
-    pub(super) unsafe fn block(
-        x: MatRef<'_>,
-        w: &[f32],
-        bias: Option<&[f32]>,
-        cols: Range<usize>,
-        out: Out,
-    ) {
-        let mut cols = cols;
-        if x.rows == 1 {
-            // One row (batch-1 decode): eight weight rows a tile, eight streams in flight.
-            let (k, n) = (x.cols, out.n);
-            while cols.len() >= WIDE {
-                let j = cols.start;
-                unsafe {
-                    let bp = bias.map(|b| b.as_ptr().add(j));
-                    tile::<1, WIDE>(
-                        x.data.as_ptr(),
-                        0,
-                        w.as_ptr().add(j * k),
-                        k,
-                        bp,
-                        out.ptr.add(j),
-                        n,
-                    );
-                }
-                cols.start += WIDE;
-            }
-        }
-        tiles!(x, w, bias, cols, out, 4, tile)
-    }
-
-    /// Weight rows of a one-row tile.
-    const WIDE: usize = 8;
-
-    /// `MR` rows of x against `NR_` rows of W: `MR × NR_` accumulators of 16 lanes (at most
-    /// 16 of the 32 registers, beside the weight vectors and one x vector).
-    #[target_feature(enable = "avx512f")]
-    #[inline]
-    unsafe fn tile<const MR: usize, const NR_: usize>(
-        x: *const f32,
-        x_stride: usize,
-        w: *const f32,
-        k: usize,
-        bias: Option<*const f32>,
-        out: *mut f32,
-        n: usize,
-    ) {
-        debug_assert!(MR * NR_ <= 16);
-        unsafe {
-            let mut acc = [[_mm512_setzero_ps(); NR_]; MR];
-            let full = k - k % 16;
-            let mut p = 0;
-            while p < full {
-                let mut wv = [_mm512_setzero_ps(); NR_];
-                for (r, v) in wv.iter_mut().enumerate() {
-                    *v = _mm512_loadu_ps(w.add(r * k + p));
-                }
-                for (i, row) in acc.iter_mut().enumerate() {
-                    let xv = _mm512_loadu_ps(x.add(i * x_stride + p));
-                    for (a, v) in row.iter_mut().zip(&wv) {
-                        *a = _mm512_fmadd_ps(xv, *v, *a);
-                    }
-                }
-                p += 16;
-            }
-            if p < k {
-                let mask: __mmask16 = ((1u32 << (k - p)) - 1) as u16;
-                let mut wv = [_mm512_setzero_ps(); NR_];
-                for (r, v) in wv.iter_mut().enumerate() {
-                    *v = _mm512_maskz_loadu_ps(mask, w.add(r * k + p));
-                }
-                for (i, row) in acc.iter_mut().enumerate() {
-                    let xv = _mm512_maskz_loadu_ps(mask, x.add(i * x_stride + p));
-                    for (a, v) in row.iter_mut().zip(&wv) {
-                        *a = _mm512_fmadd_ps(xv, *v, *a);
-                    }
-                }
-            }
-            for (i, row) in acc.iter().enumerate() {
-                for (r, a) in row.iter().enumerate() {
-                    let b = bias.map_or(0.0, |b| *b.add(r));
-                    *out.add(i * n + r) = _mm512_reduce_add_ps(*a) + b;
-                }
-            }
-        }
-    }
-}
-
-#[cfg(target_arch = "x86_64")]
 mod avx2 {
     use std::arch::x86_64::*;
     use std::ops::Range;
 
-    use super::{NR, Out};
+    use super::{AHEAD_BYTES, NR, Out};
     use crate::matmul::MatRef;
 
     #[target_feature(enable = "avx2,fma")]
@@ -213,14 +106,23 @@ mod avx2 {
         cols: Range<usize>,
         out: Out,
     ) {
-        tiles!(x, w, bias, cols, out, 2, tile)
+        let (k, s, n) = (x.cols, x.row_stride, out.n);
+        crate::simd::for_each_tile(x.rows, cols, 2, |i, mr, j, nr| unsafe {
+            let xp = x.data.as_ptr().add(i * s);
+            let wp = w.as_ptr().add(j * k);
+            let op = out.ptr.add(i * n + j);
+            let bp = bias.map(|b| b.as_ptr().add(j));
+            let ahead = if i == 0 { AHEAD_BYTES } else { 0 };
+            crate::simd::tile_match!(mr, nr, tile, (xp, s, wp, k, bp, op, n, ahead));
+        })
     }
 
     /// `MR` (≤ 2) rows of x against `NR` rows of W in 8 lanes: at most 8 accumulators of the
     /// 16 registers, beside the weight vectors and one x vector. The last `k % 8` products
-    /// run in scalar.
+    /// run in scalar. Each 64 bytes of the weight rows ask for the line `ahead` bytes on.
     #[target_feature(enable = "avx2,fma")]
     #[inline]
+    #[allow(clippy::too_many_arguments)]
     unsafe fn tile<const MR: usize, const NR_: usize>(
         x: *const f32,
         x_stride: usize,
@@ -229,6 +131,7 @@ mod avx2 {
         bias: Option<*const f32>,
         out: *mut f32,
         n: usize,
+        ahead: usize,
     ) {
         debug_assert!(NR_ <= NR);
         unsafe {
@@ -236,6 +139,9 @@ mod avx2 {
             let full = k - k % 8;
             let mut p = 0;
             while p < full {
+                if p % 16 == 0 {
+                    crate::simd::prefetch_rows(w, NR_, k, p, ahead);
+                }
                 let mut wv = [_mm256_setzero_ps(); NR_];
                 for (r, v) in wv.iter_mut().enumerate() {
                     *v = _mm256_loadu_ps(w.add(r * k + p));
@@ -266,10 +172,12 @@ mod avx2 {
 mod tests {
     use super::*;
 
-    /// Each instruction set's kernel on its own (the dispatch runs only the best one here),
-    /// against a product in f64, over every tile shape and a ragged `k`.
+    /// Against a product in f64, over every tile shape and a ragged `k`.
     #[test]
-    fn each_instruction_sets_kernel_matches_the_naive_product() {
+    fn the_kernel_matches_the_naive_product() {
+        if !(std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma")) {
+            return;
+        }
         let (m, k, n) = (7, 37, 11);
         let stride = k + 2;
         let x = crate::test_util::pseudo(m * stride, 7, -1.0, 1.0);
@@ -281,27 +189,17 @@ mod tests {
             cols: k,
             row_stride: stride,
         };
-        type Kernel = unsafe fn(MatRef<'_>, &[f32], Option<&[f32]>, Range<usize>, Out);
-        let mut kernels: Vec<(&str, Kernel)> = Vec::new();
-        if std::is_x86_feature_detected!("avx512f") {
-            kernels.push(("avx512", avx512::block));
+        let mut out = vec![f32::NAN; m * n];
+        let target = Out {
+            ptr: out.as_mut_ptr(),
+            n,
+        };
+        // Two column blocks, as two threads would take them.
+        // SAFETY: the CPU has the kernel's features; `out` holds m × n, `w` n × k.
+        unsafe {
+            avx2::block(view, &w, Some(&b), 0..5, target);
+            avx2::block(view, &w, Some(&b), 5..n, target);
         }
-        if std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma") {
-            kernels.push(("avx2", avx2::block));
-        }
-        for (name, kernel) in kernels {
-            let mut out = vec![f32::NAN; m * n];
-            let target = Out {
-                ptr: out.as_mut_ptr(),
-                n,
-            };
-            // Two column blocks, as two threads would take them.
-            // SAFETY: the CPU has the kernel's features; `out` holds m × n, `w` n × k.
-            unsafe {
-                kernel(view, &w, Some(&b), 0..5, target);
-                kernel(view, &w, Some(&b), 5..n, target);
-            }
-            crate::test_util::assert_linear_matches_f64(&out, &x, stride, &w, &b, (m, k, n), name);
-        }
+        crate::test_util::assert_linear_matches_f64(&out, &x, stride, &w, &b, (m, k, n), "avx2");
     }
 }
