@@ -80,6 +80,18 @@ const NR: usize = 4;
 /// 49.5-50.4, and 8 KiB as well as 4, in a build that asked on every tile of rows.)
 const AHEAD_BYTES: usize = 4096;
 
+/// Rows of `x` that a tile takes all at once, against one weight row (`tile::<rows, 1>`),
+/// instead of two at a time against four weight rows. With two at a time, the first tile of
+/// rows reads the weight rows from memory and the others from L1, so the memory waits while
+/// they compute; one weight row against every row reads `W` in one stream, each weight once.
+/// A mamba-130m step (`TIDEWAY_SIMD=avx2 tideway bench --batches 6,8`, f32, the Xeon VM,
+/// 2026-12-06, three rounds alternated with two rows a tile): batch 8 249.2 / 249.5 / 254.2 →
+/// 273.1 / 283.0 / 284.9 tok/s, batch 6 212.6 / 223.4 / 221.0 → 223.2 / 231.4 / 229.9. The
+/// products alone (`ROWS=3,…,8,16,32 examples/linear_shapes f32 cold`): slower at 3-5 rows
+/// (`in_proj` 0.37-0.43 → 0.45-0.47 ms), 16 and 32; at 8 rows `in_proj` 0.48-0.49 → 0.32-0.34
+/// ms and `out_proj` 0.26-0.28 → 0.21, `lm_head` 8.2-8.4 → 8.9 ms (BENCHMARKS.md).
+pub(crate) const WHOLE_ROWS: std::ops::RangeInclusive<usize> = 6..=8;
+
 /// The sum of a vector's 8 lanes.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2")]
@@ -95,7 +107,7 @@ mod avx2 {
     use std::arch::x86_64::*;
     use std::ops::Range;
 
-    use super::{AHEAD_BYTES, NR, Out};
+    use super::{AHEAD_BYTES, NR, Out, WHOLE_ROWS};
     use crate::matmul::MatRef;
 
     #[target_feature(enable = "avx2,fma")]
@@ -107,6 +119,24 @@ mod avx2 {
         out: Out,
     ) {
         let (k, s, n) = (x.cols, x.row_stride, out.n);
+        if WHOLE_ROWS.contains(&x.rows) {
+            let xp = x.data.as_ptr();
+            for j in cols {
+                // SAFETY: the caller's contract: row `j` of `W` and column `j` of `out` are
+                // this block's.
+                unsafe {
+                    let (wp, op) = (w.as_ptr().add(j * k), out.ptr.add(j));
+                    let bp = bias.map(|b| b.as_ptr().add(j));
+                    let ahead = AHEAD_BYTES;
+                    match x.rows {
+                        6 => tile::<6, 1>(xp, s, wp, k, bp, op, n, ahead),
+                        7 => tile::<7, 1>(xp, s, wp, k, bp, op, n, ahead),
+                        _ => tile::<8, 1>(xp, s, wp, k, bp, op, n, ahead),
+                    }
+                }
+            }
+            return;
+        }
         crate::simd::for_each_tile(x.rows, cols, 2, |i, mr, j, nr| unsafe {
             let xp = x.data.as_ptr().add(i * s);
             let wp = w.as_ptr().add(j * k);
@@ -117,9 +147,10 @@ mod avx2 {
         })
     }
 
-    /// `MR` (≤ 2) rows of x against `NR` rows of W in 8 lanes: at most 8 accumulators of the
-    /// 16 registers, beside the weight vectors and one x vector. The last `k % 8` products
-    /// run in scalar. Each 64 bytes of the weight rows ask for the line `ahead` bytes on.
+    /// `MR` rows of x against `NR_` rows of W in 8 lanes: at most 8 accumulators (`MR × NR_`:
+    /// 2 × 4, or up to 8 × 1) of the 16 registers, beside the weight vectors and one x vector.
+    /// The last `k % 8` products run in scalar. Each 64 bytes of the weight rows ask for the
+    /// line `ahead` bytes on.
     #[target_feature(enable = "avx2,fma")]
     #[inline]
     #[allow(clippy::too_many_arguments)]
@@ -133,7 +164,7 @@ mod avx2 {
         n: usize,
         ahead: usize,
     ) {
-        debug_assert!(NR_ <= NR);
+        debug_assert!(NR_ <= NR && MR * NR_ <= 8);
         unsafe {
             let mut acc = [[_mm256_setzero_ps(); NR_]; MR];
             let full = k - k % 8;
@@ -172,34 +203,38 @@ mod avx2 {
 mod tests {
     use super::*;
 
-    /// Against a product in f64, over every tile shape and a ragged `k`.
+    /// Against a product in f64, over every tile shape (row counts taken two at a time, and
+    /// the [`WHOLE_ROWS`] taken at once) and a ragged `k`.
     #[test]
     fn the_kernel_matches_the_naive_product() {
         if !(std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma")) {
             return;
         }
-        let (m, k, n) = (7, 37, 11);
+        let (k, n) = (37, 11);
         let stride = k + 2;
-        let x = crate::test_util::pseudo(m * stride, 7, -1.0, 1.0);
-        let w = crate::test_util::pseudo(n * k, 8, -1.0, 1.0);
-        let b = crate::test_util::pseudo(n, 9, -1.0, 1.0);
-        let view = MatRef {
-            data: &x,
-            rows: m,
-            cols: k,
-            row_stride: stride,
-        };
-        let mut out = vec![f32::NAN; m * n];
-        let target = Out {
-            ptr: out.as_mut_ptr(),
-            n,
-        };
-        // Two column blocks, as two threads would take them.
-        // SAFETY: the CPU has the kernel's features; `out` holds m × n, `w` n × k.
-        unsafe {
-            avx2::block(view, &w, Some(&b), 0..5, target);
-            avx2::block(view, &w, Some(&b), 5..n, target);
+        for m in [1, 2, 5, 6, 7, 8, 9] {
+            let x = crate::test_util::pseudo(m * stride, 7, -1.0, 1.0);
+            let w = crate::test_util::pseudo(n * k, 8, -1.0, 1.0);
+            let b = crate::test_util::pseudo(n, 9, -1.0, 1.0);
+            let view = MatRef {
+                data: &x,
+                rows: m,
+                cols: k,
+                row_stride: stride,
+            };
+            let mut out = vec![f32::NAN; m * n];
+            let target = Out {
+                ptr: out.as_mut_ptr(),
+                n,
+            };
+            // Two column blocks, as two threads would take them.
+            // SAFETY: the CPU has the kernel's features; `out` holds m × n, `w` n × k.
+            unsafe {
+                avx2::block(view, &w, Some(&b), 0..5, target);
+                avx2::block(view, &w, Some(&b), 5..n, target);
+            }
+            let name = format!("avx2, {m} rows");
+            crate::test_util::assert_linear_matches_f64(&out, &x, stride, &w, &b, (m, k, n), &name);
         }
-        crate::test_util::assert_linear_matches_f64(&out, &x, stride, &w, &b, (m, k, n), "avx2");
     }
 }
