@@ -26,6 +26,13 @@ const STEP: usize = 32;
 /// ahead read 79-81 at batch 1 and 4 KiB 80, in a build that asked on every tile of rows.)
 const AHEAD_BYTES: usize = 2048;
 
+/// How far ahead a tile of one weight row against 6-8 rows of activations asks for the row's
+/// lines into L2 as well: 32 KiB, as f32's (`skinny::WHOLE_ROWS_AHEAD`). A mamba-130m step
+/// (`TIDEWAY_SIMD=avx2 tideway bench --dtype bf16 --batches 6,8`, the Xeon VM, 2026-12-06,
+/// three rounds alternated with none): batch 8 336.7 / 347.5 / 367.9 → 372.6 / 387.2 / 412.7
+/// tok/s, batch 6 312.9 / 305.3 / 302.9 → 334.8 / 355.9 / 340.5.
+const L2_AHEAD_BYTES: usize = 32 << 10;
+
 /// `W` (`[n, k]`) in bf16, each row padded to `k_pad` (a multiple of 32) with zeros.
 #[derive(Clone, Debug)]
 pub struct Bf16Weight {
@@ -166,7 +173,7 @@ mod avx2 {
     use std::arch::x86_64::*;
     use std::ops::Range;
 
-    use super::{AHEAD_BYTES, Bf16Weight, Out, STEP};
+    use super::{AHEAD_BYTES, Bf16Weight, L2_AHEAD_BYTES, Out, STEP};
 
     #[target_feature(enable = "avx2,fma")]
     pub(super) unsafe fn block(
@@ -239,6 +246,11 @@ mod avx2 {
             let mut p = 0;
             while p < k {
                 crate::simd::prefetch_rows(w, NR_, k, p, ahead);
+                if NR_ == 1 {
+                    // One weight row against all the rows (`skinny::WHOLE_ROWS`): one stream,
+                    // asked for into L2 as well, further on.
+                    crate::simd::prefetch_l2(w.wrapping_add(p).wrapping_byte_add(L2_AHEAD_BYTES));
+                }
                 for q in (0..STEP).step_by(8) {
                     let mut wv = [_mm256_setzero_ps(); NR_];
                     for (r, v) in wv.iter_mut().enumerate() {

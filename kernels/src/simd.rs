@@ -46,6 +46,19 @@ pub(crate) fn prefetch<T>(p: *const T) {
     let _ = p;
 }
 
+/// Asks for the cache line holding `p` into L2 (a hint, as [`prefetch`]).
+#[inline(always)]
+pub(crate) fn prefetch_l2<T>(p: *const T) {
+    #[cfg(target_arch = "x86_64")]
+    // SAFETY: a prefetch reads nothing the program sees and does not fault on any address.
+    unsafe {
+        use std::arch::x86_64::{_MM_HINT_T1, _mm_prefetch};
+        _mm_prefetch::<_MM_HINT_T1>(p.cast());
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = p;
+}
+
 /// Asks for the line `ahead` bytes past element `at` of each of a row-layout tile's `rows`
 /// weight rows (`row_len` elements apart, from `w`) into L1; nothing where `ahead` is 0.
 ///

@@ -80,17 +80,25 @@ const NR: usize = 4;
 /// 49.5-50.4, and 8 KiB as well as 4, in a build that asked on every tile of rows.)
 const AHEAD_BYTES: usize = 4096;
 
-/// Rows of `x` that a tile takes all at once, against one weight row (`tile::<rows, 1>`),
+/// Rows of `x` that a tile takes all at once, against one weight row ([`avx2::whole_rows`]),
 /// instead of two at a time against four weight rows. With two at a time, the first tile of
 /// rows reads the weight rows from memory and the others from L1, so the memory waits while
 /// they compute; one weight row against every row reads `W` in one stream, each weight once.
 /// A mamba-130m step (`TIDEWAY_SIMD=avx2 tideway bench --batches 6,8`, f32, the Xeon VM,
-/// 2026-12-06, three rounds alternated with two rows a tile): batch 8 249.2 / 249.5 / 254.2 →
-/// 273.1 / 283.0 / 284.9 tok/s, batch 6 212.6 / 223.4 / 221.0 → 223.2 / 231.4 / 229.9. The
-/// products alone (`ROWS=3,…,8,16,32 examples/linear_shapes f32 cold`): slower at 3-5 rows
-/// (`in_proj` 0.37-0.43 → 0.45-0.47 ms), 16 and 32; at 8 rows `in_proj` 0.48-0.49 → 0.32-0.34
-/// ms and `out_proj` 0.26-0.28 → 0.21, `lm_head` 8.2-8.4 → 8.9 ms (BENCHMARKS.md).
+/// 2026-12-06, three rounds alternated with two rows a tile and no lines asked for ahead):
+/// batch 8 255.5 / 249.3 / 257.9 → 313.0 / 297.1 / 298.3 tok/s, batch 6 216.6 / 211.6 /
+/// 216.0 → 262.4 / 252.2 / 259.8. At 3-5 rows, 16 and 32 the products alone ran slower this
+/// way (`ROWS=… examples/linear_shapes f32 cold`; BENCHMARKS.md).
 pub(crate) const WHOLE_ROWS: std::ops::RangeInclusive<usize> = 6..=8;
+
+/// How far ahead [`avx2::whole_rows`] asks for its weight row's lines: 2 KiB into L1 and 32
+/// KiB into L2. The products alone at 8 rows (`ROWS=8 examples/linear_shapes f32 cold`, the
+/// same hour), ms for `in_proj` / `out_proj` / `lm_head`: two rows a tile 0.47-0.52 / 0.24-0.25
+/// / 8.1-8.7; one stream with nothing asked for 0.55-0.57 / 0.35-0.36 / 10.6-12.2; 4 KiB into
+/// L1 0.38-0.40 / 0.24-0.33 / 8.5-9.1; 2 KiB 0.33-0.47 / 0.23-0.26 / 8.4-8.6; 8 or 16 KiB
+/// 0.39-0.63 / 0.27-0.37 / 7.4-7.9; 2 KiB into L1 and 32 KiB into L2 0.33 / 0.23 / 6.6-6.8
+/// (16 KiB into L2 about the same).
+const WHOLE_ROWS_AHEAD: (usize, usize) = (2 << 10, 32 << 10);
 
 /// The sum of a vector's 8 lanes.
 #[cfg(target_arch = "x86_64")]
@@ -107,7 +115,7 @@ mod avx2 {
     use std::arch::x86_64::*;
     use std::ops::Range;
 
-    use super::{AHEAD_BYTES, NR, Out, WHOLE_ROWS};
+    use super::{AHEAD_BYTES, NR, Out, WHOLE_ROWS, WHOLE_ROWS_AHEAD};
     use crate::matmul::MatRef;
 
     #[target_feature(enable = "avx2,fma")]
@@ -120,19 +128,12 @@ mod avx2 {
     ) {
         let (k, s, n) = (x.cols, x.row_stride, out.n);
         if WHOLE_ROWS.contains(&x.rows) {
-            let xp = x.data.as_ptr();
-            for j in cols {
-                // SAFETY: the caller's contract: row `j` of `W` and column `j` of `out` are
-                // this block's.
-                unsafe {
-                    let (wp, op) = (w.as_ptr().add(j * k), out.ptr.add(j));
-                    let bp = bias.map(|b| b.as_ptr().add(j));
-                    let ahead = AHEAD_BYTES;
-                    match x.rows {
-                        6 => tile::<6, 1>(xp, s, wp, k, bp, op, n, ahead),
-                        7 => tile::<7, 1>(xp, s, wp, k, bp, op, n, ahead),
-                        _ => tile::<8, 1>(xp, s, wp, k, bp, op, n, ahead),
-                    }
+            // SAFETY: the caller's contract.
+            unsafe {
+                match x.rows {
+                    6 => whole_rows::<6>(x, w, bias, cols, out),
+                    7 => whole_rows::<7>(x, w, bias, cols, out),
+                    _ => whole_rows::<8>(x, w, bias, cols, out),
                 }
             }
             return;
@@ -147,8 +148,58 @@ mod avx2 {
         })
     }
 
-    /// `MR` rows of x against `NR_` rows of W in 8 lanes: at most 8 accumulators (`MR × NR_`:
-    /// 2 × 4, or up to 8 × 1) of the 16 registers, beside the weight vectors and one x vector.
+    /// All `MR` rows of `x` ([`WHOLE_ROWS`]) against each weight row of `cols` in turn: `MR`
+    /// accumulators; two 8-lane steps (64 bytes of the weight row) a turn of the loop, each
+    /// asking for the lines [`WHOLE_ROWS_AHEAD`] on.
+    #[target_feature(enable = "avx2,fma")]
+    #[inline(never)]
+    unsafe fn whole_rows<const MR: usize>(
+        x: MatRef<'_>,
+        w: &[f32],
+        bias: Option<&[f32]>,
+        cols: Range<usize>,
+        out: Out,
+    ) {
+        let k = x.cols;
+        let rows: [*const f32; MR] = std::array::from_fn(|i| x.data[i * x.row_stride..].as_ptr());
+        let (pairs, full) = (k - k % 16, k - k % 8);
+        for j in cols {
+            // SAFETY: the caller's contract: `W`'s row `j` holds `k` values and column `j` of
+            // `out`'s `MR` rows is this block's.
+            unsafe {
+                let wr = w.as_ptr().add(j * k);
+                let mut acc = [_mm256_setzero_ps(); MR];
+                let mut p = 0;
+                while p < pairs {
+                    let line = wr.wrapping_add(p);
+                    crate::simd::prefetch(line.wrapping_byte_add(WHOLE_ROWS_AHEAD.0));
+                    crate::simd::prefetch_l2(line.wrapping_byte_add(WHOLE_ROWS_AHEAD.1));
+                    let (w0, w1) = (_mm256_loadu_ps(wr.add(p)), _mm256_loadu_ps(wr.add(p + 8)));
+                    for (a, row) in acc.iter_mut().zip(&rows) {
+                        *a = _mm256_fmadd_ps(_mm256_loadu_ps(row.add(p)), w0, *a);
+                        *a = _mm256_fmadd_ps(_mm256_loadu_ps(row.add(p + 8)), w1, *a);
+                    }
+                    p += 16;
+                }
+                if p < full {
+                    let w0 = _mm256_loadu_ps(wr.add(p));
+                    for (a, row) in acc.iter_mut().zip(&rows) {
+                        *a = _mm256_fmadd_ps(_mm256_loadu_ps(row.add(p)), w0, *a);
+                    }
+                }
+                for (i, (a, row)) in acc.iter().zip(&rows).enumerate() {
+                    let mut sum = super::hsum256(*a);
+                    for q in full..k {
+                        sum += *row.add(q) * *wr.add(q);
+                    }
+                    *out.ptr.add(i * out.n + j) = sum + bias.map_or(0.0, |b| b[j]);
+                }
+            }
+        }
+    }
+
+    /// `MR` (≤ 2) rows of x against `NR_` rows of W in 8 lanes: at most 8 accumulators of the
+    /// 16 registers, beside the weight vectors and one x vector.
     /// The last `k % 8` products run in scalar. Each 64 bytes of the weight rows ask for the
     /// line `ahead` bytes on.
     #[target_feature(enable = "avx2,fma")]
@@ -164,7 +215,7 @@ mod avx2 {
         n: usize,
         ahead: usize,
     ) {
-        debug_assert!(NR_ <= NR && MR * NR_ <= 8);
+        debug_assert!(NR_ <= NR);
         unsafe {
             let mut acc = [[_mm256_setzero_ps(); NR_]; MR];
             let full = k - k % 8;
@@ -204,13 +255,14 @@ mod tests {
     use super::*;
 
     /// Against a product in f64, over every tile shape (row counts taken two at a time, and
-    /// the [`WHOLE_ROWS`] taken at once) and a ragged `k`.
+    /// the [`WHOLE_ROWS`] taken at once) and a `k` with a single 8-lane step and a scalar tail
+    /// after its pairs of steps.
     #[test]
     fn the_kernel_matches_the_naive_product() {
         if !(std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma")) {
             return;
         }
-        let (k, n) = (37, 11);
+        let (k, n) = (45, 11);
         let stride = k + 2;
         for m in [1, 2, 5, 6, 7, 8, 9] {
             let x = crate::test_util::pseudo(m * stride, 7, -1.0, 1.0);
