@@ -6,10 +6,10 @@
 //! At batch 1 a linear layer reads each weight once and does one multiply-add with it, so
 //! its speed is the memory's: the kernel must stream `W` at the bandwidth limit. Each tile
 //! reads a few whole rows of `W` front to back (sequential streams, each line also asked for
-//! [`AHEAD_BYTES`] ahead) against up to two rows of `x` held in L1, and the caller splits
-//! `W`'s rows over the threads, so every thread streams its own contiguous share. gemm's
-//! matrix-vector path, which this replaces for few rows, reads `Wᵀ` column blocks that jump a
-//! page each row.
+//! [`AHEAD_BYTES`] ahead) against up to two rows of `x` held in L1, or one row of `W` against
+//! all of [`WHOLE_ROWS`] rows, and the caller splits `W`'s rows over the threads, so every
+//! thread streams its own contiguous share. gemm's matrix-vector path, which this replaces
+//! for few rows, reads `Wᵀ` column blocks that jump a page each row.
 
 use std::ops::Range;
 
@@ -150,7 +150,10 @@ mod avx2 {
 
     /// All `MR` rows of `x` ([`WHOLE_ROWS`]) against each weight row of `cols` in turn: `MR`
     /// accumulators; two 8-lane steps (64 bytes of the weight row) a turn of the loop, each
-    /// asking for the lines [`WHOLE_ROWS_AHEAD`] on.
+    /// asking for the lines [`WHOLE_ROWS_AHEAD`] on. A function of its own, not inlined: as
+    /// `tile::<8, 1>` inlined into `block`, the same inner loop (`objdump`) ran `in_proj` at 8
+    /// rows in 0.32-0.35 ms in one build and 0.46-0.63 in another (BENCHMARKS.md, "The
+    /// row-layout kernels' weights asked for ahead"); not understood.
     #[target_feature(enable = "avx2,fma")]
     #[inline(never)]
     unsafe fn whole_rows<const MR: usize>(
