@@ -37,11 +37,7 @@ pub(crate) use dispatch;
 #[inline(always)]
 pub(crate) fn prefetch<T>(p: *const T) {
     #[cfg(target_arch = "x86_64")]
-    // SAFETY: a prefetch reads nothing the program sees and does not fault on any address.
-    unsafe {
-        use std::arch::x86_64::{_MM_HINT_T0, _mm_prefetch};
-        _mm_prefetch::<_MM_HINT_T0>(p.cast());
-    }
+    prefetch_hint::<{ std::arch::x86_64::_MM_HINT_T0 }, T>(p);
     #[cfg(not(target_arch = "x86_64"))]
     let _ = p;
 }
@@ -50,13 +46,16 @@ pub(crate) fn prefetch<T>(p: *const T) {
 #[inline(always)]
 pub(crate) fn prefetch_l2<T>(p: *const T) {
     #[cfg(target_arch = "x86_64")]
-    // SAFETY: a prefetch reads nothing the program sees and does not fault on any address.
-    unsafe {
-        use std::arch::x86_64::{_MM_HINT_T1, _mm_prefetch};
-        _mm_prefetch::<_MM_HINT_T1>(p.cast());
-    }
+    prefetch_hint::<{ std::arch::x86_64::_MM_HINT_T1 }, T>(p);
     #[cfg(not(target_arch = "x86_64"))]
     let _ = p;
+}
+
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+fn prefetch_hint<const HINT: i32, T>(p: *const T) {
+    // SAFETY: a prefetch reads nothing the program sees and does not fault on any address.
+    unsafe { std::arch::x86_64::_mm_prefetch::<HINT>(p.cast()) }
 }
 
 /// Asks for the line `ahead` bytes past element `at` of each of a row-layout tile's `rows`
