@@ -26,11 +26,13 @@ const STEP: usize = 32;
 /// ahead read 79-81 at batch 1 and 4 KiB 80, in a build that asked on every tile of rows.)
 const AHEAD_BYTES: usize = 2048;
 
-/// How far ahead a tile of one weight row against 6-8 rows of activations asks for the row's
-/// lines into L2 as well: 32 KiB, as f32's (`skinny::WHOLE_ROWS_AHEAD`). A mamba-130m step
-/// (`TIDEWAY_SIMD=avx2 tideway bench --dtype bf16 --batches 6,8`, the Xeon VM, 2026-12-06,
-/// three rounds alternated with none): batch 8 336.7 / 347.5 / 367.9 → 372.6 / 387.2 / 412.7
-/// tok/s, batch 6 312.9 / 305.3 / 302.9 → 334.8 / 355.9 / 340.5.
+/// How far ahead [`avx2::whole_rows`] (one weight row against 6-8 rows of activations) asks
+/// for the row's lines into L2 as well: 32 KiB, as f32's (`skinny::WHOLE_ROWS_AHEAD`). A
+/// mamba-130m step (`TIDEWAY_SIMD=avx2 tideway bench --dtype bf16 --batches 6,8`, the Xeon
+/// VM, 2026-12-06, three rounds alternated with none): batch 8 336.7 / 347.5 / 367.9 → 372.6
+/// / 387.2 / 412.7 tok/s, batch 6 312.9 / 305.3 / 302.9 → 334.8 / 355.9 / 340.5. (Measured
+/// with the requests in the inlined `tile::<rows, 1>`; as `whole_rows`, its own function,
+/// the same speed: batch 8 369.0-403.2 before, 376.7-394.6 after, three rounds, 13:30 UTC.)
 const L2_AHEAD_BYTES: usize = 32 << 10;
 
 /// `W` (`[n, k]`) in bf16, each row padded to `k_pad` (a multiple of 32) with zeros.
@@ -191,19 +193,12 @@ mod avx2 {
         // 302.8 / 312.3 → 360.1 / 348.0 / 365.9 tok/s, batch 6 275.7 / 257.3 / 266.5 → 306.0 /
         // 309.4 / 303.4.
         if crate::skinny::WHOLE_ROWS.contains(&rows) {
-            let xp = x.as_ptr();
-            for j in cols {
-                // SAFETY: the caller's contract: row `j` of `W` and column `j` of `out` are
-                // this block's.
-                unsafe {
-                    let (wp, op) = (w.bits.as_ptr().add(j * k), out.ptr.add(j));
-                    let bp = bias.map(|b| b.as_ptr().add(j));
-                    let ahead = AHEAD_BYTES;
-                    match rows {
-                        6 => tile::<6, 1>(xp, wp, k, bp, op, n, ahead),
-                        7 => tile::<7, 1>(xp, wp, k, bp, op, n, ahead),
-                        _ => tile::<8, 1>(xp, wp, k, bp, op, n, ahead),
-                    }
+            // SAFETY: the caller's contract.
+            unsafe {
+                match rows {
+                    6 => whole_rows::<6>(x, w, bias, cols, out),
+                    7 => whole_rows::<7>(x, w, bias, cols, out),
+                    _ => whole_rows::<8>(x, w, bias, cols, out),
                 }
             }
             return;
@@ -216,6 +211,49 @@ mod avx2 {
         });
     }
 
+    /// All `MR` rows of `x` (`skinny::WHOLE_ROWS`) against each weight row of `cols` in turn:
+    /// `MR` accumulators; one padded step (32 weights, 64 bytes of the row) a turn of the
+    /// loop, asking for the row's line [`AHEAD_BYTES`] on into L1 and [`L2_AHEAD_BYTES`] on
+    /// into L2. A function of its own, not inlined, as `skinny::avx2::whole_rows` is: the
+    /// f32 form inlined into its caller ran at speeds that changed from build to build.
+    #[target_feature(enable = "avx2,fma")]
+    #[inline(never)]
+    unsafe fn whole_rows<const MR: usize>(
+        x: &[f32],
+        w: &Bf16Weight,
+        bias: Option<&[f32]>,
+        cols: Range<usize>,
+        out: Out,
+    ) {
+        let k = w.k_pad;
+        let rows: [*const f32; MR] = std::array::from_fn(|i| x[i * k..].as_ptr());
+        for j in cols {
+            // SAFETY: the caller's contract: `W`'s row `j` holds `k` (a multiple of `STEP`)
+            // values and column `j` of `out`'s `MR` rows is this block's.
+            unsafe {
+                let wr = w.bits.as_ptr().add(j * k);
+                let mut acc = [_mm256_setzero_ps(); MR];
+                let mut p = 0;
+                while p < k {
+                    let line = wr.wrapping_add(p);
+                    crate::simd::prefetch(line.wrapping_byte_add(AHEAD_BYTES));
+                    crate::simd::prefetch_l2(line.wrapping_byte_add(L2_AHEAD_BYTES));
+                    for q in (0..STEP).step_by(8) {
+                        let wv = widen(wr.add(p + q));
+                        for (a, row) in acc.iter_mut().zip(&rows) {
+                            *a = _mm256_fmadd_ps(_mm256_loadu_ps(row.add(p + q)), wv, *a);
+                        }
+                    }
+                    p += STEP;
+                }
+                for (i, a) in acc.iter().enumerate() {
+                    let sum = crate::skinny::hsum256(*a);
+                    *out.ptr.add(i * out.n + j) = sum + bias.map_or(0.0, |b| b[j]);
+                }
+            }
+        }
+    }
+
     /// Eight bf16 weights widened to f32 (a bf16 is the high half of an f32).
     #[target_feature(enable = "avx2,fma")]
     #[inline]
@@ -226,8 +264,8 @@ mod avx2 {
         }
     }
 
-    /// `MR` rows of f32 x against `NR_` rows of W widened, 8 lanes per step: at most 8
-    /// accumulators (2 × 4, or up to 8 × 1). Each step (64 bytes of each weight row) asks for
+    /// `MR` (≤ 2) rows of f32 x against `NR_` (≤ 4) rows of W widened, 8 lanes per step: at
+    /// most 8 accumulators. Each step (64 bytes of each weight row) asks for
     /// the line `ahead` bytes on.
     #[target_feature(enable = "avx2,fma")]
     #[inline]
@@ -246,11 +284,6 @@ mod avx2 {
             let mut p = 0;
             while p < k {
                 crate::simd::prefetch_rows(w, NR_, k, p, ahead);
-                if NR_ == 1 {
-                    // One weight row against all the rows (`skinny::WHOLE_ROWS`): one stream,
-                    // asked for into L2 as well, further on.
-                    crate::simd::prefetch_l2(w.wrapping_add(p).wrapping_byte_add(L2_AHEAD_BYTES));
-                }
                 for q in (0..STEP).step_by(8) {
                     let mut wv = [_mm256_setzero_ps(); NR_];
                     for (r, v) in wv.iter_mut().enumerate() {
