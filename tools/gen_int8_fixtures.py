@@ -1,5 +1,5 @@
 """Writes tests/fixtures/int8/linear.safetensors: LLM.int8 products computed in numpy, for the
-test of Tideway's int8 linear layers (kernels/src/int8.rs, `--dtype int8`).
+test of Tideway's int8 linear layers (kernels/src/int8/, `--dtype int8`).
 
 The math is LLM.int8's (Dettmers et al. 2022, section 3.2, "mixed-precision decomposition"),
 as bitsandbytes' `MatMul8bitLt` runs it for inference with threshold 6:

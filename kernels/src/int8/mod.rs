@@ -24,6 +24,9 @@ use rayon::prelude::*;
 use crate::huge_pages::HugeBuffer;
 use crate::matmul::MatRef;
 use crate::skinny::Out;
+use dense_outliers::dense_outlier_dots;
+
+mod dense_outliers;
 
 /// LLM.int8's outlier threshold: activation columns with a magnitude at least this stay in
 /// floating point.
@@ -349,82 +352,6 @@ pub unsafe fn block(
     });
 }
 
-/// `dots[i][r] = Σ_p xo_ip · Q_rp` over every column (`xo`: `[rows, k]`, zero off the
-/// outlier columns; `w`: `[nr, k]`), in 16 lanes that LLVM vectorises (inlined into each
-/// instruction set's copy).
-#[inline(always)]
-fn dense_outlier_dots_body(xo: &[f32], w: &[i8], k: usize, dots: &mut [[f32; NR]; MR_MAX]) {
-    for (i, x) in xo.chunks_exact(k).enumerate() {
-        for (r, q) in w.chunks_exact(k).enumerate() {
-            let mut lanes = [0.0f32; 16];
-            for (xs, qs) in x.chunks_exact(16).zip(q.chunks_exact(16)) {
-                for ((l, &a), &b) in lanes.iter_mut().zip(xs).zip(qs) {
-                    *l += a * b as f32;
-                }
-            }
-            dots[i][r] = lanes.iter().sum();
-        }
-    }
-}
-
-crate::simd::dispatch! {
-    fn dense_outlier_dots_vectorised(xo: &[f32], w: &[i8], k: usize, dots: &mut [[f32; NR]; MR_MAX]) => dense_outlier_dots_body
-}
-
-/// [`dense_outlier_dots_body`], in AVX-512 where the CPU has it: the loop LLVM makes of the
-/// body keeps one sum (each add waits on the last) and multiplies before it adds; here each
-/// weight row has its own fused multiply-add chain and the rows share each load of `xo`.
-/// (On the random 130M checkpoint most of out_proj's columns are outliers, so this pass is
-/// as long as the int8 product itself.)
-fn dense_outlier_dots(xo: &[f32], w: &[i8], k: usize, dots: &mut [[f32; NR]; MR_MAX]) {
-    #[cfg(target_arch = "x86_64")]
-    if crate::cpu::avx512() && k.is_multiple_of(16) {
-        // SAFETY: the CPU has AVX-512F; `k` is a whole number of 16-lane steps.
-        unsafe {
-            match w.len() / k {
-                1 => outlier_rows_avx512::<1>(xo, w, k, dots),
-                2 => outlier_rows_avx512::<2>(xo, w, k, dots),
-                3 => outlier_rows_avx512::<3>(xo, w, k, dots),
-                _ => outlier_rows_avx512::<4>(xo, w, k, dots),
-            }
-        }
-        return;
-    }
-    dense_outlier_dots_vectorised(xo, w, k, dots)
-}
-
-/// `dots[i][r]` for `NR_` rows of `w` (`[NR_, k]`), `k` a multiple of 16.
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f")]
-unsafe fn outlier_rows_avx512<const NR_: usize>(
-    xo: &[f32],
-    w: &[i8],
-    k: usize,
-    dots: &mut [[f32; NR]; MR_MAX],
-) {
-    use std::arch::x86_64::*;
-    debug_assert!(w.len() >= NR_ * k && xo.len().is_multiple_of(k));
-    for (i, x) in xo.chunks_exact(k).enumerate() {
-        let mut acc = [_mm512_setzero_ps(); NR_];
-        let mut p = 0;
-        while p < k {
-            // SAFETY: `p + 16 ≤ k`, and `x` and every row of `w` hold `k` values.
-            unsafe {
-                let xv = _mm512_loadu_ps(x.as_ptr().add(p));
-                for (r, a) in acc.iter_mut().enumerate() {
-                    let bytes = _mm_loadu_si128(w.as_ptr().add(r * k + p).cast());
-                    let q = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(bytes));
-                    *a = _mm512_fmadd_ps(xv, q, *a);
-                }
-            }
-            p += 16;
-        }
-        for (d, a) in dots[i].iter_mut().zip(acc) {
-            *d = _mm512_reduce_add_ps(a);
-        }
-    }
-}
-
 /// Rows of `W` per tile, and rows of x.
 const NR: usize = 4;
 const MR_MAX: usize = 4;
@@ -551,33 +478,6 @@ mod tests {
             assert_eq!(one.outlier_values, two.outlier_values);
             assert_eq!(one.scale[5], 0.0);
             assert!(one.q[..k].iter().any(|&v| v != 0));
-        }
-    }
-
-    /// The AVX-512 outlier pass against the plain loop that other CPUs run, on every count
-    /// of weight rows a tile can have.
-    #[test]
-    fn both_outlier_passes_agree() {
-        let (mr, k) = (3, 128);
-        let xo = crate::test_util::pseudo(mr * k, 21, -9.0, 9.0);
-        let w: Vec<i8> = crate::test_util::pseudo(NR * k, 22, -127.0, 127.0)
-            .iter()
-            .map(|&v| v as i8)
-            .collect();
-        for nr in 1..=NR {
-            let mut plain = [[0.0f32; NR]; MR_MAX];
-            let mut fast = [[0.0f32; NR]; MR_MAX];
-            dense_outlier_dots_body(&xo, &w[..nr * k], k, &mut plain);
-            dense_outlier_dots(&xo, &w[..nr * k], k, &mut fast);
-            for i in 0..mr {
-                for r in 0..nr {
-                    let (a, b) = (plain[i][r], fast[i][r]);
-                    assert!(
-                        (a - b).abs() <= 1e-5 * (1.0 + a.abs()),
-                        "[{i}][{r}]: {a} vs {b}"
-                    );
-                }
-            }
         }
     }
 }
