@@ -203,10 +203,12 @@ mod avx2 {
             }
             return;
         }
+        let end = cols.end;
         crate::simd::for_each_tile(rows, cols, 2, |i, mr, j, nr| unsafe {
             let (xp, wp) = (x.as_ptr().add(i * k), w.bits.as_ptr().add(j * k));
             let (op, bp) = (out.ptr.add(i * n + j), bias.map(|b| b.as_ptr().add(j)));
             let ahead = if i == 0 { AHEAD_BYTES } else { 0 };
+            crate::simd::prefetch_next_group(w.bits.as_ptr(), k, (rows, 2, i), (j, nr, end));
             crate::simd::tile_match!(mr, nr, tile, (xp, wp, k, bp, op, n, ahead))
         });
     }

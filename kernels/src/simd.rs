@@ -83,6 +83,44 @@ pub(crate) fn prefetch_rows<T>(w: *const T, rows: usize, row_len: usize, at: usi
     }
 }
 
+/// Later tiles of activation rows a group of weight rows must have for
+/// [`prefetch_next_group`] to ask for the next group: at 6-8 rows (one or three later tiles)
+/// it changed nothing (BENCHMARKS.md, "The row-layout kernels' weights asked for ahead").
+const NEXT_GROUP_MIN_TILES: usize = 3;
+
+/// For the tile of activation rows from `i` (of `rows`, `mr_max` a tile, as [`for_each_tile`]
+/// walks them) against the weight rows `j..j + nr`: asks for this tile's share of the next
+/// group of weight rows (up to 4 from `j + nr`, none at or past `end`; rows `row_len` elements
+/// long from `w`) into L2. A group's first tile reads its weight rows from memory and the later
+/// tiles find them in L1, leaving the memory idle while they compute; spread over the later
+/// tiles, the next group's lines arrive meanwhile. Nothing for the first tile, or with fewer
+/// than [`NEXT_GROUP_MIN_TILES`] later ones. A mamba-130m step capped at AVX2 (`tideway bench
+/// --batches 1,16,32`, three rounds alternated, the Xeon VM, 2026-12-06): f32 batch 32 398.2 /
+/// 405.6 / 412.4 → 427.2 / 430.5 / 440.5 tok/s, bf16 batch 16 341.0 / 343.8 / 338.4 → 419.3 /
+/// 410.1 / 407.1, batch 1 the same. int8's tiles, bound by their arithmetic, gained nothing
+/// (`examples/linear_shapes int8 cold`), so they do not ask.
+#[inline(always)]
+pub(crate) fn prefetch_next_group<T>(
+    w: *const T,
+    row_len: usize,
+    (rows, mr_max, i): (usize, usize, usize),
+    (j, nr, end): (usize, usize, usize),
+) {
+    let later_tiles = rows.div_ceil(mr_max).saturating_sub(1);
+    if i == 0 || later_tiles < NEXT_GROUP_MIN_TILES {
+        return;
+    }
+    let next = (j + nr)..(j + nr + 4).min(end);
+    let bytes = next.len() * row_len * size_of::<T>();
+    let share = bytes.div_ceil(later_tiles).next_multiple_of(64);
+    let from = (i / mr_max - 1) * share;
+    // `wrapping_add`: a prefetch may name any address (see `prefetch`).
+    let base = w.wrapping_add(next.start * row_len).cast::<u8>();
+    for at in (from..(from + share).min(bytes)).step_by(64) {
+        prefetch_l2(base.wrapping_add(at));
+    }
+}
+
 /// Calls `$tile::<MR, NR>(args)` for a tile of `$mr` rows of activations and `$nr` rows of
 /// weights, each 1 to 4, known only at run time (the kernels' edge tiles).
 macro_rules! tile_match {

@@ -138,12 +138,14 @@ mod avx2 {
             }
             return;
         }
+        let end = cols.end;
         crate::simd::for_each_tile(x.rows, cols, 2, |i, mr, j, nr| unsafe {
             let xp = x.data.as_ptr().add(i * s);
             let wp = w.as_ptr().add(j * k);
             let op = out.ptr.add(i * n + j);
             let bp = bias.map(|b| b.as_ptr().add(j));
             let ahead = if i == 0 { AHEAD_BYTES } else { 0 };
+            crate::simd::prefetch_next_group(w.as_ptr(), k, (x.rows, 2, i), (j, nr, end));
             crate::simd::tile_match!(mr, nr, tile, (xp, s, wp, k, bp, op, n, ahead));
         })
     }
