@@ -269,6 +269,13 @@ fn portable_blocks<const R: usize, const V: usize>(
     groups * R
 }
 
+/// Asserts that columns `cols` of `b`'s first `k` rows lie inside `b.data`, as the SIMD
+/// blocks' unchecked loads need (every `a` entry is checked by the caller's `check`).
+#[cfg(target_arch = "x86_64")]
+fn assert_rows_inside(b: Strided<'_>, k: usize, cols: std::ops::Range<usize>) {
+    assert!(k == 0 || (k - 1) * b.row_stride + cols.end <= b.data.len());
+}
+
 /// The blocks in AVX-512 registers: LLVM keeps the portable body's `R × V` sums on the stack
 /// (a 16-row DeltaNet chunk's products took 3× as long as in registers).
 #[cfg(target_arch = "x86_64")]
@@ -320,9 +327,7 @@ mod avx512 {
     ) -> usize {
         let groups = a.rows / R;
         let k = a.cols;
-        // Every `b` row read below lies inside `b.data` (checked by the caller's `check`),
-        // as does every `a` entry.
-        assert!(k == 0 || (k - 1) * b.row_stride + j0 + V * LANES <= b.data.len());
+        super::assert_rows_inside(b, k, j0..j0 + V * LANES);
         for group in 0..groups {
             let i0 = group * R;
             let mut sums = [[_mm512_setzero_ps(); V]; R];
@@ -375,9 +380,7 @@ mod avx2 {
         const { assert!(R.is_multiple_of(ROWS), "groups of whole blocks of rows") };
         let groups = a.rows / R;
         let k = a.cols;
-        // Every `b` row read below lies inside `b.data` (checked by the caller's `check`),
-        // as does every `a` entry.
-        assert!(k == 0 || (k - 1) * b.row_stride + j0 + V * LANES <= b.data.len());
+        super::assert_rows_inside(b, k, j0..j0 + V * LANES);
         for i0 in (0..groups * R).step_by(ROWS) {
             for j in (j0..j0 + V * LANES).step_by(LANES) {
                 let mut sums = [[_mm256_setzero_ps(); 2]; ROWS];
