@@ -84,8 +84,10 @@ pub(crate) fn prefetch_rows<T>(w: *const T, rows: usize, row_len: usize, at: usi
 }
 
 /// Later tiles of activation rows a group of weight rows must have for
-/// [`prefetch_next_group`] to ask for the next group: at 6-8 rows (one or three later tiles)
-/// it changed nothing (BENCHMARKS.md, "The row-layout kernels' weights asked for ahead").
+/// [`prefetch_next_group`] to ask for the next group. At 8 rows (three later tiles of two
+/// rows) asking during the second tile alone changed nothing (BENCHMARKS.md, "The row-layout
+/// kernels' weights asked for ahead"), and f32 and bf16 take 6-8 rows in whole-rows tiles
+/// now, so in effect they ask from 9 rows.
 const NEXT_GROUP_MIN_TILES: usize = 3;
 
 /// For the tile of activation rows from `i` (of `rows`, `mr_max` a tile, as [`for_each_tile`]

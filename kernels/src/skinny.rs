@@ -8,8 +8,10 @@
 //! reads a few whole rows of `W` front to back (sequential streams, each line also asked for
 //! [`AHEAD_BYTES`] ahead) against up to two rows of `x` held in L1, or one row of `W` against
 //! all of [`WHOLE_ROWS`] rows, and the caller splits `W`'s rows over the threads, so every
-//! thread streams its own contiguous share. gemm's matrix-vector path, which this replaces
-//! for few rows, reads `Wᵀ` column blocks that jump a page each row.
+//! thread streams its own contiguous share. With 9 rows or more, the tiles after the first
+//! against a group of weight rows ask for the next group (`simd::prefetch_next_group`).
+//! gemm's matrix-vector path, which this replaces for few rows, reads `Wᵀ` column blocks
+//! that jump a page each row.
 
 use std::ops::Range;
 
