@@ -235,15 +235,7 @@ fn start_pipeline_cluster(
     stages: usize,
     fixtures: &[(String, PathBuf)],
 ) -> Vec<Server> {
-    let ports: Vec<u16> = (0..processes)
-        .map(|_| {
-            std::net::TcpListener::bind("127.0.0.1:0")
-                .unwrap()
-                .local_addr()
-                .unwrap()
-                .port()
-        })
-        .collect();
+    let ports: Vec<u16> = (0..processes).map(|_| free_port()).collect();
     let hosts = scratch_dir("pipeline-cluster").join("hosts.txt");
     let lines: String = ports.iter().map(|p| format!("127.0.0.1:{p}\n")).collect();
     std::fs::write(&hosts, lines).unwrap();

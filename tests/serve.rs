@@ -505,15 +505,7 @@ async fn idle_sessions_expire_and_say_so() {
 /// worker threads.
 fn start_cluster(workers: &str) -> (Server, Server) {
     // Two free loopback ports for timely's own transport.
-    let ports: Vec<u16> = (0..2)
-        .map(|_| {
-            std::net::TcpListener::bind("127.0.0.1:0")
-                .unwrap()
-                .local_addr()
-                .unwrap()
-                .port()
-        })
-        .collect();
+    let ports: Vec<u16> = (0..2).map(|_| free_port()).collect();
     let hosts = scratch_dir("cluster").join("hosts.txt");
     std::fs::write(
         &hosts,

@@ -231,11 +231,7 @@ mod serving {
 #[test]
 fn ranks_started_by_hand_join_the_leader_at_its_control_address() {
     let dir = fixtures_dir().join("fla/gla_legacy_fused_mlp");
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
+    let port = free_port();
     let control = format!("127.0.0.1:{port}");
     let expected = dir.join("expected.safetensors");
     let ids = read_tensor(&expected, "input_ids").values;

@@ -84,13 +84,32 @@ pub fn stderr(output: &Output) -> String {
     String::from_utf8_lossy(&output.stderr).into_owned()
 }
 
-/// A loopback port free now (for a cluster's timely transport).
+/// A loopback port free now, for a socket that a child process binds by number (a cluster's
+/// timely transport, a tensor-parallel leader's control address).
+///
+/// Taken below the kernel's ephemeral range (`/proc/sys/net/ipv4/ip_local_port_range`,
+/// 32768-60999 by default), from which `bind(":0")` and every outgoing connection take their
+/// ports: a port found by binding `:0` and released for the child could be given to any of
+/// the tests' other sockets before the child binds it, which a clean-clone run met once
+/// ("Address already in use" starting a pipeline cluster, 2026-12-06). Unique within this test
+/// process (a counter from a start set by the process id) and checked free now.
 pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
+    static NEXT: AtomicUsize = AtomicUsize::new(0);
+    const LOWEST: usize = 10_000;
+    let ephemeral = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|range| range.split_whitespace().next()?.parse::<usize>().ok())
+        .unwrap_or(32_768);
+    let span = ephemeral.saturating_sub(LOWEST).max(1_000);
+    let start = std::process::id() as usize * 7_919 % span;
+    loop {
+        let n = NEXT.fetch_add(1, Ordering::Relaxed);
+        assert!(n < span, "no free loopback port below {ephemeral}");
+        let port = u16::try_from(LOWEST + (start + n) % span).expect("a port number");
+        if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return port;
+        }
+    }
 }
 
 /// A `--hosts` file in `dir` listing `processes` loopback addresses on free ports.
