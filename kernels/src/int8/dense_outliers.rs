@@ -65,16 +65,8 @@ unsafe fn outlier_rows_avx2(xo: &[f32], w: &[i8], k: usize, dots: &mut [[f32; NR
         // SAFETY: rows `i..i + mr` of `xo` and every row of `w` hold `k` values, `k` a
         // multiple of 8 (the caller's contract).
         unsafe {
-            match (mr, w.len() / k) {
-                (2, 1) => outlier_tile_avx2::<2, 1>(xo, i, w, k, dots),
-                (2, 2) => outlier_tile_avx2::<2, 2>(xo, i, w, k, dots),
-                (2, 3) => outlier_tile_avx2::<2, 3>(xo, i, w, k, dots),
-                (2, _) => outlier_tile_avx2::<2, 4>(xo, i, w, k, dots),
-                (_, 1) => outlier_tile_avx2::<1, 1>(xo, i, w, k, dots),
-                (_, 2) => outlier_tile_avx2::<1, 2>(xo, i, w, k, dots),
-                (_, 3) => outlier_tile_avx2::<1, 3>(xo, i, w, k, dots),
-                (_, _) => outlier_tile_avx2::<1, 4>(xo, i, w, k, dots),
-            }
+            let nr = w.len() / k;
+            crate::simd::tile_match!(mr, nr, outlier_tile_avx2, (xo, i, w, k, dots));
         }
         i += mr;
     }
