@@ -12,10 +12,8 @@ use std::ops::Range;
 
 use std::f32::consts::LOG2_E;
 
-use super::{
-    BlockJob, CHANNELS, PREFETCH_BLOCKS, ScanInputs, SendPtr, SsmParams, fetch_block, prefetch,
-    row_deltas,
-};
+use super::walk::{ChunkRows, RowInputs, one_row_by_state_rows, rows_by_blocks};
+use super::{BlockJob, CHANNELS, ScanInputs, SendPtr, SsmParams, prefetch};
 
 /// `exp_fast` (activation.rs) on 16 lanes: the same range reduction and polynomial; `y · 2ⁿ`
 /// by `vscalefps`, exact like the body's multiplication by `2ⁿ` built from its bits (`n` is
@@ -168,66 +166,16 @@ pub(super) unsafe fn scan_block(
         // SAFETY: as this function's.
         return unsafe { one_row(params, inputs, job, y) };
     }
-    let (e, n) = (params.channels, params.state_size);
-    for c in 0..PREFETCH_BLOCKS {
-        fetch_block(params, job, job.channels.start + c * CHANNELS);
-    }
-    let inputs_z_stride = inputs.z.row_stride;
-    for row in job.rows.clone() {
-        let first_row = row == job.rows.start;
-        let inputs = RowInputs {
-            b_t: &inputs.b.data[row * inputs.b.row_stride..][..n],
-            c_t: &inputs.c.data[row * inputs.c.row_stride..][..n],
-            delta: inputs.delta[row * e..][..e].as_ptr(),
-            x: inputs.x[row * e..][..e].as_ptr(),
-            z: inputs.z.data[row * inputs.z.row_stride..][..e].as_ptr(),
-            y: y.0.wrapping_add(row * e),
-        };
-        for c0 in job.channels.clone().step_by(CHANNELS) {
-            let len = CHANNELS.min(job.channels.end - c0);
-            if first_row {
-                fetch_block(params, job, c0 + PREFETCH_BLOCKS * CHANNELS);
-            }
-            fetch_rows_ahead(&inputs, c0..c0 + len, e, inputs_z_stride);
-            // SAFETY: as this function's; `c0..c0 + len` are the job's channels.
-            unsafe {
-                if len == CHANNELS {
-                    block_row::<true>(params, &inputs, job, c0, len);
-                } else {
-                    block_row::<false>(params, &inputs, job, c0, len);
-                }
+    rows_by_blocks(params, inputs, job, y, |r, c0, len| {
+        // SAFETY: as this function's; `c0..c0 + len` are the job's channels.
+        unsafe {
+            if len == CHANNELS {
+                block_row::<true>(params, r, job, c0, len);
+            } else {
+                block_row::<false>(params, r, job, c0, len);
             }
         }
-    }
-}
-
-/// Rows ahead whose `δ`, `x` and `z` a multi-row job asks for, block by block.
-const ROWS_AHEAD: usize = 2;
-
-/// Asks for the lines of `channels` of `δ`, `x` and `z` [`ROWS_AHEAD`] rows after `r`'s
-/// (past the job's last row they fall on other jobs' rows or outside: a prefetch never
-/// faults). A job's rows of them are a few lines each, `E` floats apart, which the
-/// prefetchers did not follow: `perf` put ~10% of the scan's samples on the first load of
-/// a block's `x`. `PREFILL=1 examples/scan_step 512`, alternated (Intel Xeon, 2026-12-05):
-/// 42.3 / 43.5 / 42.9 → 38.1 / 40.5 / 38.1 ms; 1 or 4 rows ahead the same as 2, the output
-/// `y` asked for too (to read or to write) the same.
-#[inline(always)]
-fn fetch_rows_ahead(r: &RowInputs<'_>, channels: Range<usize>, e: usize, z_stride: usize) {
-    for c in channels.step_by(16) {
-        prefetch(r.delta.wrapping_add(c + ROWS_AHEAD * e));
-        prefetch(r.x.wrapping_add(c + ROWS_AHEAD * e));
-        prefetch(r.z.wrapping_add(c + ROWS_AHEAD * z_stride));
-    }
-}
-
-/// One row's inputs and output, each at its channel 0.
-struct RowInputs<'a> {
-    b_t: &'a [f32],
-    c_t: &'a [f32],
-    delta: *const f32,
-    x: *const f32,
-    z: *const f32,
-    y: *mut f32,
+    });
 }
 
 /// `softplus` (activation.rs) on 16 lanes: `max(δ, 0) + ln(1 + e^{−|δ|})`, the same
@@ -307,84 +255,32 @@ unsafe fn block_row<const FULL: bool>(
     }
 }
 
-/// Channels whose sums and Δ a one-row job keeps at a time (16 KiB on the stack).
-const ROW_CHUNK: usize = 2048;
-
-/// A one-row job (a decode step's session) state index by state index: for each pair of
-/// `k` ([`state_rows`]), the job's channels of the state's rows and of `A`'s, front to
-/// back, the sums waiting in a stack buffer. The `[N, E]` state and `A` are then read as two
-/// sequential streams each, which the prefetchers follow, where the channel-block order
-/// reads N lines `E` floats apart per block. Each cell's operations and each sum's order
-/// (`k` ascending) are the block order's: the same bits.
+/// A one-row job (a decode step's session) in the state-index order of
+/// [`one_row_by_state_rows`], the state's rows in pairs ([`state_rows`]).
 ///
 /// # Safety
 /// As [`scan_block`]'s.
 #[target_feature(enable = "avx512f,avx512dq")]
 unsafe fn one_row(params: &SsmParams<'_>, inputs: &ScanInputs<'_>, job: &BlockJob, y: SendPtr) {
-    let (e, n) = (params.channels, params.state_size);
-    let row = job.rows.start;
-    let b_t = &inputs.b.data[row * inputs.b.row_stride..][..n];
-    let c_t = &inputs.c.data[row * inputs.c.row_stride..][..n];
-    let z_row = inputs.z.data[row * inputs.z.row_stride..][..e].as_ptr();
-    let x_row = inputs.x[row * e..][..e].as_ptr();
-    let (mut sums, mut deltas) = ([0.0f32; ROW_CHUNK], [0.0f32; ROW_CHUNK]);
-    for c_start in job.channels.clone().step_by(ROW_CHUNK) {
-        let c_end = (c_start + ROW_CHUNK).min(job.channels.end);
-        let sums = &mut sums[..c_end - c_start];
-        sums.fill(0.0);
-        row_deltas(inputs, e, row, c_start..c_end, &mut deltas);
-        // Channel `c`'s Δ at `dt_row + c`.
-        let dt_row = deltas.as_ptr().wrapping_sub(c_start);
-        // SAFETY: the job's cells are its own and in bounds (the caller's contract); the
-        // sums' indices are below `c_end - c_start`; a prefetch never faults.
-        unsafe {
-            let whole_rows = job.channels.len() == e;
-            let mut k = 0;
-            while k < n {
-                let rows = ChunkRows {
-                    k,
-                    e,
-                    channels: c_start..c_end,
-                    b_t,
-                    c_t,
-                    dt_row,
-                    x_row,
-                    sums: sums.as_mut_ptr().wrapping_sub(c_start),
-                };
-                // Pairs where the job holds whole rows (a long stream per state row);
-                // a short job's rows one at a time, as before (alternated at one session,
-                // pairs read batch 1 in 5 of 6 rounds ~2% slower).
-                if whole_rows && k + 1 < n {
-                    state_rows::<2>(params, job, &rows);
-                    k += 2;
-                } else {
-                    state_rows::<1>(params, job, &rows);
-                    k += 1;
-                }
-            }
-            for c in (c_start..c_end).step_by(16) {
-                let mask = lanes(c_end - c, 0);
-                let acc = _mm512_maskz_loadu_ps(mask, sums.as_ptr().add(c - c_start));
-                let xv = _mm512_maskz_loadu_ps(mask, x_row.add(c));
-                let (d, z) = (params.d.as_ptr().add(c), z_row.add(c));
-                gated_output16(acc, (d, xv, z), y.0.add(row * e + c), mask);
-            }
+    // SAFETY (both closures): the job's cells are its own and in bounds (the caller's
+    // contract); the sums' and Δ's offsets are the chunk's channels.
+    let state_rows_of = |rows: &ChunkRows<'_>, count: usize| unsafe {
+        if count == 2 {
+            state_rows::<2>(params, job, rows);
+        } else {
+            state_rows::<1>(params, job, rows);
         }
-    }
-}
-
-/// What [`state_rows`] reads of a one-row job's chunk of channels.
-struct ChunkRows<'a> {
-    /// The first of the state rows.
-    k: usize,
-    e: usize,
-    channels: Range<usize>,
-    b_t: &'a [f32],
-    c_t: &'a [f32],
-    /// Channel `c`'s Δ, `x` and sum at `dt_row + c`, `x_row + c`, `sums + c`.
-    dt_row: *const f32,
-    x_row: *const f32,
-    sums: *mut f32,
+    };
+    let outputs = |r: &RowInputs<'_>, channels: Range<usize>, sums: *const f32| unsafe {
+        for c in channels.clone().step_by(16) {
+            let mask = lanes(channels.end - c, 0);
+            let acc = _mm512_maskz_loadu_ps(mask, sums.wrapping_add(c));
+            let xv = _mm512_maskz_loadu_ps(mask, r.x.add(c));
+            let (d, z) = (params.d.as_ptr().add(c), r.z.add(c));
+            gated_output16(acc, (d, xv, z), r.y.add(c), mask);
+        }
+    };
+    one_row_by_state_rows(params, inputs, job, y, state_rows_of, outputs);
 }
 
 /// State rows `k..k + R` of a chunk of channels, front to back: the cells of the `R` rows

@@ -136,6 +136,8 @@ unsafe impl Sync for SendPtr {}
 
 #[cfg(target_arch = "x86_64")]
 mod avx512;
+#[cfg(target_arch = "x86_64")]
+mod walk;
 
 /// One job: the AVX-512 kernel where the CPU has it, the portable body (compiled for AVX2
 /// where present) otherwise. Both give the same bits.
