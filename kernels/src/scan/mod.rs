@@ -135,17 +135,25 @@ unsafe impl Send for SendPtr {}
 unsafe impl Sync for SendPtr {}
 
 #[cfg(target_arch = "x86_64")]
+mod avx2;
+#[cfg(target_arch = "x86_64")]
 mod avx512;
 #[cfg(target_arch = "x86_64")]
 mod walk;
 
-/// One job: the AVX-512 kernel where the CPU has it, the portable body (compiled for AVX2
-/// where present) otherwise. Both give the same bits.
+/// One job: the AVX-512 kernel where the CPU has it, else the AVX2 one, else the portable
+/// body. All give the same bits.
 fn scan_block(params: &SsmParams<'_>, inputs: &ScanInputs<'_>, job: &BlockJob, y: SendPtr) {
     #[cfg(target_arch = "x86_64")]
-    if crate::cpu::avx512() && std::is_x86_feature_detected!("avx512dq") {
-        // SAFETY: the CPU has AVX-512F and DQ; the job's cells are its own (`SendPtr`).
-        return unsafe { avx512::scan_block(params, inputs, job, y) };
+    {
+        if crate::cpu::avx512() && std::is_x86_feature_detected!("avx512dq") {
+            // SAFETY: the CPU has AVX-512F and DQ; the job's cells are its own (`SendPtr`).
+            return unsafe { avx512::scan_block(params, inputs, job, y) };
+        }
+        if crate::cpu::avx2_fma() {
+            // SAFETY: the CPU has AVX2 and FMA; the job's cells are its own (`SendPtr`).
+            return unsafe { avx2::scan_block(params, inputs, job, y) };
+        }
     }
     scan_block_portable(params, inputs, job, y)
 }
@@ -450,19 +458,23 @@ mod tests {
         }
     }
 
-    /// The AVX-512 kernel gives the portable body's bits, for whole and partial blocks, one
-    /// row (its own loop order) and many, including the exp's clamps (large Δ·A) and z far
-    /// in both tails.
+    /// The AVX-512 and AVX2 kernels give the portable body's bits, for whole and partial
+    /// blocks, one row (their own loop order) and many, including the exp's clamps (large
+    /// Δ·A) and z far in both tails. Each kernel is compared where the CPU has it.
     #[cfg(target_arch = "x86_64")]
     #[test]
-    fn avx512_kernel_gives_the_portable_bits() {
-        if !(std::is_x86_feature_detected!("avx512f") && std::is_x86_feature_detected!("avx512dq"))
-        {
-            eprintln!("no AVX-512 here: nothing to compare");
+    fn the_simd_kernels_give_the_portable_bits() {
+        let has_avx512 =
+            std::is_x86_feature_detected!("avx512f") && std::is_x86_feature_detected!("avx512dq");
+        let has_avx2 =
+            std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma");
+        if !has_avx2 {
+            eprintln!("no AVX2 here: nothing to compare");
             return;
         }
-        // One row (the state-index order, `avx512::one_row`): mamba-130m's shape, partial
-        // vectors, and jobs longer than its chunk of sums; more rows: the block order.
+        // One row (the state-index order, `one_row`): mamba-130m's shape, partial vectors,
+        // and jobs longer than its chunk of sums; more rows: the block order, with blocks
+        // whole, split and partial (`avx2`'s halves of a block at 100 and 120 channels).
         for &(e, n, rows) in &[
             (1536usize, 16usize, 1usize),
             (70, 21, 1),
@@ -471,6 +483,8 @@ mod tests {
             (40, 16, 3),
             (70, 21, 5),
             (5, 3, 2),
+            (100, 16, 4),
+            (120, 5, 2),
         ] {
             // δ across softplus's threshold (20) and far below it.
             let ranges = Ranges {
@@ -501,12 +515,19 @@ mod tests {
                     (state, y)
                 };
                 let portable = run(&|job, y| scan_block_body(&params, &inputs, job, y));
-                // SAFETY: the CPU has AVX-512F (checked above); each job owns its cells.
-                let fast = run(&|job, y| unsafe { avx512::scan_block(&params, &inputs, job, y) });
                 let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
                 let case = format!("e={e} n={n} rows={rows} jobs={}", jobs.len());
-                assert_eq!(bits(&fast.0), bits(&portable.0), "state, {case}");
-                assert_eq!(bits(&fast.1), bits(&portable.1), "y, {case}");
+                // SAFETY: the CPU has AVX2 and FMA (checked above); each job owns its cells.
+                let avx2 = run(&|job, y| unsafe { avx2::scan_block(&params, &inputs, job, y) });
+                assert_eq!(bits(&avx2.0), bits(&portable.0), "AVX2 state, {case}");
+                assert_eq!(bits(&avx2.1), bits(&portable.1), "AVX2 y, {case}");
+                if has_avx512 {
+                    // SAFETY: the CPU has AVX-512F and DQ (checked above).
+                    let avx512 =
+                        run(&|job, y| unsafe { avx512::scan_block(&params, &inputs, job, y) });
+                    assert_eq!(bits(&avx512.0), bits(&portable.0), "AVX-512 state, {case}");
+                    assert_eq!(bits(&avx512.1), bits(&portable.1), "AVX-512 y, {case}");
+                }
             }
         }
     }

@@ -1,4 +1,4 @@
-//! How the SIMD kernels (`avx512.rs`) walk a job's rows, channels and state rows:
+//! How the SIMD kernels (`avx512.rs`, `avx2.rs`) walk a job's rows, channels and state rows:
 //! the order, the lines asked for ahead and the buffers, shared; each kernel passes the
 //! arithmetic of a block or a state row in its own registers as a closure (a closure inherits
 //! its function's target features and, called once per block, is inlined into this walk).
