@@ -237,10 +237,14 @@ unsafe fn block_row<const FULL: bool>(
             dtx[v] = _mm512_mul_ps(dt, xv[v]);
         }
         let mut acc = [_mm512_setzero_ps(); V];
+        // In locals: reached through a closure's captures, they lose the `noalias` of a
+        // reference argument, and each store to the state would make LLVM load them again.
+        let (a_t, state) = (params.a_t.as_ptr(), job.state.0);
+        let (b_t, c_t) = (&r.b_t[..n], &r.c_t[..n]);
         for k in 0..n {
-            let a = params.a_t.as_ptr().add(k * e + c0);
-            let h = job.state.0.add(k * e + c0);
-            let (bk, ck) = (_mm512_set1_ps(r.b_t[k]), _mm512_set1_ps(r.c_t[k]));
+            let a = a_t.add(k * e + c0);
+            let h = state.add(k * e + c0);
+            let (bk, ck) = (_mm512_set1_ps(b_t[k]), _mm512_set1_ps(c_t[k]));
             for v in 0..V {
                 let cells = (a.add(16 * v), h.add(16 * v), masks[v]);
                 let hv = update16(cells, dt2[v], dtx[v], bk);
