@@ -25,6 +25,9 @@
 //! Layout: the state and `A` are stored state-index-major, `[N, E]`, so that the inner loop
 //! runs over contiguous channels (one SIMD lane per channel, no horizontal sums); `B_t` and
 //! `C_t` are then scalars in that loop.
+//!
+//! Kernels: `avx512.rs` and `avx2.rs` in intrinsics, which walk a job the same way
+//! (`walk.rs`), and the portable body below for other CPUs; all three give the same bits.
 
 use std::f32::consts::LOG2_E;
 use std::ops::Range;
