@@ -498,6 +498,6 @@ fn simd_cap_runs_the_narrower_paths_and_refuses_bad_values() {
     assert!(!output.status.success());
     assert_mentions(
         &stderr(&output),
-        &["TIDEWAY_SIMD=\"sse2\": expected amx, avx512, avx2 or portable"],
+        &["TIDEWAY_SIMD=\"sse2\": expected amx, avx512, avxvnni, avx2 or portable"],
     );
 }

@@ -166,7 +166,7 @@ fn multiply_adds(iterations: usize) -> (f32, usize) {
             // SAFETY: the CPU has AVX-512F.
             return (unsafe { multiply_adds_avx512(iterations) }, 16);
         }
-        if simd_level() == SimdLevel::Avx2 {
+        if simd_level() >= SimdLevel::Avx2 {
             // SAFETY: the CPU has AVX2 and FMA.
             return (unsafe { multiply_adds_avx2(iterations) }, 8);
         }

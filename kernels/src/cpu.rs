@@ -10,6 +10,10 @@ pub enum SimdLevel {
     Portable,
     /// AVX2 and FMA (256-bit vectors).
     Avx2,
+    /// AVX2, FMA and AVX-VNNI (`vpdpbusd` on 256-bit vectors: Alder Lake and later Intel
+    /// cores, Zen 5): the int8 products' dot steps. Where a CPU with AVX-512 is capped here,
+    /// the int8 kernels use AVX-VNNI only if the CPU has it.
+    AvxVnni,
     /// AVX-512F (512-bit vectors; its extensions, BF16, VNNI, DQ, VL, where the CPU has them).
     Avx512,
     /// AVX-512 and AMX-BF16/INT8 (Intel's tile matrix multiply, Sapphire Rapids on), granted
@@ -19,9 +23,10 @@ pub enum SimdLevel {
 
 impl SimdLevel {
     /// The names [`SIMD_ENV`] takes, beside each level.
-    const NAMES: [(&'static str, SimdLevel); 4] = [
+    const NAMES: [(&'static str, SimdLevel); 5] = [
         ("amx", SimdLevel::Amx),
         ("avx512", SimdLevel::Avx512),
+        ("avxvnni", SimdLevel::AvxVnni),
         ("avx2", SimdLevel::Avx2),
         ("portable", SimdLevel::Portable),
     ];
@@ -32,6 +37,7 @@ impl std::fmt::Display for SimdLevel {
         f.write_str(match self {
             SimdLevel::Portable => "portable",
             SimdLevel::Avx2 => "avx2+fma",
+            SimdLevel::AvxVnni => "avx2+fma+avxvnni",
             SimdLevel::Avx512 => "avx512f",
             SimdLevel::Amx => "avx512f+amx",
         })
@@ -39,8 +45,9 @@ impl std::fmt::Display for SimdLevel {
 }
 
 /// The environment variable that caps the kernels' instruction set: `avx512` runs, on a CPU
-/// with AMX, the paths of CPUs without it, `avx2` or `portable` those of CPUs without
-/// AVX-512 (to test and measure them); `amx` is the default. A cap above what the CPU has
+/// with AMX, the paths of CPUs without it, `avxvnni`, `avx2` or `portable` those of CPUs
+/// without AVX-512 (to test and measure them; `avx2` also leaves out AVX-VNNI, as Zen 2 and
+/// 3 and Intel cores before Alder Lake lack it); `amx` is the default. A cap above what the CPU has
 /// changes nothing. The gemm crate, which multiplies more than `skinny::MAX_ROWS` rows of f32
 /// or bf16 weights where there are no AVX-512 panels, picks its own instruction set and does
 /// not read it.
@@ -48,7 +55,7 @@ pub const SIMD_ENV: &str = "TIDEWAY_SIMD";
 
 /// [`SIMD_ENV`] holds none of the names it takes.
 #[derive(Debug, thiserror::Error)]
-#[error("{SIMD_ENV}={value:?}: expected amx, avx512, avx2 or portable")]
+#[error("{SIMD_ENV}={value:?}: expected amx, avx512, avxvnni, avx2 or portable")]
 pub struct SimdEnvError {
     value: String,
 }
@@ -84,6 +91,9 @@ pub fn detected_simd() -> SimdLevel {
             return SimdLevel::Avx512;
         }
         if std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma") {
+            if std::is_x86_feature_detected!("avxvnni") {
+                return SimdLevel::AvxVnni;
+            }
             return SimdLevel::Avx2;
         }
     }
@@ -156,6 +166,23 @@ pub(crate) fn amx() -> bool {
 #[inline]
 pub(crate) fn avx2_fma() -> bool {
     simd_level() >= SimdLevel::Avx2
+}
+
+/// Whether the int8 kernels of CPUs without AVX-512 may use AVX-VNNI's 256-bit `vpdpbusd`
+/// (`int8::avx_vnni_tile`): the CPU has it and [`simd_level`] is at least
+/// [`SimdLevel::AvxVnni`].
+#[inline]
+pub(crate) fn avx_vnni() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        static HAS: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+        simd_level() >= SimdLevel::AvxVnni
+            && *HAS.get_or_init(|| std::is_x86_feature_detected!("avxvnni"))
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        false
+    }
 }
 
 /// Bytes of one core's level-1 data cache: Linux's `/sys/devices/system/cpu/cpu0/cache`
@@ -294,13 +321,14 @@ mod tests {
     #[test]
     fn simd_cap_names() {
         assert_eq!(parse_simd_cap("avx2").unwrap(), SimdLevel::Avx2);
+        assert_eq!(parse_simd_cap("avxvnni").unwrap(), SimdLevel::AvxVnni);
         assert_eq!(parse_simd_cap("AVX512").unwrap(), SimdLevel::Avx512);
         assert_eq!(parse_simd_cap("amx").unwrap(), SimdLevel::Amx);
         assert_eq!(parse_simd_cap("portable").unwrap(), SimdLevel::Portable);
         let e = parse_simd_cap("avx2+fma").unwrap_err().to_string();
         assert_eq!(
             e,
-            "TIDEWAY_SIMD=\"avx2+fma\": expected amx, avx512, avx2 or portable"
+            "TIDEWAY_SIMD=\"avx2+fma\": expected amx, avx512, avxvnni, avx2 or portable"
         );
         // A cap never asks for more than the CPU has.
         assert!(simd_level() <= detected_simd());

@@ -310,13 +310,20 @@ pub unsafe fn block(
     let mut dots = [[0i32; NR]; MR_MAX];
     let mut outlier_dots = [[0.0f32; NR]; MR_MAX];
     let k = w.k_pad;
+    #[cfg(target_arch = "x86_64")]
+    let vnni = crate::cpu::avx_vnni();
     crate::simd::for_each_tile(x.scale.len(), cols, MR_MAX, |i, mr, j, nr| {
-        // SAFETY: AVX2 (the caller's contract); the tile lies inside `x` and `w`.
+        // SAFETY: AVX2 (the caller's contract), AVX-VNNI where `vnni`; the tile lies inside
+        // `x` and `w`.
         #[cfg(target_arch = "x86_64")]
         unsafe {
             let (xp, wp) = (x.q.as_ptr().add(i * k), w.q.as_ptr().add(j * k));
             let ahead = if i == 0 { AHEAD_BYTES } else { 0 };
-            crate::simd::tile_match!(mr, nr, avx2_tile, (xp, wp, k, &mut dots, ahead));
+            if vnni {
+                crate::simd::tile_match!(mr, nr, avx_vnni_tile, (xp, wp, k, &mut dots, ahead));
+            } else {
+                crate::simd::tile_match!(mr, nr, avx2_tile, (xp, wp, k, &mut dots, ahead));
+            }
         }
         if x.dense {
             dense_outlier_dots(
@@ -365,11 +372,46 @@ const MR_MAX: usize = 4;
 const AHEAD_BYTES: usize = 4096;
 
 /// `MR` rows of x against `NR_` rows of W in AVX2: `vpmaddubsw(|q|, sign(q) · Q)` pairs,
-/// widened and summed in 32 bits. Each step (64 bytes of each weight row) asks for the line
-/// `ahead` bytes on.
+/// widened and summed in 32 bits ([`tile_body`]).
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2")]
 unsafe fn avx2_tile<const MR: usize, const NR_: usize>(
+    x: *const i8,
+    w: *const i8,
+    k: usize,
+    dots: &mut [[i32; NR]; MR_MAX],
+    ahead: usize,
+) {
+    // SAFETY: as this function's.
+    unsafe { tile_body::<MR, NR_, false>(x, w, k, dots, ahead) }
+}
+
+/// [`avx2_tile`] with AVX-VNNI (Alder Lake and later Intel cores, Zen 5): `vpdpbusd` sums
+/// four of `|q| · sign(q) · Q` into each 32-bit lane, one instruction where AVX2 takes three.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,avxvnni")]
+unsafe fn avx_vnni_tile<const MR: usize, const NR_: usize>(
+    x: *const i8,
+    w: *const i8,
+    k: usize,
+    dots: &mut [[i32; NR]; MR_MAX],
+    ahead: usize,
+) {
+    // SAFETY: as this function's.
+    unsafe { tile_body::<MR, NR_, true>(x, w, k, dots, ahead) }
+}
+
+/// `MR` rows of x against `NR_` rows of W, 32 bytes a vector: each weight vector takes the
+/// sign of the activations' (`vpsignb`) against their magnitudes, unsigned, as `vpmaddubsw`
+/// and `vpdpbusd` want them; a product pair is at most 2 · 127² < 2¹⁵, so `vpmaddubsw`'s
+/// 16-bit sums never saturate, and both forms give the exact integer sums. Each step (64
+/// bytes of each weight row) asks for the line `ahead` bytes on.
+///
+/// # Safety
+/// AVX2, and AVX-VNNI where `VNNI`; `x` holds `MR` rows and `w` `NR_` rows of `k` bytes.
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+unsafe fn tile_body<const MR: usize, const NR_: usize, const VNNI: bool>(
     x: *const i8,
     w: *const i8,
     k: usize,
@@ -392,8 +434,13 @@ unsafe fn avx2_tile<const MR: usize, const NR_: usize>(
                     let xv = _mm256_loadu_si256(x.add(i * k + p + half).cast());
                     let magnitude = _mm256_abs_epi8(xv);
                     for (a, v) in row.iter_mut().zip(&wv) {
-                        let pairs = _mm256_maddubs_epi16(magnitude, _mm256_sign_epi8(*v, xv));
-                        *a = _mm256_add_epi32(*a, _mm256_madd_epi16(pairs, ones));
+                        let signed = _mm256_sign_epi8(*v, xv);
+                        *a = if VNNI {
+                            _mm256_dpbusd_avx_epi32(*a, magnitude, signed)
+                        } else {
+                            let pairs = _mm256_maddubs_epi16(magnitude, signed);
+                            _mm256_add_epi32(*a, _mm256_madd_epi16(pairs, ones))
+                        };
                     }
                 }
             }
