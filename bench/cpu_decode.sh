@@ -29,14 +29,16 @@
 # floors' FMA peak in AVX2. The gemm crate (Tideway's products of more than 64 rows where there
 # are no AVX-512 panels, and the floors' reference sgemm) leaves AVX-512 out only when built
 # without its x86-v4 feature: pass such a build's tideway, and its floors example as FLOORS
-# (BENCHMARKS.md has the commands).
+# (BENCHMARKS.md has the commands). TIDEWAY_SIMD=avxvnni does the same for a CPU with AVX-VNNI
+# (Alder Lake and later Intel cores): llama.cpp built with it too, PyTorch as for avx2 (its f32
+# products do not use it).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 model=${1:-bench/models/mamba-130m-random} rounds=${2:-3}
 shift $(( $# < 2 ? $# : 2 ))
 threads=$(nproc)
 venv=.venv
-if [ "${TIDEWAY_SIMD:-}" = avx2 ]; then
+if [ "${TIDEWAY_SIMD:-}" = avx2 ] || [ "${TIDEWAY_SIMD:-}" = avxvnni ]; then
     export ATEN_CPU_CAPABILITY=avx2 MKL_ENABLE_INSTRUCTIONS=AVX2 ONEDNN_MAX_CPU_ISA=AVX2
 fi
 floors=${FLOORS:-target/release/examples/floors}

@@ -9,7 +9,8 @@
 #   gguf=$(llama_gguf MODEL_DIR f32|f16|q8_0)
 #
 # With TIDEWAY_SIMD=avx2 in the environment (Tideway's cap, kernels/src/cpu.rs) llama.cpp is
-# built for AVX2 and FMA without AVX-512 (build-avx2/), the peer of a CPU without AVX-512.
+# built for AVX2 and FMA without AVX-512 (build-avx2/), the peer of a CPU without AVX-512;
+# with TIDEWAY_SIMD=avxvnni, for AVX2, FMA and AVX-VNNI (build-avxvnni/).
 #
 # The converter is run with the pre-tokenizer check told "gpt-2" (a tokenizer.json trained
 # here is a byte-level BPE whose hash llama.cpp does not know: the benchmarks feed ids, so the
@@ -17,11 +18,13 @@
 venv=${venv:-.venv}
 llama_src=target/llama/llama_cpp_python-0.3.36
 llama=$llama_src/vendor/llama.cpp
-if [ "${TIDEWAY_SIMD:-}" = avx2 ]; then
-    llama_build_dir=$llama/build-avx2
+if [ "${TIDEWAY_SIMD:-}" = avx2 ] || [ "${TIDEWAY_SIMD:-}" = avxvnni ]; then
+    avx_vnni=OFF
+    [ "$TIDEWAY_SIMD" = avxvnni ] && avx_vnni=ON
+    llama_build_dir=$llama/build-$TIDEWAY_SIMD
     llama_simd=(-DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON
         -DGGML_AVX512=OFF -DGGML_AVX512_VBMI=OFF -DGGML_AVX512_VNNI=OFF -DGGML_AVX512_BF16=OFF
-        -DGGML_AVX_VNNI=OFF -DGGML_AMX_TILE=OFF -DGGML_AMX_INT8=OFF -DGGML_AMX_BF16=OFF)
+        -DGGML_AVX_VNNI=$avx_vnni -DGGML_AMX_TILE=OFF -DGGML_AMX_INT8=OFF -DGGML_AMX_BF16=OFF)
 else
     llama_build_dir=$llama/build
     llama_simd=(-DGGML_NATIVE=ON)
