@@ -14,7 +14,8 @@
 //! AVX-512 VNNI the weights are packed in panels and the products run there
 //! ([`crate::panels`], with this module's quantizers); elsewhere, here, in AVX2 against
 //! `W`'s rows (`vpmaddubsw` on `|q|` and `sign(q) · Q`, which cannot saturate since every
-//! value is within ±127), rows padded with zeros to a multiple of 64 bytes.
+//! value is within ±127, or AVX-VNNI's `vpdpbusd` on the same where the CPU has it), rows
+//! padded with zeros to a multiple of 64 bytes.
 
 use std::ops::Range;
 use std::sync::Arc;
