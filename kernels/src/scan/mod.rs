@@ -36,7 +36,7 @@ use rayon::prelude::*;
 
 use crate::activation::{exp2_decay, silu, softplus_into};
 use crate::matmul::MatRef;
-use crate::simd::{dispatch, prefetch};
+use crate::simd::prefetch;
 
 /// Per-layer constants of the SSM.
 #[derive(Clone, Copy, Debug)]
@@ -158,12 +158,9 @@ fn scan_block(params: &SsmParams<'_>, inputs: &ScanInputs<'_>, job: &BlockJob, y
             return unsafe { avx2::scan_block(params, inputs, job, y) };
         }
     }
-    scan_block_portable(params, inputs, job, y)
-}
-
-dispatch! {
-    fn scan_block_portable(params: &SsmParams<'_>, inputs: &ScanInputs<'_>, job: &BlockJob, y: SendPtr)
-        => scan_block_body
+    // CPUs without AVX2 (and other architectures): the plain body, whose x86 baseline is
+    // SSE2; every x86 CPU with AVX2 takes a kernel above.
+    scan_block_body(params, inputs, job, y)
 }
 
 /// Channels handled together in registers: four vectors, so that a block's softplus and
