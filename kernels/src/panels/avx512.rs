@@ -36,8 +36,10 @@ pub(super) unsafe fn block(
         _ => None,
     };
     let wide = matches!(input, PanelInput::Bf16Wide { .. });
+    // One row, and a few rows in one tile, of f32 or bf16 in 256-bit halves where the walk
+    // says so.
     let half_vectors =
-        rows.len() == 1 && walk == OneRowWalk::HalfVectors && super::half_vectors::available();
+        walk == OneRowWalk::HalfVectors && super::half_vectors::takes(w.format, rows.len());
     let tile: TileFn = match w.format {
         PanelFormat::F32 if half_vectors => super::half_vectors::tile_f32,
         PanelFormat::F32 => tile_f32,
@@ -102,7 +104,9 @@ pub(super) unsafe fn block(
                 (len * width).min((weights_end as usize).saturating_sub(ahead as usize) / 4);
             for (t, tile_rows) in row_tiles(rows.clone()).enumerate() {
                 let prefetch = match ahead_lanes {
-                    _ if rows.len() == 1 && walk != OneRowWalk::Prefetched => Prefetch::Hardware,
+                    _ if half_vectors || (rows.len() == 1 && walk != OneRowWalk::Prefetched) => {
+                        Prefetch::Hardware
+                    }
                     // The tile reads its block from memory: it holds all the rows, or it
                     // is the first of the share's first block, which the share before it
                     // fetched only if it ran on this thread.
@@ -171,9 +175,9 @@ pub(super) enum Prefetch {
     /// [`STREAM_AHEAD_STEPS`] ahead into L2 (past the block into the next panel: panels lie
     /// back to back, and a prefetch past the weights never faults).
     Stream,
-    /// A one-row tile streams its block from memory as segments that the core's L2
-    /// prefetcher follows, asking for nothing itself ([`OneRowWalk::HardwareStreams`] and
-    /// [`OneRowWalk::HalfVectors`]).
+    /// A one-row tile, or a tile in 256-bit halves, streams its block from memory as
+    /// segments that the core's L2 prefetcher follows, asking for nothing itself
+    /// ([`OneRowWalk::HardwareStreams`] and [`OneRowWalk::HalfVectors`]).
     Hardware,
     /// Its share of the next block, for the tiles after it.
     Share(Fetch),

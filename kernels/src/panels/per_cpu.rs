@@ -1,7 +1,8 @@
 //! Which of the panel kernel's variants this CPU takes, where the fastest differs between
 //! AMD's cores and Intel's (each measured on both, or on the one this VM had: see each).
 
-/// How a one-row tile (a batch-1 decode step's products) reads its panel from memory.
+/// How a one-row tile (a batch-1 decode step's products) reads its panel from memory; on
+/// CPUs that take [`OneRowWalk::HalfVectors`], products of a few rows too.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum OneRowWalk {
     /// Two segments, each asking for its lines `STREAM_AHEAD_STEPS` ahead into L2.
@@ -10,8 +11,9 @@ pub enum OneRowWalk {
     /// own L2 prefetcher follows.
     HardwareStreams,
     /// f32 and bf16 weights as three segments read in 256-bit halves, no prefetch
-    /// instructions (`half_vectors.rs`); int8 weights, and CPUs without AVX-512VL, as
-    /// [`OneRowWalk::HardwareStreams`].
+    /// instructions (`half_vectors.rs`), for one row and for products of up to four rows
+    /// (one tile); int8 weights, and CPUs without AVX-512VL, as
+    /// [`OneRowWalk::HardwareStreams`] (one row) and the 512-bit tiles (more).
     HalfVectors,
 }
 

@@ -90,6 +90,9 @@ fn the_kernel_matches_the_naive_product() {
         (20, 260, 150),
         // A long `k` for shares of one tile (4 and 5 rows): one block, streamed.
         (9, 2100, 100),
+        // Shares of 4 rows, tiles in halves where the CPU takes them (`half_vectors::takes`):
+        // three segments and a step left over, a last panel of 2 vectors.
+        (8, 769, 150),
         // bf16: 1051 pairs in blocks (shares of 6 and 7 rows), the last one's second input
         // the padding.
         (13, 2101, 70),
