@@ -1,6 +1,7 @@
 //! The tiles that read their panel in 256-bit halves ([`super::OneRowWalk::HalfVectors`]: a
-//! decode step's products at batch 1-4 on Intel's cores, as [`takes`] says), for f32 and bf16 (int8 read slower this way: its weights, 130 MB for mamba-130m, sit
-//! partly in this Xeon's 480 MiB L3).
+//! decode step's products at batch 1-4 on Intel's cores, as [`takes`] says), for f32 and
+//! bf16 (int8 read slower this way: its weights, 130 MB for mamba-130m, sit partly in this
+//! Xeon's 480 MiB L3).
 //!
 //! Measured on an Intel Xeon (2 vCPUs, AVX-512, 2026-12-05): streaming 512 MB of panels
 //! from memory (a scratch loop, two threads, multiply-adds as the tile's, best of 5) read
