@@ -20,8 +20,8 @@
 # through oneDNN, which takes AMX where the CPU has it).
 # llama.cpp 0.3.36's Mamba crashes (SIGSEGV) at batches above 1 with f16 and q8_0 weights on
 # this machine: those cells stay empty.
-# Decode: after a 16-token prompt, 32 new tokens per sequence at batch 1, 8 and 32; prefill:
-# one 512-token sequence. Raw outputs go to bench/out/cpu_decode-DATE/.
+# Decode: after a 16-token prompt, 32 new tokens per sequence at batch 1, 8 and 32 (BATCHES=2,3,4
+# in the environment picks others, for every tool); prefill: one 512-token sequence. Raw outputs go to bench/out/cpu_decode-DATE/.
 #
 # TIDEWAY_SIMD=avx2 in the environment measures a CPU without AVX-512 on one that has it:
 # Tideway's kernels capped at AVX2 (kernels/src/cpu.rs), llama.cpp built for AVX2
@@ -38,6 +38,7 @@ model=${1:-bench/models/mamba-130m-random} rounds=${2:-3}
 shift $(( $# < 2 ? $# : 2 ))
 threads=$(nproc)
 venv=.venv
+batches=${BATCHES:-1,8,32}
 if [ "${TIDEWAY_SIMD:-}" = avx2 ] || [ "${TIDEWAY_SIMD:-}" = avxvnni ]; then
     export ATEN_CPU_CAPABILITY=avx2 MKL_ENABLE_INSTRUCTIONS=AVX2 ONEDNN_MAX_CPU_ISA=AVX2
 fi
@@ -88,14 +89,14 @@ for round in $(seq "$rounds"); do
         tideway=${run%@*} dtype=f32 cap=${TIDEWAY_SIMD:-}
         [ "$run" != "$tideway" ] && dtype=${run##*@}
         if [ "${dtype#*:}" != "$dtype" ]; then cap=${dtype#*:} dtype=${dtype%%:*}; fi
-        env ${cap:+TIDEWAY_SIMD="$cap"} "$tideway" bench --model "$model" --batches 1,8,32 --prefill-tokens 512 \
+        env ${cap:+TIDEWAY_SIMD="$cap"} "$tideway" bench --model "$model" --batches "$batches" --prefill-tokens 512 \
             --threads "$threads" --dtype "$dtype" --json 2>/dev/null >"$out/r$round-tideway$i.json"
     done
     for gguf in ${ggufs[@]+"${ggufs[@]}"}; do
         name=$(basename "$gguf" .gguf)
         # One batch size per call, so that a crash at one leaves the others measured.
         : >"$out/r$round-$name-decode.txt"
-        for b in 1 8 32; do
+        for b in ${batches//,/ }; do
             /usr/bin/time -f "peak_rss_kb %M" "$llama_bin/llama-batched-bench" -m "$gguf" \
                 -c 2048 -b 2048 -ub 512 -npp 16 -ntg 32 -npl "$b" -t "$threads" \
                 >>"$out/r$round-$name-decode.txt" 2>>"$out/r$round-$name-decode.err" || true
@@ -105,22 +106,23 @@ for round in $(seq "$rounds"); do
     done
     if [ "$family" = mamba ]; then
         "$venv/bin/python" bench/hf_mamba_bench.py "$model" --threads "$threads" --json \
-            2>/dev/null >"$out/r$round-hf.json"
+            --batches "$batches" 2>/dev/null >"$out/r$round-hf.json"
         if [ "${HF_BF16:-}" = 1 ]; then
             "$venv/bin/python" bench/hf_mamba_bench.py "$model" --threads "$threads" --json \
-                --dtype bf16 2>/dev/null >"$out/r$round-hf-bf16.json"
+                --batches "$batches" --dtype bf16 2>/dev/null >"$out/r$round-hf-bf16.json"
         fi
     else
         "$venv/bin/python" bench/fla_cpu_bench.py "$model" --threads "$threads" --json \
-            2>/dev/null >"$out/r$round-fla.json"
+            --batches "$batches" 2>/dev/null >"$out/r$round-fla.json"
     fi
 done
 
-"$venv/bin/python" - "$out" "$rounds" "$#" "$@" <<'PY'
+"$venv/bin/python" - "$out" "$rounds" "$batches" "$#" "$@" <<'PY'
 import json, re, statistics, sys
 from pathlib import Path
-out, rounds, n = Path(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3])
-runs = sys.argv[4:4 + n]
+out, rounds, n = Path(sys.argv[1]), int(sys.argv[2]), int(sys.argv[4])
+batches = [int(b) for b in sys.argv[3].split(",")]
+runs = sys.argv[5:5 + n]
 med = statistics.median
 cols = {}  # column -> {row: [values over rounds]}
 def put(col, row, value):
@@ -149,9 +151,8 @@ for r in range(1, rounds + 1):
         if found:
             put("sgemm", "PyTorch", float(found.group(1)))
             torch_build = found.group(2)
-    put("floor", "decode b1", bw)
-    put("floor", "decode b8", min(8 * bw, compute))
-    put("floor", "decode b32", min(32 * bw, compute))
+    for b in batches:
+        put("floor", f"decode b{b}", min(b * bw, compute))
     put("floor", "prefill 512", compute)
     for i in range(n):
         t = json.loads((out / f"r{r}-tideway{i}.json").read_text())
@@ -188,7 +189,7 @@ for r in range(1, rounds + 1):
             put(label, f"decode b{d['batch']}", d["tokens_per_s"])
         put(label, "prefill 512", h["prefill"]["tokens_per_s"])
         put(label, "peak RSS MiB", h["peak_rss_bytes"] / 2**20)
-rows = ["decode b1", "decode b8", "decode b32", "prefill 512", "peak RSS MiB"]
+rows = [f"decode b{b}" for b in batches] + ["prefill 512", "peak RSS MiB"]
 names = [c for c in cols if c not in ("floor", "peak", "sgemm")] + ["floor"]
 for i, run in enumerate(runs):
     print(f"[{i}] {run}")
@@ -226,6 +227,6 @@ for c in names:
     if c.startswith("Tideway"):
         print(f"{c}: " + "; ".join(
             f"{row} " + " / ".join(f"{v:.1f}" for v in cols[c][row])
-            for row in rows[:4] if row in cols[c]))
+            for row in rows[:-1] if row in cols[c]))
 PY
 echo "raw outputs: $out"
