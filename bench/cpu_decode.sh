@@ -18,10 +18,11 @@
 # bf16 and int8. Default: target/release/tideway (built here) at f32, bf16 and int8.
 # HF_BF16=1 runs HF transformers a second time in bf16 (PyTorch's CPU matmuls in bf16 go
 # through oneDNN, which takes AMX where the CPU has it).
-# llama.cpp 0.3.36's Mamba crashes (SIGSEGV) at batches above 1 with f16 and q8_0 weights on
-# this machine: those cells stay empty.
-# Decode: after a 16-token prompt, 32 new tokens per sequence at batch 1, 8 and 32 (BATCHES=2,3,4
-# in the environment picks others, for every tool); prefill: one 512-token sequence. Raw outputs go to bench/out/cpu_decode-DATE/.
+# llama.cpp 0.3.36's Mamba crashes (SIGSEGV) at batch 8 and 32 with f16 and q8_0 weights on
+# this machine (at 2-4 it ran): those cells stay empty.
+# Decode: after a 16-token prompt, 32 new tokens per sequence at batch 1, 8 and 32
+# (BATCHES=2,3,4 in the environment picks others, for every tool); prefill: one 512-token
+# sequence. Raw outputs go to bench/out/cpu_decode-DATE/.
 #
 # TIDEWAY_SIMD=avx2 in the environment measures a CPU without AVX-512 on one that has it:
 # Tideway's kernels capped at AVX2 (kernels/src/cpu.rs), llama.cpp built for AVX2

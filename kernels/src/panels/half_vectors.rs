@@ -94,6 +94,9 @@ impl HalfLanes for Bf16ByFmaLanes {
     }
 }
 
+/// Most rows a tile in halves holds ([`takes`]).
+const MAX_ROWS: usize = 4;
+
 /// Whether a product of `rows` rows of a `format` panel is one tile in halves: one row of
 /// f32 or bf16, and up to 4 rows of f32 or 2 of bf16 (more take the 512-bit tiles, whose
 /// blocks the tiles of rows share). Its segments add into one set of `rows × 2 × NV` sums
@@ -119,7 +122,7 @@ impl HalfLanes for Bf16ByFmaLanes {
 /// without prefetches, read 5-25% slower.
 pub(super) fn takes(format: PanelFormat, rows: usize) -> bool {
     let most = match format {
-        PanelFormat::F32 => 4,
+        PanelFormat::F32 => MAX_ROWS,
         PanelFormat::Bf16 => 2,
         PanelFormat::Int8 => 0,
     };
@@ -127,7 +130,7 @@ pub(super) fn takes(format: PanelFormat, rows: usize) -> bool {
 }
 
 /// `a.len` steps of an f32 panel `nv` 16-lane vectors wide against `rows` rows of
-/// activations (1..=4, as [`takes`] says).
+/// activations (1..=[`MAX_ROWS`], as [`takes`] says).
 ///
 /// # Safety
 /// As the tiles of `avx512.rs`: `a` from its block loop, on a CPU with AVX-512F and
@@ -152,13 +155,13 @@ pub(super) unsafe fn tile_bf16_by_fma(nv: usize, rows: usize, a: TileArgs) {
 
 #[inline(always)]
 unsafe fn tile_of<L: HalfLanes>(nv: usize, rows: usize, a: TileArgs) {
-    debug_assert!((1..=4).contains(&rows));
+    debug_assert!((1..=MAX_ROWS).contains(&rows));
     unsafe {
         match rows {
             1 => rows_of::<L, 1, SEGMENTS>(nv, a),
             2 => rows_of::<L, 2, 1>(nv, a),
             3 => rows_of::<L, 3, 1>(nv, a),
-            _ => rows_of::<L, 4, 1>(nv, a),
+            _ => rows_of::<L, MAX_ROWS, 1>(nv, a),
         }
     }
 }
