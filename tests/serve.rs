@@ -350,6 +350,54 @@ async fn errors_have_their_codes_and_say_what_is_allowed() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_idle_server_runs_a_chunk_without_waiting_for_the_tick() {
+    // A tick of 5 s: a chunk that waited for it would take seconds. Each chunk is sent once the
+    // one before it was answered, so each finds the graph idle (as a lone generation's next
+    // token does) and must run at once.
+    let model = model_dir();
+    let server = Server::start(&["--model", model.to_str().unwrap(), "--tick-ms", "5000"]);
+    let mut client = pb::streams_client::StreamsClient::connect(server.url())
+        .await
+        .unwrap();
+    let (tx, rx) = mpsc::channel(4);
+    tx.send(start_msg(MODEL, "", false)).await.unwrap();
+    let mut inbound = client
+        .open(ReceiverStream::new(rx))
+        .await
+        .unwrap()
+        .into_inner();
+    let mut answered = Vec::new();
+    for (i, token) in [3u64, 14, 15, 9].into_iter().enumerate() {
+        let sent = std::time::Instant::now();
+        tx.send(token_chunk(&[token], false)).await.unwrap();
+        loop {
+            match inbound
+                .next()
+                .await
+                .expect("the stream ended")
+                .unwrap()
+                .kind
+            {
+                Some(pb::stream_response::Kind::Output(o)) => {
+                    assert_eq!(o.position, i as u64);
+                    break;
+                }
+                Some(pb::stream_response::Kind::Opened(_)) => {}
+                other => panic!("chunk {i}: {other:?}"),
+            }
+        }
+        answered.push(sent.elapsed());
+    }
+    // The first chunk may also wait for the session to open; the later ones only for the model.
+    assert!(
+        answered[1..]
+            .iter()
+            .all(|t| *t < Duration::from_millis(2500)),
+        "chunks answered after {answered:?} with a 5 s tick"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_full_queue_answers_resource_exhausted() {
     let model = model_dir();
     // One slot per worker and a slow tick: a burst overflows it.

@@ -13,9 +13,10 @@
 //!   worker's), read as requests enter; fences and moving states re-enter the input
 //! ```
 //!
-//! Each worker closes one epoch per tick (default 1 ms): the requests that entered in it go
-//! into the graph together, and every stage runs what has reached it as one batched
-//! computation (`stages::stage_operator`). Placement is one [`Plan`]: `data` (K = 1: every
+//! Each worker closes one epoch per tick (default 1 ms), or at once when the graph has nothing
+//! in flight (an idle server does not hold a lone request back for the tick): the requests
+//! that entered in it go into the graph together, and every stage runs what has reached it
+//! as one batched computation (`stages::stage_operator`). Placement is one [`Plan`]: `data` (K = 1: every
 //! stage of a session on its owner worker) or a pipeline of K stages of each model's layers,
 //! each on its own workers, successive batches overlapping across stages.
 
@@ -510,28 +511,30 @@ fn run_worker(worker: &mut timely::worker::Worker, rx: Receiver<Request>, contex
         events.control_plane(board, reports_board);
     });
 
-    // Epochs are wall-clock ticks, so that workers of every process (which start at
-    // different moments) keep their inputs at about the same time and the frontier moves
-    // with real time.
+    // Epochs are wall-clock time in microseconds, so that workers of every process (which
+    // start at different moments) keep their inputs at about the same time and the frontier
+    // moves with real time; an epoch closed before its tick (the token budget, or an idle
+    // graph) moves on by a microsecond, not a tick, so early closes never run a worker's
+    // input ahead of the others'.
     let tick = config.tick;
-    let tick_ns = tick.as_nanos().max(1);
     let wall_epoch = || {
-        let ns = std::time::SystemTime::now()
+        std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
-            .map_or(0, |d| d.as_nanos());
-        (ns / tick_ns) as u64
+            .map_or(0, |d| d.as_micros()) as u64
     };
-    let slack = (ADMISSION_SLACK.as_nanos() / tick_ns).max(1) as u64;
+    let slack = ADMISSION_SLACK.as_micros().max(1) as u64;
     let mut epoch = wall_epoch();
     input.advance_to(epoch);
     let mut next_tick = Instant::now() + tick;
     let budget = config.epoch_tokens;
-    let mut epoch_tokens = 0usize;
+    // Tokens and records that entered the open epoch.
+    let (mut epoch_tokens, mut epoch_records) = (0usize, 0usize);
     'serve: loop {
         // Fences, forwarded requests and moving sessions' states go first: they belong
         // before anything this worker takes in from now on (see `stages::migration`).
         for r in routes.borrow_mut().take_reinput() {
             input.send(r);
+            epoch_records += 1;
         }
         // Flow control (timely has none): admit new requests only while the model stage is
         // at most ADMISSION_SLACK behind this worker's input; otherwise they wait in the
@@ -545,12 +548,13 @@ fn run_worker(worker: &mut timely::worker::Worker, rx: Receiver<Request>, contex
                             epoch_tokens += input.weight();
                         }
                         input.send(r);
+                        epoch_records += 1;
                         if budget > 0 && epoch_tokens >= budget {
                             // The token budget closes the epoch now.
                             epoch = wall_epoch().max(epoch + 1);
                             input.advance_to(epoch);
                             next_tick = Instant::now() + tick;
-                            epoch_tokens = 0;
+                            (epoch_tokens, epoch_records) = (0, 0);
                         }
                     }
                     Err(crossbeam_channel::TryRecvError::Disconnected) => break 'serve,
@@ -562,11 +566,17 @@ fn run_worker(worker: &mut timely::worker::Worker, rx: Receiver<Request>, contex
             break 'serve;
         }
         let now = Instant::now();
-        if now >= next_tick {
+        // The tick closes the epoch; so does an idle graph (nothing in flight before the open
+        // epoch) as soon as the epoch holds a record: a batch gathers while the one before it
+        // runs, and a lone stream's chunk or a lone generation's next token does not wait up
+        // to a tick for company that is not coming (`tideway bench generate`, one generation
+        // of the trained Mamba: BENCHMARKS.md, "Generation").
+        let idle = epoch_records > 0 && !probe.less_than(&epoch);
+        if now >= next_tick || idle {
             epoch = wall_epoch().max(epoch + 1);
             input.advance_to(epoch);
             next_tick = now + tick;
-            epoch_tokens = 0;
+            (epoch_tokens, epoch_records) = (0, 0);
         }
         worker.step_or_park(Some(next_tick.saturating_duration_since(Instant::now())));
     }

@@ -83,11 +83,14 @@ pub struct ServeArgs {
     /// Cluster: this process's line in --hosts (from 0).
     #[arg(long, requires = "hosts")]
     process: Option<usize>,
-    /// Epoch length in milliseconds: requests arriving within one epoch run as one batch.
+    /// Epoch length in milliseconds: requests arriving within one epoch run as one batch. A
+    /// worker with nothing in flight closes its epoch at once instead: batches gather while
+    /// the one before them runs.
     #[arg(long, default_value_t = 1.0)]
     tick_ms: f64,
-    /// Close an epoch early once this many tokens entered it on a worker (0: only the tick
-    /// closes epochs). Bounds the batch, and so the latency of one epoch, under bursts.
+    /// Close an epoch early once this many tokens entered it on a worker (0: only the tick, or
+    /// an idle worker, closes epochs). Bounds the batch, and so the latency of one epoch, under
+    /// bursts.
     #[arg(long, default_value_t = 0)]
     epoch_tokens: usize,
     /// Seconds a session may stay idle before its state is freed. Streaming feeds pause

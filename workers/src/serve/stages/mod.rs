@@ -208,9 +208,10 @@ pub trait StageLogic<I, O> {
 /// stages run one after another in a step, and a frontier only moves between steps, so every
 /// stage that waited would add a whole step — a forward of the layers — to each request's
 /// latency (measured: 3× the single-operator engine's p50 at 100 streams). Records arrive in
-/// batches anyway: an epoch's requests enter together at each tick, and a stage hands on a
-/// batch's outputs at once, so the batch that the first stage gathers stays whole downstream,
-/// and under load whatever queued during a forward runs as the next batch.
+/// batches anyway: an epoch's requests enter together when it closes (at its tick, or at once
+/// on an idle worker: `engine`), and a stage hands on a batch's outputs at once, so the batch
+/// that the first stage gathers stays whole downstream, and under load whatever queued during a
+/// forward runs as the next batch.
 pub fn stage_operator<'s, I, O, P, L>(
     stream: StreamVec<'s, u64, I>,
     pact: P,
