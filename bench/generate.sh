@@ -5,34 +5,42 @@
 # weights converted to GGUF f32 (llama-batched-bench: N parallel sequences), and HF
 # transformers' batched `generate` (bench/hf_generate_bench.py).
 #
-#   bench/generate.sh [MODEL_DIR] [NEW] [PROMPT]
+#   bench/generate.sh [MODEL_DIR] [NEW] [PROMPT] [TIDEWAY...]
 #
-# llama.cpp is built and the model converted by bench/llama_cpp.sh.
+# TIDEWAY is one or more tideway binaries, each serving in turn (e.g. the previous commit's
+# build beside this one's); default: target/release/tideway, built here. llama.cpp is built and
+# the model converted by bench/llama_cpp.sh.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 model=${1:-models/shakespeare-mamba} new=${2:-128} prompt=${3:-16}
+shift $(( $# < 3 ? $# : 3 ))
 threads=$(nproc)
 venv=.venv
 source bench/llama_cpp.sh
 llama_build llama-batched-bench
 gguf=$(llama_gguf "$model" f32)
 
-cargo build --release -p tideway-workers -j"$threads" 2>/dev/null
+if [ $# -eq 0 ]; then
+    cargo build --release -p tideway-workers -j"$threads" 2>/dev/null
+    set -- target/release/tideway
+fi
 scratch=$(mktemp -d)
 server=
 trap '[ -n "$server" ] && kill "$server" 2>/dev/null; wait 2>/dev/null; rm -rf "$scratch"' EXIT
-target/release/tideway serve --model "m=$model" --listen 127.0.0.1:0 >"$scratch/log" 2>&1 &
-server=$!
-for _ in $(seq 600); do
-    grep -q "tideway listening on" "$scratch/log" && break
-    kill -0 "$server" 2>/dev/null || { cat "$scratch/log" >&2; exit 1; }
-    sleep 0.1
+for tideway in "$@"; do
+    "$tideway" serve --model "m=$model" --listen 127.0.0.1:0 >"$scratch/log" 2>&1 &
+    server=$!
+    for _ in $(seq 600); do
+        grep -q "tideway listening on" "$scratch/log" && break
+        kill -0 "$server" 2>/dev/null || { cat "$scratch/log" >&2; exit 1; }
+        sleep 0.1
+    done
+    addr=$(grep "tideway listening on" "$scratch/log" | sed 's/tideway listening on //')
+    echo "== Tideway $tideway (tideway serve, $threads threads): Generate, $prompt prompt + $new new tokens each"
+    "$tideway" bench generate --addr "$addr" --model m --concurrency 1,8,32 \
+        --max-tokens "$new" --prompt-tokens "$prompt"
+    kill "$server"; wait "$server" 2>/dev/null || true; server=
 done
-addr=$(grep "tideway listening on" "$scratch/log" | sed 's/tideway listening on //')
-echo "== Tideway (tideway serve, $threads threads): Generate, $prompt prompt + $new new tokens each"
-target/release/tideway bench generate --addr "$addr" --model m --concurrency 1,8,32 \
-    --max-tokens "$new" --prompt-tokens "$prompt"
-kill "$server"; wait "$server" 2>/dev/null || true; server=
 
 echo "== llama.cpp $(git -C "$llama" rev-parse --short HEAD 2>/dev/null || echo "(llama-cpp-python 0.3.36)") f32, llama-batched-bench"
 "$llama_bin/llama-batched-bench" -m "$gguf" -c $(( 32 * (prompt + new) + 64 )) -b 2048 -ub 512 \
