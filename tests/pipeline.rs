@@ -288,23 +288,7 @@ async fn open_session(
     tokio::sync::mpsc::Sender<pb::StreamRequest>,
     tonic::Streaming<pb::StreamResponse>,
 ) {
-    let mut client = pb::streams_client::StreamsClient::connect(url.to_string())
-        .await
-        .unwrap();
-    let (tx, rx) = tokio::sync::mpsc::channel(4);
-    tx.send(pb::StreamRequest {
-        kind: Some(pb::stream_request::Kind::Start(pb::StreamStart {
-            model: model.into(),
-            ..Default::default()
-        })),
-    })
-    .await
-    .unwrap();
-    let mut inbound = client
-        .open(tokio_stream::wrappers::ReceiverStream::new(rx))
-        .await
-        .unwrap()
-        .into_inner();
+    let (tx, mut inbound) = open_stream(url, vec![start_request(model)]).await;
     // Opened comes back once the start has passed every stage: each holds its state then.
     let first = inbound.next().await.unwrap().unwrap();
     assert!(matches!(

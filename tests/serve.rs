@@ -356,16 +356,7 @@ async fn an_idle_server_runs_a_chunk_without_waiting_for_the_tick() {
     // token does) and must run at once.
     let model = model_dir();
     let server = Server::start(&["--model", model.to_str().unwrap(), "--tick-ms", "5000"]);
-    let mut client = pb::streams_client::StreamsClient::connect(server.url())
-        .await
-        .unwrap();
-    let (tx, rx) = mpsc::channel(4);
-    tx.send(start_msg(MODEL, "", false)).await.unwrap();
-    let mut inbound = client
-        .open(ReceiverStream::new(rx))
-        .await
-        .unwrap()
-        .into_inner();
+    let (tx, mut inbound) = open_stream(&server.url(), vec![start_msg(MODEL, "", false)]).await;
     let mut answered = Vec::new();
     for (i, token) in [3u64, 14, 15, 9].into_iter().enumerate() {
         let sent = std::time::Instant::now();
@@ -951,16 +942,7 @@ async fn metrics_show_sessions_and_a_disconnect_freeing_one() {
 async fn a_lost_peer_ends_streams_with_unavailable_not_a_hang() {
     let (p0, p1) = start_cluster("1");
 
-    let mut client = pb::streams_client::StreamsClient::connect(p0.url())
-        .await
-        .unwrap();
-    let (tx, rx) = mpsc::channel(4);
-    tx.send(start_msg(MODEL, "", false)).await.unwrap();
-    let mut inbound = client
-        .open(ReceiverStream::new(rx))
-        .await
-        .unwrap()
-        .into_inner();
+    let (tx, mut inbound) = open_stream(&p0.url(), vec![start_msg(MODEL, "", false)]).await;
     inbound.next().await.unwrap().unwrap();
     drop(p1); // kills process 1
     let outcome = tokio::time::timeout(Duration::from_secs(20), async {

@@ -11,7 +11,6 @@ use common::*;
 use tideway_proto::tideway::v1 as pb;
 use tokio::sync::mpsc;
 use tokio_stream::StreamExt;
-use tokio_stream::wrappers::ReceiverStream;
 use tonic::Code;
 
 fn chunk(tokens: Vec<i64>, end: bool) -> pb::StreamRequest {
@@ -34,23 +33,14 @@ fn serve(grace: &str) -> Server {
 }
 
 /// An open stream: its sender and its answers, after the first chunk's output.
-async fn open_stream(
+async fn open_lm_stream(
     url: &str,
 ) -> (
     mpsc::Sender<pb::StreamRequest>,
     tonic::Streaming<pb::StreamResponse>,
 ) {
-    let mut client = pb::streams_client::StreamsClient::connect(url.to_string())
-        .await
-        .unwrap();
-    let (tx, rx) = mpsc::channel(8);
-    tx.send(start_request("lm")).await.unwrap();
-    tx.send(chunk(vec![1, 2, 3], false)).await.unwrap();
-    let mut inbound = client
-        .open(ReceiverStream::new(rx))
-        .await
-        .unwrap()
-        .into_inner();
+    let first = vec![start_request("lm"), chunk(vec![1, 2, 3], false)];
+    let (tx, mut inbound) = open_stream(url, first).await;
     loop {
         let message = inbound.next().await.unwrap().unwrap();
         if let Some(pb::stream_response::Kind::Output(_)) = message.kind {
@@ -79,7 +69,7 @@ fn wait_for(server: &Server, needle: &str) {
 async fn an_idle_open_stream_ends_with_unavailable_after_the_grace() {
     let mut server = serve("1");
     let url = server.url();
-    let (_tx, mut inbound) = open_stream(&url).await;
+    let (_tx, mut inbound) = open_lm_stream(&url).await;
     let signalled = Instant::now();
     terminate(&server);
     wait_for(
@@ -139,7 +129,7 @@ async fn an_idle_open_stream_ends_with_unavailable_after_the_grace() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_stream_that_finishes_within_the_grace_gets_its_answers() {
     let mut server = serve("30");
-    let (tx, mut inbound) = open_stream(&server.url()).await;
+    let (tx, mut inbound) = open_lm_stream(&server.url()).await;
     terminate(&server);
     wait_for(&server, "SIGTERM: draining");
     tx.send(chunk(vec![4, 5], true)).await.unwrap();

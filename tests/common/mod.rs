@@ -294,6 +294,30 @@ pub fn start_request(model: &str) -> pb::StreamRequest {
     }
 }
 
+/// Opens a `Streams.Open` stream on `url` with `first` (its start, and any chunks) already
+/// sent: the sender for what follows and the stream's answers.
+pub async fn open_stream(
+    url: &str,
+    first: Vec<pb::StreamRequest>,
+) -> (
+    tokio::sync::mpsc::Sender<pb::StreamRequest>,
+    tonic::Streaming<pb::StreamResponse>,
+) {
+    let mut client = pb::streams_client::StreamsClient::connect(url.to_string())
+        .await
+        .unwrap();
+    let (tx, rx) = tokio::sync::mpsc::channel(first.len() + 8);
+    for request in first {
+        tx.send(request).await.unwrap();
+    }
+    let inbound = client
+        .open(tokio_stream::wrappers::ReceiverStream::new(rx))
+        .await
+        .unwrap()
+        .into_inner();
+    (tx, inbound)
+}
+
 /// A `StreamChunk` of token ids.
 pub fn token_chunk(tokens: &[u64], end: bool) -> pb::StreamRequest {
     pb::StreamRequest {
