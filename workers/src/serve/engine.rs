@@ -14,11 +14,11 @@
 //! ```
 //!
 //! Each worker closes one epoch per tick (default 1 ms), or at once when the graph has nothing
-//! in flight (an idle server does not hold a lone request back for the tick): the requests
-//! that entered in it go into the graph together, and every stage runs what has reached it
-//! as one batched computation (`stages::stage_operator`). Placement is one [`Plan`]: `data` (K = 1: every
-//! stage of a session on its owner worker) or a pipeline of K stages of each model's layers,
-//! each on its own workers, successive batches overlapping across stages.
+//! in flight (an idle server does not hold a lone request back for the tick): the requests that
+//! entered in it go into the graph together, and every stage runs what has reached it as one
+//! batched computation (`stages::stage_operator`). Placement is one [`Plan`]: `data` (K = 1:
+//! every stage of a session on its owner worker) or a pipeline of K stages of each model's
+//! layers, each on its own workers, successive batches overlapping across stages.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
@@ -514,8 +514,8 @@ fn run_worker(worker: &mut timely::worker::Worker, rx: Receiver<Request>, contex
     // Epochs are wall-clock time in microseconds, so that workers of every process (which
     // start at different moments) keep their inputs at about the same time and the frontier
     // moves with real time; an epoch closed before its tick (the token budget, or an idle
-    // graph) moves on by a microsecond, not a tick, so early closes never run a worker's
-    // input ahead of the others'.
+    // graph) moves on to the wall clock's microsecond, or one past the last epoch, not a
+    // tick, so early closes never run a worker's input ahead of the others'.
     let tick = config.tick;
     let wall_epoch = || {
         std::time::SystemTime::now()
