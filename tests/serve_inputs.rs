@@ -361,3 +361,24 @@ async fn a_gated_streams_state_moves_with_its_gate() {
     assert_eq!(flags, want_skipped);
     assert_eq!(rows, want);
 }
+
+#[test]
+fn bench_serve_refuses_a_feature_model_by_what_it_takes() {
+    let lmu = fixtures_dir().join("lmu/lmu_d16_c128_frontend");
+    let server = Server::start(&[
+        "--model",
+        &format!("kws={}", lmu.join("checkpoint").display()),
+    ]);
+    let addr = server.url().trim_start_matches("http://").to_string();
+    let out = tideway()
+        .args(["bench", "serve", "--addr", &addr, "--model", "kws"])
+        .args(["--streams", "1", "--seconds", "1"])
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{stderr}");
+    assert!(
+        stderr.contains("takes audio (FP32 [-1]), input (FP32 [-1, 128]), not token ids"),
+        "{stderr}"
+    );
+}

@@ -202,6 +202,22 @@ pub fn bench_serve(args: ServeBenchArgs) -> Result<()> {
             .await
             .with_context(|| format!("model {:?} on {}", args.model, args.addr))?
             .into_inner();
+        if info.vocab_size == 0 {
+            // A feature model (frames, audio): the load below sends token ids, which it refuses.
+            let inputs: Vec<String> = info
+                .inputs
+                .iter()
+                .map(|t| format!("{} ({} {:?})", t.name, t.datatype, t.shape))
+                .collect();
+            bail!(
+                "model {:?} on {} is a {} model that takes {}, not token ids: `tideway bench \
+                 serve` drives streams of tokens into a language model",
+                args.model,
+                args.addr,
+                info.family,
+                inputs.join(", ")
+            );
+        }
         let hostile = if args.hostile {
             eprintln!("building the hostile client's messages (a 1 GiB gzip bomb) ...");
             Some(Arc::new(
