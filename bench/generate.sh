@@ -12,6 +12,7 @@
 # the model converted by bench/llama_cpp.sh.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+source bench/server_address.sh
 model=${1:-models/shakespeare-mamba} new=${2:-128} prompt=${3:-16}
 shift $(( $# < 3 ? $# : 3 ))
 threads=$(nproc)
@@ -30,12 +31,7 @@ trap '[ -n "$server" ] && kill "$server" 2>/dev/null; wait 2>/dev/null; rm -rf "
 for tideway in "$@"; do
     "$tideway" serve --model "m=$model" --listen 127.0.0.1:0 >"$scratch/log" 2>&1 &
     server=$!
-    for _ in $(seq 600); do
-        grep -q "tideway listening on" "$scratch/log" && break
-        kill -0 "$server" 2>/dev/null || { cat "$scratch/log" >&2; exit 1; }
-        sleep 0.1
-    done
-    addr=$(grep "tideway listening on" "$scratch/log" | sed 's/tideway listening on //')
+    addr=$(address "$scratch/log" "$server")
     echo "== Tideway $tideway (tideway serve, $threads threads): Generate, $prompt prompt + $new new tokens each"
     "$tideway" bench generate --addr "$addr" --model m --concurrency 1,8,32 \
         --max-tokens "$new" --prompt-tokens "$prompt"

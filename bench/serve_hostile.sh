@@ -10,6 +10,7 @@
 # Prints the `tideway bench serve` table (quiet and hostile rows), the p99 ratio, what each
 # attack got back, and the server's peak resident memory.
 set -euo pipefail
+source "$(dirname "$0")/server_address.sh"
 tideway=$1 model=$2 streams=${3:-100} rate=${4:-10} seconds=${5:-10}
 attacks=${6:-giant,bomb,job,flood}
 shift $(( $# < 6 ? $# : 6 ))
@@ -25,12 +26,7 @@ printf '%s streams client\n%s mallory client\n' "$good" "$bad" >"$scratch/auth"
 "$tideway" serve --model "$model" --listen 127.0.0.1:0 --auth "$scratch/auth" "$@" \
     >"$scratch/log" 2>&1 &
 server=$!
-for _ in $(seq 1200); do
-    grep -q "tideway listening on" "$scratch/log" && break
-    kill -0 "$server" 2>/dev/null || { cat "$scratch/log" >&2; exit 1; }
-    sleep 0.1
-done
-addr=$(grep "tideway listening on" "$scratch/log" | sed 's/tideway listening on //')
+addr=$(address "$scratch/log" "$server")
 
 "$tideway" bench serve --addr "$addr" --model "$name" --streams "$streams" --rate "$rate" \
     --seconds "$seconds" --token "$good" --hostile --hostile-token "$bad" --attacks "$attacks"
