@@ -369,9 +369,8 @@ fn bench_serve_refuses_a_feature_model_by_what_it_takes() {
         "--model",
         &format!("kws={}", lmu.join("checkpoint").display()),
     ]);
-    let addr = server.url().trim_start_matches("http://").to_string();
     let out = tideway()
-        .args(["bench", "serve", "--addr", &addr, "--model", "kws"])
+        .args(["bench", "serve", "--addr", &server.addr, "--model", "kws"])
         .args(["--streams", "1", "--seconds", "1"])
         .output()
         .unwrap();

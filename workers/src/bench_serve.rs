@@ -226,9 +226,10 @@ pub fn bench_serve(args: ServeBenchArgs) -> Result<()> {
         } else {
             None
         };
+        // Not 0: a feature model was refused above.
+        let vocab = info.vocab_size;
         let mut results = Vec::new();
         for &n in &args.streams {
-            let vocab = info.vocab_size.max(1);
             let mut rows = vec![run_load(&url, &args, n, vocab).await?];
             if let Some(hostile) = &hostile {
                 let stop = Arc::new(AtomicBool::new(false));
