@@ -362,22 +362,77 @@ async fn a_gated_streams_state_moves_with_its_gate() {
     assert_eq!(rows, want);
 }
 
-#[test]
-fn bench_serve_refuses_a_feature_model_by_what_it_takes() {
-    let lmu = fixtures_dir().join("lmu/lmu_d16_c128_frontend");
-    let server = Server::start(&[
-        "--model",
-        &format!("kws={}", lmu.join("checkpoint").display()),
-    ]);
+/// `tideway bench serve --json` against `model` (a checkpoint directory served as "m") with
+/// `args`: the one row it reports.
+fn bench_serve_row(checkpoint: &std::path::Path, args: &[&str]) -> serde_json::Value {
+    let server = Server::start(&["--model", &format!("m={}", checkpoint.display())]);
     let out = tideway()
-        .args(["bench", "serve", "--addr", &server.addr, "--model", "kws"])
-        .args(["--streams", "1", "--seconds", "1"])
+        .args([
+            "bench",
+            "serve",
+            "--addr",
+            &server.addr,
+            "--model",
+            "m",
+            "--json",
+        ])
+        .args(["--streams", "2", "--rate", "50", "--seconds", "1"])
+        .args(args)
         .output()
         .unwrap();
     let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(!out.status.success(), "{stderr}");
+    assert!(out.status.success(), "{stderr}");
+    let rows: Vec<serde_json::Value> = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(rows.len(), 1, "{rows:?}");
+    rows.into_iter().next().unwrap()
+}
+
+#[test]
+fn bench_serve_feeds_an_audio_model_audio() {
+    let lmu = fixtures_dir().join("lmu/lmu_d16_c128_frontend");
+    let row = bench_serve_row(&lmu.join("checkpoint"), &["--audio-ms", "20"]);
+    assert_eq!(
+        (row["unit"].as_str(), row["per_chunk"].as_u64()),
+        (Some("audio ms"), Some(20))
+    );
+    assert_eq!(row["errors"], 0, "{row}");
+    let chunks = row["chunks_answered"].as_u64().unwrap();
     assert!(
-        stderr.contains("takes audio (FP32 [-1]), input (FP32 [-1, 128]), not token ids"),
-        "{stderr}"
+        chunks >= 50,
+        "2 streams at 50 chunks/s for 1 s: {chunks} answered"
+    );
+    // After k chunks of 320 samples (20 ms at 16 kHz) the front end has 1 + ⌊(320k − 400) /
+    // 160⌋ = 2k − 2 frames of its 25 ms window at a 10 ms hop (Kaldi's whole frames), and the
+    // outputs trail them by the patch embedding's 5 frames (the streams end without `end`,
+    // which would flush those): 2k − 7 rows a stream.
+    let rows = row["rows_answered"].as_u64().unwrap();
+    assert_eq!(rows, 2 * chunks - 2 * 7, "{row}");
+    // Seconds of audio a second: 2 streams of 20 ms, 50 times a second, are 2× real time.
+    let realtime = row["input_per_s"].as_f64().unwrap();
+    assert!(
+        (1.5..=2.1).contains(&realtime),
+        "{realtime} s of audio a second: {row}"
+    );
+}
+
+#[test]
+fn bench_serve_feeds_a_model_of_frames_frames_of_its_width() {
+    let lmu = fixtures_dir().join("lmu/lmu_d32_c16");
+    let row = bench_serve_row(&lmu.join("checkpoint"), &["--frame", "4"]);
+    assert_eq!(
+        (row["unit"].as_str(), row["per_chunk"].as_u64()),
+        (Some("frames"), Some(4))
+    );
+    assert_eq!(row["errors"], 0, "{row}");
+    // One output row a frame, trailing the input by the patch embedding's 5 frames.
+    let chunks = row["chunks_answered"].as_u64().unwrap();
+    assert!(
+        chunks >= 50,
+        "2 streams at 50 chunks/s for 1 s: {chunks} answered"
+    );
+    assert_eq!(
+        row["rows_answered"].as_u64(),
+        Some(4 * chunks - 2 * 5),
+        "{row}"
     );
 }

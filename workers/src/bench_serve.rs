@@ -1,8 +1,10 @@
 //! `tideway bench serve`: a load generator for a running server. N concurrent streams each
-//! send a chunk of `--frame` tokens every 1/`--rate` seconds through `Streams.Open` (the real
-//! gRPC API), and every answer's latency (send → output) is recorded. Prints throughput and
-//! p50/p99 per-chunk latency for each N. With `--hostile`, each N runs twice: quiet, then
-//! beside a hostile client (`bench_hostile`), and the table gives the p99 ratio.
+//! send a chunk every 1/`--rate` seconds through `Streams.Open` (the real gRPC API), and every
+//! answer's latency (send → output) is recorded. A chunk carries what the model takes
+//! (`Feed`): `--frame` token ids for a language model, `--audio-ms` of audio for an audio
+//! model, `--frame` feature frames for a model of frames. Prints throughput and p50/p99
+//! per-chunk latency for each N. With `--hostile`, each N runs twice: quiet, then beside a
+//! hostile client (`bench_hostile`), and the table gives the p99 ratio.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -18,6 +20,7 @@ use tokio_stream::wrappers::ReceiverStream;
 
 use tideway_proto::tideway::v1 as pb;
 
+use crate::bench_feed::Feed;
 use crate::bench_hostile::{Attack, AttackTally, Hostile};
 
 #[derive(Args, Clone)]
@@ -34,9 +37,17 @@ pub struct ServeBenchArgs {
     /// Chunks per second per stream.
     #[arg(long, default_value_t = 10.0)]
     rate: f64,
-    /// Tokens per chunk.
+    /// Tokens per chunk (a language model), or feature frames per chunk (a model that takes
+    /// frames, `input` [T, C]).
     #[arg(long, default_value_t = 1)]
     frame: usize,
+    /// Milliseconds of audio per chunk (a model that takes audio): 20 at `--rate 50` is a
+    /// live feed.
+    #[arg(long, default_value_t = 20)]
+    audio_ms: usize,
+    /// The audio's sample rate, Hz.
+    #[arg(long, default_value_t = 16_000)]
+    sample_rate: u32,
     /// Seconds of load per stream count.
     #[arg(long, default_value_t = 10.0)]
     seconds: f64,
@@ -105,13 +116,23 @@ struct LoadResult {
     #[serde(skip_serializing_if = "Option::is_none")]
     attacks: Option<BTreeMap<&'static str, AttackTally>>,
     rate_per_stream: f64,
-    frame_tokens: usize,
+    /// What a chunk carries: "tokens", "audio ms" or "frames", `per_chunk` of them.
+    unit: &'static str,
+    per_chunk: usize,
     seconds: f64,
     chunks_sent: u64,
     chunks_answered: u64,
+    /// The answers' output rows: logits rows, or a feature model's frames.
+    rows_answered: u64,
+    /// Streams that ended with an error, and how many of each status code (the first
+    /// message of each is printed on stderr).
     errors: u64,
+    error_codes: BTreeMap<String, u64>,
     chunks_per_s: f64,
-    tokens_per_s: f64,
+    /// The input answered a second: tokens, frames, or seconds of audio (`Feed::input_per_s`).
+    input_per_s: f64,
+    /// `rows_answered` a second.
+    rows_per_s: f64,
     p50_ms: f64,
     p99_ms: f64,
     max_ms: f64,
@@ -167,10 +188,12 @@ fn timeline(samples: &[Sample]) -> Vec<SecondOfLoad> {
         .collect()
 }
 
-/// One answered chunk: when it was sent (seconds into the load) and how long its answer took.
+/// One answered chunk: when it was sent (seconds into the load), how long its answer took
+/// and the output rows it held.
 struct Sample {
     sent_s: f64,
     latency_s: f64,
+    rows: u64,
 }
 
 pub fn bench_serve(args: ServeBenchArgs) -> Result<()> {
@@ -202,22 +225,8 @@ pub fn bench_serve(args: ServeBenchArgs) -> Result<()> {
             .await
             .with_context(|| format!("model {:?} on {}", args.model, args.addr))?
             .into_inner();
-        if info.vocab_size == 0 {
-            // A feature model (frames, audio): the load below sends token ids, which it refuses.
-            let inputs: Vec<String> = info
-                .inputs
-                .iter()
-                .map(|t| format!("{} ({} {:?})", t.name, t.datatype, t.shape))
-                .collect();
-            bail!(
-                "model {:?} on {} is a {} model that takes {}, not token ids: `tideway bench \
-                 serve` drives streams of tokens into a language model",
-                args.model,
-                args.addr,
-                info.family,
-                inputs.join(", ")
-            );
-        }
+        let feed = Feed::for_model(&info, args.frame, args.audio_ms, args.sample_rate)
+            .with_context(|| format!("model {:?} on {}", args.model, args.addr))?;
         let hostile = if args.hostile {
             eprintln!("building the hostile client's messages (a 1 GiB gzip bomb) ...");
             Some(Arc::new(
@@ -226,18 +235,16 @@ pub fn bench_serve(args: ServeBenchArgs) -> Result<()> {
         } else {
             None
         };
-        // Not 0: a feature model was refused above.
-        let vocab = info.vocab_size;
         let mut results = Vec::new();
         for &n in &args.streams {
-            let mut rows = vec![run_load(&url, &args, n, vocab).await?];
+            let mut rows = vec![run_load(&url, &args, n, feed).await?];
             if let Some(hostile) = &hostile {
                 let stop = Arc::new(AtomicBool::new(false));
                 let attacking = tokio::spawn({
                     let (hostile, stop) = (hostile.clone(), stop.clone());
                     async move { hostile.run(stop).await }
                 });
-                let mut r = run_load(&url, &args, n, vocab).await?;
+                let mut r = run_load(&url, &args, n, feed).await?;
                 stop.store(true, Ordering::Relaxed);
                 r.hostile = true;
                 r.attacks = Some(attacking.await?);
@@ -246,9 +253,9 @@ pub fn bench_serve(args: ServeBenchArgs) -> Result<()> {
             for r in rows {
                 if !args.json {
                     eprintln!(
-                        "{n:>5} streams{}: {:>9.1} chunks/s, {:>9.1} tokens/s, p50 {:>8.2} ms, p99 {:>8.2} ms, errors {}",
+                        "{n:>5} streams{}: {:>9.1} chunks/s, {:>9.1} {}, p50 {:>8.2} ms, p99 {:>8.2} ms, errors {}",
                         if r.hostile { " + hostile client" } else { "" },
-                        r.chunks_per_s, r.tokens_per_s, r.p50_ms, r.p99_ms, r.errors
+                        r.chunks_per_s, r.input_per_s, feed.rate_label(), r.p50_ms, r.p99_ms, r.errors
                     );
                 }
                 results.push(r);
@@ -257,13 +264,14 @@ pub fn bench_serve(args: ServeBenchArgs) -> Result<()> {
         if args.json {
             println!("{}", serde_json::to_string_pretty(&results)?);
         } else {
-            println!("| streams | client beside them | rate/stream | tokens/chunk | chunks/s | tokens/s | p50 ms | p99 ms | max ms | p99 after the starts ms | errors |");
-            println!("|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
+            let ((unit, _), rate) = (feed.unit(), feed.rate_label());
+            println!("| streams | client beside them | rate/stream | {unit}/chunk | chunks/s | {rate} | output rows/s | p50 ms | p99 ms | max ms | p99 after the starts ms | errors |");
+            println!("|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
             for r in &results {
                 println!(
-                    "| {} | {} | {} | {} | {:.1} | {:.1} | {:.2} | {:.2} | {:.2} | {:.2} | {} |",
+                    "| {} | {} | {} | {} | {:.1} | {:.1} | {:.1} | {:.2} | {:.2} | {:.2} | {:.2} | {} |",
                     r.streams, if r.hostile { "hostile" } else { "none (quiet)" },
-                    r.rate_per_stream, r.frame_tokens, r.chunks_per_s, r.tokens_per_s,
+                    r.rate_per_stream, r.per_chunk, r.chunks_per_s, r.input_per_s, r.rows_per_s,
                     r.p50_ms, r.p99_ms, r.max_ms, r.p99_after_start_ms, r.errors
                 );
             }
@@ -287,8 +295,8 @@ pub fn bench_serve(args: ServeBenchArgs) -> Result<()> {
     })
 }
 
-async fn run_load(url: &str, args: &ServeBenchArgs, n: usize, vocab: u64) -> Result<LoadResult> {
-    write_receive_memory(n, vocab as usize * 4 * args.frame);
+async fn run_load(url: &str, args: &ServeBenchArgs, n: usize, feed: Feed) -> Result<LoadResult> {
+    write_receive_memory(n, feed.answer_bytes());
     let connections = n.div_ceil(args.streams_per_connection.max(1));
     let mut channels = Vec::new();
     for _ in 0..connections {
@@ -307,23 +315,32 @@ async fn run_load(url: &str, args: &ServeBenchArgs, n: usize, vocab: u64) -> Res
         let channel = channels[i % connections].clone();
         let model = args.model.clone();
         let token = args.token.clone();
-        let frame = args.frame;
         // Streams start spread over one period, as independent feeds do.
         let offset = period.mul_f64(i as f64 / n as f64);
         tasks.push(tokio::spawn(async move {
             run_stream(
-                channel, token, model, frame, vocab, period, offset, duration, started, i as u64,
+                channel, token, model, feed, period, offset, duration, started, i as u64,
             )
             .await
         }));
     }
     let mut samples = Vec::new();
-    let (mut sent, mut errors) = (0u64, 0u64);
+    let (mut sent, mut errors, mut error_codes) = (0u64, 0u64, BTreeMap::new());
     for t in tasks {
-        let (stream_samples, s, e) = t.await?;
+        let (stream_samples, s, error) = t.await?;
         samples.extend(stream_samples);
         sent += s;
-        errors += e;
+        if let Some(status) = error {
+            errors += 1;
+            let code = format!("{:?}", status.code());
+            if !error_codes.contains_key(&code) {
+                eprintln!(
+                    "{n} streams: a stream ended with {code}: {}",
+                    status.message()
+                );
+            }
+            *error_codes.entry(code).or_default() += 1;
+        }
     }
     let elapsed = started.elapsed().as_secs_f64();
     let mut latencies: Vec<f64> = samples.iter().map(|s| s.latency_s).collect();
@@ -336,18 +353,24 @@ async fn run_load(url: &str, args: &ServeBenchArgs, n: usize, vocab: u64) -> Res
         .collect();
     after_start.sort_by(f64::total_cmp);
     let answered = latencies.len() as u64;
+    let rows: u64 = samples.iter().map(|s| s.rows).sum();
+    let (unit, per_chunk) = feed.unit();
     Ok(LoadResult {
         streams: n,
         hostile: false,
         attacks: None,
         rate_per_stream: args.rate,
-        frame_tokens: args.frame,
+        unit,
+        per_chunk,
         seconds: elapsed,
         chunks_sent: sent,
         chunks_answered: answered,
+        rows_answered: rows,
         errors,
+        error_codes,
         chunks_per_s: answered as f64 / elapsed,
-        tokens_per_s: (answered * args.frame as u64) as f64 / elapsed,
+        input_per_s: feed.input_per_s(answered as f64 / elapsed),
+        rows_per_s: rows as f64 / elapsed,
         p50_ms: pick(0.5),
         p99_ms: pick(0.99),
         max_ms: pick(1.0),
@@ -368,20 +391,19 @@ fn write_receive_memory(streams: usize, answer_bytes: usize) {
     drop(std::hint::black_box(vec![1u8; bytes]));
 }
 
-/// One stream: returns (its answered chunks, chunks sent, errors).
+/// One stream: returns its answered chunks, the chunks it sent and the error that ended it.
 #[allow(clippy::too_many_arguments)]
 async fn run_stream(
     channel: tonic::transport::Channel,
     token: Option<String>,
     model: String,
-    frame: usize,
-    vocab: u64,
+    feed: Feed,
     period: Duration,
     offset: Duration,
     duration: Duration,
     load_started: Instant,
     seed: u64,
-) -> (Vec<Sample>, u64, u64) {
+) -> (Vec<Sample>, u64, Option<tonic::Status>) {
     let mut client = with_token(
         channel,
         token,
@@ -398,11 +420,15 @@ async fn run_stream(
         })),
     };
     if tx.send(start).await.is_err() {
-        return (Vec::new(), 0, 1);
+        return (
+            Vec::new(),
+            0,
+            Some(tonic::Status::internal("the stream's sender closed")),
+        );
     }
     let mut inbound = match client.open(ReceiverStream::new(rx)).await {
         Ok(r) => r.into_inner(),
-        Err(_) => return (Vec::new(), 0, 1),
+        Err(status) => return (Vec::new(), 0, Some(status)),
     };
     let (sent_tx, mut sent_rx) = mpsc::unbounded_channel::<Instant>();
     let sender = tokio::spawn(async move {
@@ -414,19 +440,8 @@ async fn run_stream(
         let mut sent = 0u64;
         while begin.elapsed() < duration {
             ticker.tick().await;
-            let tokens = (0..frame)
-                .map(|_| {
-                    s ^= s << 13;
-                    s ^= s >> 7;
-                    s ^= s << 17;
-                    (s % vocab) as i64
-                })
-                .collect();
             let chunk = pb::StreamRequest {
-                kind: Some(pb::stream_request::Kind::Chunk(pb::StreamChunk {
-                    tokens,
-                    ..Default::default()
-                })),
+                kind: Some(pb::stream_request::Kind::Chunk(feed.chunk(&mut s))),
             };
             let _ = sent_tx.send(Instant::now());
             if tx.send(chunk).await.is_err() {
@@ -437,28 +452,33 @@ async fn run_stream(
         sent
     });
     let mut latencies = Vec::new();
-    let mut errors = 0;
+    let mut error = None;
     while let Some(message) = inbound.next().await {
         match message {
             Ok(pb::StreamResponse {
-                kind: Some(pb::stream_response::Kind::Output(_)),
+                kind: Some(pb::stream_response::Kind::Output(output)),
             }) => {
                 if let Some(at) = sent_rx.recv().await {
                     latencies.push(Sample {
                         sent_s: at.duration_since(load_started).as_secs_f64(),
                         latency_s: at.elapsed().as_secs_f64(),
+                        rows: output
+                            .outputs
+                            .first()
+                            .and_then(|t| t.shape.first())
+                            .map_or(0, |&r| r.max(0) as u64),
                     });
                 }
             }
             Ok(_) => {}
-            Err(_) => {
-                errors += 1;
+            Err(status) => {
+                error = Some(status);
                 break;
             }
         }
     }
     let sent = sender.await.unwrap_or(0);
-    (latencies, sent, errors)
+    (latencies, sent, error)
 }
 
 #[cfg(test)]
@@ -467,7 +487,11 @@ mod tests {
 
     #[test]
     fn the_timeline_groups_chunks_by_the_second_they_were_sent_in() {
-        let sample = |sent_s, latency_s| Sample { sent_s, latency_s };
+        let sample = |sent_s, latency_s| Sample {
+            sent_s,
+            latency_s,
+            rows: 1,
+        };
         // Second 0: 10, 30, 20 ms; second 1: none; second 2: 50 ms.
         let samples = [
             sample(0.1, 0.010),

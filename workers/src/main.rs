@@ -18,6 +18,7 @@ macro_rules! status_line {
 }
 
 mod bench;
+mod bench_feed;
 mod bench_frames;
 mod bench_generate;
 mod bench_hostile;
