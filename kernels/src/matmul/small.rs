@@ -190,8 +190,12 @@ dispatch! {
 }
 
 /// Columns in blocks of 64, 32, then 16 (4, 2, 1 vectors), rows in groups that keep 16 or 8
-/// sums in registers ([`blocks`]); the last rows and columns that fill no block one entry at a
-/// time.
+/// sums in registers ([`blocks`]), then the rows left over one at a time in the same vectors;
+/// the last columns that fill no block one entry at a time.
+///
+/// The rows left over took the entry-at-a-time loop before, along `b`'s columns: the LMU's
+/// one- and two-row products (`LmuMemory::parallel`, 128 × 128) were a quarter of a server's
+/// time under 300 live audio streams (`perf`, 2026-12-07).
 #[inline(always)]
 fn rows_times_rows_body(mut out: Out<'_>, a: Strided<'_>, b: Strided<'_>) {
     // The blocks load 16 consecutive entries of a row of `b` at once.
@@ -200,9 +204,18 @@ fn rows_times_rows_body(mut out: Out<'_>, a: Strided<'_>, b: Strided<'_>) {
     let mut j0 = 0;
     while j0 < n {
         let (width, rows_done) = match n - j0 {
-            w if w >= 4 * LANES => (4 * LANES, blocks::<4, 4>(&mut out, a, b, j0)),
-            w if w >= 2 * LANES => (2 * LANES, blocks::<8, 2>(&mut out, a, b, j0)),
-            w if w >= LANES => (LANES, blocks::<8, 1>(&mut out, a, b, j0)),
+            w if w >= 4 * LANES => {
+                let grouped = blocks::<4, 4>(&mut out, a, b, j0, 0);
+                (4 * LANES, blocks::<1, 4>(&mut out, a, b, j0, grouped))
+            }
+            w if w >= 2 * LANES => {
+                let grouped = blocks::<8, 2>(&mut out, a, b, j0, 0);
+                (2 * LANES, blocks::<1, 2>(&mut out, a, b, j0, grouped))
+            }
+            w if w >= LANES => {
+                let grouped = blocks::<8, 1>(&mut out, a, b, j0, 0);
+                (LANES, blocks::<1, 1>(&mut out, a, b, j0, grouped))
+            }
             w => (w, 0),
         };
         for i in rows_done..m {
@@ -215,25 +228,27 @@ fn rows_times_rows_body(mut out: Out<'_>, a: Strided<'_>, b: Strided<'_>) {
     }
 }
 
-/// Columns `j0..j0 + V·16` of every whole group of `R` rows; returns the rows done.
+/// Columns `j0..j0 + V·16` of every whole group of `R` rows from row `first` on; returns the
+/// end of the rows done.
 #[inline(always)]
 fn blocks<const R: usize, const V: usize>(
     out: &mut Out<'_>,
     a: Strided<'_>,
     b: Strided<'_>,
     j0: usize,
+    first: usize,
 ) -> usize {
     #[cfg(target_arch = "x86_64")]
     if crate::cpu::avx512() {
         // SAFETY: the CPU has AVX-512F.
-        return unsafe { avx512::blocks::<R, V>(out, a, b, j0) };
+        return unsafe { avx512::blocks::<R, V>(out, a, b, j0, first) };
     }
     #[cfg(target_arch = "x86_64")]
     if crate::cpu::avx2_fma() {
         // SAFETY: the CPU has AVX2 and FMA.
-        return unsafe { avx2::blocks::<R, V>(out, a, b, j0) };
+        return unsafe { avx2::blocks::<R, V>(out, a, b, j0, first) };
     }
-    portable_blocks::<R, V>(out, a, b, j0)
+    portable_blocks::<R, V>(out, a, b, j0, first)
 }
 
 /// [`blocks`] in plain Rust, for CPUs without AVX-512: the same multiply-adds in the same
@@ -244,10 +259,11 @@ fn portable_blocks<const R: usize, const V: usize>(
     a: Strided<'_>,
     b: Strided<'_>,
     j0: usize,
+    first: usize,
 ) -> usize {
-    let groups = a.rows / R;
+    let groups = (a.rows - first) / R;
     for group in 0..groups {
-        let i0 = group * R;
+        let i0 = first + group * R;
         let mut sums = [[[0.0f32; LANES]; V]; R];
         for p in 0..a.cols {
             let b_row = &b.data[p * b.row_stride + j0..][..V * LANES];
@@ -266,7 +282,7 @@ fn portable_blocks<const R: usize, const V: usize>(
             }
         }
     }
-    groups * R
+    first + groups * R
 }
 
 /// Asserts that columns `cols` of `b`'s first `k` rows lie inside `b.data`, as the SIMD
@@ -324,12 +340,13 @@ mod avx512 {
         a: Strided<'_>,
         b: Strided<'_>,
         j0: usize,
+        first: usize,
     ) -> usize {
-        let groups = a.rows / R;
+        let groups = (a.rows - first) / R;
         let k = a.cols;
         super::assert_rows_inside(b, k, j0..j0 + V * LANES);
         for group in 0..groups {
-            let i0 = group * R;
+            let i0 = first + group * R;
             let mut sums = [[_mm512_setzero_ps(); V]; R];
             for p in 0..k {
                 // SAFETY: row p's columns j0..j0 + V·16 are inside `b.data` (asserted above).
@@ -352,23 +369,20 @@ mod avx512 {
                 }
             }
         }
-        groups * R
+        first + groups * R
     }
 }
 
-/// The blocks in AVX2 registers, four rows and 16 columns (two registers) at a time: 8 sums
-/// beside the two vectors of `b` and one of `a`, where the portable body's `R × V` sums (up
-/// to 32 AVX2 registers' worth) live on the stack. Each entry's multiply-adds are the
-/// portable body's, in its order. A 512-token GLA or DeltaNet prefill capped at AVX2 spent
-/// 14-15% in the portable blocks (`perf`, 2026-12-06).
+/// The blocks in AVX2 registers, four rows (one for `R` = 1) and 16 columns (two registers)
+/// at a time: 8 sums beside the two vectors of `b` and one of `a`, where the portable body's
+/// `R × V` sums (up to 32 AVX2 registers' worth) live on the stack. Each entry's
+/// multiply-adds are the portable body's, in its order. A 512-token GLA or DeltaNet prefill
+/// capped at AVX2 spent 14-15% in the portable blocks (`perf`, 2026-12-06).
 #[cfg(target_arch = "x86_64")]
 mod avx2 {
     use std::arch::x86_64::*;
 
     use super::{LANES, Out, Strided};
-
-    /// Rows of a block taken at once.
-    const ROWS: usize = 4;
 
     #[target_feature(enable = "avx2,fma")]
     pub(super) fn blocks<const R: usize, const V: usize>(
@@ -376,38 +390,62 @@ mod avx2 {
         a: Strided<'_>,
         b: Strided<'_>,
         j0: usize,
+        first: usize,
     ) -> usize {
-        const { assert!(R.is_multiple_of(ROWS), "groups of whole blocks of rows") };
-        let groups = a.rows / R;
-        let k = a.cols;
-        super::assert_rows_inside(b, k, j0..j0 + V * LANES);
-        for i0 in (0..groups * R).step_by(ROWS) {
-            for j in (j0..j0 + V * LANES).step_by(LANES) {
-                let mut sums = [[_mm256_setzero_ps(); 2]; ROWS];
-                for p in 0..k {
-                    // SAFETY: row p's columns j..j + 16 are inside `b.data` (asserted above).
-                    let b_vectors: [__m256; 2] = std::array::from_fn(|half| unsafe {
-                        _mm256_loadu_ps(b.data.as_ptr().add(p * b.row_stride + j + 8 * half))
-                    });
-                    for (r, row_sums) in sums.iter_mut().enumerate() {
-                        let a_value = _mm256_set1_ps(a.at(i0 + r, p));
-                        for (sum, &b_vector) in row_sums.iter_mut().zip(&b_vectors) {
-                            *sum = _mm256_fmadd_ps(a_value, b_vector, *sum);
-                        }
-                    }
-                }
-                for (r, row_sums) in sums.iter().enumerate() {
-                    let mut lanes = [0.0f32; LANES];
-                    // SAFETY: `lanes` holds 16 floats, two vectors' worth.
-                    unsafe {
-                        _mm256_storeu_ps(lanes.as_mut_ptr(), row_sums[0]);
-                        _mm256_storeu_ps(lanes.as_mut_ptr().add(8), row_sums[1]);
-                    }
-                    out.put_lanes(i0 + r, j, &lanes);
-                }
+        const {
+            assert!(
+                R == 1 || R.is_multiple_of(4),
+                "one row, or whole blocks of four"
+            )
+        };
+        let end = first + (a.rows - first) / R * R;
+        super::assert_rows_inside(b, a.cols, j0..j0 + V * LANES);
+        if R == 1 {
+            for i0 in first..end {
+                block::<1>(out, a, b, i0, j0..j0 + V * LANES);
+            }
+        } else {
+            for i0 in (first..end).step_by(4) {
+                block::<4>(out, a, b, i0, j0..j0 + V * LANES);
             }
         }
-        groups * R
+        end
+    }
+
+    /// Rows `i0..i0 + S` over `columns`, 16 at a time.
+    #[target_feature(enable = "avx2,fma")]
+    fn block<const S: usize>(
+        out: &mut Out<'_>,
+        a: Strided<'_>,
+        b: Strided<'_>,
+        i0: usize,
+        columns: std::ops::Range<usize>,
+    ) {
+        for j in columns.step_by(LANES) {
+            let mut sums = [[_mm256_setzero_ps(); 2]; S];
+            for p in 0..a.cols {
+                // SAFETY: row p's columns j..j + 16 are inside `b.data` (the caller asserted
+                // its columns).
+                let b_vectors: [__m256; 2] = std::array::from_fn(|half| unsafe {
+                    _mm256_loadu_ps(b.data.as_ptr().add(p * b.row_stride + j + 8 * half))
+                });
+                for (r, row_sums) in sums.iter_mut().enumerate() {
+                    let a_value = _mm256_set1_ps(a.at(i0 + r, p));
+                    for (sum, &b_vector) in row_sums.iter_mut().zip(&b_vectors) {
+                        *sum = _mm256_fmadd_ps(a_value, b_vector, *sum);
+                    }
+                }
+            }
+            for (r, row_sums) in sums.iter().enumerate() {
+                let mut lanes = [0.0f32; LANES];
+                // SAFETY: `lanes` holds 16 floats, two vectors' worth.
+                unsafe {
+                    _mm256_storeu_ps(lanes.as_mut_ptr(), row_sums[0]);
+                    _mm256_storeu_ps(lanes.as_mut_ptr().add(8), row_sums[1]);
+                }
+                out.put_lanes(i0 + r, j, &lanes);
+            }
+        }
     }
 }
 
@@ -417,15 +455,16 @@ mod tests {
     use crate::test_util::pseudo;
 
     /// The AVX-512 and AVX2 blocks and the portable ones, bit for bit, in each block shape
-    /// [`rows_times_rows_body`] takes, with a row stride wider than the block.
+    /// [`rows_times_rows_body`] takes (the groups of rows from row 0, the rows left over one
+    /// at a time from row 8), with a row stride wider than the block.
     #[test]
     fn the_simd_blocks_give_the_portable_bits() {
         let (m, k, n) = (16, 21, 80);
         let a = pseudo(m * k, 1, -1.0, 1.0);
         let b = pseudo(k * n, 2, -1.0, 1.0);
         let (a, b) = (Strided::dense(&a, m, k), Strided::dense(&b, k, n));
-        type Blocks = fn(&mut Out<'_>, Strided<'_>, Strided<'_>, usize) -> usize;
-        let run = |blocks: Blocks| {
+        type Blocks = fn(&mut Out<'_>, Strided<'_>, Strided<'_>, usize, usize) -> usize;
+        let run = |blocks: Blocks, first: usize| {
             let mut dst = pseudo(m * n, 3, -1.0, 1.0);
             let mut out = Out {
                 dst: &mut dst,
@@ -433,36 +472,96 @@ mod tests {
                 accumulate: true,
                 alpha: -0.5,
             };
-            assert_eq!(blocks(&mut out, a, b, 16), m);
+            assert_eq!(blocks(&mut out, a, b, 16, first), m);
             dst.iter().map(|v| v.to_bits()).collect::<Vec<_>>()
         };
-        let shapes: [[Blocks; 3]; 3] = [
-            [
-                portable_blocks::<4, 4>,
-                // SAFETY (each): called only where the CPU has the features (below).
-                |o, a, b, j| unsafe { avx512::blocks::<4, 4>(o, a, b, j) },
-                |o, a, b, j| unsafe { avx2::blocks::<4, 4>(o, a, b, j) },
-            ],
-            [
-                portable_blocks::<8, 2>,
-                |o, a, b, j| unsafe { avx512::blocks::<8, 2>(o, a, b, j) },
-                |o, a, b, j| unsafe { avx2::blocks::<8, 2>(o, a, b, j) },
-            ],
-            [
-                portable_blocks::<8, 1>,
-                |o, a, b, j| unsafe { avx512::blocks::<8, 1>(o, a, b, j) },
-                |o, a, b, j| unsafe { avx2::blocks::<8, 1>(o, a, b, j) },
-            ],
+        // SAFETY (each SIMD entry): called only where the CPU has the features (below).
+        let shapes: [(usize, [Blocks; 3]); 6] = [
+            (
+                0,
+                [
+                    portable_blocks::<4, 4>,
+                    |o, a, b, j, f| unsafe { avx512::blocks::<4, 4>(o, a, b, j, f) },
+                    |o, a, b, j, f| unsafe { avx2::blocks::<4, 4>(o, a, b, j, f) },
+                ],
+            ),
+            (
+                0,
+                [
+                    portable_blocks::<8, 2>,
+                    |o, a, b, j, f| unsafe { avx512::blocks::<8, 2>(o, a, b, j, f) },
+                    |o, a, b, j, f| unsafe { avx2::blocks::<8, 2>(o, a, b, j, f) },
+                ],
+            ),
+            (
+                0,
+                [
+                    portable_blocks::<8, 1>,
+                    |o, a, b, j, f| unsafe { avx512::blocks::<8, 1>(o, a, b, j, f) },
+                    |o, a, b, j, f| unsafe { avx2::blocks::<8, 1>(o, a, b, j, f) },
+                ],
+            ),
+            (
+                8,
+                [
+                    portable_blocks::<1, 4>,
+                    |o, a, b, j, f| unsafe { avx512::blocks::<1, 4>(o, a, b, j, f) },
+                    |o, a, b, j, f| unsafe { avx2::blocks::<1, 4>(o, a, b, j, f) },
+                ],
+            ),
+            (
+                8,
+                [
+                    portable_blocks::<1, 2>,
+                    |o, a, b, j, f| unsafe { avx512::blocks::<1, 2>(o, a, b, j, f) },
+                    |o, a, b, j, f| unsafe { avx2::blocks::<1, 2>(o, a, b, j, f) },
+                ],
+            ),
+            (
+                8,
+                [
+                    portable_blocks::<1, 1>,
+                    |o, a, b, j, f| unsafe { avx512::blocks::<1, 1>(o, a, b, j, f) },
+                    |o, a, b, j, f| unsafe { avx2::blocks::<1, 1>(o, a, b, j, f) },
+                ],
+            ),
         ];
         let avx512 = std::is_x86_feature_detected!("avx512f");
         let avx2 = std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma");
-        for (shape, [portable, on_avx512, on_avx2]) in shapes.into_iter().enumerate() {
-            let want = run(portable);
+        for (shape, (first, [portable, on_avx512, on_avx2])) in shapes.into_iter().enumerate() {
+            let want = run(portable, first);
             if avx512 {
-                assert_eq!(run(on_avx512), want, "AVX-512, shape {shape}");
+                assert_eq!(run(on_avx512, first), want, "AVX-512, shape {shape}");
             }
             if avx2 {
-                assert_eq!(run(on_avx2), want, "AVX2, shape {shape}");
+                assert_eq!(run(on_avx2, first), want, "AVX2, shape {shape}");
+            }
+        }
+    }
+
+    /// A row left over from the groups of rows gets the bits of the entry-at-a-time sum it
+    /// took before: `k` multiply-adds in ascending order from 0, then `alpha` and the
+    /// accumulation (what `LmuMemory::parallel`'s one-row products give the LMU's state).
+    #[test]
+    fn a_row_left_over_sums_as_one_entry_at_a_time() {
+        let (m, k, n) = (5, 37, 64 + 32 + 16 + 3);
+        let a = pseudo(m * k, 4, -1.0, 1.0);
+        let b = pseudo(k * n, 5, -1.0, 1.0);
+        let before = pseudo(m * n, 6, -1.0, 1.0);
+        let mut dst = before.clone();
+        matmul_small(
+            &mut dst,
+            n,
+            true,
+            0.75,
+            Strided::dense(&a, m, k),
+            Strided::dense(&b, k, n),
+        );
+        for i in 0..m {
+            for j in 0..n {
+                let sum = (0..k).fold(0.0f32, |s, p| a[i * k + p].mul_add(b[p * n + j], s));
+                let want = before[i * n + j] + 0.75 * sum;
+                assert_eq!(dst[i * n + j].to_bits(), want.to_bits(), "({i}, {j})");
             }
         }
     }
