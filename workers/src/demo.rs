@@ -337,7 +337,14 @@ async fn one_stream(
                     ..Default::default()
                 })),
             };
-            w.tx.send(message).await?;
+            if w.tx.send(message).await.is_err() {
+                // The server ended the window's stream (a refusal under overload, say): the
+                // outputs task holds its status, which says why; "channel closed" would not.
+                return Err(match (&mut w.outputs).await {
+                    Ok(Err(refused)) => refused,
+                    _ => anyhow::anyhow!("the server ended a window's stream early"),
+                });
+            }
             if last {
                 w.ended_at = Some(Instant::now());
             }
