@@ -16,12 +16,9 @@ model=$1 seconds=$2 streams_list=$3
 shift 3
 configs=("$@")
 name=$(basename "$model")
-scratch=$(mktemp -d)
-pid=
-stop() { [ -n "$pid" ] && { kill "$pid" 2>/dev/null || true; wait "$pid" 2>/dev/null || true; }; pid=; }
-trap 'stop; rm -rf "$scratch"' EXIT
-
 source "$(dirname "$0")/server_address.sh"
+scratch=$(mktemp -d)
+trap 'stop_server; rm -rf "$scratch"' EXIT
 
 read -r first _ <<<"${configs[0]#*|}"
 client=${CLIENT:-$first}
@@ -31,8 +28,7 @@ for streams in ${streams_list//,/ }; do
     for config in "${configs[@]}"; do
         label=${config%%|*}
         read -r -a command <<<"${config#*|}"
-        "${command[0]}" serve --model "$model" --listen 127.0.0.1:0 "${command[@]:1}" >"$scratch/server.log" 2>&1 &
-        pid=$!
+        start_server "$scratch/server.log" "${command[0]}" serve --model "$model" --listen 127.0.0.1:0 "${command[@]:1}"
         addr=$(address "$scratch/server.log" "$pid")
         if ! "$client" bench serve --addr "$addr" --model "$name" --streams "$streams" --rate 50 \
             --audio-ms 20 --seconds "$seconds" --json >"$scratch/load.json" 2>"$scratch/load.err"; then
@@ -47,6 +43,6 @@ cells = [r["input_per_s"], r["rows_per_s"], r["p50_ms"], r["p99_ms"], r["max_ms"
 codes = ", ".join("%s %d" % c for c in r["error_codes"].items()) or "0"
 print("| %s | %s | %.1f | %.1f | %.1f | %.2f | %.2f | %.2f | %.2f | %s |" % (label, streams, int(streams) * 0.02 * 50, *cells, codes))
 ' "$label" "$streams" "$scratch/load.json"
-        stop
+        stop_server
     done
 done

@@ -18,12 +18,9 @@ model=$1 seconds=$2
 shift 2
 configs=("$@")
 name=$(basename "$model")
-scratch=$(mktemp -d)
-pid=
-stop() { [ -n "$pid" ] && { kill "$pid" 2>/dev/null || true; wait "$pid" 2>/dev/null || true; }; pid=; }
-trap 'stop; rm -rf "$scratch"' EXIT
-
 source "$(dirname "$0")/server_address.sh"
+scratch=$(mktemp -d)
+trap 'stop_server; rm -rf "$scratch"' EXIT
 
 read -r client _ <<<"${configs[0]#*|}"
 capacity=$("$client" bench --model "$model" --batches 32 --prefill-tokens 8 --seconds 10 --json 2>/dev/null |
@@ -36,9 +33,8 @@ for streams in 100 1000; do
         for config in "${configs[@]}"; do
             label=${config%%|*}
             read -r -a command <<<"${config#*|}"
-            "${command[0]}" serve --model "$model" --listen 127.0.0.1:0 "${command[@]:1}" >"$scratch/server.log" 2>&1 &
-            pid=$!
-            addr=$(address "$scratch/server.log")
+            start_server "$scratch/server.log" "${command[0]}" serve --model "$model" --listen 127.0.0.1:0 "${command[@]:1}"
+            addr=$(address "$scratch/server.log" "$pid")
             rate=$(python3 -c "print($capacity * $pct / 100 / $streams)")
             "$client" bench serve --addr "$addr" --model "$name" --streams "$streams" --rate "$rate" \
                 --seconds "$seconds" --json 2>/dev/null |
@@ -49,7 +45,7 @@ label, streams, pct, offered = sys.argv[1:]
 cells = [r["chunks_per_s"], r["p50_ms"], r["p99_ms"], r["max_ms"], r["p99_after_start_ms"]]
 print("| %s | %s | %s%% | %.1f | %.1f | %.1f | %.1f | %.1f | %.1f | %d |" % (label, streams, pct, float(offered), *cells, r["errors"]))
 ' "$label" "$streams" "$pct" "$(python3 -c "print($capacity * $pct / 100)")"
-            stop
+            stop_server
         done
     done
 done

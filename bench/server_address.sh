@@ -1,6 +1,7 @@
 # Sourced by the serving benchmarks: `address LOG [PID]` waits (up to 2 minutes) until the
 # `tideway serve` logging to LOG listens and prints its gRPC address, or exits with the log
-# (at once if the server PID has exited).
+# (at once if the server PID has exited). `start_server LOG COMMAND...` starts a server in the
+# background, its pid in `pid`; `stop_server` ends it, if one runs.
 address() {
     for _ in $(seq 1200); do
         if grep -q "tideway listening on" "$1"; then
@@ -14,4 +15,16 @@ address() {
     done
     echo "server did not start: $(cat "$1")" >&2
     exit 1
+}
+
+pid=
+start_server() {
+    local log=$1
+    shift
+    "$@" >"$log" 2>&1 &
+    pid=$!
+}
+stop_server() {
+    [ -n "$pid" ] && { kill "$pid" 2>/dev/null || true; wait "$pid" 2>/dev/null || true; }
+    pid=
 }
