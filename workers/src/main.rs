@@ -55,8 +55,7 @@ use clap::{Parser, Subcommand};
     about = "Serve and run linear-time sequence models"
 )]
 struct Cli {
-    /// Compute threads (default: all cores). A server of a small model under many streams
-    /// may do better with fewer, leaving cores to the network (README, BENCHMARKS.md).
+    /// Compute threads (default: all cores).
     #[arg(long, global = true)]
     threads: Option<usize>,
     /// Log lines on stderr: text (colours only on a terminal), or one JSON object per line
