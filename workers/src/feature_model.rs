@@ -188,14 +188,10 @@ impl FeatureModel {
                 FeatureState::Gpu(_) => Err(FeatureError::Input(InputError::WrongState)),
             })
             .collect::<Result<Vec<_>, _>>()?;
-        // On the compute pool, as a language model's step: its products then hand their shares
-        // to the pool's threads from inside it, one hand-off a step instead of two wake-ups a
-        // product from this (timely) thread. 500 live feeds of the keyword spotter on two
-        // cores: p99 50.0 → 12.9 ms (BENCHMARKS.md, 2026-12-07).
-        tideway_kernels::cpu::on_compute_pool(|| match self.model.gates_frames() {
+        match self.model.gates_frames() {
             true => self.model.forward_decided(&mut cpu, input, ends, keep),
             false => self.model.forward(&mut cpu, input, ends),
-        })
+        }
         .map_err(FeatureError::Input)
     }
 }

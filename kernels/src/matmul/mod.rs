@@ -342,8 +342,9 @@ impl Linear {
         (m, k, n)
     }
 
-    /// Whether an `M × in × out` product runs on the pool's threads.
-    fn parallel(m: usize, k: usize, n: usize) -> bool {
+    /// Whether an `M × in × out` product runs on the pool's threads (a model's step can ask
+    /// this of its widest product before it enters the pool at all).
+    pub fn parallel(m: usize, k: usize, n: usize) -> bool {
         m * n * k >= PARALLEL_MIN_FLOPS && rayon::current_num_threads() > 1
     }
 

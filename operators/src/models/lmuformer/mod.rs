@@ -31,6 +31,7 @@ use std::collections::BTreeMap;
 
 pub(crate) use blocks::{Block, PatchEmbed};
 
+use tideway_kernels::cpu::on_compute_pool;
 use tideway_kernels::matmul::Linear;
 
 use crate::error::{InputError, LoadError};
@@ -491,7 +492,31 @@ impl LmuFormer {
         self.forward_with(states, input, ends, Some(keep))
     }
 
+    /// A step whose products split over the pool runs on the compute pool, as a language
+    /// model's (`Model::forward_packed_rows`): its products then hand their shares to the
+    /// pool's threads from inside it, one hand-off a step instead of two wake-ups a product
+    /// from the caller's thread (a server's timely worker). 500 live feeds of the keyword
+    /// spotter on two cores: p99 50.0 → 12.9 ms (BENCHMARKS.md, 2026-12-07). A step too small
+    /// for its widest product (the LMU memory's, `2·dim` square when spiking, or the FFN's) to
+    /// split stays on the caller's thread: the hand-off alone cost a lone stream's one-frame
+    /// step two thirds of its rate (`tideway bench`, kws, 130k → 40k frames/s).
     fn forward_with(
+        &self,
+        states: &mut [&mut LmuFormerState],
+        input: &Frames,
+        ends: &[bool],
+        keep: Option<&[Vec<bool>]>,
+    ) -> Result<Frames, InputError> {
+        let dim = self.config.dim;
+        let widest = (2 * dim * 2 * dim).max(dim * self.config.mlp_hidden);
+        if Linear::parallel(input.rows(), widest, 1) {
+            on_compute_pool(|| self.forward_here(states, input, ends, keep))
+        } else {
+            self.forward_here(states, input, ends, keep)
+        }
+    }
+
+    fn forward_here(
         &self,
         states: &mut [&mut LmuFormerState],
         input: &Frames,
